@@ -1,0 +1,226 @@
+//! The `scan` and `reap` commands: discovery → attribution → selection → action → report.
+//! This is the edge: errors carry context here, and usage errors become exit code 2.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::{Context, Result};
+
+use crate::act::{self, ActResult, Expected, Outcome};
+use crate::cli::{ReapArgs, ScanArgs, Selectors};
+use crate::netlink::{Diag, DiagSocket};
+use crate::os::{Os, RealOs};
+use crate::output;
+use crate::procfs::ProcFs;
+use crate::select::{self, Filter, Row};
+use crate::snapshot::{self, Attributor, Snapshot};
+use crate::sys;
+
+/// An error the user can fix by changing how cwreap is invoked or privileged: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Exit status of a command that ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Some socket failed.
+    Failed,
+}
+
+fn missing_ptrace(what: &str) -> UsageError {
+    UsageError(format!(
+        "permission denied {what}: reading another user's /proc/PID/fd and pidfd_getfd need \
+CAP_SYS_PTRACE. Run as root, or grant it: `sudo setcap cap_sys_ptrace,cap_dac_read_search+ep \
+$(command -v cwreap)`"
+    ))
+}
+
+/// Turn the selected pids that could not be read into a usage error.
+fn check_unreadable<H>(snap: &Snapshot<H>) -> Result<()> {
+    if let Some((pid, e)) = snap.unreadable.first() {
+        if snapshot::is_permission(e) {
+            return Err(missing_ptrace(&format!("for pid {pid}")).into());
+        }
+        return Err(UsageError(format!("pid {pid}: no such process ({e})")).into());
+    }
+    Ok(())
+}
+
+/// Everything up to selection, shared by scan and reap.
+fn observe<O: Os>(os: Option<&O>, selectors: &Selectors) -> Result<(Snapshot<O::Process>, usize)> {
+    let sockets: Vec<DiagSocket> = Diag::new()
+        .context("opening a NETLINK_SOCK_DIAG socket")?
+        .close_wait()
+        .context("dumping CLOSE_WAIT sockets over sock_diag")?;
+    let total = sockets.len();
+    let proc = ProcFs::default();
+    let attributor = Attributor {
+        proc: &proc,
+        os,
+        self_pid: std::process::id() as i32,
+    };
+    let snap = attributor.attribute(sockets, &selectors.scope());
+    check_unreadable(&snap)?;
+    Ok((snap, total))
+}
+
+fn denied_note(denied: usize) -> Option<String> {
+    (denied > 0 && !sys::has_cap(sys::CAP_SYS_PTRACE)).then(|| {
+        format!(
+            "note: {denied} process(es) could not be inspected (permission denied); their \
+sockets show no owner. Run as root or with CAP_SYS_PTRACE to see them."
+        )
+    })
+}
+
+pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    let (snap, _) = observe::<RealOs>(None, &args.selectors)?;
+    let filter = args.selectors.filter(args.older_than);
+    let rows = select::select(&snap, &filter);
+    if args.json {
+        for r in &rows {
+            writeln!(out, "{}", output::scan_json(r))?;
+        }
+    } else if rows.is_empty() {
+        writeln!(out, "{}", empty_message(&filter, snap.stats.inspected))?;
+    } else {
+        write!(out, "{}", output::scan_table(&rows))?;
+        writeln!(out)?;
+        write!(out, "{}", output::summary_table(&select::summarize(&rows)))?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{} CLOSE_WAIT socket(s). AGE is a lower bound: time since the peer's last ACK.",
+            rows.len()
+        )?;
+    }
+    if let Some(note) = denied_note(snap.stats.denied) {
+        writeln!(err, "{note}")?;
+    }
+    Ok(Status::Ok)
+}
+
+fn empty_message(filter: &Filter, inspected: usize) -> String {
+    let narrowed =
+        filter.selects_processes() || filter.port.is_some() || filter.older_than.is_some();
+    let mut msg = String::from("No CLOSE_WAIT sockets");
+    if narrowed {
+        msg.push_str(" match the selection");
+    } else {
+        msg.push_str(" on this host (network namespace)");
+    }
+    if inspected > 0 {
+        msg.push_str(&format!(" ({inspected} process(es) inspected)"));
+    }
+    msg.push('.');
+    msg
+}
+
+pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    if args.selectors.is_empty() {
+        return Err(UsageError(
+            "reap needs a selector: --pid PID, --comm REGEX or --port PORT (use `cwreap scan` \
+to see candidates)"
+                .into(),
+        )
+        .into());
+    }
+    let os = RealOs;
+    let (snap, _) = observe(Some(&os), &args.selectors)?;
+    let filter = args.selectors.filter(Some(args.older_than));
+    let rows = select::select(&snap, &filter);
+    let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+    let (plan, unowned) = select::plan_reap(&rows, max);
+
+    let mut done: Vec<(Row<'_, _>, ActResult)> = Vec::with_capacity(plan.len());
+    for row in plan {
+        let res = reap_row(&os, &snap, row, args.dry_run);
+        if args.json {
+            writeln!(out, "{}", output::reap_json(row, "shutdown", &res))?;
+        }
+        done.push((*row, res));
+    }
+
+    let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
+    for (_, res) in &done {
+        *counts.entry(res.outcome).or_default() += 1;
+    }
+    let summary = Outcome::ALL
+        .iter()
+        .map(|o| format!("{} {}", counts.get(o).copied().unwrap_or(0), o.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut footer = format!(
+        "reap{}: {} matched, {summary}",
+        if args.dry_run { " (dry run)" } else { "" },
+        done.len()
+    );
+    if unowned > 0 {
+        footer.push_str(&format!(
+            "; {unowned} matching socket(s) have no owner fd (accept queue or unreadable process) and were left alone"
+        ));
+    }
+    if args.json {
+        writeln!(err, "{footer}")?;
+    } else {
+        if done.is_empty() {
+            writeln!(
+                out,
+                "Nothing to reap: no CLOSE_WAIT socket matches the selection and --older-than."
+            )?;
+        } else {
+            write!(out, "{}", output::reap_table(&done, "shutdown"))?;
+            writeln!(out)?;
+        }
+        writeln!(out, "{footer}")?;
+    }
+
+    let denied = done.iter().filter(|(_, r)| r.permission_denied).count();
+    if denied > 0 && denied == done.len() {
+        return Err(missing_ptrace("duplicating the sockets").into());
+    }
+    if denied > 0 {
+        writeln!(err, "hint: {}", act::PTRACE_HINT)?;
+    }
+    Ok(if counts.contains_key(&Outcome::Error) {
+        Status::Failed
+    } else {
+        Status::Ok
+    })
+}
+
+/// Act on one planned row through the pidfd held since attribution.
+pub fn reap_row<O: Os>(
+    os: &O,
+    snap: &Snapshot<O::Process>,
+    row: &Row<'_, O::Process>,
+    dry_run: bool,
+) -> ActResult {
+    let Some(holder) = row.holder else {
+        return ActResult {
+            outcome: Outcome::Error,
+            detail: Some("no owner fd".into()),
+            permission_denied: false,
+        };
+    };
+    let Some(handle) = snap
+        .processes
+        .get(&holder.pid)
+        .and_then(|p| p.handle.as_ref())
+    else {
+        return ActResult {
+            outcome: Outcome::Error,
+            detail: Some("no pidfd held for the owner".into()),
+            permission_denied: false,
+        };
+    };
+    let exp = Expected {
+        pid: holder.pid,
+        fd: holder.fd,
+        inode: row.socket.diag.inode,
+        cookie: row.socket.diag.cookie,
+    };
+    act::shutdown_verified(os, handle, &exp, dry_run)
+}

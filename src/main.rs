@@ -1,0 +1,37 @@
+//! Entry point: parse the command line, run the command, map the result to an exit code
+//! (0 success, 1 some socket failed, 2 usage, privilege or config error).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cwreap::cli::{Cli, Command};
+use cwreap::commands::{self, Status, UsageError};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    let result = match &cli.command {
+        Command::Scan(args) => commands::scan(args, &mut out, &mut err),
+        Command::Reap(args) => commands::reap(args, &mut out, &mut err),
+    };
+    match result {
+        Ok(Status::Ok) => ExitCode::SUCCESS,
+        Ok(Status::Failed) => ExitCode::from(1),
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("cwreap: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cwreap: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `cwreap scan | head` closes our stdout early; that is not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}

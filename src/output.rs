@@ -1,0 +1,221 @@
+//! Rendering: aligned tables for people, one JSON object per line for machines.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use serde_json::{Value, json};
+
+use crate::act::ActResult;
+use crate::select::{ProcessSummary, Row};
+
+/// `1h02m`, `3m05s`, `42s`, `850ms`.
+pub fn human_age(ms: u64) -> String {
+    let s = ms / 1000;
+    if s == 0 {
+        return format!("{ms}ms");
+    }
+    let (d, h, m, sec) = (s / 86_400, (s / 3600) % 24, (s / 60) % 60, s % 60);
+    if d > 0 {
+        format!("{d}d{h:02}h")
+    } else if h > 0 {
+        format!("{h}h{m:02}m")
+    } else if m > 0 {
+        format!("{m}m{sec:02}s")
+    } else {
+        format!("{sec}s")
+    }
+}
+
+/// `ip:port`, IPv6 as `[ip]:port` (SocketAddr's Display does exactly that).
+pub fn addr(a: &SocketAddr) -> String {
+    a.to_string()
+}
+
+/// Lay out rows of cells in columns; the last column is not padded.
+pub fn table(header: &[&str], rows: &[Vec<String>], right_aligned: &[usize]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let n = cells.len();
+        let mut s = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            if i + 1 == n {
+                if right_aligned.contains(&i) {
+                    let _ = write!(s, "{c:>w$}");
+                } else {
+                    s.push_str(c);
+                }
+            } else if right_aligned.contains(&i) {
+                let _ = write!(s, "{c:>w$}  ");
+            } else {
+                let _ = write!(s, "{c:<w$}  ");
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// The cells of one socket, shared by scan and reap tables.
+fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
+    let d = &r.socket.diag;
+    let mut pid = opt(r.holder.map(|h| h.pid));
+    if r.socket.holders.len() > 1 {
+        let _ = write!(pid, "+{}", r.socket.holders.len() - 1);
+    }
+    vec![
+        pid,
+        opt(r.holder.map(|h| h.fd)),
+        r.process
+            .map_or_else(|| "-".to_string(), |p| p.comm.clone()),
+        d.inode.to_string(),
+        addr(&d.local),
+        addr(&d.remote),
+        human_age(r.age_ms),
+        d.recv_q.to_string(),
+        d.send_q.to_string(),
+    ]
+}
+
+const SOCKET_HEADER: [&str; 9] = [
+    "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "AGE", "RECV-Q", "SEND-Q",
+];
+
+pub fn scan_table<H>(rows: &[Row<'_, H>]) -> String {
+    let cells: Vec<Vec<String>> = rows.iter().map(socket_cells).collect();
+    table(&SOCKET_HEADER, &cells, &[0, 1, 3, 6, 7, 8])
+}
+
+pub fn fd_usage(open: usize, limit: Option<u64>) -> String {
+    match limit {
+        Some(l) if l > 0 => format!("{open}/{l} ({}%)", (open as u64 * 100) / l),
+        Some(l) => format!("{open}/{l}"),
+        None => format!("{open}/unlimited"),
+    }
+}
+
+pub fn summary_table(sums: &[ProcessSummary]) -> String {
+    let cells: Vec<Vec<String>> = sums
+        .iter()
+        .map(|s| {
+            vec![
+                s.pid.to_string(),
+                s.comm.clone(),
+                s.close_wait.to_string(),
+                human_age(s.oldest_ms),
+                fd_usage(s.open_fds, s.nofile_soft),
+            ]
+        })
+        .collect();
+    table(
+        &["PID", "COMM", "CLOSE_WAIT", "OLDEST", "FDS/LIMIT"],
+        &cells,
+        &[0, 2, 3],
+    )
+}
+
+pub fn scan_json<H>(r: &Row<'_, H>) -> Value {
+    let d = &r.socket.diag;
+    json!({
+        "pid": r.holder.map(|h| h.pid),
+        "fd": r.holder.map(|h| h.fd),
+        "comm": r.process.map(|p| p.comm.as_str()),
+        "inode": d.inode,
+        "local": addr(&d.local),
+        "remote": addr(&d.remote),
+        "age_ms": r.age_ms,
+        "recv_q": d.recv_q,
+        "send_q": d.send_q,
+        "cookie": d.cookie,
+        "uid": d.uid,
+        "holders": r.socket.holders.iter().map(|h| json!({"pid": h.pid, "fd": h.fd})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn reap_json<H>(r: &Row<'_, H>, action: &str, res: &ActResult) -> Value {
+    let mut v = scan_json(r);
+    if let Value::Object(m) = &mut v {
+        m.insert("action".into(), json!(action));
+        m.insert("outcome".into(), json!(res.outcome.as_str()));
+        m.insert("error".into(), json!(res.detail));
+    }
+    v
+}
+
+pub fn reap_table<H>(done: &[(Row<'_, H>, ActResult)], action: &str) -> String {
+    let cells: Vec<Vec<String>> = done
+        .iter()
+        .map(|(r, res)| {
+            let mut c = socket_cells(r);
+            c.truncate(7);
+            c.push(action.to_string());
+            c.push(res.outcome.as_str().to_string());
+            c.push(res.detail.clone().unwrap_or_default());
+            c
+        })
+        .collect();
+    table(
+        &[
+            "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "AGE", "ACTION", "OUTCOME", "DETAIL",
+        ],
+        &cells,
+        &[0, 1, 3, 6],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        assert_eq!(human_age(0), "0ms");
+        assert_eq!(human_age(850), "850ms");
+        assert_eq!(human_age(42_000), "42s");
+        assert_eq!(human_age(185_000), "3m05s");
+        assert_eq!(human_age(3_720_000), "1h02m");
+        assert_eq!(human_age(2 * 86_400_000 + 3_600_000), "2d01h");
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(addr(&"127.0.0.1:80".parse().expect("v4")), "127.0.0.1:80");
+        assert_eq!(addr(&"[::1]:8080".parse().expect("v6")), "[::1]:8080");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["PID", "NAME"],
+            &[
+                vec!["1".into(), "a".into()],
+                vec!["12345".into(), "bb".into()],
+            ],
+            &[0],
+        );
+        assert_eq!(t, "  PID  NAME\n    1  a\n12345  bb\n");
+    }
+
+    #[test]
+    fn fd_usage_formats() {
+        assert_eq!(fd_usage(512, Some(1024)), "512/1024 (50%)");
+        assert_eq!(fd_usage(3, None), "3/unlimited");
+    }
+}

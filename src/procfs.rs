@@ -1,0 +1,183 @@
+//! Reading /proc: processes, their comm and uid, their socket fds, and their fd limits.
+//!
+//! [`ProcFs`] takes the root it reads from, so parsing is tested on plain directories. A
+//! process that vanishes or cannot be read yields an error for that process only; callers
+//! skip and count it.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct ProcFs {
+    root: PathBuf,
+}
+
+/// The fds of one process: how many are open, and which are sockets (fd, inode).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FdTable {
+    pub open: usize,
+    pub sockets: Vec<(i32, u64)>,
+}
+
+impl Default for ProcFs {
+    fn default() -> Self {
+        Self::new("/proc")
+    }
+}
+
+impl ProcFs {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn pid_path(&self, pid: i32, leaf: &str) -> PathBuf {
+        let mut p = self.root.join(pid.to_string());
+        if !leaf.is_empty() {
+            p.push(leaf);
+        }
+        p
+    }
+
+    /// Every numeric entry of the root: the pids of all processes (thread-group leaders).
+    pub fn pids(&self) -> io::Result<Vec<i32>> {
+        let mut pids = Vec::new();
+        for entry in fs::read_dir(&self.root)? {
+            let Ok(entry) = entry else { continue };
+            if let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+                && pid > 0
+            {
+                pids.push(pid);
+            }
+        }
+        pids.sort_unstable();
+        Ok(pids)
+    }
+
+    /// The process name (/proc/<pid>/comm), without its newline.
+    pub fn comm(&self, pid: i32) -> io::Result<String> {
+        let raw = fs::read(self.pid_path(pid, "comm"))?;
+        Ok(String::from_utf8_lossy(&raw)
+            .trim_end_matches('\n')
+            .to_string())
+    }
+
+    /// The effective uid of the process, read as the owner of /proc/<pid>.
+    pub fn uid(&self, pid: i32) -> io::Result<u32> {
+        Ok(fs::metadata(self.pid_path(pid, ""))?.uid())
+    }
+
+    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets.
+    pub fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
+        let dir = self.pid_path(pid, "fd");
+        let mut table = FdTable::default();
+        for entry in fs::read_dir(&dir)? {
+            let Ok(entry) = entry else { continue };
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            table.open += 1;
+            // The fd may be closed between readdir and readlink: skip it.
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            if let Some(inode) = target.to_str().and_then(parse_socket_link) {
+                table.sockets.push((fd, inode));
+            }
+        }
+        table.sockets.sort_unstable();
+        Ok(table)
+    }
+
+    /// Soft RLIMIT_NOFILE of the process; `None` when unlimited.
+    pub fn nofile_soft_limit(&self, pid: i32) -> io::Result<Option<u64>> {
+        let text = fs::read_to_string(self.pid_path(pid, "limits"))?;
+        parse_nofile_soft(&text).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no 'Max open files' line in /proc/{pid}/limits"),
+            )
+        })
+    }
+}
+
+/// `socket:[12345]` → 12345.
+pub fn parse_socket_link(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The soft limit from the `Max open files` line of /proc/<pid>/limits:
+/// `Some(None)` for unlimited, `None` when the line is missing or malformed.
+pub fn parse_nofile_soft(limits: &str) -> Option<Option<u64>> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line["Max open files".len()..].split_whitespace().next()?;
+    if soft == "unlimited" {
+        Some(None)
+    } else {
+        soft.parse().ok().map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_links() {
+        assert_eq!(parse_socket_link("socket:[4026532]"), Some(4026532));
+        assert_eq!(parse_socket_link("socket:[]"), None);
+        assert_eq!(parse_socket_link("pipe:[123]"), None);
+        assert_eq!(parse_socket_link("/dev/null"), None);
+        assert_eq!(parse_socket_link("socket:[12"), None);
+    }
+
+    #[test]
+    fn limits_file() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+Max cpu time              unlimited            unlimited            seconds   \n\
+Max open files            1024                 20000                files     \n";
+        assert_eq!(parse_nofile_soft(text), Some(Some(1024)));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_nofile_soft(unlimited), Some(None));
+        assert_eq!(parse_nofile_soft("Max cpu time 1 1 seconds\n"), None);
+        assert_eq!(parse_nofile_soft("Max open files  lots  x files\n"), None);
+    }
+
+    #[test]
+    fn reads_a_fake_proc_tree() {
+        let dir = std::env::temp_dir().join(format!("cwreap-procfs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let fd_dir = dir.join("42").join("fd");
+        fs::create_dir_all(&fd_dir).expect("mkdir");
+        fs::create_dir_all(dir.join("self")).expect("mkdir");
+        fs::write(dir.join("42").join("comm"), "leaky\n").expect("write");
+        std::os::unix::fs::symlink("socket:[777]", fd_dir.join("3")).expect("symlink");
+        std::os::unix::fs::symlink("/dev/null", fd_dir.join("0")).expect("symlink");
+        std::os::unix::fs::symlink("socket:[778]", fd_dir.join("5")).expect("symlink");
+        let proc = ProcFs::new(&dir);
+        assert_eq!(proc.pids().expect("pids"), vec![42]);
+        assert_eq!(proc.comm(42).expect("comm"), "leaky");
+        let table = proc.fd_table(42).expect("fd table");
+        assert_eq!(table.open, 3);
+        assert_eq!(table.sockets, vec![(3, 777), (5, 778)]);
+        assert!(proc.fd_table(43).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

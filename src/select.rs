@@ -1,0 +1,280 @@
+//! The pure core of the command line: which observed sockets a selector matches, in which
+//! order, and which of them a reap acts on. No I/O here.
+
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::snapshot::{Holder, Observed, Process, Snapshot};
+
+/// What the user asked for with --pid/--comm/--port/--older-than.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub pids: Vec<i32>,
+    pub comm: Option<Regex>,
+    pub port: Option<u16>,
+    pub older_than: Option<Duration>,
+}
+
+impl Filter {
+    /// A process-level selector was given (only attributed sockets can match).
+    pub fn selects_processes(&self) -> bool {
+        !self.pids.is_empty() || self.comm.is_some()
+    }
+
+    fn process_matches<H>(&self, p: &Process<H>) -> bool {
+        (self.pids.is_empty() || self.pids.contains(&p.pid))
+            && self.comm.as_ref().is_none_or(|re| re.is_match(&p.comm))
+    }
+}
+
+/// Age of a socket in CLOSE_WAIT, as a lower bound: tcp_info `last_ack_recv` (ms since the
+/// last ACK from the peer; the FIN carried the last one unless the peer ACKed data since).
+/// Unknown counts as 0, i.e. young, so a missing value can never make a socket eligible.
+pub fn age_ms(s: &Observed) -> u64 {
+    u64::from(s.diag.last_ack_recv_ms.unwrap_or(0))
+}
+
+/// One line of output: a socket and the holder it is shown under.
+#[derive(Debug)]
+pub struct Row<'a, H> {
+    pub socket: &'a Observed,
+    pub holder: Option<Holder>,
+    pub process: Option<&'a Process<H>>,
+    pub age_ms: u64,
+}
+
+// Manual impls: a Row only borrows, so it is Copy whatever the handle type is.
+impl<H> Clone for Row<'_, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<H> Copy for Row<'_, H> {}
+
+/// The sockets matching `filter`, oldest first. A socket held by several processes appears
+/// once, under the first holder the filter accepts.
+pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> {
+    let mut rows: Vec<Row<'a, H>> = Vec::new();
+    for s in &snap.sockets {
+        if let Some(port) = filter.port
+            && s.diag.local.port() != port
+        {
+            continue;
+        }
+        let age = age_ms(s);
+        if let Some(min) = filter.older_than
+            && u128::from(age) < min.as_millis()
+        {
+            continue;
+        }
+        let chosen = s.holders.iter().find_map(|h| {
+            let p = snap.processes.get(&h.pid)?;
+            filter.process_matches(p).then_some((*h, p))
+        });
+        match chosen {
+            Some((holder, process)) => rows.push(Row {
+                socket: s,
+                holder: Some(holder),
+                process: Some(process),
+                age_ms: age,
+            }),
+            None if !filter.selects_processes() => rows.push(Row {
+                socket: s,
+                holder: None,
+                process: None,
+                age_ms: age,
+            }),
+            None => {}
+        }
+    }
+    rows.sort_by(|a, b| {
+        b.age_ms
+            .cmp(&a.age_ms)
+            .then(a.holder.cmp(&b.holder))
+            .then(a.socket.diag.inode.cmp(&b.socket.diag.inode))
+    });
+    rows
+}
+
+/// Per-process totals for the summary under the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSummary {
+    pub pid: i32,
+    pub comm: String,
+    pub close_wait: usize,
+    pub oldest_ms: u64,
+    pub open_fds: usize,
+    pub nofile_soft: Option<u64>,
+}
+
+pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
+    let mut out: Vec<ProcessSummary> = Vec::new();
+    for r in rows {
+        let Some(p) = r.process else { continue };
+        match out.iter_mut().find(|s| s.pid == p.pid) {
+            Some(s) => {
+                s.close_wait += 1;
+                s.oldest_ms = s.oldest_ms.max(r.age_ms);
+            }
+            None => out.push(ProcessSummary {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                close_wait: 1,
+                oldest_ms: r.age_ms,
+                open_fds: p.open_fds,
+                nofile_soft: p.nofile_soft,
+            }),
+        }
+    }
+    out.sort_by(|a, b| b.close_wait.cmp(&a.close_wait).then(a.pid.cmp(&b.pid)));
+    out
+}
+
+/// Which rows a reap acts on: attributed ones only (shutdown needs an owner fd), oldest
+/// first, at most `max`. Returns (to act on, matched but without an owner fd).
+pub fn plan_reap<'a, 'r, H>(
+    rows: &'r [Row<'a, H>],
+    max: Option<usize>,
+) -> (Vec<&'r Row<'a, H>>, usize) {
+    let unowned = rows.iter().filter(|r| r.holder.is_none()).count();
+    let owned = rows.iter().filter(|r| r.holder.is_some());
+    let planned = match max {
+        Some(n) => owned.take(n).collect(),
+        None => owned.collect(),
+    };
+    (planned, unowned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::DiagSocket;
+    use crate::snapshot::WalkStats;
+    use std::collections::BTreeMap;
+
+    fn sock(inode: u64, port: u16, age: Option<u32>) -> DiagSocket {
+        DiagSocket {
+            local: format!("127.0.0.1:{port}").parse().expect("addr"),
+            remote: "127.0.0.1:50000".parse().expect("addr"),
+            inode,
+            uid: 0,
+            cookie: inode * 10,
+            state: 8,
+            recv_q: 0,
+            send_q: 0,
+            last_ack_recv_ms: age,
+        }
+    }
+
+    fn proc(pid: i32, comm: &str) -> Process<()> {
+        Process {
+            pid,
+            comm: comm.into(),
+            uid: 0,
+            open_fds: 10,
+            nofile_soft: Some(1024),
+            handle: None,
+        }
+    }
+
+    fn snapshot() -> Snapshot<()> {
+        let mut processes = BTreeMap::new();
+        processes.insert(10, proc(10, "nginx"));
+        processes.insert(20, proc(20, "java"));
+        let obs = |d: DiagSocket, holders: Vec<(i32, i32)>| Observed {
+            diag: d,
+            holders: holders
+                .into_iter()
+                .map(|(pid, fd)| Holder { pid, fd })
+                .collect(),
+        };
+        Snapshot {
+            sockets: vec![
+                obs(sock(1, 80, Some(5_000)), vec![(10, 5)]),
+                obs(sock(2, 80, Some(90_000)), vec![(10, 6), (20, 3)]),
+                obs(sock(3, 8080, Some(1_000)), vec![(20, 7)]),
+                obs(sock(4, 8080, None), vec![(20, 8)]),
+                obs(sock(5, 443, Some(600_000)), vec![]),
+            ],
+            processes,
+            stats: WalkStats::default(),
+            unreadable: Vec::new(),
+        }
+    }
+
+    fn inodes(rows: &[Row<'_, ()>]) -> Vec<u64> {
+        rows.iter().map(|r| r.socket.diag.inode).collect()
+    }
+
+    #[test]
+    fn everything_oldest_first_including_unowned() {
+        let snap = snapshot();
+        let rows = select(&snap, &Filter::default());
+        assert_eq!(inodes(&rows), vec![5, 2, 1, 3, 4]);
+        assert!(rows[0].holder.is_none());
+        // Shared socket appears once, under its first holder.
+        assert_eq!(rows[1].holder, Some(Holder { pid: 10, fd: 6 }));
+    }
+
+    #[test]
+    fn pid_selector_picks_the_matching_holder() {
+        let snap = snapshot();
+        let f = Filter {
+            pids: vec![20],
+            ..Filter::default()
+        };
+        let rows = select(&snap, &f);
+        assert_eq!(inodes(&rows), vec![2, 3, 4]);
+        assert_eq!(rows[0].holder, Some(Holder { pid: 20, fd: 3 }));
+    }
+
+    #[test]
+    fn comm_port_and_age() {
+        let snap = snapshot();
+        let f = Filter {
+            comm: Some(Regex::new("^ngi").expect("re")),
+            ..Filter::default()
+        };
+        assert_eq!(inodes(&select(&snap, &f)), vec![2, 1]);
+        let f = Filter {
+            port: Some(8080),
+            ..Filter::default()
+        };
+        assert_eq!(inodes(&select(&snap, &f)), vec![3, 4]);
+        let f = Filter {
+            older_than: Some(Duration::from_secs(5)),
+            ..Filter::default()
+        };
+        // Exactly 5 s qualifies; unknown age (None) never does.
+        assert_eq!(inodes(&select(&snap, &f)), vec![5, 2, 1]);
+    }
+
+    #[test]
+    fn reap_plan_caps_and_skips_unowned() {
+        let snap = snapshot();
+        let rows = select(&snap, &Filter::default());
+        let (plan, unowned) = plan_reap(&rows, Some(2));
+        assert_eq!(unowned, 1);
+        let planned: Vec<u64> = plan.iter().map(|r| r.socket.diag.inode).collect();
+        assert_eq!(planned, vec![2, 1]);
+        let (plan, _) = plan_reap(&rows, None);
+        assert_eq!(plan.len(), 4);
+    }
+
+    #[test]
+    fn summary_counts_per_process() {
+        let snap = snapshot();
+        let rows = select(&snap, &Filter::default());
+        let sum = summarize(&rows);
+        assert_eq!(sum.len(), 2);
+        assert_eq!(
+            (sum[0].pid, sum[0].close_wait, sum[0].oldest_ms),
+            (10, 2, 90_000)
+        );
+        assert_eq!(
+            (sum[1].pid, sum[1].close_wait, sum[1].oldest_ms),
+            (20, 2, 1_000)
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! Attribution: which process holds each CLOSE_WAIT socket, through which fd.
+//!
+//! Walks /proc/<pid>/fd only of candidate processes: the selected ones, or those whose uid
+//! owns a CLOSE_WAIT socket. When asked to (reap, daemon), a pidfd is opened *before* the
+//! fd table is read and the process is confirmed alive after, so the fd numbers recorded
+//! belong to the process the pidfd pins. Unreadable or vanished processes are counted.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+
+use regex::Regex;
+
+use crate::netlink::DiagSocket;
+use crate::os::Os;
+use crate::procfs::ProcFs;
+
+/// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
+#[derive(Debug)]
+pub struct Process<H> {
+    pub pid: i32,
+    pub comm: String,
+    pub uid: u32,
+    pub open_fds: usize,
+    /// Soft RLIMIT_NOFILE; None when unlimited or unreadable.
+    pub nofile_soft: Option<u64>,
+    /// A pidfd held since attribution (reap and daemon only).
+    pub handle: Option<H>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Holder {
+    pub pid: i32,
+    pub fd: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub diag: DiagSocket,
+    /// Every (pid, fd) that refers to this socket; several after fork or SCM_RIGHTS.
+    pub holders: Vec<Holder>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WalkStats {
+    /// Processes whose fd table was read.
+    pub inspected: usize,
+    /// Processes that exited during the walk.
+    pub vanished: usize,
+    /// Processes whose fd table we may not read (EACCES/EPERM).
+    pub denied: usize,
+}
+
+#[derive(Debug)]
+pub struct Snapshot<H> {
+    pub sockets: Vec<Observed>,
+    pub processes: BTreeMap<i32, Process<H>>,
+    pub stats: WalkStats,
+    /// Selected pids that could not be read, with the reason.
+    pub unreadable: Vec<(i32, io::Error)>,
+}
+
+/// Which processes attribution may look at.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Only these pids (an explicit --pid list).
+    pub pids: Option<Vec<i32>>,
+    /// Only processes whose comm matches.
+    pub comm: Option<Regex>,
+}
+
+pub struct Attributor<'a, O: Os> {
+    pub proc: &'a ProcFs,
+    /// With an Os, every walked process is pinned with a pidfd first.
+    pub os: Option<&'a O>,
+    /// Never attribute to (and so never act on) this pid: cwreap itself.
+    pub self_pid: i32,
+}
+
+impl<'a, O: Os> Attributor<'a, O> {
+    pub fn attribute(&self, sockets: Vec<DiagSocket>, scope: &Scope) -> Snapshot<O::Process> {
+        let mut snap = Snapshot {
+            sockets: sockets
+                .into_iter()
+                .map(|diag| Observed {
+                    diag,
+                    holders: Vec::new(),
+                })
+                .collect(),
+            processes: BTreeMap::new(),
+            stats: WalkStats::default(),
+            unreadable: Vec::new(),
+        };
+        let by_inode: HashMap<u64, usize> = snap
+            .sockets
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.diag.inode != 0)
+            .map(|(i, s)| (s.diag.inode, i))
+            .collect();
+
+        if let Some(pids) = &scope.pids {
+            for &pid in pids {
+                if pid == self.self_pid {
+                    continue;
+                }
+                if let Err(e) = self.walk(pid, scope, &by_inode, &mut snap, true) {
+                    snap.unreadable.push((pid, e));
+                }
+            }
+            return snap;
+        }
+        if by_inode.is_empty() {
+            return snap;
+        }
+
+        let Ok(all) = self.proc.pids() else {
+            return snap;
+        };
+        let uids: HashSet<u32> = snap.sockets.iter().map(|s| s.diag.uid).collect();
+        let mut later = Vec::new();
+        for pid in all {
+            if pid == self.self_pid {
+                continue;
+            }
+            match self.proc.uid(pid) {
+                Ok(uid) if uids.contains(&uid) => {
+                    let _ = self.walk(pid, scope, &by_inode, &mut snap, false);
+                }
+                Ok(_) => later.push(pid),
+                Err(_) => snap.stats.vanished += 1,
+            }
+        }
+        // A socket's uid is its creator's; a process that changed uid since (or received
+        // the fd over a unix socket) is missed by the uid filter. Walk the rest only when
+        // some socket with a file is still unowned.
+        let unowned = snap
+            .sockets
+            .iter()
+            .any(|s| s.diag.inode != 0 && s.holders.is_empty());
+        if unowned {
+            for pid in later {
+                let _ = self.walk(pid, scope, &by_inode, &mut snap, false);
+            }
+        }
+        snap
+    }
+
+    /// Read one process's fds and record the CLOSE_WAIT sockets it holds.
+    fn walk(
+        &self,
+        pid: i32,
+        scope: &Scope,
+        by_inode: &HashMap<u64, usize>,
+        snap: &mut Snapshot<O::Process>,
+        selected: bool,
+    ) -> io::Result<()> {
+        let comm = match self.proc.comm(pid) {
+            Ok(c) => c,
+            Err(e) => {
+                count_failure(&mut snap.stats, &e);
+                return Err(e);
+            }
+        };
+        if let Some(re) = &scope.comm
+            && !re.is_match(&comm)
+        {
+            return Ok(());
+        }
+        let handle = match self.os {
+            Some(os) => match os.open_process(pid) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    count_failure(&mut snap.stats, &e);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let table = match self.proc.fd_table(pid) {
+            Ok(t) => t,
+            Err(e) => {
+                count_failure(&mut snap.stats, &e);
+                return Err(e);
+            }
+        };
+        // The fd numbers must belong to the process the pidfd pins: if it died during the
+        // walk, the pid may already name another process.
+        if let (Some(os), Some(h)) = (self.os, handle.as_ref())
+            && !os.alive(h)
+        {
+            snap.stats.vanished += 1;
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        snap.stats.inspected += 1;
+        let mut holds = 0usize;
+        for &(fd, inode) in &table.sockets {
+            if let Some(&i) = by_inode.get(&inode) {
+                snap.sockets[i].holders.push(Holder { pid, fd });
+                holds += 1;
+            }
+        }
+        if holds == 0 && !selected {
+            return Ok(());
+        }
+        let uid = self.proc.uid(pid).unwrap_or(u32::MAX);
+        let nofile_soft = self.proc.nofile_soft_limit(pid).ok().flatten();
+        snap.processes.insert(
+            pid,
+            Process {
+                pid,
+                comm,
+                uid,
+                open_fds: table.open,
+                nofile_soft,
+                handle,
+            },
+        );
+        Ok(())
+    }
+}
+
+fn count_failure(stats: &mut WalkStats, e: &io::Error) {
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => stats.denied += 1,
+        _ => stats.vanished += 1,
+    }
+}
+
+/// Whether an attribution error means "not allowed" rather than "gone".
+pub fn is_permission(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
+}
