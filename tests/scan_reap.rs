@@ -1,0 +1,462 @@
+//! End-to-end tests of `cwreap scan` and `cwreap reap` on real leaky servers over loopback,
+//! checked against `ss` and against what each client observes.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::*;
+
+const V4: &str = "127.0.0.1:0";
+const V6: &str = "[::1]:0";
+
+fn json_set(rows: &[serde_json::Value]) -> BTreeSet<(i32, SocketAddr, SocketAddr)> {
+    rows.iter()
+        .map(|r| {
+            (
+                field_i64(r, "fd") as i32,
+                field_str(r, "local").parse().expect("local"),
+                field_str(r, "remote").parse().expect("remote"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn scan_matches_ss_for_ipv4_and_ipv6() {
+    if !require_root("scan_matches_ss_for_ipv4_and_ipv6") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4, V6], &[]);
+    let mut keep = Vec::new();
+    for _ in 0..3 {
+        keep.push(fx.close_wait(0));
+        keep.push(fx.close_wait(1));
+    }
+    let established = [fx.connect(0), fx.connect(1)];
+
+    let pid = fx.pid().to_string();
+    let out = cwreap(&["scan", "--pid", &pid, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = json_lines(&out);
+    let ss = ss_close_wait(fx.pid());
+    assert_eq!(ss.len(), 6, "ss should see 6 CLOSE_WAIT sockets: {ss:?}");
+    assert_eq!(json_set(&rows), ss, "scan and ss disagree");
+    let v6 = rows
+        .iter()
+        .filter(|r| field_str(r, "local").starts_with("[::1]"))
+        .count();
+    assert_eq!(v6, 3, "three IPv6 sockets, printed as [ip]:port");
+    for r in &rows {
+        assert_eq!(field_i64(r, "pid"), i64::from(fx.pid()));
+        assert_eq!(field_str(r, "comm"), "cwreap-fixture");
+        assert!(field_i64(r, "inode") > 0);
+        assert!(
+            r["age_ms"].is_u64() && r["recv_q"].is_u64() && r["send_q"].is_u64(),
+            "{r}"
+        );
+    }
+    // Not one ESTABLISHED socket is listed.
+    let fds: BTreeSet<i32> = rows.iter().map(|r| field_i64(r, "fd") as i32).collect();
+    for (_, fd) in &established {
+        assert!(
+            !fds.contains(fd),
+            "ESTABLISHED fd {fd} listed as CLOSE_WAIT"
+        );
+    }
+
+    // The table: header, one line per socket, and the per-process summary.
+    let out = cwreap(&["scan", "--pid", &pid]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|h| h.contains("PID") && h.contains("REMOTE") && h.contains("RECV-Q")),
+        "{text}"
+    );
+    let socket_lines = text
+        .lines()
+        .filter(|l| l.contains("cwreap-fixture") && l.contains(':'))
+        .count();
+    assert_eq!(socket_lines, 6, "{text}");
+    let summary = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(&pid) && l.contains("/"))
+        .expect("summary line");
+    assert!(
+        summary.contains(" 6 "),
+        "summary counts 6 CLOSE_WAIT: {summary}"
+    );
+    drop(keep);
+}
+
+#[test]
+fn scan_filters_by_port_and_age_and_says_when_empty() {
+    if !require_root("scan_filters_by_port_and_age_and_says_when_empty") {
+        return;
+    }
+    let mut a = Fixture::start(&[V4], &[]);
+    let _k = a.close_wait(0);
+    let port = a.listen[0].port().to_string();
+    let out = cwreap(&["scan", "--port", &port, "--json"]);
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 1, "{}", stdout(&out));
+    assert_eq!(field_i64(&rows[0], "pid"), i64::from(a.pid()));
+
+    // Too young for --older-than 1h: nothing, said plainly.
+    let pid = a.pid().to_string();
+    let out = cwreap(&["scan", "--pid", &pid, "--older-than", "1h"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).contains("No CLOSE_WAIT sockets match"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cwreap(&["scan", "--pid", &pid, "--older-than", "1h", "--json"]);
+    assert!(stdout(&out).is_empty());
+
+    // --comm selects by process name.
+    let out = cwreap(&[
+        "scan",
+        "--comm",
+        "^cwreap-fixtur",
+        "--port",
+        &port,
+        "--json",
+    ]);
+    assert_eq!(json_lines(&out).len(), 1);
+    let out = cwreap(&["scan", "--comm", "^nomatch$", "--port", &port, "--json"]);
+    assert_eq!(json_lines(&out).len(), 0);
+}
+
+#[test]
+fn reap_shuts_down_close_wait_only() {
+    if !require_root("reap_shuts_down_close_wait_only") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4, V6], &[]);
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        waiting.push(fx.close_wait(0));
+        waiting.push(fx.close_wait(1));
+    }
+    let mut established = vec![fx.connect(0), fx.connect(1)];
+    let pid = fx.pid().to_string();
+    let before_estab = ss_count(fx.pid(), "established");
+    let before_listen = ss_count(fx.pid(), "listening");
+    assert_eq!(before_listen, 2);
+    assert_eq!(ss_close_wait(fx.pid()).len(), 8);
+
+    let out = cwreap(&["reap", "--pid", &pid, "--older-than", "0s", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 8);
+    for r in &rows {
+        assert_eq!(field_str(r, "action"), "shutdown");
+        assert_eq!(field_str(r, "outcome"), "reaped", "{r}");
+        assert!(r["error"].is_null());
+    }
+    assert!(
+        stderr(&out).contains("8 reaped"),
+        "summary on stderr: {}",
+        stderr(&out)
+    );
+
+    for (client, fd) in waiting.iter_mut() {
+        assert!(
+            reads_eof(client, Duration::from_secs(5)),
+            "client of fd {fd} got no EOF"
+        );
+    }
+    assert!(
+        ss_close_wait(fx.pid()).is_empty(),
+        "ss still shows CLOSE_WAIT"
+    );
+    assert_eq!(ss_count(fx.pid(), "established"), before_estab);
+    assert_eq!(ss_count(fx.pid(), "listening"), before_listen);
+    for (client, fd) in established.iter_mut() {
+        assert!(echoes(client), "ESTABLISHED fd {fd} stopped working");
+    }
+    // The listeners still accept and serve.
+    let (mut fresh, _) = fx.connect(0);
+    assert!(echoes(&mut fresh));
+    let (mut fresh6, _) = fx.connect(1);
+    assert!(echoes(&mut fresh6));
+}
+
+#[test]
+fn reap_table_output_and_nothing_to_do() {
+    if !require_root("reap_table_output_and_nothing_to_do") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &[]);
+    let (mut client, fd) = fx.close_wait(0);
+    let pid = fx.pid().to_string();
+    let out = cwreap(&["reap", "--pid", &pid, "--older-than", "0s"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|h| h.contains("ACTION") && h.contains("OUTCOME")),
+        "{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("reaped") && l.contains("shutdown"))
+        .unwrap_or_else(|| panic!("no reaped line: {text}"));
+    assert!(line.contains(&format!(" {fd} ")), "{line}");
+    assert!(text.contains("1 matched, 1 reaped"), "{text}");
+    assert!(reads_eof(&mut client, Duration::from_secs(5)));
+
+    let out = cwreap(&["reap", "--pid", &pid, "--older-than", "0s"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("Nothing to reap"), "{}", stdout(&out));
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    if !require_root("dry_run_changes_nothing") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4, V6], &[]);
+    let mut waiting = vec![fx.close_wait(0), fx.close_wait(1), fx.close_wait(0)];
+    let before = ss_close_wait(fx.pid());
+    let pid = fx.pid().to_string();
+    let out = cwreap(&[
+        "reap",
+        "--pid",
+        &pid,
+        "--older-than",
+        "0s",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows.iter().all(|r| field_str(r, "outcome") == "dry_run"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        ss_close_wait(fx.pid()),
+        before,
+        "dry run changed the sockets"
+    );
+    for (client, fd) in waiting.iter_mut() {
+        assert!(
+            !reads_eof(client, Duration::from_millis(300)),
+            "dry run shut down fd {fd}"
+        );
+    }
+}
+
+#[test]
+fn older_than_spares_young_sockets() {
+    if !require_root("older_than_spares_young_sockets") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &[]);
+    let mut old = vec![fx.close_wait(0), fx.close_wait(0)];
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut young = vec![fx.close_wait(0), fx.close_wait(0)];
+    let pid = fx.pid().to_string();
+
+    let out = cwreap(&["scan", "--pid", &pid, "--json"]);
+    let ages: Vec<(i64, i64)> = json_lines(&out)
+        .iter()
+        .map(|r| (field_i64(r, "fd"), field_i64(r, "age_ms")))
+        .collect();
+    for (_, fd) in &old {
+        let age = ages
+            .iter()
+            .find(|(f, _)| *f == i64::from(*fd))
+            .expect("old socket listed")
+            .1;
+        assert!(age >= 2400, "old socket fd {fd} is {age} ms old");
+    }
+    // Oldest first.
+    assert!(ages.windows(2).all(|w| w[0].1 >= w[1].1), "{ages:?}");
+
+    let out = cwreap(&["reap", "--pid", &pid, "--older-than", "1500ms", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let reaped: BTreeSet<i64> = json_lines(&out)
+        .iter()
+        .filter(|r| field_str(r, "outcome") == "reaped")
+        .map(|r| field_i64(r, "fd"))
+        .collect();
+    let old_fds: BTreeSet<i64> = old.iter().map(|(_, fd)| i64::from(*fd)).collect();
+    assert_eq!(reaped, old_fds);
+    for (c, _) in old.iter_mut() {
+        assert!(reads_eof(c, Duration::from_secs(5)));
+    }
+    for (c, fd) in young.iter_mut() {
+        assert!(
+            !reads_eof(c, Duration::from_millis(300)),
+            "young fd {fd} was reaped"
+        );
+    }
+    let left: BTreeSet<i32> = ss_close_wait(fx.pid())
+        .iter()
+        .map(|(fd, _, _)| *fd)
+        .collect();
+    let young_fds: BTreeSet<i32> = young.iter().map(|(_, fd)| *fd).collect();
+    assert_eq!(left, young_fds);
+}
+
+#[test]
+fn max_caps_the_number_of_reaps_oldest_first() {
+    if !require_root("max_caps_the_number_of_reaps_oldest_first") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &[]);
+    let (mut oldest, oldest_fd) = fx.close_wait(0);
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut rest = vec![fx.close_wait(0), fx.close_wait(0)];
+    let pid = fx.pid().to_string();
+    let out = cwreap(&[
+        "reap",
+        "--pid",
+        &pid,
+        "--older-than",
+        "0s",
+        "--max",
+        "1",
+        "--json",
+    ]);
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(field_i64(&rows[0], "fd"), i64::from(oldest_fd));
+    assert!(reads_eof(&mut oldest, Duration::from_secs(5)));
+    for (c, _) in rest.iter_mut() {
+        assert!(!reads_eof(c, Duration::from_millis(200)));
+    }
+    assert_eq!(ss_close_wait(fx.pid()).len(), 2);
+}
+
+#[test]
+fn socket_shared_by_two_processes_is_shut_down_once() {
+    if !require_root("socket_shared_by_two_processes_is_shut_down_once") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &[]);
+    let (mut client, fd) = fx.close_wait(0);
+    fx.send(&format!("share {fd}"));
+    let child: i32 = fx.expect_line("child ").parse().expect("child pid");
+    // Wait until the child really holds the socket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ss_close_wait(child).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "child never held the socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (pid, cpid) = (fx.pid().to_string(), child.to_string());
+    let out = cwreap(&[
+        "reap",
+        "--pid",
+        &pid,
+        "--pid",
+        &cpid,
+        "--older-than",
+        "0s",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 1, "one socket, one action: {rows:?}");
+    assert_eq!(field_str(&rows[0], "outcome"), "reaped");
+    assert_eq!(
+        rows[0]["holders"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        rows[0]
+    );
+    assert!(reads_eof(&mut client, Duration::from_secs(5)));
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child).expect("pid"),
+        rustix::process::Signal::KILL,
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_name_the_problem() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["scan", "--comm", "("], "--comm"),
+        (&["scan", "--port", "0"], "--port"),
+        (&["scan", "--port", "http"], "--port"),
+        (&["scan", "--port", "70000"], "--port"),
+        (&["scan", "--older-than", "soon"], "--older-than"),
+        (&["scan", "--pid", "abc"], "--pid"),
+        (&["reap", "--pid", "1"], "--older-than"),
+        (&["reap", "--older-than", "1m"], "selector"),
+        (
+            &["reap", "--pid", "1", "--older-than", "1m", "--max", "0"],
+            "--max",
+        ),
+        (&["frobnicate"], "frobnicate"),
+    ];
+    for (args, needle) in cases {
+        let out = cwreap(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(needle),
+            "{args:?} should mention {needle}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn scan_of_a_missing_pid_is_a_usage_error() {
+    // pid_max is at most 2^22; this pid cannot exist.
+    let out = cwreap(&["scan", "--pid", "2147483000"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no such process"), "{}", stderr(&out));
+}
+
+#[test]
+fn unprivileged_user_gets_the_capability_message() {
+    if !require_root("unprivileged_user_gets_the_capability_message") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let mut fx = Fixture::start(&[V4], &[]);
+    let _k = fx.close_wait(0);
+    // A copy nobody can execute, wherever the checkout lives.
+    let dir = std::env::temp_dir().join(format!("cwreap-unpriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let bin = dir.join("cwreap");
+    std::fs::copy(CWREAP, &bin).expect("copy binary");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
+    let pid = fx.pid().to_string();
+    for args in [
+        vec!["scan", "--pid", pid.as_str()],
+        vec!["reap", "--pid", pid.as_str(), "--older-than", "0s"],
+    ] {
+        let out = std::process::Command::new(&bin)
+            .args(&args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run as nobody");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("CAP_SYS_PTRACE"), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"));
+    }
+    assert_eq!(ss_close_wait(fx.pid()).len(), 1, "nothing was touched");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,271 @@
+//! `cwreap-fixture`: a deliberately leaky TCP server for cwreap's tests and benchmarks.
+//!
+//! `cwreap-fixture server --listen ADDR [--listen ADDR]... [--on-hup close|ignore]`
+//! accepts connections and echoes what it reads. When a peer half-closes, it never calls
+//! close(): the socket stays in CLOSE_WAIT, the bug cwreap exists for. With `--on-hup close`
+//! it behaves like an app that at least reacts to POLLHUP, closing the fd once the socket is
+//! shut down (from outside, by cwreap).
+//!
+//! stdout (one event per line): `listen ADDR`, `ready`, `accepted FD LOCAL REMOTE`,
+//! `eof FD`, `released FD`, `closed FD`, `child PID`, `fds N`, `error TEXT`.
+//! stdin commands: `close FD`, `share FD` (spawn a child that inherits FD, so the socket is
+//! held by two processes), `count` (number of open fds).
+//!
+//! `cwreap-fixture hold` sleeps until its parent dies (the child of `share`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+
+#[derive(PartialEq)]
+enum ConnState {
+    /// Reading and echoing.
+    Open,
+    /// Peer half-closed; we leak the fd (CLOSE_WAIT).
+    Leaked,
+}
+
+struct Server {
+    listeners: Vec<TcpListener>,
+    conns: BTreeMap<i32, (TcpStream, ConnState)>,
+    close_on_hup: bool,
+    children: Vec<Child>,
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("server") => server(&args[1..]),
+        Some("hold") => hold(),
+        _ => {
+            eprintln!("usage: cwreap-fixture server --listen ADDR [--on-hup close|ignore] | hold");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn hold() {
+    // Die with the parent, so a killed fixture leaves no orphan holding sockets.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn server(args: &[String]) {
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    let mut listen: Vec<SocketAddr> = Vec::new();
+    let mut close_on_hup = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--listen" => match it.next().and_then(|v| v.parse().ok()) {
+                Some(addr) => listen.push(addr),
+                None => fail("--listen needs an address like 127.0.0.1:0"),
+            },
+            "--on-hup" => match it.next().map(String::as_str) {
+                Some("close") => close_on_hup = true,
+                Some("ignore") => close_on_hup = false,
+                _ => fail("--on-hup takes close or ignore"),
+            },
+            other => fail(&format!("unknown argument {other}")),
+        }
+    }
+    if listen.is_empty() {
+        listen.push(SocketAddr::from(([127, 0, 0, 1], 0)));
+    }
+    let mut srv = Server {
+        listeners: Vec::new(),
+        conns: BTreeMap::new(),
+        close_on_hup,
+        children: Vec::new(),
+    };
+    for addr in listen {
+        match TcpListener::bind(addr) {
+            Ok(l) => {
+                let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                say(&format!("listen {local}"));
+                srv.listeners.push(l);
+            }
+            Err(e) => fail(&format!("bind {addr}: {e}")),
+        }
+    }
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+        // stdin closed: the test is gone, and so are we.
+        std::process::exit(0);
+    });
+    say("ready");
+    loop {
+        while let Ok(cmd) = rx.try_recv() {
+            srv.command(&cmd);
+        }
+        srv.step();
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("cwreap-fixture: {msg}");
+    std::process::exit(2);
+}
+
+impl Server {
+    fn command(&mut self, cmd: &str) {
+        let mut words = cmd.split_whitespace();
+        let verb = words.next().unwrap_or("");
+        let fd: Option<i32> = words.next().and_then(|w| w.parse().ok());
+        match (verb, fd) {
+            ("close", Some(fd)) => {
+                if self.conns.remove(&fd).is_some() {
+                    say(&format!("closed {fd}"));
+                } else {
+                    say(&format!("error no connection on fd {fd}"));
+                }
+            }
+            ("share", Some(fd)) => self.share(fd),
+            ("count", _) => {
+                let n = std::fs::read_dir("/proc/self/fd")
+                    .map(|d| d.count())
+                    .unwrap_or(0);
+                // read_dir itself holds one fd while counting.
+                say(&format!("fds {}", n.saturating_sub(1)));
+            }
+            _ => say(&format!("error unknown command {cmd}")),
+        }
+    }
+
+    fn share(&mut self, fd: i32) {
+        let Some((stream, _)) = self.conns.get(&fd) else {
+            say(&format!("error no connection on fd {fd}"));
+            return;
+        };
+        let inherit = fcntl_getfd(stream.as_fd())
+            .and_then(|f| fcntl_setfd(stream.as_fd(), f - FdFlags::CLOEXEC));
+        if let Err(e) = inherit {
+            say(&format!("error fcntl {e}"));
+            return;
+        }
+        let exe = std::env::current_exe().unwrap_or_else(|_| "cwreap-fixture".into());
+        match Command::new(exe)
+            .arg("hold")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => {
+                say(&format!("child {}", child.id()));
+                self.children.push(child);
+            }
+            Err(e) => say(&format!("error spawn {e}")),
+        }
+        if let Some((stream, _)) = self.conns.get(&fd) {
+            let _ = fcntl_getfd(stream.as_fd())
+                .and_then(|f| fcntl_setfd(stream.as_fd(), f | FdFlags::CLOEXEC));
+        }
+    }
+
+    fn step(&mut self) {
+        let mut kinds: Vec<Option<i32>> = Vec::new();
+        let mut pfds: Vec<PollFd<'_>> = Vec::new();
+        for l in &self.listeners {
+            pfds.push(PollFd::new(l, PollFlags::IN));
+            kinds.push(None);
+        }
+        for (fd, (stream, state)) in &self.conns {
+            match state {
+                ConnState::Open => pfds.push(PollFd::new(stream, PollFlags::IN)),
+                // Events empty: only POLLHUP/POLLERR, which come once the socket is shut down.
+                ConnState::Leaked if self.close_on_hup => {
+                    pfds.push(PollFd::new(stream, PollFlags::empty()))
+                }
+                ConnState::Leaked => continue,
+            }
+            kinds.push(Some(*fd));
+        }
+        let timeout = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 20_000_000,
+        };
+        if poll(&mut pfds, Some(&timeout)).is_err() {
+            return;
+        }
+        let ready: Vec<(Option<i32>, PollFlags)> = pfds
+            .iter()
+            .zip(kinds.iter())
+            .filter(|(p, _)| !p.revents().is_empty())
+            .map(|(p, k)| (*k, p.revents()))
+            .collect();
+        drop(pfds);
+        for (i, (kind, revents)) in ready.into_iter().enumerate() {
+            match kind {
+                None => self.accept(i),
+                Some(fd) => self.serve(fd, revents),
+            }
+        }
+    }
+
+    fn accept(&mut self, _slot: usize) {
+        let mut accepted = Vec::new();
+        for l in &self.listeners {
+            let _ = l.set_nonblocking(true);
+            while let Ok((s, remote)) = l.accept() {
+                accepted.push((s, remote));
+            }
+        }
+        for (s, remote) in accepted {
+            let _ = s.set_nonblocking(false);
+            let fd = s.as_raw_fd();
+            let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            say(&format!("accepted {fd} {local} {remote}"));
+            self.conns.insert(fd, (s, ConnState::Open));
+        }
+    }
+
+    fn serve(&mut self, fd: i32, revents: PollFlags) {
+        let Some((stream, state)) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        if *state == ConnState::Leaked {
+            if revents.intersects(PollFlags::HUP | PollFlags::ERR) {
+                self.conns.remove(&fd);
+                say(&format!("released {fd}"));
+            }
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                // The broken disconnect path: note the EOF, never close.
+                *state = ConnState::Leaked;
+                say(&format!("eof {fd}"));
+            }
+            Ok(n) => {
+                let _ = stream.write_all(&buf[..n]);
+            }
+            Err(_) => {
+                *state = ConnState::Leaked;
+                say(&format!("eof {fd}"));
+            }
+        }
+    }
+}

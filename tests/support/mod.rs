@@ -1,0 +1,275 @@
+//! Shared helpers for the integration tests: the leaky server fixture, clients, `ss`, and
+//! the root/CI gate.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+pub const CWREAP: &str = env!("CARGO_BIN_EXE_cwreap");
+pub const FIXTURE: &str = env!("CARGO_BIN_EXE_cwreap-fixture");
+
+/// Tests that act on other processes need root (CAP_SYS_PTRACE). In CI they must run, so
+/// a missing privilege fails there; elsewhere they skip with a printed reason.
+pub fn require_root(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: needs root (CAP_SYS_PTRACE) and CI=true forbids skipping");
+    }
+    eprintln!("SKIP {test}: needs root (CAP_SYS_PTRACE); run the suite as root");
+    false
+}
+
+/// A running `cwreap-fixture server`, killed on drop.
+pub struct Fixture {
+    pub child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Fixture {
+    pub fn start(listen: &[&str], extra: &[&str]) -> Fixture {
+        let mut cmd = Command::new(FIXTURE);
+        cmd.arg("server");
+        for l in listen {
+            cmd.args(["--listen", l]);
+        }
+        cmd.args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn cwreap-fixture");
+        let stdin = child.stdin.take().expect("fixture stdin");
+        let stdout = child.stdout.take().expect("fixture stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut f = Fixture {
+            child,
+            stdin,
+            lines: rx,
+            listen: Vec::new(),
+        };
+        loop {
+            let line = f.next_line();
+            if let Some(addr) = line.strip_prefix("listen ") {
+                f.listen.push(addr.parse().expect("listen address"));
+            } else if line == "ready" {
+                break;
+            }
+        }
+        f
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn next_line(&mut self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("fixture said nothing for 10 s")
+    }
+
+    /// Wait for a line starting with `prefix` (skipping others) and return the rest.
+    pub fn expect_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let line = self.next_line();
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.trim().to_string();
+            }
+            assert!(!line.starts_with("error"), "fixture: {line}");
+        }
+        panic!("fixture never said {prefix}");
+    }
+
+    /// Wait for a line starting with `prefix` for up to `wait`; None if it did not come.
+    pub fn maybe_line(&mut self, prefix: &str, wait: Duration) -> Option<String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return Some(rest.trim().to_string());
+            }
+        }
+    }
+
+    pub fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").expect("write to fixture");
+        self.stdin.flush().expect("flush fixture stdin");
+    }
+
+    /// Connect to listener `idx`; returns the client and the server-side fd.
+    pub fn connect(&mut self, idx: usize) -> (TcpStream, i32) {
+        let client = TcpStream::connect(self.listen[idx]).expect("connect to fixture");
+        let local = client.local_addr().expect("client addr");
+        loop {
+            let rest = self.expect_line("accepted ");
+            let mut w = rest.split_whitespace();
+            let fd: i32 = w.next().and_then(|v| v.parse().ok()).expect("fd");
+            let _server_local = w.next();
+            let remote: SocketAddr = w.next().and_then(|v| v.parse().ok()).expect("remote");
+            if remote == local {
+                return (client, fd);
+            }
+        }
+    }
+
+    /// A client that half-closes: the server side goes to CLOSE_WAIT (the fixture never
+    /// closes). Returns the client (still open for reading) and the server fd.
+    pub fn close_wait(&mut self, idx: usize) -> (TcpStream, i32) {
+        let (client, fd) = self.connect(idx);
+        client.shutdown(Shutdown::Write).expect("half-close");
+        let eof_fd: i32 = self.expect_line("eof ").parse().expect("eof fd");
+        assert_eq!(eof_fd, fd, "EOF on an unexpected fd");
+        (client, fd)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether the peer sees EOF within `wait` (the socket was shut down on the other end).
+pub fn reads_eof(client: &mut TcpStream, wait: Duration) -> bool {
+    client
+        .set_read_timeout(Some(wait))
+        .expect("set read timeout");
+    let mut buf = [0u8; 64];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            // A reset is also the end of the connection.
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whether an ESTABLISHED connection to the echoing fixture still works both ways.
+pub fn echoes(client: &mut TcpStream) -> bool {
+    let msg = b"ping";
+    if client.write_all(msg).is_err() {
+        return false;
+    }
+    let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf).is_ok() && &buf == msg
+}
+
+/// One line of `ss -tanpH state close-wait` held by `pid`: (fd, local, peer).
+pub fn ss_close_wait(pid: i32) -> BTreeSet<(i32, SocketAddr, SocketAddr)> {
+    let out = Command::new("ss")
+        .args(["-tanpH", "state", "close-wait"])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss failed: {:?}", out);
+    parse_ss(&String::from_utf8_lossy(&out.stdout), pid)
+}
+
+/// Count of sockets of `pid` in `state` according to ss (e.g. "established", "listening").
+pub fn ss_count(pid: i32, state: &str) -> usize {
+    let out = Command::new("ss")
+        .args(["-tanpH", "state", state])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .count()
+}
+
+pub fn parse_ss(text: &str, pid: i32) -> BTreeSet<(i32, SocketAddr, SocketAddr)> {
+    let mut set = BTreeSet::new();
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 5 {
+            continue;
+        }
+        let (Ok(local), Ok(peer)) = (cols[2].parse::<SocketAddr>(), cols[3].parse::<SocketAddr>())
+        else {
+            continue;
+        };
+        let users = cols[4..].join(" ");
+        for part in users.split("),(") {
+            let field = |key: &str| -> Option<i32> {
+                let start = part.find(key)? + key.len();
+                let digits: String = part[start..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect();
+                digits.parse().ok()
+            };
+            if let (Some(p), Some(fd)) = (field("pid="), field("fd=")) {
+                if p == pid {
+                    set.insert((fd, local, peer));
+                }
+            }
+        }
+    }
+    set
+}
+
+pub fn cwreap(args: &[&str]) -> Output {
+    Command::new(CWREAP)
+        .args(args)
+        .output()
+        .expect("run cwreap")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Parse `--json` output: one object per line.
+pub fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+pub fn field_i64(v: &serde_json::Value, key: &str) -> i64 {
+    v[key]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no integer {key} in {v}"))
+}
+
+pub fn field_str<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string {key} in {v}"))
+}
