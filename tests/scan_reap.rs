@@ -143,7 +143,7 @@ fn reap_shuts_down_close_wait_only() {
         waiting.push(fx.close_wait(0));
         waiting.push(fx.close_wait(1));
     }
-    let mut established = vec![fx.connect(0), fx.connect(1)];
+    let mut established = [fx.connect(0), fx.connect(1)];
     let pid = fx.pid().to_string();
     let before_estab = ss_count(fx.pid(), "established");
     let before_listen = ss_count(fx.pid(), "listening");
@@ -229,7 +229,7 @@ fn dry_run_changes_nothing() {
         return;
     }
     let mut fx = Fixture::start(&[V4, V6], &[]);
-    let mut waiting = vec![fx.close_wait(0), fx.close_wait(1), fx.close_wait(0)];
+    let mut waiting = [fx.close_wait(0), fx.close_wait(1), fx.close_wait(0)];
     let before = ss_close_wait(fx.pid());
     let pid = fx.pid().to_string();
     let out = cwreap(&[
@@ -267,9 +267,9 @@ fn older_than_spares_young_sockets() {
         return;
     }
     let mut fx = Fixture::start(&[V4], &[]);
-    let mut old = vec![fx.close_wait(0), fx.close_wait(0)];
+    let mut old = [fx.close_wait(0), fx.close_wait(0)];
     std::thread::sleep(Duration::from_millis(2500));
-    let mut young = vec![fx.close_wait(0), fx.close_wait(0)];
+    let mut young = [fx.close_wait(0), fx.close_wait(0)];
     let pid = fx.pid().to_string();
 
     let out = cwreap(&["scan", "--pid", &pid, "--json"]);
@@ -322,7 +322,7 @@ fn max_caps_the_number_of_reaps_oldest_first() {
     let mut fx = Fixture::start(&[V4], &[]);
     let (mut oldest, oldest_fd) = fx.close_wait(0);
     std::thread::sleep(Duration::from_millis(1100));
-    let mut rest = vec![fx.close_wait(0), fx.close_wait(0)];
+    let mut rest = [fx.close_wait(0), fx.close_wait(0)];
     let pid = fx.pid().to_string();
     let out = cwreap(&[
         "reap",

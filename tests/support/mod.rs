@@ -229,10 +229,10 @@ pub fn parse_ss(text: &str, pid: i32) -> BTreeSet<(i32, SocketAddr, SocketAddr)>
                     .collect();
                 digits.parse().ok()
             };
-            if let (Some(p), Some(fd)) = (field("pid="), field("fd=")) {
-                if p == pid {
-                    set.insert((fd, local, peer));
-                }
+            if let (Some(p), Some(fd)) = (field("pid="), field("fd="))
+                && p == pid
+            {
+                set.insert((fd, local, peer));
             }
         }
     }
