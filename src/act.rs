@@ -182,3 +182,159 @@ pub fn tcp_state_name(state: u8) -> &'static str {
         _ => "UNKNOWN",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os::Identity;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// A recording fake: fds of one process, each either an errno or an identity.
+    #[derive(Default)]
+    struct FakeOs {
+        fds: HashMap<i32, Result<Identity, i32>>,
+        shutdown_errno: Option<i32>,
+        shut: RefCell<Vec<i32>>,
+    }
+
+    impl Os for FakeOs {
+        type Process = i32;
+        type Dup = (i32, Identity);
+
+        fn open_process(&self, pid: i32) -> io::Result<i32> {
+            Ok(pid)
+        }
+        fn alive(&self, _: &i32) -> bool {
+            true
+        }
+        fn duplicate(&self, _: &i32, fd: i32) -> io::Result<(i32, Identity)> {
+            match self.fds.get(&fd) {
+                Some(Ok(id)) => Ok((fd, *id)),
+                Some(Err(errno)) => Err(io::Error::from_raw_os_error(*errno)),
+                None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+            }
+        }
+        fn identify(&self, dup: &(i32, Identity)) -> io::Result<Identity> {
+            if dup.1.inode == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOTSOCK));
+            }
+            Ok(dup.1)
+        }
+        fn shutdown(&self, dup: &(i32, Identity)) -> io::Result<()> {
+            if let Some(errno) = self.shutdown_errno {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            self.shut.borrow_mut().push(dup.0);
+            Ok(())
+        }
+    }
+
+    const EXP: Expected = Expected {
+        pid: 100,
+        fd: 7,
+        inode: 5000,
+        cookie: 42,
+    };
+
+    fn os_with(id: Result<Identity, i32>) -> FakeOs {
+        let mut os = FakeOs::default();
+        os.fds.insert(7, id);
+        os
+    }
+
+    fn ident(inode: u64, cookie: u64, tcp_state: u8) -> Identity {
+        Identity {
+            inode,
+            cookie,
+            tcp_state,
+        }
+    }
+
+    #[test]
+    fn verified_socket_is_shut_down_once() {
+        let os = os_with(Ok(ident(5000, 42, TCP_CLOSE_WAIT)));
+        let r = shutdown_verified(&os, &100, &EXP, false);
+        assert_eq!(r.outcome, Outcome::Reaped);
+        assert_eq!(*os.shut.borrow(), vec![7]);
+    }
+
+    #[test]
+    fn dry_run_verifies_but_never_shuts_down() {
+        let os = os_with(Ok(ident(5000, 42, TCP_CLOSE_WAIT)));
+        assert_eq!(
+            shutdown_verified(&os, &100, &EXP, true).outcome,
+            Outcome::DryRun
+        );
+        assert!(os.shut.borrow().is_empty());
+        // Dry-run still fails where the real run would.
+        let os = os_with(Err(libc::EPERM));
+        let r = shutdown_verified(&os, &100, &EXP, true);
+        assert_eq!(r.outcome, Outcome::Error);
+        assert!(r.permission_denied);
+    }
+
+    #[test]
+    fn any_mismatch_is_changed_and_untouched() {
+        for id in [
+            ident(5001, 42, TCP_CLOSE_WAIT), // fd reused for another socket
+            ident(5000, 43, TCP_CLOSE_WAIT), // inode number recycled, different socket
+            ident(5000, 42, 1),              // ESTABLISHED
+            ident(5000, 42, 7),              // CLOSE: already shut down
+            ident(0, 0, 0),                  // not a socket any more
+        ] {
+            let os = os_with(Ok(id));
+            let r = shutdown_verified(&os, &100, &EXP, false);
+            assert_eq!(r.outcome, Outcome::Changed, "{id:?}");
+            assert!(r.detail.is_some());
+            assert!(os.shut.borrow().is_empty(), "{id:?} was shut down");
+        }
+    }
+
+    #[test]
+    fn errnos_are_classified() {
+        let cases = [
+            (libc::ESRCH, Outcome::Gone, false),
+            (libc::EBADF, Outcome::Gone, false),
+            (libc::EPERM, Outcome::Error, true),
+            (libc::EMFILE, Outcome::Error, false),
+        ];
+        for (errno, outcome, perm) in cases {
+            let os = os_with(Err(errno));
+            let r = shutdown_verified(&os, &100, &EXP, false);
+            assert_eq!(
+                (r.outcome, r.permission_denied),
+                (outcome, perm),
+                "errno {errno}"
+            );
+            if perm {
+                assert!(
+                    r.detail
+                        .as_deref()
+                        .is_some_and(|d| d.contains("CAP_SYS_PTRACE"))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shutdown_failures_are_reported() {
+        let mut os = os_with(Ok(ident(5000, 42, TCP_CLOSE_WAIT)));
+        os.shutdown_errno = Some(libc::ENOTCONN);
+        assert_eq!(
+            shutdown_verified(&os, &100, &EXP, false).outcome,
+            Outcome::Gone
+        );
+        os.shutdown_errno = Some(libc::ENOMEM);
+        assert_eq!(
+            shutdown_verified(&os, &100, &EXP, false).outcome,
+            Outcome::Error
+        );
+    }
+
+    #[test]
+    fn state_names() {
+        assert_eq!(tcp_state_name(8), "CLOSE_WAIT");
+        assert_eq!(tcp_state_name(200), "UNKNOWN");
+    }
+}

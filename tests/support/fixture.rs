@@ -11,6 +11,10 @@
 //! stdin commands: `close FD`, `share FD` (spawn a child that inherits FD, so the socket is
 //! held by two processes), `count` (number of open fds).
 //!
+//! `cwreap-fixture client ADDR [COUNT]` opens COUNT (default 1) connections, half-closes
+//! each (so the server side goes to CLOSE_WAIT if the server leaks), then waits and prints
+//! `eof N` as each one is shut down from the server side.
+//!
 //! `cwreap-fixture hold` sleeps until its parent dies (the child of `share`).
 
 use std::collections::BTreeMap;
@@ -50,8 +54,11 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("server") => server(&args[1..]),
         Some("hold") => hold(),
+        Some("client") => client(&args[1..]),
         _ => {
-            eprintln!("usage: cwreap-fixture server --listen ADDR [--on-hup close|ignore] | hold");
+            eprintln!(
+                "usage: cwreap-fixture server [--listen ADDR]... [--on-hup close|ignore] | client ADDR [COUNT] | hold"
+            );
             std::process::exit(2);
         }
     }
@@ -62,6 +69,41 @@ fn hold() {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn client(args: &[String]) {
+    let Some(addr) = args.first().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        fail("client needs an address like 127.0.0.1:7000");
+    };
+    let count: usize = match args.get(1).map(|c| c.parse()) {
+        None => 1,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => fail("COUNT must be a number"),
+    };
+    let mut handles = Vec::new();
+    for i in 0..count {
+        let stream = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => fail(&format!("connect {addr}: {e}")),
+        };
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        handles.push(std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+            say(&format!("eof {i}"));
+        }));
+    }
+    say(&format!(
+        "half-closed {count} connection(s) to {addr}; waiting for EOF (Ctrl-C to stop)"
+    ));
+    for h in handles {
+        let _ = h.join();
     }
 }
 
@@ -112,8 +154,7 @@ fn server(args: &[String]) {
                 break;
             }
         }
-        // stdin closed: the test is gone, and so are we.
-        std::process::exit(0);
+        // stdin closed (e.g. started in the background): keep serving, take no commands.
     });
     say("ready");
     loop {
