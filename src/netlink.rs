@@ -284,11 +284,12 @@ mod tests {
     /// One SOCK_DIAG_BY_FAMILY answer for 127.0.0.1:8080 ← 127.0.0.2:40000 in CLOSE_WAIT,
     /// with a tcp_info attribute of `info_len` bytes (the kernel may send fewer than we know).
     fn close_wait_msg(flags: u16, info_len: usize) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.push(2); // idiag_family: AF_INET
-        m.push(8); // idiag_state: TCP_CLOSE_WAIT
-        m.push(0); // idiag_timer
-        m.push(0); // idiag_retrans
+        let mut m = vec![
+            2, // idiag_family: AF_INET
+            8, // idiag_state: TCP_CLOSE_WAIT
+            0, // idiag_timer
+            0, // idiag_retrans
+        ];
         m.extend_from_slice(&8080u16.to_be_bytes()); // id.idiag_sport (network order)
         m.extend_from_slice(&40000u16.to_be_bytes()); // id.idiag_dport (network order)
         m.extend_from_slice(&[127, 0, 0, 1]); // id.idiag_src (IPv4 uses the first 4 bytes)
