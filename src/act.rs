@@ -31,9 +31,12 @@ pub enum Outcome {
     Changed,
     /// A syscall failed (for example EPERM).
     Error,
+    /// The daemon's `log` action: reported, not touched.
+    Logged,
 }
 
 impl Outcome {
+    /// The outcomes of a shutdown (what `reap` summarises).
     pub const ALL: [Outcome; 5] = [
         Outcome::Reaped,
         Outcome::DryRun,
@@ -49,6 +52,7 @@ impl Outcome {
             Outcome::Gone => "gone",
             Outcome::Changed => "changed",
             Outcome::Error => "error",
+            Outcome::Logged => "logged",
         }
     }
 }

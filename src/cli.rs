@@ -30,6 +30,40 @@ pub enum Command {
     /// Shut down matching CLOSE_WAIT sockets now (verified one by one)
     #[command(after_help = REAP_EXAMPLES)]
     Reap(ReapArgs),
+    /// Run the policy daemon (the systemd service)
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// Validate a policy file and print the effective policy
+    #[command(after_help = CHECK_EXAMPLES)]
+    Check(CheckArgs),
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/cwreap/cwreap.yaml";
+
+const RUN_EXAMPLES: &str = "Examples:
+  cwreap run                                     # /etc/cwreap/cwreap.yaml
+  cwreap run --config ./cwreap.yaml --dry-run    # report only, whatever the file says
+  systemctl reload cwreap                        # SIGHUP: re-read the policy";
+
+const CHECK_EXAMPLES: &str = "Examples:
+  cwreap check --config /etc/cwreap/cwreap.yaml
+  cwreap check --config config/examples/node-app.yaml";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Policy file (YAML)
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    pub config: std::path::PathBuf,
+    /// Report what would be done; never shut anything down (overrides the file)
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Policy file (YAML)
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    pub config: std::path::PathBuf,
 }
 
 const SCAN_EXAMPLES: &str = "Examples:

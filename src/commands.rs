@@ -224,3 +224,11 @@ pub fn reap_row<O: Os>(
     };
     act::shutdown_verified(os, handle, &exp, dry_run)
 }
+
+/// `cwreap check`: validate a policy (ownership and mode too, when root) and print it.
+pub fn check(path: &std::path::Path, out: &mut impl Write) -> Result<Status> {
+    let cfg = crate::daemon::load_config(path).map_err(|e| UsageError(e.to_string()))?;
+    writeln!(out, "{}: OK", path.display())?;
+    write!(out, "{}", cfg.describe())?;
+    Ok(Status::Ok)
+}

@@ -8,9 +8,12 @@
 pub mod act;
 pub mod cli;
 pub mod commands;
+pub mod config;
+pub mod daemon;
 pub mod netlink;
 pub mod os;
 pub mod output;
+pub mod policy;
 pub mod procfs;
 pub mod select;
 pub mod snapshot;

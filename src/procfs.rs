@@ -101,6 +101,43 @@ impl ProcFs {
         Ok(table)
     }
 
+    /// Number of open fds (a readdir of /proc/<pid>/fd without reading the links).
+    pub fn fd_count(&self, pid: i32) -> io::Result<usize> {
+        Ok(fs::read_dir(self.pid_path(pid, "fd"))?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<i32>().is_ok()))
+            .count())
+    }
+
+    /// The executable's path (/proc/<pid>/exe), as the kernel shows it.
+    pub fn exe(&self, pid: i32) -> io::Result<String> {
+        Ok(fs::read_link(self.pid_path(pid, "exe"))?
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    /// The command line, NUL-separated arguments joined with spaces.
+    pub fn cmdline(&self, pid: i32) -> io::Result<String> {
+        let raw = fs::read(self.pid_path(pid, "cmdline"))?;
+        Ok(String::from_utf8_lossy(&raw)
+            .split('\0')
+            .filter(|a| !a.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
+    /// Raw /proc/<pid>/cgroup.
+    pub fn cgroup(&self, pid: i32) -> io::Result<String> {
+        fs::read_to_string(self.pid_path(pid, "cgroup"))
+    }
+
+    /// Which file fd `fd` of `pid` refers to now: `Some(inode)` for a socket, `None` for
+    /// anything else; an error when the fd is closed or the process gone.
+    pub fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>> {
+        let target = fs::read_link(self.pid_path(pid, &format!("fd/{fd}")))?;
+        Ok(target.to_str().and_then(parse_socket_link))
+    }
+
     /// Soft RLIMIT_NOFILE of the process; `None` when unlimited.
     pub fn nofile_soft_limit(&self, pid: i32) -> io::Result<Option<u64>> {
         let text = fs::read_to_string(self.pid_path(pid, "limits"))?;

@@ -1,0 +1,721 @@
+//! `cwreap run`: the policy daemon. Owns the cycle (discover → attribute → age → decide →
+//! act → report), the state kept between cycles, and the process around it: signals
+//! (SIGHUP reload, SIGTERM/SIGINT stop), sd_notify (READY, STATUS, WATCHDOG), the start-up
+//! self-test. The decision itself is pure and lives in [`crate::policy`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use crate::act::{self, ActResult, Expected, Outcome};
+use crate::commands::UsageError;
+use crate::config::{self, Action, Config, LogFormat, ProcessFacts};
+use crate::netlink::Diag;
+use crate::os::RealOs;
+use crate::policy::{self, Ages, Candidate, Decision, Headroom, HeadroomWarning, RateLimiter};
+use crate::procfs::ProcFs;
+use crate::snapshot::{Attributor, Scope, Snapshot};
+use crate::sys;
+
+/// Load a policy for running or checking: ownership/mode first (when root), then content.
+pub fn load_config(path: &Path) -> Result<Config, config::ConfigError> {
+    config::check_file_permissions(path)?;
+    config::load(path)
+}
+
+/// A socket that cwreap shut down, watched until its owner releases the fd or the grace
+/// period ends.
+struct PendingRelease {
+    target: String,
+    pid: i32,
+    fd: i32,
+    inode: u64,
+    comm: String,
+    pidfd: Option<OwnedFd>,
+    at: Instant,
+}
+
+/// Whether the owner let go of a socket cwreap shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Release {
+    Released,
+    StillHeld,
+}
+
+impl Release {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Release::Released => "released",
+            Release::StillHeld => "still_held",
+        }
+    }
+}
+
+/// What one cycle did; also the source of STATUS= and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct CycleReport {
+    pub close_wait: usize,
+    pub candidates: usize,
+    pub outcomes: BTreeMap<(String, &'static str, Outcome), usize>,
+    pub releases: BTreeMap<(String, Release), usize>,
+    pub deferred: usize,
+    pub errors: BTreeMap<&'static str, usize>,
+    /// Per target: CLOSE_WAIT sockets held now, oldest age, open fds, fd limit (summed).
+    pub targets: BTreeMap<String, TargetGauges>,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TargetGauges {
+    pub close_wait: usize,
+    pub oldest_ms: u64,
+    pub open_fds: usize,
+    pub fd_limit: u64,
+}
+
+impl CycleReport {
+    fn error(&mut self, kind: &'static str) {
+        *self.errors.entry(kind).or_default() += 1;
+    }
+
+    pub fn status_line(&self) -> String {
+        let reaped: usize = self
+            .outcomes
+            .iter()
+            .filter(|((_, _, o), _)| *o == Outcome::Reaped)
+            .map(|(_, n)| n)
+            .sum();
+        format!(
+            "{} CLOSE_WAIT in targets ({} host-wide), {} reaped this cycle, {} deferred by limits",
+            self.candidates, self.close_wait, reaped, self.deferred
+        )
+    }
+}
+
+pub struct Daemon {
+    pub cfg: Config,
+    /// `--dry-run` on the command line: wins over the file.
+    force_dry_run: bool,
+    os: RealOs,
+    proc: ProcFs,
+    diag: Option<Diag>,
+    ages: Ages,
+    limiter: RateLimiter,
+    headroom: Headroom,
+    /// Cookies already acted on (or reported), so each socket is handled once.
+    handled: HashSet<u64>,
+    pending: Vec<PendingRelease>,
+    audit: Option<File>,
+    /// Last cycle's attribution, reused while the CLOSE_WAIT set and the candidates stay
+    /// the same (the pidfds in it still pin the processes).
+    cache: Option<CachedAttribution>,
+    self_pid: i32,
+}
+
+struct CachedAttribution {
+    inodes: Vec<u64>,
+    pids: Vec<i32>,
+    snap: Snapshot<OwnedFd>,
+}
+
+fn open_audit(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+impl Daemon {
+    pub fn new(cfg: Config, force_dry_run: bool) -> Result<Self> {
+        let audit = match &cfg.audit_log {
+            Some(p) => Some(open_audit(p).with_context(|| format!("opening audit log {}", p.display()))?),
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            force_dry_run,
+            os: RealOs,
+            proc: ProcFs::default(),
+            diag: None,
+            ages: Ages::default(),
+            limiter: RateLimiter::default(),
+            headroom: Headroom::default(),
+            handled: HashSet::new(),
+            pending: Vec::new(),
+            audit,
+            cache: None,
+            self_pid: std::process::id() as i32,
+        })
+    }
+
+    /// Swap in a new, already validated policy (SIGHUP).
+    pub fn reload(&mut self, cfg: Config) -> Result<()> {
+        if cfg.audit_log != self.cfg.audit_log {
+            self.audit = match &cfg.audit_log {
+                Some(p) => Some(open_audit(p).with_context(|| format!("opening audit log {}", p.display()))?),
+                None => None,
+            };
+        }
+        if cfg.log_format != self.cfg.log_format {
+            warn!("log_format changes take effect at the next restart");
+        }
+        self.cfg = cfg;
+        self.cache = None;
+        Ok(())
+    }
+
+    /// Read what the targets' match blocks need to know about a process.
+    fn facts(&self, pid: i32) -> io::Result<ProcessFacts> {
+        let comm = self.proc.comm(pid)?;
+        Ok(ProcessFacts {
+            pid,
+            comm,
+            exe: self.proc.exe(pid).ok(),
+            cmdline: self.proc.cmdline(pid).ok(),
+            cgroup: self
+                .proc
+                .cgroup(pid)
+                .ok()
+                .and_then(|t| config::parse_cgroup_file(&t)),
+            uid: self.proc.uid(pid).ok(),
+        })
+    }
+
+    /// pid → index of the first target whose match block accepts the process.
+    fn match_processes(&self, report: &mut CycleReport) -> BTreeMap<i32, usize> {
+        let pid_files: Vec<Option<i32>> = self
+            .cfg
+            .targets
+            .iter()
+            .map(|t| {
+                t.matcher.pid_file.as_ref().and_then(|p| {
+                    std::fs::read_to_string(p)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok())
+                })
+            })
+            .collect();
+        let mut out = BTreeMap::new();
+        let Ok(pids) = self.proc.pids() else {
+            report.error("proc");
+            return out;
+        };
+        for pid in pids {
+            if pid == self.self_pid {
+                continue;
+            }
+            let Ok(facts) = self.facts(pid) else { continue };
+            if let Some(i) = self
+                .cfg
+                .targets
+                .iter()
+                .enumerate()
+                .position(|(i, t)| t.matcher.matches(&facts, pid_files[i]))
+            {
+                out.insert(pid, i);
+            }
+        }
+        out
+    }
+
+    /// One full cycle. `stop` is checked between actions so SIGTERM is honoured promptly.
+    pub fn cycle(&mut self, stop: &AtomicBool) -> CycleReport {
+        let started = Instant::now();
+        let mut report = CycleReport::default();
+        let now = Instant::now();
+
+        if self.diag.is_none() {
+            match Diag::new() {
+                Ok(d) => self.diag = Some(d),
+                Err(e) => {
+                    error!(error = %e, "cannot open NETLINK_SOCK_DIAG socket");
+                    report.error("netlink");
+                    report.duration = started.elapsed();
+                    return report;
+                }
+            }
+        }
+        let dump = match self.diag.as_mut().map(Diag::close_wait) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                error!(error = %e, "sock_diag dump failed; retrying next cycle");
+                report.error("netlink");
+                self.diag = None;
+                report.duration = started.elapsed();
+                return report;
+            }
+            None => Vec::new(),
+        };
+        report.close_wait = dump.len();
+        self.ages.observe(dump.iter().map(|s| s.cookie), now);
+        let present: HashSet<u64> = dump.iter().map(|s| s.cookie).collect();
+        self.handled.retain(|c| present.contains(c));
+        self.check_releases(now, &mut report);
+
+        let targets = self.match_processes(&mut report);
+        let pids: Vec<i32> = targets.keys().copied().collect();
+        let mut inodes: Vec<u64> = dump.iter().map(|s| s.inode).filter(|i| *i != 0).collect();
+        inodes.sort_unstable();
+
+        // Reuse last cycle's attribution when nothing it depends on changed.
+        let cached = self
+            .cache
+            .take()
+            .filter(|c| c.pids == pids && c.inodes == inodes);
+        let snap = match cached {
+            Some(c) => {
+                let mut snap = c.snap;
+                let fresh: HashMap<u64, _> = dump.into_iter().map(|d| (d.cookie, d)).collect();
+                snap.sockets.retain_mut(|s| match fresh.get(&s.diag.cookie) {
+                    Some(d) => {
+                        s.diag = d.clone();
+                        true
+                    }
+                    None => false,
+                });
+                for p in snap.processes.values_mut() {
+                    if let Ok(n) = self.proc.fd_count(p.pid) {
+                        p.open_fds = n;
+                    }
+                }
+                snap
+            }
+            None => {
+                let attributor = Attributor {
+                    proc: &self.proc,
+                    os: Some(&self.os),
+                    self_pid: self.self_pid,
+                };
+                attributor.attribute(
+                    dump,
+                    &Scope {
+                        pids: Some(pids.clone()),
+                        comm: None,
+                    },
+                )
+            }
+        };
+
+        // Candidates: each attributed socket under the first holder that is a target.
+        let mut per_pid_cw: HashMap<i32, usize> = HashMap::new();
+        for s in &snap.sockets {
+            for h in &s.holders {
+                *per_pid_cw.entry(h.pid).or_default() += 1;
+            }
+        }
+        let mut candidates = Vec::new();
+        for s in &snap.sockets {
+            let Some((h, t)) = s
+                .holders
+                .iter()
+                .find_map(|h| targets.get(&h.pid).map(|t| (*h, *t)))
+            else {
+                continue;
+            };
+            let Some(p) = snap.processes.get(&h.pid) else { continue };
+            candidates.push(Candidate {
+                target: t,
+                pid: h.pid,
+                fd: h.fd,
+                comm: p.comm.clone(),
+                inode: s.diag.inode,
+                cookie: s.diag.cookie,
+                local: s.diag.local,
+                remote: s.diag.remote,
+                age_ms: self.ages.age_ms(s.diag.cookie, s.diag.last_ack_recv_ms, now),
+                owner_close_wait: per_pid_cw.get(&h.pid).copied().unwrap_or(0),
+            });
+        }
+        report.candidates = candidates.len();
+        self.gauges(&snap, &targets, &candidates, &mut report);
+
+        let budget = self.limiter.budget(
+            self.cfg.limits.max_reaps_per_cycle as usize,
+            self.cfg.limits.max_reaps_per_minute as usize,
+            now,
+        );
+        let mut plan = policy::decide(&candidates, &self.cfg, &self.handled, budget);
+        report.deferred = plan.deferred;
+        if plan.deferred > 0 {
+            warn!(
+                deferred = plan.deferred,
+                "rate limit reached (max_reaps_per_cycle / max_reaps_per_minute); the rest waits for the next cycle"
+            );
+        }
+        if self.force_dry_run {
+            for d in &mut plan.decisions {
+                d.dry_run = true;
+            }
+        }
+        let mut reaps = 0usize;
+        for d in &plan.decisions {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let res = self.act(&snap, d);
+            if d.action != Action::Log {
+                reaps += 1;
+            }
+            self.record(d, &res, now, &snap, &mut report);
+        }
+        self.limiter.record(reaps, now);
+
+        let alive: HashSet<i32> = snap.processes.keys().copied().collect();
+        self.headroom.retain(&alive);
+        self.cache = Some(CachedAttribution {
+            inodes,
+            pids,
+            snap,
+        });
+        report.duration = started.elapsed();
+        report
+    }
+
+    fn act(&self, snap: &Snapshot<OwnedFd>, d: &Decision) -> ActResult {
+        let c = &d.candidate;
+        match d.action {
+            Action::Log => ActResult {
+                outcome: Outcome::Logged,
+                detail: None,
+                permission_denied: false,
+            },
+            Action::Shutdown => {
+                let Some(handle) = snap.processes.get(&c.pid).and_then(|p| p.handle.as_ref())
+                else {
+                    return ActResult {
+                        outcome: Outcome::Gone,
+                        detail: Some("owner no longer pinned".into()),
+                        permission_denied: false,
+                    };
+                };
+                let exp = Expected {
+                    pid: c.pid,
+                    fd: c.fd,
+                    inode: c.inode,
+                    cookie: c.cookie,
+                };
+                act::shutdown_verified(&self.os, handle, &exp, d.dry_run)
+            }
+        }
+    }
+
+    /// Report one action: tracing event, audit line, counters, release watch.
+    fn record(
+        &mut self,
+        d: &Decision,
+        res: &ActResult,
+        now: Instant,
+        snap: &Snapshot<OwnedFd>,
+        report: &mut CycleReport,
+    ) {
+        let c = &d.candidate;
+        let target = self
+            .cfg
+            .targets
+            .get(c.target)
+            .map_or_else(String::new, |t| t.name.clone());
+        let action = d.action.as_str();
+        let outcome = res.outcome.as_str();
+        let detail = res.detail.as_deref().unwrap_or("");
+        if res.outcome == Outcome::Error {
+            warn!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode,
+                local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome,
+                dry_run = d.dry_run, error = detail, "action failed");
+            report.error("act");
+        } else {
+            info!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode,
+                local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome,
+                dry_run = d.dry_run, detail, "close_wait action");
+        }
+        self.audit(json!({
+            "ts": unix_ts(),
+            "event": "action",
+            "target": target,
+            "pid": c.pid,
+            "fd": c.fd,
+            "comm": c.comm,
+            "inode": c.inode,
+            "local": c.local.to_string(),
+            "remote": c.remote.to_string(),
+            "age_ms": c.age_ms,
+            "action": action,
+            "outcome": outcome,
+            "dry_run": d.dry_run,
+            "error": res.detail,
+        }));
+        *report
+            .outcomes
+            .entry((target.clone(), action, res.outcome))
+            .or_default() += 1;
+        if matches!(
+            res.outcome,
+            Outcome::Reaped | Outcome::DryRun | Outcome::Logged | Outcome::Error
+        ) {
+            self.handled.insert(c.cookie);
+        }
+        if res.outcome == Outcome::Reaped {
+            let pidfd = snap
+                .processes
+                .get(&c.pid)
+                .and_then(|p| p.handle.as_ref())
+                .and_then(|h| h.try_clone().ok());
+            self.pending.push(PendingRelease {
+                target,
+                pid: c.pid,
+                fd: c.fd,
+                inode: c.inode,
+                comm: c.comm.clone(),
+                pidfd,
+                at: now,
+            });
+        }
+    }
+
+    /// Did owners release the fds of sockets we shut down? `released` as soon as seen;
+    /// `still_held` once the grace period (one interval, at least 1 s) is over.
+    fn check_releases(&mut self, now: Instant, report: &mut CycleReport) {
+        let grace = self.cfg.interval.max(Duration::from_secs(1));
+        let pending = std::mem::take(&mut self.pending);
+        for p in pending {
+            let exited = p
+                .pidfd
+                .as_ref()
+                .is_some_and(|fd| !sys::pidfd_alive(fd.as_fd()));
+            let held = !exited
+                && matches!(self.proc.fd_socket_inode(p.pid, p.fd), Ok(Some(i)) if i == p.inode);
+            let result = if !held {
+                Release::Released
+            } else if now.saturating_duration_since(p.at) >= grace {
+                Release::StillHeld
+            } else {
+                self.pending.push(p);
+                continue;
+            };
+            let waited_ms = now.saturating_duration_since(p.at).as_millis() as u64;
+            let r = result.as_str();
+            if result == Release::StillHeld {
+                warn!(target = %p.target, pid = p.pid, fd = p.fd, comm = %p.comm, inode = p.inode,
+                    result = r, waited_ms,
+                    "owner still holds the fd of a socket cwreap shut down: the app ignores EPOLLHUP/EPIPE; fix its disconnect path or restart it");
+            } else {
+                info!(target = %p.target, pid = p.pid, fd = p.fd, comm = %p.comm, inode = p.inode,
+                    result = r, waited_ms, "owner released the fd");
+            }
+            self.audit(json!({
+                "ts": unix_ts(),
+                "event": "fd_release",
+                "target": p.target,
+                "pid": p.pid,
+                "fd": p.fd,
+                "comm": p.comm,
+                "inode": p.inode,
+                "result": r,
+                "waited_ms": waited_ms,
+            }));
+            *report.releases.entry((p.target.clone(), result)).or_default() += 1;
+        }
+    }
+
+    fn gauges(
+        &mut self,
+        snap: &Snapshot<OwnedFd>,
+        targets: &BTreeMap<i32, usize>,
+        candidates: &[Candidate],
+        report: &mut CycleReport,
+    ) {
+        for t in &self.cfg.targets {
+            report.targets.insert(t.name.clone(), TargetGauges::default());
+        }
+        let name = |i: usize| self.cfg.targets.get(i).map(|t| t.name.clone());
+        for c in candidates {
+            if let Some(g) = name(c.target).and_then(|n| report.targets.get_mut(&n)) {
+                g.close_wait += 1;
+                g.oldest_ms = g.oldest_ms.max(c.age_ms);
+            }
+        }
+        for (pid, t) in targets {
+            let Some(p) = snap.processes.get(pid) else { continue };
+            let Some(tname) = name(*t) else { continue };
+            if let Some(g) = report.targets.get_mut(&tname) {
+                g.open_fds += p.open_fds;
+                g.fd_limit += p.nofile_soft.unwrap_or(0);
+            }
+            if let Some(w) = self.headroom.check(*pid, p.open_fds, p.nofile_soft) {
+                let pct = match w {
+                    HeadroomWarning::Above80 => 80,
+                    HeadroomWarning::Above95 => 95,
+                };
+                warn!(target = %tname, pid = *pid, comm = %p.comm, open_fds = p.open_fds,
+                    fd_limit = p.nofile_soft.unwrap_or(0), threshold_pct = pct,
+                    "process is close to its fd limit (RLIMIT_NOFILE): accept() will fail with EMFILE");
+            }
+        }
+    }
+
+    fn audit(&mut self, line: serde_json::Value) {
+        let Some(f) = self.audit.as_mut() else { return };
+        if let Err(e) = writeln!(f, "{line}").and_then(|()| f.flush()) {
+            error!(error = %e, "cannot write the audit log");
+        }
+    }
+}
+
+fn unix_ts() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Start-up self-test: duplicate one of our own fds through a pidfd. It proves the kernel
+/// has pidfd_getfd and no seccomp filter blocks it; it also names the capability needed for
+/// other users' processes when we lack it.
+pub fn self_test() -> Result<(), UsageError> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map_err(|e| UsageError(format!("self-test: cannot create a socket: {e}")))?;
+    let me = sys::pidfd_open(std::process::id() as i32).map_err(|e| {
+        UsageError(format!(
+            "self-test: pidfd_open failed ({e}); cwreap needs Linux ≥ 5.6 and pidfd_open allowed by seccomp"
+        ))
+    })?;
+    use std::os::fd::AsRawFd;
+    let dup = sys::pidfd_getfd(me.as_fd(), sock.as_raw_fd()).map_err(|e| {
+        UsageError(format!(
+            "self-test: pidfd_getfd failed ({e}). It needs Linux ≥ 5.6, CAP_SYS_PTRACE for other \
+users' processes, and a seccomp filter that allows it (systemd: SystemCallFilter=pidfd_getfd; \
+Docker: --cap-add SYS_PTRACE)"
+        ))
+    })?;
+    let same = sys::inode(dup.as_fd()).ok() == sys::inode(sock.as_fd()).ok();
+    if !same {
+        return Err(UsageError(
+            "self-test: pidfd_getfd returned a different file".into(),
+        ));
+    }
+    if !rustix::process::geteuid().is_root() && !sys::has_cap(sys::CAP_SYS_PTRACE) {
+        warn!("running without CAP_SYS_PTRACE: only processes of our own uid can be reaped");
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
+        .with_target(false);
+    // journald stamps every line itself.
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let _ = match (format, under_journal) {
+        (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
+        (LogFormat::Text, true) => builder.without_time().try_init(),
+        (LogFormat::Text, false) => builder.try_init(),
+    };
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// `cwreap run`: load, self-test, notify READY, then cycle until SIGTERM/SIGINT.
+pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
+    let cfg = load_config(config_path).map_err(|e| UsageError(e.to_string()))?;
+    init_logging(cfg.log_format);
+    self_test()?;
+    let daemon = Daemon::new(cfg, force_dry_run).map_err(|e| UsageError(format!("{e:#}")))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(main_loop(daemon, config_path.to_path_buf()))
+}
+
+async fn main_loop(mut daemon: Daemon, config_path: PathBuf) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watchdog = sd_notify::watchdog_enabled();
+    let targets: Vec<String> = daemon.cfg.targets.iter().map(|t| t.name.clone()).collect();
+    info!(
+        config = %config_path.display(),
+        dry_run = daemon.cfg.dry_run || daemon.force_dry_run,
+        interval_ms = daemon.cfg.interval.as_millis() as u64,
+        targets = %targets.join(","),
+        "cwreap started"
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+
+    loop {
+        let flag = stop.clone();
+        let mut job = tokio::task::spawn_blocking(move || {
+            let report = daemon.cycle(&flag);
+            (daemon, report)
+        });
+        let (d, report) = tokio::select! {
+            r = &mut job => r.context("cycle thread panicked")?,
+            _ = term.recv() => return shutdown(stop, job, "SIGTERM").await,
+            _ = int.recv() => return shutdown(stop, job, "SIGINT").await,
+        };
+        daemon = d;
+        let status = report.status_line();
+        notify(&[sd_notify::NotifyState::Status(&status)]);
+        if watchdog.is_some() {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+
+        // Sleep until the next cycle, feeding the watchdog and answering signals.
+        let wake = tokio::time::Instant::now() + daemon.cfg.interval;
+        loop {
+            let tick = watchdog.map_or(daemon.cfg.interval, |w| w / 2);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                _ = tokio::time::sleep(tick), if watchdog.is_some() => {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                _ = hup.recv() => {
+                    notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
+                    match load_config(&config_path) {
+                        Ok(cfg) => match daemon.reload(cfg) {
+                            Ok(()) => info!(config = %config_path.display(), "config reloaded"),
+                            Err(e) => error!(error = %format!("{e:#}"), "config reload failed; keeping the previous config"),
+                        },
+                        Err(e) => error!(error = %e, "config reload rejected; keeping the previous config"),
+                    }
+                    notify(&[sd_notify::NotifyState::Ready]);
+                    break;
+                }
+                _ = term.recv() => { info!(signal = "SIGTERM", "stopping"); return Ok(()); }
+                _ = int.recv() => { info!(signal = "SIGINT", "stopping"); return Ok(()); }
+            }
+        }
+    }
+}
+
+async fn shutdown(
+    stop: Arc<AtomicBool>,
+    job: tokio::task::JoinHandle<(Daemon, CycleReport)>,
+    signal: &str,
+) -> Result<()> {
+    info!(signal, "stopping after the current action");
+    notify(&[sd_notify::NotifyState::Stopping]);
+    stop.store(true, Ordering::Relaxed);
+    // The cycle stops between actions; give it well under a second.
+    let _ = tokio::time::timeout(Duration::from_millis(800), job).await;
+    Ok(())
+}
