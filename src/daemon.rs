@@ -139,7 +139,9 @@ fn open_audit(path: &Path) -> io::Result<File> {
 impl Daemon {
     pub fn new(cfg: Config, force_dry_run: bool) -> Result<Self> {
         let audit = match &cfg.audit_log {
-            Some(p) => Some(open_audit(p).with_context(|| format!("opening audit log {}", p.display()))?),
+            Some(p) => {
+                Some(open_audit(p).with_context(|| format!("opening audit log {}", p.display()))?)
+            }
             None => None,
         };
         Ok(Self {
@@ -163,7 +165,9 @@ impl Daemon {
     pub fn reload(&mut self, cfg: Config) -> Result<()> {
         if cfg.audit_log != self.cfg.audit_log {
             self.audit = match &cfg.audit_log {
-                Some(p) => Some(open_audit(p).with_context(|| format!("opening audit log {}", p.display()))?),
+                Some(p) => Some(
+                    open_audit(p).with_context(|| format!("opening audit log {}", p.display()))?,
+                ),
                 None => None,
             };
         }
@@ -277,13 +281,14 @@ impl Daemon {
             Some(c) => {
                 let mut snap = c.snap;
                 let fresh: HashMap<u64, _> = dump.into_iter().map(|d| (d.cookie, d)).collect();
-                snap.sockets.retain_mut(|s| match fresh.get(&s.diag.cookie) {
-                    Some(d) => {
-                        s.diag = d.clone();
-                        true
-                    }
-                    None => false,
-                });
+                snap.sockets
+                    .retain_mut(|s| match fresh.get(&s.diag.cookie) {
+                        Some(d) => {
+                            s.diag = d.clone();
+                            true
+                        }
+                        None => false,
+                    });
                 for p in snap.processes.values_mut() {
                     if let Ok(n) = self.proc.fd_count(p.pid) {
                         p.open_fds = n;
@@ -323,7 +328,9 @@ impl Daemon {
             else {
                 continue;
             };
-            let Some(p) = snap.processes.get(&h.pid) else { continue };
+            let Some(p) = snap.processes.get(&h.pid) else {
+                continue;
+            };
             candidates.push(Candidate {
                 target: t,
                 pid: h.pid,
@@ -333,7 +340,9 @@ impl Daemon {
                 cookie: s.diag.cookie,
                 local: s.diag.local,
                 remote: s.diag.remote,
-                age_ms: self.ages.age_ms(s.diag.cookie, s.diag.last_ack_recv_ms, now),
+                age_ms: self
+                    .ages
+                    .age_ms(s.diag.cookie, s.diag.last_ack_recv_ms, now),
                 owner_close_wait: per_pid_cw.get(&h.pid).copied().unwrap_or(0),
             });
         }
@@ -373,11 +382,7 @@ impl Daemon {
 
         let alive: HashSet<i32> = snap.processes.keys().copied().collect();
         self.headroom.retain(&alive);
-        self.cache = Some(CachedAttribution {
-            inodes,
-            pids,
-            snap,
-        });
+        self.cache = Some(CachedAttribution { inodes, pids, snap });
         report.duration = started.elapsed();
         report
     }
@@ -523,7 +528,10 @@ impl Daemon {
                 "result": r,
                 "waited_ms": waited_ms,
             }));
-            *report.releases.entry((p.target.clone(), result)).or_default() += 1;
+            *report
+                .releases
+                .entry((p.target.clone(), result))
+                .or_default() += 1;
         }
     }
 
@@ -535,7 +543,9 @@ impl Daemon {
         report: &mut CycleReport,
     ) {
         for t in &self.cfg.targets {
-            report.targets.insert(t.name.clone(), TargetGauges::default());
+            report
+                .targets
+                .insert(t.name.clone(), TargetGauges::default());
         }
         let name = |i: usize| self.cfg.targets.get(i).map(|t| t.name.clone());
         for c in candidates {
@@ -545,7 +555,9 @@ impl Daemon {
             }
         }
         for (pid, t) in targets {
-            let Some(p) = snap.processes.get(pid) else { continue };
+            let Some(p) = snap.processes.get(pid) else {
+                continue;
+            };
             let Some(tname) = name(*t) else { continue };
             if let Some(g) = report.targets.get_mut(&tname) {
                 g.open_fds += p.open_fds;

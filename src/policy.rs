@@ -193,3 +193,160 @@ impl Headroom {
         self.level.retain(|pid, _| alive.contains(pid));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    const POLICY: &str = r#"
+dry_run: false
+limits: { max_reaps_per_cycle: 3, max_reaps_per_minute: 5 }
+targets:
+  - name: api
+    match: { comm: "^api$", local_ports: [8080] }
+    older_than: 60s
+    min_close_wait: 2
+    exclude: { remote_cidrs: ["10.0.0.0/8"], remote_ports: [5432] }
+    action: shutdown
+  - name: audit-only
+    match: { comm: "^batch$" }
+    older_than: 10s
+    action: log
+  - name: careful
+    match: { comm: "^db$" }
+    older_than: 1s
+    action: shutdown
+    dry_run: true
+"#;
+
+    fn cfg() -> Config {
+        config::parse(POLICY, "test.yaml").expect("valid policy")
+    }
+
+    fn cand(target: usize, cookie: u64, age_s: u64, remote: &str) -> Candidate {
+        Candidate {
+            target,
+            pid: 100 + target as i32,
+            fd: cookie as i32,
+            comm: "x".into(),
+            inode: cookie * 10,
+            cookie,
+            local: "127.0.0.1:8080".parse().expect("addr"),
+            remote: remote.parse().expect("addr"),
+            age_ms: age_s * 1000,
+            owner_close_wait: 5,
+        }
+    }
+
+    fn cookies(p: &Plan) -> Vec<u64> {
+        p.decisions.iter().map(|d| d.candidate.cookie).collect()
+    }
+
+    #[test]
+    fn older_than_and_exclusions() {
+        let c = cfg();
+        let cands = vec![
+            cand(0, 1, 59, "192.0.2.1:1000"),         // too young
+            cand(0, 2, 60, "192.0.2.1:1000"),         // exactly old enough
+            cand(0, 3, 600, "10.1.2.3:1000"),         // excluded CIDR
+            cand(0, 4, 600, "192.0.2.1:5432"),        // excluded remote port
+            cand(0, 5, 90, "[::ffff:10.9.9.9]:1000"), // IPv4-mapped, excluded CIDR
+        ];
+        let p = decide(&cands, &c, &HashSet::new(), 100);
+        assert_eq!(cookies(&p), vec![2]);
+        assert_eq!(p.decisions[0].action, Action::Shutdown);
+        assert!(!p.decisions[0].dry_run);
+    }
+
+    #[test]
+    fn local_ports_and_min_close_wait() {
+        let c = cfg();
+        let mut other_port = cand(0, 1, 600, "192.0.2.1:1000");
+        other_port.local = "127.0.0.1:9090".parse().expect("addr");
+        let mut lonely = cand(0, 2, 600, "192.0.2.1:1000");
+        lonely.owner_close_wait = 1; // below min_close_wait: 2
+        let p = decide(&[other_port, lonely], &c, &HashSet::new(), 100);
+        assert!(p.decisions.is_empty());
+    }
+
+    #[test]
+    fn oldest_first_capped_log_uncapped_once_each() {
+        let c = cfg();
+        let cands = vec![
+            cand(0, 1, 100, "192.0.2.1:1"),
+            cand(0, 2, 300, "192.0.2.1:2"),
+            cand(0, 3, 200, "192.0.2.1:3"),
+            cand(1, 4, 50, "192.0.2.1:4"),
+            cand(1, 5, 20, "192.0.2.1:5"),
+            cand(2, 6, 2, "192.0.2.1:6"),
+            cand(0, 2, 300, "192.0.2.1:2"), // same socket seen twice: acted on once
+        ];
+        let p = decide(&cands, &c, &HashSet::new(), 2);
+        // Budget 2 takes the two oldest socket-touching ones; log is never capped.
+        assert_eq!(cookies(&p), vec![2, 3, 4, 5]);
+        assert_eq!(p.deferred, 2);
+        let handled: HashSet<u64> = [2, 4].into_iter().collect();
+        let p = decide(&cands, &c, &handled, 10);
+        assert_eq!(cookies(&p), vec![3, 1, 5, 6]);
+        // Per-target dry_run override.
+        let last = p.decisions.last().expect("decision");
+        assert_eq!((last.action, last.dry_run), (Action::Shutdown, true));
+        let log = p
+            .decisions
+            .iter()
+            .find(|d| d.candidate.cookie == 5)
+            .expect("log");
+        assert_eq!(log.action, Action::Log);
+    }
+
+    #[test]
+    fn ages_take_the_larger_lower_bound() {
+        let t0 = Instant::now();
+        let mut ages = Ages::default();
+        ages.observe([1, 2], t0);
+        let later = t0 + Duration::from_secs(30);
+        ages.observe([1, 2, 3], later);
+        assert_eq!(ages.age_ms(1, Some(5_000), later), 30_000);
+        assert_eq!(ages.age_ms(1, Some(90_000), later), 90_000);
+        assert_eq!(ages.age_ms(3, None, later), 0);
+        ages.observe([3], later);
+        assert_eq!(ages.len(), 1, "gone sockets are forgotten");
+        assert_eq!(ages.age_ms(1, None, later), 0);
+    }
+
+    #[test]
+    fn rate_limiter_window() {
+        let t0 = Instant::now();
+        let mut rl = RateLimiter::default();
+        assert_eq!(rl.budget(3, 5, t0), 3);
+        rl.record(3, t0);
+        assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(1)), 2);
+        rl.record(2, t0 + Duration::from_secs(1));
+        assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(59)), 0);
+        assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(60)), 3);
+        assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(61)), 3);
+    }
+
+    #[test]
+    fn headroom_warns_once_per_level() {
+        let mut h = Headroom::default();
+        assert_eq!(h.check(1, 700, Some(1000)), None);
+        assert_eq!(h.check(1, 800, Some(1000)), Some(HeadroomWarning::Above80));
+        assert_eq!(h.check(1, 850, Some(1000)), None);
+        assert_eq!(h.check(1, 960, Some(1000)), Some(HeadroomWarning::Above95));
+        assert_eq!(h.check(1, 990, Some(1000)), None);
+        assert_eq!(
+            h.check(1, 900, Some(1000)),
+            None,
+            "no new warning going down"
+        );
+        assert_eq!(h.check(1, 100, Some(1000)), None);
+        assert_eq!(
+            h.check(1, 990, Some(1000)),
+            Some(HeadroomWarning::Above95),
+            "re-armed"
+        );
+        assert_eq!(h.check(2, 10, None), None, "unlimited never warns");
+    }
+}
