@@ -95,6 +95,14 @@ pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
             "{} CLOSE_WAIT socket(s). AGE is a lower bound: time since the peer's last ACK.",
             rows.len()
         )?;
+        let st = snap.stats;
+        if st.vanished + st.denied > 0 {
+            writeln!(
+                out,
+                "Skipped {} process(es) that exited during the scan and {} that could not be read.",
+                st.vanished, st.denied
+            )?;
+        }
     }
     if let Some(note) = denied_note(snap.stats.denied) {
         writeln!(err, "{note}")?;
