@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod metrics;
 pub mod netlink;
 pub mod os;
 pub mod output;

@@ -1,0 +1,334 @@
+//! Prometheus metrics for `cwreap run`: the registry, how a cycle's report updates it, and
+//! a minimal read-only HTTP endpoint (`GET /metrics`, anything else 404/405).
+//!
+//! The endpoint runs on the daemon's runtime while cycles run on a blocking thread, and
+//! every connection has a deadline, so a slow or broken client never stalls a cycle.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::daemon::CycleReport;
+
+type Labels = Vec<(String, String)>;
+type GaugeF = Gauge<f64, AtomicU64>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect()
+}
+
+struct Inner {
+    registry: Registry,
+    close_wait: Family<Labels, Gauge>,
+    oldest: Family<Labels, GaugeF>,
+    reaped: Family<Labels, Counter>,
+    released: Family<Labels, Counter>,
+    open_fds: Family<Labels, Gauge>,
+    fd_limit: Family<Labels, Gauge>,
+    cycle_duration: Histogram,
+    cycle_errors: Family<Labels, Counter>,
+    last_cycle: GaugeF,
+}
+
+/// Shared handle: the daemon updates it, the endpoint encodes it.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let close_wait = Family::<Labels, Gauge>::default();
+        registry.register(
+            "cwreap_close_wait_sockets",
+            "CLOSE_WAIT sockets held now by the target's processes",
+            close_wait.clone(),
+        );
+        let oldest = Family::<Labels, GaugeF>::default();
+        registry.register(
+            "cwreap_close_wait_oldest_seconds",
+            "Age (lower bound) of the target's oldest CLOSE_WAIT socket",
+            oldest.clone(),
+        );
+        let reaped = Family::<Labels, Counter>::default();
+        registry.register(
+            "cwreap_reaped",
+            "Actions taken on CLOSE_WAIT sockets, by action and outcome",
+            reaped.clone(),
+        );
+        let released = Family::<Labels, Counter>::default();
+        registry.register(
+            "cwreap_fd_released",
+            "Whether owners closed the fds of sockets cwreap shut down (released / still_held)",
+            released.clone(),
+        );
+        let open_fds = Family::<Labels, Gauge>::default();
+        registry.register(
+            "cwreap_process_open_fds",
+            "Open fds of the target's processes (summed)",
+            open_fds.clone(),
+        );
+        let fd_limit = Family::<Labels, Gauge>::default();
+        registry.register(
+            "cwreap_process_fd_limit",
+            "Soft RLIMIT_NOFILE of the target's processes (summed)",
+            fd_limit.clone(),
+        );
+        let cycle_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "cwreap_cycle_duration_seconds",
+            "Wall time of one daemon cycle",
+            cycle_duration.clone(),
+        );
+        let cycle_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "cwreap_cycle_errors",
+            "Errors during cycles, by kind",
+            cycle_errors.clone(),
+        );
+        let last_cycle = GaugeF::default();
+        registry.register(
+            "cwreap_last_cycle_timestamp_seconds",
+            "Unix time at which the last cycle finished",
+            last_cycle.clone(),
+        );
+        let build = Family::<Labels, Gauge>::default();
+        registry.register(
+            "cwreap_build_info",
+            "cwreap build information",
+            build.clone(),
+        );
+        build
+            .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
+            .set(1);
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                registry,
+                close_wait,
+                oldest,
+                reaped,
+                released,
+                open_fds,
+                fd_limit,
+                cycle_duration,
+                cycle_errors,
+                last_cycle,
+            })),
+        }
+    }
+
+    /// Fold one cycle's report in.
+    pub fn observe(&self, report: &CycleReport) {
+        let Ok(m) = self.inner.lock() else { return };
+        // Gauges describe now: targets removed by a reload disappear.
+        m.close_wait.clear();
+        m.oldest.clear();
+        m.open_fds.clear();
+        m.fd_limit.clear();
+        for (name, g) in &report.targets {
+            let l = labels(&[("target", name)]);
+            m.close_wait.get_or_create(&l).set(g.close_wait as i64);
+            m.oldest.get_or_create(&l).set(g.oldest_ms as f64 / 1000.0);
+            m.open_fds.get_or_create(&l).set(g.open_fds as i64);
+            m.fd_limit.get_or_create(&l).set(g.fd_limit as i64);
+        }
+        for ((target, action, outcome), n) in &report.outcomes {
+            m.reaped
+                .get_or_create(&labels(&[
+                    ("target", target),
+                    ("action", action),
+                    ("outcome", outcome.as_str()),
+                ]))
+                .inc_by(*n as u64);
+        }
+        for ((target, result), n) in &report.releases {
+            m.released
+                .get_or_create(&labels(&[("target", target), ("result", result.as_str())]))
+                .inc_by(*n as u64);
+        }
+        for (kind, n) in &report.errors {
+            m.cycle_errors
+                .get_or_create(&labels(&[("kind", kind)]))
+                .inc_by(*n as u64);
+        }
+        m.cycle_duration.observe(report.duration.as_secs_f64());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        m.last_cycle.set(now);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Ok(m) = self.inner.lock()
+            && encode(&mut out, &m.registry).is_err()
+        {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// How long a client may take to send its request and read the answer.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// Bind the endpoint (so a bad address fails at start-up, not later).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serve until the runtime stops. Each client gets its own task and a deadline.
+pub async fn serve(listener: TcpListener, metrics: Metrics) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if tokio::time::timeout(CLIENT_DEADLINE, handle(stream, &metrics))
+                .await
+                .is_err()
+            {
+                debug!(%peer, "metrics client timed out");
+            }
+        });
+    }
+}
+
+/// The request line of an HTTP request, once its head is complete.
+pub fn route(head: &str) -> (&'static str, &'static str) {
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let path = parts.next().unwrap_or("");
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") | ("HEAD", "/metrics") => ("200 OK", "metrics"),
+        ("GET", _) | ("HEAD", _) => ("404 Not Found", "not found\n"),
+        _ => ("405 Method Not Allowed", "only GET /metrics is served\n"),
+    }
+}
+
+async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let (status, kind) = route(&head);
+    let head_only = head.starts_with("HEAD ");
+    let (ctype, body) = if kind == "metrics" {
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        )
+    } else {
+        ("text/plain; charset=utf-8", kind.to_string())
+    };
+    let mut resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head_only {
+        resp.push_str(&body);
+    }
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::act::Outcome;
+    use crate::daemon::{Release, TargetGauges};
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("GET /metrics HTTP/1.1\r\n\r\n").0, "200 OK");
+        assert_eq!(route("GET /metrics?x=1 HTTP/1.1\r\n\r\n").0, "200 OK");
+        assert_eq!(route("GET / HTTP/1.1\r\n\r\n").0, "404 Not Found");
+        assert_eq!(route("GET /metricsx HTTP/1.1\r\n\r\n").0, "404 Not Found");
+        assert_eq!(
+            route("POST /metrics HTTP/1.1\r\n\r\n").0,
+            "405 Method Not Allowed"
+        );
+        assert_eq!(route("").0, "405 Method Not Allowed");
+    }
+
+    #[test]
+    fn report_becomes_metrics() {
+        let m = Metrics::new();
+        let mut r = CycleReport::default();
+        r.targets.insert(
+            "api".into(),
+            TargetGauges {
+                close_wait: 3,
+                oldest_ms: 1500,
+                open_fds: 40,
+                fd_limit: 1024,
+            },
+        );
+        r.outcomes
+            .insert(("api".into(), "shutdown", Outcome::Reaped), 2);
+        r.releases.insert(("api".into(), Release::StillHeld), 1);
+        r.errors.insert("netlink", 1);
+        m.observe(&r);
+        m.observe(&r);
+        let text = m.render();
+        for needle in [
+            "cwreap_close_wait_sockets{target=\"api\"} 3",
+            "cwreap_close_wait_oldest_seconds{target=\"api\"} 1.5",
+            "cwreap_reaped_total{target=\"api\",action=\"shutdown\",outcome=\"reaped\"} 4",
+            "cwreap_fd_released_total{target=\"api\",result=\"still_held\"} 2",
+            "cwreap_process_open_fds{target=\"api\"} 40",
+            "cwreap_process_fd_limit{target=\"api\"} 1024",
+            "cwreap_cycle_errors_total{kind=\"netlink\"} 2",
+            "cwreap_cycle_duration_seconds_count 2",
+            "cwreap_build_info{version=",
+            "cwreap_last_cycle_timestamp_seconds ",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        // A target gone from the report is gone from the gauges.
+        m.observe(&CycleReport::default());
+        assert!(
+            !m.render()
+                .contains("cwreap_close_wait_sockets{target=\"api\"}")
+        );
+    }
+}
