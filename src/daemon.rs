@@ -171,6 +171,9 @@ impl Daemon {
                 None => None,
             };
         }
+        if cfg.metrics.listen != self.cfg.metrics.listen {
+            warn!("metrics.listen changes take effect at the next restart");
+        }
         if cfg.log_format != self.cfg.log_format {
             warn!("log_format changes take effect at the next restart");
         }
@@ -653,10 +656,26 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(main_loop(daemon, config_path.to_path_buf()))
+    rt.block_on(async {
+        let metrics = crate::metrics::Metrics::new();
+        if let Some(addr) = daemon.cfg.metrics.listen {
+            let listener = crate::metrics::bind(addr).await.map_err(|e| {
+                UsageError(format!(
+                    "metrics.listen {addr}: cannot listen ({e}); pick a free address or set `metrics: {{listen: off}}`"
+                ))
+            })?;
+            info!(listen = %addr, "metrics endpoint: GET /metrics");
+            tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+        }
+        main_loop(daemon, config_path.to_path_buf(), metrics).await
+    })
 }
 
-async fn main_loop(mut daemon: Daemon, config_path: PathBuf) -> Result<()> {
+async fn main_loop(
+    mut daemon: Daemon,
+    config_path: PathBuf,
+    metrics: crate::metrics::Metrics,
+) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -685,6 +704,7 @@ async fn main_loop(mut daemon: Daemon, config_path: PathBuf) -> Result<()> {
             _ = int.recv() => return shutdown(stop, job, "SIGINT").await,
         };
         daemon = d;
+        metrics.observe(&report);
         let status = report.status_line();
         notify(&[sd_notify::NotifyState::Status(&status)]);
         if watchdog.is_some() {
