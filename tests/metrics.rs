@@ -1,0 +1,316 @@
+//! The daemon's Prometheus endpoint against a real leaky server: scrape over loopback,
+//! parse with a Prometheus text parser, and compare with what happened.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn start_daemon(name: &str, yaml: &str) -> Daemon {
+    let dir = std::env::temp_dir().join(format!("cwreap-metrics-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let cfg = dir.join("cwreap.yaml");
+    std::fs::write(&cfg, yaml).expect("write config");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let child = Command::new(CWREAP)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start cwreap run");
+    Daemon { child, dir }
+}
+
+/// A raw HTTP exchange: returns (status code, body).
+fn http(addr: SocketAddr, request: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+fn scrape(addr: SocketAddr) -> Option<prometheus_parse::Scrape> {
+    let (code, body) = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    assert_eq!(code, 200);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    Some(prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text"))
+}
+
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| {
+            x.metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| x.labels.get(k).is_some_and(|l| l == *v))
+        })
+        .and_then(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// Scrape until `pred` holds or `wait` passes; returns the last scrape.
+fn scrape_until(
+    addr: SocketAddr,
+    wait: Duration,
+    pred: impl Fn(&prometheus_parse::Scrape) -> bool,
+) -> prometheus_parse::Scrape {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(s) = scrape(addr)
+            && (pred(&s) || Instant::now() > deadline)
+        {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "metrics endpoint never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn metrics_match_what_happened() {
+    if !require_root("metrics_match_what_happened") {
+        return;
+    }
+    let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
+    let mut clients = [fx.close_wait(0), fx.close_wait(0), fx.close_wait(0)];
+    let _established = fx.connect(0);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let _d = start_daemon(
+        "values",
+        &format!(
+            "interval: 300ms\ndry_run: false\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: leaky\n    match: {{pid: {}}}\n    older_than: 1s\n    action: shutdown\n",
+            fx.pid()
+        ),
+    );
+    // Before the threshold: 3 held, none reaped.
+    let s = scrape_until(addr, Duration::from_secs(10), |s| {
+        value(s, "cwreap_close_wait_sockets", &[("target", "leaky")]) == Some(3.0)
+    });
+    assert_eq!(
+        value(&s, "cwreap_close_wait_sockets", &[("target", "leaky")]),
+        Some(3.0)
+    );
+    let open = value(&s, "cwreap_process_open_fds", &[("target", "leaky")]).expect("open fds");
+    let limit = value(&s, "cwreap_process_fd_limit", &[("target", "leaky")]).expect("fd limit");
+    let proc_open = std::fs::read_dir(format!("/proc/{}/fd", fx.pid()))
+        .expect("fd dir")
+        .count() as f64;
+    assert!(
+        (open - proc_open).abs() <= 2.0,
+        "open fds {open} vs /proc {proc_open}"
+    );
+    assert!(limit >= open && limit > 0.0);
+    assert!(value(&s, "cwreap_build_info", &[]).is_some());
+
+    // After: all three reaped, and the fixture (which ignores HUP) still holds the fds.
+    let s = scrape_until(addr, Duration::from_secs(15), |s| {
+        value(
+            s,
+            "cwreap_fd_released_total",
+            &[("target", "leaky"), ("result", "still_held")],
+        ) == Some(3.0)
+    });
+    assert_eq!(
+        value(
+            &s,
+            "cwreap_reaped_total",
+            &[
+                ("target", "leaky"),
+                ("action", "shutdown"),
+                ("outcome", "reaped")
+            ]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "cwreap_fd_released_total",
+            &[("target", "leaky"), ("result", "still_held")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(&s, "cwreap_close_wait_sockets", &[("target", "leaky")]),
+        Some(0.0)
+    );
+    for (c, _) in clients.iter_mut() {
+        assert!(reads_eof(c, Duration::from_secs(5)));
+    }
+    let cycles = value(&s, "cwreap_cycle_duration_seconds_count", &[]).expect("histogram count");
+    assert!(cycles >= 2.0);
+    let last = value(&s, "cwreap_last_cycle_timestamp_seconds", &[]).expect("last cycle");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!((now - last).abs() < 5.0, "last cycle {last} vs now {now}");
+}
+
+#[test]
+fn only_get_metrics_is_served_and_slow_clients_do_not_stall_cycles() {
+    if !require_root("only_get_metrics_is_served_and_slow_clients_do_not_stall_cycles") {
+        return;
+    }
+    let fx = Fixture::start(&["127.0.0.1:0"], &[]);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let _d = start_daemon(
+        "http",
+        &format!(
+            "interval: 200ms\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: t\n    match: {{pid: {}}}\n    older_than: 1h\n",
+            fx.pid()
+        ),
+    );
+    let first = scrape_until(addr, Duration::from_secs(10), |_| true);
+    let c0 = value(&first, "cwreap_cycle_duration_seconds_count", &[]).unwrap_or(0.0);
+
+    for path in ["/", "/favicon.ico", "/metrics/extra", "/debug"] {
+        let (code, _) = http(addr, &format!("GET {path} HTTP/1.1\r\n\r\n")).expect("answer");
+        assert_eq!(code, 404, "{path}");
+    }
+    let (code, _) =
+        http(addr, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").expect("answer");
+    assert_eq!(code, 405);
+
+    // Clients that connect and never send, or send half a request, and stay.
+    let mut idle: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    for s in idle.iter_mut().take(10) {
+        s.write_all(b"GET /met").expect("partial request");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let later = scrape(addr).expect("endpoint still answers with idle clients connected");
+    let c1 = value(&later, "cwreap_cycle_duration_seconds_count", &[]).unwrap_or(0.0);
+    assert!(
+        c1 >= c0 + 4.0,
+        "cycles stalled: {c0} -> {c1} in 1.5 s at a 200 ms interval"
+    );
+    drop(idle);
+}
+
+#[test]
+fn alert_rules_are_valid_and_use_our_metrics() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/cwreap.rules.yml");
+    let text = std::fs::read_to_string(&path).expect("read rules");
+    #[derive(serde::Deserialize)]
+    struct File {
+        groups: Vec<Group>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Group {
+        rules: Vec<Rule>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Rule {
+        alert: String,
+        expr: String,
+    }
+    let file: File = serde_saphyr::from_str(&text).expect("rules file is YAML of the right shape");
+    let rules: Vec<&Rule> = file.groups.iter().flat_map(|g| &g.rules).collect();
+    let names: Vec<&str> = rules.iter().map(|r| r.alert.as_str()).collect();
+    for want in [
+        "CwreapCloseWaitGrowing",
+        "CwreapFdUsageHigh",
+        "CwreapReapedFdsStillHeld",
+        "CwreapNotCycling",
+    ] {
+        assert!(names.contains(&want), "missing alert {want}");
+    }
+    // Every cwreap_* series an alert uses is one the daemon exports.
+    let metrics = cwreap::metrics::Metrics::new();
+    let mut report = cwreap::daemon::CycleReport::default();
+    report
+        .targets
+        .insert("t".into(), cwreap::daemon::TargetGauges::default());
+    report
+        .outcomes
+        .insert(("t".into(), "shutdown", cwreap::act::Outcome::Reaped), 1);
+    report
+        .releases
+        .insert(("t".into(), cwreap::daemon::Release::StillHeld), 1);
+    report.errors.insert("netlink", 1);
+    metrics.observe(&report);
+    let exported = metrics.render();
+    let known = [
+        "cwreap_close_wait_sockets",
+        "cwreap_close_wait_oldest_seconds",
+        "cwreap_reaped_total",
+        "cwreap_fd_released_total",
+        "cwreap_process_open_fds",
+        "cwreap_process_fd_limit",
+        "cwreap_cycle_duration_seconds",
+        "cwreap_cycle_errors_total",
+        "cwreap_last_cycle_timestamp_seconds",
+        "cwreap_build_info",
+    ];
+    for r in &rules {
+        for word in r
+            .expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        {
+            if word.starts_with("cwreap_") {
+                assert!(known.contains(&word), "{}: unknown metric {word}", r.alert);
+                let family = word.trim_end_matches("_total");
+                assert!(exported.contains(family), "{word} is not exported");
+            }
+        }
+    }
+    // promtool, when present, has the last word (CI installs it).
+    match Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&path)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool check rules failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("promtool is missing in CI (.ci/run installs Debian's prometheus package)")
+        }
+        Err(_) => {
+            eprintln!("SKIP promtool check: promtool not installed (apt-get install prometheus)")
+        }
+    }
+}
