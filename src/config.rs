@@ -304,8 +304,8 @@ impl ConfigError {
     }
 }
 
-/// Read and validate the policy at `path`. Does not check the file's ownership: callers
-/// running as root call [`check_file_permissions`] first.
+/// Read and validate the policy at `path`. Does not check the file's ownership: the daemon
+/// and `cwreap check` call [`check_file_permissions`] first.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -327,10 +327,12 @@ pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
     Config::from_raw(raw).map_err(invalid)
 }
 
-/// When running as root, refuse a policy file that someone other than root could change
-/// (sshd's StrictModes): it decides which sockets of which processes get shut down.
+/// When running privileged, refuse a policy file that someone other than root could
+/// change (sshd's StrictModes): it decides which sockets of which processes get shut down.
+/// Privileged means euid 0, or any effective capability (the shipped unit runs as a
+/// transient user with ambient CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_NET_ADMIN).
 pub fn check_file_permissions(path: &Path) -> Result<(), ConfigError> {
-    if !rustix::process::geteuid().is_root() {
+    if !runs_privileged() {
         return Ok(());
     }
     let file = path.display().to_string();
@@ -348,6 +350,12 @@ pub fn check_file_permissions(path: &Path) -> Result<(), ConfigError> {
             })
         }
     }
+}
+
+fn runs_privileged() -> bool {
+    rustix::process::geteuid().is_root()
+        // If the capabilities cannot be read, check anyway: refusing is the safe side.
+        || rustix::thread::capabilities(None).map_or(true, |c| !c.effective.is_empty())
 }
 
 fn permission_problem(mode: u32, owner_uid: u32) -> Option<String> {
@@ -744,7 +752,8 @@ impl Config {
             None => {
                 return Err(Problem {
                     position: None,
-                    message: "no `targets`: list at least one target (see config/cwreap.yaml)"
+                    message: "no `targets`: list at least one target, e.g. \
+                              `targets: [{name: web, match: {comm: ^nginx$}, older_than: 10m}]`"
                         .to_owned(),
                 });
             }
@@ -959,7 +968,17 @@ fn yaml_problem(text: &str, err: &serde_saphyr::Error) -> Problem {
             field, expected, ..
         } => unknown_key_message(field, expected, context.as_deref()),
         other => {
-            let msg = one_line(&UserMessageFormatter.format_message(other));
+            let msg = match other {
+                serde_saphyr::Error::Unexpected { expected, .. } => match *expected {
+                    "mapping start" => "expected a mapping (`key: value` lines) here".to_owned(),
+                    "sequence start" => "expected a list (`[a, b]` or `- a` lines) here".to_owned(),
+                    "string scalar" => {
+                        "expected a single value here, not a list or a mapping".to_owned()
+                    }
+                    e => format!("expected {e}"),
+                },
+                _ => one_line(&UserMessageFormatter.format_message(other)),
+            };
             match context {
                 Some(t) => format!("{msg} (in target {t})"),
                 None => msg,
@@ -1011,7 +1030,14 @@ fn target_at(text: &str, loc: &Location) -> Option<String> {
     #[derive(Deserialize)]
     struct SkeletonTarget {
         #[serde(default)]
-        name: Option<String>,
+        name: Option<AnyName>,
+    }
+    /// Whatever the name is, even a wrong type, so the skeleton itself reads.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum AnyName {
+        Text(String),
+        Other(serde::de::IgnoredAny),
     }
     let skeleton: Skeleton = serde_saphyr::from_str(text).ok()?;
     let targets = skeleton.targets?;
@@ -1028,7 +1054,7 @@ fn target_at(text: &str, loc: &Location) -> Option<String> {
         return None;
     }
     Some(match &targets[i].value.name {
-        Some(n) if !n.trim().is_empty() => format!("`{}`", n.trim()),
+        Some(AnyName::Text(n)) if !n.trim().is_empty() => format!("`{}`", n.trim()),
         _ => format!("#{}", i + 1),
     })
 }
@@ -1381,6 +1407,9 @@ targets:
     fn targets_must_be_present_and_non_empty() {
         let e = err("interval: 30s\n");
         assert!(e.starts_with("t.yaml: no `targets`"), "{e}");
+        // The example the message gives is valid.
+        let (_, example) = e.rsplit_once("e.g. ").expect("an example");
+        ok(example.trim_matches('`'));
         assert_eq!(
             err("targets: []\n"),
             "t.yaml:1:10: `targets` is empty: list at least one target"
@@ -1593,6 +1622,16 @@ targets:
         assert!(e.starts_with("t.yaml:3:4: "), "{e}");
         let e = err(&with_target("    older_than: 1m\n    dry_run: perhaps\n"));
         assert_eq!(e, "t.yaml:6:14: invalid boolean (in target `web`)");
+        assert_eq!(
+            err("- 1\n"),
+            "t.yaml:1:1: expected a mapping (`key: value` lines) here"
+        );
+        let e = err("targets:\n  - name: [web]\n");
+        assert_eq!(
+            e,
+            "t.yaml:2:11: expected a single value here, not a list or a mapping (in target #1)"
+        );
+        assert!(err("targets: web\n").starts_with("t.yaml:1:10: expected a list"));
         let e = err(&format!("{MIN}    name: again\n"));
         assert!(e.starts_with("t.yaml:6:5: duplicate mapping key"), "{e}");
     }
@@ -1810,7 +1849,7 @@ targets:
         let own = std::fs::metadata(&f).expect("stat").uid();
         assert_eq!(
             check_file_permissions(&f).is_ok(),
-            own == 0 || !rustix::process::geteuid().is_root()
+            own == 0 || !runs_privileged()
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -105,7 +105,11 @@ impl ProcFs {
     pub fn fd_count(&self, pid: i32) -> io::Result<usize> {
         Ok(fs::read_dir(self.pid_path(pid, "fd"))?
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<i32>().is_ok()))
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.parse::<i32>().is_ok())
+            })
             .count())
     }
 
