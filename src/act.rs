@@ -6,7 +6,7 @@ use std::io;
 
 use serde::Serialize;
 
-use crate::netlink::TCP_CLOSE_WAIT;
+use crate::netlink::{DiagSocket, TCP_CLOSE_WAIT};
 use crate::os::Os;
 
 /// The socket we mean to act on, as attribution saw it.
@@ -33,15 +33,18 @@ pub enum Outcome {
     Error,
     /// The daemon's `log` action: reported, not touched.
     Logged,
+    /// This action cannot reach the socket (e.g. shutdown of an unaccepted connection).
+    Skipped,
 }
 
 impl Outcome {
     /// The outcomes of a shutdown (what `reap` summarises).
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Reaped,
         Outcome::DryRun,
         Outcome::Gone,
         Outcome::Changed,
+        Outcome::Skipped,
         Outcome::Error,
     ];
 
@@ -53,6 +56,7 @@ impl Outcome {
             Outcome::Changed => "changed",
             Outcome::Error => "error",
             Outcome::Logged => "logged",
+            Outcome::Skipped => "skipped",
         }
     }
 }
@@ -67,7 +71,7 @@ pub struct ActResult {
 }
 
 impl ActResult {
-    fn ok(outcome: Outcome) -> Self {
+    pub fn ok(outcome: Outcome) -> Self {
         Self {
             outcome,
             detail: None,
@@ -75,7 +79,7 @@ impl ActResult {
         }
     }
 
-    fn with(outcome: Outcome, detail: impl Into<String>) -> Self {
+    pub fn with(outcome: Outcome, detail: impl Into<String>) -> Self {
         Self {
             outcome,
             detail: Some(detail.into()),
@@ -152,6 +156,62 @@ pub fn shutdown_verified<O: Os>(
             ActResult::with(Outcome::Gone, "socket was already disconnected")
         }
         Err(e) => ActResult::with(Outcome::Error, format!("shutdown: {e}")),
+    }
+}
+
+/// What SOCK_DESTROY needs: find a socket by its exact identity, and destroy it.
+/// [`crate::discover::Namespaces`] is the real one (netlink, per network namespace).
+pub trait SocketKiller {
+    /// The socket as the kernel sees it now (4-tuple and cookie must match), or None.
+    fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>>;
+    fn destroy(&mut self, s: &DiagSocket) -> io::Result<()>;
+}
+
+pub const NET_ADMIN_HINT: &str = "SOCK_DESTROY needs CAP_NET_ADMIN: run as root or grant it (AmbientCapabilities=CAP_NET_ADMIN in the unit)";
+pub const NO_DESTROY_HINT: &str =
+    "this kernel has no SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY is off); use shutdown instead";
+
+/// Reset a CLOSE_WAIT socket through SOCK_DESTROY, after checking that the very socket
+/// (same 4-tuple and cookie) still exists and is still in CLOSE_WAIT. The owner is not
+/// touched; it sees ECONNABORTED, the peer gets an RST.
+pub fn destroy_verified<K: SocketKiller>(k: &mut K, s: &DiagSocket, dry_run: bool) -> ActResult {
+    let current = match k.lookup(s) {
+        Ok(Some(c)) => c,
+        Ok(None) => return ActResult::with(Outcome::Gone, "socket no longer exists"),
+        Err(e) => return ActResult::with(Outcome::Error, format!("sock_diag lookup: {e}")),
+    };
+    if current.cookie != s.cookie {
+        return ActResult::with(Outcome::Changed, "socket cookie differs");
+    }
+    if current.state != TCP_CLOSE_WAIT {
+        return ActResult::with(
+            Outcome::Changed,
+            format!(
+                "socket is in TCP state {} now, not CLOSE_WAIT",
+                tcp_state_name(current.state)
+            ),
+        );
+    }
+    if dry_run {
+        return ActResult::ok(Outcome::DryRun);
+    }
+    match k.destroy(s) {
+        Ok(()) => ActResult::ok(Outcome::Reaped),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT) => {
+                ActResult::with(Outcome::Gone, "socket vanished before SOCK_DESTROY")
+            }
+            Some(libc::EOPNOTSUPP) => ActResult::with(
+                Outcome::Error,
+                format!("SOCK_DESTROY: {e}; {NO_DESTROY_HINT}"),
+            ),
+            Some(libc::EPERM) | Some(libc::EACCES) => ActResult {
+                outcome: Outcome::Error,
+                detail: Some(format!("SOCK_DESTROY: {e}; {NET_ADMIN_HINT}")),
+                permission_denied: true,
+            },
+            _ => ActResult::with(Outcome::Error, format!("SOCK_DESTROY: {e}")),
+        },
     }
 }
 

@@ -74,7 +74,8 @@ const SCAN_EXAMPLES: &str = "Examples:
 const REAP_EXAMPLES: &str = "Examples:
   cwreap reap --pid 4242 --older-than 10m --dry-run   # what would happen, permission proven
   cwreap reap --pid 4242 --older-than 10m             # do it
-  cwreap reap --comm '^node$' --port 3000 --older-than 2m --max 500 --json";
+  cwreap reap --comm '^node$' --port 3000 --older-than 2m --max 500 --json
+  cwreap reap --port 8080 --older-than 5m --destroy                   # RST, also unaccepted ones";
 
 #[derive(Debug, Clone, Args)]
 pub struct Selectors {
@@ -133,6 +134,11 @@ pub struct ReapArgs {
     /// Verify every socket (proving permission) but do not shut anything down
     #[arg(long)]
     pub dry_run: bool,
+    /// Reset the sockets with SOCK_DESTROY (netlink; needs CAP_NET_ADMIN) instead of
+    /// shutdown: the peer gets an RST instead of a FIN, the owner sees ECONNABORTED, and
+    /// connections never accept()ed (no fd) can be reaped too
+    #[arg(long)]
+    pub destroy: bool,
     /// Act on at most N sockets, oldest first
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max: Option<u64>,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::act::{self, ActResult, Expected, Outcome};
 use crate::cli::{ReapArgs, ScanArgs, Selectors};
-use crate::netlink::{Diag, DiagSocket};
+use crate::discover::Namespaces;
 use crate::os::{Os, RealOs};
 use crate::output;
 use crate::procfs::ProcFs;
@@ -48,22 +48,33 @@ fn check_unreadable<H>(snap: &Snapshot<H>) -> Result<()> {
     Ok(())
 }
 
-/// Everything up to selection, shared by scan and reap.
-fn observe<O: Os>(os: Option<&O>, selectors: &Selectors) -> Result<(Snapshot<O::Process>, usize)> {
-    let sockets: Vec<DiagSocket> = Diag::new()
-        .context("opening a NETLINK_SOCK_DIAG socket")?
-        .close_wait()
-        .context("dumping CLOSE_WAIT sockets over sock_diag")?;
-    let total = sockets.len();
+/// Everything up to selection, shared by scan and reap: one sock_diag socket per network
+/// namespace of the processes in scope, then attribution.
+fn observe<O: Os>(
+    os: Option<&O>,
+    selectors: &Selectors,
+) -> Result<(Snapshot<O::Process>, Namespaces)> {
     let proc = ProcFs::default();
+    let scope = selectors.scope();
+    let mut namespaces = Namespaces::default();
+    match &scope.pids {
+        Some(pids) => namespaces.cover(&proc, pids, false),
+        None => {
+            let all = proc.pids().context("listing /proc")?;
+            namespaces.cover(&proc, &all, true);
+        }
+    }
+    let found = namespaces
+        .dump()
+        .context("dumping CLOSE_WAIT sockets over sock_diag")?;
     let attributor = Attributor {
         proc: &proc,
         os,
         self_pid: std::process::id() as i32,
     };
-    let snap = attributor.attribute(sockets, &selectors.scope());
+    let snap = attributor.attribute(found, &scope);
     check_unreadable(&snap)?;
-    Ok((snap, total))
+    Ok((snap, namespaces))
 }
 
 fn denied_note(denied: usize) -> Option<String> {
@@ -76,7 +87,10 @@ sockets show no owner. Run as root or with CAP_SYS_PTRACE to see them."
 }
 
 pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
-    let (snap, _) = observe::<RealOs>(None, &args.selectors)?;
+    let (snap, namespaces) = observe::<RealOs>(None, &args.selectors)?;
+    for (_, why) in &namespaces.failures {
+        writeln!(err, "warning: {why}")?;
+    }
     let filter = args.selectors.filter(args.older_than);
     let rows = select::select(&snap, &filter);
     if args.json {
@@ -136,19 +150,42 @@ to see candidates)"
         .into());
     }
     let os = RealOs;
-    let (snap, _) = observe(Some(&os), &args.selectors)?;
+    let (snap, mut namespaces) = observe(Some(&os), &args.selectors)?;
     let filter = args.selectors.filter(Some(args.older_than));
     let rows = select::select(&snap, &filter);
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
-    let (plan, unowned) = select::plan_reap(&rows, max);
+    let (plan, unowned) = select::plan_reap(&rows, max, args.destroy);
+    let action = if args.destroy { "destroy" } else { "shutdown" };
 
     let mut done: Vec<(Row<'_, _>, ActResult)> = Vec::with_capacity(plan.len());
+    let mut unsupported = false;
     for row in plan {
-        let res = reap_row(&os, &snap, row, args.dry_run);
+        let res = if args.destroy {
+            if unsupported {
+                ActResult::with(Outcome::Error, act::NO_DESTROY_HINT)
+            } else {
+                let res = act::destroy_verified(&mut namespaces, &row.socket.diag, args.dry_run);
+                unsupported = res
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains(act::NO_DESTROY_HINT));
+                res
+            }
+        } else if row.unaccepted {
+            ActResult::with(
+                Outcome::Skipped,
+                "unaccepted: the app never accept()ed it, so no fd exists to shut down; use --destroy",
+            )
+        } else {
+            reap_row(&os, &snap, row, args.dry_run)
+        };
         if args.json {
-            writeln!(out, "{}", output::reap_json(row, "shutdown", &res))?;
+            writeln!(out, "{}", output::reap_json(row, action, &res))?;
         }
         done.push((*row, res));
+    }
+    if unsupported {
+        writeln!(err, "cwreap: {}", act::NO_DESTROY_HINT)?;
     }
 
     let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
@@ -167,7 +204,7 @@ to see candidates)"
     );
     if unowned > 0 {
         footer.push_str(&format!(
-            "; {unowned} matching socket(s) have no owner fd (accept queue or unreadable process) and were left alone"
+            "; {unowned} matching socket(s) have no owner fd (unreadable process) and were left alone; --destroy can reach them"
         ));
     }
     if args.json {
@@ -179,7 +216,7 @@ to see candidates)"
                 "Nothing to reap: no CLOSE_WAIT socket matches the selection and --older-than."
             )?;
         } else {
-            write!(out, "{}", output::reap_table(&done, "shutdown"))?;
+            write!(out, "{}", output::reap_table(&done, action))?;
             writeln!(out)?;
         }
         writeln!(out, "{footer}")?;
@@ -187,10 +224,18 @@ to see candidates)"
 
     let denied = done.iter().filter(|(_, r)| r.permission_denied).count();
     if denied > 0 && denied == done.len() {
+        if args.destroy {
+            return Err(UsageError(format!("permission denied: {}", act::NET_ADMIN_HINT)).into());
+        }
         return Err(missing_ptrace("duplicating the sockets").into());
     }
     if denied > 0 {
-        writeln!(err, "hint: {}", act::PTRACE_HINT)?;
+        let hint = if args.destroy {
+            act::NET_ADMIN_HINT
+        } else {
+            act::PTRACE_HINT
+        };
+        writeln!(err, "hint: {hint}")?;
     }
     Ok(if counts.contains_key(&Outcome::Error) {
         Status::Failed

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod discover;
 pub mod metrics;
 pub mod netlink;
 pub mod os;

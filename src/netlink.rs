@@ -7,15 +7,19 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
 };
-use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
 use netlink_packet_sock_diag::inet::{
     ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla,
 };
+use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
 /// TCP_CLOSE_WAIT from include/net/tcp_states.h.
@@ -31,6 +35,8 @@ const DUMP_RETRIES: usize = 5;
 /// One CLOSE_WAIT socket as sock_diag reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiagSocket {
+    /// Inode of the network namespace the socket lives in (0 until a [`Diag`] stamps it).
+    pub netns: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// 0 for a socket that has no file yet (still in a listener's accept queue).
@@ -97,6 +103,7 @@ fn from_response(resp: &InetResponse) -> DiagSocket {
         }
     }
     DiagSocket {
+        netns: 0,
         local: SocketAddr::new(id.source_address, id.source_port),
         remote: SocketAddr::new(id.destination_address, id.destination_port),
         inode: u64::from(resp.header.inode),
@@ -189,15 +196,72 @@ fn request(family: u8, states: StateFlags, seq: u32) -> Vec<u8> {
     buf
 }
 
+/// A request naming one socket exactly (4-tuple and cookie): SOCK_DESTROY when `destroy`,
+/// else a SOCK_DIAG_BY_FAMILY lookup of that one socket.
+fn exact_request(s: &DiagSocket, seq: u32, destroy: bool) -> Vec<u8> {
+    let family = if s.local.is_ipv4() { AF_INET } else { AF_INET6 };
+    let lo = (s.cookie & 0xffff_ffff) as u32;
+    let hi = (s.cookie >> 32) as u32;
+    let mut cookie = [0u8; 8];
+    cookie[..4].copy_from_slice(&lo.to_ne_bytes());
+    cookie[4..].copy_from_slice(&hi.to_ne_bytes());
+    let req = InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::INFO,
+        states: StateFlags::all(),
+        socket_id: SocketId {
+            source_port: s.local.port(),
+            destination_port: s.remote.port(),
+            source_address: s.local.ip(),
+            destination_address: s.remote.ip(),
+            interface_id: 0,
+            cookie,
+        },
+    };
+    let mut header = NetlinkHeader::default();
+    header.sequence_number = seq;
+    if destroy {
+        header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let mut packet = NetlinkMessage::new(
+            header,
+            NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(req))),
+        );
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        buf
+    } else {
+        header.flags = NLM_F_REQUEST;
+        let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(req).into());
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        buf
+    }
+}
+
 /// A sock_diag netlink socket of the network namespace it was created in.
 pub struct Diag {
     socket: Socket,
     buf: Vec<u8>,
     seq: u32,
+    netns: u64,
+}
+
+/// Inode of the network namespace behind a /proc/<pid>/ns/net style path.
+pub fn netns_inode(path: &Path) -> io::Result<u64> {
+    Ok(std::fs::metadata(path)?.ino())
 }
 
 impl Diag {
+    /// A socket in our own network namespace.
     pub fn new() -> io::Result<Self> {
+        let netns = netns_inode(Path::new("/proc/self/ns/net")).unwrap_or(0);
+        Self::create(netns)
+    }
+
+    fn create(netns: u64) -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
         socket.bind_auto()?;
         socket.connect(&NlAddr::new(0, 0))?;
@@ -207,16 +271,82 @@ impl Diag {
             socket,
             buf: vec![0u8; RECV_BUF],
             seq: 0,
+            netns,
         })
+    }
+
+    /// A socket inside the network namespace at `ns_path` (e.g. /proc/PID/ns/net).
+    /// A netlink socket sees only the namespace it was created in, so a short-lived thread
+    /// joins the namespace, creates the socket and ends; the rest of cwreap stays put.
+    pub fn in_netns(ns_path: &Path) -> io::Result<Self> {
+        let file = std::fs::File::open(ns_path)?;
+        let netns = file.metadata()?.ino();
+        if netns_inode(Path::new("/proc/self/ns/net")).ok() == Some(netns) {
+            return Self::create(netns);
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    crate::sys::join_netns(file.as_fd())?;
+                    Self::create(netns)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+        })
+    }
+
+    /// The network namespace this socket reports on.
+    pub fn netns(&self) -> u64 {
+        self.netns
     }
 
     /// Every CLOSE_WAIT TCP socket, IPv4 and IPv6, with tcp_info.
     pub fn close_wait(&mut self) -> Result<Vec<DiagSocket>, DumpError> {
+        self.dump_states(StateFlags::CLOSE_WAIT)
+    }
+
+    /// Every listening TCP socket (to place sockets still in an accept queue).
+    pub fn listeners(&mut self) -> Result<Vec<DiagSocket>, DumpError> {
+        self.dump_states(StateFlags::LISTEN)
+    }
+
+    fn dump_states(&mut self, states: StateFlags) -> Result<Vec<DiagSocket>, DumpError> {
         let mut out = Vec::new();
         for family in [AF_INET, AF_INET6] {
-            out.extend(self.dump_family(family, StateFlags::CLOSE_WAIT)?);
+            out.extend(self.dump_family(family, states.clone())?);
+        }
+        for s in &mut out {
+            s.netns = self.netns;
         }
         Ok(out)
+    }
+
+    /// The socket as the kernel sees it now, found by its exact 4-tuple and cookie; None
+    /// when it no longer exists.
+    pub fn lookup(&mut self, s: &DiagSocket) -> Result<Option<DiagSocket>, DumpError> {
+        self.seq = self.seq.wrapping_add(1);
+        let req = exact_request(s, self.seq, false);
+        self.socket.send(&req, 0)?;
+        let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+        match parse_dump(&self.buf[..n]) {
+            Ok(chunk) => Ok(chunk.sockets.into_iter().next().map(|mut found| {
+                found.netns = self.netns;
+                found
+            })),
+            Err(DumpError::Kernel(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// SOCK_DESTROY: reset the socket (RST to the peer, ECONNABORTED to the owner) without
+    /// touching any process. Needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY; the kernel
+    /// matches the exact 4-tuple and the cookie, so only this very socket can be hit.
+    pub fn destroy(&mut self, s: &DiagSocket) -> Result<(), DumpError> {
+        self.seq = self.seq.wrapping_add(1);
+        let req = exact_request(s, self.seq, true);
+        self.socket.send(&req, 0)?;
+        let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+        parse_dump(&self.buf[..n]).map(|_| ())
     }
 
     fn dump_family(

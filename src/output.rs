@@ -80,9 +80,14 @@ fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
     if r.socket.holders.len() > 1 {
         let _ = write!(pid, "+{}", r.socket.holders.len() - 1);
     }
+    let fd = if r.unaccepted {
+        "unaccepted".to_string()
+    } else {
+        opt(r.holder.map(|h| h.fd))
+    };
     vec![
         pid,
-        opt(r.holder.map(|h| h.fd)),
+        fd,
         r.process
             .map_or_else(|| "-".to_string(), |p| p.comm.clone()),
         d.inode.to_string(),
@@ -91,11 +96,12 @@ fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
         human_age(r.age_ms),
         d.recv_q.to_string(),
         d.send_q.to_string(),
+        d.netns.to_string(),
     ]
 }
 
-const SOCKET_HEADER: [&str; 9] = [
-    "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "AGE", "RECV-Q", "SEND-Q",
+const SOCKET_HEADER: [&str; 10] = [
+    "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "AGE", "RECV-Q", "SEND-Q", "NETNS",
 ];
 
 pub fn scan_table<H>(rows: &[Row<'_, H>]) -> String {
@@ -133,9 +139,17 @@ pub fn summary_table(sums: &[ProcessSummary]) -> String {
 
 pub fn scan_json<H>(r: &Row<'_, H>) -> Value {
     let d = &r.socket.diag;
+    let fd = if r.unaccepted {
+        None
+    } else {
+        r.holder.map(|h| h.fd)
+    };
     json!({
         "pid": r.holder.map(|h| h.pid),
-        "fd": r.holder.map(|h| h.fd),
+        "fd": fd,
+        "unaccepted": r.unaccepted,
+        "listener_fd": if r.unaccepted { r.holder.map(|h| h.fd) } else { None },
+        "netns": d.netns,
         "comm": r.process.map(|p| p.comm.as_str()),
         "inode": d.inode,
         "local": addr(&d.local),

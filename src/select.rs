@@ -39,7 +39,10 @@ pub fn age_ms(s: &Observed) -> u64 {
 #[derive(Debug)]
 pub struct Row<'a, H> {
     pub socket: &'a Observed,
+    /// Who holds the socket; for an unaccepted one, who holds its listener.
     pub holder: Option<Holder>,
+    /// Still in the listener's accept queue: no fd refers to it.
+    pub unaccepted: bool,
     pub process: Option<&'a Process<H>>,
     pub age_ms: u64,
 }
@@ -68,7 +71,12 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
         {
             continue;
         }
-        let chosen = s.holders.iter().find_map(|h| {
+        let unaccepted = s.unaccepted();
+        let holders = match (&s.listener, unaccepted) {
+            (Some(l), true) => &l.holders,
+            _ => &s.holders,
+        };
+        let chosen = holders.iter().find_map(|h| {
             let p = snap.processes.get(&h.pid)?;
             filter.process_matches(p).then_some((*h, p))
         });
@@ -76,12 +84,14 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
             Some((holder, process)) => rows.push(Row {
                 socket: s,
                 holder: Some(holder),
+                unaccepted,
                 process: Some(process),
                 age_ms: age,
             }),
             None if !filter.selects_processes() => rows.push(Row {
                 socket: s,
                 holder: None,
+                unaccepted,
                 process: None,
                 age_ms: age,
             }),
@@ -131,19 +141,22 @@ pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
     out
 }
 
-/// Which rows a reap acts on: attributed ones only (shutdown needs an owner fd), oldest
-/// first, at most `max`. Returns (to act on, matched but without an owner fd).
+/// Which rows a reap acts on, oldest first, at most `max`. Shutdown needs an owner, so
+/// without `destroy` rows nobody holds are left out (and counted); SOCK_DESTROY reaches
+/// every socket. Returns (to act on, matched but left out).
 pub fn plan_reap<'a, 'r, H>(
     rows: &'r [Row<'a, H>],
     max: Option<usize>,
+    destroy: bool,
 ) -> (Vec<&'r Row<'a, H>>, usize) {
-    let unowned = rows.iter().filter(|r| r.holder.is_none()).count();
-    let owned = rows.iter().filter(|r| r.holder.is_some());
+    let reachable = |r: &&Row<'a, H>| destroy || r.holder.is_some();
+    let left_out = rows.iter().filter(|r| !reachable(r)).count();
+    let planned = rows.iter().filter(reachable);
     let planned = match max {
-        Some(n) => owned.take(n).collect(),
-        None => owned.collect(),
+        Some(n) => planned.take(n).collect(),
+        None => planned.collect(),
     };
-    (planned, unowned)
+    (planned, left_out)
 }
 
 #[cfg(test)]
@@ -155,6 +168,7 @@ mod tests {
 
     fn sock(inode: u64, port: u16, age: Option<u32>) -> DiagSocket {
         DiagSocket {
+            netns: 1,
             local: format!("127.0.0.1:{port}").parse().expect("addr"),
             remote: "127.0.0.1:50000".parse().expect("addr"),
             inode,
@@ -188,6 +202,7 @@ mod tests {
                 .into_iter()
                 .map(|(pid, fd)| Holder { pid, fd })
                 .collect(),
+            listener: None,
         };
         Snapshot {
             sockets: vec![
@@ -254,12 +269,17 @@ mod tests {
     fn reap_plan_caps_and_skips_unowned() {
         let snap = snapshot();
         let rows = select(&snap, &Filter::default());
-        let (plan, unowned) = plan_reap(&rows, Some(2));
+        let (plan, unowned) = plan_reap(&rows, Some(2), false);
         assert_eq!(unowned, 1);
         let planned: Vec<u64> = plan.iter().map(|r| r.socket.diag.inode).collect();
         assert_eq!(planned, vec![2, 1]);
-        let (plan, _) = plan_reap(&rows, None);
+        let (plan, _) = plan_reap(&rows, None, false);
         assert_eq!(plan.len(), 4);
+        // SOCK_DESTROY needs no owner: the unowned socket is planned too, oldest first.
+        let (plan, left_out) = plan_reap(&rows, Some(2), true);
+        assert_eq!(left_out, 0);
+        let planned: Vec<u64> = plan.iter().map(|r| r.socket.diag.inode).collect();
+        assert_eq!(planned, vec![5, 2]);
     }
 
     #[test]

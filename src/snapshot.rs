@@ -10,6 +10,7 @@ use std::io;
 
 use regex::Regex;
 
+use crate::discover::Found;
 use crate::netlink::DiagSocket;
 use crate::os::Os;
 use crate::procfs::ProcFs;
@@ -38,6 +39,49 @@ pub struct Observed {
     pub diag: DiagSocket,
     /// Every (pid, fd) that refers to this socket; several after fork or SCM_RIGHTS.
     pub holders: Vec<Holder>,
+    /// For a socket still in an accept queue (inode 0, no fd anywhere): the listener it
+    /// waits on and who holds that listener.
+    pub listener: Option<ListenerRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerRef {
+    pub inode: u64,
+    pub local: std::net::SocketAddr,
+    pub holders: Vec<Holder>,
+}
+
+impl Observed {
+    /// Never accepted by the application: only SOCK_DESTROY can reach it.
+    pub fn unaccepted(&self) -> bool {
+        self.diag.inode == 0
+    }
+}
+
+/// The listener a not-yet-accepted connection waits on: same namespace, same port, and the
+/// same address or a wildcard one (IPv4-mapped addresses compared as IPv4).
+pub fn listener_for<'a>(s: &DiagSocket, listeners: &'a [DiagSocket]) -> Option<&'a DiagSocket> {
+    let norm = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let want = norm(s.local.ip());
+    let candidates = listeners
+        .iter()
+        .filter(|l| l.netns == s.netns && l.local.port() == s.local.port());
+    let mut wildcard = None;
+    for l in candidates {
+        let ip = norm(l.local.ip());
+        if ip == want {
+            return Some(l);
+        }
+        if ip.is_unspecified() && wildcard.is_none() {
+            wildcard = Some(l);
+        }
+    }
+    wildcard
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -77,26 +121,46 @@ pub struct Attributor<'a, O: Os> {
 }
 
 impl<'a, O: Os> Attributor<'a, O> {
-    pub fn attribute(&self, sockets: Vec<DiagSocket>, scope: &Scope) -> Snapshot<O::Process> {
+    pub fn attribute(&self, found: Found, scope: &Scope) -> Snapshot<O::Process> {
+        let listeners = found.listeners;
         let mut snap = Snapshot {
-            sockets: sockets
+            sockets: found
+                .close_wait
                 .into_iter()
-                .map(|diag| Observed {
-                    diag,
-                    holders: Vec::new(),
+                .map(|diag| {
+                    let listener = (diag.inode == 0)
+                        .then(|| listener_for(&diag, &listeners))
+                        .flatten()
+                        .filter(|l| l.inode != 0)
+                        .map(|l| ListenerRef {
+                            inode: l.inode,
+                            local: l.local,
+                            holders: Vec::new(),
+                        });
+                    Observed {
+                        diag,
+                        holders: Vec::new(),
+                        listener,
+                    }
                 })
                 .collect(),
             processes: BTreeMap::new(),
             stats: WalkStats::default(),
             unreadable: Vec::new(),
         };
-        let by_inode: HashMap<u64, usize> = snap
-            .sockets
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.diag.inode != 0)
-            .map(|(i, s)| (s.diag.inode, i))
-            .collect();
+        // Socket inodes, and the inodes of listeners with unaccepted connections.
+        let mut by_inode: HashMap<u64, Vec<Slot>> = HashMap::new();
+        for (i, s) in snap.sockets.iter().enumerate() {
+            if s.diag.inode != 0 {
+                by_inode
+                    .entry(s.diag.inode)
+                    .or_default()
+                    .push(Slot::Socket(i));
+            }
+            if let Some(l) = &s.listener {
+                by_inode.entry(l.inode).or_default().push(Slot::Listener(i));
+            }
+        }
 
         if let Some(pids) = &scope.pids {
             for &pid in pids {
@@ -116,7 +180,14 @@ impl<'a, O: Os> Attributor<'a, O> {
         let Ok(all) = self.proc.pids() else {
             return snap;
         };
-        let uids: HashSet<u32> = snap.sockets.iter().map(|s| s.diag.uid).collect();
+        let mut uids: HashSet<u32> = snap.sockets.iter().map(|s| s.diag.uid).collect();
+        for s in &snap.sockets {
+            if let Some(l) = &s.listener
+                && let Some(found) = listeners.iter().find(|x| x.inode == l.inode)
+            {
+                uids.insert(found.uid);
+            }
+        }
         let mut later = Vec::new();
         for pid in all {
             if pid == self.self_pid {
@@ -133,10 +204,10 @@ impl<'a, O: Os> Attributor<'a, O> {
         // A socket's uid is its creator's; a process that changed uid since (or received
         // the fd over a unix socket) is missed by the uid filter. Walk the rest only when
         // some socket with a file is still unowned.
-        let unowned = snap
-            .sockets
-            .iter()
-            .any(|s| s.diag.inode != 0 && s.holders.is_empty());
+        let unowned = snap.sockets.iter().any(|s| {
+            (s.diag.inode != 0 && s.holders.is_empty())
+                || s.listener.as_ref().is_some_and(|l| l.holders.is_empty())
+        });
         if unowned {
             for pid in later {
                 let _ = self.walk(pid, scope, &by_inode, &mut snap, false);
@@ -150,7 +221,7 @@ impl<'a, O: Os> Attributor<'a, O> {
         &self,
         pid: i32,
         scope: &Scope,
-        by_inode: &HashMap<u64, usize>,
+        by_inode: &HashMap<u64, Vec<Slot>>,
         snap: &mut Snapshot<O::Process>,
         selected: bool,
     ) -> io::Result<()> {
@@ -194,8 +265,15 @@ impl<'a, O: Os> Attributor<'a, O> {
         snap.stats.inspected += 1;
         let mut holds = 0usize;
         for &(fd, inode) in &table.sockets {
-            if let Some(&i) = by_inode.get(&inode) {
-                snap.sockets[i].holders.push(Holder { pid, fd });
+            for slot in by_inode.get(&inode).into_iter().flatten() {
+                match *slot {
+                    Slot::Socket(i) => snap.sockets[i].holders.push(Holder { pid, fd }),
+                    Slot::Listener(i) => {
+                        if let Some(l) = snap.sockets[i].listener.as_mut() {
+                            l.holders.push(Holder { pid, fd });
+                        }
+                    }
+                }
                 holds += 1;
             }
         }
@@ -217,6 +295,13 @@ impl<'a, O: Os> Attributor<'a, O> {
         );
         Ok(())
     }
+}
+
+/// Where an inode found in an fd table goes.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Socket(usize),
+    Listener(usize),
 }
 
 fn count_failure(stats: &mut WalkStats, e: &io::Error) {

@@ -45,6 +45,15 @@ pub fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
     io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
+/// setns(2) into the network namespace behind `ns` (a /proc/PID/ns/net file), for the
+/// calling thread only. Needs CAP_SYS_ADMIN.
+pub fn join_netns(ns: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::thread::move_into_link_name_space(
+        ns,
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?)
+}
+
 /// Inode number of the file behind `fd`.
 pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(rustix::fs::fstat(fd)?.st_ino)
@@ -128,6 +137,7 @@ struct CapData {
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_SYS_ADMIN: u32 = 21;
 
 /// Whether this process holds `cap` in its effective set.
 pub fn has_cap(cap: u32) -> bool {

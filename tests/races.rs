@@ -24,7 +24,10 @@ fn attribute(pid: i32, os: &RealOs) -> Snapshot<std::os::fd::OwnedFd> {
         self_pid: std::process::id() as i32,
     };
     attributor.attribute(
-        sockets,
+        cwreap::discover::Found {
+            close_wait: sockets,
+            listeners: Vec::new(),
+        },
         &Scope {
             pids: Some(vec![pid]),
             comm: None,

@@ -1,10 +1,11 @@
 //! `cwreap-fixture`: a deliberately leaky TCP server for cwreap's tests and benchmarks.
 //!
-//! `cwreap-fixture server --listen ADDR [--listen ADDR]... [--on-hup close|ignore]`
+//! `cwreap-fixture server --listen ADDR [--listen ADDR]... [--on-hup close|ignore] [--no-accept]`
 //! accepts connections and echoes what it reads. When a peer half-closes, it never calls
 //! close(): the socket stays in CLOSE_WAIT, the bug cwreap exists for. With `--on-hup close`
 //! it behaves like an app that at least reacts to POLLHUP, closing the fd once the socket is
-//! shut down (from outside, by cwreap).
+//! shut down (from outside, by cwreap). With `--no-accept` it never accepts: connections
+//! the peer closes wait in the accept queue in CLOSE_WAIT, with no fd at all.
 //!
 //! stdout (one event per line): `listen ADDR`, `ready`, `accepted FD LOCAL REMOTE`,
 //! `eof FD`, `released FD`, `closed FD`, `child PID`, `fds N`, `error TEXT`.
@@ -40,6 +41,8 @@ struct Server {
     listeners: Vec<TcpListener>,
     conns: BTreeMap<i32, (TcpStream, ConnState)>,
     close_on_hup: bool,
+    /// Never call accept(): connections pile up in the accept queue.
+    no_accept: bool,
     children: Vec<Child>,
 }
 
@@ -111,6 +114,7 @@ fn server(args: &[String]) {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let mut listen: Vec<SocketAddr> = Vec::new();
     let mut close_on_hup = false;
+    let mut no_accept = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -118,6 +122,7 @@ fn server(args: &[String]) {
                 Some(addr) => listen.push(addr),
                 None => fail("--listen needs an address like 127.0.0.1:0"),
             },
+            "--no-accept" => no_accept = true,
             "--on-hup" => match it.next().map(String::as_str) {
                 Some("close") => close_on_hup = true,
                 Some("ignore") => close_on_hup = false,
@@ -133,6 +138,7 @@ fn server(args: &[String]) {
         listeners: Vec::new(),
         conns: BTreeMap::new(),
         close_on_hup,
+        no_accept,
         children: Vec::new(),
     };
     for addr in listen {
@@ -228,9 +234,11 @@ impl Server {
     fn step(&mut self) {
         let mut kinds: Vec<Option<i32>> = Vec::new();
         let mut pfds: Vec<PollFd<'_>> = Vec::new();
-        for l in &self.listeners {
-            pfds.push(PollFd::new(l, PollFlags::IN));
-            kinds.push(None);
+        if !self.no_accept {
+            for l in &self.listeners {
+                pfds.push(PollFd::new(l, PollFlags::IN));
+                kinds.push(None);
+            }
         }
         for (fd, (stream, state)) in &self.conns {
             match state {
