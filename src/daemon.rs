@@ -306,7 +306,10 @@ impl Daemon {
                     self_pid: self.self_pid,
                 };
                 attributor.attribute(
-                    dump,
+                    crate::discover::Found {
+                        close_wait: dump,
+                        listeners: Vec::new(),
+                    },
                     &Scope {
                         pids: Some(pids.clone()),
                         comm: None,
