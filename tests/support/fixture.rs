@@ -14,7 +14,7 @@
 //!
 //! `cwreap-fixture client ADDR [COUNT]` opens COUNT (default 1) connections, half-closes
 //! each (so the server side goes to CLOSE_WAIT if the server leaks), then waits and prints
-//! `eof N` as each one is shut down from the server side.
+//! `eof N` as each one is shut down from the server side (`reset N` for an RST).
 //!
 //! `cwreap-fixture hold` sleeps until its parent dies (the child of `share`).
 
@@ -94,12 +94,23 @@ fn client(args: &[String]) {
         handles.push(std::thread::spawn(move || {
             let mut stream = stream;
             let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 {
-                    break;
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => {
+                        say(&format!("eof {i}"));
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                        say(&format!("reset {i}"));
+                        break;
+                    }
+                    Err(e) => {
+                        say(&format!("error {i} {e}"));
+                        break;
+                    }
                 }
             }
-            say(&format!("eof {i}"));
         }));
     }
     say(&format!(

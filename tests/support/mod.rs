@@ -35,7 +35,19 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start(listen: &[&str], extra: &[&str]) -> Fixture {
-        let mut cmd = Command::new(FIXTURE);
+        Self::start_in(None, listen, extra)
+    }
+
+    /// Start the server inside network namespace `netns` (`ip netns exec` keeps the pid).
+    pub fn start_in(netns: Option<&str>, listen: &[&str], extra: &[&str]) -> Fixture {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, FIXTURE]);
+                c
+            }
+            None => Command::new(FIXTURE),
+        };
         cmd.arg("server");
         for l in listen {
             cmd.args(["--listen", l]);
@@ -272,4 +284,145 @@ pub fn field_str<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
     v[key]
         .as_str()
         .unwrap_or_else(|| panic!("no string {key} in {v}"))
+}
+
+/// A network namespace of our own (`ip netns add`), deleted on drop even when a test fails.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(tag: &str) -> Netns {
+        let name = format!("cwreap-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip netns add");
+        assert!(
+            out.status.success(),
+            "ip netns add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = Netns { name };
+        let out = Command::new("ip")
+            .args(["-n", &ns.name, "link", "set", "lo", "up"])
+            .output()
+            .expect("run ip link");
+        assert!(
+            out.status.success(),
+            "lo up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ns
+    }
+
+    /// `ss -tanpH state close-wait` inside the namespace, for `pid`.
+    pub fn ss_close_wait(&self, pid: i32) -> BTreeSet<(i32, SocketAddr, SocketAddr)> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "ss",
+                "-tanpH",
+                "state",
+                "close-wait",
+            ])
+            .output()
+            .expect("run ss in netns");
+        assert!(out.status.success(), "ss in netns failed: {out:?}");
+        parse_ss(&String::from_utf8_lossy(&out.stdout), pid)
+    }
+
+    /// Half-closing clients inside the namespace: a `cwreap-fixture client` process.
+    pub fn clients(&self, addr: SocketAddr, count: usize) -> Clients {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, FIXTURE, "client"])
+            .arg(addr.to_string())
+            .arg(count.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn client in netns");
+        let stdout = child.stdout.take().expect("client stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let c = Clients { child, lines: rx };
+        let first = c
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("client started");
+        assert!(first.starts_with("half-closed"), "client: {first}");
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A `cwreap-fixture client` process; killed on drop.
+pub struct Clients {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Clients {
+    /// Collect `eof N` / `reset N` lines for up to `wait`, until `n` arrived.
+    pub fn ends(&self, n: usize, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.lines.recv_timeout(left) {
+                Ok(l) => out.push(l),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Inode of the network namespace of `pid` ("self" for us).
+pub fn netns_of(pid: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .expect("ns/net")
+        .ino()
+}
+
+/// Whether the peer sees a reset (SOCK_DESTROY sends an RST) within `wait`.
+pub fn reads_reset(client: &mut TcpStream, wait: Duration) -> bool {
+    client
+        .set_read_timeout(Some(wait))
+        .expect("set read timeout");
+    let mut buf = [0u8; 64];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
 }
