@@ -179,6 +179,10 @@ impl Daemon {
         }
         self.cfg = cfg;
         self.cache = None;
+        // Sockets only reported under the old policy (dry run, `log`) are judged again by
+        // the new one: switching a dry run to enforcing must reap what the dry run showed.
+        // Reaped sockets have left CLOSE_WAIT, so they are not acted on twice.
+        self.handled.clear();
         Ok(())
     }
 
