@@ -1,0 +1,706 @@
+//! `cargo bench --bench scale`: cwreap against `ss` on a fixture of N CLOSE_WAIT and M
+//! ESTABLISHED loopback connections held by several real server processes.
+//!
+//! * P1 `cwreap scan --json` over all processes vs `ss -tanpi state close-wait`.
+//! * P2 one steady-state daemon cycle (nothing changed, attribution cached), in-process, vs
+//!   `ss -tn state close-wait`.
+//! * P3 `cwreap reap` of all N with verification and shutdown: wall time, and `ss` counts of
+//!   LISTEN/ESTABLISHED before and after (nothing else may be touched).
+//! * P4 `cwreap run` as a child: RSS and CPU per cycle while tracking N sockets.
+//! * `--scaling`: P1 and P2 at N = M = 1k, 10k, 50k.
+//!
+//! Every run checks the fixture with `ss` first and fails (exit 1) when the fixture or a
+//! cwreap command does not do what it should; missed timing targets only print MISS.
+//! Needs root (pidfd_getfd on other processes). The cwreap binary is the one cargo builds
+//! for this bench (`target/release/cwreap`).
+
+#[path = "support/fixture.rs"]
+mod fixture;
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use fixture::{Counts, Fleet};
+
+const USAGE: &str =
+    "usage: cargo bench --bench scale -- [--n N] [--m M] [--reps R] [--scaling] [--smoke]
+  --n N       CLOSE_WAIT connections (default 20000)
+  --m M       ESTABLISHED connections (default 20000)
+  --reps R    repetitions of each measurement; medians are reported (default 5)
+  --scaling   only P1 and P2, at N = M = 1000, 10000, 50000
+  --smoke     N = M = 200, one repetition: a functional check that finishes in seconds";
+
+/// Targets, from the design brief.
+const P1_MAX_RATIO: f64 = 0.25;
+const P2_MAX_RATIO: f64 = 1.5;
+/// One second per 20k sockets reaped.
+const P3_SECONDS_PER_20K: f64 = 1.0;
+const P4_MAX_RSS_MIB: f64 = 20.0;
+const SCALING_SIZES: [usize; 3] = [1_000, 10_000, 50_000];
+
+#[derive(Debug, Clone)]
+struct Args {
+    n: usize,
+    m: usize,
+    reps: usize,
+    scaling: bool,
+    smoke: bool,
+}
+
+fn parse_args(argv: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        n: 20_000,
+        m: 20_000,
+        reps: 5,
+        scaling: false,
+        smoke: false,
+    };
+    let mut it = argv.iter();
+    let number = |flag: &str, v: Option<&String>| -> Result<usize, String> {
+        v.and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{flag} needs a number"))
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--n" => a.n = number("--n", it.next())?,
+            "--m" => a.m = number("--m", it.next())?,
+            "--reps" => a.reps = number("--reps", it.next())?,
+            "--scaling" => a.scaling = true,
+            "--smoke" => a.smoke = true,
+            // cargo bench passes --bench to every bench target.
+            "--bench" => {}
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.smoke {
+        if a.scaling {
+            return Err("--smoke and --scaling exclude each other".into());
+        }
+        a.n = 200;
+        a.m = 200;
+        a.reps = 1;
+    }
+    if a.n == 0 || a.reps == 0 {
+        return Err("--n and --reps must be at least 1".into());
+    }
+    Ok(a)
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    match argv.get(1).map(String::as_str) {
+        Some(fixture::SERVER_ROLE) => fixture::server_main(&argv[2..]),
+        Some(fixture::CLIENT_ROLE) => fixture::client_main(&argv[2..]),
+        _ => {}
+    }
+    let args = match parse_args(argv.get(1..).unwrap_or(&[])) {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("scale: {e}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if !rustix::process::geteuid().is_root() {
+        let why = "the benchmark needs root: cwreap reads other processes' /proc/PID/fd and \
+duplicates their sockets with pidfd_getfd (CAP_SYS_PTRACE)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            eprintln!("scale: FAILED: {why}, and CI=true forbids skipping");
+            std::process::exit(1);
+        }
+        eprintln!("SKIP scale: {why}");
+        return;
+    }
+    if let Err(e) = run(&args) {
+        eprintln!("scale: FAILED: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let cwreap = cwreap_binary()?;
+    let started = Instant::now();
+    let log = |msg: &str| eprintln!("[{:7.1}s] {msg}", started.elapsed().as_secs_f64());
+    let mut rows = Vec::new();
+    if args.scaling {
+        for &n in &SCALING_SIZES {
+            let fleet = start_fleet(n, n, &log)?;
+            rows.push(p1_scan(&fleet, &cwreap, args.reps, &log)?);
+            rows.push(p2_cycle(&fleet, args.reps, &log)?);
+            drop(fleet);
+        }
+    } else {
+        let mut fleet = start_fleet(args.n, args.m, &log)?;
+        rows.push(p1_scan(&fleet, &cwreap, args.reps, &log)?);
+        rows.push(p2_cycle(&fleet, args.reps, &log)?);
+        let cycles = if args.smoke { 3 } else { 20 };
+        rows.extend(p4_daemon(&fleet, &cwreap, cycles, &log)?);
+        rows.extend(p3_reap(&mut fleet, &cwreap, args.reps, &log)?);
+        drop(fleet);
+    }
+    log("done; fixture torn down");
+    print_report(args, &rows);
+    Ok(())
+}
+
+fn start_fleet(n: usize, m: usize, log: &dyn Fn(&str)) -> Result<Fleet> {
+    log(&format!(
+        "fixture: starting {n} CLOSE_WAIT + {m} ESTABLISHED connections"
+    ));
+    let t = Instant::now();
+    let fleet =
+        Fleet::start(n, m).with_context(|| format!("starting the fixture (N={n}, M={m})"))?;
+    let c = fleet.counts()?;
+    log(&format!(
+        "fixture: ready in {:.1} s over {} processes; ss: {} LISTEN, {} CLOSE-WAIT, {}+{} ESTAB",
+        t.elapsed().as_secs_f64(),
+        fleet.processes(),
+        c.listen,
+        c.close_wait,
+        c.est_server,
+        c.est_client
+    ));
+    Ok(fleet)
+}
+
+/// The cwreap binary cargo built for this bench (same profile), next to the bench's deps.
+fn cwreap_binary() -> Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_cwreap"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    bail!(
+        "cwreap binary missing at {}: build it with `cargo build --release --bin cwreap` (with \
+the same CARGO_TARGET_DIR), or run through `cargo bench --bench scale`, which builds it",
+        path.display()
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Measurements.
+
+/// One line of the final table.
+struct Row {
+    figure: String,
+    n: usize,
+    m: usize,
+    value: String,
+    ss: String,
+    ratio: String,
+    target: String,
+    verdict: &'static str,
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "MISS" }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    match v.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2,
+    }
+}
+
+/// Run a command with output discarded; its wall time, or an error with its stderr.
+fn time_command(cmd: &mut Command) -> Result<Duration> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let elapsed = t.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(elapsed)
+}
+
+/// Run a command and return its stdout; fails on a non-zero exit.
+fn stdout_of(cmd: &mut Command) -> Result<String> {
+    cmd.stdin(Stdio::null());
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("{cmd:?}: output is not UTF-8"))
+}
+
+fn json_lines(text: &str, what: &str) -> Result<Vec<serde_json::Value>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{what}: not a JSON line: {l}")))
+        .collect()
+}
+
+fn field_addr(v: &serde_json::Value, key: &str) -> Option<SocketAddr> {
+    v.get(key)?.as_str()?.parse().ok()
+}
+
+fn p1_scan(fleet: &Fleet, cwreap: &Path, reps: usize, log: &dyn Fn(&str)) -> Result<Row> {
+    let ours: HashSet<SocketAddr> = fleet.listen.iter().copied().collect();
+    let servers: HashSet<i64> = fleet.server_pids().iter().map(|&p| i64::from(p)).collect();
+    // Correctness first: exactly the fixture's N sockets, each under a fixture server.
+    let text = stdout_of(Command::new(cwreap).args(["scan", "--json"]))?;
+    let mut found = 0usize;
+    for v in json_lines(&text, "cwreap scan --json")? {
+        if !field_addr(&v, "local").is_some_and(|a| ours.contains(&a)) {
+            continue;
+        }
+        found += 1;
+        let pid = v.get("pid").and_then(serde_json::Value::as_i64);
+        if !pid.is_some_and(|p| servers.contains(&p)) {
+            bail!("cwreap scan attributed a fixture socket to pid {pid:?}, not a server: {v}");
+        }
+    }
+    if found != fleet.n {
+        bail!(
+            "cwreap scan found {found} CLOSE_WAIT sockets of the fixture, expected {}",
+            fleet.n
+        );
+    }
+    let (mut ours_t, mut ss_t) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        ours_t.push(time_command(Command::new(cwreap).args(["scan", "--json"]))?);
+        ss_t.push(time_command(Command::new("ss").args([
+            "-tanpi",
+            "state",
+            "close-wait",
+        ]))?);
+    }
+    let (c, s) = (median(ours_t), median(ss_t));
+    let ratio = c.as_secs_f64() / s.as_secs_f64();
+    log(&format!(
+        "P1 scan: cwreap {} vs ss -tanpi {} (ratio {ratio:.2})",
+        ms(c),
+        ms(s)
+    ));
+    Ok(Row {
+        figure: "P1 `scan --json`, all processes".into(),
+        n: fleet.n,
+        m: fleet.m,
+        value: ms(c),
+        ss: format!("{} (`ss -tanpi state close-wait`)", ms(s)),
+        ratio: format!("{ratio:.2}"),
+        target: format!("ratio ≤ {P1_MAX_RATIO}"),
+        verdict: verdict(ratio <= P1_MAX_RATIO),
+    })
+}
+
+/// A policy tracking the fixture's servers (and nothing else), acting on nothing.
+fn bench_policy(interval: &str) -> String {
+    format!(
+        "interval: {interval}
+dry_run: true
+log_format: text
+metrics: {{listen: \"off\"}}
+targets:
+  - name: bench
+    match:
+      comm: \"^{}$\"
+      cmdline: \"--parent {}( |$)\"
+    older_than: 3650d
+    action: log
+",
+        fixture::SERVER_COMM,
+        std::process::id()
+    )
+}
+
+fn p2_cycle(fleet: &Fleet, reps: usize, log: &dyn Fn(&str)) -> Result<Row> {
+    let cfg = cwreap::config::parse(&bench_policy("30s"), "bench").context("the bench policy")?;
+    let mut daemon = cwreap::daemon::Daemon::new(cfg, true).context("creating the daemon")?;
+    let stop = AtomicBool::new(false);
+    let check = |r: &cwreap::daemon::CycleReport| -> Result<()> {
+        if !r.errors.is_empty() {
+            bail!("daemon cycle reported errors: {:?}", r.errors);
+        }
+        if r.candidates != fleet.n {
+            bail!(
+                "daemon cycle tracked {} CLOSE_WAIT sockets in the target, expected {}",
+                r.candidates,
+                fleet.n
+            );
+        }
+        Ok(())
+    };
+    let t = Instant::now();
+    let warm = daemon.cycle(&stop);
+    let first = t.elapsed();
+    check(&warm)?;
+    let (mut ours_t, mut ss_t) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        let r = daemon.cycle(&stop);
+        ours_t.push(t.elapsed());
+        check(&r)?;
+        ss_t.push(time_command(Command::new("ss").args([
+            "-tn",
+            "state",
+            "close-wait",
+        ]))?);
+    }
+    let (c, s) = (median(ours_t), median(ss_t));
+    let ratio = c.as_secs_f64() / s.as_secs_f64();
+    log(&format!(
+        "P2 daemon cycle: first (attribution) {}, steady {} vs ss -tn {} (ratio {ratio:.2})",
+        ms(first),
+        ms(c),
+        ms(s)
+    ));
+    Ok(Row {
+        figure: format!("P2 daemon cycle, cached (first cycle {})", ms(first)),
+        n: fleet.n,
+        m: fleet.m,
+        value: ms(c),
+        ss: format!("{} (`ss -tn state close-wait`)", ms(s)),
+        ratio: format!("{ratio:.2}"),
+        target: format!("ratio ≤ {P2_MAX_RATIO}"),
+        verdict: verdict(ratio <= P2_MAX_RATIO),
+    })
+}
+
+fn p3_reap(fleet: &mut Fleet, cwreap: &Path, reps: usize, log: &dyn Fn(&str)) -> Result<Vec<Row>> {
+    let ours: HashSet<SocketAddr> = fleet.listen.iter().copied().collect();
+    let mut times = Vec::new();
+    let mut before = Counts::default();
+    let mut after = Counts::default();
+    for rep in 0..reps {
+        if rep > 0 {
+            fleet
+                .renew_close_wait()
+                .context("making a fresh CLOSE_WAIT batch")?;
+        }
+        before = fleet.counts()?;
+        if before != fleet.expected() {
+            bail!(
+                "fixture before reap: {before:?}, expected {:?}",
+                fleet.expected()
+            );
+        }
+        let mut cmd = Command::new(cwreap);
+        cmd.args(["reap", "--older-than", "0s", "--json"]);
+        for pid in fleet.server_pids() {
+            cmd.args(["--pid", &pid.to_string()]);
+        }
+        let t = Instant::now();
+        let text = stdout_of(&mut cmd)?;
+        times.push(t.elapsed());
+        after = fleet.counts()?;
+
+        let mut reaped = 0usize;
+        for v in json_lines(&text, "cwreap reap --json")? {
+            if !field_addr(&v, "local").is_some_and(|a| ours.contains(&a)) {
+                bail!("cwreap reap acted on a socket outside the fixture: {v}");
+            }
+            match v.get("outcome").and_then(serde_json::Value::as_str) {
+                Some("reaped") => reaped += 1,
+                _ => bail!("cwreap reap: a socket was not reaped: {v}"),
+            }
+        }
+        if reaped != fleet.n {
+            bail!("cwreap reap reaped {reaped} sockets, expected {}", fleet.n);
+        }
+        if after.close_wait != 0 {
+            bail!(
+                "after reap ss still sees {} CLOSE-WAIT sockets of the fixture",
+                after.close_wait
+            );
+        }
+        let untouched = (before.listen, before.est_server, before.est_client)
+            == (after.listen, after.est_server, after.est_client);
+        if !untouched {
+            bail!(
+                "reap touched sockets that were not CLOSE_WAIT: before {before:?}, after {after:?}"
+            );
+        }
+    }
+    let wall = median(times);
+    let target = P3_SECONDS_PER_20K * fleet.n as f64 / 20_000.0;
+    log(&format!(
+        "P3 reap: {} sockets in {}; ss before {before:?}, after {after:?}",
+        fleet.n,
+        ms(wall)
+    ));
+    Ok(vec![
+        Row {
+            figure: "P3 `reap` all N (verify + shutdown), wall".into(),
+            n: fleet.n,
+            m: fleet.m,
+            value: ms(wall),
+            ss: "—".into(),
+            ratio: "—".into(),
+            target: format!("≤ {:.0} ms (1 s per 20k)", target * 1e3),
+            verdict: verdict(wall.as_secs_f64() <= target),
+        },
+        Row {
+            figure: "P3 ss before → after: LISTEN, ESTAB (server/client ends), CLOSE-WAIT".into(),
+            n: fleet.n,
+            m: fleet.m,
+            value: format!(
+                "{}/{}/{}/{} → {}/{}/{}/{}",
+                before.listen,
+                before.est_server,
+                before.est_client,
+                before.close_wait,
+                after.listen,
+                after.est_server,
+                after.est_client,
+                after.close_wait
+            ),
+            ss: "—".into(),
+            ratio: "—".into(),
+            target: "0 non-CLOSE_WAIT touched, 0 CLOSE_WAIT left".into(),
+            verdict: "PASS",
+        },
+    ])
+}
+
+/// `cwreap run` as a child, killed on drop; its scratch directory removed.
+struct DaemonChild {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for DaemonChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl DaemonChild {
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+}
+
+/// CPU time (user + system) of a whole process so far, from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the parenthesised comm, starting with field 3 (state).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("/proc/{pid}/stat: no comm"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<u64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat: bad field {}", i + 3))
+    };
+    let ticks = tick(11)? + tick(12)?; // utime (14), stime (15)
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+/// A `Vm...:` line of /proc/PID/status, in KiB.
+fn status_kib(pid: u32, key: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("/proc/{pid}/status has no {key} line"))
+}
+
+fn p4_daemon(fleet: &Fleet, cwreap: &Path, cycles: usize, log: &dyn Fn(&str)) -> Result<Vec<Row>> {
+    let dir = std::env::temp_dir().join(format!("cwbench-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let config = dir.join("cwreap.yaml");
+    fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&config)
+        .and_then(|mut f| f.write_all(bench_policy("100ms").as_bytes()))
+        .with_context(|| format!("writing {}", config.display()))?;
+    // sd_notify's STATUS= arrives once per cycle: an exact cycle counter.
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path)
+        .with_context(|| format!("binding {}", notify_path.display()))?;
+    let log_file = fs::File::create(dir.join("daemon.log")).context("creating daemon.log")?;
+    let child = Command::new(cwreap)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("spawning {} run", cwreap.display()))?;
+    let daemon = DaemonChild { child, dir };
+    let pid = daemon.child.id();
+
+    let mut buf = vec![0u8; 4096];
+    let mut next = |timeout: Duration| -> Result<String> {
+        notify.set_read_timeout(Some(timeout))?;
+        match notify.recv(&mut buf) {
+            Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) => Err(anyhow!(
+                "cwreap run: no sd_notify message within {timeout:?} ({e}); its log ends:\n{}",
+                daemon.log_tail()
+            )),
+        }
+    };
+    let tracked = |msg: &str| -> Option<usize> {
+        msg.lines()
+            .find_map(|l| l.strip_prefix("STATUS="))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    while !next(Duration::from_secs(30))?.contains("READY=1") {}
+    let cpu_ready = cpu_time(pid)?;
+    // The first cycle attributes (walks the servers' fd tables); later ones reuse it.
+    let first = loop {
+        if let Some(n) = tracked(&next(Duration::from_secs(120))?) {
+            break n;
+        }
+    };
+    let cpu_first = cpu_time(pid)?;
+    if first != fleet.n {
+        bail!(
+            "cwreap run tracks {first} CLOSE_WAIT sockets in its target, expected {}",
+            fleet.n
+        );
+    }
+    let mut seen = 0;
+    while seen < cycles {
+        let msg = next(Duration::from_secs(60))?;
+        if let Some(n) = tracked(&msg) {
+            if n != fleet.n {
+                bail!("cwreap run tracks {n} sockets, expected {}", fleet.n);
+            }
+            seen += 1;
+        }
+    }
+    let cpu_end = cpu_time(pid)?;
+    let rss = status_kib(pid, "VmRSS:")? as f64 / 1024.0;
+    let hwm = status_kib(pid, "VmHWM:")? as f64 / 1024.0;
+    let per_cycle = (cpu_end.saturating_sub(cpu_first)) / cycles as u32;
+    let first_cpu = cpu_first.saturating_sub(cpu_ready);
+    log(&format!(
+        "P4 cwreap run: VmRSS {rss:.1} MiB (peak {hwm:.1}), CPU first cycle {}, steady {} per cycle over {cycles}",
+        ms(first_cpu),
+        ms(per_cycle)
+    ));
+    drop(daemon);
+    Ok(vec![
+        Row {
+            figure: format!(
+                "P4 `cwreap run` VmRSS after {} cycles (VmHWM {hwm:.1} MiB)",
+                cycles + 1
+            ),
+            n: fleet.n,
+            m: fleet.m,
+            value: format!("{rss:.1} MiB"),
+            ss: "—".into(),
+            ratio: "—".into(),
+            target: format!("≤ {P4_MAX_RSS_MIB:.0} MiB"),
+            verdict: verdict(rss <= P4_MAX_RSS_MIB && hwm <= P4_MAX_RSS_MIB),
+        },
+        Row {
+            figure: format!(
+                "P4 CPU (user+sys) per steady cycle, over {cycles} (first cycle {})",
+                ms(first_cpu)
+            ),
+            n: fleet.n,
+            m: fleet.m,
+            value: ms(per_cycle),
+            ss: "—".into(),
+            ratio: "—".into(),
+            target: "—".into(),
+            verdict: "—",
+        },
+    ])
+}
+
+// ---------------------------------------------------------------------------------------
+// Report.
+
+fn machine() -> String {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let ss = Command::new("ss")
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("nproc {nproc}, kernel {}, CPU {cpu}, {ss}", kernel.trim())
+}
+
+fn print_report(args: &Args, rows: &[Row]) {
+    let mode = if args.scaling {
+        "scaling".to_owned()
+    } else if args.smoke {
+        "smoke".to_owned()
+    } else {
+        format!("N={} M={}", args.n, args.m)
+    };
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\n### cwreap scale benchmark ({mode}, {} rep(s), medians)\n\n{}\n\n",
+        args.reps,
+        machine()
+    ));
+    out.push_str("| figure | N | M | cwreap | ss | ratio | target | result |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---|---|\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.figure, r.n, r.m, r.value, r.ss, r.ratio, r.target, r.verdict
+        ));
+    }
+    print!("{out}");
+}
