@@ -663,7 +663,7 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let metrics = crate::metrics::Metrics::new();
         if let Some(addr) = daemon.cfg.metrics.listen {
             let listener = crate::metrics::bind(addr).await.map_err(|e| {
@@ -675,7 +675,12 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
             tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
         }
         main_loop(daemon, config_path.to_path_buf(), metrics).await
-    })
+    });
+    // After SIGTERM a cycle may still be running on the blocking pool (the stop flag is
+    // only checked between actions, and `shutdown` already gave it its time): dropping the
+    // runtime would join that thread, however long the cycle takes.
+    rt.shutdown_background();
+    result
 }
 
 async fn main_loop(
