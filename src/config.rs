@@ -76,6 +76,9 @@ pub enum Action {
     Log,
     /// Duplicate the socket out of its owner and shut it down (verified).
     Shutdown,
+    /// Reset it with netlink SOCK_DESTROY (needs CAP_NET_ADMIN); also reaches connections
+    /// never accepted.
+    Destroy,
 }
 
 impl Action {
@@ -83,6 +86,7 @@ impl Action {
         match self {
             Action::Log => "log",
             Action::Shutdown => "shutdown",
+            Action::Destroy => "destroy",
         }
     }
 }
@@ -674,12 +678,14 @@ fn parse_action(s: &str) -> Result<Action, String> {
     match s.trim() {
         "log" => Ok(Action::Log),
         "shutdown" => Ok(Action::Shutdown),
-        "destroy" => Err("`destroy` is not supported yet; use `shutdown`".to_owned()),
+        "destroy" => Ok(Action::Destroy),
         other => {
-            let hint = suggest(other, &["log", "shutdown"])
+            let hint = suggest(other, &["log", "shutdown", "destroy"])
                 .map(|s| format!("; did you mean `{s}`?"))
                 .unwrap_or_default();
-            Err(format!("`{other}` is not one of `log`, `shutdown`{hint}"))
+            Err(format!(
+                "`{other}` is not one of `log`, `shutdown`, `destroy`{hint}"
+            ))
         }
     }
 }
@@ -1551,10 +1557,14 @@ targets:
         let e = err(&with_target("    older_than: 1m\n    action: shotdown\n"));
         assert_eq!(
             e,
-            "t.yaml:6:13: `action` in target `web`: `shotdown` is not one of `log`, `shutdown`; did you mean `shutdown`?"
+            "t.yaml:6:13: `action` in target `web`: `shotdown` is not one of `log`, `shutdown`, `destroy`; did you mean `shutdown`?"
         );
-        let e = err(&with_target("    older_than: 1m\n    action: destroy\n"));
-        assert!(e.contains("`destroy` is not supported yet"), "{e}");
+        let ok = parse(
+            &with_target("    older_than: 1m\n    action: destroy\n"),
+            "t.yaml",
+        )
+        .expect("destroy is an action");
+        assert_eq!(ok.targets[0].action, Action::Destroy);
         let e = err(&with_target("    older_than: 1m\n    min_close_wait: 0\n"));
         assert_eq!(
             e,

@@ -20,9 +20,12 @@ use tracing::{error, info, warn};
 use crate::act::{self, ActResult, Expected, Outcome};
 use crate::commands::UsageError;
 use crate::config::{self, Action, Config, LogFormat, ProcessFacts};
-use crate::netlink::Diag;
+use crate::discover::{Found, Namespaces};
+use crate::netlink::DiagSocket;
 use crate::os::RealOs;
-use crate::policy::{self, Ages, Candidate, Decision, Headroom, HeadroomWarning, RateLimiter};
+use crate::policy::{
+    self, Ages, Candidate, Decision, Headroom, HeadroomWarning, RateLimiter, SocketKey,
+};
 use crate::procfs::ProcFs;
 use crate::snapshot::{Attributor, Scope, Snapshot};
 use crate::sys;
@@ -108,12 +111,15 @@ pub struct Daemon {
     force_dry_run: bool,
     os: RealOs,
     proc: ProcFs,
-    diag: Option<Diag>,
+    /// One sock_diag socket per network namespace of the target processes.
+    namespaces: Namespaces,
+    /// SOCK_DESTROY is unsupported by this kernel (said once).
+    destroy_unsupported: bool,
     ages: Ages,
     limiter: RateLimiter,
     headroom: Headroom,
-    /// Cookies already acted on (or reported), so each socket is handled once.
-    handled: HashSet<u64>,
+    /// Sockets already acted on (or reported), so each is handled once.
+    handled: HashSet<SocketKey>,
     pending: Vec<PendingRelease>,
     audit: Option<File>,
     /// Last cycle's attribution, reused while the CLOSE_WAIT set and the candidates stay
@@ -149,7 +155,8 @@ impl Daemon {
             force_dry_run,
             os: RealOs,
             proc: ProcFs::default(),
-            diag: None,
+            namespaces: Namespaces::default(),
+            destroy_unsupported: false,
             ages: Ages::default(),
             limiter: RateLimiter::default(),
             headroom: Headroom::default(),
@@ -246,37 +253,61 @@ impl Daemon {
         let mut report = CycleReport::default();
         let now = Instant::now();
 
-        if self.diag.is_none() {
-            match Diag::new() {
-                Ok(d) => self.diag = Some(d),
-                Err(e) => {
-                    error!(error = %e, "cannot open NETLINK_SOCK_DIAG socket");
-                    report.error("netlink");
-                    report.duration = started.elapsed();
-                    return report;
-                }
-            }
+        let targets = self.match_processes(&mut report);
+        let pids: Vec<i32> = targets.keys().copied().collect();
+
+        // One sock_diag socket per network namespace the targets live in.
+        self.namespaces.cover(&self.proc, &pids, false);
+        let live: HashSet<u64> = pids
+            .iter()
+            .filter_map(|p| {
+                crate::netlink::netns_inode(&self.proc.root().join(p.to_string()).join("ns/net"))
+                    .ok()
+            })
+            .collect();
+        self.namespaces.retain(|ino| live.contains(&ino));
+        for (ino, why) in std::mem::take(&mut self.namespaces.failures) {
+            warn!(netns = ino, error = %why, "network namespace skipped this cycle");
+            report.error("netns");
         }
-        let dump = match self.diag.as_mut().map(Diag::close_wait) {
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
+        let found = match self.namespaces.dump() {
+            Ok(f) => f,
+            Err(e) => {
                 error!(error = %e, "sock_diag dump failed; retrying next cycle");
                 report.error("netlink");
-                self.diag = None;
+                self.namespaces = Namespaces::default();
                 report.duration = started.elapsed();
                 return report;
             }
-            None => Vec::new(),
         };
-        report.close_wait = dump.len();
-        self.ages.observe(dump.iter().map(|s| s.cookie), now);
-        let present: HashSet<u64> = dump.iter().map(|s| s.cookie).collect();
-        self.handled.retain(|c| present.contains(c));
+        for (ino, why) in std::mem::take(&mut self.namespaces.failures) {
+            warn!(netns = ino, error = %why, "sock_diag dump failed in a network namespace");
+            report.error("netlink");
+        }
+        report.close_wait = found.close_wait.len();
+        self.ages
+            .observe(found.close_wait.iter().map(|s| (s.netns, s.cookie)), now);
+        let present: HashSet<SocketKey> = found
+            .close_wait
+            .iter()
+            .map(|s| (s.netns, s.cookie))
+            .collect();
+        self.handled.retain(|k| present.contains(k));
         self.check_releases(now, &mut report);
 
-        let targets = self.match_processes(&mut report);
-        let pids: Vec<i32> = targets.keys().copied().collect();
-        let mut inodes: Vec<u64> = dump.iter().map(|s| s.inode).filter(|i| *i != 0).collect();
+        // What attribution depends on: socket inodes, and for unaccepted sockets (no inode)
+        // their identity and listener.
+        let mut inodes: Vec<u64> = found
+            .close_wait
+            .iter()
+            .map(|s| {
+                if s.inode != 0 {
+                    s.inode
+                } else {
+                    s.cookie | (1 << 63)
+                }
+            })
+            .collect();
         inodes.sort_unstable();
 
         // Reuse last cycle's attribution when nothing it depends on changed.
@@ -287,9 +318,13 @@ impl Daemon {
         let snap = match cached {
             Some(c) => {
                 let mut snap = c.snap;
-                let fresh: HashMap<u64, _> = dump.into_iter().map(|d| (d.cookie, d)).collect();
+                let fresh: HashMap<SocketKey, DiagSocket> = found
+                    .close_wait
+                    .into_iter()
+                    .map(|d| ((d.netns, d.cookie), d))
+                    .collect();
                 snap.sockets
-                    .retain_mut(|s| match fresh.get(&s.diag.cookie) {
+                    .retain_mut(|s| match fresh.get(&(s.diag.netns, s.diag.cookie)) {
                         Some(d) => {
                             s.diag = d.clone();
                             true
@@ -310,9 +345,9 @@ impl Daemon {
                     self_pid: self.self_pid,
                 };
                 attributor.attribute(
-                    crate::discover::Found {
-                        close_wait: dump,
-                        listeners: Vec::new(),
+                    Found {
+                        close_wait: found.close_wait,
+                        listeners: found.listeners,
                     },
                     &Scope {
                         pids: Some(pids.clone()),
@@ -331,8 +366,12 @@ impl Daemon {
         }
         let mut candidates = Vec::new();
         for s in &snap.sockets {
-            let Some((h, t)) = s
-                .holders
+            let unaccepted = s.unaccepted();
+            let holders = match (&s.listener, unaccepted) {
+                (Some(l), true) => &l.holders,
+                _ => &s.holders,
+            };
+            let Some((h, t)) = holders
                 .iter()
                 .find_map(|h| targets.get(&h.pid).map(|t| (*h, *t)))
             else {
@@ -348,11 +387,15 @@ impl Daemon {
                 comm: p.comm.clone(),
                 inode: s.diag.inode,
                 cookie: s.diag.cookie,
+                netns: s.diag.netns,
+                unaccepted,
                 local: s.diag.local,
                 remote: s.diag.remote,
-                age_ms: self
-                    .ages
-                    .age_ms(s.diag.cookie, s.diag.last_ack_recv_ms, now),
+                age_ms: self.ages.age_ms(
+                    (s.diag.netns, s.diag.cookie),
+                    s.diag.last_ack_recv_ms,
+                    now,
+                ),
                 owner_close_wait: per_pid_cw.get(&h.pid).copied().unwrap_or(0),
             });
         }
@@ -397,7 +440,7 @@ impl Daemon {
         report
     }
 
-    fn act(&self, snap: &Snapshot<OwnedFd>, d: &Decision) -> ActResult {
+    fn act(&mut self, snap: &Snapshot<OwnedFd>, d: &Decision) -> ActResult {
         let c = &d.candidate;
         match d.action {
             Action::Log => ActResult {
@@ -405,6 +448,33 @@ impl Daemon {
                 detail: None,
                 permission_denied: false,
             },
+            Action::Destroy => {
+                if self.destroy_unsupported {
+                    return ActResult::with(Outcome::Error, act::NO_DESTROY_HINT);
+                }
+                let Some(diag) = snap
+                    .sockets
+                    .iter()
+                    .find(|s| s.diag.netns == c.netns && s.diag.cookie == c.cookie)
+                    .map(|s| s.diag.clone())
+                else {
+                    return ActResult::with(Outcome::Gone, "socket left the snapshot");
+                };
+                let res = act::destroy_verified(&mut self.namespaces, &diag, d.dry_run);
+                if res
+                    .detail
+                    .as_deref()
+                    .is_some_and(|x| x.contains(act::NO_DESTROY_HINT))
+                {
+                    error!("{}", act::NO_DESTROY_HINT);
+                    self.destroy_unsupported = true;
+                }
+                res
+            }
+            Action::Shutdown if c.unaccepted => ActResult::with(
+                Outcome::Skipped,
+                "unaccepted: the app never accept()ed it, so no fd exists to shut down; use action: destroy",
+            ),
             Action::Shutdown => {
                 let Some(handle) = snap.processes.get(&c.pid).and_then(|p| p.handle.as_ref())
                 else {
@@ -444,12 +514,12 @@ impl Daemon {
         let outcome = res.outcome.as_str();
         let detail = res.detail.as_deref().unwrap_or("");
         if res.outcome == Outcome::Error {
-            warn!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode,
+            warn!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode, netns = c.netns, unaccepted = c.unaccepted,
                 local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome,
                 dry_run = d.dry_run, error = detail, "action failed");
             report.error("act");
         } else {
-            info!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode,
+            info!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode, netns = c.netns, unaccepted = c.unaccepted,
                 local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome,
                 dry_run = d.dry_run, detail, "close_wait action");
         }
@@ -458,7 +528,9 @@ impl Daemon {
             "event": "action",
             "target": target,
             "pid": c.pid,
-            "fd": c.fd,
+            "fd": if c.unaccepted { None } else { Some(c.fd) },
+            "unaccepted": c.unaccepted,
+            "netns": c.netns,
             "comm": c.comm,
             "inode": c.inode,
             "local": c.local.to_string(),
@@ -475,11 +547,13 @@ impl Daemon {
             .or_default() += 1;
         if matches!(
             res.outcome,
-            Outcome::Reaped | Outcome::DryRun | Outcome::Logged | Outcome::Error
+            Outcome::Reaped | Outcome::DryRun | Outcome::Logged | Outcome::Error | Outcome::Skipped
         ) {
-            self.handled.insert(c.cookie);
+            self.handled.insert(c.key());
         }
-        if res.outcome == Outcome::Reaped {
+        // Destroy frees the owner's fd slot only when the owner reacts to ECONNABORTED, and
+        // shutdown only when it reacts to EPOLLHUP: watch both.
+        if res.outcome == Outcome::Reaped && !c.unaccepted {
             let pidfd = snap
                 .processes
                 .get(&c.pid)

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Action, Config};
 
+/// A socket's identity for tracking: (network namespace inode, socket cookie).
+pub type SocketKey = (u64, u64);
+
 /// One CLOSE_WAIT socket held by a process that matched `target`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -20,12 +23,21 @@ pub struct Candidate {
     pub comm: String,
     pub inode: u64,
     pub cookie: u64,
+    pub netns: u64,
+    /// Still in the listener's accept queue (no fd; `pid`/`fd` are the listener's).
+    pub unaccepted: bool,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// Lower bound on time in CLOSE_WAIT (see [`Ages`]).
     pub age_ms: u64,
     /// CLOSE_WAIT sockets the owner holds in all (for `min_close_wait`).
     pub owner_close_wait: usize,
+}
+
+impl Candidate {
+    pub fn key(&self) -> SocketKey {
+        (self.netns, self.cookie)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,18 +58,18 @@ pub struct Plan {
 ///
 /// * a socket qualifies when it is at least `older_than` old, passes the target's port and
 ///   exclusion rules, and its owner holds at least `min_close_wait` CLOSE_WAIT sockets;
-/// * a socket already handled (`handled`, by cookie) is not acted on again;
+/// * a socket already handled (`handled`, by (netns, cookie)) is not acted on again;
 /// * oldest first; socket-touching actions (shutdown, also in dry-run, so a dry run shows
 ///   what enforcing would do) are capped by `reap_budget`; `log` is never capped.
 pub fn decide(
     candidates: &[Candidate],
     cfg: &Config,
-    handled: &HashSet<u64>,
+    handled: &HashSet<SocketKey>,
     reap_budget: usize,
 ) -> Plan {
     let mut eligible: Vec<&Candidate> = candidates
         .iter()
-        .filter(|c| !handled.contains(&c.cookie))
+        .filter(|c| !handled.contains(&c.key()))
         .filter(|c| {
             let Some(t) = cfg.targets.get(c.target) else {
                 return false;
@@ -72,7 +84,7 @@ pub fn decide(
     let mut plan = Plan::default();
     let mut budget = reap_budget;
     for c in eligible {
-        if !seen.insert(c.cookie) {
+        if !seen.insert(c.key()) {
             continue;
         }
         let Some(t) = cfg.targets.get(c.target) else {
@@ -99,23 +111,23 @@ pub fn decide(
 /// tcp_info `last_ack_recv` and the time since cwreap first saw it in CLOSE_WAIT.
 #[derive(Debug, Default)]
 pub struct Ages {
-    first_seen: HashMap<u64, Instant>,
+    first_seen: HashMap<SocketKey, Instant>,
 }
 
 impl Ages {
     /// Record the sockets present now and forget the ones that are gone.
-    pub fn observe(&mut self, cookies: impl IntoIterator<Item = u64>, now: Instant) {
-        let present: HashSet<u64> = cookies.into_iter().collect();
+    pub fn observe(&mut self, keys: impl IntoIterator<Item = SocketKey>, now: Instant) {
+        let present: HashSet<SocketKey> = keys.into_iter().collect();
         self.first_seen.retain(|c, _| present.contains(c));
         for c in present {
             self.first_seen.entry(c).or_insert(now);
         }
     }
 
-    pub fn age_ms(&self, cookie: u64, last_ack_recv_ms: Option<u32>, now: Instant) -> u64 {
+    pub fn age_ms(&self, key: SocketKey, last_ack_recv_ms: Option<u32>, now: Instant) -> u64 {
         let seen = self
             .first_seen
-            .get(&cookie)
+            .get(&key)
             .map_or(0, |t| now.saturating_duration_since(*t).as_millis() as u64);
         seen.max(u64::from(last_ack_recv_ms.unwrap_or(0)))
     }
@@ -232,6 +244,8 @@ targets:
             comm: "x".into(),
             inode: cookie * 10,
             cookie,
+            netns: 1,
+            unaccepted: false,
             local: "127.0.0.1:8080".parse().expect("addr"),
             remote: remote.parse().expect("addr"),
             age_ms: age_s * 1000,
@@ -286,7 +300,7 @@ targets:
         // Budget 2 takes the two oldest socket-touching ones; log is never capped.
         assert_eq!(cookies(&p), vec![2, 3, 4, 5]);
         assert_eq!(p.deferred, 2);
-        let handled: HashSet<u64> = [2, 4].into_iter().collect();
+        let handled: HashSet<SocketKey> = [(1, 2), (1, 4)].into_iter().collect();
         let p = decide(&cands, &c, &handled, 10);
         assert_eq!(cookies(&p), vec![3, 1, 5, 6]);
         // Per-target dry_run override.
@@ -304,15 +318,17 @@ targets:
     fn ages_take_the_larger_lower_bound() {
         let t0 = Instant::now();
         let mut ages = Ages::default();
-        ages.observe([1, 2], t0);
+        ages.observe([(9, 1), (9, 2)], t0);
         let later = t0 + Duration::from_secs(30);
-        ages.observe([1, 2, 3], later);
-        assert_eq!(ages.age_ms(1, Some(5_000), later), 30_000);
-        assert_eq!(ages.age_ms(1, Some(90_000), later), 90_000);
-        assert_eq!(ages.age_ms(3, None, later), 0);
-        ages.observe([3], later);
+        ages.observe([(9, 1), (9, 2), (9, 3)], later);
+        assert_eq!(ages.age_ms((9, 1), Some(5_000), later), 30_000);
+        assert_eq!(ages.age_ms((9, 1), Some(90_000), later), 90_000);
+        assert_eq!(ages.age_ms((9, 3), None, later), 0);
+        // Same cookie in another namespace is another socket.
+        assert_eq!(ages.age_ms((8, 1), None, later), 0);
+        ages.observe([(9, 3)], later);
         assert_eq!(ages.len(), 1, "gone sockets are forgotten");
-        assert_eq!(ages.age_ms(1, None, later), 0);
+        assert_eq!(ages.age_ms((9, 1), None, later), 0);
     }
 
     #[test]

@@ -1055,8 +1055,22 @@ fn audit_log_has_one_line_per_action() {
     assert_eq!(mode, 0o600, "audit log mode {mode:o}");
     let lines = audit_lines(&audit);
     let action_keys: BTreeSet<&str> = [
-        "ts", "event", "target", "pid", "fd", "comm", "inode", "local", "remote", "age_ms",
-        "action", "outcome", "dry_run", "error",
+        "ts",
+        "event",
+        "target",
+        "pid",
+        "fd",
+        "unaccepted",
+        "netns",
+        "comm",
+        "inode",
+        "local",
+        "remote",
+        "age_ms",
+        "action",
+        "outcome",
+        "dry_run",
+        "error",
     ]
     .into_iter()
     .collect();
