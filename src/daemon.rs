@@ -360,18 +360,16 @@ impl Daemon {
         // Candidates: each attributed socket under the first holder that is a target.
         let mut per_pid_cw: HashMap<i32, usize> = HashMap::new();
         for s in &snap.sockets {
-            for h in &s.holders {
+            // An unaccepted connection counts for whoever holds its listener.
+            for h in s.owners() {
                 *per_pid_cw.entry(h.pid).or_default() += 1;
             }
         }
         let mut candidates = Vec::new();
         for s in &snap.sockets {
             let unaccepted = s.unaccepted();
-            let holders = match (&s.listener, unaccepted) {
-                (Some(l), true) => &l.holders,
-                _ => &s.holders,
-            };
-            let Some((h, t)) = holders
+            let Some((h, t)) = s
+                .owners()
                 .iter()
                 .find_map(|h| targets.get(&h.pid).map(|t| (*h, *t)))
             else {

@@ -72,11 +72,7 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
             continue;
         }
         let unaccepted = s.unaccepted();
-        let holders = match (&s.listener, unaccepted) {
-            (Some(l), true) => &l.holders,
-            _ => &s.holders,
-        };
-        let chosen = holders.iter().find_map(|h| {
+        let chosen = s.owners().iter().find_map(|h| {
             let p = snap.processes.get(&h.pid)?;
             filter.process_matches(p).then_some((*h, p))
         });

@@ -56,6 +56,15 @@ impl Observed {
     pub fn unaccepted(&self) -> bool {
         self.diag.inode == 0
     }
+
+    /// The processes this socket belongs to: its holders, or for an unaccepted connection
+    /// the holders of its listener.
+    pub fn owners(&self) -> &[Holder] {
+        match (&self.listener, self.unaccepted()) {
+            (Some(l), true) => &l.holders,
+            _ => &self.holders,
+        }
+    }
 }
 
 /// The listener a not-yet-accepted connection waits on: same namespace, same port, and the

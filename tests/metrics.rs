@@ -5,47 +5,17 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
-
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
-}
-
-fn start_daemon(name: &str, yaml: &str) -> Daemon {
-    let dir = std::env::temp_dir().join(format!("cwreap-metrics-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let cfg = dir.join("cwreap.yaml");
-    std::fs::write(&cfg, yaml).expect("write config");
-    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let child = Command::new(CWREAP)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start cwreap run");
-    Daemon { child, dir }
 }
 
 /// A raw HTTP exchange: returns (status code, body).
@@ -112,7 +82,7 @@ fn metrics_match_what_happened() {
     let _established = fx.connect(0);
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let _d = start_daemon(
+    let _d = Daemon::start(
         "values",
         &format!(
             "interval: 300ms\ndry_run: false\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: leaky\n    match: {{pid: {}}}\n    older_than: 1s\n    action: shutdown\n",
@@ -191,7 +161,7 @@ fn only_get_metrics_is_served_and_slow_clients_do_not_stall_cycles() {
     }
     let fx = Fixture::start(&["127.0.0.1:0"], &[]);
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let _d = start_daemon(
+    let _d = Daemon::start(
         "http",
         &format!(
             "interval: 200ms\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: t\n    match: {{pid: {}}}\n    older_than: 1h\n",

@@ -273,3 +273,46 @@ fn count_close_wait_on_port(port: u16) -> usize {
         .expect("ss");
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
+
+#[test]
+fn daemon_destroys_in_another_namespace_including_unaccepted() {
+    if !require_root("daemon_destroys_in_another_namespace_including_unaccepted") {
+        return;
+    }
+    let ns = Netns::create("daemon");
+    // One server that accepts and leaks, one that never accepts.
+    let mut leaky = Fixture::start_in(Some(&ns.name), &["127.0.0.1:0"], &[]);
+    let queue = Fixture::start_in(Some(&ns.name), &["127.0.0.1:0"], &["--no-accept"]);
+    let leaky_clients = ns.clients(leaky.listen[0], 2);
+    leaky.expect_line("eof ");
+    leaky.expect_line("eof ");
+    let queue_clients = ns.clients(queue.listen[0], 2);
+    // Host-namespace leak of a process that is not a target.
+    let mut host = Fixture::start(&["127.0.0.1:0"], &[]);
+    let (mut host_client, _) = host.close_wait(0);
+
+    let _d = Daemon::start(
+        "netns-daemon",
+        &format!(
+            "interval: 300ms\ndry_run: false\nmetrics: {{listen: off}}\ntargets:\n  - name: leaky\n    match: {{pid: {}}}\n    older_than: 1s\n    action: destroy\n  - name: queue\n    match: {{pid: {}}}\n    older_than: 1s\n    action: destroy\n",
+            leaky.pid(),
+            queue.pid()
+        ),
+    );
+    let ends = leaky_clients.ends(2, Duration::from_secs(10));
+    assert_eq!(
+        ends.iter().filter(|l| l.starts_with("reset ")).count(),
+        2,
+        "{ends:?}"
+    );
+    let ends = queue_clients.ends(2, Duration::from_secs(10));
+    assert_eq!(
+        ends.iter().filter(|l| l.starts_with("reset ")).count(),
+        2,
+        "unaccepted: {ends:?}"
+    );
+    assert!(ns.ss_close_wait(leaky.pid()).is_empty());
+    // The host socket of a non-target is untouched.
+    assert_eq!(ss_close_wait(host.pid()).len(), 1);
+    assert!(!reads_eof(&mut host_client, Duration::from_millis(200)));
+}

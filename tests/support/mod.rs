@@ -426,3 +426,36 @@ pub fn reads_reset(client: &mut TcpStream, wait: Duration) -> bool {
         }
     }
 }
+
+/// A `cwreap run` child with its policy in a private temp dir; killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: std::path::PathBuf,
+}
+
+impl Daemon {
+    pub fn start(name: &str, yaml: &str) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cwreap-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let cfg = dir.join("cwreap.yaml");
+        std::fs::write(&cfg, yaml).expect("write config");
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let child = Command::new(CWREAP)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cwreap run");
+        Daemon { child, dir }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
