@@ -20,14 +20,14 @@ use tracing::{error, info, warn};
 use crate::act::{self, ActResult, Expected, Outcome};
 use crate::commands::UsageError;
 use crate::config::{self, Action, Config, LogFormat, ProcessFacts};
-use crate::discover::{Found, Namespaces};
-use crate::netlink::DiagSocket;
+use crate::discover::Namespaces;
+use crate::index::FdIndex;
 use crate::os::RealOs;
 use crate::policy::{
     self, Ages, Candidate, Decision, Headroom, HeadroomWarning, RateLimiter, SocketKey,
 };
 use crate::procfs::ProcFs;
-use crate::snapshot::{Attributor, Scope, Snapshot};
+use crate::snapshot::Snapshot;
 use crate::sys;
 
 /// Load a policy for running or checking: ownership/mode first (when root), then content.
@@ -122,16 +122,9 @@ pub struct Daemon {
     handled: HashSet<SocketKey>,
     pending: Vec<PendingRelease>,
     audit: Option<File>,
-    /// Last cycle's attribution, reused while the CLOSE_WAIT set and the candidates stay
-    /// the same (the pidfds in it still pin the processes).
-    cache: Option<CachedAttribution>,
+    /// Every socket fd of the target processes, kept between cycles (with their pidfds).
+    index: FdIndex<OwnedFd>,
     self_pid: i32,
-}
-
-struct CachedAttribution {
-    inodes: Vec<u64>,
-    pids: Vec<i32>,
-    snap: Snapshot<OwnedFd>,
 }
 
 fn open_audit(path: &Path) -> io::Result<File> {
@@ -163,7 +156,7 @@ impl Daemon {
             handled: HashSet::new(),
             pending: Vec::new(),
             audit,
-            cache: None,
+            index: FdIndex::default(),
             self_pid: std::process::id() as i32,
         })
     }
@@ -185,7 +178,6 @@ impl Daemon {
             warn!("log_format changes take effect at the next restart");
         }
         self.cfg = cfg;
-        self.cache = None;
         // Sockets only reported under the old policy (dry run, `log`) are judged again by
         // the new one: switching a dry run to enforcing must reap what the dry run showed.
         // Reaped sockets have left CLOSE_WAIT, so they are not acted on twice.
@@ -295,67 +287,16 @@ impl Daemon {
         self.handled.retain(|k| present.contains(k));
         self.check_releases(now, &mut report);
 
-        // What attribution depends on: socket inodes, and for unaccepted sockets (no inode)
-        // their identity and listener.
-        let mut inodes: Vec<u64> = found
-            .close_wait
-            .iter()
-            .map(|s| {
-                if s.inode != 0 {
-                    s.inode
-                } else {
-                    s.cookie | (1 << 63)
-                }
-            })
-            .collect();
-        inodes.sort_unstable();
-
-        // Reuse last cycle's attribution when nothing it depends on changed.
-        let cached = self
-            .cache
-            .take()
-            .filter(|c| c.pids == pids && c.inodes == inodes);
-        let snap = match cached {
-            Some(c) => {
-                let mut snap = c.snap;
-                let fresh: HashMap<SocketKey, DiagSocket> = found
-                    .close_wait
-                    .into_iter()
-                    .map(|d| ((d.netns, d.cookie), d))
-                    .collect();
-                snap.sockets
-                    .retain_mut(|s| match fresh.get(&(s.diag.netns, s.diag.cookie)) {
-                        Some(d) => {
-                            s.diag = d.clone();
-                            true
-                        }
-                        None => false,
-                    });
-                for p in snap.processes.values_mut() {
-                    if let Ok(n) = self.proc.fd_count(p.pid) {
-                        p.open_fds = n;
-                    }
-                }
-                snap
-            }
-            None => {
-                let attributor = Attributor {
-                    proc: &self.proc,
-                    os: Some(&self.os),
-                    self_pid: self.self_pid,
-                };
-                attributor.attribute(
-                    Found {
-                        close_wait: found.close_wait,
-                        listeners: found.listeners,
-                    },
-                    &Scope {
-                        pids: Some(pids.clone()),
-                        comm: None,
-                    },
-                )
-            }
-        };
+        // Attribution from the cache; only changed targets' fd tables are read again.
+        let refresh = self.index.refresh(&self.proc, &self.os, &pids);
+        if refresh.stats.denied > 0 {
+            warn!(
+                processes = refresh.stats.denied,
+                "cannot read the fd table of some target processes (permission denied; CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are needed)"
+            );
+            report.error("proc");
+        }
+        let snap = self.index.snapshot(found);
 
         // Candidates: each attributed socket under the first holder that is a target.
         let mut per_pid_cw: HashMap<i32, usize> = HashMap::new();
@@ -433,7 +374,7 @@ impl Daemon {
 
         let alive: HashSet<i32> = snap.processes.keys().copied().collect();
         self.headroom.retain(&alive);
-        self.cache = Some(CachedAttribution { inodes, pids, snap });
+        self.index.restore(snap.processes);
         report.duration = started.elapsed();
         report
     }

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod discover;
+pub mod index;
 pub mod metrics;
 pub mod netlink;
 pub mod os;

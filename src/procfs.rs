@@ -113,6 +113,16 @@ impl ProcFs {
             .count())
     }
 
+    /// Number of open fds, cheaply: on Linux ≥ 6.2 the size of /proc/<pid>/fd is the fd
+    /// count (one stat); older kernels report 0, and then the directory is read.
+    pub fn fd_count_fast(&self, pid: i32) -> io::Result<usize> {
+        let size = fs::metadata(self.pid_path(pid, "fd"))?.len();
+        if size > 0 {
+            return Ok(usize::try_from(size).unwrap_or(usize::MAX));
+        }
+        self.fd_count(pid)
+    }
+
     /// The executable's path (/proc/<pid>/exe), as the kernel shows it.
     pub fn exe(&self, pid: i32) -> io::Result<String> {
         Ok(fs::read_link(self.pid_path(pid, "exe"))?

@@ -1,0 +1,194 @@
+//! The daemon's attribution cache: every socket fd of every target process, kept between
+//! cycles, so a steady-state cycle reads no fd table at all.
+//!
+//! A target's fd table is read again only when the process is new, when its number of open
+//! fds changed (the size of /proc/PID/fd, one stat), and on every `FULL_EVERY`-th cycle as
+//! a backstop. Each read pins the process with a pidfd first and checks it is still alive
+//! after. The cache only decides what to try: every action re-verifies the socket through
+//! that pidfd (inode, cookie, TCP state), so a stale entry can cost a skip, never a wrong
+//! shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::discover::Found;
+use crate::os::Os;
+use crate::procfs::ProcFs;
+use crate::snapshot::{Holder, ListenerRef, Observed, Process, Snapshot, WalkStats, listener_for};
+
+/// Re-read every target's fd table this often (in cycles), whatever the counts say.
+pub const FULL_EVERY: u32 = 10;
+
+struct Entry<H> {
+    /// None while lent to a cycle's snapshot.
+    process: Option<Process<H>>,
+    sockets: Vec<(i32, u64)>,
+    fd_count: usize,
+}
+
+pub struct FdIndex<H> {
+    entries: HashMap<i32, Entry<H>>,
+    by_inode: HashMap<u64, Vec<Holder>>,
+    cycles: u32,
+}
+
+impl<H> Default for FdIndex<H> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            by_inode: HashMap::new(),
+            cycles: 0,
+        }
+    }
+}
+
+/// What a refresh did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Refresh {
+    pub walked: usize,
+    pub stats: WalkStats,
+}
+
+impl<H> FdIndex<H> {
+    /// Bring the index up to date for exactly `pids` (the current targets).
+    pub fn refresh<O: Os<Process = H>>(&mut self, proc: &ProcFs, os: &O, pids: &[i32]) -> Refresh {
+        let full = self.cycles % FULL_EVERY == 0;
+        self.cycles = self.cycles.wrapping_add(1);
+        let mut out = Refresh::default();
+        let before = self.entries.len();
+        self.entries.retain(|pid, _| pids.contains(pid));
+        let mut changed = self.entries.len() != before;
+        for &pid in pids {
+            let count = proc.fd_count_fast(pid).ok();
+            if let Some(e) = self.entries.get_mut(&pid)
+                && !full
+                && count.is_some_and(|c| c == e.fd_count)
+            {
+                continue;
+            }
+            changed = true;
+            out.walked += 1;
+            match read_pinned(proc, os, pid) {
+                Ok((process, sockets)) => {
+                    let fd_count = process.open_fds;
+                    self.entries.insert(
+                        pid,
+                        Entry {
+                            process: Some(process),
+                            sockets,
+                            fd_count,
+                        },
+                    );
+                    out.stats.inspected += 1;
+                }
+                Err(e) => {
+                    self.entries.remove(&pid);
+                    if crate::snapshot::is_permission(&e) {
+                        out.stats.denied += 1;
+                    } else {
+                        out.stats.vanished += 1;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.by_inode.clear();
+            for (&pid, e) in &self.entries {
+                for &(fd, inode) in &e.sockets {
+                    self.by_inode
+                        .entry(inode)
+                        .or_default()
+                        .push(Holder { pid, fd });
+                }
+            }
+            for v in self.by_inode.values_mut() {
+                v.sort_unstable();
+            }
+        }
+        // Open-fd counts move all the time; keep them fresh without re-reading tables.
+        for (&pid, e) in self.entries.iter_mut() {
+            if let (Some(p), Ok(n)) = (e.process.as_mut(), proc.fd_count_fast(pid)) {
+                p.open_fds = n;
+            }
+        }
+        out
+    }
+
+    /// This cycle's snapshot: the dumped sockets with their holders among the targets. The
+    /// processes (and their pidfds) are lent to it; hand them back with [`Self::restore`].
+    pub fn snapshot(&mut self, found: Found) -> Snapshot<H> {
+        let listeners = found.listeners;
+        let holders_of = |inode: u64| self.by_inode.get(&inode).cloned().unwrap_or_default();
+        let sockets = found
+            .close_wait
+            .into_iter()
+            .map(|diag| {
+                let listener = (diag.inode == 0)
+                    .then(|| listener_for(&diag, &listeners))
+                    .flatten()
+                    .filter(|l| l.inode != 0)
+                    .map(|l| ListenerRef {
+                        inode: l.inode,
+                        local: l.local,
+                        holders: holders_of(l.inode),
+                    });
+                let holders = if diag.inode == 0 {
+                    Vec::new()
+                } else {
+                    holders_of(diag.inode)
+                };
+                Observed {
+                    diag,
+                    holders,
+                    listener,
+                }
+            })
+            .collect();
+        let processes: BTreeMap<i32, Process<H>> = self
+            .entries
+            .iter_mut()
+            .filter_map(|(pid, e)| e.process.take().map(|p| (*pid, p)))
+            .collect();
+        Snapshot {
+            sockets,
+            processes,
+            stats: WalkStats::default(),
+            unreadable: Vec::new(),
+        }
+    }
+
+    pub fn restore(&mut self, processes: BTreeMap<i32, Process<H>>) {
+        for (pid, p) in processes {
+            if let Some(e) = self.entries.get_mut(&pid) {
+                e.process = Some(p);
+            }
+        }
+    }
+
+    /// Socket fds known across all targets (for memory accounting and tests).
+    pub fn socket_fds(&self) -> usize {
+        self.entries.values().map(|e| e.sockets.len()).sum()
+    }
+}
+
+/// Pin `pid` with a pidfd, read its fd table, and check it is still the same process.
+fn read_pinned<O: Os>(
+    proc: &ProcFs,
+    os: &O,
+    pid: i32,
+) -> std::io::Result<(Process<O::Process>, Vec<(i32, u64)>)> {
+    let handle = os.open_process(pid)?;
+    let comm = proc.comm(pid)?;
+    let table = proc.fd_table(pid)?;
+    if !os.alive(&handle) {
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    let process = Process {
+        pid,
+        comm,
+        uid: proc.uid(pid).unwrap_or(u32::MAX),
+        open_fds: table.open,
+        nofile_soft: proc.nofile_soft_limit(pid).ok().flatten(),
+        handle: Some(handle),
+    };
+    Ok((process, table.sockets))
+}
