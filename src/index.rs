@@ -51,7 +51,7 @@ pub struct Refresh {
 impl<H> FdIndex<H> {
     /// Bring the index up to date for exactly `pids` (the current targets).
     pub fn refresh<O: Os<Process = H>>(&mut self, proc: &ProcFs, os: &O, pids: &[i32]) -> Refresh {
-        let full = self.cycles % FULL_EVERY == 0;
+        let full = self.cycles.is_multiple_of(FULL_EVERY);
         self.cycles = self.cycles.wrapping_add(1);
         let mut out = Refresh::default();
         let before = self.entries.len();
@@ -170,12 +170,15 @@ impl<H> FdIndex<H> {
     }
 }
 
+/// A process read under its pidfd, with its socket fds (fd, inode).
+type Pinned<H> = (Process<H>, Vec<(i32, u64)>);
+
 /// Pin `pid` with a pidfd, read its fd table, and check it is still the same process.
 fn read_pinned<O: Os>(
     proc: &ProcFs,
     os: &O,
     pid: i32,
-) -> std::io::Result<(Process<O::Process>, Vec<(i32, u64)>)> {
+) -> std::io::Result<Pinned<O::Process>> {
     let handle = os.open_process(pid)?;
     let comm = proc.comm(pid)?;
     let table = proc.fd_table(pid)?;
