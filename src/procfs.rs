@@ -75,25 +75,41 @@ impl ProcFs {
         Ok(fs::metadata(self.pid_path(pid, ""))?.uid())
     }
 
-    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets.
+    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets. One
+    /// directory fd, getdents, and a readlinkat relative to it per entry into a stack
+    /// buffer: no path is resolved twice and nothing is allocated per fd.
     pub fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
-        let dir = self.pid_path(pid, "fd");
+        use rustix::fs::{Dir, Mode, OFlags, openat, readlinkat_raw};
+        let dirfd = openat(
+            rustix::fs::CWD,
+            self.pid_path(pid, "fd").as_path(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut dir = Dir::new(dirfd)?;
         let mut table = FdTable::default();
-        for entry in fs::read_dir(&dir)? {
-            let Ok(entry) = entry else { continue };
-            let Some(fd) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
+        // "socket:[18446744073709551615]" is 29 bytes; anything longer is not a socket.
+        let mut buf = [0u8; 64];
+        while let Some(entry) = dir.read() {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(fd) = std::str::from_utf8(name.to_bytes())
+                .ok()
+                .and_then(|n| n.parse::<i32>().ok())
             else {
-                continue;
+                continue; // "." and ".."
             };
             table.open += 1;
-            // The fd may be closed between readdir and readlink: skip it.
-            let Ok(target) = fs::read_link(entry.path()) else {
+            let Ok(dfd) = dir.fd() else { continue };
+            // The fd may be closed between getdents and readlinkat: skip it.
+            let Ok(n) = readlinkat_raw(dfd, name, &mut buf[..]) else {
                 continue;
             };
-            if let Some(inode) = target.to_str().and_then(parse_socket_link) {
+            if let Some(inode) = buf
+                .get(..n)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(parse_socket_link)
+            {
                 table.sockets.push((fd, inode));
             }
         }

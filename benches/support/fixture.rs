@@ -12,7 +12,8 @@
 //! `i` and half-closes the first `cw_i`: their server ends go CLOSE_WAIT. One destination
 //! per client keeps every destination far below the ephemeral port range.
 //! Every socket has SO_LINGER 0, so killing the clients resets every connection at once:
-//! teardown leaves no TIME_WAIT or orphaned FIN_WAIT2 behind.
+//! teardown leaves no orphaned FIN_WAIT2 behind. Only connections cwreap reaped leave a
+//! TIME-WAIT entry on the client side (the server's FIN arrives first), for 60 s.
 //!
 //! Protocol (one line each way): server prints `listen ADDR`; on stdin `wait K` it answers
 //! `accepted K` once it has accepted K connections in all; `sweep` closes the connections
@@ -37,8 +38,8 @@ use rustix::process::{Resource, Rlimit, Signal};
 pub const SERVER_ROLE: &str = "__cwbench-server";
 pub const CLIENT_ROLE: &str = "__cwbench-client";
 /// /proc/PID/comm of the fixture's processes (at most 15 bytes).
-pub const SERVER_COMM: &str = "cwbench-srv";
-pub const CLIENT_COMM: &str = "cwbench-cli";
+pub const SERVER_COMM: &CStr = c"cwbench-srv";
+const CLIENT_COMM: &CStr = c"cwbench-cli";
 /// Sockets per server process (and per client process): well below the 20000 fd limit.
 pub const PER_PROCESS: usize = 8000;
 /// somaxconn caps it anyway; a full accept queue drops SYNs and costs 1 s retries.
@@ -126,7 +127,7 @@ struct Accepted {
 
 pub fn server_main(args: &[String]) -> ! {
     let opts = options(args);
-    child_setup(c"cwbench-srv", option(&opts, "parent"));
+    child_setup(SERVER_COMM, option(&opts, "parent"));
     let addr: SocketAddr = option(&opts, "listen");
     let listener = match listen(addr) {
         Ok(l) => l,
@@ -237,7 +238,7 @@ fn hung_up(conns: &[TcpStream]) -> std::io::Result<Vec<bool>> {
 
 pub fn client_main(args: &[String]) -> ! {
     let opts = options(args);
-    child_setup(c"cwbench-cli", option(&opts, "parent"));
+    child_setup(CLIENT_COMM, option(&opts, "parent"));
     let addr: SocketAddr = option(&opts, "connect");
     let count: usize = option(&opts, "count");
     let half: usize = option(&opts, "half-close");
@@ -360,6 +361,12 @@ impl Peer {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
