@@ -95,7 +95,7 @@ pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
     let rows = select::select(&snap, &filter);
     if args.json {
         for r in &rows {
-            writeln!(out, "{}", output::scan_json(r))?;
+            output::write_scan_json(out, r)?;
         }
     } else if rows.is_empty() {
         writeln!(out, "{}", empty_message(&filter, snap.stats.inspected))?;
@@ -180,7 +180,7 @@ to see candidates)"
             reap_row(&os, &snap, row, args.dry_run)
         };
         if args.json {
-            writeln!(out, "{}", output::reap_json(row, action, &res))?;
+            output::write_reap_json(out, row, action, &res)?;
         }
         done.push((*row, res));
     }

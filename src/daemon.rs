@@ -668,6 +668,7 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 
 /// `cwreap run`: load, self-test, notify READY, then cycle until SIGTERM/SIGINT.
 pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
+    sys::limit_heap_growth();
     let cfg = load_config(config_path).map_err(|e| UsageError(e.to_string()))?;
     init_logging(cfg.log_format);
     self_test()?;

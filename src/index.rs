@@ -174,11 +174,7 @@ impl<H> FdIndex<H> {
 type Pinned<H> = (Process<H>, Vec<(i32, u64)>);
 
 /// Pin `pid` with a pidfd, read its fd table, and check it is still the same process.
-fn read_pinned<O: Os>(
-    proc: &ProcFs,
-    os: &O,
-    pid: i32,
-) -> std::io::Result<Pinned<O::Process>> {
+fn read_pinned<O: Os>(proc: &ProcFs, os: &O, pid: i32) -> std::io::Result<Pinned<O::Process>> {
     let handle = os.open_process(pid)?;
     let comm = proc.comm(pid)?;
     let table = proc.fd_table(pid)?;

@@ -3,13 +3,16 @@
 
 use std::process::ExitCode;
 
+use std::io::Write;
+
 use clap::Parser;
 use cwreap::cli::{Cli, Command};
 use cwreap::commands::{self, Status, UsageError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut out = std::io::stdout().lock();
+    // One big buffer: a 100k-line `scan --json` is one write per 64 KiB, not per line.
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let mut err = std::io::stderr();
     let result = match &cli.command {
         Command::Scan(args) => commands::scan(args, &mut out, &mut err),
@@ -17,6 +20,10 @@ fn main() -> ExitCode {
         Command::Run(args) => cwreap::daemon::run(&args.config, args.dry_run).map(|()| Status::Ok),
         Command::Check(args) => commands::check(&args.config, &mut out),
     };
+    let result = result.and_then(|status| {
+        out.flush()?;
+        Ok(status)
+    });
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,
         Ok(Status::Failed) => ExitCode::from(1),

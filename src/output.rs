@@ -3,10 +3,13 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use serde_json::{Value, json};
+use std::io::Write;
+
+use serde::Serialize;
 
 use crate::act::ActResult;
 use crate::select::{ProcessSummary, Row};
+use crate::snapshot::Holder;
 
 /// `1h02m`, `3m05s`, `42s`, `850ms`.
 pub fn human_age(ms: u64) -> String {
@@ -137,40 +140,93 @@ pub fn summary_table(sums: &[ProcessSummary]) -> String {
     )
 }
 
-pub fn scan_json<H>(r: &Row<'_, H>) -> Value {
-    let d = &r.socket.diag;
-    let fd = if r.unaccepted {
-        None
-    } else {
-        r.holder.map(|h| h.fd)
-    };
-    json!({
-        "pid": r.holder.map(|h| h.pid),
-        "fd": fd,
-        "unaccepted": r.unaccepted,
-        "listener_fd": if r.unaccepted { r.holder.map(|h| h.fd) } else { None },
-        "netns": d.netns,
-        "comm": r.process.map(|p| p.comm.as_str()),
-        "inode": d.inode,
-        "local": addr(&d.local),
-        "remote": addr(&d.remote),
-        "age_ms": r.age_ms,
-        "recv_q": d.recv_q,
-        "send_q": d.send_q,
-        "cookie": d.cookie,
-        "uid": d.uid,
-        "holders": r.socket.holders.iter().map(|h| json!({"pid": h.pid, "fd": h.fd})).collect::<Vec<_>>(),
-    })
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
-pub fn reap_json<H>(r: &Row<'_, H>, action: &str, res: &ActResult) -> Value {
-    let mut v = scan_json(r);
-    if let Value::Object(m) = &mut v {
-        m.insert("action".into(), json!(action));
-        m.insert("outcome".into(), json!(res.outcome.as_str()));
-        m.insert("error".into(), json!(res.detail));
+/// One `scan --json` line. Serialized straight into the output buffer (no intermediate
+/// JSON tree): the fields of DESIGN.md first, then the extras.
+#[derive(Serialize)]
+pub struct ScanLine<'a> {
+    pid: Option<i32>,
+    fd: Option<i32>,
+    comm: Option<&'a str>,
+    inode: u64,
+    #[serde(serialize_with = "display")]
+    local: &'a SocketAddr,
+    #[serde(serialize_with = "display")]
+    remote: &'a SocketAddr,
+    age_ms: u64,
+    recv_q: u32,
+    send_q: u32,
+    netns: u64,
+    unaccepted: bool,
+    listener_fd: Option<i32>,
+    cookie: u64,
+    uid: u32,
+    holders: &'a [Holder],
+}
+
+impl<'a> ScanLine<'a> {
+    pub fn new<H>(r: &Row<'a, H>) -> Self {
+        let d = &r.socket.diag;
+        Self {
+            pid: r.holder.map(|h| h.pid),
+            fd: if r.unaccepted {
+                None
+            } else {
+                r.holder.map(|h| h.fd)
+            },
+            comm: r.process.map(|p| p.comm.as_str()),
+            inode: d.inode,
+            local: &d.local,
+            remote: &d.remote,
+            age_ms: r.age_ms,
+            recv_q: d.recv_q,
+            send_q: d.send_q,
+            netns: d.netns,
+            unaccepted: r.unaccepted,
+            listener_fd: if r.unaccepted {
+                r.holder.map(|h| h.fd)
+            } else {
+                None
+            },
+            cookie: d.cookie,
+            uid: d.uid,
+            holders: &r.socket.holders,
+        }
     }
-    v
+}
+
+/// One `reap --json` line: the scan fields plus what was done.
+#[derive(Serialize)]
+pub struct ReapLine<'a> {
+    #[serde(flatten)]
+    socket: ScanLine<'a>,
+    action: &'a str,
+    outcome: &'static str,
+    error: Option<&'a str>,
+}
+
+pub fn write_scan_json<H>(out: &mut impl Write, r: &Row<'_, H>) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, &ScanLine::new(r))?;
+    out.write_all(b"\n")
+}
+
+pub fn write_reap_json<H>(
+    out: &mut impl Write,
+    r: &Row<'_, H>,
+    action: &str,
+    res: &ActResult,
+) -> std::io::Result<()> {
+    let line = ReapLine {
+        socket: ScanLine::new(r),
+        action,
+        outcome: res.outcome.as_str(),
+        error: res.detail.as_deref(),
+    };
+    serde_json::to_writer(&mut *out, &line)?;
+    out.write_all(b"\n")
 }
 
 pub fn reap_table<H>(done: &[(Row<'_, H>, ActResult)], action: &str) -> String {

@@ -28,7 +28,7 @@ pub struct Process<H> {
     pub handle: Option<H>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct Holder {
     pub pid: i32,
     pub fd: i32,

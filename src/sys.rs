@@ -98,6 +98,18 @@ pub fn shutdown_rdwr(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::net::shutdown(fd, rustix::net::Shutdown::Both)?)
 }
 
+/// Keep big per-cycle buffers out of the heap arenas: with glibc's default, the mmap
+/// threshold grows after the first large free and later multi-MB vectors stay in an arena
+/// that is never returned, so a daemon's RSS ratchets up. 128 KiB pins the threshold.
+pub fn limit_heap_growth() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning; called once at start-up before the
+    // runtime spawns threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Effective capability set of this process, from the kernel (capget).
 pub fn effective_caps() -> io::Result<u64> {
     let mut header = CapHeader {
