@@ -69,7 +69,9 @@ impl<H> FdIndex<H> {
             out.walked += 1;
             match read_pinned(proc, os, pid) {
                 Ok((process, sockets)) => {
-                    let fd_count = process.open_fds;
+                    // Compare like with like next time: the stat count taken before the
+                    // walk (it can differ from the number of entries read by one or two).
+                    let fd_count = count.unwrap_or(process.open_fds);
                     self.entries.insert(
                         pid,
                         Entry {
