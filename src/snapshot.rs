@@ -198,13 +198,22 @@ impl<'a, O: Os> Attributor<'a, O> {
             }
         }
         let mut later = Vec::new();
+        // A host-wide walk stops as soon as every socket has an owner: reading the fd
+        // tables of every other process (clients, idle daemons) is most of the cost, and
+        // one holder is all an action needs. So in a host-wide scan `holders` lists the
+        // holders found up to that point; `--pid` walks the named processes in full.
         for pid in all {
             if pid == self.self_pid {
                 continue;
             }
             match self.proc.uid(pid) {
                 Ok(uid) if uids.contains(&uid) => {
-                    let _ = self.walk(pid, scope, &by_inode, &mut snap, false);
+                    if let Ok(holds) = self.walk(pid, scope, &by_inode, &mut snap, false)
+                        && holds > 0
+                        && !any_unowned(&snap)
+                    {
+                        return snap;
+                    }
                 }
                 Ok(_) => later.push(pid),
                 Err(_) => snap.stats.vanished += 1,
@@ -213,14 +222,11 @@ impl<'a, O: Os> Attributor<'a, O> {
         // A socket's uid is its creator's; a process that changed uid since (or received
         // the fd over a unix socket) is missed by the uid filter. Walk the rest only when
         // some socket with a file is still unowned.
-        let unowned = snap.sockets.iter().any(|s| {
-            (s.diag.inode != 0 && s.holders.is_empty())
-                || s.listener.as_ref().is_some_and(|l| l.holders.is_empty())
-        });
-        if unowned {
-            for pid in later {
-                let _ = self.walk(pid, scope, &by_inode, &mut snap, false);
+        for pid in later {
+            if !any_unowned(&snap) {
+                break;
             }
+            let _ = self.walk(pid, scope, &by_inode, &mut snap, false);
         }
         snap
     }
@@ -233,18 +239,22 @@ impl<'a, O: Os> Attributor<'a, O> {
         by_inode: &HashMap<u64, Vec<Slot>>,
         snap: &mut Snapshot<O::Process>,
         selected: bool,
-    ) -> io::Result<()> {
-        let comm = match self.proc.comm(pid) {
-            Ok(c) => c,
-            Err(e) => {
-                count_failure(&mut snap.stats, &e);
-                return Err(e);
+    ) -> io::Result<usize> {
+        // The name is needed up front only to filter by it; otherwise it is read once the
+        // process turns out to matter (a few syscalls saved per uninteresting process).
+        let mut comm = None;
+        if let Some(re) = &scope.comm {
+            let c = match self.proc.comm(pid) {
+                Ok(c) => c,
+                Err(e) => {
+                    count_failure(&mut snap.stats, &e);
+                    return Err(e);
+                }
+            };
+            if !re.is_match(&c) {
+                return Ok(0);
             }
-        };
-        if let Some(re) = &scope.comm
-            && !re.is_match(&comm)
-        {
-            return Ok(());
+            comm = Some(c);
         }
         let handle = match self.os {
             Some(os) => match os.open_process(pid) {
@@ -287,8 +297,12 @@ impl<'a, O: Os> Attributor<'a, O> {
             }
         }
         if holds == 0 && !selected {
-            return Ok(());
+            return Ok(0);
         }
+        let comm = match comm {
+            Some(c) => c,
+            None => self.proc.comm(pid).unwrap_or_default(),
+        };
         let uid = self.proc.uid(pid).unwrap_or(u32::MAX);
         let nofile_soft = self.proc.nofile_soft_limit(pid).ok().flatten();
         snap.processes.insert(
@@ -302,8 +316,16 @@ impl<'a, O: Os> Attributor<'a, O> {
                 handle,
             },
         );
-        Ok(())
+        Ok(holds)
     }
+}
+
+/// Whether some socket that has a file (or waits on a listener) has no owner yet.
+fn any_unowned<H>(snap: &Snapshot<H>) -> bool {
+    snap.sockets.iter().any(|s| {
+        (s.diag.inode != 0 && s.holders.is_empty())
+            || s.listener.as_ref().is_some_and(|l| l.holders.is_empty())
+    })
 }
 
 /// Where an inode found in an fd table goes.
