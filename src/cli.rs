@@ -36,6 +36,31 @@ pub enum Command {
     /// Validate a policy file and print the effective policy
     #[command(after_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
+    /// Write the man pages and completion scripts into a directory (for packaging)
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+const COMPLETIONS_EXAMPLES: &str = "Examples:
+  cwreap completions bash | sudo tee /usr/share/bash-completion/completions/cwreap
+  cwreap completions zsh  > ~/.zfunc/_cwreap
+  cwreap completions fish > ~/.config/fish/completions/cwreap.fish";
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Directory to write cwreap.8, cwreap.yaml.5, cwreap.bash, _cwreap and cwreap.fish into
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: std::path::PathBuf,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/cwreap/cwreap.yaml";
@@ -69,7 +94,8 @@ pub struct CheckArgs {
 const SCAN_EXAMPLES: &str = "Examples:
   cwreap scan                          # every CLOSE_WAIT socket on this host
   cwreap scan --comm '^java$' --older-than 5m
-  cwreap scan --port 8080 --json | jq .age_ms";
+  cwreap scan --port 8080 --json | jq .age_ms
+  cwreap scan --watch 5s               # live view during an incident";
 
 const REAP_EXAMPLES: &str = "Examples:
   cwreap reap --pid 4242 --older-than 10m --dry-run   # what would happen, permission proven
@@ -120,8 +146,12 @@ pub struct ScanArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
     /// One JSON object per socket per line
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub json: bool,
+    /// Live view, refreshed every INTERVAL (default 2s): CLOSE_WAIT per process, oldest
+    /// age, fd headroom and its trend. Ctrl-C to quit
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = parse_duration)]
+    pub watch: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

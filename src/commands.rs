@@ -86,7 +86,18 @@ sockets show no owner. Run as root or with CAP_SYS_PTRACE to see them."
     })
 }
 
+fn stdout_color() -> bool {
+    output::use_color(
+        std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
 pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    if let Some(every) = args.watch {
+        return watch(args, every, out, err);
+    }
+    let color = stdout_color();
     let (snap, namespaces) = observe::<RealOs>(None, &args.selectors)?;
     for (_, why) in &namespaces.failures {
         writeln!(err, "warning: {why}")?;
@@ -100,9 +111,13 @@ pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
     } else if rows.is_empty() {
         writeln!(out, "{}", empty_message(&filter, snap.stats.inspected))?;
     } else {
-        write!(out, "{}", output::scan_table(&rows))?;
+        write!(out, "{}", output::scan_table(&rows, color))?;
         writeln!(out)?;
-        write!(out, "{}", output::summary_table(&select::summarize(&rows)))?;
+        write!(
+            out,
+            "{}",
+            output::summary_table(&select::summarize(&rows), color)
+        )?;
         writeln!(out)?;
         writeln!(
             out,
@@ -122,6 +137,59 @@ pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
         writeln!(err, "{note}")?;
     }
     Ok(Status::Ok)
+}
+
+/// `scan --watch`: the per-process view, redrawn every `every` like watch(1), with how
+/// each process moved since the previous refresh. Runs until interrupted.
+fn watch(
+    args: &ScanArgs,
+    every: std::time::Duration,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<Status> {
+    let color = stdout_color();
+    let filter = args.selectors.filter(args.older_than);
+    let mut previous: BTreeMap<i32, (usize, usize)> = BTreeMap::new();
+    loop {
+        let (snap, namespaces) = observe::<RealOs>(None, &args.selectors)?;
+        let rows = select::select(&snap, &filter);
+        let sums = select::summarize(&rows);
+        let view: Vec<output::WatchRow> = sums
+            .iter()
+            .map(|s| {
+                let before = previous.get(&s.pid);
+                output::WatchRow {
+                    summary: s.clone(),
+                    close_wait_delta: before.map(|(cw, _)| s.close_wait as i64 - *cw as i64),
+                    fds_delta: before.map(|(_, fds)| s.open_fds as i64 - *fds as i64),
+                }
+            })
+            .collect();
+        previous = sums
+            .iter()
+            .map(|s| (s.pid, (s.close_wait, s.open_fds)))
+            .collect();
+        // Home the cursor and clear, as watch(1) does.
+        write!(out, "\x1b[H\x1b[2J")?;
+        writeln!(
+            out,
+            "cwreap scan --watch {}    {} CLOSE_WAIT socket(s) in {} process(es)    Ctrl-C to quit",
+            humantime::format_duration(every),
+            rows.len(),
+            sums.len()
+        )?;
+        writeln!(out)?;
+        if view.is_empty() {
+            writeln!(out, "{}", empty_message(&filter, snap.stats.inspected))?;
+        } else {
+            write!(out, "{}", output::watch_table(&view, color))?;
+        }
+        for (_, why) in &namespaces.failures {
+            writeln!(err, "warning: {why}")?;
+        }
+        out.flush()?;
+        std::thread::sleep(every);
+    }
 }
 
 fn empty_message(filter: &Filter, inspected: usize) -> String {

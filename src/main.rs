@@ -19,6 +19,14 @@ fn main() -> ExitCode {
         Command::Reap(args) => commands::reap(args, &mut out, &mut err),
         Command::Run(args) => cwreap::daemon::run(&args.config, args.dry_run).map(|()| Status::Ok),
         Command::Check(args) => commands::check(&args.config, &mut out),
+        Command::Completions(args) => {
+            cwreap::manual::completions(args.shell, &mut out);
+            Ok(Status::Ok)
+        }
+        Command::Generate(args) => cwreap::manual::generate(&args.out_dir).map(|files| {
+            eprintln!("wrote {} into {}", files.join(", "), args.out_dir.display());
+            Status::Ok
+        }),
     };
     let result = result.and_then(|status| {
         out.flush()?;

@@ -107,9 +107,13 @@ const SOCKET_HEADER: [&str; 10] = [
     "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "AGE", "RECV-Q", "SEND-Q", "NETNS",
 ];
 
-pub fn scan_table<H>(rows: &[Row<'_, H>]) -> String {
+pub fn scan_table<H>(rows: &[Row<'_, H>], color: bool) -> String {
     let cells: Vec<Vec<String>> = rows.iter().map(socket_cells).collect();
-    table(&SOCKET_HEADER, &cells, &[0, 1, 3, 6, 7, 8])
+    paint(
+        table(&SOCKET_HEADER, &cells, &[0, 1, 3, 6, 7, 8]),
+        color,
+        &[],
+    )
 }
 
 pub fn fd_usage(open: usize, limit: Option<u64>) -> String {
@@ -120,7 +124,50 @@ pub fn fd_usage(open: usize, limit: Option<u64>) -> String {
     }
 }
 
-pub fn summary_table(sums: &[ProcessSummary]) -> String {
+/// Whether to colour: only on a terminal, and never when NO_COLOR is set (no-color.org).
+pub fn use_color(is_tty: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_tty && no_color.is_none_or(|v| v.is_empty())
+}
+
+const BOLD: &str = "\x1b[1m";
+const YELLOW: &str = "\x1b[33m";
+const RED: &str = "\x1b[1;31m";
+const RESET: &str = "\x1b[0m";
+
+/// fd usage in percent of the soft limit, when there is one.
+pub fn fd_percent(open: usize, limit: Option<u64>) -> Option<u64> {
+    limit
+        .filter(|l| *l > 0)
+        .map(|l| (open as u64).saturating_mul(100) / l)
+}
+
+/// Paint whole lines: the header bold; a row yellow at ≥ 80 % fd usage, red at ≥ 95 %.
+fn paint(table: String, color: bool, levels: &[Option<u64>]) -> String {
+    if !color {
+        return table;
+    }
+    let mut out = String::with_capacity(table.len() + 16 * levels.len());
+    for (i, line) in table.lines().enumerate() {
+        let code = match i {
+            0 => Some(BOLD),
+            n => match levels.get(n - 1).copied().flatten() {
+                Some(p) if p >= 95 => Some(RED),
+                Some(p) if p >= 80 => Some(YELLOW),
+                _ => None,
+            },
+        };
+        match code {
+            Some(c) => {
+                let _ = write!(out, "{c}{line}{RESET}");
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+pub fn summary_table(sums: &[ProcessSummary], color: bool) -> String {
     let cells: Vec<Vec<String>> = sums
         .iter()
         .map(|s| {
@@ -133,10 +180,75 @@ pub fn summary_table(sums: &[ProcessSummary]) -> String {
             ]
         })
         .collect();
-    table(
-        &["PID", "COMM", "CLOSE_WAIT", "OLDEST", "FDS/LIMIT"],
-        &cells,
-        &[0, 2, 3],
+    let levels: Vec<Option<u64>> = sums
+        .iter()
+        .map(|s| fd_percent(s.open_fds, s.nofile_soft))
+        .collect();
+    paint(
+        table(
+            &["PID", "COMM", "CLOSE_WAIT", "OLDEST", "FDS/LIMIT"],
+            &cells,
+            &[0, 2, 3],
+        ),
+        color,
+        &levels,
+    )
+}
+
+/// One process in the `--watch` view, with how it moved since the previous refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchRow {
+    pub summary: ProcessSummary,
+    /// Change in CLOSE_WAIT count and in open fds since the last refresh (None: new).
+    pub close_wait_delta: Option<i64>,
+    pub fds_delta: Option<i64>,
+}
+
+fn delta(d: Option<i64>) -> String {
+    match d {
+        None => "new".to_string(),
+        Some(0) => "=".to_string(),
+        Some(n) if n > 0 => format!("+{n}"),
+        Some(n) => n.to_string(),
+    }
+}
+
+pub fn watch_table(rows: &[WatchRow], color: bool) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let s = &r.summary;
+            vec![
+                s.pid.to_string(),
+                s.comm.clone(),
+                s.close_wait.to_string(),
+                delta(r.close_wait_delta),
+                human_age(s.oldest_ms),
+                fd_usage(s.open_fds, s.nofile_soft),
+                delta(r.fds_delta),
+            ]
+        })
+        .collect();
+    let levels: Vec<Option<u64>> = rows
+        .iter()
+        .map(|r| fd_percent(r.summary.open_fds, r.summary.nofile_soft))
+        .collect();
+    paint(
+        table(
+            &[
+                "PID",
+                "COMM",
+                "CLOSE_WAIT",
+                "Δ",
+                "OLDEST",
+                "FDS/LIMIT",
+                "FDS Δ",
+            ],
+            &cells,
+            &[0, 2, 3, 4, 6],
+        ),
+        color,
+        &levels,
     )
 }
 
@@ -281,6 +393,46 @@ mod tests {
             &[0],
         );
         assert_eq!(t, "  PID  NAME\n    1  a\n12345  bb\n");
+    }
+
+    #[test]
+    fn color_only_on_a_tty_without_no_color() {
+        assert!(use_color(true, None));
+        assert!(!use_color(false, None));
+        assert!(!use_color(true, Some(std::ffi::OsStr::new("1"))));
+        assert!(
+            use_color(true, Some(std::ffi::OsStr::new(""))),
+            "empty NO_COLOR is unset"
+        );
+    }
+
+    #[test]
+    fn summary_highlights_fd_headroom() {
+        let row = |pid: i32, open: usize| ProcessSummary {
+            pid,
+            comm: "app".into(),
+            close_wait: 1,
+            oldest_ms: 1000,
+            open_fds: open,
+            nofile_soft: Some(100),
+        };
+        let sums = [row(1, 10), row(2, 85), row(3, 97)];
+        let plain = summary_table(&sums, false);
+        assert!(!plain.contains('\x1b'));
+        let colored = summary_table(&sums, true);
+        let lines: Vec<&str> = colored.lines().collect();
+        assert!(lines[0].starts_with(BOLD));
+        assert!(!lines[1].contains('\x1b'), "10% is not highlighted");
+        assert!(lines[2].starts_with(YELLOW), "85%: {}", lines[2]);
+        assert!(lines[3].starts_with(RED), "97%: {}", lines[3]);
+    }
+
+    #[test]
+    fn watch_deltas() {
+        assert_eq!(delta(None), "new");
+        assert_eq!(delta(Some(0)), "=");
+        assert_eq!(delta(Some(3)), "+3");
+        assert_eq!(delta(Some(-2)), "-2");
     }
 
     #[test]

@@ -1,0 +1,49 @@
+# cwreap: build, install, package.
+#   make                      build the release binary
+#   make install PREFIX=/usr/local [DESTDIR=/tmp/root]
+#   make deb                  build a .deb (needs `cargo install cargo-deb`)
+#   make uninstall PREFIX=...
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+UNITDIR ?= /lib/systemd/system
+DESTDIR ?=
+CARGO ?= cargo
+ASSETS := target/assets
+
+.PHONY: all assets install uninstall deb test clean
+
+all:
+	$(CARGO) build --release --locked --bin cwreap
+
+assets: all
+	target/release/cwreap generate --out-dir $(ASSETS)
+
+install: assets
+	install -D -m 0755 target/release/cwreap $(DESTDIR)$(PREFIX)/bin/cwreap
+	install -D -m 0644 $(ASSETS)/cwreap.8 $(DESTDIR)$(PREFIX)/share/man/man8/cwreap.8
+	install -D -m 0644 $(ASSETS)/cwreap.yaml.5 $(DESTDIR)$(PREFIX)/share/man/man5/cwreap.yaml.5
+	install -D -m 0644 $(ASSETS)/cwreap.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/cwreap
+	install -D -m 0644 $(ASSETS)/_cwreap $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_cwreap
+	install -D -m 0644 $(ASSETS)/cwreap.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish
+	sed 's|/usr/bin/cwreap|$(PREFIX)/bin/cwreap|' systemd/cwreap.service > $(ASSETS)/cwreap.service
+	install -D -m 0644 $(ASSETS)/cwreap.service $(DESTDIR)$(UNITDIR)/cwreap.service
+	@# Never overwrite a policy an operator already edited.
+	test -e $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml || \
+		install -D -m 0600 config/cwreap.yaml $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/cwreap $(DESTDIR)$(PREFIX)/share/man/man8/cwreap.8 \
+		$(DESTDIR)$(PREFIX)/share/man/man5/cwreap.yaml.5 \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/cwreap \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions/_cwreap \
+		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish \
+		$(DESTDIR)$(UNITDIR)/cwreap.service
+
+deb: assets
+	$(CARGO) deb --no-build
+
+test:
+	$(CARGO) test --locked
+
+clean:
+	$(CARGO) clean
