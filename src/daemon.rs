@@ -758,11 +758,18 @@ async fn main_loop(
                     notify(&[sd_notify::NotifyState::Ready]);
                     break;
                 }
-                _ = term.recv() => { info!(signal = "SIGTERM", "stopping"); return Ok(()); }
-                _ = int.recv() => { info!(signal = "SIGINT", "stopping"); return Ok(()); }
+                _ = term.recv() => { return stopping("SIGTERM"); }
+                _ = int.recv() => { return stopping("SIGINT"); }
             }
         }
     }
+}
+
+/// Between cycles: say so and leave.
+fn stopping(signal: &str) -> Result<()> {
+    info!(signal, "stopping");
+    notify(&[sd_notify::NotifyState::Stopping]);
+    Ok(())
 }
 
 async fn shutdown(
