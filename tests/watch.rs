@@ -64,7 +64,7 @@ impl Drop for Tmux {
     }
 }
 
-fn line_of<'a>(screen: &'a str, pid: i32) -> Option<&'a str> {
+fn line_of(screen: &str, pid: i32) -> Option<&str> {
     screen
         .lines()
         .find(|l| l.trim_start().starts_with(&format!("{pid} ")))
