@@ -21,7 +21,7 @@ use crate::act::{self, ActResult, Expected, Outcome};
 use crate::commands::UsageError;
 use crate::config::{self, Action, Config, LogFormat, ProcessFacts};
 use crate::discover::Namespaces;
-use crate::index::FdIndex;
+use crate::index::{FdIndex, Refresh};
 use crate::os::RealOs;
 use crate::policy::{
     self, Ages, Candidate, Decision, Headroom, HeadroomWarning, RateLimiter, SocketKey,
@@ -44,7 +44,9 @@ struct PendingRelease {
     fd: i32,
     inode: u64,
     comm: String,
-    pidfd: Option<OwnedFd>,
+    /// Shared by the sockets of one process reaped in the same cycle: one fd per process,
+    /// not one per socket (thousands of reaps would otherwise exhaust our fd limit).
+    pidfd: Option<Arc<OwnedFd>>,
     at: Instant,
 }
 
@@ -125,7 +127,24 @@ pub struct Daemon {
     /// Every socket fd of the target processes, kept between cycles (with their pidfds).
     index: FdIndex<OwnedFd>,
     self_pid: i32,
+    /// This cycle's pidfd copies for the release watch, one per process.
+    release_pidfds: HashMap<i32, Arc<OwnedFd>>,
+    /// Inodes of last cycle's CLOSE_WAIT sockets that no target fd held.
+    unowned: HashSet<u64>,
+    /// See [`Daemon::on_stage`].
+    hook: Option<StageHook>,
 }
+
+/// Fixed points of a cycle, for [`Daemon::on_stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The target processes are listed; their fd tables are not read yet.
+    Matched,
+    /// About to act on the socket that `pid` holds as `fd`.
+    BeforeAct { pid: i32, fd: i32 },
+}
+
+type StageHook = Box<dyn FnMut(Stage) + Send>;
 
 fn open_audit(path: &Path) -> io::Result<File> {
     OpenOptions::new()
@@ -158,7 +177,30 @@ impl Daemon {
             audit,
             index: FdIndex::default(),
             self_pid: std::process::id() as i32,
+            release_pidfds: HashMap::new(),
+            unowned: HashSet::new(),
+            hook: None,
         })
+    }
+
+    /// Call `hook` at each [`Stage`] of every cycle. A seam for tests: some faults (a
+    /// target exiting or closing an fd between attribution and action) happen for real
+    /// only in a window of microseconds; the hook lets a test make the change exactly there.
+    pub fn on_stage(&mut self, hook: impl FnMut(Stage) + Send + 'static) {
+        self.hook = Some(Box::new(hook));
+    }
+
+    /// Dump `d.netns()` through `d` until a dump fails; the daemon then opens sockets of its
+    /// own again. A seam for tests of how a cycle handles a failed dump (see
+    /// [`crate::netlink::Diag::over`]).
+    pub fn use_diag(&mut self, d: crate::netlink::Diag) {
+        self.namespaces.insert(d);
+    }
+
+    fn stage(&mut self, stage: Stage) {
+        if let Some(hook) = self.hook.as_mut() {
+            hook(stage);
+        }
     }
 
     /// Swap in a new, already validated policy (SIGHUP).
@@ -247,6 +289,7 @@ impl Daemon {
 
         let targets = self.match_processes(&mut report);
         let pids: Vec<i32> = targets.keys().copied().collect();
+        self.stage(Stage::Matched);
 
         // One sock_diag socket per network namespace the targets live in.
         self.namespaces.cover(&self.proc, &pids, false);
@@ -288,11 +331,47 @@ impl Daemon {
         self.check_releases(now, &mut report);
 
         // Attribution from the cache; only changed targets' fd tables are read again.
-        let refresh = self.index.refresh(&self.proc, &self.os, &pids);
+        let mut refresh = self.index.refresh(&self.proc, &self.os, &pids);
+        // A CLOSE_WAIT socket of a target's uid that no known target fd holds, not seen
+        // last cycle: a target may have reused an fd number for it (same fd count, so the
+        // cache could not tell). Read the tables again once. Sockets of other processes are
+        // remembered as unowned, so they cost this only when they first appear; a target
+        // that changed uid since creating the socket waits for the next full refresh.
+        let unowned = |index: &FdIndex<OwnedFd>| -> HashSet<u64> {
+            found
+                .close_wait
+                .iter()
+                .filter(|s| s.inode != 0 && !index.knows(s.inode))
+                .map(|s| s.inode)
+                .collect()
+        };
+        let uids = self.index.uids();
+        let fresh = found.close_wait.iter().any(|s| {
+            s.inode != 0
+                && uids.contains(&s.uid)
+                && !self.index.knows(s.inode)
+                && !self.unowned.contains(&s.inode)
+        });
+        if !refresh.full && fresh {
+            let again = self.index.reread(&self.proc, &self.os, &pids);
+            refresh = Refresh {
+                walked: refresh.walked + again.walked,
+                ..again
+            };
+        }
+        self.unowned = unowned(&self.index);
         if refresh.stats.denied > 0 {
             warn!(
                 processes = refresh.stats.denied,
                 "cannot read the fd table of some target processes (permission denied; CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are needed)"
+            );
+            report.error("proc");
+        }
+        if refresh.stats.vanished > 0 {
+            // Listed a moment ago, gone before (or while) its fd table was read.
+            info!(
+                processes = refresh.stats.vanished,
+                "target processes exited while their fd tables were read; skipped this cycle"
             );
             report.error("proc");
         }
@@ -364,6 +443,10 @@ impl Daemon {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            self.stage(Stage::BeforeAct {
+                pid: d.candidate.pid,
+                fd: d.candidate.fd,
+            });
             let res = self.act(&snap, d);
             if d.action != Action::Log {
                 reaps += 1;
@@ -371,6 +454,7 @@ impl Daemon {
             self.record(d, &res, now, &snap, &mut report);
         }
         self.limiter.record(reaps, now);
+        self.release_pidfds.clear();
 
         let alive: HashSet<i32> = snap.processes.keys().copied().collect();
         self.headroom.retain(&alive);
@@ -493,11 +577,23 @@ impl Daemon {
         // Destroy frees the owner's fd slot only when the owner reacts to ECONNABORTED, and
         // shutdown only when it reacts to EPOLLHUP: watch both.
         if res.outcome == Outcome::Reaped && !c.unaccepted {
-            let pidfd = snap
-                .processes
-                .get(&c.pid)
-                .and_then(|p| p.handle.as_ref())
-                .and_then(|h| h.try_clone().ok());
+            // Within one cycle a pid names the process the snapshot pinned, so sharing by
+            // pid is safe; the map is emptied when the cycle ends.
+            let pidfd = match self.release_pidfds.get(&c.pid) {
+                Some(fd) => Some(fd.clone()),
+                None => {
+                    let fd = snap
+                        .processes
+                        .get(&c.pid)
+                        .and_then(|p| p.handle.as_ref())
+                        .and_then(|h| h.try_clone().ok())
+                        .map(Arc::new);
+                    if let Some(fd) = &fd {
+                        self.release_pidfds.insert(c.pid, fd.clone());
+                    }
+                    fd
+                }
+            };
             self.pending.push(PendingRelease {
                 target,
                 pid: c.pid,
@@ -637,8 +733,12 @@ Docker: --cap-add SYS_PTRACE)"
             "self-test: pidfd_getfd returned a different file".into(),
         ));
     }
-    if !rustix::process::geteuid().is_root() && !sys::has_cap(sys::CAP_SYS_PTRACE) {
-        warn!("running without CAP_SYS_PTRACE: only processes of our own uid can be reaped");
+    // Root without CAP_SYS_PTRACE (a dropped bounding set, a container) is as limited as
+    // any user, so the capability is what counts, not the uid.
+    if !sys::has_cap(sys::CAP_SYS_PTRACE) {
+        warn!(
+            "running without CAP_SYS_PTRACE: only dumpable processes of our own uid (and no more capabilities than ours) can be inspected and reaped; others are counted as permission errors each cycle. Run as root or grant it: AmbientCapabilities=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH in the unit, or `setcap cap_sys_ptrace,cap_dac_read_search+ep $(command -v cwreap)`"
+        );
     }
     Ok(())
 }
@@ -666,9 +766,27 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// Raise the soft RLIMIT_NOFILE to the hard limit. systemd's default soft limit is 1024,
+/// and every metrics client holds an fd for up to its deadline: a local flood of idle
+/// connections would otherwise leave cycles without fds for pidfds, /proc and duplicates.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+}
+
 /// `cwreap run`: load, self-test, notify READY, then cycle until SIGTERM/SIGINT.
 pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
     sys::limit_heap_growth();
+    raise_fd_limit();
     let cfg = load_config(config_path).map_err(|e| UsageError(e.to_string()))?;
     init_logging(cfg.log_format);
     self_test()?;

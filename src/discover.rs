@@ -81,6 +81,12 @@ impl Namespaces {
         }
     }
 
+    /// Use `d` for its network namespace from now on, instead of a socket of our own. A
+    /// seam for tests (see [`Diag::over`]); [`Namespaces::cover`] keeps it.
+    pub fn insert(&mut self, d: Diag) {
+        self.diags.insert(d.netns(), d);
+    }
+
     /// Forget namespaces none of `pids` lives in any more (the daemon, between cycles).
     pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
         self.diags.retain(|ino, _| keep(*ino));

@@ -8,7 +8,7 @@
 //! that pidfd (inode, cookie, TCP state), so a stale entry can cost a skip, never a wrong
 //! shutdown.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::discover::Found;
 use crate::os::Os;
@@ -46,6 +46,8 @@ impl<H> Default for FdIndex<H> {
 pub struct Refresh {
     pub walked: usize,
     pub stats: WalkStats,
+    /// Every target's fd table was read.
+    pub full: bool,
 }
 
 impl<H> FdIndex<H> {
@@ -53,7 +55,40 @@ impl<H> FdIndex<H> {
     pub fn refresh<O: Os<Process = H>>(&mut self, proc: &ProcFs, os: &O, pids: &[i32]) -> Refresh {
         let full = self.cycles.is_multiple_of(FULL_EVERY);
         self.cycles = self.cycles.wrapping_add(1);
-        let mut out = Refresh::default();
+        self.update(proc, os, pids, full)
+    }
+
+    /// Read every target's fd table again now, whatever the counts say: a target that
+    /// closed an fd and got the number back for a new socket keeps its count, and the
+    /// cache would miss the new socket until the next full refresh.
+    pub fn reread<O: Os<Process = H>>(&mut self, proc: &ProcFs, os: &O, pids: &[i32]) -> Refresh {
+        self.update(proc, os, pids, true)
+    }
+
+    /// The uids of the targets in the index.
+    pub fn uids(&self) -> HashSet<u32> {
+        self.entries
+            .values()
+            .filter_map(|e| e.process.as_ref().map(|p| p.uid))
+            .collect()
+    }
+
+    /// Whether some target holds the socket with this inode, as far as the index knows.
+    pub fn knows(&self, inode: u64) -> bool {
+        self.by_inode.contains_key(&inode)
+    }
+
+    fn update<O: Os<Process = H>>(
+        &mut self,
+        proc: &ProcFs,
+        os: &O,
+        pids: &[i32],
+        full: bool,
+    ) -> Refresh {
+        let mut out = Refresh {
+            full,
+            ..Refresh::default()
+        };
         let before = self.entries.len();
         self.entries.retain(|pid, _| pids.contains(pid));
         let mut changed = self.entries.len() != before;

@@ -241,9 +241,33 @@ fn exact_request(s: &DiagSocket, seq: u32, destroy: bool) -> Vec<u8> {
     }
 }
 
+/// Where requests go and answers come from.
+enum Wire {
+    /// NETLINK_SOCK_DIAG: the kernel.
+    Kernel(Socket),
+    /// A datagram socket whose other end plays the kernel (see [`Diag::over`]).
+    Fake(std::os::unix::net::UnixDatagram),
+}
+
+impl Wire {
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Wire::Kernel(s) => s.send(buf, 0),
+            Wire::Fake(s) => s.send(buf),
+        }
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Wire::Kernel(s) => s.recv(&mut &mut buf[..], 0),
+            Wire::Fake(s) => s.recv(buf),
+        }
+    }
+}
+
 /// A sock_diag netlink socket of the network namespace it was created in.
 pub struct Diag {
-    socket: Socket,
+    socket: Wire,
     buf: Vec<u8>,
     seq: u32,
     netns: u64,
@@ -268,7 +292,7 @@ impl Diag {
         // Best effort: a larger kernel buffer only saves wakeups.
         let _ = socket.set_rx_buf_sz(SO_RCVBUF);
         Ok(Self {
-            socket,
+            socket: Wire::Kernel(socket),
             buf: vec![0u8; RECV_BUF],
             seq: 0,
             netns,
@@ -293,6 +317,19 @@ impl Diag {
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
         })
+    }
+
+    /// A Diag that talks to whatever answers on the other end of `peer` (a connected unix
+    /// datagram socket) instead of the kernel. A seam for tests of the receive loop: the
+    /// kernel's inet_diag dump never sets NLM_F_DUMP_INTR, so the retry cannot be provoked
+    /// for real; a fake kernel can send it, and malformed or truncated dumps too.
+    pub fn over(peer: std::os::unix::net::UnixDatagram, netns: u64) -> Self {
+        Self {
+            socket: Wire::Fake(peer),
+            buf: vec![0u8; RECV_BUF],
+            seq: 0,
+            netns,
+        }
     }
 
     /// The network namespace this socket reports on.
@@ -326,8 +363,8 @@ impl Diag {
     pub fn lookup(&mut self, s: &DiagSocket) -> Result<Option<DiagSocket>, DumpError> {
         self.seq = self.seq.wrapping_add(1);
         let req = exact_request(s, self.seq, false);
-        self.socket.send(&req, 0)?;
-        let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+        self.socket.send(&req)?;
+        let n = self.socket.recv(&mut self.buf)?;
         match parse_dump(&self.buf[..n]) {
             Ok(chunk) => Ok(chunk.sockets.into_iter().next().map(|mut found| {
                 found.netns = self.netns;
@@ -344,8 +381,8 @@ impl Diag {
     pub fn destroy(&mut self, s: &DiagSocket) -> Result<(), DumpError> {
         self.seq = self.seq.wrapping_add(1);
         let req = exact_request(s, self.seq, true);
-        self.socket.send(&req, 0)?;
-        let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+        self.socket.send(&req)?;
+        let n = self.socket.recv(&mut self.buf)?;
         parse_dump(&self.buf[..n]).map(|_| ())
     }
 
@@ -370,11 +407,11 @@ impl Diag {
     ) -> Result<Option<Vec<DiagSocket>>, DumpError> {
         self.seq = self.seq.wrapping_add(1);
         let req = request(family, states, self.seq);
-        self.socket.send(&req, 0)?;
+        self.socket.send(&req)?;
         let mut sockets = Vec::new();
         let mut interrupted = false;
         loop {
-            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let n = self.socket.recv(&mut self.buf)?;
             if n == 0 {
                 return Err(DumpError::Malformed {
                     offset: 0,

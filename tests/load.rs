@@ -1,0 +1,455 @@
+//! The daemon under load: `cwreap run` in enforce mode against 20000 CLOSE_WAIT and 20000
+//! ESTABLISHED loopback connections spread over ten leaky server processes.
+//!
+//! Size: always the full 20000 + 20000, in CI too: the whole test takes about 20 s in a
+//! debug build on the 2-vCPU machines here (setup 3 s, the 20000 reaps 2 s, 100 cycles).
+//!
+//! Server ends are held by `cwreap-fixture server` processes (4000 connections each, one
+//! 127.77.0.x address each so no destination comes near the ephemeral port range). Client
+//! ends are made here, then handed to `cwreap-fixture hold` processes by inheritance (a
+//! process may hold at most 20000 fds here): no thread per connection anywhere. Every
+//! client socket has SO_LINGER 0, so teardown resets everything at once.
+//!
+//! The run: the policy first says `older_than: 1h`, so the daemon tracks every socket
+//! without acting (its gauge must count all of them). SIGHUP switches to `older_than: 1ms`:
+//! every CLOSE_WAIT socket must be reaped, each with exactly one `reaped` action and no
+//! other outcome, and no cycle error. VmRSS after cycle 10 and after cycle 100 must match
+//! (the reaps, the release watch, then quiet cycles tracking 40000 socket fds). `ss` before
+//! and after: not one ESTABLISHED or LISTEN socket changed, no CLOSE_WAIT is left, and
+//! every peer of a reaped socket got its FIN.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::io::{FdFlags, fcntl_setfd};
+use rustix::process::{Pid, Resource, Rlimit, Signal};
+use support::*;
+
+/// Connections per server process (CLOSE_WAIT and ESTABLISHED together).
+const PER_SERVER: usize = 4000;
+/// Connections made before waiting for the server to accept them (its backlog is finite).
+const CHUNK: usize = 100;
+
+/// CLOSE_WAIT and ESTABLISHED connections.
+const CLOSE_WAIT: usize = 20_000;
+const ESTABLISHED: usize = 20_000;
+
+/// Let children inherit our hard fd limit as their soft one (fixtures raise nothing).
+fn raise_nofile() {
+    let hard = rustix::process::getrlimit(Resource::Nofile).maximum;
+    rustix::process::setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: hard,
+            maximum: hard,
+        },
+    )
+    .expect("raise RLIMIT_NOFILE to the hard limit");
+}
+
+/// A child killed on drop (also when the test fails).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `cwreap-fixture hold` process holding client sockets it inherited; killed on drop.
+struct Holder(Child);
+
+impl Holder {
+    fn adopt(conns: Vec<TcpStream>) -> Holder {
+        for c in &conns {
+            fcntl_setfd(c.as_fd(), FdFlags::empty()).expect("clear FD_CLOEXEC");
+        }
+        let child = Command::new(FIXTURE)
+            .arg("hold")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn holder");
+        drop(conns); // the holder has its copies
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `count` connections to `fx`, in chunks the server accepts before the next.
+fn connect(fx: &mut Fixture, count: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        let n = CHUNK.min(count - out.len());
+        for _ in 0..n {
+            let c = TcpStream::connect(fx.listen[0]).expect("connect");
+            rustix::net::sockopt::set_socket_linger(&c, Some(Duration::ZERO)).expect("linger");
+            out.push(c);
+        }
+        for _ in 0..n {
+            fx.expect_line("accepted ");
+        }
+    }
+    out
+}
+
+/// One line of `ss -tanH`: (state, local, peer).
+type SsLine = (String, SocketAddr, SocketAddr);
+
+/// Every TCP socket touching our 127.77.0.0/16 addresses, but TIME-WAIT entries (the
+/// kernel keeps those 60 s after a reaped connection, also from an earlier run).
+fn ss_ours() -> BTreeSet<SsLine> {
+    let out = Command::new("ss").args(["-tanH"]).output().expect("run ss");
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            let local: SocketAddr = c.get(3)?.parse().ok()?;
+            let peer: SocketAddr = c.get(4)?.parse().unwrap_or(local);
+            let ours = |a: &SocketAddr| a.to_string().starts_with("127.77.");
+            (c[0] != "TIME-WAIT" && (ours(&local) || ours(&peer)))
+                .then(|| (c[0].to_owned(), local, peer))
+        })
+        .collect()
+}
+
+/// How many of our sockets are in each state.
+fn states(set: &BTreeSet<SsLine>) -> BTreeMap<&str, usize> {
+    let mut by = BTreeMap::new();
+    for (state, _, _) in set {
+        *by.entry(state.as_str()).or_default() += 1;
+    }
+    by
+}
+
+fn in_state<'a>(set: &'a BTreeSet<SsLine>, state: &str) -> BTreeSet<&'a SsLine> {
+    set.iter().filter(|(s, _, _)| s == state).collect()
+}
+
+/// The daemon's NOTIFY_SOCKET: counts STATUS= messages (one per cycle).
+struct Notify {
+    path: PathBuf,
+    cycles: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Notify {
+    fn bind(path: PathBuf) -> Notify {
+        let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let cycles = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, halt) = (cycles.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !halt.load(Ordering::Relaxed) {
+                if let Ok(len) = sock.recv(&mut buf)
+                    && String::from_utf8_lossy(&buf[..len]).contains("STATUS=")
+                {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Notify { path, cycles, stop }
+    }
+
+    fn cycles(&self) -> usize {
+        self.cycles.load(Ordering::Relaxed)
+    }
+
+    fn wait(&self, n: usize, timeout: Duration, log: impl Fn() -> String) {
+        let deadline = Instant::now() + timeout;
+        while self.cycles() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} cycles in {timeout:?}; log tail:\n{}",
+                self.cycles(),
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Notify {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn write_policy(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("open policy");
+    f.write_all(text.as_bytes()).expect("write policy");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn policy(pids: &[i32], older_than: &str, metrics: SocketAddr) -> String {
+    let mut y = format!(
+        "interval: 50ms\ndry_run: false\nlog_format: json\nmetrics: {{listen: \"{metrics}\"}}\n\
+limits: {{max_reaps_per_cycle: 1000000, max_reaps_per_minute: 1000000}}\ntargets:\n"
+    );
+    for (i, pid) in pids.iter().enumerate() {
+        y.push_str(&format!(
+            "  - name: srv{i}\n    match: {{pid: {pid}}}\n    older_than: {older_than}\n    action: shutdown\n"
+        ));
+    }
+    y
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("daemon status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::Write;
+    let mut s = TcpStream::connect(addr).expect("metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("metrics");
+    text
+}
+
+/// Sum of every sample of `name` whose labels contain `needle`.
+fn sum(text: &str, name: &str, needle: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
+    if !require_root("daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat") {
+        return;
+    }
+    let started = Instant::now();
+    raise_nofile();
+    let (cw, est) = (CLOSE_WAIT, ESTABLISHED);
+    let servers = (cw + est).div_ceil(PER_SERVER);
+    let (cw_each, est_each) = (cw / servers, est / servers);
+    assert_eq!((cw_each * servers, est_each * servers), (cw, est));
+
+    let mut fixtures = Vec::new();
+    let mut holders = Vec::new();
+    for i in 0..servers {
+        let addr = format!("127.77.0.{}:0", i + 1);
+        let mut fx = Fixture::start(&[addr.as_str()], &[]);
+        let waiting = connect(&mut fx, cw_each);
+        for c in &waiting {
+            c.shutdown(Shutdown::Write).expect("half-close");
+        }
+        let mut conns = waiting;
+        conns.extend(connect(&mut fx, est_each));
+        holders.push(Holder::adopt(conns));
+        fixtures.push(fx);
+    }
+    let pids: Vec<i32> = fixtures.iter().map(Fixture::pid).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Settled: every server end in CLOSE_WAIT or ESTABLISHED, every half-closed client end
+    // acknowledged (FIN-WAIT-2, not FIN-WAIT-1 any more).
+    let settled: BTreeMap<&str, usize> = [
+        ("CLOSE-WAIT", cw),
+        ("ESTAB", 2 * est),
+        ("FIN-WAIT-2", cw),
+        ("LISTEN", servers),
+    ]
+    .into_iter()
+    .collect();
+    let before = loop {
+        let s = ss_ours();
+        if states(&s) == settled {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fixture never settled: {:?}, want {settled:?}",
+            states(&s)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let setup = started.elapsed();
+
+    let dir = std::env::temp_dir().join(format!("cwreap-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let cfg = dir.join("cwreap.yaml");
+    let metrics: SocketAddr = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    write_policy(&cfg, &policy(&pids, "1h", metrics));
+    let notify = Notify::bind(dir.join("notify"));
+    let mut daemon = Killed(
+        Command::new(CWREAP)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cwreap run"),
+    );
+    let dpid = daemon.0.id() as i32;
+    // Keep the log drained (one line per action), and its last lines for failures.
+    let tail = Arc::new(Mutex::new(Vec::<String>::new()));
+    let actions = Arc::new(AtomicUsize::new(0));
+    {
+        let (tail, actions) = (tail.clone(), actions.clone());
+        let stderr = daemon.0.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("\"close_wait action\"") && line.contains("\"outcome\":\"reaped\"")
+                {
+                    actions.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut t = tail.lock().expect("tail lock");
+                // Keep warnings and errors, and the last lines of everything else.
+                if !line.contains("\"INFO\"") || t.len() < 40 {
+                    t.push(line);
+                } else if let Some(i) = t.iter().position(|l| l.contains("\"INFO\"")) {
+                    t.remove(i);
+                    t.push(line);
+                }
+            }
+        });
+    }
+    let log = || tail.lock().expect("tail lock").join("\n");
+
+    // Tracking everything, acting on nothing.
+    notify.wait(3, Duration::from_secs(60), log);
+    let text = scrape(metrics);
+    assert_eq!(
+        sum(&text, "cwreap_close_wait_sockets", "target=\"srv"),
+        cw as f64,
+        "the daemon sees every CLOSE_WAIT socket:\n{text}"
+    );
+    assert_eq!(sum(&text, "cwreap_reaped_total", ""), 0.0, "{text}");
+
+    // Enforce: all of them are due now.
+    write_policy(&cfg, &policy(&pids, "1ms", metrics));
+    rustix::process::kill_process(Pid::from_raw(dpid).expect("pid"), Signal::HUP).expect("HUP");
+    let reload_at = notify.cycles();
+    let reload_time = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let reaped = loop {
+        let text = scrape(metrics);
+        let n = sum(&text, "cwreap_reaped_total", "outcome=\"reaped\"");
+        if n >= cw as f64 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {n} of {cw} reaped; metrics:\n{text}\nlog tail:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let reap_done = notify.cycles();
+    let reap_time = started.elapsed() - reload_time;
+    assert_eq!(
+        sum(&reaped, "cwreap_reaped_total", ""),
+        cw as f64,
+        "every action a reap, none gone/changed/error:\n{reaped}\nlog tail:\n{}",
+        log()
+    );
+    // Memory across cycles 10..100: the reaps, their release watch (one interval, at
+    // least 1 s, so until about cycle 30) and 70 quiet cycles tracking 2 × N socket fds.
+    notify.wait(10, Duration::from_secs(60), log);
+    let rss10 = rss_kib(dpid);
+    notify.wait(100, Duration::from_secs(120), log);
+    let rss100 = rss_kib(dpid);
+    let text = scrape(metrics);
+    assert!(
+        !text.contains("cwreap_cycle_errors_total{"),
+        "cycle errors under load:\n{text}"
+    );
+    assert_eq!(sum(&text, "cwreap_close_wait_sockets", ""), 0.0, "{text}");
+    assert_eq!(
+        sum(&text, "cwreap_fd_released_total", "result=\"still_held\""),
+        cw as f64,
+        "the release watch saw every reaped fd (the fixtures ignore EPOLLHUP):\n{text}"
+    );
+    let after = ss_ours();
+    drop(daemon);
+
+    println!(
+        "load: {cw} CLOSE_WAIT + {est} ESTABLISHED over {servers} servers; setup {:.1}s; \
+SIGHUP (older_than 1h -> 1ms) after cycle {reload_at} at {:.1}s; all {cw} reaped by cycle \
+{reap_done}, {:.1}s later; {} reaped action events logged; VmRSS after cycle 10: {rss10} KiB, \
+after cycle 100: {rss100} KiB; total {:.1}s",
+        setup.as_secs_f64(),
+        reload_time.as_secs_f64(),
+        reap_time.as_secs_f64(),
+        actions.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(in_state(&after, "CLOSE-WAIT").is_empty(), "CLOSE_WAIT left");
+    assert_eq!(
+        in_state(&after, "ESTAB"),
+        in_state(&before, "ESTAB"),
+        "an ESTABLISHED socket changed"
+    );
+    assert_eq!(
+        in_state(&after, "LISTEN"),
+        in_state(&before, "LISTEN"),
+        "a listener changed"
+    );
+    // Every peer of a CLOSE_WAIT socket got the FIN: none is left waiting in FIN-WAIT-2.
+    assert!(
+        in_state(&after, "FIN-WAIT-2").is_empty(),
+        "{} peers never got a FIN",
+        in_state(&after, "FIN-WAIT-2").len()
+    );
+    assert_eq!(
+        actions.load(Ordering::Relaxed),
+        cw,
+        "one action event per socket"
+    );
+    assert!(
+        rss100 <= rss10 + rss10 / 20 + 1024,
+        "VmRSS grew from {rss10} KiB (cycle 10) to {rss100} KiB (cycle 100)"
+    );
+
+    drop(holders); // resets every connection (SO_LINGER 0)
+    drop(fixtures);
+    let _ = std::fs::remove_dir_all(&dir);
+}
