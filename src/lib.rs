@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod discover;
 pub mod index;
+pub mod inject;
 pub mod manual;
 pub mod metrics;
 pub mod netlink;

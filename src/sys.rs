@@ -6,6 +6,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
+pub mod ptrace;
 
 /// A pidfd for `pid`. Holding it pins the identity of the process: if the process exits
 /// and its pid is reused, operations on this fd fail with ESRCH instead of reaching the

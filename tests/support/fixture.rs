@@ -17,13 +17,27 @@
 //! `eof N` as each one is shut down from the server side (`reset N` for an RST).
 //!
 //! `cwreap-fixture hold` sleeps until its parent dies (the child of `share`).
+//!
+//! `cwreap-fixture server --threaded [--main sleep|read]` is the same leaky echo server
+//! built from blocking threads, like many real ones: one thread per listener blocked in
+//! accept(), one per connection blocked in read() (on EOF it leaks the socket and ends),
+//! and a thread blocked in nanosleep() that prints `slept MS` after each 1.5 s sleep (or
+//! `error sleep interrupted` if the kernel ever returns EINTR to it). The main thread is
+//! the sleeper (`--main sleep`, the default) or the stdin reader (`--main read`), which
+//! reads raw chunks and prints `error read interrupted` on EINTR. stdin takes `close FD`,
+//! `count`, and `ping` (answered by `pong`).
+//!
+//! `cwreap-fixture inject PID FD:INODE:COOKIE... [--pause-after-stop MS]` calls
+//! `cwreap::inject` on PID, prints `stopped` once every thread of the target is stopped
+//! (then waits MS, so a test can kill this process mid-injection), and then `closed FD`,
+//! `skipped FD REASON`, `pause US` and `done`, or `error TEXT`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, poll};
@@ -58,9 +72,10 @@ fn main() {
         Some("server") => server(&args[1..]),
         Some("hold") => hold(),
         Some("client") => client(&args[1..]),
+        Some("inject") => inject(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cwreap-fixture server [--listen ADDR]... [--on-hup close|ignore] | client ADDR [COUNT] | hold"
+                "usage: cwreap-fixture server [--listen ADDR]... [--on-hup close|ignore] [--no-accept] [--threaded [--main sleep|read]] | client ADDR [COUNT] | hold | inject PID FD:INODE:COOKIE... [--pause-after-stop MS]"
             );
             std::process::exit(2);
         }
@@ -126,9 +141,17 @@ fn server(args: &[String]) {
     let mut listen: Vec<SocketAddr> = Vec::new();
     let mut close_on_hup = false;
     let mut no_accept = false;
+    let mut threaded = false;
+    let mut main_reads = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--threaded" => threaded = true,
+            "--main" => match it.next().map(String::as_str) {
+                Some("sleep") => main_reads = false,
+                Some("read") => main_reads = true,
+                _ => fail("--main takes sleep or read"),
+            },
             "--listen" => match it.next().and_then(|v| v.parse().ok()) {
                 Some(addr) => listen.push(addr),
                 None => fail("--listen needs an address like 127.0.0.1:0"),
@@ -161,6 +184,9 @@ fn server(args: &[String]) {
             }
             Err(e) => fail(&format!("bind {addr}: {e}")),
         }
+    }
+    if threaded {
+        threaded_server(srv.listeners, main_reads);
     }
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -327,5 +353,203 @@ impl Server {
                 say(&format!("eof {fd}"));
             }
         }
+    }
+}
+
+/// Sockets the threaded server leaked (peer half-closed), kept open until `close FD`.
+type Leaked = Arc<Mutex<BTreeMap<i32, TcpStream>>>;
+
+const SLEEP: Duration = Duration::from_millis(1500);
+
+fn threaded_server(listeners: Vec<TcpListener>, main_reads: bool) -> ! {
+    let leaked: Leaked = Arc::default();
+    for l in listeners {
+        let leaked = leaked.clone();
+        std::thread::spawn(move || accept_loop(l, leaked));
+    }
+    if main_reads {
+        std::thread::spawn(|| sleep_loop());
+        say("ready");
+        stdin_loop(&leaked)
+    } else {
+        let leaked = leaked.clone();
+        std::thread::spawn(move || stdin_loop(&leaked));
+        say("ready");
+        sleep_loop()
+    }
+}
+
+fn accept_loop(listener: TcpListener, leaked: Leaked) {
+    loop {
+        match listener.accept() {
+            Ok((stream, remote)) => {
+                let fd = stream.as_raw_fd();
+                let local = stream
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                say(&format!("accepted {fd} {local} {remote}"));
+                let leaked = leaked.clone();
+                std::thread::spawn(move || serve_blocking(stream, leaked));
+            }
+            Err(e) => {
+                say(&format!("error accept {e}"));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn serve_blocking(mut stream: TcpStream, leaked: Leaked) {
+    let fd = stream.as_raw_fd();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                say(&format!("error read interrupted on {fd}"));
+            }
+            Err(_) => break,
+        }
+    }
+    // The broken disconnect path: keep the socket, end the thread.
+    if let Ok(mut map) = leaked.lock() {
+        map.insert(fd, stream);
+    }
+    say(&format!("eof {fd}"));
+}
+
+/// Sleep in one nanosleep(2) call at a time and say how long each took, so a test sees
+/// whether a stop in the middle shortened it or made it fail.
+fn sleep_loop() -> ! {
+    let request = rustix::thread::Timespec {
+        tv_sec: SLEEP.as_secs() as i64,
+        tv_nsec: i64::from(SLEEP.subsec_nanos()),
+    };
+    loop {
+        let t0 = std::time::Instant::now();
+        match rustix::thread::nanosleep(&request) {
+            rustix::thread::NanosleepRelativeResult::Ok => {
+                say(&format!("slept {}", t0.elapsed().as_millis()))
+            }
+            rustix::thread::NanosleepRelativeResult::Interrupted(_) => {
+                say("error sleep interrupted")
+            }
+            rustix::thread::NanosleepRelativeResult::Err(e) => say(&format!("error sleep {e}")),
+        }
+    }
+}
+
+/// Read stdin with plain read(2) calls (no retry on EINTR, so an interruption shows) and
+/// run each complete line as a command.
+fn stdin_loop(leaked: &Leaked) -> ! {
+    let stdin = std::io::stdin();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match rustix::io::read(stdin.as_fd(), &mut buf) {
+            Ok(0) => loop {
+                // stdin closed: nothing more to read; keep serving.
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => {
+                say("error read interrupted");
+                continue;
+            }
+            Err(e) => fail(&format!("read stdin: {e}")),
+        }
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            threaded_command(line.trim(), leaked);
+        }
+    }
+}
+
+fn threaded_command(cmd: &str, leaked: &Leaked) {
+    let mut words = cmd.split_whitespace();
+    match (
+        words.next(),
+        words.next().and_then(|w| w.parse::<i32>().ok()),
+    ) {
+        (Some("ping"), _) => say("pong"),
+        (Some("count"), _) => say(&format!("fds {}", count_fds())),
+        (Some("close"), Some(fd)) => {
+            let removed = leaked.lock().ok().and_then(|mut m| m.remove(&fd));
+            match removed {
+                Some(_) => say(&format!("closed {fd}")),
+                None => say(&format!("error no leaked connection on fd {fd}")),
+            }
+        }
+        _ => say(&format!("error unknown command {cmd}")),
+    }
+}
+
+fn count_fds() -> usize {
+    let n = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    // read_dir itself holds one fd while counting.
+    n.saturating_sub(1)
+}
+
+/// `inject PID FD:INODE:COOKIE... [--pause-after-stop MS]`: the library call in a process
+/// of its own, so a test can SIGKILL the tracer while the target is stopped.
+fn inject(args: &[String]) {
+    let Some(pid) = args.first().and_then(|p| p.parse::<i32>().ok()) else {
+        fail("inject needs a PID");
+    };
+    let mut victims = Vec::new();
+    let mut pause = Duration::ZERO;
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        if a == "--pause-after-stop" {
+            match it.next().and_then(|v| v.parse().ok()) {
+                Some(ms) => pause = Duration::from_millis(ms),
+                None => fail("--pause-after-stop needs milliseconds"),
+            }
+            continue;
+        }
+        let parts: Vec<&str> = a.split(':').collect();
+        let parsed = match parts.as_slice() {
+            [fd, inode, cookie] => fd
+                .parse()
+                .ok()
+                .zip(inode.parse().ok())
+                .zip(cookie.parse().ok())
+                .map(|((fd, inode), cookie)| cwreap::inject::Victim { fd, inode, cookie }),
+            _ => None,
+        };
+        match parsed {
+            Some(v) => victims.push(v),
+            None => fail(&format!("bad victim {a}: want FD:INODE:COOKIE")),
+        }
+    }
+    let pidfd = match cwreap::sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => fail(&format!("pidfd_open {pid}: {e}")),
+    };
+    let hook = move || {
+        say("stopped");
+        std::thread::sleep(pause);
+    };
+    match cwreap::inject::close_in_target_hooked(pid, pidfd.as_fd(), &victims, &hook) {
+        Ok(report) => {
+            for fd in &report.closed {
+                say(&format!("closed {fd}"));
+            }
+            for (fd, why) in &report.skipped {
+                say(&format!("skipped {fd} {why}"));
+            }
+            say(&format!("pause {}", report.pause_us));
+            say("done");
+        }
+        Err(e) => say(&format!("error {e}")),
     }
 }

@@ -1,0 +1,262 @@
+//! Raw ptrace(2), waitpid(2) and process_vm_readv(2), for injecting a close(2) into a stopped
+//! process (see [`crate::inject`]). Every `unsafe` block carries its SAFETY note; callers
+//! get safe functions returning `io::Result`.
+//!
+//! Request numbers are the kernel's ABI (include/uapi/linux/ptrace.h), spelled out here
+//! because libc types them differently per C library.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+const PTRACE_SINGLESTEP: libc::c_long = 9;
+#[cfg(target_arch = "x86_64")]
+const PTRACE_GETREGS: libc::c_long = 12;
+#[cfg(target_arch = "x86_64")]
+const PTRACE_SETREGS: libc::c_long = 13;
+const PTRACE_DETACH: libc::c_long = 17;
+const PTRACE_SEIZE: libc::c_long = 0x4206;
+const PTRACE_INTERRUPT: libc::c_long = 0x4207;
+
+/// `status >> 16` of a stop caused by PTRACE_INTERRUPT or a group-stop of a seized tracee.
+pub const PTRACE_EVENT_STOP: i32 = 128;
+
+fn ptrace(request: libc::c_long, tid: i32, addr: usize, data: usize) -> io::Result<()> {
+    // SAFETY: every request issued through this helper (SEIZE, INTERRUPT, DETACH,
+    // SINGLESTEP) takes plain integers for addr and data; none of them dereferences a
+    // pointer in our address space.
+    let rc = unsafe { libc::syscall(libc::SYS_ptrace, request, tid, addr, data) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// PTRACE_SEIZE with no options: become the tracer of thread `tid` without stopping it and
+/// without queueing a SIGSTOP, so if this tracer thread dies the kernel detaches and the
+/// thread runs on as if nothing happened.
+pub fn seize(tid: i32) -> io::Result<()> {
+    ptrace(PTRACE_SEIZE, tid, 0, 0)
+}
+
+/// PTRACE_INTERRUPT: ask a seized thread to stop (a blocking system call is interrupted and
+/// restarted later, as for any stop). The stop is reported through [`wait_nohang`].
+pub fn interrupt(tid: i32) -> io::Result<()> {
+    ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+}
+
+/// PTRACE_DETACH: let a stopped thread run again, delivering `signal` (0 for none).
+pub fn detach(tid: i32, signal: i32) -> io::Result<()> {
+    ptrace(PTRACE_DETACH, tid, 0, usize::try_from(signal).unwrap_or(0))
+}
+
+/// PTRACE_SINGLESTEP: run one instruction of a stopped thread (no signal delivered); it stops
+/// again with SIGTRAP.
+pub fn single_step(tid: i32) -> io::Result<()> {
+    ptrace(PTRACE_SINGLESTEP, tid, 0, 0)
+}
+
+/// What waitpid reported about a traced thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// In a ptrace stop: `signal` is WSTOPSIG, `event` is `status >> 16`
+    /// ([`PTRACE_EVENT_STOP`] for an interrupt or group-stop, 0 for a signal-delivery-stop).
+    Stopped { signal: i32, event: i32 },
+    /// The thread exited or was killed.
+    Exited,
+}
+
+/// waitpid(tid, __WALL | WNOHANG): the thread's new state, or None if it has not changed.
+pub fn wait_nohang(tid: i32) -> io::Result<Option<Wait>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: `status` is a valid, writable c_int for the duration of the call.
+    let rc = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+    if rc == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    if rc == 0 {
+        return Ok(None);
+    }
+    if libc::WIFSTOPPED(status) {
+        return Ok(Some(Wait::Stopped {
+            signal: libc::WSTOPSIG(status),
+            event: (status >> 16) & 0xff,
+        }));
+    }
+    // WIFEXITED or WIFSIGNALED; nothing else is reported without WCONTINUED.
+    Ok(Some(Wait::Exited))
+}
+
+/// tgkill(2): send `signal` to one thread of `pid` (to hand back a signal that arrived while
+/// the thread was being single-stepped).
+pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: plain integer arguments; no memory is passed.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Read `buf.len()` bytes of the memory of `pid` at `addr` (process_vm_readv; needs ptrace
+/// access). Returns how many bytes were read: fewer at the end of a mapping.
+pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    let Ok(remote_base) = usize::try_from(addr) else {
+        return Err(io::Error::from_raw_os_error(libc::EFAULT));
+    };
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: remote_base as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, which is valid and writable for its length and
+    // outlives the call; `remote` is an address in the other process, which the kernel
+    // checks (EFAULT) and never dereferences in ours.
+    let rc = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(rc).unwrap_or(0))
+}
+
+/// SO_LINGER of a socket: Some(timeout) when close(2) may wait that long for unsent data.
+pub fn socket_linger(fd: BorrowedFd<'_>) -> io::Result<Option<Duration>> {
+    Ok(rustix::net::sockopt::socket_linger(fd)?)
+}
+
+/// The bytes of the x86_64 `syscall` instruction.
+#[cfg(target_arch = "x86_64")]
+pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
+/// Its length: after it executes, rip is this much further.
+#[cfg(target_arch = "x86_64")]
+pub const SYSCALL_INSN_LEN: u64 = 2;
+/// __NR_close on x86_64.
+#[cfg(target_arch = "x86_64")]
+pub const NR_CLOSE: u64 = 3;
+/// __NR_close_range on x86_64 (Linux >= 5.9).
+#[cfg(target_arch = "x86_64")]
+pub const NR_CLOSE_RANGE: u64 = 436;
+
+/// The general-purpose registers of a stopped thread (struct user_regs_struct).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct Regs(libc::user_regs_struct);
+
+#[cfg(target_arch = "x86_64")]
+impl std::fmt::Debug for Regs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Regs")
+            .field("rip", &format_args!("{:#x}", self.0.rip))
+            .field("rax", &(self.0.rax as i64))
+            .field("orig_rax", &(self.0.orig_rax as i64))
+            .field("cs", &format_args!("{:#x}", self.0.cs))
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Regs {
+    /// User code segment selector of 64-bit mode (__USER_CS).
+    const USER_CS_64: u64 = 0x33;
+
+    /// The instruction pointer.
+    pub fn ip(&self) -> u64 {
+        self.0.rip
+    }
+
+    /// Whether the thread stopped inside a system call: orig_rax holds its number (it is -1
+    /// otherwise), and rip points just past the `syscall` instruction.
+    pub fn in_syscall(&self) -> bool {
+        (self.0.orig_rax as i64) >= 0
+    }
+
+    /// Whether the thread runs 64-bit code (a 32-bit compat thread has another ABI).
+    pub fn is_64bit(&self) -> bool {
+        self.0.cs == Self::USER_CS_64
+    }
+
+    /// These registers, changed so that resuming at `insn` (a `syscall` instruction) runs
+    /// system call `nr` with its first three arguments `args`. orig_rax = -1 tells the
+    /// kernel the thread is not in a system call, so it does not try to restart the
+    /// interrupted one on the way out of the stop.
+    pub fn for_syscall(&self, insn: u64, nr: u64, args: [u64; 3]) -> Regs {
+        let mut r = self.0;
+        r.rip = insn;
+        r.rax = nr;
+        r.rdi = args[0];
+        r.rsi = args[1];
+        r.rdx = args[2];
+        r.orig_rax = u64::MAX;
+        Regs(r)
+    }
+
+    /// The return value of the system call that just ran: >= 0 or -errno.
+    pub fn syscall_result(&self) -> i64 {
+        self.0.rax as i64
+    }
+
+    /// Every field equal (the kernel gave back exactly what was set).
+    pub fn same_as(&self, other: &Regs) -> bool {
+        Self::fields(&self.0) == Self::fields(&other.0)
+    }
+
+    fn fields(r: &libc::user_regs_struct) -> [u64; 27] {
+        [
+            r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx,
+            r.rdx, r.rsi, r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base,
+            r.gs_base, r.ds, r.es, r.fs, r.gs,
+        ]
+    }
+}
+
+/// PTRACE_GETREGS of a stopped thread.
+#[cfg(target_arch = "x86_64")]
+pub fn get_regs(tid: i32) -> io::Result<Regs> {
+    let mut regs = std::mem::MaybeUninit::<libc::user_regs_struct>::zeroed();
+    // SAFETY: PTRACE_GETREGS writes exactly one user_regs_struct at `data`, which points to
+    // a zeroed, writable one that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_ptrace,
+            PTRACE_GETREGS,
+            tid,
+            0usize,
+            regs.as_mut_ptr(),
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised plain integers, filled by the kernel on success.
+    Ok(Regs(unsafe { regs.assume_init() }))
+}
+
+/// PTRACE_SETREGS of a stopped thread.
+#[cfg(target_arch = "x86_64")]
+pub fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
+    // SAFETY: PTRACE_SETREGS only reads one user_regs_struct at `data`, which points to an
+    // initialised one that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_ptrace,
+            PTRACE_SETREGS,
+            tid,
+            0usize,
+            &regs.0 as *const libc::user_regs_struct,
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,800 @@
+//! `cwreap::inject` on real processes: a multi-threaded Rust server, a Python one and a Node
+//! one that leak CLOSE_WAIT sockets get their fds closed by an injected close(2), and keep
+//! working; interrupted system calls resume; a changed fd is left alone; a target that
+//! dies, or a tracer that is SIGKILLed, leaves nothing stopped.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use cwreap::inject::{InjectError, InjectReport, Victim, close_in_target, close_in_target_hooked};
+use cwreap::procfs::parse_socket_link;
+use cwreap::sys;
+use support::*;
+
+const V4: &str = "127.0.0.1:0";
+const CLOSE_WAIT: u8 = 8;
+const CLOSE: u8 = 7;
+
+/// The victim for `fd` of `pid`, identified the way attribution does it.
+fn victim(pid: i32, fd: i32) -> Victim {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("fd link");
+    let inode = parse_socket_link(&link.to_string_lossy()).expect("fd is a socket");
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    let dup = sys::pidfd_getfd(pidfd.as_fd(), fd).expect("pidfd_getfd");
+    let cookie = sys::socket_cookie(dup.as_fd()).expect("SO_COOKIE");
+    Victim { fd, inode, cookie }
+}
+
+fn tcp_state(pid: i32, fd: i32) -> Option<u8> {
+    let pidfd = sys::pidfd_open(pid).ok()?;
+    let dup = sys::pidfd_getfd(pidfd.as_fd(), fd).ok()?;
+    sys::tcp_state(dup.as_fd()).ok()
+}
+
+fn wait_for(what: &str, wait: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + wait;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_state(pid: i32, fd: i32, state: u8) {
+    wait_for(
+        &format!("fd {fd} in TCP state {state}"),
+        Duration::from_secs(5),
+        || tcp_state(pid, fd) == Some(state),
+    );
+}
+
+fn open_fds(pid: i32) -> BTreeSet<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// (tid, state letter) of every thread of `pid`.
+fn thread_states(pid: i32) -> Vec<(i32, char)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let tid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        let state = stat[stat.rfind(')')? + 1..].trim_start().chars().next()?;
+        Some((tid, state))
+    })
+    .collect()
+}
+
+/// Every thread is in a ptrace stop ('t') or already dead.
+fn all_stopped(pid: i32) -> bool {
+    let states = thread_states(pid);
+    !states.is_empty() && states.iter().all(|(_, s)| matches!(s, 't' | 'Z' | 'X'))
+}
+
+fn none_stopped(pid: i32) -> bool {
+    thread_states(pid)
+        .iter()
+        .all(|(_, s)| *s != 't' && *s != 'T')
+}
+
+fn tracer_of(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("TracerPid")
+}
+
+/// The system call a stopped thread is in, from /proc/PID/task/TID/syscall.
+fn syscall_of(pid: i32, tid: i32) -> Option<i64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+fn inject(pid: i32, victims: &[Victim]) -> Result<InjectReport, InjectError> {
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    close_in_target(pid, pidfd.as_fd(), victims)
+}
+
+/// Inject, and record from inside the stop whether every thread was stopped and what
+/// system call the main thread was in.
+fn inject_observed(pid: i32, victims: &[Victim]) -> (Result<InjectReport, InjectError>, Seen) {
+    let seen = Mutex::new(Seen::default());
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    let hook = || {
+        let mut s = seen.lock().unwrap();
+        s.all_stopped = all_stopped(pid);
+        s.threads = thread_states(pid).len();
+        s.main_syscall = syscall_of(pid, pid);
+    };
+    let r = close_in_target_hooked(pid, pidfd.as_fd(), victims, &hook);
+    (r, seen.into_inner().unwrap())
+}
+
+#[derive(Default, Debug)]
+struct Seen {
+    all_stopped: bool,
+    threads: usize,
+    main_syscall: Option<i64>,
+}
+
+fn closed_set(r: &InjectReport) -> BTreeSet<i32> {
+    r.closed.iter().copied().collect()
+}
+
+/// A new connection is accepted and echoed; and an old one still echoes.
+fn check_connection(addr: std::net::SocketAddr) {
+    let mut c = TcpStream::connect(addr).expect("check connection");
+    assert!(
+        echoes(&mut c),
+        "the server no longer answers a new connection"
+    );
+}
+
+/// Common checks after injecting into a leaky server: exactly the victims were closed, the
+/// fd count fell by exactly that many, the peers got EOF, nothing is left stopped or traced.
+fn assert_freed(
+    pid: i32,
+    report: &InjectReport,
+    fds: &BTreeSet<i32>,
+    before: &BTreeSet<i32>,
+    clients: &mut [TcpStream],
+) {
+    assert_eq!(&closed_set(report), fds, "{report:?}");
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert_eq!(
+        report.fds_before - report.fds_after,
+        fds.len(),
+        "{report:?}"
+    );
+    assert!(
+        report.pause_us > 0 && report.pause_us < 1_000_000,
+        "{report:?}"
+    );
+    let after = open_fds(pid);
+    let expected: BTreeSet<i32> = before.difference(fds).copied().collect();
+    assert_eq!(after, expected, "the fd table lost exactly the victims");
+    for c in clients.iter_mut() {
+        assert!(
+            reads_eof(c, Duration::from_secs(5)),
+            "the peer of a closed socket saw no EOF"
+        );
+    }
+    assert!(
+        none_stopped(pid),
+        "threads left stopped: {:?}",
+        thread_states(pid)
+    );
+    assert_eq!(tracer_of(pid), 0, "still traced");
+}
+
+#[test]
+fn threaded_server_gets_fds_freed_and_keeps_serving() {
+    if !require_root("threaded_server_gets_fds_freed_and_keeps_serving") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &["--threaded"]);
+    let pid = fx.pid();
+    let mut clients = Vec::new();
+    let mut fds = BTreeSet::new();
+    // A live connection between leaked ones: the victims are not all consecutive, so both
+    // one close per fd and close_range over a run are used.
+    let (c, fd) = fx.close_wait(0);
+    clients.push(c);
+    fds.insert(fd);
+    let (mut old_conn, established_fd) = fx.connect(0);
+    for _ in 0..2 {
+        let (c, fd) = fx.close_wait(0);
+        clients.push(c);
+        fds.insert(fd);
+    }
+    // One more shut down first (CLOSE_WAIT -> CLOSE), as cwreap's shutdown leaves it.
+    let (mut shut_client, shut_fd) = fx.close_wait(0);
+    let pidfd = sys::pidfd_open(pid).unwrap();
+    let dup = sys::pidfd_getfd(pidfd.as_fd(), shut_fd).unwrap();
+    sys::shutdown_rdwr(dup.as_fd()).unwrap();
+    drop(dup);
+    assert!(reads_eof(&mut shut_client, Duration::from_secs(5)));
+    wait_state(pid, shut_fd, CLOSE);
+    fds.insert(shut_fd);
+    for &fd in &fds {
+        if fd != shut_fd {
+            assert_eq!(tcp_state(pid, fd), Some(CLOSE_WAIT));
+        }
+    }
+
+    let before = open_fds(pid);
+    let victims: Vec<Victim> = fds.iter().map(|&fd| victim(pid, fd)).collect();
+    let (r, seen) = inject_observed(pid, &victims);
+    let report = r.expect("inject");
+    // main (sleeping), stdin reader, acceptor, and the reader of the open connection.
+    assert!(seen.all_stopped, "a thread ran during the stop: {seen:?}");
+    // (A connection's thread that was just ending may show up as a zombie in /proc.)
+    assert!(
+        report.threads >= 4 && report.threads <= seen.threads,
+        "{seen:?} {report:?}"
+    );
+    assert_freed(pid, &report, &fds, &before, &mut clients);
+    assert!(!open_fds(pid).contains(&shut_fd));
+
+    // The app itself sees it, and every blocked thread carries on: stdin reader (count),
+    // the reader of the old connection, the acceptor.
+    fx.send("count");
+    let n: usize = fx.expect_line("fds ").parse().unwrap();
+    assert_eq!(n, before.len() - fds.len());
+    assert!(
+        echoes(&mut old_conn),
+        "the connection open during the stop broke"
+    );
+    assert!(open_fds(pid).contains(&established_fd));
+    check_connection(fx.listen[0]);
+    fx.send("ping");
+    fx.expect_line("pong");
+}
+
+#[test]
+fn interrupted_sleep_sleeps_its_full_time() {
+    if !require_root("interrupted_sleep_sleeps_its_full_time") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &["--threaded", "--main", "sleep"]);
+    let pid = fx.pid();
+    let (mut client, fd) = fx.close_wait(0);
+    // Right after a `slept` line a new 1.5 s sleep has begun; inject in its middle.
+    fx.expect_line("slept ");
+    std::thread::sleep(Duration::from_millis(400));
+    let (r, seen) = inject_observed(pid, &[victim(pid, fd)]);
+    let report = r.expect("inject");
+    assert_eq!(report.closed, vec![fd]);
+    assert!(
+        matches!(seen.main_syscall, Some(35 | 230)),
+        "the main thread (the injecting one) was not in nanosleep: {seen:?}"
+    );
+    assert!(reads_eof(&mut client, Duration::from_secs(5)));
+    // The sleep in progress neither failed (expect_line rejects `error` lines) nor ended
+    // early, and the next ones are normal too.
+    for _ in 0..2 {
+        let ms: u64 = fx.expect_line("slept ").parse().unwrap();
+        assert!(ms >= 1500, "a 1500 ms sleep took {ms} ms");
+        assert!(ms < 3000, "a 1500 ms sleep took {ms} ms");
+    }
+}
+
+#[test]
+fn interrupted_read_returns_data_later() {
+    if !require_root("interrupted_read_returns_data_later") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &["--threaded", "--main", "read"]);
+    let pid = fx.pid();
+    let (_client, fd) = fx.close_wait(0);
+    wait_for(
+        "main thread blocked in read",
+        Duration::from_secs(5),
+        || syscall_of(pid, pid) == Some(0),
+    );
+    let (r, seen) = inject_observed(pid, &[victim(pid, fd)]);
+    assert_eq!(r.expect("inject").closed, vec![fd]);
+    assert_eq!(
+        seen.main_syscall,
+        Some(0),
+        "main thread not in read: {seen:?}"
+    );
+    // The read that was interrupted is restarted and gets the next line.
+    std::thread::sleep(Duration::from_millis(100));
+    fx.send("ping");
+    fx.expect_line("pong");
+    fx.send("ping");
+    fx.expect_line("pong");
+}
+
+/// A server written in another language, started from a script; killed on drop.
+struct Script {
+    child: Child,
+    lines: Receiver<String>,
+    port: u16,
+    _path: TempFile,
+}
+
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Script {
+    fn start(interpreter: &str, ext: &str, source: &str) -> Script {
+        let path = std::env::temp_dir().join(format!(
+            "cwreap-inject-{}-{interpreter}.{ext}",
+            std::process::id()
+        ));
+        std::fs::write(&path, source).expect("write script");
+        let mut child = Command::new(interpreter)
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {interpreter}: {e} (is it installed?)"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = Script {
+            child,
+            lines: rx,
+            port: 0,
+            _path: TempFile(path),
+        };
+        s.port = s.expect("listen ").parse().expect("port");
+        s
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn expect(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("server never said {prefix}"));
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("server never said {prefix}"));
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.trim().to_string();
+            }
+        }
+    }
+
+    /// Connect; the server says `accepted FD PEERPORT`. Returns the client and FD.
+    fn connect(&mut self) -> (TcpStream, i32) {
+        let c = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let me = c.local_addr().unwrap().port();
+        loop {
+            let rest = self.expect("accepted ");
+            let mut w = rest.split_whitespace();
+            let fd: i32 = w.next().and_then(|v| v.parse().ok()).expect("fd");
+            let port: u16 = w.next().and_then(|v| v.parse().ok()).expect("port");
+            if port == me {
+                return (c, fd);
+            }
+        }
+    }
+
+    fn close_wait(&mut self) -> (TcpStream, i32) {
+        let (c, fd) = self.connect();
+        c.shutdown(Shutdown::Write).expect("half-close");
+        wait_state(self.pid(), fd, CLOSE_WAIT);
+        (c, fd)
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Leaks every half-closed connection. The main thread blocks in accept, one thread per
+/// connection in recv, and a churn thread starts a short-lived thread every millisecond,
+/// so threads appear and exit while the process is being stopped.
+const PYTHON_SERVER: &str = r#"
+import socket, threading, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(128)
+leaked = []
+def serve(c):
+    while True:
+        try:
+            d = c.recv(4096)
+        except OSError:
+            break
+        if not d:
+            break
+        c.sendall(d)
+    leaked.append(c)  # the bug: never closed
+def churn():
+    while True:
+        threading.Thread(target=time.sleep, args=(0.003,), daemon=True).start()
+        time.sleep(0.001)
+threading.Thread(target=churn, daemon=True).start()
+print("listen", srv.getsockname()[1], flush=True)
+while True:
+    c, addr = srv.accept()
+    print("accepted", c.fileno(), addr[1], flush=True)
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Installs a seccomp filter first (Seccomp: 2 in /proc/PID/status), as sandboxed
+/// services have, that kills the process on close_range(2): under a filter only plain
+/// close() may be injected, one per fd.
+const PYTHON_SECCOMP: &str = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+class Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+prog = (Insn * 4)(
+    Insn(0x20, 0, 0, 0),  # load seccomp_data.nr
+    Insn(0x15, 0, 1, 436),  # close_range?
+    Insn(0x06, 0, 0, 0x80000000),  # SECCOMP_RET_KILL_PROCESS
+    Insn(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(Prog(4, prog)), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
+"#;
+
+fn seccomp_mode(pid: i32) -> Option<u8> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn python_server_gets_fds_freed_and_keeps_serving() {
+    python_server("python_server_gets_fds_freed_and_keeps_serving", false);
+}
+
+#[test]
+fn python_server_under_seccomp_gets_fds_freed_one_by_one() {
+    python_server(
+        "python_server_under_seccomp_gets_fds_freed_one_by_one",
+        true,
+    );
+}
+
+fn python_server(test: &str, seccomp: bool) {
+    if !require_root(test) {
+        return;
+    }
+    let source = if seccomp {
+        format!("{PYTHON_SECCOMP}{PYTHON_SERVER}")
+    } else {
+        PYTHON_SERVER.to_string()
+    };
+    let mut py = Script::start(
+        "python3",
+        if seccomp { "seccomp.py" } else { "py" },
+        &source,
+    );
+    let pid = py.pid();
+    assert_eq!(seccomp_mode(pid), Some(if seccomp { 2 } else { 0 }));
+    let mut clients = Vec::new();
+    let mut fds = BTreeSet::new();
+    for _ in 0..5 {
+        let (c, fd) = py.close_wait();
+        clients.push(c);
+        fds.insert(fd);
+    }
+    let victims: Vec<Victim> = fds.iter().map(|&fd| victim(pid, fd)).collect();
+    // The churn thread keeps the thread list moving; only count fds while it is steady.
+    let before = open_fds(pid);
+    let (r, seen) = inject_observed(pid, &victims);
+    let report = r.expect("inject");
+    assert!(seen.all_stopped, "a thread ran during the stop: {seen:?}");
+    assert_freed(pid, &report, &fds, &before, &mut clients);
+    let port = py.port;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("check connection");
+    assert!(echoes(&mut c), "python server no longer answers");
+}
+
+/// `allowHalfOpen: true` and no 'end' handler: a half-closed connection is never ended,
+/// the socket stays in CLOSE_WAIT, and even cwreap's shutdown would not free the fd.
+const NODE_SERVER: &str = r#"
+const net = require("net");
+const srv = net.createServer({ allowHalfOpen: true }, (sock) => {
+  console.log(`accepted ${sock._handle.fd} ${sock.remotePort}`);
+  sock.on("data", (d) => sock.write(d));
+});
+srv.listen(0, "127.0.0.1", () => console.log(`listen ${srv.address().port}`));
+"#;
+
+#[test]
+fn node_server_gets_fds_freed_and_keeps_serving() {
+    if !require_root("node_server_gets_fds_freed_and_keeps_serving") {
+        return;
+    }
+    let mut node = Script::start("node", "js", NODE_SERVER);
+    let pid = node.pid();
+    let mut clients = Vec::new();
+    let mut fds = BTreeSet::new();
+    for _ in 0..5 {
+        let (c, fd) = node.close_wait();
+        clients.push(c);
+        fds.insert(fd);
+    }
+    let (mut live, _) = node.connect();
+    assert!(echoes(&mut live));
+    let before = open_fds(pid);
+    let victims: Vec<Victim> = fds.iter().map(|&fd| victim(pid, fd)).collect();
+    let (r, seen) = inject_observed(pid, &victims);
+    let report = r.expect("inject");
+    assert!(seen.all_stopped, "a thread ran during the stop: {seen:?}");
+    assert!(report.threads > 1, "node runs several threads: {report:?}");
+    assert_freed(pid, &report, &fds, &before, &mut clients);
+    assert!(echoes(&mut live), "node's open connection broke");
+    let mut c = TcpStream::connect(("127.0.0.1", node.port)).expect("check connection");
+    assert!(echoes(&mut c), "node server no longer answers");
+    assert!(
+        node.child.try_wait().expect("try_wait").is_none(),
+        "node exited"
+    );
+}
+
+#[test]
+fn changed_fd_is_left_alone() {
+    if !require_root("changed_fd_is_left_alone") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &[]);
+    let pid = fx.pid();
+    let (_a, fd) = fx.close_wait(0);
+    let stale = victim(pid, fd);
+    // The app closes the fd and the number goes to a new connection.
+    fx.send(&format!("close {fd}"));
+    fx.expect_line(&format!("closed {fd}"));
+    let (mut b, fd_b) = fx.close_wait(0);
+    assert_eq!(
+        fd_b, fd,
+        "the fd number was not reused; the test needs it to be"
+    );
+    let (mut c, fd_c) = fx.close_wait(0);
+    let (mut est, fd_est) = fx.connect(0);
+    let live = victim(pid, fd_c);
+    let established = victim(pid, fd_est);
+    let not_open = Victim {
+        fd: 900,
+        inode: 1,
+        cookie: 1,
+    };
+    let before = open_fds(pid);
+    let report = inject(pid, &[stale, live, established, not_open]).expect("inject");
+    assert_eq!(report.closed, vec![fd_c]);
+    let reasons: std::collections::BTreeMap<i32, String> = report.skipped.iter().cloned().collect();
+    assert_eq!(reasons.len(), 3, "{report:?}");
+    assert!(reasons[&fd].contains("changed"), "{report:?}");
+    assert!(reasons[&fd_est].contains("ESTABLISHED"), "{report:?}");
+    assert!(reasons[&900].contains("not open"), "{report:?}");
+    assert_eq!(report.fds_before - report.fds_after, 1);
+    let after = open_fds(pid);
+    assert!(after.contains(&fd) && after.contains(&fd_est) && !after.contains(&fd_c));
+    assert_eq!(after.len(), before.len() - 1);
+    assert_eq!(
+        victim(pid, fd),
+        victim(pid, fd_b),
+        "the new socket on fd {fd} changed"
+    );
+    assert!(reads_eof(&mut c, Duration::from_secs(5)));
+    assert!(
+        !reads_eof(&mut b, Duration::from_millis(300)),
+        "the new socket was closed"
+    );
+    assert!(echoes(&mut est));
+}
+
+#[test]
+fn target_exiting_during_the_stop_is_gone_without_a_hang() {
+    if !require_root("target_exiting_during_the_stop_is_gone_without_a_hang") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &["--threaded"]);
+    let pid = fx.pid();
+    let victims: Vec<Victim> = (0..3)
+        .map(|_| fx.close_wait(0).1)
+        .map(|fd| victim(pid, fd))
+        .collect();
+    let pidfd = sys::pidfd_open(pid).unwrap();
+    let kill = || {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .expect("kill target");
+    };
+    let t0 = Instant::now();
+    let r = close_in_target_hooked(pid, pidfd.as_fd(), &victims, &kill);
+    assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    fx.kill();
+    // And once it is gone for good, the same call says so at once.
+    let r = close_in_target(pid, pidfd.as_fd(), &victims);
+    assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
+}
+
+/// Killed by its seccomp filter when it closes fd 77, a copy of its first connection: the
+/// process dies in the middle of the injection, while one thread runs the injected close.
+const PYTHON_DIES_ON_CLOSE: &str = r#"
+import ctypes, os, socket, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+class Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+prog = (Insn * 6)(
+    Insn(0x20, 0, 0, 0),  # load seccomp_data.nr
+    Insn(0x15, 0, 3, 3),  # close? else allow
+    Insn(0x20, 0, 0, 16),  # load the low word of args[0]
+    Insn(0x15, 0, 1, 77),  # fd 77? else allow
+    Insn(0x06, 0, 0, 0x80000000),  # SECCOMP_RET_KILL_PROCESS
+    Insn(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+)
+assert libc.prctl(38, 1, 0, 0, 0) == 0
+assert libc.prctl(22, 2, ctypes.byref(Prog(6, prog)), 0, 0) == 0
+threading.Thread(target=time.sleep, args=(1e6,), daemon=True).start()
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(16)
+print("listen", srv.getsockname()[1], flush=True)
+keep = []
+while True:
+    c, addr = srv.accept()
+    os.dup2(c.fileno(), 77)
+    keep.append(c)
+    print("accepted", c.fileno(), addr[1], flush=True)
+"#;
+
+#[test]
+fn target_dying_during_the_injection_is_gone_without_a_hang() {
+    if !require_root("target_dying_during_the_injection_is_gone_without_a_hang") {
+        return;
+    }
+    let mut py = Script::start("python3", "dies.py", PYTHON_DIES_ON_CLOSE);
+    let pid = py.pid();
+    let (_client, fd) = py.close_wait();
+    assert_eq!(victim(pid, 77).inode, victim(pid, fd).inode);
+    let t0 = Instant::now();
+    let r = inject(pid, &[victim(pid, 77)]);
+    assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    // The test process is both the parent and (in its tracing thread) the tracer, so the
+    // exit may already have been collected there: then the pid is simply gone.
+    match py.child.wait() {
+        Ok(status) => assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGSYS),
+            "{status:?}"
+        ),
+        Err(_) => assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists()),
+    }
+}
+
+#[test]
+fn sigkilled_tracer_leaves_the_target_running() {
+    if !require_root("sigkilled_tracer_leaves_the_target_running") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &["--threaded"]);
+    let pid = fx.pid();
+    let (mut client, fd) = fx.close_wait(0);
+    let (mut est, _) = fx.connect(0);
+    let v = victim(pid, fd);
+    let mut tracer = KillOnDrop(
+        Command::new(FIXTURE)
+            .args(["inject", &pid.to_string()])
+            .arg(format!("{}:{}:{}", v.fd, v.inode, v.cookie))
+            .args(["--pause-after-stop", "30000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn injector"),
+    );
+    let mut out = BufReader::new(tracer.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).expect("injector output");
+    assert_eq!(line.trim(), "stopped");
+    assert!(all_stopped(pid), "{:?}", thread_states(pid));
+    // ptrace belongs to one thread of the injector.
+    let tracer_tid = tracer_of(pid);
+    let injector = tracer.0.id();
+    assert!(
+        std::path::Path::new(&format!("/proc/{injector}/task/{tracer_tid}")).exists(),
+        "traced by {tracer_tid}, not by a thread of the injector {injector}"
+    );
+
+    // A second tracer is refused while the first holds the target, and says by whom.
+    let second = inject(pid, &[v]);
+    match second {
+        Err(InjectError::Permission(why)) => assert!(why.contains("already traced"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    tracer.0.kill().expect("SIGKILL the injector");
+    let _ = tracer.0.wait();
+    wait_for("the target to run again", Duration::from_secs(5), || {
+        none_stopped(pid)
+    });
+    assert_eq!(tracer_of(pid), 0);
+    let mut rest = String::new();
+    let _ = out.read_to_string(&mut rest);
+    assert!(
+        !rest.contains("closed"),
+        "the killed injector closed something: {rest}"
+    );
+    // Nothing was closed, everything still works, no blocked call failed.
+    assert!(open_fds(pid).contains(&fd));
+    assert_eq!(tcp_state(pid, fd), Some(CLOSE_WAIT));
+    assert!(!reads_eof(&mut client, Duration::from_millis(200)));
+    assert!(echoes(&mut est));
+    check_connection(fx.listen[0]);
+    fx.send("ping");
+    fx.expect_line("pong");
+    let ms: u64 = fx.expect_line("slept ").parse().unwrap();
+    assert!(ms >= 1500, "{ms}");
+}
+
+#[test]
+fn own_process_and_mismatched_pidfd_are_refused() {
+    if !require_root("own_process_and_mismatched_pidfd_are_refused") {
+        return;
+    }
+    let me = std::process::id() as i32;
+    let own = sys::pidfd_open(me).unwrap();
+    let v = Victim {
+        fd: 0,
+        inode: 1,
+        cookie: 1,
+    };
+    assert!(matches!(
+        close_in_target(me, own.as_fd(), &[v]),
+        Err(InjectError::Refused(_))
+    ));
+    let mut a = Fixture::start(&[V4], &[]);
+    let b = Fixture::start(&[V4], &[]);
+    let (_c, fd) = a.close_wait(0);
+    let va = victim(a.pid(), fd);
+    let pidfd_b = sys::pidfd_open(b.pid()).unwrap();
+    let r = close_in_target(a.pid(), pidfd_b.as_fd(), &[va]);
+    assert!(matches!(r, Err(InjectError::Refused(_))), "{r:?}");
+    assert!(open_fds(a.pid()).contains(&fd));
+    // An empty batch stops nothing.
+    let pidfd_a = sys::pidfd_open(a.pid()).unwrap();
+    let r = close_in_target(a.pid(), pidfd_a.as_fd(), &[]).expect("empty batch");
+    assert_eq!((r.threads, r.pause_us), (0, 0));
+    assert!(r.fds_before > 0);
+}
+
+/// A child process killed (SIGKILL) and reaped on drop, also when a test fails.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
