@@ -101,7 +101,8 @@ const REAP_EXAMPLES: &str = "Examples:
   cwreap reap --pid 4242 --older-than 10m --dry-run   # what would happen, permission proven
   cwreap reap --pid 4242 --older-than 10m             # do it
   cwreap reap --comm '^node$' --port 3000 --older-than 2m --max 500 --json
-  cwreap reap --port 8080 --older-than 5m --destroy                   # RST, also unaccepted ones";
+  cwreap reap --port 8080 --older-than 5m --destroy                   # RST, also unaccepted ones
+  cwreap reap --pid 4242 --older-than 10m --close                     # free the fd slots (ptrace)";
 
 #[derive(Debug, Clone, Args)]
 pub struct Selectors {
@@ -167,8 +168,15 @@ pub struct ReapArgs {
     /// Reset the sockets with SOCK_DESTROY (netlink; needs CAP_NET_ADMIN) instead of
     /// shutdown: the peer gets an RST instead of a FIN, the owner sees ECONNABORTED, and
     /// connections never accept()ed (no fd) can be reaped too
-    #[arg(long)]
+    #[arg(long, conflicts_with = "close")]
     pub destroy: bool,
+    /// Last resort: free the owner's fd slots by running close(fd) inside the target
+    /// (ptrace; the whole process is stopped for a few ms, every fd verified while it is
+    /// stopped). Covers matching CLOSE_WAIT sockets and, for --pid targets, sockets already
+    /// shut down that the owner still holds. Hazard: an app that later closes the same fd
+    /// number may close whatever reused it
+    #[arg(long)]
+    pub close: bool,
     /// Act on at most N sockets, oldest first
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max: Option<u64>,

@@ -1,7 +1,7 @@
 //! The `scan` and `reap` commands: discovery → attribution → selection → action → report.
 //! This is the edge: errors carry context here, and usage errors become exit code 2.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 
 use anyhow::{Context, Result};
@@ -223,12 +223,33 @@ to see candidates)"
     let rows = select::select(&snap, &filter);
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
     let (plan, unowned) = select::plan_reap(&rows, max, args.destroy);
-    let action = if args.destroy { "destroy" } else { "shutdown" };
+    let action = if args.destroy {
+        "destroy"
+    } else if args.close {
+        "close"
+    } else {
+        "shutdown"
+    };
+    // close(): one stop per process for all of its fds, done before reporting.
+    let mut closed = if args.close && !args.dry_run {
+        close_batches(&snap, &plan, err)?
+    } else {
+        HashMap::new()
+    };
 
     let mut done: Vec<(Row<'_, _>, ActResult)> = Vec::with_capacity(plan.len());
     let mut unsupported = false;
     for row in plan {
-        let res = if args.destroy {
+        let res = if args.close && row.unaccepted {
+            ActResult::with(
+                Outcome::Skipped,
+                "unaccepted: no fd exists to close; use --destroy",
+            )
+        } else if args.close && !args.dry_run {
+            row.holder
+                .and_then(|h| closed.remove(&(h.pid, h.fd)))
+                .unwrap_or_else(|| ActResult::with(Outcome::Error, "not part of any batch"))
+        } else if args.destroy {
             if unsupported {
                 ActResult::with(Outcome::Error, act::NO_DESTROY_HINT)
             } else {
@@ -254,6 +275,18 @@ to see candidates)"
     }
     if unsupported {
         writeln!(err, "cwreap: {}", act::NO_DESTROY_HINT)?;
+    }
+    let mut extra_errors = false;
+    if args.close {
+        extra_errors = close_held_after_shutdown(
+            &os,
+            &snap,
+            &args.selectors.pids,
+            args.dry_run,
+            args.json,
+            out,
+            err,
+        )?;
     }
 
     let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
@@ -305,7 +338,7 @@ to see candidates)"
         };
         writeln!(err, "hint: {hint}")?;
     }
-    Ok(if counts.contains_key(&Outcome::Error) {
+    Ok(if counts.contains_key(&Outcome::Error) || extra_errors {
         Status::Failed
     } else {
         Status::Ok
@@ -352,4 +385,173 @@ pub fn check(path: &std::path::Path, out: &mut impl Write) -> Result<Status> {
     writeln!(out, "{}: OK", path.display())?;
     write!(out, "{}", cfg.describe())?;
     Ok(Status::Ok)
+}
+
+/// Run the injected close() for the planned rows, one stop per owner. Results by (pid, fd).
+fn close_batches(
+    snap: &Snapshot<std::os::fd::OwnedFd>,
+    plan: &[&Row<'_, std::os::fd::OwnedFd>],
+    err: &mut impl Write,
+) -> Result<HashMap<(i32, i32), ActResult>> {
+    use crate::inject::{Victim, close_in_target};
+    use std::os::fd::AsFd;
+    let mut by_pid: BTreeMap<i32, Vec<Victim>> = BTreeMap::new();
+    for row in plan {
+        if let (Some(h), false) = (row.holder, row.unaccepted) {
+            by_pid.entry(h.pid).or_default().push(Victim {
+                fd: h.fd,
+                inode: row.socket.diag.inode,
+                cookie: row.socket.diag.cookie,
+            });
+        }
+    }
+    let mut out = HashMap::new();
+    for (pid, victims) in by_pid {
+        let Some(pidfd) = snap.processes.get(&pid).and_then(|p| p.handle.as_ref()) else {
+            for v in &victims {
+                out.insert(
+                    (pid, v.fd),
+                    ActResult::with(Outcome::Gone, "owner no longer pinned"),
+                );
+            }
+            continue;
+        };
+        match close_in_target(pid, pidfd.as_fd(), &victims) {
+            Ok(report) => {
+                writeln!(
+                    err,
+                    "close: pid {pid}: {} closed, {} skipped; target paused {} µs ({} threads); open fds {} -> {}",
+                    report.closed.len(),
+                    report.skipped.len(),
+                    report.pause_us,
+                    report.threads,
+                    report.fds_before,
+                    report.fds_after
+                )?;
+                for fd in &report.closed {
+                    out.insert(
+                        (pid, *fd),
+                        ActResult::with(
+                            Outcome::Reaped,
+                            format!("closed inside the target; paused {} µs", report.pause_us),
+                        ),
+                    );
+                }
+                for (fd, why) in &report.skipped {
+                    out.insert((pid, *fd), ActResult::with(Outcome::Changed, why.clone()));
+                }
+            }
+            Err(crate::inject::InjectError::Gone) => {
+                for v in &victims {
+                    out.insert(
+                        (pid, v.fd),
+                        ActResult::with(Outcome::Gone, "process exited"),
+                    );
+                }
+            }
+            Err(e) => {
+                let perm = matches!(e, crate::inject::InjectError::Permission(_));
+                for v in &victims {
+                    out.insert(
+                        (pid, v.fd),
+                        ActResult {
+                            outcome: Outcome::Error,
+                            detail: Some(e.to_string()),
+                            permission_denied: perm,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sockets of the named processes that were already shut down (TCP state CLOSE) but whose
+/// fd the owner still holds: invisible to sock_diag, found by inspecting each socket fd
+/// through the pidfd. Closed inside the target like the rest. Returns whether any failed.
+fn close_held_after_shutdown(
+    os: &RealOs,
+    snap: &Snapshot<std::os::fd::OwnedFd>,
+    pids: &[i32],
+    dry_run: bool,
+    json: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<bool> {
+    use crate::inject::{Victim, close_in_target};
+    use std::os::fd::AsFd;
+    let proc = ProcFs::default();
+    let mut failed = false;
+    for &pid in pids {
+        let Some(pidfd) = snap.processes.get(&pid).and_then(|p| p.handle.as_ref()) else {
+            continue;
+        };
+        let Ok(table) = proc.fd_table(pid) else {
+            continue;
+        };
+        let mut victims = Vec::new();
+        for (fd, _) in table.sockets {
+            let Ok(dup) = os.duplicate(pidfd, fd) else {
+                continue;
+            };
+            if let Ok(id) = os.identify(&dup)
+                && id.tcp_state == 7
+            {
+                victims.push(Victim {
+                    fd,
+                    inode: id.inode,
+                    cookie: id.cookie,
+                });
+            }
+        }
+        if victims.is_empty() {
+            continue;
+        }
+        let outcome_of = |fd: i32, outcome: &str, detail: Option<&str>| serde_json::json!({"pid": pid, "fd": fd, "state": "CLOSE", "action": "close", "outcome": outcome, "error": detail});
+        let results: Vec<(i32, &str, Option<String>)> = if dry_run {
+            victims.iter().map(|v| (v.fd, "dry_run", None)).collect()
+        } else {
+            match close_in_target(pid, pidfd.as_fd(), &victims) {
+                Ok(r) => {
+                    writeln!(
+                        err,
+                        "close: pid {pid}: {} already-shut-down socket(s) closed, paused {} µs; open fds {} -> {}",
+                        r.closed.len(),
+                        r.pause_us,
+                        r.fds_before,
+                        r.fds_after
+                    )?;
+                    r.closed
+                        .iter()
+                        .map(|fd| (*fd, "reaped", None))
+                        .chain(
+                            r.skipped
+                                .iter()
+                                .map(|(fd, why)| (*fd, "changed", Some(why.clone()))),
+                        )
+                        .collect()
+                }
+                Err(e) => {
+                    failed = true;
+                    victims
+                        .iter()
+                        .map(|v| (v.fd, "error", Some(e.to_string())))
+                        .collect()
+                }
+            }
+        };
+        for (fd, outcome, detail) in results {
+            if json {
+                writeln!(out, "{}", outcome_of(fd, outcome, detail.as_deref()))?;
+            } else {
+                writeln!(
+                    out,
+                    "pid {pid} fd {fd}: shut down earlier, still held: close {outcome}{}",
+                    detail.map(|d| format!(" ({d})")).unwrap_or_default()
+                )?;
+            }
+        }
+    }
+    Ok(failed)
 }
