@@ -20,7 +20,7 @@ fn close_frees_close_wait_and_already_shut_down_fds() {
     // The threaded server keeps no table keyed by fd number, so it cannot trip over the
     // documented hazard (closing a number that was reused after the injected close).
     let mut fx = Fixture::start(&["127.0.0.1:0"], &["--threaded"]);
-    let mut waiting = vec![fx.close_wait(0), fx.close_wait(0), fx.close_wait(0)];
+    let mut waiting = [fx.close_wait(0), fx.close_wait(0), fx.close_wait(0)];
     let mut est = fx.connect(0);
     let pid = fx.pid().to_string();
     let before = open_fds(fx.pid());
