@@ -105,7 +105,21 @@ pub struct Target {
     pub action: Action,
     /// Per-target override of the global `dry_run`.
     pub dry_run: Option<bool>,
+    /// Opt-in last resort: close the fd inside the owner (ptrace) when it still holds a
+    /// socket cwreap shut down this long ago.
+    pub escalate: Option<Escalate>,
 }
+
+/// `escalate:` of a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Escalate {
+    /// How long after a shutdown the owner must still hold the fd before it is closed
+    /// inside the owner.
+    pub close_after: Duration,
+}
+
+/// Shown by `cwreap check` for every target that escalates.
+pub const ESCALATE_HAZARD: &str = "escalate closes fds inside the application (ptrace). If the app later calls close() on the same fd number after it was reused, it closes the wrong file; that is why only fds still held long after shutdown are closed. Needs the ptrace drop-in (systemd/drop-ins/close.conf).";
 
 impl Target {
     /// The dry-run setting in force for this target given the global one. A `--dry-run` on
@@ -464,6 +478,15 @@ struct RawTarget {
     action: Key<String>,
     #[serde(default, deserialize_with = "key")]
     dry_run: Key<bool>,
+    #[serde(default, deserialize_with = "key")]
+    escalate: Key<RawEscalate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEscalate {
+    #[serde(default, deserialize_with = "key")]
+    close_after: Key<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -904,6 +927,29 @@ impl Target {
 
         let action = scalar(&raw.action, &what("action"), parse_action)?.unwrap_or(Action::Log);
         let dry_run = given(&raw.dry_run, &what("dry_run"))?.map(|(v, _)| *v);
+        let escalate = match block(&raw.escalate) {
+            None => None,
+            Some(e) => {
+                let key = format!("`escalate.close_after` in target `{name}`");
+                match scalar(&e.close_after, &key, parse_duration)? {
+                    Some(close_after) => Some(Escalate { close_after }),
+                    None => {
+                        return Err(problem_at(
+                            at,
+                            format!(
+                                "target `{name}`: `escalate` needs `close_after` (e.g. `close_after: 10m`)"
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        if escalate.is_some() && action != Action::Shutdown {
+            return Err(problem_at(
+                at,
+                format!("target `{name}`: `escalate` only follows `action: shutdown`"),
+            ));
+        }
 
         Ok(Target {
             name,
@@ -913,6 +959,7 @@ impl Target {
             exclude,
             action,
             dry_run,
+            escalate,
         })
     }
 }
@@ -1223,6 +1270,13 @@ impl Config {
                     "    # dry_run: {} (the global setting)",
                     self.dry_run
                 )),
+            }
+            if let Some(e) = t.escalate {
+                l.push(format!(
+                    "    escalate: {{close_after: {}}}",
+                    duration_text(e.close_after)
+                ));
+                l.push(format!("    # WARNING: {ESCALATE_HAZARD}"));
             }
         }
         let mut out = l.join("\n");
@@ -1550,6 +1604,38 @@ targets:
             err(both),
             "t.yaml:5:33: `exclude.local_ports` in target `web`: port 443 is both matched and excluded, so it selects nothing"
         );
+    }
+
+    #[test]
+    fn escalate_rules() {
+        let ok = parse(
+            &with_target(
+                "    older_than: 1m\n    action: shutdown\n    escalate: {close_after: 10m}\n",
+            ),
+            "t.yaml",
+        )
+        .expect("valid escalate");
+        assert_eq!(
+            ok.targets[0].escalate,
+            Some(Escalate {
+                close_after: Duration::from_secs(600)
+            })
+        );
+        assert!(ok.describe().contains("WARNING: escalate closes fds"));
+        let again = parse(&ok.describe(), "described.yaml").expect("describe round-trips");
+        assert_eq!(again.targets[0].escalate, ok.targets[0].escalate);
+        let e = err(&with_target(
+            "    older_than: 1m\n    escalate: {close_after: 10m}\n",
+        ));
+        assert!(e.contains("only follows `action: shutdown`"), "{e}");
+        let e = err(&with_target(
+            "    older_than: 1m\n    action: shutdown\n    escalate: {}\n",
+        ));
+        assert!(e.contains("needs `close_after`"), "{e}");
+        let e = err(&with_target(
+            "    older_than: 1m\n    action: shutdown\n    escalate: {close_after: soon}\n",
+        ));
+        assert!(e.contains("close_after"), "{e}");
     }
 
     #[test]

@@ -43,6 +43,7 @@ struct PendingRelease {
     pid: i32,
     fd: i32,
     inode: u64,
+    cookie: u64,
     comm: String,
     /// Shared by the sockets of one process reaped in the same cycle: one fd per process,
     /// not one per socket (thousands of reaps would otherwise exhaust our fd limit).
@@ -123,6 +124,9 @@ pub struct Daemon {
     /// Sockets already acted on (or reported), so each is handled once.
     handled: HashSet<SocketKey>,
     pending: Vec<PendingRelease>,
+    /// Shut down but still held, on targets with `escalate`: closed inside the owner once
+    /// `close_after` has passed since the shutdown.
+    held: Vec<PendingRelease>,
     audit: Option<File>,
     /// Every socket fd of the target processes, kept between cycles (with their pidfds).
     index: FdIndex<OwnedFd>,
@@ -174,6 +178,7 @@ impl Daemon {
             headroom: Headroom::default(),
             handled: HashSet::new(),
             pending: Vec::new(),
+            held: Vec::new(),
             audit,
             index: FdIndex::default(),
             self_pid: std::process::id() as i32,
@@ -329,6 +334,7 @@ impl Daemon {
             .collect();
         self.handled.retain(|k| present.contains(k));
         self.check_releases(now, &mut report);
+        self.escalate(now, stop, &mut report);
 
         // Attribution from the cache; only changed targets' fd tables are read again.
         let mut refresh = self.index.refresh(&self.proc, &self.os, &pids);
@@ -599,6 +605,7 @@ impl Daemon {
                 pid: c.pid,
                 fd: c.fd,
                 inode: c.inode,
+                cookie: c.cookie,
                 comm: c.comm.clone(),
                 pidfd,
                 at: now,
@@ -651,6 +658,152 @@ impl Daemon {
                 .releases
                 .entry((p.target.clone(), result))
                 .or_default() += 1;
+            let escalates = self
+                .cfg
+                .targets
+                .iter()
+                .any(|t| t.name == p.target && t.escalate.is_some());
+            if result == Release::StillHeld && escalates {
+                self.held.push(p);
+            }
+        }
+    }
+
+    /// `escalate: {close_after}`: fds the owner still holds `close_after` after cwreap shut
+    /// their socket down are closed inside the owner, one stop per process, each fd
+    /// verified again while the process is stopped.
+    fn escalate(&mut self, now: Instant, stop: &AtomicBool, report: &mut CycleReport) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut due: BTreeMap<i32, Vec<PendingRelease>> = BTreeMap::new();
+        for p in std::mem::take(&mut self.held) {
+            let Some(after) = self
+                .cfg
+                .targets
+                .iter()
+                .find(|t| t.name == p.target)
+                .and_then(|t| t.escalate)
+                .map(|e| e.close_after)
+            else {
+                continue; // the target no longer escalates (reload)
+            };
+            let exited = p
+                .pidfd
+                .as_ref()
+                .is_none_or(|fd| !sys::pidfd_alive(fd.as_fd()));
+            let held = !exited
+                && matches!(self.proc.fd_socket_inode(p.pid, p.fd), Ok(Some(i)) if i == p.inode);
+            if !held {
+                continue; // released after all
+            }
+            if now.saturating_duration_since(p.at) >= after {
+                due.entry(p.pid).or_default().push(p);
+            } else {
+                self.held.push(p);
+            }
+        }
+        for (pid, batch) in due {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let Some(pidfd) = batch[0].pidfd.clone() else {
+                continue;
+            };
+            let dry_run = self.force_dry_run
+                || self
+                    .cfg
+                    .targets
+                    .iter()
+                    .find(|t| t.name == batch[0].target)
+                    .is_some_and(|t| t.effective_dry_run(self.cfg.dry_run));
+            let victims: Vec<crate::inject::Victim> = batch
+                .iter()
+                .map(|p| crate::inject::Victim {
+                    fd: p.fd,
+                    inode: p.inode,
+                    cookie: p.cookie,
+                })
+                .collect();
+            let results: Vec<(i32, Outcome, Option<String>)> = if dry_run {
+                victims
+                    .iter()
+                    .map(|v| (v.fd, Outcome::DryRun, None))
+                    .collect()
+            } else {
+                match crate::inject::close_in_target(pid, pidfd.as_fd(), &victims) {
+                    Ok(r) => {
+                        info!(
+                            pid,
+                            closed = r.closed.len(),
+                            skipped = r.skipped.len(),
+                            pause_us = r.pause_us,
+                            threads = r.threads,
+                            open_fds_before = r.fds_before,
+                            open_fds_after = r.fds_after,
+                            "closed fds inside the owner"
+                        );
+                        r.closed
+                            .iter()
+                            .map(|fd| {
+                                (
+                                    *fd,
+                                    Outcome::Reaped,
+                                    Some(format!("paused {} µs", r.pause_us)),
+                                )
+                            })
+                            .chain(
+                                r.skipped
+                                    .iter()
+                                    .map(|(fd, why)| (*fd, Outcome::Changed, Some(why.clone()))),
+                            )
+                            .collect()
+                    }
+                    Err(crate::inject::InjectError::Gone) => victims
+                        .iter()
+                        .map(|v| (v.fd, Outcome::Gone, None))
+                        .collect(),
+                    Err(e) => {
+                        report.error("inject");
+                        victims
+                            .iter()
+                            .map(|v| (v.fd, Outcome::Error, Some(e.to_string())))
+                            .collect()
+                    }
+                }
+            };
+            for (fd, outcome, detail) in results {
+                let Some(p) = batch.iter().find(|p| p.fd == fd) else {
+                    continue;
+                };
+                let detail_s = detail.as_deref().unwrap_or("");
+                if outcome == Outcome::Error {
+                    warn!(target = %p.target, pid, fd, comm = %p.comm, inode = p.inode,
+                        action = "close", outcome = outcome.as_str(), dry_run, error = detail_s,
+                        "injected close failed");
+                } else {
+                    info!(target = %p.target, pid, fd, comm = %p.comm, inode = p.inode,
+                        action = "close", outcome = outcome.as_str(), dry_run, detail = detail_s,
+                        "close_wait action");
+                }
+                self.audit(json!({
+                    "ts": unix_ts(),
+                    "event": "action",
+                    "target": p.target,
+                    "pid": pid,
+                    "fd": fd,
+                    "comm": p.comm,
+                    "inode": p.inode,
+                    "action": "close",
+                    "outcome": outcome.as_str(),
+                    "dry_run": dry_run,
+                    "error": detail,
+                }));
+                *report
+                    .outcomes
+                    .entry((p.target.clone(), "close", outcome))
+                    .or_default() += 1;
+            }
         }
     }
 

@@ -102,3 +102,53 @@ fn close_frees_close_wait_and_already_shut_down_fds() {
     let (mut fresh, _) = fx.connect(0);
     assert!(echoes(&mut fresh));
 }
+
+#[test]
+fn daemon_escalates_to_close_for_fds_still_held_after_shutdown() {
+    if !require_root("daemon_escalates_to_close_for_fds_still_held_after_shutdown") {
+        return;
+    }
+    let mut fx = Fixture::start(&["127.0.0.1:0"], &["--threaded"]);
+    let mut waiting = [fx.close_wait(0), fx.close_wait(0)];
+    let before = open_fds(fx.pid());
+    let audit = std::env::temp_dir().join(format!(
+        "cwreap-escalate-audit-{}.jsonl",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&audit);
+    let _d = Daemon::start(
+        "escalate",
+        &format!(
+            "interval: 300ms\ndry_run: false\naudit_log: {}\nmetrics: {{listen: off}}\ntargets:\n  - name: t\n    match: {{pid: {}}}\n    older_than: 1s\n    action: shutdown\n    escalate: {{close_after: 2s}}\n",
+            audit.display(),
+            fx.pid()
+        ),
+    );
+    // Shut down first (peers get EOF), still held, then closed inside the owner.
+    for (c, fd) in waiting.iter_mut() {
+        assert!(reads_eof(c, Duration::from_secs(10)), "fd {fd}: no EOF");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while open_fds(fx.pid()) > before - 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(open_fds(fx.pid()), before - 2, "the two fds were freed");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .expect("audit log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let of = |action: &str, outcome: &str| {
+        lines
+            .iter()
+            .filter(|l| l["action"] == action && l["outcome"] == outcome)
+            .count()
+    };
+    assert_eq!(of("shutdown", "reaped"), 2, "{lines:?}");
+    assert_eq!(of("close", "reaped"), 2, "{lines:?}");
+    let still = lines.iter().filter(|l| l["result"] == "still_held").count();
+    assert_eq!(still, 2, "close only after still_held: {lines:?}");
+    let (mut fresh, _) = fx.connect(0);
+    assert!(echoes(&mut fresh), "the server still serves");
+    let _ = std::fs::remove_file(&audit);
+}
