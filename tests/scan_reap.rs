@@ -447,12 +447,22 @@ fn unprivileged_user_gets_the_capability_message() {
         vec!["scan", "--pid", pid.as_str()],
         vec!["reap", "--pid", pid.as_str(), "--older-than", "0s"],
     ] {
-        let out = std::process::Command::new(&bin)
-            .args(&args)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .expect("run as nobody");
+        // Another test's fork may still hold the fresh copy open for writing (ETXTBSY).
+        let mut tries = 0;
+        let out = loop {
+            match std::process::Command::new(&bin)
+                .args(&args)
+                .uid(65534)
+                .gid(65534)
+                .output()
+            {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.expect("run as nobody"),
+            }
+        };
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains("CAP_SYS_PTRACE"), "{}", stderr(&out));
         assert!(!stderr(&out).contains("panicked"));
