@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::discover::Found;
 use crate::os::Os;
 use crate::procfs::ProcFs;
-use crate::snapshot::{Holder, ListenerRef, Observed, Process, Snapshot, WalkStats, listener_for};
+use crate::snapshot::{Holder, Observed, Process, Snapshot, WalkStats, listener_ref};
 
 /// Re-read every target's fd table this often (in cycles), whatever the counts say.
 pub const FULL_EVERY: u32 = 10;
@@ -159,15 +159,7 @@ impl<H> FdIndex<H> {
             .close_wait
             .into_iter()
             .map(|diag| {
-                let listener = (diag.inode == 0)
-                    .then(|| listener_for(&diag, &listeners))
-                    .flatten()
-                    .filter(|l| l.inode != 0)
-                    .map(|l| ListenerRef {
-                        inode: l.inode,
-                        local: l.local,
-                        holders: holders_of(l.inode),
-                    });
+                let listener = listener_ref(&diag, &listeners, holders_of);
                 let holders = if diag.inode == 0 {
                     Vec::new()
                 } else {

@@ -67,6 +67,24 @@ impl Observed {
     }
 }
 
+/// For an unaccepted connection (inode 0), its listener with the holders `holders_of`
+/// gives for the listener's inode.
+pub fn listener_ref(
+    diag: &DiagSocket,
+    listeners: &[DiagSocket],
+    holders_of: impl Fn(u64) -> Vec<Holder>,
+) -> Option<ListenerRef> {
+    if diag.inode != 0 {
+        return None;
+    }
+    let l = listener_for(diag, listeners).filter(|l| l.inode != 0)?;
+    Some(ListenerRef {
+        inode: l.inode,
+        local: l.local,
+        holders: holders_of(l.inode),
+    })
+}
+
 /// The listener a not-yet-accepted connection waits on: same namespace, same port, and the
 /// same address or a wildcard one (IPv4-mapped addresses compared as IPv4).
 pub fn listener_for<'a>(s: &DiagSocket, listeners: &'a [DiagSocket]) -> Option<&'a DiagSocket> {
@@ -137,15 +155,7 @@ impl<'a, O: Os> Attributor<'a, O> {
                 .close_wait
                 .into_iter()
                 .map(|diag| {
-                    let listener = (diag.inode == 0)
-                        .then(|| listener_for(&diag, &listeners))
-                        .flatten()
-                        .filter(|l| l.inode != 0)
-                        .map(|l| ListenerRef {
-                            inode: l.inode,
-                            local: l.local,
-                            holders: Vec::new(),
-                        });
+                    let listener = listener_ref(&diag, &listeners, |_| Vec::new());
                     Observed {
                         diag,
                         holders: Vec::new(),
