@@ -6,6 +6,7 @@ use std::io;
 
 use serde::Serialize;
 
+use crate::inject::{InjectError, InjectReport, Victim};
 use crate::netlink::{DiagSocket, TCP_CLOSE_WAIT};
 use crate::os::Os;
 
@@ -215,6 +216,45 @@ pub fn destroy_verified<K: SocketKiller>(k: &mut K, s: &DiagSocket, dry_run: boo
     }
 }
 
+/// Per-fd results of one injected close() batch: the target was stopped once for all of
+/// `victims`. Closed fds are `reaped`, fds the stopped-process check rejected `changed`; a
+/// failed batch gives every fd the same outcome (`gone` if the process exited).
+pub fn close_results(
+    victims: &[Victim],
+    batch: &Result<InjectReport, InjectError>,
+) -> Vec<(i32, ActResult)> {
+    match batch {
+        Ok(r) => r
+            .closed
+            .iter()
+            .map(|fd| {
+                let done = format!("closed inside the target; paused {} µs", r.pause_us);
+                (*fd, ActResult::with(Outcome::Reaped, done))
+            })
+            .chain(
+                r.skipped
+                    .iter()
+                    .map(|(fd, why)| (*fd, ActResult::with(Outcome::Changed, why.clone()))),
+            )
+            .collect(),
+        Err(InjectError::Gone) => victims
+            .iter()
+            .map(|v| (v.fd, ActResult::with(Outcome::Gone, "process exited")))
+            .collect(),
+        Err(e) => victims
+            .iter()
+            .map(|v| {
+                let res = ActResult {
+                    outcome: Outcome::Error,
+                    detail: Some(e.to_string()),
+                    permission_denied: matches!(e, InjectError::Permission(_)),
+                };
+                (v.fd, res)
+            })
+            .collect(),
+    }
+}
+
 fn classify_dup_error(e: &io::Error) -> ActResult {
     match e.raw_os_error() {
         Some(libc::ESRCH) => ActResult::with(Outcome::Gone, "process exited"),
@@ -393,6 +433,49 @@ mod tests {
         assert_eq!(
             shutdown_verified(&os, &100, &EXP, false).outcome,
             Outcome::Error
+        );
+    }
+
+    #[test]
+    fn close_batches_map_to_outcomes() {
+        let victims = [
+            Victim {
+                fd: 4,
+                inode: 40,
+                cookie: 400,
+            },
+            Victim {
+                fd: 5,
+                inode: 50,
+                cookie: 500,
+            },
+        ];
+        let report = InjectReport {
+            closed: vec![4],
+            skipped: vec![(5, "changed: inode differs".into())],
+            pause_us: 120,
+            threads: 3,
+            fds_before: 10,
+            fds_after: 9,
+        };
+        let got = close_results(&victims, &Ok(report));
+        assert_eq!(got[0].0, 4);
+        assert_eq!(got[0].1.outcome, Outcome::Reaped);
+        assert!(
+            got[0]
+                .1
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("120 µs"))
+        );
+        assert_eq!((got[1].0, got[1].1.outcome), (5, Outcome::Changed));
+        let gone = close_results(&victims, &Err(InjectError::Gone));
+        assert!(gone.iter().all(|(_, r)| r.outcome == Outcome::Gone));
+        let denied = close_results(&victims, &Err(InjectError::Permission("ptrace".into())));
+        assert!(
+            denied
+                .iter()
+                .all(|(_, r)| r.outcome == Outcome::Error && r.permission_denied)
         );
     }
 

@@ -416,52 +416,21 @@ fn close_batches(
             }
             continue;
         };
-        match close_in_target(pid, pidfd.as_fd(), &victims) {
-            Ok(report) => {
-                writeln!(
-                    err,
-                    "close: pid {pid}: {} closed, {} skipped; target paused {} µs ({} threads); open fds {} -> {}",
-                    report.closed.len(),
-                    report.skipped.len(),
-                    report.pause_us,
-                    report.threads,
-                    report.fds_before,
-                    report.fds_after
-                )?;
-                for fd in &report.closed {
-                    out.insert(
-                        (pid, *fd),
-                        ActResult::with(
-                            Outcome::Reaped,
-                            format!("closed inside the target; paused {} µs", report.pause_us),
-                        ),
-                    );
-                }
-                for (fd, why) in &report.skipped {
-                    out.insert((pid, *fd), ActResult::with(Outcome::Changed, why.clone()));
-                }
-            }
-            Err(crate::inject::InjectError::Gone) => {
-                for v in &victims {
-                    out.insert(
-                        (pid, v.fd),
-                        ActResult::with(Outcome::Gone, "process exited"),
-                    );
-                }
-            }
-            Err(e) => {
-                let perm = matches!(e, crate::inject::InjectError::Permission(_));
-                for v in &victims {
-                    out.insert(
-                        (pid, v.fd),
-                        ActResult {
-                            outcome: Outcome::Error,
-                            detail: Some(e.to_string()),
-                            permission_denied: perm,
-                        },
-                    );
-                }
-            }
+        let batch = close_in_target(pid, pidfd.as_fd(), &victims);
+        if let Ok(report) = &batch {
+            writeln!(
+                err,
+                "close: pid {pid}: {} closed, {} skipped; target paused {} µs ({} threads); open fds {} -> {}",
+                report.closed.len(),
+                report.skipped.len(),
+                report.pause_us,
+                report.threads,
+                report.fds_before,
+                report.fds_after
+            )?;
+        }
+        for (fd, res) in act::close_results(&victims, &batch) {
+            out.insert((pid, fd), res);
         }
     }
     Ok(out)
@@ -508,47 +477,36 @@ fn close_held_after_shutdown(
         if victims.is_empty() {
             continue;
         }
-        let outcome_of = |fd: i32, outcome: &str, detail: Option<&str>| serde_json::json!({"pid": pid, "fd": fd, "state": "CLOSE", "action": "close", "outcome": outcome, "error": detail});
-        let results: Vec<(i32, &str, Option<String>)> = if dry_run {
-            victims.iter().map(|v| (v.fd, "dry_run", None)).collect()
+        let results: Vec<(i32, ActResult)> = if dry_run {
+            victims
+                .iter()
+                .map(|v| (v.fd, ActResult::ok(Outcome::DryRun)))
+                .collect()
         } else {
-            match close_in_target(pid, pidfd.as_fd(), &victims) {
-                Ok(r) => {
-                    writeln!(
-                        err,
-                        "close: pid {pid}: {} already-shut-down socket(s) closed, paused {} µs; open fds {} -> {}",
-                        r.closed.len(),
-                        r.pause_us,
-                        r.fds_before,
-                        r.fds_after
-                    )?;
-                    r.closed
-                        .iter()
-                        .map(|fd| (*fd, "reaped", None))
-                        .chain(
-                            r.skipped
-                                .iter()
-                                .map(|(fd, why)| (*fd, "changed", Some(why.clone()))),
-                        )
-                        .collect()
-                }
-                Err(e) => {
-                    failed = true;
-                    victims
-                        .iter()
-                        .map(|v| (v.fd, "error", Some(e.to_string())))
-                        .collect()
-                }
+            let batch = close_in_target(pid, pidfd.as_fd(), &victims);
+            if let Ok(r) = &batch {
+                writeln!(
+                    err,
+                    "close: pid {pid}: {} already-shut-down socket(s) closed, paused {} µs; open fds {} -> {}",
+                    r.closed.len(),
+                    r.pause_us,
+                    r.fds_before,
+                    r.fds_after
+                )?;
             }
+            act::close_results(&victims, &batch)
         };
-        for (fd, outcome, detail) in results {
+        for (fd, res) in results {
+            failed |= res.outcome == Outcome::Error;
+            let outcome = res.outcome.as_str();
             if json {
-                writeln!(out, "{}", outcome_of(fd, outcome, detail.as_deref()))?;
+                let line = serde_json::json!({"pid": pid, "fd": fd, "state": "CLOSE", "action": "close", "outcome": outcome, "error": res.detail});
+                writeln!(out, "{line}")?;
             } else {
                 writeln!(
                     out,
                     "pid {pid} fd {fd}: shut down earlier, still held: close {outcome}{}",
-                    detail.map(|d| format!(" ({d})")).unwrap_or_default()
+                    res.detail.map(|d| format!(" ({d})")).unwrap_or_default()
                 )?;
             }
         }

@@ -725,57 +725,36 @@ impl Daemon {
                     cookie: p.cookie,
                 })
                 .collect();
-            let results: Vec<(i32, Outcome, Option<String>)> = if dry_run {
+            let results: Vec<(i32, ActResult)> = if dry_run {
                 victims
                     .iter()
-                    .map(|v| (v.fd, Outcome::DryRun, None))
+                    .map(|v| (v.fd, ActResult::ok(Outcome::DryRun)))
                     .collect()
             } else {
-                match crate::inject::close_in_target(pid, pidfd.as_fd(), &victims) {
-                    Ok(r) => {
-                        info!(
-                            pid,
-                            closed = r.closed.len(),
-                            skipped = r.skipped.len(),
-                            pause_us = r.pause_us,
-                            threads = r.threads,
-                            open_fds_before = r.fds_before,
-                            open_fds_after = r.fds_after,
-                            "closed fds inside the owner"
-                        );
-                        r.closed
-                            .iter()
-                            .map(|fd| {
-                                (
-                                    *fd,
-                                    Outcome::Reaped,
-                                    Some(format!("paused {} µs", r.pause_us)),
-                                )
-                            })
-                            .chain(
-                                r.skipped
-                                    .iter()
-                                    .map(|(fd, why)| (*fd, Outcome::Changed, Some(why.clone()))),
-                            )
-                            .collect()
-                    }
-                    Err(crate::inject::InjectError::Gone) => victims
-                        .iter()
-                        .map(|v| (v.fd, Outcome::Gone, None))
-                        .collect(),
-                    Err(e) => {
-                        report.error("inject");
-                        victims
-                            .iter()
-                            .map(|v| (v.fd, Outcome::Error, Some(e.to_string())))
-                            .collect()
-                    }
+                let batch = crate::inject::close_in_target(pid, pidfd.as_fd(), &victims);
+                if let Ok(r) = &batch {
+                    info!(
+                        pid,
+                        closed = r.closed.len(),
+                        skipped = r.skipped.len(),
+                        pause_us = r.pause_us,
+                        threads = r.threads,
+                        open_fds_before = r.fds_before,
+                        open_fds_after = r.fds_after,
+                        "closed fds inside the owner"
+                    );
                 }
+                let results = act::close_results(&victims, &batch);
+                if results.iter().any(|(_, r)| r.outcome == Outcome::Error) {
+                    report.error("inject");
+                }
+                results
             };
-            for (fd, outcome, detail) in results {
+            for (fd, res) in results {
                 let Some(p) = batch.iter().find(|p| p.fd == fd) else {
                     continue;
                 };
+                let (outcome, detail) = (res.outcome, res.detail);
                 let detail_s = detail.as_deref().unwrap_or("");
                 if outcome == Outcome::Error {
                     warn!(target = %p.target, pid, fd, comm = %p.comm, inode = p.inode,
