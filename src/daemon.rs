@@ -327,12 +327,8 @@ impl Daemon {
         report.close_wait = found.close_wait.len();
         self.ages
             .observe(found.close_wait.iter().map(|s| (s.netns, s.cookie)), now);
-        let present: HashSet<SocketKey> = found
-            .close_wait
-            .iter()
-            .map(|s| (s.netns, s.cookie))
-            .collect();
-        self.handled.retain(|k| present.contains(k));
+        // Ages tracks exactly the sockets present now.
+        self.handled.retain(|k| self.ages.tracks(k));
         self.check_releases(now, &mut report);
         self.escalate(now, stop, &mut report);
 
@@ -613,19 +609,24 @@ impl Daemon {
         }
     }
 
+    /// Whether the owner still holds the fd of a socket cwreap shut down: alive (through the
+    /// pidfd kept since the shutdown; `without_pidfd` is the answer when there is none) and
+    /// its fd still names the same socket inode.
+    fn owner_holds(&self, p: &PendingRelease, without_pidfd: bool) -> bool {
+        let alive = p
+            .pidfd
+            .as_ref()
+            .map_or(without_pidfd, |fd| sys::pidfd_alive(fd.as_fd()));
+        alive && matches!(self.proc.fd_socket_inode(p.pid, p.fd), Ok(Some(i)) if i == p.inode)
+    }
+
     /// Did owners release the fds of sockets we shut down? `released` as soon as seen;
     /// `still_held` once the grace period (one interval, at least 1 s) is over.
     fn check_releases(&mut self, now: Instant, report: &mut CycleReport) {
         let grace = self.cfg.interval.max(Duration::from_secs(1));
         let pending = std::mem::take(&mut self.pending);
         for p in pending {
-            let exited = p
-                .pidfd
-                .as_ref()
-                .is_some_and(|fd| !sys::pidfd_alive(fd.as_fd()));
-            let held = !exited
-                && matches!(self.proc.fd_socket_inode(p.pid, p.fd), Ok(Some(i)) if i == p.inode);
-            let result = if !held {
+            let result = if !self.owner_holds(&p, true) {
                 Release::Released
             } else if now.saturating_duration_since(p.at) >= grace {
                 Release::StillHeld
@@ -688,13 +689,8 @@ impl Daemon {
             else {
                 continue; // the target no longer escalates (reload)
             };
-            let exited = p
-                .pidfd
-                .as_ref()
-                .is_none_or(|fd| !sys::pidfd_alive(fd.as_fd()));
-            let held = !exited
-                && matches!(self.proc.fd_socket_inode(p.pid, p.fd), Ok(Some(i)) if i == p.inode);
-            if !held {
+            // No pidfd, no injection: such an entry is dropped.
+            if !self.owner_holds(&p, false) {
                 continue; // released after all
             }
             if now.saturating_duration_since(p.at) >= after {

@@ -132,6 +132,11 @@ impl Ages {
         seen.max(u64::from(last_ack_recv_ms.unwrap_or(0)))
     }
 
+    /// Whether the socket was present at the last [`Self::observe`].
+    pub fn tracks(&self, key: &SocketKey) -> bool {
+        self.first_seen.contains_key(key)
+    }
+
     pub fn len(&self) -> usize {
         self.first_seen.len()
     }
@@ -328,6 +333,7 @@ targets:
         assert_eq!(ages.age_ms((8, 1), None, later), 0);
         ages.observe([(9, 3)], later);
         assert_eq!(ages.len(), 1, "gone sockets are forgotten");
+        assert!(ages.tracks(&(9, 3)) && !ages.tracks(&(9, 1)));
         assert_eq!(ages.age_ms((9, 1), None, later), 0);
     }
 
