@@ -11,7 +11,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use cwreap::inject::{InjectError, InjectReport, Victim, close_in_target, close_in_target_hooked};
@@ -331,15 +331,7 @@ impl Script {
             .spawn()
             .unwrap_or_else(|e| panic!("start {interpreter}: {e} (is it installed?)"));
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = support::lines_of(stdout);
         let mut s = Script {
             child,
             lines: rx,

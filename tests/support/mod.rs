@@ -25,6 +25,20 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// Lines a child prints on `reader`, delivered by a background thread.
+pub fn lines_of(reader: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// A running `cwreap-fixture server`, killed on drop.
 pub struct Fixture {
     pub child: Child,
@@ -59,15 +73,7 @@ impl Fixture {
         let mut child = cmd.spawn().expect("spawn cwreap-fixture");
         let stdin = child.stdin.take().expect("fixture stdin");
         let stdout = child.stdout.take().expect("fixture stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(stdout);
         let mut f = Fixture {
             child,
             stdin,
@@ -163,27 +169,31 @@ impl Drop for Fixture {
     }
 }
 
-/// Whether the peer sees EOF within `wait` (the socket was shut down on the other end).
-pub fn reads_eof(client: &mut TcpStream, wait: Duration) -> bool {
+/// Read until the connection ends or `wait` passes without data: Ok on EOF, else the
+/// error that ended the read (WouldBlock/TimedOut on the timeout, ConnectionReset on RST).
+fn read_to_end_within(client: &mut TcpStream, wait: Duration) -> std::io::Result<()> {
     client
         .set_read_timeout(Some(wait))
         .expect("set read timeout");
     let mut buf = [0u8; 64];
     loop {
         match client.read(&mut buf) {
-            Ok(0) => return true,
+            Ok(0) => return Ok(()),
             Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return false;
-            }
-            // A reset is also the end of the connection.
-            Err(_) => return true,
+            Err(e) => return Err(e),
         }
+    }
+}
+
+/// Whether the peer sees EOF within `wait` (the socket was shut down on the other end).
+/// A reset is also the end of the connection.
+pub fn reads_eof(client: &mut TcpStream, wait: Duration) -> bool {
+    match read_to_end_within(client, wait) {
+        Ok(()) => true,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
     }
 }
 
@@ -346,15 +356,7 @@ impl Netns {
             .spawn()
             .expect("spawn client in netns");
         let stdout = child.stdout.take().expect("client stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(stdout);
         let c = Clients { child, lines: rx };
         let first = c
             .lines
@@ -414,17 +416,7 @@ pub fn netns_of(pid: &str) -> u64 {
 
 /// Whether the peer sees a reset (SOCK_DESTROY sends an RST) within `wait`.
 pub fn reads_reset(client: &mut TcpStream, wait: Duration) -> bool {
-    client
-        .set_read_timeout(Some(wait))
-        .expect("set read timeout");
-    let mut buf = [0u8; 64];
-    loop {
-        match client.read(&mut buf) {
-            Ok(0) => return false,
-            Ok(_) => continue,
-            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
-        }
-    }
+    read_to_end_within(client, wait).is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
 /// A `cwreap run` child with its policy in a private temp dir; killed on drop.
