@@ -377,8 +377,9 @@ fn p2_cycle(fleet: &Fleet, reps: usize, log: &dyn Fn(&str)) -> Result<Row> {
         }
         Ok(())
     };
-    // The daemon re-attributes when the host-wide set of CLOSE_WAIT sockets changes, and
-    // other processes on a shared host open and close sockets all the time: a cycle during
+    // The daemon re-reads its targets' fd tables when a new, unattributed CLOSE_WAIT socket
+    // with a target's uid appears, and other processes on a shared host open and close
+    // sockets all the time: a cycle during
     // which the set changed measures attribution, not the cached path. Tell them apart.
     let mut diag = cwreap::netlink::Diag::new().context("opening a sock_diag socket")?;
     let mut host_set = || -> Result<Vec<u64>> {
