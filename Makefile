@@ -43,7 +43,7 @@ deb: assets
 	$(CARGO) deb --no-build
 
 test:
-	$(CARGO) test --locked
+	$(CARGO) test --locked --workspace --no-fail-fast
 
 clean:
 	$(CARGO) clean

@@ -1,4 +1,4 @@
-//! `cargo bench --bench inject`: how long `cwreap::inject::close_in_target` stops a real
+//! `cargo bench --bench inject`: how long `cwreap_linux::inject::close_in_target` stops a real
 //! leaky server, for batches of 1, 100 and 1000 CLOSE_WAIT fds.
 //!
 //! Each repetition starts a fresh multi-threaded `cwreap-fixture server --threaded` (main
@@ -26,9 +26,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use cwreap::inject::{Victim, close_in_target};
-use cwreap::procfs::parse_socket_link;
-use cwreap::sys;
+use cwreap_linux::inject::{Victim, close_in_target};
+use cwreap_linux::procfs::parse_socket_link;
+use cwreap_linux::sys;
 
 const FIXTURE: &str = env!("CARGO_BIN_EXE_cwreap-fixture");
 const OPEN_CONNECTIONS: usize = 8;

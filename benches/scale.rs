@@ -24,7 +24,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -364,7 +363,7 @@ fn p2_cycle(fleet: &Fleet, reps: usize, log: &dyn Fn(&str)) -> Result<Row> {
     let cfg = cwreap::config::parse(&bench_policy("30s"), "bench").context("the bench policy")?;
     let mut daemon = cwreap::daemon::Daemon::new(cfg, true).context("creating the daemon")?;
     let stop = AtomicBool::new(false);
-    let check = |r: &cwreap::daemon::CycleReport| -> Result<()> {
+    let check = |r: &cwreap::report::CycleReport| -> Result<()> {
         if !r.errors.is_empty() {
             bail!("daemon cycle reported errors: {:?}", r.errors);
         }
@@ -381,7 +380,7 @@ fn p2_cycle(fleet: &Fleet, reps: usize, log: &dyn Fn(&str)) -> Result<Row> {
     // with a target's uid appears, and other processes on a shared host open and close
     // sockets all the time: a cycle during
     // which the set changed measures attribution, not the cached path. Tell them apart.
-    let mut diag = cwreap::netlink::Diag::new().context("opening a sock_diag socket")?;
+    let mut diag = cwreap_linux::netlink::Diag::new().context("opening a sock_diag socket")?;
     let mut host_set = || -> Result<Vec<u64>> {
         let mut v: Vec<u64> = diag
             .close_wait()
@@ -585,9 +584,8 @@ fn cpu_time(pid: u32) -> Result<Duration> {
             .ok_or_else(|| anyhow!("/proc/{pid}/stat: bad field {}", i + 3))
     };
     let ticks = tick(11)? + tick(12)?; // utime (14), stime (15)
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    let hz = rustix::param::clock_ticks_per_second();
+    let hz = if hz > 0 { hz } else { 100 };
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
@@ -632,15 +630,8 @@ fn p4_daemon(fleet: &Fleet, cwreap: &Path, cycles: usize, log: &dyn Fn(&str)) ->
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file);
-    // SAFETY: between fork and exec only async-signal-safe calls are allowed; this is one
-    // prctl(2) system call, no allocation and no lock.
-    unsafe {
-        cmd.pre_exec(|| {
-            // If the benchmark dies, the daemon (100 ms interval) must not outlive it.
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-                .map_err(std::io::Error::from)
-        });
-    }
+    // If the benchmark dies, the daemon (100 ms interval) must not outlive it.
+    cwreap_linux::testing::die_with_parent(&mut cmd);
     let child = cmd
         .spawn()
         .with_context(|| format!("spawning {} run", cwreap.display()))?;

@@ -1,14 +1,21 @@
-//! Acting on one socket: duplicate, verify, shut down (or, in dry-run, stop just before).
+//! Acting on one socket: duplicate, verify, shut down (or, in dry-run, stop just before);
+//! or destroy it through netlink after looking it up again; and the per-fd outcomes of an
+//! injected close() batch.
 //!
-//! This is the only place a socket is shut down, and the only place dry-run branches.
+//! This is the only place a socket is shut down, and the only place dry-run branches. Every
+//! outcome other than a clean one carries a typed [`Reason`]: the JSON gets its `code()`
+//! and its text, and tests match on the variant.
 
+use std::fmt;
 use std::io;
 
 use serde::Serialize;
 
-use crate::inject::{InjectError, InjectReport, Victim};
-use crate::netlink::{DiagSocket, TCP_CLOSE_WAIT};
-use crate::os::Os;
+use cwreap_linux::inject::{InjectError, InjectReport, SkipReason, Victim};
+use cwreap_linux::netlink::DiagSocket;
+use cwreap_linux::os::{Os, SocketKiller};
+use cwreap_linux::sys::Capability;
+use cwreap_linux::tcp;
 
 /// The socket we mean to act on, as attribution saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,34 +69,242 @@ impl Outcome {
     }
 }
 
+/// Which way an unaccepted connection could still be reached, for the hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `reap` shutting down: use `--destroy`.
+    ReapShutdown,
+    /// `reap --close`: use `--destroy`.
+    ReapClose,
+    /// The daemon's `action: shutdown`: use `action: destroy`.
+    Policy,
+}
+
+/// Why an action ended the way it did, for anything but a clean reap or dry run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// The owner exited.
+    ProcessExited,
+    /// The owner closed the fd.
+    FdClosed,
+    /// The fd is no longer a socket.
+    NotSocket { fd: i32 },
+    /// The fd is a socket, but not a TCP one.
+    NotTcp { fd: i32 },
+    /// The fd now refers to another file.
+    InodeChanged { fd: i32, found: u64, expected: u64 },
+    /// Same inode number, another socket. `found` is None when netlink only said "differs".
+    CookieChanged { found: Option<u64>, expected: u64 },
+    /// The socket left CLOSE_WAIT.
+    StateChanged { state: u8 },
+    /// shutdown() raced with the peer or the owner: ENOTCONN.
+    AlreadyDisconnected,
+    /// The exact socket is not in the kernel's tables any more.
+    SocketGone,
+    /// SOCK_DESTROY answered ENOENT.
+    VanishedBeforeDestroy,
+    /// A system call failed for another reason.
+    Failed { call: &'static str, error: String },
+    /// A system call was refused for lack of `missing`.
+    PermissionDenied {
+        call: &'static str,
+        error: String,
+        missing: Capability,
+    },
+    /// This kernel has no SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY is off).
+    DestroyUnsupported { error: Option<String> },
+    /// Still in the accept queue: no fd exists to shut down or close.
+    Unaccepted(Via),
+    /// Nobody cwreap could read holds the socket.
+    NoOwner,
+    /// The socket was in the snapshot the decision was made on, but not any more.
+    LeftSnapshot,
+    /// No pidfd is held for the owner.
+    NotPinned,
+    /// Planned for an injected close(), but no batch covered it.
+    NotInBatch,
+    /// Closed inside the target; the target was stopped this long.
+    Closed { pause_us: u64 },
+    /// The fd was left alone by the injected close() after checking it while stopped.
+    Inject(SkipReason),
+    /// The injected close() batch failed as a whole.
+    InjectFailed(InjectError),
+}
+
+pub const PTRACE_HINT: &str = "pidfd_getfd needs ptrace access to the target: run as root or grant CAP_SYS_PTRACE (e.g. `setcap cap_sys_ptrace,cap_dac_read_search+ep $(command -v cwreap)`, or AmbientCapabilities=CAP_SYS_PTRACE in the unit)";
+pub const NET_ADMIN_HINT: &str = "SOCK_DESTROY needs CAP_NET_ADMIN: run as root or grant it (AmbientCapabilities=CAP_NET_ADMIN in the unit)";
+pub const NO_DESTROY_HINT: &str =
+    "this kernel has no SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY is off); use shutdown instead";
+
+impl Reason {
+    /// A stable snake_case code for JSON, the audit log and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::ProcessExited => "process_exited",
+            Reason::FdClosed => "fd_closed",
+            Reason::NotSocket { .. } => "not_socket",
+            Reason::NotTcp { .. } => "not_tcp",
+            Reason::InodeChanged { .. } => "inode_changed",
+            Reason::CookieChanged { .. } => "cookie_changed",
+            Reason::StateChanged { .. } => "state_changed",
+            Reason::AlreadyDisconnected => "already_disconnected",
+            Reason::SocketGone => "socket_gone",
+            Reason::VanishedBeforeDestroy => "vanished_before_destroy",
+            Reason::Failed { .. } => "syscall_failed",
+            Reason::PermissionDenied { .. } => "permission_denied",
+            Reason::DestroyUnsupported { .. } => "destroy_unsupported",
+            Reason::Unaccepted(_) => "unaccepted",
+            Reason::NoOwner => "no_owner",
+            Reason::LeftSnapshot => "left_snapshot",
+            Reason::NotPinned => "not_pinned",
+            Reason::NotInBatch => "not_in_batch",
+            Reason::Closed { .. } => "closed_in_target",
+            Reason::Inject(s) => match s {
+                SkipReason::InvalidFd => "invalid_fd",
+                SkipReason::Duplicate => "duplicate",
+                SkipReason::NotOpen => "fd_closed",
+                SkipReason::InodeChanged { .. } => "inode_changed",
+                SkipReason::NotSocket => "not_socket",
+                SkipReason::CookieChanged { .. } => "cookie_changed",
+                SkipReason::NotTcp => "not_tcp",
+                SkipReason::State(_) => "state_changed",
+                SkipReason::Linger(_) => "linger",
+                SkipReason::Syscall { .. } => "syscall_failed",
+                SkipReason::CloseFailed(_) => "close_failed",
+                SkipReason::StillOpen => "still_open",
+                SkipReason::NotClosed(_) => "not_closed",
+            },
+            Reason::InjectFailed(e) => match e {
+                InjectError::Unsupported(_) => "unsupported",
+                InjectError::Gone => "process_exited",
+                InjectError::Permission(_) => "permission_denied",
+                InjectError::Refused(_) => "refused",
+                InjectError::Timeout(_) => "timeout",
+                InjectError::Ptrace(_) => "ptrace_failed",
+            },
+        }
+    }
+
+    /// The capability whose lack caused this, if that is what happened.
+    pub fn missing_capability(&self) -> Option<Capability> {
+        match self {
+            Reason::PermissionDenied { missing, .. } => Some(*missing),
+            Reason::InjectFailed(InjectError::Permission(_)) => Some(Capability::SysPtrace),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::ProcessExited => write!(f, "process exited"),
+            Reason::FdClosed => write!(f, "fd was closed by its owner"),
+            Reason::NotSocket { fd } => write!(f, "fd {fd} is no longer a socket"),
+            Reason::NotTcp { fd } => write!(f, "fd {fd} is no longer a TCP socket"),
+            Reason::InodeChanged {
+                fd,
+                found,
+                expected,
+            } => write!(f, "fd {fd} now holds inode {found} (expected {expected})"),
+            Reason::CookieChanged {
+                found: Some(found),
+                expected,
+            } => write!(f, "socket cookie {found} differs from {expected}"),
+            Reason::CookieChanged { found: None, .. } => write!(f, "socket cookie differs"),
+            Reason::StateChanged { state } => write!(
+                f,
+                "socket is in TCP state {} now, not CLOSE_WAIT",
+                tcp::state_name(*state)
+            ),
+            Reason::AlreadyDisconnected => write!(f, "socket was already disconnected"),
+            Reason::SocketGone => write!(f, "socket no longer exists"),
+            Reason::VanishedBeforeDestroy => write!(f, "socket vanished before SOCK_DESTROY"),
+            Reason::Failed { call, error } => write!(f, "{call}: {error}"),
+            Reason::PermissionDenied {
+                call,
+                error,
+                missing,
+            } => {
+                let hint = match missing {
+                    Capability::NetAdmin => NET_ADMIN_HINT,
+                    _ => PTRACE_HINT,
+                };
+                write!(f, "{call}: {error}; {hint}")
+            }
+            Reason::DestroyUnsupported { error: Some(e) } => {
+                write!(f, "SOCK_DESTROY: {e}; {NO_DESTROY_HINT}")
+            }
+            Reason::DestroyUnsupported { error: None } => write!(f, "{NO_DESTROY_HINT}"),
+            Reason::Unaccepted(Via::ReapClose) => {
+                write!(f, "unaccepted: no fd exists to close; use --destroy")
+            }
+            Reason::Unaccepted(via) => write!(
+                f,
+                "unaccepted: the app never accept()ed it, so no fd exists to shut down; use {}",
+                if *via == Via::Policy {
+                    "action: destroy"
+                } else {
+                    "--destroy"
+                }
+            ),
+            Reason::NoOwner => write!(f, "no owner fd"),
+            Reason::LeftSnapshot => write!(f, "socket left the snapshot"),
+            Reason::NotPinned => write!(f, "owner no longer pinned"),
+            Reason::NotInBatch => write!(f, "not part of any batch"),
+            Reason::Closed { pause_us } => {
+                write!(f, "closed inside the target; paused {pause_us} µs")
+            }
+            Reason::Inject(s) => write!(f, "{s}"),
+            Reason::InjectFailed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActResult {
     pub outcome: Outcome,
     /// Why, for anything but a clean reap/dry-run.
-    pub detail: Option<String>,
-    /// The failure was a permission denial (pidfd_getfd EPERM).
-    pub permission_denied: bool,
+    pub reason: Option<Reason>,
 }
 
 impl ActResult {
     pub fn ok(outcome: Outcome) -> Self {
         Self {
             outcome,
-            detail: None,
-            permission_denied: false,
+            reason: None,
         }
     }
 
-    pub fn with(outcome: Outcome, detail: impl Into<String>) -> Self {
+    pub fn with(outcome: Outcome, reason: Reason) -> Self {
         Self {
             outcome,
-            detail: Some(detail.into()),
-            permission_denied: false,
+            reason: Some(reason),
         }
+    }
+
+    /// The failure was a permission denial.
+    pub fn permission_denied(&self) -> bool {
+        self.missing_capability().is_some()
+    }
+
+    /// The capability whose lack made this fail, if any.
+    pub fn missing_capability(&self) -> Option<Capability> {
+        self.reason.as_ref().and_then(Reason::missing_capability)
+    }
+
+    /// The reason as text (the JSON `error` field and the table's DETAIL column).
+    pub fn detail(&self) -> Option<String> {
+        self.reason.as_ref().map(Reason::to_string)
     }
 }
 
-pub const PTRACE_HINT: &str = "pidfd_getfd needs ptrace access to the target: run as root or grant CAP_SYS_PTRACE (e.g. `setcap cap_sys_ptrace,cap_dac_read_search+ep $(command -v cwreap)`, or AmbientCapabilities=CAP_SYS_PTRACE in the unit)";
+fn failed(call: &'static str, e: &io::Error) -> Reason {
+    Reason::Failed {
+        call,
+        error: e.to_string(),
+    }
+}
 
 /// Duplicate `exp.fd` out of `process`, check that it is still the socket we attributed
 /// (inode, SO_COOKIE, TCP state CLOSE_WAIT), and shut it down unless `dry_run`.
@@ -107,44 +322,41 @@ pub fn shutdown_verified<O: Os>(
     let id = match os.identify(&dup) {
         Ok(id) => id,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
-            return ActResult::with(
-                Outcome::Changed,
-                format!("fd {} is no longer a socket", exp.fd),
-            );
+            return ActResult::with(Outcome::Changed, Reason::NotSocket { fd: exp.fd });
         }
         Err(e)
             if e.raw_os_error() == Some(libc::ENOPROTOOPT)
                 || e.raw_os_error() == Some(libc::EOPNOTSUPP) =>
         {
-            return ActResult::with(
-                Outcome::Changed,
-                format!("fd {} is no longer a TCP socket", exp.fd),
-            );
+            return ActResult::with(Outcome::Changed, Reason::NotTcp { fd: exp.fd });
         }
-        Err(e) => return ActResult::with(Outcome::Error, format!("inspecting duplicate: {e}")),
+        Err(e) => return ActResult::with(Outcome::Error, failed("inspecting duplicate", &e)),
     };
     if id.inode != exp.inode {
         return ActResult::with(
             Outcome::Changed,
-            format!(
-                "fd {} now holds inode {} (expected {})",
-                exp.fd, id.inode, exp.inode
-            ),
+            Reason::InodeChanged {
+                fd: exp.fd,
+                found: id.inode,
+                expected: exp.inode,
+            },
         );
     }
     if id.cookie != exp.cookie {
         return ActResult::with(
             Outcome::Changed,
-            format!("socket cookie {} differs from {}", id.cookie, exp.cookie),
+            Reason::CookieChanged {
+                found: Some(id.cookie),
+                expected: exp.cookie,
+            },
         );
     }
-    if id.tcp_state != TCP_CLOSE_WAIT {
+    if id.tcp_state != tcp::CLOSE_WAIT {
         return ActResult::with(
             Outcome::Changed,
-            format!(
-                "socket is in TCP state {} now, not CLOSE_WAIT",
-                tcp_state_name(id.tcp_state)
-            ),
+            Reason::StateChanged {
+                state: id.tcp_state,
+            },
         );
     }
     if dry_run {
@@ -154,23 +366,11 @@ pub fn shutdown_verified<O: Os>(
         Ok(()) => ActResult::ok(Outcome::Reaped),
         // Raced with the peer or the owner: the socket is already disconnected.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            ActResult::with(Outcome::Gone, "socket was already disconnected")
+            ActResult::with(Outcome::Gone, Reason::AlreadyDisconnected)
         }
-        Err(e) => ActResult::with(Outcome::Error, format!("shutdown: {e}")),
+        Err(e) => ActResult::with(Outcome::Error, failed("shutdown", &e)),
     }
 }
-
-/// What SOCK_DESTROY needs: find a socket by its exact identity, and destroy it.
-/// [`crate::discover::Namespaces`] is the real one (netlink, per network namespace).
-pub trait SocketKiller {
-    /// The socket as the kernel sees it now (4-tuple and cookie must match), or None.
-    fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>>;
-    fn destroy(&mut self, s: &DiagSocket) -> io::Result<()>;
-}
-
-pub const NET_ADMIN_HINT: &str = "SOCK_DESTROY needs CAP_NET_ADMIN: run as root or grant it (AmbientCapabilities=CAP_NET_ADMIN in the unit)";
-pub const NO_DESTROY_HINT: &str =
-    "this kernel has no SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY is off); use shutdown instead";
 
 /// Reset a CLOSE_WAIT socket through SOCK_DESTROY, after checking that the very socket
 /// (same 4-tuple and cookie) still exists and is still in CLOSE_WAIT. The owner is not
@@ -178,19 +378,24 @@ pub const NO_DESTROY_HINT: &str =
 pub fn destroy_verified<K: SocketKiller>(k: &mut K, s: &DiagSocket, dry_run: bool) -> ActResult {
     let current = match k.lookup(s) {
         Ok(Some(c)) => c,
-        Ok(None) => return ActResult::with(Outcome::Gone, "socket no longer exists"),
-        Err(e) => return ActResult::with(Outcome::Error, format!("sock_diag lookup: {e}")),
+        Ok(None) => return ActResult::with(Outcome::Gone, Reason::SocketGone),
+        Err(e) => return ActResult::with(Outcome::Error, failed("sock_diag lookup", &e)),
     };
     if current.cookie != s.cookie {
-        return ActResult::with(Outcome::Changed, "socket cookie differs");
-    }
-    if current.state != TCP_CLOSE_WAIT {
         return ActResult::with(
             Outcome::Changed,
-            format!(
-                "socket is in TCP state {} now, not CLOSE_WAIT",
-                tcp_state_name(current.state)
-            ),
+            Reason::CookieChanged {
+                found: None,
+                expected: s.cookie,
+            },
+        );
+    }
+    if current.state != tcp::CLOSE_WAIT {
+        return ActResult::with(
+            Outcome::Changed,
+            Reason::StateChanged {
+                state: current.state,
+            },
         );
     }
     if dry_run {
@@ -199,19 +404,22 @@ pub fn destroy_verified<K: SocketKiller>(k: &mut K, s: &DiagSocket, dry_run: boo
     match k.destroy(s) {
         Ok(()) => ActResult::ok(Outcome::Reaped),
         Err(e) => match e.raw_os_error() {
-            Some(libc::ENOENT) => {
-                ActResult::with(Outcome::Gone, "socket vanished before SOCK_DESTROY")
-            }
+            Some(libc::ENOENT) => ActResult::with(Outcome::Gone, Reason::VanishedBeforeDestroy),
             Some(libc::EOPNOTSUPP) => ActResult::with(
                 Outcome::Error,
-                format!("SOCK_DESTROY: {e}; {NO_DESTROY_HINT}"),
+                Reason::DestroyUnsupported {
+                    error: Some(e.to_string()),
+                },
             ),
-            Some(libc::EPERM) | Some(libc::EACCES) => ActResult {
-                outcome: Outcome::Error,
-                detail: Some(format!("SOCK_DESTROY: {e}; {NET_ADMIN_HINT}")),
-                permission_denied: true,
-            },
-            _ => ActResult::with(Outcome::Error, format!("SOCK_DESTROY: {e}")),
+            Some(libc::EPERM) | Some(libc::EACCES) => ActResult::with(
+                Outcome::Error,
+                Reason::PermissionDenied {
+                    call: "SOCK_DESTROY",
+                    error: e.to_string(),
+                    missing: Capability::NetAdmin,
+                },
+            ),
+            _ => ActResult::with(Outcome::Error, failed("SOCK_DESTROY", &e)),
         },
     }
 }
@@ -228,28 +436,29 @@ pub fn close_results(
             .closed
             .iter()
             .map(|fd| {
-                let done = format!("closed inside the target; paused {} µs", r.pause_us);
+                let done = Reason::Closed {
+                    pause_us: r.pause_us,
+                };
                 (*fd, ActResult::with(Outcome::Reaped, done))
             })
-            .chain(
-                r.skipped
-                    .iter()
-                    .map(|(fd, why)| (*fd, ActResult::with(Outcome::Changed, why.clone()))),
-            )
+            .chain(r.skipped.iter().map(|(fd, why)| {
+                (
+                    *fd,
+                    ActResult::with(Outcome::Changed, Reason::Inject(why.clone())),
+                )
+            }))
             .collect(),
         Err(InjectError::Gone) => victims
             .iter()
-            .map(|v| (v.fd, ActResult::with(Outcome::Gone, "process exited")))
+            .map(|v| (v.fd, ActResult::with(Outcome::Gone, Reason::ProcessExited)))
             .collect(),
         Err(e) => victims
             .iter()
             .map(|v| {
-                let res = ActResult {
-                    outcome: Outcome::Error,
-                    detail: Some(e.to_string()),
-                    permission_denied: matches!(e, InjectError::Permission(_)),
-                };
-                (v.fd, res)
+                (
+                    v.fd,
+                    ActResult::with(Outcome::Error, Reason::InjectFailed(e.clone())),
+                )
             })
             .collect(),
     }
@@ -257,40 +466,25 @@ pub fn close_results(
 
 fn classify_dup_error(e: &io::Error) -> ActResult {
     match e.raw_os_error() {
-        Some(libc::ESRCH) => ActResult::with(Outcome::Gone, "process exited"),
-        Some(libc::EBADF) => ActResult::with(Outcome::Gone, "fd was closed by its owner"),
-        Some(libc::EPERM) | Some(libc::EACCES) => ActResult {
-            outcome: Outcome::Error,
-            detail: Some(format!("pidfd_getfd: {e}; {PTRACE_HINT}")),
-            permission_denied: true,
-        },
-        _ => ActResult::with(Outcome::Error, format!("pidfd_getfd: {e}")),
-    }
-}
-
-/// Names as in include/net/tcp_states.h, like ss prints them.
-pub fn tcp_state_name(state: u8) -> &'static str {
-    match state {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
+        Some(libc::ESRCH) => ActResult::with(Outcome::Gone, Reason::ProcessExited),
+        Some(libc::EBADF) => ActResult::with(Outcome::Gone, Reason::FdClosed),
+        Some(libc::EPERM) | Some(libc::EACCES) => ActResult::with(
+            Outcome::Error,
+            Reason::PermissionDenied {
+                call: "pidfd_getfd",
+                error: e.to_string(),
+                missing: Capability::SysPtrace,
+            },
+        ),
+        _ => ActResult::with(Outcome::Error, failed("pidfd_getfd", e)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::os::Identity;
+    use cwreap_linux::os::Identity;
+    use cwreap_linux::tcp::CLOSE_WAIT as TCP_CLOSE_WAIT;
     use std::cell::RefCell;
     use std::collections::HashMap;
 
@@ -375,7 +569,7 @@ mod tests {
         let os = os_with(Err(libc::EPERM));
         let r = shutdown_verified(&os, &100, &EXP, true);
         assert_eq!(r.outcome, Outcome::Error);
-        assert!(r.permission_denied);
+        assert!(r.permission_denied());
     }
 
     #[test]
@@ -390,7 +584,7 @@ mod tests {
             let os = os_with(Ok(id));
             let r = shutdown_verified(&os, &100, &EXP, false);
             assert_eq!(r.outcome, Outcome::Changed, "{id:?}");
-            assert!(r.detail.is_some());
+            assert!(r.reason.is_some());
             assert!(os.shut.borrow().is_empty(), "{id:?} was shut down");
         }
     }
@@ -407,15 +601,15 @@ mod tests {
             let os = os_with(Err(errno));
             let r = shutdown_verified(&os, &100, &EXP, false);
             assert_eq!(
-                (r.outcome, r.permission_denied),
+                (r.outcome, r.permission_denied()),
                 (outcome, perm),
                 "errno {errno}"
             );
             if perm {
                 assert!(
-                    r.detail
-                        .as_deref()
-                        .is_some_and(|d| d.contains("CAP_SYS_PTRACE"))
+                    r.reason
+                        .as_ref()
+                        .is_some_and(|d| d.to_string().contains("CAP_SYS_PTRACE"))
                 );
             }
         }
@@ -452,7 +646,13 @@ mod tests {
         ];
         let report = InjectReport {
             closed: vec![4],
-            skipped: vec![(5, "changed: inode differs".into())],
+            skipped: vec![(
+                5,
+                SkipReason::InodeChanged {
+                    found: 51,
+                    expected: 50,
+                },
+            )],
             pause_us: 120,
             threads: 3,
             fds_before: 10,
@@ -461,12 +661,13 @@ mod tests {
         let got = close_results(&victims, &Ok(report));
         assert_eq!(got[0].0, 4);
         assert_eq!(got[0].1.outcome, Outcome::Reaped);
+        assert_eq!(got[0].1.reason, Some(Reason::Closed { pause_us: 120 }));
         assert!(
             got[0]
                 .1
-                .detail
-                .as_deref()
-                .is_some_and(|d| d.contains("120 µs"))
+                .reason
+                .as_ref()
+                .is_some_and(|d| d.to_string().contains("120 µs"))
         );
         assert_eq!((got[1].0, got[1].1.outcome), (5, Outcome::Changed));
         let gone = close_results(&victims, &Err(InjectError::Gone));
@@ -475,13 +676,29 @@ mod tests {
         assert!(
             denied
                 .iter()
-                .all(|(_, r)| r.outcome == Outcome::Error && r.permission_denied)
+                .all(|(_, r)| r.outcome == Outcome::Error && r.permission_denied())
         );
     }
 
     #[test]
-    fn state_names() {
-        assert_eq!(tcp_state_name(8), "CLOSE_WAIT");
-        assert_eq!(tcp_state_name(200), "UNKNOWN");
+    fn reasons_have_codes_and_the_old_texts() {
+        let cases = [
+            (Reason::ProcessExited, "process_exited", "process exited"),
+            (Reason::FdClosed, "fd_closed", "fd was closed by its owner"),
+            (
+                Reason::NotSocket { fd: 5 },
+                "not_socket",
+                "fd 5 is no longer a socket",
+            ),
+            (
+                Reason::StateChanged { state: 1 },
+                "state_changed",
+                "socket is in TCP state ESTABLISHED now, not CLOSE_WAIT",
+            ),
+        ];
+        for (reason, code, text) in cases {
+            assert_eq!(reason.code(), code);
+            assert_eq!(reason.to_string(), text);
+        }
     }
 }

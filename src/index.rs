@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::discover::Found;
-use crate::os::Os;
-use crate::procfs::ProcFs;
 use crate::snapshot::{Holder, Observed, Process, Snapshot, WalkStats, listener_ref};
+use cwreap_linux::netns::Found;
+use cwreap_linux::os::Os;
+use cwreap_linux::procfs::ProcFs;
 
 /// Re-read every target's fd table this often (in cycles), whatever the counts say.
 pub const FULL_EVERY: u32 = 10;

@@ -1,25 +1,31 @@
 //! cwreap: find TCP sockets stuck in CLOSE_WAIT and shut them down from outside the owner,
-//! verified socket by socket.
+//! verified socket by socket. This crate decides; `cwreap-linux` talks to the kernel.
 //!
-//! The path of one socket: [`netlink`] discovers it, [`snapshot`] attributes it to a
-//! (pid, fd), [`select`] decides (pure), [`act`] verifies and shuts it down through the
-//! [`os`] seam, [`output`] reports. All raw syscalls are in [`sys`].
+//! The path of one socket:
+//! - **discover**: `cwreap_linux::netns` dumps CLOSE_WAIT sockets per network namespace;
+//! - **attribute**: [`snapshot`] finds each socket's (pid, fd) in /proc, pinning each
+//!   process with a pidfd first; the daemon keeps that in [`index`] between cycles;
+//! - **decide** (pure): [`select`] for the command line, [`policy`] for the daemon, from
+//!   the validated [`config`];
+//! - **act**: [`act`] verifies each socket through the pidfd and shuts it down (or
+//!   destroys it), through the `cwreap_linux::os` seam;
+//! - **report**: [`output`] for people and JSON, [`report`] and [`metrics`] for the
+//!   daemon, whose loop, audit log and service plumbing are in [`daemon`].
+//!
+//! [`cli`] and [`commands`] are the command line; [`manual`] the man pages and completions.
+
+#![forbid(unsafe_code)]
 
 pub mod act;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod daemon;
-pub mod discover;
 pub mod index;
-pub mod inject;
 pub mod manual;
 pub mod metrics;
-pub mod netlink;
-pub mod os;
 pub mod output;
 pub mod policy;
-pub mod procfs;
+pub mod report;
 pub mod select;
 pub mod snapshot;
-pub mod sys;

@@ -1,13 +1,15 @@
 //! Entry point: parse the command line, run the command, map the result to an exit code
 //! (0 success, 1 some socket failed, 2 usage, privilege or config error).
 
-use std::process::ExitCode;
+#![forbid(unsafe_code)]
 
 use std::io::Write;
+use std::process::ExitCode;
 
 use clap::Parser;
 use cwreap::cli::{Cli, Command};
-use cwreap::commands::{self, Status, UsageError};
+use cwreap::commands::{self, Status};
+use cwreap::config::UsageError;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::daemon::CycleReport;
+use crate::report::CycleReport;
 
 type Labels = Vec<(String, String)>;
 type GaugeF = Gauge<f64, AtomicU64>;
@@ -275,7 +275,7 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
 mod tests {
     use super::*;
     use crate::act::Outcome;
-    use crate::daemon::{Release, TargetGauges};
+    use crate::report::{Release, TargetGauges};
 
     #[test]
     fn routes() {

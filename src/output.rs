@@ -317,7 +317,10 @@ pub struct ReapLine<'a> {
     socket: ScanLine<'a>,
     action: &'a str,
     outcome: &'static str,
-    error: Option<&'a str>,
+    /// The typed reason's code (see [`crate::act::Reason::code`]).
+    reason: Option<&'static str>,
+    /// The reason in words.
+    error: Option<String>,
 }
 
 pub fn write_scan_json<H>(out: &mut impl Write, r: &Row<'_, H>) -> std::io::Result<()> {
@@ -335,7 +338,8 @@ pub fn write_reap_json<H>(
         socket: ScanLine::new(r),
         action,
         outcome: res.outcome.as_str(),
-        error: res.detail.as_deref(),
+        reason: res.reason.as_ref().map(crate::act::Reason::code),
+        error: res.detail(),
     };
     serde_json::to_writer(&mut *out, &line)?;
     out.write_all(b"\n")
@@ -349,7 +353,7 @@ pub fn reap_table<H>(done: &[(Row<'_, H>, ActResult)], action: &str) -> String {
             c.truncate(7);
             c.push(action.to_string());
             c.push(res.outcome.as_str().to_string());
-            c.push(res.detail.clone().unwrap_or_default());
+            c.push(res.detail().unwrap_or_default());
             c
         })
         .collect();

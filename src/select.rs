@@ -158,8 +158,8 @@ pub fn plan_reap<'a, 'r, H>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::DiagSocket;
     use crate::snapshot::WalkStats;
+    use cwreap_linux::netlink::DiagSocket;
     use std::collections::BTreeMap;
 
     fn sock(inode: u64, port: u16, age: Option<u32>) -> DiagSocket {

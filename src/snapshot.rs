@@ -10,10 +10,10 @@ use std::io;
 
 use regex::Regex;
 
-use crate::discover::Found;
-use crate::netlink::DiagSocket;
-use crate::os::Os;
-use crate::procfs::ProcFs;
+use cwreap_linux::netlink::DiagSocket;
+use cwreap_linux::netns::Found;
+use cwreap_linux::os::Os;
+use cwreap_linux::procfs::ProcFs;
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
 #[derive(Debug)]

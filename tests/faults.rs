@@ -30,8 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cwreap::act::Outcome;
-use cwreap::daemon::{CycleReport, Daemon, Stage};
-use cwreap::netlink::{Diag, DumpError};
+use cwreap::daemon::{Daemon, Stage};
+use cwreap::report::CycleReport;
+use cwreap_linux::netlink::{Diag, DumpError};
 use serde_json::Value;
 use support::*;
 
@@ -439,7 +440,7 @@ fn never_acts_on_its_own_process_even_when_the_policy_names_it() {
     client.shutdown(Shutdown::Write).expect("half-close");
     let me = std::process::id() as i32;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while cwreap::sys::tcp_state(ours.as_fd()).expect("TCP_INFO") != 8 {
+    while cwreap_linux::sys::tcp_state(ours.as_fd()).expect("TCP_INFO") != 8 {
         assert!(
             Instant::now() < deadline,
             "our socket never reached CLOSE_WAIT"
@@ -456,12 +457,15 @@ fn never_acts_on_its_own_process_even_when_the_policy_names_it() {
     assert_eq!(r.candidates, 0, "{r:?}");
     assert!(r.outcomes.is_empty(), "{:?}", r.outcomes);
     assert!(actions(&ev, me).is_empty(), "{ev:?}");
-    assert_eq!(cwreap::sys::tcp_state(ours.as_fd()).expect("TCP_INFO"), 8);
+    assert_eq!(
+        cwreap_linux::sys::tcp_state(ours.as_fd()).expect("TCP_INFO"),
+        8
+    );
 
     // scan/reap attribution skips us too, even when asked for our pid by name.
-    let os = cwreap::os::RealOs;
-    let proc = cwreap::procfs::ProcFs::default();
-    let found = cwreap::discover::Found {
+    let os = cwreap_linux::os::RealOs;
+    let proc = cwreap_linux::procfs::ProcFs::default();
+    let found = cwreap_linux::netns::Found {
         close_wait: Diag::new().expect("netlink").close_wait().expect("dump"),
         listeners: Vec::new(),
     };
@@ -469,7 +473,7 @@ fn never_acts_on_its_own_process_even_when_the_policy_names_it() {
         found
             .close_wait
             .iter()
-            .any(|s| { cwreap::sys::inode(ours.as_fd()).is_ok_and(|i| i == s.inode) }),
+            .any(|s| { cwreap_linux::sys::inode(ours.as_fd()).is_ok_and(|i| i == s.inode) }),
         "the dump lists our socket"
     );
     let snap = cwreap::snapshot::Attributor {
@@ -1188,39 +1192,7 @@ fn run_as_an_unprivileged_user_starts_with_a_clear_capability_warning() {
 /// as a container runtime's or a unit's syscall filter would, or killing the process).
 #[cfg(target_arch = "x86_64")]
 fn filter_pidfd_getfd(cmd: &mut Command, verdict: u32) {
-    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
-    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
-    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let filter = [
-        insn(LD_W_ABS, 0, 0, 4),              // A = seccomp_data.arch
-        insn(JEQ_K, 0, 3, AUDIT_ARCH_X86_64), // another ABI: allow
-        insn(LD_W_ABS, 0, 0, 0),              // A = seccomp_data.nr
-        insn(JEQ_K, 0, 1, libc::SYS_pidfd_getfd as u32),
-        insn(RET_K, 0, 0, verdict),
-        insn(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
-    ];
-    // SAFETY: runs in the child between fork and exec; it only calls prctl, with a filter
-    // that lives on this closure's stack and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            let prog = libc::sock_fprog {
-                len: filter.len() as u16,
-                filter: filter.as_ptr().cast_mut(),
-            };
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    &prog as *const libc::sock_fprog,
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    cwreap_linux::testing::filter_syscall(cmd, libc::SYS_pidfd_getfd, verdict);
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -3,10 +3,10 @@
 
 mod support;
 
-use cwreap::discover::Namespaces;
 use cwreap::index::{FULL_EVERY, FdIndex};
-use cwreap::os::RealOs;
-use cwreap::procfs::ProcFs;
+use cwreap_linux::netns::Namespaces;
+use cwreap_linux::os::RealOs;
+use cwreap_linux::procfs::ProcFs;
 use support::*;
 
 #[test]

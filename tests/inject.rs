@@ -1,4 +1,4 @@
-//! `cwreap::inject` on real processes: a multi-threaded Rust server, a Python one and a Node
+//! `cwreap_linux::inject` on real processes: a multi-threaded Rust server, a Python one and a Node
 //! one that leak CLOSE_WAIT sockets get their fds closed by an injected close(2), and keep
 //! working; interrupted system calls resume; a changed fd is left alone; a target that
 //! dies, or a tracer that is SIGKILLed, leaves nothing stopped.
@@ -14,9 +14,11 @@ use std::sync::Mutex;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use cwreap::inject::{InjectError, InjectReport, Victim, close_in_target, close_in_target_hooked};
-use cwreap::procfs::parse_socket_link;
-use cwreap::sys;
+use cwreap_linux::inject::{
+    InjectError, InjectReport, SkipReason, Victim, close_in_target, close_in_target_hooked,
+};
+use cwreap_linux::procfs::parse_socket_link;
+use cwreap_linux::sys;
 use support::*;
 
 const V4: &str = "127.0.0.1:0";
@@ -571,11 +573,19 @@ fn changed_fd_is_left_alone() {
     let before = open_fds(pid);
     let report = inject(pid, &[stale, live, established, not_open]).expect("inject");
     assert_eq!(report.closed, vec![fd_c]);
-    let reasons: std::collections::BTreeMap<i32, String> = report.skipped.iter().cloned().collect();
+    let reasons: std::collections::BTreeMap<i32, SkipReason> =
+        report.skipped.iter().cloned().collect();
     assert_eq!(reasons.len(), 3, "{report:?}");
-    assert!(reasons[&fd].contains("changed"), "{report:?}");
-    assert!(reasons[&fd_est].contains("ESTABLISHED"), "{report:?}");
-    assert!(reasons[&900].contains("not open"), "{report:?}");
+    assert!(
+        matches!(reasons[&fd], SkipReason::InodeChanged { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        reasons[&fd_est],
+        SkipReason::State(cwreap_linux::tcp::ESTABLISHED),
+        "{report:?}"
+    );
+    assert_eq!(reasons[&900], SkipReason::NotOpen, "{report:?}");
     assert_eq!(report.fds_before - report.fds_after, 1);
     let after = open_fds(pid);
     assert!(after.contains(&fd) && after.contains(&fd_est) && !after.contains(&fd_c));

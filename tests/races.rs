@@ -6,13 +6,14 @@ mod support;
 
 use std::time::Duration;
 
-use cwreap::act::Outcome;
+use cwreap::act::{Outcome, Reason};
 use cwreap::commands::reap_row;
-use cwreap::netlink::Diag;
-use cwreap::os::RealOs;
-use cwreap::procfs::ProcFs;
 use cwreap::select::{Filter, select};
 use cwreap::snapshot::{Attributor, Scope, Snapshot};
+use cwreap_linux::netlink::Diag;
+use cwreap_linux::os::RealOs;
+use cwreap_linux::procfs::ProcFs;
+use cwreap_linux::tcp;
 use support::*;
 
 fn attribute(pid: i32, os: &RealOs) -> Snapshot<std::os::fd::OwnedFd> {
@@ -24,7 +25,7 @@ fn attribute(pid: i32, os: &RealOs) -> Snapshot<std::os::fd::OwnedFd> {
         self_pid: std::process::id() as i32,
     };
     attributor.attribute(
-        cwreap::discover::Found {
+        cwreap_linux::netns::Found {
             close_wait: sockets,
             listeners: Vec::new(),
         },
@@ -64,7 +65,7 @@ fn fd_reused_for_a_new_connection_is_changed_and_left_alone() {
     let res = reap_row(&os, &snap, &rows[0], false);
     assert_eq!(res.outcome, Outcome::Changed, "{res:?}");
     assert!(
-        res.detail.as_deref().is_some_and(|d| d.contains("inode")),
+        matches!(res.reason, Some(Reason::InodeChanged { fd: f, .. }) if f == fd),
         "{res:?}"
     );
     assert!(echoes(&mut newcomer), "the new connection was harmed");
@@ -123,7 +124,7 @@ fn socket_that_left_close_wait_is_changed() {
     let again = reap_row(&os, &snap, &rows[0], false);
     assert_eq!(again.outcome, Outcome::Changed, "{again:?}");
     assert!(
-        again.detail.as_deref().is_some_and(|d| d.contains("CLOSE")),
+        again.reason == Some(Reason::StateChanged { state: tcp::CLOSE }),
         "{again:?}"
     );
 }

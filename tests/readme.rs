@@ -124,13 +124,18 @@ fn readme_opens_with_the_two_commands_ci_runs() {
         "{}",
         lines[0]
     );
-    assert!(lines[1].starts_with("cargo test --locked"), "{}", lines[1]);
+    // The whole workspace, and every test binary even after a failure.
+    let test_cmd = lines[1].split('#').next().unwrap_or("").trim();
+    assert_eq!(
+        test_cmd, "cargo test --locked --workspace --no-fail-fast",
+        "{}",
+        lines[1]
+    );
     let ci = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/run"))
         .expect(".ci/run");
     assert!(
-        ci.lines()
-            .any(|l| l.trim().starts_with("cargo test --locked")),
-        ".ci/run must run the README's test command"
+        ci.lines().any(|l| l.trim().starts_with(test_cmd)),
+        ".ci/run must run the README's test command `{test_cmd}`"
     );
 }
 

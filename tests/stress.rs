@@ -19,13 +19,13 @@ use std::sync::Barrier;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cwreap::act::Outcome;
+use cwreap::act::{Outcome, Reason};
 use cwreap::commands::reap_row;
-use cwreap::netlink::Diag;
-use cwreap::os::RealOs;
-use cwreap::procfs::ProcFs;
 use cwreap::select::{Filter, select};
 use cwreap::snapshot::{Attributor, Scope, Snapshot};
+use cwreap_linux::netlink::Diag;
+use cwreap_linux::os::RealOs;
+use cwreap_linux::procfs::ProcFs;
 use support::*;
 
 const V4: &str = "127.0.0.1:0";
@@ -40,7 +40,7 @@ fn attribute(pid: i32, os: &RealOs) -> Snapshot<OwnedFd> {
         self_pid: std::process::id() as i32,
     }
     .attribute(
-        cwreap::discover::Found {
+        cwreap_linux::netns::Found {
             close_wait: sockets,
             listeners: Vec::new(),
         },
@@ -269,7 +269,7 @@ fn fixture_with_pid(pid: i32) -> (Fixture, usize) {
 
 fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    cwreap::procfs::parse_socket_link(link.to_str()?)
+    cwreap_linux::procfs::parse_socket_link(link.to_str()?)
 }
 
 #[test]
@@ -317,7 +317,7 @@ fn pid_reuse_is_gone_through_the_held_pidfd_and_the_newcomer_is_untouched() {
             "trial {trial}: the newcomer's socket was shut down: {res:?}"
         );
         assert_eq!(res.outcome, Outcome::Gone, "trial {trial}: {res:?}");
-        assert_eq!(res.detail.as_deref(), Some("process exited"), "{res:?}");
+        assert_eq!(res.reason, Some(Reason::ProcessExited), "{res:?}");
         fx = newcomer;
         _client = new_client;
     }

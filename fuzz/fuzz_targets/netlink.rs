@@ -1,10 +1,11 @@
-//! Arbitrary bytes as a sock_diag datagram: parsed or rejected, never a panic.
+//! Arbitrary bytes as a sock_diag datagram (cwreap-linux's parser): parsed or rejected,
+//! never a panic; and what parsed goes through cwreap's listener matching.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(chunk) = cwreap::netlink::parse_dump(data) {
+    if let Ok(chunk) = cwreap_linux::netlink::parse_dump(data) {
         for s in &chunk.sockets {
             let _ = cwreap::snapshot::listener_for(s, &chunk.sockets);
         }

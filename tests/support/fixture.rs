@@ -28,7 +28,7 @@
 //! `count`, and `ping` (answered by `pong`).
 //!
 //! `cwreap-fixture inject PID FD:INODE:COOKIE... [--pause-after-stop MS]` calls
-//! `cwreap::inject` on PID, prints `stopped` once every thread of the target is stopped
+//! `cwreap_linux::inject` on PID, prints `stopped` once every thread of the target is stopped
 //! (then waits MS, so a test can kill this process mid-injection), and then `closed FD`,
 //! `skipped FD REASON`, `pause US` and `done`, or `error TEXT`.
 
@@ -523,7 +523,7 @@ fn inject(args: &[String]) {
                 .ok()
                 .zip(inode.parse().ok())
                 .zip(cookie.parse().ok())
-                .map(|((fd, inode), cookie)| cwreap::inject::Victim { fd, inode, cookie }),
+                .map(|((fd, inode), cookie)| cwreap_linux::inject::Victim { fd, inode, cookie }),
             _ => None,
         };
         match parsed {
@@ -531,7 +531,7 @@ fn inject(args: &[String]) {
             None => fail(&format!("bad victim {a}: want FD:INODE:COOKIE")),
         }
     }
-    let pidfd = match cwreap::sys::pidfd_open(pid) {
+    let pidfd = match cwreap_linux::sys::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => fail(&format!("pidfd_open {pid}: {e}")),
     };
@@ -539,7 +539,7 @@ fn inject(args: &[String]) {
         say("stopped");
         std::thread::sleep(pause);
     };
-    match cwreap::inject::close_in_target_hooked(pid, pidfd.as_fd(), &victims, &hook) {
+    match cwreap_linux::inject::close_in_target_hooked(pid, pidfd.as_fd(), &victims, &hook) {
         Ok(report) => {
             for fd in &report.closed {
                 say(&format!("closed {fd}"));

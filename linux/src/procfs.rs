@@ -1,9 +1,12 @@
-//! Reading /proc: processes, their comm and uid, their socket fds, and their fd limits.
+//! The one reader of /proc: processes, their comm, uid, exe, cmdline and cgroup, their
+//! socket fds and fd limits, and for the injector their threads (task stat and status),
+//! memory maps, seccomp mode and the fdinfo of pidfds.
 //!
 //! [`ProcFs`] takes the root it reads from, so parsing is tested on plain directories. A
 //! process that vanishes or cannot be read yields an error for that process only; callers
-//! skip and count it.
+//! skip and count it. The `parse_*` functions take text, not files.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -168,6 +171,77 @@ impl ProcFs {
         Ok(target.to_str().and_then(parse_socket_link))
     }
 
+    /// The fd numbers open in the process now.
+    pub fn open_fds(&self, pid: i32) -> io::Result<HashSet<i32>> {
+        Ok(fs::read_dir(self.pid_path(pid, "fd"))?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect())
+    }
+
+    /// The thread ids of the process (/proc/PID/task).
+    pub fn tasks(&self, pid: i32) -> io::Result<Vec<i32>> {
+        Ok(fs::read_dir(self.pid_path(pid, "task"))?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect())
+    }
+
+    /// Whether thread `tid` of `pid` still has its /proc entry.
+    pub fn task_exists(&self, pid: i32, tid: i32) -> bool {
+        fs::metadata(self.pid_path(pid, &format!("task/{tid}"))).is_ok()
+    }
+
+    /// The state letter of a thread (`R`, `S`, `Z`...), from /proc/PID/task/TID/stat.
+    pub fn task_state(&self, pid: i32, tid: i32) -> io::Result<Option<char>> {
+        let stat = fs::read_to_string(self.pid_path(pid, &format!("task/{tid}/stat")))?;
+        Ok(parse_stat_state(&stat))
+    }
+
+    /// One field (`Seccomp`, `TracerPid`...) of /proc/PID/task/TID/status, or of
+    /// /proc/PID/status when `tid` is None.
+    pub fn status_field(
+        &self,
+        pid: i32,
+        tid: Option<i32>,
+        key: &str,
+    ) -> io::Result<Option<String>> {
+        let leaf = match tid {
+            Some(tid) => format!("task/{tid}/status"),
+            None => "status".to_string(),
+        };
+        let text = fs::read_to_string(self.pid_path(pid, &leaf))?;
+        Ok(parse_status_field(&text, key).map(str::to_owned))
+    }
+
+    /// `Seccomp:` of the status file: 0 none, 1 strict, 2 filter; None if unknown.
+    pub fn seccomp_mode(&self, pid: i32, tid: Option<i32>) -> Option<u8> {
+        self.status_field(pid, tid, "Seccomp")
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// `TracerPid:` of a thread: 0 when nobody traces it; None if unknown.
+    pub fn tracer_pid(&self, pid: i32, tid: i32) -> Option<i32> {
+        self.status_field(pid, Some(tid), "TracerPid")
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Raw /proc/PID/maps (see [`parse_maps_line`]).
+    pub fn maps(&self, pid: i32) -> io::Result<String> {
+        fs::read_to_string(self.pid_path(pid, "maps"))
+    }
+
+    /// The pid a pidfd of *this* process refers to, from `Pid:` in its fdinfo (-1 once the
+    /// process is gone).
+    pub fn pidfd_pid(&self, pidfd: i32) -> io::Result<Option<i32>> {
+        let text = fs::read_to_string(self.root.join(format!("self/fdinfo/{pidfd}")))?;
+        Ok(parse_fdinfo_pid(&text))
+    }
+
     /// Soft RLIMIT_NOFILE of the process; `None` when unlimited.
     pub fn nofile_soft_limit(&self, pid: i32) -> io::Result<Option<u64>> {
         let text = fs::read_to_string(self.pid_path(pid, "limits"))?;
@@ -201,6 +275,40 @@ pub fn parse_nofile_soft(limits: &str) -> Option<Option<u64>> {
     }
 }
 
+/// The value of `key:` in a /proc status file, trimmed.
+pub fn parse_status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
+}
+
+/// The pid a pidfd refers to, from `Pid:` in its fdinfo (-1 once the process is gone).
+pub fn parse_fdinfo_pid(fdinfo: &str) -> Option<i32> {
+    parse_status_field(fdinfo, "Pid").and_then(|v| v.parse().ok())
+}
+
+/// The state letter of /proc/PID/task/TID/stat (after the parenthesised comm, which may
+/// itself contain parentheses and spaces).
+pub fn parse_stat_state(stat: &str) -> Option<char> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.trim_start().chars().next()
+}
+
+/// One line of /proc/PID/maps: start, end, whether it is readable and executable, and its
+/// path (empty for anonymous memory).
+pub fn parse_maps_line(line: &str) -> Option<(u64, u64, bool, &str)> {
+    let mut cols = line.splitn(6, ' ');
+    let (start, end) = cols.next()?.split_once('-')?;
+    let perms = cols.next()?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    let rx = perms.starts_with('r') && perms.as_bytes().get(2) == Some(&b'x');
+    let path = cols.nth(3).map(str::trim).unwrap_or("");
+    (end > start).then_some((start, end, rx, path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +333,51 @@ Max open files            1024                 20000                files     \n
         assert_eq!(parse_nofile_soft(unlimited), Some(None));
         assert_eq!(parse_nofile_soft("Max cpu time 1 1 seconds\n"), None);
         assert_eq!(parse_nofile_soft("Max open files  lots  x files\n"), None);
+    }
+
+    #[test]
+    fn status_fields() {
+        let status = "Name:\tleaky\nTracerPid:\t0\nSeccomp:\t2\nSeccomp_filters:\t1\n";
+        assert_eq!(parse_status_field(status, "Seccomp"), Some("2"));
+        assert_eq!(parse_status_field(status, "TracerPid"), Some("0"));
+        assert_eq!(parse_status_field(status, "Missing"), None);
+    }
+
+    #[test]
+    fn fdinfo_pid() {
+        let info = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nPid:\t4242\nNSpid:\t4242\n";
+        assert_eq!(parse_fdinfo_pid(info), Some(4242));
+        assert_eq!(parse_fdinfo_pid("Pid:\t-1\n"), Some(-1));
+        assert_eq!(parse_fdinfo_pid("pos:\t0\n"), None);
+        assert_eq!(parse_fdinfo_pid("Pid:\tx\n"), None);
+    }
+
+    #[test]
+    fn stat_state_survives_odd_comm() {
+        assert_eq!(parse_stat_state("42 (a) b) Z 1 2 3"), Some('Z'));
+        assert_eq!(parse_stat_state("42 (node) S 1"), Some('S'));
+        assert_eq!(parse_stat_state("42 (x"), None);
+        assert_eq!(parse_stat_state(""), None);
+    }
+
+    #[test]
+    fn maps_lines() {
+        let vdso =
+            "7ffd1e5f2000-7ffd1e5f4000 r-xp 00000000 00:00 0                          [vdso]";
+        assert_eq!(
+            parse_maps_line(vdso),
+            Some((0x7ffd1e5f2000, 0x7ffd1e5f4000, true, "[vdso]"))
+        );
+        let libc = "7f0000028000-7f00001bd000 r-xp 00028000 08:01 1234 /usr/lib/x86_64-linux-gnu/libc.so.6";
+        assert_eq!(
+            parse_maps_line(libc).map(|m| (m.2, m.3)),
+            Some((true, "/usr/lib/x86_64-linux-gnu/libc.so.6"))
+        );
+        let anon = "7f0000000000-7f0000001000 rw-p 00000000 00:00 0";
+        assert_eq!(parse_maps_line(anon).map(|m| (m.2, m.3)), Some((false, "")));
+        assert_eq!(parse_maps_line("garbage"), None);
+        assert_eq!(parse_maps_line("2000-1000 r-xp 0 0:0 0"), None);
+        assert_eq!(parse_maps_line(""), None);
     }
 
     #[test]

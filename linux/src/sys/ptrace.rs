@@ -1,13 +1,11 @@
-//! Raw ptrace(2), waitpid(2) and process_vm_readv(2), for injecting a close(2) into a stopped
-//! process (see [`crate::inject`]). Every `unsafe` block carries its SAFETY note; callers
+//! Raw ptrace(2), waitpid(2), tgkill(2) and process_vm_readv(2), and the x86_64 register
+//! file, for injecting a close(2) into a stopped process (see [`crate::inject`]). Every `unsafe` block carries its SAFETY note; callers
 //! get safe functions returning `io::Result`.
 //!
 //! Request numbers are the kernel's ABI (include/uapi/linux/ptrace.h), spelled out here
 //! because libc types them differently per C library.
 
 use std::io;
-use std::os::fd::BorrowedFd;
-use std::time::Duration;
 
 const PTRACE_SINGLESTEP: libc::c_long = 9;
 #[cfg(target_arch = "x86_64")]
@@ -127,11 +125,6 @@ pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(usize::try_from(rc).unwrap_or(0))
-}
-
-/// SO_LINGER of a socket: Some(timeout) when close(2) may wait that long for unsent data.
-pub fn socket_linger(fd: BorrowedFd<'_>) -> io::Result<Option<Duration>> {
-    Ok(rustix::net::sockopt::socket_linger(fd)?)
 }
 
 /// The bytes of the x86_64 `syscall` instruction.

@@ -1,12 +1,17 @@
-//! The seam between cwreap and the kernel's process/socket effects.
+//! The seams between cwreap's decisions and the kernel's effects, with their real
+//! implementations.
 //!
-//! [`Os`] is what acting needs: pin a process, duplicate one of its fds, identify the copy,
-//! shut it down. [`RealOs`] does it with pidfds (see `sys`); tests of the loop use a
-//! recording fake. The real implementation is tested against real sockets in `tests/`.
+//! [`Os`] is what acting on a socket through its owner needs: pin a process, duplicate one
+//! of its fds, identify the copy, shut it down. [`RealOs`] does it with pidfds (see
+//! [`crate::sys`]). [`SocketKiller`] is what SOCK_DESTROY needs: find a socket by its exact
+//! identity and destroy it; [`crate::netns::Namespaces`] is the real one. Unit tests of the
+//! decisions use recording fakes; the real implementations are tested against real sockets
+//! and processes.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
+use crate::netlink::DiagSocket;
 use crate::sys;
 
 /// What a duplicated fd turned out to be.
@@ -64,4 +69,11 @@ impl Os for RealOs {
     fn shutdown(&self, dup: &OwnedFd) -> io::Result<()> {
         sys::shutdown_rdwr(dup.as_fd())
     }
+}
+
+/// What SOCK_DESTROY needs: find a socket by its exact identity, and destroy it.
+pub trait SocketKiller {
+    /// The socket as the kernel sees it now (4-tuple and cookie must match), or None.
+    fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>>;
+    fn destroy(&mut self, s: &DiagSocket) -> io::Result<()>;
 }

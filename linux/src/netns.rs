@@ -1,6 +1,6 @@
 //! Discovery across network namespaces: one sock_diag socket per distinct
 //! /proc/<pid>/ns/net among the processes of interest, kept open for later lookups and
-//! SOCK_DESTROY in the same namespace.
+//! SOCK_DESTROY in the same namespace (it is the real [`SocketKiller`]).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use crate::netlink::{Diag, DiagSocket, DumpError};
+use crate::os::SocketKiller;
 use crate::procfs::ProcFs;
 
 /// The sock_diag sockets, one per network namespace, by namespace inode.
@@ -82,7 +83,8 @@ impl Namespaces {
     }
 
     /// Use `d` for its network namespace from now on, instead of a socket of our own. A
-    /// seam for tests (see [`Diag::over`]); [`Namespaces::cover`] keeps it.
+    /// seam for tests (see `Diag::over`); [`Namespaces::cover`] keeps it.
+    #[cfg(feature = "testing")]
     pub fn insert(&mut self, d: Diag) {
         self.diags.insert(d.netns(), d);
     }
@@ -138,7 +140,7 @@ fn to_io(e: DumpError) -> io::Error {
     }
 }
 
-impl crate::act::SocketKiller for Namespaces {
+impl SocketKiller for Namespaces {
     fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>> {
         let d = self.get_mut(s.netns).ok_or_else(|| {
             io::Error::other(format!(

@@ -1,11 +1,14 @@
-//! Every raw syscall and every `unsafe` block of cwreap lives here, each with its SAFETY
-//! note. The rest of the crate sees safe functions returning `io::Result`.
+//! Raw system calls: pidfds and fd duplication, socket identity (inode, SO_COOKIE, TCP_INFO),
+//! shutdown, setns, capabilities. Each `unsafe` block carries its SAFETY note; callers get
+//! safe functions returning `io::Result`. The ptrace calls are in [`ptrace`].
 
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
+use rustix::thread::CapabilitySet;
+
 pub mod ptrace;
 
 /// A pidfd for `pid`. Holding it pins the identity of the process: if the process exits
@@ -93,10 +96,30 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
     Ok(unsafe { info.assume_init() }.tcpi_state)
 }
 
+/// SO_LINGER of a socket: Some(timeout) when close(2) may wait that long for unsent data.
+pub fn socket_linger(fd: BorrowedFd<'_>) -> io::Result<Option<std::time::Duration>> {
+    Ok(rustix::net::sockopt::socket_linger(fd)?)
+}
+
 /// shutdown(SHUT_RDWR): the connection closes (FIN to the peer) for every holder of the
 /// socket, even though the owner keeps its fd.
 pub fn shutdown_rdwr(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::net::shutdown(fd, rustix::net::Shutdown::Both)?)
+}
+
+/// Raise this process's soft RLIMIT_NOFILE to its hard limit (best effort).
+pub fn raise_own_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
 }
 
 /// Keep big per-cycle buffers out of the heap arenas: with glibc's default, the mmap
@@ -111,48 +134,63 @@ pub fn limit_heap_growth() {
     }
 }
 
-/// Effective capability set of this process, from the kernel (capget).
-pub fn effective_caps() -> io::Result<u64> {
-    let mut header = CapHeader {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: header and a two-element data array, as version 3 requires, both outlive the
-    // call; the kernel writes only into `data`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_capget,
-            &mut header as *mut CapHeader,
-            data.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+/// A Linux capability cwreap may need. Named so a refusal can say exactly what is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Capability {
+    /// Read other users' /proc/PID/fd without being their owner.
+    DacReadSearch,
+    /// Signal other users' processes.
+    Kill,
+    /// SOCK_DESTROY.
+    NetAdmin,
+    /// setns(2) into another network namespace.
+    SysAdmin,
+    /// pidfd_getfd(2) and ptrace of other users' processes.
+    SysPtrace,
+    /// Raise another process's RLIMIT_NOFILE (prlimit(2)) without matching ids.
+    SysResource,
+}
+
+impl Capability {
+    /// The name as capabilities(7) spells it, e.g. `CAP_SYS_PTRACE`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::DacReadSearch => "CAP_DAC_READ_SEARCH",
+            Capability::Kill => "CAP_KILL",
+            Capability::NetAdmin => "CAP_NET_ADMIN",
+            Capability::SysAdmin => "CAP_SYS_ADMIN",
+            Capability::SysPtrace => "CAP_SYS_PTRACE",
+            Capability::SysResource => "CAP_SYS_RESOURCE",
+        }
     }
-    Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
+
+    fn flag(self) -> CapabilitySet {
+        match self {
+            Capability::DacReadSearch => CapabilitySet::DAC_READ_SEARCH,
+            Capability::Kill => CapabilitySet::KILL,
+            Capability::NetAdmin => CapabilitySet::NET_ADMIN,
+            Capability::SysAdmin => CapabilitySet::SYS_ADMIN,
+            Capability::SysPtrace => CapabilitySet::SYS_PTRACE,
+            Capability::SysResource => CapabilitySet::SYS_RESOURCE,
+        }
+    }
+
+    /// Whether this process holds it in its effective set (false when unreadable).
+    pub fn held(self) -> bool {
+        rustix::thread::capabilities(None).is_ok_and(|c| c.effective.contains(self.flag()))
+    }
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-pub const CAP_DAC_READ_SEARCH: u32 = 2;
-pub const CAP_NET_ADMIN: u32 = 12;
-pub const CAP_SYS_PTRACE: u32 = 19;
-pub const CAP_SYS_ADMIN: u32 = 21;
-
-/// Whether this process holds `cap` in its effective set.
-pub fn has_cap(cap: u32) -> bool {
-    effective_caps().is_ok_and(|caps| caps & (1u64 << cap) != 0)
+/// Whether this process runs privileged: euid 0, or any effective capability (the shipped
+/// unit runs as a transient user with ambient capabilities). When the capabilities cannot
+/// be read, the answer is yes: callers use it to decide whether to be strict.
+pub fn runs_privileged() -> bool {
+    rustix::process::geteuid().is_root()
+        || rustix::thread::capabilities(None).map_or(true, |c| !c.effective.is_empty())
 }

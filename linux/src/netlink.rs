@@ -22,9 +22,6 @@ use netlink_packet_sock_diag::inet::{
 use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
-/// TCP_CLOSE_WAIT from include/net/tcp_states.h.
-pub const TCP_CLOSE_WAIT: u8 = 8;
-
 /// A dump arrives in datagrams of up to ~32 KiB; a smaller buffer truncates silently.
 const RECV_BUF: usize = 64 * 1024;
 /// Kernel socket receive buffer, so a 100k-socket dump is not throttled by wakeups.
@@ -245,7 +242,8 @@ fn exact_request(s: &DiagSocket, seq: u32, destroy: bool) -> Vec<u8> {
 enum Wire {
     /// NETLINK_SOCK_DIAG: the kernel.
     Kernel(Socket),
-    /// A datagram socket whose other end plays the kernel (see [`Diag::over`]).
+    /// A datagram socket whose other end plays the kernel (see `Diag::over`).
+    #[cfg(feature = "testing")]
     Fake(std::os::unix::net::UnixDatagram),
 }
 
@@ -253,6 +251,7 @@ impl Wire {
     fn send(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Wire::Kernel(s) => s.send(buf, 0),
+            #[cfg(feature = "testing")]
             Wire::Fake(s) => s.send(buf),
         }
     }
@@ -260,6 +259,7 @@ impl Wire {
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Wire::Kernel(s) => s.recv(&mut &mut buf[..], 0),
+            #[cfg(feature = "testing")]
             Wire::Fake(s) => s.recv(buf),
         }
     }
@@ -323,6 +323,7 @@ impl Diag {
     /// datagram socket) instead of the kernel. A seam for tests of the receive loop: the
     /// kernel's inet_diag dump never sets NLM_F_DUMP_INTR, so the retry cannot be provoked
     /// for real; a fake kernel can send it, and malformed or truncated dumps too.
+    #[cfg(feature = "testing")]
     pub fn over(peer: std::os::unix::net::UnixDatagram, netns: u64) -> Self {
         Self {
             socket: Wire::Fake(peer),
@@ -432,6 +433,7 @@ impl Diag {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tcp::CLOSE_WAIT as TCP_CLOSE_WAIT;
 
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const NLMSG_ERROR: u16 = 2;

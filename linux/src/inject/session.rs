@@ -1,0 +1,354 @@
+//! The attached threads of one target: seize and interrupt every thread until none is
+//! left running, follow each thread's stops and exits, and detach them all, handing back
+//! the signals they were stopped for. Dropping a [`Session`] restores changed registers and
+//! detaches every stopped thread; threads still running are detached by the kernel when
+//! the tracing thread ends.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use super::{InjectError, PTRACE_ATTACH_HINT, proc_error};
+use crate::procfs::ProcFs;
+use crate::sys::ptrace::{self as pt, Regs, Wait};
+
+/// How long all threads get to reach their stop. A thread in uninterruptible sleep
+/// (a hung NFS server...) may never: then nothing is done.
+const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    /// Seized and interrupted; the stop has not been reported yet.
+    Running,
+    /// In the PTRACE_EVENT_STOP our interrupt asked for.
+    Interrupted,
+    /// In a group-stop: the process is stopped by job control.
+    GroupStopped,
+    /// In a signal-delivery-stop: the signal is handed back at detach.
+    Signal(i32),
+    /// Stopped for another reason; detached without a signal, never injected into.
+    OtherStop,
+    /// Exited, or detached already.
+    Done,
+}
+
+impl State {
+    pub(super) fn stopped(self) -> bool {
+        !matches!(self, State::Running | State::Done)
+    }
+}
+
+pub(super) struct Tracee {
+    pub(super) tid: i32,
+    pub(super) state: State,
+    /// Signals that arrived while this thread was single-stepped (handed back at detach).
+    pub(super) resend: Vec<i32>,
+}
+
+/// The attached threads of one target.
+pub(super) struct Session {
+    pub(super) pid: i32,
+    pub(super) proc: ProcFs,
+    pub(super) tracees: Vec<Tracee>,
+    /// The injecting thread and its saved registers, while they are changed.
+    pub(super) changed: Option<(usize, Regs)>,
+}
+
+impl Session {
+    pub(super) fn new(pid: i32) -> Session {
+        Session {
+            pid,
+            proc: ProcFs::default(),
+            tracees: Vec::new(),
+            changed: None,
+        }
+    }
+
+    /// How many threads are in a stop.
+    pub(super) fn stopped_threads(&self) -> usize {
+        self.tracees.iter().filter(|t| t.state.stopped()).count()
+    }
+
+    /// The first thread in `state`, if any.
+    pub(super) fn first_in(&self, state: State) -> Option<i32> {
+        self.tracees
+            .iter()
+            .find(|t| t.state == state)
+            .map(|t| t.tid)
+    }
+
+    /// Whether a thread still runs with registers we changed.
+    pub(super) fn regs_changed(&self) -> bool {
+        self.changed.is_some()
+    }
+
+    /// Seize and interrupt every thread, listing them again until no new one appears,
+    /// and wait until each is stopped or gone. Returns when the first interrupt was sent.
+    pub(super) fn stop_all(&mut self) -> Result<Instant, InjectError> {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut first_interrupt = None;
+        loop {
+            let fresh: Vec<i32> = self
+                .proc
+                .tasks(self.pid)
+                .map_err(|e| proc_error(self.pid, "task", &e))?
+                .into_iter()
+                .filter(|tid| !self.tracees.iter().any(|t| t.tid == *tid))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(InjectError::Timeout(format!(
+                    "threads kept appearing for {STOP_TIMEOUT:?}"
+                )));
+            }
+            // Seize them all first (they keep running), then interrupt: the pause
+            // starts at the first interrupt.
+            let mut seized = Vec::with_capacity(fresh.len());
+            for tid in fresh {
+                match pt::seize(tid) {
+                    Ok(()) => seized.push(tid),
+                    Err(e) if errno_of(&e) == libc::ESRCH => self.push(tid, State::Done),
+                    Err(e) if matches!(errno_of(&e), libc::EPERM | libc::EACCES) => {
+                        if thread_is_dead(&self.proc, self.pid, tid) {
+                            self.push(tid, State::Done);
+                        } else {
+                            return Err(seize_denied(&self.proc, self.pid, tid, &e));
+                        }
+                    }
+                    Err(e) => {
+                        return Err(InjectError::Ptrace(format!(
+                            "PTRACE_SEIZE of thread {tid}: {e}"
+                        )));
+                    }
+                }
+            }
+            first_interrupt.get_or_insert_with(Instant::now);
+            for tid in seized {
+                self.push(tid, State::Running);
+                match pt::interrupt(tid) {
+                    // ESRCH: it is exiting; waitpid will say so.
+                    Ok(()) => {}
+                    Err(e) if errno_of(&e) == libc::ESRCH => {}
+                    Err(e) => {
+                        return Err(InjectError::Ptrace(format!(
+                            "PTRACE_INTERRUPT of thread {tid}: {e}"
+                        )));
+                    }
+                }
+            }
+            self.wait_running(deadline)?;
+        }
+        if !self.tracees.iter().any(|t| t.state.stopped()) {
+            return Err(InjectError::Gone);
+        }
+        Ok(first_interrupt.unwrap_or_else(Instant::now))
+    }
+
+    fn push(&mut self, tid: i32, state: State) {
+        self.tracees.push(Tracee {
+            tid,
+            state,
+            resend: Vec::new(),
+        });
+    }
+
+    /// Wait until no thread is Running. Every attached thread is polled, stopped ones
+    /// too: if the process is killed meanwhile, each exit must be collected, because
+    /// the kernel reports a main thread's exit only after all its other threads have
+    /// been reaped (and traced ones are reaped by us).
+    fn wait_running(&mut self, deadline: Instant) -> Result<(), InjectError> {
+        let mut rounds = 0;
+        loop {
+            self.poll(None)?;
+            if !self.tracees.iter().any(|t| t.state == State::Running) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let late: Vec<String> = self
+                    .tracees
+                    .iter()
+                    .filter(|t| t.state == State::Running)
+                    .map(|t| t.tid.to_string())
+                    .collect();
+                return Err(InjectError::Timeout(format!(
+                    "thread(s) {} did not stop within {STOP_TIMEOUT:?} (uninterruptible sleep?); nothing was closed",
+                    late.join(", ")
+                )));
+            }
+            backoff(&mut rounds);
+        }
+    }
+
+    /// One waitpid(WNOHANG) for every attached thread except `skip`, recording stops
+    /// and exits.
+    pub(super) fn poll(&mut self, skip: Option<usize>) -> Result<(), InjectError> {
+        for (i, t) in self.tracees.iter_mut().enumerate() {
+            if t.state == State::Done || Some(i) == skip {
+                continue;
+            }
+            match pt::wait_nohang(t.tid) {
+                Ok(None) => {}
+                Ok(Some(Wait::Exited)) => t.state = State::Done,
+                Ok(Some(Wait::Stopped { signal, event })) => t.state = classify(signal, event),
+                Err(e) if errno_of(&e) == libc::ECHILD => t.state = State::Done,
+                Err(e) => {
+                    return Err(InjectError::Ptrace(format!(
+                        "waitpid of thread {}: {e}",
+                        t.tid
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn step_error(&self, idx: usize, what: &str, e: &io::Error) -> InjectError {
+        if errno_of(e) == libc::ESRCH && !self.pid_alive() {
+            InjectError::Gone
+        } else {
+            InjectError::Ptrace(format!("{what} of thread {}: {e}", self.tracees[idx].tid))
+        }
+    }
+
+    fn pid_alive(&self) -> bool {
+        self.proc.task_exists(self.pid, self.pid)
+    }
+
+    /// Wait for the single-stepped thread to stop again. No deadline: it is running
+    /// with our registers, and letting go of it before they are restored would break
+    /// it; close() of a verified socket without SO_LINGER does not block, and if the
+    /// process dies, waitpid says so.
+    pub(super) fn wait_step(&mut self, idx: usize) -> Result<i32, InjectError> {
+        let tid = self.tracees[idx].tid;
+        let mut rounds: u32 = 0;
+        loop {
+            match pt::wait_nohang(tid) {
+                Ok(Some(Wait::Stopped { signal, .. })) => return Ok(signal),
+                Ok(Some(Wait::Exited)) => {
+                    self.tracees[idx].state = State::Done;
+                    self.changed = None;
+                    return Err(InjectError::Gone);
+                }
+                Ok(None) => {
+                    // Not quick: collect the other threads' exits in case the process
+                    // is being killed (see wait_running).
+                    if rounds > 0 && rounds.is_multiple_of(64) {
+                        self.poll(Some(idx))?;
+                    }
+                    backoff(&mut rounds);
+                }
+                Err(e) if errno_of(&e) == libc::ECHILD => {
+                    self.tracees[idx].state = State::Done;
+                    self.changed = None;
+                    return Err(InjectError::Gone);
+                }
+                Err(e) => {
+                    return Err(InjectError::Ptrace(format!("waitpid of thread {tid}: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Detach every stopped thread, handing back any signal it was stopped for or
+    /// that arrived while it was single-stepped.
+    pub(super) fn detach_all(&mut self) -> Result<(), InjectError> {
+        let mut first_error = None;
+        for t in &mut self.tracees {
+            let mut signals = match t.state {
+                State::Running | State::Done => continue,
+                State::Signal(s) => vec![s],
+                _ => Vec::new(),
+            };
+            signals.append(&mut t.resend);
+            let (first, rest) = signals.split_first().map_or((0, &[][..]), |(f, r)| (*f, r));
+            match pt::detach(t.tid, first) {
+                Ok(()) => {}
+                Err(e) if errno_of(&e) == libc::ESRCH => {}
+                Err(e) => {
+                    first_error.get_or_insert_with(|| {
+                        InjectError::Ptrace(format!("PTRACE_DETACH of thread {}: {e}", t.tid))
+                    });
+                }
+            }
+            for &s in rest {
+                let _ = pt::tgkill(self.pid, t.tid, s);
+            }
+            t.state = State::Done;
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.restore();
+        let _ = self.detach_all();
+    }
+}
+
+pub(super) fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// Spin briefly (a stop usually takes microseconds), then sleep in short steps.
+pub(super) fn backoff(rounds: &mut u32) {
+    *rounds = rounds.saturating_add(1);
+    if *rounds < 200 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// A zombie thread (a main thread that called pthread_exit, or one exiting) cannot be
+/// seized (EPERM) and need not be: it runs no code.
+fn thread_is_dead(proc: &ProcFs, pid: i32, tid: i32) -> bool {
+    match proc.task_state(pid, tid) {
+        Ok(state) => matches!(state, Some('Z' | 'X')),
+        Err(_) => true,
+    }
+}
+
+fn seize_denied(proc: &ProcFs, pid: i32, tid: i32, e: &io::Error) -> InjectError {
+    let tracer = proc.tracer_pid(pid, tid).unwrap_or(0);
+    if tracer != 0 {
+        InjectError::Permission(format!(
+            "thread {tid} is already traced by pid {tracer} (a debugger, or another cwreap)"
+        ))
+    } else {
+        InjectError::Permission(format!(
+            "PTRACE_SEIZE of thread {tid}: {e}; {PTRACE_ATTACH_HINT}"
+        ))
+    }
+}
+
+fn classify(signal: i32, event: i32) -> State {
+    match (event, signal) {
+        (pt::PTRACE_EVENT_STOP, libc::SIGTRAP) => State::Interrupted,
+        (pt::PTRACE_EVENT_STOP, libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) => {
+            State::GroupStopped
+        }
+        (0, signal) => State::Signal(signal),
+        _ => State::OtherStop,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stops_are_classified() {
+        assert_eq!(
+            classify(libc::SIGTRAP, pt::PTRACE_EVENT_STOP),
+            State::Interrupted
+        );
+        assert_eq!(
+            classify(libc::SIGSTOP, pt::PTRACE_EVENT_STOP),
+            State::GroupStopped
+        );
+        assert_eq!(classify(libc::SIGCHLD, 0), State::Signal(libc::SIGCHLD));
+        assert_eq!(classify(libc::SIGTRAP, 4), State::OtherStop);
+    }
+}

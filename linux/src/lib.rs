@@ -1,0 +1,22 @@
+//! cwreap-linux: how cwreap talks to Linux. It holds every system call cwreap makes and
+//! every `unsafe` block, each with its SAFETY note, and no policy or command line.
+//!
+//! Along the path of one socket:
+//! - **discover**: [`netlink`] dumps CLOSE_WAIT sockets over NETLINK_SOCK_DIAG (and destroys
+//!   one with SOCK_DESTROY); [`netns`] keeps one such socket per network namespace.
+//! - **attribute**: [`procfs`] is the one reader of /proc (fd tables, limits, cgroups,
+//!   threads, maps, fdinfo).
+//! - **act**: [`os`] is the seam for effects, with [`os::RealOs`] (pidfd_open,
+//!   pidfd_getfd, fstat, SO_COOKIE, TCP_INFO, shutdown) and [`os::SocketKiller`];
+//!   [`inject`] runs close(2) inside a stopped target (ptrace), the manual last resort.
+//! - [`sys`] has the raw calls and capabilities; [`tcp`] the TCP state numbers and names.
+
+pub mod inject;
+pub mod netlink;
+pub mod netns;
+pub mod os;
+pub mod procfs;
+pub mod sys;
+pub mod tcp;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,45 @@
+//! TCP states as the kernel numbers them (include/net/tcp_states.h), and their names as ss
+//! prints them. Both sock_diag (`idiag_state`) and TCP_INFO (`tcpi_state`) use these numbers.
+
+pub const ESTABLISHED: u8 = 1;
+pub const SYN_SENT: u8 = 2;
+/// What a CLOSE_WAIT socket becomes once shut down, and what a socket that was never
+/// connected, only bound, or refused reports too.
+pub const CLOSE: u8 = 7;
+/// The peer closed; the local application has not.
+pub const CLOSE_WAIT: u8 = 8;
+pub const LISTEN: u8 = 10;
+
+/// The name of a TCP state, like ss prints it; `UNKNOWN` for a number the kernel never uses.
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(state_name(CLOSE_WAIT), "CLOSE_WAIT");
+        assert_eq!(state_name(CLOSE), "CLOSE");
+        assert_eq!(state_name(LISTEN), "LISTEN");
+        assert_eq!(state_name(ESTABLISHED), "ESTABLISHED");
+        assert_eq!(state_name(SYN_SENT), "SYN_SENT");
+        assert_eq!(state_name(200), "UNKNOWN");
+    }
+}

@@ -1,0 +1,129 @@
+//! `cwreap scan`: the read-only audit, as a table with a per-process summary, as JSON
+//! lines, or as a live `--watch` view.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::Result;
+
+use cwreap_linux::os::RealOs;
+
+use super::{Status, denied_note, observe, stdout_color};
+use crate::cli::ScanArgs;
+use crate::output;
+use crate::select::{self, Filter};
+
+pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    if let Some(every) = args.watch {
+        return watch(args, every, out, err);
+    }
+    let color = stdout_color();
+    let (snap, namespaces) = observe::<RealOs>(None, &args.selectors)?;
+    for (_, why) in &namespaces.failures {
+        writeln!(err, "warning: {why}")?;
+    }
+    let filter = args.selectors.filter(args.older_than);
+    let rows = select::select(&snap, &filter);
+    if args.json {
+        for r in &rows {
+            output::write_scan_json(out, r)?;
+        }
+    } else if rows.is_empty() {
+        writeln!(out, "{}", empty_message(&filter, snap.stats.inspected))?;
+    } else {
+        write!(out, "{}", output::scan_table(&rows, color))?;
+        writeln!(out)?;
+        write!(
+            out,
+            "{}",
+            output::summary_table(&select::summarize(&rows), color)
+        )?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{} CLOSE_WAIT socket(s). AGE is a lower bound: time since the peer's last ACK.",
+            rows.len()
+        )?;
+        let st = snap.stats;
+        if st.vanished + st.denied > 0 {
+            writeln!(
+                out,
+                "Skipped {} process(es) that exited during the scan and {} that could not be read.",
+                st.vanished, st.denied
+            )?;
+        }
+    }
+    if let Some(note) = denied_note(snap.stats.denied) {
+        writeln!(err, "{note}")?;
+    }
+    Ok(Status::Ok)
+}
+
+/// `scan --watch`: the per-process view, redrawn every `every` like watch(1), with how
+/// each process moved since the previous refresh. Runs until interrupted.
+fn watch(
+    args: &ScanArgs,
+    every: std::time::Duration,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<Status> {
+    let color = stdout_color();
+    let filter = args.selectors.filter(args.older_than);
+    let mut previous: BTreeMap<i32, (usize, usize)> = BTreeMap::new();
+    loop {
+        let (snap, namespaces) = observe::<RealOs>(None, &args.selectors)?;
+        let rows = select::select(&snap, &filter);
+        let sums = select::summarize(&rows);
+        let view: Vec<output::WatchRow> = sums
+            .iter()
+            .map(|s| {
+                let before = previous.get(&s.pid);
+                output::WatchRow {
+                    summary: s.clone(),
+                    close_wait_delta: before.map(|(cw, _)| s.close_wait as i64 - *cw as i64),
+                    fds_delta: before.map(|(_, fds)| s.open_fds as i64 - *fds as i64),
+                }
+            })
+            .collect();
+        previous = sums
+            .iter()
+            .map(|s| (s.pid, (s.close_wait, s.open_fds)))
+            .collect();
+        // Home the cursor and clear, as watch(1) does.
+        write!(out, "\x1b[H\x1b[2J")?;
+        writeln!(
+            out,
+            "cwreap scan --watch {}    {} CLOSE_WAIT socket(s) in {} process(es)    Ctrl-C to quit",
+            humantime::format_duration(every),
+            rows.len(),
+            sums.len()
+        )?;
+        writeln!(out)?;
+        if view.is_empty() {
+            writeln!(out, "{}", empty_message(&filter, snap.stats.inspected))?;
+        } else {
+            write!(out, "{}", output::watch_table(&view, color))?;
+        }
+        for (_, why) in &namespaces.failures {
+            writeln!(err, "warning: {why}")?;
+        }
+        out.flush()?;
+        std::thread::sleep(every);
+    }
+}
+
+fn empty_message(filter: &Filter, inspected: usize) -> String {
+    let narrowed =
+        filter.selects_processes() || filter.port.is_some() || filter.older_than.is_some();
+    let mut msg = String::from("No CLOSE_WAIT sockets");
+    if narrowed {
+        msg.push_str(" match the selection");
+    } else {
+        msg.push_str(" on this host (network namespace)");
+    }
+    if inspected > 0 {
+        msg.push_str(&format!(" ({inspected} process(es) inspected)"));
+    }
+    msg.push('.');
+    msg
+}

@@ -1,0 +1,129 @@
+//! The effective policy for `cwreap check`: every default made explicit, one block per
+//! target. The text is itself a valid policy with the same meaning.
+
+use std::time::Duration;
+
+use super::*;
+
+pub(super) fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+pub(super) fn duration_text(d: Duration) -> String {
+    quote(&humantime::format_duration(d).to_string())
+}
+
+pub(super) fn port_list(ports: &[u16]) -> String {
+    let items: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!("[{}]", items.join(", "))
+}
+
+impl Config {
+    /// The effective policy for `cwreap check`: every default made explicit, one block per
+    /// target. The text is itself a valid policy with the same meaning.
+    pub fn describe(&self) -> String {
+        let mut l: Vec<String> = Vec::new();
+        l.push(format!("interval: {}", duration_text(self.interval)));
+        l.push(format!("dry_run: {}", self.dry_run));
+        l.push(format!("log_format: {}", self.log_format.as_str()));
+        match &self.audit_log {
+            Some(p) => l.push(format!("audit_log: {}", quote(&p.display().to_string()))),
+            None => l.push("# audit_log: none".to_owned()),
+        }
+        l.push("limits:".to_owned());
+        l.push(format!(
+            "  max_reaps_per_cycle: {}",
+            self.limits.max_reaps_per_cycle
+        ));
+        l.push(format!(
+            "  max_reaps_per_minute: {}",
+            self.limits.max_reaps_per_minute
+        ));
+        l.push("metrics:".to_owned());
+        match self.metrics.listen {
+            Some(a) => l.push(format!("  listen: {}", quote(&a.to_string()))),
+            None => l.push("  listen: \"off\"".to_owned()),
+        }
+        l.push("targets:".to_owned());
+        for t in &self.targets {
+            l.push(format!("  - name: {}", quote(&t.name)));
+            l.push("    match:".to_owned());
+            let m = &t.matcher;
+            if let Some(pid) = m.pid {
+                l.push(format!("      pid: {pid}"));
+            }
+            if let Some(p) = &m.pid_file {
+                l.push(format!(
+                    "      pid_file: {}",
+                    quote(&p.display().to_string())
+                ));
+            }
+            for (k, re) in [("comm", &m.comm), ("exe", &m.exe), ("cmdline", &m.cmdline)] {
+                if let Some(re) = re {
+                    l.push(format!("      {k}: {}", quote(re.as_str())));
+                }
+            }
+            if let Some(u) = &m.systemd_unit {
+                l.push(format!("      systemd_unit: {}", quote(u)));
+            }
+            if let Some(c) = &m.cgroup {
+                l.push(format!("      cgroup: {}", quote(c)));
+            }
+            if let Some(uid) = m.uid {
+                l.push(format!("      uid: {uid}"));
+            }
+            if !m.local_ports.is_empty() {
+                l.push(format!("      local_ports: {}", port_list(&m.local_ports)));
+            } else {
+                l.push("      # local_ports: any".to_owned());
+            }
+            l.push(format!("    older_than: {}", duration_text(t.older_than)));
+            l.push(format!("    min_close_wait: {}", t.min_close_wait));
+            l.push("    exclude:".to_owned());
+            let cidrs: Vec<String> = t
+                .exclude
+                .remote_cidrs
+                .iter()
+                .map(|n| quote(&n.to_string()))
+                .collect();
+            l.push(format!("      remote_cidrs: [{}]", cidrs.join(", ")));
+            l.push(format!(
+                "      local_ports: {}",
+                port_list(&t.exclude.local_ports)
+            ));
+            l.push(format!(
+                "      remote_ports: {}",
+                port_list(&t.exclude.remote_ports)
+            ));
+            l.push(format!("    action: {}", t.action.as_str()));
+            match t.dry_run {
+                Some(d) => l.push(format!("    dry_run: {d}")),
+                None => l.push(format!(
+                    "    # dry_run: {} (the global setting)",
+                    self.dry_run
+                )),
+            }
+            if let Some(e) = t.escalate {
+                l.push(format!(
+                    "    escalate: {{close_after: {}}}",
+                    duration_text(e.close_after)
+                ));
+                l.push(format!("    # WARNING: {ESCALATE_HAZARD}"));
+            }
+        }
+        let mut out = l.join("\n");
+        out.push('\n');
+        out
+    }
+}

@@ -1,0 +1,355 @@
+//! The YAML policy of `cwreap run`: the validated [`Config`] and the pure process and
+//! socket matching a [`Target`] describes. No /proc reading here: the daemon gathers
+//! [`ProcessFacts`] and asks.
+//!
+//! - [`raw`]: the file as written (every value with its position) and YAML errors;
+//! - [`validate`]: raw → [`Config`] in one step (regexes compiled, durations, ports,
+//!   CIDRs and addresses parsed, every rule checked);
+//! - [`describe`]: the effective policy, every default explicit (`cwreap check`);
+//! - [`file`]: opening the policy file safely, and the usage errors of the whole program.
+//!
+//! Every error is one line, `<file>:<line>:<col>: <problem>`, pointing at the offending key or
+//! value whenever its position is known.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::Regex;
+
+mod describe;
+pub mod file;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use file::{UsageError, check_file_permissions, load_config};
+
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_REAPS_PER_CYCLE: u32 = 100;
+pub const DEFAULT_MAX_REAPS_PER_MINUTE: u32 = 600;
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9814";
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Time between two cycles (> 0).
+    pub interval: Duration,
+    /// Global dry-run; a target may override it (see [`Target::effective_dry_run`]).
+    pub dry_run: bool,
+    pub log_format: LogFormat,
+    /// Where to append one JSON line per action (absolute path), if anywhere.
+    pub audit_log: Option<PathBuf>,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    /// At least one; names are unique.
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Caps over all targets together, so a bad policy cannot reap a whole host at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_reaps_per_cycle: u32,
+    pub max_reaps_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metrics {
+    /// `None` when the policy says `listen: off`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// What to do with a selected socket. A new variant (e.g. `Destroy` through SOCK_DESTROY)
+/// is meant to break exhaustive matches, so every place that acts is revisited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Report only.
+    Log,
+    /// Duplicate the socket out of its owner and shut it down (verified).
+    Shutdown,
+    /// Reset it with netlink SOCK_DESTROY (needs CAP_NET_ADMIN); also reaches connections
+    /// never accepted.
+    Destroy,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Log => "log",
+            Action::Shutdown => "shutdown",
+            Action::Destroy => "destroy",
+        }
+    }
+}
+
+/// One `targets:` entry.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    /// The `match:` block (at least one criterion).
+    pub matcher: TargetMatch,
+    /// Minimum age in CLOSE_WAIT before the action applies (> 0).
+    pub older_than: Duration,
+    /// Act only while the process holds at least this many CLOSE_WAIT sockets (default 1).
+    pub min_close_wait: u32,
+    pub exclude: Exclude,
+    pub action: Action,
+    /// Per-target override of the global `dry_run`.
+    pub dry_run: Option<bool>,
+    /// Opt-in last resort: close the fd inside the owner (ptrace) when it still holds a
+    /// socket cwreap shut down this long ago.
+    pub escalate: Option<Escalate>,
+}
+
+/// `escalate:` of a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Escalate {
+    /// How long after a shutdown the owner must still hold the fd before it is closed
+    /// inside the owner.
+    pub close_after: Duration,
+}
+
+/// Shown by `cwreap check` for every target that escalates.
+pub const ESCALATE_HAZARD: &str = "escalate closes fds inside the application (ptrace). If the app later calls close() on the same fd number after it was reused, it closes the wrong file; that is why only fds still held long after shutdown are closed. Needs the ptrace drop-in (systemd/drop-ins/close.conf).";
+
+impl Target {
+    /// The dry-run setting in force for this target given the global one. A `--dry-run` on
+    /// the command line should win over both: `cli_dry_run || t.effective_dry_run(global)`.
+    pub fn effective_dry_run(&self, global: bool) -> bool {
+        self.dry_run.unwrap_or(global)
+    }
+
+    /// Whether a socket of a matching process is in scope: its local port is one of
+    /// `match.local_ports` (when given) and no exclusion applies.
+    pub fn socket_selected(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        let ports = &self.matcher.local_ports;
+        (ports.is_empty() || ports.contains(&local.port())) && !self.exclude.excludes(local, remote)
+    }
+}
+
+/// Criteria on the process; all given ones must hold. Regexes are unanchored, like grep's:
+/// write `^nginx$` for an exact name.
+#[derive(Debug, Clone, Default)]
+pub struct TargetMatch {
+    pub pid: Option<i32>,
+    /// Read by the daemon at every cycle (the service may restart), never at load.
+    pub pid_file: Option<PathBuf>,
+    pub comm: Option<Regex>,
+    pub exe: Option<Regex>,
+    pub cmdline: Option<Regex>,
+    /// A `*.service` or `*.scope` unit, compared with [`unit_from_cgroup`].
+    pub systemd_unit: Option<String>,
+    /// A cgroup v2 path prefix, compared component by component.
+    pub cgroup: Option<String>,
+    pub uid: Option<u32>,
+    /// A socket criterion, applied by [`Target::socket_selected`]; empty = any port.
+    pub local_ports: Vec<u16>,
+}
+
+/// What the daemon knows about one process, gathered from /proc.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessFacts {
+    pub pid: i32,
+    pub comm: String,
+    pub exe: Option<String>,
+    /// The NUL-separated arguments joined by spaces.
+    pub cmdline: Option<String>,
+    /// The cgroup v2 path, e.g. `/system.slice/nginx.service` (see [`parse_cgroup_file`]).
+    pub cgroup: Option<String>,
+    pub uid: Option<u32>,
+}
+
+impl TargetMatch {
+    /// Whether the process meets every process criterion given. `pid_from_file` is what
+    /// the daemon read from `pid_file` this cycle; a missing or unreadable file matches
+    /// nothing. `local_ports` is not looked at here (see [`Target::socket_selected`]).
+    pub fn matches(&self, facts: &ProcessFacts, pid_from_file: Option<i32>) -> bool {
+        let regex_on = |re: &Option<Regex>, value: Option<&str>| {
+            re.as_ref()
+                .is_none_or(|re| value.is_some_and(|v| re.is_match(v)))
+        };
+        self.pid.is_none_or(|pid| pid == facts.pid)
+            && (self.pid_file.is_none() || pid_from_file == Some(facts.pid))
+            && regex_on(&self.comm, Some(&facts.comm))
+            && regex_on(&self.exe, facts.exe.as_deref())
+            && regex_on(&self.cmdline, facts.cmdline.as_deref())
+            && self.systemd_unit.as_ref().is_none_or(|unit| {
+                facts
+                    .cgroup
+                    .as_deref()
+                    .and_then(unit_from_cgroup)
+                    .is_some_and(|u| &u == unit)
+            })
+            && self.cgroup.as_ref().is_none_or(|prefix| {
+                facts
+                    .cgroup
+                    .as_deref()
+                    .is_some_and(|c| cgroup_has_prefix(c, prefix))
+            })
+            && self.uid.is_none_or(|uid| facts.uid == Some(uid))
+    }
+
+    /// Whether any criterion is about the process (otherwise every process is a candidate
+    /// and only `local_ports` narrows the sockets).
+    pub fn has_process_criteria(&self) -> bool {
+        self.pid.is_some()
+            || self.pid_file.is_some()
+            || self.comm.is_some()
+            || self.exe.is_some()
+            || self.cmdline.is_some()
+            || self.systemd_unit.is_some()
+            || self.cgroup.is_some()
+            || self.uid.is_some()
+    }
+}
+
+/// Sockets never to touch, whatever else matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exclude {
+    pub remote_cidrs: Vec<IpNet>,
+    pub local_ports: Vec<u16>,
+    pub remote_ports: Vec<u16>,
+}
+
+impl Exclude {
+    /// Whether any exclusion applies. A remote written as IPv4-mapped IPv6 (a dual-stack
+    /// listener's view of an IPv4 peer) is checked against IPv4 CIDRs too, and an IPv4
+    /// remote against `::ffff:a.b.c.d` CIDRs.
+    pub fn excludes(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        if self.local_ports.contains(&local.port()) || self.remote_ports.contains(&remote.port()) {
+            return true;
+        }
+        let ip = remote.ip();
+        let other: Option<IpAddr> = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+        };
+        self.remote_cidrs
+            .iter()
+            .any(|net| net.contains(&ip) || other.is_some_and(|o| net.contains(&o)))
+    }
+}
+
+/// The innermost `*.service` or `*.scope` component of a cgroup path: the unit systemd
+/// started the process in (`/system.slice/nginx.service` → `nginx.service`).
+pub fn unit_from_cgroup(path: &str) -> Option<String> {
+    path.split('/')
+        .rev()
+        .find(|c| is_unit_name(c))
+        .map(str::to_owned)
+}
+
+pub(crate) fn is_unit_name(s: &str) -> bool {
+    [".service", ".scope"]
+        .iter()
+        .any(|suffix| s.len() > suffix.len() && s.ends_with(suffix))
+        && !s.contains('/')
+}
+
+/// The cgroup v2 path from the contents of /proc/PID/cgroup (the `0::` line).
+pub fn parse_cgroup_file(text: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let path = line.strip_prefix("0::")?;
+        // The kernel appends this when the cgroup was removed under the process.
+        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+        path.starts_with('/').then(|| path.to_owned())
+    })
+}
+
+fn cgroup_has_prefix(path: &str, prefix: &str) -> bool {
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Line and column (1-based) of a key or value in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub line: u64,
+    pub column: u64,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (missing, unreadable, not UTF-8).
+    #[error("{file}: cannot read the policy: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a valid policy; `position` is that of the offending key or value when known.
+    #[error("{file}:{}", located(.position, .message))]
+    Invalid {
+        file: String,
+        position: Option<Position>,
+        message: String,
+    },
+    /// Running as root, the file could be changed by someone other than root.
+    #[error("{file}: {problem}")]
+    Unsafe { file: String, problem: String },
+}
+
+fn located(position: &Option<Position>, message: &str) -> String {
+    match position {
+        Some(p) => format!("{p}: {message}"),
+        None => format!(" {message}"),
+    }
+}
+
+impl ConfigError {
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            ConfigError::Invalid { position, .. } => *position,
+            _ => None,
+        }
+    }
+}
+
+/// Read and validate the policy at `path`. Does not check the file's ownership: the daemon
+/// and `cwreap check` call [`check_file_permissions`] first.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&text, &file)
+}
+
+/// Validate a policy given as text; `source` names it in messages.
+pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+    let invalid = |p: raw::Problem| ConfigError::Invalid {
+        file: source.to_owned(),
+        position: p.position,
+        message: p.message,
+    };
+    let raw: raw::RawConfig =
+        serde_saphyr::from_str(text).map_err(|e| invalid(raw::yaml_problem(text, &e)))?;
+    Config::from_raw(raw).map_err(invalid)
+}

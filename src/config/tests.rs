@@ -1,0 +1,705 @@
+//! Tests of the policy: parsing, validation, errors, matching, description.
+
+use std::os::unix::fs::MetadataExt;
+
+use super::file::*;
+use super::raw::*;
+use super::validate::*;
+use super::*;
+
+const MIN: &str = "targets:\n  - name: web\n    match:\n      comm: ^nginx$\n    older_than: 5m\n";
+
+fn ok(text: &str) -> Config {
+    match parse(text, "t.yaml") {
+        Ok(c) => c,
+        Err(e) => panic!("expected a valid policy, got: {e}"),
+    }
+}
+
+/// The one-line error for `text`.
+fn err(text: &str) -> String {
+    match parse(text, "t.yaml") {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => {
+            let s = e.to_string();
+            assert!(!s.contains('\n'), "error spans several lines: {s:?}");
+            s
+        }
+    }
+}
+
+/// A one-target policy with `body` as extra target keys (indented 4).
+fn with_target(body: &str) -> String {
+    format!("targets:\n  - name: web\n    match:\n      comm: ^nginx$\n{body}")
+}
+
+#[test]
+fn defaults_are_safe_and_explicit() {
+    let c = ok(MIN);
+    assert_eq!(c.interval, Duration::from_secs(30));
+    assert!(c.dry_run);
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert_eq!(c.audit_log, None);
+    assert_eq!(c.limits.max_reaps_per_cycle, 100);
+    assert_eq!(c.limits.max_reaps_per_minute, 600);
+    assert_eq!(c.metrics.listen, "127.0.0.1:9814".parse().ok());
+    let t = &c.targets[0];
+    assert_eq!(t.name, "web");
+    assert_eq!(t.older_than, Duration::from_secs(300));
+    assert_eq!(t.min_close_wait, 1);
+    assert_eq!(t.action, Action::Log);
+    assert_eq!(t.dry_run, None);
+    assert!(t.effective_dry_run(c.dry_run));
+    assert_eq!(t.exclude, Exclude::default());
+}
+
+#[test]
+fn everything_set() {
+    let c = ok("interval: 1m30s
+dry_run: false
+log_format: json
+audit_log: /var/log/cwreap/audit.jsonl
+limits: {max_reaps_per_cycle: 5, max_reaps_per_minute: 50}
+metrics: {listen: '[::1]:9000'}
+targets:
+  - name: api
+    match:
+      pid: 42
+      pid_file: /run/api.pid
+      comm: ^api$
+      exe: /usr/bin/api
+      cmdline: --port 8080
+      systemd_unit: api.service
+      cgroup: /system.slice/
+      uid: 1000
+      local_ports: [8080, '8443']
+    older_than: 10m
+    min_close_wait: 3
+    exclude:
+      remote_cidrs: [10.0.0.0/8, 192.0.2.7, 'fd00::/8', 10.1.2.3/16]
+      local_ports: [9090]
+      remote_ports: [5432]
+    action: shutdown
+    dry_run: true
+");
+    assert_eq!(c.interval, Duration::from_secs(90));
+    assert!(!c.dry_run);
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(
+        c.audit_log.as_deref(),
+        Some(Path::new("/var/log/cwreap/audit.jsonl"))
+    );
+    assert_eq!(c.limits.max_reaps_per_cycle, 5);
+    assert_eq!(c.limits.max_reaps_per_minute, 50);
+    assert_eq!(c.metrics.listen, "[::1]:9000".parse().ok());
+    let t = &c.targets[0];
+    let m = &t.matcher;
+    assert_eq!(m.pid, Some(42));
+    assert_eq!(m.pid_file.as_deref(), Some(Path::new("/run/api.pid")));
+    assert_eq!(m.systemd_unit.as_deref(), Some("api.service"));
+    assert_eq!(m.cgroup.as_deref(), Some("/system.slice"));
+    assert_eq!(m.uid, Some(1000));
+    assert_eq!(m.local_ports, vec![8080, 8443]);
+    assert_eq!(t.min_close_wait, 3);
+    let nets: Vec<String> = t
+        .exclude
+        .remote_cidrs
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(
+        nets,
+        ["10.0.0.0/8", "192.0.2.7/32", "fd00::/8", "10.1.0.0/16"]
+    );
+    assert_eq!(t.action, Action::Shutdown);
+    assert_eq!(t.dry_run, Some(true));
+    assert!(t.effective_dry_run(c.dry_run));
+}
+
+#[test]
+fn target_dry_run_overrides_global() {
+    let c = ok(&with_target("    older_than: 5m\n    dry_run: false\n"));
+    assert!(c.dry_run);
+    assert!(!c.targets[0].effective_dry_run(c.dry_run));
+}
+
+#[test]
+fn metrics_off() {
+    let c = ok(&format!("metrics:\n  listen: off\n{MIN}"));
+    assert_eq!(c.metrics.listen, None);
+    let e = err(&format!("metrics:\n  listen: localhost:9814\n{MIN}"));
+    assert!(e.starts_with("t.yaml:2:11: `metrics.listen`"), "{e}");
+    let e = err(&format!("metrics:\n  listen: 127.0.0.1:0\n{MIN}"));
+    assert!(e.contains("port 0"), "{e}");
+}
+
+#[test]
+fn global_values_are_checked() {
+    let e = err(&format!("interval: 0s\n{MIN}"));
+    assert_eq!(e, "t.yaml:1:11: `interval`: `0s` must be greater than zero");
+    let e = err(&format!("interval: soon\n{MIN}"));
+    assert!(
+        e.starts_with("t.yaml:1:11: `interval`: `soon` is not a duration"),
+        "{e}"
+    );
+    let e = err(&format!("log_format: xml\n{MIN}"));
+    assert!(
+        e.starts_with("t.yaml:1:13: `log_format`: `xml` is not one of"),
+        "{e}"
+    );
+    let e = err(&format!("audit_log: audit.jsonl\n{MIN}"));
+    assert!(e.contains("must be an absolute path"), "{e}");
+    let e = err(&format!("limits:\n  max_reaps_per_cycle: 0\n{MIN}"));
+    assert_eq!(
+        e,
+        "t.yaml:2:24: `limits.max_reaps_per_cycle`: must be at least 1"
+    );
+    let e = err(&format!("limits:\n  max_reaps_per_minute: lots\n{MIN}"));
+    assert!(
+        e.starts_with("t.yaml:2:25: `limits.max_reaps_per_minute`: `lots`"),
+        "{e}"
+    );
+    let e = err(&format!("dry_run: maybe\n{MIN}"));
+    assert!(e.starts_with("t.yaml:1:10: invalid boolean"), "{e}");
+}
+
+#[test]
+fn explicit_null_is_refused() {
+    let e = err(&format!("interval:\n{MIN}"));
+    // A null points at the end of its key, where the value is missing.
+    assert!(e.starts_with("t.yaml:1:9: `interval` has no value"), "{e}");
+    let e = err(&with_target(
+        "    older_than: 5m\n    exclude:\n      local_ports:\n",
+    ));
+    assert!(
+        e.contains("`exclude.local_ports` in target `web` has no value"),
+        "{e}"
+    );
+    // An empty block is fine (all defaults).
+    ok(&format!("limits:\n{MIN}"));
+    ok(&with_target("    older_than: 5m\n    exclude:\n"));
+}
+
+#[test]
+fn targets_must_be_present_and_non_empty() {
+    let e = err("interval: 30s\n");
+    assert!(e.starts_with("t.yaml: no `targets`"), "{e}");
+    // The example the message gives is valid.
+    let (_, example) = e.rsplit_once("e.g. ").expect("an example");
+    ok(example.trim_matches('`'));
+    assert_eq!(
+        err("targets: []\n"),
+        "t.yaml:1:10: `targets` is empty: list at least one target"
+    );
+    let e = err("targets:\n");
+    assert!(e.starts_with("t.yaml:1:8: `targets` is empty"), "{e}");
+    assert!(err("").starts_with("t.yaml: no `targets`"));
+}
+
+#[test]
+fn name_rules() {
+    let e = err("targets:\n  - match: {pid: 1}\n    older_than: 1m\n");
+    assert_eq!(e, "t.yaml:2:5: target #1 has no `name`");
+    let e = err("targets:\n  - name: ''\n    match: {pid: 1}\n    older_than: 1m\n");
+    assert_eq!(e, "t.yaml:2:11: target #1 has an empty `name`");
+    let dup = format!("{MIN}  - name: web\n    match: {{pid: 3}}\n    older_than: 1m\n");
+    assert_eq!(
+        err(&dup),
+        "t.yaml:6:11: duplicate target name `web` (first used at line 2)"
+    );
+}
+
+#[test]
+fn older_than_required_and_positive() {
+    let e = err("targets:\n  - name: web\n    match: {pid: 1}\n");
+    assert!(
+        e.starts_with("t.yaml:2:5: target `web` has no `older_than`; it is required"),
+        "{e}"
+    );
+    let e = err(&with_target("    older_than: 0s\n"));
+    assert_eq!(
+        e,
+        "t.yaml:5:17: `older_than` in target `web`: `0s` must be greater than zero"
+    );
+    let e = err(&with_target("    older_than: 5 minutes later\n"));
+    assert!(
+        e.starts_with(
+            "t.yaml:5:17: `older_than` in target `web`: `5 minutes later` is not a duration"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn match_rules() {
+    let e = err("targets:\n  - name: web\n    older_than: 1m\n");
+    assert!(
+        e.starts_with("t.yaml:2:5: target `web` has no `match` block"),
+        "{e}"
+    );
+    let e = err("targets:\n  - name: web\n    match: {}\n    older_than: 1m\n");
+    assert!(
+            e.starts_with("t.yaml:3:12: the `match` block of target `web` is empty, which would select every process"),
+            "{e}"
+        );
+    let e = err("targets:\n  - name: web\n    match:\n    older_than: 1m\n");
+    assert!(
+        e.contains("is empty, which would select every process"),
+        "{e}"
+    );
+    let m = |body: &str| {
+        format!("targets:\n  - name: web\n    older_than: 1m\n    match:\n      {body}\n")
+    };
+    let e = err(&m("pid: 0"));
+    assert!(
+        e.starts_with("t.yaml:5:12: `match.pid` in target `web`: `0` is not a process id"),
+        "{e}"
+    );
+    let e = err(&m("pid_file: run/x.pid"));
+    assert!(e.contains("must be an absolute path"), "{e}");
+    let e = err(&m("comm: '(nginx'"));
+    assert!(
+        e.starts_with(
+            "t.yaml:5:13: `match.comm` in target `web`: invalid regex `(nginx`: unclosed group"
+        ),
+        "{e}"
+    );
+    assert!(err(&m("exe: '['")).contains("invalid regex"));
+    assert!(err(&m("cmdline: '*'")).contains("invalid regex"));
+    let e = err(&m("systemd_unit: nginx"));
+    assert!(e.contains("did you mean `nginx.service`?"), "{e}");
+    assert!(err(&m("systemd_unit: a/b.service")).contains("is not a unit name"));
+    let e = err(&m("cgroup: system.slice"));
+    assert!(e.contains("must be a cgroup path starting with `/`"), "{e}");
+    assert!(err(&m("uid: -1")).contains("is not a numeric user id"));
+    assert!(err(&m("uid: root")).contains("is not a numeric user id"));
+    let e = err(&m("local_ports: []"));
+    assert!(
+        e.starts_with("t.yaml:5:20: `match.local_ports` in target `web` is empty"),
+        "{e}"
+    );
+    // local_ports alone is a criterion.
+    ok(&m("local_ports: [8080]"));
+}
+
+#[test]
+fn ports() {
+    let m = |ports: &str| {
+        format!(
+            "targets:\n  - name: web\n    older_than: 1m\n    match:\n      local_ports: [80, {ports}]\n"
+        )
+    };
+    assert_eq!(
+        err(&m("0")),
+        "t.yaml:5:25: `match.local_ports` in target `web`: port 0 is out of range 1-65535"
+    );
+    assert!(err(&m("70000")).contains("port 70000 is out of range 1-65535"));
+    assert!(err(&m("http")).contains("`http` is not a port number (1-65535)"));
+    assert_eq!(parse_port("65535"), Ok(65535));
+    assert_eq!(parse_port(" 1 "), Ok(1));
+}
+
+#[test]
+fn exclude_rules() {
+    let e = err(&with_target(
+        "    older_than: 1m\n    exclude:\n      remote_cidrs: [10.0.0.0/8, 10.0.0.0/33]\n",
+    ));
+    assert!(
+        e.starts_with(
+            "t.yaml:7:34: `exclude.remote_cidrs` in target `web`: `10.0.0.0/33` is not a CIDR"
+        ),
+        "{e}"
+    );
+    assert!(
+        err(&with_target(
+            "    older_than: 1m\n    exclude:\n      remote_ports: [99999]\n"
+        ))
+        .contains("`exclude.remote_ports` in target `web`: port 99999")
+    );
+    let both = "targets:\n  - name: web\n    older_than: 1m\n    match: {local_ports: [80, 443]}\n    exclude: {local_ports: [22, 443]}\n";
+    assert_eq!(
+        err(both),
+        "t.yaml:5:33: `exclude.local_ports` in target `web`: port 443 is both matched and excluded, so it selects nothing"
+    );
+}
+
+#[test]
+fn escalate_rules() {
+    let ok = parse(
+        &with_target(
+            "    older_than: 1m\n    action: shutdown\n    escalate: {close_after: 10m}\n",
+        ),
+        "t.yaml",
+    )
+    .expect("valid escalate");
+    assert_eq!(
+        ok.targets[0].escalate,
+        Some(Escalate {
+            close_after: Duration::from_secs(600)
+        })
+    );
+    assert!(ok.describe().contains("WARNING: escalate closes fds"));
+    let again = parse(&ok.describe(), "described.yaml").expect("describe round-trips");
+    assert_eq!(again.targets[0].escalate, ok.targets[0].escalate);
+    let e = err(&with_target(
+        "    older_than: 1m\n    escalate: {close_after: 10m}\n",
+    ));
+    assert!(e.contains("only follows `action: shutdown`"), "{e}");
+    let e = err(&with_target(
+        "    older_than: 1m\n    action: shutdown\n    escalate: {}\n",
+    ));
+    assert!(e.contains("needs `close_after`"), "{e}");
+    let e = err(&with_target(
+        "    older_than: 1m\n    action: shutdown\n    escalate: {close_after: soon}\n",
+    ));
+    assert!(e.contains("close_after"), "{e}");
+}
+
+#[test]
+fn action_rules() {
+    let e = err(&with_target("    older_than: 1m\n    action: shotdown\n"));
+    assert_eq!(
+        e,
+        "t.yaml:6:13: `action` in target `web`: `shotdown` is not one of `log`, `shutdown`, `destroy`; did you mean `shutdown`?"
+    );
+    let ok = parse(
+        &with_target("    older_than: 1m\n    action: destroy\n"),
+        "t.yaml",
+    )
+    .expect("destroy is an action");
+    assert_eq!(ok.targets[0].action, Action::Destroy);
+    let e = err(&with_target("    older_than: 1m\n    min_close_wait: 0\n"));
+    assert_eq!(
+        e,
+        "t.yaml:6:21: `min_close_wait` in target `web`: must be at least 1"
+    );
+}
+
+#[test]
+fn unknown_keys_name_the_place_and_suggest() {
+    let e = err(&with_target("    older_then: 5m\n"));
+    assert_eq!(
+        e,
+        "t.yaml:5:5: unknown key `older_then` in target `web`; did you mean `older_than`?"
+    );
+    let e = err("targets:\n  - name: web\n    match:\n      pdi: 1\n    older_than: 1m\n");
+    assert_eq!(
+        e,
+        "t.yaml:4:7: unknown key `pdi` in the `match` block of target `web`; did you mean `pid`?"
+    );
+    let e = err(&format!("intervall: 30s\n{MIN}"));
+    assert_eq!(
+        e,
+        "t.yaml:1:1: unknown key `intervall` at the top level; did you mean `interval`?"
+    );
+    let e = err(&format!("limits:\n  max_reaps: 3\n{MIN}"));
+    assert!(
+        e.starts_with("t.yaml:2:3: unknown key `max_reaps` in `limits`; valid keys:"),
+        "{e}"
+    );
+    let e = err(&format!("metrics:\n  listne: off\n{MIN}"));
+    assert!(e.contains("in `metrics`; did you mean `listen`?"), "{e}");
+    let e = err(&with_target(
+        "    older_than: 1m\n    exclude:\n      remote_cidr: []\n",
+    ));
+    assert!(
+            e.contains("unknown key `remote_cidr` in the `exclude` block of target `web`; did you mean `remote_cidrs`?"),
+            "{e}"
+        );
+    let e = err("targets:\n  - name: web\n    comm: nginx\n    older_than: 1m\n");
+    assert!(
+        e.contains("`comm` is a criterion: put it under `match:`"),
+        "{e}"
+    );
+    // The second target, named after the typo.
+    let e = err(&format!("{MIN}  - older_thn: 1m\n    name: api\n"));
+    assert_eq!(
+        e,
+        "t.yaml:6:5: unknown key `older_thn` in target `api`; did you mean `older_than`?"
+    );
+    // A top-level key after the list is not blamed on the last target.
+    let e = err(&format!("{MIN}dryrun: true\n"));
+    assert!(
+        e.starts_with("t.yaml:6:1: unknown key `dryrun` at the top level; did you mean `dry_run`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn yaml_errors_are_one_line_with_position() {
+    let e = err("targets:\n  - name: \"web\n    match: {}\n");
+    assert!(e.starts_with("t.yaml:2:11: "), "{e}");
+    let e = err("targets:\n  - name: web\n   match: {}\n");
+    assert!(e.starts_with("t.yaml:3:4: "), "{e}");
+    let e = err(&with_target("    older_than: 1m\n    dry_run: perhaps\n"));
+    assert_eq!(e, "t.yaml:6:14: invalid boolean (in target `web`)");
+    assert_eq!(
+        err("- 1\n"),
+        "t.yaml:1:1: expected a mapping (`key: value` lines) here"
+    );
+    let e = err("targets:\n  - name: [web]\n");
+    assert_eq!(
+        e,
+        "t.yaml:2:11: expected a single value here, not a list or a mapping (in target #1)"
+    );
+    assert!(err("targets: web\n").starts_with("t.yaml:1:10: expected a list"));
+    let e = err(&format!("{MIN}    name: again\n"));
+    assert!(e.starts_with("t.yaml:6:5: duplicate mapping key"), "{e}");
+}
+
+#[test]
+fn edit_distance_and_suggestions() {
+    assert_eq!(edit_distance("", ""), 0);
+    assert_eq!(edit_distance("abc", ""), 3);
+    assert_eq!(edit_distance("kitten", "sitting"), 3);
+    assert_eq!(edit_distance("pdi", "pid"), 1);
+    assert_eq!(edit_distance("older_then", "older_than"), 1);
+    let keys = [
+        "name",
+        "match",
+        "older_than",
+        "exclude",
+        "action",
+        "dry_run",
+    ];
+    assert_eq!(suggest("older_then", &keys), Some("older_than"));
+    assert_eq!(suggest("Action", &keys), Some("action"));
+    assert_eq!(suggest("matches", &keys), Some("match"));
+    assert_eq!(suggest("frobnicate", &keys), None);
+    assert_eq!(suggest("x", &keys), None);
+}
+
+#[test]
+fn units_from_cgroups() {
+    assert_eq!(
+        unit_from_cgroup("/system.slice/nginx.service").as_deref(),
+        Some("nginx.service")
+    );
+    assert_eq!(
+        unit_from_cgroup("/user.slice/user-1000.slice/user@1000.service/app.slice/foo.service")
+            .as_deref(),
+        Some("foo.service")
+    );
+    assert_eq!(
+        unit_from_cgroup("/user.slice/user-1000.slice/session-3.scope").as_deref(),
+        Some("session-3.scope")
+    );
+    assert_eq!(
+        unit_from_cgroup("/system.slice/docker-ab12.scope/init").as_deref(),
+        Some("docker-ab12.scope")
+    );
+    assert_eq!(unit_from_cgroup("/"), None);
+    assert_eq!(unit_from_cgroup("/system.slice"), None);
+    assert_eq!(unit_from_cgroup("/a/.service"), None);
+}
+
+#[test]
+fn cgroup_file() {
+    assert_eq!(
+        parse_cgroup_file("0::/system.slice/nginx.service\n").as_deref(),
+        Some("/system.slice/nginx.service")
+    );
+    let hybrid = "12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/x.service\n0::/system.slice/x.service\n";
+    assert_eq!(
+        parse_cgroup_file(hybrid).as_deref(),
+        Some("/system.slice/x.service")
+    );
+    assert_eq!(
+        parse_cgroup_file("0::/a:b/c.scope\n").as_deref(),
+        Some("/a:b/c.scope")
+    );
+    assert_eq!(
+        parse_cgroup_file("0::/gone.scope (deleted)\n").as_deref(),
+        Some("/gone.scope")
+    );
+    assert_eq!(parse_cgroup_file("1:cpu:/x\n"), None);
+    assert_eq!(parse_cgroup_file(""), None);
+}
+
+fn facts() -> ProcessFacts {
+    ProcessFacts {
+        pid: 4242,
+        comm: "nginx".into(),
+        exe: Some("/usr/sbin/nginx".into()),
+        cmdline: Some("nginx: worker process".into()),
+        cgroup: Some("/system.slice/nginx.service".into()),
+        uid: Some(33),
+    }
+}
+
+fn matcher(body: &str) -> TargetMatch {
+    let c = ok(&format!(
+        "targets:\n  - name: t\n    older_than: 1m\n    match: {{{body}}}\n"
+    ));
+    c.targets[0].matcher.clone()
+}
+
+#[test]
+fn process_matching() {
+    let f = facts();
+    assert!(matcher("comm: ngin").matches(&f, None));
+    assert!(!matcher("comm: ^ngin$").matches(&f, None));
+    assert!(matcher("pid: 4242").matches(&f, None));
+    assert!(!matcher("pid: 4243").matches(&f, None));
+    assert!(matcher("exe: /nginx$").matches(&f, None));
+    assert!(matcher("cmdline: worker").matches(&f, None));
+    assert!(matcher("systemd_unit: nginx.service").matches(&f, None));
+    assert!(!matcher("systemd_unit: apache.service").matches(&f, None));
+    assert!(matcher("cgroup: /system.slice").matches(&f, None));
+    assert!(matcher("cgroup: /system.slice/nginx.service").matches(&f, None));
+    assert!(matcher("cgroup: /").matches(&f, None));
+    assert!(!matcher("cgroup: /system.sl").matches(&f, None));
+    assert!(matcher("uid: 33").matches(&f, None));
+    assert!(!matcher("uid: 0").matches(&f, None));
+    // pid_file: the pid read this cycle must be this process; none read, no match.
+    let pf = matcher("pid_file: /run/nginx.pid");
+    assert!(pf.matches(&f, Some(4242)));
+    assert!(!pf.matches(&f, Some(1)));
+    assert!(!pf.matches(&f, None));
+    // All criteria must hold.
+    assert!(matcher("comm: nginx, uid: 33").matches(&f, None));
+    assert!(!matcher("comm: nginx, uid: 0").matches(&f, None));
+    // A criterion on a fact we could not read does not match.
+    let bare = ProcessFacts {
+        pid: 4242,
+        comm: "nginx".into(),
+        ..ProcessFacts::default()
+    };
+    assert!(!matcher("exe: nginx").matches(&bare, None));
+    assert!(!matcher("cmdline: nginx").matches(&bare, None));
+    assert!(!matcher("systemd_unit: nginx.service").matches(&bare, None));
+    assert!(!matcher("cgroup: /").matches(&bare, None));
+    assert!(!matcher("uid: 33").matches(&bare, None));
+    // local_ports is a socket criterion: any process passes the process check.
+    let ports = matcher("local_ports: [80]");
+    assert!(!ports.has_process_criteria());
+    assert!(ports.matches(&bare, None));
+}
+
+fn target(extra: &str) -> Target {
+    let c = ok(&format!(
+        "targets:\n  - name: t\n    older_than: 1m\n    match: {{comm: x, local_ports: [80, 443]}}\n{extra}"
+    ));
+    c.targets[0].clone()
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+#[test]
+fn socket_selection_and_exclusions() {
+    let t = target("");
+    assert!(t.socket_selected(sa("10.0.0.1:80"), sa("192.0.2.1:5000")));
+    assert!(!t.socket_selected(sa("10.0.0.1:8080"), sa("192.0.2.1:5000")));
+
+    let t = target(
+        "    exclude:\n      remote_cidrs: [10.0.0.0/8, '2001:db8::/32', 192.0.2.7, '::ffff:198.51.100.0/120']\n      remote_ports: [5432]\n",
+    );
+    let local = sa("127.0.0.1:80");
+    assert!(!t.socket_selected(local, sa("10.1.2.3:5000")));
+    assert!(t.socket_selected(local, sa("11.1.2.3:5000")));
+    assert!(!t.socket_selected(local, sa("192.0.2.7:5000")));
+    assert!(t.socket_selected(local, sa("192.0.2.8:5000")));
+    assert!(!t.socket_selected(local, sa("[2001:db8::1]:5000")));
+    assert!(!t.socket_selected(local, sa("11.1.2.3:5432")));
+    // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
+    let v6local = sa("[::]:443");
+    assert!(!t.socket_selected(v6local, sa("[::ffff:10.9.9.9]:5000")));
+    assert!(t.socket_selected(v6local, sa("[::ffff:11.9.9.9]:5000")));
+    // And an IPv4 peer against a mapped CIDR.
+    assert!(!t.socket_selected(local, sa("198.51.100.9:5000")));
+
+    let t = target("    exclude: {local_ports: [22]}\n");
+    let no_ports = Target {
+        matcher: TargetMatch::default(),
+        ..t
+    };
+    assert!(!no_ports.socket_selected(sa("127.0.0.1:22"), sa("192.0.2.1:5000")));
+    assert!(no_ports.socket_selected(sa("127.0.0.1:23"), sa("192.0.2.1:5000")));
+}
+
+#[test]
+fn permission_rules() {
+    assert_eq!(permission_problem(0o100600, 0), None);
+    assert_eq!(permission_problem(0o100644, 0), None);
+    assert_eq!(permission_problem(0o100400, 0), None);
+    let p = permission_problem(0o100664, 0).expect("group-writable");
+    assert!(p.contains("writable by group (mode 0664)"), "{p}");
+    let p = permission_problem(0o100666, 0).expect("world-writable");
+    assert!(p.contains("writable by group and others"), "{p}");
+    let p = permission_problem(0o100600, 1000).expect("not root's");
+    assert!(p.contains("owned by uid 1000, not root"), "{p}");
+    let p = permission_problem(0o100602, 1000).expect("both");
+    assert!(p.contains("uid 1000") && p.contains("others"), "{p}");
+    assert_eq!(
+        shell_quote("/etc/cwreap/cwreap.yaml"),
+        "/etc/cwreap/cwreap.yaml"
+    );
+    assert_eq!(shell_quote("/tmp/a b"), "'/tmp/a b'");
+}
+
+#[test]
+fn permission_check_on_a_real_file() {
+    let dir = std::env::temp_dir().join(format!("cwreap-config-perm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let f = dir.join("policy.yaml");
+    std::fs::write(&f, MIN).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let r = check_file_permissions(&f);
+    if rustix::process::geteuid().is_root() {
+        let e = r
+            .expect_err("world-writable file refused as root")
+            .to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+    } else {
+        assert!(r.is_ok(), "only root refuses");
+    }
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let own = std::fs::metadata(&f).expect("stat").uid();
+    assert_eq!(
+        check_file_permissions(&f).is_ok(),
+        own == 0 || !cwreap_linux::sys::runs_privileged()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn load_reports_unreadable_files() {
+    let e = load(Path::new("/nonexistent/cwreap.yaml")).expect_err("missing file");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/cwreap.yaml: cannot read the policy")
+    );
+}
+
+#[test]
+fn describe_is_explicit_and_round_trips() {
+    let c = ok(MIN);
+    let d = c.describe();
+    for line in [
+        "interval: \"30s\"",
+        "dry_run: true",
+        "log_format: text",
+        "max_reaps_per_cycle: 100",
+        "max_reaps_per_minute: 600",
+        "listen: \"127.0.0.1:9814\"",
+        "  - name: \"web\"",
+        "      comm: \"^nginx$\"",
+        "    older_than: \"5m\"",
+        "    min_close_wait: 1",
+        "    action: log",
+        "    # dry_run: true (the global setting)",
+    ] {
+        assert!(d.contains(line), "missing {line:?} in\n{d}");
+    }
+    let full = ok(
+        "metrics: {listen: off}\naudit_log: /var/log/cwreap/audit.jsonl\ntargets:\n  - name: 'a \"q\" \\\\ b'\n    match: {cmdline: 'x\\d+ \"y\"', local_ports: [80]}\n    older_than: 1h 2m 3s\n    exclude: {remote_cidrs: ['::ffff:10.0.0.0/104']}\n    action: shutdown\n    dry_run: false\n",
+    );
+    for c in [c, full] {
+        let d = c.describe();
+        let again = ok(&d);
+        assert_eq!(again.describe(), d);
+    }
+}

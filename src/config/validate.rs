@@ -1,0 +1,423 @@
+//! Raw → [`Config`] in one step: each value parsed and checked, each rule applied, and the
+//! first problem reported with the position of the offending key or value.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::Regex;
+use serde_saphyr::{Location, Spanned};
+
+use super::raw::*;
+use super::*;
+
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. 90s, 5m, 1h30m"))?;
+    if d.is_zero() {
+        return Err(format!("`{s}` must be greater than zero"));
+    }
+    Ok(d)
+}
+
+pub(super) fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u64>() {
+        Ok(p) if (1..=65535).contains(&p) => u16::try_from(p).map_err(|e| e.to_string()),
+        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
+        Err(_) => Err(format!("`{s}` is not a port number (1-65535)")),
+    }
+}
+
+pub(super) fn parse_count(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => u32::try_from(n).map_err(|_| format!("{n} is too large")),
+        Err(_) => Err(format!("`{s}` is not a positive whole number")),
+    }
+}
+
+pub(super) fn parse_pid(s: &str) -> Result<i32, String> {
+    match s.trim().parse::<i32>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("`{s}` is not a process id (a positive integer)")),
+    }
+}
+
+pub(super) fn parse_uid(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse::<u32>()
+        .map_err(|_| format!("`{s}` is not a numeric user id (0-4294967295)"))
+}
+
+pub(super) fn parse_regex(s: &str) -> Result<Regex, String> {
+    Regex::new(s).map_err(|e| {
+        // The regex crate explains on several lines; keep the line that says what is wrong.
+        let text = e.to_string();
+        let why = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("error: "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| one_line(&text));
+        format!("invalid regex `{s}`: {why}")
+    })
+}
+
+pub(super) fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    if let Ok(net) = t.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = t.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "`{s}` is not a CIDR or IP address (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/8)"
+    ))
+}
+
+pub(super) fn parse_absolute_path(s: &str) -> Result<PathBuf, String> {
+    if s.starts_with('/') {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(format!("`{s}` must be an absolute path"))
+    }
+}
+
+pub(super) fn parse_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    let t = s.trim();
+    if t == "off" {
+        return Ok(None);
+    }
+    match t.parse::<SocketAddr>() {
+        Ok(a) if a.port() == 0 => Err(format!("`{s}`: port 0 is not allowed")),
+        Ok(a) => Ok(Some(a)),
+        Err(_) => Err(format!(
+            "`{s}` is not an ip:port address (e.g. 127.0.0.1:9814 or [::1]:9814) or `off`"
+        )),
+    }
+}
+
+pub(super) fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("`{other}` is not one of `text`, `json`")),
+    }
+}
+
+pub(super) fn parse_action(s: &str) -> Result<Action, String> {
+    match s.trim() {
+        "log" => Ok(Action::Log),
+        "shutdown" => Ok(Action::Shutdown),
+        "destroy" => Ok(Action::Destroy),
+        other => {
+            let hint = suggest(other, &["log", "shutdown", "destroy"])
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            Err(format!(
+                "`{other}` is not one of `log`, `shutdown`, `destroy`{hint}"
+            ))
+        }
+    }
+}
+
+pub(super) fn parse_unit(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if is_unit_name(t) {
+        Ok(t.to_owned())
+    } else if !t.is_empty() && !t.contains('/') && !t.contains('.') {
+        Err(format!(
+            "`{s}` is not a unit name; did you mean `{t}.service`?"
+        ))
+    } else {
+        Err(format!(
+            "`{s}` is not a unit name (a `*.service` or `*.scope`, e.g. nginx.service)"
+        ))
+    }
+}
+
+pub(super) fn parse_cgroup_prefix(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if !t.starts_with('/') {
+        return Err(format!(
+            "`{s}` must be a cgroup path starting with `/` (e.g. /system.slice/nginx.service)"
+        ));
+    }
+    let trimmed = t.trim_end_matches('/');
+    Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
+}
+
+impl Config {
+    pub(super) fn from_raw(raw: RawConfig) -> Result<Config, Problem> {
+        let interval = scalar(&raw.interval, "`interval`", parse_duration)?;
+        let dry_run = given(&raw.dry_run, "`dry_run`")?.map(|(v, _)| *v);
+        let log_format = scalar(&raw.log_format, "`log_format`", parse_log_format)?;
+        let audit_log = scalar(&raw.audit_log, "`audit_log`", parse_absolute_path)?;
+        let limits = match block(&raw.limits) {
+            None => Limits {
+                max_reaps_per_cycle: DEFAULT_MAX_REAPS_PER_CYCLE,
+                max_reaps_per_minute: DEFAULT_MAX_REAPS_PER_MINUTE,
+            },
+            Some(l) => Limits {
+                max_reaps_per_cycle: scalar(
+                    &l.max_reaps_per_cycle,
+                    "`limits.max_reaps_per_cycle`",
+                    parse_count,
+                )?
+                .unwrap_or(DEFAULT_MAX_REAPS_PER_CYCLE),
+                max_reaps_per_minute: scalar(
+                    &l.max_reaps_per_minute,
+                    "`limits.max_reaps_per_minute`",
+                    parse_count,
+                )?
+                .unwrap_or(DEFAULT_MAX_REAPS_PER_MINUTE),
+            },
+        };
+        let listen = match block(&raw.metrics) {
+            Some(m) => scalar(&m.listen, "`metrics.listen`", parse_listen)?,
+            None => None,
+        };
+        let listen = match listen {
+            Some(l) => l,
+            None => parse_listen(DEFAULT_METRICS_LISTEN).map_err(|message| Problem {
+                position: None,
+                message,
+            })?,
+        };
+
+        let targets = match &raw.targets {
+            None => {
+                return Err(Problem {
+                    position: None,
+                    message: "no `targets`: list at least one target, e.g. \
+                              `targets: [{name: web, match: {comm: ^nginx$}, older_than: 10m}]`"
+                        .to_owned(),
+                });
+            }
+            Some(Spanned {
+                value, referenced, ..
+            }) => match value {
+                Some(list) if !list.is_empty() => list,
+                _ => {
+                    return Err(problem_at(
+                        referenced,
+                        "`targets` is empty: list at least one target",
+                    ));
+                }
+            },
+        };
+        let mut seen: HashMap<String, Option<Position>> = HashMap::new();
+        let mut out = Vec::with_capacity(targets.len());
+        for (i, t) in targets.iter().enumerate() {
+            let target = Target::from_raw(&t.value, &t.referenced, i + 1)?;
+            let name_loc = t.value.name.as_ref().map_or(t.referenced, |n| n.referenced);
+            if let Some(first) = seen.get(&target.name) {
+                let first = first
+                    .map(|p| format!(" (first used at line {})", p.line))
+                    .unwrap_or_default();
+                return Err(problem_at(
+                    &name_loc,
+                    format!("duplicate target name `{}`{first}", target.name),
+                ));
+            }
+            seen.insert(target.name.clone(), position(&name_loc));
+            out.push(target);
+        }
+
+        Ok(Config {
+            interval: interval.unwrap_or(DEFAULT_INTERVAL),
+            // Safe by default: a policy must say `dry_run: false` to shut anything down.
+            dry_run: dry_run.unwrap_or(true),
+            log_format: log_format.unwrap_or(LogFormat::Text),
+            audit_log,
+            limits,
+            metrics: Metrics { listen },
+            targets: out,
+        })
+    }
+}
+
+impl Target {
+    pub(super) fn from_raw(
+        raw: &RawTarget,
+        at: &Location,
+        index: usize,
+    ) -> Result<Target, Problem> {
+        let name = match given(&raw.name, &format!("`name` of target #{index}"))? {
+            None => {
+                return Err(problem_at(at, format!("target #{index} has no `name`")));
+            }
+            Some((n, loc)) => {
+                let n = n.trim();
+                if n.is_empty() {
+                    return Err(problem_at(
+                        loc,
+                        format!("target #{index} has an empty `name`"),
+                    ));
+                }
+                if n.chars().any(char::is_control) {
+                    return Err(problem_at(
+                        loc,
+                        format!("the `name` of target #{index} contains control characters"),
+                    ));
+                }
+                n.to_owned()
+            }
+        };
+        let ctx = format!("in target `{name}`");
+        let what = |k: &str| format!("`{k}` {ctx}");
+
+        let matcher = match &raw.matcher {
+            None => {
+                return Err(problem_at(
+                    at,
+                    format!(
+                        "target `{name}` has no `match` block; give at least one of {MATCH_KEYS}"
+                    ),
+                ));
+            }
+            Some(Spanned {
+                value, referenced, ..
+            }) => {
+                let empty = RawMatch::default();
+                TargetMatch::from_raw(value.as_ref().unwrap_or(&empty), referenced, &name)?
+            }
+        };
+
+        let older_than = match scalar(&raw.older_than, &what("older_than"), parse_duration)? {
+            Some(d) => d,
+            None => {
+                return Err(problem_at(
+                    at,
+                    format!(
+                        "target `{name}` has no `older_than`; it is required (e.g. `older_than: 10m`, \
+                         above the clients' pool idle timeouts)"
+                    ),
+                ));
+            }
+        };
+        let min_close_wait =
+            scalar(&raw.min_close_wait, &what("min_close_wait"), parse_count)?.unwrap_or(1);
+
+        let exclude = match block(&raw.exclude) {
+            None => Exclude::default(),
+            Some(e) => {
+                let w = |k: &str| format!("`exclude.{k}` {ctx}");
+                let ports = |k: &List, key: &str| {
+                    Ok::<_, Problem>(
+                        list(k, &w(key), parse_port)?
+                            .map(|(v, _)| v)
+                            .unwrap_or_default(),
+                    )
+                };
+                let local_ports = ports(&e.local_ports, "local_ports")?;
+                if let Some(p) = local_ports.iter().find(|p| matcher.local_ports.contains(p)) {
+                    let loc = e
+                        .local_ports
+                        .as_ref()
+                        .and_then(|s| s.value.as_ref())
+                        .and_then(|items| items.iter().find(|i| parse_port(&i.value) == Ok(*p)))
+                        .map(|i| i.referenced)
+                        .unwrap_or(Location::UNKNOWN);
+                    return Err(problem_at(
+                        &loc,
+                        format!(
+                            "{}: port {p} is both matched and excluded, so it selects nothing",
+                            w("local_ports")
+                        ),
+                    ));
+                }
+                Exclude {
+                    remote_cidrs: list(&e.remote_cidrs, &w("remote_cidrs"), parse_cidr)?
+                        .map(|(v, _)| v)
+                        .unwrap_or_default(),
+                    local_ports,
+                    remote_ports: ports(&e.remote_ports, "remote_ports")?,
+                }
+            }
+        };
+
+        let action = scalar(&raw.action, &what("action"), parse_action)?.unwrap_or(Action::Log);
+        let dry_run = given(&raw.dry_run, &what("dry_run"))?.map(|(v, _)| *v);
+        let escalate = match block(&raw.escalate) {
+            None => None,
+            Some(e) => {
+                let key = format!("`escalate.close_after` in target `{name}`");
+                match scalar(&e.close_after, &key, parse_duration)? {
+                    Some(close_after) => Some(Escalate { close_after }),
+                    None => {
+                        return Err(problem_at(
+                            at,
+                            format!(
+                                "target `{name}`: `escalate` needs `close_after` (e.g. `close_after: 10m`)"
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        if escalate.is_some() && action != Action::Shutdown {
+            return Err(problem_at(
+                at,
+                format!("target `{name}`: `escalate` only follows `action: shutdown`"),
+            ));
+        }
+
+        Ok(Target {
+            name,
+            matcher,
+            older_than,
+            min_close_wait,
+            exclude,
+            action,
+            dry_run,
+            escalate,
+        })
+    }
+}
+
+impl TargetMatch {
+    pub(super) fn from_raw(
+        raw: &RawMatch,
+        at: &Location,
+        name: &str,
+    ) -> Result<TargetMatch, Problem> {
+        let what = |k: &str| format!("`match.{k}` in target `{name}`");
+        let local_ports = match list(&raw.local_ports, &what("local_ports"), parse_port)? {
+            Some((ports, loc)) if ports.is_empty() => {
+                return Err(problem_at(
+                    &loc,
+                    format!(
+                        "{} is empty; list ports or remove the key",
+                        what("local_ports")
+                    ),
+                ));
+            }
+            Some((ports, _)) => ports,
+            None => Vec::new(),
+        };
+        let m = TargetMatch {
+            pid: scalar(&raw.pid, &what("pid"), parse_pid)?,
+            pid_file: scalar(&raw.pid_file, &what("pid_file"), parse_absolute_path)?,
+            comm: scalar(&raw.comm, &what("comm"), parse_regex)?,
+            exe: scalar(&raw.exe, &what("exe"), parse_regex)?,
+            cmdline: scalar(&raw.cmdline, &what("cmdline"), parse_regex)?,
+            systemd_unit: scalar(&raw.systemd_unit, &what("systemd_unit"), parse_unit)?,
+            cgroup: scalar(&raw.cgroup, &what("cgroup"), parse_cgroup_prefix)?,
+            uid: scalar(&raw.uid, &what("uid"), parse_uid)?,
+            local_ports,
+        };
+        if !m.has_process_criteria() && m.local_ports.is_empty() {
+            return Err(problem_at(
+                at,
+                format!(
+                    "the `match` block of target `{name}` is empty, which would select every \
+                     process; give at least one of {MATCH_KEYS}"
+                ),
+            ));
+        }
+        Ok(m)
+    }
+}

@@ -1,0 +1,440 @@
+//! One daemon cycle: match the target processes, discover their CLOSE_WAIT sockets (one
+//! sock_diag socket per network namespace), attribute them from the fd-table cache, age
+//! them, decide (pure, [`crate::policy::decide`]), act through the pidfds held since
+//! attribution, and report each action (log event, audit line, counters, release watch).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use cwreap_linux::netns::Namespaces;
+
+use super::audit::unix_ts;
+use super::release::PendingRelease;
+use super::{Daemon, Point};
+use crate::act::{self, ActResult, Expected, Outcome, Reason, Via};
+use crate::config::{self, Action, ProcessFacts};
+use crate::index::{FdIndex, Refresh};
+use crate::policy::{self, Candidate, Decision, HeadroomWarning};
+use crate::report::{CycleReport, TargetGauges};
+use crate::snapshot::Snapshot;
+
+impl Daemon {
+    /// Read what the targets' match blocks need to know about a process.
+    fn facts(&self, pid: i32) -> io::Result<ProcessFacts> {
+        let comm = self.proc.comm(pid)?;
+        Ok(ProcessFacts {
+            pid,
+            comm,
+            exe: self.proc.exe(pid).ok(),
+            cmdline: self.proc.cmdline(pid).ok(),
+            cgroup: self
+                .proc
+                .cgroup(pid)
+                .ok()
+                .and_then(|t| config::parse_cgroup_file(&t)),
+            uid: self.proc.uid(pid).ok(),
+        })
+    }
+
+    /// pid → index of the first target whose match block accepts the process.
+    fn match_processes(&self, report: &mut CycleReport) -> BTreeMap<i32, usize> {
+        let pid_files: Vec<Option<i32>> = self
+            .cfg
+            .targets
+            .iter()
+            .map(|t| {
+                t.matcher.pid_file.as_ref().and_then(|p| {
+                    std::fs::read_to_string(p)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok())
+                })
+            })
+            .collect();
+        let mut out = BTreeMap::new();
+        let Ok(pids) = self.proc.pids() else {
+            report.error("proc");
+            return out;
+        };
+        for pid in pids {
+            if pid == self.self_pid {
+                continue;
+            }
+            let Ok(facts) = self.facts(pid) else { continue };
+            if let Some(i) = self
+                .cfg
+                .targets
+                .iter()
+                .enumerate()
+                .position(|(i, t)| t.matcher.matches(&facts, pid_files[i]))
+            {
+                out.insert(pid, i);
+            }
+        }
+        out
+    }
+
+    /// One full cycle. `stop` is checked between actions so SIGTERM is honoured promptly.
+    pub fn cycle(&mut self, stop: &AtomicBool) -> CycleReport {
+        let started = Instant::now();
+        let mut report = CycleReport::default();
+        let now = Instant::now();
+
+        let targets = self.match_processes(&mut report);
+        let pids: Vec<i32> = targets.keys().copied().collect();
+        self.stage(Point::Matched);
+
+        // One sock_diag socket per network namespace the targets live in.
+        self.namespaces.cover(&self.proc, &pids, false);
+        let live: HashSet<u64> = pids
+            .iter()
+            .filter_map(|p| {
+                cwreap_linux::netlink::netns_inode(
+                    &self.proc.root().join(p.to_string()).join("ns/net"),
+                )
+                .ok()
+            })
+            .collect();
+        self.namespaces.retain(|ino| live.contains(&ino));
+        for (ino, why) in std::mem::take(&mut self.namespaces.failures) {
+            warn!(netns = ino, error = %why, "network namespace skipped this cycle");
+            report.error("netns");
+        }
+        let found = match self.namespaces.dump() {
+            Ok(f) => f,
+            Err(e) => {
+                error!(error = %e, "sock_diag dump failed; retrying next cycle");
+                report.error("netlink");
+                self.namespaces = Namespaces::default();
+                report.duration = started.elapsed();
+                return report;
+            }
+        };
+        for (ino, why) in std::mem::take(&mut self.namespaces.failures) {
+            warn!(netns = ino, error = %why, "sock_diag dump failed in a network namespace");
+            report.error("netlink");
+        }
+        report.close_wait = found.close_wait.len();
+        self.ages
+            .observe(found.close_wait.iter().map(|s| (s.netns, s.cookie)), now);
+        // Ages tracks exactly the sockets present now.
+        self.handled.retain(|k| self.ages.tracks(k));
+        self.check_releases(now, &mut report);
+        self.escalate(now, stop, &mut report);
+
+        // Attribution from the cache; only changed targets' fd tables are read again.
+        let mut refresh = self.index.refresh(&self.proc, &self.os, &pids);
+        // A CLOSE_WAIT socket of a target's uid that no known target fd holds, not seen
+        // last cycle: a target may have reused an fd number for it (same fd count, so the
+        // cache could not tell). Read the tables again once. Sockets of other processes are
+        // remembered as unowned, so they cost this only when they first appear; a target
+        // that changed uid since creating the socket waits for the next full refresh.
+        let unowned = |index: &FdIndex<OwnedFd>| -> HashSet<u64> {
+            found
+                .close_wait
+                .iter()
+                .filter(|s| s.inode != 0 && !index.knows(s.inode))
+                .map(|s| s.inode)
+                .collect()
+        };
+        let uids = self.index.uids();
+        let fresh = found.close_wait.iter().any(|s| {
+            s.inode != 0
+                && uids.contains(&s.uid)
+                && !self.index.knows(s.inode)
+                && !self.unowned.contains(&s.inode)
+        });
+        if !refresh.full && fresh {
+            let again = self.index.reread(&self.proc, &self.os, &pids);
+            refresh = Refresh {
+                walked: refresh.walked + again.walked,
+                ..again
+            };
+        }
+        self.unowned = unowned(&self.index);
+        if refresh.stats.denied > 0 {
+            warn!(
+                processes = refresh.stats.denied,
+                "cannot read the fd table of some target processes (permission denied; CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are needed)"
+            );
+            report.error("proc");
+        }
+        if refresh.stats.vanished > 0 {
+            // Listed a moment ago, gone before (or while) its fd table was read.
+            info!(
+                processes = refresh.stats.vanished,
+                "target processes exited while their fd tables were read; skipped this cycle"
+            );
+            report.error("proc");
+        }
+        let snap = self.index.snapshot(found);
+
+        // Candidates: each attributed socket under the first holder that is a target.
+        let mut per_pid_cw: HashMap<i32, usize> = HashMap::new();
+        for s in &snap.sockets {
+            // An unaccepted connection counts for whoever holds its listener.
+            for h in s.owners() {
+                *per_pid_cw.entry(h.pid).or_default() += 1;
+            }
+        }
+        let mut candidates = Vec::new();
+        for s in &snap.sockets {
+            let unaccepted = s.unaccepted();
+            let Some((h, t)) = s
+                .owners()
+                .iter()
+                .find_map(|h| targets.get(&h.pid).map(|t| (*h, *t)))
+            else {
+                continue;
+            };
+            let Some(p) = snap.processes.get(&h.pid) else {
+                continue;
+            };
+            candidates.push(Candidate {
+                target: t,
+                pid: h.pid,
+                fd: h.fd,
+                comm: p.comm.clone(),
+                inode: s.diag.inode,
+                cookie: s.diag.cookie,
+                netns: s.diag.netns,
+                unaccepted,
+                local: s.diag.local,
+                remote: s.diag.remote,
+                age_ms: self.ages.age_ms(
+                    (s.diag.netns, s.diag.cookie),
+                    s.diag.last_ack_recv_ms,
+                    now,
+                ),
+                owner_close_wait: per_pid_cw.get(&h.pid).copied().unwrap_or(0),
+            });
+        }
+        report.candidates = candidates.len();
+        self.gauges(&snap, &targets, &candidates, &mut report);
+
+        let budget = self.limiter.budget(
+            self.cfg.limits.max_reaps_per_cycle as usize,
+            self.cfg.limits.max_reaps_per_minute as usize,
+            now,
+        );
+        let mut plan = policy::decide(&candidates, &self.cfg, &self.handled, budget);
+        report.deferred = plan.deferred;
+        if plan.deferred > 0 {
+            warn!(
+                deferred = plan.deferred,
+                "rate limit reached (max_reaps_per_cycle / max_reaps_per_minute); the rest waits for the next cycle"
+            );
+        }
+        if self.force_dry_run {
+            for d in &mut plan.decisions {
+                d.dry_run = true;
+            }
+        }
+        let mut reaps = 0usize;
+        for d in &plan.decisions {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            self.stage(Point::BeforeAct {
+                pid: d.candidate.pid,
+                fd: d.candidate.fd,
+            });
+            let res = self.act(&snap, d);
+            if d.action != Action::Log {
+                reaps += 1;
+            }
+            self.record(d, &res, now, &snap, &mut report);
+        }
+        self.limiter.record(reaps, now);
+        self.release_pidfds.clear();
+
+        let alive: HashSet<i32> = snap.processes.keys().copied().collect();
+        self.headroom.retain(&alive);
+        self.index.restore(snap.processes);
+        report.duration = started.elapsed();
+        report
+    }
+
+    fn act(&mut self, snap: &Snapshot<OwnedFd>, d: &Decision) -> ActResult {
+        let c = &d.candidate;
+        match d.action {
+            Action::Log => ActResult::ok(Outcome::Logged),
+            Action::Destroy => {
+                if self.destroy_unsupported {
+                    return ActResult::with(
+                        Outcome::Error,
+                        Reason::DestroyUnsupported { error: None },
+                    );
+                }
+                let Some(diag) = snap
+                    .sockets
+                    .iter()
+                    .find(|s| s.diag.netns == c.netns && s.diag.cookie == c.cookie)
+                    .map(|s| s.diag.clone())
+                else {
+                    return ActResult::with(Outcome::Gone, Reason::LeftSnapshot);
+                };
+                let res = act::destroy_verified(&mut self.namespaces, &diag, d.dry_run);
+                if matches!(res.reason, Some(Reason::DestroyUnsupported { .. })) {
+                    error!("{}", act::NO_DESTROY_HINT);
+                    self.destroy_unsupported = true;
+                }
+                res
+            }
+            Action::Shutdown if c.unaccepted => {
+                ActResult::with(Outcome::Skipped, Reason::Unaccepted(Via::Policy))
+            }
+            Action::Shutdown => {
+                let Some(handle) = snap.processes.get(&c.pid).and_then(|p| p.handle.as_ref())
+                else {
+                    return ActResult::with(Outcome::Gone, Reason::NotPinned);
+                };
+                let exp = Expected {
+                    pid: c.pid,
+                    fd: c.fd,
+                    inode: c.inode,
+                    cookie: c.cookie,
+                };
+                act::shutdown_verified(&self.os, handle, &exp, d.dry_run)
+            }
+        }
+    }
+
+    /// Report one action: tracing event, audit line, counters, release watch.
+    fn record(
+        &mut self,
+        d: &Decision,
+        res: &ActResult,
+        now: Instant,
+        snap: &Snapshot<OwnedFd>,
+        report: &mut CycleReport,
+    ) {
+        let c = &d.candidate;
+        let target = self
+            .cfg
+            .targets
+            .get(c.target)
+            .map_or_else(String::new, |t| t.name.clone());
+        let action = d.action.as_str();
+        let outcome = res.outcome.as_str();
+        let text = res.detail();
+        let detail = text.as_deref().unwrap_or("");
+        let reason = res.reason.as_ref().map_or("", Reason::code);
+        if res.outcome == Outcome::Error {
+            warn!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode, netns = c.netns, unaccepted = c.unaccepted,
+                local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome, reason,
+                dry_run = d.dry_run, error = detail, "action failed");
+            report.error("act");
+        } else {
+            info!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode, netns = c.netns, unaccepted = c.unaccepted,
+                local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome, reason,
+                dry_run = d.dry_run, detail, "close_wait action");
+        }
+        self.audit(json!({
+            "ts": unix_ts(),
+            "event": "action",
+            "target": target,
+            "pid": c.pid,
+            "fd": if c.unaccepted { None } else { Some(c.fd) },
+            "unaccepted": c.unaccepted,
+            "netns": c.netns,
+            "comm": c.comm,
+            "inode": c.inode,
+            "local": c.local.to_string(),
+            "remote": c.remote.to_string(),
+            "age_ms": c.age_ms,
+            "action": action,
+            "outcome": outcome,
+            "dry_run": d.dry_run,
+            "reason": res.reason.as_ref().map(Reason::code),
+            "error": text,
+        }));
+        *report
+            .outcomes
+            .entry((target.clone(), action, res.outcome))
+            .or_default() += 1;
+        if matches!(
+            res.outcome,
+            Outcome::Reaped | Outcome::DryRun | Outcome::Logged | Outcome::Error | Outcome::Skipped
+        ) {
+            self.handled.insert(c.key());
+        }
+        // Destroy frees the owner's fd slot only when the owner reacts to ECONNABORTED, and
+        // shutdown only when it reacts to EPOLLHUP: watch both.
+        if res.outcome == Outcome::Reaped && !c.unaccepted {
+            // Within one cycle a pid names the process the snapshot pinned, so sharing by
+            // pid is safe; the map is emptied when the cycle ends.
+            let pidfd = match self.release_pidfds.get(&c.pid) {
+                Some(fd) => Some(fd.clone()),
+                None => {
+                    let fd = snap
+                        .processes
+                        .get(&c.pid)
+                        .and_then(|p| p.handle.as_ref())
+                        .and_then(|h| h.try_clone().ok())
+                        .map(Arc::new);
+                    if let Some(fd) = &fd {
+                        self.release_pidfds.insert(c.pid, fd.clone());
+                    }
+                    fd
+                }
+            };
+            self.pending.push(PendingRelease {
+                target,
+                pid: c.pid,
+                fd: c.fd,
+                inode: c.inode,
+                cookie: c.cookie,
+                comm: c.comm.clone(),
+                pidfd,
+                at: now,
+            });
+        }
+    }
+
+    fn gauges(
+        &mut self,
+        snap: &Snapshot<OwnedFd>,
+        targets: &BTreeMap<i32, usize>,
+        candidates: &[Candidate],
+        report: &mut CycleReport,
+    ) {
+        for t in &self.cfg.targets {
+            report
+                .targets
+                .insert(t.name.clone(), TargetGauges::default());
+        }
+        let name = |i: usize| self.cfg.targets.get(i).map(|t| t.name.clone());
+        for c in candidates {
+            if let Some(g) = name(c.target).and_then(|n| report.targets.get_mut(&n)) {
+                g.close_wait += 1;
+                g.oldest_ms = g.oldest_ms.max(c.age_ms);
+            }
+        }
+        for (pid, t) in targets {
+            let Some(p) = snap.processes.get(pid) else {
+                continue;
+            };
+            let Some(tname) = name(*t) else { continue };
+            if let Some(g) = report.targets.get_mut(&tname) {
+                g.open_fds += p.open_fds;
+                g.fd_limit += p.nofile_soft.unwrap_or(0);
+            }
+            if let Some(w) = self.headroom.check(*pid, p.open_fds, p.nofile_soft) {
+                let pct = match w {
+                    HeadroomWarning::Above80 => 80,
+                    HeadroomWarning::Above95 => 95,
+                };
+                warn!(target = %tname, pid = *pid, comm = %p.comm, open_fds = p.open_fds,
+                    fd_limit = p.nofile_soft.unwrap_or(0), threshold_pct = pct,
+                    "process is close to its fd limit (RLIMIT_NOFILE): accept() will fail with EMFILE");
+            }
+        }
+    }
+}

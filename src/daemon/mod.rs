@@ -1,0 +1,166 @@
+//! `cwreap run`: the policy daemon. The decision itself is pure and lives in
+//! [`crate::policy`]; this folder owns everything around it:
+//!
+//! - [`cycle`]: one cycle, discover → attribute → age → decide → act → report;
+//! - [`release`]: after a shutdown, whether the owner released the fd (and escalation);
+//! - [`audit`]: the JSON Lines audit log;
+//! - [`service`]: the process around the cycles: signals (SIGHUP reload, SIGTERM/SIGINT
+//!   stop), sd_notify (READY, STATUS, WATCHDOG), the metrics endpoint;
+//! - [`selftest`]: the start-up self-test; [`logging`]: the log subscriber.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tracing::warn;
+
+use cwreap_linux::netns::Namespaces;
+use cwreap_linux::os::RealOs;
+use cwreap_linux::procfs::ProcFs;
+
+use crate::config::Config;
+use crate::index::FdIndex;
+use crate::policy::{Ages, Headroom, RateLimiter, SocketKey};
+
+mod audit;
+mod cycle;
+mod logging;
+mod release;
+mod selftest;
+mod service;
+
+pub use selftest::self_test;
+pub use service::run;
+
+use release::PendingRelease;
+
+pub struct Daemon {
+    pub cfg: Config,
+    /// `--dry-run` on the command line: wins over the file.
+    force_dry_run: bool,
+    os: RealOs,
+    proc: ProcFs,
+    /// One sock_diag socket per network namespace of the target processes.
+    namespaces: Namespaces,
+    /// SOCK_DESTROY is unsupported by this kernel (said once).
+    destroy_unsupported: bool,
+    ages: Ages,
+    limiter: RateLimiter,
+    headroom: Headroom,
+    /// Sockets already acted on (or reported), so each is handled once.
+    handled: HashSet<SocketKey>,
+    pending: Vec<PendingRelease>,
+    /// Shut down but still held, on targets with `escalate`: closed inside the owner once
+    /// `close_after` has passed since the shutdown.
+    held: Vec<PendingRelease>,
+    audit: Option<File>,
+    /// Every socket fd of the target processes, kept between cycles (with their pidfds).
+    index: FdIndex<OwnedFd>,
+    self_pid: i32,
+    /// This cycle's pidfd copies for the release watch, one per process.
+    release_pidfds: HashMap<i32, Arc<OwnedFd>>,
+    /// Inodes of last cycle's CLOSE_WAIT sockets that no target fd held.
+    unowned: HashSet<u64>,
+    /// See `Daemon::on_stage`.
+    #[cfg(feature = "testing")]
+    hook: Option<StageHook>,
+}
+
+/// Fixed points of a cycle, where a test seam can act (see `Daemon::on_stage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
+pub enum Point {
+    /// The target processes are listed; their fd tables are not read yet.
+    Matched,
+    /// About to act on the socket that `pid` holds as `fd`.
+    BeforeAct { pid: i32, fd: i32 },
+}
+
+#[cfg(feature = "testing")]
+pub use self::Point as Stage;
+
+#[cfg(feature = "testing")]
+type StageHook = Box<dyn FnMut(Point) + Send>;
+
+impl Daemon {
+    pub fn new(cfg: Config, force_dry_run: bool) -> Result<Self> {
+        let audit = match &cfg.audit_log {
+            Some(p) => {
+                Some(audit::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            force_dry_run,
+            os: RealOs,
+            proc: ProcFs::default(),
+            namespaces: Namespaces::default(),
+            destroy_unsupported: false,
+            ages: Ages::default(),
+            limiter: RateLimiter::default(),
+            headroom: Headroom::default(),
+            handled: HashSet::new(),
+            pending: Vec::new(),
+            held: Vec::new(),
+            audit,
+            index: FdIndex::default(),
+            self_pid: std::process::id() as i32,
+            release_pidfds: HashMap::new(),
+            unowned: HashSet::new(),
+            #[cfg(feature = "testing")]
+            hook: None,
+        })
+    }
+
+    /// Call `hook` at each point of every cycle. A seam for tests: some faults (a target
+    /// exiting or closing an fd between attribution and action) happen for real only in a
+    /// window of microseconds; the hook lets a test make the change exactly there.
+    #[cfg(feature = "testing")]
+    pub fn on_stage(&mut self, hook: impl FnMut(Stage) + Send + 'static) {
+        self.hook = Some(Box::new(hook));
+    }
+
+    /// Dump `d.netns()` through `d` until a dump fails; the daemon then opens sockets of its
+    /// own again. A seam for tests of how a cycle handles a failed dump (see
+    /// `cwreap_linux::netlink::Diag::over`).
+    #[cfg(feature = "testing")]
+    pub fn use_diag(&mut self, d: cwreap_linux::netlink::Diag) {
+        self.namespaces.insert(d);
+    }
+
+    fn stage(&mut self, point: Point) {
+        #[cfg(feature = "testing")]
+        if let Some(hook) = self.hook.as_mut() {
+            hook(point);
+        }
+        #[cfg(not(feature = "testing"))]
+        let _ = point;
+    }
+
+    /// Swap in a new, already validated policy (SIGHUP).
+    pub fn reload(&mut self, cfg: Config) -> Result<()> {
+        if cfg.audit_log != self.cfg.audit_log {
+            self.audit = match &cfg.audit_log {
+                Some(p) => Some(
+                    audit::open(p).with_context(|| format!("opening audit log {}", p.display()))?,
+                ),
+                None => None,
+            };
+        }
+        if cfg.metrics.listen != self.cfg.metrics.listen {
+            warn!("metrics.listen changes take effect at the next restart");
+        }
+        if cfg.log_format != self.cfg.log_format {
+            warn!("log_format changes take effect at the next restart");
+        }
+        self.cfg = cfg;
+        // Sockets only reported under the old policy (dry run, `log`) are judged again by
+        // the new one: switching a dry run to enforcing must reap what the dry run showed.
+        // Reaped sockets have left CLOSE_WAIT, so they are not acted on twice.
+        self.handled.clear();
+        Ok(())
+    }
+}
