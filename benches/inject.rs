@@ -153,7 +153,13 @@ fn measure(n: usize, scattered: bool) -> Result<(u64, usize), String> {
         std::thread::sleep(Duration::from_millis(20));
     };
     let pidfd = sys::pidfd_open(pid).map_err(|e| e.to_string())?;
-    let report = close_in_target(pid, pidfd.as_fd(), &victims).map_err(|e| e.to_string())?;
+    let report = close_in_target(
+        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
+        pid,
+        pidfd.as_fd(),
+        &victims,
+    )
+    .map_err(|e| e.to_string())?;
     if report.closed.len() != n || !report.skipped.is_empty() {
         return Err(format!(
             "closed {} of {n}; skipped {:?}",

@@ -425,8 +425,11 @@ pub fn destroy_verified<K: SocketKiller>(k: &mut K, s: &DiagSocket, dry_run: boo
 }
 
 /// Per-fd results of one injected close() batch: the target was stopped once for all of
-/// `victims`. Closed fds are `reaped`, fds the stopped-process check rejected `changed`; a
-/// failed batch gives every fd the same outcome (`gone` if the process exited).
+/// `victims`. Closed fds are `reaped`. An fd the stopped-process check found to be another
+/// socket or file is `changed`, one no longer open `gone`; one it declined (SO_LINGER) is
+/// `skipped`; a failed close() is an `error`. A batch that failed as a whole gives every fd
+/// the same outcome: `gone` if the process exited, `skipped` if the injection refused (the
+/// reason says why: rseq, seccomp, a job-control stop...), else `error`.
 pub fn close_results(
     victims: &[Victim],
     batch: &Result<InjectReport, InjectError>,
@@ -442,25 +445,36 @@ pub fn close_results(
                 (*fd, ActResult::with(Outcome::Reaped, done))
             })
             .chain(r.skipped.iter().map(|(fd, why)| {
-                (
-                    *fd,
-                    ActResult::with(Outcome::Changed, Reason::Inject(why.clone())),
-                )
+                let outcome = match why {
+                    SkipReason::NotOpen => Outcome::Gone,
+                    w if w.is_change() => Outcome::Changed,
+                    SkipReason::InvalidFd | SkipReason::Duplicate | SkipReason::Linger(_) => {
+                        Outcome::Skipped
+                    }
+                    _ => Outcome::Error,
+                };
+                (*fd, ActResult::with(outcome, Reason::Inject(why.clone())))
             }))
             .collect(),
         Err(InjectError::Gone) => victims
             .iter()
             .map(|v| (v.fd, ActResult::with(Outcome::Gone, Reason::ProcessExited)))
             .collect(),
-        Err(e) => victims
-            .iter()
-            .map(|v| {
-                (
-                    v.fd,
-                    ActResult::with(Outcome::Error, Reason::InjectFailed(e.clone())),
-                )
-            })
-            .collect(),
+        Err(e) => {
+            let outcome = match e {
+                InjectError::Refused(_) => Outcome::Skipped,
+                _ => Outcome::Error,
+            };
+            victims
+                .iter()
+                .map(|v| {
+                    (
+                        v.fd,
+                        ActResult::with(outcome, Reason::InjectFailed(e.clone())),
+                    )
+                })
+                .collect()
+        }
     }
 }
 
@@ -670,6 +684,21 @@ mod tests {
                 .is_some_and(|d| d.to_string().contains("120 µs"))
         );
         assert_eq!((got[1].0, got[1].1.outcome), (5, Outcome::Changed));
+        let more = InjectReport {
+            closed: vec![],
+            skipped: vec![
+                (4, SkipReason::NotOpen),
+                (5, SkipReason::CloseFailed(libc::EIO)),
+            ],
+            ..InjectReport::default()
+        };
+        let got = close_results(&victims, &Ok(more));
+        assert_eq!(got[0].1.outcome, Outcome::Gone);
+        assert_eq!(got[1].1.outcome, Outcome::Error);
+        assert_eq!(
+            got[1].1.reason.as_ref().map(Reason::code),
+            Some("close_failed")
+        );
         let gone = close_results(&victims, &Err(InjectError::Gone));
         assert!(gone.iter().all(|(_, r)| r.outcome == Outcome::Gone));
         let denied = close_results(&victims, &Err(InjectError::Permission("ptrace".into())));

@@ -102,7 +102,7 @@ const REAP_EXAMPLES: &str = "Examples:
   cwreap reap --pid 4242 --older-than 10m             # do it
   cwreap reap --comm '^node$' --port 3000 --older-than 2m --max 500 --json
   cwreap reap --port 8080 --older-than 5m --destroy                   # RST, also unaccepted ones
-  cwreap reap --pid 4242 --older-than 10m --close                     # free the fd slots (ptrace)";
+  cwreap reap --pid 4242 --older-than 10m --close --yes               # free fd slots; see HAZARD";
 
 #[derive(Debug, Clone, Args)]
 pub struct Selectors {
@@ -170,13 +170,18 @@ pub struct ReapArgs {
     /// connections never accept()ed (no fd) can be reaped too
     #[arg(long, conflicts_with = "close")]
     pub destroy: bool,
-    /// Last resort: free the owner's fd slots by running close(fd) inside the target
-    /// (ptrace; the whole process is stopped for a few ms, every fd verified while it is
-    /// stopped). Covers matching CLOSE_WAIT sockets and, for --pid targets, sockets already
-    /// shut down that the owner still holds. Hazard: an app that later closes the same fd
-    /// number may close whatever reused it
+    /// Manual last resort, for one named process you will restart anyway: free its fd slots
+    /// by running close(fd) inside it (ptrace; the process is stopped for a few ms and every
+    /// fd verified while stopped). Needs --pid, and --yes or a typed yes. Closes only
+    /// matching CLOSE_WAIT sockets and sockets of connections that ended but are still held;
+    /// never a listening, connecting, never-connected or non-TCP one. HAZARD: the app still
+    /// holds the number and may use it after it was reused, misdelivering data or killing
+    /// another connection (seen in Python, Go, Java and Node)
     #[arg(long)]
     pub close: bool,
+    /// Confirm --close without asking
+    #[arg(long, requires = "close")]
+    pub yes: bool,
     /// Act on at most N sockets, oldest first
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max: Option<u64>,

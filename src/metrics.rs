@@ -37,6 +37,7 @@ struct Inner {
     oldest: Family<Labels, GaugeF>,
     reaped: Family<Labels, Counter>,
     released: Family<Labels, Counter>,
+    escalations: Family<Labels, Counter>,
     open_fds: Family<Labels, Gauge>,
     fd_limit: Family<Labels, Gauge>,
     cycle_duration: Histogram,
@@ -82,6 +83,12 @@ impl Metrics {
             "cwreap_fd_released",
             "Whether owners closed the fds of sockets cwreap shut down (released / still_held)",
             released.clone(),
+        );
+        let escalations = Family::<Labels, Counter>::default();
+        registry.register(
+            "cwreap_escalations",
+            "Escalations done on leaking processes near their fd limit, by kind (raise_fd_limit, signal)",
+            escalations.clone(),
         );
         let open_fds = Family::<Labels, Gauge>::default();
         registry.register(
@@ -129,6 +136,7 @@ impl Metrics {
                 oldest,
                 reaped,
                 released,
+                escalations,
                 open_fds,
                 fd_limit,
                 cycle_duration,
@@ -165,6 +173,11 @@ impl Metrics {
         for ((target, result), n) in &report.releases {
             m.released
                 .get_or_create(&labels(&[("target", target), ("result", result.as_str())]))
+                .inc_by(*n as u64);
+        }
+        for ((target, kind), n) in &report.escalations {
+            m.escalations
+                .get_or_create(&labels(&[("target", target), ("kind", kind)]))
                 .inc_by(*n as u64);
         }
         for (kind, n) in &report.errors {
@@ -307,6 +320,7 @@ mod tests {
             .insert(("api".into(), "shutdown", Outcome::Reaped), 2);
         r.releases.insert(("api".into(), Release::StillHeld), 1);
         r.errors.insert("netlink", 1);
+        r.escalations.insert(("api".into(), "signal"), 1);
         m.observe(&r);
         m.observe(&r);
         let text = m.render();
@@ -318,6 +332,7 @@ mod tests {
             "cwreap_process_open_fds{target=\"api\"} 40",
             "cwreap_process_fd_limit{target=\"api\"} 1024",
             "cwreap_cycle_errors_total{kind=\"netlink\"} 2",
+            "cwreap_escalations_total{target=\"api\",kind=\"signal\"} 2",
             "cwreap_cycle_duration_seconds_count 2",
             "cwreap_build_info{version=",
             "cwreap_last_cycle_timestamp_seconds ",

@@ -8,7 +8,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::act::ActResult;
-use crate::select::{ProcessSummary, Row};
+use crate::select::{Closable, HeldSocket, ProcessSummary, Row, close_age_ms};
 use crate::snapshot::Holder;
 
 /// `1h02m`, `3m05s`, `42s`, `850ms`.
@@ -343,6 +343,77 @@ pub fn write_reap_json<H>(
     };
     serde_json::to_writer(&mut *out, &line)?;
     out.write_all(b"\n")
+}
+
+/// One `reap --close` JSON line.
+#[derive(Serialize)]
+struct CloseLine<'a> {
+    pid: i32,
+    fd: i32,
+    comm: &'a str,
+    inode: u64,
+    cookie: u64,
+    /// `CLOSE_WAIT`, or `CLOSE` for a connection that ended and is still held.
+    state: &'static str,
+    local: Option<String>,
+    remote: Option<String>,
+    age_ms: u64,
+    action: &'static str,
+    outcome: &'static str,
+    reason: Option<&'static str>,
+    error: Option<String>,
+}
+
+pub fn write_close_json(
+    out: &mut impl Write,
+    h: &HeldSocket,
+    kind: Closable,
+    res: &ActResult,
+) -> std::io::Result<()> {
+    let line = CloseLine {
+        pid: h.pid,
+        fd: h.fd,
+        comm: &h.comm,
+        inode: h.facts.inode,
+        cookie: h.facts.cookie,
+        state: kind.state(),
+        local: h.facts.local.as_ref().map(addr),
+        remote: h.facts.remote.as_ref().map(addr),
+        age_ms: close_age_ms(h),
+        action: "close",
+        outcome: res.outcome.as_str(),
+        reason: res.reason.as_ref().map(crate::act::Reason::code),
+        error: res.detail(),
+    };
+    serde_json::to_writer(&mut *out, &line)?;
+    out.write_all(b"\n")
+}
+
+pub fn close_table(done: &[(&HeldSocket, Closable, ActResult)]) -> String {
+    let cells: Vec<Vec<String>> = done
+        .iter()
+        .map(|(h, kind, res)| {
+            vec![
+                h.pid.to_string(),
+                h.fd.to_string(),
+                h.comm.clone(),
+                h.facts.inode.to_string(),
+                kind.state().to_string(),
+                opt(h.facts.local.as_ref().map(addr)),
+                opt(h.facts.remote.as_ref().map(addr)),
+                human_age(close_age_ms(h)),
+                res.outcome.as_str().to_string(),
+                res.detail().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PID", "FD", "COMM", "INODE", "STATE", "LOCAL", "REMOTE", "AGE", "OUTCOME", "DETAIL",
+        ],
+        &cells,
+        &[0, 1, 3, 7],
+    )
 }
 
 pub fn reap_table<H>(done: &[(Row<'_, H>, ActResult)], action: &str) -> String {

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::{Action, Config};
+use crate::config::{Action, Config, Escalate};
 
 /// A socket's identity for tracking: (network namespace inode, socket cookie).
 pub type SocketKey = (u64, u64);
@@ -211,6 +211,98 @@ impl Headroom {
     }
 }
 
+/// The fd load of one process of a target, as the daemon saw it this cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    pub open_fds: usize,
+    /// RLIMIT_NOFILE, read fresh (None is unlimited).
+    pub soft: Option<u64>,
+    pub hard: Option<u64>,
+    /// Sockets of the process in CLOSE_WAIT, plus those cwreap shut down that it still
+    /// holds.
+    pub leaking: usize,
+}
+
+/// Which escalations a process already had (each happens at most once per process).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Escalated {
+    /// The fd limit was raised, or found impossible to raise.
+    pub raise_settled: bool,
+    pub signaled: bool,
+}
+
+/// What a process of an escalating target is due for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escalation {
+    /// Raise the soft RLIMIT_NOFILE from `from` to `to` (the hard limit).
+    RaiseFdLimit { from: u64, to: u64 },
+    /// `raise_fd_limit_at` was reached but the limit must not or cannot be raised.
+    NoRaise(NoRaise),
+    /// Send the target's signal.
+    Signal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRaise {
+    /// The soft limit is 1024 or less: past it, select() with FD_SETSIZE corrupts memory
+    /// (or aborts under _FORTIFY_SOURCE) in apps that use it.
+    SelectLimit,
+    /// The soft limit is already the hard limit.
+    AtHardLimit,
+    /// The hard limit is unlimited: there is no limit to raise to.
+    UnlimitedHard,
+}
+
+impl NoRaise {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoRaise::SelectLimit => "soft limit is 1024 or less (select() breaks above it)",
+            NoRaise::AtHardLimit => "soft limit is already the hard limit",
+            NoRaise::UnlimitedHard => "hard limit is unlimited",
+        }
+    }
+}
+
+/// The soft limit at or below which cwreap never raises it.
+pub const SELECT_FD_SETSIZE: u64 = 1024;
+
+/// The one escalation a process is due for now, if any: it must hold at least
+/// `min_close_wait` leaking sockets and have reached the threshold (open fds / soft limit,
+/// in percent). Raising comes before signalling; each happens once.
+pub fn escalation(
+    e: &Escalate,
+    min_close_wait: u32,
+    load: &Load,
+    done: Escalated,
+) -> Option<Escalation> {
+    if load.leaking < min_close_wait as usize {
+        return None;
+    }
+    let soft = load.soft.filter(|s| *s > 0)?;
+    let pct = (load.open_fds as u64).saturating_mul(100) / soft;
+    if let Some(at) = e.raise_fd_limit_at
+        && !done.raise_settled
+        && pct >= u64::from(at)
+    {
+        return Some(match load.hard {
+            _ if soft <= SELECT_FD_SETSIZE => Escalation::NoRaise(NoRaise::SelectLimit),
+            None => Escalation::NoRaise(NoRaise::UnlimitedHard),
+            Some(hard) if hard <= soft => Escalation::NoRaise(NoRaise::AtHardLimit),
+            Some(hard) => Escalation::RaiseFdLimit {
+                from: soft,
+                to: hard,
+            },
+        });
+    }
+    if let Some(at) = e.signal_at
+        && !done.signaled
+        && pct >= u64::from(at)
+    {
+        return Some(Escalation::Signal);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +440,109 @@ targets:
         assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(59)), 0);
         assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(60)), 3);
         assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(61)), 3);
+    }
+
+    fn esc(raise: Option<u8>, signal: Option<u8>) -> Escalate {
+        Escalate {
+            raise_fd_limit_at: raise,
+            signal_at: signal,
+            ..Escalate::default()
+        }
+    }
+
+    fn load(open: usize, soft: u64, hard: Option<u64>, leaking: usize) -> Load {
+        Load {
+            open_fds: open,
+            soft: Some(soft),
+            hard,
+            leaking,
+        }
+    }
+
+    #[test]
+    fn escalation_needs_the_leak_and_the_threshold() {
+        let e = esc(Some(80), Some(95));
+        let none = Escalated::default();
+        // 880/1100 = 80 %: raise to the hard limit.
+        assert_eq!(
+            escalation(&e, 1, &load(880, 1100, Some(8192), 5), none),
+            Some(Escalation::RaiseFdLimit {
+                from: 1100,
+                to: 8192
+            })
+        );
+        // Below the threshold, or fewer leaking sockets than min_close_wait: nothing.
+        assert_eq!(
+            escalation(&e, 1, &load(879, 1100, Some(8192), 5), none),
+            None
+        );
+        assert_eq!(
+            escalation(&e, 6, &load(900, 1100, Some(8192), 5), none),
+            None
+        );
+        assert_eq!(
+            escalation(&e, 1, &load(900, 1100, Some(8192), 0), none),
+            None
+        );
+        // Unlimited soft limit: never.
+        let unlimited = Load {
+            soft: None,
+            ..load(10_000, 1, None, 5)
+        };
+        assert_eq!(escalation(&e, 1, &unlimited, none), None);
+    }
+
+    #[test]
+    fn never_raise_at_or_below_1024_nor_past_the_hard_limit() {
+        let e = esc(Some(80), None);
+        let none = Escalated::default();
+        assert_eq!(
+            escalation(&e, 1, &load(1000, 1024, Some(524_288), 3), none),
+            Some(Escalation::NoRaise(NoRaise::SelectLimit))
+        );
+        assert_eq!(
+            escalation(&e, 1, &load(1000, 1100, Some(1100), 3), none),
+            Some(Escalation::NoRaise(NoRaise::AtHardLimit))
+        );
+        assert_eq!(
+            escalation(&e, 1, &load(1000, 1100, None, 3), none),
+            Some(Escalation::NoRaise(NoRaise::UnlimitedHard))
+        );
+        // Once settled, never again.
+        let settled = Escalated {
+            raise_settled: true,
+            ..Escalated::default()
+        };
+        assert_eq!(
+            escalation(&e, 1, &load(1000, 1100, Some(8192), 3), settled),
+            None
+        );
+    }
+
+    #[test]
+    fn signal_once_after_the_raise_is_settled() {
+        let e = esc(Some(80), Some(95));
+        // Soft = hard at 96 %: the raise settles as impossible, then the signal.
+        let l = load(1056, 1100, Some(1100), 3);
+        assert_eq!(
+            escalation(&e, 1, &l, Escalated::default()),
+            Some(Escalation::NoRaise(NoRaise::AtHardLimit))
+        );
+        let settled = Escalated {
+            raise_settled: true,
+            signaled: false,
+        };
+        assert_eq!(escalation(&e, 1, &l, settled), Some(Escalation::Signal));
+        let both = Escalated {
+            raise_settled: true,
+            signaled: true,
+        };
+        assert_eq!(escalation(&e, 1, &l, both), None);
+        // signal_at alone.
+        assert_eq!(
+            escalation(&esc(None, Some(95)), 1, &l, Escalated::default()),
+            Some(Escalation::Signal)
+        );
     }
 
     #[test]

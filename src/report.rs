@@ -29,6 +29,8 @@ pub struct CycleReport {
     pub candidates: usize,
     pub outcomes: BTreeMap<(String, &'static str, Outcome), usize>,
     pub releases: BTreeMap<(String, Release), usize>,
+    /// Escalations done, by target and kind (`raise_fd_limit`, `signal`).
+    pub escalations: BTreeMap<(String, &'static str), usize>,
     pub deferred: usize,
     pub errors: BTreeMap<&'static str, usize>,
     /// Per target: CLOSE_WAIT sockets held now, oldest age, open fds, fd limit (summed).

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use regex::Regex;
 
+use cwreap_linux::os::SocketFacts;
+use cwreap_linux::tcp;
+
 use crate::snapshot::{Holder, Observed, Process, Snapshot};
 
 /// What the user asked for with --pid/--comm/--port/--older-than.
@@ -155,6 +158,90 @@ pub fn plan_reap<'a, 'r, H>(
     (planned, left_out)
 }
 
+/// One socket fd of a `--pid` process, as duplicating it showed (for `reap --close`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSocket {
+    pub pid: i32,
+    pub fd: i32,
+    pub comm: String,
+    pub facts: SocketFacts,
+}
+
+/// Which sockets `reap --close` may close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closable {
+    /// In CLOSE_WAIT: the peer closed, the app never did.
+    CloseWait,
+    /// TCP state CLOSE after a connection that really existed: shut down (by cwreap or
+    /// anyone) or reset, and the fd still held.
+    Ended,
+}
+
+impl Closable {
+    pub fn state(self) -> &'static str {
+        match self {
+            Closable::CloseWait => "CLOSE_WAIT",
+            Closable::Ended => "CLOSE",
+        }
+    }
+}
+
+/// Whether `reap --close` may close this socket at all. Only two kinds: CLOSE_WAIT, and
+/// CLOSE left over from a connection that ended, told by `tcpi_delivered >= 1` and
+/// `tcpi_rtt > 0` (both 0 for a socket that was never connected, only bound, refused, or
+/// disconnected with AF_UNSPEC, and both surviving FIN, RST and shutdown). Never a
+/// listening, connecting, never-connected or non-TCP socket.
+pub fn closable(facts: &SocketFacts) -> Option<Closable> {
+    let tcp = facts.tcp?;
+    match tcp.state {
+        tcp::CLOSE_WAIT => Some(Closable::CloseWait),
+        tcp::CLOSE if tcp.delivered >= 1 && tcp.rtt_us > 0 => Some(Closable::Ended),
+        _ => None,
+    }
+}
+
+/// What `reap --close` closes: the closable sockets every filter accepts, oldest first (age
+/// from `tcpi_last_ack_recv`), at most `max`. The port is the local one (getsockname); a
+/// filter on the remote end never matches an ended socket, which has no peer any more.
+pub fn plan_close<'a>(
+    held: &'a [HeldSocket],
+    filter: &Filter,
+    max: Option<usize>,
+) -> Vec<(&'a HeldSocket, Closable)> {
+    let mut out: Vec<(&HeldSocket, Closable)> = held
+        .iter()
+        .filter_map(|h| closable(&h.facts).map(|k| (h, k)))
+        .filter(|(h, _)| filter.pids.is_empty() || filter.pids.contains(&h.pid))
+        .filter(|(h, _)| filter.comm.as_ref().is_none_or(|re| re.is_match(&h.comm)))
+        .filter(|(h, _)| {
+            filter
+                .port
+                .is_none_or(|p| h.facts.local.is_some_and(|l| l.port() == p))
+        })
+        .filter(|(h, _)| {
+            let age = close_age_ms(h);
+            filter
+                .older_than
+                .is_none_or(|min| u128::from(age) >= min.as_millis())
+        })
+        .collect();
+    out.sort_by(|(a, _), (b, _)| {
+        close_age_ms(b)
+            .cmp(&close_age_ms(a))
+            .then(a.pid.cmp(&b.pid))
+            .then(a.fd.cmp(&b.fd))
+    });
+    if let Some(n) = max {
+        out.truncate(n);
+    }
+    out
+}
+
+/// A held socket's age for `--older-than`: ms since the last ACK from the peer.
+pub fn close_age_ms(h: &HeldSocket) -> u64 {
+    h.facts.tcp.map_or(0, |t| u64::from(t.last_ack_recv_ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +363,80 @@ mod tests {
         assert_eq!(left_out, 0);
         let planned: Vec<u64> = plan.iter().map(|r| r.socket.diag.inode).collect();
         assert_eq!(planned, vec![5, 2]);
+    }
+
+    fn held(fd: i32, state: u8, delivered: u32, rtt_us: u32, age_ms: u32, port: u16) -> HeldSocket {
+        HeldSocket {
+            pid: 7,
+            fd,
+            comm: "app".into(),
+            facts: SocketFacts {
+                inode: 100 + fd as u64,
+                cookie: 1000 + fd as u64,
+                tcp: Some(cwreap_linux::sys::TcpInfo {
+                    state,
+                    last_ack_recv_ms: age_ms,
+                    rtt_us,
+                    delivered,
+                }),
+                local: Some(format!("127.0.0.1:{port}").parse().expect("addr")),
+                remote: None,
+            },
+        }
+    }
+
+    #[test]
+    fn only_close_wait_and_ended_connections_are_closable() {
+        let cw = held(3, tcp::CLOSE_WAIT, 5, 40, 1, 80);
+        assert_eq!(closable(&cw.facts), Some(Closable::CloseWait));
+        let ended = held(4, tcp::CLOSE, 3, 40, 1, 80);
+        assert_eq!(closable(&ended.facts), Some(Closable::Ended));
+        // Never connected, only bound, refused, AF_UNSPEC-disconnected: CLOSE with nothing
+        // delivered or no RTT.
+        for (delivered, rtt) in [(0, 0), (1, 0), (0, 40)] {
+            assert_eq!(
+                closable(&held(5, tcp::CLOSE, delivered, rtt, 1, 80).facts),
+                None
+            );
+        }
+        for state in [tcp::LISTEN, tcp::SYN_SENT, tcp::ESTABLISHED] {
+            assert_eq!(closable(&held(6, state, 5, 40, 1, 80).facts), None);
+        }
+        let mut udp = held(7, tcp::CLOSE_WAIT, 5, 40, 1, 80);
+        udp.facts.tcp = None;
+        assert_eq!(closable(&udp.facts), None, "not TCP");
+    }
+
+    #[test]
+    fn close_plan_applies_every_filter() {
+        let sockets = vec![
+            held(3, tcp::CLOSE_WAIT, 5, 40, 9_000, 80),
+            held(4, tcp::CLOSE, 3, 40, 60_000, 80),
+            held(5, tcp::CLOSE, 0, 0, 90_000, 80), // never connected: never
+            held(6, tcp::CLOSE_WAIT, 5, 40, 500, 80), // too young
+            held(7, tcp::CLOSE_WAIT, 5, 40, 30_000, 443), // other port
+        ];
+        let f = Filter {
+            pids: vec![7],
+            port: Some(80),
+            older_than: Some(Duration::from_secs(1)),
+            ..Filter::default()
+        };
+        let fds: Vec<i32> = plan_close(&sockets, &f, None)
+            .iter()
+            .map(|(h, _)| h.fd)
+            .collect();
+        assert_eq!(fds, vec![4, 3], "oldest first");
+        let capped: Vec<i32> = plan_close(&sockets, &f, Some(1))
+            .iter()
+            .map(|(h, _)| h.fd)
+            .collect();
+        assert_eq!(capped, vec![4]);
+        let other_pid = Filter {
+            pids: vec![8],
+            ..Filter::default()
+        };
+        assert!(plan_close(&sockets, &other_pid, None).is_empty());
     }
 
     #[test]

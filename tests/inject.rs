@@ -107,7 +107,12 @@ fn syscall_of(pid: i32, tid: i32) -> Option<i64> {
 
 fn inject(pid: i32, victims: &[Victim]) -> Result<InjectReport, InjectError> {
     let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
-    close_in_target(pid, pidfd.as_fd(), victims)
+    close_in_target(
+        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
+        pid,
+        pidfd.as_fd(),
+        victims,
+    )
 }
 
 /// Inject, and record from inside the stop whether every thread was stopped and what
@@ -632,7 +637,12 @@ fn target_exiting_during_the_stop_is_gone_without_a_hang() {
     );
     fx.kill();
     // And once it is gone for good, the same call says so at once.
-    let r = close_in_target(pid, pidfd.as_fd(), &victims);
+    let r = close_in_target(
+        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
+        pid,
+        pidfd.as_fd(),
+        &victims,
+    );
     assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
 }
 
@@ -773,7 +783,12 @@ fn own_process_and_mismatched_pidfd_are_refused() {
         cookie: 1,
     };
     assert!(matches!(
-        close_in_target(me, own.as_fd(), &[v]),
+        close_in_target(
+            &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
+            me,
+            own.as_fd(),
+            &[v]
+        ),
         Err(InjectError::Refused(_))
     ));
     let mut a = Fixture::start(&[V4], &[]);
@@ -781,12 +796,23 @@ fn own_process_and_mismatched_pidfd_are_refused() {
     let (_c, fd) = a.close_wait(0);
     let va = victim(a.pid(), fd);
     let pidfd_b = sys::pidfd_open(b.pid()).unwrap();
-    let r = close_in_target(a.pid(), pidfd_b.as_fd(), &[va]);
+    let r = close_in_target(
+        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
+        a.pid(),
+        pidfd_b.as_fd(),
+        &[va],
+    );
     assert!(matches!(r, Err(InjectError::Refused(_))), "{r:?}");
     assert!(open_fds(a.pid()).contains(&fd));
     // An empty batch stops nothing.
     let pidfd_a = sys::pidfd_open(a.pid()).unwrap();
-    let r = close_in_target(a.pid(), pidfd_a.as_fd(), &[]).expect("empty batch");
+    let r = close_in_target(
+        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
+        a.pid(),
+        pidfd_a.as_fd(),
+        &[],
+    )
+    .expect("empty batch");
     assert_eq!((r.threads, r.pause_us), (0, 0));
     assert!(r.fds_before > 0);
 }

@@ -9,7 +9,7 @@
 //! and processes.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::netlink::DiagSocket;
 use crate::sys;
@@ -69,6 +69,45 @@ impl Os for RealOs {
     fn shutdown(&self, dup: &OwnedFd) -> io::Result<()> {
         sys::shutdown_rdwr(dup.as_fd())
     }
+}
+
+/// What a duplicated socket fd is, as far as `reap --close` needs to know: identity, TCP
+/// state and history, and its addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFacts {
+    pub inode: u64,
+    pub cookie: u64,
+    /// TCP_INFO of a TCP stream socket; None for any other socket.
+    pub tcp: Option<sys::TcpInfo>,
+    /// getsockname (None when unbound or not IP).
+    pub local: Option<std::net::SocketAddr>,
+    /// getpeername (None once the connection is gone, ENOTCONN).
+    pub remote: Option<std::net::SocketAddr>,
+}
+
+/// Inspect a duplicated socket fd. Errors only when the fd is not a socket at all
+/// (ENOTSOCK) or the first calls fail; a non-TCP socket gives `tcp: None`.
+pub fn inspect_socket(fd: BorrowedFd<'_>) -> io::Result<SocketFacts> {
+    let inode = sys::inode(fd)?;
+    let cookie = sys::socket_cookie(fd)?;
+    let tcp = if sys::is_stream_socket(fd)? {
+        match sys::tcp_info(fd) {
+            Ok(info) => Some(info),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP)) => {
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    Ok(SocketFacts {
+        inode,
+        cookie,
+        tcp,
+        local: sys::local_addr(fd).ok().flatten(),
+        remote: sys::peer_addr(fd).ok().flatten(),
+    })
 }
 
 /// What SOCK_DESTROY needs: find a socket by its exact identity, and destroy it.

@@ -242,6 +242,29 @@ impl ProcFs {
         Ok(parse_fdinfo_pid(&text))
     }
 
+    /// RLIMIT_NOFILE of the process, soft and hard.
+    pub fn nofile_limits(&self, pid: i32) -> io::Result<Limits> {
+        let text = fs::read_to_string(self.pid_path(pid, "limits"))?;
+        parse_nofile(&text).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no 'Max open files' line in /proc/{pid}/limits"),
+            )
+        })
+    }
+
+    /// When the process started, in clock ticks since boot (field 22 of /proc/PID/stat):
+    /// with the pid, it names one process for as long as the machine runs.
+    pub fn start_time(&self, pid: i32) -> io::Result<u64> {
+        let stat = fs::read_to_string(self.pid_path(pid, "stat"))?;
+        parse_stat_start_time(&stat).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no start time in /proc/{pid}/stat"),
+            )
+        })
+    }
+
     /// Soft RLIMIT_NOFILE of the process; `None` when unlimited.
     pub fn nofile_soft_limit(&self, pid: i32) -> io::Result<Option<u64>> {
         let text = fs::read_to_string(self.pid_path(pid, "limits"))?;
@@ -254,6 +277,13 @@ impl ProcFs {
     }
 }
 
+/// The soft and hard limits of one resource; None is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub soft: Option<u64>,
+    pub hard: Option<u64>,
+}
+
 /// `socket:[12345]` → 12345.
 pub fn parse_socket_link(target: &str) -> Option<u64> {
     target
@@ -261,6 +291,20 @@ pub fn parse_socket_link(target: &str) -> Option<u64> {
         .strip_suffix(']')?
         .parse()
         .ok()
+}
+
+/// Both limits from the `Max open files` line of /proc/<pid>/limits; None when the line is
+/// missing or malformed.
+pub fn parse_nofile(limits: &str) -> Option<Limits> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut cols = line["Max open files".len()..].split_whitespace();
+    let value = |v: &str| match v {
+        "unlimited" => Some(None),
+        n => n.parse().ok().map(Some),
+    };
+    let soft = value(cols.next()?)?;
+    let hard = value(cols.next()?)?;
+    Some(Limits { soft, hard })
 }
 
 /// The soft limit from the `Max open files` line of /proc/<pid>/limits:
@@ -294,6 +338,13 @@ pub fn parse_fdinfo_pid(fdinfo: &str) -> Option<i32> {
 pub fn parse_stat_state(stat: &str) -> Option<char> {
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.trim_start().chars().next()
+}
+
+/// Field 22 (starttime) of a /proc/PID/stat line.
+pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields after the comm start at field 3 (state); starttime is field 22.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// One line of /proc/PID/maps: start, end, whether it is readable and executable, and its
@@ -333,6 +384,35 @@ Max open files            1024                 20000                files     \n
         assert_eq!(parse_nofile_soft(unlimited), Some(None));
         assert_eq!(parse_nofile_soft("Max cpu time 1 1 seconds\n"), None);
         assert_eq!(parse_nofile_soft("Max open files  lots  x files\n"), None);
+    }
+
+    #[test]
+    fn nofile_both_limits() {
+        let text =
+            "Max open files            1100                 8192                 files     \n";
+        assert_eq!(
+            parse_nofile(text),
+            Some(Limits {
+                soft: Some(1100),
+                hard: Some(8192)
+            })
+        );
+        assert_eq!(
+            parse_nofile("Max open files  unlimited  unlimited  files\n"),
+            Some(Limits {
+                soft: None,
+                hard: None
+            })
+        );
+        assert_eq!(parse_nofile("Max open files  1024\n"), None);
+    }
+
+    #[test]
+    fn stat_start_time() {
+        let stat =
+            "4242 (a b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 3 1 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_stat_start_time(stat), Some(987654));
+        assert_eq!(parse_stat_start_time("1 (x) S 1"), None);
     }
 
     #[test]

@@ -96,6 +96,110 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
     Ok(unsafe { info.assume_init() }.tcpi_state)
 }
 
+/// What TCP_INFO says about a TCP socket, the fields cwreap reads (struct tcp_info in
+/// include/uapi/linux/tcp.h; the kernel may return a shorter struct, so each field is read
+/// only when the length covers it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpInfo {
+    /// `tcpi_state`.
+    pub state: u8,
+    /// `tcpi_last_ack_recv`: ms since the last ACK from the peer (0 when unknown).
+    pub last_ack_recv_ms: u32,
+    /// `tcpi_rtt`: smoothed RTT in µs; 0 for a socket that never exchanged a segment.
+    pub rtt_us: u32,
+    /// `tcpi_delivered`: data segments the peer acknowledged, counting the SYN/ACK
+    /// exchange; 0 for a socket that was never connected. Survives FIN, RST and shutdown.
+    pub delivered: u32,
+}
+
+/// Offsets into struct tcp_info.
+const TCPI_STATE: usize = 0;
+const TCPI_LAST_ACK_RECV: usize = 56;
+const TCPI_RTT: usize = 68;
+const TCPI_DELIVERED: usize = 192;
+
+/// Parse the bytes TCP_INFO returned (`buf` is exactly what the kernel wrote).
+pub fn parse_tcp_info(buf: &[u8]) -> Option<TcpInfo> {
+    let u32_at = |off: usize| {
+        buf.get(off..off + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+            .unwrap_or(0)
+    };
+    Some(TcpInfo {
+        state: *buf.get(TCPI_STATE)?,
+        last_ack_recv_ms: u32_at(TCPI_LAST_ACK_RECV),
+        rtt_us: u32_at(TCPI_RTT),
+        delivered: u32_at(TCPI_DELIVERED),
+    })
+}
+
+/// TCP_INFO of a TCP socket. ENOPROTOOPT/EOPNOTSUPP for a socket that is not TCP.
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    let mut buf = [0u8; 512];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: the buffer is 512 writable bytes that outlive the call; the kernel writes at
+    // most `len` bytes and reports how many in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = usize::try_from(len).unwrap_or(0).min(buf.len());
+    parse_tcp_info(&buf[..len])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "TCP_INFO returned no data"))
+}
+
+/// Whether the socket is a stream socket (SO_TYPE).
+pub fn is_stream_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(rustix::net::sockopt::socket_type(fd)? == rustix::net::SocketType::STREAM)
+}
+
+/// The local address (getsockname), for an IPv4 or IPv6 socket.
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<Option<std::net::SocketAddr>> {
+    Ok(inet(rustix::net::getsockname(fd)?))
+}
+
+/// The peer's address (getpeername); ENOTCONN once the connection is gone.
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<Option<std::net::SocketAddr>> {
+    Ok(rustix::net::getpeername(fd)?.and_then(inet))
+}
+
+fn inet(a: rustix::net::SocketAddrAny) -> Option<std::net::SocketAddr> {
+    std::net::SocketAddr::try_from(a).ok()
+}
+
+/// Set the soft RLIMIT_NOFILE of process `pid` to `soft` (prlimit(2); the hard limit is
+/// kept). Needs matching real, effective and saved ids, or CAP_SYS_RESOURCE.
+pub fn set_nofile_soft(pid: i32, soft: u64, hard: u64) -> io::Result<()> {
+    use rustix::process::{Resource, Rlimit, prlimit};
+    let pid = Pid::from_raw(pid).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    prlimit(
+        Some(pid),
+        Resource::Nofile,
+        Rlimit {
+            current: Some(soft),
+            maximum: Some(hard),
+        },
+    )?;
+    Ok(())
+}
+
+/// Send `signal` to the process behind `pidfd` (pidfd_send_signal(2)): never to another
+/// process that reused the pid. Needs CAP_KILL for other users' processes.
+pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    let sig = rustix::process::Signal::from_named_raw(signal)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(rustix::process::pidfd_send_signal(pidfd, sig)?)
+}
+
 /// SO_LINGER of a socket: Some(timeout) when close(2) may wait that long for unsent data.
 pub fn socket_linger(fd: BorrowedFd<'_>) -> io::Result<Option<std::time::Duration>> {
     Ok(rustix::net::sockopt::socket_linger(fd)?)

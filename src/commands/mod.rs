@@ -16,13 +16,13 @@ use crate::config::UsageError;
 use crate::output;
 use crate::snapshot::{self, Attributor, Snapshot};
 
+mod close;
 mod reap;
 mod scan;
 
 pub use reap::{reap, reap_row};
 pub use scan::scan;
 
-/// Exit status of a command that ran.
 /// Exit status of a command that ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {

@@ -2,16 +2,12 @@
 //! since attribution: shutdown (default), SOCK_DESTROY (`--destroy`), or close() inside
 //! the owner (`--close`, the manual last resort).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::Result;
 
-use cwreap_linux::inject::{Victim, close_in_target};
 use cwreap_linux::os::{Os, RealOs};
-use cwreap_linux::procfs::ProcFs;
-use cwreap_linux::tcp;
 
 use super::{Status, missing_ptrace, observe};
 use crate::act::{self, ActResult, Expected, Outcome, Reason, Via};
@@ -22,6 +18,9 @@ use crate::select::{self, Row};
 use crate::snapshot::Snapshot;
 
 pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    if args.close {
+        return super::close::reap_close(args, out, err);
+    }
     if args.selectors.is_empty() {
         return Err(UsageError(
             "reap needs a selector: --pid PID, --comm REGEX or --port PORT (use `cwreap scan` \
@@ -36,30 +35,12 @@ to see candidates)"
     let rows = select::select(&snap, &filter);
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
     let (plan, unowned) = select::plan_reap(&rows, max, args.destroy);
-    let action = if args.destroy {
-        "destroy"
-    } else if args.close {
-        "close"
-    } else {
-        "shutdown"
-    };
-    // close(): one stop per process for all of its fds, done before reporting.
-    let mut closed = if args.close && !args.dry_run {
-        close_batches(&snap, &plan, err)?
-    } else {
-        HashMap::new()
-    };
+    let action = if args.destroy { "destroy" } else { "shutdown" };
 
     let mut done: Vec<(Row<'_, _>, ActResult)> = Vec::with_capacity(plan.len());
     let mut unsupported = false;
     for row in plan {
-        let res = if args.close && row.unaccepted {
-            ActResult::with(Outcome::Skipped, Reason::Unaccepted(Via::ReapClose))
-        } else if args.close && !args.dry_run {
-            row.holder
-                .and_then(|h| closed.remove(&(h.pid, h.fd)))
-                .unwrap_or_else(|| ActResult::with(Outcome::Error, Reason::NotInBatch))
-        } else if args.destroy {
+        let res = if args.destroy {
             if unsupported {
                 ActResult::with(Outcome::Error, Reason::DestroyUnsupported { error: None })
             } else {
@@ -79,18 +60,6 @@ to see candidates)"
     }
     if unsupported {
         writeln!(err, "cwreap: {}", act::NO_DESTROY_HINT)?;
-    }
-    let mut extra_errors = false;
-    if args.close {
-        extra_errors = close_held_after_shutdown(
-            &os,
-            &snap,
-            &args.selectors.pids,
-            args.dry_run,
-            args.json,
-            out,
-            err,
-        )?;
     }
 
     let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
@@ -142,7 +111,7 @@ to see candidates)"
         };
         writeln!(err, "hint: {hint}")?;
     }
-    Ok(if counts.contains_key(&Outcome::Error) || extra_errors {
+    Ok(if counts.contains_key(&Outcome::Error) {
         Status::Failed
     } else {
         Status::Ok
@@ -173,127 +142,4 @@ pub fn reap_row<O: Os>(
         cookie: row.socket.diag.cookie,
     };
     act::shutdown_verified(os, handle, &exp, dry_run)
-}
-
-/// Run the injected close() for the planned rows, one stop per owner. Results by (pid, fd).
-fn close_batches(
-    snap: &Snapshot<OwnedFd>,
-    plan: &[&Row<'_, OwnedFd>],
-    err: &mut impl Write,
-) -> Result<HashMap<(i32, i32), ActResult>> {
-    let mut by_pid: BTreeMap<i32, Vec<Victim>> = BTreeMap::new();
-    for row in plan {
-        if let (Some(h), false) = (row.holder, row.unaccepted) {
-            by_pid.entry(h.pid).or_default().push(Victim {
-                fd: h.fd,
-                inode: row.socket.diag.inode,
-                cookie: row.socket.diag.cookie,
-            });
-        }
-    }
-    let mut out = HashMap::new();
-    for (pid, victims) in by_pid {
-        let Some(pidfd) = snap.processes.get(&pid).and_then(|p| p.handle.as_ref()) else {
-            for v in &victims {
-                out.insert(
-                    (pid, v.fd),
-                    ActResult::with(Outcome::Gone, Reason::NotPinned),
-                );
-            }
-            continue;
-        };
-        let batch = close_in_target(pid, pidfd.as_fd(), &victims);
-        if let Ok(report) = &batch {
-            writeln!(
-                err,
-                "close: pid {pid}: {} closed, {} skipped; target paused {} µs ({} threads); open fds {} -> {}",
-                report.closed.len(),
-                report.skipped.len(),
-                report.pause_us,
-                report.threads,
-                report.fds_before,
-                report.fds_after
-            )?;
-        }
-        for (fd, res) in act::close_results(&victims, &batch) {
-            out.insert((pid, fd), res);
-        }
-    }
-    Ok(out)
-}
-
-/// Sockets of the named processes that were already shut down (TCP state CLOSE) but whose
-/// fd the owner still holds: invisible to sock_diag, found by inspecting each socket fd
-/// through the pidfd. Closed inside the target like the rest. Returns whether any failed.
-fn close_held_after_shutdown(
-    os: &RealOs,
-    snap: &Snapshot<OwnedFd>,
-    pids: &[i32],
-    dry_run: bool,
-    json: bool,
-    out: &mut impl Write,
-    err: &mut impl Write,
-) -> Result<bool> {
-    let proc = ProcFs::default();
-    let mut failed = false;
-    for &pid in pids {
-        let Some(pidfd) = snap.processes.get(&pid).and_then(|p| p.handle.as_ref()) else {
-            continue;
-        };
-        let Ok(table) = proc.fd_table(pid) else {
-            continue;
-        };
-        let mut victims = Vec::new();
-        for (fd, _) in table.sockets {
-            let Ok(dup) = os.duplicate(pidfd, fd) else {
-                continue;
-            };
-            if let Ok(id) = os.identify(&dup)
-                && id.tcp_state == tcp::CLOSE
-            {
-                victims.push(Victim {
-                    fd,
-                    inode: id.inode,
-                    cookie: id.cookie,
-                });
-            }
-        }
-        if victims.is_empty() {
-            continue;
-        }
-        let results: Vec<(i32, ActResult)> = if dry_run {
-            victims
-                .iter()
-                .map(|v| (v.fd, ActResult::ok(Outcome::DryRun)))
-                .collect()
-        } else {
-            let batch = close_in_target(pid, pidfd.as_fd(), &victims);
-            if let Ok(r) = &batch {
-                writeln!(
-                    err,
-                    "close: pid {pid}: {} already-shut-down socket(s) closed, paused {} µs; open fds {} -> {}",
-                    r.closed.len(),
-                    r.pause_us,
-                    r.fds_before,
-                    r.fds_after
-                )?;
-            }
-            act::close_results(&victims, &batch)
-        };
-        for (fd, res) in results {
-            failed |= res.outcome == Outcome::Error;
-            let outcome = res.outcome.as_str();
-            if json {
-                let line = serde_json::json!({"pid": pid, "fd": fd, "state": "CLOSE", "action": "close", "outcome": outcome, "reason": res.reason.as_ref().map(Reason::code), "error": res.detail()});
-                writeln!(out, "{line}")?;
-            } else {
-                writeln!(
-                    out,
-                    "pid {pid} fd {fd}: shut down earlier, still held: close {outcome}{}",
-                    res.detail().map(|d| format!(" ({d})")).unwrap_or_default()
-                )?;
-            }
-        }
-    }
-    Ok(failed)
 }

@@ -114,12 +114,18 @@ impl Config {
                     self.dry_run
                 )),
             }
-            if let Some(e) = t.escalate {
-                l.push(format!(
-                    "    escalate: {{close_after: {}}}",
-                    duration_text(e.close_after)
-                ));
-                l.push(format!("    # WARNING: {ESCALATE_HAZARD}"));
+            let e = t.escalate;
+            if e.any() {
+                l.push("    escalate:".to_owned());
+                if let Some(p) = e.raise_fd_limit_at {
+                    l.push(format!("      raise_fd_limit_at: \"{p}%\""));
+                    l.push(format!("      # {RAISE_FD_LIMIT_TEXT}"));
+                }
+                if let Some(p) = e.signal_at {
+                    l.push(format!("      signal_at: \"{p}%\""));
+                    l.push(format!("      signal: {}", e.signal.name()));
+                    l.push(format!("      # {SIGNAL_TEXT}"));
+                }
             }
         }
         let mut out = l.join("\n");

@@ -114,21 +114,86 @@ pub struct Target {
     pub action: Action,
     /// Per-target override of the global `dry_run`.
     pub dry_run: Option<bool>,
-    /// Opt-in last resort: close the fd inside the owner (ptrace) when it still holds a
-    /// socket cwreap shut down this long ago.
-    pub escalate: Option<Escalate>,
+    /// Opt-in escalations for a process that keeps leaking fds (see [`Escalate`]).
+    pub escalate: Escalate,
 }
 
-/// `escalate:` of a target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `escalate:` of a target: what to do about a process of the target that holds at least
+/// `min_close_wait` sockets in CLOSE_WAIT (or shut down by cwreap and still held) and whose
+/// open fds have reached a share of its soft RLIMIT_NOFILE. Neither touches a socket or
+/// an fd of the process, so neither can misdeliver data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Escalate {
-    /// How long after a shutdown the owner must still hold the fd before it is closed
-    /// inside the owner.
-    pub close_after: Duration,
+    /// Raise the soft RLIMIT_NOFILE to the hard limit at this percentage (once per process;
+    /// never when the soft limit is 1024 or less).
+    pub raise_fd_limit_at: Option<u8>,
+    /// Send `signal` through the pidfd at this percentage (once per process).
+    pub signal_at: Option<u8>,
+    /// The signal `signal_at` sends (default SIGTERM): a restart before EMFILE.
+    pub signal: Signal,
 }
 
-/// Shown by `cwreap check` for every target that escalates.
-pub const ESCALATE_HAZARD: &str = "escalate closes fds inside the application (ptrace). If the app later calls close() on the same fd number after it was reused, it closes the wrong file; that is why only fds still held long after shutdown are closed. Needs the ptrace drop-in (systemd/drop-ins/close.conf).";
+impl Escalate {
+    pub fn any(&self) -> bool {
+        self.raise_fd_limit_at.is_some() || self.signal_at.is_some()
+    }
+}
+
+/// A signal `signal_at` may send: one that ends or restarts a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Signal {
+    #[default]
+    Term,
+    Int,
+    Hup,
+    Quit,
+    Usr1,
+    Usr2,
+    Kill,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 7] = [
+        Signal::Term,
+        Signal::Int,
+        Signal::Hup,
+        Signal::Quit,
+        Signal::Usr1,
+        Signal::Usr2,
+        Signal::Kill,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Term => "SIGTERM",
+            Signal::Int => "SIGINT",
+            Signal::Hup => "SIGHUP",
+            Signal::Quit => "SIGQUIT",
+            Signal::Usr1 => "SIGUSR1",
+            Signal::Usr2 => "SIGUSR2",
+            Signal::Kill => "SIGKILL",
+        }
+    }
+
+    pub fn number(self) -> i32 {
+        match self {
+            Signal::Term => libc::SIGTERM,
+            Signal::Int => libc::SIGINT,
+            Signal::Hup => libc::SIGHUP,
+            Signal::Quit => libc::SIGQUIT,
+            Signal::Usr1 => libc::SIGUSR1,
+            Signal::Usr2 => libc::SIGUSR2,
+            Signal::Kill => libc::SIGKILL,
+        }
+    }
+}
+
+/// Why the daemon never closes fds inside a target (the `escalate.close_after` that was).
+pub const NO_CLOSE_IN_DAEMON: &str = "`escalate.close_after` is gone: closing an fd inside a running application is unsafe in managed runtimes (Python, Go, Java and Node later used the reused number and misdelivered or killed other connections), so the daemon never does it; use `raise_fd_limit_at: 80%` and `signal_at: 95%` (a restart before EMFILE), or `cwreap reap --pid PID --close` by hand on a process you will restart anyway";
+
+/// What each escalation does and risks, for `cwreap check`.
+pub const RAISE_FD_LIMIT_TEXT: &str = "raise_fd_limit_at: once per process, raises the soft RLIMIT_NOFILE to the hard limit (prlimit), buying time before EMFILE; never when the soft limit is 1024 or less, where select() with FD_SETSIZE would corrupt memory, so it never fires on a service whose limit was not raised (systemd's default LimitNOFILE is 1024:524288). Risk: the leak goes on; it only delays EMFILE. Needs CAP_SYS_RESOURCE (systemd/drop-ins/escalate.conf).";
+pub const SIGNAL_TEXT: &str = "signal_at: once per process, sends the signal through the pidfd held since attribution (never to a reused pid), counted against the rate limits, so the service manager restarts it before EMFILE. Risk: the process's in-flight requests end with it. Needs CAP_KILL (systemd/drop-ins/escalate.conf).";
 
 impl Target {
     /// The dry-run setting in force for this target given the global one. A `--dry-run` on

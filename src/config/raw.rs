@@ -78,8 +78,15 @@ pub(super) struct RawTarget {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawEscalate {
+    /// Removed; kept so its use gets the reason and the replacements, not "unknown key".
     #[serde(default, deserialize_with = "key")]
     pub(super) close_after: Key<String>,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) raise_fd_limit_at: Key<String>,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) signal_at: Key<String>,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) signal: Key<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

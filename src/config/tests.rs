@@ -327,32 +327,71 @@ fn exclude_rules() {
 fn escalate_rules() {
     let ok = parse(
         &with_target(
-            "    older_than: 1m\n    action: shutdown\n    escalate: {close_after: 10m}\n",
+            "    older_than: 1m\n    action: shutdown\n    escalate: {raise_fd_limit_at: 80%, signal_at: '95%'}\n",
         ),
         "t.yaml",
     )
     .expect("valid escalate");
     assert_eq!(
         ok.targets[0].escalate,
-        Some(Escalate {
-            close_after: Duration::from_secs(600)
-        })
+        Escalate {
+            raise_fd_limit_at: Some(80),
+            signal_at: Some(95),
+            signal: Signal::Term,
+        }
     );
-    assert!(ok.describe().contains("WARNING: escalate closes fds"));
-    let again = parse(&ok.describe(), "described.yaml").expect("describe round-trips");
+    let described = ok.describe();
+    assert!(described.contains(RAISE_FD_LIMIT_TEXT), "{described}");
+    assert!(described.contains(SIGNAL_TEXT), "{described}");
+    assert!(
+        described.contains("1024"),
+        "check says when raising never fires"
+    );
+    let again = parse(&described, "described.yaml").expect("describe round-trips");
     assert_eq!(again.targets[0].escalate, ok.targets[0].escalate);
+    // Any action may escalate; a log-only target too (escalations touch no socket).
+    let log = ok_policy("    older_than: 1m\n    escalate: {signal_at: 95, signal: usr1}\n");
+    assert_eq!(log.targets[0].escalate.signal, Signal::Usr1);
+    assert_eq!(log.targets[0].escalate.raise_fd_limit_at, None);
+
+    // The daemon never closes fds inside a target: the old key fails with the reason and
+    // the replacements, pointing at it.
     let e = err(&with_target(
-        "    older_than: 1m\n    escalate: {close_after: 10m}\n",
+        "    older_than: 1m\n    action: shutdown\n    escalate:\n      close_after: 10m\n",
     ));
-    assert!(e.contains("only follows `action: shutdown`"), "{e}");
-    let e = err(&with_target(
-        "    older_than: 1m\n    action: shutdown\n    escalate: {}\n",
-    ));
-    assert!(e.contains("needs `close_after`"), "{e}");
-    let e = err(&with_target(
-        "    older_than: 1m\n    action: shutdown\n    escalate: {close_after: soon}\n",
-    ));
-    assert!(e.contains("close_after"), "{e}");
+    assert!(
+        e.starts_with("t.yaml:8:20: `escalate.close_after` is gone"),
+        "{e}"
+    );
+    assert!(
+        e.contains("misdelivered") && e.contains("raise_fd_limit_at") && e.contains("signal_at"),
+        "{e}"
+    );
+    for (body, want) in [
+        ("escalate: {}", "`escalate` is empty"),
+        ("escalate: {signal_at: 0%}", "not a percentage"),
+        ("escalate: {signal_at: 101%}", "not a percentage"),
+        ("escalate: {raise_fd_limit_at: lots}", "not a percentage"),
+        ("escalate: {signal: TERM}", "`signal` needs `signal_at`"),
+        (
+            "escalate: {signal_at: 95%, signal: SIGSEGV}",
+            "is not one of SIGTERM",
+        ),
+        (
+            "escalate: {raise_fd_limit_at: 95%, signal_at: 80%}",
+            "must be above `raise_fd_limit_at`",
+        ),
+    ] {
+        let e = err(&with_target(&format!("    older_than: 1m\n    {body}\n")));
+        assert!(e.contains(want), "{body}: {e}");
+    }
+}
+
+fn ok_policy(body: &str) -> Config {
+    match parse(&with_target(body), "t.yaml") {
+        Ok(c) => c,
+        Err(e) => panic!("expected a valid policy, got: {e}"),
+    }
 }
 
 #[test]

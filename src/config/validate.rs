@@ -341,29 +341,12 @@ impl Target {
 
         let action = scalar(&raw.action, &what("action"), parse_action)?.unwrap_or(Action::Log);
         let dry_run = given(&raw.dry_run, &what("dry_run"))?.map(|(v, _)| *v);
-        let escalate = match block(&raw.escalate) {
-            None => None,
-            Some(e) => {
-                let key = format!("`escalate.close_after` in target `{name}`");
-                match scalar(&e.close_after, &key, parse_duration)? {
-                    Some(close_after) => Some(Escalate { close_after }),
-                    None => {
-                        return Err(problem_at(
-                            at,
-                            format!(
-                                "target `{name}`: `escalate` needs `close_after` (e.g. `close_after: 10m`)"
-                            ),
-                        ));
-                    }
-                }
-            }
+        let escalate = match &raw.escalate {
+            None => Escalate::default(),
+            Some(Spanned {
+                value, referenced, ..
+            }) => Escalate::from_raw(value.as_ref(), referenced, &name)?,
         };
-        if escalate.is_some() && action != Action::Shutdown {
-            return Err(problem_at(
-                at,
-                format!("target `{name}`: `escalate` only follows `action: shutdown`"),
-            ));
-        }
 
         Ok(Target {
             name,
@@ -419,5 +402,93 @@ impl TargetMatch {
             ));
         }
         Ok(m)
+    }
+}
+
+/// `80%` (or `80`) → 80, from 1 to 100.
+pub(super) fn parse_percent(s: &str) -> Result<u8, String> {
+    let t = s.trim();
+    let digits = t.strip_suffix('%').unwrap_or(t).trim();
+    match digits.parse::<u32>() {
+        Ok(p) if (1..=100).contains(&p) => u8::try_from(p).map_err(|e| e.to_string()),
+        _ => Err(format!(
+            "`{s}` is not a percentage from 1% to 100% of the soft fd limit (e.g. 80%)"
+        )),
+    }
+}
+
+pub(super) fn parse_signal(s: &str) -> Result<Signal, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let name = if t.starts_with("SIG") {
+        t
+    } else {
+        format!("SIG{t}")
+    };
+    Signal::ALL
+        .into_iter()
+        .find(|sig| sig.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Signal::ALL.iter().map(|s| s.name()).collect();
+            format!("`{s}` is not one of {}", names.join(", "))
+        })
+}
+
+impl Escalate {
+    fn from_raw(raw: Option<&RawEscalate>, at: &Location, name: &str) -> Result<Escalate, Problem> {
+        let Some(raw) = raw else {
+            return Err(problem_at(
+                at,
+                format!(
+                    "target `{name}`: `escalate` is empty; give `raise_fd_limit_at`, `signal_at` or both, or remove it"
+                ),
+            ));
+        };
+        if let Some(k) = &raw.close_after {
+            return Err(problem_at(&k.referenced, NO_CLOSE_IN_DAEMON));
+        }
+        let what = |k: &str| format!("`escalate.{k}` in target `{name}`");
+        let raise_fd_limit_at = scalar(
+            &raw.raise_fd_limit_at,
+            &what("raise_fd_limit_at"),
+            parse_percent,
+        )?;
+        let signal_at = scalar(&raw.signal_at, &what("signal_at"), parse_percent)?;
+        let signal = scalar(&raw.signal, &what("signal"), parse_signal)?;
+        if signal.is_some() && signal_at.is_none() {
+            let loc = raw.signal.as_ref().map_or(*at, |k| k.referenced);
+            return Err(problem_at(
+                &loc,
+                format!(
+                    "{}: `signal` needs `signal_at` (e.g. `signal_at: 95%`)",
+                    what("signal")
+                ),
+            ));
+        }
+        if let (Some(raise), Some(sig)) = (raise_fd_limit_at, signal_at)
+            && sig <= raise
+        {
+            let loc = raw.signal_at.as_ref().map_or(*at, |k| k.referenced);
+            return Err(problem_at(
+                &loc,
+                format!(
+                    "{}: {sig}% must be above `raise_fd_limit_at` ({raise}%): the signal is the last resort",
+                    what("signal_at")
+                ),
+            ));
+        }
+        let e = Escalate {
+            raise_fd_limit_at,
+            signal_at,
+            signal: signal.unwrap_or_default(),
+        };
+        if !e.any() {
+            return Err(problem_at(
+                at,
+                format!(
+                    "target `{name}`: `escalate` is empty; give `raise_fd_limit_at`, `signal_at` or both, or remove it"
+                ),
+            ));
+        }
+        Ok(e)
     }
 }

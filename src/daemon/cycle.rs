@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use cwreap_linux::netns::Namespaces;
 
 use super::audit::unix_ts;
+use super::escalate::Budget;
 use super::release::PendingRelease;
 use super::{Daemon, Point};
 use crate::act::{self, ActResult, Expected, Outcome, Reason, Via};
@@ -126,7 +127,6 @@ impl Daemon {
         // Ages tracks exactly the sockets present now.
         self.handled.retain(|k| self.ages.tracks(k));
         self.check_releases(now, &mut report);
-        self.escalate(now, stop, &mut report);
 
         // Attribution from the cache; only changed targets' fd tables are read again.
         let mut refresh = self.index.refresh(&self.proc, &self.os, &pids);
@@ -250,6 +250,14 @@ impl Daemon {
                 reaps += 1;
             }
             self.record(d, &res, now, &snap, &mut report);
+        }
+        if !stop.load(Ordering::Relaxed) {
+            let mut left = Budget {
+                actions: budget.saturating_sub(reaps),
+                signals: 0,
+            };
+            self.escalate(&snap, &targets, &per_pid_cw, &mut left, &mut report);
+            reaps += left.signals;
         }
         self.limiter.record(reaps, now);
         self.release_pidfds.clear();
@@ -390,7 +398,6 @@ impl Daemon {
                 pid: c.pid,
                 fd: c.fd,
                 inode: c.inode,
-                cookie: c.cookie,
                 comm: c.comm.clone(),
                 pidfd,
                 at: now,

@@ -22,10 +22,11 @@ use cwreap_linux::procfs::ProcFs;
 
 use crate::config::Config;
 use crate::index::FdIndex;
-use crate::policy::{Ages, Headroom, RateLimiter, SocketKey};
+use crate::policy::{Ages, Escalated, Headroom, RateLimiter, SocketKey};
 
 mod audit;
 mod cycle;
+mod escalate;
 mod logging;
 mod release;
 mod selftest;
@@ -52,9 +53,11 @@ pub struct Daemon {
     /// Sockets already acted on (or reported), so each is handled once.
     handled: HashSet<SocketKey>,
     pending: Vec<PendingRelease>,
-    /// Shut down but still held, on targets with `escalate`: closed inside the owner once
-    /// `close_after` has passed since the shutdown.
+    /// Shut down but still held, on targets with `escalate`: they count as leaking until
+    /// the owner lets go.
     held: Vec<PendingRelease>,
+    /// Escalations done per process: pid → (its start time, what was done).
+    escalated: HashMap<i32, (u64, Escalated)>,
     audit: Option<File>,
     /// Every socket fd of the target processes, kept between cycles (with their pidfds).
     index: FdIndex<OwnedFd>,
@@ -105,6 +108,7 @@ impl Daemon {
             handled: HashSet::new(),
             pending: Vec::new(),
             held: Vec::new(),
+            escalated: HashMap::new(),
             audit,
             index: FdIndex::default(),
             self_pid: std::process::id() as i32,

@@ -1,11 +1,14 @@
 #!/usr/bin/python3
 """A deliberately leaky TCP echo server in Python 3 (stdlib only), for cwreap's tests.
 
-    leaky.py --mode abandon|selectors|thread [--listen ADDR]...
+    leaky.py --mode abandon|selectors|thread [--listen ADDR]... [--fill N] [--on-term count]
 
 ADDR is HOST:PORT, IPv6 as [HOST]:PORT (default 127.0.0.1:0). stdout, one event per line,
 flushed: `listen ADDR` per listener, `ready`, `accepted FD LOCAL REMOTE`, `eof FD` (the peer
 half-closed), `released FD` (we closed FD), `error TEXT`.
+
+--fill N opens N more fds (of /dev/null) and keeps them, to bring the process near its fd
+limit. --on-term count makes SIGTERM print `signal 15` instead of ending the process.
 
 Modes, each leaking the server side of a half-closed connection in CLOSE_WAIT:
 
@@ -23,7 +26,9 @@ thread     thread per connection, echoing. On EOF the thread returns without clo
 """
 
 import argparse
+import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -203,7 +208,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["abandon", "selectors", "thread"], required=True)
     p.add_argument("--listen", action="append")
+    p.add_argument("--fill", type=int, default=0)
+    p.add_argument("--on-term", choices=["exit", "count"], default="exit")
     args = p.parse_args()
+    if args.on_term == "count":
+        signal.signal(signal.SIGTERM, lambda signum, frame: say("signal %d" % signum))
+    filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(args.fill)]
+    LEAKED.append(filler)
     lss = listeners(args.listen or ["127.0.0.1:0"])
     if args.mode == "selectors":
         serve_selectors(lss)

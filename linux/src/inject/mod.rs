@@ -198,6 +198,24 @@ pub enum InjectError {
 /// The hint given with a denied ptrace.
 pub const PTRACE_ATTACH_HINT: &str = "injecting close() needs ptrace over the target: run as root or grant CAP_SYS_PTRACE, keep Yama ptrace_scope at 2 or less, and allow ptrace and process_vm_readv in any seccomp filter";
 
+/// How to start the injection helper: an executable and the arguments that make it run
+/// the injection.
+#[derive(Debug, Clone)]
+pub struct Helper {
+    pub exe: std::path::PathBuf,
+    pub args: Vec<std::ffi::OsString>,
+}
+
+impl Helper {
+    /// This program again (/proc/self/exe) with `args`, e.g. `["inject-helper"]`.
+    pub fn this_program(args: &[&str]) -> Helper {
+        Helper {
+            exe: std::path::PathBuf::from("/proc/self/exe"),
+            args: args.iter().map(std::ffi::OsString::from).collect(),
+        }
+    }
+}
+
 /// Close `victims` inside process `pid` (pinned by `pidfd`), each only after verifying it
 /// is still the attributed socket and in CLOSE_WAIT or CLOSE. See the module docs for how.
 ///
@@ -206,10 +224,12 @@ pub const PTRACE_ATTACH_HINT: &str = "injecting close() needs ptrace over the ta
 /// some fds were closed, the report lists the closed ones and gives the error as the
 /// reason for the others.
 pub fn close_in_target(
+    helper: &Helper,
     pid: i32,
     pidfd: BorrowedFd<'_>,
     victims: &[Victim],
 ) -> Result<InjectReport, InjectError> {
+    let _ = helper;
     traced(pid, pidfd, victims, &|| {})
 }
 

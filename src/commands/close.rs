@@ -1,0 +1,219 @@
+//! `cwreap reap --pid PID --close`: the verified replacement of `gdb -ex 'call close(FD)'`,
+//! for one named process, with consent. It frees the fd slots of sockets that are over:
+//! CLOSE_WAIT ones, and CLOSE ones left over from a connection that ended (shut down but
+//! still held). It never closes anything else.
+//!
+//! The hazard, said wherever this is offered: an application that still holds the number
+//! may later use it after it was reused and misdeliver data or kill another connection
+//! (seen in Python, Go, Java and Node), so it is only for a process that will be restarted
+//! anyway, to keep it serving until then. The daemon never does this.
+//!
+//! Guards: at least one `--pid` (other selectors only narrow); every filter applies to
+//! everything closed; confirmation with `--yes` or a typed `yes` on a terminal; each fd is
+//! verified again while the process is stopped (inode, cookie, state). CLOSE sockets are
+//! not in sock_diag dumps, so every socket fd of the named processes is duplicated and
+//! inspected here.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::os::fd::{AsFd, OwnedFd};
+
+use anyhow::Result;
+
+use cwreap_linux::inject::{Helper, Victim, close_in_target};
+use cwreap_linux::os::{Os, RealOs, inspect_socket};
+use cwreap_linux::procfs::ProcFs;
+
+use super::{Status, observe};
+use crate::act::{self, ActResult, Outcome};
+use crate::cli::ReapArgs;
+use crate::config::UsageError;
+use crate::output;
+use crate::select::{self, HeldSocket};
+use crate::snapshot::Snapshot;
+
+/// Said with every confirmation prompt, in `--help` and in the README.
+pub const CLOSE_HAZARD: &str = "--close runs close(fd) inside the process (ptrace). The application still holds the fd number: it may later read, write or close that number after it was reused for a new connection, and misdeliver data or kill the new connection. This was seen in a Python connection pool, a Go server, Java (the GC's Cleaner) and Node (timers). Use it only on a process you will restart anyway, to keep it serving until then.";
+
+/// The one program `--close` starts to do the ptrace work: this binary again.
+pub fn helper() -> Helper {
+    Helper::this_program(&["inject-helper"])
+}
+
+pub fn reap_close(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    if args.selectors.pids.is_empty() {
+        return Err(UsageError(
+            "--close needs --pid PID: it acts inside one named process at a time (other selectors only narrow what is closed)".into(),
+        )
+        .into());
+    }
+    let os = RealOs;
+    let (snap, _namespaces) = observe(Some(&os), &args.selectors)?;
+    let held = inspect_held(&os, &snap);
+    let filter = args.selectors.filter(Some(args.older_than));
+    let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+    let plan = select::plan_close(&held, &filter, max);
+
+    if plan.is_empty() {
+        if !args.json {
+            writeln!(
+                out,
+                "Nothing to close: no CLOSE_WAIT socket, and no socket of an ended connection, matches the selection and --older-than."
+            )?;
+        }
+        let footer = "close: 0 matched, 0 closed";
+        writeln!(
+            if args.json {
+                &mut *err as &mut dyn Write
+            } else {
+                out
+            },
+            "{footer}"
+        )?;
+        return Ok(Status::Ok);
+    }
+    if !args.dry_run && !args.yes {
+        confirm(&plan, err)?;
+    }
+
+    let mut results: BTreeMap<(i32, i32), ActResult> = BTreeMap::new();
+    if args.dry_run {
+        for (h, _) in &plan {
+            results.insert((h.pid, h.fd), ActResult::ok(Outcome::DryRun));
+        }
+    } else {
+        let mut by_pid: BTreeMap<i32, Vec<Victim>> = BTreeMap::new();
+        for (h, _) in &plan {
+            by_pid.entry(h.pid).or_default().push(Victim {
+                fd: h.fd,
+                inode: h.facts.inode,
+                cookie: h.facts.cookie,
+            });
+        }
+        let helper = helper();
+        for (pid, victims) in by_pid {
+            let Some(pidfd) = snap.processes.get(&pid).and_then(|p| p.handle.as_ref()) else {
+                continue;
+            };
+            let batch = close_in_target(&helper, pid, pidfd.as_fd(), &victims);
+            if let Ok(r) = &batch {
+                writeln!(
+                    err,
+                    "close: pid {pid}: {} closed, {} left alone; target paused {} µs ({} threads); open fds {} -> {}",
+                    r.closed.len(),
+                    r.skipped.len(),
+                    r.pause_us,
+                    r.threads,
+                    r.fds_before,
+                    r.fds_after
+                )?;
+            }
+            for (fd, res) in act::close_results(&victims, &batch) {
+                results.insert((pid, fd), res);
+            }
+        }
+    }
+
+    let mut done = Vec::with_capacity(plan.len());
+    for (h, kind) in &plan {
+        let res = results
+            .remove(&(h.pid, h.fd))
+            .unwrap_or_else(|| ActResult::with(Outcome::Gone, act::Reason::NotPinned));
+        if args.json {
+            output::write_close_json(out, h, *kind, &res)?;
+        }
+        done.push((*h, *kind, res));
+    }
+    let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
+    for (_, _, res) in &done {
+        *counts.entry(res.outcome).or_default() += 1;
+    }
+    let closed = counts.get(&Outcome::Reaped).copied().unwrap_or(0);
+    let summary = Outcome::ALL
+        .iter()
+        .filter(|o| **o != Outcome::Reaped)
+        .map(|o| format!("{} {}", counts.get(o).copied().unwrap_or(0), o.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let footer = format!(
+        "close{}: {} matched, {closed} closed, {summary}",
+        if args.dry_run { " (dry run)" } else { "" },
+        done.len()
+    );
+    if args.json {
+        writeln!(err, "{footer}")?;
+    } else {
+        write!(out, "{}", output::close_table(&done))?;
+        writeln!(out)?;
+        writeln!(out, "{footer}")?;
+    }
+    let denied = done
+        .iter()
+        .filter(|(_, _, r)| r.permission_denied())
+        .count();
+    if denied > 0 && denied == done.len() {
+        return Err(super::missing_ptrace("running close() inside the target").into());
+    }
+    Ok(if counts.contains_key(&Outcome::Error) {
+        Status::Failed
+    } else {
+        Status::Ok
+    })
+}
+
+/// Every socket fd of the pinned processes, duplicated through the pidfd and inspected.
+/// Anything that cannot be read is left out: it will not be closed.
+fn inspect_held(os: &RealOs, snap: &Snapshot<OwnedFd>) -> Vec<HeldSocket> {
+    let proc = ProcFs::default();
+    let mut out = Vec::new();
+    for (pid, p) in &snap.processes {
+        let Some(pidfd) = p.handle.as_ref() else {
+            continue;
+        };
+        let Ok(table) = proc.fd_table(*pid) else {
+            continue;
+        };
+        for (fd, _) in table.sockets {
+            let Ok(dup) = os.duplicate(pidfd, fd) else {
+                continue;
+            };
+            if let Ok(facts) = inspect_socket(dup.as_fd()) {
+                out.push(HeldSocket {
+                    pid: *pid,
+                    fd,
+                    comm: p.comm.clone(),
+                    facts,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Print what will be closed and the hazard, and ask for a typed `yes` on a terminal.
+fn confirm(plan: &[(&HeldSocket, select::Closable)], err: &mut impl Write) -> Result<()> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(UsageError(format!(
+            "--close needs --yes, or a typed `yes` on a terminal; nothing was closed ({} fd(s) would be). {CLOSE_HAZARD}",
+            plan.len()
+        ))
+        .into());
+    }
+    let mut per_pid: BTreeMap<(i32, &str), usize> = BTreeMap::new();
+    for (h, _) in plan {
+        *per_pid.entry((h.pid, h.comm.as_str())).or_default() += 1;
+    }
+    for ((pid, comm), n) in &per_pid {
+        writeln!(err, "will close {n} fd(s) inside pid {pid} ({comm})")?;
+    }
+    writeln!(err, "{CLOSE_HAZARD}")?;
+    write!(err, "Type yes to go on: ")?;
+    err.flush()?;
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        return Err(UsageError("not confirmed; nothing was closed".into()).into());
+    }
+    Ok(())
+}
