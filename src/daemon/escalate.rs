@@ -13,8 +13,8 @@ use tracing::{error, info, warn};
 use cwreap_linux::procfs::Limits;
 use cwreap_linux::sys;
 
-use super::Daemon;
 use super::audit::unix_ts;
+use super::{Daemon, Point};
 use crate::config::Target;
 use crate::policy::{self, Escalated, Escalation, Load};
 use crate::report::CycleReport;
@@ -93,6 +93,7 @@ impl Daemon {
                 continue;
             };
             let dry_run = self.force_dry_run || target.effective_dry_run(self.cfg.dry_run);
+            self.stage(Point::BeforeEscalate { pid });
             let mut now_done = done;
             match step {
                 Escalation::RaiseFdLimit { from, to } => {

@@ -79,6 +79,8 @@ pub enum Point {
     Matched,
     /// About to act on the socket that `pid` holds as `fd`.
     BeforeAct { pid: i32, fd: i32 },
+    /// An escalation of `pid` was decided and is about to be done.
+    BeforeEscalate { pid: i32 },
 }
 
 #[cfg(feature = "testing")]

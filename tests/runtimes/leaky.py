@@ -8,7 +8,8 @@ flushed: `listen ADDR` per listener, `ready`, `accepted FD LOCAL REMOTE`, `eof F
 half-closed), `released FD` (we closed FD), `error TEXT`.
 
 --fill N opens N more fds (of /dev/null) and keeps them, to bring the process near its fd
-limit. --on-term count makes SIGTERM print `signal 15` instead of ending the process.
+limit. --on-term count makes SIGTERM print `signal 15` instead of ending the process (and
+SIGWINCH print `signal 28`).
 
 Modes, each leaking the server side of a half-closed connection in CLOSE_WAIT:
 
@@ -212,7 +213,10 @@ def main():
     p.add_argument("--on-term", choices=["exit", "count"], default="exit")
     args = p.parse_args()
     if args.on_term == "count":
-        signal.signal(signal.SIGTERM, lambda signum, frame: say("signal %d" % signum))
+        # SIGWINCH too, as a marker a test can send: Python runs pending handlers in signal
+        # number order, so a SIGTERM that came before it is always printed before it.
+        for sig in (signal.SIGTERM, signal.SIGWINCH):
+            signal.signal(sig, lambda signum, frame: say("signal %d" % signum))
     filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(args.fill)]
     LEAKED.append(filler)
     lss = listeners(args.listen or ["127.0.0.1:0"])
