@@ -145,6 +145,18 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
                 "targets[].dry_run",
                 "Per-target override of the global dry_run.",
             ),
+            (
+                "targets[].escalate.raise_fd_limit_at",
+                "A percentage (e.g. 80%): when a process of the target holds at least min_close_wait sockets in CLOSE_WAIT (or shut down by cwreap and still held) and its open fds reach this share of its soft RLIMIT_NOFILE, raise the soft limit to the hard limit (prlimit), once per process. Never when the soft limit is 1024 or less (select() with FD_SETSIZE breaks above it), so never on a service whose LimitNOFILE was not raised. Needs CAP_SYS_RESOURCE.",
+            ),
+            (
+                "targets[].escalate.signal_at",
+                "A percentage above raise_fd_limit_at (e.g. 95%): on the same condition, send `signal` through the pidfd held since attribution (never to a reused pid), once per process, counted against the rate limits: a restart before EMFILE. Needs CAP_KILL.",
+            ),
+            (
+                "targets[].escalate.signal",
+                "SIGTERM (default), SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 or SIGKILL.",
+            ),
         ],
     ),
 ];
