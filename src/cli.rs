@@ -160,8 +160,8 @@ pub struct ReapArgs {
     #[command(flatten)]
     pub selectors: Selectors,
     /// Only sockets at least this long in CLOSE_WAIT (required: no default, so a slip cannot reap fresh sockets)
-    #[arg(long, value_name = "DUR", value_parser = parse_duration, required = true)]
-    pub older_than: Duration,
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub older_than: Option<Duration>,
     /// Verify every socket (proving permission) but do not shut anything down
     #[arg(long)]
     pub dry_run: bool,
@@ -239,10 +239,12 @@ mod tests {
     }
 
     #[test]
-    fn reap_requires_older_than() {
-        let r = Cli::try_parse_from(["cwreap", "reap", "--pid", "1"]);
-        assert!(r.is_err());
+    fn reap_requirements_are_checked_together_by_the_command() {
+        // clap accepts a bare `reap`, so the command can name every missing requirement at
+        // once (see commands::reap::missing_requirements).
+        assert!(Cli::try_parse_from(["cwreap", "reap"]).is_ok());
         let r = Cli::try_parse_from(["cwreap", "reap", "--pid", "1", "--older-than", "1m"]);
         assert!(r.is_ok());
+        assert!(Cli::try_parse_from(["cwreap", "reap", "--older-than", "soon"]).is_err());
     }
 }

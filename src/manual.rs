@@ -10,9 +10,20 @@ use clap_complete::Shell;
 
 use crate::cli::Cli;
 
+/// A shell completion script. Hidden subcommands (packaging's `generate`, the injection
+/// helper) are left out: completions offer only what a user types.
 pub fn completions(shell: Shell, out: &mut impl Write) {
-    let mut cmd = Cli::command();
-    clap_complete::generate(shell, &mut cmd, "cwreap", out);
+    let full = Cli::command();
+    let visible: Vec<clap::Command> = full
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let mut shown = clap::Command::new("cwreap")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(full.get_about().cloned().unwrap_or_default())
+        .subcommands(visible);
+    clap_complete::generate(shell, &mut shown, "cwreap", out);
 }
 
 /// cwreap(8): the whole command line, with every subcommand.
@@ -245,6 +256,14 @@ mod tests {
             for sub in ["scan", "reap", "run", "check"] {
                 assert!(text.contains(sub), "{shell:?} completion lacks {sub}");
             }
+            assert!(
+                !text.contains("generate"),
+                "{shell:?} offers the hidden `generate`"
+            );
+            assert!(
+                !text.contains("out-dir"),
+                "{shell:?} offers `generate`'s flag"
+            );
             assert!(text.contains("older-than"), "{shell:?}");
         }
     }

@@ -406,6 +406,12 @@ fn usage_errors_exit_2_and_name_the_problem() {
             "--max",
         ),
         (&["frobnicate"], "frobnicate"),
+        (&["reap"], "selector"),
+        (&["reap"], "--older-than"),
+        (
+            &["reap", "--close", "--older-than", "1m", "--port", "80"],
+            "--pid",
+        ),
     ];
     for (args, needle) in cases {
         let out = cwreap(args);

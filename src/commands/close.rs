@@ -40,17 +40,16 @@ pub fn helper() -> Helper {
     Helper::this_program(&["inject-helper"])
 }
 
-pub fn reap_close(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
-    if args.selectors.pids.is_empty() {
-        return Err(UsageError(
-            "--close needs --pid PID: it acts inside one named process at a time (other selectors only narrow what is closed)".into(),
-        )
-        .into());
-    }
+pub fn reap_close(
+    args: &ReapArgs,
+    older_than: std::time::Duration,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<Status> {
     let os = RealOs;
     let (snap, _namespaces) = observe(Some(&os), &args.selectors)?;
     let held = inspect_held(&os, &snap);
-    let filter = args.selectors.filter(Some(args.older_than));
+    let filter = args.selectors.filter(Some(older_than));
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
     let plan = select::plan_close(&held, &filter, max);
 

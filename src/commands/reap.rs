@@ -17,21 +17,44 @@ use crate::output;
 use crate::select::{self, Row};
 use crate::snapshot::Snapshot;
 
-pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
-    if args.close {
-        return super::close::reap_close(args, out, err);
+/// Everything a `reap` invocation lacks, all at once, or None when it can go on.
+pub fn missing_requirements(args: &ReapArgs) -> Option<String> {
+    let mut missing = Vec::new();
+    if args.close && args.selectors.pids.is_empty() {
+        missing.push(
+            "--close needs --pid PID: it acts inside one named process at a time (other selectors only narrow what is closed)"
+                .to_owned(),
+        );
+    } else if args.selectors.is_empty() {
+        missing.push(
+            "a selector: --pid PID, --comm REGEX or --port PORT (use `cwreap scan` to see candidates)"
+                .to_owned(),
+        );
     }
-    if args.selectors.is_empty() {
-        return Err(UsageError(
-            "reap needs a selector: --pid PID, --comm REGEX or --port PORT (use `cwreap scan` \
-to see candidates)"
-                .into(),
-        )
-        .into());
+    if args.older_than.is_none() {
+        missing.push(
+            "--older-than DUR, e.g. 10m (no default, so a slip cannot reap fresh sockets)"
+                .to_owned(),
+        );
+    }
+    match missing.len() {
+        0 => None,
+        1 if args.close && args.selectors.pids.is_empty() => missing.pop(),
+        _ => Some(format!("reap needs {}", missing.join("; and "))),
+    }
+}
+
+pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    if let Some(what) = missing_requirements(args) {
+        return Err(UsageError(what).into());
+    }
+    let older_than = args.older_than.unwrap_or_default();
+    if args.close {
+        return super::close::reap_close(args, older_than, out, err);
     }
     let os = RealOs;
     let (snap, mut namespaces) = observe(Some(&os), &args.selectors)?;
-    let filter = args.selectors.filter(Some(args.older_than));
+    let filter = args.selectors.filter(Some(older_than));
     let rows = select::select(&snap, &filter);
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
     let (plan, unowned) = select::plan_reap(&rows, max, args.destroy);

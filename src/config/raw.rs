@@ -215,6 +215,18 @@ pub(super) fn yaml_problem(text: &str, err: &serde_saphyr::Error) -> Problem {
     }
     let loc = err.location().or_else(|| inner.location());
     let context = loc.as_ref().and_then(|l| target_at(text, l));
+    // The scanner reports a tab at the start of the token it was reading (often the line
+    // above); point at the tab itself.
+    if let Some(tab) = loc
+        .as_ref()
+        .filter(|_| inner.to_string().contains("tab"))
+        .and_then(|l| first_tab_from(text, l.line()))
+    {
+        return Problem {
+            position: Some(tab),
+            message: "a tab character: YAML indents with spaces only".to_owned(),
+        };
+    }
     let message = match inner {
         serde_saphyr::Error::SerdeUnknownField {
             field, expected, ..
@@ -241,6 +253,18 @@ pub(super) fn yaml_problem(text: &str, err: &serde_saphyr::Error) -> Problem {
         position: loc.as_ref().and_then(position),
         message,
     }
+}
+
+/// Line and column (1-based) of the first tab on line `from` or after.
+fn first_tab_from(text: &str, from: u64) -> Option<Position> {
+    text.lines().enumerate().find_map(|(i, l)| {
+        let line = i as u64 + 1;
+        let col = l.find('\t')?;
+        (line >= from).then(|| Position {
+            line,
+            column: l[..col].chars().count() as u64 + 1,
+        })
+    })
 }
 
 pub(super) fn unknown_key_message(field: &str, expected: &[&str], target: Option<&str>) -> String {

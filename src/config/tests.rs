@@ -324,6 +324,20 @@ fn exclude_rules() {
 }
 
 #[test]
+fn a_tab_is_reported_where_it_is() {
+    let text = "targets:\n  - name: a\n    match: {comm: x}\n    older_than: 1m\n\tdry_run: true\n";
+    assert_eq!(
+        err(text),
+        "t.yaml:5:1: a tab character: YAML indents with spaces only"
+    );
+    let deeper = "targets:\n  - name: a\n  \t match: {comm: x}\n    older_than: 1m\n";
+    assert_eq!(
+        err(deeper),
+        "t.yaml:3:3: a tab character: YAML indents with spaces only"
+    );
+}
+
+#[test]
 fn escalate_rules() {
     let ok = parse(
         &with_target(
