@@ -1,7 +1,7 @@
 # cwreap: build, install, package.
 #   make                      build the release binary
 #   make install PREFIX=/usr/local [DESTDIR=/tmp/root]
-#   make deb                  build a .deb (needs `cargo install cargo-deb`)
+#   make deb                  build a .deb (installs cargo-deb first when it is missing)
 #   make uninstall PREFIX=...
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -27,6 +27,10 @@ install: assets
 	install -D -m 0644 $(ASSETS)/cwreap.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish
 	sed 's|/usr/bin/cwreap|$(PREFIX)/bin/cwreap|' systemd/cwreap.service > $(ASSETS)/cwreap.service
 	install -D -m 0644 $(ASSETS)/cwreap.service $(DESTDIR)$(UNITDIR)/cwreap.service
+	@# Opt-in drop-ins (containers, destroy, escalate): copied, never enabled.
+	for f in systemd/drop-ins/*.conf; do \
+		install -D -m 0644 $$f $(DESTDIR)$(PREFIX)/share/cwreap/drop-ins/$$(basename $$f); \
+	done
 	@# Never overwrite a policy an operator already edited.
 	test -e $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml || \
 		install -D -m 0600 config/cwreap.yaml $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml
@@ -38,8 +42,12 @@ uninstall:
 		$(DESTDIR)$(PREFIX)/share/zsh/site-functions/_cwreap \
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish \
 		$(DESTDIR)$(UNITDIR)/cwreap.service
+	rm -rf $(DESTDIR)$(PREFIX)/share/cwreap/drop-ins
 
 deb: assets
+	@$(CARGO) deb --version >/dev/null 2>&1 || { \
+		echo "make deb: cargo-deb is missing; installing it: $(CARGO) install --locked cargo-deb"; \
+		$(CARGO) install --locked cargo-deb; }
 	$(CARGO) deb --no-build
 
 test:

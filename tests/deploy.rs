@@ -67,7 +67,62 @@ fn daemonset_is_privileged_only_as_far_as_needed() {
         .filter_map(Value::as_str)
         .collect();
     assert_eq!(args, ["run", "--config", "/etc/cwreap/cwreap.yaml"]);
+    let command: Vec<&str> = c["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(command, [containerfile_binary().as_str()]);
     let mount = &c["volumeMounts"][0];
     assert_eq!(mount["mountPath"], "/etc/cwreap");
     assert_eq!(mount["readOnly"], true);
+}
+
+/// Where deploy/Containerfile puts the binary in the runtime image, checked against its
+/// ENTRYPOINT: the path the DaemonSet's command must run.
+fn containerfile_binary() -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/Containerfile");
+    let text = std::fs::read_to_string(&path).expect("read deploy/Containerfile");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    let stages: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("FROM "))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(stages.len() >= 2, "a multi-stage build: {stages:?}");
+    let runtime = &lines[*stages.last().expect("a stage")..];
+    let copied = runtime
+        .iter()
+        .find_map(|l| {
+            let rest = l.strip_prefix("COPY --from=build ")?;
+            let (src, dst) = rest.split_once(' ')?;
+            src.ends_with("target/release/cwreap")
+                .then(|| dst.trim().to_owned())
+        })
+        .expect("the runtime stage copies target/release/cwreap");
+    let entry = runtime
+        .iter()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .expect("an ENTRYPOINT");
+    let entry: Vec<String> = serde_json::from_str(entry).expect("ENTRYPOINT in exec form");
+    assert_eq!(entry, [copied.clone()], "ENTRYPOINT runs the copied binary");
+    // The build stage builds exactly that binary, from the lock file.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("RUN cargo build --release --locked")),
+        "{lines:?}"
+    );
+    copied
+}
+
+#[test]
+fn containerfile_builds_the_binary_the_daemonset_runs() {
+    assert_eq!(containerfile_binary(), "/usr/bin/cwreap");
 }
