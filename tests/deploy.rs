@@ -111,7 +111,11 @@ fn containerfile_binary() -> String {
         .find_map(|l| l.strip_prefix("ENTRYPOINT "))
         .expect("an ENTRYPOINT");
     let entry: Vec<String> = serde_json::from_str(entry).expect("ENTRYPOINT in exec form");
-    assert_eq!(entry, [copied.clone()], "ENTRYPOINT runs the copied binary");
+    assert_eq!(
+        entry,
+        std::slice::from_ref(&copied),
+        "ENTRYPOINT runs the copied binary"
+    );
     // The build stage builds exactly that binary, from the lock file.
     assert!(
         lines
