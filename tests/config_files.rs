@@ -56,6 +56,61 @@ fn default_policy_is_safe() {
 
 /// Write `text` to a file named `name` in a fresh directory and load it; returns the path
 /// and the one-line error.
+/// The README's enforce step (two `sed` edits) on the packaged policy enforces: dry_run off
+/// and a socket-touching action. One edit alone would not.
+#[test]
+fn the_readme_enforce_step_enforces_the_packaged_policy() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let sed = readme
+        .lines()
+        .find(|l| l.contains("sed -i") && l.contains("/etc/cwreap/cwreap.yaml"))
+        .expect("the README's enforce step");
+    let edits: Vec<(String, String)> = sed
+        .split(" -e ")
+        .skip(1)
+        .map(|e| {
+            let e = e
+                .trim()
+                .trim_start_matches('\'')
+                .split('\'')
+                .next()
+                .unwrap_or("");
+            let parts: Vec<&str> = e.split('/').collect();
+            assert_eq!(parts.len(), 4, "a s/FROM/TO/ edit: {e}");
+            (
+                parts[1].trim_start_matches('^').to_owned(),
+                parts[2].to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(edits.len(), 2, "{sed}");
+    let text = std::fs::read_to_string(config_dir().join("cwreap.yaml")).expect("policy");
+    let mut edited = text.clone();
+    for (from, to) in &edits {
+        assert!(
+            text.lines().any(|l| l.starts_with(from.as_str())),
+            "the packaged policy has no line starting with {from:?}"
+        );
+        edited = edited
+            .lines()
+            .map(|l| match l.strip_prefix(from.as_str()) {
+                Some(rest) => format!("{to}{rest}"),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    let c = config::parse(&edited, "edited.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.dry_run);
+    assert!(
+        c.targets
+            .iter()
+            .all(|t| t.action == config::Action::Shutdown && !t.effective_dry_run(c.dry_run)),
+        "every target enforces after the two edits"
+    );
+}
+
 fn load_error(name: &str, text: &str) -> (String, String) {
     let dir =
         std::env::temp_dir().join(format!("cwreap-config-files-{}-{name}", std::process::id()));

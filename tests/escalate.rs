@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -438,12 +437,4 @@ fn a_reused_pid_never_gets_the_signal() {
         newcomer.child.try_wait().expect("wait").is_none(),
         "the newcomer died"
     );
-}
-
-/// Print SKIP (outside CI) or fail (in CI) when a tool the test needs is missing.
-fn skip_or_fail(test: &str, why: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: {why}, and CI=true forbids skipping");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }

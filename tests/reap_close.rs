@@ -402,11 +402,3 @@ fn the_daemon_never_closes_fds_inside_a_target() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
-
-/// Print SKIP (outside CI) or fail (in CI) when a tool the test needs is missing.
-fn skip_or_fail(test: &str, why: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: {why}, and CI=true forbids skipping");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
-}

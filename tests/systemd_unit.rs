@@ -149,7 +149,10 @@ fn systemd_analyze(args: &[&str]) -> Option<String> {
                      (Debian/Ubuntu: apt-get install -y systemd) to rate the unit's hardening"
                 );
             }
-            eprintln!("skipped: systemd-analyze is not installed (apt-get install systemd)");
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                b"SKIP hardening_rating: systemd-analyze is not installed (apt-get install systemd)\n",
+            );
             return None;
         }
         Err(e) => panic!("running systemd-analyze: {e}"),

@@ -18,11 +18,18 @@ pub fn require_root(test: &str) -> bool {
     if rustix::process::geteuid().is_root() {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: needs root (CAP_SYS_PTRACE) and CI=true forbids skipping");
-    }
-    eprintln!("SKIP {test}: needs root (CAP_SYS_PTRACE); run the suite as root");
+    skip_or_fail(test, "needs root (CAP_SYS_PTRACE); run the suite as root");
     false
+}
+
+/// A test cannot run here (no root, a missing tool): in CI (`CI=true`) that fails the test;
+/// elsewhere it prints a visible `SKIP test: why` line. Written to stderr directly, because
+/// libtest captures `eprintln!`.
+pub fn skip_or_fail(test: &str, why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: {why}, and CI=true forbids skipping");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
 /// Lines a child prints on `reader`, delivered by a background thread.
