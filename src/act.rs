@@ -403,24 +403,31 @@ pub fn destroy_verified<K: SocketKiller>(k: &mut K, s: &DiagSocket, dry_run: boo
     }
     match k.destroy(s) {
         Ok(()) => ActResult::ok(Outcome::Reaped),
-        Err(e) => match e.raw_os_error() {
-            Some(libc::ENOENT) => ActResult::with(Outcome::Gone, Reason::VanishedBeforeDestroy),
-            Some(libc::EOPNOTSUPP) => ActResult::with(
-                Outcome::Error,
-                Reason::DestroyUnsupported {
-                    error: Some(e.to_string()),
-                },
-            ),
-            Some(libc::EPERM) | Some(libc::EACCES) => ActResult::with(
-                Outcome::Error,
-                Reason::PermissionDenied {
-                    call: "SOCK_DESTROY",
-                    error: e.to_string(),
-                    missing: Capability::NetAdmin,
-                },
-            ),
-            _ => ActResult::with(Outcome::Error, failed("SOCK_DESTROY", &e)),
-        },
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            ActResult::with(Outcome::Gone, Reason::VanishedBeforeDestroy)
+        }
+        Err(e) => destroy_error(&e),
+    }
+}
+
+/// What a failed SOCK_DESTROY (or the proof that it would work) means.
+pub fn destroy_error(e: &io::Error) -> ActResult {
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => ActResult::with(
+            Outcome::Error,
+            Reason::DestroyUnsupported {
+                error: Some(e.to_string()),
+            },
+        ),
+        Some(libc::EPERM) | Some(libc::EACCES) => ActResult::with(
+            Outcome::Error,
+            Reason::PermissionDenied {
+                call: "SOCK_DESTROY",
+                error: e.to_string(),
+                missing: Capability::NetAdmin,
+            },
+        ),
+        _ => ActResult::with(Outcome::Error, failed("SOCK_DESTROY", e)),
     }
 }
 

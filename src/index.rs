@@ -182,6 +182,7 @@ impl<H> FdIndex<H> {
             processes,
             stats: WalkStats::default(),
             unreadable: Vec::new(),
+            denied: Vec::new(),
         }
     }
 

@@ -298,6 +298,7 @@ mod tests {
             processes,
             stats: WalkStats::default(),
             unreadable: Vec::new(),
+            denied: Vec::new(),
         }
     }
 

@@ -128,6 +128,9 @@ pub struct Snapshot<H> {
     pub stats: WalkStats,
     /// Selected pids that could not be read, with the reason.
     pub unreadable: Vec<(i32, io::Error)>,
+    /// Processes in scope whose fd table we were not allowed to read: their sockets show
+    /// no owner, and a reap cannot act on them.
+    pub denied: Vec<i32>,
 }
 
 /// Which processes attribution may look at.
@@ -166,6 +169,7 @@ impl<'a, O: Os> Attributor<'a, O> {
             processes: BTreeMap::new(),
             stats: WalkStats::default(),
             unreadable: Vec::new(),
+            denied: Vec::new(),
         };
         // Socket inodes, and the inodes of listeners with unaccepted connections.
         let mut by_inode: HashMap<u64, Vec<Slot>> = HashMap::new();
@@ -257,7 +261,7 @@ impl<'a, O: Os> Attributor<'a, O> {
             let c = match self.proc.comm(pid) {
                 Ok(c) => c,
                 Err(e) => {
-                    count_failure(&mut snap.stats, &e);
+                    count_failure(snap, pid, &e);
                     return Err(e);
                 }
             };
@@ -270,7 +274,7 @@ impl<'a, O: Os> Attributor<'a, O> {
             Some(os) => match os.open_process(pid) {
                 Ok(h) => Some(h),
                 Err(e) => {
-                    count_failure(&mut snap.stats, &e);
+                    count_failure(snap, pid, &e);
                     return Err(e);
                 }
             },
@@ -279,7 +283,7 @@ impl<'a, O: Os> Attributor<'a, O> {
         let table = match self.proc.fd_table(pid) {
             Ok(t) => t,
             Err(e) => {
-                count_failure(&mut snap.stats, &e);
+                count_failure(snap, pid, &e);
                 return Err(e);
             }
         };
@@ -345,10 +349,12 @@ enum Slot {
     Listener(usize),
 }
 
-fn count_failure(stats: &mut WalkStats, e: &io::Error) {
-    match e.raw_os_error() {
-        Some(libc::EACCES) | Some(libc::EPERM) => stats.denied += 1,
-        _ => stats.vanished += 1,
+fn count_failure<H>(snap: &mut Snapshot<H>, pid: i32, e: &io::Error) {
+    if is_permission(e) {
+        snap.stats.denied += 1;
+        snap.denied.push(pid);
+    } else {
+        snap.stats.vanished += 1;
     }
 }
 

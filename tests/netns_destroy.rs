@@ -94,6 +94,27 @@ fn destroy_inside_another_network_namespace() {
     let _host_client = host.close_wait(0);
 
     let pid = fx.pid().to_string();
+    // The dry run proves SOCK_DESTROY works there by destroying a loopback connection of
+    // its own made inside that namespace; the fixture's sockets are untouched.
+    let out = cwreap(&[
+        "reap",
+        "--pid",
+        &pid,
+        "--older-than",
+        "0s",
+        "--destroy",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter().all(|r| field_str(r, "outcome") == "dry_run"),
+        "{rows:?}"
+    );
+    assert_eq!(ns.ss_close_wait(fx.pid()).len(), 2);
+
     let out = cwreap(&[
         "reap",
         "--pid",

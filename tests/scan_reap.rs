@@ -432,13 +432,61 @@ fn scan_of_a_missing_pid_is_a_usage_error() {
     assert!(stderr(&out).contains("no such process"), "{}", stderr(&out));
 }
 
+/// Who runs the copy of cwreap in the privilege tests.
+#[derive(Debug, Clone, Copy)]
+enum Who {
+    /// uid/gid 65534, no capabilities.
+    Nobody,
+    /// uid/gid 65534 with CAP_SYS_PTRACE alone (ambient), through setpriv.
+    PtraceOnly,
+}
+
+/// Run `bin` with `args` as `who`; retries exec on ETXTBSY (another test's fork may still
+/// hold the fresh copy open for writing).
+fn run_as(who: Who, bin: &std::path::Path, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut tries = 0;
+    loop {
+        let mut cmd = match who {
+            Who::Nobody => {
+                let mut c = std::process::Command::new(bin);
+                c.uid(65534).gid(65534);
+                c
+            }
+            Who::PtraceOnly => {
+                let mut c = std::process::Command::new("setpriv");
+                c.args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--inh-caps=+sys_ptrace",
+                    "--ambient-caps=+sys_ptrace",
+                    "--",
+                ])
+                .arg(bin);
+                c
+            }
+        };
+        let out = cmd.args(args).output();
+        let busy = match &out {
+            Err(e) => e.raw_os_error() == Some(libc::ETXTBSY),
+            Ok(o) => String::from_utf8_lossy(&o.stderr).contains("Text file busy"),
+        };
+        if busy && tries < 50 {
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
+        return out.expect("run the copy of cwreap");
+    }
+}
+
 #[test]
 fn unprivileged_user_gets_the_capability_message() {
     if !require_root("unprivileged_user_gets_the_capability_message") {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
     let mut fx = Fixture::start(&[V4], &[]);
     let _k = fx.close_wait(0);
     // A copy nobody can execute, wherever the checkout lives.
@@ -449,30 +497,99 @@ fn unprivileged_user_gets_the_capability_message() {
     std::fs::copy(CWREAP, &bin).expect("copy binary");
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
     let pid = fx.pid().to_string();
-    for args in [
-        vec!["scan", "--pid", pid.as_str()],
-        vec!["reap", "--pid", pid.as_str(), "--older-than", "0s"],
-    ] {
-        // Another test's fork may still hold the fresh copy open for writing (ETXTBSY).
-        let mut tries = 0;
-        let out = loop {
-            match std::process::Command::new(&bin)
-                .args(&args)
-                .uid(65534)
-                .gid(65534)
-                .output()
-            {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => break other.expect("run as nobody"),
-            }
-        };
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("CAP_SYS_PTRACE"), "{}", stderr(&out));
-        assert!(!stderr(&out).contains("panicked"));
+    let port = fx.listen[0].port().to_string();
+    // What each user lacks for each command: the message must name it.
+    let cases: &[(Who, &[&str], &str)] = &[
+        (Who::Nobody, &["scan", "--pid", &pid], "CAP_SYS_PTRACE"),
+        (
+            Who::Nobody,
+            &["reap", "--pid", &pid, "--older-than", "1ms"],
+            "CAP_SYS_PTRACE",
+        ),
+        (
+            Who::Nobody,
+            &["reap", "--port", &port, "--older-than", "1ms"],
+            "CAP_SYS_PTRACE",
+        ),
+        (
+            Who::Nobody,
+            &[
+                "reap",
+                "--comm",
+                "^cwreap-fixture$",
+                "--older-than",
+                "1ms",
+                "--dry-run",
+            ],
+            "CAP_SYS_PTRACE",
+        ),
+        (
+            Who::Nobody,
+            &[
+                "reap",
+                "--port",
+                &port,
+                "--older-than",
+                "1ms",
+                "--destroy",
+                "--dry-run",
+            ],
+            "CAP_NET_ADMIN",
+        ),
+        (
+            Who::PtraceOnly,
+            &["reap", "--port", &port, "--older-than", "1ms"],
+            "CAP_DAC_READ_SEARCH",
+        ),
+        (
+            Who::PtraceOnly,
+            &[
+                "reap",
+                "--comm",
+                "^cwreap-fixture$",
+                "--older-than",
+                "1ms",
+                "--dry-run",
+            ],
+            "CAP_DAC_READ_SEARCH",
+        ),
+        (
+            Who::PtraceOnly,
+            &[
+                "reap",
+                "--port",
+                &port,
+                "--older-than",
+                "1ms",
+                "--destroy",
+                "--dry-run",
+            ],
+            "CAP_NET_ADMIN",
+        ),
+    ];
+    for (who, args, cap) in cases {
+        let out = run_as(*who, &bin, args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{who:?} {args:?}: {err}");
+        assert!(
+            err.contains(cap),
+            "{who:?} {args:?} should name {cap}: {err}"
+        );
+        assert!(
+            err.contains("setcap"),
+            "{who:?} {args:?}: says how to grant it: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        if matches!(who, Who::PtraceOnly) && *cap != "CAP_NET_ADMIN" {
+            assert!(
+                !err.contains("missing CAP_SYS_PTRACE") && !err.contains("and CAP_SYS_PTRACE"),
+                "CAP_SYS_PTRACE is held, only CAP_DAC_READ_SEARCH is missing: {err}"
+            );
+        }
     }
+    // A host-wide scan stays exit 0, with its note.
+    let out = run_as(Who::Nobody, &bin, &["scan"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(ss_close_wait(fx.pid()).len(), 1, "nothing was touched");
     let _ = std::fs::remove_dir_all(&dir);
 }

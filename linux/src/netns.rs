@@ -15,6 +15,8 @@ use crate::procfs::ProcFs;
 #[derive(Default)]
 pub struct Namespaces {
     diags: BTreeMap<u64, Diag>,
+    /// A /proc/PID/ns/net path for each namespace entered, to enter it again.
+    paths: BTreeMap<u64, PathBuf>,
     /// Namespaces we could not enter or dump, with why.
     pub failures: Vec<(u64, String)>,
 }
@@ -36,6 +38,7 @@ impl Namespaces {
         diags.insert(d.netns(), d);
         Ok(Self {
             diags,
+            paths: BTreeMap::new(),
             failures: Vec::new(),
         })
     }
@@ -66,6 +69,7 @@ impl Namespaces {
             match Diag::in_netns(&path) {
                 Ok(d) => {
                     self.diags.insert(ino, d);
+                    self.paths.insert(ino, path);
                 }
                 Err(e) => {
                     let why = if e.raw_os_error() == Some(libc::EPERM) {
@@ -160,4 +164,65 @@ impl SocketKiller for Namespaces {
         })?;
         d.destroy(s).map_err(to_io)
     }
+}
+
+impl Namespaces {
+    /// Prove that SOCK_DESTROY works in namespace `netns` by destroying a loopback
+    /// connection of our own made there for the purpose. A made-up 4-tuple proves nothing:
+    /// the kernel looks the socket up before it checks CAP_NET_ADMIN, so it answers ENOENT
+    /// whatever the privileges. EPERM here means CAP_NET_ADMIN is missing; EOPNOTSUPP that
+    /// the kernel has no SOCK_DESTROY.
+    pub fn prove_destroy(&mut self, netns: u64) -> io::Result<()> {
+        let own = crate::netlink::netns_inode(std::path::Path::new("/proc/self/ns/net")).ok();
+        let path = self
+            .paths
+            .get(&netns)
+            .cloned()
+            .filter(|_| own != Some(netns));
+        let (client, _server, _listener) = match path {
+            Some(p) => in_netns(&p, loopback_pair)??,
+            None => loopback_pair()?,
+        };
+        let probe = DiagSocket {
+            netns,
+            local: client.local_addr()?,
+            remote: client.peer_addr()?,
+            inode: 0,
+            uid: 0,
+            cookie: crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&client))?,
+            state: 0,
+            recv_q: 0,
+            send_q: 0,
+            last_ack_recv_ms: None,
+        };
+        self.destroy(&probe)
+    }
+}
+
+type Pair = (
+    std::net::TcpStream,
+    std::net::TcpStream,
+    std::net::TcpListener,
+);
+
+/// A connected loopback pair in the current network namespace: (client, server, listener).
+fn loopback_pair() -> io::Result<Pair> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
+    Ok((client, server, listener))
+}
+
+/// Run `f` on a short-lived thread that joined the network namespace at `path`.
+fn in_netns<T: Send>(path: &std::path::Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let file = std::fs::File::open(path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                crate::sys::join_netns(std::os::fd::AsFd::as_fd(&file))?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+    })
 }

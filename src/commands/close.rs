@@ -150,8 +150,11 @@ pub fn reap_close(
         .iter()
         .filter(|(_, _, r)| r.permission_denied())
         .count();
-    if denied > 0 && denied == done.len() {
-        return Err(super::missing_ptrace("running close() inside the target").into());
+    if denied > 0 {
+        return Err(super::missing_ptrace(&format!(
+            "running close() inside the target for {denied} fd(s)"
+        ))
+        .into());
     }
     Ok(if counts.contains_key(&Outcome::Error) {
         Status::Failed

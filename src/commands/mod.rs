@@ -2,6 +2,7 @@
 //! report once; `check` validates a policy. This is the edge: errors carry context here,
 //! and usage errors become exit code 2.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 
 use anyhow::{Context, Result};
@@ -31,19 +32,50 @@ pub enum Status {
     Failed,
 }
 
-pub(crate) fn missing_ptrace(what: &str) -> UsageError {
+/// What reading another user's /proc/PID/fd needs: CAP_DAC_READ_SEARCH to open the
+/// directory (mode 0500), CAP_SYS_PTRACE to read its links and to pidfd_getfd.
+pub(crate) const FD_TABLE_CAPS: [Capability; 2] =
+    [Capability::SysPtrace, Capability::DacReadSearch];
+
+/// The capabilities of `needed` that this process does not hold.
+pub(crate) fn lacking(needed: &[Capability]) -> BTreeSet<Capability> {
+    needed.iter().copied().filter(|c| !c.held()).collect()
+}
+
+/// The exit-2 error for an action refused for lack of privilege: it names every capability
+/// in `missing` and the setcap line that grants them. With nothing missing, something else
+/// refused (Yama, an LSM, another user namespace), and it says that instead.
+pub(crate) fn privilege_error(what: &str, missing: &BTreeSet<Capability>) -> UsageError {
+    if missing.is_empty() {
+        return UsageError(format!(
+            "permission denied {what}, although cwreap holds the capabilities it needs: Yama \
+(ptrace_scope 3), an LSM (AppArmor, SELinux) or another user namespace refuses it"
+        ));
+    }
+    let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
+    let setcap: Vec<String> = missing
+        .iter()
+        .map(|c| c.name().to_ascii_lowercase())
+        .collect();
     UsageError(format!(
-        "permission denied {what}: reading another user's /proc/PID/fd and pidfd_getfd need \
-CAP_SYS_PTRACE. Run as root, or grant it: `sudo setcap cap_sys_ptrace,cap_dac_read_search+ep \
-$(command -v cwreap)`"
+        "permission denied {what}: missing {}. Run as root, or grant {}: `sudo setcap {}+ep \
+$(command -v cwreap)`",
+        names.join(" and "),
+        if names.len() > 1 { "them" } else { "it" },
+        setcap.join(",")
     ))
+}
+
+/// Reading a process's fd table was refused: the capabilities that would allow it.
+pub(crate) fn missing_ptrace(what: &str) -> UsageError {
+    privilege_error(what, &lacking(&FD_TABLE_CAPS))
 }
 
 /// Turn the selected pids that could not be read into a usage error.
 fn check_unreadable<H>(snap: &Snapshot<H>) -> Result<()> {
     if let Some((pid, e)) = snap.unreadable.first() {
         if snapshot::is_permission(e) {
-            return Err(missing_ptrace(&format!("for pid {pid}")).into());
+            return Err(missing_ptrace(&format!("reading the fds of pid {pid}")).into());
         }
         return Err(UsageError(format!("pid {pid}: no such process ({e})")).into());
     }
@@ -80,10 +112,13 @@ pub(crate) fn observe<O: Os>(
 }
 
 pub(crate) fn denied_note(denied: usize) -> Option<String> {
-    (denied > 0 && !Capability::SysPtrace.held()).then(|| {
+    let missing = lacking(&FD_TABLE_CAPS);
+    (denied > 0 && !missing.is_empty()).then(|| {
+        let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
         format!(
             "note: {denied} process(es) could not be inspected (permission denied); their \
-sockets show no owner. Run as root or with CAP_SYS_PTRACE to see them."
+sockets show no owner. Run as root or with {} to see them.",
+            names.join(" and ")
         )
     })
 }

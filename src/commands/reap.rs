@@ -2,14 +2,16 @@
 //! since attribution: shutdown (default), SOCK_DESTROY (`--destroy`), or close() inside
 //! the owner (`--close`, the manual last resort).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use anyhow::Result;
 
 use cwreap_linux::os::{Os, RealOs};
 
-use super::{Status, missing_ptrace, observe};
+use cwreap_linux::sys::Capability;
+
+use super::{FD_TABLE_CAPS, Status, lacking, observe, privilege_error};
 use crate::act::{self, ActResult, Expected, Outcome, Reason, Via};
 use crate::cli::ReapArgs;
 use crate::config::UsageError;
@@ -60,10 +62,25 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
     let (plan, unowned) = select::plan_reap(&rows, max, args.destroy);
     let action = if args.destroy { "destroy" } else { "shutdown" };
 
+    // A dry run proves the permission the real run needs. For SOCK_DESTROY a made-up socket
+    // proves nothing (the kernel looks it up before checking CAP_NET_ADMIN), so destroy a
+    // loopback connection of our own in each namespace involved.
+    let mut refused_netns: BTreeMap<u64, ActResult> = BTreeMap::new();
+    if args.destroy && args.dry_run {
+        let netns: BTreeSet<u64> = plan.iter().map(|r| r.socket.diag.netns).collect();
+        for ns in netns {
+            if let Err(e) = namespaces.prove_destroy(ns) {
+                refused_netns.insert(ns, act::destroy_error(&e));
+            }
+        }
+    }
+
     let mut done: Vec<(Row<'_, _>, ActResult)> = Vec::with_capacity(plan.len());
     let mut unsupported = false;
     for row in plan {
-        let res = if args.destroy {
+        let res = if let Some(refused) = refused_netns.get(&row.socket.diag.netns) {
+            refused.clone()
+        } else if args.destroy {
             if unsupported {
                 ActResult::with(Outcome::Error, Reason::DestroyUnsupported { error: None })
             } else {
@@ -119,20 +136,43 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
         writeln!(out, "{footer}")?;
     }
 
-    let denied = done.iter().filter(|(_, r)| r.permission_denied()).count();
-    if denied > 0 && denied == done.len() {
-        if args.destroy {
-            return Err(UsageError(format!("permission denied: {}", act::NET_ADMIN_HINT)).into());
+    // Any matching socket that could not be acted on for lack of privilege makes the reap
+    // fail with exit 2, naming every capability missing.
+    let mut missing: BTreeSet<Capability> = BTreeSet::new();
+    let mut refused = 0usize;
+    for (_, res) in &done {
+        if let Some(cap) = res.missing_capability() {
+            refused += 1;
+            missing.insert(cap);
         }
-        return Err(missing_ptrace("duplicating the sockets").into());
     }
-    if denied > 0 {
-        let hint = if args.destroy {
-            act::NET_ADMIN_HINT
+    // Processes in scope whose fd tables we could not read may hold matching sockets we
+    // never saw an owner for (or, with a process selector, never saw at all).
+    let unseen =
+        !snap.denied.is_empty() && !args.destroy && (unowned > 0 || filter.selects_processes());
+    if unseen {
+        missing.extend(lacking(&FD_TABLE_CAPS));
+    }
+    if refused > 0 || unseen {
+        let what = if unseen {
+            format!(
+                "reading the fds of {} process(es) in scope (matching sockets there cannot be reaped)",
+                snap.denied.len()
+            )
+        } else if args.destroy {
+            format!("destroying {refused} socket(s)")
         } else {
-            act::PTRACE_HINT
+            format!("duplicating {refused} socket(s)")
         };
-        writeln!(err, "hint: {hint}")?;
+        let missing = if args.destroy {
+            missing
+                .into_iter()
+                .filter(|c| *c == Capability::NetAdmin)
+                .collect()
+        } else {
+            missing
+        };
+        return Err(privilege_error(&what, &missing).into());
     }
     Ok(if counts.contains_key(&Outcome::Error) {
         Status::Failed
