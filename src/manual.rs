@@ -134,7 +134,37 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ("targets[].name", "Unique name; the metrics' target label."),
             (
                 "targets[].match",
-                "At least one of: pid, pid_file (read every cycle), comm, exe, cmdline (regexes), systemd_unit (e.g. nginx.service), cgroup (path prefix), uid, local_ports. All given criteria must hold.",
+                "Which processes (and sockets) the target is about: at least one criterion; all given must hold. Regexes are unanchored, like grep's.",
+            ),
+            ("targets[].match.pid", "A process id."),
+            (
+                "targets[].match.pid_file",
+                "Absolute path of a file holding a pid, read every cycle (a missing file matches nothing).",
+            ),
+            (
+                "targets[].match.comm",
+                "Regex on the process name (/proc/PID/comm).",
+            ),
+            (
+                "targets[].match.exe",
+                "Regex on the executable's path (/proc/PID/exe).",
+            ),
+            (
+                "targets[].match.cmdline",
+                "Regex on the command line, arguments joined by spaces.",
+            ),
+            (
+                "targets[].match.systemd_unit",
+                "A *.service or *.scope unit the process runs in (from /proc/PID/cgroup).",
+            ),
+            (
+                "targets[].match.cgroup",
+                "A cgroup v2 path prefix, compared component by component.",
+            ),
+            ("targets[].match.uid", "The process's effective user id."),
+            (
+                "targets[].match.local_ports",
+                "A socket criterion: only sockets whose local port is one of these.",
             ),
             (
                 "targets[].older_than",
@@ -146,7 +176,19 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "targets[].exclude",
-                "remote_cidrs, local_ports, remote_ports: sockets never acted on.",
+                "Sockets never acted on, whatever else matches.",
+            ),
+            (
+                "targets[].exclude.remote_cidrs",
+                "Peer addresses: CIDRs or bare IPs (IPv4 peers seen as ::ffff:a.b.c.d match IPv4 CIDRs too).",
+            ),
+            (
+                "targets[].exclude.local_ports",
+                "Local ports to leave alone.",
+            ),
+            (
+                "targets[].exclude.remote_ports",
+                "Peer ports to leave alone.",
             ),
             (
                 "targets[].action",
@@ -155,6 +197,10 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             (
                 "targets[].dry_run",
                 "Per-target override of the global dry_run.",
+            ),
+            (
+                "targets[].escalate",
+                "Opt-in, for apps that keep their fds after shutdown: raise_fd_limit_at, signal_at, signal. Neither touches a socket or an fd of the process; the daemon never closes fds inside a target (the old close_after is refused).",
             ),
             (
                 "targets[].escalate.raise_fd_limit_at",
@@ -239,6 +285,75 @@ mod tests {
             "metrics.listen",
         ] {
             assert!(yaml.contains(key), "cwreap.yaml.5 lacks {key}");
+        }
+    }
+
+    /// Every key the policy parser accepts, asked of the parser itself: an unknown key at
+    /// each level gets an error that lists the valid ones.
+    fn schema_keys() -> Vec<String> {
+        let levels: &[(&str, &str)] = &[
+            ("", "zzzzzzzz: 1\n"),
+            ("limits.", "limits: {zzzzzzzz: 1}\n"),
+            ("metrics.", "metrics: {zzzzzzzz: 1}\n"),
+            ("targets[].", "targets:\n  - {name: a, zzzzzzzz: 1}\n"),
+            (
+                "targets[].match.",
+                "targets:\n  - {name: a, match: {zzzzzzzz: 1}}\n",
+            ),
+            (
+                "targets[].exclude.",
+                "targets:\n  - {name: a, match: {comm: x}, older_than: 1m, exclude: {zzzzzzzz: 1}}\n",
+            ),
+            (
+                "targets[].escalate.",
+                "targets:\n  - {name: a, match: {comm: x}, older_than: 1m, escalate: {zzzzzzzz: 1}}\n",
+            ),
+        ];
+        let mut keys = Vec::new();
+        for (prefix, text) in levels {
+            let err = match crate::config::parse(text, "schema.yaml") {
+                Ok(_) => panic!("{text} parsed"),
+                Err(e) => e.to_string(),
+            };
+            let list = err
+                .split("valid keys: ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no key list in: {err}"));
+            for k in list.split(", ") {
+                keys.push(format!("{prefix}{}", k.trim()));
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn man_page_documents_every_policy_key() {
+        let documented: Vec<&str> = POLICY_KEYS
+            .iter()
+            .flat_map(|(_, keys)| keys.iter().map(|(k, _)| *k))
+            .collect();
+        let keys = schema_keys();
+        assert!(keys.len() > 30, "the schema was read: {keys:?}");
+        // Blocks are documented by their keys; the removed `close_after` by the text that
+        // says it is refused.
+        let page = cwreap_yaml_5();
+        for k in &keys {
+            if k == "targets[].escalate.close_after" {
+                assert!(page.contains("close_after"), "the refusal is documented");
+                continue;
+            }
+            let block_with_keys = keys.iter().any(|other| {
+                other.starts_with(&format!("{k}.")) || other.starts_with(&format!("{k}[]."))
+            });
+            assert!(
+                block_with_keys || documented.contains(&k.as_str()),
+                "cwreap.yaml(5) does not document `{k}`"
+            );
+            let shown = k.trim_end_matches('.');
+            assert!(
+                block_with_keys || page.contains(shown),
+                "cwreap.yaml(5) lacks {k}"
+            );
         }
     }
 
