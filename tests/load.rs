@@ -1,8 +1,10 @@
 //! The daemon under load: `cwreap run` in enforce mode against 20000 CLOSE_WAIT and 20000
 //! ESTABLISHED loopback connections spread over ten leaky server processes.
 //!
-//! Size: always the full 20000 + 20000, in CI too: the whole test takes about 20 s in a
-//! debug build on the 2-vCPU machines here (setup 3 s, the 20000 reaps 2 s, 100 cycles).
+//! Size: always the full 20000 + 20000, in CI too, with two CPU-burning processes running
+//! beside it the whole time: the machines here have 2 vCPUs, so the daemon gets a share of
+//! a busy machine, as in production. Counts and conditions decide; clocks only guard
+//! against a hang, as "no progress for a minute", never as a total time.
 //!
 //! Server ends are held by `cwreap-fixture server` processes (4000 connections each, one
 //! 127.77.0.x address each so no destination comes near the ephemeral port range). Client
@@ -177,13 +179,17 @@ impl Notify {
         self.cycles.load(Ordering::Relaxed)
     }
 
-    fn wait(&self, n: usize, timeout: Duration, log: impl Fn() -> String) {
-        let deadline = Instant::now() + timeout;
+    /// Until `n` cycles were seen. Fails only if no cycle at all comes for `STALL`.
+    fn wait(&self, n: usize, log: impl Fn() -> String) {
+        let mut last = (self.cycles(), Instant::now());
         while self.cycles() < n {
+            let now = self.cycles();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
             assert!(
-                Instant::now() < deadline,
-                "only {} of {n} cycles in {timeout:?}; log tail:\n{}",
-                self.cycles(),
+                last.1.elapsed() < STALL,
+                "no cycle for {STALL:?}, stuck at {now} of {n}; log:\n{}",
                 log()
             );
             std::thread::sleep(Duration::from_millis(5));
@@ -194,6 +200,78 @@ impl Notify {
 impl Drop for Notify {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How long without any progress counts as a hang.
+const STALL: Duration = Duration::from_secs(90);
+
+/// The daemon's log, folded for a failure message: every distinct event once with its
+/// count, warnings and errors first, then the last lines as they came.
+#[derive(Default)]
+struct Folded {
+    counts: BTreeMap<(bool, String), usize>,
+    last: std::collections::VecDeque<String>,
+}
+
+impl Folded {
+    fn push(&mut self, line: &str) {
+        let v: Option<serde_json::Value> = serde_json::from_str(line).ok();
+        let level = v.as_ref().and_then(|v| v["level"].as_str()).unwrap_or("?");
+        let message = v
+            .as_ref()
+            .and_then(|v| v["message"].as_str())
+            .unwrap_or(line)
+            .to_owned();
+        let serious = matches!(level, "WARN" | "ERROR");
+        *self
+            .counts
+            .entry((!serious, format!("{level} {message}")))
+            .or_default() += 1;
+        self.last.push_back(line.to_owned());
+        if self.last.len() > 10 {
+            self.last.pop_front();
+        }
+    }
+
+    fn render(&self, max: usize) -> String {
+        let mut out: Vec<String> = self
+            .counts
+            .iter()
+            .map(|((_, m), n)| format!("{n:>6} × {m}"))
+            .collect();
+        out.truncate(max.saturating_sub(self.last.len() + 1));
+        out.push("last lines:".to_owned());
+        out.extend(self.last.iter().cloned());
+        out.join("\n")
+    }
+}
+
+/// CPU-burning processes (`sh` busy loops), killed on drop.
+struct Burners(Vec<Child>);
+
+impl Burners {
+    fn start(n: usize) -> Burners {
+        Burners(
+            (0..n)
+                .map(|_| {
+                    Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .stdin(Stdio::null())
+                        .spawn()
+                        .expect("start a CPU burner")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Burners {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -258,6 +336,8 @@ fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
         return;
     }
     let started = Instant::now();
+    // A busy 2-core machine: two processes burning CPU beside the whole run.
+    let _burners = Burners::start(2);
     raise_nofile();
     let (cw, est) = (CLOSE_WAIT, ESTABLISHED);
     let servers = (cw + est).div_ceil(PER_SERVER);
@@ -279,7 +359,7 @@ fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
         fixtures.push(fx);
     }
     let pids: Vec<i32> = fixtures.iter().map(Fixture::pid).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + STALL;
     // Settled: every server end in CLOSE_WAIT or ESTABLISHED, every half-closed client end
     // acknowledged (FIN-WAIT-2, not FIN-WAIT-1 any more).
     let settled: BTreeMap<&str, usize> = [
@@ -327,11 +407,11 @@ fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
             .expect("start cwreap run"),
     );
     let dpid = daemon.0.id() as i32;
-    // Keep the log drained (one line per action), and its last lines for failures.
-    let tail = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Keep the log drained (one line per action), folded for failures: at most 50 lines.
+    let folded = Arc::new(Mutex::new(Folded::default()));
     let actions = Arc::new(AtomicUsize::new(0));
     {
-        let (tail, actions) = (tail.clone(), actions.clone());
+        let (folded, actions) = (folded.clone(), actions.clone());
         let stderr = daemon.0.stderr.take().expect("stderr");
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -341,21 +421,14 @@ fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
                 {
                     actions.fetch_add(1, Ordering::Relaxed);
                 }
-                let mut t = tail.lock().expect("tail lock");
-                // Keep warnings and errors, and the last lines of everything else.
-                if !line.contains("\"INFO\"") || t.len() < 40 {
-                    t.push(line);
-                } else if let Some(i) = t.iter().position(|l| l.contains("\"INFO\"")) {
-                    t.remove(i);
-                    t.push(line);
-                }
+                folded.lock().expect("log lock").push(&line);
             }
         });
     }
-    let log = || tail.lock().expect("tail lock").join("\n");
+    let log = || folded.lock().expect("log lock").render(50);
 
     // Tracking everything, acting on nothing.
-    notify.wait(3, Duration::from_secs(60), log);
+    notify.wait(3, log);
     let text = scrape(metrics);
     assert_eq!(
         sum(&text, "cwreap_close_wait_sockets", "target=\"srv"),
@@ -369,16 +442,19 @@ fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
     rustix::process::kill_process(Pid::from_raw(dpid).expect("pid"), Signal::HUP).expect("HUP");
     let reload_at = notify.cycles();
     let reload_time = started.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut progress = (-1.0, Instant::now());
     let reaped = loop {
         let text = scrape(metrics);
         let n = sum(&text, "cwreap_reaped_total", "outcome=\"reaped\"");
         if n >= cw as f64 {
             break text;
         }
+        if n != progress.0 {
+            progress = (n, Instant::now());
+        }
         assert!(
-            Instant::now() < deadline,
-            "only {n} of {cw} reaped; metrics:\n{text}\nlog tail:\n{}",
+            progress.1.elapsed() < STALL,
+            "no reap for {STALL:?}, stuck at {n} of {cw}; log:\n{}",
             log()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -388,14 +464,14 @@ fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
     assert_eq!(
         sum(&reaped, "cwreap_reaped_total", ""),
         cw as f64,
-        "every action a reap, none gone/changed/error:\n{reaped}\nlog tail:\n{}",
+        "every action a reap, none gone/changed/error:\n{reaped}\nlog:\n{}",
         log()
     );
     // Memory across cycles 10..100: the reaps, their release watch (one interval, at
     // least 1 s, so until about cycle 30) and 70 quiet cycles tracking 2 × N socket fds.
-    notify.wait(10, Duration::from_secs(60), log);
+    notify.wait(10, log);
     let rss10 = rss_kib(dpid);
-    notify.wait(100, Duration::from_secs(120), log);
+    notify.wait(100, log);
     let rss100 = rss_kib(dpid);
     let text = scrape(metrics);
     assert!(
