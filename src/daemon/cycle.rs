@@ -13,8 +13,6 @@ use std::time::Instant;
 use serde_json::json;
 use tracing::{error, info, warn};
 
-use cwreap_linux::netns::Namespaces;
-
 use super::audit::unix_ts;
 use super::release::PendingRelease;
 use super::{Daemon, Point};
@@ -109,9 +107,9 @@ impl Daemon {
         let found = match self.namespaces.dump() {
             Ok(f) => f,
             Err(e) => {
+                // The failed sockets were already replaced by fresh ones (netns.rs).
                 error!(error = %e, "sock_diag dump failed; retrying next cycle");
                 report.error("netlink");
-                self.namespaces = Namespaces::default();
                 report.duration = started.elapsed();
                 return report;
             }
