@@ -185,6 +185,7 @@ mod tests {
             open_fds: 10,
             nofile_soft: Some(1024),
             handle: None,
+            thread: None,
         }
     }
 

@@ -2,8 +2,13 @@
 //!
 //! Walks /proc/<pid>/fd only of candidate processes: the selected ones, or those whose uid
 //! owns a CLOSE_WAIT socket. When asked to (reap, daemon), a pidfd is opened *before* the
-//! fd table is read and the process is confirmed alive after, so the fd numbers recorded
-//! belong to the process the pidfd pins. Unreadable or vanished processes are counted.
+//! name and the fd table are read and the process is confirmed alive after, so the fd
+//! numbers recorded belong to the process the pidfd pins. Unreadable or vanished processes
+//! are counted.
+//!
+//! A process whose thread-group leader has exited shows an empty /proc/PID/fd; its fds are
+//! read through a live thread instead ([`read_fds`]), and that thread is pinned too, since
+//! duplication must go through it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -13,7 +18,7 @@ use regex::Regex;
 use cwreap_linux::netlink::DiagSocket;
 use cwreap_linux::netns::Found;
 use cwreap_linux::os::Os;
-use cwreap_linux::procfs::ProcFs;
+use cwreap_linux::procfs::{FdTable, ProcFs};
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
 #[derive(Debug)]
@@ -26,6 +31,9 @@ pub struct Process<H> {
     pub nofile_soft: Option<u64>,
     /// A pidfd held since attribution (reap and daemon only).
     pub handle: Option<H>,
+    /// The thread whose /proc/PID/task/TID/fd was read, when the leader's could not show
+    /// the fds (it has exited); duplication goes through that thread's pidfd.
+    pub thread: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -250,6 +258,18 @@ impl<'a, O: Os> Attributor<'a, O> {
         snap: &mut Snapshot<O::Process>,
         selected: bool,
     ) -> io::Result<usize> {
+        // Pinned first: the name and the fd numbers read next are then known to be those
+        // of the process the pidfd holds (checked alive once they are read).
+        let mut handle = match self.os {
+            Some(os) => match os.open_process(pid) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    count_failure(&mut snap.stats, &e);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         // The name is needed up front only to filter by it; otherwise it is read once the
         // process turns out to matter (a few syscalls saved per uninteresting process).
         let mut comm = None;
@@ -266,31 +286,13 @@ impl<'a, O: Os> Attributor<'a, O> {
             }
             comm = Some(c);
         }
-        let handle = match self.os {
-            Some(os) => match os.open_process(pid) {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    count_failure(&mut snap.stats, &e);
-                    return Err(e);
-                }
-            },
-            None => None,
-        };
-        let table = match self.proc.fd_table(pid) {
+        let (table, thread) = match read_fds(self.proc, self.os, handle.as_mut(), pid) {
             Ok(t) => t,
             Err(e) => {
                 count_failure(&mut snap.stats, &e);
                 return Err(e);
             }
         };
-        // The fd numbers must belong to the process the pidfd pins: if it died during the
-        // walk, the pid may already name another process.
-        if let (Some(os), Some(h)) = (self.os, handle.as_ref())
-            && !os.alive(h)
-        {
-            snap.stats.vanished += 1;
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
-        }
         snap.stats.inspected += 1;
         let mut holds = 0usize;
         for &(fd, inode) in &table.sockets {
@@ -324,10 +326,46 @@ impl<'a, O: Os> Attributor<'a, O> {
                 open_fds: table.open,
                 nofile_soft,
                 handle,
+                thread,
             },
         );
         Ok(holds)
     }
+}
+
+/// Read the fd table of `pid`, pinned by `handle` when there is one: through the process,
+/// or, when that shows no fds and the leader has exited (or other threads remain), through
+/// a live thread, pinned first with [`Os::pin_thread`] and confirmed a thread of `pid`
+/// after. Finally the process must still be alive: the fd numbers are then its own.
+/// Returns the table and the thread it was read through.
+pub fn read_fds<O: Os>(
+    proc: &ProcFs,
+    os: Option<&O>,
+    mut handle: Option<&mut O::Process>,
+    pid: i32,
+) -> io::Result<(FdTable, Option<i32>)> {
+    let mut table = proc.fd_table(pid)?;
+    let mut thread = None;
+    if table.open == 0
+        && let Some(tid) = proc.fd_thread(pid).or_else(|| proc.live_thread(pid))
+    {
+        if let (Some(os), Some(h)) = (os, handle.as_deref_mut()) {
+            os.pin_thread(h, tid)?;
+            // Pinned before it is checked: a tid reused by another process after this
+            // check cannot be the one pinned.
+            if !proc.task_exists(pid, tid) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+        }
+        table = proc.task_fd_table(pid, tid)?;
+        thread = Some(tid);
+    }
+    if let (Some(os), Some(h)) = (os, handle.as_deref())
+        && !os.alive(h)
+    {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok((table, thread))
 }
 
 /// Whether some socket that has a file (or waits on a listener) has no owner yet.

@@ -59,7 +59,7 @@ impl Namespaces {
         }
         let mut wanted: BTreeMap<u64, PathBuf> = BTreeMap::new();
         for &pid in pids {
-            let path = proc.root().join(pid.to_string()).join("ns/net");
+            let path = proc.netns_path(pid);
             if let Ok(meta) = std::fs::metadata(&path) {
                 wanted.entry(meta.ino()).or_insert(path);
             }

@@ -4,12 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use anyhow::Result;
 
 use cwreap_linux::inject::{Victim, close_in_target};
-use cwreap_linux::os::{Os, RealOs};
+use cwreap_linux::os::{Os, Pinned, RealOs};
 use cwreap_linux::procfs::ProcFs;
 use cwreap_linux::tcp;
 
@@ -177,8 +177,8 @@ pub fn reap_row<O: Os>(
 
 /// Run the injected close() for the planned rows, one stop per owner. Results by (pid, fd).
 fn close_batches(
-    snap: &Snapshot<OwnedFd>,
-    plan: &[&Row<'_, OwnedFd>],
+    snap: &Snapshot<Pinned>,
+    plan: &[&Row<'_, Pinned>],
     err: &mut impl Write,
 ) -> Result<HashMap<(i32, i32), ActResult>> {
     let mut by_pid: BTreeMap<i32, Vec<Victim>> = BTreeMap::new();
@@ -227,7 +227,7 @@ fn close_batches(
 /// through the pidfd. Closed inside the target like the rest. Returns whether any failed.
 fn close_held_after_shutdown(
     os: &RealOs,
-    snap: &Snapshot<OwnedFd>,
+    snap: &Snapshot<Pinned>,
     pids: &[i32],
     dry_run: bool,
     json: bool,

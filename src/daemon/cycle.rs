@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::os::fd::OwnedFd;
+use cwreap_linux::os::Pinned;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -92,12 +92,7 @@ impl Daemon {
         self.namespaces.cover(&self.proc, &pids, false);
         let live: HashSet<u64> = pids
             .iter()
-            .filter_map(|p| {
-                cwreap_linux::netlink::netns_inode(
-                    &self.proc.root().join(p.to_string()).join("ns/net"),
-                )
-                .ok()
-            })
+            .filter_map(|p| cwreap_linux::netlink::netns_inode(&self.proc.netns_path(*p)).ok())
             .collect();
         self.namespaces.retain(|ino| live.contains(&ino));
         for (ino, why) in std::mem::take(&mut self.namespaces.failures) {
@@ -133,7 +128,7 @@ impl Daemon {
         // cache could not tell). Read the tables again once. Sockets of other processes are
         // remembered as unowned, so they cost this only when they first appear; a target
         // that changed uid since creating the socket waits for the next full refresh.
-        let unowned = |index: &FdIndex<OwnedFd>| -> HashSet<u64> {
+        let unowned = |index: &FdIndex<Pinned>| -> HashSet<u64> {
             found
                 .close_wait
                 .iter()
@@ -259,7 +254,7 @@ impl Daemon {
         report
     }
 
-    fn act(&mut self, snap: &Snapshot<OwnedFd>, d: &Decision) -> ActResult {
+    fn act(&mut self, snap: &Snapshot<Pinned>, d: &Decision) -> ActResult {
         let c = &d.candidate;
         match d.action {
             Action::Log => ActResult::ok(Outcome::Logged),
@@ -310,7 +305,7 @@ impl Daemon {
         d: &Decision,
         res: &ActResult,
         now: Instant,
-        snap: &Snapshot<OwnedFd>,
+        snap: &Snapshot<Pinned>,
         report: &mut CycleReport,
     ) {
         let c = &d.candidate;
@@ -375,7 +370,7 @@ impl Daemon {
                         .processes
                         .get(&c.pid)
                         .and_then(|p| p.handle.as_ref())
-                        .and_then(|h| h.try_clone().ok())
+                        .and_then(|h| h.pidfd.try_clone().ok())
                         .map(Arc::new);
                     if let Some(fd) = &fd {
                         self.release_pidfds.insert(c.pid, fd.clone());
@@ -398,7 +393,7 @@ impl Daemon {
 
     fn gauges(
         &mut self,
-        snap: &Snapshot<OwnedFd>,
+        snap: &Snapshot<Pinned>,
         targets: &BTreeMap<i32, usize>,
         candidates: &[Candidate],
         report: &mut CycleReport,

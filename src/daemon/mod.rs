@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use tracing::warn;
 
 use cwreap_linux::netns::Namespaces;
-use cwreap_linux::os::RealOs;
+use cwreap_linux::os::{Pinned, RealOs};
 use cwreap_linux::procfs::ProcFs;
 
 use crate::config::Config;
@@ -57,7 +57,7 @@ pub struct Daemon {
     held: Vec<PendingRelease>,
     audit: Option<File>,
     /// Every socket fd of the target processes, kept between cycles (with their pidfds).
-    index: FdIndex<OwnedFd>,
+    index: FdIndex<Pinned>,
     self_pid: i32,
     /// This cycle's pidfd copies for the release watch, one per process.
     release_pidfds: HashMap<i32, Arc<OwnedFd>>,
