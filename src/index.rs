@@ -123,9 +123,7 @@ impl<H> FdIndex<H> {
                     // walk (it can differ from the number of entries read by one or two),
                     // as long as it was taken where the table was read.
                     let via = process.thread;
-                    let fd_count = count
-                        .filter(|_| via == thread)
-                        .unwrap_or(process.open_fds);
+                    let fd_count = count.filter(|_| via == thread).unwrap_or(process.open_fds);
                     self.entries.insert(
                         pid,
                         Entry {

@@ -11,10 +11,10 @@
 
 mod support;
 
+use cwreap_linux::os::Pinned;
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use cwreap_linux::os::Pinned;
 use std::sync::Barrier;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};

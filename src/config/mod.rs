@@ -29,6 +29,8 @@ mod validate;
 pub use file::{UsageError, check_file_permissions, load_config};
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// The shortest `interval` accepted.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_MAX_REAPS_PER_CYCLE: u32 = 100;
 pub const DEFAULT_MAX_REAPS_PER_MINUTE: u32 = 600;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9814";
@@ -36,7 +38,7 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9814";
 /// A validated policy.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Time between two cycles (> 0).
+    /// Time between two cycles (at least [`MIN_INTERVAL`]).
     pub interval: Duration,
     /// Global dry-run; a target may override it (see [`Target::effective_dry_run`]).
     pub dry_run: bool,

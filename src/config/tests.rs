@@ -134,6 +134,53 @@ fn metrics_off() {
 }
 
 #[test]
+fn metrics_off_as_a_word_as_the_readme_writes_it() {
+    for text in [
+        "metrics: off",
+        "metrics: \"off\"",
+        "metrics: {listen: off}",
+        "metrics:\n  listen: \"off\"",
+    ] {
+        let c = ok(&format!("{text}\n{MIN}"));
+        assert_eq!(c.metrics.listen, None, "{text}");
+    }
+    // An empty block keeps the default listener.
+    let c = ok(&format!("metrics:\n{MIN}"));
+    assert_eq!(c.metrics.listen, DEFAULT_METRICS_LISTEN.parse().ok());
+    let e = err(&format!("metrics: on\n{MIN}"));
+    assert_eq!(
+        e,
+        "t.yaml:1:10: `metrics`: `on` is neither `off` nor a mapping such as `{listen: 127.0.0.1:9814}`"
+    );
+    let e = err(&format!("metrics: 9814\n{MIN}"));
+    assert!(
+        e.starts_with("t.yaml:1:10: `metrics`: `9814` is neither"),
+        "{e}"
+    );
+    // Inside the block, errors still point at the key and suggest the right one.
+    let e = err(&format!("metrics: {{listne: off}}\n{MIN}"));
+    assert!(e.contains("in `metrics`; did you mean `listen`?"), "{e}");
+    // The described policy says `off` in a form that reads back the same.
+    let described = ok(&format!("metrics: off\n{MIN}")).describe();
+    assert_eq!(ok(&described).metrics.listen, None);
+}
+
+#[test]
+fn interval_has_a_floor() {
+    let e = err(&format!("interval: 99ms\n{MIN}"));
+    assert_eq!(
+        e,
+        "t.yaml:1:11: `interval`: `99ms` is below the floor of 100ms; a shorter interval would keep a core busy"
+    );
+    let e = err(&format!("interval: 1ns\n{MIN}"));
+    assert!(e.contains("below the floor of 100ms"), "{e}");
+    assert_eq!(
+        ok(&format!("interval: 100ms\n{MIN}")).interval,
+        MIN_INTERVAL
+    );
+}
+
+#[test]
 fn global_values_are_checked() {
     let e = err(&format!("interval: 0s\n{MIN}"));
     assert_eq!(e, "t.yaml:1:11: `interval`: `0s` must be greater than zero");

@@ -3,9 +3,9 @@
 //! them, decide (pure, [`crate::policy::decide`]), act through the pidfds held since
 //! attribution, and report each action (log event, audit line, counters, release watch).
 
+use cwreap_linux::os::Pinned;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use cwreap_linux::os::Pinned;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;

@@ -185,7 +185,9 @@ fn build_c() -> Built {
     let r = compile(
         "gcc leaky.c",
         Command::new(gcc)
-            .args(["-std=c11", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror", "-o"])
+            .args([
+                "-std=c11", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror", "-o",
+            ])
             .arg(&out)
             .arg(Path::new(SOURCES).join("leaky.c")),
     );
