@@ -56,8 +56,12 @@ impl Config {
             None => l.push("  listen: \"off\"".to_owned()),
         }
         l.push("targets:".to_owned());
-        for t in &self.targets {
+        let shadowed = self.shadowed();
+        for (i, t) in self.targets.iter().enumerate() {
             l.push(format!("  - name: {}", quote(&t.name)));
+            if let Some(s) = shadowed.iter().find(|s| s.target == i) {
+                l.push(format!("    # WARNING: {}", self.shadow_message(*s)));
+            }
             l.push("    match:".to_owned());
             let m = &t.matcher;
             if let Some(pid) = m.pid {

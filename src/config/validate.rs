@@ -401,6 +401,7 @@ impl Target {
 
         Ok(Target {
             name,
+            at: position(at),
             matcher,
             older_than,
             min_close_wait,

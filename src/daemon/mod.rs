@@ -84,8 +84,17 @@ pub use self::Point as Stage;
 #[cfg(feature = "testing")]
 type StageHook = Box<dyn FnMut(Point) + Send>;
 
+/// Say which targets can never act (an earlier one selects all their sockets).
+fn warn_shadowed(cfg: &Config) {
+    for s in cfg.shadowed() {
+        let target = cfg.targets.get(s.target).map_or("", |t| t.name.as_str());
+        warn!(target, "{}", cfg.shadow_message(s));
+    }
+}
+
 impl Daemon {
     pub fn new(cfg: Config, force_dry_run: bool) -> Result<Self> {
+        warn_shadowed(&cfg);
         let audit = match &cfg.audit_log {
             Some(p) => {
                 Some(audit::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
@@ -156,6 +165,7 @@ impl Daemon {
         if cfg.log_format != self.cfg.log_format {
             warn!("log_format changes take effect at the next restart");
         }
+        warn_shadowed(&cfg);
         self.cfg = cfg;
         // Sockets only reported under the old policy (dry run, `log`) are judged again by
         // the new one: switching a dry run to enforcing must reap what the dry run showed.
