@@ -558,6 +558,17 @@ impl LoggedDaemon {
         self.child.id() as i32
     }
 
+    /// Replace the policy (`{dir}` as in [`LoggedDaemon::start`]) and SIGHUP the daemon.
+    pub fn reload(&self, yaml: &str) {
+        std::fs::write(
+            self.dir.join("cwreap.yaml"),
+            yaml.replace("{dir}", &self.dir.to_string_lossy()),
+        )
+        .expect("rewrite policy");
+        let pid = rustix::process::Pid::from_raw(self.pid()).expect("daemon pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
+    }
+
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("log lock").clone()
     }
