@@ -30,6 +30,23 @@ pub(super) fn port_list(ports: &[u16]) -> String {
 }
 
 impl Config {
+    /// The names of the first `shown` targets, comma-separated, and how many more there
+    /// are: a start-up log line stays one short line with a thousand targets.
+    pub fn target_names(&self, shown: usize) -> String {
+        let names: Vec<&str> = self
+            .targets
+            .iter()
+            .take(shown)
+            .map(|t| t.name.as_str())
+            .collect();
+        let more = self.targets.len().saturating_sub(shown);
+        if more == 0 {
+            names.join(",")
+        } else {
+            format!("{} and {more} more", names.join(","))
+        }
+    }
+
     /// The effective policy for `cwreap check`: every default made explicit, one block per
     /// target. The text is itself a valid policy with the same meaning.
     pub fn describe(&self) -> String {

@@ -906,3 +906,21 @@ fn no_shadow_warning_without_proof() {
     ]);
     assert_eq!(shadows(&c), []);
 }
+
+#[test]
+fn target_names_are_summarised() {
+    let c = targets(&[("a", "comm: x", ""), ("b", "comm: y", "")]);
+    assert_eq!(c.target_names(5), "a,b");
+    assert_eq!(c.target_names(1), "a and 1 more");
+    let many: Vec<(String, String)> = (0..1000)
+        .map(|i| (format!("t{i}"), format!("pid: {}", i + 1)))
+        .collect();
+    let list: Vec<(&str, &str, &str)> = many
+        .iter()
+        .map(|(n, m)| (n.as_str(), m.as_str(), ""))
+        .collect();
+    assert_eq!(
+        targets(&list).target_names(5),
+        "t0,t1,t2,t3,t4 and 995 more"
+    );
+}
