@@ -25,16 +25,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
-};
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
-use netlink_packet_sock_diag::inet::{
-    ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla,
-};
-use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
+use netlink_packet_core::{NLM_F_DUMP_INTR, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
+use netlink_packet_sock_diag::inet::{InetResponse, StateFlags, nlas::Nla};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
+
+mod request;
+use request::{exact_request, request};
 
 /// A dump arrives in datagrams of up to ~32 KiB; a smaller buffer truncates silently.
 const RECV_BUF: usize = 64 * 1024;
@@ -231,77 +229,6 @@ pub fn parse_reply(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpErro
         offset = next;
     }
     Ok(chunk)
-}
-
-fn request(family: u8, states: StateFlags, seq: u32) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
-    let socket_id = if family == AF_INET {
-        SocketId::new_v4()
-    } else {
-        SocketId::new_v6()
-    };
-    let mut packet = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::INFO,
-            states,
-            socket_id,
-        })
-        .into(),
-    );
-    packet.finalize();
-    let mut buf = vec![0u8; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    buf
-}
-
-/// A request naming one socket exactly (4-tuple and cookie): SOCK_DESTROY when `destroy`,
-/// else a SOCK_DIAG_BY_FAMILY lookup of that one socket.
-fn exact_request(s: &DiagSocket, seq: u32, destroy: bool) -> Vec<u8> {
-    let family = if s.local.is_ipv4() { AF_INET } else { AF_INET6 };
-    let lo = (s.cookie & 0xffff_ffff) as u32;
-    let hi = (s.cookie >> 32) as u32;
-    let mut cookie = [0u8; 8];
-    cookie[..4].copy_from_slice(&lo.to_ne_bytes());
-    cookie[4..].copy_from_slice(&hi.to_ne_bytes());
-    let req = InetRequest {
-        family,
-        protocol: IPPROTO_TCP,
-        extensions: ExtensionFlags::INFO,
-        states: StateFlags::all(),
-        socket_id: SocketId {
-            source_port: s.local.port(),
-            destination_port: s.remote.port(),
-            source_address: s.local.ip(),
-            destination_address: s.remote.ip(),
-            interface_id: 0,
-            cookie,
-        },
-    };
-    let mut header = NetlinkHeader::default();
-    header.sequence_number = seq;
-    if destroy {
-        header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        let mut packet = NetlinkMessage::new(
-            header,
-            NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(req))),
-        );
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        buf
-    } else {
-        header.flags = NLM_F_REQUEST;
-        let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(req).into());
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        buf
-    }
 }
 
 /// Where requests go and answers come from.
