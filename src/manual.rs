@@ -93,7 +93,10 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
     (
         "GLOBAL KEYS",
         &[
-            ("interval", "Time between cycles, e.g. 30s. Default 30s."),
+            (
+                "interval",
+                "Time between cycles, e.g. 30s; at least 100ms. Default 30s.",
+            ),
             (
                 "dry_run",
                 "true: report what would be done, touch nothing. Default true.",
@@ -113,7 +116,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "metrics.listen",
-                "ip:port of the read-only Prometheus endpoint, or off. Default 127.0.0.1:9814.",
+                "ip:port of the read-only Prometheus endpoint, or off (also `metrics: off`). Default 127.0.0.1:9814.",
             ),
         ],
     ),
@@ -123,7 +126,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ("targets[].name", "Unique name; the metrics' target label."),
             (
                 "targets[].match",
-                "At least one of: pid, pid_file (read every cycle), comm, exe, cmdline (regexes), systemd_unit (e.g. nginx.service), cgroup (path prefix), uid, local_ports. All given criteria must hold.",
+                "At least one of: pid, pid_file (read every cycle), comm, exe, cmdline (regexes), systemd_unit (e.g. nginx.service), cgroup (path prefix), uid, local_ports. All given criteria must hold. A socket belongs to the first target whose criteria, local_ports and exclude included, accept it.",
             ),
             (
                 "targets[].older_than",
@@ -131,7 +134,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "targets[].min_close_wait",
-                "Act only while the process holds at least this many CLOSE_WAIT sockets. Default 1.",
+                "Act only while the process holds at least this many CLOSE_WAIT sockets that this target selects. Default 1.",
             ),
             (
                 "targets[].exclude",
