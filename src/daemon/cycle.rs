@@ -105,9 +105,12 @@ impl Daemon {
         let found = match self.namespaces.dump() {
             Ok(f) => f,
             Err(e) => {
-                // The failed sockets were already replaced by fresh ones (netns.rs).
+                // The failed sockets were already replaced by fresh ones (netns.rs); their
+                // failures are this error, and must not keep the next cycle from covering
+                // those namespaces again.
                 error!(error = %e, "sock_diag dump failed; retrying next cycle");
                 report.error("netlink");
+                self.namespaces.failures.clear();
                 report.duration = started.elapsed();
                 return report;
             }
