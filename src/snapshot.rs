@@ -394,3 +394,89 @@ fn count_failure(stats: &mut WalkStats, e: &io::Error) {
 pub fn is_permission(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cwreap_linux::os::Identity;
+    use std::cell::RefCell;
+    use std::fs;
+    use std::path::Path;
+
+    /// Records which threads were pinned; every process is alive.
+    #[derive(Default)]
+    struct PinRecorder {
+        pinned: RefCell<Vec<(i32, i32)>>,
+    }
+
+    impl Os for PinRecorder {
+        type Process = i32;
+        type Dup = ();
+        fn open_process(&self, pid: i32) -> io::Result<i32> {
+            Ok(pid)
+        }
+        fn pin_thread(&self, process: &mut i32, tid: i32) -> io::Result<()> {
+            self.pinned.borrow_mut().push((*process, tid));
+            Ok(())
+        }
+        fn alive(&self, _: &i32) -> bool {
+            true
+        }
+        fn duplicate(&self, _: &i32, _: i32) -> io::Result<()> {
+            Ok(())
+        }
+        fn identify(&self, _: &()) -> io::Result<Identity> {
+            Err(io::Error::from_raw_os_error(libc::ENOTSOCK))
+        }
+        fn shutdown(&self, _: &()) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn task(root: &Path, pid: i32, tid: i32, state: char, sockets: &[(i32, u64)]) {
+        let dir = root.join(format!("{pid}/task/{tid}"));
+        fs::create_dir_all(dir.join("fd")).expect("mkdir");
+        fs::write(dir.join("stat"), format!("{tid} (srv) {state} 1 2 3\n")).expect("stat");
+        for (fd, inode) in sockets {
+            std::os::unix::fs::symlink(format!("socket:[{inode}]"), dir.join(format!("fd/{fd}")))
+                .expect("symlink");
+        }
+    }
+
+    #[test]
+    fn a_process_whose_leader_exited_is_read_and_pinned_through_a_live_thread() {
+        let root = std::env::temp_dir().join(format!("cwreap-snapshot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        // pid 42: the leader is a zombie with an empty fd table; thread 43 is a zombie too,
+        // thread 44 lives and shows the process's fds.
+        fs::create_dir_all(root.join("42/fd")).expect("mkdir");
+        task(&root, 42, 42, 'Z', &[]);
+        task(&root, 42, 43, 'Z', &[]);
+        task(&root, 42, 44, 'S', &[(5, 777), (7, 778)]);
+        // pid 50: an ordinary process; its own table is read and nothing extra is pinned.
+        fs::create_dir_all(root.join("50/fd")).expect("mkdir");
+        std::os::unix::fs::symlink("socket:[900]", root.join("50/fd/3")).expect("symlink");
+        task(&root, 50, 50, 'S', &[]);
+        let proc = ProcFs::new(&root);
+        let os = PinRecorder::default();
+
+        let mut h = os.open_process(42).expect("open");
+        let (table, thread) = read_fds(&proc, Some(&os), Some(&mut h), 42).expect("read");
+        assert_eq!(table.sockets, [(5, 777), (7, 778)]);
+        assert_eq!(thread, Some(44));
+        assert_eq!(
+            *os.pinned.borrow(),
+            [(42, 44)],
+            "pinned before its table was read"
+        );
+        // Without an Os (scan), the same table, nothing pinned.
+        let (table, thread) = read_fds::<PinRecorder>(&proc, None, None, 42).expect("read");
+        assert_eq!((table.sockets.len(), thread), (2, Some(44)));
+
+        let mut h = os.open_process(50).expect("open");
+        let (table, thread) = read_fds(&proc, Some(&os), Some(&mut h), 50).expect("read");
+        assert_eq!((table.sockets, thread), (vec![(3, 900)], None));
+        assert_eq!(os.pinned.borrow().len(), 1);
+        let _ = fs::remove_dir_all(&root);
+    }
+}

@@ -480,6 +480,46 @@ Max open files            1024                 20000                files     \n
     }
 
     #[test]
+    fn a_dead_leader_is_read_through_a_live_thread() {
+        let dir = std::env::temp_dir().join(format!("cwreap-procfs-dead-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let stat = |tid: i32, state: char| format!("{tid} (srv) {state} 1 2 3\n");
+        // The leader: a zombie, its fd table empty, its cmdline empty, no exe.
+        fs::create_dir_all(dir.join("42/fd")).expect("mkdir");
+        fs::create_dir_all(dir.join("42/task/42")).expect("mkdir");
+        fs::write(dir.join("42/task/42/stat"), stat(42, 'Z')).expect("write");
+        fs::write(dir.join("42/cmdline"), "").expect("write");
+        // A live thread with everything.
+        let t = dir.join("42/task/43");
+        fs::create_dir_all(t.join("fd")).expect("mkdir");
+        fs::create_dir_all(t.join("ns")).expect("mkdir");
+        fs::write(t.join("stat"), stat(43, 'S')).expect("write");
+        fs::write(t.join("cmdline"), "srv\0--port\08080\0").expect("write");
+        fs::write(t.join("ns/net"), "").expect("write");
+        std::os::unix::fs::symlink("/usr/bin/srv", t.join("exe")).expect("symlink");
+        std::os::unix::fs::symlink("socket:[777]", t.join("fd/5")).expect("symlink");
+        let proc = ProcFs::new(&dir);
+        assert!(proc.leader_exited(42));
+        assert_eq!(proc.live_thread(42), Some(43));
+        assert_eq!(proc.fd_thread(42), Some(43));
+        assert_eq!(proc.fd_table(42).expect("leader table").open, 0);
+        assert_eq!(
+            proc.task_fd_table(42, 43).expect("thread table").sockets,
+            [(5, 777)]
+        );
+        assert_eq!(proc.cmdline(42).expect("cmdline"), "srv --port 8080");
+        assert_eq!(proc.exe(42).expect("exe"), "/usr/bin/srv");
+        assert_eq!(proc.fd_socket_inode(42, 5).expect("fd 5"), Some(777));
+        assert!(proc.fd_socket_inode(42, 6).is_err(), "no such fd anywhere");
+        assert_eq!(proc.netns_path(42), t.join("ns/net"));
+        // Once the last live thread is a zombie too, nothing is read through it.
+        fs::write(t.join("stat"), stat(43, 'Z')).expect("write");
+        assert_eq!(proc.fd_thread(42), None);
+        assert!(proc.exe(42).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn reads_a_fake_proc_tree() {
         let dir = std::env::temp_dir().join(format!("cwreap-procfs-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
