@@ -347,7 +347,7 @@ pub fn read_fds<O: Os>(
     let mut table = proc.fd_table(pid)?;
     let mut thread = None;
     if table.open == 0
-        && let Some(tid) = proc.fd_thread(pid).or_else(|| proc.live_thread(pid))
+        && let Some(tid) = proc.thread_for_empty_table(pid)
     {
         if let (Some(os), Some(h)) = (os, handle.as_deref_mut()) {
             os.pin_thread(h, tid)?;
@@ -433,6 +433,11 @@ mod tests {
         }
     }
 
+    /// /proc/PID/stat up to num_threads (field 20).
+    fn process_stat(pid: i32, state: char, threads: usize) -> String {
+        format!("{pid} (srv) {state} 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 {threads} 0 0\n")
+    }
+
     fn task(root: &Path, pid: i32, tid: i32, state: char, sockets: &[(i32, u64)]) {
         let dir = root.join(format!("{pid}/task/{tid}"));
         fs::create_dir_all(dir.join("fd")).expect("mkdir");
@@ -450,13 +455,18 @@ mod tests {
         // pid 42: the leader is a zombie with an empty fd table; thread 43 is a zombie too,
         // thread 44 lives and shows the process's fds.
         fs::create_dir_all(root.join("42/fd")).expect("mkdir");
+        fs::write(root.join("42/stat"), process_stat(42, 'Z', 2)).expect("stat");
         task(&root, 42, 42, 'Z', &[]);
         task(&root, 42, 43, 'Z', &[]);
         task(&root, 42, 44, 'S', &[(5, 777), (7, 778)]);
         // pid 50: an ordinary process; its own table is read and nothing extra is pinned.
         fs::create_dir_all(root.join("50/fd")).expect("mkdir");
         std::os::unix::fs::symlink("socket:[900]", root.join("50/fd/3")).expect("symlink");
+        fs::write(root.join("50/stat"), process_stat(50, 'S', 1)).expect("stat");
         task(&root, 50, 50, 'S', &[]);
+        // pid 60: a kernel thread, no fds, one thread: nothing else is looked at.
+        fs::create_dir_all(root.join("60/fd")).expect("mkdir");
+        fs::write(root.join("60/stat"), process_stat(60, 'I', 1)).expect("stat");
         let proc = ProcFs::new(&root);
         let os = PinRecorder::default();
 
@@ -476,6 +486,8 @@ mod tests {
         let mut h = os.open_process(50).expect("open");
         let (table, thread) = read_fds(&proc, Some(&os), Some(&mut h), 50).expect("read");
         assert_eq!((table.sockets, thread), (vec![(3, 900)], None));
+        let (table, thread) = read_fds::<PinRecorder>(&proc, None, None, 60).expect("read");
+        assert_eq!((table.open, thread), (0, None));
         assert_eq!(os.pinned.borrow().len(), 1);
         let _ = fs::remove_dir_all(&root);
     }

@@ -125,6 +125,19 @@ impl ProcFs {
         }
     }
 
+    /// For a process whose /proc/PID/fd showed nothing: a live thread to read the fds
+    /// through when the leader has exited or other threads remain. One read of
+    /// /proc/PID/stat settles the common case (a kernel thread, a process without fds).
+    pub fn thread_for_empty_table(&self, pid: i32) -> Option<i32> {
+        let stat = fs::read_to_string(self.pid_path(pid, "stat")).ok()?;
+        let (state, threads) = parse_stat_state_threads(&stat)?;
+        if matches!(state, 'Z' | 'X') || threads > 1 {
+            self.live_thread(pid)
+        } else {
+            None
+        }
+    }
+
     /// /proc/PID/ns/net, or a live thread's once the leader has exited (the leader's no
     /// longer resolves).
     pub fn netns_path(&self, pid: i32) -> PathBuf {
@@ -395,6 +408,16 @@ pub fn parse_stat_state(stat: &str) -> Option<char> {
     rest.trim_start().chars().next()
 }
 
+/// The state letter and `num_threads` (field 20) of /proc/PID/stat.
+pub fn parse_stat_state_threads(stat: &str) -> Option<(char, usize)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Fields 4..=19 come between the state (3) and num_threads (20).
+    let threads = fields.nth(16)?.parse().ok()?;
+    Some((state, threads))
+}
+
 /// One line of /proc/PID/maps: start, end, whether it is readable and executable, and its
 /// path (empty for anonymous memory).
 pub fn parse_maps_line(line: &str) -> Option<(u64, u64, bool, &str)> {
@@ -457,6 +480,18 @@ Max open files            1024                 20000                files     \n
         assert_eq!(parse_stat_state("42 (node) S 1"), Some('S'));
         assert_eq!(parse_stat_state("42 (x"), None);
         assert_eq!(parse_stat_state(""), None);
+    }
+
+    #[test]
+    fn stat_state_and_threads() {
+        let stat = "42 (a b) c) Z 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 123 0 0";
+        assert_eq!(parse_stat_state_threads(stat), Some(('Z', 3)));
+        assert_eq!(parse_stat_state_threads("42 (x) S 1 2"), None);
+        assert_eq!(parse_stat_state_threads(""), None);
+        let own = std::fs::read_to_string("/proc/self/stat").expect("own stat");
+        let (state, threads) = parse_stat_state_threads(&own).expect("parses");
+        assert!(state == 'R' || state == 'S', "{state}");
+        assert!(threads >= 1);
     }
 
     #[test]
