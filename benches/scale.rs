@@ -7,7 +7,10 @@
 //! * P3 `cwreap reap` of all N with verification and shutdown: wall time, and `ss` counts of
 //!   LISTEN/ESTABLISHED before and after (nothing else may be touched).
 //! * P4 `cwreap run` as a child: RSS and CPU per cycle while tracking N sockets.
+//! * P5 a policy of 1000 targets with nothing to do: `cwreap run` start-up time (to READY)
+//!   and VmRSS as a child, and the idle cycle, in-process.
 //! * `--scaling`: P1 and P2 at N = M = 1k, 10k, 50k.
+//! * `--targets T`: only P5, with T targets (no fixture).
 //! * `--hold`: only start the fixture and keep it, to profile cwreap by hand.
 //!
 //! Every run checks the fixture with `ss` first and fails (exit 1) when the fixture or a
@@ -33,14 +36,14 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use fixture::{Counts, Fleet};
 
-const USAGE: &str =
-    "usage: cargo bench --bench scale -- [--n N] [--m M] [--reps R] [--scaling] [--smoke] [--hold]
-  --n N       CLOSE_WAIT connections (default 20000)
-  --m M       ESTABLISHED connections (default 20000)
-  --reps R    repetitions of each measurement; medians are reported (default 5)
-  --scaling   only P1 and P2, at N = M = 1000, 10000, 50000
-  --smoke     N = M = 200, one repetition: a functional check that finishes in seconds
-  --hold      start the fixture (N, M), print its servers, keep it until Enter (for profiling)";
+const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--reps R] [--scaling] [--smoke] [--targets T] [--hold]
+  --n N        CLOSE_WAIT connections (default 20000)
+  --m M        ESTABLISHED connections (default 20000)
+  --reps R     repetitions of each measurement; medians are reported (default 5)
+  --scaling    only P1 and P2, at N = M = 1000, 10000, 50000
+  --smoke      N = M = 200, one repetition: a functional check that finishes in seconds
+  --targets T  only P5, the policy scale, with T targets (default run: 1000, with the fixture)
+  --hold       start the fixture (N, M), print its servers, keep it until Enter (for profiling)";
 
 /// Targets, from the design brief.
 const P1_MAX_RATIO: f64 = 0.25;
@@ -48,6 +51,12 @@ const P2_MAX_RATIO: f64 = 1.5;
 /// One second per 20k sockets reaped.
 const P3_SECONDS_PER_20K: f64 = 1.0;
 const P4_MAX_RSS_MIB: f64 = 20.0;
+/// The policy scale: this many targets start in under a second, keep VmRSS within 64 MiB
+/// and cycle in 100 ms with nothing to do.
+const P5_TARGETS: usize = 1000;
+const P5_MAX_START: Duration = Duration::from_secs(1);
+const P5_MAX_RSS_MIB: f64 = 64.0;
+const P5_MAX_CYCLE: Duration = Duration::from_millis(100);
 const SCALING_SIZES: [usize; 3] = [1_000, 10_000, 50_000];
 
 #[derive(Debug, Clone)]
@@ -58,6 +67,8 @@ struct Args {
     scaling: bool,
     smoke: bool,
     hold: bool,
+    /// `--targets T`: only P5.
+    targets: Option<usize>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -68,6 +79,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         scaling: false,
         smoke: false,
         hold: false,
+        targets: None,
     };
     let mut it = argv.iter();
     let number = |flag: &str, v: Option<&String>| -> Result<usize, String> {
@@ -82,6 +94,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--scaling" => a.scaling = true,
             "--smoke" => a.smoke = true,
             "--hold" => a.hold = true,
+            "--targets" => a.targets = Some(number("--targets", it.next())?),
             // cargo bench passes --bench to every bench target.
             "--bench" => {}
             "-h" | "--help" => return Err(String::new()),
@@ -96,8 +109,11 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         a.m = 200;
         a.reps = 1;
     }
-    if a.n == 0 || a.reps == 0 {
-        return Err("--n and --reps must be at least 1".into());
+    if a.n == 0 || a.reps == 0 || a.targets == Some(0) {
+        return Err("--n, --reps and --targets must be at least 1".into());
+    }
+    if a.targets.is_some() && (a.scaling || a.hold) {
+        return Err("--targets excludes --scaling and --hold".into());
     }
     Ok(a)
 }
@@ -143,7 +159,9 @@ fn run(args: &Args) -> Result<()> {
     if args.hold {
         return hold(args, &log);
     }
-    if args.scaling {
+    if let Some(targets) = args.targets {
+        rows.extend(p5_policy_scale(targets, &cwreap, args.reps, (0, 0), &log)?);
+    } else if args.scaling {
         for &n in &SCALING_SIZES {
             let fleet = start_fleet(n, n, &log)?;
             rows.push(p1_scan(&fleet, &cwreap, args.reps, &log)?);
@@ -156,6 +174,13 @@ fn run(args: &Args) -> Result<()> {
         rows.push(p2_cycle(&fleet, args.reps, &log)?);
         let cycles = if args.smoke { 3 } else { 20 };
         rows.extend(p4_daemon(&fleet, &cwreap, cycles, &log)?);
+        rows.extend(p5_policy_scale(
+            P5_TARGETS,
+            &cwreap,
+            args.reps,
+            (fleet.n, fleet.m),
+            &log,
+        )?);
         rows.extend(p3_reap(&mut fleet, &cwreap, args.reps, &log)?);
         drop(fleet);
     }
@@ -737,6 +762,207 @@ fn p4_daemon(fleet: &Fleet, cwreap: &Path, cycles: usize, log: &dyn Fn(&str)) ->
     ])
 }
 
+/// A policy of `n` targets of every kind of criterion, none of which matches a process
+/// here, except the last, which names `idle` (a process with no CLOSE_WAIT socket): every
+/// cycle matches every process against every target and dumps sock_diag, with nothing to
+/// do.
+fn many_targets_policy(n: usize, idle: u32, metrics: Option<SocketAddr>) -> String {
+    let listen = metrics.map_or("off".to_owned(), |a| format!("{{listen: \"{a}\"}}"));
+    let mut y =
+        format!("interval: 1s\ndry_run: true\nlog_format: json\nmetrics: {listen}\ntargets:\n");
+    for i in 0..n.saturating_sub(1) {
+        let m = match i % 6 {
+            0 => format!("comm: \"^svc{i}$\""),
+            1 => format!("cmdline: \"--service-id {i}( |$)\""),
+            2 => format!("exe: \"/opt/svc{i}/bin/server$\""),
+            3 => format!("systemd_unit: svc{i}.service"),
+            4 => format!(
+                "cgroup: /system.slice/svc{i}.service, local_ports: [{}]",
+                10_000 + i
+            ),
+            _ => format!("comm: \"^worker-{i}$\", uid: {}", 10_000 + i),
+        };
+        y.push_str(&format!(
+            "  - name: t{i}\n    match: {{{m}}}\n    older_than: 10m\n    action: shutdown\n    \
+             exclude: {{remote_cidrs: [10.0.0.0/8], remote_ports: [5432]}}\n"
+        ));
+    }
+    y.push_str(&format!(
+        "  - name: idle\n    match: {{pid: {idle}}}\n    older_than: 10m\n    action: log\n"
+    ));
+    y
+}
+
+/// P5: a policy of `targets` targets with nothing to do. `cwreap run` as a child: time from
+/// spawn to READY=1, then VmRSS after a few cycles; and the idle cycle in-process (median
+/// of `reps`, at least 5).
+fn p5_policy_scale(
+    targets: usize,
+    cwreap: &Path,
+    reps: usize,
+    (n, m): (usize, usize),
+    log: &dyn Fn(&str),
+) -> Result<Vec<Row>> {
+    let mut sleep = Command::new("sleep");
+    sleep.arg("3600").stdin(Stdio::null());
+    cwreap_linux::testing::die_with_parent(&mut sleep);
+    let idle = KillOnDrop(sleep.spawn().context("spawning sleep, the idle target")?);
+    let idle_pid = idle.0.id();
+
+    // In-process: the idle cycle.
+    let cfg = cwreap::config::parse(&many_targets_policy(targets, idle_pid, None), "p5")
+        .context("the P5 policy")?;
+    let mut daemon = cwreap::daemon::Daemon::new(cfg, true).context("creating the daemon")?;
+    let stop = AtomicBool::new(false);
+    let first = daemon.cycle(&stop);
+    if !first.errors.is_empty() || first.candidates != 0 {
+        bail!(
+            "P5 first cycle: errors {:?}, {} candidates (expected none)",
+            first.errors,
+            first.candidates
+        );
+    }
+    let mut times = Vec::new();
+    for _ in 0..reps.max(5) {
+        let t = Instant::now();
+        let r = daemon.cycle(&stop);
+        times.push(t.elapsed());
+        if !r.errors.is_empty() {
+            bail!("P5 cycle errors: {:?}", r.errors);
+        }
+    }
+    drop(daemon);
+    let cycle = median(times);
+
+    // As a child: start-up and memory.
+    let dir = std::env::temp_dir().join(format!("cwbench-p5-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let config = dir.join("cwreap.yaml");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("a free port for the metrics endpoint")?;
+    fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&config)
+        .and_then(|mut f| {
+            f.write_all(many_targets_policy(targets, idle_pid, Some(metrics)).as_bytes())
+        })
+        .with_context(|| format!("writing {}", config.display()))?;
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path)
+        .with_context(|| format!("binding {}", notify_path.display()))?;
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .context("notify socket timeout")?;
+    let log_file = fs::File::create(dir.join("daemon.log")).context("creating daemon.log")?;
+    let mut cmd = Command::new(cwreap);
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    cwreap_linux::testing::die_with_parent(&mut cmd);
+    let spawned = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {} run", cwreap.display()))?;
+    let mut d = DaemonChild { child, dir };
+    let pid = d.child.id();
+    let mut buf = vec![0u8; 4096];
+    let mut ready = None;
+    let mut cycles = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cycles < 3 {
+        if let Ok(k) = notify.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..k]);
+            if msg.contains("READY=1") && ready.is_none() {
+                ready = Some(spawned.elapsed());
+            }
+            if msg.contains("STATUS=") {
+                cycles += 1;
+            }
+        }
+        if let Ok(Some(status)) = d.child.try_wait() {
+            bail!(
+                "cwreap run exited ({status}); its log ends:\n{}",
+                d.log_tail()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "cwreap run with {targets} targets: only {cycles} cycles; its log ends:\n{}",
+                d.log_tail()
+            );
+        }
+    }
+    let start = ready.ok_or_else(|| anyhow!("cwreap run never said READY=1"))?;
+    let rss = status_kib(pid, "VmRSS:")? as f64 / 1024.0;
+    let hwm = status_kib(pid, "VmHWM:")? as f64 / 1024.0;
+    drop(d);
+    drop(idle);
+    log(&format!(
+        "P5 {targets} targets: start {} to READY, VmRSS {rss:.1} MiB (peak {hwm:.1}) after {cycles} cycles, idle cycle {}",
+        ms(start),
+        ms(cycle)
+    ));
+    Ok(vec![
+        Row {
+            figure: format!("P5 `cwreap run` start with {targets} targets (spawn to READY=1)"),
+            n,
+            m,
+            value: ms(start),
+            ss: "—".into(),
+            ratio: "—".into(),
+            target: format!("< {}", ms(P5_MAX_START)),
+            verdict: verdict(start < P5_MAX_START),
+        },
+        Row {
+            figure: format!(
+                "P5 `cwreap run` VmRSS with {targets} targets after {cycles} cycles (VmHWM {hwm:.1} MiB)"
+            ),
+            n,
+            m,
+            value: format!("{rss:.1} MiB"),
+            ss: "—".into(),
+            ratio: "—".into(),
+            target: format!("≤ {P5_MAX_RSS_MIB:.0} MiB"),
+            verdict: verdict(rss <= P5_MAX_RSS_MIB),
+        },
+        Row {
+            figure: format!(
+                "P5 idle daemon cycle with {targets} targets, nothing to do (in-process, median)"
+            ),
+            n,
+            m,
+            value: ms(cycle),
+            ss: "—".into(),
+            ratio: "—".into(),
+            target: format!("≤ {}", ms(P5_MAX_CYCLE)),
+            verdict: verdict(cycle <= P5_MAX_CYCLE),
+        },
+    ])
+}
+
+/// A child killed (and reaped) on drop.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Report.
 
@@ -760,7 +986,9 @@ fn machine() -> String {
 }
 
 fn print_report(args: &Args, rows: &[Row]) {
-    let mode = if args.scaling {
+    let mode = if let Some(t) = args.targets {
+        format!("policy scale, {t} targets")
+    } else if args.scaling {
         "scaling".to_owned()
     } else if args.smoke {
         "smoke".to_owned()

@@ -1,6 +1,10 @@
 //! The daemon's attribution cache: every socket fd of every target process, kept between
 //! cycles, so a steady-state cycle reads no fd table at all.
 //!
+//! A target whose thread-group leader has exited is read, and counted, through the live
+//! thread its entry was read through (see [`crate::snapshot::read_fds`]); when that thread
+//! goes too, the count fails and the table is read again through another.
+//!
 //! A target's fd table is read again only when the process is new, when its number of open
 //! fds changed (the size of /proc/PID/fd, one stat), and on every `FULL_EVERY`-th cycle as
 //! a backstop. Each read pins the process with a pidfd first and checks it is still alive
@@ -10,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::snapshot::{Holder, Observed, Process, Snapshot, WalkStats, listener_ref};
+use crate::snapshot::{Holder, Observed, Process, Snapshot, WalkStats, listener_ref, read_fds};
 use cwreap_linux::netns::Found;
 use cwreap_linux::os::Os;
 use cwreap_linux::procfs::ProcFs;
@@ -23,6 +27,16 @@ struct Entry<H> {
     process: Option<Process<H>>,
     sockets: Vec<(i32, u64)>,
     fd_count: usize,
+    /// The live thread the table was read through (the leader has exited).
+    via: Option<i32>,
+}
+
+/// Open fds of `pid`, counted where its table was read: the process, or thread `thread`.
+fn fd_count(proc: &ProcFs, pid: i32, thread: Option<i32>) -> Option<usize> {
+    match thread {
+        Some(tid) => proc.task_fd_count_fast(pid, tid).ok(),
+        None => proc.fd_count_fast(pid).ok(),
+    }
 }
 
 pub struct FdIndex<H> {
@@ -93,7 +107,8 @@ impl<H> FdIndex<H> {
         self.entries.retain(|pid, _| pids.contains(pid));
         let mut changed = self.entries.len() != before;
         for &pid in pids {
-            let count = proc.fd_count_fast(pid).ok();
+            let thread = self.entries.get(&pid).and_then(|e| e.via);
+            let count = fd_count(proc, pid, thread);
             if let Some(e) = self.entries.get_mut(&pid)
                 && !full
                 && count.is_some_and(|c| c == e.fd_count)
@@ -105,14 +120,17 @@ impl<H> FdIndex<H> {
             match read_pinned(proc, os, pid) {
                 Ok((process, sockets)) => {
                     // Compare like with like next time: the stat count taken before the
-                    // walk (it can differ from the number of entries read by one or two).
-                    let fd_count = count.unwrap_or(process.open_fds);
+                    // walk (it can differ from the number of entries read by one or two),
+                    // as long as it was taken where the table was read.
+                    let via = process.thread;
+                    let fd_count = count.filter(|_| via == thread).unwrap_or(process.open_fds);
                     self.entries.insert(
                         pid,
                         Entry {
                             process: Some(process),
                             sockets,
                             fd_count,
+                            via,
                         },
                     );
                     out.stats.inspected += 1;
@@ -143,7 +161,7 @@ impl<H> FdIndex<H> {
         }
         // Open-fd counts move all the time; keep them fresh without re-reading tables.
         for (&pid, e) in self.entries.iter_mut() {
-            if let (Some(p), Ok(n)) = (e.process.as_mut(), proc.fd_count_fast(pid)) {
+            if let (Some(p), Some(n)) = (e.process.as_mut(), fd_count(proc, pid, e.via)) {
                 p.open_fds = n;
             }
         }
@@ -201,16 +219,14 @@ impl<H> FdIndex<H> {
 }
 
 /// A process read under its pidfd, with its socket fds (fd, inode).
-type Pinned<H> = (Process<H>, Vec<(i32, u64)>);
+type ReadProcess<H> = (Process<H>, Vec<(i32, u64)>);
 
-/// Pin `pid` with a pidfd, read its fd table, and check it is still the same process.
-fn read_pinned<O: Os>(proc: &ProcFs, os: &O, pid: i32) -> std::io::Result<Pinned<O::Process>> {
-    let handle = os.open_process(pid)?;
+/// Pin `pid` with a pidfd, then read its name and fd table, and check it is still the
+/// same process.
+fn read_pinned<O: Os>(proc: &ProcFs, os: &O, pid: i32) -> std::io::Result<ReadProcess<O::Process>> {
+    let mut handle = os.open_process(pid)?;
     let comm = proc.comm(pid)?;
-    let table = proc.fd_table(pid)?;
-    if !os.alive(&handle) {
-        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-    }
+    let (table, thread) = read_fds(proc, Some(os), Some(&mut handle), pid)?;
     let process = Process {
         pid,
         comm,
@@ -218,6 +234,7 @@ fn read_pinned<O: Os>(proc: &ProcFs, os: &O, pid: i32) -> std::io::Result<Pinned
         open_fds: table.open,
         nofile_soft: proc.nofile_soft_limit(pid).ok().flatten(),
         handle: Some(handle),
+        thread,
     };
     Ok((process, table.sockets))
 }

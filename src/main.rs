@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Command::Scan(args) => commands::scan(args, &mut out, &mut err),
         Command::Reap(args) => commands::reap(args, &mut out, &mut err),
         Command::Run(args) => cwreap::daemon::run(&args.config, args.dry_run).map(|()| Status::Ok),
-        Command::Check(args) => commands::check(&args.config, &mut out),
+        Command::Check(args) => commands::check(&args.config, &mut out, &mut err),
         Command::Completions(args) => {
             cwreap::manual::completions(args.shell, &mut out);
             Ok(Status::Ok)

@@ -104,7 +104,10 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
     (
         "GLOBAL KEYS",
         &[
-            ("interval", "Time between cycles, e.g. 30s. Default 30s."),
+            (
+                "interval",
+                "Time between cycles, e.g. 30s; at least 100ms. Default 30s.",
+            ),
             (
                 "dry_run",
                 "true: report what would be done, touch nothing. Default true.",
@@ -124,7 +127,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "metrics.listen",
-                "ip:port of the read-only Prometheus endpoint, or off. Default 127.0.0.1:9814.",
+                "ip:port of the read-only Prometheus endpoint, or off (also `metrics: off`). Default 127.0.0.1:9814.",
             ),
         ],
     ),
@@ -134,7 +137,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ("targets[].name", "Unique name; the metrics' target label."),
             (
                 "targets[].match",
-                "Which processes (and sockets) the target is about: at least one criterion; all given must hold. Regexes are unanchored, like grep's.",
+                "Which processes (and sockets) the target is about: at least one criterion; all given must hold. Regexes are unanchored, like grep's. A socket belongs to the first target whose criteria, local_ports and exclude included, accept it.",
             ),
             ("targets[].match.pid", "A process id."),
             (
@@ -172,7 +175,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "targets[].min_close_wait",
-                "Act only while the process holds at least this many CLOSE_WAIT sockets. Default 1.",
+                "Act only while the process holds at least this many CLOSE_WAIT sockets that this target selects. Default 1.",
             ),
             (
                 "targets[].exclude",

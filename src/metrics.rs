@@ -2,10 +2,12 @@
 //! a minimal read-only HTTP endpoint (`GET /metrics`, anything else 404/405).
 //!
 //! The endpoint runs on the daemon's runtime while cycles run on a blocking thread, and
-//! every connection has a deadline, so a slow or broken client never stalls a cycle.
+//! every connection has a deadline, so a slow or broken client never stalls a cycle. At
+//! most [`MAX_CLIENTS`] are served at once; connections beyond that are accepted and
+//! closed at once, so a flood of idle clients costs neither fds nor memory for long.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::report::CycleReport;
 
@@ -43,12 +45,15 @@ struct Inner {
     cycle_duration: Histogram,
     cycle_errors: Family<Labels, Counter>,
     last_cycle: GaugeF,
+    refused: Counter,
 }
 
 /// Shared handle: the daemon updates it, the endpoint encodes it.
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Mutex<Inner>>,
+    /// The endpoint refused a connection since the last [`Metrics::flood_over`].
+    flooded: Arc<AtomicBool>,
 }
 
 impl Default for Metrics {
@@ -129,7 +134,14 @@ impl Metrics {
         build
             .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
             .set(1);
+        let refused = Counter::default();
+        registry.register(
+            "cwreap_metrics_refused_connections",
+            "Connections to the metrics endpoint closed unserved: too many clients at once",
+            refused.clone(),
+        );
         Self {
+            flooded: Arc::new(AtomicBool::new(false)),
             inner: Arc::new(Mutex::new(Inner {
                 registry,
                 close_wait,
@@ -142,8 +154,22 @@ impl Metrics {
                 cycle_duration,
                 cycle_errors,
                 last_cycle,
+                refused,
             })),
         }
+    }
+
+    /// One connection closed unserved (the endpoint was full).
+    pub fn count_refused(&self) {
+        self.flooded.store(true, Ordering::Relaxed);
+        if let Ok(m) = self.inner.lock() {
+            m.refused.inc();
+        }
+    }
+
+    /// Whether connections were refused since the last call (and forget it).
+    pub fn flood_over(&self) -> bool {
+        self.flooded.swap(false, Ordering::Relaxed)
     }
 
     /// Fold one cycle's report in.
@@ -207,14 +233,22 @@ impl Metrics {
 /// How long a client may take to send its request and read the answer.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
 const MAX_REQUEST: usize = 8 * 1024;
+/// Most clients served at once. Prometheus needs one; the rest is headroom for people.
+pub const MAX_CLIENTS: usize = 64;
 
 /// Bind the endpoint (so a bad address fails at start-up, not later).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serve until the runtime stops. Each client gets its own task and a deadline.
+/// Serve until the runtime stops. Each client gets its own task and a deadline; at most
+/// [`MAX_CLIENTS`] at once, and a connection beyond that is closed as soon as it is
+/// accepted (leaving it in the listen queue would let the queue, and then the clients'
+/// retries, pile up instead). After a flood, freed heap is handed back to the system.
 pub async fn serve(listener: TcpListener, metrics: Metrics) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    // Connections closed unserved since the endpoint was last full (for the log).
+    let mut shed = 0u64;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -224,13 +258,39 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            if shed == 0 {
+                warn!(
+                    max_clients = MAX_CLIENTS,
+                    "metrics endpoint: too many clients at once; closing new connections until some leave"
+                );
+            }
+            shed += 1;
+            metrics.count_refused();
+            continue;
+        };
+        if shed > 0 {
+            info!(
+                refused = shed,
+                "metrics endpoint: serving again after a flood of connections"
+            );
+            shed = 0;
+        }
         let metrics = metrics.clone();
+        let slots_left = slots.clone();
         tokio::spawn(async move {
             if tokio::time::timeout(CLIENT_DEADLINE, handle(stream, &metrics))
                 .await
                 .is_err()
             {
                 debug!(%peer, "metrics client timed out");
+            }
+            drop(slot);
+            // The last client of a flood leaves: what the clients' tasks and buffers used
+            // is free again, and glibc keeps freed heap unless asked.
+            if slots_left.available_permits() == MAX_CLIENTS && metrics.flood_over() {
+                cwreap_linux::sys::release_free_heap();
             }
         });
     }

@@ -8,15 +8,16 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::{Action, Config, Escalate};
+use crate::config::{Action, Config, Escalate, SocketFacts};
+use crate::snapshot::Holder;
 
 /// A socket's identity for tracking: (network namespace inode, socket cookie).
 pub type SocketKey = (u64, u64);
 
-/// One CLOSE_WAIT socket held by a process that matched `target`.
+/// One CLOSE_WAIT socket that `target` selects (see [`assign`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
-    /// Index into `Config::targets` (the first target whose match block accepts the owner).
+    /// Index into `Config::targets`: the first target that selects the socket.
     pub target: usize,
     pub pid: i32,
     pub fd: i32,
@@ -30,7 +31,8 @@ pub struct Candidate {
     pub remote: SocketAddr,
     /// Lower bound on time in CLOSE_WAIT (see [`Ages`]).
     pub age_ms: u64,
-    /// CLOSE_WAIT sockets the owner holds in all (for `min_close_wait`).
+    /// CLOSE_WAIT sockets of this owner that the same target selects (for
+    /// `min_close_wait`).
     pub owner_close_wait: usize,
 }
 
@@ -52,6 +54,31 @@ pub struct Plan {
     pub decisions: Vec<Decision>,
     /// Eligible sockets put off by `max_reaps_per_cycle` / `max_reaps_per_minute`.
     pub deferred: usize,
+}
+
+/// Which target a socket belongs to, and the holder to act through: the first target, in
+/// policy order, whose process criteria accept one of the socket's `owners` and whose
+/// socket criteria accept the socket. `process_targets` gives, for each pid, the targets
+/// whose process criteria accept it (ascending); holders it does not list are not targets.
+/// Among holders of that same target, the first one listed is used.
+pub fn assign<'t>(
+    cfg: &Config,
+    owners: &[Holder],
+    process_targets: &impl Fn(i32) -> Option<&'t [usize]>,
+    socket: &SocketFacts,
+) -> Option<(Holder, usize)> {
+    let mut best: Option<(Holder, usize)> = None;
+    for h in owners {
+        let Some(targets) = process_targets(h.pid) else {
+            continue;
+        };
+        // Only a target before the best one so far can take the socket from it.
+        let before = best.map_or(targets.len(), |(_, t)| targets.partition_point(|&i| i < t));
+        if let Some(t) = cfg.target_for(&targets[..before], socket) {
+            best = Some((*h, t));
+        }
+    }
+    best
 }
 
 /// Decide this cycle's actions.
@@ -409,6 +436,88 @@ targets:
             .find(|d| d.candidate.cookie == 5)
             .expect("log");
         assert_eq!(log.action, Action::Log);
+    }
+
+    #[test]
+    fn each_socket_goes_to_the_first_target_that_selects_it() {
+        let c = config::parse(
+            r#"
+targets:
+  - { name: api, match: { comm: "^srv$", local_ports: [8080] }, older_than: 1s }
+  - { name: admin, match: { comm: "^srv$", local_ports: [9090] }, older_than: 1s }
+  - { name: other, match: { uid: 0 }, older_than: 1s, exclude: { remote_ports: [22] } }
+"#,
+            "test.yaml",
+        )
+        .expect("valid policy");
+        // pid 10 is "srv" (targets 0, 1, and 2 by uid); pid 20 only matches target 2.
+        let by_pid = |pid: i32| -> Option<&'static [usize]> {
+            match pid {
+                10 => Some(&[0, 1, 2]),
+                20 => Some(&[2]),
+                _ => None,
+            }
+        };
+        let h = |pid, fd| Holder { pid, fd };
+        let sock = |local: &str, remote: &str| SocketFacts {
+            local: local.parse().expect("addr"),
+            remote: remote.parse().expect("addr"),
+        };
+        let peer = "192.0.2.1:4000";
+        // Split by port: one process, two targets, each its own sockets.
+        assert_eq!(
+            assign(&c, &[h(10, 5)], &by_pid, &sock("127.0.0.1:8080", peer)),
+            Some((h(10, 5), 0))
+        );
+        assert_eq!(
+            assign(&c, &[h(10, 6)], &by_pid, &sock("127.0.0.1:9090", peer)),
+            Some((h(10, 6), 1))
+        );
+        // Neither port: the next target that accepts the process.
+        assert_eq!(
+            assign(&c, &[h(10, 7)], &by_pid, &sock("127.0.0.1:7000", peer)),
+            Some((h(10, 7), 2))
+        );
+        // Excluded everywhere it could go: no target.
+        assert_eq!(
+            assign(
+                &c,
+                &[h(10, 7)],
+                &by_pid,
+                &sock("127.0.0.1:7000", "192.0.2.1:22")
+            ),
+            None
+        );
+        // Shared after fork: the earliest target wins, through a holder it accepts, even
+        // when another holder is listed first.
+        assert_eq!(
+            assign(
+                &c,
+                &[h(20, 3), h(10, 4)],
+                &by_pid,
+                &sock("127.0.0.1:8080", peer)
+            ),
+            Some((h(10, 4), 0))
+        );
+        assert_eq!(
+            assign(
+                &c,
+                &[h(20, 3), h(10, 4)],
+                &by_pid,
+                &sock("127.0.0.1:7000", peer)
+            ),
+            Some((h(20, 3), 2)),
+            "same target: the first holder"
+        );
+        // Holders that are no target's.
+        assert_eq!(
+            assign(&c, &[h(30, 1)], &by_pid, &sock("127.0.0.1:8080", peer)),
+            None
+        );
+        assert_eq!(
+            assign(&c, &[], &by_pid, &sock("127.0.0.1:8080", peer)),
+            None
+        );
     }
 
     #[test]

@@ -272,6 +272,7 @@ mod tests {
             open_fds: 10,
             nofile_soft: Some(1024),
             handle: None,
+            thread: None,
         }
     }
 

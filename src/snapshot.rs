@@ -2,8 +2,13 @@
 //!
 //! Walks /proc/<pid>/fd only of candidate processes: the selected ones, or those whose uid
 //! owns a CLOSE_WAIT socket. When asked to (reap, daemon), a pidfd is opened *before* the
-//! fd table is read and the process is confirmed alive after, so the fd numbers recorded
-//! belong to the process the pidfd pins. Unreadable or vanished processes are counted.
+//! name and the fd table are read and the process is confirmed alive after, so the fd
+//! numbers recorded belong to the process the pidfd pins. Unreadable or vanished processes
+//! are counted.
+//!
+//! A process whose thread-group leader has exited shows an empty /proc/PID/fd; its fds are
+//! read through a live thread instead ([`read_fds`]), and that thread is pinned too, since
+//! duplication must go through it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -13,7 +18,7 @@ use regex::Regex;
 use cwreap_linux::netlink::DiagSocket;
 use cwreap_linux::netns::Found;
 use cwreap_linux::os::Os;
-use cwreap_linux::procfs::ProcFs;
+use cwreap_linux::procfs::{FdTable, ProcFs};
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
 #[derive(Debug)]
@@ -26,6 +31,9 @@ pub struct Process<H> {
     pub nofile_soft: Option<u64>,
     /// A pidfd held since attribution (reap and daemon only).
     pub handle: Option<H>,
+    /// The thread whose /proc/PID/task/TID/fd was read, when the leader's could not show
+    /// the fds (it has exited); duplication goes through that thread's pidfd.
+    pub thread: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -254,6 +262,18 @@ impl<'a, O: Os> Attributor<'a, O> {
         snap: &mut Snapshot<O::Process>,
         selected: bool,
     ) -> io::Result<usize> {
+        // Pinned first: the name and the fd numbers read next are then known to be those
+        // of the process the pidfd holds (checked alive once they are read).
+        let mut handle = match self.os {
+            Some(os) => match os.open_process(pid) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    count_failure(snap, pid, &e);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         // The name is needed up front only to filter by it; otherwise it is read once the
         // process turns out to matter (a few syscalls saved per uninteresting process).
         let mut comm = None;
@@ -270,31 +290,13 @@ impl<'a, O: Os> Attributor<'a, O> {
             }
             comm = Some(c);
         }
-        let handle = match self.os {
-            Some(os) => match os.open_process(pid) {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    count_failure(snap, pid, &e);
-                    return Err(e);
-                }
-            },
-            None => None,
-        };
-        let table = match self.proc.fd_table(pid) {
+        let (table, thread) = match read_fds(self.proc, self.os, handle.as_mut(), pid) {
             Ok(t) => t,
             Err(e) => {
                 count_failure(snap, pid, &e);
                 return Err(e);
             }
         };
-        // The fd numbers must belong to the process the pidfd pins: if it died during the
-        // walk, the pid may already name another process.
-        if let (Some(os), Some(h)) = (self.os, handle.as_ref())
-            && !os.alive(h)
-        {
-            snap.stats.vanished += 1;
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
-        }
         snap.stats.inspected += 1;
         let mut holds = 0usize;
         for &(fd, inode) in &table.sockets {
@@ -328,10 +330,46 @@ impl<'a, O: Os> Attributor<'a, O> {
                 open_fds: table.open,
                 nofile_soft,
                 handle,
+                thread,
             },
         );
         Ok(holds)
     }
+}
+
+/// Read the fd table of `pid`, pinned by `handle` when there is one: through the process,
+/// or, when that shows no fds and the leader has exited (or other threads remain), through
+/// a live thread, pinned first with [`Os::pin_thread`] and confirmed a thread of `pid`
+/// after. Finally the process must still be alive: the fd numbers are then its own.
+/// Returns the table and the thread it was read through.
+pub fn read_fds<O: Os>(
+    proc: &ProcFs,
+    os: Option<&O>,
+    mut handle: Option<&mut O::Process>,
+    pid: i32,
+) -> io::Result<(FdTable, Option<i32>)> {
+    let mut table = proc.fd_table(pid)?;
+    let mut thread = None;
+    if table.open == 0
+        && let Some(tid) = proc.thread_for_empty_table(pid)
+    {
+        if let (Some(os), Some(h)) = (os, handle.as_deref_mut()) {
+            os.pin_thread(h, tid)?;
+            // Pinned before it is checked: a tid reused by another process after this
+            // check cannot be the one pinned.
+            if !proc.task_exists(pid, tid) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+        }
+        table = proc.task_fd_table(pid, tid)?;
+        thread = Some(tid);
+    }
+    if let (Some(os), Some(h)) = (os, handle.as_deref())
+        && !os.alive(h)
+    {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok((table, thread))
 }
 
 /// Whether some socket that has a file (or waits on a listener) has no owner yet.
@@ -361,4 +399,102 @@ fn count_failure<H>(snap: &mut Snapshot<H>, pid: i32, e: &io::Error) {
 /// Whether an attribution error means "not allowed" rather than "gone".
 pub fn is_permission(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cwreap_linux::os::Identity;
+    use std::cell::RefCell;
+    use std::fs;
+    use std::path::Path;
+
+    /// Records which threads were pinned; every process is alive.
+    #[derive(Default)]
+    struct PinRecorder {
+        pinned: RefCell<Vec<(i32, i32)>>,
+    }
+
+    impl Os for PinRecorder {
+        type Process = i32;
+        type Dup = ();
+        fn open_process(&self, pid: i32) -> io::Result<i32> {
+            Ok(pid)
+        }
+        fn pin_thread(&self, process: &mut i32, tid: i32) -> io::Result<()> {
+            self.pinned.borrow_mut().push((*process, tid));
+            Ok(())
+        }
+        fn alive(&self, _: &i32) -> bool {
+            true
+        }
+        fn duplicate(&self, _: &i32, _: i32) -> io::Result<()> {
+            Ok(())
+        }
+        fn identify(&self, _: &()) -> io::Result<Identity> {
+            Err(io::Error::from_raw_os_error(libc::ENOTSOCK))
+        }
+        fn shutdown(&self, _: &()) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// /proc/PID/stat up to num_threads (field 20).
+    fn process_stat(pid: i32, state: char, threads: usize) -> String {
+        format!("{pid} (srv) {state} 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 {threads} 0 0\n")
+    }
+
+    fn task(root: &Path, pid: i32, tid: i32, state: char, sockets: &[(i32, u64)]) {
+        let dir = root.join(format!("{pid}/task/{tid}"));
+        fs::create_dir_all(dir.join("fd")).expect("mkdir");
+        fs::write(dir.join("stat"), format!("{tid} (srv) {state} 1 2 3\n")).expect("stat");
+        for (fd, inode) in sockets {
+            std::os::unix::fs::symlink(format!("socket:[{inode}]"), dir.join(format!("fd/{fd}")))
+                .expect("symlink");
+        }
+    }
+
+    #[test]
+    fn a_process_whose_leader_exited_is_read_and_pinned_through_a_live_thread() {
+        let root = std::env::temp_dir().join(format!("cwreap-snapshot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        // pid 42: the leader is a zombie with an empty fd table; thread 43 is a zombie too,
+        // thread 44 lives and shows the process's fds.
+        fs::create_dir_all(root.join("42/fd")).expect("mkdir");
+        fs::write(root.join("42/stat"), process_stat(42, 'Z', 2)).expect("stat");
+        task(&root, 42, 42, 'Z', &[]);
+        task(&root, 42, 43, 'Z', &[]);
+        task(&root, 42, 44, 'S', &[(5, 777), (7, 778)]);
+        // pid 50: an ordinary process; its own table is read and nothing extra is pinned.
+        fs::create_dir_all(root.join("50/fd")).expect("mkdir");
+        std::os::unix::fs::symlink("socket:[900]", root.join("50/fd/3")).expect("symlink");
+        fs::write(root.join("50/stat"), process_stat(50, 'S', 1)).expect("stat");
+        task(&root, 50, 50, 'S', &[]);
+        // pid 60: a kernel thread, no fds, one thread: nothing else is looked at.
+        fs::create_dir_all(root.join("60/fd")).expect("mkdir");
+        fs::write(root.join("60/stat"), process_stat(60, 'I', 1)).expect("stat");
+        let proc = ProcFs::new(&root);
+        let os = PinRecorder::default();
+
+        let mut h = os.open_process(42).expect("open");
+        let (table, thread) = read_fds(&proc, Some(&os), Some(&mut h), 42).expect("read");
+        assert_eq!(table.sockets, [(5, 777), (7, 778)]);
+        assert_eq!(thread, Some(44));
+        assert_eq!(
+            *os.pinned.borrow(),
+            [(42, 44)],
+            "pinned before its table was read"
+        );
+        // Without an Os (scan), the same table, nothing pinned.
+        let (table, thread) = read_fds::<PinRecorder>(&proc, None, None, 42).expect("read");
+        assert_eq!((table.sockets.len(), thread), (2, Some(44)));
+
+        let mut h = os.open_process(50).expect("open");
+        let (table, thread) = read_fds(&proc, Some(&os), Some(&mut h), 50).expect("read");
+        assert_eq!((table.sockets, thread), (vec![(3, 900)], None));
+        let (table, thread) = read_fds::<PinRecorder>(&proc, None, None, 60).expect("read");
+        assert_eq!((table.open, thread), (0, None));
+        assert_eq!(os.pinned.borrow().len(), 1);
+        let _ = fs::remove_dir_all(&root);
+    }
 }

@@ -1570,6 +1570,77 @@ fn check_prints_the_effective_policy_or_the_error() {
 }
 
 #[test]
+fn interval_floor_and_metrics_off_as_the_readme_writes_it() {
+    let scratch = Scratch::new("floors");
+    let cfg = scratch.path("cwreap.yaml");
+    let path = cfg.display().to_string();
+    let body = "targets:\n  - name: t\n    match: {pid: 4242}\n    older_than: 1m\n";
+
+    // Below the floor: refused by run and by check, exit 2, the floor named at the value.
+    write_policy(&cfg, &format!("interval: 99ms\nmetrics: off\n{body}"));
+    let want = format!(
+        "cwreap: {path}:1:11: `interval`: `99ms` is below the floor of 100ms; a shorter \
+         interval would keep a core busy"
+    );
+    let mut d = Running::spawn(&cfg, &[], &[]);
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("interval: 99ms was accepted; log:\n{}", d.log()));
+    assert_eq!(status.code(), Some(2), "{}", d.log());
+    assert!(d.lines().contains(&want), "want {want:?} in:\n{}", d.log());
+    assert!(!d.log().contains("cwreap started"), "{}", d.log());
+    let out = cwreap(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert_eq!(stderr(&out).trim_end(), want);
+
+    // `metrics: off`, as the README shows it, and the floor itself: fine.
+    write_policy(&cfg, &format!("interval: 100ms\nmetrics: off\n{body}"));
+    let out = cwreap(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.lines().any(|l| l == "  listen: \"off\""), "{text}");
+    assert!(text.lines().any(|l| l == "interval: \"100ms\""), "{text}");
+    // The block form still works.
+    write_policy(&cfg, &format!("metrics: {{listen: off}}\n{body}"));
+    let out = cwreap(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn check_warns_about_a_target_an_earlier_one_shadows() {
+    let scratch = Scratch::new("shadow");
+    let cfg = scratch.path("cwreap.yaml");
+    let path = cfg.display().to_string();
+    write_policy(
+        &cfg,
+        "metrics: off\ntargets:\n  - name: all\n    match: {comm: ^api$}\n    older_than: 1h\n    \
+         action: log\n  - name: admin\n    match: {comm: ^api$, local_ports: [9090]}\n    \
+         older_than: 1m\n    action: shutdown\n  - name: web\n    match: {comm: ^web$}\n    \
+         older_than: 1m\n",
+    );
+    let out = cwreap(&["check", "--config", &path]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a warning is not an error: {}",
+        stderr(&out)
+    );
+    let warnings: Vec<String> = stderr(&out).lines().map(str::to_owned).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "{path}:7:5: warning: target `admin` never acts: target `all` (line 3) comes first"
+        )),
+        "{warnings:?}"
+    );
+    assert!(
+        stdout(&out).contains("# WARNING: target `admin` never acts"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn group_writable_policy_is_refused() {
     if !require_root("group_writable_policy_is_refused") {
         return;

@@ -888,8 +888,14 @@ impl Run {
         r
     }
 
-    fn log(&self) -> String {
+    /// The whole log, to search.
+    fn text(&self) -> String {
         self.lines.lock().expect("log lock").join("\n")
+    }
+
+    /// The log for a failure message: repeated lines folded, the last 50 kept.
+    fn log(&self) -> String {
+        fold_lines(&self.lines.lock().expect("log lock"))
     }
 
     fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
@@ -1070,7 +1076,7 @@ fn eperm_from_pidfd_getfd_is_an_error_outcome_counted_and_logged() {
     assert!(!reads_eof(&mut c1, Duration::from_millis(100)));
     assert!(!reads_eof(&mut c2, Duration::from_millis(100)));
     assert_eq!(d.stop(), Some(0), "{}", d.log());
-    assert!(!d.log().contains("panicked"), "{}", d.log());
+    assert!(!d.text().contains("panicked"), "{}", d.log());
 }
 
 #[test]
@@ -1185,7 +1191,7 @@ fn run_as_an_unprivileged_user_starts_with_a_clear_capability_warning() {
     assert_eq!(ss_close_wait(fx.pid()).len(), 1);
     assert!(!reads_eof(&mut client, Duration::from_millis(100)));
     assert_eq!(d.stop(), Some(0), "{}", d.log());
-    assert!(!d.log().contains("panicked"), "{}", d.log());
+    assert!(!d.text().contains("panicked"), "{}", d.log());
 }
 
 /// Run `cmd` under a seccomp filter that answers pidfd_getfd with `verdict` (e.g. EPERM,
@@ -1398,7 +1404,7 @@ fn metrics_endpoint_survives_garbage_huge_headers_resets_and_floods() {
     );
     drop(idle);
     assert_eq!(d.stop(), Some(0), "{}", d.log());
-    assert!(!d.log().contains("panicked"), "{}", d.log());
+    assert!(!d.text().contains("panicked"), "{}", d.log());
 }
 
 /// Wait until the listener on `addr` has no connection waiting to be accepted.
@@ -1422,21 +1428,41 @@ fn wait_accepted(addr: SocketAddr) {
     }
 }
 
+/// Open fds of process `pid`.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 #[test]
-fn a_flood_of_metrics_connections_does_not_starve_cycles_of_fds() {
-    if !require_root("a_flood_of_metrics_connections_does_not_starve_cycles_of_fds") {
+fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
+    if !require_root("a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind") {
         return;
     }
+    const FLOOD: usize = 2000;
     let bins = Bins::new("metrics-flood");
     let mut fx = Fixture::start(&[V4], &[]);
     let addr = free_addr();
     let cfg = bins.policy(&run_policy(addr, &[("t", fx.pid())]));
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    // systemd's default soft limit; the hard one stays as it is.
+    // systemd's default soft limit; the hard one stays as it is. The flood is bigger.
     let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .maximum
         .expect("a finite hard fd limit");
-    assert!(hard > 2048, "hard fd limit {hard} too low for this test");
+    assert!(
+        hard > FLOOD as u64 + 256,
+        "hard fd limit {hard} too low for this test"
+    );
+    // Our side of the flood needs the fds too.
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        },
+    )
+    .expect("raise our soft fd limit");
     let mut cmd = Command::new("prlimit");
     cmd.arg(format!("--nofile=1024:{hard}"))
         .arg(CWREAP)
@@ -1444,41 +1470,81 @@ fn a_flood_of_metrics_connections_does_not_starve_cycles_of_fds() {
         .arg("--config")
         .arg(&cfg);
     let mut d = Run::start(cmd);
-    let first = scrape_until(addr, "the first scrape", || d.log(), |t| cycles(t) >= 2.0);
-    let c0 = cycles(&first);
+    let dpid = d.pid();
+    // The baseline: a few cycles and scrapes in.
+    for _ in 0..5 {
+        scrape_until(addr, "a scrape", || d.log(), |t| cycles(t) >= 2.0);
+    }
+    let (fds0, rss0) = (fd_count(dpid), rss_kib(dpid));
 
-    // More idle connections than the soft limit: each may live for the endpoint's 5 s
-    // client deadline. Cycles still need fds (pidfds, /proc, duplicates, netlink).
-    let flood_at = Instant::now();
+    // Connections that say nothing, more than the daemon's soft fd limit.
     let mut idle: Vec<TcpStream> = Vec::new();
-    while idle.len() < 1100 {
-        // Paced: the endpoint's listen backlog is 128, and a dropped SYN costs 1 s.
+    while idle.len() < FLOOD {
+        // Paced: the listen backlog is finite, and a dropped SYN costs a 1 s retry.
         for _ in 0..64 {
             idle.push(TcpStream::connect(addr).expect("connect"));
         }
         wait_accepted(addr);
     }
+    let fds1 = fd_count(dpid);
+    assert!(
+        fds1 <= fds0 + cwreap::metrics::MAX_CLIENTS + 8,
+        "the daemon holds {fds1} fds during the flood, {fds0} before"
+    );
+    // Cycles still run and act while the flood is connected.
     let (mut client, _) = fx.close_wait(0);
-    let reaped = "cwreap_reaped_total{target=\"t\",action=\"shutdown\",outcome=\"reaped\"}";
+    d.wait_log("a reap during the flood", |l| {
+        l.contains("close_wait action") && l.contains("\"outcome\":\"reaped\"")
+    });
+    assert!(reads_eof(&mut client, Duration::from_secs(5)));
+    // Connections beyond the cap were closed at once: their clients read EOF.
+    let mut closed = 0;
+    for s in idle.iter_mut() {
+        s.set_nonblocking(true).expect("nonblocking");
+        if matches!(s.read(&mut [0u8; 1]), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= FLOOD - cwreap::metrics::MAX_CLIENTS,
+        "only {closed} of {FLOOD} connections were closed"
+    );
+    // A scrape answers (at the latest once the held clients' deadline has passed), and
+    // says how many were refused.
     let text = scrape_until(
         addr,
-        "a reap during the flood",
+        "a scrape after the flood",
         || d.log(),
-        |t| sample(t, reaped) == Some(1.0),
+        |t| {
+            sample(t, "cwreap_metrics_refused_connections_total")
+                .is_some_and(|n| n >= (FLOOD - cwreap::metrics::MAX_CLIENTS) as f64)
+        },
     );
-    assert!(
-        flood_at.elapsed() < Duration::from_secs(4),
-        "reaped only after the flood's connections timed out ({:?}); log:\n{}",
-        flood_at.elapsed(),
-        d.log()
-    );
-    assert!(reads_eof(&mut client, Duration::from_secs(2)));
-    assert!(cycles(&text) > c0);
     assert!(
         !text.contains("cwreap_cycle_errors_total{"),
         "cycle errors during the flood:\n{text}"
     );
-    assert!(!d.log().contains("Too many open files"), "{}", d.log());
+    assert!(!d.text().contains("Too many open files"), "{}", d.log());
     drop(idle);
+
+    // Everything the flood cost is given back: fds, and resident memory.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (fds2, rss2) = loop {
+        let _ = scrape(addr);
+        let (f, r) = (fd_count(dpid), rss_kib(dpid));
+        if (f <= fds0 + 2 && r <= rss0 + 2048) || Instant::now() > deadline {
+            break (f, r);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("flood: fds {fds0} -> {fds1} -> {fds2}, rss {rss0} -> {rss2} KiB");
+    assert!(
+        fds2 <= fds0 + 2,
+        "fds {fds0} before the flood, {fds2} after"
+    );
+    assert!(
+        rss2 <= rss0 + 2048,
+        "VmRSS {rss0} KiB before the flood, {rss2} KiB after ({fds1} fds during)"
+    );
     assert_eq!(d.stop(), Some(0), "{}", d.log());
 }

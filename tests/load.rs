@@ -290,7 +290,7 @@ fn write_policy(path: &Path, text: &str) {
 
 fn policy(pids: &[i32], older_than: &str, metrics: SocketAddr) -> String {
     let mut y = format!(
-        "interval: 50ms\ndry_run: false\nlog_format: json\nmetrics: {{listen: \"{metrics}\"}}\n\
+        "interval: 100ms\ndry_run: false\nlog_format: json\nmetrics: {{listen: \"{metrics}\"}}\n\
 limits: {{max_reaps_per_cycle: 1000000, max_reaps_per_minute: 1000000}}\ntargets:\n"
     );
     for (i, pid) in pids.iter().enumerate() {
@@ -468,7 +468,7 @@ fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
         log()
     );
     // Memory across cycles 10..100: the reaps, their release watch (one interval, at
-    // least 1 s, so until about cycle 30) and 70 quiet cycles tracking 2 × N socket fds.
+    // least 1 s, so until about cycle 20) and 80 quiet cycles tracking 2 × N socket fds.
     notify.wait(10, log);
     let rss10 = rss_kib(dpid);
     notify.wait(100, log);

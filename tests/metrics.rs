@@ -282,3 +282,131 @@ fn alert_rules_are_valid_and_use_our_metrics() {
         ),
     }
 }
+
+/// The fds of `target`'s `reaped` actions in the audit log.
+fn reaped_fds(audit: &[serde_json::Value], target: &str) -> std::collections::BTreeSet<i64> {
+    audit
+        .iter()
+        .filter(|a| a["event"] == "action" && a["target"] == target && a["outcome"] == "reaped")
+        .filter_map(|a| a["fd"].as_i64())
+        .collect()
+}
+
+#[test]
+fn two_targets_on_one_process_split_by_port_each_count_and_reap_their_own() {
+    if !require_root("two_targets_on_one_process_split_by_port_each_count_and_reap_their_own") {
+        return;
+    }
+    // One process, three ports: 2 sockets for `api`, 3 for `admin`, 4 for nobody.
+    let mut fx = Fixture::start(&["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"], &[]);
+    let (api, admin, other) = (
+        fx.listen[0].port(),
+        fx.listen[1].port(),
+        fx.listen[2].port(),
+    );
+    let mut clients: Vec<(usize, TcpStream, i32)> = Vec::new();
+    for (idx, n) in [(0, 2), (1, 3), (2, 4)] {
+        for _ in 0..n {
+            let (c, fd) = fx.close_wait(idx);
+            clients.push((idx, c, fd));
+        }
+    }
+    let fds_of = |idx: usize| -> std::collections::BTreeSet<i64> {
+        clients
+            .iter()
+            .filter(|(i, _, _)| *i == idx)
+            .map(|(_, _, fd)| i64::from(*fd))
+            .collect()
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let policy = |older_than: &str| {
+        format!(
+            "interval: 200ms\ndry_run: false\nlog_format: json\nmetrics: {{listen: \"{addr}\"}}\n\
+             audit_log: {{dir}}/audit.jsonl\ntargets:\n\
+             \x20 - name: api\n    match: {{pid: {pid}, local_ports: [{api}]}}\n    older_than: {older_than}\n    action: shutdown\n\
+             \x20 - name: admin\n    match: {{pid: {pid}, local_ports: [{admin}]}}\n    older_than: {older_than}\n    action: shutdown\n",
+            pid = fx.pid()
+        )
+    };
+    let mut d = LoggedDaemon::start("two-targets", &policy("1h"));
+    // Before the threshold: each gauge counts its own sockets, none of the 4 others.
+    let gauge = |s: &prometheus_parse::Scrape, t: &str| {
+        value(s, "cwreap_close_wait_sockets", &[("target", t)])
+    };
+    let s = d.wait_for("both gauges", |_| {
+        let s = scrape(addr)?;
+        (gauge(&s, "api").is_some() && gauge(&s, "admin").is_some()).then_some(s)
+    });
+    assert_eq!(gauge(&s, "api"), Some(2.0), "{}", d.log());
+    assert_eq!(gauge(&s, "admin"), Some(3.0), "{}", d.log());
+    for t in ["api", "admin"] {
+        let oldest = value(&s, "cwreap_close_wait_oldest_seconds", &[("target", t)]);
+        assert!(oldest.is_some_and(|v| v >= 0.0), "{t}: {oldest:?}");
+        // Open fds and the fd limit stay per process: both targets see the whole process.
+        let open = value(&s, "cwreap_process_open_fds", &[("target", t)]).expect("open fds");
+        assert!(open >= 9.0 + 3.0, "{t}: {open} open fds");
+    }
+    assert_eq!(
+        value(&s, "cwreap_process_open_fds", &[("target", "api")]),
+        value(&s, "cwreap_process_open_fds", &[("target", "admin")])
+    );
+
+    // Now old enough: both targets act, each on its own port only.
+    d.reload(&policy("1s"));
+    let s = d.wait_for("5 reaps in the metrics", |_| {
+        let s = scrape(addr)?;
+        let reaped = |t| {
+            value(
+                &s,
+                "cwreap_reaped_total",
+                &[("target", t), ("action", "shutdown"), ("outcome", "reaped")],
+            )
+            .unwrap_or(0.0)
+        };
+        (reaped("api") + reaped("admin") >= 5.0).then_some(s)
+    });
+    let reaped = |t| {
+        value(
+            &s,
+            "cwreap_reaped_total",
+            &[("target", t), ("action", "shutdown"), ("outcome", "reaped")],
+        )
+    };
+    assert_eq!(reaped("api"), Some(2.0), "{}", d.log());
+    assert_eq!(reaped("admin"), Some(3.0), "{}", d.log());
+    let audit = d.audit();
+    assert_eq!(reaped_fds(&audit, "api"), fds_of(0), "{}", d.log());
+    assert_eq!(reaped_fds(&audit, "admin"), fds_of(1), "{}", d.log());
+    for (idx, c, fd) in &mut clients {
+        if *idx < 2 {
+            assert!(
+                reads_eof(c, Duration::from_secs(10)),
+                "fd {fd} not shut down"
+            );
+        }
+    }
+    // The gauges follow: nothing left in either target, and the 4 others untouched.
+    let s = d.wait_for("both gauges at 0", |_| {
+        let s = scrape(addr)?;
+        (gauge(&s, "api") == Some(0.0) && gauge(&s, "admin") == Some(0.0)).then_some(s)
+    });
+    assert!(
+        value(&s, "cwreap_cycle_errors_total", &[]).is_none(),
+        "{}",
+        d.log()
+    );
+    assert_eq!(ss_close_wait_on_port(api) + ss_close_wait_on_port(admin), 0);
+    assert_eq!(
+        ss_close_wait_on_port(other),
+        4,
+        "a socket of no target was touched"
+    );
+    for (idx, c, fd) in &mut clients {
+        if *idx == 2 {
+            assert!(
+                !reads_eof(c, Duration::from_millis(50)),
+                "fd {fd} of no target was shut down"
+            );
+        }
+    }
+}

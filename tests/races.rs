@@ -16,7 +16,7 @@ use cwreap_linux::procfs::ProcFs;
 use cwreap_linux::tcp;
 use support::*;
 
-fn attribute(pid: i32, os: &RealOs) -> Snapshot<std::os::fd::OwnedFd> {
+fn attribute(pid: i32, os: &RealOs) -> Snapshot<cwreap_linux::os::Pinned> {
     let sockets = Diag::new().expect("netlink").close_wait().expect("dump");
     let proc = ProcFs::default();
     let attributor = Attributor {

@@ -11,10 +11,10 @@
 
 mod support;
 
+use cwreap_linux::os::Pinned;
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::OwnedFd;
 use std::sync::Barrier;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use support::*;
 const V4: &str = "127.0.0.1:0";
 
 /// Dump CLOSE_WAIT sockets and attribute them to `pid`, pinning it with a pidfd.
-fn attribute(pid: i32, os: &RealOs) -> Snapshot<OwnedFd> {
+fn attribute(pid: i32, os: &RealOs) -> Snapshot<Pinned> {
     let sockets = Diag::new().expect("netlink").close_wait().expect("dump");
     let proc = ProcFs::default();
     Attributor {

@@ -1,26 +1,38 @@
 //! Discovery: the NETLINK_SOCK_DIAG dump of CLOSE_WAIT TCP sockets.
 //!
 //! Owns the request (kernel-side state filter, INET_DIAG_INFO extension), the receive
-//! loop (large buffer, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP_INTR retry) and the parsing of
-//! one datagram into [`DiagSocket`]s. Parsing takes bytes, not a socket, so it is tested
-//! on fixtures and fuzzed without a kernel.
+//! loop (large buffer, NLMSG_DONE and the error it carries, NLMSG_ERROR, NLM_F_DUMP_INTR
+//! retry, a receive timeout) and the parsing of one datagram into [`DiagSocket`]s. Parsing
+//! takes bytes, not a socket, so it is tested on fixtures and fuzzed without a kernel.
+//!
+//! Every reply is matched to its request: the kernel addresses its answers to our port id
+//! (the one `bind_auto` gave) and echoes the request's sequence number. A message that
+//! carries another sequence number or port id is a stale answer to an earlier request (one
+//! abandoned after an error, say): it is skipped and counted, never taken for this one's,
+//! and its NLMSG_DONE or error does not end this exchange. A socket that saw any error is
+//! not used again: [`crate::netns::Namespaces`] replaces it with a fresh one
+//! ([`Diag::reopen`]), so leftovers of a failed dump are discarded with it.
+//!
+//! A dump is not a snapshot: the kernel walks its hash tables while sockets come and go,
+//! and a socket that moves may be reported twice. Results are deduplicated by cookie.
 
+use std::collections::HashSet;
+use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::time::Duration;
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
-};
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
-use netlink_packet_sock_diag::inet::{
-    ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla,
-};
-use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
+use netlink_packet_core::{NLM_F_DUMP_INTR, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
+use netlink_packet_sock_diag::inet::{InetResponse, StateFlags, nlas::Nla};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
+
+mod request;
+use request::{exact_request, request};
 
 /// A dump arrives in datagrams of up to ~32 KiB; a smaller buffer truncates silently.
 const RECV_BUF: usize = 64 * 1024;
@@ -28,6 +40,12 @@ const RECV_BUF: usize = 64 * 1024;
 const SO_RCVBUF: usize = 4 * 1024 * 1024;
 /// NLM_F_DUMP_INTR means the table changed under the dump: ask again, a bounded number of times.
 const DUMP_RETRIES: usize = 5;
+/// The kernel builds dump datagrams inside our recv(2), so an answer never takes long; the
+/// timeout only keeps a wedged peer (or a fake one) from blocking a cycle for ever.
+pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+/// Datagrams in a row with nothing for the request in flight before the exchange is given
+/// up as out of step.
+const MAX_STALE_DATAGRAMS: usize = 256;
 
 /// One CLOSE_WAIT socket as sock_diag reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +76,18 @@ pub enum DumpError {
     Malformed { offset: usize, reason: String },
     #[error("sock_diag dump kept being interrupted (NLM_F_DUMP_INTR) after {0} attempts")]
     Interrupted(usize),
+    #[error("no answer on the sock_diag socket within {0:?}")]
+    Timeout(Duration),
+    #[error("{0} datagrams in a row held only stale answers (another sequence number or port id)")]
+    OutOfStep(usize),
+}
+
+/// Whose answers a datagram should hold: the request's sequence number, addressed to our
+/// port id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect {
+    pub seq: u32,
+    pub port: u32,
 }
 
 /// What one datagram of a dump told us.
@@ -68,6 +98,10 @@ pub struct Chunk {
     pub done: bool,
     /// A message carried NLM_F_DUMP_INTR: the result is inconsistent and must be redone.
     pub interrupted: bool,
+    /// An NLMSG_ERROR with code 0 was seen: the ACK of a request that asked for one.
+    pub acked: bool,
+    /// Messages skipped as answers to another request (sequence number or port id).
+    pub stale: usize,
 }
 
 /// tcp_info offsets (struct tcp_info in include/uapi/linux/tcp.h). The kernel may send a
@@ -113,8 +147,16 @@ fn from_response(resp: &InetResponse) -> DiagSocket {
     }
 }
 
-/// Parse one datagram of a sock_diag dump. Never panics on arbitrary input.
+/// Parse one datagram of a sock_diag dump, taking every message as ours. Never panics on
+/// arbitrary input.
 pub fn parse_dump(buf: &[u8]) -> Result<Chunk, DumpError> {
+    parse_reply(buf, None)
+}
+
+/// Parse one datagram of answers to the request `expect` describes: messages with another
+/// sequence number or port id are skipped (counted in [`Chunk::stale`]) before their
+/// payload is looked at. `None` takes every message. Never panics on arbitrary input.
+pub fn parse_reply(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpError> {
     let mut chunk = Chunk::default();
     let mut offset = 0usize;
     while offset < buf.len() {
@@ -129,12 +171,23 @@ pub fn parse_dump(buf: &[u8]) -> Result<Chunk, DumpError> {
                 ),
             });
         }
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let word =
+            |at: usize| u32::from_ne_bytes([rest[at], rest[at + 1], rest[at + 2], rest[at + 3]]);
+        let len = word(0) as usize;
         if len < 16 || len > rest.len() {
             return Err(DumpError::Malformed {
                 offset,
                 reason: format!("message length {len} with {} bytes left", rest.len()),
             });
+        }
+        // Messages are 4-byte aligned.
+        let next = offset + ((len + 3) & !3);
+        if let Some(e) = expect
+            && (word(8) != e.seq || word(12) != e.port)
+        {
+            chunk.stale += 1;
+            offset = next;
+            continue;
         }
         let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rest[..len]).map_err(|e| {
             DumpError::Malformed {
@@ -149,93 +202,33 @@ pub fn parse_dump(buf: &[u8]) -> Result<Chunk, DumpError> {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
                 chunk.sockets.push(from_response(&resp));
             }
-            NetlinkPayload::Done(_) => {
+            NetlinkPayload::Done(done) => {
+                // The dump's final status: negative when the kernel gave up part way
+                // (e.g. -ENOBUFS, -EINTR); what came before is then not the whole table.
+                if done.code < 0 {
+                    return Err(DumpError::Kernel(io::Error::from_raw_os_error(
+                        done.code.saturating_neg(),
+                    )));
+                }
                 chunk.done = true;
                 return Ok(chunk);
             }
             NetlinkPayload::Error(err) => {
-                // An error message with code 0 is an ACK; anything else ends the dump.
-                if let Some(code) = err.code {
-                    return Err(DumpError::Kernel(io::Error::from_raw_os_error(-code.get())));
+                // An error message with code 0 is an ACK; anything else ends the exchange.
+                match err.code {
+                    Some(code) => {
+                        return Err(DumpError::Kernel(io::Error::from_raw_os_error(
+                            code.get().saturating_neg(),
+                        )));
+                    }
+                    None => chunk.acked = true,
                 }
             }
             _ => {}
         }
-        // Messages are 4-byte aligned.
-        offset += (len + 3) & !3;
+        offset = next;
     }
     Ok(chunk)
-}
-
-fn request(family: u8, states: StateFlags, seq: u32) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
-    let socket_id = if family == AF_INET {
-        SocketId::new_v4()
-    } else {
-        SocketId::new_v6()
-    };
-    let mut packet = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::INFO,
-            states,
-            socket_id,
-        })
-        .into(),
-    );
-    packet.finalize();
-    let mut buf = vec![0u8; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    buf
-}
-
-/// A request naming one socket exactly (4-tuple and cookie): SOCK_DESTROY when `destroy`,
-/// else a SOCK_DIAG_BY_FAMILY lookup of that one socket.
-fn exact_request(s: &DiagSocket, seq: u32, destroy: bool) -> Vec<u8> {
-    let family = if s.local.is_ipv4() { AF_INET } else { AF_INET6 };
-    let lo = (s.cookie & 0xffff_ffff) as u32;
-    let hi = (s.cookie >> 32) as u32;
-    let mut cookie = [0u8; 8];
-    cookie[..4].copy_from_slice(&lo.to_ne_bytes());
-    cookie[4..].copy_from_slice(&hi.to_ne_bytes());
-    let req = InetRequest {
-        family,
-        protocol: IPPROTO_TCP,
-        extensions: ExtensionFlags::INFO,
-        states: StateFlags::all(),
-        socket_id: SocketId {
-            source_port: s.local.port(),
-            destination_port: s.remote.port(),
-            source_address: s.local.ip(),
-            destination_address: s.remote.ip(),
-            interface_id: 0,
-            cookie,
-        },
-    };
-    let mut header = NetlinkHeader::default();
-    header.sequence_number = seq;
-    if destroy {
-        header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        let mut packet = NetlinkMessage::new(
-            header,
-            NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(req))),
-        );
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        buf
-    } else {
-        header.flags = NLM_F_REQUEST;
-        let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(req).into());
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        buf
-    }
 }
 
 /// Where requests go and answers come from.
@@ -243,7 +236,7 @@ enum Wire {
     /// NETLINK_SOCK_DIAG: the kernel.
     Kernel(Socket),
     /// A datagram socket whose other end plays the kernel (see `Diag::over`).
-    #[cfg(feature = "testing")]
+    #[cfg(any(test, feature = "testing"))]
     Fake(std::os::unix::net::UnixDatagram),
 }
 
@@ -251,18 +244,35 @@ impl Wire {
     fn send(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Wire::Kernel(s) => s.send(buf, 0),
-            #[cfg(feature = "testing")]
+            #[cfg(any(test, feature = "testing"))]
             Wire::Fake(s) => s.send(buf),
         }
     }
 
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// One datagram, and whether it came from the kernel (port id 0). A connected netlink
+    /// socket only accepts the kernel's datagrams anyway; this says so explicitly.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
         match self {
-            Wire::Kernel(s) => s.recv(&mut &mut buf[..], 0),
-            #[cfg(feature = "testing")]
-            Wire::Fake(s) => s.recv(buf),
+            Wire::Kernel(s) => {
+                let (n, from) = s.recv_from(&mut &mut buf[..], 0)?;
+                Ok((n, from.port_number() == 0))
+            }
+            #[cfg(any(test, feature = "testing"))]
+            Wire::Fake(s) => Ok((s.recv(buf)?, true)),
         }
     }
+}
+
+/// How a [`Diag`] came to be, so a fresh one can be made the same way ([`Diag::reopen`]).
+enum Origin {
+    /// In cwreap's own network namespace.
+    Own,
+    /// Inside the namespace this file (/proc/PID/ns/net, opened once) refers to. Holding it
+    /// keeps nothing alive that the socket does not: a socket pins its namespace too.
+    Netns(File),
+    /// A fake kernel: there is nothing to reopen.
+    #[cfg(any(test, feature = "testing"))]
+    Fake,
 }
 
 /// A sock_diag netlink socket of the network namespace it was created in.
@@ -270,7 +280,12 @@ pub struct Diag {
     socket: Wire,
     buf: Vec<u8>,
     seq: u32,
+    /// Our port id: the kernel addresses its answers to it.
+    port: u32,
     netns: u64,
+    origin: Origin,
+    /// How long one recv may wait ([`RECV_TIMEOUT`]).
+    timeout: Duration,
 }
 
 /// Inode of the network namespace behind a /proc/<pid>/ns/net style path.
@@ -278,64 +293,114 @@ pub fn netns_inode(path: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
 }
 
+fn own_netns() -> Option<u64> {
+    netns_inode(Path::new("/proc/self/ns/net")).ok()
+}
+
 impl Diag {
     /// A socket in our own network namespace.
     pub fn new() -> io::Result<Self> {
-        let netns = netns_inode(Path::new("/proc/self/ns/net")).unwrap_or(0);
-        Self::create(netns)
+        Self::create(own_netns().unwrap_or(0), Origin::Own)
     }
 
-    fn create(netns: u64) -> io::Result<Self> {
+    fn create(netns: u64, origin: Origin) -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-        socket.bind_auto()?;
+        let port = socket.bind_auto()?.port_number();
         socket.connect(&NlAddr::new(0, 0))?;
         // Best effort: a larger kernel buffer only saves wakeups.
         let _ = socket.set_rx_buf_sz(SO_RCVBUF);
+        rustix::net::sockopt::set_socket_timeout(
+            &socket,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(RECV_TIMEOUT),
+        )?;
         Ok(Self {
             socket: Wire::Kernel(socket),
             buf: vec![0u8; RECV_BUF],
             seq: 0,
+            port,
             netns,
+            origin,
+            timeout: RECV_TIMEOUT,
         })
     }
 
     /// A socket inside the network namespace at `ns_path` (e.g. /proc/PID/ns/net).
+    pub fn in_netns(ns_path: &Path) -> io::Result<Self> {
+        let file = File::open(ns_path)?;
+        let netns = file.metadata()?.ino();
+        if own_netns() == Some(netns) {
+            return Self::create(netns, Origin::Own);
+        }
+        Self::enter(file, netns)
+    }
+
     /// A netlink socket sees only the namespace it was created in, so a short-lived thread
     /// joins the namespace, creates the socket and ends; the rest of cwreap stays put.
-    pub fn in_netns(ns_path: &Path) -> io::Result<Self> {
-        let file = std::fs::File::open(ns_path)?;
-        let netns = file.metadata()?.ino();
-        if netns_inode(Path::new("/proc/self/ns/net")).ok() == Some(netns) {
-            return Self::create(netns);
-        }
+    fn enter(file: File, netns: u64) -> io::Result<Self> {
         std::thread::scope(|scope| {
             scope
-                .spawn(|| {
+                .spawn(move || {
                     crate::sys::join_netns(file.as_fd())?;
-                    Self::create(netns)
+                    Self::create(netns, Origin::Netns(file))
                 })
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
         })
     }
 
+    /// A fresh socket of the same namespace, made the way this one was: the one to use
+    /// after an error, whose leftovers go away with this one.
+    pub fn reopen(&self) -> io::Result<Self> {
+        match &self.origin {
+            Origin::Own => Self::create(self.netns, Origin::Own),
+            Origin::Netns(file) => Self::enter(file.try_clone()?, self.netns),
+            #[cfg(any(test, feature = "testing"))]
+            Origin::Fake => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a fake kernel cannot be reopened",
+            )),
+        }
+    }
+
     /// A Diag that talks to whatever answers on the other end of `peer` (a connected unix
-    /// datagram socket) instead of the kernel. A seam for tests of the receive loop: the
-    /// kernel's inet_diag dump never sets NLM_F_DUMP_INTR, so the retry cannot be provoked
-    /// for real; a fake kernel can send it, and malformed or truncated dumps too.
-    #[cfg(feature = "testing")]
+    /// datagram socket) instead of the kernel; its port id is 0. A seam for tests of the
+    /// receive loop: the kernel's inet_diag dump never sets NLM_F_DUMP_INTR, so the retry
+    /// cannot be provoked for real; a fake kernel can send it, stale or malformed answers
+    /// too. It cannot be reopened.
+    #[cfg(any(test, feature = "testing"))]
     pub fn over(peer: std::os::unix::net::UnixDatagram, netns: u64) -> Self {
+        // Best effort, like the kernel socket's: a fake that never answers times out.
+        let _ = peer.set_read_timeout(Some(RECV_TIMEOUT));
         Self {
             socket: Wire::Fake(peer),
             buf: vec![0u8; RECV_BUF],
             seq: 0,
+            port: 0,
             netns,
+            origin: Origin::Fake,
+            timeout: RECV_TIMEOUT,
         }
+    }
+
+    /// Wait at most `timeout` for each answer of a fake kernel (tests of a silent peer).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        if let Wire::Fake(s) = &self.socket {
+            let _ = s.set_read_timeout(Some(timeout));
+            self.timeout = timeout;
+        }
+        self
     }
 
     /// The network namespace this socket reports on.
     pub fn netns(&self) -> u64 {
         self.netns
+    }
+
+    /// Our netlink port id (0 for a fake kernel).
+    pub fn port(&self) -> u32 {
+        self.port
     }
 
     /// Every CLOSE_WAIT TCP socket, IPv4 and IPv6, with tcp_info.
@@ -353,20 +418,83 @@ impl Diag {
         for family in [AF_INET, AF_INET6] {
             out.extend(self.dump_family(family, states.clone())?);
         }
+        let mut seen = HashSet::with_capacity(out.len());
+        out.retain(|s| seen.insert(s.cookie));
         for s in &mut out {
             s.netns = self.netns;
         }
         Ok(out)
     }
 
+    fn next_seq(&mut self) -> Expect {
+        self.seq = self.seq.wrapping_add(1);
+        Expect {
+            seq: self.seq,
+            port: self.port,
+        }
+    }
+
+    /// Send `req` and read answers to it until `enough` says so, skipping anything that is
+    /// not an answer to it. The first error ends the exchange.
+    fn exchange(
+        &mut self,
+        req: &[u8],
+        expect: Expect,
+        enough: impl Fn(&Chunk) -> bool,
+    ) -> Result<Chunk, DumpError> {
+        self.socket.send(req)?;
+        let mut all = Chunk::default();
+        let mut idle = 0usize;
+        loop {
+            let (n, from_kernel) = match self.socket.recv(&mut self.buf) {
+                Ok(r) => r,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(DumpError::Timeout(self.timeout));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return Err(DumpError::Malformed {
+                    offset: 0,
+                    reason: "empty datagram before the answer was complete".into(),
+                });
+            }
+            let chunk = if from_kernel {
+                parse_reply(&self.buf[..n], Some(expect))?
+            } else {
+                Chunk {
+                    stale: 1,
+                    ..Chunk::default()
+                }
+            };
+            let useful = !chunk.sockets.is_empty() || chunk.done || chunk.acked;
+            idle = if useful { 0 } else { idle + 1 };
+            all.sockets.extend(chunk.sockets);
+            all.interrupted |= chunk.interrupted;
+            all.done |= chunk.done;
+            all.acked |= chunk.acked;
+            all.stale += chunk.stale;
+            if enough(&all) {
+                return Ok(all);
+            }
+            if idle >= MAX_STALE_DATAGRAMS {
+                return Err(DumpError::OutOfStep(idle));
+            }
+        }
+    }
+
     /// The socket as the kernel sees it now, found by its exact 4-tuple and cookie; None
     /// when it no longer exists.
     pub fn lookup(&mut self, s: &DiagSocket) -> Result<Option<DiagSocket>, DumpError> {
-        self.seq = self.seq.wrapping_add(1);
-        let req = exact_request(s, self.seq, false);
-        self.socket.send(&req)?;
-        let n = self.socket.recv(&mut self.buf)?;
-        match parse_dump(&self.buf[..n]) {
+        let expect = self.next_seq();
+        let req = exact_request(s, expect.seq, false);
+        // Not a dump: one answer, or an error (ENOENT when the socket is gone).
+        match self.exchange(&req, expect, |c| !c.sockets.is_empty() || c.done || c.acked) {
             Ok(chunk) => Ok(chunk.sockets.into_iter().next().map(|mut found| {
                 found.netns = self.netns;
                 found
@@ -380,11 +508,10 @@ impl Diag {
     /// touching any process. Needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY; the kernel
     /// matches the exact 4-tuple and the cookie, so only this very socket can be hit.
     pub fn destroy(&mut self, s: &DiagSocket) -> Result<(), DumpError> {
-        self.seq = self.seq.wrapping_add(1);
-        let req = exact_request(s, self.seq, true);
-        self.socket.send(&req)?;
-        let n = self.socket.recv(&mut self.buf)?;
-        parse_dump(&self.buf[..n]).map(|_| ())
+        let expect = self.next_seq();
+        let req = exact_request(s, expect.seq, true);
+        self.exchange(&req, expect, |c| c.acked || c.done)
+            .map(|_| ())
     }
 
     fn dump_family(
@@ -406,27 +533,10 @@ impl Diag {
         family: u8,
         states: StateFlags,
     ) -> Result<Option<Vec<DiagSocket>>, DumpError> {
-        self.seq = self.seq.wrapping_add(1);
-        let req = request(family, states, self.seq);
-        self.socket.send(&req)?;
-        let mut sockets = Vec::new();
-        let mut interrupted = false;
-        loop {
-            let n = self.socket.recv(&mut self.buf)?;
-            if n == 0 {
-                return Err(DumpError::Malformed {
-                    offset: 0,
-                    reason: "empty datagram before NLMSG_DONE".into(),
-                });
-            }
-            let chunk = parse_dump(&self.buf[..n])?;
-            sockets.extend(chunk.sockets);
-            interrupted |= chunk.interrupted;
-            if chunk.done {
-                break;
-            }
-        }
-        Ok(if interrupted { None } else { Some(sockets) })
+        let expect = self.next_seq();
+        let req = request(family, states, expect.seq);
+        let chunk = self.exchange(&req, expect, |c| c.done)?;
+        Ok((!chunk.interrupted).then_some(chunk.sockets))
     }
 }
 
@@ -441,12 +551,17 @@ mod tests {
     const NLM_F_MULTI: u16 = 2;
 
     fn nlmsghdr(len: u32, kind: u16, flags: u16) -> Vec<u8> {
+        nlmsghdr_to(len, kind, flags, 7, 0)
+    }
+
+    /// A header answering request `seq`, addressed to port id `pid`.
+    fn nlmsghdr_to(len: u32, kind: u16, flags: u16, seq: u32, pid: u32) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(&len.to_ne_bytes()); // nlmsg_len: header + payload
         b.extend_from_slice(&kind.to_ne_bytes()); // nlmsg_type
         b.extend_from_slice(&flags.to_ne_bytes()); // nlmsg_flags
-        b.extend_from_slice(&7u32.to_ne_bytes()); // nlmsg_seq
-        b.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
+        b.extend_from_slice(&seq.to_ne_bytes()); // nlmsg_seq: the request's
+        b.extend_from_slice(&pid.to_ne_bytes()); // nlmsg_pid: the receiver's port id
         b
     }
 
@@ -594,6 +709,212 @@ mod tests {
             }
             let _ = parse_dump(&buf);
         }
+    }
+
+    /// `msg` readdressed: answering request `seq`, to port id `pid`.
+    fn to(mut msg: Vec<u8>, seq: u32, pid: u32) -> Vec<u8> {
+        msg[8..12].copy_from_slice(&seq.to_ne_bytes()); // nlmsg_seq
+        msg[12..16].copy_from_slice(&pid.to_ne_bytes()); // nlmsg_pid
+        msg
+    }
+
+    /// A CLOSE_WAIT answer whose cookie (and inode) is `id`.
+    fn socket_msg(id: u32, seq: u32, pid: u32) -> Vec<u8> {
+        let mut m = to(close_wait_msg(NLM_F_MULTI, 232), seq, pid);
+        // nlmsghdr (16) + family, state, timer, retrans (4) + ports (4) + addresses (32)
+        // + interface (4): the cookie's low half is at 60, the inode at 84.
+        m[60..64].copy_from_slice(&id.to_ne_bytes()); // id.idiag_cookie[0]
+        m[64..68].copy_from_slice(&0u32.to_ne_bytes()); // id.idiag_cookie[1]
+        m[84..88].copy_from_slice(&id.to_ne_bytes()); // idiag_inode
+        m
+    }
+
+    /// NLMSG_DONE of request `seq` to port `pid`, with the dump's final status.
+    fn done_with(status: i32, seq: u32, pid: u32) -> Vec<u8> {
+        let mut b = nlmsghdr_to(20, NLMSG_DONE, NLM_F_MULTI, seq, pid);
+        b.extend_from_slice(&status.to_ne_bytes()); // int: 0, or -errno when the dump failed
+        b
+    }
+
+    /// NLMSG_ERROR of request `seq` to port `pid`: `code` 0 is an ACK.
+    fn error_with(code: i32, seq: u32, pid: u32) -> Vec<u8> {
+        let mut b = nlmsghdr_to(36, NLMSG_ERROR, 0, seq, pid);
+        b.extend_from_slice(&code.to_ne_bytes()); // nlmsgerr.error: -errno, or 0 for an ACK
+        b.extend_from_slice(&nlmsghdr_to(16, SOCK_DIAG_BY_FAMILY, 0, seq, pid)); // nlmsgerr.msg
+        b
+    }
+
+    const OURS: Expect = Expect { seq: 7, port: 4242 };
+
+    #[test]
+    fn answers_to_another_request_or_port_are_skipped() {
+        let mut buf = socket_msg(1, 6, 4242); // an earlier request's answer
+        buf.extend(socket_msg(2, 7, 99)); // right sequence number, someone else's port
+        buf.extend(done_with(0, 6, 4242)); // the earlier request's end: not ours
+        buf.extend(error_with(-libc::EPERM, 5, 4242)); // an earlier request's error
+        buf.extend(socket_msg(3, 7, 4242)); // ours
+        buf.extend(done_with(0, 7, 4242)); // ours: the end
+        let chunk = parse_reply(&buf, Some(OURS)).expect("valid reply");
+        let cookies: Vec<u64> = chunk.sockets.iter().map(|s| s.cookie).collect();
+        assert_eq!(cookies, [3]);
+        assert_eq!(chunk.stale, 4);
+        assert!(chunk.done);
+        // Without an expectation every message counts (the fuzzed entry point), and the
+        // first DONE ends the datagram.
+        let all = parse_dump(&buf).expect("valid dump");
+        assert_eq!(all.sockets.len(), 2);
+        assert!(all.done && all.stale == 0);
+    }
+
+    #[test]
+    fn the_error_in_done_is_a_kernel_error() {
+        let mut buf = socket_msg(1, 7, 4242);
+        buf.extend(done_with(-libc::ENOBUFS, 7, 4242));
+        match parse_reply(&buf, Some(OURS)) {
+            Err(DumpError::Kernel(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS)),
+            other => panic!("expected a kernel error, got {other:?}"),
+        }
+        // Status 0, and a DONE without a status at all (length 16), both end cleanly.
+        assert!(
+            parse_reply(&done_with(0, 7, 4242), Some(OURS))
+                .expect("ok")
+                .done
+        );
+        let bare = nlmsghdr_to(16, NLMSG_DONE, NLM_F_MULTI, 7, 4242);
+        assert!(parse_reply(&bare, Some(OURS)).expect("ok").done);
+    }
+
+    #[test]
+    fn an_ack_is_not_an_error() {
+        let chunk = parse_reply(&error_with(0, 7, 4242), Some(OURS)).expect("an ACK");
+        assert!(chunk.acked && !chunk.done && chunk.sockets.is_empty());
+        assert!(matches!(
+            parse_reply(&error_with(-libc::EOPNOTSUPP, 7, 4242), Some(OURS)),
+            Err(DumpError::Kernel(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+        ));
+    }
+
+    /// A fake kernel on a socketpair: for the n-th request (from 0), with its sequence
+    /// number, the datagrams `script` gives. Answers `requests` requests, then ends (a
+    /// datagram socket sees no EOF when the other side closes); a recv timeout guards it.
+    fn fake_kernel(
+        requests: usize,
+        script: impl Fn(usize, u32) -> Vec<Vec<u8>> + Send + 'static,
+    ) -> (Diag, std::thread::JoinHandle<usize>) {
+        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().expect("socketpair");
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("fake kernel timeout");
+        let kernel = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut n = 0;
+            while n < requests
+                && let Ok(len) = theirs.recv(&mut buf)
+            {
+                if len < 16 {
+                    break;
+                }
+                let seq = u32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]); // nlmsg_seq
+                for dgram in script(n, seq) {
+                    if theirs.send(&dgram).is_err() {
+                        return n;
+                    }
+                }
+                n += 1;
+            }
+            n
+        });
+        (Diag::over(ours, 77), kernel)
+    }
+
+    #[test]
+    fn a_dump_skips_stale_datagrams_and_reports_each_socket_once() {
+        // The fake's port id is 0 (see Diag::over).
+        let (mut diag, kernel) = fake_kernel(2, |n, seq| match n {
+            // IPv4: first the tail of an abandoned earlier dump, then ours in two
+            // datagrams; socket 2 moved while the kernel walked and shows up twice.
+            0 => vec![
+                [
+                    socket_msg(9, seq.wrapping_sub(1), 0),
+                    done_with(0, seq.wrapping_sub(1), 0),
+                ]
+                .concat(),
+                [socket_msg(1, seq, 0), socket_msg(2, seq, 0)].concat(),
+                [
+                    socket_msg(2, seq, 0),
+                    socket_msg(3, seq, 0),
+                    done_with(0, seq, 0),
+                ]
+                .concat(),
+            ],
+            // IPv6: nothing.
+            _ => vec![done_with(0, seq, 0)],
+        });
+        let sockets = diag.close_wait().expect("dump");
+        let cookies: Vec<u64> = sockets.iter().map(|s| s.cookie).collect();
+        assert_eq!(cookies, [1, 2, 3]);
+        assert!(sockets.iter().all(|s| s.netns == 77));
+        drop(diag);
+        assert_eq!(
+            kernel.join().expect("fake kernel"),
+            2,
+            "one request per family"
+        );
+    }
+
+    #[test]
+    fn lookup_and_destroy_wait_for_their_own_answer() {
+        let (mut diag, kernel) = fake_kernel(3, |n, seq| match n {
+            // lookup: an earlier request's ENOENT must not pass for this one's answer.
+            0 => vec![
+                error_with(-libc::ENOENT, seq.wrapping_sub(1), 0),
+                to(close_wait_msg(0, 232), seq, 0),
+            ],
+            // destroy: a stale ACK, then ours.
+            1 => vec![error_with(0, seq.wrapping_sub(1), 0), error_with(0, seq, 0)],
+            // destroy: refused.
+            _ => vec![error_with(-libc::EPERM, seq, 0)],
+        });
+        let want = parse_dump(&close_wait_msg(0, 232))
+            .expect("valid")
+            .sockets
+            .remove(0);
+        let found = diag.lookup(&want).expect("lookup").expect("still there");
+        assert_eq!(found.cookie, want.cookie);
+        diag.destroy(&want).expect("acked");
+        assert!(
+            matches!(diag.destroy(&want), Err(DumpError::Kernel(e)) if e.raw_os_error() == Some(libc::EPERM))
+        );
+        drop(diag);
+        assert_eq!(kernel.join().expect("fake kernel"), 3);
+    }
+
+    #[test]
+    fn a_silent_or_out_of_step_peer_ends_the_exchange() {
+        let (diag, _kernel) = fake_kernel(1, |_, _| Vec::new());
+        let mut diag = diag.with_timeout(Duration::from_millis(50));
+        assert!(matches!(diag.close_wait(), Err(DumpError::Timeout(_))));
+        // Answers that are never ours: given up after a bounded number of datagrams.
+        let (mut diag, _kernel) = fake_kernel(1, |_, seq| {
+            (0..MAX_STALE_DATAGRAMS + 10)
+                .map(|_| done_with(0, seq.wrapping_add(100), 0))
+                .collect()
+        });
+        assert!(
+            matches!(diag.close_wait(), Err(DumpError::OutOfStep(n)) if n == MAX_STALE_DATAGRAMS)
+        );
+    }
+
+    #[test]
+    fn reopen_gives_a_fresh_socket_of_the_same_namespace() {
+        let diag = Diag::new().expect("sock_diag socket");
+        let mut fresh = diag.reopen().expect("reopen");
+        assert_eq!(fresh.netns(), diag.netns());
+        assert_ne!(fresh.port(), diag.port(), "a new socket, not the old one");
+        assert_ne!(fresh.port(), 0);
+        fresh.close_wait().expect("the fresh socket dumps");
+        let (fake, _kernel) = fake_kernel(0, |_, _| Vec::new());
+        assert!(fake.reopen().is_err(), "a fake kernel cannot be reopened");
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Discovery across network namespaces: one sock_diag socket per distinct
 //! /proc/<pid>/ns/net among the processes of interest, kept open for later lookups and
 //! SOCK_DESTROY in the same namespace (it is the real [`SocketKiller`]).
+//!
+//! A socket that saw any error (a failed or cut dump, a timeout, a kernel error) is never
+//! used again: it is replaced at once by a fresh socket of the same namespace, so whatever
+//! the kernel had still queued for it is dropped with it. When no fresh one can be made,
+//! the namespace is left uncovered until the next [`Namespaces::cover`].
 
 use std::collections::BTreeMap;
 use std::io;
@@ -57,7 +62,7 @@ impl Namespaces {
         }
         let mut wanted: BTreeMap<u64, PathBuf> = BTreeMap::new();
         for &pid in pids {
-            let path = proc.root().join(pid.to_string()).join("ns/net");
+            let path = proc.netns_path(pid);
             if let Ok(meta) = std::fs::metadata(&path) {
                 wanted.entry(meta.ino()).or_insert(path);
             }
@@ -88,7 +93,7 @@ impl Namespaces {
 
     /// Use `d` for its network namespace from now on, instead of a socket of our own. A
     /// seam for tests (see `Diag::over`); [`Namespaces::cover`] keeps it.
-    #[cfg(feature = "testing")]
+    #[cfg(any(test, feature = "testing"))]
     pub fn insert(&mut self, d: Diag) {
         self.diags.insert(d.netns(), d);
     }
@@ -107,11 +112,13 @@ impl Namespaces {
         self.diags.keys().copied()
     }
 
-    /// Dump every covered namespace. A namespace that fails is recorded and skipped.
+    /// Dump every covered namespace. A namespace that fails is recorded and skipped, and
+    /// its socket replaced (see the module notes).
     pub fn dump(&mut self) -> Result<Found, DumpError> {
         let mut found = Found::default();
         let mut dumped = 0usize;
         let mut last_err = None;
+        let mut broken = Vec::new();
         for (ino, d) in self.diags.iter_mut() {
             match d.close_wait() {
                 Ok(cw) => {
@@ -119,21 +126,58 @@ impl Namespaces {
                     if cw.iter().any(|s| s.inode == 0) {
                         match d.listeners() {
                             Ok(l) => found.listeners.extend(l),
-                            Err(e) => self.failures.push((*ino, e.to_string())),
+                            Err(e) => {
+                                self.failures.push((*ino, e.to_string()));
+                                broken.push(*ino);
+                            }
                         }
                     }
                     found.close_wait.extend(cw);
                 }
                 Err(e) => {
                     self.failures.push((*ino, e.to_string()));
+                    broken.push(*ino);
                     last_err = Some(e);
                 }
             }
+        }
+        for ino in broken {
+            self.renew(ino);
         }
         match (dumped, last_err) {
             (0, Some(e)) => Err(e),
             _ => Ok(found),
         }
+    }
+
+    /// Replace the socket of `netns` with a fresh one after an error; drop it when none can
+    /// be made (the next [`Namespaces::cover`] tries again).
+    fn renew(&mut self, netns: u64) {
+        let Some(old) = self.diags.remove(&netns) else {
+            return;
+        };
+        if let Ok(fresh) = old.reopen() {
+            self.diags.insert(netns, fresh);
+        }
+    }
+
+    /// Run `op` on the socket of `s`'s namespace, renewing that socket if it fails.
+    fn with_diag<T>(
+        &mut self,
+        s: &DiagSocket,
+        op: impl FnOnce(&mut Diag, &DiagSocket) -> Result<T, DumpError>,
+    ) -> io::Result<T> {
+        let d = self.get_mut(s.netns).ok_or_else(|| {
+            io::Error::other(format!(
+                "no sock_diag socket for network namespace {}",
+                s.netns
+            ))
+        })?;
+        let res = op(d, s);
+        if res.is_err() {
+            self.renew(s.netns);
+        }
+        res.map_err(to_io)
     }
 }
 
@@ -146,23 +190,11 @@ fn to_io(e: DumpError) -> io::Error {
 
 impl SocketKiller for Namespaces {
     fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>> {
-        let d = self.get_mut(s.netns).ok_or_else(|| {
-            io::Error::other(format!(
-                "no sock_diag socket for network namespace {}",
-                s.netns
-            ))
-        })?;
-        d.lookup(s).map_err(to_io)
+        self.with_diag(s, Diag::lookup)
     }
 
     fn destroy(&mut self, s: &DiagSocket) -> io::Result<()> {
-        let d = self.get_mut(s.netns).ok_or_else(|| {
-            io::Error::other(format!(
-                "no sock_diag socket for network namespace {}",
-                s.netns
-            ))
-        })?;
-        d.destroy(s).map_err(to_io)
+        self.with_diag(s, Diag::destroy)
     }
 }
 
@@ -225,4 +257,63 @@ fn in_netns<T: Send>(path: &std::path::Path, f: impl FnOnce() -> T + Send) -> io
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    /// A fake kernel that ends the first dump it is asked for with an error in NLMSG_DONE,
+    /// then sends what a confused kernel might still have queued.
+    fn failing_kernel() -> (UnixDatagram, std::thread::JoinHandle<()>) {
+        let (ours, theirs) = UnixDatagram::pair().expect("socketpair");
+        let thread = std::thread::spawn(move || {
+            let _ = theirs.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = [0u8; 4096];
+            let Ok(n) = theirs.recv(&mut buf) else { return };
+            if n < 16 {
+                return;
+            }
+            let seq = [buf[8], buf[9], buf[10], buf[11]]; // nlmsg_seq of the request
+            let mut done = Vec::new();
+            done.extend_from_slice(&20u32.to_ne_bytes()); // nlmsg_len
+            done.extend_from_slice(&3u16.to_ne_bytes()); // nlmsg_type: NLMSG_DONE
+            done.extend_from_slice(&2u16.to_ne_bytes()); // nlmsg_flags: NLM_F_MULTI
+            done.extend_from_slice(&seq); // nlmsg_seq
+            done.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the fake's port id
+            done.extend_from_slice(&(-libc::EIO).to_ne_bytes()); // the dump's status
+            let _ = theirs.send(&done);
+            let _ = theirs.send(&done); // a leftover
+        });
+        (ours, thread)
+    }
+
+    #[test]
+    fn a_namespace_whose_dump_fails_is_recorded_and_its_socket_not_reused() {
+        let mut ns = Namespaces::own().expect("own namespace");
+        let own: Vec<u64> = ns.inodes().collect();
+        let (wire, kernel) = failing_kernel();
+        ns.insert(Diag::over(wire, 77));
+        let found = ns.dump().expect("the healthy namespace still dumps");
+        assert!(found.close_wait.iter().all(|s| s.netns != 77));
+        assert_eq!(ns.failures.len(), 1, "{:?}", ns.failures);
+        assert_eq!(ns.failures[0].0, 77);
+        assert!(ns.failures[0].1.contains("error"), "{:?}", ns.failures);
+        // A fake cannot be reopened: the namespace is dropped, never dumped again through
+        // the socket that still holds the leftover.
+        assert!(ns.get_mut(77).is_none());
+        assert_eq!(ns.inodes().collect::<Vec<_>>(), own);
+        let _ = kernel.join();
+        // Only failing namespaces: the dump itself fails.
+        let mut lone = Namespaces::default();
+        let (wire, kernel) = failing_kernel();
+        lone.insert(Diag::over(wire, 78));
+        assert!(
+            matches!(lone.dump(), Err(DumpError::Kernel(e)) if e.raw_os_error() == Some(libc::EIO))
+        );
+        assert!(lone.get_mut(78).is_none());
+        let _ = kernel.join();
+    }
 }

@@ -29,10 +29,44 @@ pub trait Os {
     type Dup;
 
     fn open_process(&self, pid: i32) -> io::Result<Self::Process>;
+    /// Reach the process's fds through its thread `tid` from now on. Needed once the
+    /// thread-group leader has exited: duplicating through the process then fails (ESRCH),
+    /// while every live thread shares the fd table. Pin the thread before reading its fd
+    /// table, like the process. A fake may keep this default, which changes nothing.
+    fn pin_thread(&self, process: &mut Self::Process, tid: i32) -> io::Result<()> {
+        let _ = (process, tid);
+        Ok(())
+    }
+    /// Whether the process has not exited (its thread group, not one thread of it).
     fn alive(&self, process: &Self::Process) -> bool;
     fn duplicate(&self, process: &Self::Process, fd: i32) -> io::Result<Self::Dup>;
     fn identify(&self, dup: &Self::Dup) -> io::Result<Identity>;
     fn shutdown(&self, dup: &Self::Dup) -> io::Result<()>;
+}
+
+/// A process pinned by [`RealOs`]: its pidfd, and once its thread-group leader has
+/// exited, the pidfd of a live thread (PIDFD_THREAD) that duplication goes through. As an
+/// fd it is the process's pidfd (signals, liveness, ptrace).
+#[derive(Debug)]
+pub struct Pinned {
+    pub pidfd: OwnedFd,
+    /// (tid, pidfd of that thread).
+    pub thread: Option<(i32, OwnedFd)>,
+}
+
+impl AsFd for Pinned {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+}
+
+impl Pinned {
+    /// The fd duplication goes through: the thread's when one is pinned.
+    pub fn getfd_via(&self) -> BorrowedFd<'_> {
+        self.thread
+            .as_ref()
+            .map_or(self.pidfd.as_fd(), |(_, fd)| fd.as_fd())
+    }
 }
 
 /// The real thing: pidfd_open, pidfd_getfd, fstat, SO_COOKIE, TCP_INFO, shutdown.
@@ -40,19 +74,27 @@ pub trait Os {
 pub struct RealOs;
 
 impl Os for RealOs {
-    type Process = OwnedFd;
+    type Process = Pinned;
     type Dup = OwnedFd;
 
-    fn open_process(&self, pid: i32) -> io::Result<OwnedFd> {
-        sys::pidfd_open(pid)
+    fn open_process(&self, pid: i32) -> io::Result<Pinned> {
+        Ok(Pinned {
+            pidfd: sys::pidfd_open(pid)?,
+            thread: None,
+        })
     }
 
-    fn alive(&self, process: &OwnedFd) -> bool {
-        sys::pidfd_alive(process.as_fd())
+    fn pin_thread(&self, process: &mut Pinned, tid: i32) -> io::Result<()> {
+        process.thread = Some((tid, sys::pidfd_open_thread(tid)?));
+        Ok(())
     }
 
-    fn duplicate(&self, process: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
-        sys::pidfd_getfd(process.as_fd(), fd)
+    fn alive(&self, process: &Pinned) -> bool {
+        sys::pidfd_alive(process.pidfd.as_fd())
+    }
+
+    fn duplicate(&self, process: &Pinned, fd: i32) -> io::Result<OwnedFd> {
+        sys::pidfd_getfd(process.getfd_via(), fd)
     }
 
     fn identify(&self, dup: &OwnedFd) -> io::Result<Identity> {

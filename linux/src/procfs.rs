@@ -5,6 +5,12 @@
 //! [`ProcFs`] takes the root it reads from, so parsing is tested on plain directories. A
 //! process that vanishes or cannot be read yields an error for that process only; callers
 //! skip and count it. The `parse_*` functions take text, not files.
+//!
+//! A process whose thread-group leader has exited (`pthread_exit` in main) lives on in its
+//! other threads, but the leader's entries go blank: /proc/PID/fd is empty, ns/net, exe
+//! and cmdline cannot be read. Its fds are then read through a live thread,
+//! /proc/PID/task/TID/fd (see [`ProcFs::fd_thread`]); [`ProcFs::exe`], [`ProcFs::cmdline`],
+//! [`ProcFs::netns_path`] and [`ProcFs::fd_socket_inode`] fall back to it by themselves.
 
 use std::collections::HashSet;
 use std::fs;
@@ -78,58 +84,141 @@ impl ProcFs {
         Ok(fs::metadata(self.pid_path(pid, ""))?.uid())
     }
 
-    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets. One
-    /// directory fd, getdents, and a readlinkat relative to it per entry into a stack
-    /// buffer: no path is resolved twice and nothing is allocated per fd.
-    pub fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
-        use rustix::fs::{Dir, Mode, OFlags, openat, readlinkat_raw};
-        let dirfd = openat(
-            rustix::fs::CWD,
-            self.pid_path(pid, "fd").as_path(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let mut dir = Dir::new(dirfd)?;
-        let mut table = FdTable::default();
-        // "socket:[18446744073709551615]" is 29 bytes; anything longer is not a socket.
-        let mut buf = [0u8; 64];
-        while let Some(entry) = dir.read() {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(fd) = std::str::from_utf8(name.to_bytes())
-                .ok()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue; // "." and ".."
-            };
-            table.open += 1;
-            let Ok(dfd) = dir.fd() else { continue };
-            // The fd may be closed between getdents and readlinkat: skip it.
-            let Ok(n) = readlinkat_raw(dfd, name, &mut buf[..]) else {
-                continue;
-            };
-            if let Some(inode) = buf
-                .get(..n)
-                .and_then(|b| std::str::from_utf8(b).ok())
-                .and_then(parse_socket_link)
-            {
-                table.sockets.push((fd, inode));
-            }
-        }
-        table.sockets.sort_unstable();
-        Ok(table)
+    fn task_path(&self, pid: i32, tid: i32, leaf: &str) -> PathBuf {
+        self.pid_path(pid, &format!("task/{tid}/{leaf}"))
     }
 
+    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets. Empty when
+    /// the thread-group leader has exited (see [`ProcFs::fd_thread`]).
+    pub fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
+        read_fd_dir(&self.pid_path(pid, "fd"))
+    }
+
+    /// Walk /proc/<pid>/task/<tid>/fd: the fds of the process as thread `tid` sees them
+    /// (the same table, unless the thread unshared it with `unshare(CLONE_FILES)`).
+    pub fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable> {
+        read_fd_dir(&self.task_path(pid, tid, "fd"))
+    }
+
+    /// Whether the thread-group leader of `pid` has exited (zombie, `Z` or `X`) while the
+    /// process lives on in other threads.
+    pub fn leader_exited(&self, pid: i32) -> bool {
+        matches!(self.task_state(pid, pid), Ok(Some('Z' | 'X')))
+    }
+
+    /// A live thread (not a zombie) of `pid` other than the leader, lowest tid first.
+    pub fn live_thread(&self, pid: i32) -> Option<i32> {
+        let mut tids = self.tasks(pid).ok()?;
+        tids.sort_unstable();
+        tids.into_iter()
+            .filter(|&t| t != pid)
+            .find(|&t| matches!(self.task_state(pid, t), Ok(Some(s)) if s != 'Z' && s != 'X'))
+    }
+
+    /// The thread to read `pid`'s fds through, when its leader cannot show them: the leader
+    /// has exited and another thread lives. None for an ordinary process.
+    pub fn fd_thread(&self, pid: i32) -> Option<i32> {
+        if self.leader_exited(pid) {
+            self.live_thread(pid)
+        } else {
+            None
+        }
+    }
+
+    /// For a process whose /proc/PID/fd showed nothing: a live thread to read the fds
+    /// through when the leader has exited or other threads remain. One read of
+    /// /proc/PID/stat settles the common case (a kernel thread, a process without fds).
+    pub fn thread_for_empty_table(&self, pid: i32) -> Option<i32> {
+        let stat = fs::read_to_string(self.pid_path(pid, "stat")).ok()?;
+        let (state, threads) = parse_stat_state_threads(&stat)?;
+        if matches!(state, 'Z' | 'X') || threads > 1 {
+            self.live_thread(pid)
+        } else {
+            None
+        }
+    }
+
+    /// /proc/PID/ns/net, or a live thread's once the leader has exited (the leader's no
+    /// longer resolves).
+    pub fn netns_path(&self, pid: i32) -> PathBuf {
+        let path = self.pid_path(pid, "ns/net");
+        if fs::metadata(&path).is_err()
+            && let Some(tid) = self.fd_thread(pid)
+        {
+            return self.task_path(pid, tid, "ns/net");
+        }
+        path
+    }
+
+    /// Number of open fds of thread `tid`'s table, like [`ProcFs::fd_count_fast`].
+    pub fn task_fd_count_fast(&self, pid: i32, tid: i32) -> io::Result<usize> {
+        let dir = self.task_path(pid, tid, "fd");
+        let size = fs::metadata(&dir)?.len();
+        if size > 0 {
+            return Ok(usize::try_from(size).unwrap_or(usize::MAX));
+        }
+        count_fds(&dir)
+    }
+}
+
+/// Walk an fd directory: count the fds and collect those that are sockets. One directory
+/// fd, getdents, and a readlinkat relative to it per entry into a stack buffer: no path is
+/// resolved twice and nothing is allocated per fd.
+fn read_fd_dir(path: &Path) -> io::Result<FdTable> {
+    use rustix::fs::{Dir, Mode, OFlags, openat, readlinkat_raw};
+    let dirfd = openat(
+        rustix::fs::CWD,
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut dir = Dir::new(dirfd)?;
+    let mut table = FdTable::default();
+    // "socket:[18446744073709551615]" is 29 bytes; anything longer is not a socket.
+    let mut buf = [0u8; 64];
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(fd) = std::str::from_utf8(name.to_bytes())
+            .ok()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue; // "." and ".."
+        };
+        table.open += 1;
+        let Ok(dfd) = dir.fd() else { continue };
+        // The fd may be closed between getdents and readlinkat: skip it.
+        let Ok(n) = readlinkat_raw(dfd, name, &mut buf[..]) else {
+            continue;
+        };
+        if let Some(inode) = buf
+            .get(..n)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(parse_socket_link)
+        {
+            table.sockets.push((fd, inode));
+        }
+    }
+    table.sockets.sort_unstable();
+    Ok(table)
+}
+
+/// Number of entries of an fd directory that are fd numbers.
+fn count_fds(dir: &Path) -> io::Result<usize> {
+    Ok(fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<i32>().is_ok())
+        })
+        .count())
+}
+
+impl ProcFs {
     /// Number of open fds (a readdir of /proc/<pid>/fd without reading the links).
     pub fn fd_count(&self, pid: i32) -> io::Result<usize> {
-        Ok(fs::read_dir(self.pid_path(pid, "fd"))?
-            .filter_map(Result::ok)
-            .filter(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.parse::<i32>().is_ok())
-            })
-            .count())
+        count_fds(&self.pid_path(pid, "fd"))
     }
 
     /// Number of open fds, cheaply: on Linux ≥ 6.2 the size of /proc/<pid>/fd is the fd
@@ -142,16 +231,38 @@ impl ProcFs {
         self.fd_count(pid)
     }
 
+    /// `leaf` of the process, or of a live thread once the leader has exited (the
+    /// leader's `exe` and `cmdline` go away with its memory map).
+    fn leader_or_thread<T>(
+        &self,
+        pid: i32,
+        leaf: &str,
+        read: impl Fn(&Path) -> io::Result<T>,
+        usable: impl Fn(&T) -> bool,
+    ) -> io::Result<T> {
+        let first = read(&self.pid_path(pid, leaf));
+        if first.as_ref().is_ok_and(&usable) {
+            return first;
+        }
+        match self.fd_thread(pid) {
+            Some(tid) => read(&self.task_path(pid, tid, leaf)),
+            None => first,
+        }
+    }
+
     /// The executable's path (/proc/<pid>/exe), as the kernel shows it.
     pub fn exe(&self, pid: i32) -> io::Result<String> {
-        Ok(fs::read_link(self.pid_path(pid, "exe"))?
-            .to_string_lossy()
-            .into_owned())
+        self.leader_or_thread(
+            pid,
+            "exe",
+            |p| Ok(fs::read_link(p)?.to_string_lossy().into_owned()),
+            |_| true,
+        )
     }
 
     /// The command line, NUL-separated arguments joined with spaces.
     pub fn cmdline(&self, pid: i32) -> io::Result<String> {
-        let raw = fs::read(self.pid_path(pid, "cmdline"))?;
+        let raw = self.leader_or_thread(pid, "cmdline", |p| fs::read(p), |r| !r.is_empty())?;
         Ok(String::from_utf8_lossy(&raw)
             .split('\0')
             .filter(|a| !a.is_empty())
@@ -167,7 +278,8 @@ impl ProcFs {
     /// Which file fd `fd` of `pid` refers to now: `Some(inode)` for a socket, `None` for
     /// anything else; an error when the fd is closed or the process gone.
     pub fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>> {
-        let target = fs::read_link(self.pid_path(pid, &format!("fd/{fd}")))?;
+        let target =
+            self.leader_or_thread(pid, &format!("fd/{fd}"), |p| fs::read_link(p), |_| true)?;
         Ok(target.to_str().and_then(parse_socket_link))
     }
 
@@ -347,6 +459,16 @@ pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
+/// The state letter and `num_threads` (field 20) of /proc/PID/stat.
+pub fn parse_stat_state_threads(stat: &str) -> Option<(char, usize)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Fields 4..=19 come between the state (3) and num_threads (20).
+    let threads = fields.nth(16)?.parse().ok()?;
+    Some((state, threads))
+}
+
 /// One line of /proc/PID/maps: start, end, whether it is readable and executable, and its
 /// path (empty for anonymous memory).
 pub fn parse_maps_line(line: &str) -> Option<(u64, u64, bool, &str)> {
@@ -441,6 +563,18 @@ Max open files            1024                 20000                files     \n
     }
 
     #[test]
+    fn stat_state_and_threads() {
+        let stat = "42 (a b) c) Z 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 123 0 0";
+        assert_eq!(parse_stat_state_threads(stat), Some(('Z', 3)));
+        assert_eq!(parse_stat_state_threads("42 (x) S 1 2"), None);
+        assert_eq!(parse_stat_state_threads(""), None);
+        let own = std::fs::read_to_string("/proc/self/stat").expect("own stat");
+        let (state, threads) = parse_stat_state_threads(&own).expect("parses");
+        assert!(state == 'R' || state == 'S', "{state}");
+        assert!(threads >= 1);
+    }
+
+    #[test]
     fn maps_lines() {
         let vdso =
             "7ffd1e5f2000-7ffd1e5f4000 r-xp 00000000 00:00 0                          [vdso]";
@@ -458,6 +592,46 @@ Max open files            1024                 20000                files     \n
         assert_eq!(parse_maps_line("garbage"), None);
         assert_eq!(parse_maps_line("2000-1000 r-xp 0 0:0 0"), None);
         assert_eq!(parse_maps_line(""), None);
+    }
+
+    #[test]
+    fn a_dead_leader_is_read_through_a_live_thread() {
+        let dir = std::env::temp_dir().join(format!("cwreap-procfs-dead-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let stat = |tid: i32, state: char| format!("{tid} (srv) {state} 1 2 3\n");
+        // The leader: a zombie, its fd table empty, its cmdline empty, no exe.
+        fs::create_dir_all(dir.join("42/fd")).expect("mkdir");
+        fs::create_dir_all(dir.join("42/task/42")).expect("mkdir");
+        fs::write(dir.join("42/task/42/stat"), stat(42, 'Z')).expect("write");
+        fs::write(dir.join("42/cmdline"), "").expect("write");
+        // A live thread with everything.
+        let t = dir.join("42/task/43");
+        fs::create_dir_all(t.join("fd")).expect("mkdir");
+        fs::create_dir_all(t.join("ns")).expect("mkdir");
+        fs::write(t.join("stat"), stat(43, 'S')).expect("write");
+        fs::write(t.join("cmdline"), "srv\0--port\08080\0").expect("write");
+        fs::write(t.join("ns/net"), "").expect("write");
+        std::os::unix::fs::symlink("/usr/bin/srv", t.join("exe")).expect("symlink");
+        std::os::unix::fs::symlink("socket:[777]", t.join("fd/5")).expect("symlink");
+        let proc = ProcFs::new(&dir);
+        assert!(proc.leader_exited(42));
+        assert_eq!(proc.live_thread(42), Some(43));
+        assert_eq!(proc.fd_thread(42), Some(43));
+        assert_eq!(proc.fd_table(42).expect("leader table").open, 0);
+        assert_eq!(
+            proc.task_fd_table(42, 43).expect("thread table").sockets,
+            [(5, 777)]
+        );
+        assert_eq!(proc.cmdline(42).expect("cmdline"), "srv --port 8080");
+        assert_eq!(proc.exe(42).expect("exe"), "/usr/bin/srv");
+        assert_eq!(proc.fd_socket_inode(42, 5).expect("fd 5"), Some(777));
+        assert!(proc.fd_socket_inode(42, 6).is_err(), "no such fd anywhere");
+        assert_eq!(proc.netns_path(42), t.join("ns/net"));
+        // Once the last live thread is a zombie too, nothing is read through it.
+        fs::write(t.join("stat"), stat(43, 'Z')).expect("write");
+        assert_eq!(proc.fd_thread(42), None);
+        assert!(proc.exe(42).is_err());
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -19,6 +19,23 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
 }
 
+/// `PIDFD_THREAD` (include/uapi/linux/pidfd.h, Linux ≥ 6.9): a pidfd for one thread
+/// rather than a thread-group leader. It has `O_EXCL`'s value; rustix has no name for it,
+/// and its flag type passes unknown bits through as they are.
+const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
+
+/// A pidfd for thread `tid` (pidfd_open with PIDFD_THREAD). Once a process's thread-group
+/// leader has exited, pidfd_getfd through the process's pidfd fails with ESRCH (the leader
+/// has no fd table any more); through a live thread's pidfd it reaches the table the
+/// threads share. EINVAL on kernels before 6.9.
+pub fn pidfd_open_thread(tid: i32) -> io::Result<OwnedFd> {
+    let tid = Pid::from_raw(tid).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(rustix::process::pidfd_open(
+        tid,
+        PidfdFlags::from_bits_retain(PIDFD_THREAD),
+    )?)
+}
+
 /// Duplicate file descriptor `fd` of the process behind `pidfd` into this process
 /// (pidfd_getfd(2); needs ptrace-attach rights over the target). The copy is close-on-exec.
 pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
@@ -235,6 +252,18 @@ pub fn limit_heap_growth() {
     // runtime spawns threads.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+/// Hand heap memory that is free back to the system (glibc `malloc_trim`), e.g. after a
+/// burst of short-lived allocations: glibc keeps freed chunks in its arenas otherwise, and
+/// the resident size stays at the burst's peak. Elsewhere a no-op.
+pub fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists, under its locks; it
+    // takes no pointer from us and may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

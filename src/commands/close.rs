@@ -16,12 +16,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use anyhow::Result;
 
 use cwreap_linux::inject::{Helper, Victim, close_in_target};
-use cwreap_linux::os::{Os, RealOs, inspect_socket};
+use cwreap_linux::os::{Os, Pinned, RealOs, inspect_socket};
 use cwreap_linux::procfs::ProcFs;
 
 use super::{Status, observe};
@@ -165,7 +165,7 @@ pub fn reap_close(
 
 /// Every socket fd of the pinned processes, duplicated through the pidfd and inspected.
 /// Anything that cannot be read is left out: it will not be closed.
-fn inspect_held(os: &RealOs, snap: &Snapshot<OwnedFd>) -> Vec<HeldSocket> {
+fn inspect_held(os: &RealOs, snap: &Snapshot<Pinned>) -> Vec<HeldSocket> {
     let proc = ProcFs::default();
     let mut out = Vec::new();
     for (pid, p) in &snap.processes {

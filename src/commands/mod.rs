@@ -131,8 +131,24 @@ pub(crate) fn stdout_color() -> bool {
 }
 
 /// `cwreap check`: validate a policy (ownership and mode too, when root) and print it.
-pub fn check(path: &std::path::Path, out: &mut impl Write) -> Result<Status> {
+/// Targets that can never act (an earlier one selects all their sockets) are warned about
+/// on `err`, `file:line:col: warning: ...`; the policy is still valid.
+pub fn check(path: &std::path::Path, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
     let cfg = crate::config::load_config(path).map_err(|e| UsageError(e.to_string()))?;
+    for s in cfg.shadowed() {
+        let at = cfg
+            .targets
+            .get(s.target)
+            .and_then(|t| t.at)
+            .map(|p| format!("{p}:"))
+            .unwrap_or_default();
+        writeln!(
+            err,
+            "{}:{at} warning: {}",
+            path.display(),
+            cfg.shadow_message(s)
+        )?;
+    }
     writeln!(out, "{}: OK", path.display())?;
     write!(out, "{}", cfg.describe())?;
     Ok(Status::Ok)

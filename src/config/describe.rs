@@ -30,6 +30,23 @@ pub(super) fn port_list(ports: &[u16]) -> String {
 }
 
 impl Config {
+    /// The names of the first `shown` targets, comma-separated, and how many more there
+    /// are: a start-up log line stays one short line with a thousand targets.
+    pub fn target_names(&self, shown: usize) -> String {
+        let names: Vec<&str> = self
+            .targets
+            .iter()
+            .take(shown)
+            .map(|t| t.name.as_str())
+            .collect();
+        let more = self.targets.len().saturating_sub(shown);
+        if more == 0 {
+            names.join(",")
+        } else {
+            format!("{} and {more} more", names.join(","))
+        }
+    }
+
     /// The effective policy for `cwreap check`: every default made explicit, one block per
     /// target. The text is itself a valid policy with the same meaning.
     pub fn describe(&self) -> String {
@@ -56,8 +73,12 @@ impl Config {
             None => l.push("  listen: \"off\"".to_owned()),
         }
         l.push("targets:".to_owned());
-        for t in &self.targets {
+        let shadowed = self.shadowed();
+        for (i, t) in self.targets.iter().enumerate() {
             l.push(format!("  - name: {}", quote(&t.name)));
+            if let Some(s) = shadowed.iter().find(|s| s.target == i) {
+                l.push(format!("    # WARNING: {}", self.shadow_message(*s)));
+            }
             l.push("    match:".to_owned());
             let m = &t.matcher;
             if let Some(pid) = m.pid {

@@ -1,6 +1,12 @@
 //! The YAML policy of `cwreap run`: the validated [`Config`] and the pure process and
 //! socket matching a [`Target`] describes. No /proc reading here: the daemon gathers
-//! [`ProcessFacts`] and asks.
+//! [`ProcessFacts`] and [`SocketFacts`] and asks.
+//!
+//! Targets are matched per socket: a socket belongs to the first target (in policy order)
+//! whose process criteria accept its process and whose socket criteria (`local_ports`,
+//! `exclude`) accept the socket ([`Target::selects`]). Two targets on one process, split by
+//! port, each get their own sockets; [`shadow`] finds a target an earlier one leaves
+//! nothing to.
 //!
 //! - [`raw`]: the file as written (every value with its position) and YAML errors;
 //! - [`validate`]: raw → [`Config`] in one step (regexes compiled, durations, ports,
@@ -22,6 +28,7 @@ use regex::Regex;
 mod describe;
 pub mod file;
 mod raw;
+pub mod shadow;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -29,6 +36,8 @@ mod validate;
 pub use file::{UsageError, check_file_permissions, load_config};
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// The shortest `interval` accepted.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_MAX_REAPS_PER_CYCLE: u32 = 100;
 pub const DEFAULT_MAX_REAPS_PER_MINUTE: u32 = 600;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9814";
@@ -36,7 +45,7 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9814";
 /// A validated policy.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Time between two cycles (> 0).
+    /// Time between two cycles (at least [`MIN_INTERVAL`]).
     pub interval: Duration,
     /// Global dry-run; a target may override it (see [`Target::effective_dry_run`]).
     pub dry_run: bool,
@@ -104,6 +113,8 @@ impl Action {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
+    /// Where the entry starts in the file (for warnings about it).
+    pub at: Option<Position>,
     /// The `match:` block (at least one criterion).
     pub matcher: TargetMatch,
     /// Minimum age in CLOSE_WAIT before the action applies (> 0).
@@ -207,6 +218,40 @@ impl Target {
     pub fn socket_selected(&self, local: SocketAddr, remote: SocketAddr) -> bool {
         let ports = &self.matcher.local_ports;
         (ports.is_empty() || ports.contains(&local.port())) && !self.exclude.excludes(local, remote)
+    }
+
+    /// Whether this target selects `socket`, held by the process `process` describes: its
+    /// process criteria accept the process ([`TargetMatch::matches`], with the pid the
+    /// daemon read from `pid_file`) and its socket criteria accept the socket
+    /// ([`Target::socket_selected`]). The socket belongs to the first target that does.
+    pub fn selects(
+        &self,
+        process: &ProcessFacts,
+        pid_from_file: Option<i32>,
+        socket: &SocketFacts,
+    ) -> bool {
+        self.matcher.matches(process, pid_from_file)
+            && self.socket_selected(socket.local, socket.remote)
+    }
+}
+
+/// What the socket criteria of a target look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFacts {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl Config {
+    /// The target a socket belongs to: the first, in policy order, of `process_targets`
+    /// (the targets whose process criteria accept the holding process, ascending) whose
+    /// socket criteria accept `socket`.
+    pub fn target_for(&self, process_targets: &[usize], socket: &SocketFacts) -> Option<usize> {
+        process_targets.iter().copied().find(|&i| {
+            self.targets
+                .get(i)
+                .is_some_and(|t| t.socket_selected(socket.local, socket.remote))
+        })
     }
 }
 

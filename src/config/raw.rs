@@ -47,11 +47,52 @@ pub(super) struct RawLimits {
     pub(super) max_reaps_per_minute: Key<String>,
 }
 
+/// `metrics:` is either a word (`off`, as the README writes it) or a block.
+#[derive(Debug)]
+pub(super) enum RawMetrics {
+    /// A scalar; only `off` is valid (checked in validate, with its position).
+    Word(String),
+    Block(RawMetricsBlock),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawMetrics {
+pub(super) struct RawMetricsBlock {
     #[serde(default, deserialize_with = "key")]
     pub(super) listen: Key<String>,
+}
+
+impl<'de> Deserialize<'de> for RawMetrics {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawMetrics;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`off` or a mapping such as `{listen: 127.0.0.1:9814}`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawMetrics, E> {
+                Ok(RawMetrics::Word(v.to_owned()))
+            }
+            // YAML 1.1 reads a bare `off` as false; say it as it was written.
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawMetrics, E> {
+                Ok(RawMetrics::Word(if v { "on" } else { "off" }.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawMetrics, E> {
+                Ok(RawMetrics::Word(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawMetrics, E> {
+                Ok(RawMetrics::Word(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawMetrics, A::Error> {
+                RawMetricsBlock::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawMetrics::Block)
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -134,6 +134,53 @@ fn metrics_off() {
 }
 
 #[test]
+fn metrics_off_as_a_word_as_the_readme_writes_it() {
+    for text in [
+        "metrics: off",
+        "metrics: \"off\"",
+        "metrics: {listen: off}",
+        "metrics:\n  listen: \"off\"",
+    ] {
+        let c = ok(&format!("{text}\n{MIN}"));
+        assert_eq!(c.metrics.listen, None, "{text}");
+    }
+    // An empty block keeps the default listener.
+    let c = ok(&format!("metrics:\n{MIN}"));
+    assert_eq!(c.metrics.listen, DEFAULT_METRICS_LISTEN.parse().ok());
+    let e = err(&format!("metrics: on\n{MIN}"));
+    assert_eq!(
+        e,
+        "t.yaml:1:10: `metrics`: `on` is neither `off` nor a mapping such as `{listen: 127.0.0.1:9814}`"
+    );
+    let e = err(&format!("metrics: 9814\n{MIN}"));
+    assert!(
+        e.starts_with("t.yaml:1:10: `metrics`: `9814` is neither"),
+        "{e}"
+    );
+    // Inside the block, errors still point at the key and suggest the right one.
+    let e = err(&format!("metrics: {{listne: off}}\n{MIN}"));
+    assert!(e.contains("in `metrics`; did you mean `listen`?"), "{e}");
+    // The described policy says `off` in a form that reads back the same.
+    let described = ok(&format!("metrics: off\n{MIN}")).describe();
+    assert_eq!(ok(&described).metrics.listen, None);
+}
+
+#[test]
+fn interval_has_a_floor() {
+    let e = err(&format!("interval: 99ms\n{MIN}"));
+    assert_eq!(
+        e,
+        "t.yaml:1:11: `interval`: `99ms` is below the floor of 100ms; a shorter interval would keep a core busy"
+    );
+    let e = err(&format!("interval: 1ns\n{MIN}"));
+    assert!(e.contains("below the floor of 100ms"), "{e}");
+    assert_eq!(
+        ok(&format!("interval: 100ms\n{MIN}")).interval,
+        MIN_INTERVAL
+    );
+}
+
+#[test]
 fn global_values_are_checked() {
     let e = err(&format!("interval: 0s\n{MIN}"));
     assert_eq!(e, "t.yaml:1:11: `interval`: `0s` must be greater than zero");
@@ -755,4 +802,178 @@ fn describe_is_explicit_and_round_trips() {
         let again = ok(&d);
         assert_eq!(again.describe(), d);
     }
+}
+
+/// A policy of targets, each given as `name: match-body | extra keys` (flow mappings).
+fn targets(list: &[(&str, &str, &str)]) -> Config {
+    let mut y = String::from("targets:\n");
+    for (name, m, extra) in list {
+        y.push_str(&format!(
+            "  - name: {name}\n    older_than: 1m\n    match: {{{m}}}\n"
+        ));
+        if !extra.is_empty() {
+            y.push_str(&format!("    {extra}\n"));
+        }
+    }
+    ok(&y)
+}
+
+fn sock(local: &str, remote: &str) -> SocketFacts {
+    SocketFacts {
+        local: sa(local),
+        remote: sa(remote),
+    }
+}
+
+#[test]
+fn a_socket_belongs_to_the_first_target_that_selects_it() {
+    let c = targets(&[
+        ("api", "comm: nginx, local_ports: [8080]", ""),
+        ("admin", "comm: nginx, local_ports: [9090]", ""),
+        (
+            "rest",
+            "comm: nginx",
+            "exclude: {remote_cidrs: [10.0.0.0/8]}",
+        ),
+    ]);
+    let f = facts();
+    let all: Vec<usize> = (0..c.targets.len())
+        .filter(|&i| c.targets[i].matcher.matches(&f, None))
+        .collect();
+    assert_eq!(
+        all,
+        [0, 1, 2],
+        "process criteria alone accept the process for all three"
+    );
+    let at = |local: &str, remote: &str| c.target_for(&all, &sock(local, remote));
+    assert_eq!(at("127.0.0.1:8080", "192.0.2.1:5000"), Some(0));
+    assert_eq!(at("127.0.0.1:9090", "192.0.2.1:5000"), Some(1));
+    assert_eq!(at("127.0.0.1:7000", "192.0.2.1:5000"), Some(2));
+    // Excluded by the only target whose ports it falls under: nobody's.
+    assert_eq!(at("127.0.0.1:7000", "10.1.1.1:5000"), None);
+    // `selects` is both halves at once.
+    let s = sock("127.0.0.1:9090", "192.0.2.1:5000");
+    assert!(!c.targets[0].selects(&f, None, &s));
+    assert!(c.targets[1].selects(&f, None, &s));
+    let other = ProcessFacts {
+        comm: "apache".into(),
+        ..facts()
+    };
+    assert!(!c.targets[1].selects(&other, None, &s));
+    // Only the targets that accept the process are asked.
+    assert_eq!(
+        c.target_for(&[2], &sock("127.0.0.1:8080", "192.0.2.1:5000")),
+        Some(2)
+    );
+    assert_eq!(c.target_for(&[], &s), None);
+}
+
+fn shadows(c: &Config) -> Vec<(usize, usize)> {
+    c.shadowed().iter().map(|s| (s.target, s.by)).collect()
+}
+
+#[test]
+fn a_target_an_earlier_one_fully_covers_is_found() {
+    // Same process criteria, and the earlier one takes any port: the second never acts.
+    let c = targets(&[
+        ("all", "comm: ^api$", ""),
+        ("admin", "comm: ^api$, local_ports: [9090]", ""),
+    ]);
+    assert_eq!(shadows(&c), [(1, 0)]);
+    let msg = c.shadow_message(c.shadowed()[0]);
+    assert!(
+        msg.starts_with("target `admin` never acts: target `all` (line 2)"),
+        "{msg}"
+    );
+    assert!(
+        c.describe()
+            .contains("# WARNING: target `admin` never acts")
+    );
+    // Broader process criteria (fewer of them), a port set that covers, a cgroup prefix
+    // over a deeper path, a CIDR exclusion inside the later one's.
+    let c = targets(&[
+        (
+            "wide",
+            "cgroup: /system.slice, local_ports: [80, 443]",
+            "exclude: {remote_cidrs: [10.1.0.0/16], remote_ports: [5432]}",
+        ),
+        (
+            "narrow",
+            "cgroup: /system.slice/api.service, uid: 33, local_ports: [443]",
+            "exclude: {remote_cidrs: [10.0.0.0/8], remote_ports: [5432, 6379]}",
+        ),
+    ]);
+    assert_eq!(shadows(&c), [(1, 0)]);
+    // A local-port exclusion of the first on a port the later one never selects is fine.
+    let c = targets(&[
+        ("a", "comm: x", "exclude: {local_ports: [22]}"),
+        ("b", "comm: x, local_ports: [80]", ""),
+    ]);
+    assert_eq!(shadows(&c), [(1, 0)]);
+    // The first shadowing target is named, once per shadowed target.
+    let c = targets(&[
+        ("a", "comm: x", ""),
+        ("b", "comm: x", ""),
+        ("c", "comm: x, uid: 1", ""),
+    ]);
+    assert_eq!(shadows(&c), [(1, 0), (2, 0)]);
+}
+
+#[test]
+fn no_shadow_warning_without_proof() {
+    for (first, later) in [
+        // Split by port: both act (the reason targets are matched per socket).
+        (
+            ("comm: x, local_ports: [8080]", ""),
+            ("comm: x, local_ports: [9090]", ""),
+        ),
+        // The later one takes ports the first does not.
+        (("comm: x, local_ports: [80]", ""), ("comm: x", "")),
+        // The first excludes sockets the later one selects.
+        (
+            ("comm: x", "exclude: {remote_ports: [5432]}"),
+            ("comm: x", ""),
+        ),
+        (
+            ("comm: x", "exclude: {remote_cidrs: [10.0.0.0/8]}"),
+            ("comm: x", "exclude: {remote_cidrs: [10.1.0.0/16]}"),
+        ),
+        (("comm: x", "exclude: {local_ports: [22]}"), ("comm: x", "")),
+        // Process criteria the later one does not have, or other regexes (which may well
+        // match the same processes: not provable, so no warning).
+        (("comm: x, uid: 1", ""), ("comm: x", "")),
+        (("comm: ^x$", ""), ("comm: x", "")),
+        (
+            ("cgroup: /system.slice/a.service", ""),
+            ("cgroup: /system.slice", ""),
+        ),
+        (("pid: 1", ""), ("pid: 2", "")),
+        // A later target first: order matters.
+    ] {
+        let c = targets(&[("first", first.0, first.1), ("later", later.0, later.1)]);
+        assert_eq!(shadows(&c), [], "{first:?} then {later:?}");
+    }
+    let c = targets(&[
+        ("narrow", "comm: x, local_ports: [80]", ""),
+        ("wide", "comm: x", ""),
+    ]);
+    assert_eq!(shadows(&c), []);
+}
+
+#[test]
+fn target_names_are_summarised() {
+    let c = targets(&[("a", "comm: x", ""), ("b", "comm: y", "")]);
+    assert_eq!(c.target_names(5), "a,b");
+    assert_eq!(c.target_names(1), "a and 1 more");
+    let many: Vec<(String, String)> = (0..1000)
+        .map(|i| (format!("t{i}"), format!("pid: {}", i + 1)))
+        .collect();
+    let list: Vec<(&str, &str, &str)> = many
+        .iter()
+        .map(|(n, m)| (n.as_str(), m.as_str(), ""))
+        .collect();
+    assert_eq!(
+        targets(&list).target_names(5),
+        "t0,t1,t2,t3,t4 and 995 more"
+    );
 }

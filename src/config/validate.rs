@@ -22,6 +22,20 @@ pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A duration no shorter than [`MIN_INTERVAL`]: a cycle reads /proc and dumps sock_diag,
+/// and back to back they would keep a core busy.
+pub(super) fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_INTERVAL {
+        return Err(format!(
+            "`{}` is below the floor of {}; a shorter interval would keep a core busy",
+            s.trim(),
+            humantime::format_duration(MIN_INTERVAL)
+        ));
+    }
+    Ok(d)
+}
+
 pub(super) fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u64>() {
         Ok(p) if (1..=65535).contains(&p) => u16::try_from(p).map_err(|e| e.to_string()),
@@ -151,7 +165,7 @@ pub(super) fn parse_cgroup_prefix(s: &str) -> Result<String, String> {
 
 impl Config {
     pub(super) fn from_raw(raw: RawConfig) -> Result<Config, Problem> {
-        let interval = scalar(&raw.interval, "`interval`", parse_duration)?;
+        let interval = scalar(&raw.interval, "`interval`", parse_interval)?;
         let dry_run = given(&raw.dry_run, "`dry_run`")?.map(|(v, _)| *v);
         let log_format = scalar(&raw.log_format, "`log_format`", parse_log_format)?;
         let audit_log = scalar(&raw.audit_log, "`audit_log`", parse_absolute_path)?;
@@ -175,9 +189,29 @@ impl Config {
                 .unwrap_or(DEFAULT_MAX_REAPS_PER_MINUTE),
             },
         };
-        let listen = match block(&raw.metrics) {
-            Some(m) => scalar(&m.listen, "`metrics.listen`", parse_listen)?,
-            None => None,
+        // An empty `metrics:` block means the defaults, like `limits:`.
+        let listen = match &raw.metrics {
+            Some(Spanned {
+                value: Some(RawMetrics::Block(m)),
+                ..
+            }) => scalar(&m.listen, "`metrics.listen`", parse_listen)?,
+            Some(Spanned {
+                value: Some(RawMetrics::Word(w)),
+                referenced,
+                ..
+            }) => {
+                if w.trim() != "off" {
+                    return Err(problem_at(
+                        referenced,
+                        format!(
+                            "`metrics`: `{w}` is neither `off` nor a mapping such as \
+                             `{{listen: 127.0.0.1:9814}}`"
+                        ),
+                    ));
+                }
+                Some(None)
+            }
+            _ => None,
         };
         let listen = match listen {
             Some(l) => l,
@@ -350,6 +384,7 @@ impl Target {
 
         Ok(Target {
             name,
+            at: position(at),
             matcher,
             older_than,
             min_close_wait,

@@ -3,9 +3,9 @@
 //! them, decide (pure, [`crate::policy::decide`]), act through the pidfds held since
 //! attribution, and report each action (log event, audit line, counters, release watch).
 
+use cwreap_linux::os::Pinned;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -13,14 +13,12 @@ use std::time::Instant;
 use serde_json::json;
 use tracing::{error, info, warn};
 
-use cwreap_linux::netns::Namespaces;
-
 use super::audit::unix_ts;
 use super::escalate::Budget;
 use super::release::PendingRelease;
 use super::{Daemon, Point};
 use crate::act::{self, ActResult, Expected, Outcome, Reason, Via};
-use crate::config::{self, Action, ProcessFacts};
+use crate::config::{self, Action, ProcessFacts, SocketFacts};
 use crate::index::{FdIndex, Refresh};
 use crate::policy::{self, Candidate, Decision, HeadroomWarning};
 use crate::report::{CycleReport, TargetGauges};
@@ -44,8 +42,9 @@ impl Daemon {
         })
     }
 
-    /// pid → index of the first target whose match block accepts the process.
-    fn match_processes(&self, report: &mut CycleReport) -> BTreeMap<i32, usize> {
+    /// pid → the targets whose process criteria accept the process, ascending. Which of
+    /// them a socket of the process belongs to depends on the socket ([`policy::assign`]).
+    fn match_processes(&self, report: &mut CycleReport) -> BTreeMap<i32, Vec<usize>> {
         let pid_files: Vec<Option<i32>> = self
             .cfg
             .targets
@@ -68,14 +67,16 @@ impl Daemon {
                 continue;
             }
             let Ok(facts) = self.facts(pid) else { continue };
-            if let Some(i) = self
+            let matched: Vec<usize> = self
                 .cfg
                 .targets
                 .iter()
                 .enumerate()
-                .position(|(i, t)| t.matcher.matches(&facts, pid_files[i]))
-            {
-                out.insert(pid, i);
+                .filter(|(i, t)| t.matcher.matches(&facts, pid_files[*i]))
+                .map(|(i, _)| i)
+                .collect();
+            if !matched.is_empty() {
+                out.insert(pid, matched);
             }
         }
         out
@@ -95,12 +96,7 @@ impl Daemon {
         self.namespaces.cover(&self.proc, &pids, false);
         let live: HashSet<u64> = pids
             .iter()
-            .filter_map(|p| {
-                cwreap_linux::netlink::netns_inode(
-                    &self.proc.root().join(p.to_string()).join("ns/net"),
-                )
-                .ok()
-            })
+            .filter_map(|p| cwreap_linux::netlink::netns_inode(&self.proc.netns_path(*p)).ok())
             .collect();
         self.namespaces.retain(|ino| live.contains(&ino));
         for (ino, why) in std::mem::take(&mut self.namespaces.failures) {
@@ -110,9 +106,12 @@ impl Daemon {
         let found = match self.namespaces.dump() {
             Ok(f) => f,
             Err(e) => {
+                // The failed sockets were already replaced by fresh ones (netns.rs); their
+                // failures are this error, and must not keep the next cycle from covering
+                // those namespaces again.
                 error!(error = %e, "sock_diag dump failed; retrying next cycle");
                 report.error("netlink");
-                self.namespaces = Namespaces::default();
+                self.namespaces.failures.clear();
                 report.duration = started.elapsed();
                 return report;
             }
@@ -135,7 +134,7 @@ impl Daemon {
         // cache could not tell). Read the tables again once. Sockets of other processes are
         // remembered as unowned, so they cost this only when they first appear; a target
         // that changed uid since creating the socket waits for the next full refresh.
-        let unowned = |index: &FdIndex<OwnedFd>| -> HashSet<u64> {
+        let unowned = |index: &FdIndex<Pinned>| -> HashSet<u64> {
             found
                 .close_wait
                 .iter()
@@ -175,27 +174,23 @@ impl Daemon {
         }
         let snap = self.index.snapshot(found);
 
-        // Candidates: each attributed socket under the first holder that is a target.
-        let mut per_pid_cw: HashMap<i32, usize> = HashMap::new();
-        for s in &snap.sockets {
-            // An unaccepted connection counts for whoever holds its listener.
-            for h in s.owners() {
-                *per_pid_cw.entry(h.pid).or_default() += 1;
-            }
-        }
+        // Candidates: each attributed socket under the first target that selects it.
         let mut candidates = Vec::new();
+        let mut selected: HashMap<(i32, usize), usize> = HashMap::new();
+        let process_targets = |pid: i32| targets.get(&pid).map(Vec::as_slice);
         for s in &snap.sockets {
-            let unaccepted = s.unaccepted();
-            let Some((h, t)) = s
-                .owners()
-                .iter()
-                .find_map(|h| targets.get(&h.pid).map(|t| (*h, *t)))
+            let socket = SocketFacts {
+                local: s.diag.local,
+                remote: s.diag.remote,
+            };
+            let Some((h, t)) = policy::assign(&self.cfg, s.owners(), &process_targets, &socket)
             else {
                 continue;
             };
             let Some(p) = snap.processes.get(&h.pid) else {
                 continue;
             };
+            *selected.entry((h.pid, t)).or_default() += 1;
             candidates.push(Candidate {
                 target: t,
                 pid: h.pid,
@@ -204,7 +199,7 @@ impl Daemon {
                 inode: s.diag.inode,
                 cookie: s.diag.cookie,
                 netns: s.diag.netns,
-                unaccepted,
+                unaccepted: s.unaccepted(),
                 local: s.diag.local,
                 remote: s.diag.remote,
                 age_ms: self.ages.age_ms(
@@ -212,8 +207,11 @@ impl Daemon {
                     s.diag.last_ack_recv_ms,
                     now,
                 ),
-                owner_close_wait: per_pid_cw.get(&h.pid).copied().unwrap_or(0),
+                owner_close_wait: 0,
             });
+        }
+        for c in &mut candidates {
+            c.owner_close_wait = selected.get(&(c.pid, c.target)).copied().unwrap_or(0);
         }
         report.candidates = candidates.len();
         self.gauges(&snap, &targets, &candidates, &mut report);
@@ -256,7 +254,7 @@ impl Daemon {
                 actions: budget.saturating_sub(reaps),
                 signals: 0,
             };
-            self.escalate(&snap, &targets, &per_pid_cw, &mut left, &mut report);
+            self.escalate(&snap, &targets, &selected, &mut left, &mut report);
             reaps += left.signals;
         }
         self.limiter.record(reaps, now);
@@ -269,7 +267,7 @@ impl Daemon {
         report
     }
 
-    fn act(&mut self, snap: &Snapshot<OwnedFd>, d: &Decision) -> ActResult {
+    fn act(&mut self, snap: &Snapshot<Pinned>, d: &Decision) -> ActResult {
         let c = &d.candidate;
         match d.action {
             Action::Log => ActResult::ok(Outcome::Logged),
@@ -320,7 +318,7 @@ impl Daemon {
         d: &Decision,
         res: &ActResult,
         now: Instant,
-        snap: &Snapshot<OwnedFd>,
+        snap: &Snapshot<Pinned>,
         report: &mut CycleReport,
     ) {
         let c = &d.candidate;
@@ -385,7 +383,7 @@ impl Daemon {
                         .processes
                         .get(&c.pid)
                         .and_then(|p| p.handle.as_ref())
-                        .and_then(|h| h.try_clone().ok())
+                        .and_then(|h| h.pidfd.try_clone().ok())
                         .map(Arc::new);
                     if let Some(fd) = &fd {
                         self.release_pidfds.insert(c.pid, fd.clone());
@@ -405,34 +403,37 @@ impl Daemon {
         }
     }
 
+    /// Per target: the CLOSE_WAIT sockets it selects and the oldest of them; the open fds
+    /// and fd limits of the processes its process criteria accept. fd headroom warnings,
+    /// once per process.
     fn gauges(
         &mut self,
-        snap: &Snapshot<OwnedFd>,
-        targets: &BTreeMap<i32, usize>,
+        snap: &Snapshot<Pinned>,
+        targets: &BTreeMap<i32, Vec<usize>>,
         candidates: &[Candidate],
         report: &mut CycleReport,
     ) {
-        for t in &self.cfg.targets {
-            report
-                .targets
-                .insert(t.name.clone(), TargetGauges::default());
-        }
-        let name = |i: usize| self.cfg.targets.get(i).map(|t| t.name.clone());
+        let mut gauges = vec![TargetGauges::default(); self.cfg.targets.len()];
         for c in candidates {
-            if let Some(g) = name(c.target).and_then(|n| report.targets.get_mut(&n)) {
+            if let Some(g) = gauges.get_mut(c.target) {
                 g.close_wait += 1;
                 g.oldest_ms = g.oldest_ms.max(c.age_ms);
             }
         }
-        for (pid, t) in targets {
+        for (pid, ts) in targets {
             let Some(p) = snap.processes.get(pid) else {
                 continue;
             };
-            let Some(tname) = name(*t) else { continue };
-            if let Some(g) = report.targets.get_mut(&tname) {
-                g.open_fds += p.open_fds;
-                g.fd_limit += p.nofile_soft.unwrap_or(0);
+            for &t in ts {
+                if let Some(g) = gauges.get_mut(t) {
+                    g.open_fds += p.open_fds;
+                    g.fd_limit += p.nofile_soft.unwrap_or(0);
+                }
             }
+            let tname = ts
+                .first()
+                .and_then(|&t| self.cfg.targets.get(t))
+                .map_or("", |t| t.name.as_str());
             if let Some(w) = self.headroom.check(*pid, p.open_fds, p.nofile_soft) {
                 let pct = match w {
                     HeadroomWarning::Above80 => 80,
@@ -442,6 +443,9 @@ impl Daemon {
                     fd_limit = p.nofile_soft.unwrap_or(0), threshold_pct = pct,
                     "process is close to its fd limit (RLIMIT_NOFILE): accept() will fail with EMFILE");
             }
+        }
+        for (t, g) in self.cfg.targets.iter().zip(gauges) {
+            report.targets.insert(t.name.clone(), g);
         }
     }
 }

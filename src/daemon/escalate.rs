@@ -5,11 +5,12 @@
 //! ([`crate::policy::escalation`]); this does it, logs it and audits it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use serde_json::json;
 use tracing::{error, info, warn};
 
+use cwreap_linux::os::Pinned;
 use cwreap_linux::procfs::Limits;
 use cwreap_linux::sys;
 
@@ -36,38 +37,46 @@ fn limits_json(l: Option<Limits>) -> serde_json::Value {
 }
 
 impl Daemon {
-    /// Escalate where due, for every process of every target that has `escalate`.
-    /// `close_wait` counts each process's CLOSE_WAIT sockets this cycle.
+    /// Escalate where due, once per process: for each process, the first of its targets
+    /// that has `escalate`. `selected` counts the CLOSE_WAIT sockets each (process, target)
+    /// selects this cycle.
     pub(super) fn escalate(
         &mut self,
-        snap: &Snapshot<OwnedFd>,
-        targets: &BTreeMap<i32, usize>,
-        close_wait: &HashMap<i32, usize>,
+        snap: &Snapshot<Pinned>,
+        targets: &BTreeMap<i32, Vec<usize>>,
+        selected: &HashMap<(i32, usize), usize>,
         budget: &mut Budget,
         report: &mut CycleReport,
     ) {
-        // Still-held sockets count while their owner holds them.
+        // Still-held sockets count, for the target that shut them down, while their owner
+        // holds them.
         let held = std::mem::take(&mut self.held);
-        let mut still_held: HashMap<i32, usize> = HashMap::new();
+        let mut still_held: HashMap<(i32, String), usize> = HashMap::new();
         for p in held {
             if targets.contains_key(&p.pid) && self.owner_holds(&p, false) {
-                *still_held.entry(p.pid).or_default() += 1;
+                *still_held.entry((p.pid, p.target.clone())).or_default() += 1;
                 self.held.push(p);
             }
         }
         self.escalated.retain(|pid, _| targets.contains_key(pid));
-        for (&pid, &t) in targets {
-            let Some(target) = self.cfg.targets.get(t).cloned() else {
+        for (&pid, ts) in targets {
+            let Some((t, target)) = ts.iter().find_map(|&t| {
+                self.cfg
+                    .targets
+                    .get(t)
+                    .filter(|target| target.escalate.any())
+                    .map(|target| (t, target.clone()))
+            }) else {
                 continue;
             };
-            if !target.escalate.any() {
-                continue;
-            }
             let Some(process) = snap.processes.get(&pid) else {
                 continue;
             };
-            let leaking = close_wait.get(&pid).copied().unwrap_or(0)
-                + still_held.get(&pid).copied().unwrap_or(0);
+            let leaking = selected.get(&(pid, t)).copied().unwrap_or(0)
+                + still_held
+                    .get(&(pid, target.name.clone()))
+                    .copied()
+                    .unwrap_or(0);
             if leaking < target.min_close_wait as usize {
                 continue;
             }
@@ -134,7 +143,7 @@ impl Daemon {
     fn raise(
         &mut self,
         target: &Target,
-        process: &Process<OwnedFd>,
+        process: &Process<Pinned>,
         start: u64,
         before: Limits,
         from: u64,
@@ -217,7 +226,7 @@ impl Daemon {
     fn signal(
         &mut self,
         target: &Target,
-        process: &Process<OwnedFd>,
+        process: &Process<Pinned>,
         load: &Load,
         dry_run: bool,
         report: &mut CycleReport,
@@ -278,7 +287,7 @@ impl Daemon {
     fn audit_escalation(
         &mut self,
         target: &Target,
-        process: &Process<OwnedFd>,
+        process: &Process<Pinned>,
         kind: &str,
         outcome: &str,
         dry_run: bool,

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use tracing::warn;
 
 use cwreap_linux::netns::Namespaces;
-use cwreap_linux::os::RealOs;
+use cwreap_linux::os::{Pinned, RealOs};
 use cwreap_linux::procfs::ProcFs;
 
 use crate::config::Config;
@@ -60,7 +60,7 @@ pub struct Daemon {
     escalated: HashMap<i32, (u64, Escalated)>,
     audit: Option<File>,
     /// Every socket fd of the target processes, kept between cycles (with their pidfds).
-    index: FdIndex<OwnedFd>,
+    index: FdIndex<Pinned>,
     self_pid: i32,
     /// This cycle's pidfd copies for the release watch, one per process.
     release_pidfds: HashMap<i32, Arc<OwnedFd>>,
@@ -89,8 +89,17 @@ pub use self::Point as Stage;
 #[cfg(feature = "testing")]
 type StageHook = Box<dyn FnMut(Point) + Send>;
 
+/// Say which targets can never act (an earlier one selects all their sockets).
+fn warn_shadowed(cfg: &Config) {
+    for s in cfg.shadowed() {
+        let target = cfg.targets.get(s.target).map_or("", |t| t.name.as_str());
+        warn!(target, "{}", cfg.shadow_message(s));
+    }
+}
+
 impl Daemon {
     pub fn new(cfg: Config, force_dry_run: bool) -> Result<Self> {
+        warn_shadowed(&cfg);
         let audit = match &cfg.audit_log {
             Some(p) => {
                 Some(audit::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
@@ -162,6 +171,7 @@ impl Daemon {
         if cfg.log_format != self.cfg.log_format {
             warn!("log_format changes take effect at the next restart");
         }
+        warn_shadowed(&cfg);
         self.cfg = cfg;
         // Sockets only reported under the old policy (dry run, `log`) are judged again by
         // the new one: switching a dry run to enforcing must reap what the dry run showed.

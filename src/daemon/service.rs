@@ -67,12 +67,12 @@ async fn main_loop(
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let stop = Arc::new(AtomicBool::new(false));
     let watchdog = sd_notify::watchdog_enabled();
-    let targets: Vec<String> = daemon.cfg.targets.iter().map(|t| t.name.clone()).collect();
     info!(
         config = %config_path.display(),
         dry_run = daemon.cfg.dry_run || daemon.force_dry_run,
         interval_ms = daemon.cfg.interval.as_millis() as u64,
-        targets = %targets.join(","),
+        targets = daemon.cfg.targets.len(),
+        target_names = %daemon.cfg.target_names(5),
         "cwreap started"
     );
     notify(&[sd_notify::NotifyState::Ready]);

@@ -1,6 +1,6 @@
 /* A deliberately leaky TCP echo server in C, for cwreap's tests.
  *
- *     leaky-c [--listen ADDR]...
+ *     leaky-c [--listen ADDR]... [--dead-leader]
  *
  * ADDR is HOST:PORT, IPv6 as [HOST]:PORT (default 127.0.0.1:0). stdout, one event per line:
  * `listen ADDR` per listener, `ready`, `accepted FD LOCAL REMOTE`, `eof FD` (the peer
@@ -11,11 +11,18 @@
  * epoll always reports EPOLLHUP/EPOLLERR, whatever the mask: when the socket is shut down
  * from outside, the loop deletes and closes the fd and says `released FD`; ignoring a
  * level-triggered EPOLLHUP would spin. Writes use MSG_NOSIGNAL: no SIGPIPE.
+ *
+ * --dead-leader: the main thread starts two threads, the event loop and one that only
+ * sleeps, and ends with pthread_exit(). The process lives on with a zombie thread-group
+ * leader, the way some servers end main() once their workers run: /proc/PID/fd is then
+ * empty, and pidfd_getfd through the process's pidfd fails with ESRCH. The loop thread
+ * says `ready` once it has joined the main thread.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -221,15 +228,62 @@ static void on_conn(int fd, uint32_t events)
     update_events(fd);
 }
 
+static void run_loop(void)
+{
+    struct epoll_event evs[64];
+    for (;;) {
+        int n = epoll_wait(ep, evs, 64, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            say("error epoll_wait: %s", strerror(errno));
+            exit(1);
+        }
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (is_listener[fd])
+                accept_all(fd);
+            else if (conns[fd].state != FREE)
+                on_conn(fd, evs[i].events);
+        }
+    }
+}
+
+static pthread_t main_thread;
+
+static void *loop_thread(void *arg)
+{
+    (void)arg;
+    int err = pthread_join(main_thread, NULL);
+    if (err != 0) {
+        say("error pthread_join main: %s", strerror(err));
+        exit(1);
+    }
+    say("ready");
+    run_loop();
+    return NULL;
+}
+
+static void *idle_thread(void *arg)
+{
+    (void)arg;
+    for (;;)
+        pause();
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     const char *addrs[MAX_LISTEN];
     int n_addrs = 0;
+    int dead_leader = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--listen") == 0 && i + 1 < argc && n_addrs < MAX_LISTEN) {
             addrs[n_addrs++] = argv[++i];
+        } else if (strcmp(argv[i], "--dead-leader") == 0) {
+            dead_leader = 1;
         } else {
-            fprintf(stderr, "usage: leaky-c [--listen ADDR]...\n");
+            fprintf(stderr, "usage: leaky-c [--listen ADDR]... [--dead-leader]\n");
             return 2;
         }
     }
@@ -255,22 +309,19 @@ int main(int argc, char **argv)
         fmt_addr(&ss, text, sizeof text);
         say("listen %s", text);
     }
-    say("ready");
-    struct epoll_event evs[64];
-    for (;;) {
-        int n = epoll_wait(ep, evs, 64, -1);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            say("error epoll_wait: %s", strerror(errno));
+    if (dead_leader) {
+        pthread_t idle, loop;
+        main_thread = pthread_self();
+        int err = pthread_create(&idle, NULL, idle_thread, NULL);
+        if (err == 0)
+            err = pthread_create(&loop, NULL, loop_thread, NULL);
+        if (err != 0) {
+            say("error pthread_create: %s", strerror(err));
             return 1;
         }
-        for (int i = 0; i < n; i++) {
-            int fd = evs[i].data.fd;
-            if (is_listener[fd])
-                accept_all(fd);
-            else if (conns[fd].state != FREE)
-                on_conn(fd, evs[i].events);
-        }
+        pthread_exit(NULL);
     }
+    say("ready");
+    run_loop();
+    return 0;
 }

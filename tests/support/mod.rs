@@ -458,3 +458,168 @@ impl Drop for Daemon {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Upper bound of the waits of [`wait_until`]: only a guard against hangs, never what a
+/// test decides by.
+pub const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// Poll `f` until it gives a value; on [`HANG_GUARD`], panic with `what` and `context()`.
+pub fn wait_until<T>(
+    what: &str,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting for {what} after {HANG_GUARD:?}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs of equal lines folded into `line (×N)`, then at most the last 50 lines.
+pub fn fold_lines(lines: &[String]) -> String {
+    const MAX: usize = 50;
+    let mut folded: Vec<(&str, usize)> = Vec::new();
+    for line in lines {
+        match folded.last_mut() {
+            Some((last, n)) if *last == line.as_str() => *n += 1,
+            _ => folded.push((line.as_str(), 1)),
+        }
+    }
+    let skip = folded.len().saturating_sub(MAX);
+    let mut out = String::new();
+    if skip > 0 {
+        out.push_str(&format!("[{skip} earlier lines not shown]\n"));
+    }
+    for (line, n) in &folded[skip..] {
+        out.push_str(line);
+        if *n > 1 {
+            out.push_str(&format!(" (×{n})"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// CLOSE_WAIT sockets whose local port is `port`, whoever holds them (`ss` finds owners
+/// through /proc/PID/fd, which is empty for a process whose main thread has exited).
+pub fn ss_close_wait_on_port(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-tanH", "state", "close-wait", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// A `cwreap run` child with its policy in a private temp dir, its stderr kept for failure
+/// messages (folded, see [`fold_lines`]); killed on drop.
+pub struct LoggedDaemon {
+    pub child: Child,
+    pub dir: std::path::PathBuf,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl LoggedDaemon {
+    /// Start `cwreap run` on `yaml`; `{dir}` in it is replaced by the private directory.
+    pub fn start(name: &str, yaml: &str) -> LoggedDaemon {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cwreap-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let cfg = dir.join("cwreap.yaml");
+        std::fs::write(&cfg, yaml.replace("{dir}", &dir.to_string_lossy())).expect("write config");
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let mut child = Command::new(CWREAP)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cwreap run");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rx = lines_of(child.stderr.take().expect("daemon stderr"));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in rx {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        LoggedDaemon { child, dir, lines }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Replace the policy (`{dir}` as in [`LoggedDaemon::start`]) and SIGHUP the daemon.
+    pub fn reload(&self, yaml: &str) {
+        std::fs::write(
+            self.dir.join("cwreap.yaml"),
+            yaml.replace("{dir}", &self.dir.to_string_lossy()),
+        )
+        .expect("rewrite policy");
+        let pid = rustix::process::Pid::from_raw(self.pid()).expect("daemon pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("log lock").clone()
+    }
+
+    /// The log for a failure message: folded and cut.
+    pub fn log(&self) -> String {
+        format!("--- cwreap run log:\n{}", fold_lines(&self.lines()))
+    }
+
+    /// The audit log (`audit_log: {dir}/audit.jsonl`), one JSON object per line.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Wait for `f` to hold on the daemon (polled); fails with the log on the hang guard
+    /// or when the daemon exits.
+    pub fn wait_for<T>(&mut self, what: &str, mut f: impl FnMut(&LoggedDaemon) -> Option<T>) -> T {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100)); // the rest of its log
+                panic!("cwreap run exited ({status}) before {what}\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gave up waiting for {what} after {HANG_GUARD:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LoggedDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

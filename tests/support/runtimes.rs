@@ -46,6 +46,9 @@ pub enum Runtime {
     Go,
     /// leaky.c: a level-triggered epoll loop, keeps the fd registered at EOF.
     C,
+    /// leaky.c --dead-leader: the same loop on a thread of its own, after the main thread
+    /// ended with pthread_exit() (a zombie thread-group leader, an empty /proc/PID/fd).
+    CDeadLeader,
 }
 
 impl Runtime {
@@ -58,13 +61,17 @@ impl Runtime {
             Runtime::Java => "java",
             Runtime::Go => "go",
             Runtime::C => "c",
+            Runtime::CDeadLeader => "c-dead-leader",
         }
     }
 
     /// Whether the server closes a leaked fd once the socket is shut down from outside
     /// (it watches for EPOLLHUP and says `released FD`). The others keep holding it.
     pub fn releases_after_shutdown(self) -> bool {
-        matches!(self, Runtime::PythonSelectors | Runtime::C)
+        matches!(
+            self,
+            Runtime::PythonSelectors | Runtime::C | Runtime::CDeadLeader
+        )
     }
 
     /// Whether the server reads the EOF of a half-closed connection (recv_q 0 afterwards).
@@ -178,7 +185,9 @@ fn build_c() -> Built {
     let r = compile(
         "gcc leaky.c",
         Command::new(gcc)
-            .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .args([
+                "-std=c11", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror", "-o",
+            ])
             .arg(&out)
             .arg(Path::new(SOURCES).join("leaky.c")),
     );
@@ -282,6 +291,13 @@ fn command_for(rt: Runtime) -> Built {
         Runtime::Java => JAVA.get_or_init(build_java).clone(),
         Runtime::Go => GO.get_or_init(build_go).clone(),
         Runtime::C => C.get_or_init(build_c).clone(),
+        Runtime::CDeadLeader => match C.get_or_init(build_c).clone() {
+            Built::Ready(mut argv) => {
+                argv.push("--dead-leader".into());
+                Built::Ready(argv)
+            }
+            other => other,
+        },
     }
 }
 

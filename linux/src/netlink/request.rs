@@ -1,0 +1,83 @@
+//! The requests cwreap sends over NETLINK_SOCK_DIAG: a dump of one family's sockets in
+//! some states, and one socket named exactly (to look it up or destroy it).
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
+
+use super::DiagSocket;
+
+/// A dump of every `family` TCP socket in `states`, with tcp_info (INET_DIAG_INFO).
+pub(super) fn request(family: u8, states: StateFlags, seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let socket_id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
+    let mut packet = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::INFO,
+            states,
+            socket_id,
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut buf = vec![0u8; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    buf
+}
+
+/// A request naming one socket exactly (4-tuple and cookie): SOCK_DESTROY when `destroy`,
+/// else a SOCK_DIAG_BY_FAMILY lookup of that one socket.
+pub(super) fn exact_request(s: &DiagSocket, seq: u32, destroy: bool) -> Vec<u8> {
+    let family = if s.local.is_ipv4() { AF_INET } else { AF_INET6 };
+    let lo = (s.cookie & 0xffff_ffff) as u32;
+    let hi = (s.cookie >> 32) as u32;
+    let mut cookie = [0u8; 8];
+    cookie[..4].copy_from_slice(&lo.to_ne_bytes());
+    cookie[4..].copy_from_slice(&hi.to_ne_bytes());
+    let req = InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::INFO,
+        states: StateFlags::all(),
+        socket_id: SocketId {
+            source_port: s.local.port(),
+            destination_port: s.remote.port(),
+            source_address: s.local.ip(),
+            destination_address: s.remote.ip(),
+            interface_id: 0,
+            cookie,
+        },
+    };
+    let mut header = NetlinkHeader::default();
+    header.sequence_number = seq;
+    if destroy {
+        header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let mut packet = NetlinkMessage::new(
+            header,
+            NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(req))),
+        );
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        buf
+    } else {
+        header.flags = NLM_F_REQUEST;
+        let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(req).into());
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        buf
+    }
+}
