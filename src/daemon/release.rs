@@ -151,6 +151,13 @@ impl Daemon {
                     .map(|v| (v.fd, ActResult::ok(Outcome::DryRun)))
                     .collect()
             } else {
+                let fds: Vec<(i32, u64)> = victims.iter().map(|v| (v.fd, v.inode)).collect();
+                let target = batch[0].target.clone();
+                if !self.announce_close(&target, pid, &fds, stop, report) {
+                    // No intent on the disk, no close: tried again next cycle.
+                    self.held.extend(batch);
+                    continue;
+                }
                 let batch = cwreap_linux::inject::close_in_target(pid, pidfd.as_fd(), &victims);
                 if let Ok(r) = &batch {
                     info!(
