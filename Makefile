@@ -27,6 +27,7 @@ install: assets
 	install -D -m 0644 $(ASSETS)/cwreap.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish
 	sed 's|/usr/bin/cwreap|$(PREFIX)/bin/cwreap|' systemd/cwreap.service > $(ASSETS)/cwreap.service
 	install -D -m 0644 $(ASSETS)/cwreap.service $(DESTDIR)$(UNITDIR)/cwreap.service
+	install -D -m 0644 config/logrotate/cwreap $(DESTDIR)$(SYSCONFDIR)/logrotate.d/cwreap
 	@# Never overwrite a policy an operator already edited.
 	test -e $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml || \
 		install -D -m 0600 config/cwreap.yaml $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml
@@ -37,7 +38,8 @@ uninstall:
 		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/cwreap \
 		$(DESTDIR)$(PREFIX)/share/zsh/site-functions/_cwreap \
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish \
-		$(DESTDIR)$(UNITDIR)/cwreap.service
+		$(DESTDIR)$(UNITDIR)/cwreap.service \
+		$(DESTDIR)$(SYSCONFDIR)/logrotate.d/cwreap
 
 deb: assets
 	$(CARGO) deb --no-build

@@ -157,3 +157,32 @@ fn write_lines(mut out: File, rx: Receiver<Msg>, dropped: Counter) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_lines_instead_of_blocking() {
+        let (tx, rx) = sync_channel(2);
+        let dropped = Counter::default();
+        let sink = Sink {
+            tx,
+            dropped: dropped.clone(),
+        };
+        for i in 0..5 {
+            let mut line = sink.make_writer();
+            writeln!(line, "line {i}").expect("write into memory");
+        }
+        assert_eq!(dropped.get(), 3);
+        let kept: Vec<Vec<u8>> = rx
+            .try_iter()
+            .filter_map(|m| match m {
+                Msg::Line(l) => Some(l),
+                Msg::Flush(_) => None,
+            })
+            .collect();
+        assert_eq!(kept, [b"line 0\n".to_vec(), b"line 1\n".to_vec()]);
+    }
+}

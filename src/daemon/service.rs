@@ -41,7 +41,7 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
     logging::init(cfg.log_format, health.log_lines_dropped.clone());
     self_test()?;
     let daemon = Daemon::with_health(cfg, force_dry_run, health.clone())
-        .map_err(|e| UsageError(format!("{e:#}")))?;
+        .map_err(|e| UsageError(format!("{}: {e:#}", config_path.display())))?;
     let audit = daemon.audit.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
