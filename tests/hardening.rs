@@ -795,6 +795,161 @@ fn a_full_disk_loses_counted_records_and_never_leaves_a_torn_line() {
 }
 
 // ---------------------------------------------------------------------------------------
+// A stuck disk.
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An ext4 image of our own, loop-mounted. `fsfreeze` makes it a stuck disk: every write
+/// waits, uninterruptibly, until the thaw. Unmounted on drop.
+struct LoopFs {
+    dir: PathBuf,
+}
+
+impl LoopFs {
+    fn mount(image: PathBuf, dir: PathBuf) -> LoopFs {
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(16 << 20))
+            .expect("disk image");
+        sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        std::fs::create_dir_all(&dir).expect("mount point");
+        sh(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&dir));
+        LoopFs { dir }
+    }
+
+    fn freeze(&self) -> Thaw<'_> {
+        sh(Command::new("fsfreeze").arg("--freeze").arg(&self.dir));
+        Thaw(self)
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// A frozen file system, thawed on drop (before anything waits for a writer on it).
+struct Thaw<'a>(&'a LoopFs);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.0.dir)
+            .status();
+    }
+}
+
+#[test]
+fn a_stuck_disk_holds_actions_back_never_cycles() {
+    if !require_root("a_stuck_disk_holds_actions_back_never_cycles") {
+        return;
+    }
+    let scratch = Scratch::new("stuck", 0o700);
+    let disk = LoopFs::mount(scratch.path("disk.img"), scratch.path("disk"));
+    let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
+    let audit = disk.dir.join("audit.jsonl");
+    let metrics = free_addr();
+    let cfg = scratch.path("cwreap.yaml");
+    write_policy(
+        &cfg,
+        &policy(
+            &[fx.pid()],
+            &format!(
+                "audit_log: {}\nmetrics: {{listen: \"{metrics}\"}}\n",
+                audit.display()
+            ),
+        )
+        .replace("interval: 200ms", "interval: 100ms"),
+    );
+    let mut d = Run::start(&cfg, &[]);
+    let value = |name: &str| metric(&scrape(metrics), name);
+    d.wait_until("a first cycle", Duration::from_secs(10), |_| {
+        value("cwreap_last_cycle_timestamp_seconds") > 0.0
+    });
+
+    // The disk gets stuck, then sockets become due: their intent records cannot reach it.
+    let frozen = disk.freeze();
+    let mut waiting: Vec<(TcpStream, i32)> = (0..10).map(|_| fx.close_wait(0)).collect();
+    for (c, _) in &waiting {
+        c.set_nonblocking(true).expect("nonblocking client");
+    }
+    const AUDIT_ERRORS: &str = "cwreap_cycle_errors_total{kind=\"audit\"}";
+    d.wait_until("three cycles held back", Duration::from_secs(30), |_| {
+        value(AUDIT_ERRORS) >= 3.0
+    });
+    let held = value(AUDIT_ERRORS);
+    assert_eq!(
+        ss_close_wait(fx.pid()).len(),
+        10,
+        "a socket was shut down while its intent could not be recorded; log:\n{}",
+        d.log()
+    );
+    for (c, fd) in waiting.iter_mut() {
+        assert!(
+            !ended(c),
+            "the peer of fd {fd} saw EOF while the disk was stuck"
+        );
+    }
+    assert_eq!(value("cwreap_reaped_total"), 0.0);
+
+    // Unstuck: the intents land, then the sockets are shut down.
+    drop(frozen);
+    d.wait_until(
+        "every socket reaped after the thaw",
+        Duration::from_secs(30),
+        |_| ss_close_wait(fx.pid()).is_empty(),
+    );
+    let (status, took) = d.terminate();
+    assert!(status.success(), "{status}; log:\n{}", d.log());
+    let records = audit_records(&audit);
+    let line_of = |event: &str, inode: u64| {
+        records
+            .iter()
+            .position(|r| r["event"] == event && r["inode"].as_u64() == Some(inode))
+    };
+    let reaped: Vec<u64> = records
+        .iter()
+        .filter(|r| r["event"] == "action" && r["outcome"] == "reaped")
+        .filter_map(|r| r["inode"].as_u64())
+        .collect();
+    assert_eq!(reaped.len(), 10, "{records:?}");
+    for inode in &reaped {
+        let (intent, action) = (line_of("intent", *inode), line_of("action", *inode));
+        assert!(
+            intent.is_some() && intent < action,
+            "socket {inode}: intent at line {intent:?}, action at line {action:?}"
+        );
+    }
+    for (c, fd) in waiting.iter_mut() {
+        c.set_nonblocking(false).expect("blocking client");
+        assert!(
+            reads_eof(c, HANG),
+            "the peer of fd {fd} got no EOF after the thaw"
+        );
+    }
+    println!(
+        "stuck disk: {held} cycles held back (intents unconfirmed, nothing shut down), cycles went on; after the thaw 10 reaped, each after its intent record; stopped {took:?} after SIGTERM"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // Rotation.
 
 #[test]

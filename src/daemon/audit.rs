@@ -21,7 +21,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -45,6 +45,8 @@ const BATCH: usize = 1024 * 1024;
 /// How long a cycle waits for its intent records to be on the disk before it gives up
 /// acting this cycle.
 pub(super) const INTENT_DEADLINE: Duration = Duration::from_secs(2);
+/// How long opening the audit log (start-up, SIGHUP) may take.
+const OPEN_DEADLINE: Duration = Duration::from_secs(5);
 /// Write errors are logged at most this often (they are all counted).
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 
@@ -144,12 +146,14 @@ impl AuditLog {
     }
 
     /// Queue `lines` and wait until they are on the disk, at most until `deadline`, or
-    /// until `stop` is set.
+    /// until `stop` is set. The wait bumps `progress` as it goes: it ends by itself, so it
+    /// is no reason for the watchdog to kill the daemon.
     pub(super) fn durable(
         &self,
         lines: Vec<String>,
         deadline: Instant,
         stop: &AtomicBool,
+        progress: &AtomicU64,
     ) -> Durability {
         let n = lines.len() as u64;
         let (ack, answer) = sync_channel(1);
@@ -157,7 +161,15 @@ impl AuditLog {
             self.lost(n);
             return Durability::Unconfirmed;
         }
-        wait(&answer, deadline, stop)
+        loop {
+            progress.fetch_add(1, Ordering::Relaxed);
+            let slice = Instant::now() + Duration::from_millis(20);
+            match wait_for(&answer, slice.min(deadline)) {
+                Durability::Unconfirmed
+                    if !stop.load(Ordering::Relaxed) && Instant::now() < deadline => {}
+                d => return d,
+            }
+        }
     }
 
     /// Wait up to `wait` for everything queued so far to be on the disk (at exit).
@@ -176,17 +188,6 @@ impl AuditLog {
         }
         // A full queue wakes the writer anyway.
         let _ = self.tx.try_send(Msg::Wake);
-    }
-}
-
-fn wait(answer: &Receiver<bool>, deadline: Instant, stop: &AtomicBool) -> Durability {
-    loop {
-        let slice = Instant::now() + Duration::from_millis(20);
-        match wait_for(answer, slice.min(deadline)) {
-            Durability::Unconfirmed
-                if !stop.load(Ordering::Relaxed) && Instant::now() < deadline => {}
-            d => return d,
-        }
     }
 }
 
@@ -318,7 +319,27 @@ impl Daemon {
         path: Option<&std::path::Path>,
     ) -> Result<Option<File>, String> {
         let Some(path) = path else { return Ok(None) };
-        let Opened { file, torn } = super::audit_file::open(path)?;
+        // On its own thread, with a deadline: opening (O_CREAT) and repairing write to the
+        // file system, and a stuck one (frozen, a dead NFS server) would hold a reload, and
+        // so every cycle, for as long as it stays stuck.
+        let (tx, rx) = sync_channel(1);
+        let owned = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("cwreap-audit-open".into())
+            .spawn(move || {
+                let _ = tx.send(super::audit_file::open(&owned));
+            })
+            .map_err(|e| format!("audit_log {}: cannot start a thread: {e}", path.display()))?;
+        let Opened { file, torn } = match rx.recv_timeout(OPEN_DEADLINE) {
+            Ok(opened) => opened?,
+            Err(_) => {
+                return Err(format!(
+                    "audit_log {}: opening it took more than {} s (is its file system stuck?); fix: check the disk, then reload",
+                    path.display(),
+                    OPEN_DEADLINE.as_secs()
+                ));
+            }
+        };
         if torn > 0 {
             self.health.audit_torn_lines.inc();
             warn!(audit_log = %path.display(), bytes = torn,
@@ -355,9 +376,12 @@ impl Daemon {
             return true;
         }
         let n = lines.len();
-        let got = self
-            .audit
-            .durable(lines, Instant::now() + INTENT_DEADLINE, stop);
+        let got = self.audit.durable(
+            lines,
+            Instant::now() + INTENT_DEADLINE,
+            stop,
+            &self.progress,
+        );
         self.progress();
         match got {
             Durability::Written | Durability::Failed => true,
@@ -422,9 +446,12 @@ impl Daemon {
                 )
             })
             .collect();
-        let got = self
-            .audit
-            .durable(lines, Instant::now() + INTENT_DEADLINE, stop);
+        let got = self.audit.durable(
+            lines,
+            Instant::now() + INTENT_DEADLINE,
+            stop,
+            &self.progress,
+        );
         self.progress();
         if got == Durability::Unconfirmed && !stop.load(Ordering::Relaxed) {
             report.error("audit");
