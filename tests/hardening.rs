@@ -516,6 +516,7 @@ fn sigkill_mid_enforcement_leaves_a_record_of_every_socket_it_touched() {
     let mut tail = Tail::new(&audit);
     let mut rounds = Vec::new();
     let mut only_intent_total = 0;
+    let mut left_before: BTreeSet<u64> = BTreeSet::new();
     for round in 0..KILLS {
         // Every other start finds a torn last line, as a crash in the middle of a write
         // would leave it; it must be cut, never merged with the next record.
@@ -587,7 +588,12 @@ fn sigkill_mid_enforcement_leaves_a_record_of_every_socket_it_touched() {
         );
         // Shut down by a daemon killed before it wrote the action record: only the intent
         // record tells.
-        let only_intent = left.difference(&inodes_of(&records, "action")).count();
+        let actions = inodes_of(&records, "action");
+        let only_intent = left
+            .difference(&left_before)
+            .filter(|i| !actions.contains(i))
+            .count();
+        left_before = left.clone();
         only_intent_total += only_intent;
         rounds.push((
             round,
@@ -637,7 +643,7 @@ fn sigkill_mid_enforcement_leaves_a_record_of_every_socket_it_touched() {
         assert!(ended(c), "the peer of socket {inode} never saw EOF");
     }
     println!(
-        "sigkill: {} CLOSE_WAIT over {SERVERS} servers; {KILLS} kills; per round (round, new action records before the kill, left CLOSE_WAIT so far, of which recorded by their intent only, started on a torn line): {rounds:?}; {only_intent_total} sockets in all recorded only by their intent; finally {} lines, {} reaped with one record each, every inode recorded; the last daemon stopped {took:?} after SIGTERM",
+        "sigkill: {} CLOSE_WAIT over {SERVERS} servers; {KILLS} kills; per round (round, new action records before the kill, left CLOSE_WAIT so far, of those new this round recorded by their intent only, started on a torn line): {rounds:?}; {only_intent_total} sockets in all recorded only by their intent; finally {} lines, {} reaped with one record each, every inode recorded; the last daemon stopped {took:?} after SIGTERM",
         all.len(),
         records.len(),
         reaped.len()
@@ -806,6 +812,43 @@ fn sh(cmd: &mut Command) {
     );
 }
 
+/// Every datagram sent to a notify socket, read as it comes.
+struct NotifyLog {
+    got: Arc<Mutex<Vec<String>>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl NotifyLog {
+    fn bind(path: PathBuf) -> NotifyLog {
+        let sock = UnixDatagram::bind(&path).expect("bind the notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("notify timeout");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, stop) = (got.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    sink.lock().expect("notify lock").push(msg);
+                }
+            }
+        });
+        NotifyLog { got, done }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.got.lock().expect("notify lock").clone()
+    }
+}
+
+impl Drop for NotifyLog {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// An ext4 image of our own, loop-mounted. `fsfreeze` makes it a stuck disk: every write
 /// waits, uninterruptibly, until the thaw. Unmounted on drop.
 struct LoopFs {
@@ -878,7 +921,15 @@ fn a_stuck_disk_holds_actions_back_never_cycles() {
         )
         .replace("interval: 200ms", "interval: 100ms"),
     );
-    let mut d = Run::start(&cfg, &[]);
+    // A watchdog of 400 ms: pinged every 200 ms while cycles make progress.
+    let notify = NotifyLog::bind(scratch.path("notify"));
+    let mut d = Run::start(
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", scratch.path("notify").into_os_string()),
+            ("WATCHDOG_USEC", "400000".into()),
+        ],
+    );
     let value = |name: &str| metric(&scrape(metrics), name);
     d.wait_until("a first cycle", Duration::from_secs(10), |_| {
         value("cwreap_last_cycle_timestamp_seconds") > 0.0
@@ -895,6 +946,25 @@ fn a_stuck_disk_holds_actions_back_never_cycles() {
         value(AUDIT_ERRORS) >= 3.0
     });
     let held = value(AUDIT_ERRORS);
+    // Each held-back cycle waits 2 s for its intents; the watchdog is fed all along.
+    let msgs = notify.messages();
+    let statuses: Vec<usize> = (0..msgs.len())
+        .filter(|i| msgs[*i].contains("STATUS="))
+        .collect();
+    let pings_within: Vec<usize> = statuses
+        .windows(2)
+        .map(|w| {
+            msgs[w[0] + 1..w[1]]
+                .iter()
+                .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
+                .count()
+        })
+        .collect();
+    let longest = *pings_within.iter().max().unwrap_or(&0);
+    assert!(
+        longest >= 3,
+        "no cycle long enough fed the watchdog several times: pings between STATUS messages {pings_within:?}"
+    );
     assert_eq!(
         ss_close_wait(fx.pid()).len(),
         10,
@@ -945,7 +1015,7 @@ fn a_stuck_disk_holds_actions_back_never_cycles() {
         );
     }
     println!(
-        "stuck disk: {held} cycles held back (intents unconfirmed, nothing shut down), cycles went on; after the thaw 10 reaped, each after its intent record; stopped {took:?} after SIGTERM"
+        "stuck disk: {held} cycles held back (intents unconfirmed, nothing shut down), cycles went on, up to {longest} watchdog pings inside one cycle; after the thaw 10 reaped, each after its intent record; stopped {took:?} after SIGTERM"
     );
 }
 

@@ -32,7 +32,6 @@ use tracing::{error, warn};
 use cwreap_linux::secure_fs;
 
 use super::Daemon;
-use super::audit_file::Opened;
 use crate::config::Action;
 use crate::metrics::Health;
 use crate::policy::Decision;
@@ -237,10 +236,32 @@ impl Writer {
             }
             if let Some(file) = self.next.lock().ok().and_then(|mut n| n.take()) {
                 self.file = file;
+                self.repair();
             }
             let ok = self.write(&buf, records);
             for ack in acks {
                 let _ = ack.try_send(ok);
+            }
+        }
+    }
+
+    /// A file just taken may end in a torn line (a crash, an earlier full disk): cut it
+    /// before the first record, so that record starts a line of its own.
+    fn repair(&mut self) {
+        let Some(file) = self.file.as_ref() else {
+            return;
+        };
+        match secure_fs::cut_torn_tail(file) {
+            Ok(0) => {}
+            Ok(bytes) => {
+                self.health.audit_torn_lines.inc();
+                warn!(
+                    bytes,
+                    "the audit log ended in a partial line (an earlier crash or full disk); cut it off"
+                );
+            }
+            Err(e) => {
+                error!(error = %e, "cannot check the end of the audit log for a partial line");
             }
         }
     }
@@ -307,47 +328,39 @@ pub(super) fn unix_ts() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Open the audit log of the policy (SIGHUP reopens it; None when there is none).
+pub(super) fn open(path: Option<&std::path::Path>) -> Result<Option<File>, String> {
+    let Some(path) = path else { return Ok(None) };
+    // On its own thread, with a deadline: opening (O_CREAT) writes to the file system,
+    // and a stuck one (frozen, a dead NFS server) would hold a reload, and so every
+    // cycle, for as long as it stays stuck.
+    let (tx, rx) = sync_channel(1);
+    let owned = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("cwreap-audit-open".into())
+        .spawn(move || {
+            let _ = tx.send(super::audit_file::open(&owned));
+        })
+        .map_err(|e| format!("audit_log {}: cannot start a thread: {e}", path.display()))?;
+    let file = match rx.recv_timeout(OPEN_DEADLINE) {
+        Ok(opened) => opened?,
+        Err(_) => {
+            return Err(format!(
+                "audit_log {}: opening it took more than {} s (is its file system stuck?); fix: check the disk, then reload",
+                path.display(),
+                OPEN_DEADLINE.as_secs()
+            ));
+        }
+    };
+    Ok(Some(file))
+}
+
 /// Whether a decision changes a socket (and so needs its intent on the disk first).
 fn changes_a_socket(d: &Decision) -> bool {
     d.action != Action::Log && !d.dry_run
 }
 
 impl Daemon {
-    /// Open the audit log of the policy (SIGHUP reopens it; None when there is none).
-    pub(super) fn open_audit(
-        &self,
-        path: Option<&std::path::Path>,
-    ) -> Result<Option<File>, String> {
-        let Some(path) = path else { return Ok(None) };
-        // On its own thread, with a deadline: opening (O_CREAT) and repairing write to the
-        // file system, and a stuck one (frozen, a dead NFS server) would hold a reload, and
-        // so every cycle, for as long as it stays stuck.
-        let (tx, rx) = sync_channel(1);
-        let owned = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("cwreap-audit-open".into())
-            .spawn(move || {
-                let _ = tx.send(super::audit_file::open(&owned));
-            })
-            .map_err(|e| format!("audit_log {}: cannot start a thread: {e}", path.display()))?;
-        let Opened { file, torn } = match rx.recv_timeout(OPEN_DEADLINE) {
-            Ok(opened) => opened?,
-            Err(_) => {
-                return Err(format!(
-                    "audit_log {}: opening it took more than {} s (is its file system stuck?); fix: check the disk, then reload",
-                    path.display(),
-                    OPEN_DEADLINE.as_secs()
-                ));
-            }
-        };
-        if torn > 0 {
-            self.health.audit_torn_lines.inc();
-            warn!(audit_log = %path.display(), bytes = torn,
-                "the audit log ended in a partial line (an earlier crash or full disk); cut it off");
-        }
-        Ok(Some(file))
-    }
-
     /// Queue one record, if the policy has an audit log.
     pub(super) fn audit(&mut self, line: serde_json::Value) {
         if self.cfg.audit_log.is_some() {

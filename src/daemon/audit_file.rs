@@ -10,7 +10,8 @@
 //! itself is never followed as a symlink (O_NOFOLLOW), must be a regular file with one
 //! link, belong to root or us, and not be writable by group or others. A missing directory
 //! is created with mode 0750, so the daemon runs outside systemd (without LogsDirectory=)
-//! too. At every open, a torn last line is cut off.
+//! too. The writer thread cuts a torn last line off whenever it takes a newly opened file
+//! (see [`super::audit`]), so the repair never races with its own writes.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -23,13 +24,6 @@ use crate::config::file::{path_fix, path_problem, shell_quote};
 pub(super) const DIR_MODE: u32 = 0o750;
 /// Mode of the audit log it creates.
 pub(super) const FILE_MODE: u32 = 0o600;
-
-/// The audit log, open for appending.
-pub(super) struct Opened {
-    pub(super) file: File,
-    /// Bytes of a torn last line cut off at open.
-    pub(super) torn: u64,
-}
 
 /// The uids that may own the audit log's directories and file: root, and us.
 fn owners() -> Vec<u32> {
@@ -118,8 +112,8 @@ fn walk_error(path: &Path, e: WalkError<String>) -> String {
 }
 
 /// Open the audit log for appending (creating it, mode 0600, and any missing directory,
-/// mode 0750), after checking its path; cut a torn last line. The error is one line.
-pub(super) fn open(path: &Path) -> Result<Opened, String> {
+/// mode 0750), after checking its path. The error is one line.
+pub(super) fn open(path: &Path) -> Result<File, String> {
     let owners = owners();
     let mut sealed = Vec::new();
     let how = Walk {
@@ -146,9 +140,7 @@ pub(super) fn open(path: &Path) -> Result<Opened, String> {
     if let Some(problem) = file_problem(&resolved, &m, &owners, &sealed) {
         return Err(message(path, &problem));
     }
-    let torn = secure_fs::cut_torn_tail(&file)
-        .map_err(|e| message(path, &format!("cannot repair its last line: {e}")))?;
-    Ok(Opened { file, torn })
+    Ok(file)
 }
 
 /// What `cwreap check` says about `audit_log`: the problem `cwreap run` would hit with it,

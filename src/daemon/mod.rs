@@ -69,7 +69,6 @@ pub struct Daemon {
     held: Vec<PendingRelease>,
     /// The audit log's writer (records are queued only when the policy has one).
     audit: AuditLog,
-    health: Health,
     /// Bumped at each stage and action of a cycle: the watchdog is fed while it moves.
     progress: Arc<AtomicU64>,
     /// Every socket fd of the target processes, kept between cycles (with their pidfds).
@@ -107,7 +106,7 @@ impl Daemon {
 
     /// A daemon whose output counters are `health` (those of the metrics endpoint).
     pub fn with_health(cfg: Config, force_dry_run: bool, health: Health) -> Result<Self> {
-        let audit = AuditLog::start(None, health.clone()).context("starting the audit writer")?;
+        let audit = AuditLog::start(None, health).context("starting the audit writer")?;
         let d = Self {
             cfg,
             force_dry_run,
@@ -122,7 +121,6 @@ impl Daemon {
             pending: Vec::new(),
             held: Vec::new(),
             audit,
-            health,
             progress: Arc::default(),
             index: FdIndex::default(),
             self_pid: std::process::id() as i32,
@@ -131,9 +129,7 @@ impl Daemon {
             #[cfg(feature = "testing")]
             hook: None,
         };
-        let file = d
-            .open_audit(d.cfg.audit_log.as_deref())
-            .map_err(|e| anyhow!(e))?;
+        let file = audit::open(d.cfg.audit_log.as_deref()).map_err(|e| anyhow!(e))?;
         d.audit.replace(file);
         Ok(d)
     }
@@ -177,9 +173,7 @@ impl Daemon {
     /// whether its path changed or not: after logrotate moved it away, records go to a new
     /// file. If it cannot be opened, nothing changes.
     pub fn reload(&mut self, cfg: Config) -> Result<()> {
-        let file = self
-            .open_audit(cfg.audit_log.as_deref())
-            .map_err(|e| anyhow!(e))?;
+        let file = audit::open(cfg.audit_log.as_deref()).map_err(|e| anyhow!(e))?;
         self.audit.replace(file);
         if cfg.metrics.listen != self.cfg.metrics.listen {
             warn!("metrics.listen changes take effect at the next restart");
