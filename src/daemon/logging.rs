@@ -20,7 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use crate::config::LogFormat;
 
 /// Lines waiting for the writer before new ones are dropped.
-const QUEUE: usize = 4096;
+const QUEUE: usize = 16 * 1024;
 
 enum Msg {
     Line(Vec<u8>),
