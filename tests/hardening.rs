@@ -223,6 +223,16 @@ impl Drop for Run {
     }
 }
 
+/// A child killed on drop, also when the test fails.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A command that must end at once: (exit code, stdout, stderr, time taken). A hang past
 /// [`HANG`] kills it and fails the test.
 fn run_guarded(cmd: &mut Command) -> (Option<i32>, String, String, Duration) {
@@ -1279,13 +1289,15 @@ print("swaps", n, flush=True)
 /// returns (accepted with the good policy, refused, swaps done). Fails on any run that
 /// accepts the bad policy.
 fn race(mut swapper: Command, cfg: &Path, stop: &Path, runs: usize) -> (usize, usize, u64) {
-    let mut child = swapper
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the swapper");
-    let lines = lines_of(child.stdout.take().expect("swapper stdout"));
+    let mut child = Killed(
+        swapper
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the swapper"),
+    );
+    let lines = lines_of(child.0.stdout.take().expect("swapper stdout"));
     let first = lines
         .recv_timeout(Duration::from_secs(10))
         .expect("swapper started");
@@ -1319,7 +1331,7 @@ fn race(mut swapper: Command, cfg: &Path, stop: &Path, runs: usize) -> (usize, u
         .ok()
         .and_then(|l| l.strip_prefix("swaps ").and_then(|n| n.parse().ok()))
         .unwrap_or_else(|| panic!("the swapper did not report its count"));
-    let _ = child.wait();
+    let _ = child.0.wait();
     println!(
         "race over {}: {good} accepted (good), {refused} refused: {reasons:?}; {swaps} swaps",
         cfg.display()
@@ -1449,28 +1461,30 @@ fn a_stalled_stderr_and_an_undrained_notify_socket_never_stop_cycles_or_sigterm(
     );
     let notify_path = scratch.path("notify");
     let _notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
-    let mut child = Command::new(CWREAP)
-        .arg("run")
-        .arg("--config")
-        .arg(&cfg)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "200000")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cwreap run");
+    let mut child = Killed(
+        Command::new(CWREAP)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "200000")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cwreap run"),
+    );
     // Never read; one page, so it fills after a few lines.
-    let stalled = child.stderr.take().expect("stderr");
+    let stalled = child.0.stderr.take().expect("stderr");
     let capacity = rustix::pipe::fcntl_setpipe_size(stalled.as_fd(), 4096).expect("F_SETPIPE_SZ");
-    let pid = child.id() as i32;
+    let pid = child.0.id() as i32;
     let guard = Instant::now() + Duration::from_secs(30);
     let mut wait = |what: &str, ok: &mut dyn FnMut() -> bool| {
         while !ok() {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Ok(Some(status)) = child.0.try_wait() {
                 panic!("the daemon exited ({status}) before {what}");
             }
             assert!(Instant::now() < guard, "no {what} within 30 s");
@@ -1507,7 +1521,7 @@ fn a_stalled_stderr_and_an_undrained_notify_socket_never_stop_cycles_or_sigterm(
     let sent = Instant::now();
     rustix::process::kill_process(Pid::from_raw(pid).expect("pid"), Signal::TERM).expect("SIGTERM");
     let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = child.0.try_wait() {
             break status;
         }
         assert!(
