@@ -196,3 +196,60 @@ pub fn problem(path: &Path) -> Option<String> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{PermissionsExt, chown};
+
+    fn mkdir(path: &Path, mode: u32, uid: u32) {
+        std::fs::create_dir(path).expect("mkdir");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        chown(path, Some(uid), None).expect("chown");
+    }
+
+    #[test]
+    fn owners_sealed_directories_and_hard_links() {
+        if cwreap_linux::sys::euid() != 0 {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "needs root (chown), and CI=true forbids skipping"
+            );
+            eprintln!("SKIP: needs root (chown)");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("cwreap-audit-path-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        mkdir(&base, 0o755, 0);
+        // systemd's DynamicUser= layout: /var/log/private (root, 0700) holds the service's
+        // own directory, owned by its transient uid.
+        mkdir(&base.join("private"), 0o700, 0);
+        mkdir(&base.join("private/svc"), 0o750, 61234);
+        let sealed = base.join("private/svc/audit.jsonl");
+        assert_eq!(problem(&sealed), None);
+        assert!(open(&sealed).is_ok());
+        // The same directory anywhere else: another user could swap the file.
+        mkdir(&base.join("svc"), 0o750, 61234);
+        let exposed = base.join("svc/audit.jsonl");
+        let e = problem(&exposed).expect("uid 61234's directory");
+        assert!(
+            e.contains("directory") && e.contains("owned by uid 61234"),
+            "{e}"
+        );
+        assert!(open(&exposed).is_err());
+        // A second name for another file.
+        std::fs::write(base.join("victim"), b"x\n").expect("victim");
+        std::fs::hard_link(base.join("victim"), base.join("linked")).expect("link");
+        let e = open(&base.join("linked")).expect_err("a hard link");
+        assert!(e.contains("2 hard links"), "{e}");
+        // Created: missing directories 0750, the file 0600.
+        let fresh = base.join("new/dir/audit.jsonl");
+        assert_eq!(problem(&fresh), None);
+        assert!(!base.join("new").exists(), "a probe creates nothing");
+        open(&fresh).expect("create");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&base.join("new/dir")), DIR_MODE);
+        assert_eq!(mode(&fresh), FILE_MODE);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
