@@ -579,10 +579,15 @@ fn sigkill_mid_enforcement_leaves_a_record_of_every_socket_it_touched() {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(
-            eof, left,
-            "round {round}: peers that saw EOF differ from what ss says left CLOSE_WAIT"
-        );
+        if eof != left {
+            let only_eof: Vec<&u64> = eof.difference(&left).take(5).collect();
+            let only_ss: Vec<&u64> = left.difference(&eof).take(5).collect();
+            panic!(
+                "round {round}: {} peers saw EOF but ss says {} sockets left CLOSE_WAIT; EOF only, e.g. {only_eof:?}; ss only, e.g. {only_ss:?}",
+                eof.len(),
+                left.len()
+            );
+        }
         let records = audit_records(&audit);
         let recorded: BTreeSet<u64> = inodes_of(&records, "intent")
             .union(&inodes_of(&records, "action"))
