@@ -291,22 +291,18 @@ impl Writer {
             let landed = buf[..written].iter().filter(|&&b| b == b'\n').count() as u64;
             let lost = records.saturating_sub(landed);
             self.health.audit_write_errors.inc_by(lost);
-            match secure_fs::cut_torn_tail(file) {
-                Ok(0) => {}
+            // Counted every time, reported with the write error (at most once a minute).
+            let error = match secure_fs::cut_torn_tail(file) {
+                Ok(0) => e.to_string(),
                 Ok(bytes) => {
                     self.health.audit_torn_lines.inc();
-                    warn!(
-                        bytes,
-                        "cut a partly written record off the end of the audit log"
-                    );
+                    format!("{e}; a partial record of {bytes} bytes was cut off")
                 }
-                Err(cut) => {
-                    error!(error = %cut, "cannot cut a partly written record off the audit log")
-                }
-            }
+                Err(cut) => format!("{e}; cutting the partial record off failed too: {cut}"),
+            };
             let _ = secure_fs::sync_data(file);
             self.errors
-                .report("cannot write the audit log", &e.to_string(), lost);
+                .report("cannot write the audit log", &error, lost);
             return false;
         }
         if let Err(e) = secure_fs::sync_data(file) {
