@@ -31,6 +31,7 @@ install: assets
 	for f in systemd/drop-ins/*.conf; do \
 		install -D -m 0644 $$f $(DESTDIR)$(PREFIX)/share/cwreap/drop-ins/$$(basename $$f); \
 	done
+	install -D -m 0644 config/logrotate/cwreap $(DESTDIR)$(SYSCONFDIR)/logrotate.d/cwreap
 	@# Never overwrite a policy an operator already edited.
 	test -e $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml || \
 		install -D -m 0600 config/cwreap.yaml $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml
@@ -41,7 +42,8 @@ uninstall:
 		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/cwreap \
 		$(DESTDIR)$(PREFIX)/share/zsh/site-functions/_cwreap \
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish \
-		$(DESTDIR)$(UNITDIR)/cwreap.service
+		$(DESTDIR)$(UNITDIR)/cwreap.service \
+		$(DESTDIR)$(SYSCONFDIR)/logrotate.d/cwreap
 	rm -rf $(DESTDIR)$(PREFIX)/share/cwreap/drop-ins
 
 deb: assets

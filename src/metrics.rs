@@ -54,6 +54,23 @@ pub struct Metrics {
     inner: Arc<Mutex<Inner>>,
     /// The endpoint refused a connection since the last [`Metrics::flood_over`].
     flooded: Arc<AtomicBool>,
+    health: Health,
+}
+
+/// Counters of the daemon's own outputs, bumped where the trouble happens (the audit
+/// writer, the log sink, the sd_notify sender), even in the middle of a cycle. Clones
+/// share the counts.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    /// Audit records that did not reach the file: a failed write or fdatasync (ENOSPC,
+    /// EIO), or a full queue.
+    pub audit_write_errors: Counter,
+    /// Partial lines cut off the end of the audit log (after a crash or a short write).
+    pub audit_torn_lines: Counter,
+    /// Log lines dropped because the log writer was behind (a stalled reader of stderr).
+    pub log_lines_dropped: Counter,
+    /// sd_notify messages that could not be sent at once (a full or missing socket).
+    pub notify_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -140,8 +157,30 @@ impl Metrics {
             "Connections to the metrics endpoint closed unserved: too many clients at once",
             refused.clone(),
         );
+        let health = Health::default();
+        registry.register(
+            "cwreap_audit_write_errors",
+            "Audit records that did not reach the audit log (write or fdatasync failed, or the writer's queue was full)",
+            health.audit_write_errors.clone(),
+        );
+        registry.register(
+            "cwreap_audit_torn_lines",
+            "Partial lines cut off the end of the audit log (left by a crash or a short write)",
+            health.audit_torn_lines.clone(),
+        );
+        registry.register(
+            "cwreap_log_lines_dropped",
+            "Log lines dropped because stderr's reader was not keeping up",
+            health.log_lines_dropped.clone(),
+        );
+        registry.register(
+            "cwreap_notify_dropped",
+            "sd_notify messages dropped because the notify socket could not take them at once",
+            health.notify_dropped.clone(),
+        );
         Self {
             flooded: Arc::new(AtomicBool::new(false)),
+            health,
             inner: Arc::new(Mutex::new(Inner {
                 registry,
                 close_wait,
@@ -170,6 +209,11 @@ impl Metrics {
     /// Whether connections were refused since the last call (and forget it).
     pub fn flood_over(&self) -> bool {
         self.flooded.swap(false, Ordering::Relaxed)
+    }
+
+    /// The output counters, for the parts of the daemon that bump them.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Fold one cycle's report in.
@@ -396,9 +440,13 @@ mod tests {
             "cwreap_cycle_duration_seconds_count 2",
             "cwreap_build_info{version=",
             "cwreap_last_cycle_timestamp_seconds ",
+            "cwreap_audit_write_errors_total 0",
+            "cwreap_log_lines_dropped_total 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
+        m.health().notify_dropped.inc_by(3);
+        assert!(m.render().contains("cwreap_notify_dropped_total 3"));
         // A target gone from the report is gone from the gauges.
         m.observe(&CycleReport::default());
         assert!(

@@ -1118,10 +1118,24 @@ fn audit_log_has_one_line_per_action() {
         })
         .collect();
     assert_eq!(released, acted);
+    // Before the first action, an intent record of every socket the cycle would change.
+    let first_action = lines
+        .iter()
+        .position(|l| l["event"] == "action")
+        .expect("an action line");
+    let intents: BTreeSet<(i64, i64)> = lines[..first_action]
+        .iter()
+        .filter(|l| l["event"] == "intent")
+        .map(|l| {
+            assert_eq!(field_str(l, "action"), "shutdown", "{l}");
+            (field_i64(l, "fd"), field_i64(l, "inode"))
+        })
+        .collect();
+    assert_eq!(intents, inodes.iter().copied().collect(), "{lines:?}");
     assert_eq!(
         lines.len(),
-        6,
-        "only action and fd_release lines: {lines:?}"
+        9,
+        "only intent, action and fd_release lines: {lines:?}"
     );
     assert_eof(&mut conns);
     assert!(ss_close_wait(pid).is_empty());

@@ -9,6 +9,9 @@
 //! - **act**: [`os`] is the seam for effects, with [`os::RealOs`] (pidfd_open,
 //!   pidfd_getfd, fstat, SO_COOKIE, TCP_INFO, shutdown) and [`os::SocketKiller`];
 //!   [`inject`] runs close(2) inside a stopped target (ptrace), the manual last resort.
+//! - **policy and audit files**: [`secure_fs`] opens them without trusting their path
+//!   (every directory checked through its own fd, symlinks resolved and shown, no FIFO
+//!   hangs) and keeps an append-only line file whole after a crash.
 //! - [`sys`] has the raw calls and capabilities; [`tcp`] the TCP state numbers and names.
 
 pub mod inject;
@@ -16,6 +19,7 @@ pub mod netlink;
 pub mod netns;
 pub mod os;
 pub mod procfs;
+pub mod secure_fs;
 pub mod sys;
 pub mod tcp;
 #[cfg(feature = "testing")]

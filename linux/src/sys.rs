@@ -320,6 +320,16 @@ impl std::fmt::Display for Capability {
     }
 }
 
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// This process's real uid.
+pub fn uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
 /// Whether this process runs privileged: euid 0, or any effective capability (the shipped
 /// unit runs as a transient user with ambient capabilities). When the capabilities cannot
 /// be read, the answer is yes: callers use it to decide whether to be strict.

@@ -130,11 +130,21 @@ pub(crate) fn stdout_color() -> bool {
     )
 }
 
-/// `cwreap check`: validate a policy (ownership and mode too, when root) and print it.
-/// Targets that can never act (an earlier one selects all their sockets) are warned about
-/// on `err`, `file:line:col: warning: ...`; the policy is still valid.
+/// `cwreap check`: validate a policy (ownership and mode too, of the file and of every
+/// directory on its path, when privileged) and print it. An `audit_log` that `cwreap run`
+/// could not use (a symlink, a FIFO, a directory another user could change, no right to
+/// create it) is an error too. Targets that can never act (an earlier one selects all
+/// their sockets) are warned about on `err`, `file:line:col: warning: ...`; the policy is
+/// still valid.
 pub fn check(path: &std::path::Path, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
     let cfg = crate::config::load_config(path).map_err(|e| UsageError(e.to_string()))?;
+    if let Some(problem) = cfg
+        .audit_log
+        .as_deref()
+        .and_then(crate::daemon::audit_log_problem)
+    {
+        return Err(UsageError(format!("{}: {problem}", path.display())).into());
+    }
     for s in cfg.shadowed() {
         let at = cfg
             .targets

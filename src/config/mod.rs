@@ -441,15 +441,12 @@ impl ConfigError {
     }
 }
 
-/// Read and validate the policy at `path`. Does not check the file's ownership: the daemon
-/// and `cwreap check` call [`check_file_permissions`] first.
+/// Read and validate the policy at `path`: a regular file of at most 1 MiB, opened
+/// without blocking. Does not check ownership or modes: the daemon and `cwreap check` use
+/// [`load_config`], which does.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
-    parse(&text, &file)
+    let text = file::read_policy(path, false)?;
+    parse(&text, &path.display().to_string())
 }
 
 /// Validate a policy given as text; `source` names it in messages.

@@ -977,3 +977,84 @@ fn target_names_are_summarised() {
         "t0,t1,t2,t3,t4 and 995 more"
     );
 }
+
+#[test]
+fn path_rules_for_directories_and_symlinks() {
+    use cwreap_linux::secure_fs::{Kind, Meta};
+    let meta = |kind: Kind, uid: u32, mode: u32| Meta {
+        kind,
+        uid,
+        gid: 0,
+        mode,
+        nlink: 1,
+        size: 0,
+        dev: 0,
+        ino: 0,
+    };
+    let p = Path::new("/srv/x");
+    let root = [0];
+    assert_eq!(
+        path_problem(p, &meta(Kind::Directory, 0, 0o755), &root),
+        None
+    );
+    // Sticky: others may add entries but not rename ours (/tmp).
+    assert_eq!(
+        path_problem(p, &meta(Kind::Directory, 0, 0o1777), &root),
+        None
+    );
+    let open = path_problem(p, &meta(Kind::Directory, 0, 0o777), &root).expect("0777");
+    assert!(
+        open.contains("writable by others (mode 0777) and not sticky"),
+        "{open}"
+    );
+    assert_eq!(
+        path_fix(p, &meta(Kind::Directory, 0, 0o777), "root"),
+        "fix: chmod go-w /srv/x"
+    );
+    let group = path_problem(p, &meta(Kind::Directory, 0, 0o775), &root).expect("0775");
+    assert!(group.contains("writable by group"), "{group}");
+    let theirs = path_problem(p, &meta(Kind::Directory, 1000, 0o755), &root).expect("uid 1000");
+    assert!(theirs.contains("owned by uid 1000, not root"), "{theirs}");
+    assert_eq!(
+        path_fix(p, &meta(Kind::Directory, 1000, 0o755), "root"),
+        "fix: chown root /srv/x"
+    );
+    assert_eq!(
+        path_problem(p, &meta(Kind::Directory, 1000, 0o755), &[0, 1000]),
+        None
+    );
+    assert_eq!(
+        path_problem(p, &meta(Kind::Directory, 1000, 0o755), &[]),
+        None
+    );
+    // A symlink's mode means nothing; its owner does.
+    assert_eq!(path_problem(p, &meta(Kind::Symlink, 0, 0o777), &root), None);
+    let link = path_problem(p, &meta(Kind::Symlink, 1000, 0o777), &root).expect("their symlink");
+    assert!(
+        link.contains("symlink /srv/x is owned by uid 1000"),
+        "{link}"
+    );
+}
+
+#[test]
+fn load_refuses_what_is_not_a_regular_file_or_too_big() {
+    let dir = std::env::temp_dir().join(format!("cwreap-config-kinds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let e = load(&dir).expect_err("a directory").to_string();
+    assert!(e.contains("it is a directory, not a regular file"), "{e}");
+    let big = dir.join("big.yaml");
+    let mut text = String::from(MIN);
+    while (text.len() as u64) <= MAX_POLICY_BYTES {
+        text.push_str("# padding padding padding padding padding padding padding padding\n");
+    }
+    std::fs::write(&big, &text).expect("write");
+    let e = load(&big).expect_err("over 1 MiB").to_string();
+    assert!(e.contains("larger than 1024 KiB"), "{e}");
+    std::os::unix::fs::symlink(dir.join("missing"), dir.join("dangling")).expect("symlink");
+    let e = load(&dir.join("dangling"))
+        .expect_err("dangling")
+        .to_string();
+    assert!(e.contains("cannot read the policy"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

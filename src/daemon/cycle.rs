@@ -234,6 +234,11 @@ impl Daemon {
                 d.dry_run = true;
             }
         }
+        if !self.announce(&plan.decisions, stop, &mut report) {
+            // The intents are not on the disk: act on nothing that changes a socket.
+            plan.decisions
+                .retain(|d| d.action == Action::Log || d.dry_run);
+        }
         let mut reaps = 0usize;
         for d in &plan.decisions {
             if stop.load(Ordering::Relaxed) {

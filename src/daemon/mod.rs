@@ -3,17 +3,23 @@
 //!
 //! - [`cycle`]: one cycle, discover → attribute → age → decide → act → report;
 //! - [`release`]: after a shutdown, whether the owner released the fd (and escalation);
-//! - [`audit`]: the JSON Lines audit log;
+//! - [`audit`]: the JSON Lines audit log, its writer thread and the intent records;
+//!   [`audit_file`]: where it may live, opening and checking it;
 //! - [`service`]: the process around the cycles: signals (SIGHUP reload, SIGTERM/SIGINT
-//!   stop), sd_notify (READY, STATUS, WATCHDOG), the metrics endpoint;
-//! - [`selftest`]: the start-up self-test; [`logging`]: the log subscriber.
+//!   stop), sd_notify (READY, STATUS, WATCHDOG), the watchdog fed on progress, the metrics
+//!   endpoint; [`notify`]: sd_notify sends that never block;
+//! - [`selftest`]: the start-up self-test; [`logging`]: the log sink (a writer thread owns
+//!   stderr).
+//!
+//! No output blocks a cycle: the audit log, stderr and the notify socket each have their
+//! own writer or a non-blocking send, and every wait has a deadline.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use tracing::warn;
 
 use cwreap_linux::netns::Namespaces;
@@ -22,18 +28,24 @@ use cwreap_linux::procfs::ProcFs;
 
 use crate::config::Config;
 use crate::index::FdIndex;
+use crate::metrics::Health;
 use crate::policy::{Ages, Escalated, Headroom, RateLimiter, SocketKey};
 
 mod audit;
+mod audit_file;
 mod cycle;
 mod escalate;
 mod logging;
+mod notify;
 mod release;
 mod selftest;
 mod service;
 
+pub use audit_file::problem as audit_log_problem;
 pub use selftest::self_test;
 pub use service::run;
+
+use audit::AuditLog;
 
 use release::PendingRelease;
 
@@ -58,7 +70,10 @@ pub struct Daemon {
     held: Vec<PendingRelease>,
     /// Escalations done per process: pid → (its start time, what was done).
     escalated: HashMap<i32, (u64, Escalated)>,
-    audit: Option<File>,
+    /// The audit log's writer (records are queued only when the policy has one).
+    audit: AuditLog,
+    /// Bumped at each stage and action of a cycle: the watchdog is fed while it moves.
+    progress: Arc<AtomicU64>,
     /// Every socket fd of the target processes, kept between cycles (with their pidfds).
     index: FdIndex<Pinned>,
     self_pid: i32,
@@ -99,14 +114,14 @@ fn warn_shadowed(cfg: &Config) {
 
 impl Daemon {
     pub fn new(cfg: Config, force_dry_run: bool) -> Result<Self> {
+        Self::with_health(cfg, force_dry_run, Health::default())
+    }
+
+    /// A daemon whose output counters are `health` (those of the metrics endpoint).
+    pub fn with_health(cfg: Config, force_dry_run: bool, health: Health) -> Result<Self> {
         warn_shadowed(&cfg);
-        let audit = match &cfg.audit_log {
-            Some(p) => {
-                Some(audit::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
-            }
-            None => None,
-        };
-        Ok(Self {
+        let audit = AuditLog::start(None, health).context("starting the audit writer")?;
+        let d = Self {
             cfg,
             force_dry_run,
             os: RealOs,
@@ -121,13 +136,17 @@ impl Daemon {
             held: Vec::new(),
             escalated: HashMap::new(),
             audit,
+            progress: Arc::default(),
             index: FdIndex::default(),
             self_pid: std::process::id() as i32,
             release_pidfds: HashMap::new(),
             unowned: HashSet::new(),
             #[cfg(feature = "testing")]
             hook: None,
-        })
+        };
+        let file = audit::open(d.cfg.audit_log.as_deref()).map_err(|e| anyhow!(e))?;
+        d.audit.replace(file);
+        Ok(d)
     }
 
     /// Call `hook` at each point of every cycle. A seam for tests: some faults (a target
@@ -146,7 +165,17 @@ impl Daemon {
         self.namespaces.insert(d);
     }
 
+    /// A counter that moves while cycles make progress (for the watchdog).
+    pub fn progress_counter(&self) -> Arc<AtomicU64> {
+        self.progress.clone()
+    }
+
+    fn progress(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn stage(&mut self, point: Point) {
+        self.progress();
         #[cfg(feature = "testing")]
         if let Some(hook) = self.hook.as_mut() {
             hook(point);
@@ -155,16 +184,12 @@ impl Daemon {
         let _ = point;
     }
 
-    /// Swap in a new, already validated policy (SIGHUP).
+    /// Swap in a new, already validated policy (SIGHUP). The audit log is opened again
+    /// whether its path changed or not: after logrotate moved it away, records go to a new
+    /// file. If it cannot be opened, nothing changes.
     pub fn reload(&mut self, cfg: Config) -> Result<()> {
-        if cfg.audit_log != self.cfg.audit_log {
-            self.audit = match &cfg.audit_log {
-                Some(p) => Some(
-                    audit::open(p).with_context(|| format!("opening audit log {}", p.display()))?,
-                ),
-                None => None,
-            };
-        }
+        let file = audit::open(cfg.audit_log.as_deref()).map_err(|e| anyhow!(e))?;
+        self.audit.replace(file);
         if cfg.metrics.listen != self.cfg.metrics.listen {
             warn!("metrics.listen changes take effect at the next restart");
         }

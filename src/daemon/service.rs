@@ -1,25 +1,32 @@
 //! The process around the cycles: load and self-test, the runtime, the metrics endpoint,
 //! signals (SIGHUP reload, SIGTERM/SIGINT stop), sd_notify (READY, STATUS, WATCHDOG,
-//! RELOADING, STOPPING). Cycles run on a blocking thread, so a slow cycle never stalls
-//! signal handling or scrapes.
+//! RELOADING, STOPPING). Cycles and reloads run on a blocking thread, so slow work never
+//! stalls signal handling or scrapes, and nothing here waits without a deadline: the
+//! daemon stops within a second of SIGTERM whatever a cycle, the disk or stderr's reader
+//! is doing. The watchdog is fed between cycles, and during a cycle as long as it makes
+//! progress (a stage or an action since the last ping).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use sd_notify::NotifyState;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
+use super::audit::AuditLog;
+use super::notify::Notifier;
 use super::{Daemon, logging, self_test};
 use crate::config::{UsageError, load_config};
+use crate::metrics::Metrics;
 use crate::report::CycleReport;
 
-fn notify(states: &[sd_notify::NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        warn!(error = %e, "sd_notify failed");
-    }
-}
+/// After SIGTERM: how long the cycle in progress gets to finish its current action.
+const STOP_CYCLE: Duration = Duration::from_millis(400);
+/// Then how long the audit writer and the log writer each get to write what is queued.
+const STOP_FLUSH: Duration = Duration::from_millis(200);
 
 /// `cwreap run`: load, self-test, notify READY, then cycle until SIGTERM/SIGINT.
 pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
@@ -29,15 +36,18 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
     // fds for pidfds, /proc and duplicates.
     cwreap_linux::sys::raise_own_fd_limit();
     let cfg = load_config(config_path).map_err(|e| UsageError(e.to_string()))?;
-    logging::init(cfg.log_format);
+    let metrics = Metrics::new();
+    let health = metrics.health();
+    logging::init(cfg.log_format, health.log_lines_dropped.clone());
     self_test()?;
-    let daemon = Daemon::new(cfg, force_dry_run).map_err(|e| UsageError(format!("{e:#}")))?;
+    let daemon = Daemon::with_health(cfg, force_dry_run, health.clone())
+        .map_err(|e| UsageError(format!("{}: {e:#}", config_path.display())))?;
+    let audit = daemon.audit.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     let result = rt.block_on(async {
-        let metrics = crate::metrics::Metrics::new();
         if let Some(addr) = daemon.cfg.metrics.listen {
             let listener = crate::metrics::bind(addr).await.map_err(|e| {
                 UsageError(format!(
@@ -47,26 +57,106 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
             info!(listen = %addr, "metrics endpoint: GET /metrics");
             tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
         }
-        main_loop(daemon, config_path.to_path_buf(), metrics).await
+        let notifier = Notifier::from_env(health.notify_dropped.clone());
+        main_loop(daemon, config_path.to_path_buf(), metrics, notifier).await
     });
     // After SIGTERM a cycle may still be running on the blocking pool (the stop flag is
     // only checked between actions, and `shutdown` already gave it its time): dropping the
     // runtime would join that thread, however long the cycle takes.
     rt.shutdown_background();
+    finish(&audit);
     result
 }
 
+/// Last words, each with a deadline: what is queued reaches the audit log and stderr if
+/// they take it in time. The process then exits even if a writer is blocked.
+fn finish(audit: &AuditLog) {
+    let _ = audit.flush(STOP_FLUSH);
+    logging::flush(STOP_FLUSH);
+}
+
+/// The signals and the service manager, around the daemon's blocking work.
+struct Service {
+    notifier: Notifier,
+    watchdog: Option<Duration>,
+    progress: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Service {
+    fn notify(&self, states: &[NotifyState<'_>]) {
+        self.notifier.send(states);
+    }
+
+    /// Run `work` on the daemon on a blocking thread, answering SIGTERM/SIGINT and feeding
+    /// the watchdog while it makes progress. None when a stop signal ended it.
+    async fn blocking<T: Send + 'static>(
+        &mut self,
+        mut daemon: Daemon,
+        work: impl FnOnce(&mut Daemon, &AtomicBool) -> T + Send + 'static,
+    ) -> Result<Option<(Daemon, T)>> {
+        let flag = self.stop.clone();
+        let mut job = tokio::task::spawn_blocking(move || {
+            let out = work(&mut daemon, &flag);
+            (daemon, out)
+        });
+        let tick = self.watchdog.map(|w| w / 2);
+        let mut pinged = self.progress.load(Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                r = &mut job => return Ok(Some(r.context("the daemon's thread panicked")?)),
+                _ = tokio::time::sleep(tick.unwrap_or(Duration::MAX)), if tick.is_some() => {
+                    let now = self.progress.load(Ordering::Relaxed);
+                    if now != pinged {
+                        pinged = now;
+                        self.notify(&[NotifyState::Watchdog]);
+                    }
+                }
+                _ = self.term.recv() => {
+                    self.shutdown(job, "SIGTERM").await;
+                    return Ok(None);
+                }
+                _ = self.int.recv() => {
+                    self.shutdown(job, "SIGINT").await;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// During a cycle: ask it to stop after the current action, and give it a moment.
+    async fn shutdown<T>(&self, job: tokio::task::JoinHandle<T>, signal: &str) {
+        info!(signal, "stopping after the current action");
+        self.notify(&[NotifyState::Stopping]);
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = tokio::time::timeout(STOP_CYCLE, job).await;
+    }
+
+    /// Between cycles: say so and leave.
+    fn stopping(&self, signal: &str) {
+        info!(signal, "stopping");
+        self.notify(&[NotifyState::Stopping]);
+    }
+}
+
 async fn main_loop(
-    mut daemon: Daemon,
+    daemon: Daemon,
     config_path: PathBuf,
-    metrics: crate::metrics::Metrics,
+    metrics: Metrics,
+    notifier: Notifier,
 ) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let watchdog = sd_notify::watchdog_enabled();
+    let mut svc = Service {
+        notifier,
+        watchdog: sd_notify::watchdog_enabled(),
+        progress: daemon.progress_counter(),
+        stop: Arc::new(AtomicBool::new(false)),
+        hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+    };
     info!(
         config = %config_path.display(),
         dry_run = daemon.cfg.dry_run || daemon.force_dry_run,
@@ -75,71 +165,73 @@ async fn main_loop(
         target_names = %daemon.cfg.target_names(5),
         "cwreap started"
     );
-    notify(&[sd_notify::NotifyState::Ready]);
+    svc.notify(&[NotifyState::Ready]);
 
+    let mut daemon = daemon;
     loop {
-        let flag = stop.clone();
-        let mut job = tokio::task::spawn_blocking(move || {
-            let report = daemon.cycle(&flag);
-            (daemon, report)
-        });
-        let (d, report) = tokio::select! {
-            r = &mut job => r.context("cycle thread panicked")?,
-            _ = term.recv() => return shutdown(stop, job, "SIGTERM").await,
-            _ = int.recv() => return shutdown(stop, job, "SIGINT").await,
+        let Some((d, report)) = svc
+            .blocking(daemon, |d: &mut Daemon, stop: &AtomicBool| d.cycle(stop))
+            .await?
+        else {
+            return Ok(());
         };
         daemon = d;
-        metrics.observe(&report);
-        let status = report.status_line();
-        notify(&[sd_notify::NotifyState::Status(&status)]);
-        if watchdog.is_some() {
-            notify(&[sd_notify::NotifyState::Watchdog]);
-        }
+        cycle_done(&svc, &metrics, &report);
 
         // Sleep until the next cycle, feeding the watchdog and answering signals.
         let wake = tokio::time::Instant::now() + daemon.cfg.interval;
         loop {
-            let tick = watchdog.map_or(daemon.cfg.interval, |w| w / 2);
+            let tick = svc.watchdog.map_or(daemon.cfg.interval, |w| w / 2);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => break,
-                _ = tokio::time::sleep(tick), if watchdog.is_some() => {
-                    notify(&[sd_notify::NotifyState::Watchdog]);
+                _ = tokio::time::sleep(tick), if svc.watchdog.is_some() => {
+                    svc.notify(&[NotifyState::Watchdog]);
                 }
-                _ = hup.recv() => {
-                    notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
-                    match load_config(&config_path) {
-                        Ok(cfg) => match daemon.reload(cfg) {
-                            Ok(()) => info!(config = %config_path.display(), "config reloaded"),
-                            Err(e) => error!(error = %format!("{e:#}"), "config reload failed; keeping the previous config"),
-                        },
-                        Err(e) => error!(error = %e, "config reload rejected; keeping the previous config"),
-                    }
-                    notify(&[sd_notify::NotifyState::Ready]);
+                _ = svc.hup.recv() => {
+                    let Some(d) = reload(&mut svc, daemon, &config_path).await? else {
+                        return Ok(());
+                    };
+                    daemon = d;
                     break;
                 }
-                _ = term.recv() => { return stopping("SIGTERM"); }
-                _ = int.recv() => { return stopping("SIGINT"); }
+                _ = svc.term.recv() => { svc.stopping("SIGTERM"); return Ok(()); }
+                _ = svc.int.recv() => { svc.stopping("SIGINT"); return Ok(()); }
             }
         }
     }
 }
 
-/// Between cycles: say so and leave.
-fn stopping(signal: &str) -> Result<()> {
-    info!(signal, "stopping");
-    notify(&[sd_notify::NotifyState::Stopping]);
-    Ok(())
+fn cycle_done(svc: &Service, metrics: &Metrics, report: &CycleReport) {
+    metrics.observe(report);
+    let status = report.status_line();
+    svc.notify(&[NotifyState::Status(&status)]);
+    if svc.watchdog.is_some() {
+        svc.notify(&[NotifyState::Watchdog]);
+    }
 }
 
-async fn shutdown(
-    stop: Arc<AtomicBool>,
-    job: tokio::task::JoinHandle<(Daemon, CycleReport)>,
-    signal: &str,
-) -> Result<()> {
-    info!(signal, "stopping after the current action");
-    notify(&[sd_notify::NotifyState::Stopping]);
-    stop.store(true, Ordering::Relaxed);
-    // The cycle stops between actions; give it well under a second.
-    let _ = tokio::time::timeout(Duration::from_millis(800), job).await;
-    Ok(())
+/// SIGHUP: read the policy again and reopen the audit log, on the blocking thread (a FIFO
+/// or a stuck disk cannot stall signal handling). A bad policy keeps the old one.
+async fn reload(svc: &mut Service, daemon: Daemon, config_path: &Path) -> Result<Option<Daemon>> {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => svc.notify(&[NotifyState::Reloading, now]),
+        Err(e) => warn!(error = %e, "cannot read the monotonic clock for RELOADING=1"),
+    }
+    let path = config_path.to_path_buf();
+    let Some((daemon, ())) = svc
+        .blocking(daemon, move |d: &mut Daemon, _: &AtomicBool| {
+            match load_config(&path) {
+                Ok(cfg) => match d.reload(cfg) {
+                    Ok(()) => info!(config = %path.display(), "config reloaded"),
+                    Err(e) => error!(error = %format!("{e:#}"), "config reload failed; keeping the previous config"),
+                },
+                Err(e) => error!(error = %e, "config reload rejected; keeping the previous config"),
+            }
+        })
+        .await?
+    else {
+        return Ok(None);
+    };
+    svc.notify(&[NotifyState::Ready]);
+    Ok(Some(daemon))
 }

@@ -623,3 +623,62 @@ impl Drop for LoggedDaemon {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A log cut down for a failure message: runs of lines that differ only in their digits
+/// (timestamps, pids, counts) are folded into their first line with a count, and at most
+/// 50 lines are kept (the first 10 and the last 39, with a marker between).
+pub fn fold_log(lines: &[String]) -> String {
+    const MAX: usize = 50;
+    const HEAD: usize = 10;
+    let shape = |l: &str| -> String {
+        l.chars()
+            .map(|c| if c.is_ascii_digit() { '#' } else { c })
+            .collect()
+    };
+    let mut folded: Vec<(String, usize)> = Vec::new();
+    let mut last_shape = String::new();
+    for line in lines {
+        let s = shape(line);
+        match folded.last_mut() {
+            Some((_, n)) if s == last_shape => *n += 1,
+            _ => {
+                folded.push((line.clone(), 1));
+                last_shape = s;
+            }
+        }
+    }
+    let show = |(l, n): &(String, usize)| {
+        if *n > 1 {
+            format!("{l}    [x{n} similar lines]")
+        } else {
+            l.clone()
+        }
+    };
+    let mut out: Vec<String> = Vec::new();
+    if folded.len() <= MAX {
+        out.extend(folded.iter().map(show));
+    } else {
+        let tail = MAX - HEAD - 1;
+        out.extend(folded[..HEAD].iter().map(show));
+        out.push(format!(
+            "[... {} more lines ...]",
+            folded.len() - HEAD - tail
+        ));
+        out.extend(folded[folded.len() - tail..].iter().map(show));
+    }
+    out.join("\n")
+}
+
+/// Let this process (and the children it starts) use its hard fd limit.
+pub fn raise_nofile() {
+    use rustix::process::{Resource, Rlimit};
+    let hard = rustix::process::getrlimit(Resource::Nofile).maximum;
+    rustix::process::setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: hard,
+            maximum: hard,
+        },
+    )
+    .expect("raise RLIMIT_NOFILE to the hard limit");
+}
