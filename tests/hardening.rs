@@ -1462,7 +1462,7 @@ fn a_stalled_stderr_and_an_undrained_notify_socket_never_stop_cycles_or_sigterm(
             &format!("metrics: {{listen: \"{metrics}\"}}\nlimits: {{max_reaps_per_cycle: 1, max_reaps_per_minute: 1000000}}\n"),
         )
         .replace("dry_run: false", "dry_run: true")
-        .replace("interval: 200ms", "interval: 20ms"),
+        .replace("interval: 200ms", "interval: 100ms"),
     );
     let notify_path = scratch.path("notify");
     let _notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
