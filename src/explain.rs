@@ -241,7 +241,7 @@ pub fn top<K: Ord>(keys: impl IntoIterator<Item = K>, n: usize) -> Vec<(K, usize
     }
     let mut v: Vec<(K, usize)> = counts.into_iter().collect();
     // Stable: equal counts keep the key order.
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v.truncate(n);
     v
 }

@@ -461,7 +461,9 @@ pub fn parse_epoll_fdinfo_into(text: &[u8], out: &mut Vec<u64>) {
                 b'A'..=b'F' => b - b'A' + 10,
                 _ => break,
             };
-            let Some(next) = ino.checked_mul(16).and_then(|v| v.checked_add(u64::from(d)))
+            let Some(next) = ino
+                .checked_mul(16)
+                .and_then(|v| v.checked_add(u64::from(d)))
             else {
                 digits = 0; // overflow: not an inode we can name
                 break;
@@ -643,13 +645,11 @@ lock:\t1: POSIX  ADVISORY  WRITE 4242 00:17:1038 0 EOF\n";
         use std::os::fd::AsRawFd;
         let ep = epoll::create(epoll::CreateFlags::CLOEXEC).expect("epoll_create");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let client = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
-            .expect("connect");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (server, _) = listener.accept().expect("accept");
         let registered = server.try_clone().expect("dup");
-        let inode = |f: &dyn std::os::fd::AsFd| {
-            rustix::fs::fstat(f.as_fd()).expect("fstat").st_ino
-        };
+        let inode = |f: &dyn std::os::fd::AsFd| rustix::fs::fstat(f.as_fd()).expect("fstat").st_ino;
         let (server_ino, client_ino) = (inode(&server), inode(&client));
         epoll::add(
             &ep,
@@ -669,8 +669,14 @@ lock:\t1: POSIX  ADVISORY  WRITE 4242 00:17:1038 0 EOF\n";
                 .contains(&ep.as_raw_fd())
         );
         let watched = proc.epoll_watched(me).expect("epoll watched");
-        assert!(watched.contains(&server_ino), "{watched:?} lacks {server_ino}");
-        assert!(!watched.contains(&client_ino), "{watched:?} has {client_ino}");
+        assert!(
+            watched.contains(&server_ino),
+            "{watched:?} lacks {server_ino}"
+        );
+        assert!(
+            !watched.contains(&client_ino),
+            "{watched:?} has {client_ino}"
+        );
         assert!(
             proc.epoll_watched(i32::MAX).is_err(),
             "a missing process is an error"

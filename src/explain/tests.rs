@@ -62,7 +62,9 @@ fn pattern_from_evidence() {
     );
     // Go's poller keeps dropped connections registered: said where it shows.
     for p in Pattern::ALL {
-        let go = p.meaning().contains("Go keeps an fd registered until Close()");
+        let go = p
+            .meaning()
+            .contains("Go keeps an fd registered until Close()");
         assert_eq!(
             go,
             matches!(p, Pattern::EofIgnored | Pattern::NotRead),
@@ -176,10 +178,22 @@ fn rate_and_forecast() {
     // The example of the brief: 61200/65536 at +38/min is ~1h54m.
     let s = emfile_in_s(&grow(61200 - 38, 61200, 60), Some(65536)).expect("forecast");
     assert_eq!(human_age((s * 1000.0) as u64), "1h54m");
-    assert_eq!(emfile_in_s(&grow(100, 100, 5), Some(1100)), None, "no growth");
-    assert_eq!(emfile_in_s(&grow(100, 90, 5), Some(1100)), None, "shrinking");
+    assert_eq!(
+        emfile_in_s(&grow(100, 100, 5), Some(1100)),
+        None,
+        "no growth"
+    );
+    assert_eq!(
+        emfile_in_s(&grow(100, 90, 5), Some(1100)),
+        None,
+        "shrinking"
+    );
     assert_eq!(emfile_in_s(&grow(90, 100, 5), None), None, "unlimited");
-    assert_eq!(emfile_in_s(&grow(90, 100, 0), Some(1100)), None, "one sample");
+    assert_eq!(
+        emfile_in_s(&grow(90, 100, 0), Some(1100)),
+        None,
+        "one sample"
+    );
     assert_eq!(emfile_in_s(&grow(1090, 1200, 5), Some(1100)), Some(0.0));
 }
 
@@ -262,7 +276,10 @@ fn reports_group_per_process() {
         ]
     );
     // One sample: no rate, no forecast.
-    assert_eq!((r.leak_per_min, r.emfile_in_s, r.arrivals), (None, None, None));
+    assert_eq!(
+        (r.leak_per_min, r.emfile_in_s, r.arrivals),
+        (None, None, None)
+    );
     let n = &reports[1];
     assert_eq!(n.pid, 8);
     assert_eq!((n.patterns.not_read, n.patterns.eof_unwatched), (1, 1));
@@ -337,8 +354,8 @@ fn reports_carry_rate_and_forecast() {
     assert_eq!(s["watched"], false);
     assert_eq!(s["pattern"], "abandoned");
     assert!(json["sockets"][4]["fd"].is_null());
-    let one = serde_json::to_value(&explain(&sockets, &procs, &Trends::default())[0])
-        .expect("json");
+    let one =
+        serde_json::to_value(&explain(&sockets, &procs, &Trends::default())[0]).expect("json");
     assert!(one["leak_per_min"].is_null() && one["emfile_in_s"].is_null());
 }
 
@@ -352,7 +369,10 @@ fn text_report_patterns_then_figures() {
         lines[1].starts_with("      1  eof_ignored (watched, recv_q 0): the event loop"),
         "{one}"
     );
-    assert!(lines[2].starts_with("         check the read()==0 branch."), "{one}");
+    assert!(
+        lines[2].starts_with("         check the read()==0 branch."),
+        "{one}"
+    );
     assert!(!one.contains("Forecast"), "{one}");
     let t = Trends {
         samples: 6,
