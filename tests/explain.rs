@@ -294,7 +294,9 @@ fn forecast_matches_ss_and_proc() {
     let pid_s = pid.to_string();
     let run =
         std::thread::spawn(move || cwreap(&["explain", "--pid", &pid_s, "--for", "5s", "--json"]));
-    // One new CLOSE_WAIT every 500 ms until explain is done.
+    // One new CLOSE_WAIT every 500 ms until explain is done, half a period after its
+    // samples (one a second from its start), so that no arrival races a sample.
+    std::thread::sleep(Duration::from_millis(250));
     let guard = Instant::now() + HANG_GUARD;
     while !run.is_finished() {
         clients.push(srv.close_wait(0));

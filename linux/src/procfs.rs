@@ -13,16 +13,21 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// What /proc/PID/fd/N links to for an epoll instance.
+const EVENTPOLL_LINK: &[u8] = b"anon_inode:[eventpoll]";
+
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,
 }
 
-/// The fds of one process: how many are open, and which are sockets (fd, inode).
+/// The fds of one process: how many are open, which are sockets (fd, inode), and which
+/// are epoll instances (for `explain`; found on the same walk, at no extra syscall).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FdTable {
     pub open: usize,
     pub sockets: Vec<(i32, u64)>,
+    pub epoll: Vec<i32>,
 }
 
 impl Default for ProcFs {
@@ -79,7 +84,8 @@ impl ProcFs {
         Ok(fs::metadata(self.pid_path(pid, ""))?.uid())
     }
 
-    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets. One
+    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets (and those
+    /// that are epoll instances). One
     /// directory fd, getdents, and a readlinkat relative to it per entry into a stack
     /// buffer: no path is resolved twice and nothing is allocated per fd.
     pub fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
@@ -115,9 +121,12 @@ impl ProcFs {
                 .and_then(parse_socket_link)
             {
                 table.sockets.push((fd, inode));
+            } else if buf.get(..n) == Some(EVENTPOLL_LINK) {
+                table.epoll.push(fd);
             }
         }
         table.sockets.sort_unstable();
+        table.epoll.sort_unstable();
         Ok(table)
     }
 
@@ -361,73 +370,54 @@ pub fn parse_maps_line(line: &str) -> Option<(u64, u64, bool, &str)> {
     (end > start).then_some((start, end, rx, path))
 }
 
-/// What /proc/PID/fd/N links to for an epoll instance.
-const EVENTPOLL_LINK: &[u8] = b"anon_inode:[eventpoll]";
-
-/// Room for the fdinfo of an epoll fd with about a thousand registered fds; the buffer
-/// grows for larger ones and is reused across a process's epoll fds.
+/// Room for the fdinfo of an epoll fd with several hundred registered fds; the buffer
+/// doubles for larger ones and is reused across a process's epoll fds.
 const FDINFO_BUF: usize = 64 * 1024;
 
 impl ProcFs {
-    /// The fds of `pid` that are epoll instances (their link is `anon_inode:[eventpoll]`),
-    /// sorted. One directory fd, getdents, and a readlinkat into a stack buffer per entry,
-    /// as [`ProcFs::fd_table`] does.
-    pub fn epoll_fds(&self, pid: i32) -> io::Result<Vec<i32>> {
-        use rustix::fs::{Dir, Mode, OFlags, openat, readlinkat_raw};
-        let dirfd = openat(
-            rustix::fs::CWD,
-            self.pid_path(pid, "fd").as_path(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let mut dir = Dir::new(dirfd)?;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 64];
-        while let Some(entry) = dir.read() {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(fd) = std::str::from_utf8(name.to_bytes())
-                .ok()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(dfd) = dir.fd() else { continue };
-            // Closed between getdents and readlinkat: not an epoll fd any more.
-            let Ok(n) = readlinkat_raw(dfd, name, &mut buf[..]) else {
-                continue;
-            };
-            if buf.get(..n) == Some(EVENTPOLL_LINK) {
-                out.push(fd);
-            }
-        }
-        out.sort_unstable();
-        Ok(out)
-    }
-
-    /// The inodes of every file registered in some epoll instance of `pid`, sorted and
-    /// deduplicated: a socket among them is still watched by an event loop. One read of
-    /// /proc/PID/fdinfo/N per epoll fd into one reused buffer (the kernel renders the whole
-    /// file at the first read), parsed in place by [`parse_epoll_fdinfo_into`]. An epoll fd
-    /// closed meanwhile is skipped; an unreadable fd table is an error.
-    pub fn epoll_watched(&self, pid: i32) -> io::Result<Vec<u64>> {
+    /// The inodes of every file registered in the epoll instances `epoll_fds` of `pid`
+    /// (from [`FdTable::epoll`]), sorted and deduplicated: a socket among them is still
+    /// watched by an event loop. One read of /proc/PID/fdinfo/N per epoll fd into one
+    /// buffer, reused and grown by doubling (the kernel renders the whole file at the first
+    /// read), parsed in place by [`parse_epoll_fdinfo_into`]. An fd closed meanwhile is
+    /// skipped, and so is one that is no longer an epoll (its fdinfo has no `tfd:` lines);
+    /// a process that is gone or may not be read is an error.
+    pub fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
         use std::io::Read;
-        let fds = self.epoll_fds(pid)?;
         let mut inodes = Vec::new();
-        let mut buf = Vec::with_capacity(if fds.is_empty() { 0 } else { FDINFO_BUF });
-        for fd in fds {
+        let mut buf: Vec<u8> = Vec::new();
+        for &fd in epoll_fds {
             buf.clear();
-            let read = fs::File::open(self.pid_path(pid, &format!("fdinfo/{fd}")))
-                .and_then(|mut f| f.read_to_end(&mut buf));
-            match read {
-                Ok(_) => parse_epoll_fdinfo_into(&buf, &mut inodes),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            let mut file = match fs::File::open(self.pid_path(pid, &format!("fdinfo/{fd}"))) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && self.exists(pid) => continue,
                 Err(e) => return Err(e),
+            };
+            loop {
+                if buf.capacity() - buf.len() < FDINFO_BUF / 2 {
+                    buf.reserve(buf.len().max(FDINFO_BUF));
+                }
+                let len = buf.len();
+                buf.resize(buf.capacity(), 0);
+                let read = file.read(&mut buf[len..]);
+                buf.truncate(len + *read.as_ref().unwrap_or(&0));
+                match read {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
             }
+            parse_epoll_fdinfo_into(&buf, &mut inodes);
         }
         inodes.sort_unstable();
         inodes.dedup();
         Ok(inodes)
+    }
+
+    /// Whether /proc/<pid> exists (the process has not been reaped).
+    fn exists(&self, pid: i32) -> bool {
+        fs::metadata(self.pid_path(pid, "")).is_ok()
     }
 }
 
@@ -588,12 +578,14 @@ Max open files            1024                 20000                files     \n
         std::os::unix::fs::symlink("socket:[777]", fd_dir.join("3")).expect("symlink");
         std::os::unix::fs::symlink("/dev/null", fd_dir.join("0")).expect("symlink");
         std::os::unix::fs::symlink("socket:[778]", fd_dir.join("5")).expect("symlink");
+        std::os::unix::fs::symlink("anon_inode:[eventpoll]", fd_dir.join("4")).expect("symlink");
         let proc = ProcFs::new(&dir);
         assert_eq!(proc.pids().expect("pids"), vec![42]);
         assert_eq!(proc.comm(42).expect("comm"), "leaky");
         let table = proc.fd_table(42).expect("fd table");
-        assert_eq!(table.open, 3);
+        assert_eq!(table.open, 4);
         assert_eq!(table.sockets, vec![(3, 777), (5, 778)]);
+        assert_eq!(table.epoll, vec![4]);
         assert!(proc.fd_table(43).is_err());
         let _ = fs::remove_dir_all(&dir);
     }
@@ -663,12 +655,9 @@ lock:\t1: POSIX  ADVISORY  WRITE 4242 00:17:1038 0 EOF\n";
         drop(registered);
         let proc = ProcFs::default();
         let me = std::process::id() as i32;
-        assert!(
-            proc.epoll_fds(me)
-                .expect("epoll fds")
-                .contains(&ep.as_raw_fd())
-        );
-        let watched = proc.epoll_watched(me).expect("epoll watched");
+        let table = proc.fd_table(me).expect("fd table");
+        assert!(table.epoll.contains(&ep.as_raw_fd()), "{table:?}");
+        let watched = proc.epoll_watched(me, &table.epoll).expect("epoll watched");
         assert!(
             watched.contains(&server_ino),
             "{watched:?} lacks {server_ino}"
@@ -677,8 +666,15 @@ lock:\t1: POSIX  ADVISORY  WRITE 4242 00:17:1038 0 EOF\n";
             !watched.contains(&client_ino),
             "{watched:?} has {client_ino}"
         );
+        // An fd that is no epoll (a socket) has no tfd lines; one that is closed is skipped.
+        let socket_fd = server.as_raw_fd();
+        assert_eq!(
+            proc.epoll_watched(me, &[socket_fd, 1_000_000])
+                .expect("no epoll"),
+            Vec::<u64>::new()
+        );
         assert!(
-            proc.epoll_watched(i32::MAX).is_err(),
+            proc.epoll_watched(i32::MAX, &[3]).is_err(),
             "a missing process is an error"
         );
     }

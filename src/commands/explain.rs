@@ -149,13 +149,13 @@ fn evidence<H>(
     // of fdinfo per epoll fd, and nothing for the rest of the host.
     let mut watched: HashMap<i32, Vec<u64>> = HashMap::new();
     let mut gone = BTreeSet::new();
-    let holders: BTreeSet<i32> = rows
+    let holders: BTreeMap<i32, &[i32]> = rows
         .iter()
         .filter(|r| !r.unaccepted)
-        .filter_map(|r| r.holder.map(|h| h.pid))
+        .filter_map(|r| r.process.map(|p| (p.pid, p.epoll_fds.as_slice())))
         .collect();
-    for pid in holders {
-        match proc.epoll_watched(pid) {
+    for (pid, epoll_fds) in holders {
+        match proc.epoll_watched(pid, epoll_fds) {
             Ok(inodes) => {
                 watched.insert(pid, inodes);
             }
