@@ -197,13 +197,14 @@ const EXPLAIN_EXAMPLES: &str = "Examples:
   cwreap explain                          # every process holding CLOSE_WAIT sockets
   cwreap explain --pid 4242 --for 30s     # + leak rate and time to EMFILE
   cwreap explain --comm '^node$' --json | jq '.patterns'
-Patterns (the evidence is recv_q, and whether an epoll of the owner watches the socket):
-  eof_ignored    watched, recv_q 0     the loop read the EOF and never closed
-  not_read       watched, recv_q >= 1  the loop stopped reading this connection
-  eof_unwatched  not watched, recv_q 0 read the EOF, stopped watching, kept the fd
+
+Patterns, from recv_q and whether an epoll instance of the owner watches the socket:
+  eof_ignored    watched, recv_q 0         the loop read the EOF and never closed
+  not_read       watched, recv_q >= 1      the loop stopped reading this connection
+  eof_unwatched  not watched, recv_q 0     read the EOF, stopped watching, kept the fd
   abandoned      not watched, recv_q >= 1  dropped without close()
-  unaccepted     in the accept queue   the accept loop is stalled or too slow
-Never duplicates a socket and never stops a process.";
+  unaccepted     in the accept queue       the accept loop is stalled or too slow
+Read-only: never duplicates a socket, never stops a process.";
 
 /// `cwreap explain`: read-only diagnosis of the leak behind the CLOSE_WAIT sockets.
 #[derive(Debug, Args)]

@@ -440,7 +440,7 @@ fn figures(r: &Report) -> String {
         (Some(s), _, _) => format!("EMFILE in ~{}", human_age(s.saturating_mul(1000))),
         (None, None, _) => "no fd limit".into(),
         (None, _, None) => "EMFILE unknown".into(),
-        (None, _, Some(_)) => "EMFILE unknown (no fd growth measured)".into(),
+        (None, _, Some(_)) => "no fd growth".into(),
     };
     format!("{leak}, {fds}, {emfile}")
 }
@@ -485,17 +485,16 @@ pub fn render(reports: &[Report]) -> String {
             let head = format!("  {n:>5}  {} ({}):", p.name(), p.evidence());
             wrap(&mut out, &head, "         ", p.meaning(), WIDTH);
         }
-        let mut line = format!("  rate: {}", figures(r));
+        let _ = writeln!(out, "  rate: {}", figures(r));
         if let Some(w) = r.window_s {
-            let _ = write!(
-                line,
-                " ({} new and {:+} fds in {w:.0}s, {} samples)",
+            let _ = writeln!(
+                out,
+                "  measured: {} new CLOSE_WAIT and {:+} fds in {w:.0}s ({} samples)",
                 r.arrivals.unwrap_or(0),
                 r.fd_growth.unwrap_or(0),
                 r.samples
             );
         }
-        let _ = writeln!(out, "{line}");
         let list = |items: Vec<String>| items.join(", ");
         let _ = writeln!(
             out,
