@@ -216,7 +216,7 @@ impl Daemon {
             });
         }
         report.candidates = candidates.len();
-        self.gauges(&snap, &targets, &candidates, &mut report);
+        self.gauges(&snap, &targets, &candidates, now, &mut report);
 
         let budget = self.limiter.budget(
             self.cfg.limits.max_reaps_per_cycle as usize,
@@ -410,6 +410,7 @@ impl Daemon {
         snap: &Snapshot<OwnedFd>,
         targets: &BTreeMap<i32, usize>,
         candidates: &[Candidate],
+        now: Instant,
         report: &mut CycleReport,
     ) {
         for t in &self.cfg.targets {
@@ -422,6 +423,9 @@ impl Daemon {
             if let Some(g) = name(c.target).and_then(|n| report.targets.get_mut(&n)) {
                 g.close_wait += 1;
                 g.oldest_ms = g.oldest_ms.max(c.age_ms);
+                if self.ages.arrived(&(c.netns, c.cookie), now) {
+                    g.new_close_wait += 1;
+                }
             }
         }
         for (pid, t) in targets {
@@ -432,6 +436,7 @@ impl Daemon {
             if let Some(g) = report.targets.get_mut(&tname) {
                 g.open_fds += p.open_fds;
                 g.fd_limit += p.nofile_soft.unwrap_or(0);
+                g.consider(p.open_fds, p.nofile_soft);
             }
             if let Some(w) = self.headroom.check(*pid, p.open_fds, p.nofile_soft) {
                 let pct = match w {
