@@ -363,6 +363,65 @@ fn no_new_sockets_no_forecast() {
     assert!(field_i64(&line, "samples") >= 2, "{line}");
 }
 
+/// Read-only for real: under seccomp filters that kill cwreap on pidfd_getfd (duplicating
+/// a socket), ptrace (stopping a process), kill or pidfd_send_signal, explain still runs to
+/// the end and names the pattern, host-wide and by pid, with and without `--for`.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn never_duplicates_stops_or_signals() {
+    let test = "never_duplicates_stops_or_signals";
+    if !require_root(test) {
+        return;
+    }
+    let Some(mut srv) = Server::start(test, Runtime::PythonSelectors, &["127.0.0.1:0"]) else {
+        return;
+    };
+    let _clients: Vec<(TcpStream, i32)> = (0..3).map(|_| srv.close_wait(0)).collect();
+    let pid = srv.pid();
+    let pid_s = pid.to_string();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(support::CWREAP);
+        cmd.args(args);
+        for nr in [
+            libc::SYS_pidfd_getfd,
+            libc::SYS_ptrace,
+            libc::SYS_kill,
+            libc::SYS_pidfd_send_signal,
+        ] {
+            cwreap_linux::testing::filter_syscall(&mut cmd, nr, libc::SECCOMP_RET_KILL_PROCESS);
+        }
+        cmd.output().expect("run cwreap")
+    };
+    for args in [
+        vec!["explain", "--json"],
+        vec!["explain", "--pid", pid_s.as_str(), "--for", "1s", "--json"],
+    ] {
+        let out = run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}\n{}",
+            output_text(&out)
+        );
+        let line = json_lines(&out)
+            .into_iter()
+            .find(|l| l["pid"].as_i64() == Some(i64::from(pid)))
+            .unwrap_or_else(|| panic!("{args:?}: no line for {pid}\n{}", output_text(&out)));
+        assert_patterns(&line, &[("eof_ignored", 3)]);
+    }
+    // The control: a dry-run reap duplicates, and the filters catch it.
+    let out = run(&["reap", "--pid", &pid_s, "--older-than", "0s", "--dry-run"]);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGSYS),
+        "{}",
+        output_text(&out)
+    );
+    if !srv.alive() {
+        srv.fail("the server exited");
+    }
+}
+
 #[test]
 fn usage_errors_exit_2() {
     let out = cwreap(&["explain", "--for", "soon"]);
