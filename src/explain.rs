@@ -286,10 +286,44 @@ impl PatternCounts {
     }
 }
 
+/// A remote host and how many of the sockets go to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RemoteCount {
     pub addr: IpAddr,
+    /// The remote port when every socket to this host (two or more) has the same one: an
+    /// outgoing connection to a service (a pool to a database, say). None for clients,
+    /// whose ports vary.
+    pub port: Option<u16>,
     pub count: usize,
+}
+
+impl std::fmt::Display for RemoteCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.port, self.addr) {
+            (Some(p), IpAddr::V6(a)) => write!(f, "[{a}]:{p} ({})", self.count),
+            (Some(p), a) => write!(f, "{a}:{p} ({})", self.count),
+            (None, a) => write!(f, "{a} ({})", self.count),
+        }
+    }
+}
+
+/// The `n` remote hosts most sockets go to, with the port when they share one.
+pub fn top_remotes(remotes: &[SocketAddr], n: usize) -> Vec<RemoteCount> {
+    let mut ports: BTreeMap<IpAddr, Option<u16>> = BTreeMap::new();
+    for r in remotes {
+        let port = ports.entry(remote_host(r)).or_insert(Some(r.port()));
+        if *port != Some(r.port()) {
+            *port = None;
+        }
+    }
+    top(remotes.iter().map(remote_host), n)
+        .into_iter()
+        .map(|(addr, count)| RemoteCount {
+            addr,
+            port: ports.get(&addr).copied().flatten().filter(|_| count >= 2),
+            count,
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -371,10 +405,8 @@ fn report(p: &ProcessFacts, mine: &[&Socket], trends: &Trends) -> Report {
         })
         .collect();
     lines.sort_by_key(|l| (l.pattern, l.fd, l.inode));
-    let top_remotes = top(mine.iter().map(|s| remote_host(&s.remote)), TOP_N)
-        .into_iter()
-        .map(|(addr, count)| RemoteCount { addr, count })
-        .collect();
+    let remotes: Vec<SocketAddr> = mine.iter().map(|s| s.remote).collect();
+    let top_remotes = top_remotes(&remotes, TOP_N);
     let top_local_ports = top(mine.iter().map(|s| s.local.port()), TOP_N)
         .into_iter()
         .map(|(port, count)| PortCount { port, count })
@@ -499,12 +531,7 @@ pub fn render(reports: &[Report]) -> String {
         let _ = writeln!(
             out,
             "  top remotes: {}",
-            list(
-                r.top_remotes
-                    .iter()
-                    .map(|c| format!("{} ({})", c.addr, c.count))
-                    .collect()
-            )
+            list(r.top_remotes.iter().map(ToString::to_string).collect())
         );
         let _ = writeln!(
             out,

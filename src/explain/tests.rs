@@ -90,6 +90,42 @@ fn serde_names_match() {
 }
 
 #[test]
+fn remotes_by_host_with_the_port_they_share() {
+    let remotes: Vec<SocketAddr> = [
+        "10.0.0.5:5432",
+        "10.0.0.5:5432",
+        "[::ffff:10.0.0.5]:5432",
+        "10.0.0.6:40001",
+        "10.0.0.6:40002",
+        "[2001:db8::1]:443",
+        "[2001:db8::1]:443",
+        "10.0.0.7:40003",
+    ]
+    .iter()
+    .map(|a| addr(a))
+    .collect();
+    let top = top_remotes(&remotes, 5);
+    let shown: Vec<String> = top.iter().map(ToString::to_string).collect();
+    // A pool to one service keeps its port; clients (varying ports) and a single socket
+    // are shown by host only.
+    assert_eq!(
+        shown,
+        [
+            "10.0.0.5:5432 (3)",
+            "10.0.0.6 (2)",
+            "[2001:db8::1]:443 (2)",
+            "10.0.0.7 (1)"
+        ]
+    );
+    let json = serde_json::to_value(&top[0]).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({"addr": "10.0.0.5", "port": 5432, "count": 3})
+    );
+    assert!(serde_json::to_value(&top[1]).expect("json")["port"].is_null());
+}
+
+#[test]
 fn top_counts_most_first_ties_by_key() {
     assert_eq!(
         top([3, 1, 3, 2, 2, 3, 9], 2),
@@ -238,14 +274,17 @@ fn reports_group_per_process() {
         vec![
             RemoteCount {
                 addr: "10.0.0.8".parse().expect("ip"),
+                port: None,
                 count: 2
             },
             RemoteCount {
                 addr: "10.0.0.9".parse().expect("ip"),
+                port: None,
                 count: 2
             },
             RemoteCount {
                 addr: "10.0.0.7".parse().expect("ip"),
+                port: None,
                 count: 1
             },
         ]
