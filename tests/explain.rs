@@ -385,6 +385,18 @@ fn forecast_matches_ss_and_proc() {
         abandoned >= 3 && abandoned + unaccepted == field_i64(line, "close_wait") as u64,
         "patterns: {summary}"
     );
+    // Once the server has accepted them all: exactly every one abandoned.
+    let total = 3 + clients.len();
+    let guard = Instant::now() + HANG_GUARD;
+    while ss_close_wait(pid).len() < total {
+        if Instant::now() > guard {
+            srv.fail(&format!(
+                "ss never showed {total} accepted CLOSE_WAIT sockets"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_patterns(&explain_one(pid, &[]), &[("abandoned", total)]);
     let _ = writeln!(std::io::stderr(), "{test}: {summary}");
 }
 
