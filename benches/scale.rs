@@ -9,6 +9,8 @@
 //! * P4 `cwreap run` as a child: RSS and CPU per cycle while tracking N sockets.
 //! * P5 a policy of 1000 targets with nothing to do: `cwreap run` start-up time (to READY)
 //!   and VmRSS as a child, and the idle cycle, in-process.
+//! * P6 `cwreap explain --json` over all processes vs `cwreap scan --json`: the epoll sets
+//!   of the servers (every connection registered) read on top of a scan.
 //! * `--scaling`: P1 and P2 at N = M = 1k, 10k, 50k.
 //! * `--targets T`: only P5, with T targets (no fixture).
 //! * `--hold`: only start the fixture and keep it, to profile cwreap by hand.
@@ -48,6 +50,8 @@ const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--reps
 /// Targets, from the design brief.
 const P1_MAX_RATIO: f64 = 0.25;
 const P2_MAX_RATIO: f64 = 1.5;
+/// explain against scan, same fixture, same run.
+const P6_MAX_RATIO: f64 = 1.5;
 /// One second per 20k sockets reaped.
 const P3_SECONDS_PER_20K: f64 = 1.0;
 const P4_MAX_RSS_MIB: f64 = 20.0;
@@ -171,6 +175,7 @@ fn run(args: &Args) -> Result<()> {
     } else {
         let mut fleet = start_fleet(args.n, args.m, &log)?;
         rows.push(p1_scan(&fleet, &cwreap, args.reps, &log)?);
+        rows.push(p5_explain(&fleet, &cwreap, args.reps, &log)?);
         rows.push(p2_cycle(&fleet, args.reps, &log)?);
         let cycles = if args.smoke { 3 } else { 20 };
         rows.extend(p4_daemon(&fleet, &cwreap, cycles, &log)?);
@@ -361,6 +366,65 @@ fn p1_scan(fleet: &Fleet, cwreap: &Path, reps: usize, log: &dyn Fn(&str)) -> Res
         ratio: format!("{ratio:.2}"),
         target: format!("ratio ≤ {P1_MAX_RATIO}"),
         verdict: verdict(ratio <= P1_MAX_RATIO),
+    })
+}
+
+fn p5_explain(fleet: &Fleet, cwreap: &Path, reps: usize, log: &dyn Fn(&str)) -> Result<Row> {
+    let servers: HashSet<i64> = fleet.server_pids().iter().map(|&p| i64::from(p)).collect();
+    // Correctness first: one line per server, every one of the N sockets `not_read` (each
+    // server registers its connections in an epoll set and never reads them).
+    let text = stdout_of(Command::new(cwreap).args(["explain", "--json"]))?;
+    let (mut lines, mut not_read, mut total) = (0usize, 0u64, 0u64);
+    for v in json_lines(&text, "cwreap explain --json")? {
+        let pid = v.get("pid").and_then(serde_json::Value::as_i64);
+        if !pid.is_some_and(|p| servers.contains(&p)) {
+            continue;
+        }
+        lines += 1;
+        let count = |p: &str| v["patterns"][p].as_u64().unwrap_or(0);
+        not_read += count("not_read");
+        total += [
+            "eof_ignored",
+            "not_read",
+            "eof_unwatched",
+            "abandoned",
+            "unaccepted",
+        ]
+        .iter()
+        .map(|p| count(p))
+        .sum::<u64>();
+    }
+    if lines != servers.len() || not_read != fleet.n as u64 || total != fleet.n as u64 {
+        bail!(
+            "cwreap explain: {lines} lines for {} servers, {not_read} not_read sockets of \
+{total}, expected {} all not_read",
+            servers.len(),
+            fleet.n
+        );
+    }
+    let (mut explain_t, mut scan_t) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        explain_t.push(time_command(
+            Command::new(cwreap).args(["explain", "--json"]),
+        )?);
+        scan_t.push(time_command(Command::new(cwreap).args(["scan", "--json"]))?);
+    }
+    let (e, s) = (median(explain_t), median(scan_t));
+    let ratio = e.as_secs_f64() / s.as_secs_f64();
+    log(&format!(
+        "P6 explain: {} vs scan {} (ratio {ratio:.2})",
+        ms(e),
+        ms(s)
+    ));
+    Ok(Row {
+        figure: "P6 `explain --json`, all processes, vs `scan --json`".into(),
+        n: fleet.n,
+        m: fleet.m,
+        value: ms(e),
+        ss: format!("{} (`cwreap scan --json`)", ms(s)),
+        ratio: format!("{ratio:.2}"),
+        target: format!("ratio ≤ {P6_MAX_RATIO}"),
+        verdict: verdict(ratio <= P6_MAX_RATIO),
     })
 }
 

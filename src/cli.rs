@@ -30,6 +30,9 @@ pub enum Command {
     /// Shut down matching CLOSE_WAIT sockets now (verified one by one)
     #[command(after_help = REAP_EXAMPLES)]
     Reap(ReapArgs),
+    /// Tell which bug class leaks CLOSE_WAIT sockets, and when EMFILE will hit (read-only)
+    #[command(after_help = EXPLAIN_EXAMPLES)]
+    Explain(ExplainArgs),
     /// Run the policy daemon (the systemd service)
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
@@ -186,6 +189,33 @@ pub struct ReapArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max: Option<u64>,
     /// One JSON object per socket per line (summary goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+}
+
+const EXPLAIN_EXAMPLES: &str = "Examples:
+  cwreap explain                          # every process holding CLOSE_WAIT sockets
+  cwreap explain --pid 4242 --for 30s     # + leak rate and time to EMFILE
+  cwreap explain --comm '^node$' --json | jq '.patterns'
+
+Patterns, from recv_q and whether an epoll instance of the owner watches the socket:
+  eof_ignored    watched, recv_q 0         the loop read the EOF and never closed
+  not_read       watched, recv_q >= 1      the loop stopped reading this connection
+  eof_unwatched  not watched, recv_q 0     read the EOF, stopped watching, kept the fd
+  abandoned      not watched, recv_q >= 1  dropped without close()
+  unaccepted     in the accept queue       the accept loop is stalled or too slow
+Read-only: never duplicates a socket, never stops a process.";
+
+/// `cwreap explain`: read-only diagnosis of the leak behind the CLOSE_WAIT sockets.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub selectors: Selectors,
+    /// Sample for this long (one sample a second) to measure new CLOSE_WAIT sockets per
+    /// minute and forecast EMFILE from the fd growth; without it, one sample (both unknown)
+    #[arg(long = "for", value_name = "DUR", value_parser = parse_duration)]
+    pub window: Option<Duration>,
+    /// One JSON object per process per line
     #[arg(long)]
     pub json: bool,
 }

@@ -233,6 +233,7 @@ fn read_pinned<O: Os>(proc: &ProcFs, os: &O, pid: i32) -> std::io::Result<ReadPr
         uid: proc.uid(pid).unwrap_or(u32::MAX),
         open_fds: table.open,
         nofile_soft: proc.nofile_soft_limit(pid).ok().flatten(),
+        epoll_fds: table.epoll,
         handle: Some(handle),
         thread,
     };

@@ -12,7 +12,8 @@
 //! - **report**: [`output`] for people and JSON, [`report`] and [`metrics`] for the
 //!   daemon, whose loop, audit log and service plumbing are in [`daemon`].
 //!
-//! [`cli`] and [`commands`] are the command line; [`manual`] the man pages and completions.
+//! [`explain`] diagnoses the leak behind the sockets (read-only, pure). [`cli`] and
+//! [`commands`] are the command line; [`manual`] the man pages and completions.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod explain;
 pub mod index;
 pub mod manual;
 pub mod metrics;

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Scan(args) => commands::scan(args, &mut out, &mut err),
         Command::Reap(args) => commands::reap(args, &mut out, &mut err),
+        Command::Explain(args) => commands::explain(args, &mut out, &mut err),
         Command::Run(args) => cwreap::daemon::run(&args.config, args.dry_run).map(|()| Status::Ok),
         Command::Check(args) => commands::check(&args.config, &mut out, &mut err),
         Command::Completions(args) => {

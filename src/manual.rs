@@ -271,6 +271,8 @@ mod tests {
         for needle in [
             "CWREAP SCAN",
             "CWREAP REAP",
+            "CWREAP EXPLAIN",
+            "eof_unwatched",
             "CWREAP RUN",
             "CWREAP CHECK",
             "\\-\\-older\\-than",
@@ -371,7 +373,7 @@ mod tests {
             let mut buf = Vec::new();
             completions(shell, &mut buf);
             let text = String::from_utf8(buf).expect("utf-8");
-            for sub in ["scan", "reap", "run", "check"] {
+            for sub in ["scan", "reap", "explain", "run", "check"] {
                 assert!(text.contains(sub), "{shell:?} completion lacks {sub}");
             }
             assert!(

@@ -42,6 +42,8 @@ struct Inner {
     escalations: Family<Labels, Counter>,
     open_fds: Family<Labels, Gauge>,
     fd_limit: Family<Labels, Gauge>,
+    new_close_wait: Family<Labels, Counter>,
+    fd_usage: Family<Labels, GaugeF>,
     cycle_duration: Histogram,
     cycle_errors: Family<Labels, Counter>,
     last_cycle: GaugeF,
@@ -124,6 +126,18 @@ impl Metrics {
             "Soft RLIMIT_NOFILE of the target's processes (summed)",
             fd_limit.clone(),
         );
+        let new_close_wait = Family::<Labels, Counter>::default();
+        registry.register(
+            "cwreap_close_wait_new",
+            "CLOSE_WAIT sockets that appeared in the target's processes (arrivals, told apart by socket cookie)",
+            new_close_wait.clone(),
+        );
+        let fd_usage = Family::<Labels, GaugeF>::default();
+        registry.register(
+            "cwreap_process_fd_usage_ratio",
+            "Open fds / soft RLIMIT_NOFILE of the target's process nearest its limit (0 when none is known)",
+            fd_usage.clone(),
+        );
         let cycle_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "cwreap_cycle_duration_seconds",
@@ -190,6 +204,8 @@ impl Metrics {
                 escalations,
                 open_fds,
                 fd_limit,
+                new_close_wait,
+                fd_usage,
                 cycle_duration,
                 cycle_errors,
                 last_cycle,
@@ -224,12 +240,17 @@ impl Metrics {
         m.oldest.clear();
         m.open_fds.clear();
         m.fd_limit.clear();
+        m.fd_usage.clear();
         for (name, g) in &report.targets {
             let l = labels(&[("target", name)]);
             m.close_wait.get_or_create(&l).set(g.close_wait as i64);
             m.oldest.get_or_create(&l).set(g.oldest_ms as f64 / 1000.0);
             m.open_fds.get_or_create(&l).set(g.open_fds as i64);
             m.fd_limit.get_or_create(&l).set(g.fd_limit as i64);
+            m.fd_usage.get_or_create(&l).set(g.fd_usage_ratio());
+            m.new_close_wait
+                .get_or_create(&l)
+                .inc_by(g.new_close_wait as u64);
         }
         for ((target, action, outcome), n) in &report.outcomes {
             m.reaped
@@ -418,6 +439,8 @@ mod tests {
                 oldest_ms: 1500,
                 open_fds: 40,
                 fd_limit: 1024,
+                new_close_wait: 2,
+                fullest: (30, 120),
             },
         );
         r.outcomes
@@ -435,6 +458,8 @@ mod tests {
             "cwreap_fd_released_total{target=\"api\",result=\"still_held\"} 2",
             "cwreap_process_open_fds{target=\"api\"} 40",
             "cwreap_process_fd_limit{target=\"api\"} 1024",
+            "cwreap_close_wait_new_total{target=\"api\"} 4",
+            "cwreap_process_fd_usage_ratio{target=\"api\"} 0.25",
             "cwreap_cycle_errors_total{kind=\"netlink\"} 2",
             "cwreap_escalations_total{target=\"api\",kind=\"signal\"} 2",
             "cwreap_cycle_duration_seconds_count 2",

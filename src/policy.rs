@@ -139,11 +139,14 @@ pub fn decide(
 #[derive(Debug, Default)]
 pub struct Ages {
     first_seen: HashMap<SocketKey, Instant>,
+    /// Calls of [`Self::observe`] so far.
+    observed: u64,
 }
 
 impl Ages {
     /// Record the sockets present now and forget the ones that are gone.
     pub fn observe(&mut self, keys: impl IntoIterator<Item = SocketKey>, now: Instant) {
+        self.observed += 1;
         let present: HashSet<SocketKey> = keys.into_iter().collect();
         self.first_seen.retain(|c, _| present.contains(c));
         for c in present {
@@ -157,6 +160,12 @@ impl Ages {
             .get(&key)
             .map_or(0, |t| now.saturating_duration_since(*t).as_millis() as u64);
         seen.max(u64::from(last_ack_recv_ms.unwrap_or(0)))
+    }
+
+    /// Whether the socket arrived at the [`Self::observe`] of `now`: first seen then, and
+    /// not at the first observe, which finds what was there already.
+    pub fn arrived(&self, key: &SocketKey, now: Instant) -> bool {
+        self.observed > 1 && self.first_seen.get(key) == Some(&now)
     }
 
     /// Whether the socket was present at the last [`Self::observe`].
@@ -536,6 +545,24 @@ targets:
         assert_eq!(ages.len(), 1, "gone sockets are forgotten");
         assert!(ages.tracks(&(9, 3)) && !ages.tracks(&(9, 1)));
         assert_eq!(ages.age_ms((9, 1), None, later), 0);
+    }
+
+    #[test]
+    fn arrivals_are_sockets_first_seen_after_the_first_look() {
+        let t0 = Instant::now();
+        let mut ages = Ages::default();
+        ages.observe([(9, 1)], t0);
+        assert!(
+            !ages.arrived(&(9, 1), t0),
+            "the first look finds, it does not see arrive"
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        ages.observe([(9, 1), (9, 2), (8, 1)], t1);
+        assert!(ages.arrived(&(9, 2), t1) && ages.arrived(&(8, 1), t1));
+        assert!(!ages.arrived(&(9, 1), t1));
+        let t2 = t1 + Duration::from_secs(1);
+        ages.observe([(9, 1), (9, 2)], t2);
+        assert!(!ages.arrived(&(9, 2), t2), "arrived once, not again");
     }
 
     #[test]

@@ -33,7 +33,8 @@ pub struct CycleReport {
     pub escalations: BTreeMap<(String, &'static str), usize>,
     pub deferred: usize,
     pub errors: BTreeMap<&'static str, usize>,
-    /// Per target: CLOSE_WAIT sockets held now, oldest age, open fds, fd limit (summed).
+    /// Per target: CLOSE_WAIT sockets held now, oldest age, open fds, fd limit (summed),
+    /// new CLOSE_WAIT sockets, and the process nearest its fd limit.
     pub targets: BTreeMap<String, TargetGauges>,
     pub duration: Duration,
 }
@@ -44,6 +45,33 @@ pub struct TargetGauges {
     pub oldest_ms: u64,
     pub open_fds: usize,
     pub fd_limit: u64,
+    /// CLOSE_WAIT sockets that appeared since the last cycle (arrivals, by cookie).
+    pub new_close_wait: usize,
+    /// The process nearest its fd limit: (open fds, soft limit); limit 0 when none is known.
+    /// A sum over processes would hide the one about to fail.
+    pub fullest: (usize, u64),
+}
+
+impl TargetGauges {
+    /// Open fds / soft limit of the process nearest its limit; 0 without a known limit.
+    pub fn fd_usage_ratio(&self) -> f64 {
+        match self.fullest {
+            (_, 0) => 0.0,
+            (open, limit) => open as f64 / limit as f64,
+        }
+    }
+
+    /// Count a process in: it becomes `fullest` if it is nearer its limit.
+    pub fn consider(&mut self, open: usize, limit: Option<u64>) {
+        let Some(limit) = limit.filter(|l| *l > 0) else {
+            return;
+        };
+        let (o, l) = self.fullest;
+        // open/limit > o/l, without floats.
+        if l == 0 || (open as u128) * u128::from(l) > (o as u128) * u128::from(limit) {
+            self.fullest = (open, limit);
+        }
+    }
 }
 
 impl CycleReport {
@@ -63,5 +91,25 @@ impl CycleReport {
             "{} CLOSE_WAIT in targets ({} host-wide), {} reaped this cycle, {} deferred by limits",
             self.candidates, self.close_wait, reaped, self.deferred
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fullest_process_by_ratio() {
+        let mut g = TargetGauges::default();
+        assert_eq!(g.fd_usage_ratio(), 0.0);
+        g.consider(900, None);
+        g.consider(900, Some(0));
+        assert_eq!(g.fullest, (0, 0), "no limit known");
+        g.consider(500, Some(1000));
+        g.consider(60_000, Some(1_000_000));
+        g.consider(1000, Some(1100));
+        g.consider(10, Some(20));
+        assert_eq!(g.fullest, (1000, 1100));
+        assert!((g.fd_usage_ratio() - 1000.0 / 1100.0).abs() < 1e-12);
     }
 }

@@ -271,6 +271,7 @@ mod tests {
             uid: 0,
             open_fds: 10,
             nofile_soft: Some(1024),
+            epoll_fds: Vec::new(),
             handle: None,
             thread: None,
         }

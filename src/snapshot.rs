@@ -29,6 +29,8 @@ pub struct Process<H> {
     pub open_fds: usize,
     /// Soft RLIMIT_NOFILE; None when unlimited or unreadable.
     pub nofile_soft: Option<u64>,
+    /// Its epoll fds, found on the same walk (for `explain`).
+    pub epoll_fds: Vec<i32>,
     /// A pidfd held since attribution (reap and daemon only).
     pub handle: Option<H>,
     /// The thread whose /proc/PID/task/TID/fd was read, when the leader's could not show
@@ -329,6 +331,7 @@ impl<'a, O: Os> Attributor<'a, O> {
                 uid,
                 open_fds: table.open,
                 nofile_soft,
+                epoll_fds: table.epoll,
                 handle,
                 thread,
             },

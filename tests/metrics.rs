@@ -196,6 +196,79 @@ fn only_get_metrics_is_served_and_slow_clients_do_not_stall_cycles() {
     drop(idle);
 }
 
+/// Open fds of `pid` according to /proc.
+fn proc_fds(pid: i32) -> f64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count() as f64
+}
+
+#[test]
+fn new_close_wait_counted_and_fd_usage_of_the_fullest_process() {
+    if !require_root("new_close_wait_counted_and_fd_usage_of_the_fullest_process") {
+        return;
+    }
+    // Two servers of one target, on loopback addresses of their own so the target's
+    // cmdline regex matches nobody else.
+    let me = std::process::id();
+    let net = format!("127.{}.{}", 100 + (me >> 8) % 100, me % 256);
+    let mut roomy = Fixture::start(&[&format!("{net}.1:0")], &[]);
+    let mut tight = Fixture::start(&[&format!("{net}.2:0")], &[]);
+    // The second one nearest its limit: few fds under a soft limit of 64.
+    const TIGHT: f64 = 64.0;
+    let out = Command::new("prlimit")
+        .args(["--pid", &tight.pid().to_string(), "--nofile=64:64"])
+        .output()
+        .expect("run prlimit");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    // Two CLOSE_WAIT before the daemon starts: found at its first look, not arrivals.
+    let _before = [roomy.close_wait(0), roomy.close_wait(0)];
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let _d = Daemon::start(
+        "arrivals",
+        &format!(
+            "interval: 200ms\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: pair\n    match: {{cmdline: \"--listen {}\\\\.[12]:0\"}}\n    older_than: 1h\n    action: log\n",
+            net.replace('.', "\\\\.")
+        ),
+    );
+    let pair = [("target", "pair")];
+    let s = scrape_until(addr, Duration::from_secs(10), |s| {
+        value(s, "cwreap_close_wait_sockets", &pair) == Some(2.0)
+    });
+    assert_eq!(value(&s, "cwreap_close_wait_sockets", &pair), Some(2.0));
+    assert_eq!(value(&s, "cwreap_close_wait_new_total", &pair), Some(0.0));
+    let ratio = value(&s, "cwreap_process_fd_usage_ratio", &pair).expect("ratio");
+    let want = proc_fds(tight.pid()) / TIGHT;
+    assert!(
+        (ratio - want).abs() <= 2.0 / TIGHT,
+        "fd usage ratio {ratio}, /proc says {want} for the tight server"
+    );
+
+    // Three arrive, in the tight one: counted once each, and its ratio grows.
+    let _after = [
+        tight.close_wait(0),
+        tight.close_wait(0),
+        tight.close_wait(0),
+    ];
+    let s = scrape_until(addr, Duration::from_secs(10), |s| {
+        value(s, "cwreap_close_wait_sockets", &pair) == Some(5.0)
+    });
+    assert_eq!(value(&s, "cwreap_close_wait_sockets", &pair), Some(5.0));
+    assert_eq!(value(&s, "cwreap_close_wait_new_total", &pair), Some(3.0));
+    let ratio = value(&s, "cwreap_process_fd_usage_ratio", &pair).expect("ratio");
+    let want = proc_fds(tight.pid()) / TIGHT;
+    assert!(
+        (ratio - want).abs() <= 2.0 / TIGHT,
+        "fd usage ratio {ratio}, /proc says {want} for the tight server"
+    );
+    // Later cycles see the same five: no more arrivals.
+    let c0 = value(&s, "cwreap_cycle_duration_seconds_count", &[]).unwrap_or(0.0);
+    let s = scrape_until(addr, Duration::from_secs(10), |s| {
+        value(s, "cwreap_cycle_duration_seconds_count", &[]).unwrap_or(0.0) >= c0 + 3.0
+    });
+    assert_eq!(value(&s, "cwreap_close_wait_new_total", &pair), Some(3.0));
+}
+
 #[test]
 fn alert_rules_are_valid_and_use_our_metrics() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/cwreap.rules.yml");
@@ -221,6 +294,7 @@ fn alert_rules_are_valid_and_use_our_metrics() {
         "CwreapFdUsageHigh",
         "CwreapReapedFdsStillHeld",
         "CwreapNotCycling",
+        "CwreapFdLimitIn4h",
     ] {
         assert!(names.contains(&want), "missing alert {want}");
     }
@@ -246,6 +320,8 @@ fn alert_rules_are_valid_and_use_our_metrics() {
         "cwreap_fd_released_total",
         "cwreap_process_open_fds",
         "cwreap_process_fd_limit",
+        "cwreap_process_fd_usage_ratio",
+        "cwreap_close_wait_new_total",
         "cwreap_cycle_duration_seconds",
         "cwreap_cycle_errors_total",
         "cwreap_last_cycle_timestamp_seconds",
@@ -278,6 +354,25 @@ fn alert_rules_are_valid_and_use_our_metrics() {
         ),
         Err(_) => skip_or_fail(
             "promtool check rules",
+            "promtool is not installed (apt-get install prometheus; .ci/run installs it)",
+        ),
+    }
+    // And the alerts fire when they should, on synthetic series (cwreap.rules.test.yml).
+    let tests = path.with_file_name("cwreap.rules.test.yml");
+    match Command::new("promtool")
+        .arg("test")
+        .arg("rules")
+        .arg(&tests)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool test rules failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => skip_or_fail(
+            "promtool test rules",
             "promtool is not installed (apt-get install prometheus; .ci/run installs it)",
         ),
     }

@@ -108,7 +108,7 @@ fn every_cwreap_command_in_the_readme_parses() {
         }
     }
     // Each subcommand the README teaches appears at least once.
-    for sub in ["scan", "reap", "run", "check"] {
+    for sub in ["scan", "reap", "explain", "run", "check"] {
         assert!(
             cmds.iter().any(|a| a.get(1).is_some_and(|s| s == sub)),
             "README shows no `cwreap {sub}`"

@@ -8,9 +8,12 @@
 //! so that selectors can tell servers from clients.
 //!
 //! Server `i` listens on `127.88.0.<i+1>` (a port the kernel picks) and accepts forever,
-//! never reading and never closing. Client `i` opens `cw_i + est_i` connections to server
-//! `i` and half-closes the first `cw_i`: their server ends go CLOSE_WAIT. One destination
-//! per client keeps every destination far below the ephemeral port range.
+//! never reading and never closing. Like an event-loop server whose reader stalled, it
+//! registers every connection in an epoll instance it never waits on, so `cwreap explain`
+//! reads a full epoll set per server (its sockets show as `not_read`).
+//! Client `i` opens `cw_i + est_i` connections to server `i` and half-closes the first
+//! `cw_i`: their server ends go CLOSE_WAIT. One destination per client keeps every
+//! destination far below the ephemeral port range.
 //! Every socket has SO_LINGER 0, so killing the clients resets every connection at once:
 //! teardown leaves no orphaned FIN_WAIT2 behind. Only connections cwreap reaped leave a
 //! TIME-WAIT entry on the client side (the server's FIN arrives first), for 60 s.
@@ -31,7 +34,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::event::{PollFd, PollFlags, Timespec, epoll, poll};
 use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
 use rustix::process::{Resource, Rlimit, Signal};
 
@@ -139,6 +142,10 @@ pub fn server_main(args: &[String]) -> ! {
     }
     let state = Arc::new((Mutex::new(Accepted::default()), Condvar::new()));
     let acceptor = Arc::clone(&state);
+    let ep = match epoll::create(epoll::CreateFlags::CLOEXEC) {
+        Ok(ep) => ep,
+        Err(e) => die(&format!("epoll_create: {e}")),
+    };
     std::thread::spawn(move || {
         loop {
             let res = listener.accept();
@@ -147,6 +154,11 @@ pub fn server_main(args: &[String]) -> ! {
             match res {
                 Ok((s, _)) => {
                     linger_zero(&s);
+                    // Watched, never waited on; close() (sweep) unregisters it.
+                    let data = epoll::EventData::new_u64(st.total as u64);
+                    if let Err(e) = epoll::add(&ep, &s, data, epoll::EventFlags::RDHUP) {
+                        st.last_error = Some(format!("epoll_ctl(ADD): {e}"));
+                    }
                     st.conns.push(s);
                     st.total += 1;
                     cv.notify_all();

@@ -1,6 +1,7 @@
 //! The one reader of /proc: processes, their comm, uid, exe, cmdline and cgroup, their
 //! socket fds and fd limits, and for the injector their threads (task stat and status),
-//! memory maps, seccomp mode and the fdinfo of pidfds.
+//! memory maps, seccomp mode and the fdinfo of pidfds; for `explain`, which files a
+//! process's epoll instances watch.
 //!
 //! [`ProcFs`] takes the root it reads from, so parsing is tested on plain directories. A
 //! process that vanishes or cannot be read yields an error for that process only; callers
@@ -18,16 +19,21 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// What /proc/PID/fd/N links to for an epoll instance.
+const EVENTPOLL_LINK: &[u8] = b"anon_inode:[eventpoll]";
+
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,
 }
 
-/// The fds of one process: how many are open, and which are sockets (fd, inode).
+/// The fds of one process: how many are open, which are sockets (fd, inode), and which
+/// are epoll instances (for `explain`; found on the same walk, at no extra syscall).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FdTable {
     pub open: usize,
     pub sockets: Vec<(i32, u64)>,
+    pub epoll: Vec<i32>,
 }
 
 impl Default for ProcFs {
@@ -88,8 +94,9 @@ impl ProcFs {
         self.pid_path(pid, &format!("task/{tid}/{leaf}"))
     }
 
-    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets. Empty when
-    /// the thread-group leader has exited (see [`ProcFs::fd_thread`]).
+    /// Walk /proc/<pid>/fd: count the fds and collect those that are sockets (and those
+    /// that are epoll instances). Empty when the thread-group leader has exited (see
+    /// [`ProcFs::fd_thread`]).
     pub fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
         read_fd_dir(&self.pid_path(pid, "fd"))
     }
@@ -197,9 +204,12 @@ fn read_fd_dir(path: &Path) -> io::Result<FdTable> {
             .and_then(parse_socket_link)
         {
             table.sockets.push((fd, inode));
+        } else if buf.get(..n) == Some(EVENTPOLL_LINK) {
+            table.epoll.push(fd);
         }
     }
     table.sockets.sort_unstable();
+    table.epoll.sort_unstable();
     Ok(table)
 }
 
@@ -482,6 +492,103 @@ pub fn parse_maps_line(line: &str) -> Option<(u64, u64, bool, &str)> {
     (end > start).then_some((start, end, rx, path))
 }
 
+/// Room for the fdinfo of an epoll fd with several hundred registered fds; the buffer
+/// doubles for larger ones and is reused across a process's epoll fds.
+const FDINFO_BUF: usize = 64 * 1024;
+
+impl ProcFs {
+    /// The inodes of every file registered in the epoll instances `epoll_fds` of `pid`
+    /// (from [`FdTable::epoll`]), sorted and deduplicated: a socket among them is still
+    /// watched by an event loop. One read of /proc/PID/fdinfo/N per epoll fd into one
+    /// buffer, reused and grown by doubling (the kernel renders the whole file at the first
+    /// read), parsed in place by [`parse_epoll_fdinfo_into`]. An fd closed meanwhile is
+    /// skipped, and so is one that is no longer an epoll (its fdinfo has no `tfd:` lines);
+    /// a process that is gone or may not be read is an error.
+    pub fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
+        use std::io::Read;
+        let mut inodes = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        for &fd in epoll_fds {
+            buf.clear();
+            let mut file = match fs::File::open(self.pid_path(pid, &format!("fdinfo/{fd}"))) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && self.exists(pid) => continue,
+                Err(e) => return Err(e),
+            };
+            loop {
+                if buf.capacity() - buf.len() < FDINFO_BUF / 2 {
+                    buf.reserve(buf.len().max(FDINFO_BUF));
+                }
+                let len = buf.len();
+                buf.resize(buf.capacity(), 0);
+                let read = file.read(&mut buf[len..]);
+                buf.truncate(len + *read.as_ref().unwrap_or(&0));
+                match read {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            parse_epoll_fdinfo_into(&buf, &mut inodes);
+        }
+        inodes.sort_unstable();
+        inodes.dedup();
+        Ok(inodes)
+    }
+
+    /// Whether /proc/<pid> exists (the process has not been reaped).
+    fn exists(&self, pid: i32) -> bool {
+        fs::metadata(self.pid_path(pid, "")).is_ok()
+    }
+}
+
+/// The inodes of the files registered in an epoll instance, from its
+/// /proc/PID/fdinfo/N: the hexadecimal `ino:` of each `tfd:` line, in file order.
+///
+/// `tfd:` (the fd number the file was registered under) is not used: once that fd is
+/// closed while a dup of it keeps the file open, the entry stays with its stale `tfd`, and
+/// the number may be reused by another file. The inode names the file itself.
+pub fn parse_epoll_fdinfo(text: &[u8]) -> Vec<u64> {
+    let mut out = Vec::new();
+    parse_epoll_fdinfo_into(text, &mut out);
+    out
+}
+
+/// [`parse_epoll_fdinfo`] appending to `out`, without allocating per line.
+pub fn parse_epoll_fdinfo_into(text: &[u8], out: &mut Vec<u64>) {
+    for line in text.split(|&b| b == b'\n') {
+        if !line.starts_with(b"tfd:") {
+            continue;
+        }
+        let Some(at) = line.windows(5).position(|w| w == b" ino:") else {
+            continue;
+        };
+        let mut ino: u64 = 0;
+        let mut digits = 0;
+        for &b in &line[at + 5..] {
+            let d = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'f' => b - b'a' + 10,
+                b'A'..=b'F' => b - b'A' + 10,
+                _ => break,
+            };
+            let Some(next) = ino
+                .checked_mul(16)
+                .and_then(|v| v.checked_add(u64::from(d)))
+            else {
+                digits = 0; // overflow: not an inode we can name
+                break;
+            };
+            ino = next;
+            digits += 1;
+        }
+        if digits > 0 {
+            out.push(ino);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,13 +752,104 @@ Max open files            1024                 20000                files     \n
         std::os::unix::fs::symlink("socket:[777]", fd_dir.join("3")).expect("symlink");
         std::os::unix::fs::symlink("/dev/null", fd_dir.join("0")).expect("symlink");
         std::os::unix::fs::symlink("socket:[778]", fd_dir.join("5")).expect("symlink");
+        std::os::unix::fs::symlink("anon_inode:[eventpoll]", fd_dir.join("4")).expect("symlink");
         let proc = ProcFs::new(&dir);
         assert_eq!(proc.pids().expect("pids"), vec![42]);
         assert_eq!(proc.comm(42).expect("comm"), "leaky");
         let table = proc.fd_table(42).expect("fd table");
-        assert_eq!(table.open, 3);
+        assert_eq!(table.open, 4);
         assert_eq!(table.sockets, vec![(3, 777), (5, 778)]);
+        assert_eq!(table.epoll, vec![4]);
         assert!(proc.fd_table(43).is_err());
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// /proc/PID/fdinfo/N of an epoll fd, as Linux 6.18 writes it (fs/eventpoll.c,
+    /// ep_show_fdinfo), after `dup(6) == 7; close(6)` on a registered socket.
+    const EPOLL_FDINFO: &[u8] = b"\
+pos:\t0\n\
+flags:\t02000002\n\
+mnt_id:\t17\n\
+ino:\t1038\n\
+tfd:        6 events: 80000019 data:                6  pos:0 ino:135d58 sdev:9\n\
+tfd:        4 events:       19 data:                4  pos:0 ino:135d56 sdev:9\n\
+tfd:       12 events:       19 data:  7f00deadbeef    pos:0 ino:ffffffffffffffff sdev:8\n\
+tfd:       13 events:       19 data:               d  pos:0 ino:1ffffffffffffffff sdev:8\n\
+tfd:       14 events:       19 data:               e  pos:0 sdev:8\n\
+lock:\t1: POSIX  ADVISORY  WRITE 4242 00:17:1038 0 EOF\n";
+    // pos, flags, mnt_id: of the epoll file itself; `ino:\t1038` (decimal) is the epoll's
+    //   own anonymous inode, not a registered file: only `tfd:` lines count.
+    // tfd 6: registered as fd 6, which was closed after a dup: the entry stays (stale tfd);
+    //   events EPOLLIN|EPOLLERR|EPOLLHUP|EPOLLET, data 6, file position 0, inode 0x135d58
+    //   (1269080) on device 9 (sockfs).
+    // tfd 4: a listener, level-triggered, inode 0x135d56 (1269078).
+    // tfd 12: the largest inode; tfd 13: one hex digit too many (overflow, skipped);
+    // tfd 14: no ino field (skipped); the `lock:` line belongs to no registration.
+
+    #[test]
+    fn epoll_fdinfo_inodes() {
+        assert_eq!(
+            parse_epoll_fdinfo(EPOLL_FDINFO),
+            vec![0x135d58, 0x135d56, u64::MAX]
+        );
+        assert_eq!(parse_epoll_fdinfo(b""), Vec::<u64>::new());
+        // A pidfd's fdinfo has no tfd lines.
+        assert!(parse_epoll_fdinfo(b"pos:\t0\nino:\t1057\nPid:\t4242\n").is_empty());
+        // No trailing newline, upper-case hex.
+        assert_eq!(
+            parse_epoll_fdinfo(b"tfd:        5 events: 19 data: 5  pos:0 ino:AB"),
+            vec![0xab]
+        );
+        let mut more = vec![1];
+        parse_epoll_fdinfo_into(EPOLL_FDINFO, &mut more);
+        assert_eq!(more.len(), 4);
+    }
+
+    #[test]
+    fn epoll_of_this_process_found_by_inode_not_tfd() {
+        use rustix::event::epoll;
+        use std::os::fd::AsRawFd;
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).expect("epoll_create");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let registered = server.try_clone().expect("dup");
+        let inode = |f: &dyn std::os::fd::AsFd| rustix::fs::fstat(f.as_fd()).expect("fstat").st_ino;
+        let (server_ino, client_ino) = (inode(&server), inode(&client));
+        epoll::add(
+            &ep,
+            &registered,
+            epoll::EventData::new_u64(1),
+            epoll::EventFlags::IN,
+        )
+        .expect("epoll add");
+        // Close the fd it was registered under; `server`, a dup, keeps the file (and the
+        // registration) alive under another number.
+        drop(registered);
+        let proc = ProcFs::default();
+        let me = std::process::id() as i32;
+        let table = proc.fd_table(me).expect("fd table");
+        assert!(table.epoll.contains(&ep.as_raw_fd()), "{table:?}");
+        let watched = proc.epoll_watched(me, &table.epoll).expect("epoll watched");
+        assert!(
+            watched.contains(&server_ino),
+            "{watched:?} lacks {server_ino}"
+        );
+        assert!(
+            !watched.contains(&client_ino),
+            "{watched:?} has {client_ino}"
+        );
+        // An fd that is no epoll (a socket) has no tfd lines; one that is closed is skipped.
+        let socket_fd = server.as_raw_fd();
+        assert_eq!(
+            proc.epoll_watched(me, &[socket_fd, 1_000_000])
+                .expect("no epoll"),
+            Vec::<u64>::new()
+        );
+        assert!(
+            proc.epoll_watched(i32::MAX, &[3]).is_err(),
+            "a missing process is an error"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The commands: `scan` and `reap` run discovery → attribution → selection → action →
-//! report once; `check` validates a policy. This is the edge: errors carry context here,
-//! and usage errors become exit code 2.
+//! report once; `explain` samples and diagnoses; `check` validates a policy. This is the
+//! edge: errors carry context here, and usage errors become exit code 2.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -18,9 +18,11 @@ use crate::output;
 use crate::snapshot::{self, Attributor, Snapshot};
 
 mod close;
+mod explain;
 mod reap;
 mod scan;
 
+pub use explain::explain;
 pub use reap::{reap, reap_row};
 pub use scan::scan;
 

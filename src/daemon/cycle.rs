@@ -214,7 +214,7 @@ impl Daemon {
             c.owner_close_wait = selected.get(&(c.pid, c.target)).copied().unwrap_or(0);
         }
         report.candidates = candidates.len();
-        self.gauges(&snap, &targets, &candidates, &mut report);
+        self.gauges(&snap, &targets, &candidates, now, &mut report);
 
         let budget = self.limiter.budget(
             self.cfg.limits.max_reaps_per_cycle as usize,
@@ -416,6 +416,7 @@ impl Daemon {
         snap: &Snapshot<Pinned>,
         targets: &BTreeMap<i32, Vec<usize>>,
         candidates: &[Candidate],
+        now: Instant,
         report: &mut CycleReport,
     ) {
         let mut gauges = vec![TargetGauges::default(); self.cfg.targets.len()];
@@ -423,6 +424,9 @@ impl Daemon {
             if let Some(g) = gauges.get_mut(c.target) {
                 g.close_wait += 1;
                 g.oldest_ms = g.oldest_ms.max(c.age_ms);
+                if self.ages.arrived(&(c.netns, c.cookie), now) {
+                    g.new_close_wait += 1;
+                }
             }
         }
         for (pid, ts) in targets {
@@ -433,6 +437,7 @@ impl Daemon {
                 if let Some(g) = gauges.get_mut(t) {
                     g.open_fds += p.open_fds;
                     g.fd_limit += p.nofile_soft.unwrap_or(0);
+                    g.consider(p.open_fds, p.nofile_soft);
                 }
             }
             let tname = ts
