@@ -8,7 +8,7 @@
 //!   LISTEN/ESTABLISHED before and after (nothing else may be touched).
 //! * P4 `cwreap run` as a child: RSS and CPU per cycle while tracking N sockets.
 //! * P5 a policy of 1000 targets with nothing to do: `cwreap run` start-up time (to READY)
-//!   and VmRSS as a child, and the idle cycle, in-process.
+//!   and VmRSS as a child, and the idle cycle, in-process; run before the fixture starts.
 //! * `--scaling`: P1 and P2 at N = M = 1k, 10k, 50k.
 //! * `--targets T`: only P5, with T targets (no fixture).
 //! * `--hold`: only start the fixture and keep it, to profile cwreap by hand.
@@ -169,18 +169,20 @@ fn run(args: &Args) -> Result<()> {
             drop(fleet);
         }
     } else {
+        // Before the fixture: its N CLOSE_WAIT sockets would be dumped by every cycle, and
+        // P5 is about the policy's cost.
+        rows.extend(p5_policy_scale(
+            P5_TARGETS,
+            &cwreap,
+            args.reps,
+            (0, 0),
+            &log,
+        )?);
         let mut fleet = start_fleet(args.n, args.m, &log)?;
         rows.push(p1_scan(&fleet, &cwreap, args.reps, &log)?);
         rows.push(p2_cycle(&fleet, args.reps, &log)?);
         let cycles = if args.smoke { 3 } else { 20 };
         rows.extend(p4_daemon(&fleet, &cwreap, cycles, &log)?);
-        rows.extend(p5_policy_scale(
-            P5_TARGETS,
-            &cwreap,
-            args.reps,
-            (fleet.n, fleet.m),
-            &log,
-        )?);
         rows.extend(p3_reap(&mut fleet, &cwreap, args.reps, &log)?);
         drop(fleet);
     }
