@@ -765,9 +765,9 @@ fn p4_daemon(fleet: &Fleet, cwreap: &Path, cycles: usize, log: &dyn Fn(&str)) ->
 }
 
 /// A policy of `n` targets of every kind of criterion, none of which matches a process
-/// here, except the last, which names `idle` (a process with no CLOSE_WAIT socket): every
-/// cycle matches every process against every target and dumps sock_diag, with nothing to
-/// do.
+/// here, except the last, which names `idle` (a process with no CLOSE_WAIT socket, alone in
+/// its network namespace): every cycle matches every process against every target and
+/// dumps sock_diag, with nothing to do.
 fn many_targets_policy(n: usize, idle: u32, metrics: Option<SocketAddr>) -> String {
     let listen = metrics.map_or("off".to_owned(), |a| format!("{{listen: \"{a}\"}}"));
     let mut y =
@@ -805,11 +805,21 @@ fn p5_policy_scale(
     (n, m): (usize, usize),
     log: &dyn Fn(&str),
 ) -> Result<Vec<Row>> {
-    let mut sleep = Command::new("sleep");
-    sleep.arg("3600").stdin(Stdio::null());
+    // In a network namespace of its own: the host's CLOSE_WAIT sockets (other work on a
+    // shared machine) are then no part of what a cycle dumps, and P5 measures the policy.
+    let mut sleep = Command::new("unshare");
+    sleep.args(["--net", "sleep", "3600"]).stdin(Stdio::null());
     cwreap_linux::testing::die_with_parent(&mut sleep);
     let idle = KillOnDrop(sleep.spawn().context("spawning sleep, the idle target")?);
     let idle_pid = idle.0.id();
+    let netns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while netns(&idle_pid.to_string()) == netns("self") || netns(&idle_pid.to_string()).is_none() {
+        if Instant::now() > deadline {
+            bail!("the idle target never entered a network namespace of its own (unshare --net)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // In-process: the idle cycle.
     let cfg = cwreap::config::parse(&many_targets_policy(targets, idle_pid, None), "p5")
