@@ -8,7 +8,7 @@
 //!   LISTEN/ESTABLISHED before and after (nothing else may be touched).
 //! * P4 `cwreap run` as a child: RSS and CPU per cycle while tracking N sockets.
 //! * P5 a policy of 1000 targets with nothing to do: `cwreap run` start-up time (to READY)
-//!   and VmRSS as a child, and the idle cycle, in-process.
+//!   and VmRSS as a child, and the idle cycle, in-process; run before the fixture starts.
 //! * P6 `cwreap explain --json` over all processes vs `cwreap scan --json`: the epoll sets
 //!   of the servers (every connection registered) read on top of a scan.
 //! * `--scaling`: P1 and P2 at N = M = 1k, 10k, 50k.
@@ -173,19 +173,21 @@ fn run(args: &Args) -> Result<()> {
             drop(fleet);
         }
     } else {
+        // Before the fixture: its N CLOSE_WAIT sockets would be dumped by every cycle, and
+        // P5 is about the policy's cost.
+        rows.extend(p5_policy_scale(
+            P5_TARGETS,
+            &cwreap,
+            args.reps,
+            (0, 0),
+            &log,
+        )?);
         let mut fleet = start_fleet(args.n, args.m, &log)?;
         rows.push(p1_scan(&fleet, &cwreap, args.reps, &log)?);
         rows.push(p5_explain(&fleet, &cwreap, args.reps, &log)?);
         rows.push(p2_cycle(&fleet, args.reps, &log)?);
         let cycles = if args.smoke { 3 } else { 20 };
         rows.extend(p4_daemon(&fleet, &cwreap, cycles, &log)?);
-        rows.extend(p5_policy_scale(
-            P5_TARGETS,
-            &cwreap,
-            args.reps,
-            (fleet.n, fleet.m),
-            &log,
-        )?);
         rows.extend(p3_reap(&mut fleet, &cwreap, args.reps, &log)?);
         drop(fleet);
     }
@@ -827,9 +829,9 @@ fn p4_daemon(fleet: &Fleet, cwreap: &Path, cycles: usize, log: &dyn Fn(&str)) ->
 }
 
 /// A policy of `n` targets of every kind of criterion, none of which matches a process
-/// here, except the last, which names `idle` (a process with no CLOSE_WAIT socket): every
-/// cycle matches every process against every target and dumps sock_diag, with nothing to
-/// do.
+/// here, except the last, which names `idle` (a process with no CLOSE_WAIT socket, alone in
+/// its network namespace): every cycle matches every process against every target and
+/// dumps sock_diag, with nothing to do.
 fn many_targets_policy(n: usize, idle: u32, metrics: Option<SocketAddr>) -> String {
     let listen = metrics.map_or("off".to_owned(), |a| format!("{{listen: \"{a}\"}}"));
     let mut y =
@@ -867,11 +869,21 @@ fn p5_policy_scale(
     (n, m): (usize, usize),
     log: &dyn Fn(&str),
 ) -> Result<Vec<Row>> {
-    let mut sleep = Command::new("sleep");
-    sleep.arg("3600").stdin(Stdio::null());
+    // In a network namespace of its own: the host's CLOSE_WAIT sockets (other work on a
+    // shared machine) are then no part of what a cycle dumps, and P5 measures the policy.
+    let mut sleep = Command::new("unshare");
+    sleep.args(["--net", "sleep", "3600"]).stdin(Stdio::null());
     cwreap_linux::testing::die_with_parent(&mut sleep);
     let idle = KillOnDrop(sleep.spawn().context("spawning sleep, the idle target")?);
     let idle_pid = idle.0.id();
+    let netns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while netns(&idle_pid.to_string()) == netns("self") || netns(&idle_pid.to_string()).is_none() {
+        if Instant::now() > deadline {
+            bail!("the idle target never entered a network namespace of its own (unshare --net)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // In-process: the idle cycle.
     let cfg = cwreap::config::parse(&many_targets_policy(targets, idle_pid, None), "p5")

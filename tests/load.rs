@@ -7,7 +7,8 @@
 //! against a hang, as "no progress for a minute", never as a total time.
 //!
 //! Server ends are held by `cwreap-fixture server` processes (4000 connections each, one
-//! 127.77.0.x address each so no destination comes near the ephemeral port range). Client
+//! 127.77.N.x address each so no destination comes near the ephemeral port range; N is
+//! this run's, from its pid, so two runs on one host keep apart in `ss`). Client
 //! ends are made here, then handed to `cwreap-fixture hold` processes by inheritance (a
 //! process may hold at most 20000 fds here): no thread per connection anywhere. Every
 //! client socket has SO_LINGER 0, so teardown resets everything at once.
@@ -116,9 +117,16 @@ fn connect(fx: &mut Fixture, count: usize) -> Vec<TcpStream> {
 /// One line of `ss -tanH`: (state, local, peer).
 type SsLine = (String, SocketAddr, SocketAddr);
 
-/// Every TCP socket touching our 127.77.0.0/16 addresses, but TIME-WAIT entries (the
+/// This run's network, 127.77.N.0/24: N from our pid, 1 to 250, so a run elsewhere on the
+/// host (another checkout's test suite) does not show up in our counts.
+fn subnet() -> u32 {
+    std::process::id() % 250 + 1
+}
+
+/// Every TCP socket touching our 127.77.N.0/24 addresses, but TIME-WAIT entries (the
 /// kernel keeps those 60 s after a reaped connection, also from an earlier run).
 fn ss_ours() -> BTreeSet<SsLine> {
+    let prefix = format!("127.77.{}.", subnet());
     let out = Command::new("ss").args(["-tanH"]).output().expect("run ss");
     assert!(out.status.success(), "ss: {out:?}");
     String::from_utf8_lossy(&out.stdout)
@@ -127,7 +135,7 @@ fn ss_ours() -> BTreeSet<SsLine> {
             let c: Vec<&str> = l.split_whitespace().collect();
             let local: SocketAddr = c.get(3)?.parse().ok()?;
             let peer: SocketAddr = c.get(4)?.parse().unwrap_or(local);
-            let ours = |a: &SocketAddr| a.to_string().starts_with("127.77.");
+            let ours = |a: &SocketAddr| a.to_string().starts_with(&prefix);
             (c[0] != "TIME-WAIT" && (ours(&local) || ours(&peer)))
                 .then(|| (c[0].to_owned(), local, peer))
         })
@@ -347,7 +355,7 @@ fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
     let mut fixtures = Vec::new();
     let mut holders = Vec::new();
     for i in 0..servers {
-        let addr = format!("127.77.0.{}:0", i + 1);
+        let addr = format!("127.77.{}.{}:0", subnet(), i + 1);
         let mut fx = Fixture::start(&[addr.as_str()], &[]);
         let waiting = connect(&mut fx, cw_each);
         for c in &waiting {

@@ -3,7 +3,6 @@
 //! them, decide (pure, [`crate::policy::decide`]), act through the pidfds held since
 //! attribution, and report each action (log event, audit line, counters, release watch).
 
-use cwreap_linux::os::Pinned;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
@@ -12,6 +11,8 @@ use std::time::Instant;
 
 use serde_json::json;
 use tracing::{error, info, warn};
+
+use cwreap_linux::os::Pinned;
 
 use super::audit::unix_ts;
 use super::escalate::Budget;
