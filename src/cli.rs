@@ -1,12 +1,16 @@
 //! The command line (clap definitions). Values are parsed and checked here, so a bad
 //! regex, port or duration is a usage error (exit 2) naming the flag.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
 use regex::Regex;
 
+use crate::config;
 use crate::select::Filter;
+use crate::selector::{Exclude, Selector};
 use crate::snapshot::Scope;
 
 #[derive(Debug, Parser)]
@@ -107,37 +111,116 @@ const REAP_EXAMPLES: &str = "Examples:
   cwreap reap --port 8080 --older-than 5m --destroy                   # RST, also unaccepted ones
   cwreap reap --pid 4242 --older-than 10m --close --yes               # free fd slots; see HAZARD";
 
-#[derive(Debug, Clone, Args)]
+/// What selects sockets on the command line: the same criteria as a policy target's
+/// `match` and `exclude` blocks (see [`crate::selector::Selector`]). Each flag may be
+/// repeated: values of one flag OR, different flags AND.
+#[derive(Debug, Clone, Default, Args)]
 pub struct Selectors {
-    /// Only this process (repeatable)
-    #[arg(long = "pid", value_name = "PID", value_parser = parse_pid)]
+    /// Only this process
+    #[arg(long = "pid", value_name = "PID", value_parser = config::parse_pid, help_heading = "Selectors")]
     pub pids: Vec<i32>,
+    /// Only the process whose pid this file holds (read once)
+    #[arg(long = "pid-file", value_name = "PATH", value_parser = config::parse_absolute_path, help_heading = "Selectors")]
+    pub pid_files: Vec<PathBuf>,
     /// Only processes whose name (/proc/PID/comm) matches this regex
-    #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
-    pub comm: Option<Regex>,
-    /// Only sockets with this local port
-    #[arg(long, value_name = "PORT", value_parser = parse_port)]
-    pub port: Option<u16>,
+    #[arg(long, value_name = "REGEX", value_parser = config::parse_regex, help_heading = "Selectors")]
+    pub comm: Vec<Regex>,
+    /// Only processes whose executable's path matches this regex
+    #[arg(long, value_name = "REGEX", value_parser = config::parse_regex, help_heading = "Selectors")]
+    pub exe: Vec<Regex>,
+    /// Only processes whose command line (arguments joined by spaces) matches this regex
+    #[arg(long, value_name = "REGEX", value_parser = config::parse_regex, help_heading = "Selectors")]
+    pub cmdline: Vec<Regex>,
+    /// Only processes of this systemd unit (e.g. nginx.service), from /proc/PID/cgroup
+    #[arg(long, value_name = "NAME", value_parser = config::parse_unit, help_heading = "Selectors")]
+    pub unit: Vec<String>,
+    /// Only processes in this cgroup v2 path or below it (e.g. /system.slice)
+    #[arg(long, value_name = "PREFIX", value_parser = config::parse_cgroup_prefix, help_heading = "Selectors")]
+    pub cgroup: Vec<String>,
+    /// Only processes of this effective user (the owner of /proc/PID), by id or name
+    #[arg(long, value_name = "UID|USER", value_parser = config::parse_uid, help_heading = "Selectors")]
+    pub uid: Vec<u32>,
+    /// Only sockets with this local port (a server's listening port)
+    #[arg(long, value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
+    pub port: Vec<u16>,
+    /// Only sockets with this local address (a CIDR; a bare IP is a /32 or /128)
+    #[arg(long, value_name = "CIDR", value_parser = config::parse_cidr, help_heading = "Selectors")]
+    pub local: Vec<IpNet>,
+    /// Only sockets whose peer has this port (a client pool's server: Redis, a database...)
+    #[arg(long = "remote-port", value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
+    pub remote_port: Vec<u16>,
+    /// Only sockets whose peer is in this CIDR (a bare IP is a /32 or /128; an IPv4 one
+    /// also matches ::ffff:a.b.c.d)
+    #[arg(long, value_name = "CIDR", value_parser = config::parse_cidr, help_heading = "Selectors")]
+    pub remote: Vec<IpNet>,
+    /// Never sockets whose peer is in this CIDR
+    #[arg(long = "exclude-remote", value_name = "CIDR", value_parser = config::parse_cidr, help_heading = "Selectors")]
+    pub exclude_remote: Vec<IpNet>,
+    /// Never sockets with this local port
+    #[arg(long = "exclude-port", value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
+    pub exclude_port: Vec<u16>,
+    /// Never sockets whose peer has this port
+    #[arg(long = "exclude-remote-port", value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
+    pub exclude_remote_port: Vec<u16>,
+    /// Only processes holding at least N matching CLOSE_WAIT sockets
+    #[arg(long = "min-close-wait", value_name = "N", value_parser = config::parse_count, help_heading = "Selectors")]
+    pub min_close_wait: Option<u32>,
 }
 
 impl Selectors {
-    pub fn is_empty(&self) -> bool {
-        self.pids.is_empty() && self.comm.is_none() && self.port.is_none()
+    /// The one selector type the policy uses too.
+    pub fn selector(&self) -> Selector {
+        Selector {
+            pids: self.pids.clone(),
+            pid_files: self.pid_files.clone(),
+            comm: self.comm.clone(),
+            exe: self.exe.clone(),
+            cmdline: self.cmdline.clone(),
+            units: self.unit.clone(),
+            cgroups: self.cgroup.clone(),
+            uids: self.uid.clone(),
+            local_ports: self.port.clone(),
+            remote_ports: self.remote_port.clone(),
+            local_cidrs: self.local.clone(),
+            remote_cidrs: self.remote.clone(),
+            exclude: Exclude {
+                remote_cidrs: self.exclude_remote.clone(),
+                local_ports: self.exclude_port.clone(),
+                remote_ports: self.exclude_remote_port.clone(),
+            },
+        }
     }
 
+    /// No positive selector at all (exclusions alone do not count).
+    pub fn is_empty(&self) -> bool {
+        self.selector().is_empty()
+    }
+
+    /// Which processes attribution walks: the named pids (from --pid, or else from
+    /// --pid-file), or all, narrowed by the process criteria.
     pub fn scope(&self) -> Scope {
+        let selector = self.selector();
+        let pids_from_files = crate::snapshot::read_pid_files(&self.pid_files);
+        let pids = if !self.pids.is_empty() {
+            Some(self.pids.clone())
+        } else if !self.pid_files.is_empty() {
+            Some(pids_from_files.clone())
+        } else {
+            None
+        };
         Scope {
-            pids: (!self.pids.is_empty()).then(|| self.pids.clone()),
-            comm: self.comm.clone(),
+            pids,
+            selector,
+            pids_from_files,
         }
     }
 
     pub fn filter(&self, older_than: Option<Duration>) -> Filter {
         Filter {
-            pids: self.pids.clone(),
-            comm: self.comm.clone(),
-            port: self.port,
+            selector: self.selector(),
+            pids_from_files: crate::snapshot::read_pid_files(&self.pid_files),
             older_than,
+            min_close_wait: self.min_close_wait,
         }
     }
 }
@@ -226,25 +309,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-pub fn parse_regex(s: &str) -> Result<Regex, String> {
-    Regex::new(s).map_err(|e| format!("invalid regex: {e}"))
-}
-
-pub fn parse_port(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u32>() {
-        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
-        Err(_) => Err(format!("'{s}' is not a port number (1-65535)")),
-    }
-}
-
-pub fn parse_pid(s: &str) -> Result<i32, String> {
-    match s.trim().parse::<i32>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("'{s}' is not a process id (a positive integer)")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,12 +324,76 @@ mod tests {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
-        assert_eq!(parse_port("8080"), Ok(8080));
-        assert!(parse_port("0").is_err());
-        assert!(parse_port("70000").is_err());
-        assert!(parse_port("http").is_err());
-        assert!(parse_regex("(").is_err());
-        assert!(parse_pid("-1").is_err());
+        assert_eq!(config::parse_port("8080"), Ok(8080));
+        assert!(config::parse_port("0").is_err());
+        assert!(config::parse_port("70000").is_err());
+        assert!(config::parse_port("http").is_err());
+        assert!(config::parse_regex("(").is_err());
+        assert!(config::parse_pid("-1").is_err());
+    }
+
+    #[test]
+    fn selectors_are_one_selector() {
+        let cli = Cli::try_parse_from([
+            "cwreap",
+            "scan",
+            "--comm",
+            "^a$",
+            "--comm",
+            "^b$",
+            "--remote-port",
+            "6379",
+            "--remote",
+            "10.0.0.7",
+            "--local",
+            "127.0.0.0/8",
+            "--unit",
+            "api.service",
+            "--cgroup",
+            "/system.slice/",
+            "--uid",
+            "root",
+            "--exclude-remote-port",
+            "22",
+            "--min-close-wait",
+            "3",
+        ])
+        .expect("valid");
+        let Command::Scan(args) = cli.command else {
+            panic!("scan")
+        };
+        let s = args.selectors.selector();
+        assert_eq!(s.comm.len(), 2, "repeats of one kind");
+        assert_eq!(s.remote_ports, [6379]);
+        assert_eq!(
+            s.remote_cidrs[0].to_string(),
+            "10.0.0.7/32",
+            "a bare IP is a /32"
+        );
+        assert_eq!(s.cgroups, ["/system.slice"]);
+        assert_eq!(s.uids, [0], "a user name is looked up");
+        assert_eq!(s.exclude.remote_ports, [22]);
+        assert_eq!(args.selectors.min_close_wait, Some(3));
+        // The scan line written from it parses back to the same selector.
+        let mut again = vec!["cwreap".to_owned(), "scan".to_owned()];
+        for w in s.scan_args() {
+            again.push(w.trim_matches('\'').to_owned());
+        }
+        let Command::Scan(back) = Cli::try_parse_from(&again).expect("round trip").command else {
+            panic!("scan")
+        };
+        assert_eq!(back.selectors.selector().scan_args(), s.scan_args());
+        // Bad values name the flag.
+        for bad in [
+            ["--remote", "10.0.0.0/33"],
+            ["--unit", "a/b"],
+            ["--uid", "nosuchuser-xyz"],
+        ] {
+            let e = Cli::try_parse_from(["cwreap", "scan", bad[0], bad[1]])
+                .expect_err("invalid value")
+                .to_string();
+            assert!(e.contains(bad[0]), "{e}");
+        }
     }
 
     #[test]

@@ -30,4 +30,5 @@ pub mod output;
 pub mod policy;
 pub mod report;
 pub mod select;
+pub mod selector;
 pub mod snapshot;

@@ -164,10 +164,25 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
                 "targets[].match.cgroup",
                 "A cgroup v2 path prefix, compared component by component.",
             ),
-            ("targets[].match.uid", "The process's effective user id."),
+            (
+                "targets[].match.uid",
+                "The process's effective user (the owner of /proc/PID), by id or name.",
+            ),
             (
                 "targets[].match.local_ports",
-                "A socket criterion: only sockets whose local port is one of these.",
+                "A socket criterion: only sockets whose local port is one of these (a server's ports).",
+            ),
+            (
+                "targets[].match.remote_ports",
+                "A socket criterion: only sockets whose peer's port is one of these (a client pool's servers: a database, Redis...).",
+            ),
+            (
+                "targets[].match.local_cidrs",
+                "A socket criterion: only sockets whose local address is in one of these CIDRs (a bare IP is a /32 or /128).",
+            ),
+            (
+                "targets[].match.remote_cidrs",
+                "A socket criterion: only sockets whose peer is in one of these CIDRs (an IPv4 CIDR also matches ::ffff:a.b.c.d peers).",
             ),
             (
                 "targets[].older_than",

@@ -3,31 +3,56 @@
 
 use std::time::Duration;
 
-use regex::Regex;
-
 use cwreap_linux::os::SocketFacts;
 use cwreap_linux::tcp;
 
+use crate::selector::{ProcessFacts, Selector};
 use crate::snapshot::{Holder, Observed, Process, Snapshot};
 
-/// What the user asked for with --pid/--comm/--port/--older-than.
+/// What the user asked for: the selectors, `--older-than` and `--min-close-wait`.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
-    pub pids: Vec<i32>,
-    pub comm: Option<Regex>,
-    pub port: Option<u16>,
+    pub selector: Selector,
+    /// The pids read from the selector's pid files.
+    pub pids_from_files: Vec<i32>,
     pub older_than: Option<Duration>,
+    /// Only processes holding at least this many of the selected sockets.
+    pub min_close_wait: Option<u32>,
 }
 
 impl Filter {
     /// A process-level selector was given (only attributed sockets can match).
     pub fn selects_processes(&self) -> bool {
-        !self.pids.is_empty() || self.comm.is_some()
+        self.selector.has_process_criteria()
     }
 
-    fn process_matches<H>(&self, p: &Process<H>) -> bool {
-        (self.pids.is_empty() || self.pids.contains(&p.pid))
-            && self.comm.as_ref().is_none_or(|re| re.is_match(&p.comm))
+    /// Anything narrows the selection (for the message when nothing matched).
+    pub fn narrowed(&self) -> bool {
+        !self.selector.is_empty()
+            || !self.selector.exclude.is_empty()
+            || self.older_than.is_some()
+            || self.min_close_wait.is_some()
+    }
+
+    /// Whether the selector's process criteria accept a process of the snapshot. Only the
+    /// facts a snapshot keeps (pid, name, uid) are looked at here: the criteria that need
+    /// more (executable, command line, unit, cgroup) were applied by attribution, which
+    /// never records a process they reject (see `snapshot::Scope`).
+    fn process_matches(&self, pid: i32, comm: &str, uid: Option<u32>) -> bool {
+        let known = Selector {
+            exe: Vec::new(),
+            cmdline: Vec::new(),
+            units: Vec::new(),
+            cgroups: Vec::new(),
+            ..self.selector.clone()
+        };
+        let facts = ProcessFacts {
+            pid,
+            comm: comm.to_owned(),
+            uid,
+            ..ProcessFacts::default()
+        };
+        known.process_matches(&facts, &self.pids_from_files)
     }
 }
 
@@ -63,8 +88,9 @@ impl<H> Copy for Row<'_, H> {}
 pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> {
     let mut rows: Vec<Row<'a, H>> = Vec::new();
     for s in &snap.sockets {
-        if let Some(port) = filter.port
-            && s.diag.local.port() != port
+        if !filter
+            .selector
+            .socket_matches(s.diag.local, Some(s.diag.remote))
         {
             continue;
         }
@@ -77,7 +103,9 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
         let unaccepted = s.unaccepted();
         let chosen = s.owners().iter().find_map(|h| {
             let p = snap.processes.get(&h.pid)?;
-            filter.process_matches(p).then_some((*h, p))
+            filter
+                .process_matches(p.pid, &p.comm, Some(p.uid))
+                .then_some((*h, p))
         });
         match chosen {
             Some((holder, process)) => rows.push(Row {
@@ -96,6 +124,18 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
             }),
             None => {}
         }
+    }
+    if let Some(min) = filter.min_close_wait {
+        let mut per_pid: std::collections::HashMap<i32, usize> = std::collections::HashMap::new();
+        for r in &rows {
+            if let Some(h) = r.holder {
+                *per_pid.entry(h.pid).or_default() += 1;
+            }
+        }
+        rows.retain(|r| {
+            r.holder
+                .is_some_and(|h| per_pid.get(&h.pid).copied().unwrap_or(0) >= min as usize)
+        });
     }
     rows.sort_by(|a, b| {
         b.age_ms
@@ -201,8 +241,8 @@ pub fn closable(facts: &SocketFacts) -> Option<Closable> {
 }
 
 /// What `reap --close` closes: the closable sockets every filter accepts, oldest first (age
-/// from `tcpi_last_ack_recv`), at most `max`. The port is the local one (getsockname); a
-/// filter on the remote end never matches an ended socket, which has no peer any more.
+/// from `tcpi_last_ack_recv`), at most `max`. Local criteria use getsockname; a criterion on
+/// the remote end never matches an ended socket, which has no peer any more.
 pub fn plan_close<'a>(
     held: &'a [HeldSocket],
     filter: &Filter,
@@ -211,12 +251,11 @@ pub fn plan_close<'a>(
     let mut out: Vec<(&HeldSocket, Closable)> = held
         .iter()
         .filter_map(|h| closable(&h.facts).map(|k| (h, k)))
-        .filter(|(h, _)| filter.pids.is_empty() || filter.pids.contains(&h.pid))
-        .filter(|(h, _)| filter.comm.as_ref().is_none_or(|re| re.is_match(&h.comm)))
+        .filter(|(h, _)| filter.process_matches(h.pid, &h.comm, None))
         .filter(|(h, _)| {
-            filter
-                .port
-                .is_none_or(|p| h.facts.local.is_some_and(|l| l.port() == p))
+            h.facts
+                .local
+                .is_some_and(|l| filter.selector.socket_matches(l, h.facts.remote))
         })
         .filter(|(h, _)| {
             let age = close_age_ms(h);
@@ -322,7 +361,10 @@ mod tests {
     fn pid_selector_picks_the_matching_holder() {
         let snap = snapshot();
         let f = Filter {
-            pids: vec![20],
+            selector: Selector {
+                pids: vec![20],
+                ..Selector::default()
+            },
             ..Filter::default()
         };
         let rows = select(&snap, &f);
@@ -334,12 +376,18 @@ mod tests {
     fn comm_port_and_age() {
         let snap = snapshot();
         let f = Filter {
-            comm: Some(Regex::new("^ngi").expect("re")),
+            selector: Selector {
+                comm: vec![regex::Regex::new("^ngi").expect("re")],
+                ..Selector::default()
+            },
             ..Filter::default()
         };
         assert_eq!(inodes(&select(&snap, &f)), vec![2, 1]);
         let f = Filter {
-            port: Some(8080),
+            selector: Selector {
+                local_ports: vec![8080],
+                ..Selector::default()
+            },
             ..Filter::default()
         };
         assert_eq!(inodes(&select(&snap, &f)), vec![3, 4]);
@@ -349,6 +397,41 @@ mod tests {
         };
         // Exactly 5 s qualifies; unknown age (None) never does.
         assert_eq!(inodes(&select(&snap, &f)), vec![5, 2, 1]);
+    }
+
+    #[test]
+    fn remote_criteria_and_min_close_wait() {
+        let snap = snapshot();
+        // Every fixture socket's peer is 127.0.0.1:50000.
+        let f = Filter {
+            selector: Selector {
+                remote_ports: vec![50000],
+                remote_cidrs: vec!["127.0.0.0/8".parse().expect("cidr")],
+                ..Selector::default()
+            },
+            ..Filter::default()
+        };
+        assert_eq!(inodes(&select(&snap, &f)), vec![5, 2, 1, 3, 4]);
+        let f = Filter {
+            selector: Selector {
+                remote_ports: vec![50001],
+                ..Selector::default()
+            },
+            ..Filter::default()
+        };
+        assert!(select(&snap, &f).is_empty());
+        // nginx (10) holds 2 of the selected sockets, java (20) 2 more: with
+        // --min-close-wait 3 none is left; the unowned one is dropped either way.
+        let f = Filter {
+            min_close_wait: Some(2),
+            ..Filter::default()
+        };
+        assert_eq!(inodes(&select(&snap, &f)), vec![2, 1, 3, 4]);
+        let f = Filter {
+            min_close_wait: Some(3),
+            ..Filter::default()
+        };
+        assert!(select(&snap, &f).is_empty());
     }
 
     #[test]
@@ -420,8 +503,11 @@ mod tests {
             held(7, tcp::CLOSE_WAIT, 5, 40, 30_000, 443), // other port
         ];
         let f = Filter {
-            pids: vec![7],
-            port: Some(80),
+            selector: Selector {
+                pids: vec![7],
+                local_ports: vec![80],
+                ..Selector::default()
+            },
             older_than: Some(Duration::from_secs(1)),
             ..Filter::default()
         };
@@ -436,7 +522,10 @@ mod tests {
             .collect();
         assert_eq!(capped, vec![4]);
         let other_pid = Filter {
-            pids: vec![8],
+            selector: Selector {
+                pids: vec![8],
+                ..Selector::default()
+            },
             ..Filter::default()
         };
         assert!(plan_close(&sockets, &other_pid, None).is_empty());

@@ -13,12 +13,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 
-use regex::Regex;
-
 use cwreap_linux::netlink::DiagSocket;
 use cwreap_linux::netns::Found;
 use cwreap_linux::os::Os;
 use cwreap_linux::procfs::{FdTable, ProcFs};
+
+use crate::selector::{Needs, ProcessFacts, Selector};
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
 #[derive(Debug)]
@@ -146,10 +146,12 @@ pub struct Snapshot<H> {
 /// Which processes attribution may look at.
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
-    /// Only these pids (an explicit --pid list).
+    /// Only these pids (an explicit --pid list, or the pids of --pid-file).
     pub pids: Option<Vec<i32>>,
-    /// Only processes whose comm matches.
-    pub comm: Option<Regex>,
+    /// Only processes the selector's process criteria accept.
+    pub selector: Selector,
+    /// The pids read from the selector's pid files.
+    pub pids_from_files: Vec<i32>,
 }
 
 pub struct Attributor<'a, O: Os> {
@@ -276,21 +278,25 @@ impl<'a, O: Os> Attributor<'a, O> {
             },
             None => None,
         };
-        // The name is needed up front only to filter by it; otherwise it is read once the
-        // process turns out to matter (a few syscalls saved per uninteresting process).
+        // The process facts are needed up front only to filter by them; otherwise the name
+        // is read once the process turns out to matter (a few syscalls saved per
+        // uninteresting process).
         let mut comm = None;
-        if let Some(re) = &scope.comm {
-            let c = match self.proc.comm(pid) {
-                Ok(c) => c,
+        if scope.selector.has_process_criteria() {
+            let facts = match process_facts(self.proc, pid, scope.selector.needs()) {
+                Ok(f) => f,
                 Err(e) => {
                     count_failure(snap, pid, &e);
                     return Err(e);
                 }
             };
-            if !re.is_match(&c) {
+            if !scope
+                .selector
+                .process_matches(&facts, &scope.pids_from_files)
+            {
                 return Ok(0);
             }
-            comm = Some(c);
+            comm = Some(facts.comm);
         }
         let (table, thread) = match read_fds(self.proc, self.os, handle.as_mut(), pid) {
             Ok(t) => t,
@@ -373,6 +379,39 @@ pub fn read_fds<O: Os>(
         return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     Ok((table, thread))
+}
+
+/// The facts about process `pid` that a selector with `needs` reads (the pid and the name
+/// always).
+pub fn process_facts(proc: &ProcFs, pid: i32, needs: Needs) -> io::Result<ProcessFacts> {
+    let comm = proc.comm(pid)?;
+    Ok(ProcessFacts {
+        pid,
+        comm,
+        exe: if needs.exe { proc.exe(pid).ok() } else { None },
+        cmdline: if needs.cmdline {
+            proc.cmdline(pid).ok()
+        } else {
+            None
+        },
+        cgroup: if needs.cgroup {
+            proc.cgroup(pid)
+                .ok()
+                .and_then(|t| crate::selector::parse_cgroup_file(&t))
+        } else {
+            None
+        },
+        uid: if needs.uid { proc.uid(pid).ok() } else { None },
+    })
+}
+
+/// The pids the given pid files hold now (a missing or unreadable file gives none).
+pub fn read_pid_files(files: &[std::path::PathBuf]) -> Vec<i32> {
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .filter_map(|t| crate::selector::parse_pid_file(&t))
+        .collect()
 }
 
 /// Whether some socket that has a file (or waits on a listener) has no owner yet.

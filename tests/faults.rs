@@ -485,7 +485,7 @@ fn never_acts_on_its_own_process_even_when_the_policy_names_it() {
         found,
         &cwreap::snapshot::Scope {
             pids: Some(vec![me]),
-            comm: None,
+            ..Default::default()
         },
     );
     assert!(snap.processes.is_empty());

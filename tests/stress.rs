@@ -46,14 +46,17 @@ fn attribute(pid: i32, os: &RealOs) -> Snapshot<Pinned> {
         },
         &Scope {
             pids: Some(vec![pid]),
-            comm: None,
+            ..Default::default()
         },
     )
 }
 
 fn filter(pid: i32) -> Filter {
     Filter {
-        pids: vec![pid],
+        selector: cwreap::selector::Selector {
+            pids: vec![pid],
+            ..Default::default()
+        },
         ..Filter::default()
     }
 }

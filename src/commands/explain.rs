@@ -75,7 +75,7 @@ pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -
             out.write_all(b"\n")?;
         }
     } else if reports.is_empty() {
-        let narrowed = filter.selects_processes() || filter.port.is_some();
+        let narrowed = filter.narrowed();
         writeln!(
             out,
             "No process holds CLOSE_WAIT sockets{}.",

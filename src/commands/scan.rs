@@ -113,8 +113,7 @@ fn watch(
 }
 
 fn empty_message(filter: &Filter, inspected: usize) -> String {
-    let narrowed =
-        filter.selects_processes() || filter.port.is_some() || filter.older_than.is_some();
+    let narrowed = filter.narrowed();
     let mut msg = String::from("No CLOSE_WAIT sockets");
     if narrowed {
         msg.push_str(" match the selection");

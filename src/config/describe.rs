@@ -24,7 +24,12 @@ pub(super) fn duration_text(d: Duration) -> String {
     quote(&humantime::format_duration(d).to_string())
 }
 
-pub(super) fn port_list(ports: &[u16]) -> String {
+pub(super) fn cidr_list(nets: &[ipnet::IpNet]) -> String {
+    let items: Vec<String> = nets.iter().map(|n| quote(&n.to_string())).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn port_list(ports: &[u16]) -> String {
     let items: Vec<String> = ports.iter().map(u16::to_string).collect();
     format!("[{}]", items.join(", "))
 }
@@ -80,52 +85,65 @@ impl Config {
                 l.push(format!("    # WARNING: {}", self.shadow_message(*s)));
             }
             l.push("    match:".to_owned());
-            let m = &t.matcher;
-            if let Some(pid) = m.pid {
+            let m = &t.selector;
+            // A policy target holds at most one value of each process criterion.
+            for pid in &m.pids {
                 l.push(format!("      pid: {pid}"));
             }
-            if let Some(p) = &m.pid_file {
+            for p in &m.pid_files {
                 l.push(format!(
                     "      pid_file: {}",
                     quote(&p.display().to_string())
                 ));
             }
-            for (k, re) in [("comm", &m.comm), ("exe", &m.exe), ("cmdline", &m.cmdline)] {
-                if let Some(re) = re {
+            for (k, res) in [("comm", &m.comm), ("exe", &m.exe), ("cmdline", &m.cmdline)] {
+                for re in res {
                     l.push(format!("      {k}: {}", quote(re.as_str())));
                 }
             }
-            if let Some(u) = &m.systemd_unit {
+            for u in &m.units {
                 l.push(format!("      systemd_unit: {}", quote(u)));
             }
-            if let Some(c) = &m.cgroup {
+            for c in &m.cgroups {
                 l.push(format!("      cgroup: {}", quote(c)));
             }
-            if let Some(uid) = m.uid {
+            for uid in &m.uids {
                 l.push(format!("      uid: {uid}"));
             }
-            if !m.local_ports.is_empty() {
-                l.push(format!("      local_ports: {}", port_list(&m.local_ports)));
-            } else {
-                l.push("      # local_ports: any".to_owned());
+            for (k, ports) in [
+                ("local_ports", &m.local_ports),
+                ("remote_ports", &m.remote_ports),
+            ] {
+                if ports.is_empty() {
+                    l.push(format!("      # {k}: any"));
+                } else {
+                    l.push(format!("      {k}: {}", port_list(ports)));
+                }
+            }
+            for (k, nets) in [
+                ("local_cidrs", &m.local_cidrs),
+                ("remote_cidrs", &m.remote_cidrs),
+            ] {
+                if nets.is_empty() {
+                    l.push(format!("      # {k}: any"));
+                } else {
+                    l.push(format!("      {k}: {}", cidr_list(nets)));
+                }
             }
             l.push(format!("    older_than: {}", duration_text(t.older_than)));
             l.push(format!("    min_close_wait: {}", t.min_close_wait));
             l.push("    exclude:".to_owned());
-            let cidrs: Vec<String> = t
-                .exclude
-                .remote_cidrs
-                .iter()
-                .map(|n| quote(&n.to_string()))
-                .collect();
-            l.push(format!("      remote_cidrs: [{}]", cidrs.join(", ")));
+            l.push(format!(
+                "      remote_cidrs: {}",
+                cidr_list(&m.exclude.remote_cidrs)
+            ));
             l.push(format!(
                 "      local_ports: {}",
-                port_list(&t.exclude.local_ports)
+                port_list(&m.exclude.local_ports)
             ));
             l.push(format!(
                 "      remote_ports: {}",
-                port_list(&t.exclude.remote_ports)
+                port_list(&m.exclude.remote_ports)
             ));
             l.push(format!("    action: {}", t.action.as_str()));
             match t.dry_run {

@@ -3,8 +3,10 @@
 //! [`ProcessFacts`] and [`SocketFacts`] and asks.
 //!
 //! Targets are matched per socket: a socket belongs to the first target (in policy order)
-//! whose process criteria accept its process and whose socket criteria (`local_ports`,
-//! `exclude`) accept the socket ([`Target::selects`]). Two targets on one process, split by
+//! whose process criteria accept its process and whose socket criteria (local and remote
+//! ports and addresses, `exclude`) accept the socket ([`Target::selects`]). The criteria
+//! are a [`Selector`], the same type the command line builds, so `cwreap check` can print
+//! the `cwreap scan` line that selects what a target does. Two targets on one process, split by
 //! port, each get their own sockets; [`shadow`] finds a target an earlier one leaves
 //! nothing to.
 //!
@@ -18,12 +20,9 @@
 //! value whenever its position is known.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use ipnet::IpNet;
-use regex::Regex;
 
 mod describe;
 pub mod file;
@@ -33,7 +32,17 @@ pub mod shadow;
 mod tests;
 mod validate;
 
+pub use crate::selector::{
+    Exclude, ProcessFacts, Selector, SocketFacts, cgroup_has_prefix, is_unit_name,
+    parse_cgroup_file, unit_from_cgroup,
+};
 pub use file::{UsageError, check_file_permissions, load_config};
+/// The value parsers of the policy, shared with the command line so a value means the
+/// same in both.
+pub(crate) use validate::{
+    parse_absolute_path, parse_cgroup_prefix, parse_cidr, parse_count, parse_pid, parse_port,
+    parse_regex, parse_uid, parse_unit,
+};
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// The shortest `interval` accepted.
@@ -115,13 +124,12 @@ pub struct Target {
     pub name: String,
     /// Where the entry starts in the file (for warnings about it).
     pub at: Option<Position>,
-    /// The `match:` block (at least one criterion).
-    pub matcher: TargetMatch,
+    /// The `match:` block (at least one criterion) and the `exclude:` block.
+    pub selector: Selector,
     /// Minimum age in CLOSE_WAIT before the action applies (> 0).
     pub older_than: Duration,
     /// Act only while the process holds at least this many CLOSE_WAIT sockets (default 1).
     pub min_close_wait: u32,
-    pub exclude: Exclude,
     pub action: Action,
     /// Per-target override of the global `dry_run`.
     pub dry_run: Option<bool>,
@@ -213,33 +221,24 @@ impl Target {
         self.dry_run.unwrap_or(global)
     }
 
-    /// Whether a socket of a matching process is in scope: its local port is one of
-    /// `match.local_ports` (when given) and no exclusion applies.
+    /// Whether a socket of a matching process is in scope: the socket criteria of
+    /// `match` (local and remote ports and addresses) accept it and no exclusion applies.
     pub fn socket_selected(&self, local: SocketAddr, remote: SocketAddr) -> bool {
-        let ports = &self.matcher.local_ports;
-        (ports.is_empty() || ports.contains(&local.port())) && !self.exclude.excludes(local, remote)
+        self.selector.socket_matches(local, Some(remote))
     }
 
     /// Whether this target selects `socket`, held by the process `process` describes: its
-    /// process criteria accept the process ([`TargetMatch::matches`], with the pid the
-    /// daemon read from `pid_file`) and its socket criteria accept the socket
-    /// ([`Target::socket_selected`]). The socket belongs to the first target that does.
+    /// process criteria accept the process (with the pids the daemon read from the pid
+    /// files) and its socket criteria accept the socket ([`Target::socket_selected`]). The
+    /// socket belongs to the first target that does.
     pub fn selects(
         &self,
         process: &ProcessFacts,
-        pid_from_file: Option<i32>,
+        pids_from_files: &[i32],
         socket: &SocketFacts,
     ) -> bool {
-        self.matcher.matches(process, pid_from_file)
-            && self.socket_selected(socket.local, socket.remote)
+        self.selector.selects(process, pids_from_files, socket)
     }
-}
-
-/// What the socket criteria of a target look at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SocketFacts {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
 }
 
 impl Config {
@@ -253,142 +252,6 @@ impl Config {
                 .is_some_and(|t| t.socket_selected(socket.local, socket.remote))
         })
     }
-}
-
-/// Criteria on the process; all given ones must hold. Regexes are unanchored, like grep's:
-/// write `^nginx$` for an exact name.
-#[derive(Debug, Clone, Default)]
-pub struct TargetMatch {
-    pub pid: Option<i32>,
-    /// Read by the daemon at every cycle (the service may restart), never at load.
-    pub pid_file: Option<PathBuf>,
-    pub comm: Option<Regex>,
-    pub exe: Option<Regex>,
-    pub cmdline: Option<Regex>,
-    /// A `*.service` or `*.scope` unit, compared with [`unit_from_cgroup`].
-    pub systemd_unit: Option<String>,
-    /// A cgroup v2 path prefix, compared component by component.
-    pub cgroup: Option<String>,
-    pub uid: Option<u32>,
-    /// A socket criterion, applied by [`Target::socket_selected`]; empty = any port.
-    pub local_ports: Vec<u16>,
-}
-
-/// What the daemon knows about one process, gathered from /proc.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProcessFacts {
-    pub pid: i32,
-    pub comm: String,
-    pub exe: Option<String>,
-    /// The NUL-separated arguments joined by spaces.
-    pub cmdline: Option<String>,
-    /// The cgroup v2 path, e.g. `/system.slice/nginx.service` (see [`parse_cgroup_file`]).
-    pub cgroup: Option<String>,
-    pub uid: Option<u32>,
-}
-
-impl TargetMatch {
-    /// Whether the process meets every process criterion given. `pid_from_file` is what
-    /// the daemon read from `pid_file` this cycle; a missing or unreadable file matches
-    /// nothing. `local_ports` is not looked at here (see [`Target::socket_selected`]).
-    pub fn matches(&self, facts: &ProcessFacts, pid_from_file: Option<i32>) -> bool {
-        let regex_on = |re: &Option<Regex>, value: Option<&str>| {
-            re.as_ref()
-                .is_none_or(|re| value.is_some_and(|v| re.is_match(v)))
-        };
-        self.pid.is_none_or(|pid| pid == facts.pid)
-            && (self.pid_file.is_none() || pid_from_file == Some(facts.pid))
-            && regex_on(&self.comm, Some(&facts.comm))
-            && regex_on(&self.exe, facts.exe.as_deref())
-            && regex_on(&self.cmdline, facts.cmdline.as_deref())
-            && self.systemd_unit.as_ref().is_none_or(|unit| {
-                facts
-                    .cgroup
-                    .as_deref()
-                    .and_then(unit_from_cgroup)
-                    .is_some_and(|u| &u == unit)
-            })
-            && self.cgroup.as_ref().is_none_or(|prefix| {
-                facts
-                    .cgroup
-                    .as_deref()
-                    .is_some_and(|c| cgroup_has_prefix(c, prefix))
-            })
-            && self.uid.is_none_or(|uid| facts.uid == Some(uid))
-    }
-
-    /// Whether any criterion is about the process (otherwise every process is a candidate
-    /// and only `local_ports` narrows the sockets).
-    pub fn has_process_criteria(&self) -> bool {
-        self.pid.is_some()
-            || self.pid_file.is_some()
-            || self.comm.is_some()
-            || self.exe.is_some()
-            || self.cmdline.is_some()
-            || self.systemd_unit.is_some()
-            || self.cgroup.is_some()
-            || self.uid.is_some()
-    }
-}
-
-/// Sockets never to touch, whatever else matches.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Exclude {
-    pub remote_cidrs: Vec<IpNet>,
-    pub local_ports: Vec<u16>,
-    pub remote_ports: Vec<u16>,
-}
-
-impl Exclude {
-    /// Whether any exclusion applies. A remote written as IPv4-mapped IPv6 (a dual-stack
-    /// listener's view of an IPv4 peer) is checked against IPv4 CIDRs too, and an IPv4
-    /// remote against `::ffff:a.b.c.d` CIDRs.
-    pub fn excludes(&self, local: SocketAddr, remote: SocketAddr) -> bool {
-        if self.local_ports.contains(&local.port()) || self.remote_ports.contains(&remote.port()) {
-            return true;
-        }
-        let ip = remote.ip();
-        let other: Option<IpAddr> = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
-            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
-        };
-        self.remote_cidrs
-            .iter()
-            .any(|net| net.contains(&ip) || other.is_some_and(|o| net.contains(&o)))
-    }
-}
-
-/// The innermost `*.service` or `*.scope` component of a cgroup path: the unit systemd
-/// started the process in (`/system.slice/nginx.service` → `nginx.service`).
-pub fn unit_from_cgroup(path: &str) -> Option<String> {
-    path.split('/')
-        .rev()
-        .find(|c| is_unit_name(c))
-        .map(str::to_owned)
-}
-
-pub(crate) fn is_unit_name(s: &str) -> bool {
-    [".service", ".scope"]
-        .iter()
-        .any(|suffix| s.len() > suffix.len() && s.ends_with(suffix))
-        && !s.contains('/')
-}
-
-/// The cgroup v2 path from the contents of /proc/PID/cgroup (the `0::` line).
-pub fn parse_cgroup_file(text: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let path = line.strip_prefix("0::")?;
-        // The kernel appends this when the cgroup was removed under the process.
-        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-        path.starts_with('/').then(|| path.to_owned())
-    })
-}
-
-fn cgroup_has_prefix(path: &str, prefix: &str) -> bool {
-    prefix == "/"
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Line and column (1-based) of a key or value in the file.

@@ -151,6 +151,12 @@ pub(super) struct RawMatch {
     pub(super) uid: Key<String>,
     #[serde(default, deserialize_with = "key")]
     pub(super) local_ports: List,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) remote_ports: List,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) local_cidrs: List,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) remote_cidrs: List,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,8 +170,7 @@ pub(super) struct RawExclude {
     pub(super) remote_ports: List,
 }
 
-pub(super) const MATCH_KEYS: &str =
-    "pid, pid_file, comm, exe, cmdline, systemd_unit, cgroup, uid, local_ports";
+pub(super) const MATCH_KEYS: &str = "pid, pid_file, comm, exe, cmdline, systemd_unit, cgroup, uid, local_ports, remote_ports, local_cidrs, remote_cidrs";
 
 /// A validation failure before the file name is attached.
 #[derive(Debug)]

@@ -9,7 +9,9 @@
 
 use ipnet::IpNet;
 
-use super::{Config, Exclude, Target, TargetMatch, cgroup_has_prefix};
+use regex::Regex;
+
+use super::{Config, Exclude, Selector, Target, cgroup_has_prefix};
 
 /// Target `target` never selects a socket: `by`, before it, takes them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,54 +52,50 @@ impl Config {
 
 /// Whether `first` selects every socket `later` would.
 pub fn covers(first: &Target, later: &Target) -> bool {
-    process_covers(&first.matcher, &later.matcher)
-        && ports_cover(&first.matcher.local_ports, &later.matcher.local_ports)
-        && exclusions_spare(&first.exclude, later)
+    let (a, b) = (&first.selector, &later.selector);
+    process_covers(a, b)
+        && list_covers(&a.local_ports, &b.local_ports, |x, y| x == y)
+        && list_covers(&a.remote_ports, &b.remote_ports, |x, y| x == y)
+        && list_covers(&a.local_cidrs, &b.local_cidrs, |x, y| x.contains(y))
+        && list_covers(&a.remote_cidrs, &b.remote_cidrs, |x, y| x.contains(y))
+        && exclusions_spare(&a.exclude, b)
+}
+
+/// Whether every value `later` accepts of one kind, `first` accepts: `first` has none of
+/// that kind (any value), or `later` has some and each is covered by one of `first`'s.
+fn list_covers<T>(first: &[T], later: &[T], covers: impl Fn(&T, &T) -> bool) -> bool {
+    first.is_empty()
+        || (!later.is_empty() && later.iter().all(|l| first.iter().any(|f| covers(f, l))))
 }
 
 /// Whether every process `later` accepts is accepted by `first`: each criterion `first`
-/// has, `later` has too, the same or narrower.
-fn process_covers(first: &TargetMatch, later: &TargetMatch) -> bool {
-    fn same<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
-        a.is_none() || a == b
-    }
-    let regex = |a: &Option<regex::Regex>, b: &Option<regex::Regex>| match (a, b) {
-        (None, _) => true,
-        (Some(a), Some(b)) => a.as_str() == b.as_str(),
-        (Some(_), None) => false,
-    };
-    let cgroup = match (&first.cgroup, &later.cgroup) {
-        (None, _) => true,
-        (Some(a), Some(b)) => cgroup_has_prefix(b, a),
-        (Some(_), None) => false,
-    };
-    same(&first.pid, &later.pid)
-        && same(&first.pid_file, &later.pid_file)
-        && regex(&first.comm, &later.comm)
-        && regex(&first.exe, &later.exe)
-        && regex(&first.cmdline, &later.cmdline)
-        && same(&first.systemd_unit, &later.systemd_unit)
-        && cgroup
-        && same(&first.uid, &later.uid)
-}
-
-/// Whether every local port `later` accepts, `first` accepts (empty = any port).
-fn ports_cover(first: &[u16], later: &[u16]) -> bool {
-    first.is_empty() || (!later.is_empty() && later.iter().all(|p| first.contains(p)))
+/// has, `later` has too, the same or narrower (regexes compared as text).
+fn process_covers(first: &Selector, later: &Selector) -> bool {
+    let same_re = |a: &Regex, b: &Regex| a.as_str() == b.as_str();
+    list_covers(&first.pids, &later.pids, |a, b| a == b)
+        && list_covers(&first.pid_files, &later.pid_files, |a, b| a == b)
+        && list_covers(&first.comm, &later.comm, same_re)
+        && list_covers(&first.exe, &later.exe, same_re)
+        && list_covers(&first.cmdline, &later.cmdline, same_re)
+        && list_covers(&first.units, &later.units, |a, b| a == b)
+        && list_covers(&first.cgroups, &later.cgroups, |a, b| {
+            cgroup_has_prefix(b, a)
+        })
+        && list_covers(&first.uids, &later.uids, |a, b| a == b)
 }
 
 /// Whether `first`'s exclusions leave alone every socket `later` selects: each thing it
 /// excludes, `later` excludes too (or, for a local port, never selects anyway).
-fn exclusions_spare(first: &Exclude, later: &Target) -> bool {
+fn exclusions_spare(first: &Exclude, later: &Selector) -> bool {
     let theirs = &later.exclude;
     let local_ok = first.local_ports.iter().all(|p| {
         theirs.local_ports.contains(p)
-            || (!later.matcher.local_ports.is_empty() && !later.matcher.local_ports.contains(p))
+            || (!later.local_ports.is_empty() && !later.local_ports.contains(p))
     });
-    let remote_ok = first
-        .remote_ports
-        .iter()
-        .all(|p| theirs.remote_ports.contains(p));
+    let remote_ok = first.remote_ports.iter().all(|p| {
+        theirs.remote_ports.contains(p)
+            || (!later.remote_ports.is_empty() && !later.remote_ports.contains(p))
+    });
     let cidrs_ok = first
         .remote_cidrs
         .iter()

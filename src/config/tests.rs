@@ -50,7 +50,7 @@ fn defaults_are_safe_and_explicit() {
     assert_eq!(t.action, Action::Log);
     assert_eq!(t.dry_run, None);
     assert!(t.effective_dry_run(c.dry_run));
-    assert_eq!(t.exclude, Exclude::default());
+    assert_eq!(t.selector.exclude, Exclude::default());
 }
 
 #[test]
@@ -93,15 +93,15 @@ targets:
     assert_eq!(c.limits.max_reaps_per_minute, 50);
     assert_eq!(c.metrics.listen, "[::1]:9000".parse().ok());
     let t = &c.targets[0];
-    let m = &t.matcher;
-    assert_eq!(m.pid, Some(42));
-    assert_eq!(m.pid_file.as_deref(), Some(Path::new("/run/api.pid")));
-    assert_eq!(m.systemd_unit.as_deref(), Some("api.service"));
-    assert_eq!(m.cgroup.as_deref(), Some("/system.slice"));
-    assert_eq!(m.uid, Some(1000));
+    let m = &t.selector;
+    assert_eq!(m.pids, [42]);
+    assert_eq!(m.pid_files, [PathBuf::from("/run/api.pid")]);
+    assert_eq!(m.units, ["api.service"]);
+    assert_eq!(m.cgroups, ["/system.slice"]);
+    assert_eq!(m.uids, [1000]);
     assert_eq!(m.local_ports, vec![8080, 8443]);
     assert_eq!(t.min_close_wait, 3);
-    let nets: Vec<String> = t
+    let nets: Vec<String> = m
         .exclude
         .remote_cidrs
         .iter()
@@ -318,8 +318,22 @@ fn match_rules() {
     assert!(err(&m("systemd_unit: a/b.service")).contains("is not a unit name"));
     let e = err(&m("cgroup: system.slice"));
     assert!(e.contains("must be a cgroup path starting with `/`"), "{e}");
-    assert!(err(&m("uid: -1")).contains("is not a numeric user id"));
-    assert!(err(&m("uid: root")).contains("is not a numeric user id"));
+    assert!(err(&m("uid: -1")).contains("is neither a numeric user id"));
+    assert!(err(&m("uid: no-such-user-here")).contains("nor a user in /etc/passwd"));
+    // A user name is looked up, as on the command line.
+    assert_eq!(ok(&m("uid: root")).targets[0].selector.uids, [0]);
+    // The socket criteria of a client pool's target: lists, none of them empty.
+    let c = ok(&m(
+        "{remote_ports: [6379, 5432], remote_cidrs: [10.0.0.0/8, 192.0.2.7], local_cidrs: ['::1']}",
+    ));
+    let sel = &c.targets[0].selector;
+    assert_eq!(sel.remote_ports, [6379, 5432]);
+    assert_eq!(sel.remote_cidrs[1].to_string(), "192.0.2.7/32");
+    assert_eq!(sel.local_cidrs[0].to_string(), "::1/128");
+    assert!(err(&m("remote_ports: []")).contains("`match.remote_ports` in target `web` is empty"));
+    assert!(err(&m("remote_cidrs: [10.0.0.0/33]")).contains("is not a CIDR"));
+    // A socket criterion alone is enough: any process, only those sockets.
+    ok(&m("remote_ports: [6379]"));
     let e = err(&m("local_ports: []"));
     assert!(
         e.starts_with("t.yaml:5:20: `match.local_ports` in target `web` is empty"),
@@ -627,11 +641,23 @@ fn facts() -> ProcessFacts {
     }
 }
 
-fn matcher(body: &str) -> TargetMatch {
+fn matcher(body: &str) -> Selector {
     let c = ok(&format!(
         "targets:\n  - name: t\n    older_than: 1m\n    match: {{{body}}}\n"
     ));
-    c.targets[0].matcher.clone()
+    c.targets[0].selector.clone()
+}
+
+/// The old single-pid-file call shape, for the tests below.
+trait Matches {
+    fn matches(&self, f: &ProcessFacts, pid_from_file: Option<i32>) -> bool;
+}
+
+impl Matches for Selector {
+    fn matches(&self, f: &ProcessFacts, pid_from_file: Option<i32>) -> bool {
+        let pids: Vec<i32> = pid_from_file.into_iter().collect();
+        self.process_matches(f, &pids)
+    }
 }
 
 #[test]
@@ -712,7 +738,10 @@ fn socket_selection_and_exclusions() {
 
     let t = target("    exclude: {local_ports: [22]}\n");
     let no_ports = Target {
-        matcher: TargetMatch::default(),
+        selector: Selector {
+            exclude: t.selector.exclude.clone(),
+            ..Selector::default()
+        },
         ..t
     };
     assert!(!no_ports.socket_selected(sa("127.0.0.1:22"), sa("192.0.2.1:5000")));
@@ -838,7 +867,7 @@ fn a_socket_belongs_to_the_first_target_that_selects_it() {
     ]);
     let f = facts();
     let all: Vec<usize> = (0..c.targets.len())
-        .filter(|&i| c.targets[i].matcher.matches(&f, None))
+        .filter(|&i| c.targets[i].selector.matches(&f, None))
         .collect();
     assert_eq!(
         all,
@@ -853,13 +882,13 @@ fn a_socket_belongs_to_the_first_target_that_selects_it() {
     assert_eq!(at("127.0.0.1:7000", "10.1.1.1:5000"), None);
     // `selects` is both halves at once.
     let s = sock("127.0.0.1:9090", "192.0.2.1:5000");
-    assert!(!c.targets[0].selects(&f, None, &s));
-    assert!(c.targets[1].selects(&f, None, &s));
+    assert!(!c.targets[0].selects(&f, &[], &s));
+    assert!(c.targets[1].selects(&f, &[], &s));
     let other = ProcessFacts {
         comm: "apache".into(),
         ..facts()
     };
-    assert!(!c.targets[1].selects(&other, None, &s));
+    assert!(!c.targets[1].selects(&other, &[], &s));
     // Only the targets that accept the process are asked.
     assert_eq!(
         c.target_for(&[2], &sock("127.0.0.1:8080", "192.0.2.1:5000")),

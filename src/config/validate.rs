@@ -13,7 +13,7 @@ use serde_saphyr::{Location, Spanned};
 use super::raw::*;
 use super::*;
 
-pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. 90s, 5m, 1h30m"))?;
     if d.is_zero() {
@@ -36,7 +36,7 @@ pub(super) fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-pub(super) fn parse_port(s: &str) -> Result<u16, String> {
+pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u64>() {
         Ok(p) if (1..=65535).contains(&p) => u16::try_from(p).map_err(|e| e.to_string()),
         Ok(p) => Err(format!("port {p} is out of range 1-65535")),
@@ -44,7 +44,7 @@ pub(super) fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
-pub(super) fn parse_count(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_count(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u64>() {
         Ok(0) => Err("must be at least 1".to_owned()),
         Ok(n) => u32::try_from(n).map_err(|_| format!("{n} is too large")),
@@ -52,20 +52,35 @@ pub(super) fn parse_count(s: &str) -> Result<u32, String> {
     }
 }
 
-pub(super) fn parse_pid(s: &str) -> Result<i32, String> {
+pub(crate) fn parse_pid(s: &str) -> Result<i32, String> {
     match s.trim().parse::<i32>() {
         Ok(p) if p > 0 => Ok(p),
         _ => Err(format!("`{s}` is not a process id (a positive integer)")),
     }
 }
 
-pub(super) fn parse_uid(s: &str) -> Result<u32, String> {
-    s.trim()
-        .parse::<u32>()
-        .map_err(|_| format!("`{s}` is not a numeric user id (0-4294967295)"))
+/// A user id, or a user name looked up in /etc/passwd.
+pub(crate) fn parse_uid(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    if let Ok(uid) = t.parse::<u32>() {
+        return Ok(uid);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    user_id(&passwd, t).ok_or_else(|| {
+        format!("`{s}` is neither a numeric user id (0-4294967295) nor a user in /etc/passwd")
+    })
 }
 
-pub(super) fn parse_regex(s: &str) -> Result<Regex, String> {
+/// The uid of user `name` in the text of an /etc/passwd file.
+pub(crate) fn user_id(passwd: &str, name: &str) -> Option<u32> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+pub(crate) fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| {
         // The regex crate explains on several lines; keep the line that says what is wrong.
         let text = e.to_string();
@@ -78,7 +93,7 @@ pub(super) fn parse_regex(s: &str) -> Result<Regex, String> {
     })
 }
 
-pub(super) fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let t = s.trim();
     if let Ok(net) = t.parse::<IpNet>() {
         return Ok(net.trunc());
@@ -91,7 +106,7 @@ pub(super) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     ))
 }
 
-pub(super) fn parse_absolute_path(s: &str) -> Result<PathBuf, String> {
+pub(crate) fn parse_absolute_path(s: &str) -> Result<PathBuf, String> {
     if s.starts_with('/') {
         Ok(PathBuf::from(s))
     } else {
@@ -137,7 +152,7 @@ pub(super) fn parse_action(s: &str) -> Result<Action, String> {
     }
 }
 
-pub(super) fn parse_unit(s: &str) -> Result<String, String> {
+pub(crate) fn parse_unit(s: &str) -> Result<String, String> {
     let t = s.trim();
     if is_unit_name(t) {
         Ok(t.to_owned())
@@ -152,7 +167,7 @@ pub(super) fn parse_unit(s: &str) -> Result<String, String> {
     }
 }
 
-pub(super) fn parse_cgroup_prefix(s: &str) -> Result<String, String> {
+pub(crate) fn parse_cgroup_prefix(s: &str) -> Result<String, String> {
     let t = s.trim();
     if !t.starts_with('/') {
         return Err(format!(
@@ -316,7 +331,7 @@ impl Target {
                 value, referenced, ..
             }) => {
                 let empty = RawMatch::default();
-                TargetMatch::from_raw(value.as_ref().unwrap_or(&empty), referenced, &name)?
+                selector_from_raw(value.as_ref().unwrap_or(&empty), referenced, &name)?
             }
         };
 
@@ -385,10 +400,9 @@ impl Target {
         Ok(Target {
             name,
             at: position(at),
-            matcher,
+            selector: Selector { exclude, ..matcher },
             older_than,
             min_close_wait,
-            exclude,
             action,
             dry_run,
             escalate,
@@ -396,48 +410,75 @@ impl Target {
     }
 }
 
-impl TargetMatch {
-    pub(super) fn from_raw(
-        raw: &RawMatch,
-        at: &Location,
-        name: &str,
-    ) -> Result<TargetMatch, Problem> {
-        let what = |k: &str| format!("`match.{k}` in target `{name}`");
-        let local_ports = match list(&raw.local_ports, &what("local_ports"), parse_port)? {
-            Some((ports, loc)) if ports.is_empty() => {
-                return Err(problem_at(
-                    &loc,
-                    format!(
-                        "{} is empty; list ports or remove the key",
-                        what("local_ports")
-                    ),
-                ));
-            }
-            Some((ports, _)) => ports,
-            None => Vec::new(),
-        };
-        let m = TargetMatch {
-            pid: scalar(&raw.pid, &what("pid"), parse_pid)?,
-            pid_file: scalar(&raw.pid_file, &what("pid_file"), parse_absolute_path)?,
-            comm: scalar(&raw.comm, &what("comm"), parse_regex)?,
-            exe: scalar(&raw.exe, &what("exe"), parse_regex)?,
-            cmdline: scalar(&raw.cmdline, &what("cmdline"), parse_regex)?,
-            systemd_unit: scalar(&raw.systemd_unit, &what("systemd_unit"), parse_unit)?,
-            cgroup: scalar(&raw.cgroup, &what("cgroup"), parse_cgroup_prefix)?,
-            uid: scalar(&raw.uid, &what("uid"), parse_uid)?,
-            local_ports,
-        };
-        if !m.has_process_criteria() && m.local_ports.is_empty() {
-            return Err(problem_at(
-                at,
-                format!(
-                    "the `match` block of target `{name}` is empty, which would select every \
-                     process; give at least one of {MATCH_KEYS}"
-                ),
-            ));
+/// A criterion written once, as the list a [`Selector`] holds.
+fn one_of<T>(v: Option<T>) -> Vec<T> {
+    v.into_iter().collect()
+}
+
+/// The `match:` block as a [`Selector`] (its exclusions come from `exclude:`). Each process
+/// criterion holds one value in a policy; the socket criteria are lists.
+pub(super) fn selector_from_raw(
+    raw: &RawMatch,
+    at: &Location,
+    name: &str,
+) -> Result<Selector, Problem> {
+    let what = |k: &str| format!("`match.{k}` in target `{name}`");
+    /// A list key that is present must not be empty (it would select nothing).
+    fn non_empty<T>(got: Option<(Vec<T>, Location)>, what: String) -> Result<Vec<T>, Problem> {
+        match got {
+            Some((items, loc)) if items.is_empty() => Err(problem_at(
+                &loc,
+                format!("{what} is empty; list some or remove the key"),
+            )),
+            Some((items, _)) => Ok(items),
+            None => Ok(Vec::new()),
         }
-        Ok(m)
     }
+    let m = Selector {
+        pids: one_of(scalar(&raw.pid, &what("pid"), parse_pid)?),
+        pid_files: one_of(scalar(
+            &raw.pid_file,
+            &what("pid_file"),
+            parse_absolute_path,
+        )?),
+        comm: one_of(scalar(&raw.comm, &what("comm"), parse_regex)?),
+        exe: one_of(scalar(&raw.exe, &what("exe"), parse_regex)?),
+        cmdline: one_of(scalar(&raw.cmdline, &what("cmdline"), parse_regex)?),
+        units: one_of(scalar(
+            &raw.systemd_unit,
+            &what("systemd_unit"),
+            parse_unit,
+        )?),
+        cgroups: one_of(scalar(&raw.cgroup, &what("cgroup"), parse_cgroup_prefix)?),
+        uids: one_of(scalar(&raw.uid, &what("uid"), parse_uid)?),
+        local_ports: non_empty(
+            list(&raw.local_ports, &what("local_ports"), parse_port)?,
+            what("local_ports"),
+        )?,
+        remote_ports: non_empty(
+            list(&raw.remote_ports, &what("remote_ports"), parse_port)?,
+            what("remote_ports"),
+        )?,
+        local_cidrs: non_empty(
+            list(&raw.local_cidrs, &what("local_cidrs"), parse_cidr)?,
+            what("local_cidrs"),
+        )?,
+        remote_cidrs: non_empty(
+            list(&raw.remote_cidrs, &what("remote_cidrs"), parse_cidr)?,
+            what("remote_cidrs"),
+        )?,
+        exclude: Exclude::default(),
+    };
+    if m.is_empty() {
+        return Err(problem_at(
+            at,
+            format!(
+                "the `match` block of target `{name}` is empty, which would select every \
+                 process; give at least one of {MATCH_KEYS}"
+            ),
+        ));
+    }
+    Ok(m)
 }
 
 /// `80%` (or `80`) → 80, from 1 to 100.

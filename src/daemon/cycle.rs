@@ -19,45 +19,34 @@ use super::escalate::Budget;
 use super::release::PendingRelease;
 use super::{Daemon, Point};
 use crate::act::{self, ActResult, Expected, Outcome, Reason, Via};
-use crate::config::{self, Action, ProcessFacts, SocketFacts};
+use crate::config::{Action, ProcessFacts, SocketFacts};
 use crate::index::{FdIndex, Refresh};
 use crate::policy::{self, Candidate, Decision, HeadroomWarning};
 use crate::report::{CycleReport, TargetGauges};
+use crate::selector::Needs;
 use crate::snapshot::Snapshot;
 
 impl Daemon {
     /// Read what the targets' match blocks need to know about a process.
-    fn facts(&self, pid: i32) -> io::Result<ProcessFacts> {
-        let comm = self.proc.comm(pid)?;
-        Ok(ProcessFacts {
-            pid,
-            comm,
-            exe: self.proc.exe(pid).ok(),
-            cmdline: self.proc.cmdline(pid).ok(),
-            cgroup: self
-                .proc
-                .cgroup(pid)
-                .ok()
-                .and_then(|t| config::parse_cgroup_file(&t)),
-            uid: self.proc.uid(pid).ok(),
-        })
+    fn facts(&self, pid: i32, needs: Needs) -> io::Result<ProcessFacts> {
+        crate::snapshot::process_facts(&self.proc, pid, needs)
     }
 
     /// pid → the targets whose process criteria accept the process, ascending. Which of
     /// them a socket of the process belongs to depends on the socket ([`policy::assign`]).
     fn match_processes(&self, report: &mut CycleReport) -> BTreeMap<i32, Vec<usize>> {
-        let pid_files: Vec<Option<i32>> = self
+        // Pid files are read every cycle: the service may have restarted.
+        let pid_files: Vec<Vec<i32>> = self
             .cfg
             .targets
             .iter()
-            .map(|t| {
-                t.matcher.pid_file.as_ref().and_then(|p| {
-                    std::fs::read_to_string(p)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<i32>().ok())
-                })
-            })
+            .map(|t| crate::snapshot::read_pid_files(&t.selector.pid_files))
             .collect();
+        let needs = self
+            .cfg
+            .targets
+            .iter()
+            .fold(Needs::default(), |n, t| n.or(t.selector.needs()));
         let mut out = BTreeMap::new();
         let Ok(pids) = self.proc.pids() else {
             report.error("proc");
@@ -67,13 +56,15 @@ impl Daemon {
             if pid == self.self_pid {
                 continue;
             }
-            let Ok(facts) = self.facts(pid) else { continue };
+            let Ok(facts) = self.facts(pid, needs) else {
+                continue;
+            };
             let matched: Vec<usize> = self
                 .cfg
                 .targets
                 .iter()
                 .enumerate()
-                .filter(|(i, t)| t.matcher.matches(&facts, pid_files[*i]))
+                .filter(|(i, t)| t.selector.process_matches(&facts, &pid_files[*i]))
                 .map(|(i, _)| i)
                 .collect();
             if !matched.is_empty() {
