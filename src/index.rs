@@ -14,7 +14,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::snapshot::{Holder, Observed, Process, Snapshot, WalkStats, listener_ref, read_fds};
+use crate::snapshot::{
+    Direction, Holder, Observed, Process, Snapshot, WalkStats, listener_ref, read_fds,
+};
 use cwreap_linux::netns::Found;
 use cwreap_linux::os::Os;
 use cwreap_linux::procfs::ProcFs;
@@ -183,10 +185,14 @@ impl<H> FdIndex<H> {
                 } else {
                     holders_of(diag.inode)
                 };
+                // The daemon dumps listeners only where connections wait in an accept
+                // queue, so this is a lower bound of the server ends; nothing acts on it.
+                let direction = Direction::of(&diag, &listeners);
                 Observed {
                     diag,
                     holders,
                     listener,
+                    direction,
                 }
             })
             .collect();

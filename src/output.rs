@@ -8,8 +8,8 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::act::ActResult;
-use crate::select::{Closable, HeldSocket, ProcessSummary, Row, close_age_ms};
-use crate::snapshot::Holder;
+use crate::select::{Closable, HeldSocket, ProcessSummary, Row, Top, close_age_ms};
+use crate::snapshot::{Direction, Holder};
 
 /// `1h02m`, `3m05s`, `42s`, `850ms`.
 pub fn human_age(ms: u64) -> String {
@@ -96,6 +96,7 @@ fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
         d.inode.to_string(),
         addr(&d.local),
         addr(&d.remote),
+        r.socket.direction.as_str().to_string(),
         human_age(r.age_ms),
         d.recv_q.to_string(),
         d.send_q.to_string(),
@@ -103,14 +104,14 @@ fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
     ]
 }
 
-const SOCKET_HEADER: [&str; 10] = [
-    "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "AGE", "RECV-Q", "SEND-Q", "NETNS",
+const SOCKET_HEADER: [&str; 11] = [
+    "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "DIR", "AGE", "RECV-Q", "SEND-Q", "NETNS",
 ];
 
 pub fn scan_table<H>(rows: &[Row<'_, H>], color: bool) -> String {
     let cells: Vec<Vec<String>> = rows.iter().map(socket_cells).collect();
     paint(
-        table(&SOCKET_HEADER, &cells, &[0, 1, 3, 6, 7, 8]),
+        table(&SOCKET_HEADER, &cells, &[0, 1, 3, 7, 8, 9]),
         color,
         &[],
     )
@@ -167,6 +168,21 @@ fn paint(table: String, color: bool, levels: &[Option<u64>]) -> String {
     out
 }
 
+/// The TOP column: `remote 10.0.0.5:6379 ×12, …` or `port 8080 ×40, …`.
+pub fn top_cell(top: &Top) -> String {
+    match top {
+        Top::None => "-".to_string(),
+        Top::Remotes(v) => {
+            let items: Vec<String> = v.iter().map(|(r, n)| format!("{r} ×{n}")).collect();
+            format!("remote {}", items.join(", "))
+        }
+        Top::LocalPorts(v) => {
+            let items: Vec<String> = v.iter().map(|(p, n)| format!("{p} ×{n}")).collect();
+            format!("port {}", items.join(", "))
+        }
+    }
+}
+
 pub fn summary_table(sums: &[ProcessSummary], color: bool) -> String {
     let cells: Vec<Vec<String>> = sums
         .iter()
@@ -177,6 +193,7 @@ pub fn summary_table(sums: &[ProcessSummary], color: bool) -> String {
                 s.close_wait.to_string(),
                 human_age(s.oldest_ms),
                 fd_usage(s.open_fds, s.nofile_soft),
+                top_cell(&s.top),
             ]
         })
         .collect();
@@ -186,7 +203,7 @@ pub fn summary_table(sums: &[ProcessSummary], color: bool) -> String {
         .collect();
     paint(
         table(
-            &["PID", "COMM", "CLOSE_WAIT", "OLDEST", "FDS/LIMIT"],
+            &["PID", "COMM", "CLOSE_WAIT", "OLDEST", "FDS/LIMIT", "TOP"],
             &cells,
             &[0, 2, 3],
         ),
@@ -277,6 +294,8 @@ pub struct ScanLine<'a> {
     cookie: u64,
     uid: u32,
     holders: &'a [Holder],
+    /// `in` for the server's end of a connection, `out` for the client's.
+    direction: Direction,
 }
 
 impl<'a> ScanLine<'a> {
@@ -306,6 +325,7 @@ impl<'a> ScanLine<'a> {
             cookie: d.cookie,
             uid: d.uid,
             holders: &r.socket.holders,
+            direction: r.socket.direction,
         }
     }
 }
@@ -421,7 +441,7 @@ pub fn reap_table<H>(done: &[(Row<'_, H>, ActResult)], action: &str) -> String {
         .iter()
         .map(|(r, res)| {
             let mut c = socket_cells(r);
-            c.truncate(7);
+            c.truncate(8);
             c.push(action.to_string());
             c.push(res.outcome.as_str().to_string());
             c.push(res.detail().unwrap_or_default());
@@ -430,10 +450,11 @@ pub fn reap_table<H>(done: &[(Row<'_, H>, ActResult)], action: &str) -> String {
         .collect();
     table(
         &[
-            "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "AGE", "ACTION", "OUTCOME", "DETAIL",
+            "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "DIR", "AGE", "ACTION", "OUTCOME",
+            "DETAIL",
         ],
         &cells,
-        &[0, 1, 3, 6],
+        &[0, 1, 3, 7],
     )
 }
 
@@ -484,6 +505,7 @@ mod tests {
     #[test]
     fn summary_highlights_fd_headroom() {
         let row = |pid: i32, open: usize| ProcessSummary {
+            top: Top::LocalPorts(vec![(8080, 1)]),
             pid,
             comm: "app".into(),
             close_wait: 1,

@@ -7,7 +7,7 @@ use cwreap_linux::os::SocketFacts;
 use cwreap_linux::tcp;
 
 use crate::selector::{ProcessFacts, Selector};
-use crate::snapshot::{Holder, Observed, Process, Snapshot};
+use crate::snapshot::{Direction, Holder, Observed, Process, Snapshot};
 
 /// What the user asked for: the selectors, `--older-than` and `--min-close-wait`.
 #[derive(Debug, Clone, Default)]
@@ -155,12 +155,42 @@ pub struct ProcessSummary {
     pub oldest_ms: u64,
     pub open_fds: usize,
     pub nofile_soft: Option<u64>,
+    /// Where the leak is: for a process whose CLOSE_WAIT sockets are mostly client ends,
+    /// its top 3 remote endpoints (a pool to one service); else its top 3 local ports (a
+    /// server's listener). Each with its count, most first.
+    pub top: Top,
+}
+
+/// The top 3 places a process's CLOSE_WAIT sockets share.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Top {
+    #[default]
+    None,
+    /// Remote endpoints (`ip:port`): a client leak.
+    Remotes(Vec<(String, usize)>),
+    /// Local ports: a server leak.
+    LocalPorts(Vec<(u16, usize)>),
+}
+
+/// The `n` most frequent values, most first (ties by value).
+fn top_n<T: Ord + Clone>(values: impl IntoIterator<Item = T>, n: usize) -> Vec<(T, usize)> {
+    let mut counts: std::collections::BTreeMap<T, usize> = std::collections::BTreeMap::new();
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+    }
+    let mut all: Vec<(T, usize)> = counts.into_iter().collect();
+    all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(n);
+    all
 }
 
 pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
     let mut out: Vec<ProcessSummary> = Vec::new();
+    let mut per_pid: std::collections::HashMap<i32, Vec<&Row<'_, H>>> =
+        std::collections::HashMap::new();
     for r in rows {
         let Some(p) = r.process else { continue };
+        per_pid.entry(p.pid).or_default().push(r);
         match out.iter_mut().find(|s| s.pid == p.pid) {
             Some(s) => {
                 s.close_wait += 1;
@@ -173,8 +203,26 @@ pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
                 oldest_ms: r.age_ms,
                 open_fds: p.open_fds,
                 nofile_soft: p.nofile_soft,
+                top: Top::None,
             }),
         }
+    }
+    for s in &mut out {
+        let Some(mine) = per_pid.get(&s.pid) else {
+            continue;
+        };
+        let outbound = mine
+            .iter()
+            .filter(|r| r.socket.direction == Direction::Out)
+            .count();
+        s.top = if outbound * 2 > mine.len() {
+            Top::Remotes(top_n(
+                mine.iter().map(|r| r.socket.diag.remote.to_string()),
+                3,
+            ))
+        } else {
+            Top::LocalPorts(top_n(mine.iter().map(|r| r.socket.diag.local.port()), 3))
+        };
     }
     out.sort_by(|a, b| b.close_wait.cmp(&a.close_wait).then(a.pid.cmp(&b.pid)));
     out
@@ -327,6 +375,7 @@ mod tests {
                 .map(|(pid, fd)| Holder { pid, fd })
                 .collect(),
             listener: None,
+            direction: crate::snapshot::Direction::In,
         };
         Snapshot {
             sockets: vec![

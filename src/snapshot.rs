@@ -52,6 +52,39 @@ pub struct Observed {
     /// For a socket still in an accept queue (inode 0, no fd anywhere): the listener it
     /// waits on and who holds that listener.
     pub listener: Option<ListenerRef>,
+    /// The server's end: a LISTEN socket of the same namespace, of any owner, has this
+    /// local port on this address or the wildcard one. Otherwise the client's end.
+    pub direction: Direction,
+}
+
+/// Which end of a connection a socket is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The server's end (it was accepted from a listener).
+    In,
+    /// The client's end (it connected out).
+    #[default]
+    Out,
+}
+
+impl Direction {
+    /// `in` or `out`, as the DIR column and the JSON show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+
+    /// The end `diag` is, given the LISTEN sockets of its namespace.
+    pub fn of(diag: &DiagSocket, listeners: &[DiagSocket]) -> Direction {
+        if listener_for(diag, listeners).is_some() {
+            Direction::In
+        } else {
+            Direction::Out
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,10 +204,12 @@ impl<'a, O: Os> Attributor<'a, O> {
                 .into_iter()
                 .map(|diag| {
                     let listener = listener_ref(&diag, &listeners, |_| Vec::new());
+                    let direction = Direction::of(&diag, &listeners);
                     Observed {
                         diag,
                         holders: Vec::new(),
                         listener,
+                        direction,
                     }
                 })
                 .collect(),

@@ -115,6 +115,17 @@ impl Namespaces {
     /// Dump every covered namespace. A namespace that fails is recorded and skipped, and
     /// its socket replaced (see the module notes).
     pub fn dump(&mut self) -> Result<Found, DumpError> {
+        self.dump_with(false)
+    }
+
+    /// [`Namespaces::dump`], with the LISTEN sockets of every namespace that has CLOSE_WAIT
+    /// ones (not only of those with sockets still in an accept queue): the command line
+    /// tells a server's end of a connection from a client's by them.
+    pub fn dump_with_listeners(&mut self) -> Result<Found, DumpError> {
+        self.dump_with(true)
+    }
+
+    fn dump_with(&mut self, all_listeners: bool) -> Result<Found, DumpError> {
         let mut found = Found::default();
         let mut dumped = 0usize;
         let mut last_err = None;
@@ -123,7 +134,12 @@ impl Namespaces {
             match d.close_wait() {
                 Ok(cw) => {
                     dumped += 1;
-                    if cw.iter().any(|s| s.inode == 0) {
+                    let wanted = if all_listeners {
+                        !cw.is_empty()
+                    } else {
+                        cw.iter().any(|s| s.inode == 0)
+                    };
+                    if wanted {
                         match d.listeners() {
                             Ok(l) => found.listeners.extend(l),
                             Err(e) => {

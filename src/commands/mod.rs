@@ -101,7 +101,7 @@ pub(crate) fn observe<O: Os>(
         }
     }
     let found = namespaces
-        .dump()
+        .dump_with_listeners()
         .context("dumping CLOSE_WAIT sockets over sock_diag")?;
     let attributor = Attributor {
         proc: &proc,
