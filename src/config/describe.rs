@@ -34,6 +34,26 @@ fn port_list(ports: &[u16]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+impl Target {
+    /// The `cwreap scan` command line that lists the sockets this target would act on
+    /// now: its selector, `older_than` and `min_close_wait`.
+    pub fn scan_line(&self) -> String {
+        let mut words = vec!["cwreap".to_owned(), "scan".to_owned()];
+        words.extend(self.selector.scan_args());
+        words.push("--older-than".to_owned());
+        words.push(
+            humantime::format_duration(self.older_than)
+                .to_string()
+                .replace(' ', ""),
+        );
+        if self.min_close_wait > 1 {
+            words.push("--min-close-wait".to_owned());
+            words.push(self.min_close_wait.to_string());
+        }
+        words.join(" ")
+    }
+}
+
 impl Config {
     /// The names of the first `shown` targets, comma-separated, and how many more there
     /// are: a start-up log line stays one short line with a thousand targets.
@@ -84,6 +104,18 @@ impl Config {
             if let Some(s) = shadowed.iter().find(|s| s.target == i) {
                 l.push(format!("    # WARNING: {}", self.shadow_message(*s)));
             }
+            let earlier = shadowed.iter().any(|s| s.target == i) || i > 0;
+            l.push(format!(
+                "    # {}: {}",
+                if earlier && shadowed.iter().any(|s| s.target == i) {
+                    "shadowed; an earlier target takes these first"
+                } else if i > 0 {
+                    "the same sockets, minus any an earlier target takes"
+                } else {
+                    "the same sockets"
+                },
+                t.scan_line()
+            ));
             l.push("    match:".to_owned());
             let m = &t.selector;
             // A policy target holds at most one value of each process criterion.
