@@ -332,6 +332,19 @@ mod tests {
         assert!(config::parse_pid("-1").is_err());
     }
 
+    /// One word of a line `scan_args` wrote, as a POSIX shell reads it ('…' and \').
+    fn unquote(word: &str) -> String {
+        let (mut out, mut quoted, mut chars) = (String::new(), false, word.chars());
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => quoted = !quoted,
+                '\\' if !quoted => out.extend(chars.next()),
+                _ => out.push(c),
+            }
+        }
+        out
+    }
+
     #[test]
     fn selectors_are_one_selector() {
         let cli = Cli::try_parse_from([
@@ -341,6 +354,9 @@ mod tests {
             "^a$",
             "--comm",
             "^b$",
+            "--cmdline=--tag api",
+            "--cmdline",
+            "it's",
             "--remote-port",
             "6379",
             "--remote",
@@ -377,7 +393,7 @@ mod tests {
         // The scan line written from it parses back to the same selector.
         let mut again = vec!["cwreap".to_owned(), "scan".to_owned()];
         for w in s.scan_args() {
-            again.push(w.trim_matches('\'').to_owned());
+            again.push(unquote(&w));
         }
         let Command::Scan(back) = Cli::try_parse_from(&again).expect("round trip").command else {
             panic!("scan")

@@ -215,13 +215,19 @@ pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
             .iter()
             .filter(|r| r.socket.direction == Direction::Out)
             .count();
+        // Only the ends of the side that leaks most: a client end's local port is
+        // ephemeral and a server end's peer is any client, so neither says where.
+        let of = |d: Direction| mine.iter().filter(move |r| r.socket.direction == d);
         s.top = if outbound * 2 > mine.len() {
             Top::Remotes(top_n(
-                mine.iter().map(|r| r.socket.diag.remote.to_string()),
+                of(Direction::Out).map(|r| r.socket.diag.remote.to_string()),
                 3,
             ))
         } else {
-            Top::LocalPorts(top_n(mine.iter().map(|r| r.socket.diag.local.port()), 3))
+            Top::LocalPorts(top_n(
+                of(Direction::In).map(|r| r.socket.diag.local.port()),
+                3,
+            ))
         };
     }
     out.sort_by(|a, b| b.close_wait.cmp(&a.close_wait).then(a.pid.cmp(&b.pid)));
@@ -578,6 +584,51 @@ mod tests {
             ..Filter::default()
         };
         assert!(plan_close(&sockets, &other_pid, None).is_empty());
+    }
+
+    #[test]
+    fn top_names_only_the_side_that_leaks_most() {
+        use crate::snapshot::Direction;
+        let mut snap = snapshot();
+        snap.processes.retain(|pid, _| *pid == 10);
+        let end = |inode, local: &str, remote: &str, direction| Observed {
+            diag: DiagSocket {
+                local: local.parse().expect("addr"),
+                remote: remote.parse().expect("addr"),
+                ..sock(inode, 1, Some(1_000))
+            },
+            holders: vec![Holder {
+                pid: 10,
+                fd: inode as i32,
+            }],
+            listener: None,
+            direction,
+        };
+        // A pool's 3 ends towards one backend and 1 towards another, beside 2 server ends:
+        // the client ends' ephemeral local ports are no place to look.
+        snap.sockets = vec![
+            end(1, "10.0.0.1:40001", "10.0.0.9:6379", Direction::Out),
+            end(2, "10.0.0.1:40002", "10.0.0.9:6379", Direction::Out),
+            end(3, "10.0.0.1:40003", "10.0.0.9:6379", Direction::Out),
+            end(4, "10.0.0.1:40004", "10.0.0.8:5432", Direction::Out),
+            end(5, "10.0.0.1:8080", "10.0.0.7:50001", Direction::In),
+            end(6, "10.0.0.1:8080", "10.0.0.7:50002", Direction::In),
+        ];
+        let sum = summarize(&select(&snap, &Filter::default()));
+        assert_eq!(
+            sum[0].top,
+            Top::Remotes(vec![
+                ("10.0.0.9:6379".into(), 3),
+                ("10.0.0.8:5432".into(), 1)
+            ])
+        );
+        // Mostly server ends: the listening ports, not the one client end's local port.
+        for inode in [1, 2, 3] {
+            snap.sockets[inode - 1].direction = Direction::In;
+            snap.sockets[inode - 1].diag.local = "10.0.0.1:9090".parse().expect("addr");
+        }
+        let sum = summarize(&select(&snap, &Filter::default()));
+        assert_eq!(sum[0].top, Top::LocalPorts(vec![(9090, 3), (8080, 2)]));
     }
 
     #[test]

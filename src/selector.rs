@@ -220,8 +220,13 @@ impl Selector {
     pub fn scan_args(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut put = |flag: &str, value: String| {
-            out.push(flag.to_owned());
-            out.push(shell_word(&value));
+            if value.starts_with('-') {
+                // As its own word it would be taken for an option.
+                out.push(format!("{flag}={}", shell_word(&value)));
+            } else {
+                out.push(flag.to_owned());
+                out.push(shell_word(&value));
+            }
         };
         for p in &self.pids {
             put("--pid", p.to_string());
@@ -298,14 +303,20 @@ pub fn is_unit_name(s: &str) -> bool {
         && !s.contains('/')
 }
 
-/// The cgroup v2 path from the contents of /proc/PID/cgroup (the `0::` line).
+/// The cgroup path from the contents of /proc/PID/cgroup: the v2 (`0::`) line, or on a
+/// host with only v1 hierarchies the `name=systemd` one, where systemd keeps the same
+/// slice/unit layout.
 pub fn parse_cgroup_file(text: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let path = line.strip_prefix("0::")?;
-        // The kernel appends this when the cgroup was removed under the process.
-        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-        path.starts_with('/').then(|| path.to_owned())
-    })
+    let path_of = |hierarchy: fn(&str) -> Option<&str>| {
+        text.lines().find_map(|line| {
+            let path = hierarchy(line)?;
+            // The kernel appends this when the cgroup was removed under the process.
+            let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+            path.starts_with('/').then(|| path.to_owned())
+        })
+    };
+    path_of(|line| line.strip_prefix("0::"))
+        .or_else(|| path_of(|line| Some(line.split_once(":name=systemd:")?.1)))
 }
 
 /// Whether cgroup `path` is `prefix` or below it, component by component.
@@ -453,7 +464,53 @@ mod tests {
             s.scan_args().join(" "),
             "--comm '^node$' --cmdline 'server.js --port 3000' --remote-port 6379 --exclude-remote 10.0.0.0/8"
         );
+        let dash = Selector {
+            cmdline: vec![Regex::new("--tag api").expect("re")],
+            ..Selector::default()
+        };
+        assert_eq!(dash.scan_args(), ["--cmdline='--tag api'"]);
         assert_eq!(shell_word("it's"), r"'it'\''s'");
+    }
+
+    /// `--unit` and `--cgroup` on /proc/PID/cgroup as the kernel writes it on a pure v2
+    /// host, a v1/v2 hybrid, and a v1-only one (systemd's named hierarchy).
+    #[test]
+    fn unit_and_cgroup_from_proc_pid_cgroup() {
+        let v2 = "0::/system.slice/nginx.service\n";
+        let hybrid = "12:pids:/system.slice/nginx.service\n\
+                      1:name=systemd:/system.slice/nginx.service\n\
+                      0::/system.slice/nginx.service\n";
+        let v1 = "4:memory:/system.slice/nginx.service\n\
+                  1:name=systemd:/system.slice/nginx.service\n";
+        let other = "0::/system.slice/postgresql@15-main.service\n";
+        let session = "0::/user.slice/user-1000.slice/session-3.scope\n";
+        let gone = "0::/system.slice/nginx.service (deleted)\n";
+        let facts = |text: &str| ProcessFacts {
+            pid: 7,
+            comm: "nginx".into(),
+            cgroup: parse_cgroup_file(text),
+            ..ProcessFacts::default()
+        };
+        let unit = Selector {
+            units: vec!["nginx.service".into()],
+            ..Selector::default()
+        };
+        let slice = Selector {
+            cgroups: vec!["/system.slice".into()],
+            ..Selector::default()
+        };
+        for text in [v2, hybrid, v1, gone] {
+            assert!(unit.process_matches(&facts(text), &[]), "{text}");
+            assert!(slice.process_matches(&facts(text), &[]), "{text}");
+        }
+        assert!(!unit.process_matches(&facts(other), &[]));
+        assert!(slice.process_matches(&facts(other), &[]));
+        assert!(!unit.process_matches(&facts(session), &[]));
+        assert!(!slice.process_matches(&facts(session), &[]));
+        // No cgroup known (unreadable file): a unit or cgroup criterion never matches.
+        assert!(!unit.process_matches(&facts(""), &[]));
+        assert!(!slice.process_matches(&facts("garbage"), &[]));
+        assert!(unit.needs().cgroup && slice.needs().cgroup);
     }
 
     #[test]

@@ -4,7 +4,8 @@
     pool.py ADDR [--size N]
 
 stdin commands, one per line; each answers on stdout:
-  fill N      N requests at once, so the pool holds N keep-alive connections; `filled N`.
+  fill N      N requests at once (under /gather/, for a server run with --gather N), so the
+              pool holds N keep-alive connections; `filled N`.
   request K   K requests one after the other, each to a unique path; for each, `ok ID` when
               the answer is 200 with its own path as the body, else `bad ID WHAT`; then
               `done K`.
@@ -42,9 +43,9 @@ def main():
             counter[0] += 1
             return counter[0]
 
-    def one(results):
+    def one(results, prefix="/req/"):
         rid = next_id()
-        path = "/req/%d" % rid
+        path = "%s%d" % (prefix, rid)
         try:
             r = pool.request("GET", path, preload_content=True)
             if r.status == 200 and r.data.decode() == path:
@@ -66,7 +67,7 @@ def main():
 
             def hold():
                 barrier.wait()
-                one(results)
+                one(results, "/gather/")
 
             threads = [threading.Thread(target=hold) for _ in range(n)]
             for t in threads:
