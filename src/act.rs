@@ -181,6 +181,7 @@ impl Reason {
                 InjectError::Refused(_) => "refused",
                 InjectError::Timeout(_) => "timeout",
                 InjectError::Ptrace(_) => "ptrace_failed",
+                InjectError::Helper(_) => "helper_failed",
             },
         }
     }

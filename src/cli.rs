@@ -42,6 +42,10 @@ pub enum Command {
     /// Write the man pages and completion scripts into a directory (for packaging)
     #[command(hide = true)]
     Generate(GenerateArgs),
+    /// Internal: the process that runs an injected close() for `reap --close` and the
+    /// daemon's escalation (request on stdin, target's pidfd on fd 3, report on stdout)
+    #[command(hide = true)]
+    InjectHelper,
 }
 
 const COMPLETIONS_EXAMPLES: &str = "Examples:
@@ -177,6 +181,9 @@ pub struct ReapArgs {
     /// number may close whatever reused it
     #[arg(long)]
     pub close: bool,
+    /// Confirm --close without asking
+    #[arg(long)]
+    pub yes: bool,
     /// Act on at most N sockets, oldest first
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max: Option<u64>,

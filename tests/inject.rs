@@ -1,12 +1,14 @@
 //! `cwreap_linux::inject` on real processes: a multi-threaded Rust server, a Python one and a Node
 //! one that leak CLOSE_WAIT sockets get their fds closed by an injected close(2), and keep
 //! working; interrupted system calls resume; a changed fd is left alone; a target that
-//! dies, or a tracer that is SIGKILLed, leaves nothing stopped.
+//! dies, or a tracer (the helper process) that is SIGKILLed, leaves nothing stopped.
 
+#[path = "support/pause.rs"]
+mod pause;
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
+
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
@@ -15,10 +17,12 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use cwreap_linux::inject::{
-    InjectError, InjectReport, SkipReason, Victim, close_in_target, close_in_target_hooked,
+    InjectError, InjectReport, Refusal, SkipReason, Victim, close_in_target,
+    close_in_target_with_env,
 };
 use cwreap_linux::procfs::parse_socket_link;
 use cwreap_linux::sys;
+use pause::{SeamDir, env_refs, helper};
 use support::*;
 
 const V4: &str = "127.0.0.1:0";
@@ -107,21 +111,55 @@ fn syscall_of(pid: i32, tid: i32) -> Option<i64> {
 
 fn inject(pid: i32, victims: &[Victim]) -> Result<InjectReport, InjectError> {
     let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
-    close_in_target(pid, pidfd.as_fd(), victims)
+    close_in_target(&helper(), pid, pidfd.as_fd(), victims)
+}
+
+/// Inject with the helper paused once every thread is stopped; `while_stopped` runs then,
+/// with the helper's pid. Returns what the injection returned, and whether it paused.
+fn inject_paused(
+    pid: i32,
+    victims: &[Victim],
+    while_stopped: impl FnOnce(i32),
+) -> (Result<InjectReport, InjectError>, bool) {
+    inject_paused_at("stopped", pid, victims, while_stopped)
+}
+
+/// Inject with the helper paused at `step` (see the helper's seams), running `at_pause`
+/// there with the helper's pid.
+fn inject_paused_at(
+    step: &str,
+    pid: i32,
+    victims: &[Victim],
+    at_pause: impl FnOnce(i32),
+) -> (Result<InjectReport, InjectError>, bool) {
+    let seams = SeamDir::new(step);
+    let env = seams.env(Some(step));
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| {
+            close_in_target_with_env(&helper(), pid, pidfd.as_fd(), victims, &env_refs(&env))
+        });
+        let paused = seams.wait_paused(Duration::from_secs(30), || call.is_finished());
+        if let Some(helper_pid) = paused {
+            at_pause(helper_pid);
+            seams.release();
+        }
+        let r = call.join().expect("the injecting thread panicked");
+        (r, paused.is_some())
+    })
 }
 
 /// Inject, and record from inside the stop whether every thread was stopped and what
 /// system call the main thread was in.
 fn inject_observed(pid: i32, victims: &[Victim]) -> (Result<InjectReport, InjectError>, Seen) {
     let seen = Mutex::new(Seen::default());
-    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
-    let hook = || {
+    let (r, paused) = inject_paused(pid, victims, |_| {
         let mut s = seen.lock().unwrap();
         s.all_stopped = all_stopped(pid);
         s.threads = thread_states(pid).len();
         s.main_syscall = syscall_of(pid, pid);
-    };
-    let r = close_in_target_hooked(pid, pidfd.as_fd(), victims, &hook);
+    });
+    assert!(paused, "the helper never reached its pause: {r:?}");
     (r, seen.into_inner().unwrap())
 }
 
@@ -426,8 +464,8 @@ while True:
 "#;
 
 /// Installs a seccomp filter first (Seccomp: 2 in /proc/PID/status), as sandboxed
-/// services have, that kills the process on close_range(2): under a filter only plain
-/// close() may be injected, one per fd.
+/// services have, that kills the process on close_range(2): the injected calls survive it
+/// only because the filter is suspended for them (PTRACE_O_SUSPEND_SECCOMP).
 const PYTHON_SECCOMP: &str = r#"
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
@@ -459,9 +497,9 @@ fn python_server_gets_fds_freed_and_keeps_serving() {
 }
 
 #[test]
-fn python_server_under_seccomp_gets_fds_freed_one_by_one() {
+fn python_server_under_seccomp_gets_fds_freed_with_the_filter_suspended() {
     python_server(
-        "python_server_under_seccomp_gets_fds_freed_one_by_one",
+        "python_server_under_seccomp_gets_fds_freed_with_the_filter_suspended",
         true,
     );
 }
@@ -499,6 +537,15 @@ fn python_server(test: &str, seccomp: bool) {
     let port = py.port;
     let mut c = TcpStream::connect(("127.0.0.1", port)).expect("check connection");
     assert!(echoes(&mut c), "python server no longer answers");
+    assert!(
+        py.child.try_wait().expect("try_wait").is_none(),
+        "python exited"
+    );
+    // Accepted one after the other, the victims hold consecutive numbers: one
+    // close_range, which the filter would have punished had it not been suspended.
+    let nums: Vec<i32> = fds.iter().copied().collect();
+    assert!(nums.windows(2).any(|w| w[1] == w[0] + 1), "{nums:?}");
+    assert_eq!(seccomp_mode(pid), Some(if seccomp { 2 } else { 0 }));
 }
 
 /// `allowHalfOpen: true` and no 'end' handler: a half-closed connection is never ended,
@@ -615,7 +662,7 @@ fn target_exiting_during_the_stop_is_gone_without_a_hang() {
         .map(|fd| victim(pid, fd))
         .collect();
     let pidfd = sys::pidfd_open(pid).unwrap();
-    let kill = || {
+    let kill = |_| {
         rustix::process::kill_process(
             rustix::process::Pid::from_raw(pid).unwrap(),
             rustix::process::Signal::KILL,
@@ -623,78 +670,70 @@ fn target_exiting_during_the_stop_is_gone_without_a_hang() {
         .expect("kill target");
     };
     let t0 = Instant::now();
-    let r = close_in_target_hooked(pid, pidfd.as_fd(), &victims, &kill);
-    assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
+    let (r, paused) = inject_paused(pid, &victims, kill);
+    assert!(paused && matches!(r, Err(InjectError::Gone)), "{r:?}");
     assert!(
-        t0.elapsed() < Duration::from_secs(2),
+        t0.elapsed() < Duration::from_secs(5),
         "took {:?}",
         t0.elapsed()
     );
     fx.kill();
     // And once it is gone for good, the same call says so at once.
-    let r = close_in_target(pid, pidfd.as_fd(), &victims);
+    let r = close_in_target(&helper(), pid, pidfd.as_fd(), &victims);
     assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
 }
 
-/// Killed by its seccomp filter when it closes fd 77, a copy of its first connection: the
-/// process dies in the middle of the injection, while one thread runs the injected close.
-const PYTHON_DIES_ON_CLOSE: &str = r#"
-import ctypes, os, socket, threading, time
-libc = ctypes.CDLL(None, use_errno=True)
-class Insn(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
-class Prog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
-prog = (Insn * 6)(
-    Insn(0x20, 0, 0, 0),  # load seccomp_data.nr
-    Insn(0x15, 0, 3, 3),  # close? else allow
-    Insn(0x20, 0, 0, 16),  # load the low word of args[0]
-    Insn(0x15, 0, 1, 77),  # fd 77? else allow
-    Insn(0x06, 0, 0, 0x80000000),  # SECCOMP_RET_KILL_PROCESS
-    Insn(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
-)
-assert libc.prctl(38, 1, 0, 0, 0) == 0
-assert libc.prctl(22, 2, ctypes.byref(Prog(6, prog)), 0, 0) == 0
-threading.Thread(target=time.sleep, args=(1e6,), daemon=True).start()
-srv = socket.socket()
-srv.bind(("127.0.0.1", 0))
-srv.listen(16)
-print("listen", srv.getsockname()[1], flush=True)
-keep = []
-while True:
-    c, addr = srv.accept()
-    os.dup2(c.fileno(), 77)
-    keep.append(c)
-    print("accepted", c.fileno(), addr[1], flush=True)
-"#;
-
+/// The target is SIGKILLed while its injecting thread sits in the syscall-enter-stop of
+/// the injected close: the helper sees it exit and says so, without a hang.
 #[test]
 fn target_dying_during_the_injection_is_gone_without_a_hang() {
     if !require_root("target_dying_during_the_injection_is_gone_without_a_hang") {
         return;
     }
-    let mut py = Script::start("python3", "dies.py", PYTHON_DIES_ON_CLOSE);
-    let pid = py.pid();
-    let (_client, fd) = py.close_wait();
-    assert_eq!(victim(pid, 77).inode, victim(pid, fd).inode);
+    let mut fx = Fixture::start(&[V4], &["--threaded"]);
+    let pid = fx.pid();
+    let (_client, fd) = fx.close_wait(0);
     let t0 = Instant::now();
-    let r = inject(pid, &[victim(pid, 77)]);
-    assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
+    let (r, paused) = inject_paused_at("entered", pid, &[victim(pid, fd)], |_| {
+        assert!(all_stopped(pid), "{:?}", thread_states(pid));
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).expect("pid"),
+            rustix::process::Signal::KILL,
+        )
+        .expect("kill target");
+    });
+    assert!(paused && matches!(r, Err(InjectError::Gone)), "{r:?}");
     assert!(
-        t0.elapsed() < Duration::from_secs(2),
+        t0.elapsed() < Duration::from_secs(5),
         "took {:?}",
         t0.elapsed()
     );
-    // The test process is both the parent and (in its tracing thread) the tracer, so the
-    // exit may already have been collected there: then the pid is simply gone.
-    match py.child.wait() {
-        Ok(status) => assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGSYS),
-            "{status:?}"
-        ),
-        Err(_) => assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists()),
-    }
+    // The helper traced it and collected its exit; the parent (this test) gets it next.
+    let status = fx.child.wait().expect("wait for the fixture");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
+}
+
+/// Field `key` of /proc/PID/status.
+fn status_field(pid: i32, key: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// The session id of `pid` (field 6 of /proc/PID/stat).
+fn session_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -707,47 +746,51 @@ fn sigkilled_tracer_leaves_the_target_running() {
     let (mut client, fd) = fx.close_wait(0);
     let (mut est, _) = fx.connect(0);
     let v = victim(pid, fd);
-    let mut tracer = KillOnDrop(
-        Command::new(FIXTURE)
-            .args(["inject", &pid.to_string()])
-            .arg(format!("{}:{}:{}", v.fd, v.inode, v.cookie))
-            .args(["--pause-after-stop", "30000"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn injector"),
-    );
-    let mut out = BufReader::new(tracer.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).expect("injector output");
-    assert_eq!(line.trim(), "stopped");
-    assert!(all_stopped(pid), "{:?}", thread_states(pid));
-    // ptrace belongs to one thread of the injector.
-    let tracer_tid = tracer_of(pid);
-    let injector = tracer.0.id();
-    assert!(
-        std::path::Path::new(&format!("/proc/{injector}/task/{tracer_tid}")).exists(),
-        "traced by {tracer_tid}, not by a thread of the injector {injector}"
-    );
-
-    // A second tracer is refused while the first holds the target, and says by whom.
-    let second = inject(pid, &[v]);
-    match second {
-        Err(InjectError::Permission(why)) => assert!(why.contains("already traced"), "{why}"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-
-    tracer.0.kill().expect("SIGKILL the injector");
-    let _ = tracer.0.wait();
+    let (r, paused) = inject_paused(pid, &[v], |helper_pid| {
+        assert!(all_stopped(pid), "{:?}", thread_states(pid));
+        // The tracer is the helper process, in a session of its own, with the signals
+        // of a terminal and a service manager blocked.
+        assert_eq!(tracer_of(pid), helper_pid);
+        assert_eq!(
+            session_of(helper_pid),
+            Some(helper_pid),
+            "not its own session"
+        );
+        let blocked = status_field(helper_pid, "SigBlk")
+            .and_then(|m| u64::from_str_radix(&m, 16).ok())
+            .expect("SigBlk");
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGTSTP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+        ] {
+            assert!(
+                blocked & (1 << (sig - 1)) != 0,
+                "signal {sig} not blocked: {blocked:#x}"
+            );
+        }
+        // A second injection is refused while the first holds the target, and says by
+        // whom.
+        match inject(pid, &[v]) {
+            Err(InjectError::Permission(why)) => assert!(why.contains("already traced"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(helper_pid).expect("pid"),
+            rustix::process::Signal::KILL,
+        )
+        .expect("SIGKILL the helper");
+    });
+    assert!(paused);
+    assert!(matches!(r, Err(InjectError::Helper(_))), "{r:?}");
     wait_for("the target to run again", Duration::from_secs(5), || {
         none_stopped(pid)
     });
     assert_eq!(tracer_of(pid), 0);
-    let mut rest = String::new();
-    let _ = out.read_to_string(&mut rest);
-    assert!(
-        !rest.contains("closed"),
-        "the killed injector closed something: {rest}"
-    );
     // Nothing was closed, everything still works, no blocked call failed.
     assert!(open_fds(pid).contains(&fd));
     assert_eq!(tcp_state(pid, fd), Some(CLOSE_WAIT));
@@ -772,31 +815,73 @@ fn own_process_and_mismatched_pidfd_are_refused() {
         inode: 1,
         cookie: 1,
     };
-    assert!(matches!(
-        close_in_target(me, own.as_fd(), &[v]),
-        Err(InjectError::Refused(_))
-    ));
+    assert_eq!(
+        close_in_target(&helper(), me, own.as_fd(), &[v]),
+        Err(InjectError::Refused(Refusal::OwnProcess))
+    );
     let mut a = Fixture::start(&[V4], &[]);
     let b = Fixture::start(&[V4], &[]);
     let (_c, fd) = a.close_wait(0);
     let va = victim(a.pid(), fd);
     let pidfd_b = sys::pidfd_open(b.pid()).unwrap();
-    let r = close_in_target(a.pid(), pidfd_b.as_fd(), &[va]);
-    assert!(matches!(r, Err(InjectError::Refused(_))), "{r:?}");
+    let r = close_in_target(&helper(), a.pid(), pidfd_b.as_fd(), &[va]);
+    assert_eq!(
+        r,
+        Err(InjectError::Refused(Refusal::PidfdOfOther {
+            pidfd_pid: b.pid(),
+            pid: a.pid()
+        }))
+    );
     assert!(open_fds(a.pid()).contains(&fd));
+    // Not a pidfd at all.
+    let r = close_in_target(&helper(), a.pid(), std::io::stdin().as_fd(), &[va]);
+    assert_eq!(r, Err(InjectError::Refused(Refusal::NotPidfd)));
     // An empty batch stops nothing.
     let pidfd_a = sys::pidfd_open(a.pid()).unwrap();
-    let r = close_in_target(a.pid(), pidfd_a.as_fd(), &[]).expect("empty batch");
+    let r = close_in_target(&helper(), a.pid(), pidfd_a.as_fd(), &[]).expect("empty batch");
     assert_eq!((r.threads, r.pause_us), (0, 0));
     assert!(r.fds_before > 0);
+    // A helper that cannot be started is an error of its own, and nothing is closed.
+    let missing = cwreap_linux::inject::Helper {
+        exe: "/nonexistent/cwreap".into(),
+        args: vec![],
+    };
+    let r = close_in_target(&missing, a.pid(), pidfd_a.as_fd(), &[va]);
+    assert!(matches!(r, Err(InjectError::Helper(_))), "{r:?}");
+    assert!(open_fds(a.pid()).contains(&fd));
 }
 
-/// A child process killed (SIGKILL) and reaped on drop, also when a test fails.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// A process stopped by job control is not resumed by an injection: refused, left stopped.
+#[test]
+fn job_control_stopped_process_is_refused() {
+    if !require_root("job_control_stopped_process_is_refused") {
+        return;
     }
+    let mut fx = Fixture::start(&[V4], &["--threaded"]);
+    let pid = fx.pid();
+    let (_c, fd) = fx.close_wait(0);
+    let v = victim(pid, fd);
+    let target = rustix::process::Pid::from_raw(pid).expect("pid");
+    rustix::process::kill_process(target, rustix::process::Signal::STOP).expect("SIGSTOP");
+    wait_for("the target to stop", Duration::from_secs(5), || {
+        thread_states(pid).iter().all(|(_, s)| *s == 'T')
+    });
+    let r = inject(pid, &[v]);
+    assert!(
+        matches!(
+            r,
+            Err(InjectError::Refused(Refusal::JobControlStopped { .. }))
+        ),
+        "{r:?}"
+    );
+    assert!(open_fds(pid).contains(&fd));
+    assert!(
+        thread_states(pid).iter().all(|(_, s)| *s == 'T'),
+        "an injection resumed a stopped process: {:?}",
+        thread_states(pid)
+    );
+    assert_eq!(tracer_of(pid), 0);
+    rustix::process::kill_process(target, rustix::process::Signal::CONT).expect("SIGCONT");
+    fx.send("ping");
+    fx.expect_line("pong");
 }

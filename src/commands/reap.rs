@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::Result;
 
-use cwreap_linux::inject::{Victim, close_in_target};
+use cwreap_linux::inject::{Helper, Victim, close_in_target};
 use cwreap_linux::os::{Os, RealOs};
 use cwreap_linux::procfs::ProcFs;
 use cwreap_linux::tcp;
@@ -202,7 +202,12 @@ fn close_batches(
             }
             continue;
         };
-        let batch = close_in_target(pid, pidfd.as_fd(), &victims);
+        let batch = close_in_target(
+            &Helper::this_program(&["inject-helper"]),
+            pid,
+            pidfd.as_fd(),
+            &victims,
+        );
         if let Ok(report) = &batch {
             writeln!(
                 err,
@@ -267,7 +272,12 @@ fn close_held_after_shutdown(
                 .map(|v| (v.fd, ActResult::ok(Outcome::DryRun)))
                 .collect()
         } else {
-            let batch = close_in_target(pid, pidfd.as_fd(), &victims);
+            let batch = close_in_target(
+                &Helper::this_program(&["inject-helper"]),
+                pid,
+                pidfd.as_fd(),
+                &victims,
+            );
             if let Ok(r) = &batch {
                 writeln!(
                     err,

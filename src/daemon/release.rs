@@ -151,7 +151,12 @@ impl Daemon {
                     .map(|v| (v.fd, ActResult::ok(Outcome::DryRun)))
                     .collect()
             } else {
-                let batch = cwreap_linux::inject::close_in_target(pid, pidfd.as_fd(), &victims);
+                let batch = cwreap_linux::inject::close_in_target(
+                    &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
+                    pid,
+                    pidfd.as_fd(),
+                    &victims,
+                );
                 if let Ok(r) = &batch {
                     info!(
                         pid,
