@@ -43,6 +43,7 @@ impl Session {
         let result = self.run_calls(insn, fds, &mut done);
         let finished = self.finish_injection();
         let mut range_closed = Vec::new();
+        let mut answered = std::collections::HashSet::new();
         for d in done {
             match d {
                 Done::One(fd, 0) => report.closed.push(fd),
@@ -53,7 +54,20 @@ impl Session {
                 Done::Range(first, last) => range_closed.extend(first..=last),
             }
         }
-        if !range_closed.is_empty() {
+        answered.extend(report.closed.iter().copied());
+        answered.extend(report.skipped.iter().map(|(fd, _)| *fd));
+        answered.extend(range_closed.iter().copied());
+        // After a failed call, the fds it and the later ones were for may or may not be
+        // closed: the fd table says, since nothing but our calls ran in the target.
+        let in_doubt: Vec<i32> = if result.is_err() || finished.is_err() {
+            fds.iter()
+                .copied()
+                .filter(|fd| !answered.contains(fd))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !range_closed.is_empty() || !in_doubt.is_empty() {
             // close_range reports no per-fd result: check the fd table (still frozen).
             let open = self
                 .proc
@@ -66,6 +80,9 @@ impl Session {
                     report.closed.push(fd);
                 }
             }
+            report
+                .closed
+                .extend(in_doubt.into_iter().filter(|fd| !open.contains(fd)));
             report.closed.sort_unstable();
         }
         result.and(finished)
@@ -115,7 +132,7 @@ impl Session {
         inj.changed = true;
         pt::set_regs(tid, &regs).map_err(|e| self.step_error(idx, "PTRACE_SETREGS", &e))?;
         seam::step("injected");
-        let deadline = Instant::now() + CALL_TIMEOUT;
+        let deadline = Instant::now() + seam::call_timeout(CALL_TIMEOUT);
         self.run_to_syscall_stop(idx, tid, true, deadline)?;
         self.check_stop(idx, tid, insn, nr, "syscall-enter")?;
         seam::step("entered");
@@ -183,16 +200,23 @@ impl Session {
                 self.stop_running(idx, tid)?;
                 let what = if to_enter { "enter" } else { "exit" };
                 return Err(InjectError::Timeout(format!(
-                    "thread {tid} did not reach the syscall-{what}-stop of an injected call within {CALL_TIMEOUT:?}; it was interrupted, restored and released"
+                    "thread {tid} did not reach the syscall-{what}-stop of an injected call within {:?}; it was interrupted, restored and released",
+                    seam::call_timeout(CALL_TIMEOUT)
                 )));
             };
             match (signal, event) {
                 (pt::SYSCALL_STOP, 0) => return Ok(()),
-                (signal, 0) => self.tracees[idx].resend.push(signal),
+                (signal, 0) => self.keep_signal(idx, signal),
                 // A group-stop or another event: nothing to hand back, go on.
                 _ => {}
             }
         }
+    }
+
+    /// A signal dequeued by the injecting thread: kept to be handed back at detach.
+    fn keep_signal(&mut self, idx: usize, signal: i32) {
+        self.tracees[idx].resend.push(signal);
+        seam::step("signal-kept");
     }
 
     /// A resumed thread that must stop now: PTRACE_INTERRUPT and wait for any stop.
@@ -203,16 +227,28 @@ impl Session {
             Err(e) => return Err(self.step_error(idx, "PTRACE_INTERRUPT", &e)),
         }
         let deadline = Instant::now() + RECOVER_TIMEOUT;
-        match self.wait_stop(idx, deadline)? {
-            Some((signal, 0)) if signal != pt::SYSCALL_STOP => {
-                self.tracees[idx].resend.push(signal);
-                Ok(())
-            }
-            Some(_) => Ok(()),
-            None => Err(InjectError::Timeout(format!(
-                "thread {tid} did not stop within {RECOVER_TIMEOUT:?} of PTRACE_INTERRUPT, in the middle of an injected call (uninterruptible sleep?); it may be left with the injected registers"
-            ))),
+        let stopped = self.wait_stop(idx, deadline)?;
+        if let Some((signal, 0)) = stopped
+            && signal != pt::SYSCALL_STOP
+        {
+            self.keep_signal(idx, signal);
         }
+        if stopped.is_none() {
+            // Nothing more can be done from here: the thread never stopped, so its
+            // registers cannot be set. Leave it to the kernel's detach when we exit,
+            // instead of waiting again from the drop guard.
+            self.inj = None;
+            return Err(InjectError::Timeout(format!(
+                "thread {tid} did not stop within {RECOVER_TIMEOUT:?} of PTRACE_INTERRUPT, in the middle of an injected call (uninterruptible sleep?); it may be left with the injected registers"
+            )));
+        }
+        seam::step(match self.inj.map(|i| i.stop) {
+            Some(Stop::Enter) => "caught-at-enter",
+            Some(Stop::Exit) => "caught-at-exit",
+            Some(Stop::Event) => "caught-at-interrupt",
+            _ => "caught-elsewhere",
+        });
+        Ok(())
     }
 
     /// Undo the injection in the injecting thread: stop it if it runs, put its saved
@@ -285,7 +321,7 @@ impl Session {
             match (signal, event) {
                 (libc::SIGTRAP, pt::PTRACE_EVENT_STOP) => return Ok(()),
                 (pt::SYSCALL_STOP, 0) => {}
-                (signal, 0) => self.tracees[idx].resend.push(signal),
+                (signal, 0) => self.keep_signal(idx, signal),
                 _ => {}
             }
         }

@@ -3,13 +3,17 @@
 //!
 //! - `CWREAP_INJECT_TEST_LOG=FILE`: append `STEP MONOTONIC_NS PID` to FILE at each step
 //!   (`start`, `stopped`, `injected`, `entered`, `exited`, `restored`, `settled`,
-//!   `detached`, `done`), so a test knows how far the helper got.
+//!   `detached`, `done`; `signal-kept` for each signal held back to be handed over at
+//!   detach; `caught-at-enter`, `-exit`, `-interrupt` or `-elsewhere` where a call past its
+//!   deadline was stopped), so a test knows how far the helper got.
 //! - `CWREAP_INJECT_TEST_PAUSE=STEP[:N]` with `CWREAP_INJECT_TEST_DIR=DIR`: at the Nth
 //!   (default first) time STEP is reached, write `PID STEP` to DIR/paused and wait until
 //!   DIR/go exists (at most 60 s), so a test can look at the stopped target, or SIGKILL the
 //!   helper exactly there.
 //! - `CWREAP_INJECT_TEST_RSEQ_GUARD=off`: inject into a thread inside an rseq critical
 //!   section as if it were not (the hazard the guard exists for, shown by its test).
+//! - `CWREAP_INJECT_TEST_CALL_TIMEOUT_US=N`: the deadline of each injected call, instead
+//!   of a few seconds, to drive the recovery from a call that does not finish in time.
 
 /// The helper reached `name` (see the module docs).
 #[cfg(not(feature = "testing"))]
@@ -23,8 +27,15 @@ pub(super) fn rseq_guard() -> bool {
     true
 }
 
+/// The deadline of one injected call: `default`, in production.
+#[cfg(not(feature = "testing"))]
+#[inline(always)]
+pub(super) fn call_timeout(default: std::time::Duration) -> std::time::Duration {
+    default
+}
+
 #[cfg(feature = "testing")]
-pub(super) use testing::{rseq_guard, step};
+pub(super) use testing::{call_timeout, rseq_guard, step};
 
 #[cfg(feature = "testing")]
 mod testing {
@@ -41,6 +52,7 @@ mod testing {
         pause: Option<(String, u32)>,
         dir: Option<PathBuf>,
         rseq_guard_off: bool,
+        call_timeout: Option<Duration>,
     }
 
     fn seams() -> &'static Seams {
@@ -59,12 +71,19 @@ mod testing {
                 pause,
                 dir: var("CWREAP_INJECT_TEST_DIR").map(PathBuf::from),
                 rseq_guard_off: var("CWREAP_INJECT_TEST_RSEQ_GUARD").is_some_and(|v| v == "off"),
+                call_timeout: var("CWREAP_INJECT_TEST_CALL_TIMEOUT_US")
+                    .and_then(|v| v.to_str()?.parse().ok())
+                    .map(Duration::from_micros),
             }
         })
     }
 
     pub(in crate::inject) fn rseq_guard() -> bool {
         !seams().rseq_guard_off
+    }
+
+    pub(in crate::inject) fn call_timeout(default: Duration) -> Duration {
+        seams().call_timeout.unwrap_or(default)
     }
 
     pub(in crate::inject) fn step(name: &str) {
