@@ -31,6 +31,9 @@ pub(super) fn run(req: &Request, pidfd: BorrowedFd<'_>) -> Result<InjectReport, 
         return Ok(report);
     }
 
+    // Tracee stops are awaited on SIGCHLD rather than by polling (see session::backoff).
+    crate::sys::ptrace::block_sigchld()
+        .map_err(|e| InjectError::Ptrace(format!("blocking SIGCHLD: {e}")))?;
     let mut session = Session::new(pid);
     let started = session.stop_all()?;
     report.threads = session.stopped_threads();

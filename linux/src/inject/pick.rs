@@ -24,7 +24,6 @@ impl Session {
     /// and the address of the `syscall` instruction to run the calls through.
     pub(super) fn prepare_injector(&mut self) -> Result<(Injector, u64), InjectError> {
         let mut candidates = Vec::new();
-        let mut strict = None;
         for idx in 0..self.tracees.len() {
             let t = &self.tracees[idx];
             if t.state != State::Interrupted {
@@ -32,45 +31,52 @@ impl Session {
             }
             let tid = t.tid;
             let regs = pt::get_regs(tid).map_err(|e| self.step_error(idx, "PTRACE_GETREGS", &e))?;
-            if !regs.is_64bit() {
-                continue;
+            if regs.is_64bit() {
+                candidates.push(Candidate {
+                    idx,
+                    tid,
+                    regs,
+                    filtered: false,
+                });
             }
-            let mode = self.proc.seccomp_mode(self.pid, Some(tid));
-            if mode == Some(1) {
-                strict.get_or_insert(tid);
-                continue;
-            }
-            candidates.push(Candidate {
-                idx,
-                tid,
-                regs,
-                filtered: mode != Some(0),
-            });
         }
-        candidates.sort_by_key(|c| (c.filtered, !c.regs.in_syscall(), c.tid != self.pid));
-        if candidates.is_empty() {
-            return Err(InjectError::Refused(match strict {
-                Some(tid) => Refusal::SeccompStrict { tid },
-                None => Refusal::NoUsableThread,
-            }));
-        }
+        candidates.sort_by_key(|c| (!c.regs.in_syscall(), c.tid != self.pid));
+        // Seccomp modes are read lazily, in order of preference (a /proc read per thread
+        // is most of the cost of choosing); threads with a filter wait until no thread
+        // without one will do.
+        let mut strict = None;
         let mut rseq_refusal = None;
+        let mut with_filter = Vec::new();
         let mut chosen = None;
-        for c in candidates {
-            match rseq::saved_regs(self.pid, c.tid, &c.regs) {
-                Ok((saved, cs)) => {
-                    chosen = Some((c, saved, cs));
-                    break;
+        for mut c in candidates {
+            match self.proc.seccomp_mode(self.pid, Some(c.tid)) {
+                Some(0) => {}
+                Some(1) => {
+                    strict.get_or_insert(c.tid);
+                    continue;
                 }
-                Err(why) => {
-                    rseq_refusal.get_or_insert(Refusal::Rseq { tid: c.tid, why });
+                _ => {
+                    c.filtered = true;
+                    with_filter.push(c);
+                    continue;
                 }
             }
+            if let Some(ok) = rseq_checked(self.pid, c, &mut rseq_refusal) {
+                chosen = Some(ok);
+                break;
+            }
+        }
+        if chosen.is_none() {
+            chosen = with_filter
+                .into_iter()
+                .find_map(|c| rseq_checked(self.pid, c, &mut rseq_refusal));
         }
         let Some((c, saved, cs)) = chosen else {
-            return Err(InjectError::Refused(
-                rseq_refusal.unwrap_or(Refusal::NoUsableThread),
-            ));
+            return Err(InjectError::Refused(match (rseq_refusal, strict) {
+                (Some(r), _) => r,
+                (None, Some(tid)) => Refusal::SeccompStrict { tid },
+                (None, None) => Refusal::NoUsableThread,
+            }));
         };
         let insn = self.find_syscall_insn(&c.regs)?;
         if cs.is_some_and(|cs| cs.contains(insn)) {
@@ -102,5 +108,21 @@ impl Session {
             seccomp_suspended: c.filtered,
         };
         Ok((inj, insn))
+    }
+}
+
+/// `c` with the registers to restore and its rseq_cs, if its rseq state allows injecting;
+/// else None, with the first such refusal kept in `refusal`.
+fn rseq_checked(
+    pid: i32,
+    c: Candidate,
+    refusal: &mut Option<Refusal>,
+) -> Option<(Candidate, Regs, Option<rseq::RseqCs>)> {
+    match rseq::saved_regs(pid, c.tid, &c.regs) {
+        Ok((saved, cs)) => Some((c, saved, cs)),
+        Err(why) => {
+            refusal.get_or_insert(Refusal::Rseq { tid: c.tid, why });
+            None
+        }
     }
 }

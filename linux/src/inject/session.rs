@@ -210,7 +210,7 @@ impl Session {
                     late.join(", ")
                 )));
             }
-            backoff(&mut rounds);
+            let _ = backoff(&mut rounds);
         }
     }
 
@@ -260,6 +260,7 @@ impl Session {
     ) -> Result<Option<(i32, i32)>, InjectError> {
         let tid = self.tracees[idx].tid;
         let mut rounds: u32 = 0;
+        let mut quiet = false;
         loop {
             match pt::wait_nohang(tid) {
                 Ok(Some(Wait::Stopped { signal, event })) => {
@@ -282,10 +283,13 @@ impl Session {
                     if Instant::now() >= deadline {
                         return Ok(None);
                     }
-                    if rounds > 0 && rounds.is_multiple_of(64) {
+                    // A quiet millisecond, or many events that were not ours: collect the
+                    // others' exits (a main thread's exit is only reported once the other
+                    // threads, our tracees, are reaped).
+                    if quiet || rounds.is_multiple_of(16) {
                         self.poll(Some(idx))?;
                     }
-                    backoff(&mut rounds);
+                    quiet = !backoff(&mut rounds);
                 }
             }
         }
@@ -339,14 +343,12 @@ pub(super) fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
 
-/// Spin briefly (a stop usually takes microseconds), then sleep in short steps.
-pub(super) fn backoff(rounds: &mut u32) {
+/// Wait for the next tracee event: until a SIGCHLD (sent to the tracer at every stop and
+/// exit of a tracee, and blocked by the engine so that it stays pending), at most 1 ms at a
+/// time so a shared one costs little. Returns whether one came.
+pub(super) fn backoff(rounds: &mut u32) -> bool {
     *rounds = rounds.saturating_add(1);
-    if *rounds < 200 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(50));
-    }
+    pt::wait_sigchld(Duration::from_millis(1))
 }
 
 /// A zombie thread (a main thread that called pthread_exit, or one exiting) cannot be

@@ -171,6 +171,43 @@ pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Block SIGCHLD in the calling thread. A tracer is sent SIGCHLD at every stop and exit of
+/// its tracees; blocked, it stays pending (a blocked signal is never discarded), so
+/// [`wait_sigchld`] can sleep until the next one instead of polling.
+pub fn block_sigchld() -> io::Result<()> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: sigemptyset/sigaddset write only into `set`, a zeroed, writable sigset_t on
+    // our stack; pthread_sigmask reads it and writes no old mask (null).
+    let rc = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Wait up to `timeout` for a SIGCHLD (blocked with [`block_sigchld`]) and consume it.
+/// Returns whether one came. Several stops may share one SIGCHLD: callers check every
+/// tracee they wait for after each return.
+pub fn wait_sigchld(timeout: std::time::Duration) -> bool {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(i32::try_from(timeout.subsec_nanos()).unwrap_or(0)),
+    };
+    // SAFETY: `set` is a zeroed sigset_t on our stack that sigemptyset/sigaddset fill;
+    // sigtimedwait reads it and `ts`, and writes no siginfo (null).
+    let rc = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
+        libc::sigtimedwait(set.as_ptr(), std::ptr::null_mut(), &ts)
+    };
+    rc == libc::SIGCHLD
+}
+
 /// Read `buf.len()` bytes of the memory of `pid` at `addr` (process_vm_readv; needs ptrace
 /// access). Returns how many bytes were read: fewer at the end of a mapping.
 pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
