@@ -1163,3 +1163,49 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The helper run by hand: a request cut short (cwreap died while writing it) does nothing
+/// and exits 2; a whole one without the pidfd at fd 3 is answered with an error report.
+#[test]
+fn helper_refuses_a_request_cut_short_or_without_a_pidfd() {
+    if !require_root("helper_refuses_a_request_cut_short_or_without_a_pidfd") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &[]);
+    let pid = fx.pid();
+    let (_c, fd) = fx.close_wait(0);
+    let v = victim(pid, fd);
+    let whole = format!(
+        "cwreap-inject-request 1\nrequester {}\npid {pid}\nvictim {} {} {}\nend\n",
+        std::process::id(),
+        v.fd,
+        v.inode,
+        v.cookie
+    );
+    let run = |input: &str| {
+        let mut child = Command::new(CWREAP)
+            .arg("inject-helper")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the helper");
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut stdin, input.as_bytes()).expect("write the request");
+        drop(stdin);
+        child.wait_with_output().expect("helper output")
+    };
+    let cut = run(&whole[..whole.len() - "end\n".len()]);
+    assert_eq!(cut.status.code(), Some(2), "{cut:?}");
+    assert!(cut.stdout.is_empty(), "{cut:?}");
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("before its `end` line"));
+    let no_pidfd = run(&whole);
+    assert_eq!(no_pidfd.status.code(), Some(0), "{no_pidfd:?}");
+    let report = String::from_utf8_lossy(&no_pidfd.stdout);
+    assert!(
+        report.starts_with("cwreap-inject-report 1\nerror helper no pidfd at fd 3"),
+        "{report}"
+    );
+    assert!(open_fds(pid).contains(&fd));
+    assert_eq!(tracer_of(pid), 0);
+}
