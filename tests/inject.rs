@@ -882,12 +882,20 @@ fn job_control_stopped_process_is_refused() {
         "{r:?}"
     );
     assert!(open_fds(pid).contains(&fd));
-    assert!(
-        thread_states(pid).iter().all(|(_, s)| *s == 'T'),
-        "an injection resumed a stopped process: {:?}",
-        thread_states(pid)
+    // Detached from the group-stop, each thread is woken to stop again by itself.
+    wait_for(
+        "every thread back in the group-stop",
+        Duration::from_secs(5),
+        || thread_states(pid).iter().all(|(_, s)| *s == 'T'),
     );
     assert_eq!(tracer_of(pid), 0);
+    let mark = fx.history.len();
+    assert!(
+        fx.maybe_line("slept ", Duration::from_millis(1700))
+            .is_none(),
+        "the stopped process ran: {:?}",
+        &fx.history[mark..]
+    );
     rustix::process::kill_process(target, rustix::process::Signal::CONT).expect("SIGCONT");
     fx.send("ping");
     fx.expect_line("pong");

@@ -34,27 +34,29 @@
 //!    registers point at an existing `syscall` instruction (nothing is written to the
 //!    target's memory) with rax = the call, its arguments and orig_rax = -1; PTRACE_SYSCALL
 //!    runs it to the syscall-enter-stop and again to the syscall-exit-stop, where rax is
-//!    the result; the next call starts from that stop. A run of consecutive fds goes in one
-//!    close_range(first, last) (checked against the fd table afterwards). Each call has a
-//!    deadline of a few seconds; past it the thread is interrupted, restored and released,
-//!    and the batch ends with [`InjectError::Timeout`].
-//! 5. **Restore at once, then let go.** Right after the last call (before anything else,
-//!    even a /proc read) the saved registers are put back and read back. The thread is then
-//!    taken from its syscall-exit-stop to a plain interrupt stop (PTRACE_INTERRUPT,
-//!    PTRACE_CONT): the kernel handles a system call's -ERESTART* code after the signal
-//!    check, with the registers of that moment, so only a thread that goes through that
-//!    check again with its own registers restarts an interrupted blocking call correctly
-//!    (a sleep sleeps its full time, a read still returns data, no EINTR reaches the app).
-//!    Every thread is detached, signals that arrived meanwhile are handed back.
+//!    the result, and the saved registers are put back at once, in that stop; the next call
+//!    starts from there. A run of consecutive fds goes in one close_range(first, last)
+//!    (checked against the fd table afterwards). Each call has a deadline of a few seconds;
+//!    past it the thread is interrupted, restored and released, the fd table says what was
+//!    closed, and the batch ends with [`InjectError::Timeout`] if nothing was.
+//! 5. **Let go.** After the last call (before anything else, even a /proc read) the
+//!    registers are read back and checked, and the thread is taken from its
+//!    syscall-exit-stop to a plain interrupt stop (PTRACE_INTERRUPT, PTRACE_CONT): the
+//!    kernel handles a system call's -ERESTART* code after the signal check, with the
+//!    registers of that moment, so only a thread that goes through that check again with
+//!    its own registers restarts an interrupted blocking call correctly (a sleep sleeps its
+//!    full time, a read still returns data, no EINTR reaches the app). Every thread is
+//!    detached, signals that arrived meanwhile are handed back.
 //!
 //! What a dying tracer leaves: the kernel detaches every tracee and wakes it to check for
 //! signals. A thread that holds its own registers then simply runs on (nothing is armed in
-//! it, unlike after a single-step). The one remaining window is the helper itself being
-//! SIGKILLed while the injecting thread holds the *injected* registers: from setting them
-//! to restoring them, a few tens of microseconds per call. The thread would then run the
-//! borrowed `syscall` instruction and go on from there with the wrong registers. Nothing
-//! that happens to cwreap can cause that; only a SIGKILL aimed at the helper (or the OOM
-//! killer choosing it) can.
+//! it, unlike after a single-step), and an interrupted call of its own restarts. The one
+//! remaining window is the helper itself being SIGKILLed while the injecting thread holds
+//! the *injected* registers: during each call, from setting them to restoring them at its
+//! syscall-exit-stop, a few tens of microseconds. The thread would then run the borrowed
+//! `syscall` instruction and go on from there with the wrong registers. Nothing that
+//! happens to cwreap can cause that; only a SIGKILL aimed at the helper (or the OOM killer
+//! choosing it) can.
 //!
 //! Failure keeps the target as it was: on any error the registers are restored and every
 //! stopped thread is detached (a guard does it even on unwinding).

@@ -103,6 +103,7 @@ impl Session {
             tid: c.tid,
             saved,
             changed: false,
+            touched: false,
             stop: Stop::Event,
             to_enter: false,
             seccomp_suspended: c.filtered,

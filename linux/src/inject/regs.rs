@@ -1,10 +1,11 @@
 //! The injected calls, without single-stepping: from a ptrace stop, point the injecting
 //! thread at a borrowed `syscall` instruction with the call's number and arguments, run it
 //! with PTRACE_SYSCALL to its syscall-enter-stop and again to its syscall-exit-stop, read
-//! the result, and chain the next call from there. After the last one, restore the saved
-//! registers at once, then take the thread to a plain interrupt stop so that an
-//! interrupted system call of its own restarts as after any stop. Until the restore took,
-//! `Injector::changed` stays set and the session's drop guard tries again.
+//! the result, put the saved registers back at once, and chain the next call from there.
+//! After the last one, check the registers, then take the thread to a plain interrupt stop
+//! so that an interrupted system call of its own restarts as after any stop. While the
+//! thread holds injected registers, `Injector::changed` is set and the session's drop guard
+//! restores them.
 
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,8 @@ impl Session {
         let regs = inj.saved.for_syscall(insn, nr, args);
         // Marked before the request: if it half-failed, restoring is harmless.
         inj.changed = true;
+        inj.touched = true;
+        let saved = inj.saved;
         pt::set_regs(tid, &regs).map_err(|e| self.step_error(idx, "PTRACE_SETREGS", &e))?;
         seam::step("injected");
         let deadline = Instant::now() + seam::call_timeout(CALL_TIMEOUT);
@@ -139,6 +142,16 @@ impl Session {
         self.run_to_syscall_stop(idx, tid, false, deadline)?;
         let rv = self.check_stop(idx, tid, insn, nr, "syscall-exit")?;
         seam::step("exited");
+        // The thread's own registers back at once, after every call: between two calls,
+        // and from the last one until it is let go, a dying helper leaves nothing behind
+        // (the kernel's detach sends it through the signal check, which restarts its own
+        // interrupted call). Only from the SETREGS above to this one could it not.
+        pt::set_regs(tid, &saved)
+            .map_err(|e| self.step_error(idx, "restoring registers (PTRACE_SETREGS)", &e))?;
+        if let Some(inj) = self.inj.as_mut() {
+            inj.changed = false;
+        }
+        seam::step("restored");
         Ok(rv)
     }
 
@@ -274,6 +287,12 @@ impl Session {
             }
             pt::set_regs(tid, &inj.saved)
                 .map_err(|e| self.step_error(idx, "restoring registers (PTRACE_SETREGS)", &e))?;
+            if let Some(i) = self.inj.as_mut() {
+                i.changed = false;
+            }
+            seam::step("restored");
+        }
+        if inj.touched {
             match pt::get_regs(tid) {
                 Ok(back) if back.same_as(&inj.saved) => {}
                 Ok(back) => {
@@ -284,10 +303,6 @@ impl Session {
                 }
                 Err(e) => return Err(self.step_error(idx, "PTRACE_GETREGS", &e)),
             }
-            if let Some(i) = self.inj.as_mut() {
-                i.changed = false;
-            }
-            seam::step("restored");
         }
         if inj.seccomp_suspended {
             // Detaching clears it too; this only ends it as early as possible.

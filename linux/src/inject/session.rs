@@ -70,6 +70,8 @@ pub(super) struct Injector {
     pub(super) saved: Regs,
     /// The thread holds registers other than `saved`.
     pub(super) changed: bool,
+    /// Registers were ever set (then the final ones are read back and checked).
+    pub(super) touched: bool,
     pub(super) stop: Stop,
     /// Resumed with PTRACE_SYSCALL towards a syscall-enter-stop (else -exit-stop).
     pub(super) to_enter: bool,
