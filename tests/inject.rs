@@ -889,13 +889,6 @@ fn job_control_stopped_process_is_refused() {
         || thread_states(pid).iter().all(|(_, s)| *s == 'T'),
     );
     assert_eq!(tracer_of(pid), 0);
-    let mark = fx.history.len();
-    assert!(
-        fx.maybe_line("slept ", Duration::from_millis(1700))
-            .is_none(),
-        "the stopped process ran: {:?}",
-        &fx.history[mark..]
-    );
     rustix::process::kill_process(target, rustix::process::Signal::CONT).expect("SIGCONT");
     fx.send("ping");
     fx.expect_line("pong");
