@@ -263,6 +263,8 @@ impl Session {
         let tid = self.tracees[idx].tid;
         let mut rounds: u32 = 0;
         let mut quiet = false;
+        let spin_until = Instant::now() + SPIN;
+        let mut others_polled = Instant::now();
         loop {
             match pt::wait_nohang(tid) {
                 Ok(Some(Wait::Stopped { signal, event })) => {
@@ -282,14 +284,22 @@ impl Session {
                     return Err(InjectError::Ptrace(format!("waitpid of thread {tid}: {e}")));
                 }
                 Ok(None) => {
-                    if Instant::now() >= deadline {
+                    let now = Instant::now();
+                    if now >= deadline {
                         return Ok(None);
                     }
-                    // A quiet millisecond, or many events that were not ours: collect the
-                    // others' exits (a main thread's exit is only reported once the other
-                    // threads, our tracees, are reaped).
-                    if quiet || rounds.is_multiple_of(16) {
+                    if now < spin_until {
+                        // A stop takes microseconds: stay on the CPU, but let the tracee
+                        // have it if it shares ours.
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    // A quiet millisecond, or a millisecond of events that were not ours:
+                    // collect the others' exits (a main thread's exit is only reported once
+                    // the other threads, our tracees, are reaped).
+                    if quiet || now.duration_since(others_polled) >= Duration::from_millis(1) {
                         self.poll(Some(idx))?;
+                        others_polled = now;
                     }
                     quiet = !backoff(&mut rounds);
                 }
@@ -344,6 +354,11 @@ impl Drop for Session {
 pub(super) fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
+
+/// How long to wait for a stop on the CPU before sleeping until a SIGCHLD: a ptrace stop
+/// and resume take some microseconds, and a sleeping tracer pays a wake-up per stop (two per
+/// injected call), which costs much more on a busy machine.
+const SPIN: Duration = Duration::from_micros(100);
 
 /// Wait for the next tracee event: until a SIGCHLD (sent to the tracer at every stop and
 /// exit of a tracee, and blocked by the engine so that it stays pending), at most 1 ms at a
