@@ -11,6 +11,8 @@
 //! - Without it (a testing-only switch), the injection moves the thread to the borrowed
 //!   `syscall` instruction first, the kernel finds no section to abort and clears
 //!   `rseq_cs`, and the section commits across the stop: the test shows it happens.
+//! - A thread blocked in a system call *inside* a section (against the rules of rseq) is
+//!   refused with the rseq reason: its instruction pointer cannot be moved safely.
 
 #[path = "support/pause.rs"]
 mod pause;
@@ -56,6 +58,10 @@ struct Spinner {
 
 impl Spinner {
     fn start(test: &str) -> Option<Spinner> {
+        Spinner::start_with(test, &[])
+    }
+
+    fn start_with(test: &str, extra: &[&str]) -> Option<Spinner> {
         if !runtimes_root(test) {
             return None;
         }
@@ -70,7 +76,8 @@ impl Spinner {
             .expect("open the state file");
         let mut child = Command::new(&exe)
             .arg(&state_path)
-            .stdin(Stdio::null())
+            .args(extra)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -304,4 +311,39 @@ fn without_the_guard_sections_commit_across_the_stop() {
         counts.crossed > 0,
         "no section committed across a stop without the guard: {counts:?}"
     );
+}
+
+/// Blocked in read() inside a critical section: refused with the rseq reason, and the
+/// target runs on: the kernel aborts that section as after any stop, and the next one reads
+/// what we write.
+#[test]
+fn thread_in_a_system_call_inside_a_section_is_refused() {
+    let test = "thread_in_a_system_call_inside_a_section_is_refused";
+    let Some(mut sp) = Spinner::start_with(test, &["--block"]) else {
+        return;
+    };
+    let (_client, fd) = sp.close_wait();
+    let pid = sp.pid();
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    let r = close_in_target_with_env(&helper(), pid, pidfd.as_fd(), &[sp.victim(fd)], &[]);
+    match &r {
+        Err(InjectError::Refused(Refusal::Rseq { tid, why })) => {
+            assert_eq!(*tid, pid);
+            assert!(why.contains("system call inside"), "{why}");
+        }
+        other => panic!("expected an rseq refusal, got {other:?}"),
+    }
+    assert!(sp.alive(), "the target died: {:?}", sp.tail());
+    assert!(std::path::Path::new(&format!("/proc/{pid}/fd/{fd}")).exists());
+    sp.expect("aborted");
+    let mut stdin = sp.child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"x").expect("write to the target");
+    // Aborted if the read blocked first (any switch away aborts a section), committed
+    // with the byte if the byte was there first.
+    let after = sp.expect("");
+    assert!(
+        after == "aborted" || after == "committed 1",
+        "after the write: {after:?}"
+    );
+    assert!(sp.alive(), "the target died: {:?}", sp.tail());
 }

@@ -16,6 +16,12 @@
  * Every 16 sections it accepts one pending connection (non-blocking) and prints
  * `accepted FD PEERPORT`. It never reads or closes a connection, so a half-closed one
  * stays in CLOSE_WAIT. stdout also gets `listen 127.0.0.1:PORT`, `ready`, `error TEXT`.
+ *
+ *   rseq_spin STATE_FILE --block
+ *
+ * breaks the rules of rseq instead: it accepts one connection (blocking), then runs
+ * sections that block in read(0) inside them, printing `committed N` or `aborted` after
+ * each, so its thread sits in a system call inside a critical section.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -81,9 +87,70 @@ aborted:
     return 1;
 }
 
+/* A section that blocks in read(0, buf, 1) and commits read's result. */
+static int blocking_section(struct rseq *rs, char *buf, uint64_t *out) {
+    __asm__ __volatile__ goto(
+        ".pushsection __rseq_cs, \"aw\"\n\t"
+        ".balign 32\n\t"
+        "3:\n\t"
+        ".long 0x0, 0x0\n\t"
+        ".quad 1f, (2f - 1f), 4f\n\t"
+        ".popsection\n\t"
+        "leaq 3b(%%rip), %%rax\n\t"
+        "movq %%rax, (%[cs])\n\t"
+        "1:\n\t"
+        "xorl %%eax, %%eax\n\t" /* SYS_read */
+        "xorl %%edi, %%edi\n\t" /* fd 0 */
+        "movq %[buf], %%rsi\n\t"
+        "movl $1, %%edx\n\t"
+        "syscall\n\t"
+        "movq %%rax, (%[out])\n\t" /* the commit */
+        "2:\n\t"
+        ".pushsection __rseq_failure, \"ax\"\n\t"
+        ".byte 0x0f, 0xb9, 0x3d\n\t"
+        ".long 0x53053053\n\t"
+        "4:\n\t"
+        "jmp %l[aborted]\n\t"
+        ".popsection\n\t"
+        :
+        : [cs] "r"(&rs->rseq_cs), [buf] "r"(buf), [out] "r"(out)
+        : "memory", "cc", "rax", "rcx", "rdx", "rsi", "rdi", "r11"
+        : aborted);
+    return 0;
+aborted:
+    return 1;
+}
+
+static int block_mode(struct rseq *rs, int ls) {
+    struct sockaddr_in peer;
+    socklen_t plen = sizeof peer;
+    int fl = fcntl(ls, F_GETFL);
+    fcntl(ls, F_SETFL, fl & ~O_NONBLOCK);
+    int fd = accept(ls, (struct sockaddr *)&peer, &plen);
+    if (fd < 0) {
+        printf("error accept: %s\n", strerror(errno));
+        return 1;
+    }
+    printf("accepted %d %d\n", fd, ntohs(peer.sin_port));
+    fflush(stdout);
+    char buf[1];
+    uint64_t out = 0;
+    for (;;) {
+        if (blocking_section(rs, buf, &out)) {
+            printf("aborted\n");
+        } else {
+            printf("committed %lld\n", (long long)(int64_t)out);
+            if ((int64_t)out <= 0)
+                return 0;
+        }
+        fflush(stdout);
+    }
+}
+
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: rseq_spin STATE_FILE\n");
+    int block = argc == 3 && strcmp(argv[2], "--block") == 0;
+    if (argc != 2 && !block) {
+        fprintf(stderr, "usage: rseq_spin STATE_FILE [--block]\n");
         return 2;
     }
     int sf = open(argv[1], O_RDWR);
@@ -112,6 +179,8 @@ int main(int argc, char **argv) {
     }
     printf("listen 127.0.0.1:%d\nready\n", ntohs(addr.sin_port));
     fflush(stdout);
+    if (block)
+        return block_mode(rs, ls);
     uint64_t out = 0;
     for (unsigned long i = 0;; i++) {
         if (i % 16 == 0) {

@@ -124,6 +124,11 @@ pub(super) fn saved_regs(
     if !cs.contains(regs.ip()) {
         return Ok((*regs, Some(cs)));
     }
+    if regs.in_syscall() {
+        // Against the rules of rseq, and the kernel would adjust the instruction pointer
+        // to restart the call after we moved it: not ours to sort out.
+        return Err("it stopped in a system call inside its critical section".into());
+    }
     if let Some(why) = cs.invalid() {
         return Err(why.into());
     }
