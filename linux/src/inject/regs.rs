@@ -122,7 +122,7 @@ impl Session {
     }
 
     /// Run system call `nr` in the injecting thread, which is in a ptrace stop, and return
-    /// rax. It ends in the call's syscall-exit-stop, still holding injected registers.
+    /// rax. It ends in the call's syscall-exit-stop, with its own registers back.
     fn call(&mut self, insn: u64, nr: u64, args: [u64; 3]) -> Result<i64, InjectError> {
         let Some(inj) = self.inj.as_mut() else {
             return Err(InjectError::Ptrace("no injecting thread".into()));
