@@ -29,7 +29,9 @@
 //!    strict mode is never used. If the chosen thread has a filter, it is suspended for the
 //!    injection (PTRACE_O_SUSPEND_SECCOMP) or the injection is refused. If it stopped inside
 //!    an rseq critical section, its saved instruction pointer is moved to the section's
-//!    abort handler first, as the kernel does on preemption (see `rseq`).
+//!    abort handler first, as the kernel does on preemption; where that cannot be done as
+//!    the kernel would (a bad descriptor or signature, a system call inside the section),
+//!    the injection is refused (see `rseq`).
 //! 4. **Run the calls without single-stepping.** From the thread's interrupt stop, its
 //!    registers point at an existing `syscall` instruction (nothing is written to the
 //!    target's memory) with rax = the call, its arguments and orig_rax = -1; PTRACE_SYSCALL
@@ -54,9 +56,10 @@
 //! remaining window is the helper itself being SIGKILLed while the injecting thread holds
 //! the *injected* registers: during each call, from setting them to restoring them at its
 //! syscall-exit-stop, a few tens of microseconds. The thread would then run the borrowed
-//! `syscall` instruction and go on from there with the wrong registers. Nothing that
-//! happens to cwreap can cause that; only a SIGKILL aimed at the helper (or the OOM killer
-//! choosing it) can.
+//! `syscall` instruction and go on from there with the wrong registers (measured with a
+//! thread that stopped in nanosleep and lent its own instruction: the sleep returned 0 at
+//! once, cut short). Nothing that happens to cwreap can cause that; only a SIGKILL aimed at
+//! the helper (or the OOM killer choosing it) can.
 //!
 //! Failure keeps the target as it was: on any error the registers are restored and every
 //! stopped thread is detached (a guard does it even on unwinding).
