@@ -9,13 +9,14 @@
 //! * `run`: the N victims hold consecutive fd numbers (how leaks usually look), so they go
 //!   in one injected close_range;
 //! * `scattered`: 2N half-closed connections and every other one is a victim, so no two
-//!   are adjacent and each needs its own injected close (what a process under a seccomp
-//!   filter always gets).
+//!   are adjacent and each needs its own injected close.
 //!
-//! The pause is the library's own measure: first PTRACE_INTERRUPT to last detach. Prints
-//! the median, minimum and maximum; the target is a median under 5 ms for 100 fds (a miss
-//! prints MISS). Exits 1 if an injection fails or does not close exactly its N.
-//! Needs root (ptrace and pidfd_getfd on another process).
+//! The pause is the library's own measure, taken in the injection helper: first
+//! PTRACE_INTERRUPT to last detach. Prints the median, minimum and maximum; the target is a
+//! median under 5 ms for 100 fds (a miss prints MISS). The last column is the median of
+//! the whole call as cwreap sees it, including starting the helper process (`cwreap
+//! inject-helper`), which the target does not feel. Exits 1 if an injection fails or does
+//! not close exactly its N. Needs root (ptrace and pidfd_getfd on another process).
 //!
 //! `cargo bench --bench inject -- --reps R --sizes 1,100,1000`
 
@@ -26,11 +27,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use cwreap_linux::inject::{Victim, close_in_target};
+use cwreap_linux::inject::{Helper, Victim, close_in_target};
 use cwreap_linux::procfs::parse_socket_link;
 use cwreap_linux::sys;
 
 const FIXTURE: &str = env!("CARGO_BIN_EXE_cwreap-fixture");
+const CWREAP: &str = env!("CARGO_BIN_EXE_cwreap");
 const OPEN_CONNECTIONS: usize = 8;
 const TARGET_SIZE: usize = 100;
 const TARGET_US: u64 = 5_000;
@@ -120,8 +122,8 @@ fn close_wait_victims(pid: i32) -> Result<Vec<Victim>, String> {
 }
 
 /// One measurement: a fresh server, `n` victims in the given layout; returns the pause in
-/// µs and the number of threads stopped.
-fn measure(n: usize, scattered: bool) -> Result<(u64, usize), String> {
+/// µs, the number of threads stopped, and the whole call in µs.
+fn measure(n: usize, scattered: bool) -> Result<(u64, usize, u64), String> {
     let half_closed = if scattered { 2 * n } else { n };
     let server = start_server()?;
     let pid = server.child.id() as i32;
@@ -153,13 +155,14 @@ fn measure(n: usize, scattered: bool) -> Result<(u64, usize), String> {
         std::thread::sleep(Duration::from_millis(20));
     };
     let pidfd = sys::pidfd_open(pid).map_err(|e| e.to_string())?;
-    let report = close_in_target(
-        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
-        pid,
-        pidfd.as_fd(),
-        &victims,
-    )
-    .map_err(|e| e.to_string())?;
+    let helper = Helper {
+        exe: CWREAP.into(),
+        args: vec!["inject-helper".into()],
+    };
+    let t0 = Instant::now();
+    let report =
+        close_in_target(&helper, pid, pidfd.as_fd(), &victims).map_err(|e| e.to_string())?;
+    let call_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
     if report.closed.len() != n || !report.skipped.is_empty() {
         return Err(format!(
             "closed {} of {n}; skipped {:?}",
@@ -173,7 +176,7 @@ fn measure(n: usize, scattered: bool) -> Result<(u64, usize), String> {
             report.fds_before, report.fds_after
         ));
     }
-    Ok((report.pause_us, report.threads))
+    Ok((report.pause_us, report.threads, call_us))
 }
 
 fn parse_args() -> Result<(usize, Vec<usize>), String> {
@@ -221,8 +224,8 @@ fn main() {
     }
     println!("close_in_target on `cwreap-fixture server --threaded` ({reps} repetitions)");
     println!(
-        "{:>6}  {:>9}  {:>8}  {:>10}  {:>8}  {:>8}  {:>7}",
-        "fds", "layout", "threads", "median µs", "min µs", "max µs", "µs/fd"
+        "{:>6}  {:>9}  {:>8}  {:>10}  {:>8}  {:>8}  {:>7}  {:>8}",
+        "fds", "layout", "threads", "median µs", "min µs", "max µs", "µs/fd", "call µs"
     );
     let mut failed = false;
     let cases = sizes
@@ -232,11 +235,13 @@ fn main() {
     for (n, scattered) in cases {
         let layout = if scattered { "scattered" } else { "run" };
         let mut pauses = Vec::with_capacity(reps);
+        let mut calls = Vec::with_capacity(reps);
         let mut threads = 0;
         for _ in 0..reps {
             match measure(n, scattered) {
-                Ok((us, t)) => {
+                Ok((us, t, call)) => {
                     pauses.push(us);
+                    calls.push(call);
                     threads = t;
                 }
                 Err(e) => {
@@ -249,14 +254,16 @@ fn main() {
             continue;
         }
         pauses.sort_unstable();
+        calls.sort_unstable();
         let median = pauses[pauses.len() / 2];
+        let call_median = calls[calls.len() / 2];
         let verdict = match n {
             TARGET_SIZE if median < TARGET_US => "  ok (target < 5 ms)",
             TARGET_SIZE => "  MISS (target < 5 ms)",
             _ => "",
         };
         println!(
-            "{n:>6}  {layout:>9}  {threads:>8}  {median:>10}  {:>8}  {:>8}  {:>7.1}{verdict}",
+            "{n:>6}  {layout:>9}  {threads:>8}  {median:>10}  {:>8}  {:>8}  {:>7.1}  {call_median:>8}{verdict}",
             pauses[0],
             pauses[pauses.len() - 1],
             median as f64 / n.max(1) as f64

@@ -11,7 +11,7 @@ use std::io;
 
 use serde::Serialize;
 
-use cwreap_linux::inject::{InjectError, InjectReport, SkipReason, Victim};
+use cwreap_linux::inject::{InjectError, InjectReport, Refusal, SkipReason, Victim};
 use cwreap_linux::netlink::DiagSocket;
 use cwreap_linux::os::{Os, SocketKiller};
 use cwreap_linux::sys::Capability;
@@ -178,9 +178,22 @@ impl Reason {
                 InjectError::Unsupported(_) => "unsupported",
                 InjectError::Gone => "process_exited",
                 InjectError::Permission(_) => "permission_denied",
-                InjectError::Refused(_) => "refused",
+                InjectError::Refused(r) => match r {
+                    Refusal::OwnProcess => "refused_own_process",
+                    Refusal::InvalidPid(_) | Refusal::NotPidfd | Refusal::PidfdOfOther { .. } => {
+                        "refused_bad_target"
+                    }
+                    Refusal::JobControlStopped { .. } => "refused_stopped",
+                    Refusal::SeccompStrict { .. } | Refusal::SeccompFilter { .. } => {
+                        "refused_seccomp"
+                    }
+                    Refusal::Rseq { .. } => "refused_rseq",
+                    Refusal::NoUsableThread => "refused_no_usable_thread",
+                    Refusal::NoSyscallInsn => "refused_no_syscall_insn",
+                },
                 InjectError::Timeout(_) => "timeout",
                 InjectError::Ptrace(_) => "ptrace_failed",
+                InjectError::Helper(_) => "helper_failed",
             },
         }
     }
@@ -736,5 +749,55 @@ mod tests {
             assert_eq!(reason.code(), code);
             assert_eq!(reason.to_string(), text);
         }
+        // The injected close: a failed close(), a changed fd, a gone process and each
+        // kind of refusal are reasons of their own.
+        let refused = |r| Reason::InjectFailed(InjectError::Refused(r));
+        let inject = [
+            (
+                Reason::Inject(SkipReason::CloseFailed(libc::EIO)),
+                "close_failed",
+            ),
+            (
+                Reason::Inject(SkipReason::InodeChanged {
+                    found: 9,
+                    expected: 8,
+                }),
+                "inode_changed",
+            ),
+            (Reason::InjectFailed(InjectError::Gone), "process_exited"),
+            (
+                refused(Refusal::Rseq {
+                    tid: 1,
+                    why: "x".into(),
+                }),
+                "refused_rseq",
+            ),
+            (
+                refused(Refusal::SeccompStrict { tid: 1 }),
+                "refused_seccomp",
+            ),
+            (
+                refused(Refusal::SeccompFilter {
+                    tid: 1,
+                    why: "x".into(),
+                }),
+                "refused_seccomp",
+            ),
+            (
+                refused(Refusal::JobControlStopped { tid: 1 }),
+                "refused_stopped",
+            ),
+            (refused(Refusal::OwnProcess), "refused_own_process"),
+        ];
+        let mut codes = std::collections::BTreeSet::new();
+        for (reason, code) in inject {
+            assert_eq!(reason.code(), code, "{reason}");
+            codes.insert(code);
+        }
+        assert_eq!(
+            codes.len(),
+            7,
+            "seccomp's two modes share a code, the rest differ"
+        );
     }
 }

@@ -49,6 +49,10 @@ pub enum Command {
     /// Write the man pages and completion scripts into a directory (for packaging)
     #[command(hide = true)]
     Generate(GenerateArgs),
+    /// Internal: the process that runs an injected close() for `reap --close` (request on
+    /// stdin, target's pidfd on fd 3, report on stdout)
+    #[command(hide = true)]
+    InjectHelper,
 }
 
 const COMPLETIONS_EXAMPLES: &str = "Examples:

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
             eprintln!("wrote {} into {}", files.join(", "), args.out_dir.display());
             Status::Ok
         }),
+        Command::InjectHelper => std::process::exit(cwreap_linux::inject::helper_main()),
     };
     let result = result.and_then(|status| {
         out.flush()?;

@@ -13,17 +13,30 @@ use crate::cli::Cli;
 /// A shell completion script. Hidden subcommands (packaging's `generate`, the injection
 /// helper) are left out: completions offer only what a user types.
 pub fn completions(shell: Shell, out: &mut impl Write) {
-    let full = Cli::command();
-    let visible: Vec<clap::Command> = full
-        .get_subcommands()
-        .filter(|s| !s.is_hide_set())
-        .cloned()
-        .collect();
-    let mut shown = clap::Command::new("cwreap")
-        .version(env!("CARGO_PKG_VERSION"))
-        .about(full.get_about().cloned().unwrap_or_default())
-        .subcommands(visible);
-    clap_complete::generate(shell, &mut shown, "cwreap", out);
+    let mut cmd = without_hidden_subcommands(Cli::command());
+    clap_complete::generate(shell, &mut cmd, "cwreap", out);
+}
+
+/// `cmd` without its hidden subcommands (`generate`, `inject-helper`): clap_complete's
+/// generators list every subcommand, hidden or not (checked with clap_complete 4.6), and
+/// clap can add subcommands but not remove them, so the root is rebuilt with its own
+/// arguments and only the visible subcommands.
+fn without_hidden_subcommands(cmd: clap::Command) -> clap::Command {
+    // clap keeps names as &'static str; ours is this one (checked by the tests).
+    let mut root = clap::Command::new("cwreap")
+        .subcommand_required(cmd.is_subcommand_required_set())
+        .arg_required_else_help(cmd.is_arg_required_else_help_set());
+    if cmd.get_version().is_some() {
+        root = root.version(env!("CARGO_PKG_VERSION"));
+    }
+    if let Some(about) = cmd.get_about() {
+        root = root.about(about.clone());
+    }
+    if let Some(about) = cmd.get_long_about() {
+        root = root.long_about(about.clone());
+    }
+    root.args(cmd.get_arguments().cloned())
+        .subcommands(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
 }
 
 /// cwreap(8): the whole command line, with every subcommand.
@@ -400,6 +413,42 @@ mod tests {
                 "{shell:?} offers `generate`'s flag"
             );
             assert!(text.contains("older-than"), "{shell:?}");
+            for hidden in ["inject-helper", "inject_helper", "generate"] {
+                assert!(
+                    !text.contains(hidden),
+                    "{shell:?} completion offers {hidden}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn hidden_subcommands_are_only_left_out() {
+        let full = Cli::command();
+        let visible = without_hidden_subcommands(Cli::command());
+        let names = |c: &clap::Command| -> Vec<String> {
+            c.get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .collect()
+        };
+        let expected: Vec<String> = full
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(|s| s.get_name().to_string())
+            .collect();
+        assert_eq!(names(&visible), expected);
+        assert!(names(&full).contains(&"inject-helper".to_string()));
+        let args = |c: &clap::Command| -> Vec<String> {
+            c.get_arguments().map(|a| a.get_id().to_string()).collect()
+        };
+        assert_eq!(args(&visible), args(&full));
+        assert_eq!(visible.get_version(), full.get_version());
+        assert_eq!(visible.get_name(), full.get_name());
+        let mut help = Vec::new();
+        Cli::command()
+            .write_long_help(&mut help)
+            .expect("render help");
+        let help = String::from_utf8(help).expect("utf-8");
+        assert!(!help.contains("inject-helper"), "{help}");
     }
 }

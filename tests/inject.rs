@@ -1,12 +1,15 @@
 //! `cwreap_linux::inject` on real processes: a multi-threaded Rust server, a Python one and a Node
 //! one that leak CLOSE_WAIT sockets get their fds closed by an injected close(2), and keep
 //! working; interrupted system calls resume; a changed fd is left alone; a target that
-//! dies, or a tracer that is SIGKILLed, leaves nothing stopped.
+//! dies, or a tracer (the helper process) that is SIGKILLed, leaves nothing stopped.
 
+#[path = "support/pause.rs"]
+mod pause;
+#[path = "support/runtimes.rs"]
+mod runtimes;
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
@@ -15,10 +18,12 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use cwreap_linux::inject::{
-    InjectError, InjectReport, SkipReason, Victim, close_in_target, close_in_target_hooked,
+    InjectError, InjectReport, Refusal, SkipReason, Victim, close_in_target,
+    close_in_target_with_env,
 };
 use cwreap_linux::procfs::parse_socket_link;
 use cwreap_linux::sys;
+use pause::{SeamDir, env_refs, helper};
 use support::*;
 
 const V4: &str = "127.0.0.1:0";
@@ -107,26 +112,55 @@ fn syscall_of(pid: i32, tid: i32) -> Option<i64> {
 
 fn inject(pid: i32, victims: &[Victim]) -> Result<InjectReport, InjectError> {
     let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
-    close_in_target(
-        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
-        pid,
-        pidfd.as_fd(),
-        victims,
-    )
+    close_in_target(&helper(), pid, pidfd.as_fd(), victims)
+}
+
+/// Inject with the helper paused once every thread is stopped; `while_stopped` runs then,
+/// with the helper's pid. Returns what the injection returned, and whether it paused.
+fn inject_paused(
+    pid: i32,
+    victims: &[Victim],
+    while_stopped: impl FnOnce(i32),
+) -> (Result<InjectReport, InjectError>, bool) {
+    inject_paused_at("stopped", pid, victims, while_stopped)
+}
+
+/// Inject with the helper paused at `step` (see the helper's seams), running `at_pause`
+/// there with the helper's pid.
+fn inject_paused_at(
+    step: &str,
+    pid: i32,
+    victims: &[Victim],
+    at_pause: impl FnOnce(i32),
+) -> (Result<InjectReport, InjectError>, bool) {
+    let seams = SeamDir::new(step);
+    let env = seams.env(Some(step));
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| {
+            close_in_target_with_env(&helper(), pid, pidfd.as_fd(), victims, &env_refs(&env))
+        });
+        let paused = seams.wait_paused(Duration::from_secs(30), || call.is_finished());
+        if let Some(helper_pid) = paused {
+            at_pause(helper_pid);
+            seams.release();
+        }
+        let r = call.join().expect("the injecting thread panicked");
+        (r, paused.is_some())
+    })
 }
 
 /// Inject, and record from inside the stop whether every thread was stopped and what
 /// system call the main thread was in.
 fn inject_observed(pid: i32, victims: &[Victim]) -> (Result<InjectReport, InjectError>, Seen) {
     let seen = Mutex::new(Seen::default());
-    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
-    let hook = || {
+    let (r, paused) = inject_paused(pid, victims, |_| {
         let mut s = seen.lock().unwrap();
         s.all_stopped = all_stopped(pid);
         s.threads = thread_states(pid).len();
         s.main_syscall = syscall_of(pid, pid);
-    };
-    let r = close_in_target_hooked(pid, pidfd.as_fd(), victims, &hook);
+    });
+    assert!(paused, "the helper never reached its pause: {r:?}");
     (r, seen.into_inner().unwrap())
 }
 
@@ -353,6 +387,12 @@ impl Script {
         self.child.id() as i32
     }
 
+    fn next_line(&mut self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the server said nothing for 20 s")
+    }
+
     fn expect(&mut self, prefix: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -431,8 +471,8 @@ while True:
 "#;
 
 /// Installs a seccomp filter first (Seccomp: 2 in /proc/PID/status), as sandboxed
-/// services have, that kills the process on close_range(2): under a filter only plain
-/// close() may be injected, one per fd.
+/// services have, that kills the process on close_range(2): the injected calls survive it
+/// only because the filter is suspended for them (PTRACE_O_SUSPEND_SECCOMP).
 const PYTHON_SECCOMP: &str = r#"
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
@@ -464,9 +504,9 @@ fn python_server_gets_fds_freed_and_keeps_serving() {
 }
 
 #[test]
-fn python_server_under_seccomp_gets_fds_freed_one_by_one() {
+fn python_server_under_seccomp_gets_fds_freed_with_the_filter_suspended() {
     python_server(
-        "python_server_under_seccomp_gets_fds_freed_one_by_one",
+        "python_server_under_seccomp_gets_fds_freed_with_the_filter_suspended",
         true,
     );
 }
@@ -504,6 +544,15 @@ fn python_server(test: &str, seccomp: bool) {
     let port = py.port;
     let mut c = TcpStream::connect(("127.0.0.1", port)).expect("check connection");
     assert!(echoes(&mut c), "python server no longer answers");
+    assert!(
+        py.child.try_wait().expect("try_wait").is_none(),
+        "python exited"
+    );
+    // Accepted one after the other, the victims hold consecutive numbers: one
+    // close_range, which the filter would have punished had it not been suspended.
+    let nums: Vec<i32> = fds.iter().copied().collect();
+    assert!(nums.windows(2).any(|w| w[1] == w[0] + 1), "{nums:?}");
+    assert_eq!(seccomp_mode(pid), Some(if seccomp { 2 } else { 0 }));
 }
 
 /// `allowHalfOpen: true` and no 'end' handler: a half-closed connection is never ended,
@@ -620,7 +669,7 @@ fn target_exiting_during_the_stop_is_gone_without_a_hang() {
         .map(|fd| victim(pid, fd))
         .collect();
     let pidfd = sys::pidfd_open(pid).unwrap();
-    let kill = || {
+    let kill = |_| {
         rustix::process::kill_process(
             rustix::process::Pid::from_raw(pid).unwrap(),
             rustix::process::Signal::KILL,
@@ -628,83 +677,70 @@ fn target_exiting_during_the_stop_is_gone_without_a_hang() {
         .expect("kill target");
     };
     let t0 = Instant::now();
-    let r = close_in_target_hooked(pid, pidfd.as_fd(), &victims, &kill);
-    assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
+    let (r, paused) = inject_paused(pid, &victims, kill);
+    assert!(paused && matches!(r, Err(InjectError::Gone)), "{r:?}");
     assert!(
-        t0.elapsed() < Duration::from_secs(2),
+        t0.elapsed() < Duration::from_secs(5),
         "took {:?}",
         t0.elapsed()
     );
     fx.kill();
     // And once it is gone for good, the same call says so at once.
-    let r = close_in_target(
-        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
-        pid,
-        pidfd.as_fd(),
-        &victims,
-    );
+    let r = close_in_target(&helper(), pid, pidfd.as_fd(), &victims);
     assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
 }
 
-/// Killed by its seccomp filter when it closes fd 77, a copy of its first connection: the
-/// process dies in the middle of the injection, while one thread runs the injected close.
-const PYTHON_DIES_ON_CLOSE: &str = r#"
-import ctypes, os, socket, threading, time
-libc = ctypes.CDLL(None, use_errno=True)
-class Insn(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
-class Prog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
-prog = (Insn * 6)(
-    Insn(0x20, 0, 0, 0),  # load seccomp_data.nr
-    Insn(0x15, 0, 3, 3),  # close? else allow
-    Insn(0x20, 0, 0, 16),  # load the low word of args[0]
-    Insn(0x15, 0, 1, 77),  # fd 77? else allow
-    Insn(0x06, 0, 0, 0x80000000),  # SECCOMP_RET_KILL_PROCESS
-    Insn(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
-)
-assert libc.prctl(38, 1, 0, 0, 0) == 0
-assert libc.prctl(22, 2, ctypes.byref(Prog(6, prog)), 0, 0) == 0
-threading.Thread(target=time.sleep, args=(1e6,), daemon=True).start()
-srv = socket.socket()
-srv.bind(("127.0.0.1", 0))
-srv.listen(16)
-print("listen", srv.getsockname()[1], flush=True)
-keep = []
-while True:
-    c, addr = srv.accept()
-    os.dup2(c.fileno(), 77)
-    keep.append(c)
-    print("accepted", c.fileno(), addr[1], flush=True)
-"#;
-
+/// The target is SIGKILLed while its injecting thread sits in the syscall-enter-stop of
+/// the injected close: the helper sees it exit and says so, without a hang.
 #[test]
 fn target_dying_during_the_injection_is_gone_without_a_hang() {
     if !require_root("target_dying_during_the_injection_is_gone_without_a_hang") {
         return;
     }
-    let mut py = Script::start("python3", "dies.py", PYTHON_DIES_ON_CLOSE);
-    let pid = py.pid();
-    let (_client, fd) = py.close_wait();
-    assert_eq!(victim(pid, 77).inode, victim(pid, fd).inode);
+    let mut fx = Fixture::start(&[V4], &["--threaded"]);
+    let pid = fx.pid();
+    let (_client, fd) = fx.close_wait(0);
     let t0 = Instant::now();
-    let r = inject(pid, &[victim(pid, 77)]);
-    assert!(matches!(r, Err(InjectError::Gone)), "{r:?}");
+    let (r, paused) = inject_paused_at("entered", pid, &[victim(pid, fd)], |_| {
+        assert!(all_stopped(pid), "{:?}", thread_states(pid));
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).expect("pid"),
+            rustix::process::Signal::KILL,
+        )
+        .expect("kill target");
+    });
+    assert!(paused && matches!(r, Err(InjectError::Gone)), "{r:?}");
     assert!(
-        t0.elapsed() < Duration::from_secs(2),
+        t0.elapsed() < Duration::from_secs(5),
         "took {:?}",
         t0.elapsed()
     );
-    // The test process is both the parent and (in its tracing thread) the tracer, so the
-    // exit may already have been collected there: then the pid is simply gone.
-    match py.child.wait() {
-        Ok(status) => assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGSYS),
-            "{status:?}"
-        ),
-        Err(_) => assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists()),
-    }
+    // The helper traced it and collected its exit; the parent (this test) gets it next.
+    let status = fx.child.wait().expect("wait for the fixture");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
+}
+
+/// Field `key` of /proc/PID/status.
+fn status_field(pid: i32, key: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// The session id of `pid` (field 6 of /proc/PID/stat).
+fn session_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -717,47 +753,51 @@ fn sigkilled_tracer_leaves_the_target_running() {
     let (mut client, fd) = fx.close_wait(0);
     let (mut est, _) = fx.connect(0);
     let v = victim(pid, fd);
-    let mut tracer = KillOnDrop(
-        Command::new(FIXTURE)
-            .args(["inject", &pid.to_string()])
-            .arg(format!("{}:{}:{}", v.fd, v.inode, v.cookie))
-            .args(["--pause-after-stop", "30000"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn injector"),
-    );
-    let mut out = BufReader::new(tracer.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).expect("injector output");
-    assert_eq!(line.trim(), "stopped");
-    assert!(all_stopped(pid), "{:?}", thread_states(pid));
-    // ptrace belongs to one thread of the injector.
-    let tracer_tid = tracer_of(pid);
-    let injector = tracer.0.id();
-    assert!(
-        std::path::Path::new(&format!("/proc/{injector}/task/{tracer_tid}")).exists(),
-        "traced by {tracer_tid}, not by a thread of the injector {injector}"
-    );
-
-    // A second tracer is refused while the first holds the target, and says by whom.
-    let second = inject(pid, &[v]);
-    match second {
-        Err(InjectError::Permission(why)) => assert!(why.contains("already traced"), "{why}"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-
-    tracer.0.kill().expect("SIGKILL the injector");
-    let _ = tracer.0.wait();
+    let (r, paused) = inject_paused(pid, &[v], |helper_pid| {
+        assert!(all_stopped(pid), "{:?}", thread_states(pid));
+        // The tracer is the helper process, in a session of its own, with the signals
+        // of a terminal and a service manager blocked.
+        assert_eq!(tracer_of(pid), helper_pid);
+        assert_eq!(
+            session_of(helper_pid),
+            Some(helper_pid),
+            "not its own session"
+        );
+        let blocked = status_field(helper_pid, "SigBlk")
+            .and_then(|m| u64::from_str_radix(&m, 16).ok())
+            .expect("SigBlk");
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGTSTP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+        ] {
+            assert!(
+                blocked & (1 << (sig - 1)) != 0,
+                "signal {sig} not blocked: {blocked:#x}"
+            );
+        }
+        // A second injection is refused while the first holds the target, and says by
+        // whom.
+        match inject(pid, &[v]) {
+            Err(InjectError::Permission(why)) => assert!(why.contains("already traced"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(helper_pid).expect("pid"),
+            rustix::process::Signal::KILL,
+        )
+        .expect("SIGKILL the helper");
+    });
+    assert!(paused);
+    assert!(matches!(r, Err(InjectError::Helper(_))), "{r:?}");
     wait_for("the target to run again", Duration::from_secs(5), || {
         none_stopped(pid)
     });
     assert_eq!(tracer_of(pid), 0);
-    let mut rest = String::new();
-    let _ = out.read_to_string(&mut rest);
-    assert!(
-        !rest.contains("closed"),
-        "the killed injector closed something: {rest}"
-    );
     // Nothing was closed, everything still works, no blocked call failed.
     assert!(open_fds(pid).contains(&fd));
     assert_eq!(tcp_state(pid, fd), Some(CLOSE_WAIT));
@@ -782,39 +822,338 @@ fn own_process_and_mismatched_pidfd_are_refused() {
         inode: 1,
         cookie: 1,
     };
-    assert!(matches!(
-        close_in_target(
-            &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
-            me,
-            own.as_fd(),
-            &[v]
-        ),
-        Err(InjectError::Refused(_))
-    ));
+    assert_eq!(
+        close_in_target(&helper(), me, own.as_fd(), &[v]),
+        Err(InjectError::Refused(Refusal::OwnProcess))
+    );
     let mut a = Fixture::start(&[V4], &[]);
     let b = Fixture::start(&[V4], &[]);
     let (_c, fd) = a.close_wait(0);
     let va = victim(a.pid(), fd);
     let pidfd_b = sys::pidfd_open(b.pid()).unwrap();
-    let r = close_in_target(
-        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
-        a.pid(),
-        pidfd_b.as_fd(),
-        &[va],
+    let r = close_in_target(&helper(), a.pid(), pidfd_b.as_fd(), &[va]);
+    assert_eq!(
+        r,
+        Err(InjectError::Refused(Refusal::PidfdOfOther {
+            pidfd_pid: b.pid(),
+            pid: a.pid()
+        }))
     );
-    assert!(matches!(r, Err(InjectError::Refused(_))), "{r:?}");
     assert!(open_fds(a.pid()).contains(&fd));
+    // Not a pidfd at all.
+    let r = close_in_target(&helper(), a.pid(), std::io::stdin().as_fd(), &[va]);
+    assert_eq!(r, Err(InjectError::Refused(Refusal::NotPidfd)));
     // An empty batch stops nothing.
     let pidfd_a = sys::pidfd_open(a.pid()).unwrap();
-    let r = close_in_target(
-        &cwreap_linux::inject::Helper::this_program(&["inject-helper"]),
-        a.pid(),
-        pidfd_a.as_fd(),
-        &[],
-    )
-    .expect("empty batch");
+    let r = close_in_target(&helper(), a.pid(), pidfd_a.as_fd(), &[]).expect("empty batch");
     assert_eq!((r.threads, r.pause_us), (0, 0));
     assert!(r.fds_before > 0);
+    // A helper that cannot be started is an error of its own, and nothing is closed.
+    let missing = cwreap_linux::inject::Helper {
+        exe: "/nonexistent/cwreap".into(),
+        args: vec![],
+    };
+    let r = close_in_target(&missing, a.pid(), pidfd_a.as_fd(), &[va]);
+    assert!(matches!(r, Err(InjectError::Helper(_))), "{r:?}");
+    assert!(open_fds(a.pid()).contains(&fd));
+}
+
+/// A process stopped by job control is not resumed by an injection: refused, left stopped.
+#[test]
+fn job_control_stopped_process_is_refused() {
+    if !require_root("job_control_stopped_process_is_refused") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &["--threaded"]);
+    let pid = fx.pid();
+    let (_c, fd) = fx.close_wait(0);
+    let v = victim(pid, fd);
+    let target = rustix::process::Pid::from_raw(pid).expect("pid");
+    rustix::process::kill_process(target, rustix::process::Signal::STOP).expect("SIGSTOP");
+    wait_for("the target to stop", Duration::from_secs(5), || {
+        thread_states(pid).iter().all(|(_, s)| *s == 'T')
+    });
+    let r = inject(pid, &[v]);
+    assert!(
+        matches!(
+            r,
+            Err(InjectError::Refused(Refusal::JobControlStopped { .. }))
+        ),
+        "{r:?}"
+    );
+    assert!(open_fds(pid).contains(&fd));
+    // Detached from the group-stop, each thread is woken to stop again by itself.
+    wait_for(
+        "every thread back in the group-stop",
+        Duration::from_secs(5),
+        || thread_states(pid).iter().all(|(_, s)| *s == 'T'),
+    );
+    assert_eq!(tracer_of(pid), 0);
+    rustix::process::kill_process(target, rustix::process::Signal::CONT).expect("SIGCONT");
+    fx.send("ping");
+    fx.expect_line("pong");
+}
+
+/// Injected calls miss their deadline (a testing seam sets it to 0-105 µs), wherever the
+/// thread is then: before its syscall-enter-stop (caught in an interrupt stop), at it (the
+/// call is skipped), or at its exit (the call ran). Each time the thread is restored and
+/// released, the report says exactly what was closed (an error only when nothing was), and
+/// the target runs on: no EINTR, no short sleep, still serving.
+#[test]
+fn calls_past_their_deadline_are_undone_and_reported_exactly() {
+    if !require_root("calls_past_their_deadline_are_undone_and_reported_exactly") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &["--threaded"]);
+    let pid = fx.pid();
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    let (mut timeouts, mut closed) = (0, 0);
+    // How far the injected call got before it was undone: last step logged → trials.
+    let mut reached: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut failures = Vec::new();
+    for trial in 0..80 {
+        let (_client, fd) = fx.close_wait(0);
+        let v = victim(pid, fd);
+        let seams = SeamDir::new("deadline");
+        let mut env = seams.env(None);
+        // 0 to 105 µs: the deadline passes before, at or after the thread's stops.
+        let deadline_us = (trial % 8) * 15;
+        env.push((
+            "CWREAP_INJECT_TEST_CALL_TIMEOUT_US".into(),
+            deadline_us.to_string(),
+        ));
+        let r = close_in_target_with_env(&helper(), pid, pidfd.as_fd(), &[v], &env_refs(&env));
+        let steps: Vec<String> = seams.steps().into_iter().map(|(s, _, _)| s).collect();
+        let last = [
+            "caught-at-enter",
+            "caught-at-exit",
+            "caught-at-interrupt",
+            "caught-elsewhere",
+            "exited",
+            "injected",
+        ]
+        .into_iter()
+        .find(|s| steps.iter().any(|x| x == s))
+        .unwrap_or("none");
+        *reached.entry(last.to_string()).or_default() += 1;
+        let open_now = open_fds(pid).contains(&fd);
+        match &r {
+            Err(InjectError::Timeout(_)) if open_now && victim(pid, fd) == v => timeouts += 1,
+            Ok(report) if report.closed == [fd] && !open_now => closed += 1,
+            _ => failures.push(format!("trial {trial}: {r:?}; fd {fd} open: {open_now}")),
+        }
+        if !none_stopped(pid) || tracer_of(pid) != 0 {
+            failures.push(format!(
+                "trial {trial}: left stopped or traced: {:?}",
+                thread_states(pid)
+            ));
+        }
+    }
+    println!(
+        "80 injections with a 0-105 µs deadline: {timeouts} timed out (nothing closed), {closed} closed; last step reached: {reached:?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{}",
+        failures[..failures.len().min(20)].join("\n")
+    );
+    assert!(
+        timeouts > 0,
+        "no call missed its deadline; the seam did not work"
+    );
+    fx.send("ping");
+    fx.expect_line("pong");
+    check_connection(fx.listen[0]);
+    for _ in 0..2 {
+        let ms: u64 = fx.expect_line("slept ").parse().expect("ms");
+        assert!(ms >= 1500, "a 1500 ms sleep took {ms} ms");
+    }
+    let bad: Vec<&String> = fx
+        .history
+        .iter()
+        .filter(|l| {
+            l.starts_with("error")
+                || l.strip_prefix("slept ")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|ms| ms < 1500)
+        })
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// A process in seccomp strict mode would be killed by any injected call: refused, and it
+/// runs on (its blocked read restarts and still returns data).
+#[test]
+fn seccomp_strict_process_is_refused() {
+    let test = "seccomp_strict_process_is_refused";
+    if !require_root(test) {
+        return;
+    }
+    let Some(exe) = runtimes::c_program(test, "strict_holder.c") else {
+        return;
+    };
+    let mut child = KillOnDrop(
+        Command::new(exe)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start strict_holder"),
+    );
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    let lines = support::lines_of(child.0.stdout.take().expect("stdout"));
+    let next = |prefix: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("strict_holder never said {prefix}"));
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.trim().to_string();
+            }
+        }
+    };
+    let addr: std::net::SocketAddr = next("listen ").parse().expect("address");
+    let client = TcpStream::connect(addr).expect("connect");
+    let fd: i32 = next("accepted ")
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("fd");
+    next("strict");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    let pid = child.0.id() as i32;
+    wait_state(pid, fd, CLOSE_WAIT);
+    assert_eq!(seccomp_mode(pid), Some(1));
+    let r = inject(pid, &[victim(pid, fd)]);
+    assert_eq!(
+        r,
+        Err(InjectError::Refused(Refusal::SeccompStrict { tid: pid }))
+    );
+    assert!(open_fds(pid).contains(&fd));
+    assert!(none_stopped(pid) && tracer_of(pid) == 0);
+    std::io::Write::write_all(&mut stdin, b"abc").expect("write to strict_holder");
+    assert_eq!(next("read "), "3");
+    assert!(child.0.try_wait().expect("try_wait").is_none(), "it died");
+}
+
+/// A seccomp filter cannot be suspended by an injector that is itself under seccomp (as in
+/// a hardened unit): the injection is refused with that reason, and nothing is touched.
+#[test]
+fn filter_that_cannot_be_suspended_is_refused() {
+    if !require_root("filter_that_cannot_be_suspended_is_refused") {
+        return;
+    }
+    let source = format!("{PYTHON_SECCOMP}{PYTHON_SERVER}");
+    let mut py = Script::start("python3", "refused.py", &source);
+    let pid = py.pid();
+    let (_c1, fd1) = py.close_wait();
+    let (_c2, fd2) = py.close_wait();
+    let mut cmd = Command::new(CWREAP);
+    cmd.args(["reap", "--pid", &pid.to_string(), "--older-than", "0s"])
+        .args(["--close", "--yes", "--json"]);
+    // Any filter will do: the kernel refuses PTRACE_O_SUSPEND_SECCOMP to a tracer under one.
+    cwreap_linux::testing::filter_syscall(
+        &mut cmd,
+        libc::SYS_acct,
+        libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+    );
+    let out = cmd.output().expect("run cwreap under a filter");
+    let rows = json_lines(&out);
+    let mine: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| [fd1, fd2].contains(&(field_i64(r, "fd") as i32)))
+        .collect();
+    assert_eq!(mine.len(), 2, "{rows:?}\n{}", stderr(&out));
+    for r in mine {
+        // Left alone on purpose (the exit status still says it did not happen).
+        assert_eq!(field_str(r, "outcome"), "skipped", "{r}");
+        assert_eq!(field_str(r, "reason"), "refused_seccomp", "{r}");
+        assert!(
+            field_str(r, "error").contains("seccomp filter that could not be suspended"),
+            "{r}"
+        );
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let open = open_fds(pid);
+    assert!(open.contains(&fd1) && open.contains(&fd2));
+    assert_eq!(tcp_state(pid, fd1), Some(CLOSE_WAIT));
+    assert!(
+        py.child.try_wait().expect("try_wait").is_none(),
+        "python exited"
+    );
+    assert!(none_stopped(pid) && tracer_of(pid) == 0);
+}
+
+/// Python server that says `signal N` when it gets SIGUSR1.
+const PYTHON_SIGNALS: &str = r#"
+import signal
+signal.signal(signal.SIGUSR1, lambda s, f: print("signal", s, flush=True))
+"#;
+
+/// A signal sent while the target is stopped may be taken by the injecting thread on its
+/// way to the injected call; it is then held back (a handler must not run with injected
+/// registers) and handed over at detach. Either way the app gets it exactly once.
+#[test]
+fn signal_arriving_during_the_injection_is_delivered_once() {
+    if !require_root("signal_arriving_during_the_injection_is_delivered_once") {
+        return;
+    }
+    let source = format!("{PYTHON_SIGNALS}{PYTHON_SERVER}");
+    let mut py = Script::start("python3", "signals.py", &source);
+    let pid = py.pid();
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    let rounds = 5;
+    let mut kept = 0;
+    for round in 0..rounds {
+        let (mut client, fd) = py.close_wait();
+        let v = victim(pid, fd);
+        let seams = SeamDir::new("signal");
+        let env = seams.env(Some("stopped"));
+        let env = env_refs(&env);
+        let (env, pidfd) = (&env, &pidfd);
+        let r = std::thread::scope(|scope| {
+            let call = scope
+                .spawn(move || close_in_target_with_env(&helper(), pid, pidfd.as_fd(), &[v], env));
+            if seams
+                .wait_paused(Duration::from_secs(30), || call.is_finished())
+                .is_some()
+            {
+                rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid).expect("pid"),
+                    rustix::process::Signal::USR1,
+                )
+                .expect("SIGUSR1");
+                seams.release();
+            }
+            call.join().expect("the injecting thread panicked")
+        });
+        assert_eq!(
+            r.as_ref().map(|r| r.closed.clone()),
+            Ok(vec![fd]),
+            "round {round}"
+        );
+        kept += seams
+            .steps()
+            .iter()
+            .filter(|(s, _, _)| s == "signal-kept")
+            .count();
+        assert!(reads_eof(&mut client, Duration::from_secs(5)));
+        assert_eq!(py.expect("signal "), "10", "round {round}");
+    }
+    // No second delivery: the next line about a connection comes without a `signal` one.
+    let mark = "accepted ";
+    let c = TcpStream::connect(("127.0.0.1", py.port)).expect("connect");
+    let line = py.next_line();
+    assert!(line.starts_with(mark), "unexpected line {line:?}");
+    drop(c);
+    println!(
+        "{rounds} signals sent during a stop, each delivered once; {kept} held back and handed over by the helper"
+    );
+    assert!(
+        py.child.try_wait().expect("try_wait").is_none(),
+        "python exited"
+    );
 }
 
 /// A child process killed (SIGKILL) and reaped on drop, also when a test fails.
@@ -825,4 +1164,50 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The helper run by hand: a request cut short (cwreap died while writing it) does nothing
+/// and exits 2; a whole one without the pidfd at fd 3 is answered with an error report.
+#[test]
+fn helper_refuses_a_request_cut_short_or_without_a_pidfd() {
+    if !require_root("helper_refuses_a_request_cut_short_or_without_a_pidfd") {
+        return;
+    }
+    let mut fx = Fixture::start(&[V4], &[]);
+    let pid = fx.pid();
+    let (_c, fd) = fx.close_wait(0);
+    let v = victim(pid, fd);
+    let whole = format!(
+        "cwreap-inject-request 1\nrequester {}\npid {pid}\nvictim {} {} {}\nend\n",
+        std::process::id(),
+        v.fd,
+        v.inode,
+        v.cookie
+    );
+    let run = |input: &str| {
+        let mut child = Command::new(CWREAP)
+            .arg("inject-helper")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the helper");
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut stdin, input.as_bytes()).expect("write the request");
+        drop(stdin);
+        child.wait_with_output().expect("helper output")
+    };
+    let cut = run(&whole[..whole.len() - "end\n".len()]);
+    assert_eq!(cut.status.code(), Some(2), "{cut:?}");
+    assert!(cut.stdout.is_empty(), "{cut:?}");
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("before its `end` line"));
+    let no_pidfd = run(&whole);
+    assert_eq!(no_pidfd.status.code(), Some(0), "{no_pidfd:?}");
+    let report = String::from_utf8_lossy(&no_pidfd.stdout);
+    assert!(
+        report.starts_with("cwreap-inject-report 1\nerror helper no pidfd at fd 3"),
+        "{report}"
+    );
+    assert!(open_fds(pid).contains(&fd));
+    assert_eq!(tracer_of(pid), 0);
 }

@@ -1,6 +1,7 @@
 //! Raw system calls: pidfds and fd duplication, socket identity (inode, SO_COOKIE, TCP_INFO),
 //! shutdown, setns, capabilities. Each `unsafe` block carries its SAFETY note; callers get
-//! safe functions returning `io::Result`. The ptrace calls are in [`ptrace`].
+//! safe functions returning `io::Result`. The ptrace calls are in [`ptrace`]; starting the
+//! injection helper (fork/exec) and taking the fd it inherits are in [`helper`].
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -9,6 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
 use rustix::thread::CapabilitySet;
 
+pub mod helper;
 pub mod ptrace;
 
 /// A pidfd for `pid`. Holding it pins the identity of the process: if the process exits

@@ -20,7 +20,7 @@ use std::os::fd::AsFd;
 
 use anyhow::Result;
 
-use cwreap_linux::inject::{Helper, Victim, close_in_target};
+use cwreap_linux::inject::{Helper, InjectError, Victim, close_in_target};
 use cwreap_linux::os::{Os, Pinned, RealOs, inspect_socket};
 use cwreap_linux::procfs::ProcFs;
 
@@ -156,7 +156,15 @@ pub fn reap_close(
         ))
         .into());
     }
-    Ok(if counts.contains_key(&Outcome::Error) {
+    // A refusal leaves the fd untouched on purpose (`skipped`), but what was asked for did
+    // not happen: scripts see it in the exit status, as they do an error.
+    let refused = done.iter().any(|(_, _, r)| {
+        matches!(
+            r.reason,
+            Some(act::Reason::InjectFailed(InjectError::Refused(_)))
+        )
+    });
+    Ok(if counts.contains_key(&Outcome::Error) || refused {
         Status::Failed
     } else {
         Status::Ok

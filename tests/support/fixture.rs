@@ -26,11 +26,6 @@
 //! the sleeper (`--main sleep`, the default) or the stdin reader (`--main read`), which
 //! reads raw chunks and prints `error read interrupted` on EINTR. stdin takes `close FD`,
 //! `count`, and `ping` (answered by `pong`).
-//!
-//! `cwreap-fixture inject PID FD:INODE:COOKIE... [--pause-after-stop MS]` calls
-//! `cwreap_linux::inject` on PID, prints `stopped` once every thread of the target is stopped
-//! (then waits MS, so a test can kill this process mid-injection), and then `closed FD`,
-//! `skipped FD REASON`, `pause US` and `done`, or `error TEXT`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
@@ -72,10 +67,9 @@ fn main() {
         Some("server") => server(&args[1..]),
         Some("hold") => hold(),
         Some("client") => client(&args[1..]),
-        Some("inject") => inject(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cwreap-fixture server [--listen ADDR]... [--on-hup close|ignore] [--no-accept] [--threaded [--main sleep|read]] | client ADDR [COUNT] | hold | inject PID FD:INODE:COOKIE... [--pause-after-stop MS]"
+                "usage: cwreap-fixture server [--listen ADDR]... [--on-hup close|ignore] [--no-accept] [--threaded [--main sleep|read]] | client ADDR [COUNT] | hold"
             );
             std::process::exit(2);
         }
@@ -418,8 +412,14 @@ fn serve_blocking(mut stream: TcpStream, leaked: Leaked) {
         }
     }
     // The broken disconnect path: keep the socket, end the thread.
-    if let Ok(mut map) = leaked.lock() {
-        map.insert(fd, stream);
+    if let Ok(mut map) = leaked.lock()
+        && let Some(stale) = map.insert(fd, stream)
+    {
+        // The same number again: the old fd was closed behind our back (`reap --close`)
+        // and the kernel gave the number to this connection. Dropping the stale stream
+        // would close the new socket, the hazard an app that keeps fds by number runs;
+        // this fixture plays one that never touches a leaked fd again.
+        std::mem::forget(stale);
     }
     say(&format!("eof {fd}"));
 }
@@ -497,59 +497,4 @@ fn count_fds() -> usize {
         .unwrap_or(0);
     // read_dir itself holds one fd while counting.
     n.saturating_sub(1)
-}
-
-/// `inject PID FD:INODE:COOKIE... [--pause-after-stop MS]`: the library call in a process
-/// of its own, so a test can SIGKILL the tracer while the target is stopped.
-fn inject(args: &[String]) {
-    let Some(pid) = args.first().and_then(|p| p.parse::<i32>().ok()) else {
-        fail("inject needs a PID");
-    };
-    let mut victims = Vec::new();
-    let mut pause = Duration::ZERO;
-    let mut it = args[1..].iter();
-    while let Some(a) = it.next() {
-        if a == "--pause-after-stop" {
-            match it.next().and_then(|v| v.parse().ok()) {
-                Some(ms) => pause = Duration::from_millis(ms),
-                None => fail("--pause-after-stop needs milliseconds"),
-            }
-            continue;
-        }
-        let parts: Vec<&str> = a.split(':').collect();
-        let parsed = match parts.as_slice() {
-            [fd, inode, cookie] => fd
-                .parse()
-                .ok()
-                .zip(inode.parse().ok())
-                .zip(cookie.parse().ok())
-                .map(|((fd, inode), cookie)| cwreap_linux::inject::Victim { fd, inode, cookie }),
-            _ => None,
-        };
-        match parsed {
-            Some(v) => victims.push(v),
-            None => fail(&format!("bad victim {a}: want FD:INODE:COOKIE")),
-        }
-    }
-    let pidfd = match cwreap_linux::sys::pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) => fail(&format!("pidfd_open {pid}: {e}")),
-    };
-    let hook = move || {
-        say("stopped");
-        std::thread::sleep(pause);
-    };
-    match cwreap_linux::inject::close_in_target_hooked(pid, pidfd.as_fd(), &victims, &hook) {
-        Ok(report) => {
-            for fd in &report.closed {
-                say(&format!("closed {fd}"));
-            }
-            for (fd, why) in &report.skipped {
-                say(&format!("skipped {fd} {why}"));
-            }
-            say(&format!("pause {}", report.pause_us));
-            say("done");
-        }
-        Err(e) => say(&format!("error {e}")),
-    }
 }

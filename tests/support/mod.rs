@@ -52,6 +52,8 @@ pub struct Fixture {
     stdin: ChildStdin,
     lines: Receiver<String>,
     pub listen: Vec<SocketAddr>,
+    /// Every line read from the fixture so far, in order.
+    pub history: Vec<String>,
 }
 
 impl Fixture {
@@ -86,6 +88,7 @@ impl Fixture {
             stdin,
             lines: rx,
             listen: Vec::new(),
+            history: Vec::new(),
         };
         loop {
             let line = f.next_line();
@@ -103,9 +106,12 @@ impl Fixture {
     }
 
     pub fn next_line(&mut self) -> String {
-        self.lines
+        let line = self
+            .lines
             .recv_timeout(Duration::from_secs(10))
-            .expect("fixture said nothing for 10 s")
+            .expect("fixture said nothing for 10 s");
+        self.history.push(line.clone());
+        line
     }
 
     /// Wait for a line starting with `prefix` (skipping others) and return the rest.
@@ -127,6 +133,7 @@ impl Fixture {
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
             let line = self.lines.recv_timeout(left).ok()?;
+            self.history.push(line.clone());
             if let Some(rest) = line.strip_prefix(prefix) {
                 return Some(rest.trim().to_string());
             }

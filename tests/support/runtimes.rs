@@ -259,6 +259,38 @@ fn build_java() -> Built {
     }
 }
 
+/// Build `source`, a C program of tests/runtimes/ other than the leaky server (e.g.
+/// `rseq_spin.c`), with gcc into this test binary's build directory, once per test binary.
+/// None when gcc is missing and the test may skip (see [`missing`]); a failed build fails
+/// the test.
+pub fn c_program(test: &str, source: &str) -> Option<PathBuf> {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().expect("build lock");
+    if let Some((_, path)) = built.iter().find(|(s, _)| s == source) {
+        return Some(path.clone());
+    }
+    let Some(gcc) = which("gcc") else {
+        missing(test, "gcc is not installed");
+        return None;
+    };
+    let out = build_dir().join(source.trim_end_matches(".c"));
+    let r = compile(
+        &format!("gcc {source}"),
+        Command::new(gcc)
+            .args(["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&out)
+            .arg(Path::new(SOURCES).join(source)),
+    );
+    match r {
+        Ok(()) => {
+            built.push((source.to_string(), out.clone()));
+            Some(out)
+        }
+        Err(Built::Failed(text) | Built::Missing(text)) => panic!("{test}: {text}"),
+        Err(Built::Ready(_)) => panic!("{test}: building {source} said nothing"),
+    }
+}
+
 /// The command line that starts `rt` (building it on first use, once per test binary).
 fn command_for(rt: Runtime) -> Built {
     static C: OnceLock<Built> = OnceLock::new();

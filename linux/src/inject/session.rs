@@ -2,7 +2,7 @@
 //! left running, follow each thread's stops and exits, and detach them all, handing back
 //! the signals they were stopped for. Dropping a [`Session`] restores changed registers and
 //! detaches every stopped thread; threads still running are detached by the kernel when
-//! the tracing thread ends.
+//! the helper exits.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use crate::sys::ptrace::{self as pt, Regs, Wait};
 
 /// How long all threads get to reach their stop. A thread in uninterruptible sleep
 /// (a hung NFS server...) may never: then nothing is done.
-const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
@@ -40,8 +40,43 @@ impl State {
 pub(super) struct Tracee {
     pub(super) tid: i32,
     pub(super) state: State,
-    /// Signals that arrived while this thread was single-stepped (handed back at detach).
+    /// Signals that arrived while this thread ran injected calls (handed back at detach).
     pub(super) resend: Vec<i32>,
+}
+
+/// Where the injecting thread is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// A plain PTRACE_EVENT_STOP (where it started): detaching from there restarts an
+    /// interrupted system call of its own exactly as after any stop.
+    Event,
+    /// The syscall-enter-stop of an injected call.
+    Enter,
+    /// The syscall-exit-stop of an injected call.
+    Exit,
+    /// Another stop (signal-delivery, group-stop).
+    Other,
+    /// Resumed by us and not reported stopped again yet.
+    Running,
+}
+
+/// The thread running the injected calls, and what must be undone in it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Injector {
+    pub(super) idx: usize,
+    pub(super) tid: i32,
+    /// The registers to put back: the thread's own, with the instruction pointer moved to
+    /// an rseq abort handler if it stopped inside a critical section.
+    pub(super) saved: Regs,
+    /// The thread holds registers other than `saved`.
+    pub(super) changed: bool,
+    /// Registers were ever set (then the final ones are read back and checked).
+    pub(super) touched: bool,
+    pub(super) stop: Stop,
+    /// Resumed with PTRACE_SYSCALL towards a syscall-enter-stop (else -exit-stop).
+    pub(super) to_enter: bool,
+    /// PTRACE_O_SUSPEND_SECCOMP is set on it.
+    pub(super) seccomp_suspended: bool,
 }
 
 /// The attached threads of one target.
@@ -49,8 +84,9 @@ pub(super) struct Session {
     pub(super) pid: i32,
     pub(super) proc: ProcFs,
     pub(super) tracees: Vec<Tracee>,
-    /// The injecting thread and its saved registers, while they are changed.
-    pub(super) changed: Option<(usize, Regs)>,
+    /// The injecting thread, once chosen, until it is back in a plain stop with its own
+    /// registers.
+    pub(super) inj: Option<Injector>,
 }
 
 impl Session {
@@ -59,7 +95,7 @@ impl Session {
             pid,
             proc: ProcFs::default(),
             tracees: Vec::new(),
-            changed: None,
+            inj: None,
         }
     }
 
@@ -76,9 +112,9 @@ impl Session {
             .map(|t| t.tid)
     }
 
-    /// Whether a thread still runs with registers we changed.
+    /// Whether a thread still holds registers we changed.
     pub(super) fn regs_changed(&self) -> bool {
-        self.changed.is_some()
+        self.inj.is_some_and(|i| i.changed)
     }
 
     /// Seize and interrupt every thread, listing them again until no new one appears,
@@ -176,7 +212,7 @@ impl Session {
                     late.join(", ")
                 )));
             }
-            backoff(&mut rounds);
+            let _ = backoff(&mut rounds);
         }
     }
 
@@ -203,65 +239,93 @@ impl Session {
         Ok(())
     }
 
-    pub(super) fn step_error(&self, idx: usize, what: &str, e: &io::Error) -> InjectError {
-        if errno_of(e) == libc::ESRCH && !self.pid_alive() {
+    /// The error of a ptrace request on thread `idx`, which we hold in a stop. ESRCH then
+    /// means it left the stop without us, which only SIGKILL does, and SIGKILL takes the
+    /// whole process: it is gone.
+    pub(super) fn step_error(&mut self, idx: usize, what: &str, e: &io::Error) -> InjectError {
+        if errno_of(e) == libc::ESRCH {
+            self.tracees[idx].state = State::Done;
+            self.inj = self.inj.filter(|i| i.idx != idx);
             InjectError::Gone
         } else {
             InjectError::Ptrace(format!("{what} of thread {}: {e}", self.tracees[idx].tid))
         }
     }
 
-    fn pid_alive(&self) -> bool {
-        self.proc.task_exists(self.pid, self.pid)
-    }
-
-    /// Wait for the single-stepped thread to stop again. No deadline: it is running
-    /// with our registers, and letting go of it before they are restored would break
-    /// it; close() of a verified socket without SO_LINGER does not block, and if the
-    /// process dies, waitpid says so.
-    pub(super) fn wait_step(&mut self, idx: usize) -> Result<i32, InjectError> {
+    /// Wait until thread `idx` (resumed by us) reports its next stop, or exits. None past
+    /// `deadline`. While it takes long, the other threads' exits are collected too, in case
+    /// the process is being killed (see wait_running).
+    pub(super) fn wait_stop(
+        &mut self,
+        idx: usize,
+        deadline: Instant,
+    ) -> Result<Option<(i32, i32)>, InjectError> {
         let tid = self.tracees[idx].tid;
         let mut rounds: u32 = 0;
+        let mut quiet = false;
+        let spin_until = Instant::now() + SPIN;
+        let mut others_polled = Instant::now();
         loop {
             match pt::wait_nohang(tid) {
-                Ok(Some(Wait::Stopped { signal, .. })) => return Ok(signal),
-                Ok(Some(Wait::Exited)) => {
-                    self.tracees[idx].state = State::Done;
-                    self.changed = None;
-                    return Err(InjectError::Gone);
-                }
-                Ok(None) => {
-                    // Not quick: collect the other threads' exits in case the process
-                    // is being killed (see wait_running).
-                    if rounds > 0 && rounds.is_multiple_of(64) {
-                        self.poll(Some(idx))?;
+                Ok(Some(Wait::Stopped { signal, event })) => {
+                    if let Some(inj) = self.inj.as_mut().filter(|i| i.idx == idx) {
+                        inj.stop = match (signal, event) {
+                            (pt::SYSCALL_STOP, 0) if inj.to_enter => Stop::Enter,
+                            (pt::SYSCALL_STOP, 0) => Stop::Exit,
+                            (libc::SIGTRAP, pt::PTRACE_EVENT_STOP) => Stop::Event,
+                            _ => Stop::Other,
+                        };
                     }
-                    backoff(&mut rounds);
+                    return Ok(Some((signal, event)));
                 }
-                Err(e) if errno_of(&e) == libc::ECHILD => {
-                    self.tracees[idx].state = State::Done;
-                    self.changed = None;
-                    return Err(InjectError::Gone);
-                }
+                Ok(Some(Wait::Exited)) => return Err(self.exited(idx)),
+                Err(e) if errno_of(&e) == libc::ECHILD => return Err(self.exited(idx)),
                 Err(e) => {
                     return Err(InjectError::Ptrace(format!("waitpid of thread {tid}: {e}")));
+                }
+                Ok(None) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(None);
+                    }
+                    if now < spin_until {
+                        // A stop takes microseconds: stay on the CPU, but let the tracee
+                        // have it if it shares ours.
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    // A quiet millisecond, or a millisecond of events that were not ours:
+                    // collect the others' exits (a main thread's exit is only reported once
+                    // the other threads, our tracees, are reaped).
+                    if quiet || now.duration_since(others_polled) >= Duration::from_millis(1) {
+                        self.poll(Some(idx))?;
+                        others_polled = now;
+                    }
+                    quiet = !backoff(&mut rounds);
                 }
             }
         }
     }
 
-    /// Detach every stopped thread, handing back any signal it was stopped for or
-    /// that arrived while it was single-stepped.
+    fn exited(&mut self, idx: usize) -> InjectError {
+        self.tracees[idx].state = State::Done;
+        self.inj = self.inj.filter(|i| i.idx != idx);
+        InjectError::Gone
+    }
+
+    /// Detach every stopped thread, handing back any signal it was stopped for or that
+    /// arrived while it ran injected calls. Only a signal-delivery-stop can take a signal
+    /// with PTRACE_DETACH (the kernel ignores it from any other stop); the others are sent
+    /// again with tgkill.
     pub(super) fn detach_all(&mut self) -> Result<(), InjectError> {
         let mut first_error = None;
         for t in &mut self.tracees {
-            let mut signals = match t.state {
+            let first = match t.state {
                 State::Running | State::Done => continue,
-                State::Signal(s) => vec![s],
-                _ => Vec::new(),
+                State::Signal(s) => s,
+                _ => 0,
             };
-            signals.append(&mut t.resend);
-            let (first, rest) = signals.split_first().map_or((0, &[][..]), |(f, r)| (*f, r));
+            let rest = std::mem::take(&mut t.resend);
             match pt::detach(t.tid, first) {
                 Ok(()) => {}
                 Err(e) if errno_of(&e) == libc::ESRCH => {}
@@ -271,7 +335,7 @@ impl Session {
                     });
                 }
             }
-            for &s in rest {
+            for s in rest {
                 let _ = pt::tgkill(self.pid, t.tid, s);
             }
             t.state = State::Done;
@@ -282,7 +346,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let _ = self.restore();
+        let _ = self.finish_injection();
         let _ = self.detach_all();
     }
 }
@@ -291,14 +355,17 @@ pub(super) fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
 
-/// Spin briefly (a stop usually takes microseconds), then sleep in short steps.
-pub(super) fn backoff(rounds: &mut u32) {
+/// How long to wait for a stop on the CPU before sleeping until a SIGCHLD: a ptrace stop
+/// and resume take some microseconds, and a sleeping tracer pays a wake-up per stop (two per
+/// injected call), which costs much more on a busy machine.
+const SPIN: Duration = Duration::from_micros(100);
+
+/// Wait for the next tracee event: until a SIGCHLD (sent to the tracer at every stop and
+/// exit of a tracee, and blocked by the engine so that it stays pending), at most 1 ms at a
+/// time so a shared one costs little. Returns whether one came.
+pub(super) fn backoff(rounds: &mut u32) -> bool {
     *rounds = rounds.saturating_add(1);
-    if *rounds < 200 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(50));
-    }
+    pt::wait_sigchld(Duration::from_millis(1))
 }
 
 /// A zombie thread (a main thread that called pthread_exit, or one exiting) cannot be

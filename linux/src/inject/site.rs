@@ -2,7 +2,7 @@
 //! target's memory, so the injected call runs through an instruction that is already there.
 
 use super::session::Session;
-use super::{InjectError, proc_error};
+use super::{InjectError, Refusal, proc_error};
 use crate::procfs::parse_maps_line;
 use crate::sys::ptrace::{self as pt, Regs};
 
@@ -65,8 +65,6 @@ impl Session {
                 at += n as u64 - 1;
             }
         }
-        Err(InjectError::Refused(
-            "no syscall instruction found in the target's code".into(),
-        ))
+        Err(InjectError::Refused(Refusal::NoSyscallInsn))
     }
 }

@@ -1,28 +1,42 @@
 //! Raw ptrace(2), waitpid(2), tgkill(2) and process_vm_readv(2), and the x86_64 register
-//! file, for injecting a close(2) into a stopped process (see [`crate::inject`]). Every `unsafe` block carries its SAFETY note; callers
-//! get safe functions returning `io::Result`.
+//! file, for injecting a close(2) into a stopped process (see [`crate::inject`]). Every
+//! `unsafe` block carries its SAFETY note; callers get safe functions returning `io::Result`.
 //!
 //! Request numbers are the kernel's ABI (include/uapi/linux/ptrace.h), spelled out here
-//! because libc types them differently per C library.
+//! because libc types them differently per C library. There is deliberately no
+//! PTRACE_SINGLESTEP: a step leaves the trap flag armed, and a tracer that dies before the
+//! thread is resumed another way leaves it to die of SIGTRAP. Injected calls run with
+//! [`syscall`] instead, which arms nothing in the thread.
 
 use std::io;
 
-const PTRACE_SINGLESTEP: libc::c_long = 9;
+const PTRACE_CONT: libc::c_long = 7;
 #[cfg(target_arch = "x86_64")]
 const PTRACE_GETREGS: libc::c_long = 12;
 #[cfg(target_arch = "x86_64")]
 const PTRACE_SETREGS: libc::c_long = 13;
 const PTRACE_DETACH: libc::c_long = 17;
+const PTRACE_SYSCALL: libc::c_long = 24;
+const PTRACE_SETOPTIONS: libc::c_long = 0x4200;
 const PTRACE_SEIZE: libc::c_long = 0x4206;
 const PTRACE_INTERRUPT: libc::c_long = 0x4207;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_long = 0x420f;
+
+/// Syscall stops report SIGTRAP | 0x80, so they cannot be mistaken for a real SIGTRAP.
+pub const PTRACE_O_TRACESYSGOOD: usize = 1;
+/// Seccomp filters of the tracee are not applied while this option is set (needs
+/// CAP_SYS_ADMIN, a tracer not itself under seccomp, and CONFIG_CHECKPOINT_RESTORE).
+pub const PTRACE_O_SUSPEND_SECCOMP: usize = 1 << 21;
 
 /// `status >> 16` of a stop caused by PTRACE_INTERRUPT or a group-stop of a seized tracee.
 pub const PTRACE_EVENT_STOP: i32 = 128;
+/// WSTOPSIG of a syscall-enter-stop or syscall-exit-stop under PTRACE_O_TRACESYSGOOD.
+pub const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
 
 fn ptrace(request: libc::c_long, tid: i32, addr: usize, data: usize) -> io::Result<()> {
-    // SAFETY: every request issued through this helper (SEIZE, INTERRUPT, DETACH,
-    // SINGLESTEP) takes plain integers for addr and data; none of them dereferences a
-    // pointer in our address space.
+    // SAFETY: every request issued through this helper (SEIZE, INTERRUPT, DETACH, CONT,
+    // SYSCALL, SETOPTIONS) takes plain integers for addr and data; none of them
+    // dereferences a pointer in our address space.
     let rc = unsafe { libc::syscall(libc::SYS_ptrace, request, tid, addr, data) };
     if rc == -1 {
         return Err(io::Error::last_os_error());
@@ -30,11 +44,27 @@ fn ptrace(request: libc::c_long, tid: i32, addr: usize, data: usize) -> io::Resu
     Ok(())
 }
 
-/// PTRACE_SEIZE with no options: become the tracer of thread `tid` without stopping it and
-/// without queueing a SIGSTOP, so if this tracer thread dies the kernel detaches and the
-/// thread runs on as if nothing happened.
+/// PTRACE_SEIZE with PTRACE_O_TRACESYSGOOD: become the tracer of thread `tid` without
+/// stopping it and without queueing a SIGSTOP, so if this tracer dies the kernel detaches
+/// and the thread runs on as if nothing happened.
 pub fn seize(tid: i32) -> io::Result<()> {
-    ptrace(PTRACE_SEIZE, tid, 0, 0)
+    ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD)
+}
+
+/// PTRACE_SETOPTIONS on a stopped tracee (replaces all options).
+pub fn set_options(tid: i32, options: usize) -> io::Result<()> {
+    ptrace(PTRACE_SETOPTIONS, tid, 0, options)
+}
+
+/// PTRACE_SYSCALL: resume a stopped thread until its next syscall-enter-stop or
+/// syscall-exit-stop, delivering `signal` (0 for none).
+pub fn syscall(tid: i32, signal: i32) -> io::Result<()> {
+    ptrace(PTRACE_SYSCALL, tid, 0, usize::try_from(signal).unwrap_or(0))
+}
+
+/// PTRACE_CONT: resume a stopped thread, delivering `signal` (0 for none).
+pub fn cont(tid: i32, signal: i32) -> io::Result<()> {
+    ptrace(PTRACE_CONT, tid, 0, usize::try_from(signal).unwrap_or(0))
 }
 
 /// PTRACE_INTERRUPT: ask a seized thread to stop (a blocking system call is interrupted and
@@ -48,17 +78,58 @@ pub fn detach(tid: i32, signal: i32) -> io::Result<()> {
     ptrace(PTRACE_DETACH, tid, 0, usize::try_from(signal).unwrap_or(0))
 }
 
-/// PTRACE_SINGLESTEP: run one instruction of a stopped thread (no signal delivered); it stops
-/// again with SIGTRAP.
-pub fn single_step(tid: i32) -> io::Result<()> {
-    ptrace(PTRACE_SINGLESTEP, tid, 0, 0)
+/// Where a stopped thread's rseq area is (PTRACE_GET_RSEQ_CONFIGURATION, Linux >= 5.13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RseqConfig {
+    /// Address of the thread's struct rseq; 0 when it registered none.
+    pub abi_pointer: u64,
+    pub abi_size: u32,
+    /// The signature every abort handler must be preceded by.
+    pub signature: u32,
+}
+
+/// struct ptrace_rseq_configuration (include/uapi/linux/ptrace.h).
+#[repr(C)]
+#[derive(Default)]
+struct RawRseqConfiguration {
+    rseq_abi_pointer: u64,
+    rseq_abi_size: u32,
+    signature: u32,
+    flags: u32,
+    pad: u32,
+}
+
+/// PTRACE_GET_RSEQ_CONFIGURATION of a stopped thread. EIO before Linux 5.13.
+pub fn rseq_configuration(tid: i32) -> io::Result<RseqConfig> {
+    let mut raw = RawRseqConfiguration::default();
+    let size = std::mem::size_of::<RawRseqConfiguration>();
+    // SAFETY: the kernel writes at most `size` bytes (addr) at `data`, which points to a
+    // writable, initialised RawRseqConfiguration of exactly that size that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_ptrace,
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            tid,
+            size,
+            &mut raw as *mut RawRseqConfiguration,
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(RseqConfig {
+        abi_pointer: raw.rseq_abi_pointer,
+        abi_size: raw.rseq_abi_size,
+        signature: raw.signature,
+    })
 }
 
 /// What waitpid reported about a traced thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     /// In a ptrace stop: `signal` is WSTOPSIG, `event` is `status >> 16`
-    /// ([`PTRACE_EVENT_STOP`] for an interrupt or group-stop, 0 for a signal-delivery-stop).
+    /// ([`PTRACE_EVENT_STOP`] for an interrupt or group-stop, 0 for a signal-delivery-stop
+    /// or, with `signal` == [`SYSCALL_STOP`], a syscall stop).
     Stopped { signal: i32, event: i32 },
     /// The thread exited or was killed.
     Exited,
@@ -90,7 +161,7 @@ pub fn wait_nohang(tid: i32) -> io::Result<Option<Wait>> {
 }
 
 /// tgkill(2): send `signal` to one thread of `pid` (to hand back a signal that arrived while
-/// the thread was being single-stepped).
+/// the thread ran an injected system call).
 pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
     // SAFETY: plain integer arguments; no memory is passed.
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) };
@@ -98,6 +169,43 @@ pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Block SIGCHLD in the calling thread. A tracer is sent SIGCHLD at every stop and exit of
+/// its tracees; blocked, it stays pending (a blocked signal is never discarded), so
+/// [`wait_sigchld`] can sleep until the next one instead of polling.
+pub fn block_sigchld() -> io::Result<()> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: sigemptyset/sigaddset write only into `set`, a zeroed, writable sigset_t on
+    // our stack; pthread_sigmask reads it and writes no old mask (null).
+    let rc = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Wait up to `timeout` for a SIGCHLD (blocked with [`block_sigchld`]) and consume it.
+/// Returns whether one came. Several stops may share one SIGCHLD: callers check every
+/// tracee they wait for after each return.
+pub fn wait_sigchld(timeout: std::time::Duration) -> bool {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(i32::try_from(timeout.subsec_nanos()).unwrap_or(0)),
+    };
+    // SAFETY: `set` is a zeroed sigset_t on our stack that sigemptyset/sigaddset fill;
+    // sigtimedwait reads it and `ts`, and writes no siginfo (null).
+    let rc = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
+        libc::sigtimedwait(set.as_ptr(), std::ptr::null_mut(), &ts)
+    };
+    rc == libc::SIGCHLD
 }
 
 /// Read `buf.len()` bytes of the memory of `pid` at `addr` (process_vm_readv; needs ptrace
@@ -167,6 +275,18 @@ impl Regs {
         self.0.rip
     }
 
+    /// These registers with the instruction pointer at `ip` (an rseq abort handler).
+    pub fn with_ip(&self, ip: u64) -> Regs {
+        let mut r = self.0;
+        r.rip = ip;
+        Regs(r)
+    }
+
+    /// orig_rax: the number of the system call the thread is in, or -1.
+    pub fn syscall_nr(&self) -> i64 {
+        self.0.orig_rax as i64
+    }
+
     /// Whether the thread stopped inside a system call: orig_rax holds its number (it is -1
     /// otherwise), and rip points just past the `syscall` instruction.
     pub fn in_syscall(&self) -> bool {
@@ -189,6 +309,14 @@ impl Regs {
         r.rdi = args[0];
         r.rsi = args[1];
         r.rdx = args[2];
+        r.orig_rax = u64::MAX;
+        Regs(r)
+    }
+
+    /// These registers with orig_rax = -1: resumed from a syscall-enter-stop, the kernel
+    /// then skips the system call and leaves rax as it is.
+    pub fn skipping_syscall(&self) -> Regs {
+        let mut r = self.0;
         r.orig_rax = u64::MAX;
         Regs(r)
     }
