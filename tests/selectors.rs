@@ -406,6 +406,29 @@ fn each_selector_takes_exactly_its_sockets() {
     let _ = std::fs::remove_file(&pid_file);
 }
 
+/// Once `n` sockets of `pid` towards `port` are a second old, `reap --remote-port PORT
+/// --older-than 1s --json` (no --pid: the remote port alone selects); its output.
+fn reap_once_old(port: &str, pid: i32, n: usize) -> std::process::Output {
+    let pid_s = pid.to_string();
+    wait_until("the sockets to be a second old", String::new, || {
+        let old = scanned(
+            &["--pid", &pid_s, "--remote-port", port, "--older-than", "1s"],
+            &[pid],
+        );
+        (old.len() == n).then_some(())
+    });
+    let out = cwreap(&[
+        "reap",
+        "--remote-port",
+        port,
+        "--older-than",
+        "1s",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    out
+}
+
 /// `reap` by the remote port takes exactly a pool's ends and leaves the process's other
 /// CLOSE_WAIT sockets alone; ss sees the pool's ends leave CLOSE_WAIT.
 #[test]
@@ -415,24 +438,8 @@ fn reap_by_remote_port_takes_only_the_pools_ends() {
     }
     let alpha = Mixed::start(None, "reap", "127.0.0.2", None);
     let port = alpha.backend.to_string();
-    let pid = alpha.pid().to_string();
     let pool = alpha.of_kind("client");
-    wait_until("the pool's ends to be a second old", String::new, || {
-        let old = scanned(
-            &["--pid", &pid, "--remote-port", &port, "--older-than", "1s"],
-            &[alpha.pid()],
-        );
-        (old.len() == pool.len()).then_some(())
-    });
-    let out = cwreap(&[
-        "reap",
-        "--remote-port",
-        &port,
-        "--older-than",
-        "1s",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = reap_once_old(&port, alpha.pid(), pool.len());
     let reaped: BTreeSet<i32> = json_lines(&out)
         .iter()
         .filter(|v| v["outcome"] == "reaped")
@@ -763,19 +770,7 @@ fn a_urllib3_pools_ends_are_found_by_remote_port_and_reaped_without_harm() {
     assert_eq!(found.keys().copied().collect::<BTreeSet<_>>(), ends);
     assert!(found.values().all(|d| d == "out"), "{found:?}");
 
-    wait_until("the ends to be a second old", String::new, || {
-        let old = scanned(&["--remote-port", &port, "--older-than", "1s"], &[pid]);
-        (old.len() == CONNS).then_some(())
-    });
-    let out = cwreap(&[
-        "reap",
-        "--remote-port",
-        &port,
-        "--older-than",
-        "1s",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = reap_once_old(&port, pid, CONNS);
     let reaped = json_lines(&out)
         .iter()
         .filter(|v| v["outcome"] == "reaped" && v["pid"].as_i64() == Some(i64::from(pid)))
