@@ -166,7 +166,7 @@ pub struct Selectors {
     /// Never sockets whose peer has this port
     #[arg(long = "exclude-remote-port", value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
     pub exclude_remote_port: Vec<u16>,
-    /// Only processes holding at least N matching CLOSE_WAIT sockets
+    /// Only processes holding at least N CLOSE_WAIT sockets the other selectors match, whatever their age (as the policy's min_close_wait)
     #[arg(long = "min-close-wait", value_name = "N", value_parser = config::parse_count, help_heading = "Selectors")]
     pub min_close_wait: Option<u32>,
 }

@@ -203,7 +203,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "targets[].min_close_wait",
-                "Act only while the process holds at least this many CLOSE_WAIT sockets that this target selects. Default 1.",
+                "Act only while the process holds at least this many CLOSE_WAIT sockets that this target selects, whatever their age (older_than then picks among them). Default 1.",
             ),
             (
                 "targets[].exclude",

@@ -94,12 +94,9 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
         {
             continue;
         }
+        // The age filter comes after the count for `min_close_wait`, which (as in the
+        // daemon) counts every CLOSE_WAIT socket the selectors match, whatever its age.
         let age = age_ms(s);
-        if let Some(min) = filter.older_than
-            && u128::from(age) < min.as_millis()
-        {
-            continue;
-        }
         let unaccepted = s.unaccepted();
         let chosen = s.owners().iter().find_map(|h| {
             let p = snap.processes.get(&h.pid)?;
@@ -136,6 +133,9 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
             r.holder
                 .is_some_and(|h| per_pid.get(&h.pid).copied().unwrap_or(0) >= min as usize)
         });
+    }
+    if let Some(min) = filter.older_than {
+        rows.retain(|r| u128::from(r.age_ms) >= min.as_millis());
     }
     rows.sort_by(|a, b| {
         b.age_ms
@@ -629,6 +629,29 @@ mod tests {
         }
         let sum = summarize(&select(&snap, &Filter::default()));
         assert_eq!(sum[0].top, Top::LocalPorts(vec![(9090, 3), (8080, 2)]));
+    }
+
+    /// `min_close_wait` counts the matching sockets whatever their age, as the daemon does;
+    /// `older_than` then picks among them.
+    #[test]
+    fn min_close_wait_counts_young_sockets_too() {
+        let snap = snapshot();
+        // pid 20 holds 3 sockets: 90 s, 1 s and of unknown age (0).
+        let f = Filter {
+            selector: Selector {
+                pids: vec![20],
+                ..Selector::default()
+            },
+            older_than: Some(Duration::from_secs(60)),
+            min_close_wait: Some(3),
+            ..Filter::default()
+        };
+        assert_eq!(inodes(&select(&snap, &f)), vec![2]);
+        let more = Filter {
+            min_close_wait: Some(4),
+            ..f
+        };
+        assert!(select(&snap, &more).is_empty());
     }
 
     #[test]

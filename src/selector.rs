@@ -303,9 +303,9 @@ pub fn is_unit_name(s: &str) -> bool {
         && !s.contains('/')
 }
 
-/// The cgroup path from the contents of /proc/PID/cgroup: the v2 (`0::`) line, or on a
-/// host with only v1 hierarchies the `name=systemd` one, where systemd keeps the same
-/// slice/unit layout.
+/// The cgroup path from the contents of /proc/PID/cgroup: the v2 (`0::`) line, or, where
+/// that is missing or the root (a host with only v1 hierarchies in use), the `name=systemd`
+/// one, where systemd keeps the same slice/unit layout.
 pub fn parse_cgroup_file(text: &str) -> Option<String> {
     let path_of = |hierarchy: fn(&str) -> Option<&str>| {
         text.lines().find_map(|line| {
@@ -315,8 +315,15 @@ pub fn parse_cgroup_file(text: &str) -> Option<String> {
             path.starts_with('/').then(|| path.to_owned())
         })
     };
-    path_of(|line| line.strip_prefix("0::"))
-        .or_else(|| path_of(|line| Some(line.split_once(":name=systemd:")?.1)))
+    let v2 = path_of(|line| line.strip_prefix("0::"));
+    // A v1 host that has cgroup2 mounted somewhere (container runtimes do) shows `0::/`
+    // for every process: systemd's own hierarchy then says where it put the process.
+    match v2.as_deref() {
+        None | Some("/") => path_of(|line| Some(line.split_once(":name=systemd:")?.1))
+            .filter(|p| p != "/")
+            .or(v2),
+        Some(_) => v2,
+    }
 }
 
 /// Whether cgroup `path` is `prefix` or below it, component by component.
@@ -482,6 +489,10 @@ mod tests {
                       0::/system.slice/nginx.service\n";
         let v1 = "4:memory:/system.slice/nginx.service\n\
                   1:name=systemd:/system.slice/nginx.service\n";
+        // v1, with cgroup2 mounted by someone: the kernel adds `0::/` for every process.
+        let v1_with_v2_mounted = "4:memory:/system.slice/nginx.service\n\
+                  1:name=systemd:/system.slice/nginx.service\n\
+                  0::/\n";
         let other = "0::/system.slice/postgresql@15-main.service\n";
         let session = "0::/user.slice/user-1000.slice/session-3.scope\n";
         let gone = "0::/system.slice/nginx.service (deleted)\n";
@@ -499,7 +510,7 @@ mod tests {
             cgroups: vec!["/system.slice".into()],
             ..Selector::default()
         };
-        for text in [v2, hybrid, v1, gone] {
+        for text in [v2, hybrid, v1, v1_with_v2_mounted, gone] {
             assert!(unit.process_matches(&facts(text), &[]), "{text}");
             assert!(slice.process_matches(&facts(text), &[]), "{text}");
         }
@@ -511,6 +522,11 @@ mod tests {
         assert!(!unit.process_matches(&facts(""), &[]));
         assert!(!slice.process_matches(&facts("garbage"), &[]));
         assert!(unit.needs().cgroup && slice.needs().cgroup);
+        // A process at the root of both is at the root.
+        assert_eq!(
+            parse_cgroup_file("1:name=systemd:/\n0::/\n").as_deref(),
+            Some("/")
+        );
     }
 
     #[test]

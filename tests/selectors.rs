@@ -41,11 +41,7 @@ impl Mixed {
     /// Run mixed.py as `user` (None: as we are) with `tag` on its command line and its
     /// backend listener on `backend`.
     fn start(user: Option<u32>, tag: &str, backend: &str, pid_file: Option<&Path>) -> Mixed {
-        // A copy anyone can read: the checkout may be private to root.
-        let script = std::env::temp_dir().join(format!("cwreap-mixed-{}.py", std::process::id()));
-        if !script.exists() {
-            std::fs::copy(format!("{RUNTIMES}/mixed.py"), &script).expect("copy mixed.py");
-        }
+        let script = readable_script();
         let mut cmd = match user {
             Some(uid) => {
                 let mut c = Command::new("setpriv");
@@ -59,7 +55,7 @@ impl Mixed {
             }
             None => Command::new(PYTHON),
         };
-        cmd.arg(&script).args(["--tag", tag, "--backend", backend]);
+        cmd.arg(script).args(["--tag", tag, "--backend", backend]);
         if let Some(f) = pid_file {
             cmd.arg("--pid-file").arg(f);
         }
@@ -70,40 +66,39 @@ impl Mixed {
             .spawn()
             .expect("start mixed.py");
         let stdin = child.stdin.take().expect("stdin");
-        let lines = lines_of(child.stdout.take().expect("stdout"));
-        let pid = child.id() as i32;
-        let (mut app, mut backend_port) = (0, 0);
-        let mut kinds = BTreeMap::new();
-        let mut fds = BTreeMap::new();
+        let stdout = child.stdout.take().expect("stdout");
+        // Killed on drop from here on, also when a check below fails.
+        let mut m = Mixed {
+            child,
+            _stdin: stdin,
+            app: 0,
+            backend: 0,
+            kinds: BTreeMap::new(),
+            fds: BTreeMap::new(),
+        };
+        let lines = lines_of(stdout);
+        let pid = m.pid();
         loop {
             let line = lines
                 .recv_timeout(HANG_GUARD)
                 .unwrap_or_else(|_| panic!("mixed.py ({tag}) stopped before `ready`"));
             let w: Vec<&str> = line.split_whitespace().collect();
             match w.as_slice() {
-                ["app", p] => app = p.parse().expect("port"),
-                ["backend", p] => backend_port = p.parse().expect("port"),
+                ["app", p] => m.app = p.parse().expect("port"),
+                ["backend", p] => m.backend = p.parse().expect("port"),
                 ["sock", kind, fd, local, remote] => {
                     let end = (
                         pid,
                         local.parse().expect("local"),
                         remote.parse().expect("remote"),
                     );
-                    kinds.insert(end, kind.to_string());
-                    fds.insert(end, fd.parse().expect("fd"));
+                    m.kinds.insert(end, kind.to_string());
+                    m.fds.insert(end, fd.parse().expect("fd"));
                 }
                 ["ready"] => break,
                 _ => {}
             }
         }
-        let m = Mixed {
-            child,
-            _stdin: stdin,
-            app,
-            backend: backend_port,
-            kinds,
-            fds,
-        };
         assert_eq!(m.kinds.len(), 7, "mixed.py announced {:?}", m.kinds);
         // The kernel agrees: each announced end is in CLOSE_WAIT, held by this pid.
         let held = wait_until("mixed.py's 7 CLOSE_WAIT ends in ss", String::new, || {
@@ -135,6 +130,35 @@ impl Drop for Mixed {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// mixed.py where any user can read it (the checkout may be private to root), written
+/// once and atomically (a temporary file renamed over it), so tests running at once never
+/// see a half-written script, and one path serves every run.
+fn readable_script() -> &'static Path {
+    static SCRIPT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        const TEXT: &str = include_str!("runtimes/mixed.py");
+        let path = std::env::temp_dir().join("cwreap-test-mixed.py");
+        if std::fs::read_to_string(&path).is_ok_and(|t| t == TEXT) {
+            return path;
+        }
+        let tmp = std::env::temp_dir().join(format!("cwreap-test-mixed.py.{}", std::process::id()));
+        std::fs::write(&tmp, TEXT).expect("write mixed.py");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::rename(&tmp, &path).expect("rename mixed.py into place");
+        path
+    })
+}
+
+/// A file removed on drop (a pid file).
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -250,9 +274,11 @@ fn each_selector_takes_exactly_its_sockets() {
     let Some(cgroup) = Cgroup::create(test) else {
         return;
     };
-    let pid_file = std::env::temp_dir().join(format!("cwreap-sel-{}.pid", std::process::id()));
+    let pid_file =
+        TempFile(std::env::temp_dir().join(format!("cwreap-sel-{}.pid", std::process::id())));
+    let pid_file = &pid_file.0;
     let alpha_tag = format!("alpha-{}", std::process::id());
-    let alpha = Mixed::start(None, &alpha_tag, "127.0.0.2", Some(&pid_file));
+    let alpha = Mixed::start(None, &alpha_tag, "127.0.0.2", Some(pid_file));
     cgroup.add(alpha.pid());
     let beta = Mixed::start(Some(65534), "beta", "127.0.0.5", None);
     let mut fixture = Fixture::start(&["127.0.0.1:0"], &[]);
@@ -403,30 +429,36 @@ fn each_selector_takes_exactly_its_sockets() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    let _ = std::fs::remove_file(&pid_file);
 }
 
-/// Once `n` sockets of `pid` towards `port` are a second old, `reap --remote-port PORT
-/// --older-than 1s --json` (no --pid: the remote port alone selects); its output.
-fn reap_once_old(port: &str, pid: i32, n: usize) -> std::process::Output {
+/// Once `n` sockets of `pid` towards `remote`:`port` are a second old, `reap
+/// --remote-port PORT --remote REMOTE --older-than 1s --json`: no --pid, the peer alone
+/// selects (the loopback address keeps the host's other sockets out of it); its rows of
+/// `pid`.
+fn reap_once_old(port: &str, remote: &str, pid: i32, n: usize) -> Vec<serde_json::Value> {
     let pid_s = pid.to_string();
-    wait_until("the sockets to be a second old", String::new, || {
-        let old = scanned(
-            &["--pid", &pid_s, "--remote-port", port, "--older-than", "1s"],
-            &[pid],
-        );
-        (old.len() == n).then_some(())
-    });
-    let out = cwreap(&[
-        "reap",
+    let by_peer = [
         "--remote-port",
         port,
+        "--remote",
+        remote,
         "--older-than",
         "1s",
-        "--json",
-    ]);
+    ];
+    wait_until("the sockets to be a second old", String::new, || {
+        let mut args = vec!["--pid", pid_s.as_str()];
+        args.extend_from_slice(&by_peer);
+        (scanned(&args, &[pid]).len() == n).then_some(())
+    });
+    let mut args = vec!["reap"];
+    args.extend_from_slice(&by_peer);
+    args.push("--json");
+    let out = cwreap(&args);
     assert!(out.status.success(), "{}", stderr(&out));
-    out
+    json_lines(&out)
+        .into_iter()
+        .filter(|v| v["pid"].as_i64() == Some(i64::from(pid)))
+        .collect()
 }
 
 /// `reap` by the remote port takes exactly a pool's ends and leaves the process's other
@@ -439,14 +471,15 @@ fn reap_by_remote_port_takes_only_the_pools_ends() {
     let alpha = Mixed::start(None, "reap", "127.0.0.2", None);
     let port = alpha.backend.to_string();
     let pool = alpha.of_kind("client");
-    let out = reap_once_old(&port, alpha.pid(), pool.len());
-    let reaped: BTreeSet<i32> = json_lines(&out)
+    let rows = reap_once_old(&port, "127.0.0.2", alpha.pid(), pool.len());
+    let reaped: BTreeSet<i32> = rows
         .iter()
         .filter(|v| v["outcome"] == "reaped")
         .map(|v| field_i64(v, "fd") as i32)
         .collect();
     let pool_fds: BTreeSet<i32> = pool.iter().map(|e| alpha.fds[e]).collect();
-    assert_eq!(reaped, pool_fds, "{}", stdout(&out));
+    assert_eq!(reaped, pool_fds, "{rows:?}");
+    assert_eq!(rows.len(), pool.len(), "{rows:?}");
     let left = wait_until("the pool's ends to leave CLOSE_WAIT", String::new, || {
         let left = ends_in_ss(alpha.pid());
         left.is_disjoint(&pool).then_some(left)
@@ -567,8 +600,9 @@ fn shell_words(line: &str) -> Vec<String> {
 
 /// The scan line `check` prints for a target selects what the daemon's dry run of that
 /// target audits: process and socket criteria, negatives (IPv4-mapped peers too) and the
-/// threshold. A later target that shares sockets with an earlier one is marked, and its
-/// line selects its sockets plus those the earlier target takes.
+/// threshold, which here keeps one of two processes out. A later target that may share
+/// sockets with an earlier one is marked, and its line selects its own sockets plus ones
+/// the earlier target's criteria take first (whether or not its threshold lets it act).
 #[test]
 fn the_scan_line_of_check_selects_what_the_dry_run_audits() {
     if !require_root("the_scan_line_of_check_selects_what_the_dry_run_audits") {
@@ -579,7 +613,8 @@ fn the_scan_line_of_check_selects_what_the_dry_run_audits() {
     let b = Mixed::start(Some(65534), &format!("{tag}-b"), "127.0.0.5", None);
     let targets = format!(
         "  - name: pools\n    match: {{cmdline: '--tag {tag}-', remote_cidrs: [127.0.0.2/31, '::1']}}\n    \
-         exclude: {{local_ports: [{a_app}]}}\n    older_than: 1s\n    action: shutdown\n\
+         exclude: {{local_ports: [{a_app}]}}\n    min_close_wait: 4\n    older_than: 1s\n    \
+         action: shutdown\n\
          \x20 - name: nobody\n    match: {{uid: nobody, comm: '^python3$', local_cidrs: [127.0.0.1]}}\n    \
          exclude: {{remote_cidrs: [127.0.0.4]}}\n    min_close_wait: 2\n    older_than: 1s\n    \
          action: shutdown\n",
@@ -589,14 +624,14 @@ fn the_scan_line_of_check_selects_what_the_dry_run_audits() {
     let kinds = |m: &Mixed, ks: &[&str]| -> BTreeSet<End> {
         ks.iter().flat_map(|k| m.of_kind(k)).collect()
     };
-    // By the kinds mixed.py made: peers 127.0.0.2 or .3 or ::1 but not a's app port;
-    // then nobody's IPv4 ends but the IPv4-mapped 127.0.0.4, less what the first takes.
-    let first: BTreeSet<End> = kinds(&a, &["client", "v6"])
-        .into_iter()
-        .chain(kinds(&b, &["server", "v6"]))
-        .collect();
+    // By the kinds mixed.py made. `pools` selects peers 127.0.0.2 or .3 or ::1 off a's app
+    // port: a's 3 client ends and its v6 one (4: enough), b's 2 server ends and its v6 one
+    // (3: too few, so they are taken but not acted on). `nobody` selects b's IPv4 ends but
+    // the IPv4-mapped one: its 2 server ends (taken by `pools` first) and 3 client ends.
+    let first = kinds(&a, &["client", "v6"]);
+    let taken_idle = kinds(&b, &["server", "v6"]);
     let second_alone = kinds(&b, &["server", "client"]);
-    let second: BTreeSet<End> = second_alone.difference(&first).copied().collect();
+    let second = kinds(&b, &["client"]);
     let mut d = LoggedDaemon::start("selectors-line", &yaml);
     let cfg = d.dir.join("cwreap.yaml");
     let check = cwreap(&["check", "--config", &cfg.to_string_lossy()]);
@@ -611,7 +646,11 @@ fn the_scan_line_of_check_selects_what_the_dry_run_audits() {
         .collect();
     assert_eq!(lines.len(), 2, "{}", stdout(&check));
     assert_eq!(lines[0].0, ": ", "{}", stdout(&check));
-    assert!(lines[1].0.contains("earlier target"), "{}", stdout(&check));
+    assert!(
+        lines[1].0.contains("`pools` takes first"),
+        "{}",
+        stdout(&check)
+    );
     let pids = [a.pid(), b.pid()];
     let dry = d.wait_for("both targets' dry runs", |d| {
         let by_target = |t: &str| -> BTreeSet<End> {
@@ -639,12 +678,21 @@ fn the_scan_line_of_check_selects_what_the_dry_run_audits() {
         scanned(&args, &pids).into_keys().collect()
     };
     assert_eq!(scan(&lines[0].1), dry[0], "`cwreap scan {}`", lines[0].1);
+    // The first line without its threshold: every socket `pools` takes.
+    let unthresholded = lines[0].1.replace(" --min-close-wait 4", "");
+    assert_ne!(unthresholded, lines[0].1, "the threshold is on the line");
+    let taken = scan(&unthresholded);
+    assert_eq!(
+        taken,
+        first.union(&taken_idle).copied().collect(),
+        "`cwreap scan {unthresholded}`"
+    );
     let alone = scan(&lines[1].1);
     assert_eq!(alone, second_alone, "`cwreap scan {}`", lines[1].1);
-    let less_first: BTreeSet<End> = alone.difference(&dry[0]).copied().collect();
+    let less_first: BTreeSet<End> = alone.difference(&taken).copied().collect();
     assert_eq!(
         less_first, dry[1],
-        "`cwreap scan {}` less the first",
+        "`cwreap scan {}` less what `pools` takes",
         lines[1].1
     );
 }
@@ -770,12 +818,9 @@ fn a_urllib3_pools_ends_are_found_by_remote_port_and_reaped_without_harm() {
     assert_eq!(found.keys().copied().collect::<BTreeSet<_>>(), ends);
     assert!(found.values().all(|d| d == "out"), "{found:?}");
 
-    let out = reap_once_old(&port, pid, CONNS);
-    let reaped = json_lines(&out)
-        .iter()
-        .filter(|v| v["outcome"] == "reaped" && v["pid"].as_i64() == Some(i64::from(pid)))
-        .count();
-    assert_eq!(reaped, CONNS, "{}", stdout(&out));
+    let rows = reap_once_old(&port, "127.0.0.1", pid, CONNS);
+    let reaped = rows.iter().filter(|v| v["outcome"] == "reaped").count();
+    assert_eq!(reaped, CONNS, "{rows:?}");
     let left = wait_until("no pooled end in CLOSE_WAIT", String::new, || {
         let left = ends_in_ss(pid);
         left.is_empty().then_some(left)

@@ -104,18 +104,22 @@ impl Config {
             if let Some(s) = shadowed.iter().find(|s| s.target == i) {
                 l.push(format!("    # WARNING: {}", self.shadow_message(*s)));
             }
-            let earlier = shadowed.iter().any(|s| s.target == i) || i > 0;
-            l.push(format!(
-                "    # {}: {}",
-                if earlier && shadowed.iter().any(|s| s.target == i) {
-                    "shadowed; an earlier target takes these first"
-                } else if i > 0 {
-                    "the same sockets, minus any an earlier target takes"
-                } else {
-                    "the same sockets"
-                },
-                t.scan_line()
-            ));
+            let first = self.may_take_first(i);
+            let mark = if shadowed.iter().any(|s| s.target == i) {
+                "shadowed; an earlier target takes these first".to_owned()
+            } else if first.is_empty() {
+                "the same sockets".to_owned()
+            } else {
+                let names: Vec<String> = first
+                    .iter()
+                    .map(|&j| format!("`{}`", self.targets[j].name))
+                    .collect();
+                format!(
+                    "the same sockets, minus any {} takes first",
+                    names.join(" or ")
+                )
+            };
+            l.push(format!("    # {mark}: {}", t.scan_line()));
             l.push("    match:".to_owned());
             let m = &t.selector;
             // A policy target holds at most one value of each process criterion.

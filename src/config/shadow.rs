@@ -102,3 +102,66 @@ fn exclusions_spare(first: &Exclude, later: &Selector) -> bool {
         .all(|net| theirs.remote_cidrs.iter().any(|t: &IpNet| t.contains(net)));
     local_ok && remote_ok && cidrs_ok
 }
+
+impl Config {
+    /// The targets before `target` that may share a socket with it (see [`may_overlap`]):
+    /// where there are any, its `cwreap scan` line also lists sockets they take first.
+    pub fn may_take_first(&self, target: usize) -> Vec<usize> {
+        let Some(later) = self.targets.get(target) else {
+            return Vec::new();
+        };
+        (0..target)
+            .filter(|&i| may_overlap(&self.targets[i].selector, &later.selector))
+            .collect()
+    }
+}
+
+/// Whether one socket could be selected by both `a` and `b`. False only when the criteria
+/// prove it cannot: a kind of value both give with nothing in common (pids, uids, units,
+/// ports, address ranges of one family), or the ports one selects all excluded by the
+/// other. Anything else (regexes, cgroups, pid files) may overlap.
+pub fn may_overlap(a: &Selector, b: &Selector) -> bool {
+    fn apart<T: PartialEq>(x: &[T], y: &[T]) -> bool {
+        !x.is_empty() && !y.is_empty() && !x.iter().any(|v| y.contains(v))
+    }
+    fn all_excluded(ports: &[u16], excluded: &[u16]) -> bool {
+        !ports.is_empty() && ports.iter().all(|p| excluded.contains(p))
+    }
+    !(apart(&a.pids, &b.pids)
+        || apart(&a.uids, &b.uids)
+        || apart(&a.units, &b.units)
+        || apart(&a.local_ports, &b.local_ports)
+        || apart(&a.remote_ports, &b.remote_ports)
+        || nets_apart(&a.local_cidrs, &b.local_cidrs)
+        || nets_apart(&a.remote_cidrs, &b.remote_cidrs)
+        || all_excluded(&a.local_ports, &b.exclude.local_ports)
+        || all_excluded(&b.local_ports, &a.exclude.local_ports)
+        || all_excluded(&a.remote_ports, &b.exclude.remote_ports)
+        || all_excluded(&b.remote_ports, &a.exclude.remote_ports))
+}
+
+/// Both lists given, every network of one family (IPv4-mapped ones counted as IPv4), and
+/// no network of one overlapping one of the other.
+fn nets_apart(x: &[IpNet], y: &[IpNet]) -> bool {
+    let plain = |n: &IpNet| match n {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => {
+                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(*n, |v| IpNet::V4(v.trunc()))
+            }
+            None => *n,
+        },
+        _ => *n,
+    };
+    let (x, y): (Vec<IpNet>, Vec<IpNet>) =
+        (x.iter().map(plain).collect(), y.iter().map(plain).collect());
+    let one_family = x
+        .iter()
+        .chain(&y)
+        .all(|n| matches!(n, IpNet::V4(_)) == matches!(x.first(), Some(IpNet::V4(_))));
+    !x.is_empty()
+        && !y.is_empty()
+        && one_family
+        && !x
+            .iter()
+            .any(|m| y.iter().any(|n| m.contains(n) || n.contains(m)))
+}

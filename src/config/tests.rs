@@ -1087,3 +1087,45 @@ fn load_refuses_what_is_not_a_regular_file_or_too_big() {
     assert!(e.contains("cannot read the policy"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `check`'s scan line is marked only where an earlier target may take some of its
+/// sockets: targets on different ports, pids, users or networks are apart.
+#[test]
+fn scan_lines_are_marked_only_where_an_earlier_target_may_take_sockets() {
+    let c = ok("targets:\n\
+         \x20 - name: web\n    match: {comm: ^nginx$, local_ports: [80]}\n    older_than: 5m\n\
+         \x20 - name: tls\n    match: {comm: ^nginx$, local_ports: [443]}\n    older_than: 5m\n\
+         \x20 - name: pool\n    match: {uid: 0, remote_cidrs: [10.0.0.0/8]}\n    older_than: 5m\n\
+         \x20 - name: lan\n    match: {uid: 0, remote_cidrs: [192.168.0.0/16]}\n    \
+         exclude: {local_ports: [80, 443]}\n    older_than: 5m\n\
+         \x20 - name: mapped\n    match: {uid: 0, remote_cidrs: ['::ffff:10.1.0.0/112']}\n    older_than: 5m\n\
+         \x20 - name: any\n    match: {comm: ^java$}\n    older_than: 5m\n");
+    let firsts: Vec<Vec<usize>> = (0..c.targets.len()).map(|i| c.may_take_first(i)).collect();
+    assert_eq!(
+        firsts,
+        [
+            vec![],
+            vec![],        // another port
+            vec![0, 1],    // any port of any process: it may be nginx's
+            vec![],        // nginx's ports excluded, and a network apart from `pool`'s
+            vec![0, 1, 2], // an IPv4-mapped network inside `pool`'s
+            vec![0, 1, 2, 3, 4],
+        ]
+    );
+    let d = c.describe();
+    let marks: Vec<&str> = d
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("# "))
+        .filter(|l| l.contains("cwreap scan"))
+        .collect();
+    assert_eq!(marks.len(), 6, "{d}");
+    assert!(
+        marks[0].starts_with("the same sockets: cwreap scan --comm"),
+        "{d}"
+    );
+    assert!(marks[1].starts_with("the same sockets: cwreap scan"), "{d}");
+    assert!(
+        marks[2].starts_with("the same sockets, minus any `web` or `tls` takes first:"),
+        "{d}"
+    );
+}
