@@ -66,7 +66,7 @@ pub fn cwreap_8() -> Result<Vec<u8>> {
 }
 
 const CWREAP_8_TAIL: &str = r#".SH "EXIT STATUS"
-0 success, also when nothing matched; 1 some socket failed; 2 usage, configuration or privilege error.
+0 success, also when nothing matched; 1 some socket failed, or \fB--close\fR was refused for some fd; 2 usage, configuration or privilege error.
 .SH PRIVILEGES
 Reading another user's /proc/PID/fd and pidfd_getfd need CAP_SYS_PTRACE (and
 CAP_DAC_READ_SEARCH without root); SOCK_DESTROY needs CAP_NET_ADMIN; entering other network

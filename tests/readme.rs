@@ -287,8 +287,10 @@ fn the_try_it_block_runs_as_written() {
             continue;
         }
         let line = line
-            .replace("target/release/cwreap-fixture", support::FIXTURE)
-            .replace("target/release/cwreap", support::CWREAP);
+            .replace("target/release/cwreap-fixture", "\u{0}fixture\u{0}")
+            .replace("target/release/cwreap", support::CWREAP)
+            // Last: the test binaries' own paths may contain `target/release/cwreap`.
+            .replace("\u{0}fixture\u{0}", support::FIXTURE);
         let line = if line.starts_with("sleep ") {
             format!(
                 "until [ \"$({} scan --port $PORT --older-than 1s --json | grep -c .)\" = 3 ]; do sleep 0.1; done",
