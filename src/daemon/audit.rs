@@ -409,27 +409,44 @@ impl Daemon {
         }
     }
 
-    fn intent(&self, d: &Decision) -> serde_json::Value {
-        let c = &d.candidate;
-        let target = self
-            .cfg
+    /// The name of target `i` (empty if a reload removed it).
+    pub(super) fn target_name(&self, i: usize) -> String {
+        self.cfg
             .targets
-            .get(c.target)
-            .map_or_else(String::new, |t| t.name.clone());
-        json!({
-            "ts": unix_ts(),
-            "event": "intent",
-            "target": target,
-            "pid": c.pid,
-            "fd": if c.unaccepted { None } else { Some(c.fd) },
-            "unaccepted": c.unaccepted,
-            "netns": c.netns,
-            "comm": c.comm,
-            "inode": c.inode,
-            "local": c.local.to_string(),
-            "remote": c.remote.to_string(),
-            "age_ms": c.age_ms,
-            "action": d.action.as_str(),
-        })
+            .get(i)
+            .map_or_else(String::new, |t| t.name.clone())
+    }
+
+    /// What an audit record of decision `d` starts with, for an intent and for the
+    /// action's outcome alike: which socket, of which target, and the action.
+    pub(super) fn decision_record(
+        &self,
+        event: &str,
+        d: &Decision,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let c = &d.candidate;
+        let mut line = serde_json::Map::new();
+        for (key, value) in [
+            ("ts", json!(unix_ts())),
+            ("event", json!(event)),
+            ("target", json!(self.target_name(c.target))),
+            ("pid", json!(c.pid)),
+            ("fd", json!(if c.unaccepted { None } else { Some(c.fd) })),
+            ("unaccepted", json!(c.unaccepted)),
+            ("netns", json!(c.netns)),
+            ("comm", json!(c.comm)),
+            ("inode", json!(c.inode)),
+            ("local", json!(c.local.to_string())),
+            ("remote", json!(c.remote.to_string())),
+            ("age_ms", json!(c.age_ms)),
+            ("action", json!(d.action.as_str())),
+        ] {
+            line.insert(key.to_owned(), value);
+        }
+        line
+    }
+
+    fn intent(&self, d: &Decision) -> serde_json::Value {
+        serde_json::Value::Object(self.decision_record("intent", d))
     }
 }

@@ -14,7 +14,6 @@ use tracing::{error, info, warn};
 
 use cwreap_linux::os::Pinned;
 
-use super::audit::unix_ts;
 use super::escalate::Budget;
 use super::release::PendingRelease;
 use super::{Daemon, Point};
@@ -319,11 +318,7 @@ impl Daemon {
         report: &mut CycleReport,
     ) {
         let c = &d.candidate;
-        let target = self
-            .cfg
-            .targets
-            .get(c.target)
-            .map_or_else(String::new, |t| t.name.clone());
+        let target = self.target_name(c.target);
         let action = d.action.as_str();
         let outcome = res.outcome.as_str();
         let text = res.detail();
@@ -339,25 +334,15 @@ impl Daemon {
                 local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome, reason,
                 dry_run = d.dry_run, detail, "close_wait action");
         }
-        self.audit(json!({
-            "ts": unix_ts(),
-            "event": "action",
-            "target": target,
-            "pid": c.pid,
-            "fd": if c.unaccepted { None } else { Some(c.fd) },
-            "unaccepted": c.unaccepted,
-            "netns": c.netns,
-            "comm": c.comm,
-            "inode": c.inode,
-            "local": c.local.to_string(),
-            "remote": c.remote.to_string(),
-            "age_ms": c.age_ms,
-            "action": action,
-            "outcome": outcome,
-            "dry_run": d.dry_run,
-            "reason": res.reason.as_ref().map(Reason::code),
-            "error": text,
-        }));
+        let mut line = self.decision_record("action", d);
+        line.insert("outcome".into(), json!(outcome));
+        line.insert("dry_run".into(), json!(d.dry_run));
+        line.insert(
+            "reason".into(),
+            json!(res.reason.as_ref().map(Reason::code)),
+        );
+        line.insert("error".into(), json!(text));
+        self.audit(serde_json::Value::Object(line));
         *report
             .outcomes
             .entry((target.clone(), action, res.outcome))
