@@ -31,6 +31,8 @@ use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 use netlink_packet_sock_diag::inet::{InetResponse, StateFlags, nlas::Nla};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
+use crate::tcp;
+
 mod request;
 use request::{exact_request, request};
 
@@ -104,16 +106,6 @@ pub struct Chunk {
     pub stale: usize,
 }
 
-/// tcp_info offsets (struct tcp_info in include/uapi/linux/tcp.h). The kernel may send a
-/// shorter struct than we know of, so every read checks the length it got.
-const TCPI_STATE: usize = 0;
-const TCPI_LAST_ACK_RECV: usize = 56;
-
-fn tcp_info_u32(info: &[u8], offset: usize) -> Option<u32> {
-    let bytes = info.get(offset..offset + 4)?;
-    Some(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-}
-
 /// The inet_diag cookie is two host-order u32 halves, low first (sock_diag_save_cookie).
 pub fn cookie_from_id(raw: &[u8; 8]) -> u64 {
     let lo = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]) as u64;
@@ -127,8 +119,8 @@ fn from_response(resp: &InetResponse) -> DiagSocket {
     let mut state = resp.header.state;
     for nla in resp.nlas.iter() {
         if let Nla::TcpInfo(info) = nla {
-            last_ack_recv_ms = tcp_info_u32(info, TCPI_LAST_ACK_RECV);
-            if let Some(s) = info.get(TCPI_STATE) {
+            last_ack_recv_ms = tcp::tcp_info_u32(info, tcp::TCPI_LAST_ACK_RECV);
+            if let Some(s) = info.get(tcp::TCPI_STATE) {
                 state = *s;
             }
         }

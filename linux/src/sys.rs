@@ -131,20 +131,10 @@ pub struct TcpInfo {
     pub delivered: u32,
 }
 
-/// Offsets into struct tcp_info.
-const TCPI_STATE: usize = 0;
-const TCPI_LAST_ACK_RECV: usize = 56;
-const TCPI_RTT: usize = 68;
-const TCPI_DELIVERED: usize = 192;
-
 /// Parse the bytes TCP_INFO returned (`buf` is exactly what the kernel wrote).
 pub fn parse_tcp_info(buf: &[u8]) -> Option<TcpInfo> {
-    let u32_at = |off: usize| {
-        buf.get(off..off + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_ne_bytes)
-            .unwrap_or(0)
-    };
+    use crate::tcp::{TCPI_DELIVERED, TCPI_LAST_ACK_RECV, TCPI_RTT, TCPI_STATE, tcp_info_u32};
+    let u32_at = |off: usize| tcp_info_u32(buf, off).unwrap_or(0);
     Some(TcpInfo {
         state: *buf.get(TCPI_STATE)?,
         last_ack_recv_ms: u32_at(TCPI_LAST_ACK_RECV),

@@ -10,6 +10,21 @@ pub const CLOSE: u8 = 7;
 pub const CLOSE_WAIT: u8 = 8;
 pub const LISTEN: u8 = 10;
 
+/// Offsets into struct tcp_info (include/uapi/linux/tcp.h) of the fields cwreap reads,
+/// from TCP_INFO and from sock_diag's INET_DIAG_INFO alike.
+pub const TCPI_STATE: usize = 0;
+pub const TCPI_LAST_ACK_RECV: usize = 56;
+pub const TCPI_RTT: usize = 68;
+pub const TCPI_DELIVERED: usize = 192;
+
+/// The u32 at `offset` of a tcp_info the kernel gave, if it is that long: the kernel may
+/// send a shorter struct than we know of.
+pub fn tcp_info_u32(info: &[u8], offset: usize) -> Option<u32> {
+    info.get(offset..offset + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_ne_bytes)
+}
+
 /// The name of a TCP state, like ss prints it; `UNKNOWN` for a number the kernel never uses.
 pub fn state_name(state: u8) -> &'static str {
     match state {
