@@ -895,7 +895,7 @@ impl Run {
 
     /// The log for a failure message: repeated lines folded, the last 50 kept.
     fn log(&self) -> String {
-        fold_lines(&self.lines.lock().expect("log lock"))
+        fold_log(&self.lines.lock().expect("log lock"))
     }
 
     fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {

@@ -19,17 +19,15 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ffi::OsString;
 use std::fs::{OpenOptions, Permissions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
@@ -96,131 +94,6 @@ fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
-}
-
-/// A running `cwreap run`, its stderr collected line by line; killed on drop.
-struct Run {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<JoinHandle<()>>,
-}
-
-impl Run {
-    fn start(config: &Path, env: &[(&str, OsString)]) -> Run {
-        let mut cmd = Command::new(CWREAP);
-        cmd.arg("run").arg("--config").arg(config);
-        for var in [
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "JOURNAL_STREAM",
-            "RUST_LOG",
-        ] {
-            cmd.env_remove(var);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cwreap run");
-        let stderr = child.stderr.take().expect("daemon stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        Run {
-            child,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32).expect("daemon pid")
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("log lock").clone()
-    }
-
-    /// The log for a failure message (folded, at most 50 lines).
-    fn log(&self) -> String {
-        fold_log(&self.lines())
-    }
-
-    /// Poll `ready` until it holds; panic with the log when the daemon exits or `guard`
-    /// passes first.
-    fn wait_until(&mut self, what: &str, guard: Duration, mut ready: impl FnMut(&Run) -> bool) {
-        let deadline = Instant::now() + guard;
-        loop {
-            if ready(self) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.join();
-                panic!(
-                    "daemon exited ({status}) before {what}; log:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within {guard:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn signal(&self, sig: Signal) {
-        rustix::process::kill_process(self.pid(), sig).expect("signal the daemon");
-    }
-
-    fn join(&mut self) {
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-    }
-
-    fn kill(&mut self) {
-        self.signal(Signal::KILL);
-        let _ = self.child.wait();
-        self.join();
-    }
-
-    /// SIGTERM; the exit status and how long the daemon took. Panics after [`HANG`].
-    fn terminate(&mut self) -> (ExitStatus, Duration) {
-        let sent = Instant::now();
-        self.signal(Signal::TERM);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let took = sent.elapsed();
-                self.join();
-                return (status, took);
-            }
-            assert!(
-                sent.elapsed() < HANG,
-                "still running {HANG:?} after SIGTERM; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A child killed on drop, also when the test fails.
@@ -539,7 +412,7 @@ fn sigkill_mid_enforcement_leaves_a_record_of_every_socket_it_touched() {
             f.write_all(FRAGMENT).expect("tear the last line");
         }
         let mut before = tail.poll().actions;
-        let mut d = Run::start(&cfg, &[]);
+        let mut d = Running::spawn(&cfg, &[], &[]);
         if torn {
             d.wait_until("the torn line cut", HANG, |r| {
                 r.lines().iter().any(|l| {
@@ -620,13 +493,13 @@ fn sigkill_mid_enforcement_leaves_a_record_of_every_socket_it_touched() {
     }
 
     // A last daemon finishes the job.
-    let mut d = Run::start(&cfg, &[]);
+    let mut d = Running::spawn(&cfg, &[], &[]);
     d.wait_until(
         "every socket out of CLOSE_WAIT",
         Duration::from_secs(120),
         |_| still_close_wait(&pids, &inode_of).is_empty(),
     );
-    let (status, took) = d.terminate();
+    let (status, took) = d.terminate(HANG);
     assert!(status.success(), "{status}; log:\n{}", d.log());
     let records = audit_records(&audit);
     let mut reaped: BTreeMap<u64, usize> = BTreeMap::new();
@@ -744,7 +617,7 @@ fn a_full_disk_loses_counted_records_and_never_leaves_a_torn_line() {
     let filler = disk.0.join("filler");
     fill(&filler, 4096);
 
-    let mut d = Run::start(&cfg, &[]);
+    let mut d = Running::spawn(&cfg, &[], &[]);
     let value = |name: &str| metric(&scrape(metrics), name);
     d.wait_until(
         "lost records counted and a torn line cut",
@@ -778,7 +651,7 @@ fn a_full_disk_loses_counted_records_and_never_leaves_a_torn_line() {
         tail.poll().actions >= at_free + 20
     });
     let text = scrape(metrics);
-    let (status, _) = d.terminate();
+    let (status, _) = d.terminate(HANG);
     assert!(status.success(), "{status}; log:\n{}", d.log());
     let records = audit_records(&audit);
     for r in &records {
@@ -938,8 +811,9 @@ fn a_stuck_disk_holds_actions_back_never_cycles() {
     );
     // A watchdog of 400 ms: pinged every 200 ms while cycles make progress.
     let notify = NotifyLog::bind(scratch.path("notify"));
-    let mut d = Run::start(
+    let mut d = Running::spawn(
         &cfg,
+        &[],
         &[
             ("NOTIFY_SOCKET", scratch.path("notify").into_os_string()),
             ("WATCHDOG_USEC", "400000".into()),
@@ -1001,7 +875,7 @@ fn a_stuck_disk_holds_actions_back_never_cycles() {
         Duration::from_secs(30),
         |_| ss_close_wait(fx.pid()).is_empty(),
     );
-    let (status, took) = d.terminate();
+    let (status, took) = d.terminate(HANG);
     assert!(status.success(), "{status}; log:\n{}", d.log());
     let records = audit_records(&audit);
     let line_of = |event: &str, inode: u64| {
@@ -1066,7 +940,7 @@ fn rotation_then_sighup_writes_a_new_file() {
     };
     let first: Vec<(TcpStream, i32)> = (0..5).map(|_| fx.close_wait(0)).collect();
     let first_fds: BTreeSet<i64> = first.iter().map(|(_, fd)| i64::from(*fd)).collect();
-    let mut d = Run::start(&cfg, &[]);
+    let mut d = Running::spawn(&cfg, &[], &[]);
     d.wait_until(
         "the first five reaped in the audit log",
         Duration::from_secs(10),
@@ -1074,7 +948,7 @@ fn rotation_then_sighup_writes_a_new_file() {
     );
 
     std::fs::rename(&audit, &rotated).expect("mv audit.jsonl audit.jsonl.1");
-    let reloads = |r: &Run| {
+    let reloads = |r: &Running| {
         r.lines()
             .iter()
             .filter(|l| l.contains("config reloaded"))
@@ -1089,7 +963,7 @@ fn rotation_then_sighup_writes_a_new_file() {
         Duration::from_secs(10),
         |_| reaped_fds(&audit).is_superset(&second_fds),
     );
-    let (status, _) = d.terminate();
+    let (status, _) = d.terminate(HANG);
     assert!(status.success(), "{status}; log:\n{}", d.log());
     assert_eq!(
         reaped_fds(&rotated),
@@ -1245,7 +1119,7 @@ fn a_fifo_policy_is_refused_at_once_also_on_sighup() {
             &format!("metrics: {{listen: \"{metrics}\"}}\nlog_format: json"),
         ),
     );
-    let mut d = Run::start(&cfg, &[]);
+    let mut d = Running::spawn(&cfg, &[], &[]);
     d.wait_until("a cycle", Duration::from_secs(10), |_| {
         metric(&scrape(metrics), "cwreap_last_cycle_timestamp_seconds") > 0.0
     });
@@ -1262,7 +1136,7 @@ fn a_fifo_policy_is_refused_at_once_also_on_sighup() {
         Duration::from_secs(10),
         |_| metric(&scrape(metrics), "cwreap_last_cycle_timestamp_seconds") > cycle,
     );
-    let (status, took) = d.terminate();
+    let (status, took) = d.terminate(HANG);
     assert!(status.success(), "{status}; log:\n{}", d.log());
     println!("FIFO policy on SIGHUP: rejected, cycles went on, stopped {took:?} after SIGTERM");
 }

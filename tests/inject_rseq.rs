@@ -18,6 +18,7 @@
 mod pause;
 #[path = "support/runtimes.rs"]
 mod runtimes;
+mod support;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};

@@ -2,6 +2,14 @@
 //! the root/CI gate.
 #![allow(dead_code)]
 
+mod fold;
+mod running;
+
+#[allow(unused_imports)]
+pub use fold::{fold, fold_log};
+#[allow(unused_imports)]
+pub use running::Running;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -490,31 +498,6 @@ pub fn wait_until<T>(
     }
 }
 
-/// Runs of equal lines folded into `line (×N)`, then at most the last 50 lines.
-pub fn fold_lines(lines: &[String]) -> String {
-    const MAX: usize = 50;
-    let mut folded: Vec<(&str, usize)> = Vec::new();
-    for line in lines {
-        match folded.last_mut() {
-            Some((last, n)) if *last == line.as_str() => *n += 1,
-            _ => folded.push((line.as_str(), 1)),
-        }
-    }
-    let skip = folded.len().saturating_sub(MAX);
-    let mut out = String::new();
-    if skip > 0 {
-        out.push_str(&format!("[{skip} earlier lines not shown]\n"));
-    }
-    for (line, n) in &folded[skip..] {
-        out.push_str(line);
-        if *n > 1 {
-            out.push_str(&format!(" (×{n})"));
-        }
-        out.push('\n');
-    }
-    out
-}
-
 /// CLOSE_WAIT sockets whose local port is `port`, whoever holds them (`ss` finds owners
 /// through /proc/PID/fd, which is empty for a process whose main thread has exited).
 pub fn ss_close_wait_on_port(port: u16) -> usize {
@@ -530,11 +513,10 @@ pub fn ss_close_wait_on_port(port: u16) -> usize {
 }
 
 /// A `cwreap run` child with its policy in a private temp dir, its stderr kept for failure
-/// messages (folded, see [`fold_lines`]); killed on drop.
+/// messages (folded, see [`fold_log`]); killed on drop.
 pub struct LoggedDaemon {
-    pub child: Child,
+    pub daemon: Running,
     pub dir: std::path::PathBuf,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl LoggedDaemon {
@@ -547,29 +529,12 @@ impl LoggedDaemon {
         let cfg = dir.join("cwreap.yaml");
         std::fs::write(&cfg, yaml.replace("{dir}", &dir.to_string_lossy())).expect("write config");
         std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let mut child = Command::new(CWREAP)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start cwreap run");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let rx = lines_of(child.stderr.take().expect("daemon stderr"));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in rx {
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        LoggedDaemon { child, dir, lines }
+        let daemon = Running::spawn(&cfg, &[], &[]);
+        LoggedDaemon { daemon, dir }
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.daemon.child.id() as i32
     }
 
     /// Replace the policy (`{dir}` as in [`LoggedDaemon::start`]) and SIGHUP the daemon.
@@ -584,12 +549,12 @@ impl LoggedDaemon {
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("log lock").clone()
+        self.daemon.lines()
     }
 
     /// The log for a failure message: folded and cut.
     pub fn log(&self) -> String {
-        format!("--- cwreap run log:\n{}", fold_lines(&self.lines()))
+        format!("--- cwreap run log:\n{}", fold_log(&self.lines()))
     }
 
     /// The audit log (`audit_log: {dir}/audit.jsonl`), one JSON object per line.
@@ -609,8 +574,8 @@ impl LoggedDaemon {
             if let Some(v) = f(self) {
                 return v;
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100)); // the rest of its log
+            if let Ok(Some(status)) = self.daemon.child.try_wait() {
+                self.daemon.join_reader(); // the rest of its log
                 panic!("cwreap run exited ({status}) before {what}\n{}", self.log());
             }
             assert!(
@@ -625,55 +590,10 @@ impl LoggedDaemon {
 
 impl Drop for LoggedDaemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.daemon.child.kill();
+        let _ = self.daemon.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A log cut down for a failure message: runs of lines that differ only in their digits
-/// (timestamps, pids, counts) are folded into their first line with a count, and at most
-/// 50 lines are kept (the first 10 and the last 39, with a marker between).
-pub fn fold_log(lines: &[String]) -> String {
-    const MAX: usize = 50;
-    const HEAD: usize = 10;
-    let shape = |l: &str| -> String {
-        l.chars()
-            .map(|c| if c.is_ascii_digit() { '#' } else { c })
-            .collect()
-    };
-    let mut folded: Vec<(String, usize)> = Vec::new();
-    let mut last_shape = String::new();
-    for line in lines {
-        let s = shape(line);
-        match folded.last_mut() {
-            Some((_, n)) if s == last_shape => *n += 1,
-            _ => {
-                folded.push((line.clone(), 1));
-                last_shape = s;
-            }
-        }
-    }
-    let show = |(l, n): &(String, usize)| {
-        if *n > 1 {
-            format!("{l}    [x{n} similar lines]")
-        } else {
-            l.clone()
-        }
-    };
-    let mut out: Vec<String> = Vec::new();
-    if folded.len() <= MAX {
-        out.extend(folded.iter().map(show));
-    } else {
-        let tail = MAX - HEAD - 1;
-        out.extend(folded[..HEAD].iter().map(show));
-        out.push(format!(
-            "[... {} more lines ...]",
-            folded.len() - HEAD - tail
-        ));
-        out.extend(folded[folded.len() - tail..].iter().map(show));
-    }
-    out.join("\n")
 }
 
 /// Let this process (and the children it starts) use its hard fd limit.

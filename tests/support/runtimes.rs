@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 /// Upper bound of every wait: only a guard against hangs, never a pass/fail criterion.
 pub const HANG_GUARD: Duration = Duration::from_secs(45);
 
-/// Most lines of program output a failure message shows.
-const MAX_LINES: usize = 50;
+// Every test binary that includes this file has `mod support;` too.
+pub use crate::support::fold;
 
 const SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/runtimes");
 const PYTHON: &str = "/usr/bin/python3";
@@ -101,32 +101,6 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-}
-
-/// Fold runs of equal lines into `line (×N)` and keep at most [`MAX_LINES`] lines (the
-/// last ones, where failures usually are).
-pub fn fold(text: &str) -> String {
-    let mut folded: Vec<(String, usize)> = Vec::new();
-    for line in text.lines() {
-        match folded.last_mut() {
-            Some((last, n)) if last == line => *n += 1,
-            _ => folded.push((line.to_string(), 1)),
-        }
-    }
-    let skip = folded.len().saturating_sub(MAX_LINES);
-    let mut out = String::new();
-    if skip > 0 {
-        out.push_str(&format!("[{skip} earlier lines not shown]\n"));
-    }
-    for (line, n) in &folded[skip..] {
-        if *n > 1 {
-            out.push_str(&format!("{line} (×{n})\n"));
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 /// What a build produced: a ready command prefix, a missing tool, or a failure.
