@@ -7,10 +7,9 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::fs::{OpenOptions, Permissions};
-use std::io::Write;
+use std::fs::Permissions;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,42 +26,6 @@ const ACTION: &str = "close_wait action";
 
 // ---------------------------------------------------------------------------------------
 // Scratch files and the policy.
-
-/// A private directory for one test (policy, audit log, notify socket), removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("cwreap-daemon-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        std::fs::set_permissions(&dir, Permissions::from_mode(0o700)).expect("chmod scratch");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Write a policy the way root must keep it: owned by us (root), mode 0600.
-fn write_policy(path: &Path, text: &str) {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("open policy");
-    f.write_all(text.as_bytes()).expect("write policy");
-    std::fs::set_permissions(path, Permissions::from_mode(0o600)).expect("chmod 600 policy");
-}
 
 /// A policy for one test: short interval, metrics off, targets selected by pid.
 struct Policy {
@@ -412,7 +375,7 @@ fn dry_run_in_the_policy_reports_once_and_touches_nothing() {
     if !require_root("dry_run_in_the_policy_reports_once_and_touches_nothing") {
         return;
     }
-    let scratch = Scratch::new("dry-policy");
+    let scratch = Scratch::new("dry-policy", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let mut waiting: Vec<_> = (0..3).map(|_| fx.close_wait(0)).collect();
@@ -472,7 +435,7 @@ fn dry_run_flag_overrides_an_enforcing_policy() {
     if !require_root("dry_run_flag_overrides_an_enforcing_policy") {
         return;
     }
-    let scratch = Scratch::new("dry-flag");
+    let scratch = Scratch::new("dry-flag", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let mut waiting: Vec<_> = (0..3).map(|_| fx.close_wait(0)).collect();
@@ -527,7 +490,7 @@ fn enforce_reaps_only_sockets_past_older_than() {
     // to the one that could reap the young ones there are 8 s to stop the daemon, a margin
     // a busy machine keeps (the assertion below says so if it ever did not).
     let older_than = Duration::from_secs(10);
-    let scratch = Scratch::new("enforce");
+    let scratch = Scratch::new("enforce", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let mut established = fx.connect(0);
@@ -588,7 +551,7 @@ fn exclusions_spare_ports_and_peers_until_lifted() {
     if !require_root("exclusions_spare_ports_and_peers_until_lifted") {
         return;
     }
-    let scratch = Scratch::new("exclude");
+    let scratch = Scratch::new("exclude", 0o700);
     let mut fx = Fixture::start(&[V4, V4], &[]);
     let pid = fx.pid();
     let mut reapable = vec![fx.close_wait(0)];
@@ -646,7 +609,7 @@ fn match_local_ports_selects_sockets_by_listener() {
     if !require_root("match_local_ports_selects_sockets_by_listener") {
         return;
     }
-    let scratch = Scratch::new("match-ports");
+    let scratch = Scratch::new("match-ports", 0o700);
     let mut fx = Fixture::start(&[V4, V4], &[]);
     let pid = fx.pid();
     let mut selected = vec![fx.close_wait(0), fx.close_wait(0)];
@@ -675,7 +638,7 @@ fn min_close_wait_waits_for_enough_sockets() {
     if !require_root("min_close_wait_waits_for_enough_sockets") {
         return;
     }
-    let scratch = Scratch::new("min-cw");
+    let scratch = Scratch::new("min-cw", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let made = Instant::now();
@@ -726,7 +689,7 @@ fn max_reaps_per_cycle_spreads_reaps_over_cycles() {
     if !require_root("max_reaps_per_cycle_spreads_reaps_over_cycles") {
         return;
     }
-    let scratch = Scratch::new("per-cycle");
+    let scratch = Scratch::new("per-cycle", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let mut conns: Vec<_> = (0..5).map(|_| fx.close_wait(0)).collect();
@@ -783,7 +746,7 @@ fn max_reaps_per_minute_caps_reaps_across_cycles() {
     if !require_root("max_reaps_per_minute_caps_reaps_across_cycles") {
         return;
     }
-    let scratch = Scratch::new("per-minute");
+    let scratch = Scratch::new("per-minute", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let mut conns: Vec<_> = (0..5).map(|_| fx.close_wait(0)).collect();
@@ -845,7 +808,7 @@ fn audit_log_has_one_line_per_action() {
     if !require_root("audit_log_has_one_line_per_action") {
         return;
     }
-    let scratch = Scratch::new("audit");
+    let scratch = Scratch::new("audit", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let mut conns: Vec<_> = (0..3).map(|_| fx.close_wait(0)).collect();
@@ -973,7 +936,7 @@ fn fd_release_says_released_or_still_held() {
     if !require_root("fd_release_says_released_or_still_held") {
         return;
     }
-    let scratch = Scratch::new("release");
+    let scratch = Scratch::new("release", 0o700);
     let mut closer = Fixture::start(&[V4], &["--on-hup", "close"]);
     let mut leaker = Fixture::start(&[V4], &[]);
     let mut c = closer.close_wait(0);
@@ -1078,7 +1041,7 @@ fn sighup_applies_a_new_policy_to_sockets_already_reported() {
     if !require_root("sighup_applies_a_new_policy_to_sockets_already_reported") {
         return;
     }
-    let scratch = Scratch::new("hup-ok");
+    let scratch = Scratch::new("hup-ok", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let mut conns: Vec<_> = (0..2).map(|_| fx.close_wait(0)).collect();
@@ -1120,7 +1083,7 @@ fn sighup_with_a_bad_policy_keeps_the_old_one() {
     if !require_root("sighup_with_a_bad_policy_keeps_the_old_one") {
         return;
     }
-    let scratch = Scratch::new("hup-bad");
+    let scratch = Scratch::new("hup-bad", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let mut first = vec![fx.close_wait(0)];
@@ -1196,7 +1159,7 @@ fn sd_notify_ready_status_watchdog_and_reloading() {
     if !require_root("sd_notify_ready_status_watchdog_and_reloading") {
         return;
     }
-    let scratch = Scratch::new("notify");
+    let scratch = Scratch::new("notify", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let _conns: Vec<_> = (0..2).map(|_| fx.close_wait(0)).collect();
@@ -1288,7 +1251,7 @@ fn sigterm_and_sigint_stop_the_daemon_with_status_0() {
     if !require_root("sigterm_and_sigint_stop_the_daemon_with_status_0") {
         return;
     }
-    let scratch = Scratch::new("stop");
+    let scratch = Scratch::new("stop", 0o700);
     let fx = Fixture::start(&[V4], &[]);
     let cfg = scratch.path("cwreap.yaml");
     write_policy(
@@ -1346,7 +1309,7 @@ fn typo_policy() -> &'static str {
 
 #[test]
 fn bad_policy_at_start_exits_2_with_file_line_col() {
-    let scratch = Scratch::new("bad-start");
+    let scratch = Scratch::new("bad-start", 0o700);
     let cfg = scratch.path("cwreap.yaml");
     write_policy(&cfg, typo_policy());
     let mut d = Running::spawn(&cfg, &[], &[]);
@@ -1364,7 +1327,7 @@ fn bad_policy_at_start_exits_2_with_file_line_col() {
 
 #[test]
 fn check_prints_the_effective_policy_or_the_error() {
-    let scratch = Scratch::new("check");
+    let scratch = Scratch::new("check", 0o700);
     let cfg = scratch.path("cwreap.yaml");
     write_policy(
         &cfg,
@@ -1412,7 +1375,7 @@ fn check_prints_the_effective_policy_or_the_error() {
 
 #[test]
 fn interval_floor_and_metrics_off_as_the_readme_writes_it() {
-    let scratch = Scratch::new("floors");
+    let scratch = Scratch::new("floors", 0o700);
     let cfg = scratch.path("cwreap.yaml");
     let path = cfg.display().to_string();
     let body = "targets:\n  - name: t\n    match: {pid: 4242}\n    older_than: 1m\n";
@@ -1449,7 +1412,7 @@ fn interval_floor_and_metrics_off_as_the_readme_writes_it() {
 
 #[test]
 fn check_warns_about_a_target_an_earlier_one_shadows() {
-    let scratch = Scratch::new("shadow");
+    let scratch = Scratch::new("shadow", 0o700);
     let cfg = scratch.path("cwreap.yaml");
     let path = cfg.display().to_string();
     write_policy(
@@ -1486,7 +1449,7 @@ fn group_writable_policy_is_refused() {
     if !require_root("group_writable_policy_is_refused") {
         return;
     }
-    let scratch = Scratch::new("group-writable");
+    let scratch = Scratch::new("group-writable", 0o700);
     let cfg = scratch.path("cwreap.yaml");
     write_policy(
         &cfg,
@@ -1531,7 +1494,7 @@ fn fd_headroom_warns_at_80_and_95_percent_once_each() {
     if !require_root("fd_headroom_warns_at_80_and_95_percent_once_each") {
         return;
     }
-    let scratch = Scratch::new("headroom");
+    let scratch = Scratch::new("headroom", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
     let limit = 20u64;

@@ -23,7 +23,7 @@ use std::fs::{OpenOptions, Permissions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,42 +42,6 @@ const PYTHON: &str = "/usr/bin/python3";
 
 // ---------------------------------------------------------------------------------------
 // Scratch space, policies, the daemon.
-
-/// A directory of our own under /tmp, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str, mode: u32) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("cwreap-hard-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        std::fs::set_permissions(&dir, Permissions::from_mode(mode)).expect("chmod scratch");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Write a policy as root must keep it: owned by us (root), mode 0600.
-fn write_policy(path: &Path, text: &str) {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("open policy");
-    f.write_all(text.as_bytes()).expect("write policy");
-    std::fs::set_permissions(path, Permissions::from_mode(0o600)).expect("chmod 600 policy");
-}
 
 /// An enforcing policy with one `shutdown` target per pid, due at once.
 fn policy(pids: &[i32], extra: &str) -> String {

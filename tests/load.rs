@@ -27,16 +27,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::io::{FdFlags, fcntl_setfd};
-use rustix::process::{Pid, Resource, Rlimit, Signal};
+use rustix::process::{Pid, Signal};
 use support::*;
 
 /// Connections per server process (CLOSE_WAIT and ESTABLISHED together).
@@ -47,19 +46,6 @@ const CHUNK: usize = 100;
 /// CLOSE_WAIT and ESTABLISHED connections.
 const CLOSE_WAIT: usize = 20_000;
 const ESTABLISHED: usize = 20_000;
-
-/// Let children inherit our hard fd limit as their soft one (fixtures raise nothing).
-fn raise_nofile() {
-    let hard = rustix::process::getrlimit(Resource::Nofile).maximum;
-    rustix::process::setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: hard,
-            maximum: hard,
-        },
-    )
-    .expect("raise RLIMIT_NOFILE to the hard limit");
-}
 
 /// A child killed on drop (also when the test fails).
 struct Killed(Child);
@@ -281,19 +267,6 @@ impl Drop for Burners {
             let _ = c.wait();
         }
     }
-}
-
-fn write_policy(path: &Path, text: &str) {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("open policy");
-    f.write_all(text.as_bytes()).expect("write policy");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
 
 fn policy(pids: &[i32], older_than: &str, metrics: SocketAddr) -> String {
