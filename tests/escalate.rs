@@ -6,10 +6,9 @@
 mod support;
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
@@ -119,44 +118,33 @@ fn nofile(pid: i32) -> (u64, u64) {
 
 /// A `cwreap run` child with an audit log, counting its cycles through NOTIFY_SOCKET.
 struct Run {
-    child: Child,
-    dir: PathBuf,
+    // Declared first, dropped first: the daemon is killed before its directory goes.
+    daemon: Running,
+    dir: Scratch,
     notify: UnixDatagram,
     cycles: usize,
 }
 
 impl Run {
     fn start(tag: &str, targets: &str) -> Run {
-        let dir = std::env::temp_dir().join(format!("cwreap-esc-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let audit = dir.join("audit.jsonl");
-        let cfg = dir.join("cwreap.yaml");
-        std::fs::write(
+        let dir = Scratch::new(&format!("esc-{tag}"), 0o700);
+        let audit = dir.path("audit.jsonl");
+        let cfg = dir.path("cwreap.yaml");
+        write_policy(
             &cfg,
-            format!(
+            &format!(
                 "interval: 200ms\ndry_run: false\naudit_log: {}\nmetrics: {{listen: off}}\ntargets:\n{targets}",
                 audit.display()
             ),
-        )
-        .expect("policy");
-        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let sock = dir.join("notify");
+        );
+        let sock = dir.path("notify");
         let notify = UnixDatagram::bind(&sock).expect("notify socket");
         notify
             .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
-        let child = Command::new(CWREAP)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("NOTIFY_SOCKET", &sock)
-            .env_remove("WATCHDOG_USEC")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cwreap run");
+        let daemon = Running::spawn(&cfg, &[], &[("NOTIFY_SOCKET", sock.into_os_string())]);
         Run {
-            child,
+            daemon,
             dir,
             notify,
             cycles: 0,
@@ -171,8 +159,9 @@ impl Run {
                 self.cycles += 1;
             }
         }
-        if let Ok(Some(st)) = self.child.try_wait() {
-            panic!("cwreap run exited: {st}");
+        if let Ok(Some(st)) = self.daemon.child.try_wait() {
+            self.daemon.join_reader();
+            panic!("cwreap run exited: {st}\n{}", self.daemon.log());
         }
     }
 
@@ -196,7 +185,7 @@ impl Run {
     }
 
     fn escalations(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.join("audit.jsonl"))
+        std::fs::read_to_string(self.dir.path("audit.jsonl"))
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).expect("audit line is JSON"))
@@ -209,14 +198,6 @@ impl Run {
             .iter()
             .filter(|v| v["kind"] == kind && v["outcome"] == outcome)
             .count()
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
