@@ -16,7 +16,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
@@ -853,100 +853,13 @@ impl Drop for Server {
     }
 }
 
-/// A `cwreap run` child with its stderr (the JSON log) collected; killed on drop.
-struct Run {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
+/// How long to wait for a line in a daemon's log (a guard against hangs only).
+const LOG_WAIT: Duration = Duration::from_secs(10);
 
-impl Run {
-    fn start(mut cmd: Command) -> Run {
-        for var in [
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "JOURNAL_STREAM",
-            "RUST_LOG",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = spawn(&mut cmd);
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        let r = Run { child, lines };
-        r.wait_log("the start-up line", |l| l.contains("cwreap started"));
-        r
-    }
-
-    /// The whole log, to search.
-    fn text(&self) -> String {
-        self.lines.lock().expect("log lock").join("\n")
-    }
-
-    /// The log for a failure message: repeated lines folded, the last 50 kept.
-    fn log(&self) -> String {
-        fold_log(&self.lines.lock().expect("log lock"))
-    }
-
-    fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .expect("log lock")
-                .iter()
-                .find(|l| pred(l))
-            {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// SIGTERM; returns the exit code.
-    fn stop(&mut self) -> Option<i32> {
-        let pid = rustix::process::Pid::from_raw(self.pid()).expect("pid");
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ignored SIGTERM; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Start `cmd` (`cwreap run`, perhaps behind another program) as every daemon test does,
+/// and wait for its start-up line.
+fn start(mut cmd: Command) -> Running {
+    Running::attach(spawn(Running::prepare(&mut cmd))).started()
 }
 
 fn free_addr() -> SocketAddr {
@@ -1033,8 +946,8 @@ fn eperm_from_pidfd_getfd_is_an_error_outcome_counted_and_logged() {
         .arg("run")
         .arg("--config")
         .arg(&cfg);
-    let mut d = Run::start(cmd);
-    let warned = d.wait_log("the capability warning", |l| {
+    let mut d = start(cmd);
+    let warned = d.wait_line("the capability warning", LOG_WAIT, |l| {
         l.contains("running without CAP_SYS_PTRACE")
     });
     assert!(warned.contains("\"WARN\""), "{warned}");
@@ -1050,7 +963,9 @@ fn eperm_from_pidfd_getfd_is_an_error_outcome_counted_and_logged() {
         sample(&text, "cwreap_cycle_errors_total{kind=\"act\"}") >= Some(1.0),
         "{text}"
     );
-    let failed = d.wait_log("the failed action", |l| l.contains("action failed"));
+    let failed = d.wait_line("the failed action", LOG_WAIT, |l| {
+        l.contains("action failed")
+    });
     let v: Value = serde_json::from_str(&failed).expect("JSON log");
     assert_eq!(v["level"], "WARN", "{v}");
     assert_eq!(v["pid"], fx.pid(), "{v}");
@@ -1075,8 +990,13 @@ fn eperm_from_pidfd_getfd_is_an_error_outcome_counted_and_logged() {
     assert_eq!(ss_close_wait(fx.pid()).len(), 2, "a socket was touched");
     assert!(!reads_eof(&mut c1, Duration::from_millis(100)));
     assert!(!reads_eof(&mut c2, Duration::from_millis(100)));
-    assert_eq!(d.stop(), Some(0), "{}", d.log());
-    assert!(!d.text().contains("panicked"), "{}", d.log());
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).0.code(),
+        Some(0),
+        "{}",
+        d.log()
+    );
+    assert!(!d.lines().join("\n").contains("panicked"), "{}", d.log());
 }
 
 #[test]
@@ -1113,8 +1033,8 @@ fn eacces_on_a_target_fd_table_is_counted_each_cycle_and_others_are_still_reaped
         .arg("run")
         .arg("--config")
         .arg(&cfg);
-    let mut d = Run::start(cmd);
-    d.wait_log("the capability warning", |l| {
+    let mut d = start(cmd);
+    d.wait_line("the capability warning", LOG_WAIT, |l| {
         l.contains("running without CAP_SYS_PTRACE")
     });
 
@@ -1125,7 +1045,7 @@ fn eacces_on_a_target_fd_table_is_counted_each_cycle_and_others_are_still_reaped
         || d.log(),
         |t| sample(t, proc_errors) >= Some(3.0),
     );
-    let denied = d.wait_log("the permission warning", |l| {
+    let denied = d.wait_line("the permission warning", LOG_WAIT, |l| {
         l.contains("cannot read the fd table of some target processes")
     });
     assert!(denied.contains("CAP_SYS_PTRACE"), "{denied}");
@@ -1150,7 +1070,12 @@ fn eacces_on_a_target_fd_table_is_counted_each_cycle_and_others_are_still_reaped
         "the protected socket was touched"
     );
     assert!(!reads_eof(&mut pc, Duration::from_millis(100)));
-    assert_eq!(d.stop(), Some(0), "{}", d.log());
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).0.code(),
+        Some(0),
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
@@ -1169,8 +1094,8 @@ fn run_as_an_unprivileged_user_starts_with_a_clear_capability_warning() {
         .arg(&cfg)
         .uid(NOBODY)
         .gid(NOBODY);
-    let mut d = Run::start(cmd);
-    let warned = d.wait_log("the capability warning", |l| {
+    let mut d = start(cmd);
+    let warned = d.wait_line("the capability warning", LOG_WAIT, |l| {
         l.contains("running without CAP_SYS_PTRACE")
     });
     let v: Value = serde_json::from_str(&warned).expect("JSON log");
@@ -1190,8 +1115,13 @@ fn run_as_an_unprivileged_user_starts_with_a_clear_capability_warning() {
     assert!(cycles(&text) >= 2.0);
     assert_eq!(ss_close_wait(fx.pid()).len(), 1);
     assert!(!reads_eof(&mut client, Duration::from_millis(100)));
-    assert_eq!(d.stop(), Some(0), "{}", d.log());
-    assert!(!d.text().contains("panicked"), "{}", d.log());
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).0.code(),
+        Some(0),
+        "{}",
+        d.log()
+    );
+    assert!(!d.lines().join("\n").contains("panicked"), "{}", d.log());
 }
 
 /// Run `cmd` under a seccomp filter that answers pidfd_getfd with `verdict` (e.g. EPERM,
@@ -1246,8 +1176,13 @@ fn start_up_self_test_fails_fast_naming_the_fix_when_pidfd_getfd_is_blocked() {
     // Without the filter, the same binary and policy start.
     let mut ok = Command::new(CWREAP);
     ok.arg("run").arg("--config").arg(&cfg);
-    let mut d = Run::start(ok);
-    assert_eq!(d.stop(), Some(0), "{}", d.log());
+    let mut d = start(ok);
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).0.code(),
+        Some(0),
+        "{}",
+        d.log()
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1328,10 +1263,10 @@ fn metrics_endpoint_survives_garbage_huge_headers_resets_and_floods() {
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let mut cmd = Command::new(CWREAP);
     cmd.arg("run").arg("--config").arg(&cfg);
-    let mut d = Run::start(cmd);
+    let mut d = start(cmd);
     let first = scrape_until(addr, "the first scrape", || d.log(), |t| cycles(t) >= 1.0);
     let c0 = cycles(&first);
-    let rss0 = rss_kib(d.pid());
+    let rss0 = rss_kib(d.pid().as_raw_nonzero().get());
 
     // Binary garbage with a header end: not a GET, so 405, and nothing else happens.
     let mut garbage: Vec<u8> = (0..2000u32)
@@ -1397,14 +1332,19 @@ fn metrics_endpoint_survives_garbage_huge_headers_resets_and_floods() {
         !text.contains("cwreap_cycle_errors_total{"),
         "metrics clients caused cycle errors:\n{text}"
     );
-    let rss1 = rss_kib(d.pid());
+    let rss1 = rss_kib(d.pid().as_raw_nonzero().get());
     assert!(
         rss1 < rss0 + 8 * 1024,
         "RSS grew from {rss0} KiB to {rss1} KiB under abusive clients"
     );
     drop(idle);
-    assert_eq!(d.stop(), Some(0), "{}", d.log());
-    assert!(!d.text().contains("panicked"), "{}", d.log());
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).0.code(),
+        Some(0),
+        "{}",
+        d.log()
+    );
+    assert!(!d.lines().join("\n").contains("panicked"), "{}", d.log());
 }
 
 /// Wait until the listener on `addr` has no connection waiting to be accepted.
@@ -1469,8 +1409,8 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
         .arg("run")
         .arg("--config")
         .arg(&cfg);
-    let mut d = Run::start(cmd);
-    let dpid = d.pid();
+    let mut d = start(cmd);
+    let dpid = d.pid().as_raw_nonzero().get();
     // The baseline: a few cycles and scrapes in.
     for _ in 0..5 {
         scrape_until(addr, "a scrape", || d.log(), |t| cycles(t) >= 2.0);
@@ -1493,7 +1433,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
     );
     // Cycles still run and act while the flood is connected.
     let (mut client, _) = fx.close_wait(0);
-    d.wait_log("a reap during the flood", |l| {
+    d.wait_line("a reap during the flood", LOG_WAIT, |l| {
         l.contains("close_wait action") && l.contains("\"outcome\":\"reaped\"")
     });
     assert!(reads_eof(&mut client, Duration::from_secs(5)));
@@ -1524,7 +1464,11 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
         !text.contains("cwreap_cycle_errors_total{"),
         "cycle errors during the flood:\n{text}"
     );
-    assert!(!d.text().contains("Too many open files"), "{}", d.log());
+    assert!(
+        !d.lines().join("\n").contains("Too many open files"),
+        "{}",
+        d.log()
+    );
     drop(idle);
 
     // Everything the flood cost is given back: fds, and resident memory.
@@ -1546,5 +1490,10 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
         rss2 <= rss0 + 2048,
         "VmRSS {rss0} KiB before the flood, {rss2} KiB after ({fds1} fds during)"
     );
-    assert_eq!(d.stop(), Some(0), "{}", d.log());
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).0.code(),
+        Some(0),
+        "{}",
+        d.log()
+    );
 }

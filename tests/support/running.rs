@@ -23,11 +23,22 @@ pub struct Running {
 }
 
 impl Running {
-    /// Spawn without waiting for anything (for start-up failures). The service manager's
-    /// variables and RUST_LOG of the test's own environment are left out; `env` is added.
+    /// Spawn without waiting for anything (for start-up failures), with `env` added to the
+    /// environment [`Running::prepare`] leaves.
     pub fn spawn(config: &Path, args: &[&str], env: &[(&str, OsString)]) -> Running {
         let mut cmd = Command::new(CWREAP);
         cmd.arg("run").arg("--config").arg(config).args(args);
+        Running::prepare(&mut cmd);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Running::attach(cmd.spawn().expect("spawn cwreap run"))
+    }
+
+    /// Make `cmd` (`cwreap run`, perhaps behind another program) run as every daemon test
+    /// runs it: without the service manager's variables or RUST_LOG of the test's own
+    /// environment, stdin and stdout null, stderr piped for the log.
+    pub fn prepare(cmd: &mut Command) -> &mut Command {
         for var in [
             "NOTIFY_SOCKET",
             "WATCHDOG_USEC",
@@ -37,15 +48,13 @@ impl Running {
         ] {
             cmd.env_remove(var);
         }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cwreap run");
+    }
+
+    /// Collect the log of a child started from a [`Running::prepare`]d command.
+    pub fn attach(mut child: Child) -> Running {
         let stderr = child.stderr.take().expect("daemon stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -64,14 +73,15 @@ impl Running {
 
     /// Spawn and wait until the signal handlers are in place ("cwreap started").
     pub fn start(config: &Path, args: &[&str], env: &[(&str, OsString)]) -> Running {
-        let mut d = Running::spawn(config, args, env);
-        d.wait_lines("the start-up line", Duration::from_secs(10), |lines| {
-            lines
-                .iter()
-                .any(|l| l.contains("cwreap started"))
-                .then_some(())
+        Running::spawn(config, args, env).started()
+    }
+
+    /// Wait until the signal handlers are in place ("cwreap started").
+    pub fn started(mut self) -> Running {
+        self.wait_line("the start-up line", Duration::from_secs(10), |l| {
+            l.contains("cwreap started")
         });
-        d
+        self
     }
 
     pub fn pid(&self) -> Pid {
@@ -125,6 +135,18 @@ impl Running {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The first line `pred` accepts, once there is one (see [`Running::wait_lines`]).
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        self.wait_lines(what, timeout, |lines| {
+            lines.iter().find(|l| pred(l)).cloned()
+        })
     }
 
     /// Like [`Running::wait_lines`], on the JSON events.
