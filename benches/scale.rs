@@ -652,6 +652,55 @@ impl Drop for DaemonChild {
 }
 
 impl DaemonChild {
+    /// `cwreap run` on `policy` in a private directory named after `tag`, with its log in
+    /// daemon.log there and sd_notify messages on the returned socket (read with
+    /// `timeout`); killed if the benchmark dies. Also when it was spawned.
+    fn start(
+        cwreap: &Path,
+        tag: &str,
+        policy: &str,
+        timeout: Duration,
+    ) -> Result<(DaemonChild, UnixDatagram, Instant)> {
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let config = dir.join("cwreap.yaml");
+        fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&config)
+            .and_then(|mut f| f.write_all(policy.as_bytes()))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let notify_path = dir.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path)
+            .with_context(|| format!("binding {}", notify_path.display()))?;
+        notify
+            .set_read_timeout(Some(timeout))
+            .context("notify socket timeout")?;
+        let log_file = fs::File::create(dir.join("daemon.log")).context("creating daemon.log")?;
+        let mut cmd = Command::new(cwreap);
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        // If the benchmark dies, the daemon must not outlive it.
+        cwreap_linux::testing::die_with_parent(&mut cmd);
+        let spawned = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {} run", cwreap.display()))?;
+        Ok((DaemonChild { child, dir }, notify, spawned))
+    }
+
     fn log_tail(&self) -> String {
         let text = fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -692,45 +741,14 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
 }
 
 fn p4_daemon(fleet: &Fleet, cwreap: &Path, cycles: usize, log: &dyn Fn(&str)) -> Result<Vec<Row>> {
-    let dir = std::env::temp_dir().join(format!("cwbench-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let config = dir.join("cwreap.yaml");
-    fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(&config)
-        .and_then(|mut f| f.write_all(bench_policy("100ms").as_bytes()))
-        .with_context(|| format!("writing {}", config.display()))?;
     // sd_notify's STATUS= arrives once per cycle: an exact cycle counter.
-    let notify_path = dir.join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path)
-        .with_context(|| format!("binding {}", notify_path.display()))?;
-    let log_file = fs::File::create(dir.join("daemon.log")).context("creating daemon.log")?;
-    let mut cmd = Command::new(cwreap);
-    cmd.args(["run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file);
-    // If the benchmark dies, the daemon (100 ms interval) must not outlive it.
-    cwreap_linux::testing::die_with_parent(&mut cmd);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("spawning {} run", cwreap.display()))?;
-    let mut daemon = DaemonChild { child, dir };
+    let (mut daemon, notify, _) = DaemonChild::start(
+        cwreap,
+        "cwbench",
+        &bench_policy("100ms"),
+        Duration::from_millis(200),
+    )?;
     let pid = daemon.child.id();
-    notify
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .context("notify socket timeout")?;
 
     let mut buf = vec![0u8; 4096];
     // The next sd_notify datagram; fails at once if the daemon exits.
@@ -911,48 +929,15 @@ fn p5_policy_scale(
     let cycle = median(times);
 
     // As a child: start-up and memory.
-    let dir = std::env::temp_dir().join(format!("cwbench-p5-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let config = dir.join("cwreap.yaml");
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("a free port for the metrics endpoint")?;
-    fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(&config)
-        .and_then(|mut f| {
-            f.write_all(many_targets_policy(targets, idle_pid, Some(metrics)).as_bytes())
-        })
-        .with_context(|| format!("writing {}", config.display()))?;
-    let notify_path = dir.join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path)
-        .with_context(|| format!("binding {}", notify_path.display()))?;
-    notify
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .context("notify socket timeout")?;
-    let log_file = fs::File::create(dir.join("daemon.log")).context("creating daemon.log")?;
-    let mut cmd = Command::new(cwreap);
-    cmd.args(["run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file);
-    cwreap_linux::testing::die_with_parent(&mut cmd);
-    let spawned = Instant::now();
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("spawning {} run", cwreap.display()))?;
-    let mut d = DaemonChild { child, dir };
+    let (mut d, notify, spawned) = DaemonChild::start(
+        cwreap,
+        "cwbench-p5",
+        &many_targets_policy(targets, idle_pid, Some(metrics)),
+        Duration::from_millis(100),
+    )?;
     let pid = d.child.id();
     let mut buf = vec![0u8; 4096];
     let mut ready = None;
