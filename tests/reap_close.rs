@@ -30,6 +30,30 @@ fn inode_of(pid: i32, fd: i32) -> Option<u64> {
     cwreap_linux::procfs::parse_socket_link(link.to_str()?)
 }
 
+/// `reap --pid PID --older-than 1ms --close --yes --json`, which must exit 0; its output
+/// and rows.
+fn close_all_older_than_1ms(pid: i32) -> (std::process::Output, Vec<serde_json::Value>) {
+    let out = cwreap(&[
+        "reap",
+        "--pid",
+        &pid.to_string(),
+        "--older-than",
+        "1ms",
+        "--close",
+        "--yes",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let rows = json_lines(&out);
+    (out, rows)
+}
+
 /// `tests/runtimes/holder.py`: one socket of each kind, and one CLOSE_WAIT.
 struct Holder {
     child: Child,
@@ -147,24 +171,7 @@ fn close_takes_only_the_close_wait_socket_and_leaves_the_others_usable() {
     let cw = h.fd("closewait");
     let fds_before = open_fds(pid);
 
-    let out = cwreap(&[
-        "reap",
-        "--pid",
-        &pid.to_string(),
-        "--older-than",
-        "1ms",
-        "--close",
-        "--yes",
-        "--json",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    let rows = json_lines(&out);
+    let (out, rows) = close_all_older_than_1ms(pid);
     assert_eq!(
         rows.len(),
         1,
@@ -313,24 +320,7 @@ fn close_frees_sockets_of_ended_connections_still_held() {
     assert_eq!(open_fds(pid), before, "shutdown alone frees no fd slot");
 
     // --close: the remaining CLOSE_WAIT one and the two ended (CLOSE) ones.
-    let out = cwreap(&[
-        "reap",
-        "--pid",
-        &p,
-        "--older-than",
-        "1ms",
-        "--close",
-        "--yes",
-        "--json",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    let rows = json_lines(&out);
+    let (out, rows) = close_all_older_than_1ms(pid);
     let states: Vec<&str> = rows.iter().map(|r| field_str(r, "state")).collect();
     assert_eq!(
         states.iter().filter(|s| **s == "CLOSE").count(),
