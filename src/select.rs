@@ -34,11 +34,12 @@ impl Filter {
             || self.min_close_wait.is_some()
     }
 
-    /// Whether the selector's process criteria accept a process of the snapshot. Only the
-    /// facts a snapshot keeps (pid, name, uid) are looked at here: the criteria that need
-    /// more (executable, command line, unit, cgroup) were applied by attribution, which
-    /// never records a process they reject (see `snapshot::Scope`).
-    fn process_matches(&self, pid: i32, comm: &str, uid: Option<u32>) -> bool {
+    /// Whether the selector's process criteria accept a process of the snapshot, as a
+    /// function of (pid, name, uid), built once per selection. Only the facts a snapshot
+    /// keeps are looked at here: the criteria that need more (executable, command line,
+    /// unit, cgroup) were applied by attribution, which never records a process they
+    /// reject (see `snapshot::Scope`).
+    fn process_matcher(&self) -> impl Fn(i32, &str, Option<u32>) -> bool + '_ {
         let known = Selector {
             exe: Vec::new(),
             cmdline: Vec::new(),
@@ -46,13 +47,15 @@ impl Filter {
             cgroups: Vec::new(),
             ..self.selector.clone()
         };
-        let facts = ProcessFacts {
-            pid,
-            comm: comm.to_owned(),
-            uid,
-            ..ProcessFacts::default()
-        };
-        known.process_matches(&facts, &self.pids_from_files)
+        move |pid, comm, uid| {
+            let facts = ProcessFacts {
+                pid,
+                comm: comm.to_owned(),
+                uid,
+                ..ProcessFacts::default()
+            };
+            known.process_matches(&facts, &self.pids_from_files)
+        }
     }
 }
 
@@ -87,6 +90,9 @@ impl<H> Copy for Row<'_, H> {}
 /// once, under the first holder the filter accepts.
 pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> {
     let mut rows: Vec<Row<'a, H>> = Vec::new();
+    let matches = filter.process_matcher();
+    // Decided once per process, not once per socket it holds.
+    let mut accepted: std::collections::HashMap<i32, bool> = std::collections::HashMap::new();
     for s in &snap.sockets {
         if !filter
             .selector
@@ -100,9 +106,10 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
         let unaccepted = s.unaccepted();
         let chosen = s.owners().iter().find_map(|h| {
             let p = snap.processes.get(&h.pid)?;
-            filter
-                .process_matches(p.pid, &p.comm, Some(p.uid))
-                .then_some((*h, p))
+            let ok = *accepted
+                .entry(p.pid)
+                .or_insert_with(|| matches(p.pid, &p.comm, Some(p.uid)));
+            ok.then_some((*h, p))
         });
         match chosen {
             Some((holder, process)) => rows.push(Row {
@@ -302,10 +309,11 @@ pub fn plan_close<'a>(
     filter: &Filter,
     max: Option<usize>,
 ) -> Vec<(&'a HeldSocket, Closable)> {
+    let matches = filter.process_matcher();
     let mut out: Vec<(&HeldSocket, Closable)> = held
         .iter()
         .filter_map(|h| closable(&h.facts).map(|k| (h, k)))
-        .filter(|(h, _)| filter.process_matches(h.pid, &h.comm, None))
+        .filter(|(h, _)| matches(h.pid, &h.comm, None))
         .filter(|(h, _)| {
             h.facts
                 .local
