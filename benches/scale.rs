@@ -451,10 +451,11 @@ targets:
 }
 
 fn p2_cycle(fleet: &Fleet, reps: usize, log: &dyn Fn(&str)) -> Result<Row> {
-    let cfg = cwreap::config::parse(&bench_policy("30s"), "bench").context("the bench policy")?;
+    let cfg =
+        cwreap::shared::config::parse(&bench_policy("30s"), "bench").context("the bench policy")?;
     let mut daemon = cwreap::daemon::Daemon::new(cfg, true).context("creating the daemon")?;
     let stop = AtomicBool::new(false);
-    let check = |r: &cwreap::report::CycleReport| -> Result<()> {
+    let check = |r: &cwreap::daemon::cycle_report::CycleReport| -> Result<()> {
         if !r.errors.is_empty() {
             bail!("daemon cycle reported errors: {:?}", r.errors);
         }
@@ -904,7 +905,7 @@ fn p5_policy_scale(
     }
 
     // In-process: the idle cycle.
-    let cfg = cwreap::config::parse(&many_targets_policy(targets, idle_pid, None), "p5")
+    let cfg = cwreap::shared::config::parse(&many_targets_policy(targets, idle_pid, None), "p5")
         .context("the P5 policy")?;
     let mut daemon = cwreap::daemon::Daemon::new(cfg, true).context("creating the daemon")?;
     let stop = AtomicBool::new(false);

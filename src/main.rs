@@ -7,9 +7,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use cwreap::cli::{Cli, Command};
-use cwreap::commands::{self, Status};
-use cwreap::config::UsageError;
+use cwreap::cli::args::{Cli, Command};
+use cwreap::cli::commands::{self, Status};
+use cwreap::shared::usage::UsageError;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,10 +23,10 @@ fn main() -> ExitCode {
         Command::Run(args) => cwreap::daemon::run(&args.config, args.dry_run).map(|()| Status::Ok),
         Command::Check(args) => commands::check(&args.config, &mut out, &mut err),
         Command::Completions(args) => {
-            cwreap::manual::completions(args.shell, &mut out);
+            cwreap::cli::manual::completions(args.shell, &mut out);
             Ok(Status::Ok)
         }
-        Command::Generate(args) => cwreap::manual::generate(&args.out_dir).map(|files| {
+        Command::Generate(args) => cwreap::cli::manual::generate(&args.out_dir).map(|files| {
             eprintln!("wrote {} into {}", files.join(", "), args.out_dir.display());
             Status::Ok
         }),

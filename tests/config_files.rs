@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cwreap::config;
+use cwreap::shared::config;
 
 fn config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config")

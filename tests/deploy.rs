@@ -22,8 +22,8 @@ fn configmap_policy_validates() {
     let policy = cm["data"]["cwreap.yaml"]
         .as_str()
         .expect("cwreap.yaml in the ConfigMap");
-    let cfg =
-        cwreap::config::parse(policy, "configmap/cwreap.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let cfg = cwreap::shared::config::parse(policy, "configmap/cwreap.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.dry_run, "the example must be safe by default");
 }
 

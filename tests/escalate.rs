@@ -351,7 +351,7 @@ fn a_reused_pid_never_gets_the_signal() {
         return;
     };
     let pid = server.pid();
-    let cfg = cwreap::config::parse(
+    let cfg = cwreap::shared::config::parse(
         &format!(
             "interval: 1s\ndry_run: false\nmetrics: {{listen: off}}\ntargets:\n{}",
             target(pid, "{signal_at: 95%}")

@@ -29,9 +29,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cwreap::act::Outcome;
+use cwreap::daemon::cycle_report::CycleReport;
 use cwreap::daemon::{Daemon, Stage};
-use cwreap::report::CycleReport;
+use cwreap::shared::act::Outcome;
 use cwreap_linux::netlink::{Diag, DumpError};
 use serde_json::Value;
 use support::*;
@@ -79,7 +79,7 @@ limits: {max_reaps_per_cycle: 1000, max_reaps_per_minute: 100000}\ntargets:\n",
 }
 
 fn daemon(yaml: &str) -> Daemon {
-    let cfg = cwreap::config::parse(yaml, "faults.yaml").expect("valid policy");
+    let cfg = cwreap::shared::config::parse(yaml, "faults.yaml").expect("valid policy");
     Daemon::new(cfg, false).expect("daemon")
 }
 
@@ -122,7 +122,7 @@ fn actions(events: &[Value], pid: i32) -> Vec<&Value> {
 
 /// The Prometheus text a metrics endpoint would serve after these reports.
 fn render(reports: &[&CycleReport]) -> String {
-    let m = cwreap::metrics::Metrics::new();
+    let m = cwreap::daemon::metrics::Metrics::new();
     for r in reports {
         m.observe(r);
     }
@@ -476,14 +476,14 @@ fn never_acts_on_its_own_process_even_when_the_policy_names_it() {
             .any(|s| { cwreap_linux::sys::inode(ours.as_fd()).is_ok_and(|i| i == s.inode) }),
         "the dump lists our socket"
     );
-    let snap = cwreap::snapshot::Attributor {
+    let snap = cwreap::shared::attribute::Attributor {
         proc: &proc,
         os: Some(&os),
         self_pid: me,
     }
     .attribute(
         found,
-        &cwreap::snapshot::Scope {
+        &cwreap::shared::attribute::Scope {
             pids: Some(vec![me]),
             ..Default::default()
         },
@@ -1428,7 +1428,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
     }
     let fds1 = fd_count(dpid);
     assert!(
-        fds1 <= fds0 + cwreap::metrics::MAX_CLIENTS + 8,
+        fds1 <= fds0 + cwreap::daemon::metrics::MAX_CLIENTS + 8,
         "the daemon holds {fds1} fds during the flood, {fds0} before"
     );
     // Cycles still run and act while the flood is connected.
@@ -1446,7 +1446,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
         }
     }
     assert!(
-        closed >= FLOOD - cwreap::metrics::MAX_CLIENTS,
+        closed >= FLOOD - cwreap::daemon::metrics::MAX_CLIENTS,
         "only {closed} of {FLOOD} connections were closed"
     );
     // A scrape answers (at the latest once the held clients' deadline has passed), and
@@ -1457,7 +1457,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
         || d.log(),
         |t| {
             sample(t, "cwreap_metrics_refused_connections_total")
-                .is_some_and(|n| n >= (FLOOD - cwreap::metrics::MAX_CLIENTS) as f64)
+                .is_some_and(|n| n >= (FLOOD - cwreap::daemon::metrics::MAX_CLIENTS) as f64)
         },
     );
     assert!(

@@ -3,7 +3,7 @@
 
 mod support;
 
-use cwreap::index::{FULL_EVERY, FdIndex};
+use cwreap::daemon::fd_cache::{FULL_EVERY, FdIndex};
 use cwreap_linux::netns::Namespaces;
 use cwreap_linux::os::RealOs;
 use cwreap_linux::procfs::ProcFs;

@@ -299,17 +299,20 @@ fn alert_rules_are_valid_and_use_our_metrics() {
         assert!(names.contains(&want), "missing alert {want}");
     }
     // Every cwreap_* series an alert uses is one the daemon exports.
-    let metrics = cwreap::metrics::Metrics::new();
-    let mut report = cwreap::report::CycleReport::default();
-    report
-        .targets
-        .insert("t".into(), cwreap::report::TargetGauges::default());
-    report
-        .outcomes
-        .insert(("t".into(), "shutdown", cwreap::act::Outcome::Reaped), 1);
-    report
-        .releases
-        .insert(("t".into(), cwreap::report::Release::StillHeld), 1);
+    let metrics = cwreap::daemon::metrics::Metrics::new();
+    let mut report = cwreap::daemon::cycle_report::CycleReport::default();
+    report.targets.insert(
+        "t".into(),
+        cwreap::daemon::cycle_report::TargetGauges::default(),
+    );
+    report.outcomes.insert(
+        ("t".into(), "shutdown", cwreap::shared::act::Outcome::Reaped),
+        1,
+    );
+    report.releases.insert(
+        ("t".into(), cwreap::daemon::cycle_report::Release::StillHeld),
+        1,
+    );
     report.errors.insert("netlink", 1);
     metrics.observe(&report);
     let exported = metrics.render();

@@ -6,10 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use cwreap::act::{Outcome, Reason};
-use cwreap::commands::reap_row;
-use cwreap::select::{Filter, select};
-use cwreap::snapshot::{Attributor, Scope, Snapshot};
+use cwreap::cli::commands::reap_row;
+use cwreap::cli::plan::{Filter, select};
+use cwreap::shared::act::{Outcome, Reason};
+use cwreap::shared::attribute::{Attributor, Scope, Snapshot};
 use cwreap_linux::netlink::Diag;
 use cwreap_linux::os::RealOs;
 use cwreap_linux::procfs::ProcFs;
@@ -38,7 +38,7 @@ fn attribute(pid: i32, os: &RealOs) -> Snapshot<cwreap_linux::os::Pinned> {
 
 fn filter(pid: i32) -> Filter {
     Filter {
-        selector: cwreap::selector::Selector {
+        selector: cwreap::shared::selector::Selector {
             pids: vec![pid],
             ..Default::default()
         },

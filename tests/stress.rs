@@ -19,10 +19,10 @@ use std::sync::Barrier;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cwreap::act::{Outcome, Reason};
-use cwreap::commands::reap_row;
-use cwreap::select::{Filter, select};
-use cwreap::snapshot::{Attributor, Scope, Snapshot};
+use cwreap::cli::commands::reap_row;
+use cwreap::cli::plan::{Filter, select};
+use cwreap::shared::act::{Outcome, Reason};
+use cwreap::shared::attribute::{Attributor, Scope, Snapshot};
 use cwreap_linux::netlink::Diag;
 use cwreap_linux::os::RealOs;
 use cwreap_linux::procfs::ProcFs;
@@ -53,7 +53,7 @@ fn attribute(pid: i32, os: &RealOs) -> Snapshot<Pinned> {
 
 fn filter(pid: i32) -> Filter {
     Filter {
-        selector: cwreap::selector::Selector {
+        selector: cwreap::shared::selector::Selector {
             pids: vec![pid],
             ..Default::default()
         },

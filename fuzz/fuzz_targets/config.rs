@@ -8,10 +8,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(cfg) = cwreap::config::parse(text, "fuzz.yaml") {
-        let again = cwreap::config::parse(&cfg.describe(), "described.yaml");
+    if let Ok(cfg) = cwreap::shared::config::parse(text, "fuzz.yaml") {
+        let again = cwreap::shared::config::parse(&cfg.describe(), "described.yaml");
         assert!(again.is_ok(), "describe() produced an invalid policy: {again:?}");
-    } else if let Err(e) = cwreap::config::parse(text, "fuzz.yaml") {
+    } else if let Err(e) = cwreap::shared::config::parse(text, "fuzz.yaml") {
         // The message is one line naming the file.
         let msg = e.to_string();
         assert!(msg.starts_with("fuzz.yaml"), "{msg}");

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(chunk) = cwreap_linux::netlink::parse_dump(data) {
         for s in &chunk.sockets {
-            let _ = cwreap::snapshot::listener_for(s, &chunk.sockets);
+            let _ = cwreap::shared::attribute::listener_for(s, &chunk.sockets);
         }
     }
 });

@@ -1,7 +1,7 @@
 //! Raw system calls: pidfds and fd duplication, socket identity (inode, SO_COOKIE, TCP_INFO),
 //! shutdown, setns, capabilities. Each `unsafe` block carries its SAFETY note; callers get
 //! safe functions returning `io::Result`. The ptrace calls are in [`ptrace`]; starting the
-//! injection helper (fork/exec) and taking the fd it inherits are in [`helper`].
+//! injection helper (fork/exec) and taking the fd it inherits are in [`spawn`].
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -10,8 +10,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
 use rustix::thread::CapabilitySet;
 
-pub mod helper;
 pub mod ptrace;
+pub mod spawn;
 
 /// A pidfd for `pid`. Holding it pins the identity of the process: if the process exits
 /// and its pid is reused, operations on this fd fail with ESRCH instead of reaching the

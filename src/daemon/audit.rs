@@ -32,10 +32,10 @@ use tracing::{error, warn};
 use cwreap_linux::secure_fs;
 
 use super::Daemon;
-use crate::config::Action;
-use crate::metrics::Health;
-use crate::policy::Decision;
-use crate::report::CycleReport;
+use crate::daemon::cycle_report::CycleReport;
+use crate::daemon::metrics::Health;
+use crate::daemon::policy::Decision;
+use crate::shared::config::Action;
 
 /// Records waiting for the writer before new ones are counted as lost.
 const QUEUE: usize = 16 * 1024;

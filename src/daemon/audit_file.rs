@@ -1,7 +1,7 @@
 //! Where the audit log may live, and opening it.
 //!
 //! The audit log is written by a privileged daemon, so its path gets the policy file's
-//! treatment (see [`crate::config::file`]): every directory from `/` down, and every
+//! treatment (see [`crate::shared::config::file`]): every directory from `/` down, and every
 //! symlink on the way, is checked through the fd it was opened as; each must belong to root
 //! or to the daemon's own uid (under systemd's DynamicUser= the log directory is the
 //! transient user's), and no directory may be writable by group or others unless sticky.
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use cwreap_linux::secure_fs::{self, Kind, Meta, Missing, Walk, WalkError};
 
-use crate::config::file::{path_fix, path_problem, shell_quote};
+use crate::shared::config::file::{path_fix, path_problem, shell_quote};
 
 /// Mode of the directories the daemon creates for its audit log.
 pub(super) const DIR_MODE: u32 = 0o750;

@@ -1,6 +1,6 @@
 //! One daemon cycle: match the target processes, discover their CLOSE_WAIT sockets (one
 //! sock_diag socket per network namespace), attribute them from the fd-table cache, age
-//! them, decide (pure, [`crate::policy::decide`]), act through the pidfds held since
+//! them, decide (pure, [`crate::daemon::policy::decide`]), act through the pidfds held since
 //! attribution, and report each action (log event, audit line, counters, release watch).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -17,18 +17,19 @@ use cwreap_linux::os::Pinned;
 use super::escalate::Budget;
 use super::release::PendingRelease;
 use super::{Daemon, Point};
-use crate::act::{self, ActResult, Expected, Outcome, Reason, Via};
-use crate::config::{Action, ProcessFacts, SocketFacts};
-use crate::index::{FdIndex, Refresh};
-use crate::policy::{self, Candidate, Decision, HeadroomWarning};
-use crate::report::{CycleReport, TargetGauges};
-use crate::selector::Needs;
-use crate::snapshot::Snapshot;
+use crate::daemon::cycle_report::{CycleReport, TargetGauges};
+use crate::daemon::fd_cache::{FdIndex, Refresh};
+use crate::daemon::policy::{self, Candidate, Decision, HeadroomWarning};
+use crate::shared::act::{self, ActResult, Expected, Outcome, Reason, Via};
+use crate::shared::attribute::Snapshot;
+use crate::shared::config::Action;
+use crate::shared::selector::Needs;
+use crate::shared::selector::{ProcessFacts, SocketFacts};
 
 impl Daemon {
     /// Read what the targets' match blocks need to know about a process.
     fn facts(&self, pid: i32, needs: Needs) -> io::Result<ProcessFacts> {
-        crate::snapshot::process_facts(&self.proc, pid, needs)
+        crate::shared::attribute::process_facts(&self.proc, pid, needs)
     }
 
     /// pid → the targets whose process criteria accept the process, ascending. Which of
@@ -39,7 +40,7 @@ impl Daemon {
             .cfg
             .targets
             .iter()
-            .map(|t| crate::snapshot::read_pid_files(&t.selector.pid_files))
+            .map(|t| crate::shared::attribute::read_pid_files(&t.selector.pid_files))
             .collect();
         let needs = self
             .cfg

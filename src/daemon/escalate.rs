@@ -2,7 +2,7 @@
 //! EMFILE: raise the soft RLIMIT_NOFILE to the hard limit once, then send a signal once (a
 //! restart before EMFILE). Neither touches a socket or an fd of the process, so neither can
 //! misdeliver data; the daemon never closes an fd inside a target. The decision is pure
-//! ([`crate::policy::escalation`]); this does it, logs it and audits it.
+//! ([`crate::daemon::policy::escalation`]); this does it, logs it and audits it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
@@ -16,10 +16,10 @@ use cwreap_linux::sys;
 
 use super::audit::unix_ts;
 use super::{Daemon, Point};
-use crate::config::Target;
-use crate::policy::{self, Escalated, Escalation, Load};
-use crate::report::CycleReport;
-use crate::snapshot::{Process, Snapshot};
+use crate::daemon::cycle_report::CycleReport;
+use crate::daemon::policy::{self, Escalated, Escalation, Load};
+use crate::shared::attribute::{Process, Snapshot};
+use crate::shared::config::Target;
 
 /// What the escalations of one cycle may still do.
 pub(super) struct Budget {

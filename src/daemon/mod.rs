@@ -1,5 +1,5 @@
 //! `cwreap run`: the policy daemon. The decision itself is pure and lives in
-//! [`crate::policy`]; this folder owns everything around it:
+//! [`crate::daemon::policy`]; this folder owns everything around it:
 //!
 //! - [`cycle`]: one cycle, discover → attribute → age → decide → act → report;
 //! - [`release`]: after a shutdown, whether the owner released the fd (and escalation);
@@ -26,17 +26,21 @@ use cwreap_linux::netns::Namespaces;
 use cwreap_linux::os::{Pinned, RealOs};
 use cwreap_linux::procfs::ProcFs;
 
-use crate::config::Config;
-use crate::index::FdIndex;
-use crate::metrics::Health;
-use crate::policy::{Ages, Escalated, Headroom, RateLimiter, SocketKey};
+use crate::daemon::fd_cache::FdIndex;
+use crate::daemon::metrics::Health;
+use crate::daemon::policy::{Ages, Escalated, Headroom, RateLimiter, SocketKey};
+use crate::shared::config::Config;
 
 mod audit;
 mod audit_file;
 mod cycle;
+pub mod cycle_report;
 mod escalate;
+pub mod fd_cache;
 mod logging;
+pub mod metrics;
 mod notify;
+pub mod policy;
 mod release;
 mod selftest;
 mod service;

@@ -13,7 +13,7 @@ use cwreap_linux::sys;
 
 use super::Daemon;
 use super::audit::unix_ts;
-use crate::report::{CycleReport, Release};
+use crate::daemon::cycle_report::{CycleReport, Release};
 
 /// A socket that cwreap shut down, watched until its owner releases the fd or the grace
 /// period ends.

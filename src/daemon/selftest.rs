@@ -6,7 +6,7 @@ use tracing::warn;
 
 use cwreap_linux::sys::{self, Capability};
 
-use crate::config::UsageError;
+use crate::shared::usage::UsageError;
 
 /// Start-up self-test: duplicate one of our own fds through a pidfd. It proves the kernel
 /// has pidfd_getfd and no seccomp filter blocks it; it also names the capability needed for

@@ -19,9 +19,10 @@ use tracing::{error, info, warn};
 use super::audit::AuditLog;
 use super::notify::Notifier;
 use super::{Daemon, logging, self_test};
-use crate::config::{UsageError, load_config};
-use crate::metrics::Metrics;
-use crate::report::CycleReport;
+use crate::daemon::cycle_report::CycleReport;
+use crate::daemon::metrics::Metrics;
+use crate::shared::config::load_config;
+use crate::shared::usage::UsageError;
 
 /// After SIGTERM: how long the cycle in progress gets to finish its current action.
 const STOP_CYCLE: Duration = Duration::from_millis(400);
@@ -49,13 +50,13 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
         .context("starting the runtime")?;
     let result = rt.block_on(async {
         if let Some(addr) = daemon.cfg.metrics.listen {
-            let listener = crate::metrics::bind(addr).await.map_err(|e| {
+            let listener = crate::daemon::metrics::bind(addr).await.map_err(|e| {
                 UsageError(format!(
                     "metrics.listen {addr}: cannot listen ({e}); pick a free address or set `metrics: {{listen: off}}`"
                 ))
             })?;
             info!(listen = %addr, "metrics endpoint: GET /metrics");
-            tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+            tokio::spawn(crate::daemon::metrics::serve(listener, metrics.clone()));
         }
         let notifier = Notifier::from_env(health.notify_dropped.clone());
         main_loop(daemon, config_path.to_path_buf(), metrics, notifier).await

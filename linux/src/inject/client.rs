@@ -1,5 +1,5 @@
 //! cwreap's side of an injection: quick refusals that need no helper, then start the
-//! helper (see [`crate::sys::helper::spawn_isolated`]), hand it the request, and read its
+//! helper (see [`crate::sys::spawn::spawn_isolated`]), hand it the request, and read its
 //! report within a generous guard.
 
 use std::io::{Read, Write};
@@ -7,8 +7,9 @@ use std::os::fd::BorrowedFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::batch::{HELPER_PIDFD, Helper, InjectReport, Victim, prefilter};
+use super::reasons::{InjectError, Refusal};
 use super::wire::{self, Request};
-use super::{HELPER_PIDFD, Helper, InjectError, InjectReport, Refusal, Victim, prefilter};
 use crate::procfs::ProcFs;
 
 /// How long cwreap waits for the helper's report. The helper's own deadlines end its work
@@ -39,7 +40,7 @@ pub(super) fn close_in_target(
     if victims.is_empty() {
         let fds = proc
             .fd_count_fast(pid)
-            .map_err(|e| super::proc_error(pid, "fd", &e))?;
+            .map_err(|e| super::batch::proc_error(pid, "fd", &e))?;
         return Ok(InjectReport {
             skipped,
             fds_before: fds,
@@ -93,7 +94,7 @@ fn run_helper(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let mut child = crate::sys::helper::spawn_isolated(&mut cmd, pidfd, HELPER_PIDFD)
+    let mut child = crate::sys::spawn::spawn_isolated(&mut cmd, pidfd, HELPER_PIDFD)
         .map_err(|e| InjectError::Helper(format!("cannot start {}: {e}", helper.exe.display())))?;
     // The helper reads the whole request before it touches the target, so this write
     // cannot wait on a helper that waits on us. If it fails, the helper died: its exit

@@ -4,9 +4,11 @@
 
 use std::os::fd::BorrowedFd;
 
+use super::batch::{InjectReport, prefilter, proc_error};
+use super::reasons::{InjectError, Refusal, SkipReason};
 use super::session::{Session, State};
 use super::wire::Request;
-use super::{InjectError, InjectReport, Refusal, SkipReason, prefilter, proc_error, seam, verify};
+use super::{seam, verify};
 use crate::procfs::ProcFs;
 
 pub(super) fn run(req: &Request, pidfd: BorrowedFd<'_>) -> Result<InjectReport, InjectError> {

@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use super::{HELPER_PIDFD, InjectError, engine, seam, wire};
+use super::batch::HELPER_PIDFD;
+use super::reasons::InjectError;
+use super::{engine, seam, wire};
 
 /// How long the request may take to arrive (cwreap writes it at once).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,7 +36,7 @@ pub(super) fn main() -> i32 {
             return 2;
         }
     };
-    let result = match crate::sys::helper::take_inherited_fd(HELPER_PIDFD) {
+    let result = match crate::sys::spawn::take_inherited_fd(HELPER_PIDFD) {
         Ok(pidfd) => std::panic::catch_unwind(|| engine::run(&request, pidfd.as_fd()))
             .unwrap_or_else(|_| {
                 // The session's guard restored and detached while unwinding.

@@ -7,8 +7,9 @@
 //! section); the main thread. A thread in seccomp strict mode is never used: any call but
 //! read, write, _exit and sigreturn kills it.
 
+use super::reasons::{InjectError, Refusal};
+use super::rseq;
 use super::session::{Injector, Session, State, Stop};
-use super::{InjectError, Refusal, rseq};
 use crate::sys::ptrace::{self as pt, Regs};
 
 struct Candidate {

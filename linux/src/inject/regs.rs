@@ -9,8 +9,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::batch::{InjectReport, proc_error, runs};
+use super::reasons::{InjectError, SkipReason};
+use super::seam;
 use super::session::{STOP_TIMEOUT, Session, Stop, errno_of};
-use super::{InjectError, InjectReport, SkipReason, proc_error, runs, seam};
 use crate::sys::ptrace::{self as pt};
 
 /// How long one injected call may take, from resuming the thread to its syscall-exit-stop.

@@ -7,7 +7,8 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::{InjectError, PTRACE_ATTACH_HINT, proc_error};
+use super::batch::{PTRACE_ATTACH_HINT, proc_error};
+use super::reasons::InjectError;
 use crate::procfs::ProcFs;
 use crate::sys::ptrace::{self as pt, Regs, Wait};
 

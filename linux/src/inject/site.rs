@@ -1,8 +1,9 @@
 //! Finding a `syscall` instruction in the target to borrow: nothing is ever written to the
 //! target's memory, so the injected call runs through an instruction that is already there.
 
+use super::batch::proc_error;
+use super::reasons::{InjectError, Refusal};
 use super::session::Session;
-use super::{InjectError, Refusal, proc_error};
 use crate::procfs::parse_maps_line;
 use crate::sys::ptrace::{self as pt, Regs};
 

@@ -5,7 +5,8 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-use super::{InjectError, PTRACE_ATTACH_HINT, SkipReason, Victim};
+use super::batch::{PTRACE_ATTACH_HINT, Victim};
+use super::reasons::{InjectError, SkipReason};
 use crate::{sys, tcp};
 
 /// Duplicate each fd and keep those that are still the attributed socket, in

@@ -26,7 +26,8 @@
 
 use std::time::Duration;
 
-use super::{InjectError, InjectReport, Refusal, SkipReason, UNSUPPORTED_ARCH, Victim};
+use super::batch::{InjectReport, UNSUPPORTED_ARCH, Victim};
+use super::reasons::{InjectError, Refusal, SkipReason};
 
 const REQUEST_HEADER: &str = "cwreap-inject-request 1";
 const REPORT_HEADER: &str = "cwreap-inject-report 1";

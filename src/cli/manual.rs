@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::CommandFactory;
 use clap_complete::Shell;
 
-use crate::cli::Cli;
+use crate::cli::args::Cli;
 
 /// A shell completion script. Hidden subcommands (packaging's `generate`, the injection
 /// helper) are left out: completions offer only what a user types.
@@ -344,7 +344,7 @@ mod tests {
         ];
         let mut keys = Vec::new();
         for (prefix, text) in levels {
-            let err = match crate::config::parse(text, "schema.yaml") {
+            let err = match crate::shared::config::parse(text, "schema.yaml") {
                 Ok(_) => panic!("{text} parsed"),
                 Err(e) => e.to_string(),
             };
@@ -392,7 +392,7 @@ mod tests {
 
     #[test]
     fn man_page_example_is_a_valid_policy() {
-        crate::config::parse(EXAMPLE, "example").unwrap_or_else(|e| panic!("{e}"));
+        crate::shared::config::parse(EXAMPLE, "example").unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]

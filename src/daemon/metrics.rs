@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::report::CycleReport;
+use crate::daemon::cycle_report::CycleReport;
 
 type Labels = Vec<(String, String)>;
 type GaugeF = Gauge<f64, AtomicU64>;
@@ -412,8 +412,8 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::act::Outcome;
-    use crate::report::{Release, TargetGauges};
+    use crate::daemon::cycle_report::{Release, TargetGauges};
+    use crate::shared::act::Outcome;
 
     #[test]
     fn routes() {

@@ -18,7 +18,7 @@ use cwreap_linux::netns::Found;
 use cwreap_linux::os::Os;
 use cwreap_linux::procfs::{FdTable, ProcFs};
 
-use crate::selector::{Needs, ProcessFacts, Selector};
+use crate::shared::selector::{Needs, ProcessFacts, Selector};
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
 #[derive(Debug)]
@@ -432,7 +432,7 @@ pub fn process_facts(proc: &ProcFs, pid: i32, needs: Needs) -> io::Result<Proces
         cgroup: if needs.cgroup {
             proc.cgroup(pid)
                 .ok()
-                .and_then(|t| crate::selector::parse_cgroup_file(&t))
+                .and_then(|t| crate::shared::selector::parse_cgroup_file(&t))
         } else {
             None
         },
@@ -445,7 +445,7 @@ pub fn read_pid_files(files: &[std::path::PathBuf]) -> Vec<i32> {
     files
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
-        .filter_map(|t| crate::selector::parse_pid_file(&t))
+        .filter_map(|t| crate::shared::selector::parse_pid_file(&t))
         .collect()
 }
 

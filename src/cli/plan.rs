@@ -6,8 +6,8 @@ use std::time::Duration;
 use cwreap_linux::os::SocketFacts;
 use cwreap_linux::tcp;
 
-use crate::selector::{ProcessFacts, Selector};
-use crate::snapshot::{Direction, Holder, Observed, Process, Snapshot};
+use crate::shared::attribute::{Direction, Holder, Observed, Process, Snapshot};
+use crate::shared::selector::{ProcessFacts, Selector};
 
 /// What the user asked for: the selectors, `--older-than` and `--min-close-wait`.
 #[derive(Debug, Clone, Default)]
@@ -346,7 +346,7 @@ pub fn close_age_ms(h: &HeldSocket) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::WalkStats;
+    use crate::shared::attribute::WalkStats;
     use cwreap_linux::netlink::DiagSocket;
     use std::collections::BTreeMap;
 
@@ -389,7 +389,7 @@ mod tests {
                 .map(|(pid, fd)| Holder { pid, fd })
                 .collect(),
             listener: None,
-            direction: crate::snapshot::Direction::In,
+            direction: crate::shared::attribute::Direction::In,
         };
         Snapshot {
             sockets: vec![
@@ -596,7 +596,7 @@ mod tests {
 
     #[test]
     fn top_names_only_the_side_that_leaks_most() {
-        use crate::snapshot::Direction;
+        use crate::shared::attribute::Direction;
         let mut snap = snapshot();
         snap.processes.retain(|pid, _| *pid == 10);
         let end = |inode, local: &str, remote: &str, direction| Observed {

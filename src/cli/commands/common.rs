@@ -1,9 +1,8 @@
-//! The commands: `scan` and `reap` run discovery → attribution → selection → action →
-//! report once; `explain` samples and diagnoses; `check` validates a policy. This is the
-//! edge: errors carry context here, and usage errors become exit code 2.
+//! What the commands share: the exit status, the capabilities reading fd tables needs and
+//! the error naming the missing ones, discovery and attribution in one call, and whether
+//! stdout takes colour.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 
 use anyhow::{Context, Result};
 
@@ -12,19 +11,10 @@ use cwreap_linux::os::Os;
 use cwreap_linux::procfs::ProcFs;
 use cwreap_linux::sys::Capability;
 
-use crate::cli::Selectors;
-use crate::config::UsageError;
-use crate::output;
-use crate::snapshot::{self, Attributor, Snapshot};
-
-mod close;
-mod explain;
-mod reap;
-mod scan;
-
-pub use explain::explain;
-pub use reap::{reap, reap_row};
-pub use scan::scan;
+use crate::cli::args::Selectors;
+use crate::cli::render;
+use crate::shared::attribute::{self, Attributor, Snapshot};
+use crate::shared::usage::UsageError;
 
 /// Exit status of a command that ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +66,7 @@ pub(crate) fn missing_ptrace(what: &str) -> UsageError {
 /// Turn the selected pids that could not be read into a usage error.
 fn check_unreadable<H>(snap: &Snapshot<H>) -> Result<()> {
     if let Some((pid, e)) = snap.unreadable.first() {
-        if snapshot::is_permission(e) {
+        if attribute::is_permission(e) {
             return Err(missing_ptrace(&format!("reading the fds of pid {pid}")).into());
         }
         return Err(UsageError(format!("pid {pid}: no such process ({e})")).into());
@@ -126,42 +116,8 @@ sockets show no owner. Run as root or with {} to see them.",
 }
 
 pub(crate) fn stdout_color() -> bool {
-    output::use_color(
+    render::use_color(
         std::io::IsTerminal::is_terminal(&std::io::stdout()),
         std::env::var_os("NO_COLOR").as_deref(),
     )
-}
-
-/// `cwreap check`: validate a policy (ownership and mode too, of the file and of every
-/// directory on its path, when privileged) and print it. An `audit_log` that `cwreap run`
-/// could not use (a symlink, a FIFO, a directory another user could change, no right to
-/// create it) is an error too. Targets that can never act (an earlier one selects all
-/// their sockets) are warned about on `err`, `file:line:col: warning: ...`; the policy is
-/// still valid.
-pub fn check(path: &std::path::Path, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
-    let cfg = crate::config::load_config(path).map_err(|e| UsageError(e.to_string()))?;
-    if let Some(problem) = cfg
-        .audit_log
-        .as_deref()
-        .and_then(crate::daemon::audit_log_problem)
-    {
-        return Err(UsageError(format!("{}: {problem}", path.display())).into());
-    }
-    for s in cfg.shadowed() {
-        let at = cfg
-            .targets
-            .get(s.target)
-            .and_then(|t| t.at)
-            .map(|p| format!("{p}:"))
-            .unwrap_or_default();
-        writeln!(
-            err,
-            "{}:{at} warning: {}",
-            path.display(),
-            cfg.shadow_message(s)
-        )?;
-    }
-    writeln!(out, "{}: OK", path.display())?;
-    write!(out, "{}", cfg.describe())?;
-    Ok(Status::Ok)
 }

@@ -2,25 +2,16 @@
 //! first problem reported with the position of the offending key or value.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use ipnet::IpNet;
-use regex::Regex;
 use serde_saphyr::{Location, Spanned};
 
+use super::error::Position;
+use super::model::*;
 use super::raw::*;
-use super::*;
-
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. 90s, 5m, 1h30m"))?;
-    if d.is_zero() {
-        return Err(format!("`{s}` must be greater than zero"));
-    }
-    Ok(d)
-}
+use crate::shared::selector::{Exclude, Selector};
+use crate::shared::values::*;
 
 /// A duration no shorter than [`MIN_INTERVAL`]: a cycle reads /proc and dumps sock_diag,
 /// and back to back they would keep a core busy.
@@ -34,84 +25,6 @@ pub(super) fn parse_interval(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
-}
-
-pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u64>() {
-        Ok(p) if (1..=65535).contains(&p) => u16::try_from(p).map_err(|e| e.to_string()),
-        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
-        Err(_) => Err(format!("`{s}` is not a port number (1-65535)")),
-    }
-}
-
-pub(crate) fn parse_count(s: &str) -> Result<u32, String> {
-    match s.trim().parse::<u64>() {
-        Ok(0) => Err("must be at least 1".to_owned()),
-        Ok(n) => u32::try_from(n).map_err(|_| format!("{n} is too large")),
-        Err(_) => Err(format!("`{s}` is not a positive whole number")),
-    }
-}
-
-pub(crate) fn parse_pid(s: &str) -> Result<i32, String> {
-    match s.trim().parse::<i32>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("`{s}` is not a process id (a positive integer)")),
-    }
-}
-
-/// A user id, or a user name looked up in /etc/passwd.
-pub(crate) fn parse_uid(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    if let Ok(uid) = t.parse::<u32>() {
-        return Ok(uid);
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    user_id(&passwd, t).ok_or_else(|| {
-        format!("`{s}` is neither a numeric user id (0-4294967295) nor a user in /etc/passwd")
-    })
-}
-
-/// The uid of user `name` in the text of an /etc/passwd file.
-pub(crate) fn user_id(passwd: &str, name: &str) -> Option<u32> {
-    passwd.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then_some(())?;
-        f.nth(1)?.parse().ok()
-    })
-}
-
-pub(crate) fn parse_regex(s: &str) -> Result<Regex, String> {
-    Regex::new(s).map_err(|e| {
-        // The regex crate explains on several lines; keep the line that says what is wrong.
-        let text = e.to_string();
-        let why = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("error: "))
-            .map(str::to_owned)
-            .unwrap_or_else(|| one_line(&text));
-        format!("invalid regex `{s}`: {why}")
-    })
-}
-
-pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    let t = s.trim();
-    if let Ok(net) = t.parse::<IpNet>() {
-        return Ok(net.trunc());
-    }
-    if let Ok(ip) = t.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
-    }
-    Err(format!(
-        "`{s}` is not a CIDR or IP address (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/8)"
-    ))
-}
-
-pub(crate) fn parse_absolute_path(s: &str) -> Result<PathBuf, String> {
-    if s.starts_with('/') {
-        Ok(PathBuf::from(s))
-    } else {
-        Err(format!("`{s}` must be an absolute path"))
-    }
 }
 
 pub(super) fn parse_listen(s: &str) -> Result<Option<SocketAddr>, String> {
@@ -150,32 +63,6 @@ pub(super) fn parse_action(s: &str) -> Result<Action, String> {
             ))
         }
     }
-}
-
-pub(crate) fn parse_unit(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    if is_unit_name(t) {
-        Ok(t.to_owned())
-    } else if !t.is_empty() && !t.contains('/') && !t.contains('.') {
-        Err(format!(
-            "`{s}` is not a unit name; did you mean `{t}.service`?"
-        ))
-    } else {
-        Err(format!(
-            "`{s}` is not a unit name (a `*.service` or `*.scope`, e.g. nginx.service)"
-        ))
-    }
-}
-
-pub(crate) fn parse_cgroup_prefix(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    if !t.starts_with('/') {
-        return Err(format!(
-            "`{s}` must be a cgroup path starting with `/` (e.g. /system.slice/nginx.service)"
-        ));
-    }
-    let trimmed = t.trim_end_matches('/');
-    Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
 }
 
 impl Config {

@@ -11,13 +11,13 @@ use cwreap_linux::os::{Os, RealOs};
 
 use cwreap_linux::sys::Capability;
 
-use super::{FD_TABLE_CAPS, Status, lacking, observe, privilege_error};
-use crate::act::{self, ActResult, Expected, Outcome, Reason, Via};
-use crate::cli::ReapArgs;
-use crate::config::UsageError;
-use crate::output;
-use crate::select::{self, Row};
-use crate::snapshot::Snapshot;
+use super::common::{FD_TABLE_CAPS, Status, lacking, observe, privilege_error};
+use crate::cli::args::ReapArgs;
+use crate::cli::plan::{self, Row};
+use crate::cli::render;
+use crate::shared::act::{self, ActResult, Expected, Outcome, Reason, Via};
+use crate::shared::attribute::Snapshot;
+use crate::shared::usage::UsageError;
 
 /// Everything a `reap` invocation lacks, all at once, or None when it can go on.
 pub fn missing_requirements(args: &ReapArgs) -> Option<String> {
@@ -57,9 +57,9 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
     let os = RealOs;
     let (snap, mut namespaces) = observe(Some(&os), &args.selectors)?;
     let filter = args.selectors.filter(Some(older_than));
-    let rows = select::select(&snap, &filter);
+    let rows = plan::select(&snap, &filter);
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
-    let (plan, unowned) = select::plan_reap(&rows, max, args.destroy);
+    let (plan, unowned) = plan::plan_reap(&rows, max, args.destroy);
     let action = if args.destroy { "destroy" } else { "shutdown" };
 
     // A dry run proves the permission the real run needs. For SOCK_DESTROY a made-up socket
@@ -94,7 +94,7 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
             reap_row(&os, &snap, row, args.dry_run)
         };
         if args.json {
-            output::write_reap_json(out, row, action, &res)?;
+            render::write_reap_json(out, row, action, &res)?;
         }
         done.push((*row, res));
     }
@@ -130,7 +130,7 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
                 "Nothing to reap: no CLOSE_WAIT socket matches the selection and --older-than."
             )?;
         } else {
-            write!(out, "{}", output::reap_table(&done, action))?;
+            write!(out, "{}", render::reap_table(&done, action))?;
             writeln!(out)?;
         }
         writeln!(out, "{footer}")?;

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
 
-use super::Position;
+use super::error::Position;
+pub(super) use crate::shared::values::one_line;
 
 pub(super) type Key<T> = Option<Spanned<Option<T>>>;
 pub(super) type List = Key<Vec<Spanned<String>>>;
@@ -379,14 +380,6 @@ pub(super) fn target_at(text: &str, loc: &Location) -> Option<String> {
         Some(AnyName::Text(n)) if !n.trim().is_empty() => format!("`{}`", n.trim()),
         _ => format!("#{}", i + 1),
     })
-}
-
-pub(super) fn one_line(s: &str) -> String {
-    s.split(|c: char| c.is_control())
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// The candidate closest to `word` by optimal-string-alignment distance (typos, swapped

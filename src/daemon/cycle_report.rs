@@ -1,10 +1,10 @@
 //! What one daemon cycle did: the counts the daemon's status line and the metrics are made
-//! of. The daemon fills a [`CycleReport`]; [`crate::metrics`] folds it into counters.
+//! of. The daemon fills a [`CycleReport`]; [`crate::daemon::metrics`] folds it into counters.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::act::Outcome;
+use crate::shared::act::Outcome;
 
 /// Whether the owner let go of a socket cwreap shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

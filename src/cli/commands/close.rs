@@ -24,13 +24,13 @@ use cwreap_linux::inject::{Helper, InjectError, Victim, close_in_target};
 use cwreap_linux::os::{Os, Pinned, RealOs, inspect_socket};
 use cwreap_linux::procfs::ProcFs;
 
-use super::{Status, observe};
-use crate::act::{self, ActResult, Outcome};
-use crate::cli::ReapArgs;
-use crate::config::UsageError;
-use crate::output;
-use crate::select::{self, HeldSocket};
-use crate::snapshot::Snapshot;
+use super::common::{Status, observe};
+use crate::cli::args::ReapArgs;
+use crate::cli::plan::{self, HeldSocket};
+use crate::cli::render;
+use crate::shared::act::{self, ActResult, Outcome};
+use crate::shared::attribute::Snapshot;
+use crate::shared::usage::UsageError;
 
 /// Said with every confirmation prompt, in `--help` and in the README.
 pub const CLOSE_HAZARD: &str = "--close runs close(fd) inside the process (ptrace). The application still holds the fd number: it may later read, write or close that number after it was reused for a new connection, and misdeliver data or kill the new connection. This was seen in a Python connection pool, a Go server, Java (the GC's Cleaner) and Node (timers). Use it only on a process you will restart anyway, to keep it serving until then.";
@@ -51,7 +51,7 @@ pub fn reap_close(
     let held = inspect_held(&os, &snap);
     let filter = args.selectors.filter(Some(older_than));
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
-    let plan = select::plan_close(&held, &filter, max);
+    let plan = plan::plan_close(&held, &filter, max);
 
     if plan.is_empty() {
         if !args.json {
@@ -119,7 +119,7 @@ pub fn reap_close(
             .remove(&(h.pid, h.fd))
             .unwrap_or_else(|| ActResult::with(Outcome::Gone, act::Reason::NotPinned));
         if args.json {
-            output::write_close_json(out, h, *kind, &res)?;
+            render::write_close_json(out, h, *kind, &res)?;
         }
         done.push((*h, *kind, res));
     }
@@ -142,7 +142,7 @@ pub fn reap_close(
     if args.json {
         writeln!(err, "{footer}")?;
     } else {
-        write!(out, "{}", output::close_table(&done))?;
+        write!(out, "{}", render::close_table(&done))?;
         writeln!(out)?;
         writeln!(out, "{footer}")?;
     }
@@ -151,7 +151,7 @@ pub fn reap_close(
         .filter(|(_, _, r)| r.permission_denied())
         .count();
     if denied > 0 {
-        return Err(super::missing_ptrace(&format!(
+        return Err(super::common::missing_ptrace(&format!(
             "running close() inside the target for {denied} fd(s)"
         ))
         .into());
@@ -201,7 +201,7 @@ fn inspect_held(os: &RealOs, snap: &Snapshot<Pinned>) -> Vec<HeldSocket> {
 }
 
 /// Print what will be closed and the hazard, and ask for a typed `yes` on a terminal.
-fn confirm(plan: &[(&HeldSocket, select::Closable)], err: &mut impl Write) -> Result<()> {
+fn confirm(plan: &[(&HeldSocket, plan::Closable)], err: &mut impl Write) -> Result<()> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         return Err(UsageError(format!(

@@ -8,10 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use regex::Regex;
 
-use crate::config;
-use crate::select::Filter;
-use crate::selector::{Exclude, Selector};
-use crate::snapshot::Scope;
+use crate::cli::plan::Filter;
+use crate::shared::attribute::Scope;
+use crate::shared::selector::{Exclude, Selector};
+use crate::shared::values;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -116,58 +116,58 @@ const REAP_EXAMPLES: &str = "Examples:
   cwreap reap --pid 4242 --older-than 10m --close --yes               # free fd slots; see HAZARD";
 
 /// What selects sockets on the command line: the same criteria as a policy target's
-/// `match` and `exclude` blocks (see [`crate::selector::Selector`]). Each flag may be
+/// `match` and `exclude` blocks (see [`crate::shared::selector::Selector`]). Each flag may be
 /// repeated: values of one flag OR, different flags AND.
 #[derive(Debug, Clone, Default, Args)]
 pub struct Selectors {
     /// Only this process
-    #[arg(long = "pid", value_name = "PID", value_parser = config::parse_pid, help_heading = "Selectors")]
+    #[arg(long = "pid", value_name = "PID", value_parser = values::parse_pid, help_heading = "Selectors")]
     pub pids: Vec<i32>,
     /// Only the process whose pid this file holds (read once)
-    #[arg(long = "pid-file", value_name = "PATH", value_parser = config::parse_absolute_path, help_heading = "Selectors")]
+    #[arg(long = "pid-file", value_name = "PATH", value_parser = values::parse_absolute_path, help_heading = "Selectors")]
     pub pid_files: Vec<PathBuf>,
     /// Only processes whose name (/proc/PID/comm) matches this regex
-    #[arg(long, value_name = "REGEX", value_parser = config::parse_regex, help_heading = "Selectors")]
+    #[arg(long, value_name = "REGEX", value_parser = values::parse_regex, help_heading = "Selectors")]
     pub comm: Vec<Regex>,
     /// Only processes whose executable's path matches this regex
-    #[arg(long, value_name = "REGEX", value_parser = config::parse_regex, help_heading = "Selectors")]
+    #[arg(long, value_name = "REGEX", value_parser = values::parse_regex, help_heading = "Selectors")]
     pub exe: Vec<Regex>,
     /// Only processes whose command line (arguments joined by spaces) matches this regex
-    #[arg(long, value_name = "REGEX", value_parser = config::parse_regex, help_heading = "Selectors")]
+    #[arg(long, value_name = "REGEX", value_parser = values::parse_regex, help_heading = "Selectors")]
     pub cmdline: Vec<Regex>,
     /// Only processes of this systemd unit (e.g. nginx.service), from /proc/PID/cgroup
-    #[arg(long, value_name = "NAME", value_parser = config::parse_unit, help_heading = "Selectors")]
+    #[arg(long, value_name = "NAME", value_parser = values::parse_unit, help_heading = "Selectors")]
     pub unit: Vec<String>,
     /// Only processes in this cgroup v2 path or below it (e.g. /system.slice)
-    #[arg(long, value_name = "PREFIX", value_parser = config::parse_cgroup_prefix, help_heading = "Selectors")]
+    #[arg(long, value_name = "PREFIX", value_parser = values::parse_cgroup_prefix, help_heading = "Selectors")]
     pub cgroup: Vec<String>,
     /// Only processes of this effective user (the owner of /proc/PID), by id or name
-    #[arg(long, value_name = "UID|USER", value_parser = config::parse_uid, help_heading = "Selectors")]
+    #[arg(long, value_name = "UID|USER", value_parser = values::parse_uid, help_heading = "Selectors")]
     pub uid: Vec<u32>,
     /// Only sockets with this local port (a server's listening port)
-    #[arg(long, value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
+    #[arg(long, value_name = "PORT", value_parser = values::parse_port, help_heading = "Selectors")]
     pub port: Vec<u16>,
     /// Only sockets with this local address (a CIDR; a bare IP is a /32 or /128)
-    #[arg(long, value_name = "CIDR", value_parser = config::parse_cidr, help_heading = "Selectors")]
+    #[arg(long, value_name = "CIDR", value_parser = values::parse_cidr, help_heading = "Selectors")]
     pub local: Vec<IpNet>,
     /// Only sockets whose peer has this port (a client pool's server: Redis, a database...)
-    #[arg(long = "remote-port", value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
+    #[arg(long = "remote-port", value_name = "PORT", value_parser = values::parse_port, help_heading = "Selectors")]
     pub remote_port: Vec<u16>,
     /// Only sockets whose peer is in this CIDR (a bare IP is a /32 or /128; an IPv4 one
     /// also matches ::ffff:a.b.c.d)
-    #[arg(long, value_name = "CIDR", value_parser = config::parse_cidr, help_heading = "Selectors")]
+    #[arg(long, value_name = "CIDR", value_parser = values::parse_cidr, help_heading = "Selectors")]
     pub remote: Vec<IpNet>,
     /// Never sockets whose peer is in this CIDR
-    #[arg(long = "exclude-remote", value_name = "CIDR", value_parser = config::parse_cidr, help_heading = "Selectors")]
+    #[arg(long = "exclude-remote", value_name = "CIDR", value_parser = values::parse_cidr, help_heading = "Selectors")]
     pub exclude_remote: Vec<IpNet>,
     /// Never sockets with this local port
-    #[arg(long = "exclude-port", value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
+    #[arg(long = "exclude-port", value_name = "PORT", value_parser = values::parse_port, help_heading = "Selectors")]
     pub exclude_port: Vec<u16>,
     /// Never sockets whose peer has this port
-    #[arg(long = "exclude-remote-port", value_name = "PORT", value_parser = config::parse_port, help_heading = "Selectors")]
+    #[arg(long = "exclude-remote-port", value_name = "PORT", value_parser = values::parse_port, help_heading = "Selectors")]
     pub exclude_remote_port: Vec<u16>,
     /// Only processes holding at least N CLOSE_WAIT sockets the other selectors match, whatever their age (as the policy's min_close_wait)
-    #[arg(long = "min-close-wait", value_name = "N", value_parser = config::parse_count, help_heading = "Selectors")]
+    #[arg(long = "min-close-wait", value_name = "N", value_parser = values::parse_count, help_heading = "Selectors")]
     pub min_close_wait: Option<u32>,
 }
 
@@ -204,7 +204,7 @@ impl Selectors {
     /// --pid-file), or all, narrowed by the process criteria.
     pub fn scope(&self) -> Scope {
         let selector = self.selector();
-        let pids_from_files = crate::snapshot::read_pid_files(&self.pid_files);
+        let pids_from_files = crate::shared::attribute::read_pid_files(&self.pid_files);
         let pids = if !self.pids.is_empty() {
             Some(self.pids.clone())
         } else if !self.pid_files.is_empty() {
@@ -222,7 +222,7 @@ impl Selectors {
     pub fn filter(&self, older_than: Option<Duration>) -> Filter {
         Filter {
             selector: self.selector(),
-            pids_from_files: crate::snapshot::read_pid_files(&self.pid_files),
+            pids_from_files: crate::shared::attribute::read_pid_files(&self.pid_files),
             older_than,
             min_close_wait: self.min_close_wait,
         }
@@ -328,12 +328,12 @@ mod tests {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
-        assert_eq!(config::parse_port("8080"), Ok(8080));
-        assert!(config::parse_port("0").is_err());
-        assert!(config::parse_port("70000").is_err());
-        assert!(config::parse_port("http").is_err());
-        assert!(config::parse_regex("(").is_err());
-        assert!(config::parse_pid("-1").is_err());
+        assert_eq!(values::parse_port("8080"), Ok(8080));
+        assert!(values::parse_port("0").is_err());
+        assert!(values::parse_port("70000").is_err());
+        assert!(values::parse_port("http").is_err());
+        assert!(values::parse_regex("(").is_err());
+        assert!(values::parse_pid("-1").is_err());
     }
 
     /// One word of a line `scan_args` wrote, as a POSIX shell reads it ('…' and \').

@@ -7,9 +7,9 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::act::ActResult;
-use crate::select::{Closable, HeldSocket, ProcessSummary, Row, Top, close_age_ms};
-use crate::snapshot::{Direction, Holder};
+use crate::cli::plan::{Closable, HeldSocket, ProcessSummary, Row, Top, close_age_ms};
+use crate::shared::act::ActResult;
+use crate::shared::attribute::{Direction, Holder};
 
 /// `1h02m`, `3m05s`, `42s`, `850ms`.
 pub fn human_age(ms: u64) -> String {
@@ -337,7 +337,7 @@ pub struct ReapLine<'a> {
     socket: ScanLine<'a>,
     action: &'a str,
     outcome: &'static str,
-    /// The typed reason's code (see [`crate::act::Reason::code`]).
+    /// The typed reason's code (see [`crate::shared::act::Reason::code`]).
     reason: Option<&'static str>,
     /// The reason in words.
     error: Option<String>,
@@ -358,7 +358,7 @@ pub fn write_reap_json<H>(
         socket: ScanLine::new(r),
         action,
         outcome: res.outcome.as_str(),
-        reason: res.reason.as_ref().map(crate::act::Reason::code),
+        reason: res.reason.as_ref().map(crate::shared::act::Reason::code),
         error: res.detail(),
     };
     serde_json::to_writer(&mut *out, &line)?;
@@ -402,7 +402,7 @@ pub fn write_close_json(
         age_ms: close_age_ms(h),
         action: "close",
         outcome: res.outcome.as_str(),
-        reason: res.reason.as_ref().map(crate::act::Reason::code),
+        reason: res.reason.as_ref().map(crate::shared::act::Reason::code),
         error: res.detail(),
     };
     serde_json::to_writer(&mut *out, &line)?;

@@ -13,16 +13,12 @@ use std::path::Path;
 
 use cwreap_linux::secure_fs::{self, Kind, Meta, Missing, Walk, WalkError};
 
-use super::{Config, ConfigError};
+use super::error::ConfigError;
+use super::model::Config;
+use super::raw;
 
 /// The largest policy read; anything bigger is refused, not truncated.
 pub const MAX_POLICY_BYTES: u64 = 1024 * 1024;
-
-/// An error the user can fix by changing how cwreap is invoked, configured or privileged:
-/// exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
 
 /// Load a policy for running or checking: opened once, ownership and mode of the file and
 /// of every directory on its path checked first (when privileged), then the content.
@@ -201,4 +197,24 @@ pub(crate) fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+/// Read and validate the policy at `path`: a regular file of at most 1 MiB, opened
+/// without blocking. Does not check ownership or modes: the daemon and `cwreap check` use
+/// [`load_config`], which does.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = read_policy(path, false)?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Validate a policy given as text; `source` names it in messages.
+pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+    let invalid = |p: raw::Problem| ConfigError::Invalid {
+        file: source.to_owned(),
+        position: p.position,
+        message: p.message,
+    };
+    let raw: raw::RawConfig =
+        serde_saphyr::from_str(text).map_err(|e| invalid(raw::yaml_problem(text, &e)))?;
+    Config::from_raw(raw).map_err(invalid)
 }

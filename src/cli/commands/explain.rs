@@ -1,6 +1,6 @@
 //! `cwreap explain`: sample the selected CLOSE_WAIT sockets (once, or once a second for
 //! `--for`), read which of them an epoll instance of their owner still watches, and print
-//! the diagnosis [`crate::explain`] makes of it. Read-only like `scan`: it never duplicates
+//! the diagnosis [`crate::cli::diagnosis`] makes of it. Read-only like `scan`: it never duplicates
 //! a socket and never stops a process; it needs the same privilege.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -12,11 +12,11 @@ use anyhow::Result;
 use cwreap_linux::os::RealOs;
 use cwreap_linux::procfs::ProcFs;
 
-use super::{Status, denied_note, observe};
-use crate::cli::ExplainArgs;
-use crate::explain::{self, Evidence, ProcessFacts, Sample, Socket};
-use crate::select::{self, Row};
-use crate::snapshot::Snapshot;
+use super::common::{Status, denied_note, observe};
+use crate::cli::args::ExplainArgs;
+use crate::cli::diagnosis::{self, Evidence, ProcessFacts, Sample, Socket};
+use crate::cli::plan::{self, Row};
+use crate::shared::attribute::Snapshot;
 
 /// Time between two samples of `--for`.
 const EVERY: Duration = Duration::from_secs(1);
@@ -60,15 +60,15 @@ pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -
                 writeln!(err, "warning: {why}")?;
             }
         }
-        samples.push(sample(at, &snap, &select::select(&snap, &filter)));
+        samples.push(sample(at, &snap, &plan::select(&snap, &filter)));
         last = Some(snap);
     }
     let Some(snap) = last else {
         return Ok(Status::Ok);
     };
-    let rows = select::select(&snap, &filter);
+    let rows = plan::select(&snap, &filter);
     let (sockets, processes) = evidence(&ProcFs::default(), &rows, err)?;
-    let reports = explain::explain(&sockets, &processes, &explain::trends(&samples));
+    let reports = diagnosis::explain(&sockets, &processes, &diagnosis::trends(&samples));
     if args.json {
         for r in &reports {
             serde_json::to_writer(&mut *out, r)?;
@@ -86,7 +86,7 @@ pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -
             }
         )?;
     } else {
-        write!(out, "{}", explain::render(&reports))?;
+        write!(out, "{}", diagnosis::render(&reports))?;
     }
     let unowned = rows.iter().filter(|r| r.process.is_none()).count();
     if unowned > 0 && !filter.selects_processes() {

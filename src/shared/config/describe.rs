@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::*;
+use super::model::*;
 
 pub(super) fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);

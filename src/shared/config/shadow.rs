@@ -11,7 +11,8 @@ use ipnet::IpNet;
 
 use regex::Regex;
 
-use super::{Config, Exclude, Selector, Target, cgroup_has_prefix};
+use super::model::{Config, Target};
+use crate::shared::selector::{Exclude, Selector, cgroup_has_prefix};
 
 /// Target `target` never selects a socket: `by`, before it, takes them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

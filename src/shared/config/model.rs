@@ -1,48 +1,12 @@
-//! The YAML policy of `cwreap run`: the validated [`Config`] and the pure process and
-//! socket matching a [`Target`] describes. No /proc reading here: the daemon gathers
-//! [`ProcessFacts`] and [`SocketFacts`] and asks.
-//!
-//! Targets are matched per socket: a socket belongs to the first target (in policy order)
-//! whose process criteria accept its process and whose socket criteria (local and remote
-//! ports and addresses, `exclude`) accept the socket ([`Target::selects`]). The criteria
-//! are a [`Selector`], the same type the command line builds, so `cwreap check` can print
-//! the `cwreap scan` line that selects what a target does. Two targets on one process, split by
-//! port, each get their own sockets; [`shadow`] finds a target an earlier one leaves
-//! nothing to.
-//!
-//! - [`raw`]: the file as written (every value with its position) and YAML errors;
-//! - [`validate`]: raw → [`Config`] in one step (regexes compiled, durations, ports,
-//!   CIDRs and addresses parsed, every rule checked);
-//! - [`describe`]: the effective policy, every default explicit (`cwreap check`);
-//! - [`file`]: opening the policy file safely, and the usage errors of the whole program.
-//!
-//! Every error is one line, `<file>:<line>:<col>: <problem>`, pointing at the offending key or
-//! value whenever its position is known.
+//! The validated policy: [`Config`], its [`Target`]s and their settings, with the defaults
+//! and the texts `cwreap check` prints about escalations.
 
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-mod describe;
-pub mod file;
-mod raw;
-pub mod shadow;
-#[cfg(test)]
-mod tests;
-mod validate;
-
-pub use crate::selector::{
-    Exclude, ProcessFacts, Selector, SocketFacts, cgroup_has_prefix, is_unit_name,
-    parse_cgroup_file, unit_from_cgroup,
-};
-pub use file::{UsageError, check_file_permissions, load_config};
-/// The value parsers of the policy, shared with the command line so a value means the
-/// same in both.
-pub(crate) use validate::{
-    parse_absolute_path, parse_cgroup_prefix, parse_cidr, parse_count, parse_pid, parse_port,
-    parse_regex, parse_uid, parse_unit,
-};
+use super::error::Position;
+use crate::shared::selector::{ProcessFacts, Selector, SocketFacts};
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// The shortest `interval` accepted.
@@ -252,74 +216,4 @@ impl Config {
                 .is_some_and(|t| t.socket_selected(socket.local, socket.remote))
         })
     }
-}
-
-/// Line and column (1-based) of a key or value in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub line: u64,
-    pub column: u64,
-}
-
-impl fmt::Display for Position {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.line, self.column)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read (missing, unreadable, not UTF-8).
-    #[error("{file}: cannot read the policy: {source}")]
-    Read {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not a valid policy; `position` is that of the offending key or value when known.
-    #[error("{file}:{}", located(.position, .message))]
-    Invalid {
-        file: String,
-        position: Option<Position>,
-        message: String,
-    },
-    /// Running as root, the file could be changed by someone other than root.
-    #[error("{file}: {problem}")]
-    Unsafe { file: String, problem: String },
-}
-
-fn located(position: &Option<Position>, message: &str) -> String {
-    match position {
-        Some(p) => format!("{p}: {message}"),
-        None => format!(" {message}"),
-    }
-}
-
-impl ConfigError {
-    pub fn position(&self) -> Option<Position> {
-        match self {
-            ConfigError::Invalid { position, .. } => *position,
-            _ => None,
-        }
-    }
-}
-
-/// Read and validate the policy at `path`: a regular file of at most 1 MiB, opened
-/// without blocking. Does not check ownership or modes: the daemon and `cwreap check` use
-/// [`load_config`], which does.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = file::read_policy(path, false)?;
-    parse(&text, &path.display().to_string())
-}
-
-/// Validate a policy given as text; `source` names it in messages.
-pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
-    let invalid = |p: raw::Problem| ConfigError::Invalid {
-        file: source.to_owned(),
-        position: p.position,
-        message: p.message,
-    };
-    let raw: raw::RawConfig =
-        serde_saphyr::from_str(text).map_err(|e| invalid(raw::yaml_problem(text, &e)))?;
-    Config::from_raw(raw).map_err(invalid)
 }

@@ -8,10 +8,10 @@ use anyhow::Result;
 
 use cwreap_linux::os::RealOs;
 
-use super::{Status, denied_note, observe, stdout_color};
-use crate::cli::ScanArgs;
-use crate::output;
-use crate::select::{self, Filter};
+use super::common::{Status, denied_note, observe, stdout_color};
+use crate::cli::args::ScanArgs;
+use crate::cli::plan::{self, Filter};
+use crate::cli::render;
 
 pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
     if let Some(every) = args.watch {
@@ -23,20 +23,20 @@ pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
         writeln!(err, "warning: {why}")?;
     }
     let filter = args.selectors.filter(args.older_than);
-    let rows = select::select(&snap, &filter);
+    let rows = plan::select(&snap, &filter);
     if args.json {
         for r in &rows {
-            output::write_scan_json(out, r)?;
+            render::write_scan_json(out, r)?;
         }
     } else if rows.is_empty() {
         writeln!(out, "{}", empty_message(&filter, snap.stats.inspected))?;
     } else {
-        write!(out, "{}", output::scan_table(&rows, color))?;
+        write!(out, "{}", render::scan_table(&rows, color))?;
         writeln!(out)?;
         write!(
             out,
             "{}",
-            output::summary_table(&select::summarize(&rows), color)
+            render::summary_table(&plan::summarize(&rows), color)
         )?;
         writeln!(out)?;
         writeln!(
@@ -72,13 +72,13 @@ fn watch(
     let mut previous: BTreeMap<i32, (usize, usize)> = BTreeMap::new();
     loop {
         let (snap, namespaces) = observe::<RealOs>(None, &args.selectors)?;
-        let rows = select::select(&snap, &filter);
-        let sums = select::summarize(&rows);
-        let view: Vec<output::WatchRow> = sums
+        let rows = plan::select(&snap, &filter);
+        let sums = plan::summarize(&rows);
+        let view: Vec<render::WatchRow> = sums
             .iter()
             .map(|s| {
                 let before = previous.get(&s.pid);
-                output::WatchRow {
+                render::WatchRow {
                     summary: s.clone(),
                     close_wait_delta: before.map(|(cw, _)| s.close_wait as i64 - *cw as i64),
                     fds_delta: before.map(|(_, fds)| s.open_fds as i64 - *fds as i64),
@@ -102,7 +102,7 @@ fn watch(
         if view.is_empty() {
             writeln!(out, "{}", empty_message(&filter, snap.stats.inspected))?;
         } else {
-            write!(out, "{}", output::watch_table(&view, color))?;
+            write!(out, "{}", render::watch_table(&view, color))?;
         }
         for (_, why) in &namespaces.failures {
             writeln!(err, "warning: {why}")?;

@@ -8,8 +8,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::{Action, Config, Escalate, SocketFacts};
-use crate::snapshot::Holder;
+use crate::shared::attribute::Holder;
+use crate::shared::config::{Action, Config, Escalate};
+use crate::shared::selector::SocketFacts;
 
 /// A socket's identity for tracking: (network namespace inode, socket cookie).
 pub type SocketKey = (u64, u64);
@@ -342,7 +343,7 @@ pub fn escalation(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::shared::config;
 
     const POLICY: &str = r#"
 dry_run: false

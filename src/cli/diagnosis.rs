@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::output::human_age;
+use crate::cli::render::human_age;
 
 /// How many remote hosts and local ports a report names.
 pub const TOP_N: usize = 5;

@@ -2,10 +2,17 @@
 
 use std::os::unix::fs::MetadataExt;
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use super::file::*;
+use super::model::*;
 use super::raw::*;
-use super::validate::*;
-use super::*;
+use crate::shared::selector::{
+    Exclude, ProcessFacts, Selector, SocketFacts, parse_cgroup_file, unit_from_cgroup,
+};
+use crate::shared::values::parse_port;
 
 const MIN: &str = "targets:\n  - name: web\n    match:\n      comm: ^nginx$\n    older_than: 5m\n";
 

@@ -2,7 +2,7 @@
 //! cycles, so a steady-state cycle reads no fd table at all.
 //!
 //! A target whose thread-group leader has exited is read, and counted, through the live
-//! thread its entry was read through (see [`crate::snapshot::read_fds`]); when that thread
+//! thread its entry was read through (see [`crate::shared::attribute::read_fds`]); when that thread
 //! goes too, the count fails and the table is read again through another.
 //!
 //! A target's fd table is read again only when the process is new, when its number of open
@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::snapshot::{
+use crate::shared::attribute::{
     Direction, Holder, Observed, Process, Snapshot, WalkStats, listener_ref, read_fds,
 };
 use cwreap_linux::netns::Found;
@@ -139,7 +139,7 @@ impl<H> FdIndex<H> {
                 }
                 Err(e) => {
                     self.entries.remove(&pid);
-                    if crate::snapshot::is_permission(&e) {
+                    if crate::shared::attribute::is_permission(&e) {
                         out.stats.denied += 1;
                     } else {
                         out.stats.vanished += 1;

@@ -1,0 +1,14 @@
+//! The command line:
+//! - [`args`]: the clap definitions (values parsed and checked there);
+//! - [`commands`]: `scan`, `reap`, `explain`, `check`, each run once;
+//! - [`plan`]: which observed sockets a command selects and acts on (pure);
+//! - [`render`]: tables for people, JSON lines for machines;
+//! - [`diagnosis`]: the pure part of `explain` (bug classes, leak rate, EMFILE forecast);
+//! - [`manual`]: man pages and shell completions generated from the definitions.
+
+pub mod args;
+pub mod commands;
+pub mod diagnosis;
+pub mod manual;
+pub mod plan;
+pub mod render;

@@ -1,0 +1,14 @@
+//! What the command line and the daemon both use, along the path of one socket:
+//! - [`attribute`]: which process holds each CLOSE_WAIT socket, through which fd;
+//! - [`selector`]: which sockets a command or a policy target is about;
+//! - [`config`]: the YAML policy, validated in one step;
+//! - [`act`]: duplicate, verify and shut down (or destroy) one socket;
+//! - [`usage`]: the error that means "fix the command line, the policy or the privileges"
+//!   (exit code 2), and [`values`]: the value parsers shared by flags and policy keys.
+
+pub mod act;
+pub mod attribute;
+pub mod config;
+pub mod selector;
+pub mod usage;
+pub mod values;
