@@ -10,12 +10,10 @@ use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cwreap::daemon::{Daemon, Stage};
+use cwreap_linux::kernel::{Effects, Linux};
 use serde_json::Value;
 use support::*;
 
@@ -326,83 +324,56 @@ fn signals_exactly_once_at_the_last_threshold_and_the_process_exits() {
     );
 }
 
-/// Spawn `cmd` as pid `want` by setting the kernel's last allocated pid just below it,
-/// retrying when another fork takes it first. None if it never worked.
-fn spawn_as(want: i32, mut cmd: impl FnMut() -> Command) -> Option<Child> {
-    for _ in 0..200 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string()).ok()?;
-        let mut child = cmd().spawn().ok()?;
-        if child.id() as i32 == want {
-            return Some(child);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    None
-}
-
+/// The safety the daemon's signal rests on, against the hazard itself: a process pinned
+/// with a pidfd dies, a newcomer gets its pid, and a signal through the pin fails (ESRCH)
+/// instead of reaching the newcomer. The daemon's side (it signals only through the pin,
+/// and a reused pid starts afresh) is a unit test on a recording kernel.
 #[test]
-fn a_reused_pid_never_gets_the_signal() {
-    let test = "a_reused_pid_never_gets_the_signal";
+fn a_reused_pid_never_gets_a_signal_sent_through_the_pin() {
+    let test = "a_reused_pid_never_gets_a_signal_sent_through_the_pin";
     if !require_root(test) {
         return;
     }
-    let Some(server) = Leaky::start(test, 1100, 1100, 1050, 3, &[]) else {
+    let Some(mut old) = Leaky::start(test, 1100, 1100, 0, 0, &[]) else {
         return;
     };
-    let pid = server.pid();
-    let cfg = cwreap::shared::config::parse(
-        &format!(
-            "interval: 1s\ndry_run: false\nmetrics: {{listen: off}}\ntargets:\n{}",
-            target(pid, "{signal_at: 95%}")
-        ),
-        "escalate.yaml",
-    )
-    .expect("policy");
-    let mut d = Daemon::new(cfg, false).expect("daemon");
-    // Right when the signal is decided: the target dies and a newcomer takes its pid.
-    let server = Arc::new(Mutex::new(Some(server)));
-    let newcomer: Arc<Mutex<Option<Leaky>>> = Arc::new(Mutex::new(None));
-    let (s, n) = (server.clone(), newcomer.clone());
-    d.on_stage(move |stage| {
-        if stage != (Stage::BeforeEscalate { pid }) {
-            return;
-        }
-        let Some(mut old) = s.lock().expect("lock").take() else {
-            return;
-        };
-        let _ = old.child.kill();
-        let _ = old.child.wait();
-        drop(old);
-        let child = spawn_as(pid, || {
-            let mut c = Command::new(PYTHON);
-            c.args(["-u", LEAKY, "--mode", "thread", "--on-term", "count"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
-            c
-        });
-        if let Some(mut child) = child {
-            let lines = lines_of(child.stdout.take().expect("stdout"));
-            let mut l = Leaky {
-                child,
-                lines,
-                seen: Vec::new(),
-                _clients: Vec::new(),
-            };
-            l.wait_line("ready");
-            *n.lock().expect("lock") = Some(l);
-        }
-    });
-    let stop = AtomicBool::new(false);
-    let report = d.cycle(&stop);
-    let mut guard = newcomer.lock().expect("lock");
-    let Some(newcomer) = guard.as_mut() else {
+    let pid = old.pid();
+    let kernel = Linux::default();
+    let pin = kernel.open_process(pid).expect("pidfd_open");
+    let _ = old.child.kill();
+    let _ = old.child.wait();
+    drop(old);
+    let Some(child) = spawn_as(pid, || {
+        let mut c = Command::new(PYTHON);
+        c.args(["-u", LEAKY, "--mode", "thread", "--on-term", "count"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        c
+    }) else {
         panic!("the test could not make the kernel reuse pid {pid}");
     };
-    assert_eq!(newcomer.pid(), pid, "the newcomer has the target's pid");
-    assert!(report.escalations.is_empty(), "{:?}", report.escalations);
-    // A marker signal after the cycle: a SIGTERM sent during it would be printed first.
+    let mut child = child;
+    let lines = lines_of(child.stdout.take().expect("stdout"));
+    let mut newcomer = Leaky {
+        child,
+        lines,
+        seen: Vec::new(),
+        _clients: Vec::new(),
+    };
+    newcomer.wait_line("ready");
+    assert_eq!(newcomer.pid(), pid, "the newcomer has the old pid");
+    assert!(
+        !kernel.alive(&pin),
+        "the pin names the dead process, not the pid"
+    );
+    let sent = kernel.signal(&pin, libc::SIGTERM);
+    assert_eq!(
+        sent.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ESRCH)),
+        "{sent:?}"
+    );
+    // A marker signal after: a SIGTERM that got through would be printed first.
     let out = Command::new("kill")
         .args(["-WINCH", &pid.to_string()])
         .output()
@@ -418,4 +389,19 @@ fn a_reused_pid_never_gets_the_signal() {
         newcomer.child.try_wait().expect("wait").is_none(),
         "the newcomer died"
     );
+}
+
+/// Spawn `cmd` as pid `want` by setting the kernel's last allocated pid just below it,
+/// retrying when another fork takes it first. None if it never worked.
+fn spawn_as(want: i32, mut cmd: impl FnMut() -> Command) -> Option<Child> {
+    for _ in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string()).ok()?;
+        let mut child = cmd().spawn().ok()?;
+        if child.id() as i32 == want {
+            return Some(child);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    None
 }

@@ -4,8 +4,8 @@
 mod support;
 
 use cwreap::daemon::fd_cache::{FULL_EVERY, FdIndex};
+use cwreap_linux::kernel::RealOs;
 use cwreap_linux::netns::Namespaces;
-use cwreap_linux::os::RealOs;
 use cwreap_linux::procfs::ProcFs;
 use support::*;
 

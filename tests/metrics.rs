@@ -306,14 +306,20 @@ fn alert_rules_are_valid_and_use_our_metrics() {
         cwreap::daemon::cycle_report::TargetGauges::default(),
     );
     report.outcomes.insert(
-        ("t".into(), "shutdown", cwreap::shared::act::Outcome::Reaped),
+        (
+            "t".into(),
+            cwreap::shared::config::Action::Shutdown,
+            cwreap::shared::act::Outcome::Reaped,
+        ),
         1,
     );
     report.releases.insert(
         ("t".into(), cwreap::daemon::cycle_report::Release::StillHeld),
         1,
     );
-    report.errors.insert("netlink", 1);
+    report
+        .errors
+        .insert(cwreap::daemon::cycle_report::ErrorKind::Netlink, 1);
     metrics.observe(&report);
     let exported = metrics.render();
     let known = [

@@ -10,13 +10,13 @@ use cwreap::cli::commands::reap_row;
 use cwreap::cli::plan::{Filter, select};
 use cwreap::shared::act::{Outcome, Reason};
 use cwreap::shared::attribute::{Attributor, Scope, Snapshot};
+use cwreap_linux::kernel::RealOs;
 use cwreap_linux::netlink::Diag;
-use cwreap_linux::os::RealOs;
 use cwreap_linux::procfs::ProcFs;
 use cwreap_linux::tcp;
 use support::*;
 
-fn attribute(pid: i32, os: &RealOs) -> Snapshot<cwreap_linux::os::Pinned> {
+fn attribute(pid: i32, os: &RealOs) -> Snapshot<cwreap_linux::kernel::Pinned> {
     let sockets = Diag::new().expect("netlink").close_wait().expect("dump");
     let proc = ProcFs::default();
     let attributor = Attributor {

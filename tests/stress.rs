@@ -11,7 +11,7 @@
 
 mod support;
 
-use cwreap_linux::os::Pinned;
+use cwreap_linux::kernel::Pinned;
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -23,8 +23,8 @@ use cwreap::cli::commands::reap_row;
 use cwreap::cli::plan::{Filter, select};
 use cwreap::shared::act::{Outcome, Reason};
 use cwreap::shared::attribute::{Attributor, Scope, Snapshot};
+use cwreap_linux::kernel::RealOs;
 use cwreap_linux::netlink::Diag;
-use cwreap_linux::os::RealOs;
 use cwreap_linux::procfs::ProcFs;
 use support::*;
 

@@ -6,8 +6,10 @@
 //!   one with SOCK_DESTROY); [`netns`] keeps one such socket per network namespace.
 //! - **attribute**: [`procfs`] is the one reader of /proc (fd tables, limits, cgroups,
 //!   threads, maps, fdinfo).
-//! - **act**: [`os`] is the seam for effects, with [`os::RealOs`] (pidfd_open,
-//!   pidfd_getfd, fstat, SO_COOKIE, TCP_INFO, shutdown) and [`os::SocketKiller`];
+//! - **the seam**: [`kernel::Kernel`] is everything cwreap asks of the system (clock,
+//!   discovery, process reads, effects, SOCK_DESTROY), with the real [`kernel::Linux`]
+//!   and a recording double for tests; [`kernel::effects`] has the pidfd effects
+//!   (pidfd_open, pidfd_getfd, fstat, SO_COOKIE, TCP_INFO, shutdown, signals, prlimit);
 //!   [`inject`] runs close(2) inside a stopped target (ptrace), the manual last resort.
 //! - **policy and audit files**: [`secure_fs`] opens them without trusting their path
 //!   (every directory checked through its own fd, symlinks resolved and shown, no FIFO
@@ -15,9 +17,9 @@
 //! - [`sys`] has the raw calls and capabilities; [`tcp`] the TCP state numbers and names.
 
 pub mod inject;
+pub mod kernel;
 pub mod netlink;
 pub mod netns;
-pub mod os;
 pub mod procfs;
 pub mod secure_fs;
 pub mod sys;

@@ -228,7 +228,7 @@ enum Wire {
     /// NETLINK_SOCK_DIAG: the kernel.
     Kernel(Socket),
     /// A datagram socket whose other end plays the kernel (see `Diag::over`).
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(test)]
     Fake(std::os::unix::net::UnixDatagram),
 }
 
@@ -236,7 +236,7 @@ impl Wire {
     fn send(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Wire::Kernel(s) => s.send(buf, 0),
-            #[cfg(any(test, feature = "testing"))]
+            #[cfg(test)]
             Wire::Fake(s) => s.send(buf),
         }
     }
@@ -249,7 +249,7 @@ impl Wire {
                 let (n, from) = s.recv_from(&mut &mut buf[..], 0)?;
                 Ok((n, from.port_number() == 0))
             }
-            #[cfg(any(test, feature = "testing"))]
+            #[cfg(test)]
             Wire::Fake(s) => Ok((s.recv(buf)?, true)),
         }
     }
@@ -263,7 +263,7 @@ enum Origin {
     /// keeps nothing alive that the socket does not: a socket pins its namespace too.
     Netns(File),
     /// A fake kernel: there is nothing to reopen.
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(test)]
     Fake,
 }
 
@@ -347,7 +347,7 @@ impl Diag {
         match &self.origin {
             Origin::Own => Self::create(self.netns, Origin::Own),
             Origin::Netns(file) => Self::enter(file.try_clone()?, self.netns),
-            #[cfg(any(test, feature = "testing"))]
+            #[cfg(test)]
             Origin::Fake => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "a fake kernel cannot be reopened",
@@ -360,7 +360,7 @@ impl Diag {
     /// receive loop: the kernel's inet_diag dump never sets NLM_F_DUMP_INTR, so the retry
     /// cannot be provoked for real; a fake kernel can send it, stale or malformed answers
     /// too. It cannot be reopened.
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(test)]
     pub fn over(peer: std::os::unix::net::UnixDatagram, netns: u64) -> Self {
         // Best effort, like the kernel socket's: a fake that never answers times out.
         let _ = peer.set_read_timeout(Some(RECV_TIMEOUT));
@@ -376,7 +376,7 @@ impl Diag {
     }
 
     /// Wait at most `timeout` for each answer of a fake kernel (tests of a silent peer).
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(test)]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         if let Wire::Fake(s) = &self.socket {
             let _ = s.set_read_timeout(Some(timeout));
@@ -879,6 +879,67 @@ mod tests {
         );
         drop(diag);
         assert_eq!(kernel.join().expect("fake kernel"), 3);
+    }
+
+    /// The answer to request `seq`: sockets `ids` in one datagram (each message also
+    /// flagged `flags`), then NLMSG_DONE in another.
+    fn answer(ids: &[u32], seq: u32, flags: u16) -> Vec<Vec<u8>> {
+        let mut first = Vec::new();
+        for &id in ids {
+            let mut m = socket_msg(id, seq, 0);
+            m[6..8].copy_from_slice(&(NLM_F_MULTI | flags).to_ne_bytes()); // nlmsg_flags
+            first.extend(m);
+        }
+        let done = done_with(0, seq, 0);
+        if first.is_empty() {
+            vec![done]
+        } else {
+            vec![first, done]
+        }
+    }
+
+    #[test]
+    fn an_interrupted_dump_is_retried_and_only_the_consistent_one_counts() {
+        // IPv4: the first dump is interrupted (it saw 1 and 2), the retry sees 1 and 3.
+        // IPv6: nothing.
+        let (mut diag, kernel) = fake_kernel(3, |n, seq| match n {
+            0 => answer(&[1, 2], seq, NLM_F_DUMP_INTR),
+            1 => answer(&[1, 3], seq, 0),
+            _ => answer(&[], seq, 0),
+        });
+        let mut cookies: Vec<u64> = diag
+            .close_wait()
+            .expect("a consistent dump after one retry")
+            .iter()
+            .map(|s| s.cookie)
+            .collect();
+        cookies.sort_unstable();
+        assert_eq!(
+            cookies,
+            [1, 3],
+            "the interrupted dump leaked into the result"
+        );
+        drop(diag);
+        assert_eq!(
+            kernel.join().expect("fake kernel"),
+            3,
+            "IPv4 twice, IPv6 once"
+        );
+    }
+
+    #[test]
+    fn a_dump_interrupted_every_time_gives_up_after_five_attempts() {
+        let (mut diag, kernel) = fake_kernel(10, |_, seq| answer(&[1], seq, NLM_F_DUMP_INTR));
+        assert!(matches!(
+            diag.close_wait(),
+            Err(DumpError::Interrupted(n)) if n == DUMP_RETRIES
+        ));
+        drop(diag);
+        assert_eq!(
+            kernel.join().expect("fake kernel"),
+            DUMP_RETRIES,
+            "bounded: that many attempts, then stop"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Discovery across network namespaces: one sock_diag socket per distinct
 //! /proc/<pid>/ns/net among the processes of interest, kept open for later lookups and
-//! SOCK_DESTROY in the same namespace (it is the real [`SocketKiller`]).
+//! SOCK_DESTROY in the same namespace (it is the real [`Destroy`]).
 //!
 //! A socket that saw any error (a failed or cut dump, a timeout, a kernel error) is never
 //! used again: it is replaced at once by a fresh socket of the same namespace, so whatever
@@ -12,8 +12,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
+use crate::kernel::Destroy;
 use crate::netlink::{Diag, DiagSocket, DumpError};
-use crate::os::SocketKiller;
 use crate::procfs::ProcFs;
 
 /// The sock_diag sockets, one per network namespace, by namespace inode.
@@ -93,7 +93,7 @@ impl Namespaces {
 
     /// Use `d` for its network namespace from now on, instead of a socket of our own. A
     /// seam for tests (see `Diag::over`); [`Namespaces::cover`] keeps it.
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(test)]
     pub fn insert(&mut self, d: Diag) {
         self.diags.insert(d.netns(), d);
     }
@@ -204,7 +204,7 @@ fn to_io(e: DumpError) -> io::Error {
     }
 }
 
-impl SocketKiller for Namespaces {
+impl Destroy for Namespaces {
     fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>> {
         self.with_diag(s, Diag::lookup)
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cwreap_linux::os::SocketFacts;
+use cwreap_linux::kernel::SocketFacts;
 use cwreap_linux::tcp;
 
 use crate::shared::attribute::{Direction, Holder, Observed, Process, Snapshot};

@@ -31,11 +31,10 @@ use tracing::{error, warn};
 
 use cwreap_linux::secure_fs;
 
-use super::Daemon;
-use crate::daemon::cycle_report::CycleReport;
+use crate::daemon::cycle_report::{CycleReport, ErrorKind};
 use crate::daemon::metrics::Health;
 use crate::daemon::policy::Decision;
-use crate::shared::config::Action;
+use crate::shared::config::{Action, Config};
 
 /// Records waiting for the writer before new ones are counted as lost.
 const QUEUE: usize = 16 * 1024;
@@ -356,11 +355,42 @@ fn changes_a_socket(d: &Decision) -> bool {
     d.action != Action::Log && !d.dry_run
 }
 
-impl Daemon {
+/// The audit log as cycles use it: records reach the writer only while the policy names
+/// a log.
+#[derive(Clone)]
+pub struct Auditor {
+    log: AuditLog,
+    enabled: bool,
+}
+
+impl Auditor {
+    /// Start the writer, with no file yet.
+    pub(super) fn start(health: Health) -> io::Result<Auditor> {
+        Ok(Auditor {
+            log: AuditLog::start(None, health)?,
+            enabled: false,
+        })
+    }
+
+    /// Write to the policy's `audit_log` from now on (opened again even if the path did not
+    /// change: after logrotate moved it away, records go to a new file). Nothing changes
+    /// when it cannot be opened.
+    pub(super) fn open(&mut self, path: Option<&std::path::Path>) -> Result<(), String> {
+        let file = open(path)?;
+        self.enabled = file.is_some();
+        self.log.replace(file);
+        Ok(())
+    }
+
+    /// The writer's end, for the last flush at exit.
+    pub(super) fn log(&self) -> &AuditLog {
+        &self.log
+    }
+
     /// Queue one record, if the policy has an audit log.
-    pub(super) fn audit(&mut self, line: serde_json::Value) {
-        if self.cfg.audit_log.is_some() {
-            self.audit.record(&line);
+    pub(super) fn record(&self, line: serde_json::Value) {
+        if self.enabled {
+            self.log.record(&line);
         }
     }
 
@@ -368,35 +398,39 @@ impl Daemon {
     /// disk before the first action (see the module documentation). False when nothing
     /// may act this cycle.
     pub(super) fn announce(
-        &mut self,
+        &self,
+        cfg: &Config,
         decisions: &[Decision],
         stop: &AtomicBool,
+        progress: &AtomicU64,
         report: &mut CycleReport,
     ) -> bool {
-        if self.cfg.audit_log.is_none() {
+        if !self.enabled {
             return true;
         }
         let lines: Vec<String> = decisions
             .iter()
             .filter(|d| changes_a_socket(d))
-            .map(|d| format!("{}\n", self.intent(d)))
+            .map(|d| {
+                format!(
+                    "{}\n",
+                    serde_json::Value::Object(decision_record(cfg, "intent", d))
+                )
+            })
             .collect();
         if lines.is_empty() {
             return true;
         }
         let n = lines.len();
-        let got = self.audit.durable(
-            lines,
-            Instant::now() + INTENT_DEADLINE,
-            stop,
-            &self.progress,
-        );
-        self.progress();
+        let got = self
+            .log
+            .durable(lines, Instant::now() + INTENT_DEADLINE, stop, progress);
+        progress.fetch_add(1, Ordering::Relaxed);
         match got {
             Durability::Written | Durability::Failed => true,
             Durability::Unconfirmed => {
                 if !stop.load(Ordering::Relaxed) {
-                    report.error("audit");
+                    report.error(ErrorKind::Audit);
                     report.deferred += n;
                     warn!(
                         actions = n,
@@ -408,45 +442,40 @@ impl Daemon {
             }
         }
     }
+}
 
-    /// The name of target `i` (empty if a reload removed it).
-    pub(super) fn target_name(&self, i: usize) -> String {
-        self.cfg
-            .targets
-            .get(i)
-            .map_or_else(String::new, |t| t.name.clone())
-    }
+/// The name of target `i` (empty if a reload removed it).
+pub(super) fn target_name(cfg: &Config, i: usize) -> String {
+    cfg.targets
+        .get(i)
+        .map_or_else(String::new, |t| t.name.clone())
+}
 
-    /// What an audit record of decision `d` starts with, for an intent and for the
-    /// action's outcome alike: which socket, of which target, and the action.
-    pub(super) fn decision_record(
-        &self,
-        event: &str,
-        d: &Decision,
-    ) -> serde_json::Map<String, serde_json::Value> {
-        let c = &d.candidate;
-        let mut line = serde_json::Map::new();
-        for (key, value) in [
-            ("ts", json!(unix_ts())),
-            ("event", json!(event)),
-            ("target", json!(self.target_name(c.target))),
-            ("pid", json!(c.pid)),
-            ("fd", json!(if c.unaccepted { None } else { Some(c.fd) })),
-            ("unaccepted", json!(c.unaccepted)),
-            ("netns", json!(c.netns)),
-            ("comm", json!(c.comm)),
-            ("inode", json!(c.inode)),
-            ("local", json!(c.local.to_string())),
-            ("remote", json!(c.remote.to_string())),
-            ("age_ms", json!(c.age_ms)),
-            ("action", json!(d.action.as_str())),
-        ] {
-            line.insert(key.to_owned(), value);
-        }
-        line
+/// What an audit record of decision `d` starts with, for an intent and for the action's
+/// outcome alike: which socket, of which target, and the action.
+pub(super) fn decision_record(
+    cfg: &Config,
+    event: &str,
+    d: &Decision,
+) -> serde_json::Map<String, serde_json::Value> {
+    let c = &d.candidate;
+    let mut line = serde_json::Map::new();
+    for (key, value) in [
+        ("ts", json!(unix_ts())),
+        ("event", json!(event)),
+        ("target", json!(target_name(cfg, c.target))),
+        ("pid", json!(c.pid)),
+        ("fd", json!(if c.unaccepted { None } else { Some(c.fd) })),
+        ("unaccepted", json!(c.unaccepted)),
+        ("netns", json!(c.netns)),
+        ("comm", json!(c.comm)),
+        ("inode", json!(c.inode)),
+        ("local", json!(c.local.to_string())),
+        ("remote", json!(c.remote.to_string())),
+        ("age_ms", json!(c.age_ms)),
+        ("action", json!(d.action.as_str())),
+    ] {
+        line.insert(key.to_owned(), value);
     }
-
-    fn intent(&self, d: &Decision) -> serde_json::Value {
-        serde_json::Value::Object(self.decision_record("intent", d))
-    }
+    line
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::shared::act::Outcome;
+use crate::shared::config::Action;
 
 /// Whether the owner let go of a socket cwreap shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,17 +23,63 @@ impl Release {
     }
 }
 
+/// What kind of step of a cycle failed (the `kind` label of `cwreap_cycle_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorKind {
+    /// Reading /proc: listing processes, or an fd table (denied, or the process vanished).
+    Proc,
+    /// A network namespace could not be entered.
+    Netns,
+    /// A sock_diag dump failed.
+    Netlink,
+    /// An action on a socket failed.
+    Act,
+    /// An escalation failed.
+    Escalate,
+    /// The audit log did not confirm the intent records in time.
+    Audit,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Proc => "proc",
+            ErrorKind::Netns => "netns",
+            ErrorKind::Netlink => "netlink",
+            ErrorKind::Act => "act",
+            ErrorKind::Escalate => "escalate",
+            ErrorKind::Audit => "audit",
+        }
+    }
+}
+
+/// What an escalation did to a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EscalationKind {
+    RaiseFdLimit,
+    Signal,
+}
+
+impl EscalationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EscalationKind::RaiseFdLimit => "raise_fd_limit",
+            EscalationKind::Signal => "signal",
+        }
+    }
+}
+
 /// What one cycle did; also the source of STATUS= and metrics.
 #[derive(Debug, Default, Clone)]
 pub struct CycleReport {
     pub close_wait: usize,
     pub candidates: usize,
-    pub outcomes: BTreeMap<(String, &'static str, Outcome), usize>,
+    pub outcomes: BTreeMap<(String, Action, Outcome), usize>,
     pub releases: BTreeMap<(String, Release), usize>,
-    /// Escalations done, by target and kind (`raise_fd_limit`, `signal`).
-    pub escalations: BTreeMap<(String, &'static str), usize>,
+    /// Escalations done, by target and kind.
+    pub escalations: BTreeMap<(String, EscalationKind), usize>,
     pub deferred: usize,
-    pub errors: BTreeMap<&'static str, usize>,
+    pub errors: BTreeMap<ErrorKind, usize>,
     /// Per target: CLOSE_WAIT sockets held now, oldest age, open fds, fd limit (summed),
     /// new CLOSE_WAIT sockets, and the process nearest its fd limit.
     pub targets: BTreeMap<String, TargetGauges>,
@@ -75,8 +122,8 @@ impl TargetGauges {
 }
 
 impl CycleReport {
-    /// Count one error of `kind` (the `kind` label of `cwreap_cycle_errors_total`).
-    pub fn error(&mut self, kind: &'static str) {
+    /// Count one error of `kind`.
+    pub fn error(&mut self, kind: ErrorKind) {
         *self.errors.entry(kind).or_default() += 1;
     }
 

@@ -13,20 +13,21 @@
 //! shutdown.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::shared::attribute::{
     Direction, Holder, Observed, Process, Snapshot, WalkStats, listener_ref, read_fds,
 };
+use cwreap_linux::kernel::Effects;
+use cwreap_linux::kernel::ProcRead;
 use cwreap_linux::netns::Found;
-use cwreap_linux::os::Os;
-use cwreap_linux::procfs::ProcFs;
 
 /// Re-read every target's fd table this often (in cycles), whatever the counts say.
 pub const FULL_EVERY: u32 = 10;
 
-struct Entry<H> {
+struct Entry<P> {
     /// None while lent to a cycle's snapshot.
-    process: Option<Process<H>>,
+    process: Option<Process<Arc<P>>>,
     sockets: Vec<(i32, u64)>,
     fd_count: usize,
     /// The live thread the table was read through (the leader has exited).
@@ -34,20 +35,18 @@ struct Entry<H> {
 }
 
 /// Open fds of `pid`, counted where its table was read: the process, or thread `thread`.
-fn fd_count(proc: &ProcFs, pid: i32, thread: Option<i32>) -> Option<usize> {
-    match thread {
-        Some(tid) => proc.task_fd_count_fast(pid, tid).ok(),
-        None => proc.fd_count_fast(pid).ok(),
-    }
+fn fd_count(proc: &impl ProcRead, pid: i32, thread: Option<i32>) -> Option<usize> {
+    proc.fd_count(pid, thread).ok()
 }
 
-pub struct FdIndex<H> {
-    entries: HashMap<i32, Entry<H>>,
+/// The cache, for processes pinned as `P`.
+pub struct FdIndex<P> {
+    entries: HashMap<i32, Entry<P>>,
     by_inode: HashMap<u64, Vec<Holder>>,
     cycles: u32,
 }
 
-impl<H> Default for FdIndex<H> {
+impl<P> Default for FdIndex<P> {
     fn default() -> Self {
         Self {
             entries: HashMap::new(),
@@ -66,9 +65,14 @@ pub struct Refresh {
     pub full: bool,
 }
 
-impl<H> FdIndex<H> {
+impl<P> FdIndex<P> {
     /// Bring the index up to date for exactly `pids` (the current targets).
-    pub fn refresh<O: Os<Process = H>>(&mut self, proc: &ProcFs, os: &O, pids: &[i32]) -> Refresh {
+    pub fn refresh<O: Effects<Process = P>>(
+        &mut self,
+        proc: &impl ProcRead,
+        os: &O,
+        pids: &[i32],
+    ) -> Refresh {
         let full = self.cycles.is_multiple_of(FULL_EVERY);
         self.cycles = self.cycles.wrapping_add(1);
         self.update(proc, os, pids, full)
@@ -77,7 +81,12 @@ impl<H> FdIndex<H> {
     /// Read every target's fd table again now, whatever the counts say: a target that
     /// closed an fd and got the number back for a new socket keeps its count, and the
     /// cache would miss the new socket until the next full refresh.
-    pub fn reread<O: Os<Process = H>>(&mut self, proc: &ProcFs, os: &O, pids: &[i32]) -> Refresh {
+    pub fn reread<O: Effects<Process = P>>(
+        &mut self,
+        proc: &impl ProcRead,
+        os: &O,
+        pids: &[i32],
+    ) -> Refresh {
         self.update(proc, os, pids, true)
     }
 
@@ -94,9 +103,9 @@ impl<H> FdIndex<H> {
         self.by_inode.contains_key(&inode)
     }
 
-    fn update<O: Os<Process = H>>(
+    fn update<O: Effects<Process = P>>(
         &mut self,
-        proc: &ProcFs,
+        proc: &impl ProcRead,
         os: &O,
         pids: &[i32],
         full: bool,
@@ -172,7 +181,7 @@ impl<H> FdIndex<H> {
 
     /// This cycle's snapshot: the dumped sockets with their holders among the targets. The
     /// processes (and their pidfds) are lent to it; hand them back with [`Self::restore`].
-    pub fn snapshot(&mut self, found: Found) -> Snapshot<H> {
+    pub fn snapshot(&mut self, found: Found) -> Snapshot<Arc<P>> {
         let listeners = found.listeners;
         let holders_of = |inode: u64| self.by_inode.get(&inode).cloned().unwrap_or_default();
         let sockets = found
@@ -196,7 +205,7 @@ impl<H> FdIndex<H> {
                 }
             })
             .collect();
-        let processes: BTreeMap<i32, Process<H>> = self
+        let processes: BTreeMap<i32, Process<Arc<P>>> = self
             .entries
             .iter_mut()
             .filter_map(|(pid, e)| e.process.take().map(|p| (*pid, p)))
@@ -210,7 +219,7 @@ impl<H> FdIndex<H> {
         }
     }
 
-    pub fn restore(&mut self, processes: BTreeMap<i32, Process<H>>) {
+    pub fn restore(&mut self, processes: BTreeMap<i32, Process<Arc<P>>>) {
         for (pid, p) in processes {
             if let Some(e) = self.entries.get_mut(&pid) {
                 e.process = Some(p);
@@ -225,11 +234,15 @@ impl<H> FdIndex<H> {
 }
 
 /// A process read under its pidfd, with its socket fds (fd, inode).
-type ReadProcess<H> = (Process<H>, Vec<(i32, u64)>);
+type ReadProcess<P> = (Process<Arc<P>>, Vec<(i32, u64)>);
 
 /// Pin `pid` with a pidfd, then read its name and fd table, and check it is still the
 /// same process.
-fn read_pinned<O: Os>(proc: &ProcFs, os: &O, pid: i32) -> std::io::Result<ReadProcess<O::Process>> {
+fn read_pinned<O: Effects>(
+    proc: &impl ProcRead,
+    os: &O,
+    pid: i32,
+) -> std::io::Result<ReadProcess<O::Process>> {
     let mut handle = os.open_process(pid)?;
     let comm = proc.comm(pid)?;
     let (table, thread) = read_fds(proc, Some(os), Some(&mut handle), pid)?;
@@ -238,9 +251,9 @@ fn read_pinned<O: Os>(proc: &ProcFs, os: &O, pid: i32) -> std::io::Result<ReadPr
         comm,
         uid: proc.uid(pid).unwrap_or(u32::MAX),
         open_fds: table.open,
-        nofile_soft: proc.nofile_soft_limit(pid).ok().flatten(),
+        nofile_soft: proc.nofile_limits(pid).ok().and_then(|l| l.soft),
         epoll_fds: table.epoll,
-        handle: Some(handle),
+        handle: Some(Arc::new(handle)),
         thread,
     };
     Ok((process, table.sockets))

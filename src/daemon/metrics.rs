@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,29 +24,56 @@ use tracing::{debug, info, warn};
 
 use crate::daemon::cycle_report::CycleReport;
 
-type Labels = Vec<(String, String)>;
 type GaugeF = Gauge<f64, AtomicU64>;
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-        .collect()
+/// The label of every per-target series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    target: String,
+    action: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReleaseLabels {
+    target: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EscalationLabels {
+    target: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
 }
 
 struct Inner {
     registry: Registry,
-    close_wait: Family<Labels, Gauge>,
-    oldest: Family<Labels, GaugeF>,
-    reaped: Family<Labels, Counter>,
-    released: Family<Labels, Counter>,
-    escalations: Family<Labels, Counter>,
-    open_fds: Family<Labels, Gauge>,
-    fd_limit: Family<Labels, Gauge>,
-    new_close_wait: Family<Labels, Counter>,
-    fd_usage: Family<Labels, GaugeF>,
+    close_wait: Family<TargetLabels, Gauge>,
+    oldest: Family<TargetLabels, GaugeF>,
+    reaped: Family<ActionLabels, Counter>,
+    released: Family<ReleaseLabels, Counter>,
+    escalations: Family<EscalationLabels, Counter>,
+    open_fds: Family<TargetLabels, Gauge>,
+    fd_limit: Family<TargetLabels, Gauge>,
+    new_close_wait: Family<TargetLabels, Counter>,
+    fd_usage: Family<TargetLabels, GaugeF>,
     cycle_duration: Histogram,
-    cycle_errors: Family<Labels, Counter>,
+    cycle_errors: Family<ErrorLabels, Counter>,
     last_cycle: GaugeF,
     refused: Counter,
 }
@@ -84,55 +112,55 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let close_wait = Family::<Labels, Gauge>::default();
+        let close_wait = Family::default();
         registry.register(
             "cwreap_close_wait_sockets",
             "CLOSE_WAIT sockets held now by the target's processes",
             close_wait.clone(),
         );
-        let oldest = Family::<Labels, GaugeF>::default();
+        let oldest = Family::default();
         registry.register(
             "cwreap_close_wait_oldest_seconds",
             "Age (lower bound) of the target's oldest CLOSE_WAIT socket",
             oldest.clone(),
         );
-        let reaped = Family::<Labels, Counter>::default();
+        let reaped = Family::default();
         registry.register(
             "cwreap_reaped",
             "Actions taken on CLOSE_WAIT sockets, by action and outcome",
             reaped.clone(),
         );
-        let released = Family::<Labels, Counter>::default();
+        let released = Family::default();
         registry.register(
             "cwreap_fd_released",
             "Whether owners closed the fds of sockets cwreap shut down (released / still_held)",
             released.clone(),
         );
-        let escalations = Family::<Labels, Counter>::default();
+        let escalations = Family::default();
         registry.register(
             "cwreap_escalations",
             "Escalations done on leaking processes near their fd limit, by kind (raise_fd_limit, signal)",
             escalations.clone(),
         );
-        let open_fds = Family::<Labels, Gauge>::default();
+        let open_fds = Family::default();
         registry.register(
             "cwreap_process_open_fds",
             "Open fds of the target's processes (summed)",
             open_fds.clone(),
         );
-        let fd_limit = Family::<Labels, Gauge>::default();
+        let fd_limit = Family::default();
         registry.register(
             "cwreap_process_fd_limit",
             "Soft RLIMIT_NOFILE of the target's processes (summed)",
             fd_limit.clone(),
         );
-        let new_close_wait = Family::<Labels, Counter>::default();
+        let new_close_wait = Family::default();
         registry.register(
             "cwreap_close_wait_new",
             "CLOSE_WAIT sockets that appeared in the target's processes (arrivals, told apart by socket cookie)",
             new_close_wait.clone(),
         );
-        let fd_usage = Family::<Labels, GaugeF>::default();
+        let fd_usage = Family::default();
         registry.register(
             "cwreap_process_fd_usage_ratio",
             "Open fds / soft RLIMIT_NOFILE of the target's process nearest its limit (0 when none is known)",
@@ -144,7 +172,7 @@ impl Metrics {
             "Wall time of one daemon cycle",
             cycle_duration.clone(),
         );
-        let cycle_errors = Family::<Labels, Counter>::default();
+        let cycle_errors = Family::default();
         registry.register(
             "cwreap_cycle_errors",
             "Errors during cycles, by kind",
@@ -156,14 +184,16 @@ impl Metrics {
             "Unix time at which the last cycle finished",
             last_cycle.clone(),
         );
-        let build = Family::<Labels, Gauge>::default();
+        let build = Family::<BuildLabels, Gauge>::default();
         registry.register(
             "cwreap_build_info",
             "cwreap build information",
             build.clone(),
         );
         build
-            .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
             .set(1);
         let refused = Counter::default();
         registry.register(
@@ -242,7 +272,9 @@ impl Metrics {
         m.fd_limit.clear();
         m.fd_usage.clear();
         for (name, g) in &report.targets {
-            let l = labels(&[("target", name)]);
+            let l = TargetLabels {
+                target: name.clone(),
+            };
             m.close_wait.get_or_create(&l).set(g.close_wait as i64);
             m.oldest.get_or_create(&l).set(g.oldest_ms as f64 / 1000.0);
             m.open_fds.get_or_create(&l).set(g.open_fds as i64);
@@ -254,26 +286,34 @@ impl Metrics {
         }
         for ((target, action, outcome), n) in &report.outcomes {
             m.reaped
-                .get_or_create(&labels(&[
-                    ("target", target),
-                    ("action", action),
-                    ("outcome", outcome.as_str()),
-                ]))
+                .get_or_create(&ActionLabels {
+                    target: target.clone(),
+                    action: action.as_str(),
+                    outcome: outcome.as_str(),
+                })
                 .inc_by(*n as u64);
         }
         for ((target, result), n) in &report.releases {
             m.released
-                .get_or_create(&labels(&[("target", target), ("result", result.as_str())]))
+                .get_or_create(&ReleaseLabels {
+                    target: target.clone(),
+                    result: result.as_str(),
+                })
                 .inc_by(*n as u64);
         }
         for ((target, kind), n) in &report.escalations {
             m.escalations
-                .get_or_create(&labels(&[("target", target), ("kind", kind)]))
+                .get_or_create(&EscalationLabels {
+                    target: target.clone(),
+                    kind: kind.as_str(),
+                })
                 .inc_by(*n as u64);
         }
         for (kind, n) in &report.errors {
             m.cycle_errors
-                .get_or_create(&labels(&[("kind", kind)]))
+                .get_or_create(&ErrorLabels {
+                    kind: kind.as_str(),
+                })
                 .inc_by(*n as u64);
         }
         m.cycle_duration.observe(report.duration.as_secs_f64());
@@ -412,8 +452,9 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::cycle_report::{Release, TargetGauges};
+    use crate::daemon::cycle_report::{ErrorKind, EscalationKind, Release, TargetGauges};
     use crate::shared::act::Outcome;
+    use crate::shared::config::Action;
 
     #[test]
     fn routes() {
@@ -444,10 +485,11 @@ mod tests {
             },
         );
         r.outcomes
-            .insert(("api".into(), "shutdown", Outcome::Reaped), 2);
+            .insert(("api".into(), Action::Shutdown, Outcome::Reaped), 2);
         r.releases.insert(("api".into(), Release::StillHeld), 1);
-        r.errors.insert("netlink", 1);
-        r.escalations.insert(("api".into(), "signal"), 1);
+        r.errors.insert(ErrorKind::Netlink, 1);
+        r.escalations
+            .insert(("api".into(), EscalationKind::Signal), 1);
         m.observe(&r);
         m.observe(&r);
         let text = m.render();

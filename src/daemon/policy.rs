@@ -6,14 +6,14 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use cwreap_linux::kernel::Boottime;
+pub use cwreap_linux::kernel::SocketKey;
 
 use crate::shared::attribute::Holder;
 use crate::shared::config::{Action, Config, Escalate};
 use crate::shared::selector::SocketFacts;
-
-/// A socket's identity for tracking: (network namespace inode, socket cookie).
-pub type SocketKey = (u64, u64);
 
 /// One CLOSE_WAIT socket that `target` selects (see [`assign`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +30,7 @@ pub struct Candidate {
     pub unaccepted: bool,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    /// Lower bound on time in CLOSE_WAIT (see [`Ages`]).
+    /// Lower bound on time in CLOSE_WAIT (see [`age_ms`]).
     pub age_ms: u64,
     /// CLOSE_WAIT sockets of this owner that the same target selects (for
     /// `min_close_wait`).
@@ -135,65 +135,26 @@ pub fn decide(
     plan
 }
 
-/// First-seen times per socket cookie, so a socket's age is the larger of two lower bounds:
-/// tcp_info `last_ack_recv` and the time since cwreap first saw it in CLOSE_WAIT.
-#[derive(Debug, Default)]
-pub struct Ages {
-    first_seen: HashMap<SocketKey, Instant>,
-    /// Calls of [`Self::observe`] so far.
-    observed: u64,
-}
-
-impl Ages {
-    /// Record the sockets present now and forget the ones that are gone.
-    pub fn observe(&mut self, keys: impl IntoIterator<Item = SocketKey>, now: Instant) {
-        self.observed += 1;
-        let present: HashSet<SocketKey> = keys.into_iter().collect();
-        self.first_seen.retain(|c, _| present.contains(c));
-        for c in present {
-            self.first_seen.entry(c).or_insert(now);
-        }
-    }
-
-    pub fn age_ms(&self, key: SocketKey, last_ack_recv_ms: Option<u32>, now: Instant) -> u64 {
-        let seen = self
-            .first_seen
-            .get(&key)
-            .map_or(0, |t| now.saturating_duration_since(*t).as_millis() as u64);
-        seen.max(u64::from(last_ack_recv_ms.unwrap_or(0)))
-    }
-
-    /// Whether the socket arrived at the [`Self::observe`] of `now`: first seen then, and
-    /// not at the first observe, which finds what was there already.
-    pub fn arrived(&self, key: &SocketKey, now: Instant) -> bool {
-        self.observed > 1 && self.first_seen.get(key) == Some(&now)
-    }
-
-    /// Whether the socket was present at the last [`Self::observe`].
-    pub fn tracks(&self, key: &SocketKey) -> bool {
-        self.first_seen.contains_key(key)
-    }
-
-    pub fn len(&self) -> usize {
-        self.first_seen.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.first_seen.is_empty()
-    }
+/// A socket's age: the larger of two lower bounds, the time since cwreap first saw it in
+/// CLOSE_WAIT and tcp_info `last_ack_recv`.
+pub fn age_ms(first_seen: Option<Boottime>, last_ack_recv_ms: Option<u32>, now: Boottime) -> u64 {
+    let seen = first_seen.map_or(0, |t| {
+        u64::try_from(now.saturating_since(t).as_millis()).unwrap_or(u64::MAX)
+    });
+    seen.max(u64::from(last_ack_recv_ms.unwrap_or(0)))
 }
 
 /// Sliding one-minute window of reaps.
 #[derive(Debug, Default)]
 pub struct RateLimiter {
-    recent: VecDeque<Instant>,
+    recent: VecDeque<Boottime>,
 }
 
 impl RateLimiter {
     /// How many more reaps this cycle may do under both limits.
-    pub fn budget(&mut self, per_cycle: usize, per_minute: usize, now: Instant) -> usize {
+    pub fn budget(&mut self, per_cycle: usize, per_minute: usize, now: Boottime) -> usize {
         while let Some(&t) = self.recent.front() {
-            if now.saturating_duration_since(t) >= Duration::from_secs(60) {
+            if now.saturating_since(t) >= Duration::from_secs(60) {
                 self.recent.pop_front();
             } else {
                 break;
@@ -202,7 +163,7 @@ impl RateLimiter {
         per_cycle.min(per_minute.saturating_sub(self.recent.len()))
     }
 
-    pub fn record(&mut self, n: usize, now: Instant) {
+    pub fn record(&mut self, n: usize, now: Boottime) {
         for _ in 0..n {
             self.recent.push_back(now);
         }
@@ -532,51 +493,31 @@ targets:
 
     #[test]
     fn ages_take_the_larger_lower_bound() {
-        let t0 = Instant::now();
-        let mut ages = Ages::default();
-        ages.observe([(9, 1), (9, 2)], t0);
-        let later = t0 + Duration::from_secs(30);
-        ages.observe([(9, 1), (9, 2), (9, 3)], later);
-        assert_eq!(ages.age_ms((9, 1), Some(5_000), later), 30_000);
-        assert_eq!(ages.age_ms((9, 1), Some(90_000), later), 90_000);
-        assert_eq!(ages.age_ms((9, 3), None, later), 0);
-        // Same cookie in another namespace is another socket.
-        assert_eq!(ages.age_ms((8, 1), None, later), 0);
-        ages.observe([(9, 3)], later);
-        assert_eq!(ages.len(), 1, "gone sockets are forgotten");
-        assert!(ages.tracks(&(9, 3)) && !ages.tracks(&(9, 1)));
-        assert_eq!(ages.age_ms((9, 1), None, later), 0);
-    }
-
-    #[test]
-    fn arrivals_are_sockets_first_seen_after_the_first_look() {
-        let t0 = Instant::now();
-        let mut ages = Ages::default();
-        ages.observe([(9, 1)], t0);
-        assert!(
-            !ages.arrived(&(9, 1), t0),
-            "the first look finds, it does not see arrive"
+        let t0 = Boottime::from_duration(Duration::from_secs(100));
+        let later = t0.checked_add(Duration::from_secs(30)).expect("time");
+        assert_eq!(age_ms(Some(t0), Some(5_000), later), 30_000);
+        assert_eq!(age_ms(Some(t0), Some(90_000), later), 90_000);
+        assert_eq!(age_ms(Some(later), None, later), 0);
+        assert_eq!(age_ms(None, None, later), 0);
+        assert_eq!(
+            age_ms(Some(later), None, t0),
+            0,
+            "a clock that went back gives 0, not a panic"
         );
-        let t1 = t0 + Duration::from_secs(1);
-        ages.observe([(9, 1), (9, 2), (8, 1)], t1);
-        assert!(ages.arrived(&(9, 2), t1) && ages.arrived(&(8, 1), t1));
-        assert!(!ages.arrived(&(9, 1), t1));
-        let t2 = t1 + Duration::from_secs(1);
-        ages.observe([(9, 1), (9, 2)], t2);
-        assert!(!ages.arrived(&(9, 2), t2), "arrived once, not again");
     }
 
     #[test]
     fn rate_limiter_window() {
-        let t0 = Instant::now();
+        let t0 = Boottime::from_duration(Duration::from_secs(100));
+        let at = |s| t0.checked_add(Duration::from_secs(s)).expect("time");
         let mut rl = RateLimiter::default();
         assert_eq!(rl.budget(3, 5, t0), 3);
         rl.record(3, t0);
-        assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(1)), 2);
-        rl.record(2, t0 + Duration::from_secs(1));
-        assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(59)), 0);
-        assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(60)), 3);
-        assert_eq!(rl.budget(3, 5, t0 + Duration::from_secs(61)), 3);
+        assert_eq!(rl.budget(3, 5, at(1)), 2);
+        rl.record(2, at(1));
+        assert_eq!(rl.budget(3, 5, at(59)), 0);
+        assert_eq!(rl.budget(3, 5, at(60)), 3);
+        assert_eq!(rl.budget(3, 5, at(61)), 3);
     }
 
     fn esc(raise: Option<u8>, signal: Option<u8>) -> Escalate {

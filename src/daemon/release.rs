@@ -1,88 +1,106 @@
-//! After a shutdown: did the owner release the fd? `released` as soon as it does,
+//! After a shutdown: did the owner release the fd? [`ReleaseWatch`] owns the sockets
+//! cwreap shut down and is waiting on: `released` as soon as the owner lets go,
 //! `still_held` after a grace period. Still-held sockets of escalating targets are kept
-//! (see [`super::escalate`]) for as long as the owner holds them.
+//! for as long as the owner holds them: they count as leaking (see [`super::escalate`]).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::json;
-use tracing::{info, warn};
+use cwreap_linux::kernel::{Boottime, Effects, ProcRead};
 
-use cwreap_linux::sys;
-
-use super::Daemon;
-use super::audit::unix_ts;
-use crate::daemon::cycle_report::{CycleReport, Release};
+use crate::daemon::cycle_report::Release;
+use crate::shared::config::Config;
 
 /// A socket that cwreap shut down, watched until its owner releases the fd or the grace
 /// period ends.
-pub(super) struct PendingRelease {
-    pub(super) target: String,
-    pub(super) pid: i32,
-    pub(super) fd: i32,
-    pub(super) inode: u64,
-    pub(super) comm: String,
-    /// Shared by the sockets of one process reaped in the same cycle: one fd per process,
-    /// not one per socket (thousands of reaps would otherwise exhaust our fd limit).
-    pub(super) pidfd: Option<Arc<OwnedFd>>,
-    pub(super) at: Instant,
+pub struct Pending<P> {
+    pub target: String,
+    pub pid: i32,
+    pub fd: i32,
+    pub inode: u64,
+    pub comm: String,
+    /// The process's pin, shared by every socket of it reaped in the same cycle (one fd per
+    /// process, not one per socket).
+    pub pin: Option<Arc<P>>,
+    pub at: Boottime,
 }
 
-impl Daemon {
-    /// Whether the owner still holds the fd of a socket cwreap shut down: alive (through the
-    /// pidfd kept since the shutdown; `without_pidfd` is the answer when there is none) and
-    /// its fd still names the same socket inode.
-    pub(super) fn owner_holds(&self, p: &PendingRelease, without_pidfd: bool) -> bool {
-        let alive = p
-            .pidfd
-            .as_ref()
-            .map_or(without_pidfd, |fd| sys::pidfd_alive(fd.as_fd()));
-        alive && matches!(self.proc.fd_socket_inode(p.pid, p.fd), Ok(Some(i)) if i == p.inode)
+/// A verdict on one watched socket.
+pub struct Verdict {
+    pub target: String,
+    pub pid: i32,
+    pub fd: i32,
+    pub inode: u64,
+    pub comm: String,
+    pub result: Release,
+    pub waited: Duration,
+}
+
+/// The sockets waiting for a verdict, and those still held after it.
+pub struct ReleaseWatch<P> {
+    pending: Vec<Pending<P>>,
+    held: Vec<Pending<P>>,
+}
+
+impl<P> Default for ReleaseWatch<P> {
+    fn default() -> Self {
+        ReleaseWatch {
+            pending: Vec::new(),
+            held: Vec::new(),
+        }
+    }
+}
+
+/// Whether the owner still holds the fd of a socket cwreap shut down: alive (through the
+/// pin kept since the shutdown; `without_pin` is the answer when there is none) and its
+/// fd still names the same socket inode.
+fn owner_holds<K: ProcRead + Effects>(k: &K, p: &Pending<K::Process>, without_pin: bool) -> bool {
+    let alive = p.pin.as_ref().map_or(without_pin, |pin| k.alive(pin));
+    alive && matches!(k.fd_socket_inode(p.pid, p.fd), Ok(Some(i)) if i == p.inode)
+}
+
+impl<P> ReleaseWatch<P> {
+    pub fn watch(&mut self, p: Pending<P>) {
+        self.pending.push(p);
     }
 
-    /// Did owners release the fds of sockets we shut down? `released` as soon as seen;
-    /// `still_held` once the grace period (one interval, at least 1 s) is over.
-    pub(super) fn check_releases(&mut self, now: Instant, report: &mut CycleReport) {
-        let grace = self.cfg.interval.max(Duration::from_secs(1));
-        let pending = std::mem::take(&mut self.pending);
-        for p in pending {
-            let result = if !self.owner_holds(&p, true) {
+    /// Sockets waiting for a verdict.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Verdicts due now: `released` as soon as the owner let go; `still_held` once the
+    /// grace period (one interval, at least 1 s) is over. Still-held sockets of targets
+    /// with `escalate` are kept (see [`Self::still_held`]).
+    pub fn check<K: ProcRead + Effects<Process = P>>(
+        &mut self,
+        k: &K,
+        cfg: &Config,
+        now: Boottime,
+    ) -> Vec<Verdict> {
+        let grace = cfg.interval.max(Duration::from_secs(1));
+        let mut out = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            let waited = now.saturating_since(p.at);
+            let result = if !owner_holds(k, &p, true) {
                 Release::Released
-            } else if now.saturating_duration_since(p.at) >= grace {
+            } else if waited >= grace {
                 Release::StillHeld
             } else {
                 self.pending.push(p);
                 continue;
             };
-            let waited_ms = now.saturating_duration_since(p.at).as_millis() as u64;
-            let r = result.as_str();
-            if result == Release::StillHeld {
-                warn!(target = %p.target, pid = p.pid, fd = p.fd, comm = %p.comm, inode = p.inode,
-                    result = r, waited_ms,
-                    "owner still holds the fd of a socket cwreap shut down: the app ignores EPOLLHUP/EPIPE; fix its disconnect path or restart it");
-            } else {
-                info!(target = %p.target, pid = p.pid, fd = p.fd, comm = %p.comm, inode = p.inode,
-                    result = r, waited_ms, "owner released the fd");
-            }
-            self.audit(json!({
-                "ts": unix_ts(),
-                "event": "fd_release",
-                "target": p.target,
-                "pid": p.pid,
-                "fd": p.fd,
-                "comm": p.comm,
-                "inode": p.inode,
-                "result": r,
-                "waited_ms": waited_ms,
-            }));
-            *report
-                .releases
-                .entry((p.target.clone(), result))
-                .or_default() += 1;
-            // Escalations count the sockets a process still holds after shutdown.
-            let escalates = self
-                .cfg
+            out.push(Verdict {
+                target: p.target.clone(),
+                pid: p.pid,
+                fd: p.fd,
+                inode: p.inode,
+                comm: p.comm.clone(),
+                result,
+                waited,
+            });
+            let escalates = cfg
                 .targets
                 .iter()
                 .any(|t| t.name == p.target && t.escalate.any());
@@ -90,5 +108,24 @@ impl Daemon {
                 self.held.push(p);
             }
         }
+        out
+    }
+
+    /// Per (pid, target name): the sockets cwreap shut down that the owner still holds,
+    /// among processes in `targets`. Those no longer held, or of processes no longer
+    /// targeted, are forgotten.
+    pub fn still_held<K: ProcRead + Effects<Process = P>, V>(
+        &mut self,
+        k: &K,
+        targets: &BTreeMap<i32, V>,
+    ) -> HashMap<(i32, String), usize> {
+        let mut out: HashMap<(i32, String), usize> = HashMap::new();
+        for p in std::mem::take(&mut self.held) {
+            if targets.contains_key(&p.pid) && owner_holds(k, &p, false) {
+                *out.entry((p.pid, p.target.clone())).or_default() += 1;
+                self.held.push(p);
+            }
+        }
+        out
     }
 }

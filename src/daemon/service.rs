@@ -16,9 +16,12 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
+use cwreap_linux::kernel::Linux;
+
 use super::audit::AuditLog;
+use super::engine::Daemon;
 use super::notify::Notifier;
-use super::{Daemon, logging, self_test};
+use super::{logging, self_test};
 use crate::daemon::cycle_report::CycleReport;
 use crate::daemon::metrics::Metrics;
 use crate::shared::config::load_config;
@@ -41,15 +44,15 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
     let health = metrics.health();
     logging::init(cfg.log_format, health.log_lines_dropped.clone());
     self_test()?;
-    let daemon = Daemon::with_health(cfg, force_dry_run, health.clone())
+    let daemon = Daemon::with_kernel(Linux::default(), cfg, force_dry_run, health.clone())
         .map_err(|e| UsageError(format!("{}: {e:#}", config_path.display())))?;
-    let audit = daemon.audit.clone();
+    let audit = daemon.auditor().log().clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     let result = rt.block_on(async {
-        if let Some(addr) = daemon.cfg.metrics.listen {
+        if let Some(addr) = daemon.cfg().metrics.listen {
             let listener = crate::daemon::metrics::bind(addr).await.map_err(|e| {
                 UsageError(format!(
                     "metrics.listen {addr}: cannot listen ({e}); pick a free address or set `metrics: {{listen: off}}`"
@@ -96,9 +99,9 @@ impl Service {
     /// the watchdog while it makes progress. None when a stop signal ended it.
     async fn blocking<T: Send + 'static>(
         &mut self,
-        mut daemon: Daemon,
-        work: impl FnOnce(&mut Daemon, &AtomicBool) -> T + Send + 'static,
-    ) -> Result<Option<(Daemon, T)>> {
+        mut daemon: Daemon<Linux>,
+        work: impl FnOnce(&mut Daemon<Linux>, &AtomicBool) -> T + Send + 'static,
+    ) -> Result<Option<(Daemon<Linux>, T)>> {
         let flag = self.stop.clone();
         let mut job = tokio::task::spawn_blocking(move || {
             let out = work(&mut daemon, &flag);
@@ -144,7 +147,7 @@ impl Service {
 }
 
 async fn main_loop(
-    daemon: Daemon,
+    daemon: Daemon<Linux>,
     config_path: PathBuf,
     metrics: Metrics,
     notifier: Notifier,
@@ -160,10 +163,10 @@ async fn main_loop(
     };
     info!(
         config = %config_path.display(),
-        dry_run = daemon.cfg.dry_run || daemon.force_dry_run,
-        interval_ms = daemon.cfg.interval.as_millis() as u64,
-        targets = daemon.cfg.targets.len(),
-        target_names = %daemon.cfg.target_names(5),
+        dry_run = daemon.dry_run(),
+        interval_ms = daemon.cfg().interval.as_millis() as u64,
+        targets = daemon.cfg().targets.len(),
+        target_names = %daemon.cfg().target_names(5),
         "cwreap started"
     );
     svc.notify(&[NotifyState::Ready]);
@@ -171,7 +174,9 @@ async fn main_loop(
     let mut daemon = daemon;
     loop {
         let Some((d, report)) = svc
-            .blocking(daemon, |d: &mut Daemon, stop: &AtomicBool| d.cycle(stop))
+            .blocking(daemon, |d: &mut Daemon<Linux>, stop: &AtomicBool| {
+                d.cycle(stop)
+            })
             .await?
         else {
             return Ok(());
@@ -180,9 +185,9 @@ async fn main_loop(
         cycle_done(&svc, &metrics, &report);
 
         // Sleep until the next cycle, feeding the watchdog and answering signals.
-        let wake = tokio::time::Instant::now() + daemon.cfg.interval;
+        let wake = tokio::time::Instant::now() + daemon.cfg().interval;
         loop {
-            let tick = svc.watchdog.map_or(daemon.cfg.interval, |w| w / 2);
+            let tick = svc.watchdog.map_or(daemon.cfg().interval, |w| w / 2);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => break,
                 _ = tokio::time::sleep(tick), if svc.watchdog.is_some() => {
@@ -213,14 +218,18 @@ fn cycle_done(svc: &Service, metrics: &Metrics, report: &CycleReport) {
 
 /// SIGHUP: read the policy again and reopen the audit log, on the blocking thread (a FIFO
 /// or a stuck disk cannot stall signal handling). A bad policy keeps the old one.
-async fn reload(svc: &mut Service, daemon: Daemon, config_path: &Path) -> Result<Option<Daemon>> {
+async fn reload(
+    svc: &mut Service,
+    daemon: Daemon<Linux>,
+    config_path: &Path,
+) -> Result<Option<Daemon<Linux>>> {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => svc.notify(&[NotifyState::Reloading, now]),
         Err(e) => warn!(error = %e, "cannot read the monotonic clock for RELOADING=1"),
     }
     let path = config_path.to_path_buf();
     let Some((daemon, ())) = svc
-        .blocking(daemon, move |d: &mut Daemon, _: &AtomicBool| {
+        .blocking(daemon, move |d: &mut Daemon<Linux>, _: &AtomicBool| {
             match load_config(&path) {
                 Ok(cfg) => match d.reload(cfg) {
                     Ok(()) => info!(config = %path.display(), "config reloaded"),

@@ -12,8 +12,8 @@ use std::io;
 use serde::Serialize;
 
 use cwreap_linux::inject::{InjectError, InjectReport, Refusal, SkipReason, Victim};
+use cwreap_linux::kernel::{Destroy, Effects};
 use cwreap_linux::netlink::DiagSocket;
-use cwreap_linux::os::{Os, SocketKiller};
 use cwreap_linux::sys::Capability;
 use cwreap_linux::tcp;
 
@@ -322,7 +322,7 @@ fn failed(call: &'static str, e: &io::Error) -> Reason {
 /// Duplicate `exp.fd` out of `process`, check that it is still the socket we attributed
 /// (inode, SO_COOKIE, TCP state CLOSE_WAIT), and shut it down unless `dry_run`.
 /// The duplicate is closed before returning, whatever happens.
-pub fn shutdown_verified<O: Os>(
+pub fn shutdown_verified<O: Effects>(
     os: &O,
     process: &O::Process,
     exp: &Expected,
@@ -388,7 +388,7 @@ pub fn shutdown_verified<O: Os>(
 /// Reset a CLOSE_WAIT socket through SOCK_DESTROY, after checking that the very socket
 /// (same 4-tuple and cookie) still exists and is still in CLOSE_WAIT. The owner is not
 /// touched; it sees ECONNABORTED, the peer gets an RST.
-pub fn destroy_verified<K: SocketKiller>(k: &mut K, s: &DiagSocket, dry_run: bool) -> ActResult {
+pub fn destroy_verified<K: Destroy>(k: &mut K, s: &DiagSocket, dry_run: bool) -> ActResult {
     let current = match k.lookup(s) {
         Ok(Some(c)) => c,
         Ok(None) => return ActResult::with(Outcome::Gone, Reason::SocketGone),
@@ -517,7 +517,7 @@ fn classify_dup_error(e: &io::Error) -> ActResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cwreap_linux::os::Identity;
+    use cwreap_linux::kernel::Identity;
     use cwreap_linux::tcp::CLOSE_WAIT as TCP_CLOSE_WAIT;
     use std::cell::RefCell;
     use std::collections::HashMap;
@@ -530,7 +530,7 @@ mod tests {
         shut: RefCell<Vec<i32>>,
     }
 
-    impl Os for FakeOs {
+    impl Effects for FakeOs {
         type Process = i32;
         type Dup = (i32, Identity);
 

@@ -13,10 +13,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 
+use cwreap_linux::kernel::Effects;
+use cwreap_linux::kernel::ProcRead;
 use cwreap_linux::netlink::DiagSocket;
 use cwreap_linux::netns::Found;
-use cwreap_linux::os::Os;
-use cwreap_linux::procfs::{FdTable, ProcFs};
+use cwreap_linux::procfs::FdTable;
 
 use crate::shared::selector::{Needs, ProcessFacts, Selector};
 
@@ -187,15 +188,15 @@ pub struct Scope {
     pub pids_from_files: Vec<i32>,
 }
 
-pub struct Attributor<'a, O: Os> {
-    pub proc: &'a ProcFs,
+pub struct Attributor<'a, P: ProcRead, O: Effects> {
+    pub proc: &'a P,
     /// With an Os, every walked process is pinned with a pidfd first.
     pub os: Option<&'a O>,
     /// Never attribute to (and so never act on) this pid: cwreap itself.
     pub self_pid: i32,
 }
 
-impl<'a, O: Os> Attributor<'a, O> {
+impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
     pub fn attribute(&self, found: Found, scope: &Scope) -> Snapshot<O::Process> {
         let listeners = found.listeners;
         let mut snap = Snapshot {
@@ -363,7 +364,7 @@ impl<'a, O: Os> Attributor<'a, O> {
             None => self.proc.comm(pid).unwrap_or_default(),
         };
         let uid = self.proc.uid(pid).unwrap_or(u32::MAX);
-        let nofile_soft = self.proc.nofile_soft_limit(pid).ok().flatten();
+        let nofile_soft = self.proc.nofile_limits(pid).ok().and_then(|l| l.soft);
         snap.processes.insert(
             pid,
             Process {
@@ -386,8 +387,8 @@ impl<'a, O: Os> Attributor<'a, O> {
 /// a live thread, pinned first with [`Os::pin_thread`] and confirmed a thread of `pid`
 /// after. Finally the process must still be alive: the fd numbers are then its own.
 /// Returns the table and the thread it was read through.
-pub fn read_fds<O: Os>(
-    proc: &ProcFs,
+pub fn read_fds<P: ProcRead, O: Effects>(
+    proc: &P,
     os: Option<&O>,
     mut handle: Option<&mut O::Process>,
     pid: i32,
@@ -418,7 +419,7 @@ pub fn read_fds<O: Os>(
 
 /// The facts about process `pid` that a selector with `needs` reads (the pid and the name
 /// always).
-pub fn process_facts(proc: &ProcFs, pid: i32, needs: Needs) -> io::Result<ProcessFacts> {
+pub fn process_facts(proc: &impl ProcRead, pid: i32, needs: Needs) -> io::Result<ProcessFacts> {
     let comm = proc.comm(pid)?;
     Ok(ProcessFacts {
         pid,
@@ -481,7 +482,8 @@ pub fn is_permission(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cwreap_linux::os::Identity;
+    use cwreap_linux::kernel::Identity;
+    use cwreap_linux::procfs::ProcFs;
     use std::cell::RefCell;
     use std::fs;
     use std::path::Path;
@@ -492,7 +494,7 @@ mod tests {
         pinned: RefCell<Vec<(i32, i32)>>,
     }
 
-    impl Os for PinRecorder {
+    impl Effects for PinRecorder {
         type Process = i32;
         type Dup = ();
         fn open_process(&self, pid: i32) -> io::Result<i32> {
@@ -563,13 +565,13 @@ mod tests {
             "pinned before its table was read"
         );
         // Without an Os (scan), the same table, nothing pinned.
-        let (table, thread) = read_fds::<PinRecorder>(&proc, None, None, 42).expect("read");
+        let (table, thread) = read_fds::<_, PinRecorder>(&proc, None, None, 42).expect("read");
         assert_eq!((table.sockets.len(), thread), (2, Some(44)));
 
         let mut h = os.open_process(50).expect("open");
         let (table, thread) = read_fds(&proc, Some(&os), Some(&mut h), 50).expect("read");
         assert_eq!((table.sockets, thread), (vec![(3, 900)], None));
-        let (table, thread) = read_fds::<PinRecorder>(&proc, None, None, 60).expect("read");
+        let (table, thread) = read_fds::<_, PinRecorder>(&proc, None, None, 60).expect("read");
         assert_eq!((table.open, thread), (0, None));
         assert_eq!(os.pinned.borrow().len(), 1);
         let _ = fs::remove_dir_all(&root);

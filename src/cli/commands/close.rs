@@ -21,7 +21,7 @@ use std::os::fd::AsFd;
 use anyhow::Result;
 
 use cwreap_linux::inject::{Helper, InjectError, Victim, close_in_target};
-use cwreap_linux::os::{Os, Pinned, RealOs, inspect_socket};
+use cwreap_linux::kernel::{Effects, Pinned, RealOs, inspect_socket};
 use cwreap_linux::procfs::ProcFs;
 
 use super::common::{Status, observe};

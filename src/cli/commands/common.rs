@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
 
+use cwreap_linux::kernel::Effects;
 use cwreap_linux::netns::Namespaces;
-use cwreap_linux::os::Os;
 use cwreap_linux::procfs::ProcFs;
 use cwreap_linux::sys::Capability;
 
@@ -76,7 +76,7 @@ fn check_unreadable<H>(snap: &Snapshot<H>) -> Result<()> {
 
 /// Everything up to selection, shared by scan and reap: one sock_diag socket per network
 /// namespace of the processes in scope, then attribution.
-pub(crate) fn observe<O: Os>(
+pub(crate) fn observe<O: Effects>(
     os: Option<&O>,
     selectors: &Selectors,
 ) -> Result<(Snapshot<O::Process>, Namespaces)> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use cwreap_linux::os::RealOs;
+use cwreap_linux::kernel::RealOs;
 use cwreap_linux::procfs::ProcFs;
 
 use super::common::{Status, denied_note, observe};

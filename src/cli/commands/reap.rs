@@ -7,7 +7,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use cwreap_linux::os::{Os, RealOs};
+use cwreap_linux::kernel::{Effects, RealOs};
 
 use cwreap_linux::sys::Capability;
 
@@ -182,7 +182,7 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
 }
 
 /// Act on one planned row through the pidfd held since attribution.
-pub fn reap_row<O: Os>(
+pub fn reap_row<O: Effects>(
     os: &O,
     snap: &Snapshot<O::Process>,
     row: &Row<'_, O::Process>,

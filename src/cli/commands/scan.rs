@@ -6,7 +6,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use cwreap_linux::os::RealOs;
+use cwreap_linux::kernel::RealOs;
 
 use super::common::{Status, denied_note, observe, stdout_color};
 use crate::cli::args::ScanArgs;

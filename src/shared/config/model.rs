@@ -61,7 +61,7 @@ pub struct Metrics {
 
 /// What to do with a selected socket. A new variant (e.g. `Destroy` through SOCK_DESTROY)
 /// is meant to break exhaustive matches, so every place that acts is revisited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
     /// Report only.
     Log,

@@ -1,12 +1,12 @@
-//! The seams between cwreap's decisions and the kernel's effects, with their real
-//! implementations.
+//! Effects on sockets and processes, with their real implementations.
 //!
-//! [`Os`] is what acting on a socket through its owner needs: pin a process, duplicate one
-//! of its fds, identify the copy, shut it down. [`RealOs`] does it with pidfds (see
-//! [`crate::sys`]). [`SocketKiller`] is what SOCK_DESTROY needs: find a socket by its exact
-//! identity and destroy it; [`crate::netns::Namespaces`] is the real one. Unit tests of the
-//! decisions use recording fakes; the real implementations are tested against real sockets
-//! and processes.
+//! [`Effects`] is what acting on a socket through its owner needs: pin a process, duplicate
+//! one of its fds, identify the copy, shut it down; and the escalations: a signal through
+//! the pin, a new fd limit. [`RealOs`] does it with pidfds (see [`crate::sys`]).
+//! [`Destroy`] is what SOCK_DESTROY needs: find a socket by its exact identity and destroy
+//! it; [`crate::netns::Namespaces`] is the real one. Unit tests of the decisions use
+//! recording doubles; the real implementations are tested against real sockets and
+//! processes.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -22,7 +22,7 @@ pub struct Identity {
     pub tcp_state: u8,
 }
 
-pub trait Os {
+pub trait Effects {
     /// A pinned process (a pidfd): stays bound to the same process even if its pid is reused.
     type Process;
     /// A duplicate of one of the target's fds, closed when dropped.
@@ -42,6 +42,18 @@ pub trait Os {
     fn duplicate(&self, process: &Self::Process, fd: i32) -> io::Result<Self::Dup>;
     fn identify(&self, dup: &Self::Dup) -> io::Result<Identity>;
     fn shutdown(&self, dup: &Self::Dup) -> io::Result<()>;
+    /// Send `signal` to the pinned process (never to a pid reused since). Unsupported
+    /// (EOPNOTSUPP) unless implemented: acting on sockets alone does not need it.
+    fn signal(&self, process: &Self::Process, signal: i32) -> io::Result<()> {
+        let _ = (process, signal);
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Set RLIMIT_NOFILE of `pid` (prlimit takes a pid, not a pidfd: check afterwards that
+    /// the pid still names the process meant). Unsupported unless implemented, as above.
+    fn set_nofile(&self, pid: i32, soft: u64, hard: u64) -> io::Result<()> {
+        let _ = (pid, soft, hard);
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 }
 
 /// A process pinned by [`RealOs`]: its pidfd, and once its thread-group leader has
@@ -73,7 +85,7 @@ impl Pinned {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealOs;
 
-impl Os for RealOs {
+impl Effects for RealOs {
     type Process = Pinned;
     type Dup = OwnedFd;
 
@@ -110,6 +122,14 @@ impl Os for RealOs {
 
     fn shutdown(&self, dup: &OwnedFd) -> io::Result<()> {
         sys::shutdown_rdwr(dup.as_fd())
+    }
+
+    fn signal(&self, process: &Pinned, signal: i32) -> io::Result<()> {
+        sys::pidfd_signal(process.pidfd.as_fd(), signal)
+    }
+
+    fn set_nofile(&self, pid: i32, soft: u64, hard: u64) -> io::Result<()> {
+        sys::set_nofile_soft(pid, soft, hard)
     }
 }
 
@@ -153,7 +173,7 @@ pub fn inspect_socket(fd: BorrowedFd<'_>) -> io::Result<SocketFacts> {
 }
 
 /// What SOCK_DESTROY needs: find a socket by its exact identity, and destroy it.
-pub trait SocketKiller {
+pub trait Destroy {
     /// The socket as the kernel sees it now (4-tuple and cookie must match), or None.
     fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>>;
     fn destroy(&mut self, s: &DiagSocket) -> io::Result<()>;

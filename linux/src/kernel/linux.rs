@@ -1,0 +1,179 @@
+//! The real [`crate::kernel::Kernel`]: CLOCK_BOOTTIME, sock_diag per network namespace
+//! (dumps compared one with the last for the changes), /proc, pidfds, prlimit, SOCK_DESTROY.
+
+use std::io;
+
+use crate::kernel::clock::{Boottime, Clock, SystemClock};
+use crate::kernel::discover::{Changes, Diff, Discover, SocketKey};
+use crate::kernel::effects::{Destroy, Effects, Identity, Pinned, RealOs};
+use crate::kernel::procs::ProcRead;
+use crate::netlink::{DiagSocket, DumpError};
+use crate::netns::{Found, Namespaces};
+use crate::procfs::{FdTable, Limits, ProcFs};
+
+/// The system as it is: every call goes to the kernel.
+#[derive(Default)]
+pub struct Linux {
+    proc: ProcFs,
+    os: RealOs,
+    clock: SystemClock,
+    /// One sock_diag socket per watched network namespace, for dumps, lookups and
+    /// SOCK_DESTROY.
+    namespaces: Namespaces,
+    diff: Diff,
+}
+
+impl Linux {
+    /// Reading processes under `proc` (normally /proc).
+    pub fn with_proc(proc: ProcFs) -> Self {
+        Linux {
+            proc,
+            ..Linux::default()
+        }
+    }
+
+    /// The sock_diag sockets, for what only they can do (proving SOCK_DESTROY works).
+    pub fn namespaces(&mut self) -> &mut Namespaces {
+        &mut self.namespaces
+    }
+
+    /// The /proc reader.
+    pub fn proc(&self) -> &ProcFs {
+        &self.proc
+    }
+}
+
+impl Clock for Linux {
+    fn now(&self) -> Boottime {
+        self.clock.now()
+    }
+}
+
+impl Discover for Linux {
+    fn cover(&mut self, pids: &[i32], own: bool) {
+        self.namespaces.cover(&self.proc, pids, own);
+        let mut live: std::collections::HashSet<u64> = pids
+            .iter()
+            .filter_map(|&p| ProcRead::netns(&self.proc, p).ok())
+            .collect();
+        if own
+            && let Ok(ino) = crate::netlink::netns_inode(std::path::Path::new("/proc/self/ns/net"))
+        {
+            live.insert(ino);
+        }
+        self.namespaces.retain(|ino| live.contains(&ino));
+    }
+
+    fn snapshot(&mut self, all_listeners: bool) -> Result<Found, DumpError> {
+        let found = if all_listeners {
+            self.namespaces.dump_with_listeners()
+        } else {
+            self.namespaces.dump()
+        }?;
+        self.diff.reset(&found);
+        Ok(found)
+    }
+
+    fn changes(&mut self) -> Result<Changes, DumpError> {
+        let found = self.namespaces.dump()?;
+        Ok(self.diff.next(found))
+    }
+
+    fn entered_at(&self, _key: SocketKey) -> Option<Boottime> {
+        None
+    }
+
+    fn take_failures(&mut self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.namespaces.failures)
+    }
+}
+
+impl ProcRead for Linux {
+    fn pids(&self) -> io::Result<Vec<i32>> {
+        ProcRead::pids(&self.proc)
+    }
+    fn comm(&self, pid: i32) -> io::Result<String> {
+        ProcRead::comm(&self.proc, pid)
+    }
+    fn uid(&self, pid: i32) -> io::Result<u32> {
+        ProcRead::uid(&self.proc, pid)
+    }
+    fn exe(&self, pid: i32) -> io::Result<String> {
+        ProcRead::exe(&self.proc, pid)
+    }
+    fn cmdline(&self, pid: i32) -> io::Result<String> {
+        ProcRead::cmdline(&self.proc, pid)
+    }
+    fn cgroup(&self, pid: i32) -> io::Result<String> {
+        ProcRead::cgroup(&self.proc, pid)
+    }
+    fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
+        ProcRead::fd_table(&self.proc, pid)
+    }
+    fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable> {
+        ProcRead::task_fd_table(&self.proc, pid, tid)
+    }
+    fn thread_for_empty_table(&self, pid: i32) -> Option<i32> {
+        ProcRead::thread_for_empty_table(&self.proc, pid)
+    }
+    fn task_exists(&self, pid: i32, tid: i32) -> bool {
+        ProcRead::task_exists(&self.proc, pid, tid)
+    }
+    fn fd_count(&self, pid: i32, via: Option<i32>) -> io::Result<usize> {
+        ProcRead::fd_count(&self.proc, pid, via)
+    }
+    fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>> {
+        ProcRead::fd_socket_inode(&self.proc, pid, fd)
+    }
+    fn nofile_limits(&self, pid: i32) -> io::Result<Limits> {
+        ProcRead::nofile_limits(&self.proc, pid)
+    }
+    fn start_time(&self, pid: i32) -> io::Result<u64> {
+        ProcRead::start_time(&self.proc, pid)
+    }
+    fn netns(&self, pid: i32) -> io::Result<u64> {
+        ProcRead::netns(&self.proc, pid)
+    }
+    fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
+        ProcRead::epoll_watched(&self.proc, pid, epoll_fds)
+    }
+}
+
+impl Effects for Linux {
+    type Process = Pinned;
+    type Dup = std::os::fd::OwnedFd;
+
+    fn open_process(&self, pid: i32) -> io::Result<Pinned> {
+        self.os.open_process(pid)
+    }
+    fn pin_thread(&self, process: &mut Pinned, tid: i32) -> io::Result<()> {
+        self.os.pin_thread(process, tid)
+    }
+    fn alive(&self, process: &Pinned) -> bool {
+        self.os.alive(process)
+    }
+    fn duplicate(&self, process: &Pinned, fd: i32) -> io::Result<Self::Dup> {
+        self.os.duplicate(process, fd)
+    }
+    fn identify(&self, dup: &Self::Dup) -> io::Result<Identity> {
+        self.os.identify(dup)
+    }
+    fn shutdown(&self, dup: &Self::Dup) -> io::Result<()> {
+        self.os.shutdown(dup)
+    }
+    fn signal(&self, process: &Pinned, signal: i32) -> io::Result<()> {
+        self.os.signal(process, signal)
+    }
+    fn set_nofile(&self, pid: i32, soft: u64, hard: u64) -> io::Result<()> {
+        self.os.set_nofile(pid, soft, hard)
+    }
+}
+
+impl Destroy for Linux {
+    fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>> {
+        self.namespaces.lookup(s)
+    }
+    fn destroy(&mut self, s: &DiagSocket) -> io::Result<()> {
+        self.namespaces.destroy(s)
+    }
+}

@@ -1,0 +1,98 @@
+//! What attribution and the daemon read about processes, as a trait: the real reader is
+//! [`ProcFs`] (/proc), and a test double serves scripted processes.
+
+use std::io;
+
+use crate::procfs::{FdTable, Limits, ProcFs};
+
+/// Reading processes: their ids, names, owners, fd tables, fd limits and namespaces.
+/// Every call is about one process and fails for that process only.
+pub trait ProcRead {
+    /// Every process id on the host now.
+    fn pids(&self) -> io::Result<Vec<i32>>;
+    fn comm(&self, pid: i32) -> io::Result<String>;
+    /// The real uid.
+    fn uid(&self, pid: i32) -> io::Result<u32>;
+    fn exe(&self, pid: i32) -> io::Result<String>;
+    /// The command line, arguments joined with spaces.
+    fn cmdline(&self, pid: i32) -> io::Result<String>;
+    /// The cgroup file as the kernel shows it.
+    fn cgroup(&self, pid: i32) -> io::Result<String>;
+    /// The process's fds: how many, which are sockets (fd, inode), which are epoll.
+    fn fd_table(&self, pid: i32) -> io::Result<FdTable>;
+    /// The fd table as thread `tid` of `pid` sees it (the same table, readable when the
+    /// thread-group leader has exited).
+    fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable>;
+    /// When `pid`'s fd table reads empty because its leader exited: a live thread to read
+    /// it through.
+    fn thread_for_empty_table(&self, pid: i32) -> Option<i32>;
+    fn task_exists(&self, pid: i32, tid: i32) -> bool;
+    /// The number of open fds, cheaply, read through thread `via` when given.
+    fn fd_count(&self, pid: i32, via: Option<i32>) -> io::Result<usize>;
+    /// What fd `fd` of `pid` is now: Some(inode) for a socket, None for anything else; an
+    /// error when it is closed or the process is gone.
+    fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>>;
+    /// RLIMIT_NOFILE (None is unlimited).
+    fn nofile_limits(&self, pid: i32) -> io::Result<Limits>;
+    /// The start time (clock ticks after boot): tells a process from a later one that got
+    /// its pid.
+    fn start_time(&self, pid: i32) -> io::Result<u64>;
+    /// The inode of the process's network namespace.
+    fn netns(&self, pid: i32) -> io::Result<u64>;
+    /// Inodes of the files the process's epoll instances `epoll_fds` watch.
+    fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>>;
+}
+
+impl ProcRead for ProcFs {
+    fn pids(&self) -> io::Result<Vec<i32>> {
+        ProcFs::pids(self)
+    }
+    fn comm(&self, pid: i32) -> io::Result<String> {
+        ProcFs::comm(self, pid)
+    }
+    fn uid(&self, pid: i32) -> io::Result<u32> {
+        ProcFs::uid(self, pid)
+    }
+    fn exe(&self, pid: i32) -> io::Result<String> {
+        ProcFs::exe(self, pid)
+    }
+    fn cmdline(&self, pid: i32) -> io::Result<String> {
+        ProcFs::cmdline(self, pid)
+    }
+    fn cgroup(&self, pid: i32) -> io::Result<String> {
+        ProcFs::cgroup(self, pid)
+    }
+    fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
+        ProcFs::fd_table(self, pid)
+    }
+    fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable> {
+        ProcFs::task_fd_table(self, pid, tid)
+    }
+    fn thread_for_empty_table(&self, pid: i32) -> Option<i32> {
+        ProcFs::thread_for_empty_table(self, pid)
+    }
+    fn task_exists(&self, pid: i32, tid: i32) -> bool {
+        ProcFs::task_exists(self, pid, tid)
+    }
+    fn fd_count(&self, pid: i32, via: Option<i32>) -> io::Result<usize> {
+        match via {
+            Some(tid) => self.task_fd_count_fast(pid, tid),
+            None => self.fd_count_fast(pid),
+        }
+    }
+    fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>> {
+        ProcFs::fd_socket_inode(self, pid, fd)
+    }
+    fn nofile_limits(&self, pid: i32) -> io::Result<Limits> {
+        ProcFs::nofile_limits(self, pid)
+    }
+    fn start_time(&self, pid: i32) -> io::Result<u64> {
+        ProcFs::start_time(self, pid)
+    }
+    fn netns(&self, pid: i32) -> io::Result<u64> {
+        crate::netlink::netns_inode(&self.netns_path(pid))
+    }
+    fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
+        ProcFs::epoll_watched(self, pid, epoll_fds)
+    }
+}

@@ -1,0 +1,489 @@
+//! [`Daemon`]: what the policy daemon keeps between cycles, and one cycle as plain steps:
+//! match the target processes, discover their CLOSE_WAIT sockets, attribute them, list the
+//! candidates, plan, execute, escalate. Every step reaches the system through the
+//! [`Kernel`] it was built with: the real one in `cwreap run`, a recording double in the
+//! unit tests. The state each part needs across cycles lives in a struct of its own: the
+//! tracked sockets ([`Tracker`]), the fd-table cache ([`FdIndex`]), the release watch, the
+//! escalations done, the rate limit, the fd-headroom warnings and the audit log.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use cwreap_linux::kernel::{Boottime, Kernel, Linux, SocketKey};
+
+use crate::daemon::audit::{Auditor, decision_record, target_name, unix_ts};
+use crate::daemon::cycle;
+use crate::daemon::cycle_report::{CycleReport, ErrorKind, Release};
+use crate::daemon::escalate::{Budget, Escalations, Round};
+use crate::daemon::fd_cache::{FdIndex, Refresh};
+use crate::daemon::metrics::Health;
+use crate::daemon::policy::{self, Decision, Headroom, Plan, RateLimiter};
+use crate::daemon::release::{Pending, ReleaseWatch};
+use crate::daemon::tracker::Tracker;
+use crate::shared::act::{ActResult, Outcome, Reason};
+use crate::shared::attribute::Snapshot;
+use crate::shared::config::{Action, Config};
+
+/// How often discovery takes a full snapshot instead of the changes since the last cycle:
+/// a backstop against a change missed (an event lost, a namespace that came and went).
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(600);
+
+/// pid → the targets whose process criteria accept the process, ascending.
+pub type Targets = BTreeMap<i32, Vec<usize>>;
+
+pub struct Daemon<K: Kernel> {
+    cfg: Config,
+    /// `--dry-run` on the command line: wins over the file.
+    force_dry_run: bool,
+    kernel: K,
+    self_pid: i32,
+    tracker: Tracker,
+    /// When discovery last took a full snapshot.
+    last_snapshot: Option<Boottime>,
+    cache: FdIndex<K::Process>,
+    /// Inodes of last cycle's CLOSE_WAIT sockets that no target fd held.
+    unowned: HashSet<u64>,
+    limiter: RateLimiter,
+    headroom: Headroom,
+    /// Sockets already acted on (or reported), so each is handled once.
+    handled: HashSet<SocketKey>,
+    releases: ReleaseWatch<K::Process>,
+    escalations: Escalations,
+    audit: Auditor,
+    /// Bumped at each step and action of a cycle: the watchdog is fed while it moves.
+    progress: Arc<AtomicU64>,
+    /// SOCK_DESTROY is unsupported by this kernel (said once).
+    destroy_unsupported: bool,
+}
+
+/// Say which targets can never act (an earlier one selects all their sockets).
+fn warn_shadowed(cfg: &Config) {
+    for s in cfg.shadowed() {
+        let target = cfg.targets.get(s.target).map_or("", |t| t.name.as_str());
+        warn!(target, "{}", cfg.shadow_message(s));
+    }
+}
+
+impl Daemon<Linux> {
+    /// A daemon on the real system.
+    pub fn new(cfg: Config, force_dry_run: bool) -> Result<Self> {
+        Self::with_kernel(Linux::default(), cfg, force_dry_run, Health::default())
+    }
+}
+
+impl<K: Kernel> Daemon<K> {
+    /// A daemon on `kernel`, whose output counters are `health` (those of the metrics
+    /// endpoint).
+    pub fn with_kernel(
+        kernel: K,
+        cfg: Config,
+        force_dry_run: bool,
+        health: Health,
+    ) -> Result<Self> {
+        warn_shadowed(&cfg);
+        let mut audit = Auditor::start(health).context("starting the audit writer")?;
+        audit
+            .open(cfg.audit_log.as_deref())
+            .map_err(|e| anyhow!(e))?;
+        Ok(Daemon {
+            cfg,
+            force_dry_run,
+            kernel,
+            self_pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+            tracker: Tracker::default(),
+            last_snapshot: None,
+            cache: FdIndex::default(),
+            unowned: HashSet::new(),
+            limiter: RateLimiter::default(),
+            headroom: Headroom::default(),
+            handled: HashSet::new(),
+            releases: ReleaseWatch::default(),
+            escalations: Escalations::default(),
+            audit,
+            progress: Arc::default(),
+            destroy_unsupported: false,
+        })
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Whether the policy (or the command line) makes every action a dry run.
+    pub fn dry_run(&self) -> bool {
+        self.cfg.dry_run || self.force_dry_run
+    }
+
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    pub fn kernel_mut(&mut self) -> &mut K {
+        &mut self.kernel
+    }
+
+    /// A counter that moves while cycles make progress (for the watchdog).
+    pub fn progress_counter(&self) -> Arc<AtomicU64> {
+        self.progress.clone()
+    }
+
+    pub(super) fn auditor(&self) -> &Auditor {
+        &self.audit
+    }
+
+    /// Sockets shut down whose release is not decided yet.
+    pub fn releases_pending(&self) -> usize {
+        self.releases.pending()
+    }
+
+    fn step(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Swap in a new, already validated policy (SIGHUP). The audit log is opened again
+    /// whether its path changed or not: after logrotate moved it away, records go to a new
+    /// file. If it cannot be opened, nothing changes.
+    pub fn reload(&mut self, cfg: Config) -> Result<()> {
+        self.audit
+            .open(cfg.audit_log.as_deref())
+            .map_err(|e| anyhow!(e))?;
+        if cfg.metrics.listen != self.cfg.metrics.listen {
+            warn!("metrics.listen changes take effect at the next restart");
+        }
+        if cfg.log_format != self.cfg.log_format {
+            warn!("log_format changes take effect at the next restart");
+        }
+        warn_shadowed(&cfg);
+        self.cfg = cfg;
+        // Sockets only reported under the old policy (dry run, `log`) are judged again by
+        // the new one: switching a dry run to enforcing must reap what the dry run showed.
+        // Reaped sockets have left CLOSE_WAIT, so they are not acted on twice.
+        self.handled.clear();
+        Ok(())
+    }
+
+    /// One full cycle. `stop` is checked between actions so SIGTERM is honoured promptly.
+    pub fn cycle(&mut self, stop: &AtomicBool) -> CycleReport {
+        let started = Instant::now();
+        let mut report = CycleReport::default();
+        let now = self.kernel.now();
+
+        let targets = self.match_processes(&mut report);
+        let pids: Vec<i32> = targets.keys().copied().collect();
+        self.step();
+        if self.discover(&pids, now, &mut report) {
+            self.check_releases(now, &mut report);
+            let snap = self.attribute(&pids, &mut report);
+            self.step();
+            let found = cycle::candidates(&self.cfg, &snap, &targets, |key, last_ack| {
+                policy::age_ms(self.tracker.first_seen(&key), last_ack, now)
+            });
+            report.candidates = found.list.len();
+            cycle::gauges(
+                &self.cfg,
+                &snap,
+                &targets,
+                &found.list,
+                &self.tracker,
+                &mut self.headroom,
+                &mut report,
+            );
+            let (plan, budget) = self.plan(&found.list, now, stop, &mut report);
+            let reaps = self.execute(&snap, &plan, now, stop, &mut report);
+            let signals = self.escalate(
+                &snap,
+                &targets,
+                &found.selected,
+                budget.saturating_sub(reaps),
+                stop,
+                &mut report,
+            );
+            self.limiter.record(reaps + signals, now);
+            let alive: HashSet<i32> = snap.processes.keys().copied().collect();
+            self.headroom.retain(&alive);
+            self.cache.restore(snap.processes);
+        }
+        report.duration = started.elapsed();
+        report
+    }
+
+    /// The processes the targets' process criteria accept (never cwreap itself).
+    fn match_processes(&self, report: &mut CycleReport) -> Targets {
+        match cycle::match_processes(&self.kernel, &self.cfg, self.self_pid) {
+            Ok(t) => t,
+            Err(_) => {
+                report.error(ErrorKind::Proc);
+                Targets::new()
+            }
+        }
+    }
+
+    /// Watch the namespaces of `pids` and bring the tracked sockets up to date: a
+    /// snapshot at first and every [`RECONCILE_EVERY`], the changes otherwise. False when
+    /// discovery failed (the cycle then does nothing more).
+    fn discover(&mut self, pids: &[i32], now: Boottime, report: &mut CycleReport) -> bool {
+        self.kernel.cover(pids, false);
+        for (ino, why) in self.kernel.take_failures() {
+            warn!(netns = ino, error = %why, "network namespace skipped this cycle");
+            report.error(ErrorKind::Netns);
+        }
+        let snapshot = self
+            .last_snapshot
+            .is_none_or(|t| now.saturating_since(t) >= RECONCILE_EVERY);
+        let result = if snapshot {
+            self.kernel.snapshot(false).map(|f| {
+                self.tracker.reset(f, now);
+                self.last_snapshot = Some(now);
+            })
+        } else {
+            self.kernel.changes().map(|c| self.tracker.apply(c, now))
+        };
+        if let Err(e) = result {
+            // The failed sockets were replaced by fresh ones; their failures are this
+            // error, and must not keep the next cycle from covering those namespaces.
+            error!(error = %e, "sock_diag dump failed; retrying next cycle");
+            report.error(ErrorKind::Netlink);
+            self.kernel.take_failures();
+            self.last_snapshot = None;
+            return false;
+        }
+        for (ino, why) in self.kernel.take_failures() {
+            warn!(netns = ino, error = %why, "sock_diag dump failed in a network namespace");
+            report.error(ErrorKind::Netlink);
+        }
+        report.close_wait = self.tracker.len();
+        // Only sockets still in CLOSE_WAIT can be handled again.
+        let tracker = &self.tracker;
+        self.handled.retain(|k| tracker.tracks(k));
+        true
+    }
+
+    /// Attribution from the cache; only changed targets' fd tables are read again.
+    fn attribute(&mut self, pids: &[i32], report: &mut CycleReport) -> Snapshot<Arc<K::Process>> {
+        let found = self.tracker.found();
+        let mut refresh = self.cache.refresh(&self.kernel, &self.kernel, pids);
+        // A CLOSE_WAIT socket of a target's uid that no known target fd holds, not seen
+        // last cycle: a target may have reused an fd number for it (same fd count, so the
+        // cache could not tell). Read the tables again once. Sockets of other processes
+        // are remembered as unowned, so they cost this only when they first appear; a
+        // target that changed uid since creating the socket waits for the next full
+        // refresh.
+        let uids = self.cache.uids();
+        let fresh = found.close_wait.iter().any(|s| {
+            s.inode != 0
+                && uids.contains(&s.uid)
+                && !self.cache.knows(s.inode)
+                && !self.unowned.contains(&s.inode)
+        });
+        if !refresh.full && fresh {
+            let again = self.cache.reread(&self.kernel, &self.kernel, pids);
+            refresh = Refresh {
+                walked: refresh.walked + again.walked,
+                ..again
+            };
+        }
+        self.unowned = found
+            .close_wait
+            .iter()
+            .filter(|s| s.inode != 0 && !self.cache.knows(s.inode))
+            .map(|s| s.inode)
+            .collect();
+        if refresh.stats.denied > 0 {
+            warn!(
+                processes = refresh.stats.denied,
+                "cannot read the fd table of some target processes (permission denied; CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are needed)"
+            );
+            report.error(ErrorKind::Proc);
+        }
+        if refresh.stats.vanished > 0 {
+            // Listed a moment ago, gone before (or while) its fd table was read.
+            info!(
+                processes = refresh.stats.vanished,
+                "target processes exited while their fd tables were read; skipped this cycle"
+            );
+            report.error(ErrorKind::Proc);
+        }
+        self.cache.snapshot(found)
+    }
+
+    /// The decisions of this cycle within the rate limits, with their intents on the disk
+    /// when the policy has an audit log; and the reap budget they were planned under.
+    fn plan(
+        &mut self,
+        candidates: &[policy::Candidate],
+        now: Boottime,
+        stop: &AtomicBool,
+        report: &mut CycleReport,
+    ) -> (Plan, usize) {
+        let budget = self.limiter.budget(
+            self.cfg.limits.max_reaps_per_cycle as usize,
+            self.cfg.limits.max_reaps_per_minute as usize,
+            now,
+        );
+        let mut plan = policy::decide(candidates, &self.cfg, &self.handled, budget);
+        report.deferred = plan.deferred;
+        if plan.deferred > 0 {
+            warn!(
+                deferred = plan.deferred,
+                "rate limit reached (max_reaps_per_cycle / max_reaps_per_minute); the rest waits for the next cycle"
+            );
+        }
+        if self.force_dry_run {
+            for d in &mut plan.decisions {
+                d.dry_run = true;
+            }
+        }
+        if !self
+            .audit
+            .announce(&self.cfg, &plan.decisions, stop, &self.progress, report)
+        {
+            // The intents are not on the disk: act on nothing that changes a socket.
+            plan.decisions
+                .retain(|d| d.action == Action::Log || d.dry_run);
+        }
+        (plan, budget)
+    }
+
+    /// Act on each decision, and report it. Returns the socket-touching actions done.
+    fn execute(
+        &mut self,
+        snap: &Snapshot<Arc<K::Process>>,
+        plan: &Plan,
+        now: Boottime,
+        stop: &AtomicBool,
+        report: &mut CycleReport,
+    ) -> usize {
+        let mut reaps = 0usize;
+        // Within one cycle a pid names the process the snapshot pinned.
+        for d in &plan.decisions {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            self.step();
+            let res = cycle::act(&mut self.kernel, snap, d, &mut self.destroy_unsupported);
+            if d.action != Action::Log {
+                reaps += 1;
+            }
+            self.record(d, &res, now, snap, report);
+        }
+        reaps
+    }
+
+    /// Report one action: log event, audit line, counters, release watch.
+    fn record(
+        &mut self,
+        d: &Decision,
+        res: &ActResult,
+        now: Boottime,
+        snap: &Snapshot<Arc<K::Process>>,
+        report: &mut CycleReport,
+    ) {
+        let c = &d.candidate;
+        let target = target_name(&self.cfg, c.target);
+        cycle::log_action(&target, d, res);
+        if res.outcome == Outcome::Error {
+            report.error(ErrorKind::Act);
+        }
+        let mut line = decision_record(&self.cfg, "action", d);
+        line.insert("outcome".into(), json!(res.outcome.as_str()));
+        line.insert("dry_run".into(), json!(d.dry_run));
+        line.insert(
+            "reason".into(),
+            json!(res.reason.as_ref().map(Reason::code)),
+        );
+        line.insert("error".into(), json!(res.detail()));
+        self.audit.record(serde_json::Value::Object(line));
+        *report
+            .outcomes
+            .entry((target.clone(), d.action, res.outcome))
+            .or_default() += 1;
+        if matches!(
+            res.outcome,
+            Outcome::Reaped | Outcome::DryRun | Outcome::Logged | Outcome::Error | Outcome::Skipped
+        ) {
+            self.handled.insert(c.key());
+        }
+        // Destroy frees the owner's fd slot only when the owner reacts to ECONNABORTED,
+        // and shutdown only when it reacts to EPOLLHUP: watch both.
+        if res.outcome == Outcome::Reaped && !c.unaccepted {
+            let pin = snap.processes.get(&c.pid).and_then(|p| p.handle.clone());
+            self.releases.watch(Pending {
+                target,
+                pid: c.pid,
+                fd: c.fd,
+                inode: c.inode,
+                comm: c.comm.clone(),
+                pin,
+                at: now,
+            });
+        }
+    }
+
+    /// Verdicts on the sockets shut down earlier: did their owners release the fds?
+    fn check_releases(&mut self, now: Boottime, report: &mut CycleReport) {
+        for v in self.releases.check(&self.kernel, &self.cfg, now) {
+            let waited_ms = u64::try_from(v.waited.as_millis()).unwrap_or(u64::MAX);
+            let r = v.result.as_str();
+            if v.result == Release::StillHeld {
+                warn!(target = %v.target, pid = v.pid, fd = v.fd, comm = %v.comm, inode = v.inode,
+                    result = r, waited_ms,
+                    "owner still holds the fd of a socket cwreap shut down: the app ignores EPOLLHUP/EPIPE; fix its disconnect path or restart it");
+            } else {
+                info!(target = %v.target, pid = v.pid, fd = v.fd, comm = %v.comm, inode = v.inode,
+                    result = r, waited_ms, "owner released the fd");
+            }
+            self.audit.record(json!({
+                "ts": unix_ts(),
+                "event": "fd_release",
+                "target": v.target,
+                "pid": v.pid,
+                "fd": v.fd,
+                "comm": v.comm,
+                "inode": v.inode,
+                "result": r,
+                "waited_ms": waited_ms,
+            }));
+            *report.releases.entry((v.target, v.result)).or_default() += 1;
+        }
+    }
+
+    /// Escalations due this cycle, within what the rate limits leave (`actions`).
+    /// Returns the signals sent, which count against the limits.
+    fn escalate(
+        &mut self,
+        snap: &Snapshot<Arc<K::Process>>,
+        targets: &Targets,
+        selected: &HashMap<(i32, usize), usize>,
+        actions: usize,
+        stop: &AtomicBool,
+        report: &mut CycleReport,
+    ) -> usize {
+        if stop.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let still_held = self.releases.still_held(&self.kernel, targets);
+        self.step();
+        let round = Round {
+            kernel: &self.kernel,
+            cfg: &self.cfg,
+            force_dry_run: self.force_dry_run,
+            audit: &self.audit,
+            snap,
+            targets,
+            selected,
+            still_held: &still_held,
+        };
+        let mut budget = Budget {
+            actions,
+            signals: 0,
+        };
+        self.escalations.run(&round, &mut budget, report);
+        budget.signals
+    }
+}

@@ -1,0 +1,205 @@
+//! The CLOSE_WAIT sockets of the watched namespaces, kept from one cycle to the next from
+//! what discovery reports (a snapshot, then the changes), each with when the daemon first
+//! saw it in CLOSE_WAIT.
+
+use std::collections::HashMap;
+
+use cwreap_linux::kernel::{Boottime, Changes, SocketKey, key_of};
+use cwreap_linux::netlink::DiagSocket;
+use cwreap_linux::netns::Found;
+
+struct Tracked {
+    diag: DiagSocket,
+    first_seen: Boottime,
+    /// The observation it first appeared at.
+    since: u64,
+}
+
+/// The sockets in CLOSE_WAIT now, as far as the last discovery told.
+#[derive(Default)]
+pub struct Tracker {
+    sockets: HashMap<SocketKey, Tracked>,
+    listeners: Vec<DiagSocket>,
+    /// Observations so far (snapshots and changes applied).
+    observed: u64,
+}
+
+impl Tracker {
+    /// Take a full view: sockets not in it are gone; those still there keep their first
+    /// sight.
+    pub fn reset(&mut self, found: Found, now: Boottime) {
+        self.observed += 1;
+        let mut next = HashMap::with_capacity(found.close_wait.len());
+        for diag in found.close_wait {
+            let key = key_of(&diag);
+            let (first_seen, since) = self
+                .sockets
+                .get(&key)
+                .map_or((now, self.observed), |t| (t.first_seen, t.since));
+            next.insert(
+                key,
+                Tracked {
+                    diag,
+                    first_seen,
+                    since,
+                },
+            );
+        }
+        self.sockets = next;
+        self.listeners = found.listeners;
+    }
+
+    /// Apply what changed since the last observation.
+    pub fn apply(&mut self, changes: Changes, now: Boottime) {
+        self.observed += 1;
+        for key in changes.left.iter().chain(changes.ended.iter()) {
+            self.sockets.remove(key);
+        }
+        for diag in changes.refreshed {
+            match self.sockets.get_mut(&key_of(&diag)) {
+                Some(t) => t.diag = diag,
+                None => self.insert(diag, now),
+            }
+        }
+        for diag in changes.entered {
+            self.insert(diag, now);
+        }
+        self.listeners = changes.listeners;
+    }
+
+    fn insert(&mut self, diag: DiagSocket, now: Boottime) {
+        let since = self.observed;
+        self.sockets.entry(key_of(&diag)).or_insert(Tracked {
+            diag,
+            first_seen: now,
+            since,
+        });
+    }
+
+    /// The sockets and listeners as one discovery pass, for attribution.
+    pub fn found(&self) -> Found {
+        let mut close_wait: Vec<DiagSocket> =
+            self.sockets.values().map(|t| t.diag.clone()).collect();
+        close_wait.sort_unstable_by_key(key_of);
+        Found {
+            close_wait,
+            listeners: self.listeners.clone(),
+        }
+    }
+
+    pub fn first_seen(&self, key: &SocketKey) -> Option<Boottime> {
+        self.sockets.get(key).map(|t| t.first_seen)
+    }
+
+    /// Whether the socket appeared at the last observation, and not at the first one,
+    /// which finds what was there already.
+    pub fn arrived(&self, key: &SocketKey) -> bool {
+        self.observed > 1
+            && self
+                .sockets
+                .get(key)
+                .is_some_and(|t| t.since == self.observed)
+    }
+
+    /// Whether the socket is in CLOSE_WAIT as of the last observation.
+    pub fn tracks(&self, key: &SocketKey) -> bool {
+        self.sockets.contains_key(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sock(cookie: u64) -> DiagSocket {
+        DiagSocket {
+            netns: 1,
+            local: "127.0.0.1:80".parse().expect("addr"),
+            remote: "127.0.0.1:5000".parse().expect("addr"),
+            inode: cookie + 1000,
+            uid: 0,
+            cookie,
+            state: 8,
+            recv_q: 1,
+            send_q: 0,
+            last_ack_recv_ms: None,
+        }
+    }
+
+    fn at(s: u64) -> Boottime {
+        Boottime::from_duration(Duration::from_secs(s))
+    }
+
+    #[test]
+    fn first_sight_survives_snapshots_and_refreshes() {
+        let mut t = Tracker::default();
+        t.reset(
+            Found {
+                close_wait: vec![sock(1)],
+                listeners: Vec::new(),
+            },
+            at(10),
+        );
+        assert!(
+            !t.arrived(&(1, 1)),
+            "what the first look finds was there already"
+        );
+        t.apply(
+            Changes {
+                entered: vec![sock(2)],
+                refreshed: vec![sock(1)],
+                ..Changes::default()
+            },
+            at(20),
+        );
+        assert_eq!(t.first_seen(&(1, 1)), Some(at(10)));
+        assert_eq!(t.first_seen(&(1, 2)), Some(at(20)));
+        assert!(t.arrived(&(1, 2)) && !t.arrived(&(1, 1)));
+        t.reset(
+            Found {
+                close_wait: vec![sock(2)],
+                listeners: Vec::new(),
+            },
+            at(30),
+        );
+        assert!(!t.tracks(&(1, 1)), "a snapshot without it: gone");
+        assert_eq!(
+            t.first_seen(&(1, 2)),
+            Some(at(20)),
+            "a snapshot keeps first sight"
+        );
+        assert!(!t.arrived(&(1, 2)));
+    }
+
+    #[test]
+    fn left_and_ended_sockets_are_forgotten() {
+        let mut t = Tracker::default();
+        t.apply(
+            Changes {
+                entered: vec![sock(1), sock(2), sock(3)],
+                ..Changes::default()
+            },
+            at(1),
+        );
+        t.apply(
+            Changes {
+                left: vec![(1, 1)],
+                ended: vec![(1, 3)],
+                ..Changes::default()
+            },
+            at(2),
+        );
+        assert_eq!(t.len(), 1);
+        assert!(t.tracks(&(1, 2)));
+        assert_eq!(t.found().close_wait.len(), 1);
+    }
+}
