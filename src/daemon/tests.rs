@@ -1,1 +1,1468 @@
+//! The daemon's logic on a recording kernel: decisions, rate limits, escalations, release
+//! verdicts, reloads, and what a cycle does when a step fails. No root, no sockets: the
+//! double serves scripted processes and sockets, applies effects as the kernel would and
+//! records every call, and time moves only when a test moves it.
 
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cwreap_linux::kernel::fake::{Call, FakeKernel, Fd, NETNS, Process, World};
+use cwreap_linux::kernel::{SocketKey, key_of};
+use cwreap_linux::netlink::DumpError;
+use cwreap_linux::tcp;
+use serde_json::Value;
+
+use super::cycle_report::{CycleReport, ErrorKind, EscalationKind, Release};
+use super::engine::{Daemon, RECONCILE_EVERY};
+use super::metrics::Health;
+use crate::shared::act::{Outcome, Reason};
+use crate::shared::config::{self, Action, Config};
+
+const API: i32 = 100;
+const WEB: i32 = 200;
+const LOCAL: &str = "10.0.0.1:8080";
+
+fn cfg(yaml: &str) -> Config {
+    config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+}
+
+/// A policy: `top` lines, then the targets, each a `name: ...` block of YAML lines.
+fn policy(top: &str, targets: &[&str]) -> String {
+    let mut y = format!(
+        "interval: 5s\ndry_run: false\nmetrics: {{listen: off}}\nlimits: {{max_reaps_per_cycle: 1000, max_reaps_per_minute: 100000}}\n{top}targets:\n"
+    );
+    for t in targets {
+        let mut lines = t.lines();
+        if let Some(first) = lines.next() {
+            y.push_str(&format!("  - {first}\n"));
+        }
+        for l in lines {
+            y.push_str(&format!("    {l}\n"));
+        }
+    }
+    y
+}
+
+/// A shutdown target on one pid, due after `older_than`.
+fn on_pid(name: &str, pid: i32, older_than: &str) -> String {
+    format!("name: {name}\nmatch: {{pid: {pid}}}\nolder_than: {older_than}\naction: shutdown")
+}
+
+fn daemon(k: FakeKernel, yaml: &str) -> Daemon<FakeKernel> {
+    Daemon::with_kernel(k, cfg(yaml), false, Health::default()).expect("daemon")
+}
+
+/// A writer that keeps what the daemon logs.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+/// One cycle, with the JSON events it logged.
+fn cycle_logged(d: &mut Daemon<FakeKernel>) -> (CycleReport, Vec<Value>) {
+    let buf = Capture::default();
+    let sub = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(buf.clone())
+        .finish();
+    let stop = AtomicBool::new(false);
+    let report = tracing::subscriber::with_default(sub, || d.cycle(&stop));
+    let text = buf
+        .0
+        .lock()
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default();
+    let events = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (report, events)
+}
+
+fn cycle(d: &mut Daemon<FakeKernel>) -> CycleReport {
+    d.cycle(&AtomicBool::new(false))
+}
+
+/// Move the double's clock on, then run a cycle.
+fn after(d: &mut Daemon<FakeKernel>, secs: u64) -> CycleReport {
+    d.kernel().advance(Duration::from_secs(secs));
+    cycle(d)
+}
+
+fn outcomes(r: &CycleReport, target: &str, action: Action, outcome: Outcome) -> usize {
+    r.outcomes
+        .get(&(target.to_owned(), action, outcome))
+        .copied()
+        .unwrap_or(0)
+}
+
+fn reaped(r: &CycleReport, target: &str) -> usize {
+    outcomes(r, target, Action::Shutdown, Outcome::Reaped)
+}
+
+fn total(r: &CycleReport) -> usize {
+    r.outcomes.values().sum()
+}
+
+/// A kernel with process `pid` named `comm`.
+fn with_process(pid: i32, comm: &str) -> FakeKernel {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(pid, comm));
+    k
+}
+
+fn remote(i: u16) -> String {
+    format!("10.0.0.9:{}", 50_000 + i)
+}
+
+fn messages<'a>(events: &'a [Value], message: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["message"] == message).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Decisions.
+
+#[test]
+fn a_socket_is_reaped_once_older_than_the_threshold_and_not_before() {
+    let k = with_process(API, "api");
+    let s = k.close_wait(API, 7, LOCAL, &remote(1));
+    let inode = k.with(|w| w.sockets.get(&s).map_or(0, |x| x.diag.inode));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "30s")]));
+    let r = cycle(&mut d);
+    assert_eq!(r.candidates, 1);
+    assert_eq!(total(&r), 0, "first seen now: 0 s old");
+    assert_eq!(total(&after(&mut d, 29)), 0, "29 s old");
+    let r = after(&mut d, 1);
+    assert_eq!(reaped(&r, "api"), 1, "{:?}", r.outcomes);
+    assert_eq!(d.kernel().shutdowns(), [(API, 7, inode)]);
+    assert_eq!(d.kernel().state(s), Some(tcp::CLOSE));
+    assert_eq!(total(&after(&mut d, 30)), 0, "left CLOSE_WAIT: never again");
+}
+
+#[test]
+fn the_last_ack_age_counts_when_it_is_larger_than_first_sight() {
+    let k = with_process(API, "api");
+    let s = k.close_wait(API, 7, LOCAL, &remote(1));
+    k.with(|w| {
+        if let Some(x) = w.sockets.get_mut(&s) {
+            x.diag.last_ack_recv_ms = Some(45_000);
+        }
+    });
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "30s")]));
+    let r = cycle(&mut d);
+    assert_eq!(reaped(&r, "api"), 1, "tcp_info says 45 s: {:?}", r.outcomes);
+}
+
+#[test]
+fn dry_run_reports_each_socket_once_and_shuts_nothing_down() {
+    let k = with_process(API, "api");
+    k.close_wait_many(API, 10, 3, LOCAL);
+    let y = policy("", &[&on_pid("api", API, "1s")]).replace("dry_run: false", "dry_run: true");
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(outcomes(&r, "api", Action::Shutdown, Outcome::DryRun), 3);
+    assert_eq!(total(&after(&mut d, 2)), 0, "reported once");
+    assert!(d.kernel().shutdowns().is_empty());
+    assert_eq!(
+        d.kernel()
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Duplicate { .. }))
+            .count(),
+        3,
+        "a dry run still proves it can duplicate each socket"
+    );
+}
+
+#[test]
+fn the_dry_run_flag_overrides_an_enforcing_policy() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = Daemon::with_kernel(
+        k,
+        cfg(&policy("", &[&on_pid("api", API, "1s")])),
+        true,
+        Health::default(),
+    )
+    .expect("daemon");
+    assert!(d.dry_run());
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(outcomes(&r, "api", Action::Shutdown, Outcome::DryRun), 1);
+    assert!(d.kernel().shutdowns().is_empty());
+}
+
+#[test]
+fn a_target_may_enforce_under_a_dry_run_policy() {
+    let k = with_process(API, "api");
+    k.spawn(Process::new(WEB, "web"));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.close_wait(WEB, 7, LOCAL, &remote(2));
+    let y = policy(
+        "",
+        &[
+            &format!("{}\ndry_run: false", on_pid("api", API, "1s")),
+            &on_pid("web", WEB, "1s"),
+        ],
+    )
+    .replace("dry_run: false\nmetrics", "dry_run: true\nmetrics");
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(reaped(&r, "api"), 1, "{:?}", r.outcomes);
+    assert_eq!(outcomes(&r, "web", Action::Shutdown, Outcome::DryRun), 1);
+}
+
+#[test]
+fn exclusions_spare_peers_and_ports() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, "192.168.1.5:40000");
+    k.close_wait(API, 8, LOCAL, "10.0.0.9:6379");
+    k.close_wait(API, 9, LOCAL, "10.0.0.9:40001");
+    let t = format!(
+        "{}\nexclude: {{remote_cidrs: [192.168.0.0/16], remote_ports: [6379]}}",
+        on_pid("api", API, "1s")
+    );
+    let mut d = daemon(k, &policy("", &[&t]));
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(reaped(&r, "api"), 1, "{:?}", r.outcomes);
+    assert_eq!(d.kernel().shutdowns().len(), 1);
+    assert_eq!(
+        d.kernel().shutdowns()[0].1,
+        9,
+        "only the socket nothing excludes"
+    );
+}
+
+#[test]
+fn local_ports_select_a_servers_sockets_and_not_its_clients() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.close_wait(API, 8, "10.0.0.1:45000", "10.0.0.7:5432");
+    let t = "name: api\nmatch: {pid: 100, local_ports: [8080]}\nolder_than: 1s\naction: shutdown";
+    let mut d = daemon(k, &policy("", &[t]));
+    let r = cycle(&mut d);
+    assert_eq!(
+        r.candidates, 1,
+        "only the listener port's socket is the target's"
+    );
+    let r = after(&mut d, 2);
+    assert_eq!(reaped(&r, "api"), 1);
+    assert_eq!(d.kernel().shutdowns()[0].1, 7);
+}
+
+#[test]
+fn two_targets_on_one_process_split_its_sockets_by_port() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, "10.0.0.1:8080", &remote(1));
+    k.close_wait(API, 8, "10.0.0.1:9090", &remote(2));
+    let a =
+        "name: public\nmatch: {pid: 100, local_ports: [8080]}\nolder_than: 1s\naction: shutdown";
+    let b = "name: admin\nmatch: {pid: 100}\nolder_than: 1s\naction: log";
+    let mut d = daemon(k, &policy("", &[a, b]));
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(reaped(&r, "public"), 1, "{:?}", r.outcomes);
+    assert_eq!(outcomes(&r, "admin", Action::Log, Outcome::Logged), 1);
+}
+
+#[test]
+fn min_close_wait_waits_for_enough_sockets_of_the_process() {
+    let k = with_process(API, "api");
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let t = format!("{}\nmin_close_wait: 3", on_pid("api", API, "1s"));
+    let mut d = daemon(k, &policy("", &[&t]));
+    cycle(&mut d);
+    assert_eq!(total(&after(&mut d, 2)), 0, "two are not enough");
+    d.kernel().close_wait(API, 20, LOCAL, &remote(9));
+    let r = after(&mut d, 2);
+    assert_eq!(
+        reaped(&r, "api"),
+        2,
+        "three now: the two old enough go {:?}",
+        r.outcomes
+    );
+    assert_eq!(
+        total(&after(&mut d, 5)),
+        0,
+        "the last one alone is below min_close_wait"
+    );
+}
+
+#[test]
+fn the_log_action_reports_and_never_touches_a_socket() {
+    let k = with_process(API, "api");
+    let socks = k.close_wait_many(API, 10, 5, LOCAL);
+    let t = "name: api\nmatch: {pid: 100}\nolder_than: 1s\naction: log";
+    let y = policy("", &[t]).replace("max_reaps_per_cycle: 1000", "max_reaps_per_cycle: 1");
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(
+        outcomes(&r, "api", Action::Log, Outcome::Logged),
+        5,
+        "never capped"
+    );
+    assert_eq!(r.deferred, 0);
+    assert!(
+        d.kernel()
+            .calls()
+            .iter()
+            .all(|c| !matches!(c, Call::Duplicate { .. } | Call::Shutdown { .. })),
+        "log duplicates nothing"
+    );
+    assert!(
+        socks
+            .iter()
+            .all(|s| d.kernel().state(*s) == Some(tcp::CLOSE_WAIT))
+    );
+}
+
+#[test]
+fn never_acts_on_its_own_process_even_when_the_policy_names_it() {
+    let me = i32::try_from(std::process::id()).expect("pid");
+    let k = with_process(me, "cwreap");
+    k.close_wait(me, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("me", me, "1s")]));
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(r.candidates, 0);
+    assert!(r.outcomes.is_empty());
+    assert!(
+        !d.kernel().calls().contains(&Call::FdTable { pid: me }),
+        "its fd table is not even read"
+    );
+}
+
+#[test]
+fn the_oldest_sockets_go_first_under_the_per_cycle_cap() {
+    let k = with_process(API, "api");
+    let old = k.close_wait_many(API, 10, 2, LOCAL);
+    let mut d = daemon(
+        k,
+        &policy("", &[&on_pid("api", API, "5s")])
+            .replace("max_reaps_per_cycle: 1000", "max_reaps_per_cycle: 2"),
+    );
+    cycle(&mut d);
+    d.kernel().advance(Duration::from_secs(3));
+    let young = d.kernel().close_wait_many(API, 20, 3, LOCAL);
+    cycle(&mut d);
+    let r = after(&mut d, 6);
+    assert_eq!(reaped(&r, "api"), 2);
+    assert_eq!(r.deferred, 3, "the rest waits");
+    assert!(old.iter().all(|s| d.kernel().state(*s) == Some(tcp::CLOSE)));
+    let r = after(&mut d, 5);
+    assert_eq!((reaped(&r, "api"), r.deferred), (2, 1));
+    let r = after(&mut d, 5);
+    assert_eq!((reaped(&r, "api"), r.deferred), (1, 0));
+    assert!(
+        young
+            .iter()
+            .all(|s| d.kernel().state(*s) == Some(tcp::CLOSE))
+    );
+}
+
+#[test]
+fn the_per_minute_cap_holds_across_cycles_and_frees_after_a_minute() {
+    let k = with_process(API, "api");
+    k.close_wait_many(API, 10, 10, LOCAL);
+    let mut d = daemon(
+        k,
+        &policy("", &[&on_pid("api", API, "1s")])
+            .replace("max_reaps_per_minute: 100000", "max_reaps_per_minute: 4"),
+    );
+    cycle(&mut d);
+    assert_eq!(reaped(&after(&mut d, 2), "api"), 4);
+    assert_eq!(reaped(&after(&mut d, 5), "api"), 0, "4 this minute already");
+    assert_eq!(reaped(&after(&mut d, 30), "api"), 0);
+    let r = after(&mut d, 25);
+    assert_eq!(
+        reaped(&r, "api"),
+        4,
+        "a minute after the first reaps: {:?}",
+        r
+    );
+    assert_eq!(r.deferred, 2);
+}
+
+#[test]
+fn destroy_resets_through_sock_diag_and_reaches_unaccepted_connections() {
+    let k = with_process(API, "api");
+    k.listener(API, 3, "10.0.0.1:8080");
+    let queued = k.unaccepted(API, LOCAL, &remote(1));
+    let held = k.close_wait(API, 7, LOCAL, &remote(2));
+    let t = "name: api\nmatch: {pid: 100}\nolder_than: 1s\naction: destroy";
+    let mut d = daemon(k, &policy("", &[t]));
+    let r = cycle(&mut d);
+    assert_eq!(
+        r.candidates, 2,
+        "the queued one belongs to the listener's owner"
+    );
+    let r = after(&mut d, 2);
+    assert_eq!(
+        outcomes(&r, "api", Action::Destroy, Outcome::Reaped),
+        2,
+        "{:?}",
+        r.outcomes
+    );
+    let destroyed: Vec<SocketKey> = d
+        .kernel()
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Destroy { key } => Some(key),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(destroyed.len(), 2);
+    assert!(destroyed.contains(&queued) && destroyed.contains(&held));
+    assert!(
+        d.kernel().shutdowns().is_empty(),
+        "destroy never duplicates"
+    );
+}
+
+#[test]
+fn shutdown_skips_a_connection_still_in_the_accept_queue() {
+    let k = with_process(API, "api");
+    k.listener(API, 3, "10.0.0.1:8080");
+    k.unaccepted(API, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(outcomes(&r, "api", Action::Shutdown, Outcome::Skipped), 1);
+    assert!(d.kernel().shutdowns().is_empty());
+}
+
+#[test]
+fn an_unsupported_sock_destroy_is_said_once_and_not_tried_again() {
+    let k = with_process(API, "api");
+    k.close_wait_many(API, 10, 2, LOCAL);
+    k.with(|w| w.faults.no_destroy = true);
+    let t = "name: api\nmatch: {pid: 100}\nolder_than: 1s\naction: destroy";
+    let mut d = daemon(k, &policy("", &[t]));
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(outcomes(&r, "api", Action::Destroy, Outcome::Error), 2);
+    assert_eq!(r.errors.get(&ErrorKind::Act), Some(&2));
+    let tried = |d: &Daemon<FakeKernel>| {
+        d.kernel()
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Destroy { .. }))
+            .count()
+    };
+    assert_eq!(
+        tried(&d),
+        1,
+        "the second socket was not tried once the first said EOPNOTSUPP"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Faults between attribution and action, and failed steps.
+
+fn exit_api(w: &mut World) {
+    if let Some(p) = w.processes.get_mut(&API) {
+        p.alive = false;
+    }
+}
+
+#[test]
+fn a_target_exiting_before_the_action_is_gone_and_the_next_cycle_runs() {
+    let k = with_process(API, "api");
+    k.spawn(Process::new(WEB, "web"));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.close_wait(WEB, 7, LOCAL, &remote(2));
+    let mut d = daemon(
+        k,
+        &policy("", &[&on_pid("api", API, "1s"), &on_pid("web", WEB, "1s")]),
+    );
+    cycle(&mut d);
+    d.kernel()
+        .with(|w| w.before_first_duplicate = Some(exit_api));
+    d.kernel().advance(Duration::from_secs(2));
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(
+        outcomes(&r, "api", Action::Shutdown, Outcome::Gone),
+        1,
+        "{:?}",
+        r.outcomes
+    );
+    assert_eq!(reaped(&r, "web"), 1);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let ev: Vec<&Value> = messages(&events, "close_wait action")
+        .into_iter()
+        .filter(|e| e["pid"] == API)
+        .collect();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0]["outcome"], "gone");
+    assert_eq!(ev[0]["detail"], "process exited");
+    d.kernel().close_wait(WEB, 8, LOCAL, &remote(3));
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(
+        reaped(&r, "web"),
+        1,
+        "the next cycles go on without the dead target"
+    );
+    assert!(r.errors.is_empty());
+}
+
+fn api_closes_fd_7(w: &mut World) {
+    if let Some(p) = w.processes.get_mut(&API) {
+        p.fds.remove(&7);
+    }
+}
+
+#[test]
+fn an_fd_closed_before_the_action_is_gone() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.close_wait(API, 8, LOCAL, &remote(2));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    d.kernel()
+        .with(|w| w.before_first_duplicate = Some(api_closes_fd_7));
+    d.kernel().advance(Duration::from_secs(2));
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(
+        outcomes(&r, "api", Action::Shutdown, Outcome::Gone),
+        1,
+        "{:?}",
+        r.outcomes
+    );
+    assert_eq!(reaped(&r, "api"), 1);
+    let gone = messages(&events, "close_wait action")
+        .into_iter()
+        .find(|e| e["fd"] == 7)
+        .expect("fd 7 logged");
+    assert_eq!(gone["detail"], "fd was closed by its owner");
+}
+
+fn api_reuses_fd_7_for_a_file(w: &mut World) {
+    if let Some(p) = w.processes.get_mut(&API) {
+        p.fds.insert(7, Fd::File);
+    }
+}
+
+fn api_reuses_fd_7_for_another_socket(w: &mut World) {
+    let Some(mut other) = w.sockets.values().next().cloned() else {
+        return;
+    };
+    other.diag.inode = 4_000_000;
+    other.diag.cookie = 999_999;
+    other.diag.state = tcp::ESTABLISHED;
+    w.sockets.insert(key_of(&other.diag), other);
+    if let Some(p) = w.processes.get_mut(&API) {
+        p.fds.insert(7, Fd::Socket(4_000_000));
+    }
+}
+
+#[test]
+fn an_fd_reused_for_a_non_socket_or_another_socket_is_changed_and_untouched() {
+    for (hook, detail) in [
+        (
+            api_reuses_fd_7_for_a_file as fn(&mut World),
+            "fd 7 is no longer a socket",
+        ),
+        (api_reuses_fd_7_for_another_socket, "inode"),
+    ] {
+        let k = with_process(API, "api");
+        let s = k.close_wait(API, 7, LOCAL, &remote(1));
+        k.close_wait(API, 8, LOCAL, &remote(2));
+        let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+        cycle(&mut d);
+        d.kernel().with(|w| w.before_first_duplicate = Some(hook));
+        d.kernel().advance(Duration::from_secs(2));
+        let (r, events) = cycle_logged(&mut d);
+        assert_eq!(
+            outcomes(&r, "api", Action::Shutdown, Outcome::Changed),
+            1,
+            "{detail}"
+        );
+        assert_eq!(reaped(&r, "api"), 1);
+        let ev = messages(&events, "close_wait action")
+            .into_iter()
+            .find(|e| e["fd"] == 7)
+            .expect("fd 7 logged");
+        assert!(
+            ev["detail"].as_str().is_some_and(|t| t.contains(detail)),
+            "{ev}"
+        );
+        assert!(
+            d.kernel().shutdowns().iter().all(|(_, fd, _)| *fd != 7),
+            "nothing shut down through fd 7"
+        );
+        assert_eq!(d.kernel().state(s), Some(tcp::CLOSE_WAIT));
+    }
+}
+
+#[test]
+fn a_socket_that_left_close_wait_before_the_action_is_changed() {
+    let k = with_process(API, "api");
+    let s = k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    fn closes(w: &mut World) {
+        for s in w.sockets.values_mut() {
+            s.diag.state = tcp::CLOSE;
+        }
+    }
+    d.kernel().with(|w| w.before_first_duplicate = Some(closes));
+    let r = after(&mut d, 2);
+    assert_eq!(outcomes(&r, "api", Action::Shutdown, Outcome::Changed), 1);
+    assert!(d.kernel().shutdowns().is_empty());
+    assert_eq!(d.kernel().state(s), Some(tcp::CLOSE));
+}
+
+#[test]
+fn eperm_from_pidfd_getfd_is_an_error_naming_the_capability() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.with(|w| w.faults.duplicate.insert((API, 7), libc::EPERM));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    d.kernel().advance(Duration::from_secs(2));
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(outcomes(&r, "api", Action::Shutdown, Outcome::Error), 1);
+    assert_eq!(r.errors.get(&ErrorKind::Act), Some(&1));
+    let failed = messages(&events, "action failed");
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CAP_SYS_PTRACE")),
+        "{}",
+        failed[0]
+    );
+    assert_eq!(
+        total(&after(&mut d, 5)),
+        0,
+        "an error is reported once per socket"
+    );
+}
+
+#[test]
+fn an_unreadable_fd_table_is_counted_every_cycle_and_others_are_still_reaped() {
+    let k = with_process(API, "api");
+    k.spawn(Process::new(WEB, "web"));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.close_wait(WEB, 7, LOCAL, &remote(2));
+    k.with(|w| w.faults.fd_table.insert(API, libc::EACCES));
+    let mut d = daemon(
+        k,
+        &policy("", &[&on_pid("api", API, "1s"), &on_pid("web", WEB, "1s")]),
+    );
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(r.errors.get(&ErrorKind::Proc), Some(&1));
+    assert_eq!(
+        messages(
+            &events,
+            "cannot read the fd table of some target processes (permission denied; CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are needed)"
+        )
+        .len(),
+        1
+    );
+    let r = after(&mut d, 2);
+    assert_eq!(r.errors.get(&ErrorKind::Proc), Some(&1), "every cycle");
+    assert_eq!(reaped(&r, "web"), 1);
+    assert_eq!(total(&r), 1, "nothing of the unreadable target");
+}
+
+#[test]
+fn a_target_vanishing_during_the_walk_is_counted_and_logged() {
+    let k = with_process(API, "api");
+    k.spawn(Process::new(WEB, "web"));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.close_wait(WEB, 7, LOCAL, &remote(2));
+    k.with(|w| w.faults.fd_table.insert(API, libc::ENOENT));
+    let mut d = daemon(
+        k,
+        &policy("", &[&on_pid("api", API, "1s"), &on_pid("web", WEB, "1s")]),
+    );
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(r.errors.get(&ErrorKind::Proc), Some(&1));
+    let logged = messages(
+        &events,
+        "target processes exited while their fd tables were read; skipped this cycle",
+    );
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0]["processes"], 1);
+    d.kernel().with(|w| w.faults.fd_table.clear());
+    let r = after(&mut d, 2);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(reaped(&r, "api") + reaped(&r, "web"), 2);
+}
+
+#[test]
+fn a_failed_dump_acts_on_nothing_and_the_next_cycle_reaps() {
+    let k = with_process(API, "api");
+    let s = k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    d.kernel()
+        .with(|w| w.faults.dumps.push_back(DumpError::Interrupted(5)));
+    d.kernel().advance(Duration::from_secs(2));
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(r.errors.get(&ErrorKind::Netlink), Some(&1));
+    assert!(r.outcomes.is_empty(), "acted on an inconsistent view");
+    let logged = messages(&events, "sock_diag dump failed; retrying next cycle");
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0]["level"], "ERROR");
+    assert!(
+        logged[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("NLM_F_DUMP_INTR"))
+    );
+    let r = cycle(&mut d);
+    assert!(r.errors.is_empty());
+    assert_eq!(reaped(&r, "api"), 1, "first sight survived the failure");
+    assert_eq!(d.kernel().state(s), Some(tcp::CLOSE));
+}
+
+#[test]
+fn a_namespace_that_cannot_be_entered_is_counted_and_the_rest_goes_on() {
+    let k = with_process(API, "api");
+    let mut other = Process::new(WEB, "web");
+    other.netns = NETNS + 1;
+    k.spawn(other);
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.close_wait(WEB, 7, LOCAL, &remote(2));
+    k.with(|w| {
+        w.faults
+            .netns
+            .insert(NETNS + 1, "setns needs CAP_SYS_ADMIN".into())
+    });
+    let mut d = daemon(
+        k,
+        &policy("", &[&on_pid("api", API, "1s"), &on_pid("web", WEB, "1s")]),
+    );
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(r.errors.get(&ErrorKind::Netns), Some(&1));
+    assert_eq!(
+        messages(&events, "network namespace skipped this cycle").len(),
+        1
+    );
+    let r = after(&mut d, 2);
+    assert_eq!(reaped(&r, "api"), 1);
+    assert_eq!(reaped(&r, "web"), 0, "its sockets were never seen");
+}
+
+#[test]
+fn an_unreadable_process_list_is_a_proc_error_and_nothing_else() {
+    let k = FakeKernel::new();
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    let r = cycle(&mut d);
+    assert!(r.errors.is_empty(), "no target process is not an error");
+    assert_eq!(r.candidates, 0);
+    assert!(
+        d.kernel().calls().contains(&Call::Cover {
+            pids: Vec::new(),
+            own: false
+        }),
+        "no namespace to watch"
+    );
+}
+
+#[test]
+fn a_shutdown_racing_the_peer_is_gone_not_an_error() {
+    let k = with_process(API, "api");
+    let s = k.close_wait(API, 7, LOCAL, &remote(1));
+    let inode = k.with(|w| w.sockets.get(&s).map_or(0, |x| x.diag.inode));
+    k.with(|w| w.faults.shutdown.insert(inode, libc::ENOTCONN));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    let r = after(&mut d, 2);
+    assert_eq!(outcomes(&r, "api", Action::Shutdown, Outcome::Gone), 1);
+    assert!(r.errors.is_empty());
+}
+
+#[test]
+fn a_stop_request_ends_the_cycle_before_the_next_action() {
+    let k = with_process(API, "api");
+    k.close_wait_many(API, 10, 5, LOCAL);
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    d.kernel().advance(Duration::from_secs(2));
+    let r = d.cycle(&AtomicBool::new(true));
+    assert_eq!(total(&r), 0, "stopped: no action started");
+    assert!(d.kernel().shutdowns().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Discovery and attribution across cycles.
+
+#[test]
+fn a_snapshot_first_then_changes_and_a_reconciling_snapshot_every_ten_minutes() {
+    let k = with_process(API, "api");
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    let kinds = |d: &Daemon<FakeKernel>| -> Vec<&'static str> {
+        d.kernel()
+            .calls()
+            .iter()
+            .filter_map(|c| match c {
+                Call::Snapshot => Some("snapshot"),
+                Call::Changes => Some("changes"),
+                _ => None,
+            })
+            .collect()
+    };
+    cycle(&mut d);
+    after(&mut d, 5);
+    after(&mut d, 5);
+    assert_eq!(kinds(&d), ["snapshot", "changes", "changes"]);
+    d.kernel().advance(RECONCILE_EVERY);
+    cycle(&mut d);
+    assert_eq!(kinds(&d).last(), Some(&"snapshot"));
+}
+
+#[test]
+fn only_the_targets_namespaces_are_watched() {
+    let k = with_process(API, "api");
+    k.spawn(Process::new(WEB, "web"));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    assert!(d.kernel().calls().contains(&Call::Cover {
+        pids: vec![API],
+        own: false
+    }));
+}
+
+#[test]
+fn a_steady_cycle_reads_no_fd_table_until_the_fd_count_changes() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    let reads = |d: &Daemon<FakeKernel>| {
+        d.kernel()
+            .calls()
+            .iter()
+            .filter(|c| **c == Call::FdTable { pid: API })
+            .count()
+    };
+    cycle(&mut d);
+    assert_eq!(reads(&d), 1);
+    for _ in 0..5 {
+        after(&mut d, 5);
+    }
+    assert_eq!(reads(&d), 1, "nothing changed: the cache answered");
+    d.kernel().close_wait(API, 8, LOCAL, &remote(2));
+    let r = after(&mut d, 5);
+    assert_eq!(reads(&d), 2, "one more fd: read again");
+    assert_eq!(r.candidates, 2);
+}
+
+#[test]
+fn a_new_socket_on_a_reused_fd_number_is_found_although_the_count_did_not_move() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    cycle(&mut d);
+    // The process closes fd 7 and gets the number back for a new connection: same count.
+    d.kernel().close_fd(API, 7);
+    d.kernel().close_wait(API, 7, LOCAL, &remote(2));
+    let r = after(&mut d, 5);
+    assert_eq!(r.candidates, 1, "attributed through a second read: {r:?}");
+}
+
+#[test]
+fn sockets_that_left_close_wait_are_forgotten_and_a_new_one_on_the_same_key_is_new() {
+    let k = with_process(API, "api");
+    let s = k.close_wait(API, 7, LOCAL, &remote(1));
+    let y = policy("", &[&on_pid("api", API, "1s")]).replace("dry_run: false", "dry_run: true");
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    assert_eq!(total(&after(&mut d, 2)), 1);
+    // It leaves CLOSE_WAIT (the owner closed it), and the tracker forgets it.
+    d.kernel().close_fd(API, 7);
+    let r = after(&mut d, 2);
+    assert_eq!(r.close_wait, 0);
+    assert_eq!(d.kernel().state(s), None);
+}
+
+#[test]
+fn gauges_count_sockets_ages_fds_limits_and_arrivals() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(50).limits(1000, 4096));
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    let r = cycle(&mut d);
+    let g = r.targets.get("api").copied().expect("gauges");
+    assert_eq!((g.close_wait, g.open_fds, g.fd_limit), (2, 52, 1000));
+    assert_eq!(
+        g.new_close_wait, 0,
+        "the first look finds, it does not see arrive"
+    );
+    d.kernel().close_wait(API, 30, LOCAL, &remote(7));
+    let r = after(&mut d, 40);
+    let g = r.targets.get("api").copied().expect("gauges");
+    assert_eq!(
+        (g.close_wait, g.new_close_wait, g.oldest_ms),
+        (3, 1, 40_000)
+    );
+    assert_eq!(g.fullest, (53, 1000));
+    assert_eq!(
+        r.status_line(),
+        "3 CLOSE_WAIT in targets (3 host-wide), 0 reaped this cycle, 0 deferred by limits"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Release verdicts.
+
+#[test]
+fn an_owner_that_closes_on_hangup_releases_the_fd() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").closes_on_hup());
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    assert_eq!(reaped(&after(&mut d, 2), "api"), 1);
+    assert_eq!(d.releases_pending(), 1);
+    let r = after(&mut d, 1);
+    assert_eq!(r.releases.get(&("api".into(), Release::Released)), Some(&1));
+    assert_eq!(d.releases_pending(), 0);
+}
+
+#[test]
+fn an_owner_that_keeps_the_fd_is_still_held_after_the_grace_period_and_not_before() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    after(&mut d, 2);
+    let r = after(&mut d, 4);
+    assert!(
+        r.releases.is_empty(),
+        "4 s < one interval (5 s): no verdict yet"
+    );
+    let (r, events) = {
+        d.kernel().advance(Duration::from_secs(1));
+        cycle_logged(&mut d)
+    };
+    assert_eq!(
+        r.releases.get(&("api".into(), Release::StillHeld)),
+        Some(&1)
+    );
+    let warned = events
+        .iter()
+        .find(|e| e["result"] == "still_held")
+        .expect("still_held logged");
+    assert_eq!(warned["waited_ms"], 5000);
+    assert!(
+        after(&mut d, 30).releases.is_empty(),
+        "one verdict per socket"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Escalations.
+
+fn escalating(pid: i32, escalate: &str) -> String {
+    format!(
+        "name: api\nmatch: {{pid: {pid}}}\nolder_than: 1h\naction: shutdown\nescalate: {escalate}"
+    )
+}
+
+fn setnofiles(k: &FakeKernel) -> Vec<(i32, u64, u64)> {
+    k.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::SetNofile { pid, soft, hard } => Some((pid, soft, hard)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_fd_limit_is_raised_once_to_the_hard_limit() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(1000).limits(1100, 8192));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(
+        k,
+        &policy("", &[&escalating(API, "{raise_fd_limit_at: 80%}")]),
+    );
+    let r = cycle(&mut d);
+    assert_eq!(
+        r.escalations
+            .get(&("api".into(), EscalationKind::RaiseFdLimit)),
+        Some(&1)
+    );
+    assert_eq!(setnofiles(d.kernel()), [(API, 8192, 8192)]);
+    for _ in 0..3 {
+        after(&mut d, 5);
+    }
+    assert_eq!(setnofiles(d.kernel()).len(), 1, "once per process");
+}
+
+#[test]
+fn a_soft_limit_of_1024_or_less_is_never_raised() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(1000).limits(1024, 8192));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(
+        k,
+        &policy("", &[&escalating(API, "{raise_fd_limit_at: 80%}")]),
+    );
+    let (r, events) = cycle_logged(&mut d);
+    assert!(r.escalations.is_empty());
+    assert!(setnofiles(d.kernel()).is_empty());
+    let said = messages(
+        &events,
+        "raise_fd_limit_at reached; the fd limit is not raised",
+    );
+    assert_eq!(said.len(), 1);
+    assert!(said[0]["why"].as_str().is_some_and(|w| w.contains("1024")));
+    after(&mut d, 5);
+    assert!(setnofiles(d.kernel()).is_empty());
+}
+
+#[test]
+fn a_signal_goes_once_at_the_threshold_through_the_pin() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(950).limits(1000, 1000));
+    k.close_wait_many(API, 10, 3, LOCAL);
+    let mut d = daemon(k, &policy("", &[&escalating(API, "{signal_at: 95%}")]));
+    let r = cycle(&mut d);
+    assert_eq!(
+        r.escalations.get(&("api".into(), EscalationKind::Signal)),
+        Some(&1)
+    );
+    assert_eq!(d.kernel().signals(), [(API, libc::SIGTERM)]);
+    assert!(
+        d.kernel()
+            .with(|w| w.processes.get(&API).is_some_and(|p| !p.alive))
+    );
+}
+
+#[test]
+fn a_process_that_survives_its_signal_is_not_signalled_again() {
+    let k = FakeKernel::new();
+    let mut p = Process::new(API, "api").files(950).limits(1000, 1000);
+    p.dies_on.clear();
+    k.spawn(p);
+    k.close_wait_many(API, 10, 3, LOCAL);
+    let mut d = daemon(k, &policy("", &[&escalating(API, "{signal_at: 95%}")]));
+    cycle(&mut d);
+    for _ in 0..5 {
+        after(&mut d, 5);
+    }
+    assert_eq!(d.kernel().signals().len(), 1);
+}
+
+#[test]
+fn a_reused_pid_starts_afresh_and_is_signalled_only_through_its_own_pin() {
+    let k = FakeKernel::new();
+    let mut p = Process::new(API, "api").files(950).limits(1000, 1000);
+    p.dies_on.clear();
+    k.spawn(p);
+    k.close_wait_many(API, 10, 3, LOCAL);
+    let mut d = daemon(k, &policy("", &[&escalating(API, "{signal_at: 95%}")]));
+    cycle(&mut d);
+    assert_eq!(d.kernel().signals().len(), 1);
+    // The process exits; a newcomer takes its pid, with the same load.
+    d.kernel().exit(API);
+    let mut newcomer = Process::new(API, "api").files(950).limits(1000, 1000);
+    newcomer.start_time += 7;
+    newcomer.dies_on.clear();
+    d.kernel().spawn(newcomer);
+    d.kernel().close_wait_many(API, 10, 3, LOCAL);
+    after(&mut d, 5);
+    let pins = d
+        .kernel()
+        .calls()
+        .iter()
+        .filter(|c| **c == Call::OpenProcess { pid: API })
+        .count();
+    assert!(pins >= 2, "the newcomer was pinned afresh");
+    assert_eq!(
+        d.kernel().signals().len(),
+        2,
+        "the newcomer is another process: it gets its own single signal"
+    );
+    assert!(
+        d.kernel()
+            .with(|w| w.processes.get(&API).is_some_and(|p| p.alive)),
+        "and the signal reached the live newcomer through its own pin"
+    );
+}
+
+#[test]
+fn signals_count_against_the_rate_limit_and_wait_when_it_is_spent() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(950).limits(1000, 1000));
+    k.spawn(Process::new(WEB, "web"));
+    k.close_wait_many(API, 10, 3, LOCAL);
+    k.close_wait_many(WEB, 10, 4, LOCAL);
+    let y = policy(
+        "",
+        &[
+            &escalating(API, "{signal_at: 95%}"),
+            &on_pid("web", WEB, "1s"),
+        ],
+    )
+    .replace("max_reaps_per_minute: 100000", "max_reaps_per_minute: 4");
+    let mut d = daemon(k, &y);
+    // First cycle: nothing is old enough to reap; the signal takes one of the four.
+    let r = cycle(&mut d);
+    assert_eq!(d.kernel().signals().len(), 1);
+    assert_eq!(r.deferred, 0);
+    let r = after(&mut d, 2);
+    assert_eq!(
+        reaped(&r, "web"),
+        3,
+        "the signal used one of the minute's four"
+    );
+    assert_eq!(r.deferred, 1);
+}
+
+#[test]
+fn a_signal_due_while_the_budget_is_spent_is_deferred_and_counted() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(WEB, "web"));
+    k.close_wait_many(WEB, 10, 4, LOCAL);
+    k.spawn(Process::new(API, "api").files(900).limits(1000, 1000));
+    k.close_wait_many(API, 10, 3, LOCAL);
+    let y = policy(
+        "",
+        &[
+            &on_pid("web", WEB, "1s"),
+            &escalating(API, "{signal_at: 95%}"),
+        ],
+    )
+    .replace("max_reaps_per_cycle: 1000", "max_reaps_per_cycle: 4");
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    // The process reaches 95 % while the reaps take the whole budget.
+    d.kernel().with(|w| {
+        if let Some(p) = w.processes.get_mut(&API) {
+            for i in 0..50 {
+                p.fds.insert(5000 + i, Fd::File);
+            }
+        }
+    });
+    let r = after(&mut d, 2);
+    assert_eq!(reaped(&r, "web"), 4);
+    assert!(d.kernel().signals().is_empty());
+    assert_eq!(r.deferred, 1, "the signal waits, counted");
+    let r = after(&mut d, 5);
+    assert_eq!(d.kernel().signals().len(), 1, "{r:?}");
+}
+
+#[test]
+fn escalations_in_a_dry_run_send_nothing() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(990).limits(1100, 8192));
+    k.close_wait_many(API, 10, 3, LOCAL);
+    let y = policy(
+        "",
+        &[&escalating(API, "{raise_fd_limit_at: 80%, signal_at: 90%}")],
+    )
+    .replace("dry_run: false", "dry_run: true");
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    after(&mut d, 5);
+    assert!(d.kernel().signals().is_empty());
+    assert!(setnofiles(d.kernel()).is_empty());
+}
+
+#[test]
+fn min_close_wait_gates_escalations() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(990).limits(1000, 1000));
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let t = format!("{}\nmin_close_wait: 3", escalating(API, "{signal_at: 95%}"));
+    let mut d = daemon(k, &policy("", &[&t]));
+    cycle(&mut d);
+    assert!(
+        d.kernel().signals().is_empty(),
+        "a full process that does not leak enough"
+    );
+    d.kernel().close_wait(API, 30, LOCAL, &remote(5));
+    after(&mut d, 5);
+    assert_eq!(d.kernel().signals().len(), 1);
+}
+
+#[test]
+fn sockets_shut_down_but_still_held_count_as_leaking() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(940).limits(1000, 1000));
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let t = "name: api\nmatch: {pid: 100}\nolder_than: 1s\naction: shutdown\nmin_close_wait: 2\nescalate: {signal_at: 95%}";
+    let mut d = daemon(k, &policy("", &[t]));
+    cycle(&mut d);
+    assert_eq!(reaped(&after(&mut d, 2), "api"), 2);
+    // The owner keeps both fds: still_held after one interval.
+    let r = after(&mut d, 5);
+    assert_eq!(
+        r.releases.get(&("api".into(), Release::StillHeld)),
+        Some(&2)
+    );
+    // Now near its limit with no CLOSE_WAIT socket left: the two held ones make the leak.
+    d.kernel().with(|w| {
+        if let Some(p) = w.processes.get_mut(&API) {
+            for i in 0..20 {
+                p.fds.insert(5000 + i, Fd::File);
+            }
+        }
+    });
+    after(&mut d, 5);
+    assert_eq!(d.kernel().signals(), [(API, libc::SIGTERM)]);
+}
+
+#[test]
+fn a_failed_raise_is_an_escalate_error_naming_the_capability() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(1000).limits(1100, 8192));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.with(|w| w.faults.set_nofile.insert(API, libc::EPERM));
+    let mut d = daemon(
+        k,
+        &policy("", &[&escalating(API, "{raise_fd_limit_at: 80%}")]),
+    );
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(r.errors.get(&ErrorKind::Escalate), Some(&1));
+    let failed = messages(&events, "escalation failed");
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CAP_SYS_RESOURCE"))
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Reloads.
+
+#[test]
+fn a_reload_to_enforce_reaps_what_the_dry_run_reported() {
+    let k = with_process(API, "api");
+    let socks = k.close_wait_many(API, 10, 2, LOCAL);
+    let enforce = policy("", &[&on_pid("api", API, "1s")]);
+    let dry = enforce.replace("dry_run: false", "dry_run: true");
+    let mut d = daemon(k, &dry);
+    cycle(&mut d);
+    assert_eq!(
+        outcomes(&after(&mut d, 2), "api", Action::Shutdown, Outcome::DryRun),
+        2
+    );
+    d.reload(cfg(&enforce)).expect("reload");
+    assert!(!d.dry_run());
+    let r = after(&mut d, 5);
+    assert_eq!(reaped(&r, "api"), 2, "{:?}", r.outcomes);
+    assert!(
+        socks
+            .iter()
+            .all(|s| d.kernel().state(*s) == Some(tcp::CLOSE))
+    );
+}
+
+#[test]
+fn a_reload_that_drops_a_target_drops_its_gauges_and_actions() {
+    let k = with_process(API, "api");
+    k.spawn(Process::new(WEB, "web"));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.close_wait(WEB, 7, LOCAL, &remote(2));
+    let both = policy("", &[&on_pid("api", API, "1h"), &on_pid("web", WEB, "1s")]);
+    let mut d = daemon(k, &both);
+    let r = cycle(&mut d);
+    assert_eq!(r.targets.len(), 2);
+    d.reload(cfg(&policy("", &[&on_pid("api", API, "1h")])))
+        .expect("reload");
+    let r = after(&mut d, 2);
+    assert_eq!(r.targets.keys().collect::<Vec<_>>(), ["api"]);
+    assert!(r.outcomes.is_empty(), "web is no target any more");
+}
+
+#[test]
+fn a_reload_whose_audit_log_cannot_be_opened_changes_nothing() {
+    let k = with_process(API, "api");
+    let before = policy("", &[&on_pid("api", API, "1h")]);
+    let mut d = daemon(k, &before);
+    let bad = policy(
+        "audit_log: /proc/cwreap-no-such-dir/audit.jsonl\n",
+        &[&on_pid("api", API, "1s")],
+    );
+    assert!(d.reload(cfg(&bad)).is_err());
+    assert_eq!(
+        d.cfg().targets[0].older_than,
+        Duration::from_secs(3600),
+        "the old policy stays"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The audit log.
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("unit-scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn audit_records(path: &std::path::Path, d: &Daemon<FakeKernel>) -> Vec<Value> {
+    let _ = d.auditor().log().flush(Duration::from_secs(5));
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn every_action_has_an_intent_before_it_and_a_record_after() {
+    let dir = scratch("audit-intent");
+    let path = dir.join("audit.jsonl");
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api"));
+    k.close_wait_many(API, 10, 3, LOCAL);
+    let y = policy(
+        &format!("audit_log: {}\n", path.display()),
+        &[&on_pid("api", API, "1s")],
+    );
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    after(&mut d, 2);
+    let recs = audit_records(&path, &d);
+    let events: Vec<&str> = recs.iter().filter_map(|r| r["event"].as_str()).collect();
+    assert_eq!(
+        events,
+        ["intent", "intent", "intent", "action", "action", "action"]
+    );
+    for r in &recs[3..] {
+        assert_eq!(r["outcome"], "reaped");
+        assert_eq!(r["target"], "api");
+        assert!(r["reason"].is_null());
+    }
+    let mut intents: Vec<u64> = recs[..3]
+        .iter()
+        .filter_map(|r| r["inode"].as_u64())
+        .collect();
+    let mut actions: Vec<u64> = recs[3..]
+        .iter()
+        .filter_map(|r| r["inode"].as_u64())
+        .collect();
+    intents.sort_unstable();
+    actions.sort_unstable();
+    assert_eq!(intents, actions, "each acted socket was announced");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dry_runs_write_actions_without_intents_and_reasons_are_codes() {
+    let dir = scratch("audit-dry");
+    let path = dir.join("audit.jsonl");
+    let k = with_process(API, "api");
+    k.listener(API, 3, "10.0.0.1:8080");
+    k.unaccepted(API, LOCAL, &remote(1));
+    k.close_wait(API, 7, LOCAL, &remote(2));
+    let y = policy(
+        &format!("audit_log: {}\n", path.display()),
+        &[&on_pid("api", API, "1s")],
+    )
+    .replace("dry_run: false", "dry_run: true");
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    after(&mut d, 2);
+    let recs = audit_records(&path, &d);
+    assert!(recs.iter().all(|r| r["event"] == "action"), "{recs:?}");
+    let skipped = recs
+        .iter()
+        .find(|r| r["outcome"] == "skipped")
+        .expect("skipped");
+    assert_eq!(
+        skipped["reason"],
+        Reason::Unaccepted(crate::shared::act::Via::Policy).code()
+    );
+    assert!(
+        skipped["fd"].is_null(),
+        "an unaccepted connection has no fd"
+    );
+    assert!(recs.iter().any(|r| r["outcome"] == "dry_run"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn release_verdicts_and_escalations_are_audited() {
+    let dir = scratch("audit-release");
+    let path = dir.join("audit.jsonl");
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(950).limits(1000, 1000));
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let t = "name: api\nmatch: {pid: 100}\nolder_than: 1s\naction: shutdown\nescalate: {signal_at: 99%}";
+    let y = policy(&format!("audit_log: {}\n", path.display()), &[t]);
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    after(&mut d, 2);
+    after(&mut d, 5);
+    let recs = audit_records(&path, &d);
+    let releases: Vec<&Value> = recs.iter().filter(|r| r["event"] == "fd_release").collect();
+    assert_eq!(releases.len(), 2);
+    assert!(
+        releases
+            .iter()
+            .all(|r| r["result"] == "still_held" && r["waited_ms"] == 5000)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cycle_errors_and_outcomes_become_metrics() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.with(|w| w.faults.duplicate.insert((API, 7), libc::EPERM));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    let m = super::metrics::Metrics::new();
+    m.observe(&cycle(&mut d));
+    m.observe(&after(&mut d, 2));
+    let text = m.render();
+    for sample in [
+        "cwreap_reaped_total{target=\"api\",action=\"shutdown\",outcome=\"error\"} 1",
+        "cwreap_cycle_errors_total{kind=\"act\"} 1",
+        "cwreap_close_wait_sockets{target=\"api\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == sample),
+            "no `{sample}` in:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn keys_of_the_double_are_the_keys_the_daemon_tracks() {
+    let k = with_process(API, "api");
+    let s = k.close_wait(API, 7, LOCAL, &remote(1));
+    let diag = k
+        .with(|w| w.sockets.get(&s).map(|x| x.diag.clone()))
+        .expect("socket");
+    assert_eq!(key_of(&diag), s);
+    assert_eq!(s.0, NETNS);
+}
