@@ -212,6 +212,10 @@ impl Destroy for Namespaces {
     fn destroy(&mut self, s: &DiagSocket) -> io::Result<()> {
         self.with_diag(s, Diag::destroy)
     }
+
+    fn prove_destroy(&mut self, netns: u64) -> io::Result<()> {
+        Namespaces::prove_destroy(self, netns)
+    }
 }
 
 impl Namespaces {

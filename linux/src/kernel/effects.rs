@@ -177,4 +177,8 @@ pub trait Destroy {
     /// The socket as the kernel sees it now (4-tuple and cookie must match), or None.
     fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>>;
     fn destroy(&mut self, s: &DiagSocket) -> io::Result<()>;
+    /// Prove that SOCK_DESTROY works in namespace `netns` (what a dry run of a destroy
+    /// checks): EPERM means CAP_NET_ADMIN is missing, EOPNOTSUPP that the kernel has no
+    /// SOCK_DESTROY.
+    fn prove_destroy(&mut self, netns: u64) -> io::Result<()>;
 }

@@ -40,6 +40,7 @@ pub enum Call {
     SetNofile { pid: i32, soft: u64, hard: u64 },
     Lookup { key: SocketKey },
     Destroy { key: SocketKey },
+    ProveDestroy { netns: u64 },
 }
 
 /// What an fd of a scripted process refers to.
@@ -774,6 +775,14 @@ impl Destroy for FakeKernel {
                 None => Err(errno(libc::ENOENT)),
             }
         })
+    }
+
+    fn prove_destroy(&mut self, netns: u64) -> io::Result<()> {
+        self.record(Call::ProveDestroy { netns });
+        if self.with(|w| w.faults.no_destroy) {
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        Ok(())
     }
 }
 

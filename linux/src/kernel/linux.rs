@@ -176,4 +176,7 @@ impl Destroy for Linux {
     fn destroy(&mut self, s: &DiagSocket) -> io::Result<()> {
         self.namespaces.destroy(s)
     }
+    fn prove_destroy(&mut self, netns: u64) -> io::Result<()> {
+        self.namespaces.prove_destroy(netns)
+    }
 }

@@ -21,8 +21,7 @@ use std::os::fd::AsFd;
 use anyhow::Result;
 
 use cwreap_linux::inject::{Helper, InjectError, Victim, close_in_target};
-use cwreap_linux::kernel::{Effects, Pinned, RealOs, inspect_socket};
-use cwreap_linux::procfs::ProcFs;
+use cwreap_linux::kernel::{Effects, Linux, Pinned, ProcRead, inspect_socket};
 
 use super::common::{Status, observe};
 use crate::cli::args::ReapArgs;
@@ -46,9 +45,9 @@ pub fn reap_close(
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> Result<Status> {
-    let os = RealOs;
-    let (snap, _namespaces) = observe(Some(&os), &args.selectors)?;
-    let held = inspect_held(&os, &snap);
+    let mut k = Linux::default();
+    let (snap, _failures) = observe(&mut k, true, &args.selectors)?;
+    let held = inspect_held(&k, &snap);
     let filter = args.selectors.filter(Some(older_than));
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
     let plan = plan::plan_close(&held, &filter, max);
@@ -173,18 +172,17 @@ pub fn reap_close(
 
 /// Every socket fd of the pinned processes, duplicated through the pidfd and inspected.
 /// Anything that cannot be read is left out: it will not be closed.
-fn inspect_held(os: &RealOs, snap: &Snapshot<Pinned>) -> Vec<HeldSocket> {
-    let proc = ProcFs::default();
+fn inspect_held(k: &Linux, snap: &Snapshot<Pinned>) -> Vec<HeldSocket> {
     let mut out = Vec::new();
     for (pid, p) in &snap.processes {
         let Some(pidfd) = p.handle.as_ref() else {
             continue;
         };
-        let Ok(table) = proc.fd_table(*pid) else {
+        let Ok(table) = ProcRead::fd_table(k, *pid) else {
             continue;
         };
         for (fd, _) in table.sockets {
-            let Ok(dup) = os.duplicate(pidfd, fd) else {
+            let Ok(dup) = k.duplicate(pidfd, fd) else {
                 continue;
             };
             if let Ok(facts) = inspect_socket(dup.as_fd()) {

@@ -6,9 +6,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
 
-use cwreap_linux::kernel::Effects;
-use cwreap_linux::netns::Namespaces;
-use cwreap_linux::procfs::ProcFs;
+use cwreap_linux::kernel::Kernel;
 use cwreap_linux::sys::Capability;
 
 use crate::cli::args::Selectors;
@@ -74,33 +72,37 @@ fn check_unreadable<H>(snap: &Snapshot<H>) -> Result<()> {
     Ok(())
 }
 
-/// Everything up to selection, shared by scan and reap: one sock_diag socket per network
-/// namespace of the processes in scope, then attribution.
-pub(crate) fn observe<O: Effects>(
-    os: Option<&O>,
+/// Namespaces that could not be entered or dumped, with why: each is a warning.
+pub(crate) type Failures = Vec<(u64, String)>;
+
+/// Everything up to selection, shared by scan, reap and explain: discovery in the network
+/// namespaces of the processes in scope, then attribution. With `pin`, every process read
+/// is pinned first (reap acts through the pin); without, nothing is duplicated.
+pub(crate) fn observe<K: Kernel>(
+    k: &mut K,
+    pin: bool,
     selectors: &Selectors,
-) -> Result<(Snapshot<O::Process>, Namespaces)> {
-    let proc = ProcFs::default();
+) -> Result<(Snapshot<K::Process>, Failures)> {
     let scope = selectors.scope();
-    let mut namespaces = Namespaces::default();
     match &scope.pids {
-        Some(pids) => namespaces.cover(&proc, pids, false),
+        Some(pids) => k.cover(pids, false),
         None => {
-            let all = proc.pids().context("listing /proc")?;
-            namespaces.cover(&proc, &all, true);
+            let all = k.pids().context("listing /proc")?;
+            k.cover(&all, true);
         }
     }
-    let found = namespaces
-        .dump_with_listeners()
+    let found = k
+        .snapshot(true)
         .context("dumping CLOSE_WAIT sockets over sock_diag")?;
+    let failures = k.take_failures();
     let attributor = Attributor {
-        proc: &proc,
-        os,
-        self_pid: std::process::id() as i32,
+        proc: &*k,
+        os: pin.then_some(&*k),
+        self_pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
     };
     let snap = attributor.attribute(found, &scope);
     check_unreadable(&snap)?;
-    Ok((snap, namespaces))
+    Ok((snap, failures))
 }
 
 pub(crate) fn denied_note(denied: usize) -> Option<String> {

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use cwreap_linux::kernel::RealOs;
-use cwreap_linux::procfs::ProcFs;
+use cwreap_linux::kernel::{Kernel, Linux, ProcRead};
 
 use super::common::{Status, denied_note, observe};
 use crate::cli::args::ExplainArgs;
@@ -22,6 +21,16 @@ use crate::shared::attribute::Snapshot;
 const EVERY: Duration = Duration::from_secs(1);
 
 pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    explain_on(&mut Linux::default(), args, out, err)
+}
+
+/// [`explain`] on `k`.
+pub fn explain_on<K: Kernel>(
+    k: &mut K,
+    args: &ExplainArgs,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<Status> {
     let filter = args.selectors.filter(None);
     let offsets = sample_offsets(args.window);
     if offsets.len() > 1 && !args.json {
@@ -41,7 +50,7 @@ pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -
             std::thread::sleep(wait);
         }
         let at = start.elapsed();
-        let (snap, namespaces) = match observe::<RealOs>(None, &args.selectors) {
+        let (snap, failures) = match observe(k, false, &args.selectors) {
             Ok(v) => v,
             // The first look decides the exit code, as for scan; a later one that fails
             // (a --pid process exited) ends the window early.
@@ -55,7 +64,7 @@ pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -
                 break;
             }
         };
-        for (_, why) in namespaces.failures {
+        for (_, why) in failures {
             if warned.insert(why.clone()) {
                 writeln!(err, "warning: {why}")?;
             }
@@ -67,7 +76,7 @@ pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -
         return Ok(Status::Ok);
     };
     let rows = plan::select(&snap, &filter);
-    let (sockets, processes) = evidence(&ProcFs::default(), &rows, err)?;
+    let (sockets, processes) = evidence(&*k, &rows, err)?;
     let reports = diagnosis::explain(&sockets, &processes, &diagnosis::trends(&samples));
     if args.json {
         for r in &reports {
@@ -141,7 +150,7 @@ fn sample<H>(at: Duration, snap: &Snapshot<H>, rows: &[Row<'_, H>]) -> Sample {
 /// The evidence of each socket of the last sample, and the facts of its owners. A process
 /// whose epoll instances cannot be read (it exited meanwhile) is left out, with a warning.
 fn evidence<H>(
-    proc: &ProcFs,
+    proc: &impl ProcRead,
     rows: &[Row<'_, H>],
     err: &mut impl Write,
 ) -> Result<(Vec<Socket>, Vec<ProcessFacts>)> {

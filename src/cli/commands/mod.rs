@@ -8,6 +8,8 @@ pub mod common;
 mod explain;
 mod reap;
 mod scan;
+#[cfg(test)]
+mod tests;
 
 pub use check::check;
 pub use common::Status;

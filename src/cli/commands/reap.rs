@@ -7,7 +7,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use cwreap_linux::kernel::{Effects, RealOs};
+use cwreap_linux::kernel::{Effects, Kernel, Linux};
 
 use cwreap_linux::sys::Capability;
 
@@ -54,8 +54,21 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
     if args.close {
         return super::close::reap_close(args, older_than, out, err);
     }
-    let os = RealOs;
-    let (snap, mut namespaces) = observe(Some(&os), &args.selectors)?;
+    reap_on(&mut Linux::default(), args, out, err)
+}
+
+/// [`reap`] (shutdown or destroy; not `--close`) on `k`.
+pub fn reap_on<K: Kernel>(
+    k: &mut K,
+    args: &ReapArgs,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<Status> {
+    if let Some(what) = missing_requirements(args) {
+        return Err(UsageError(what).into());
+    }
+    let older_than = args.older_than.unwrap_or_default();
+    let (snap, _failures) = observe(k, true, &args.selectors)?;
     let filter = args.selectors.filter(Some(older_than));
     let rows = plan::select(&snap, &filter);
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
@@ -69,7 +82,7 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
     if args.destroy && args.dry_run {
         let netns: BTreeSet<u64> = plan.iter().map(|r| r.socket.diag.netns).collect();
         for ns in netns {
-            if let Err(e) = namespaces.prove_destroy(ns) {
+            if let Err(e) = k.prove_destroy(ns) {
                 refused_netns.insert(ns, act::destroy_error(&e));
             }
         }
@@ -84,14 +97,14 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
             if unsupported {
                 ActResult::with(Outcome::Error, Reason::DestroyUnsupported { error: None })
             } else {
-                let res = act::destroy_verified(&mut namespaces, &row.socket.diag, args.dry_run);
+                let res = act::destroy_verified(k, &row.socket.diag, args.dry_run);
                 unsupported = matches!(res.reason, Some(Reason::DestroyUnsupported { .. }));
                 res
             }
         } else if row.unaccepted {
             ActResult::with(Outcome::Skipped, Reason::Unaccepted(Via::ReapShutdown))
         } else {
-            reap_row(&os, &snap, row, args.dry_run)
+            reap_row(&*k, &snap, row, args.dry_run)
         };
         if args.json {
             render::write_reap_json(out, row, action, &res)?;

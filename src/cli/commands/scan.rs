@@ -6,7 +6,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use cwreap_linux::kernel::RealOs;
+use cwreap_linux::kernel::{Kernel, Linux};
 
 use super::common::{Status, denied_note, observe, stdout_color};
 use crate::cli::args::ScanArgs;
@@ -14,12 +14,22 @@ use crate::cli::plan::{self, Filter};
 use crate::cli::render;
 
 pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
+    scan_on(&mut Linux::default(), args, stdout_color(), out, err)
+}
+
+/// [`scan`] on `k`, in colour or not.
+pub fn scan_on<K: Kernel>(
+    k: &mut K,
+    args: &ScanArgs,
+    color: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<Status> {
     if let Some(every) = args.watch {
-        return watch(args, every, out, err);
+        return watch(k, args, every, color, out, err);
     }
-    let color = stdout_color();
-    let (snap, namespaces) = observe::<RealOs>(None, &args.selectors)?;
-    for (_, why) in &namespaces.failures {
+    let (snap, failures) = observe(k, false, &args.selectors)?;
+    for (_, why) in &failures {
         writeln!(err, "warning: {why}")?;
     }
     let filter = args.selectors.filter(args.older_than);
@@ -61,17 +71,18 @@ pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
 
 /// `scan --watch`: the per-process view, redrawn every `every` like watch(1), with how
 /// each process moved since the previous refresh. Runs until interrupted.
-fn watch(
+fn watch<K: Kernel>(
+    k: &mut K,
     args: &ScanArgs,
     every: std::time::Duration,
+    color: bool,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> Result<Status> {
-    let color = stdout_color();
     let filter = args.selectors.filter(args.older_than);
     let mut previous: BTreeMap<i32, (usize, usize)> = BTreeMap::new();
     loop {
-        let (snap, namespaces) = observe::<RealOs>(None, &args.selectors)?;
+        let (snap, failures) = observe(k, false, &args.selectors)?;
         let rows = plan::select(&snap, &filter);
         let sums = plan::summarize(&rows);
         let view: Vec<render::WatchRow> = sums
@@ -104,7 +115,7 @@ fn watch(
         } else {
             write!(out, "{}", render::watch_table(&view, color))?;
         }
-        for (_, why) in &namespaces.failures {
+        for (_, why) in &failures {
             writeln!(err, "warning: {why}")?;
         }
         out.flush()?;

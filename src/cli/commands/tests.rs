@@ -1,0 +1,210 @@
+//! The commands on a recording kernel: what scan, reap and explain ask of the system and
+//! what they print, without root. The real kernel's side is in the integration tests.
+
+use cwreap_linux::kernel::fake::{Call, FakeKernel, Process};
+use cwreap_linux::tcp;
+use serde_json::Value;
+
+use super::common::Status;
+use super::explain::explain_on;
+use super::reap::reap_on;
+use super::scan::scan_on;
+use crate::cli::args::{Cli, Command};
+use clap::Parser;
+
+const API: i32 = 4100;
+
+fn parse(args: &[&str]) -> Command {
+    let mut argv = vec!["cwreap"];
+    argv.extend_from_slice(args);
+    Cli::try_parse_from(argv)
+        .expect("valid command line")
+        .command
+}
+
+/// A kernel with one server holding three CLOSE_WAIT sockets on :8080, one of them
+/// reported by tcp_info 90 s since the peer's last ACK.
+fn server() -> FakeKernel {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api"));
+    k.listener(API, 3, "10.0.0.1:8080");
+    let socks = k.close_wait_many(API, 10, 3, "10.0.0.1:8080");
+    k.with(|w| {
+        if let Some(s) = w.sockets.get_mut(&socks[0]) {
+            s.diag.last_ack_recv_ms = Some(90_000);
+        }
+    });
+    k
+}
+
+fn lines(out: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn duplicated(k: &FakeKernel) -> usize {
+    k.calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Duplicate { .. } | Call::OpenProcess { .. }))
+        .count()
+}
+
+#[test]
+fn scan_lists_every_close_wait_socket_with_its_owner_and_touches_nothing() {
+    let mut k = server();
+    let Command::Scan(args) = parse(&["scan", "--json"]) else {
+        panic!("not scan");
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let st = scan_on(&mut k, &args, false, &mut out, &mut err).expect("scan");
+    assert_eq!(st, Status::Ok);
+    let rows = lines(&out);
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["pid"] == API && r["comm"] == "api"));
+    assert!(
+        rows.iter().all(|r| r["direction"] == "in"),
+        "a listener on :8080: server ends"
+    );
+    let mut fds: Vec<i64> = rows.iter().filter_map(|r| r["fd"].as_i64()).collect();
+    fds.sort_unstable();
+    assert_eq!(fds, [10, 11, 12]);
+    assert_eq!(duplicated(&k), 0, "scan never pins or duplicates");
+    assert!(k.calls().contains(&Call::Cover {
+        pids: vec![API],
+        own: true
+    }));
+}
+
+#[test]
+fn scan_older_than_keeps_only_old_sockets_and_says_so_when_none() {
+    let mut k = server();
+    let Command::Scan(args) = parse(&["scan", "--json", "--older-than", "60s"]) else {
+        panic!("not scan");
+    };
+    let mut out = Vec::new();
+    scan_on(&mut k, &args, false, &mut out, &mut Vec::new()).expect("scan");
+    assert_eq!(lines(&out).len(), 1, "only the one 90 s since the last ACK");
+    let Command::Scan(args) = parse(&["scan", "--pid", "4100", "--older-than", "1h"]) else {
+        panic!("not scan");
+    };
+    let mut out = Vec::new();
+    scan_on(&mut k, &args, false, &mut out, &mut Vec::new()).expect("scan");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("No CLOSE_WAIT sockets match the selection"),
+        "{text}"
+    );
+}
+
+#[test]
+fn reap_dry_run_proves_each_socket_and_shuts_nothing_down() {
+    let mut k = server();
+    let Command::Reap(args) = parse(&[
+        "reap",
+        "--pid",
+        "4100",
+        "--older-than",
+        "0s",
+        "--dry-run",
+        "--json",
+    ]) else {
+        panic!("not reap");
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let st = reap_on(&mut k, &args, &mut out, &mut err).expect("reap");
+    assert_eq!(st, Status::Ok);
+    let rows = lines(&out);
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows.iter()
+            .all(|r| r["outcome"] == "dry_run" && r["action"] == "shutdown")
+    );
+    assert!(k.shutdowns().is_empty());
+    assert!(String::from_utf8_lossy(&err).contains("3 matched"));
+}
+
+#[test]
+fn reap_shuts_down_the_oldest_first_within_max() {
+    let mut k = server();
+    let Command::Reap(args) = parse(&[
+        "reap",
+        "--comm",
+        "^api$",
+        "--older-than",
+        "0s",
+        "--max",
+        "1",
+    ]) else {
+        panic!("not reap");
+    };
+    let mut out = Vec::new();
+    reap_on(&mut k, &args, &mut out, &mut Vec::new()).expect("reap");
+    assert_eq!(k.shutdowns().len(), 1);
+    assert_eq!(
+        k.shutdowns()[0].1,
+        10,
+        "the one 90 s since the last ACK goes first"
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("1 matched, 1 reaped"), "{text}");
+    let closed = k.with(|w| {
+        w.sockets
+            .values()
+            .filter(|s| s.diag.state == tcp::CLOSE)
+            .count()
+    });
+    assert_eq!(closed, 1);
+}
+
+#[test]
+fn reap_destroy_dry_run_proves_sock_destroy_in_each_namespace_once() {
+    let mut k = server();
+    let Command::Reap(args) = parse(&[
+        "reap",
+        "--pid",
+        "4100",
+        "--older-than",
+        "0s",
+        "--destroy",
+        "--dry-run",
+    ]) else {
+        panic!("not reap");
+    };
+    reap_on(&mut k, &args, &mut Vec::new(), &mut Vec::new()).expect("reap");
+    let proofs = k
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::ProveDestroy { .. }))
+        .count();
+    assert_eq!(proofs, 1, "one namespace, one proof");
+    assert!(!k.calls().iter().any(|c| matches!(c, Call::Destroy { .. })));
+}
+
+#[test]
+fn reap_without_older_than_or_a_selector_is_a_usage_error_touching_nothing() {
+    let mut k = server();
+    let Command::Reap(args) = parse(&["reap", "--pid", "4100"]) else {
+        panic!("not reap");
+    };
+    let e = reap_on(&mut k, &args, &mut Vec::new(), &mut Vec::new()).expect_err("refused");
+    assert!(e.to_string().contains("--older-than"), "{e}");
+    assert!(k.calls().is_empty(), "nothing was even read");
+}
+
+#[test]
+fn explain_names_the_bug_class_from_the_receive_queue() {
+    let mut k = server();
+    let Command::Explain(args) = parse(&["explain", "--json"]) else {
+        panic!("not explain");
+    };
+    let mut out = Vec::new();
+    explain_on(&mut k, &args, &mut out, &mut Vec::new()).expect("explain");
+    let reports = lines(&out);
+    assert_eq!(reports.len(), 1, "one process");
+    assert_eq!(reports[0]["pid"], API);
+    let text = reports[0]["patterns"].to_string();
+    assert!(text.contains("not_read"), "recv_q 1 and no epoll: {text}");
+    assert_eq!(duplicated(&k), 0, "explain is read-only");
+}
