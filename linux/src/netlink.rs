@@ -66,6 +66,13 @@ pub struct DiagSocket {
     /// tcp_info `last_ack_recv`: ms since the last ACK from the peer. A lower bound on the
     /// time since the peer's FIN. None when the kernel sent no tcp_info.
     pub last_ack_recv_ms: Option<u32>,
+    /// tcp_info `last_data_recv`: ms since data last arrived (or since the connection was
+    /// set up, when none did). Neither keepalive probes nor the FIN reset it, and no data
+    /// comes after a FIN: an upper bound on the time in CLOSE_WAIT.
+    pub last_data_recv_ms: Option<u32>,
+    /// A keepalive timer is armed (`idiag_timer` 2): probes answered by the peer keep
+    /// resetting `last_ack_recv`. When the retransmit timer is armed too, it shows instead.
+    pub keepalive: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,10 +123,12 @@ pub fn cookie_from_id(raw: &[u8; 8]) -> u64 {
 fn from_response(resp: &InetResponse) -> DiagSocket {
     let id = &resp.header.socket_id;
     let mut last_ack_recv_ms = None;
+    let mut last_data_recv_ms = None;
     let mut state = resp.header.state;
     for nla in resp.nlas.iter() {
         if let Nla::TcpInfo(info) = nla {
             last_ack_recv_ms = tcp::tcp_info_u32(info, tcp::TCPI_LAST_ACK_RECV);
+            last_data_recv_ms = tcp::tcp_info_u32(info, tcp::TCPI_LAST_DATA_RECV);
             if let Some(s) = info.get(tcp::TCPI_STATE) {
                 state = *s;
             }
@@ -136,6 +145,11 @@ fn from_response(resp: &InetResponse) -> DiagSocket {
         recv_q: resp.header.recv_queue,
         send_q: resp.header.send_queue,
         last_ack_recv_ms,
+        last_data_recv_ms,
+        keepalive: matches!(
+            resp.header.timer,
+            Some(netlink_packet_sock_diag::inet::Timer::KeepAlive(_))
+        ),
     }
 }
 

@@ -246,6 +246,8 @@ impl Namespaces {
             recv_q: 0,
             send_q: 0,
             last_ack_recv_ms: None,
+            last_data_recv_ms: None,
+            keepalive: false,
         };
         self.destroy(&probe)
     }

@@ -13,6 +13,7 @@ pub const LISTEN: u8 = 10;
 /// Offsets into struct tcp_info (include/uapi/linux/tcp.h) of the fields cwreap reads,
 /// from TCP_INFO and from sock_diag's INET_DIAG_INFO alike.
 pub const TCPI_STATE: usize = 0;
+pub const TCPI_LAST_DATA_RECV: usize = 52;
 pub const TCPI_LAST_ACK_RECV: usize = 56;
 pub const TCPI_RTT: usize = 68;
 pub const TCPI_DELIVERED: usize = 192;

@@ -362,6 +362,8 @@ mod tests {
             recv_q: 0,
             send_q: 0,
             last_ack_recv_ms: age,
+            last_data_recv_ms: None,
+            keepalive: false,
         }
     }
 

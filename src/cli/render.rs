@@ -9,25 +9,8 @@ use serde::Serialize;
 
 use crate::cli::plan::{Closable, HeldSocket, ProcessSummary, Row, Top, close_age_ms};
 use crate::shared::act::ActResult;
+pub use crate::shared::age::human_age;
 use crate::shared::attribute::{Direction, Holder};
-
-/// `1h02m`, `3m05s`, `42s`, `850ms`.
-pub fn human_age(ms: u64) -> String {
-    let s = ms / 1000;
-    if s == 0 {
-        return format!("{ms}ms");
-    }
-    let (d, h, m, sec) = (s / 86_400, (s / 3600) % 24, (s / 60) % 60, s % 60);
-    if d > 0 {
-        format!("{d}d{h:02}h")
-    } else if h > 0 {
-        format!("{h}h{m:02}m")
-    } else if m > 0 {
-        format!("{m}m{sec:02}s")
-    } else {
-        format!("{sec}s")
-    }
-}
 
 /// `ip:port`, IPv6 as `[ip]:port` (SocketAddr's Display does exactly that).
 pub fn addr(a: &SocketAddr) -> String {

@@ -132,6 +132,8 @@ mod tests {
             recv_q: 1,
             send_q: 0,
             last_ack_recv_ms: None,
+            last_data_recv_ms: None,
+            keepalive: false,
         }
     }
 

@@ -1,5 +1,6 @@
 //! What the command line and the daemon both use, along the path of one socket:
 //! - [`attribute`]: which process holds each CLOSE_WAIT socket, through which fd;
+//! - [`age`]: one age for every socket, with its bounds and its source;
 //! - [`selector`]: which sockets a command or a policy target is about;
 //! - [`config`]: the YAML policy, validated in one step;
 //! - [`act`]: duplicate, verify and shut down (or destroy) one socket;
@@ -7,6 +8,7 @@
 //!   (exit code 2), and [`values`]: the value parsers shared by flags and policy keys.
 
 pub mod act;
+pub mod age;
 pub mod attribute;
 pub mod config;
 pub mod selector;

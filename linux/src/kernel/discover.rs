@@ -116,6 +116,8 @@ mod tests {
             recv_q: 1,
             send_q: 0,
             last_ack_recv_ms: Some(10),
+            last_data_recv_ms: None,
+            keepalive: false,
         }
     }
 

@@ -361,6 +361,8 @@ impl FakeKernel {
                 recv_q: if state == tcp::CLOSE_WAIT { 1 } else { 0 },
                 send_q: 0,
                 last_ack_recv_ms: Some(0),
+                last_data_recv_ms: None,
+                keepalive: false,
             };
             let key = key_of(&diag);
             let entered_at = (state == tcp::CLOSE_WAIT).then_some(w.now);
