@@ -6,6 +6,7 @@ use std::time::Duration;
 use cwreap_linux::kernel::SocketFacts;
 use cwreap_linux::tcp;
 
+use crate::shared::age::Age;
 use crate::shared::attribute::{Direction, Holder, Observed, Process, Snapshot};
 use crate::shared::selector::{ProcessFacts, Selector};
 
@@ -59,13 +60,6 @@ impl Filter {
     }
 }
 
-/// Age of a socket in CLOSE_WAIT, as a lower bound: tcp_info `last_ack_recv` (ms since the
-/// last ACK from the peer; the FIN carried the last one unless the peer ACKed data since).
-/// Unknown counts as 0, i.e. young, so a missing value can never make a socket eligible.
-pub fn age_ms(s: &Observed) -> u64 {
-    u64::from(s.diag.last_ack_recv_ms.unwrap_or(0))
-}
-
 /// One line of output: a socket and the holder it is shown under.
 #[derive(Debug)]
 pub struct Row<'a, H> {
@@ -75,7 +69,8 @@ pub struct Row<'a, H> {
     /// Still in the listener's accept queue: no fd refers to it.
     pub unaccepted: bool,
     pub process: Option<&'a Process<H>>,
-    pub age_ms: u64,
+    /// Its time in CLOSE_WAIT; selection takes the lower bound.
+    pub age: Age,
 }
 
 // Manual impls: a Row only borrows, so it is Copy whatever the handle type is.
@@ -102,7 +97,7 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
         }
         // The age filter comes after the count for `min_close_wait`, which (as in the
         // daemon) counts every CLOSE_WAIT socket the selectors match, whatever its age.
-        let age = age_ms(s);
+        let age = s.age;
         let unaccepted = s.unaccepted();
         let chosen = s.owners().iter().find_map(|h| {
             let p = snap.processes.get(&h.pid)?;
@@ -117,14 +112,14 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
                 holder: Some(holder),
                 unaccepted,
                 process: Some(process),
-                age_ms: age,
+                age,
             }),
             None if !filter.selects_processes() => rows.push(Row {
                 socket: s,
                 holder: None,
                 unaccepted,
                 process: None,
-                age_ms: age,
+                age,
             }),
             None => {}
         }
@@ -142,11 +137,12 @@ pub fn select<'a, H>(snap: &'a Snapshot<H>, filter: &Filter) -> Vec<Row<'a, H>> 
         });
     }
     if let Some(min) = filter.older_than {
-        rows.retain(|r| u128::from(r.age_ms) >= min.as_millis());
+        rows.retain(|r| u128::from(r.age.min_ms) >= min.as_millis());
     }
     rows.sort_by(|a, b| {
-        b.age_ms
-            .cmp(&a.age_ms)
+        b.age
+            .min_ms
+            .cmp(&a.age.min_ms)
             .then(a.holder.cmp(&b.holder))
             .then(a.socket.diag.inode.cmp(&b.socket.diag.inode))
     });
@@ -201,13 +197,13 @@ pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
         match out.iter_mut().find(|s| s.pid == p.pid) {
             Some(s) => {
                 s.close_wait += 1;
-                s.oldest_ms = s.oldest_ms.max(r.age_ms);
+                s.oldest_ms = s.oldest_ms.max(r.age.min_ms);
             }
             None => out.push(ProcessSummary {
                 pid: p.pid,
                 comm: p.comm.clone(),
                 close_wait: 1,
-                oldest_ms: r.age_ms,
+                oldest_ms: r.age.min_ms,
                 open_fds: p.open_fds,
                 nofile_soft: p.nofile_soft,
                 top: Top::None,
@@ -384,14 +380,16 @@ mod tests {
         let mut processes = BTreeMap::new();
         processes.insert(10, proc(10, "nginx"));
         processes.insert(20, proc(20, "java"));
-        let obs = |d: DiagSocket, holders: Vec<(i32, i32)>| Observed {
-            diag: d,
-            holders: holders
-                .into_iter()
-                .map(|(pid, fd)| Holder { pid, fd })
-                .collect(),
-            listener: None,
-            direction: crate::shared::attribute::Direction::In,
+        let obs = |d: DiagSocket, holders: Vec<(i32, i32)>| {
+            Observed::new(
+                d,
+                holders
+                    .into_iter()
+                    .map(|(pid, fd)| Holder { pid, fd })
+                    .collect(),
+                None,
+                crate::shared::attribute::Direction::In,
+            )
         };
         Snapshot {
             sockets: vec![
@@ -601,18 +599,20 @@ mod tests {
         use crate::shared::attribute::Direction;
         let mut snap = snapshot();
         snap.processes.retain(|pid, _| *pid == 10);
-        let end = |inode, local: &str, remote: &str, direction| Observed {
-            diag: DiagSocket {
-                local: local.parse().expect("addr"),
-                remote: remote.parse().expect("addr"),
-                ..sock(inode, 1, Some(1_000))
-            },
-            holders: vec![Holder {
-                pid: 10,
-                fd: inode as i32,
-            }],
-            listener: None,
-            direction,
+        let end = |inode, local: &str, remote: &str, direction| {
+            Observed::new(
+                DiagSocket {
+                    local: local.parse().expect("addr"),
+                    remote: remote.parse().expect("addr"),
+                    ..sock(inode, 1, Some(1_000))
+                },
+                vec![Holder {
+                    pid: 10,
+                    fd: inode as i32,
+                }],
+                None,
+                direction,
+            )
         };
         // A pool's 3 ends towards one backend and 1 towards another, beside 2 server ends:
         // the client ends' ephemeral local ports are no place to look.

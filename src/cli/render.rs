@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::cli::plan::{Closable, HeldSocket, ProcessSummary, Row, Top, close_age_ms};
 use crate::shared::act::ActResult;
+use crate::shared::age::Age;
 pub use crate::shared::age::human_age;
 use crate::shared::attribute::{Direction, Holder};
 
@@ -59,6 +60,10 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
+/// How far apart an age's bounds must be before a table shows the range: closer than this,
+/// the lower bound alone says enough.
+pub const AGE_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The cells of one socket, shared by scan and reap tables.
 fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
     let d = &r.socket.diag;
@@ -80,7 +85,7 @@ fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
         addr(&d.local),
         addr(&d.remote),
         r.socket.direction.as_str().to_string(),
-        human_age(r.age_ms),
+        r.age.display(AGE_RESOLUTION),
         d.recv_q.to_string(),
         d.send_q.to_string(),
         d.netns.to_string(),
@@ -268,7 +273,8 @@ pub struct ScanLine<'a> {
     local: &'a SocketAddr,
     #[serde(serialize_with = "display")]
     remote: &'a SocketAddr,
-    age_ms: u64,
+    #[serde(flatten)]
+    age: Age,
     recv_q: u32,
     send_q: u32,
     netns: u64,
@@ -279,6 +285,10 @@ pub struct ScanLine<'a> {
     holders: &'a [Holder],
     /// `in` for the server's end of a connection, `out` for the client's.
     direction: Direction,
+    /// `CLOSE_WAIT`.
+    state: &'static str,
+    /// A keepalive timer is armed: probes the peer answers reset the lower bound.
+    keepalive: bool,
 }
 
 impl<'a> ScanLine<'a> {
@@ -295,7 +305,7 @@ impl<'a> ScanLine<'a> {
             inode: d.inode,
             local: &d.local,
             remote: &d.remote,
-            age_ms: r.age_ms,
+            age: r.age,
             recv_q: d.recv_q,
             send_q: d.send_q,
             netns: d.netns,
@@ -309,6 +319,8 @@ impl<'a> ScanLine<'a> {
             uid: d.uid,
             holders: &r.socket.holders,
             direction: r.socket.direction,
+            state: cwreap_linux::tcp::state_name(d.state),
+            keepalive: d.keepalive,
         }
     }
 }

@@ -472,7 +472,9 @@ pub(super) fn decision_record(
         ("inode", json!(c.inode)),
         ("local", json!(c.local.to_string())),
         ("remote", json!(c.remote.to_string())),
-        ("age_ms", json!(c.age_ms)),
+        ("age_ms", json!(c.age.min_ms)),
+        ("age_max_ms", json!(c.age.max_ms)),
+        ("age_source", json!(c.age.source.as_str())),
         ("action", json!(d.action.as_str())),
     ] {
         line.insert(key.to_owned(), value);

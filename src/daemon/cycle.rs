@@ -9,13 +9,15 @@ use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
-use cwreap_linux::kernel::{Kernel, ProcRead, SocketKey};
+use cwreap_linux::kernel::{Kernel, ProcRead};
+use cwreap_linux::netlink::DiagSocket;
 
 use crate::daemon::cycle_report::{CycleReport, TargetGauges};
 use crate::daemon::engine::Targets;
 use crate::daemon::policy::{self, Candidate, Decision, Headroom, HeadroomWarning};
 use crate::daemon::tracker::Tracker;
 use crate::shared::act::{self, ActResult, Expected, Outcome, Reason, Via};
+use crate::shared::age::Age;
 use crate::shared::attribute::{Snapshot, process_facts, read_pid_files};
 use crate::shared::config::{Action, Config};
 use crate::shared::selector::{Needs, SocketFacts};
@@ -62,13 +64,12 @@ pub struct Candidates {
     pub selected: HashMap<(i32, usize), usize>,
 }
 
-/// Each attributed socket under the first target that selects it, aged by `age_ms(key,
-/// last_ack_recv_ms)`.
+/// Each attributed socket under the first target that selects it, aged by `age_of`.
 pub fn candidates<H>(
     cfg: &Config,
     snap: &Snapshot<H>,
     targets: &Targets,
-    age_ms: impl Fn(SocketKey, Option<u32>) -> u64,
+    age_of: impl Fn(&DiagSocket) -> Age,
 ) -> Candidates {
     let mut list = Vec::new();
     let mut selected: HashMap<(i32, usize), usize> = HashMap::new();
@@ -96,7 +97,7 @@ pub fn candidates<H>(
             unaccepted: s.unaccepted(),
             local: s.diag.local,
             remote: s.diag.remote,
-            age_ms: age_ms((s.diag.netns, s.diag.cookie), s.diag.last_ack_recv_ms),
+            age: age_of(&s.diag),
             owner_close_wait: 0,
         });
     }
@@ -122,7 +123,7 @@ pub fn gauges<H>(
     for c in candidates {
         if let Some(g) = gauges.get_mut(c.target) {
             g.close_wait += 1;
-            g.oldest_ms = g.oldest_ms.max(c.age_ms);
+            g.oldest_ms = g.oldest_ms.max(c.age.min_ms);
             if tracker.arrived(&c.key()) {
                 g.new_close_wait += 1;
             }
@@ -216,11 +217,13 @@ pub fn log_action(target: &str, d: &Decision, res: &ActResult) {
     let reason = res.reason.as_ref().map_or("", Reason::code);
     if res.outcome == Outcome::Error {
         warn!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode, netns = c.netns, unaccepted = c.unaccepted,
-            local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome, reason,
+            local = %c.local, remote = %c.remote, age_ms = c.age.min_ms, age_max_ms = c.age.max_ms,
+            age_source = c.age.source.as_str(), action, outcome, reason,
             dry_run = d.dry_run, error = detail, "action failed");
     } else {
         info!(target = %target, pid = c.pid, fd = c.fd, comm = %c.comm, inode = c.inode, netns = c.netns, unaccepted = c.unaccepted,
-            local = %c.local, remote = %c.remote, age_ms = c.age_ms, action, outcome, reason,
+            local = %c.local, remote = %c.remote, age_ms = c.age.min_ms, age_max_ms = c.age.max_ms,
+            age_source = c.age.source.as_str(), action, outcome, reason,
             dry_run = d.dry_run, detail, "close_wait action");
     }
 }

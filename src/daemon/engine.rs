@@ -15,7 +15,7 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 use tracing::{error, info, warn};
 
-use cwreap_linux::kernel::{Boottime, Kernel, Linux, SocketKey};
+use cwreap_linux::kernel::{Boottime, Kernel, Linux, SocketKey, key_of};
 
 use crate::daemon::audit::{Auditor, decision_record, target_name, unix_ts};
 use crate::daemon::cycle;
@@ -27,6 +27,7 @@ use crate::daemon::policy::{self, Decision, Headroom, Plan, RateLimiter};
 use crate::daemon::release::{Pending, ReleaseWatch};
 use crate::daemon::tracker::Tracker;
 use crate::shared::act::{ActResult, Outcome, Reason};
+use crate::shared::age::{self, Clues};
 use crate::shared::attribute::Snapshot;
 use crate::shared::config::{Action, Config};
 
@@ -181,8 +182,14 @@ impl<K: Kernel> Daemon<K> {
             self.check_releases(now, &mut report);
             let snap = self.attribute(&pids, &mut report);
             self.step();
-            let found = cycle::candidates(&self.cfg, &snap, &targets, |key, last_ack| {
-                policy::age_ms(self.tracker.first_seen(&key), last_ack, now)
+            let found = cycle::candidates(&self.cfg, &snap, &targets, |diag| {
+                let key = key_of(diag);
+                let clues = Clues::of(
+                    diag,
+                    self.kernel.entered_at(key),
+                    self.tracker.first_seen(&key),
+                );
+                age::age(&clues, now)
             });
             report.candidates = found.list.len();
             cycle::gauges(

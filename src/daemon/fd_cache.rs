@@ -197,12 +197,7 @@ impl<P> FdIndex<P> {
                 // The daemon dumps listeners only where connections wait in an accept
                 // queue, so this is a lower bound of the server ends; nothing acts on it.
                 let direction = Direction::of(&diag, &listeners);
-                Observed {
-                    diag,
-                    holders,
-                    listener,
-                    direction,
-                }
+                Observed::new(diag, holders, listener, direction)
             })
             .collect();
         let processes: BTreeMap<i32, Process<Arc<P>>> = self

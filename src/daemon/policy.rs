@@ -11,6 +11,7 @@ use std::time::Duration;
 use cwreap_linux::kernel::Boottime;
 pub use cwreap_linux::kernel::SocketKey;
 
+use crate::shared::age::Age;
 use crate::shared::attribute::Holder;
 use crate::shared::config::{Action, Config, Escalate};
 use crate::shared::selector::SocketFacts;
@@ -30,8 +31,8 @@ pub struct Candidate {
     pub unaccepted: bool,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    /// Lower bound on time in CLOSE_WAIT (see [`age_ms`]).
-    pub age_ms: u64,
+    /// Time in CLOSE_WAIT: decisions take its lower bound.
+    pub age: Age,
     /// CLOSE_WAIT sockets of this owner that the same target selects (for
     /// `min_close_wait`).
     pub owner_close_wait: usize,
@@ -102,12 +103,17 @@ pub fn decide(
             let Some(t) = cfg.targets.get(c.target) else {
                 return false;
             };
-            u128::from(c.age_ms) >= t.older_than.as_millis()
+            u128::from(c.age.min_ms) >= t.older_than.as_millis()
                 && t.socket_selected(c.local, c.remote)
                 && c.owner_close_wait >= t.min_close_wait as usize
         })
         .collect();
-    eligible.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.cookie.cmp(&b.cookie)));
+    eligible.sort_by(|a, b| {
+        b.age
+            .min_ms
+            .cmp(&a.age.min_ms)
+            .then(a.cookie.cmp(&b.cookie))
+    });
     let mut seen = HashSet::new();
     let mut plan = Plan::default();
     let mut budget = reap_budget;
@@ -133,15 +139,6 @@ pub fn decide(
         });
     }
     plan
-}
-
-/// A socket's age: the larger of two lower bounds, the time since cwreap first saw it in
-/// CLOSE_WAIT and tcp_info `last_ack_recv`.
-pub fn age_ms(first_seen: Option<Boottime>, last_ack_recv_ms: Option<u32>, now: Boottime) -> u64 {
-    let seen = first_seen.map_or(0, |t| {
-        u64::try_from(now.saturating_since(t).as_millis()).unwrap_or(u64::MAX)
-    });
-    seen.max(u64::from(last_ack_recv_ms.unwrap_or(0)))
 }
 
 /// Sliding one-minute window of reaps.
@@ -304,6 +301,7 @@ pub fn escalation(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::age::AgeSource;
     use crate::shared::config;
 
     const POLICY: &str = r#"
@@ -343,7 +341,12 @@ targets:
             unaccepted: false,
             local: "127.0.0.1:8080".parse().expect("addr"),
             remote: remote.parse().expect("addr"),
-            age_ms: age_s * 1000,
+            age: Age {
+                min_ms: age_s * 1000,
+                max_ms: None,
+                source: AgeSource::FirstSeen,
+                keepalive: false,
+            },
             owner_close_wait: 5,
         }
     }
@@ -488,21 +491,6 @@ targets:
         assert_eq!(
             assign(&c, &[], &by_pid, &sock("127.0.0.1:8080", peer)),
             None
-        );
-    }
-
-    #[test]
-    fn ages_take_the_larger_lower_bound() {
-        let t0 = Boottime::from_duration(Duration::from_secs(100));
-        let later = t0.checked_add(Duration::from_secs(30)).expect("time");
-        assert_eq!(age_ms(Some(t0), Some(5_000), later), 30_000);
-        assert_eq!(age_ms(Some(t0), Some(90_000), later), 90_000);
-        assert_eq!(age_ms(Some(later), None, later), 0);
-        assert_eq!(age_ms(None, None, later), 0);
-        assert_eq!(
-            age_ms(Some(later), None, t0),
-            0,
-            "a clock that went back gives 0, not a panic"
         );
     }
 

@@ -19,6 +19,9 @@ use cwreap_linux::netlink::DiagSocket;
 use cwreap_linux::netns::Found;
 use cwreap_linux::procfs::FdTable;
 
+use cwreap_linux::kernel::Boottime;
+
+use crate::shared::age::{self, Age, Clues};
 use crate::shared::selector::{Needs, ProcessFacts, Selector};
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
@@ -56,6 +59,9 @@ pub struct Observed {
     /// The server's end: a LISTEN socket of the same namespace, of any owner, has this
     /// local port on this address or the wildcard one. Otherwise the client's end.
     pub direction: Direction,
+    /// Its time in CLOSE_WAIT, from what sock_diag says; a caller that knows more (the
+    /// daemon's first sight, an event) ages it again ([`crate::shared::age`]).
+    pub age: Age,
 }
 
 /// Which end of a connection a socket is.
@@ -96,6 +102,22 @@ pub struct ListenerRef {
 }
 
 impl Observed {
+    /// A socket as sock_diag reported it, aged from what sock_diag says.
+    pub fn new(
+        diag: DiagSocket,
+        holders: Vec<Holder>,
+        listener: Option<ListenerRef>,
+        direction: Direction,
+    ) -> Observed {
+        Observed {
+            age: age::age(&Clues::of(&diag, None, None), Boottime::default()),
+            diag,
+            holders,
+            listener,
+            direction,
+        }
+    }
+
     /// Never accepted by the application: only SOCK_DESTROY can reach it.
     pub fn unaccepted(&self) -> bool {
         self.diag.inode == 0
@@ -206,12 +228,7 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
                 .map(|diag| {
                     let listener = listener_ref(&diag, &listeners, |_| Vec::new());
                     let direction = Direction::of(&diag, &listeners);
-                    Observed {
-                        diag,
-                        holders: Vec::new(),
-                        listener,
-                        direction,
-                    }
+                    Observed::new(diag, Vec::new(), listener, direction)
                 })
                 .collect(),
             processes: BTreeMap::new(),

@@ -10,8 +10,9 @@ use cwreap_linux::kernel::{Kernel, Linux};
 
 use super::common::{Status, denied_note, observe, stdout_color};
 use crate::cli::args::ScanArgs;
-use crate::cli::plan::{self, Filter};
+use crate::cli::plan::{self, Filter, Row};
 use crate::cli::render;
+use crate::shared::age::AgeSource;
 
 pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
     scan_on(&mut Linux::default(), args, stdout_color(), out, err)
@@ -51,8 +52,9 @@ pub fn scan_on<K: Kernel>(
         writeln!(out)?;
         writeln!(
             out,
-            "{} CLOSE_WAIT socket(s). AGE is a lower bound: time since the peer's last ACK.",
-            rows.len()
+            "{} CLOSE_WAIT socket(s). {}",
+            rows.len(),
+            age_note(&rows)
         )?;
         let st = snap.stats;
         if st.vanished + st.denied > 0 {
@@ -136,4 +138,23 @@ fn empty_message(filter: &Filter, inspected: usize) -> String {
     }
     msg.push('.');
     msg
+}
+
+/// What the AGE column means for these rows: exact, or a lower bound (with its source) and,
+/// where shown, an upper bound; what a `*` says; how to get exact ages.
+fn age_note<H>(rows: &[Row<'_, H>]) -> String {
+    let mut sources: Vec<AgeSource> = rows.iter().map(|r| r.age.source).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    let mut note = match sources.as_slice() {
+        [AgeSource::Event] => "AGE is exact: the kernel's state change.".to_owned(),
+        _ if sources.contains(&AgeSource::LastAck) => "AGE is a lower bound: time since the peer's last ACK (≥); ≤ is an upper bound, the time since data last arrived.".to_owned(),
+        _ => "AGE is a lower bound: time since the daemon first saw it in CLOSE_WAIT (≥); ≤ is an upper bound.".to_owned(),
+    };
+    if rows.iter().any(|r| r.age.keepalive && !r.age.exact()) {
+        note.push_str(
+            " *: keepalive is armed, and the peer's answers to probes reset the lower bound.",
+        );
+    }
+    note
 }
