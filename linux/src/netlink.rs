@@ -34,7 +34,8 @@ use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 use crate::tcp;
 
 mod request;
-use request::{exact_request, request};
+pub use request::Listed;
+use request::{exact_request, inodes_request, request};
 
 /// A dump arrives in datagrams of up to ~32 KiB; a smaller buffer truncates silently.
 const RECV_BUF: usize = 64 * 1024;
@@ -103,6 +104,8 @@ pub struct Expect {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Chunk {
     pub sockets: Vec<DiagSocket>,
+    /// Inodes of the unix sockets a unix dump listed.
+    pub unix_inodes: Vec<u64>,
     /// NLMSG_DONE was seen: the dump is complete.
     pub done: bool,
     /// A message carried NLM_F_DUMP_INTR: the result is inconsistent and must be redone.
@@ -207,6 +210,9 @@ pub fn parse_reply(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpErro
         match msg.payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
                 chunk.sockets.push(from_response(&resp));
+            }
+            NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(resp)) => {
+                chunk.unix_inodes.push(u64::from(resp.header.inode));
             }
             NetlinkPayload::Done(done) => {
                 // The dump's final status: negative when the kernel gave up part way
@@ -481,6 +487,7 @@ impl Diag {
             let useful = !chunk.sockets.is_empty() || chunk.done || chunk.acked;
             idle = if useful { 0 } else { idle + 1 };
             all.sockets.extend(chunk.sockets);
+            all.unix_inodes.extend(chunk.unix_inodes);
             all.interrupted |= chunk.interrupted;
             all.done |= chunk.done;
             all.acked |= chunk.acked;
@@ -531,6 +538,32 @@ impl Diag {
             }
         }
         Err(DumpError::Interrupted(DUMP_RETRIES))
+    }
+
+    /// The inodes of every socket of kind `listed` the kernel lists in this namespace
+    /// (both families for TCP and UDP), retried like a dump when interrupted.
+    pub fn inodes(&mut self, listed: Listed) -> Result<Vec<u64>, DumpError> {
+        let families: &[u8] = match listed {
+            Listed::Unix => &[0],
+            Listed::TcpOthers | Listed::Udp => &[AF_INET, AF_INET6],
+        };
+        let mut out = Vec::new();
+        for &family in families {
+            let mut got = None;
+            for _ in 0..DUMP_RETRIES {
+                let expect = self.next_seq();
+                let req = inodes_request(listed, family, expect.seq);
+                let chunk = self.exchange(&req, expect, |c| c.done)?;
+                if !chunk.interrupted {
+                    got = Some(chunk);
+                    break;
+                }
+            }
+            let chunk = got.ok_or(DumpError::Interrupted(DUMP_RETRIES))?;
+            out.extend(chunk.unix_inodes);
+            out.extend(chunk.sockets.iter().map(|s| s.inode).filter(|i| *i != 0));
+        }
+        Ok(out)
     }
 
     /// One dump; None when the kernel flagged it interrupted.

@@ -118,6 +118,38 @@ impl Namespaces {
         self.dump_with(false)
     }
 
+    /// The inodes of every socket of kind `listed` in every covered namespace. A namespace
+    /// that fails is recorded and skipped, its socket replaced, as for a dump.
+    pub fn live_inodes(
+        &mut self,
+        listed: crate::netlink::Listed,
+    ) -> Result<std::collections::HashSet<u64>, DumpError> {
+        let mut out = std::collections::HashSet::new();
+        let mut broken = Vec::new();
+        let mut last_err = None;
+        let mut ok = 0usize;
+        for (ino, d) in self.diags.iter_mut() {
+            match d.inodes(listed) {
+                Ok(v) => {
+                    ok += 1;
+                    out.extend(v);
+                }
+                Err(e) => {
+                    self.failures.push((*ino, e.to_string()));
+                    broken.push(*ino);
+                    last_err = Some(e);
+                }
+            }
+        }
+        for ino in broken {
+            self.renew(ino);
+        }
+        match last_err {
+            Some(e) if ok == 0 => Err(e),
+            _ => Ok(out),
+        }
+    }
+
     /// [`Namespaces::dump`], with the LISTEN sockets of every namespace that has CLOSE_WAIT
     /// ones (not only of those with sockets still in an accept queue): the command line
     /// tells a server's end of a connection from a client's by them.

@@ -124,6 +124,9 @@ pub struct TcpInfo {
     pub state: u8,
     /// `tcpi_last_ack_recv`: ms since the last ACK from the peer (0 when unknown).
     pub last_ack_recv_ms: u32,
+    /// `tcpi_last_data_recv`: ms since data last arrived (or since the connection was set
+    /// up): an upper bound on the time since the peer's FIN.
+    pub last_data_recv_ms: u32,
     /// `tcpi_rtt`: smoothed RTT in µs; 0 for a socket that never exchanged a segment.
     pub rtt_us: u32,
     /// `tcpi_delivered`: data segments the peer acknowledged, counting the SYN/ACK
@@ -133,11 +136,14 @@ pub struct TcpInfo {
 
 /// Parse the bytes TCP_INFO returned (`buf` is exactly what the kernel wrote).
 pub fn parse_tcp_info(buf: &[u8]) -> Option<TcpInfo> {
-    use crate::tcp::{TCPI_DELIVERED, TCPI_LAST_ACK_RECV, TCPI_RTT, TCPI_STATE, tcp_info_u32};
+    use crate::tcp::{
+        TCPI_DELIVERED, TCPI_LAST_ACK_RECV, TCPI_LAST_DATA_RECV, TCPI_RTT, TCPI_STATE, tcp_info_u32,
+    };
     let u32_at = |off: usize| tcp_info_u32(buf, off).unwrap_or(0);
     Some(TcpInfo {
         state: *buf.get(TCPI_STATE)?,
         last_ack_recv_ms: u32_at(TCPI_LAST_ACK_RECV),
+        last_data_recv_ms: u32_at(TCPI_LAST_DATA_RECV),
         rtt_us: u32_at(TCPI_RTT),
         delivered: u32_at(TCPI_DELIVERED),
     })

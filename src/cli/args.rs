@@ -216,6 +216,7 @@ impl Selectors {
             pids,
             selector,
             pids_from_files,
+            dead: true,
         }
     }
 

@@ -403,6 +403,7 @@ mod tests {
             stats: WalkStats::default(),
             unreadable: Vec::new(),
             denied: Vec::new(),
+            unknown: Vec::new(),
         }
     }
 
@@ -525,6 +526,7 @@ mod tests {
                 tcp: Some(cwreap_linux::sys::TcpInfo {
                     state,
                     last_ack_recv_ms: age_ms,
+                    last_data_recv_ms: age_ms,
                     rtt_us,
                     delivered,
                 }),

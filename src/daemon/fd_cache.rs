@@ -211,6 +211,7 @@ impl<P> FdIndex<P> {
             stats: WalkStats::default(),
             unreadable: Vec::new(),
             denied: Vec::new(),
+            unknown: Vec::new(),
         }
     }
 

@@ -197,6 +197,17 @@ pub struct Snapshot<H> {
     /// Processes in scope whose fd table we were not allowed to read: their sockets show
     /// no owner, and a reap cannot act on them.
     pub denied: Vec<i32>,
+    /// With [`Scope::dead`]: the socket fds of the walked processes whose inode was in no
+    /// CLOSE_WAIT dump, for [`crate::shared::dead`] to tell the dead ones.
+    pub unknown: Vec<SocketFd>,
+}
+
+/// One socket fd of a process: (pid, fd, inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SocketFd {
+    pub pid: i32,
+    pub fd: i32,
+    pub inode: u64,
 }
 
 /// Which processes attribution may look at.
@@ -208,6 +219,10 @@ pub struct Scope {
     pub selector: Selector,
     /// The pids read from the selector's pid files.
     pub pids_from_files: Vec<i32>,
+    /// Look for dead held sockets too: every process in scope is walked (a host-wide walk
+    /// no longer stops once every CLOSE_WAIT socket has an owner), and its socket fds in no
+    /// CLOSE_WAIT dump are kept in [`Snapshot::unknown`].
+    pub dead: bool,
 }
 
 pub struct Attributor<'a, P: ProcRead, O: Effects> {
@@ -235,6 +250,7 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             stats: WalkStats::default(),
             unreadable: Vec::new(),
             denied: Vec::new(),
+            unknown: Vec::new(),
         };
         // Socket inodes, and the inodes of listeners with unaccepted connections.
         let mut by_inode: HashMap<u64, Vec<Slot>> = HashMap::new();
@@ -286,9 +302,10 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
                 continue;
             }
             match self.proc.uid(pid) {
-                Ok(uid) if uids.contains(&uid) => {
+                Ok(uid) if scope.dead || uids.contains(&uid) => {
                     if let Ok(holds) = self.walk(pid, scope, &by_inode, &mut snap, false)
                         && holds > 0
+                        && !scope.dead
                         && !any_unowned(&snap)
                     {
                         return snap;
@@ -302,7 +319,7 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         // the fd over a unix socket) is missed by the uid filter. Walk the rest only when
         // some socket with a file is still unowned.
         for pid in later {
-            if !any_unowned(&snap) {
+            if !scope.dead && !any_unowned(&snap) {
                 break;
             }
             let _ = self.walk(pid, scope, &by_inode, &mut snap, false);
@@ -360,7 +377,12 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         };
         snap.stats.inspected += 1;
         let mut holds = 0usize;
+        let mut unknown = 0usize;
         for &(fd, inode) in &table.sockets {
+            if scope.dead && !by_inode.contains_key(&inode) {
+                snap.unknown.push(SocketFd { pid, fd, inode });
+                unknown += 1;
+            }
             for slot in by_inode.get(&inode).into_iter().flatten() {
                 match *slot {
                     Slot::Socket(i) => snap.sockets[i].holders.push(Holder { pid, fd }),
@@ -373,7 +395,7 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
                 holds += 1;
             }
         }
-        if holds == 0 && !selected {
+        if holds == 0 && unknown == 0 && !selected {
             return Ok(0);
         }
         let comm = match comm {

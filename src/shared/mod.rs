@@ -2,6 +2,7 @@
 //! - [`attribute`]: which process holds each CLOSE_WAIT socket, through which fd;
 //! - [`age`]: one age for every socket, with its bounds and its source;
 //! - [`selector`]: which sockets a command or a policy target is about;
+//! - [`dead`]: dead held sockets: ended connections a process still holds by an fd;
 //! - [`config`]: the YAML policy, validated in one step;
 //! - [`act`]: duplicate, verify and shut down (or destroy) one socket;
 //! - [`usage`]: the error that means "fix the command line, the policy or the privileges"
@@ -11,6 +12,7 @@ pub mod act;
 pub mod age;
 pub mod attribute;
 pub mod config;
+pub mod dead;
 pub mod selector;
 pub mod usage;
 pub mod values;

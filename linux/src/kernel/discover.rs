@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 
 use crate::kernel::clock::Boottime;
-use crate::netlink::{DiagSocket, DumpError};
+use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::Found;
 
 /// A socket's identity while it lives: (network namespace inode, socket cookie). Cookies
@@ -65,6 +65,10 @@ pub trait Discover {
     fn entered_at(&self, key: SocketKey) -> Option<Boottime>;
     /// Namespaces that could not be entered or read since the last call, with why.
     fn take_failures(&mut self) -> Vec<(u64, String)>;
+    /// The inodes of every socket of kind `listed` the kernel lists in the watched
+    /// namespaces: a socket fd whose inode is in none of them, nor in CLOSE_WAIT, may be a
+    /// dead TCP socket (state CLOSE, in no table).
+    fn live_inodes(&mut self, listed: Listed) -> Result<HashSet<u64>, DumpError>;
 }
 
 /// Changes from a series of full dumps: what each dump has that the last one did not, and

@@ -42,6 +42,13 @@ pub trait Effects {
     fn duplicate(&self, process: &Self::Process, fd: i32) -> io::Result<Self::Dup>;
     fn identify(&self, dup: &Self::Dup) -> io::Result<Identity>;
     fn shutdown(&self, dup: &Self::Dup) -> io::Result<()>;
+    /// What a duplicated socket fd is: identity, TCP state and history (tcp_info), and
+    /// addresses. Errors only when it is no socket at all. Unsupported (EOPNOTSUPP) unless
+    /// implemented: shutting a socket down does not need it.
+    fn inspect(&self, dup: &Self::Dup) -> io::Result<SocketFacts> {
+        let _ = dup;
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
     /// Send `signal` to the pinned process (never to a pid reused since). Unsupported
     /// (EOPNOTSUPP) unless implemented: acting on sockets alone does not need it.
     fn signal(&self, process: &Self::Process, signal: i32) -> io::Result<()> {
@@ -122,6 +129,10 @@ impl Effects for RealOs {
 
     fn shutdown(&self, dup: &OwnedFd) -> io::Result<()> {
         sys::shutdown_rdwr(dup.as_fd())
+    }
+
+    fn inspect(&self, dup: &OwnedFd) -> io::Result<SocketFacts> {
+        inspect_socket(dup.as_fd())
     }
 
     fn signal(&self, process: &Pinned, signal: i32) -> io::Result<()> {

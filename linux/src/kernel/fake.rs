@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use crate::kernel::clock::{Boottime, Clock};
 use crate::kernel::discover::{Changes, Diff, Discover, SocketKey, key_of};
-use crate::kernel::effects::{Destroy, Effects, Identity};
+use crate::kernel::effects::{Destroy, Effects, Identity, SocketFacts};
 use crate::kernel::procs::ProcRead;
-use crate::netlink::{DiagSocket, DumpError};
+use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::Found;
 use crate::procfs::{FdTable, Limits};
 use crate::tcp;
@@ -41,12 +41,19 @@ pub enum Call {
     Lookup { key: SocketKey },
     Destroy { key: SocketKey },
     ProveDestroy { netns: u64 },
+    LiveInodes { listed: Listed },
+    Inspect { pid: i32, fd: i32 },
 }
 
 /// What an fd of a scripted process refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fd {
+    /// A TCP socket (see [`World::sockets`]).
     Socket(u64),
+    /// A unix socket: listed by a unix dump.
+    Unix(u64),
+    /// A UDP socket: listed by a UDP dump.
+    Udp(u64),
     /// An epoll instance watching these inodes.
     Epoll(Vec<u64>),
     File,
@@ -126,6 +133,8 @@ impl Process {
 #[derive(Debug, Clone)]
 pub struct Socket {
     pub diag: DiagSocket,
+    /// tcp_info `delivered`: 0 for a socket that never connected.
+    pub delivered: u32,
     /// When it entered CLOSE_WAIT, as an event source would have seen it.
     pub entered_at: Option<Boottime>,
 }
@@ -234,7 +243,10 @@ pub struct FakePin {
 pub struct FakeDup {
     pub pid: i32,
     pub fd: i32,
+    /// The TCP socket's inode; None for anything else.
     pub inode: Option<u64>,
+    /// A unix or UDP socket's inode.
+    pub other: Option<u64>,
 }
 
 fn errno(e: i32) -> io::Error {
@@ -366,8 +378,47 @@ impl FakeKernel {
             };
             let key = key_of(&diag);
             let entered_at = (state == tcp::CLOSE_WAIT).then_some(w.now);
-            w.sockets.insert(key, Socket { diag, entered_at });
+            let delivered = u32::from(state != tcp::LISTEN);
+            w.sockets.insert(
+                key,
+                Socket {
+                    diag,
+                    delivered,
+                    entered_at,
+                },
+            );
             key
+        })
+    }
+
+    /// A connection of `pid` as `fd` that ended while the process still holds the fd: the
+    /// peer's RST moved it to CLOSE, and it is in no dump any more.
+    pub fn dead(&self, pid: i32, fd: i32, local: &str) -> SocketKey {
+        self.socket(pid, Some(fd), local, "0.0.0.0:0", tcp::CLOSE)
+    }
+
+    /// A TCP socket of `pid` as `fd` that was only created (or bound), never connected:
+    /// state CLOSE, in no dump, and `delivered` 0.
+    pub fn never_connected(&self, pid: i32, fd: i32) -> SocketKey {
+        let key = self.socket(pid, Some(fd), "0.0.0.0:0", "0.0.0.0:0", tcp::CLOSE);
+        self.with(|w| {
+            if let Some(s) = w.sockets.get_mut(&key) {
+                s.delivered = 0;
+            }
+        });
+        key
+    }
+
+    /// A unix (or, with `udp`, a UDP) socket of `pid` as `fd`.
+    pub fn other_socket(&self, pid: i32, fd: i32, udp: bool) -> u64 {
+        self.with(|w| {
+            w.next_inode += 1;
+            let inode = w.next_inode;
+            if let Some(p) = w.processes.get_mut(&pid) {
+                p.fds
+                    .insert(fd, if udp { Fd::Udp(inode) } else { Fd::Unix(inode) });
+            }
+            inode
         })
     }
 
@@ -479,6 +530,45 @@ impl Discover for FakeKernel {
     fn take_failures(&mut self) -> Vec<(u64, String)> {
         self.with(|w| std::mem::take(&mut w.failures))
     }
+
+    fn live_inodes(&mut self, listed: Listed) -> Result<HashSet<u64>, DumpError> {
+        self.record(Call::LiveInodes { listed });
+        self.with(|w| {
+            if let Some(e) = w.faults.dumps.pop_front() {
+                return Err(e);
+            }
+            let covered: BTreeSet<u64> = w
+                .covered
+                .iter()
+                .copied()
+                .chain(w.own_covered.then_some(NETNS))
+                .collect();
+            let mut out = HashSet::new();
+            match listed {
+                Listed::TcpOthers => out.extend(
+                    w.sockets
+                        .values()
+                        .filter(|s| covered.contains(&s.diag.netns))
+                        .filter(|s| s.diag.state != tcp::CLOSE_WAIT && s.diag.state != tcp::CLOSE)
+                        .map(|s| s.diag.inode)
+                        .filter(|i| *i != 0),
+                ),
+                Listed::Unix | Listed::Udp => {
+                    for p in w.processes.values().filter(|p| covered.contains(&p.netns)) {
+                        for f in p.fds.values() {
+                            match (listed, f) {
+                                (Listed::Unix, Fd::Unix(i)) | (Listed::Udp, Fd::Udp(i)) => {
+                                    out.insert(*i);
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
 }
 
 impl ProcRead for FakeKernel {
@@ -540,7 +630,9 @@ impl ProcRead for FakeKernel {
             };
             for (fd, f) in &p.fds {
                 match f {
-                    Fd::Socket(inode) => t.sockets.push((*fd, *inode)),
+                    Fd::Socket(inode) | Fd::Unix(inode) | Fd::Udp(inode) => {
+                        t.sockets.push((*fd, *inode))
+                    }
                     Fd::Epoll(_) => t.epoll.push(*fd),
                     Fd::File => {}
                 }
@@ -568,7 +660,7 @@ impl ProcRead for FakeKernel {
         self.with(|w| {
             let p = w.alive(pid).ok_or_else(|| errno(libc::ENOENT))?;
             match p.fds.get(&fd) {
-                Some(Fd::Socket(i)) => Ok(Some(*i)),
+                Some(Fd::Socket(i) | Fd::Unix(i) | Fd::Udp(i)) => Ok(Some(*i)),
                 Some(_) => Ok(None),
                 None => Err(errno(libc::ENOENT)),
             }
@@ -656,18 +748,59 @@ impl Effects for FakeKernel {
                     Fd::Socket(i) => Some(*i),
                     _ => None,
                 },
+                other: match f {
+                    Fd::Unix(i) | Fd::Udp(i) => Some(*i),
+                    _ => None,
+                },
             })
         })
     }
 
     fn identify(&self, dup: &FakeDup) -> io::Result<Identity> {
         self.with(|w| {
+            if dup.other.is_some() {
+                return Err(errno(libc::ENOPROTOOPT));
+            }
             let inode = dup.inode.ok_or_else(|| errno(libc::ENOTSOCK))?;
             let s = w.socket_by_inode(inode).ok_or_else(|| errno(libc::EBADF))?;
             Ok(Identity {
                 inode,
                 cookie: s.diag.cookie,
                 tcp_state: s.diag.state,
+            })
+        })
+    }
+
+    fn inspect(&self, dup: &FakeDup) -> io::Result<SocketFacts> {
+        self.record(Call::Inspect {
+            pid: dup.pid,
+            fd: dup.fd,
+        });
+        self.with(|w| {
+            if let Some(inode) = dup.other {
+                return Ok(SocketFacts {
+                    inode,
+                    cookie: 0,
+                    tcp: None,
+                    local: None,
+                    remote: None,
+                });
+            }
+            let inode = dup.inode.ok_or_else(|| errno(libc::ENOTSOCK))?;
+            let s = w.socket_by_inode(inode).ok_or_else(|| errno(libc::EBADF))?;
+            let connected = s.diag.state != tcp::CLOSE && s.diag.state != tcp::LISTEN;
+            Ok(SocketFacts {
+                inode,
+                cookie: s.diag.cookie,
+                tcp: Some(crate::sys::TcpInfo {
+                    state: s.diag.state,
+                    last_ack_recv_ms: s.diag.last_ack_recv_ms.unwrap_or(0),
+                    last_data_recv_ms: s.diag.last_data_recv_ms.unwrap_or(0),
+                    rtt_us: if s.delivered > 0 { 100 } else { 0 },
+                    delivered: s.delivered,
+                }),
+                local: (s.delivered > 0 || s.diag.state == tcp::LISTEN).then_some(s.diag.local),
+                remote: connected.then_some(s.diag.remote),
             })
         })
     }

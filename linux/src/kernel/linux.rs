@@ -7,7 +7,10 @@ use crate::kernel::clock::{Boottime, Clock, SystemClock};
 use crate::kernel::discover::{Changes, Diff, Discover, SocketKey};
 use crate::kernel::effects::{Destroy, Effects, Identity, Pinned, RealOs};
 use crate::kernel::procs::ProcRead;
-use crate::netlink::{DiagSocket, DumpError};
+use std::collections::HashSet;
+
+use crate::kernel::effects::SocketFacts;
+use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::{Found, Namespaces};
 use crate::procfs::{FdTable, Limits, ProcFs};
 
@@ -86,6 +89,10 @@ impl Discover for Linux {
     fn take_failures(&mut self) -> Vec<(u64, String)> {
         std::mem::take(&mut self.namespaces.failures)
     }
+
+    fn live_inodes(&mut self, listed: Listed) -> Result<HashSet<u64>, DumpError> {
+        self.namespaces.live_inodes(listed)
+    }
 }
 
 impl ProcRead for Linux {
@@ -160,6 +167,9 @@ impl Effects for Linux {
     }
     fn shutdown(&self, dup: &Self::Dup) -> io::Result<()> {
         self.os.shutdown(dup)
+    }
+    fn inspect(&self, dup: &Self::Dup) -> io::Result<SocketFacts> {
+        self.os.inspect(dup)
     }
     fn signal(&self, process: &Pinned, signal: i32) -> io::Result<()> {
         self.os.signal(process, signal)

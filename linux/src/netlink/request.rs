@@ -4,8 +4,9 @@
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::unix::{self, UnixRequest};
 use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
 
 use super::DiagSocket;
@@ -31,6 +32,57 @@ pub(super) fn request(family: u8, states: StateFlags, seq: u32) -> Vec<u8> {
         })
         .into(),
     );
+    packet.finalize();
+    let mut buf = vec![0u8; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    buf
+}
+
+/// The sockets a dump of [`inodes_request`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
+    /// TCP sockets in every state but CLOSE_WAIT (CLOSE sockets are in no table, so in no
+    /// dump).
+    TcpOthers,
+    Udp,
+    Unix,
+}
+
+/// A dump of every socket of a kind (both families for TCP and UDP), without tcp_info: an
+/// inode list, to tell which socket fds of a process are sockets the kernel still lists.
+pub(super) fn inodes_request(listed: Listed, family: u8, seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let message = match listed {
+        Listed::Unix => SockDiagMessage::UnixRequest(UnixRequest {
+            // Every state: unconnected datagram and unbound sockets report TCP_CLOSE.
+            state_flags: unix::StateFlags::from_bits_retain(u32::MAX),
+            inode: 0,
+            show_flags: unix::ShowFlags::empty(),
+            cookie: [0xff; 8],
+        }),
+        Listed::TcpOthers | Listed::Udp => SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: if listed == Listed::Udp {
+                IPPROTO_UDP
+            } else {
+                IPPROTO_TCP
+            },
+            extensions: ExtensionFlags::empty(),
+            states: if listed == Listed::Udp {
+                StateFlags::all()
+            } else {
+                StateFlags::all().difference(StateFlags::CLOSE_WAIT)
+            },
+            socket_id: if family == AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            },
+        }),
+    };
+    let mut packet = NetlinkMessage::new(header, message.into());
     packet.finalize();
     let mut buf = vec![0u8; packet.buffer_len()];
     packet.serialize(&mut buf);
