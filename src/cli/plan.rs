@@ -73,6 +73,13 @@ pub struct Row<'a, H> {
     pub age: Age,
 }
 
+impl<H> Row<'_, H> {
+    /// A dead held socket (state CLOSE): the connection ended, an fd still holds it.
+    pub fn dead(&self) -> bool {
+        self.socket.diag.state == cwreap_linux::tcp::CLOSE
+    }
+}
+
 // Manual impls: a Row only borrows, so it is Copy whatever the handle type is.
 impl<H> Clone for Row<'_, H> {
     fn clone(&self) -> Self {
@@ -155,6 +162,8 @@ pub struct ProcessSummary {
     pub pid: i32,
     pub comm: String,
     pub close_wait: usize,
+    /// Dead held sockets (state CLOSE) of the process.
+    pub dead: usize,
     pub oldest_ms: u64,
     pub open_fds: usize,
     pub nofile_soft: Option<u64>,
@@ -193,8 +202,12 @@ pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
         std::collections::HashMap::new();
     for r in rows {
         let Some(p) = r.process else { continue };
-        per_pid.entry(p.pid).or_default().push(r);
+        let dead = r.dead();
+        if !dead {
+            per_pid.entry(p.pid).or_default().push(r);
+        }
         match out.iter_mut().find(|s| s.pid == p.pid) {
+            Some(s) if dead => s.dead += 1,
             Some(s) => {
                 s.close_wait += 1;
                 s.oldest_ms = s.oldest_ms.max(r.age.min_ms);
@@ -202,8 +215,9 @@ pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
             None => out.push(ProcessSummary {
                 pid: p.pid,
                 comm: p.comm.clone(),
-                close_wait: 1,
-                oldest_ms: r.age.min_ms,
+                close_wait: usize::from(!dead),
+                dead: usize::from(dead),
+                oldest_ms: if dead { 0 } else { r.age.min_ms },
                 open_fds: p.open_fds,
                 nofile_soft: p.nofile_soft,
                 top: Top::None,
@@ -233,20 +247,26 @@ pub fn summarize<H>(rows: &[Row<'_, H>]) -> Vec<ProcessSummary> {
             ))
         };
     }
-    out.sort_by(|a, b| b.close_wait.cmp(&a.close_wait).then(a.pid.cmp(&b.pid)));
+    out.sort_by(|a, b| {
+        (b.close_wait + b.dead)
+            .cmp(&(a.close_wait + a.dead))
+            .then(a.pid.cmp(&b.pid))
+    });
     out
 }
 
 /// Which rows a reap acts on, oldest first, at most `max`. Shutdown needs an owner, so
 /// without `destroy` rows nobody holds are left out (and counted); SOCK_DESTROY reaches
-/// every socket. Returns (to act on, matched but left out).
+/// every socket. Dead held sockets are never planned: their connection already ended, and
+/// only close() frees them. Returns (to act on, matched but left out for want of an
+/// owner).
 pub fn plan_reap<'a, 'r, H>(
     rows: &'r [Row<'a, H>],
     max: Option<usize>,
     destroy: bool,
 ) -> (Vec<&'r Row<'a, H>>, usize) {
-    let reachable = |r: &&Row<'a, H>| destroy || r.holder.is_some();
-    let left_out = rows.iter().filter(|r| !reachable(r)).count();
+    let reachable = |r: &&Row<'a, H>| !r.dead() && (destroy || r.holder.is_some());
+    let left_out = rows.iter().filter(|r| !r.dead() && !reachable(r)).count();
     let planned = rows.iter().filter(reachable);
     let planned = match max {
         Some(n) => planned.take(n).collect(),

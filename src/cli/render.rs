@@ -83,8 +83,13 @@ fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
             .map_or_else(|| "-".to_string(), |p| p.comm.clone()),
         d.inode.to_string(),
         addr(&d.local),
-        addr(&d.remote),
+        if r.dead() {
+            "-".to_string()
+        } else {
+            addr(&d.remote)
+        },
         r.socket.direction.as_str().to_string(),
+        cwreap_linux::tcp::state_name(d.state).to_string(),
         r.age.display(AGE_RESOLUTION),
         d.recv_q.to_string(),
         d.send_q.to_string(),
@@ -92,14 +97,15 @@ fn socket_cells<H>(r: &Row<'_, H>) -> Vec<String> {
     ]
 }
 
-const SOCKET_HEADER: [&str; 11] = [
-    "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "DIR", "AGE", "RECV-Q", "SEND-Q", "NETNS",
+const SOCKET_HEADER: [&str; 12] = [
+    "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "DIR", "STATE", "AGE", "RECV-Q", "SEND-Q",
+    "NETNS",
 ];
 
 pub fn scan_table<H>(rows: &[Row<'_, H>], color: bool) -> String {
     let cells: Vec<Vec<String>> = rows.iter().map(socket_cells).collect();
     paint(
-        table(&SOCKET_HEADER, &cells, &[0, 1, 3, 7, 8, 9]),
+        table(&SOCKET_HEADER, &cells, &[0, 1, 3, 8, 9, 10]),
         color,
         &[],
     )
@@ -179,6 +185,7 @@ pub fn summary_table(sums: &[ProcessSummary], color: bool) -> String {
                 s.pid.to_string(),
                 s.comm.clone(),
                 s.close_wait.to_string(),
+                s.dead.to_string(),
                 human_age(s.oldest_ms),
                 fd_usage(s.open_fds, s.nofile_soft),
                 top_cell(&s.top),
@@ -191,9 +198,17 @@ pub fn summary_table(sums: &[ProcessSummary], color: bool) -> String {
         .collect();
     paint(
         table(
-            &["PID", "COMM", "CLOSE_WAIT", "OLDEST", "FDS/LIMIT", "TOP"],
+            &[
+                "PID",
+                "COMM",
+                "CLOSE_WAIT",
+                "DEAD",
+                "OLDEST",
+                "FDS/LIMIT",
+                "TOP",
+            ],
             &cells,
-            &[0, 2, 3],
+            &[0, 2, 3, 4],
         ),
         color,
         &levels,
@@ -261,6 +276,16 @@ fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S:
     s.collect_str(v)
 }
 
+fn display_opt<T: std::fmt::Display, S: serde::Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
 /// One `scan --json` line. Serialized straight into the output buffer (no intermediate
 /// JSON tree): the fields of DESIGN.md first, then the extras.
 #[derive(Serialize)]
@@ -271,8 +296,9 @@ pub struct ScanLine<'a> {
     inode: u64,
     #[serde(serialize_with = "display")]
     local: &'a SocketAddr,
-    #[serde(serialize_with = "display")]
-    remote: &'a SocketAddr,
+    /// None for a dead held socket: the kernel names no peer of a CLOSE socket.
+    #[serde(serialize_with = "display_opt")]
+    remote: Option<&'a SocketAddr>,
     #[serde(flatten)]
     age: Age,
     recv_q: u32,
@@ -285,7 +311,7 @@ pub struct ScanLine<'a> {
     holders: &'a [Holder],
     /// `in` for the server's end of a connection, `out` for the client's.
     direction: Direction,
-    /// `CLOSE_WAIT`.
+    /// `CLOSE_WAIT`, or `CLOSE` for a dead held socket.
     state: &'static str,
     /// A keepalive timer is armed: probes the peer answers reset the lower bound.
     keepalive: bool,
@@ -304,7 +330,7 @@ impl<'a> ScanLine<'a> {
             comm: r.process.map(|p| p.comm.as_str()),
             inode: d.inode,
             local: &d.local,
-            remote: &d.remote,
+            remote: (!r.dead()).then_some(&d.remote),
             age: r.age,
             recv_q: d.recv_q,
             send_q: d.send_q,
@@ -436,7 +462,7 @@ pub fn reap_table<H>(done: &[(Row<'_, H>, ActResult)], action: &str) -> String {
         .iter()
         .map(|(r, res)| {
             let mut c = socket_cells(r);
-            c.truncate(8);
+            c.truncate(9);
             c.push(action.to_string());
             c.push(res.outcome.as_str().to_string());
             c.push(res.detail().unwrap_or_default());
@@ -445,11 +471,11 @@ pub fn reap_table<H>(done: &[(Row<'_, H>, ActResult)], action: &str) -> String {
         .collect();
     table(
         &[
-            "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "DIR", "AGE", "ACTION", "OUTCOME",
-            "DETAIL",
+            "PID", "FD", "COMM", "INODE", "LOCAL", "REMOTE", "DIR", "STATE", "AGE", "ACTION",
+            "OUTCOME", "DETAIL",
         ],
         &cells,
-        &[0, 1, 3, 7],
+        &[0, 1, 3, 8],
     )
 }
 
@@ -504,6 +530,7 @@ mod tests {
             pid,
             comm: "app".into(),
             close_wait: 1,
+            dead: 0,
             oldest_ms: 1000,
             open_fds: open,
             nofile_soft: Some(100),

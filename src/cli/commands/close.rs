@@ -46,7 +46,7 @@ pub fn reap_close(
     err: &mut impl Write,
 ) -> Result<Status> {
     let mut k = Linux::default();
-    let (snap, _failures) = observe(&mut k, true, &args.selectors)?;
+    let (snap, _failures, _unprobed) = observe(&mut k, true, &args.selectors)?;
     let held = inspect_held(&k, &snap);
     let filter = args.selectors.filter(Some(older_than));
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));

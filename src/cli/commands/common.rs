@@ -12,6 +12,7 @@ use cwreap_linux::sys::Capability;
 use crate::cli::args::Selectors;
 use crate::cli::render;
 use crate::shared::attribute::{self, Attributor, Snapshot};
+use crate::shared::dead;
 use crate::shared::usage::UsageError;
 
 /// Exit status of a command that ran.
@@ -75,6 +76,26 @@ fn check_unreadable<H>(snap: &Snapshot<H>) -> Result<()> {
 /// Namespaces that could not be entered or dumped, with why: each is a warning.
 pub(crate) type Failures = Vec<(u64, String)>;
 
+/// Processes whose socket fds could not be duplicated to tell dead held sockets (EPERM):
+/// their dead sockets are unknown, never "none".
+pub(crate) type Unprobed = Vec<i32>;
+
+/// The warning for processes whose dead held sockets could not be looked for.
+pub(crate) fn unprobed_note(pids: &[i32]) -> Option<String> {
+    if pids.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = pids.iter().take(5).map(i32::to_string).collect();
+    Some(format!(
+        "warning: dead held sockets (ended connections still held by an fd) of {} process(es) \
+(pid {}{}) are unknown: telling them needs pidfd_getfd, which was refused; {}",
+        pids.len(),
+        shown.join(", "),
+        if pids.len() > 5 { ", ..." } else { "" },
+        missing_ptrace("duplicating their socket fds")
+    ))
+}
+
 /// Everything up to selection, shared by scan, reap and explain: discovery in the network
 /// namespaces of the processes in scope, then attribution. With `pin`, every process read
 /// is pinned first (reap acts through the pin); without, nothing is duplicated.
@@ -82,7 +103,7 @@ pub(crate) fn observe<K: Kernel>(
     k: &mut K,
     pin: bool,
     selectors: &Selectors,
-) -> Result<(Snapshot<K::Process>, Failures)> {
+) -> Result<(Snapshot<K::Process>, Failures, Unprobed)> {
     let scope = selectors.scope();
     match &scope.pids {
         Some(pids) => k.cover(pids, false),
@@ -100,9 +121,19 @@ pub(crate) fn observe<K: Kernel>(
         os: pin.then_some(&*k),
         self_pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
     };
-    let snap = attributor.attribute(found, &scope);
+    let mut snap = attributor.attribute(found, &scope);
     check_unreadable(&snap)?;
-    Ok((snap, failures))
+    let unknown = std::mem::take(&mut snap.unknown);
+    let pins: std::collections::HashMap<i32, &K::Process> = snap
+        .processes
+        .iter()
+        .filter_map(|(pid, p)| p.handle.as_ref().map(|h| (*pid, h)))
+        .collect();
+    let probed = dead::probe(k, &unknown, &|pid| pins.get(&pid).copied())
+        .context("looking for dead held sockets")?;
+    drop(pins);
+    dead::add_to(&mut snap, &probed.dead, &*k);
+    Ok((snap, failures, probed.denied))
 }
 
 pub(crate) fn denied_note(denied: usize) -> Option<String> {

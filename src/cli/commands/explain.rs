@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use cwreap_linux::kernel::{Kernel, Linux, ProcRead};
 
-use super::common::{Status, denied_note, observe};
+use super::common::{Status, denied_note, observe, unprobed_note};
 use crate::cli::args::ExplainArgs;
 use crate::cli::diagnosis::{self, Evidence, ProcessFacts, Sample, Socket};
 use crate::cli::plan::{self, Row};
@@ -50,7 +50,7 @@ pub fn explain_on<K: Kernel>(
             std::thread::sleep(wait);
         }
         let at = start.elapsed();
-        let (snap, failures) = match observe(k, false, &args.selectors) {
+        let (snap, failures, unprobed) = match observe(k, false, &args.selectors) {
             Ok(v) => v,
             // The first look decides the exit code, as for scan; a later one that fails
             // (a --pid process exited) ends the window early.
@@ -64,6 +64,11 @@ pub fn explain_on<K: Kernel>(
                 break;
             }
         };
+        if let Some(note) = unprobed_note(&unprobed)
+            && warned.insert(note.clone())
+        {
+            writeln!(err, "{note}")?;
+        }
         for (_, why) in failures {
             if warned.insert(why.clone()) {
                 writeln!(err, "warning: {why}")?;

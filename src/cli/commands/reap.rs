@@ -11,7 +11,7 @@ use cwreap_linux::kernel::{Effects, Kernel, Linux};
 
 use cwreap_linux::sys::Capability;
 
-use super::common::{FD_TABLE_CAPS, Status, lacking, observe, privilege_error};
+use super::common::{FD_TABLE_CAPS, Status, lacking, observe, privilege_error, unprobed_note};
 use crate::cli::args::ReapArgs;
 use crate::cli::plan::{self, Row};
 use crate::cli::render;
@@ -68,7 +68,10 @@ pub fn reap_on<K: Kernel>(
         return Err(UsageError(what).into());
     }
     let older_than = args.older_than.unwrap_or_default();
-    let (snap, _failures) = observe(k, true, &args.selectors)?;
+    let (snap, _failures, unprobed) = observe(k, true, &args.selectors)?;
+    if let Some(note) = unprobed_note(&unprobed) {
+        writeln!(err, "{note}")?;
+    }
     let filter = args.selectors.filter(Some(older_than));
     let rows = plan::select(&snap, &filter);
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
@@ -129,6 +132,12 @@ pub fn reap_on<K: Kernel>(
         if args.dry_run { " (dry run)" } else { "" },
         done.len()
     );
+    let dead = rows.iter().filter(|r| r.dead()).count();
+    if dead > 0 {
+        footer.push_str(&format!(
+            "; {dead} dead held socket(s) matched: their connection already ended, so there is nothing to shut down, and only close() frees the fd: restart the process, let the daemon's escalations (signal_at) do it, or close them by hand with `cwreap reap --pid PID --close`"
+        ));
+    }
     if unowned > 0 {
         footer.push_str(&format!(
             "; {unowned} matching socket(s) have no owner fd (unreadable process) and were left alone; --destroy can reach them"

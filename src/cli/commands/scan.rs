@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use cwreap_linux::kernel::{Kernel, Linux};
 
-use super::common::{Status, denied_note, observe, stdout_color};
+use super::common::{Status, denied_note, observe, stdout_color, unprobed_note};
 use crate::cli::args::ScanArgs;
 use crate::cli::plan::{self, Filter, Row};
 use crate::cli::render;
@@ -29,7 +29,10 @@ pub fn scan_on<K: Kernel>(
     if let Some(every) = args.watch {
         return watch(k, args, every, color, out, err);
     }
-    let (snap, failures) = observe(k, false, &args.selectors)?;
+    let (snap, failures, unprobed) = observe(k, false, &args.selectors)?;
+    if let Some(note) = unprobed_note(&unprobed) {
+        writeln!(err, "{note}")?;
+    }
     for (_, why) in &failures {
         writeln!(err, "warning: {why}")?;
     }
@@ -50,12 +53,17 @@ pub fn scan_on<K: Kernel>(
             render::summary_table(&plan::summarize(&rows), color)
         )?;
         writeln!(out)?;
-        writeln!(
-            out,
-            "{} CLOSE_WAIT socket(s). {}",
-            rows.len(),
-            age_note(&rows)
-        )?;
+        let dead = rows.iter().filter(|r| r.dead()).count();
+        let live = rows.len() - dead;
+        if dead > 0 {
+            writeln!(
+                out,
+                "{live} CLOSE_WAIT socket(s) and {dead} dead held socket(s) (STATE CLOSE: the connection ended, the fd is still held; only close() or a restart frees it). {}",
+                age_note(&rows)
+            )?;
+        } else {
+            writeln!(out, "{live} CLOSE_WAIT socket(s). {}", age_note(&rows))?;
+        }
         let st = snap.stats;
         if st.vanished + st.denied > 0 {
             writeln!(
@@ -84,7 +92,7 @@ fn watch<K: Kernel>(
     let filter = args.selectors.filter(args.older_than);
     let mut previous: BTreeMap<i32, (usize, usize)> = BTreeMap::new();
     loop {
-        let (snap, failures) = observe(k, false, &args.selectors)?;
+        let (snap, failures, _unprobed) = observe(k, false, &args.selectors)?;
         let rows = plan::select(&snap, &filter);
         let sums = plan::summarize(&rows);
         let view: Vec<render::WatchRow> = sums

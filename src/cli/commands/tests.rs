@@ -208,3 +208,90 @@ fn explain_names_the_bug_class_from_the_receive_queue() {
     assert!(text.contains("not_read"), "recv_q 1 and no epoll: {text}");
     assert_eq!(duplicated(&k), 0, "explain is read-only");
 }
+
+#[test]
+fn dead_held_sockets_are_listed_in_state_close_and_never_reaped() {
+    let mut k = server();
+    k.dead(API, 20, "10.0.0.1:8080");
+    k.dead(API, 21, "10.0.0.1:8080");
+    k.never_connected(API, 22);
+    k.other_socket(API, 23, false);
+    let Command::Scan(args) = parse(&["scan", "--json"]) else {
+        panic!("not scan");
+    };
+    let mut out = Vec::new();
+    scan_on(&mut k, &args, false, &mut out, &mut Vec::new()).expect("scan");
+    let rows = lines(&out);
+    let dead: Vec<&Value> = rows.iter().filter(|r| r["state"] == "CLOSE").collect();
+    assert_eq!(
+        dead.len(),
+        2,
+        "the never-connected and the unix socket are not dead"
+    );
+    assert!(
+        dead.iter()
+            .all(|r| r["remote"].is_null() && r["pid"] == API)
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r["state"] == "CLOSE_WAIT").count(),
+        3
+    );
+
+    let Command::Reap(args) = parse(&["reap", "--pid", "4100", "--older-than", "0s"]) else {
+        panic!("not reap");
+    };
+    let mut out = Vec::new();
+    reap_on(&mut k, &args, &mut out, &mut Vec::new()).expect("reap");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("3 matched, 3 reaped"), "{text}");
+    assert!(text.contains("2 dead held socket(s) matched"), "{text}");
+    assert!(text.contains("--close"), "{text}");
+    assert!(
+        k.shutdowns().iter().all(|(_, fd, _)| *fd < 20),
+        "dead sockets are never shut down: {:?}",
+        k.shutdowns()
+    );
+}
+
+#[test]
+fn a_refused_probe_warns_naming_the_capability_and_never_says_none() {
+    let mut k = server();
+    k.dead(API, 20, "10.0.0.1:8080");
+    k.with(|w| w.faults.duplicate.insert((API, 20), libc::EPERM));
+    let Command::Scan(args) = parse(&["scan", "--json"]) else {
+        panic!("not scan");
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    scan_on(&mut k, &args, false, &mut out, &mut err).expect("scan");
+    let warning = String::from_utf8_lossy(&err);
+    assert!(warning.contains("dead held sockets"), "{warning}");
+    assert!(warning.contains("are unknown"), "{warning}");
+    assert!(warning.contains("pidfd_getfd"), "{warning}");
+    assert!(lines(&out).iter().all(|r| r["state"] == "CLOSE_WAIT"));
+}
+
+#[test]
+fn the_summary_counts_dead_sockets_apart() {
+    let mut k = server();
+    k.dead(API, 20, "10.0.0.1:8080");
+    let Command::Scan(args) = parse(&["scan"]) else {
+        panic!("not scan");
+    };
+    let mut out = Vec::new();
+    scan_on(&mut k, &args, false, &mut out, &mut Vec::new()).expect("scan");
+    let text = String::from_utf8_lossy(&out);
+    let summary = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("4100  api"))
+        .unwrap_or_else(|| panic!("no summary line in:\n{text}"));
+    let cols: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(
+        &cols[..4],
+        ["4100", "api", "3", "1"],
+        "CLOSE_WAIT 3, DEAD 1: {summary}"
+    );
+    assert!(
+        text.contains("3 CLOSE_WAIT socket(s) and 1 dead held socket(s)"),
+        "{text}"
+    );
+}
