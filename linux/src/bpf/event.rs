@@ -64,9 +64,9 @@ impl Event {
     /// The kernel's timestamp (CLOCK_BOOTTIME ns), whatever the kind.
     pub fn ts_ns(&self) -> u64 {
         match *self {
-            Event::Entered { ts_ns, .. } | Event::Left { ts_ns, .. } | Event::Destroyed { ts_ns, .. } => {
-                ts_ns
-            }
+            Event::Entered { ts_ns, .. }
+            | Event::Left { ts_ns, .. }
+            | Event::Destroyed { ts_ns, .. } => ts_ns,
         }
     }
 }

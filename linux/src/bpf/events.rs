@@ -10,7 +10,7 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::BtfTracePoint;
 
-use super::event::{Event, EVENT_LEN, parse_event};
+use super::event::{EVENT_LEN, Event, parse_event};
 use super::load::{self, Unavailable};
 use super::pin::{self, PinOwner};
 
@@ -94,12 +94,14 @@ impl Events {
             PinOwner::prepare(dir)?;
         }
         let page = load::page_size();
-        let ring_bytes = opts.ring_bytes.max(page).checked_next_power_of_two().ok_or_else(|| {
-            Unavailable::Other {
+        let ring_bytes = opts
+            .ring_bytes
+            .max(page)
+            .checked_next_power_of_two()
+            .ok_or_else(|| Unavailable::Other {
                 context: "ring buffer size".into(),
                 error: format!("{} bytes is too large", opts.ring_bytes),
-            }
-        })?;
+            })?;
         let netns = opts.netns.unwrap_or(0);
         let all_destroys = u8::from(opts.all_destroys);
         let mut ebpf = aya::EbpfLoader::new()
@@ -138,8 +140,7 @@ impl Events {
             }
             None => None,
         };
-        let entered =
-            HashMap::try_from(entered_map).map_err(|e| convert(load::MAP_ENTERED, e))?;
+        let entered = HashMap::try_from(entered_map).map_err(|e| convert(load::MAP_ENTERED, e))?;
         Ok(Events {
             _ebpf: ebpf,
             ring,

@@ -52,7 +52,7 @@ pub struct BadOutput(pub usize);
 
 /// Parse everything the iterator wrote, in order.
 pub fn parse_task_sockets(out: &[u8]) -> Result<Vec<TaskSocket>, BadOutput> {
-    if out.len() % TASK_SOCK_LEN != 0 {
+    if !out.len().is_multiple_of(TASK_SOCK_LEN) {
         return Err(BadOutput(out.len()));
     }
     Ok(out

@@ -159,8 +159,8 @@ pub(crate) fn classify(context: &str, err: &(dyn std::error::Error + 'static)) -
         if let Some(io) = e.downcast_ref::<io::Error>()
             && io.raw_os_error() == Some(libc::EPERM)
         {
-            let seccomp = std::fs::read_to_string("/proc/self/status")
-                .is_ok_and(|s| seccomp_filtered(&s));
+            let seccomp =
+                std::fs::read_to_string("/proc/self/status").is_ok_and(|s| seccomp_filtered(&s));
             return Unavailable::Denied {
                 call: format!("{context} ({})", chain(err)),
                 seccomp,

@@ -97,7 +97,9 @@ pub enum NotExact {
     },
     /// The daemon that pinned them is gone (exited, a zombie, or its pid now belongs to
     /// another process): the map stopped changing when it died.
-    #[error("the daemon that pinned the entry times (pid {pid}) is not running: they stopped updating")]
+    #[error(
+        "the daemon that pinned the entry times (pid {pid}) is not running: they stopped updating"
+    )]
     DaemonDead {
         /// Its pid.
         pid: u32,
@@ -319,7 +321,12 @@ impl PinnedAges {
             });
         }
         self.record = rec;
-        judge(&rec, read_stat(rec.pid).as_deref(), boottime_ns(), max_staleness)
+        judge(
+            &rec,
+            read_stat(rec.pid).as_deref(),
+            boottime_ns(),
+            max_staleness,
+        )
     }
 
     /// The daemon record as last read.
@@ -406,8 +413,7 @@ impl PinOwner {
         entered: &MapData,
         mut daemon: Array<MapData, [u8; RECORD_LEN]>,
     ) -> Result<PinOwner, Unavailable> {
-        let (pid, start_ticks) =
-            own_identity().map_err(|e| pin_err("read /proc/self/stat", &e))?;
+        let (pid, start_ticks) = own_identity().map_err(|e| pin_err("read /proc/self/stat", &e))?;
         let entered_map_id = map_id(entered).map_err(|e| pin_err("map info", &e))?;
         let daemon_map_id = map_id(daemon.map()).map_err(|e| pin_err("map info", &e))?;
         let record = DaemonRecord {
@@ -442,7 +448,8 @@ impl PinOwner {
 }
 
 fn pin_replacing(map: &MapData, dir: &Path, name: &str) -> Result<(), Unavailable> {
-    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    // No dot: a BPF filesystem refuses names with one (EPERM), keeping them for its own.
+    let tmp = dir.join(format!("{name}_new_{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     map.pin(&tmp).map_err(|e| pin_err("pin a map", &e))?;
     std::fs::rename(&tmp, dir.join(name)).map_err(|e| {
@@ -532,8 +539,18 @@ mod tests {
         let max = Duration::from_secs(5);
         let dead = |r| matches!(r, Err(NotExact::DaemonDead { pid: 4242 }));
         assert!(dead(judge(&record(), None, now, max)));
-        assert!(dead(judge(&record(), Some(&STAT.replace(") S ", ") Z ")), now, max)));
-        assert!(dead(judge(&record(), Some(&STAT.replace("987654", "987655")), now, max)));
+        assert!(dead(judge(
+            &record(),
+            Some(&STAT.replace(") S ", ") Z ")),
+            now,
+            max
+        )));
+        assert!(dead(judge(
+            &record(),
+            Some(&STAT.replace("987654", "987655")),
+            now,
+            max
+        )));
         assert!(dead(judge(&record(), Some("nonsense"), now, max)));
     }
 
