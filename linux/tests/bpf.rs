@@ -502,6 +502,30 @@ fn burst_every_event_arrives_or_is_counted_lost() {
 // ---- pinning ----
 
 const PIN_CHILD: &str = "CWREAP_BPF_PIN_CHILD";
+const PIN_READER: &str = "CWREAP_BPF_PIN_READER";
+const PIN_TEST: &str = "pinned_ages_are_exact_only_while_the_daemon_lives";
+
+/// This test binary, running only the pinning test, in one of its child roles.
+fn pin_role(role: &str, dir: &Path) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        PIN_TEST,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(role, dir);
+    cmd
+}
+
+/// A reader without privileges, in a child process: prints what PinnedAges::open said.
+fn pin_reader(dir: &Path) {
+    match PinnedAges::open(dir, Duration::from_secs(3600)) {
+        Err(NotExact::Permission { .. }) => println!("cwreap-pin-reader permission"),
+        other => println!("cwreap-pin-reader {other:?}"),
+    }
+}
 
 /// The pinning daemon, in a child process: pins in the directory named by PIN_CHILD,
 /// says `ready`, then beats once per `beat` line on stdin until EOF.
@@ -526,15 +550,7 @@ struct PinDaemon {
 
 impl PinDaemon {
     fn spawn(dir: &Path) -> PinDaemon {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "pinned_ages_are_exact_only_while_the_daemon_lives",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(PIN_CHILD, dir)
+        let mut child = pin_role(PIN_CHILD, dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -586,6 +602,10 @@ fn pinned_ages_are_exact_only_while_the_daemon_lives() {
         pin_child(Path::new(&dir));
         return;
     }
+    if let Some(dir) = std::env::var_os(PIN_READER) {
+        pin_reader(Path::new(&dir));
+        return;
+    }
     let _g = serial();
     let tmp = TempDir::new("pin");
     // In a thread of its own: the private mount namespace (and the bpffs in it) lives as
@@ -623,6 +643,21 @@ fn pinning(tmp: &Path) {
     let mut daemon = PinDaemon::spawn(&dir);
     let mut ages = PinnedAges::open(&dir, long).unwrap();
     assert_eq!(ages.daemon().pid, daemon.pid());
+
+    // A user without access to the BPF filesystem gets a reason, not a wrong answer.
+    let out = {
+        use std::os::unix::process::CommandExt;
+        pin_role(PIN_READER, &dir)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cwreap-pin-reader permission"),
+        "unprivileged reader: {text}"
+    );
 
     // A second daemon may not take the directory over while the first lives.
     match Events::load(&Options {
