@@ -757,13 +757,17 @@ impl Drop for TempDir {
 
 // ---- figures ----
 
-fn rss_kib() -> u64 {
+fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
 }
 
 #[test]
@@ -775,11 +779,15 @@ fn figures_load_cost_and_iterator_against_proc() {
     let events = load(Options::default());
     let load_time = t.elapsed();
     let rss1 = rss_kib();
-    println!(
-        "Events::load (BTF parse, 2 tp_btf programs, 1 MiB ring): {load_time:?}, RSS {rss0} -> {rss1} KiB (+{} KiB)",
-        rss1.saturating_sub(rss0)
-    );
+    let hwm = status_kib("VmHWM:");
+    let (anon1, file1) = (status_kib("RssAnon:"), status_kib("RssFile:"));
     drop(events);
+    let rss2 = rss_kib();
+    println!(
+        "Events::load (kernel BTF parsed, 2 tp_btf programs, 1 MiB ring): {load_time:?}; \
+         RSS {rss0} -> {rss1} KiB while loaded (anon {anon1}, file {file1}; peak {hwm} KiB), \
+         {rss2} KiB after drop (the first load in a process only when run alone)"
+    );
 
     let t = Instant::now();
     let mut iter = SocketIter::load().unwrap();

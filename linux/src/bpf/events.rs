@@ -141,6 +141,10 @@ impl Events {
             None => None,
         };
         let entered = HashMap::try_from(entered_map).map_err(|e| convert(load::MAP_ENTERED, e))?;
+        drop(btf);
+        // Parsing the kernel's BTF (twice: aya's loader parses its own copy) peaks at tens
+        // of MiB of short-lived heap that glibc would otherwise keep.
+        crate::sys::release_free_heap();
         Ok(Events {
             _ebpf: ebpf,
             ring,

@@ -126,6 +126,9 @@ impl SocketIter {
             .map_err(|e| load::classify("iterator program", &e))?;
         prog.load("task_file", &btf)
             .map_err(|e| load::classify("load the task_file iterator", &e))?;
+        drop(btf);
+        // As in Events::load: hand the BTF parse's heap back.
+        crate::sys::release_free_heap();
         Ok(SocketIter {
             ebpf,
             buf: Vec::new(),
