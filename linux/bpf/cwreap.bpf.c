@@ -127,6 +127,9 @@ volatile const __u32 cw_netns_filter = 0;
 /* 1: a destroyed record for every TCP socket; 0: only for sockets in cw_entered. */
 volatile const __u8 cw_all_destroys = 0;
 
+/* The kernel lets only programs with a GPL-compatible license call GPL-only helpers
+ * (bpf_seq_write is one). MIT-licensed code is compatible; "Dual MIT/GPL" is how the
+ * kernel's list of licenses (license_is_gpl_compatible) names it. */
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
 static __always_inline __u32 cw_netns(const struct sock *sk)

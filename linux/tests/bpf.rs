@@ -499,6 +499,55 @@ fn burst_every_event_arrives_or_is_counted_lost() {
     });
 }
 
+const UNPRIVILEGED: &str = "CWREAP_BPF_UNPRIVILEGED";
+
+#[test]
+#[ignore = "needs root: loads BPF programs"]
+fn unprivileged_load_names_the_missing_capabilities() {
+    if std::env::var_os(UNPRIVILEGED).is_some() {
+        let events = Events::load(&Options::default()).map(|_| ());
+        let iter = SocketIter::load().map(|_| ());
+        println!("cwreap-unprivileged events {events:?}");
+        println!("cwreap-unprivileged iter {iter:?}");
+        if let Err(e) = events {
+            println!("cwreap-unprivileged message {e}");
+        }
+        return;
+    }
+    let _g = serial();
+    // A setuid to nobody clears the effective capabilities.
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "unprivileged_load_names_the_missing_capabilities",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(UNPRIVILEGED, "1")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = r#"Err(MissingCapabilities { missing: ["CAP_BPF", "CAP_PERFMON"] })"#;
+    assert!(
+        text.contains(&format!("cwreap-unprivileged events {want}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("cwreap-unprivileged iter {want}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("cwreap-unprivileged message missing CAP_BPF and CAP_PERFMON: loading"),
+        "{text}"
+    );
+}
+
 // ---- pinning ----
 
 const PIN_CHILD: &str = "CWREAP_BPF_PIN_CHILD";

@@ -233,6 +233,11 @@ fn map_id(data: &MapData) -> Result<u32, MapError> {
 
 /// The pinned entry times, vouched for by a live daemon with a recent heartbeat. For the
 /// CLI: exact ages when the daemon is running, a typed reason otherwise.
+///
+/// The reader must see the daemon's pid as the daemon does (the same pid namespace, both
+/// on the host as a rule) and share its CLOCK_BOOTTIME (no time namespace between them);
+/// otherwise it answers [`NotExact::DaemonDead`] or [`NotExact::Stale`], never a wrong
+/// age.
 pub struct PinnedAges {
     dir: PathBuf,
     daemon: Array<MapData, [u8; RECORD_LEN]>,
@@ -426,7 +431,11 @@ impl PinOwner {
             .set(0, record.to_bytes(), 0)
             .map_err(|e| pin_err("write the daemon record", &e))?;
         pin_replacing(entered, dir, PIN_ENTERED)?;
-        pin_replacing(daemon.map(), dir, PIN_DAEMON)?;
+        if let Err(e) = pin_replacing(daemon.map(), dir, PIN_DAEMON) {
+            // An `entered` pin with no record of ours beside it would only confuse readers.
+            let _ = std::fs::remove_file(dir.join(PIN_ENTERED));
+            return Err(e);
+        }
         Ok(PinOwner {
             dir: dir.to_owned(),
             daemon,
