@@ -66,6 +66,9 @@ BPF_DIR := $(CURDIR)/linux/bpf
 BPF_OUT ?= $(BPF_DIR)/cwreap.bpf.o
 
 bpf:
+	@command -v $(BPF_CLANG) >/dev/null && command -v $(BPF_STRIP) >/dev/null || { \
+		echo "make bpf: needs $(BPF_CLANG) and $(BPF_STRIP): apt-get install --no-install-recommends clang-14 llvm-14" >&2; \
+		exit 1; }
 	@out="$(abspath $(BPF_OUT))"; tmp="$$out.tmp.$$$$"; \
 	cd $(BPF_DIR) && \
 	$(BPF_CLANG) -target bpfel -mcpu=v3 -O2 -g -nostdinc -Wall -Werror \
