@@ -3,6 +3,7 @@
 #   make install PREFIX=/usr/local [DESTDIR=/tmp/root]
 #   make deb                  build a .deb (installs cargo-deb first when it is missing)
 #   make uninstall PREFIX=...
+#   make bpf [BPF_OUT=path]   rebuild the checked-in BPF object (needs clang-14; cargo never does)
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 UNITDIR ?= /lib/systemd/system
@@ -10,7 +11,7 @@ DESTDIR ?=
 CARGO ?= cargo
 ASSETS := target/assets
 
-.PHONY: all assets install uninstall deb test clean
+.PHONY: all assets install uninstall deb test clean bpf
 
 all:
 	$(CARGO) build --release --locked --bin cwreap
@@ -54,6 +55,27 @@ deb: assets
 
 test:
 	$(CARGO) test --locked --workspace --no-fail-fast
+
+# The BPF object is checked in and embedded, so cargo never needs clang. This rebuilds it
+# with the pinned compiler (Debian 12's clang-14), reproducibly: it compiles from inside
+# linux/bpf with the directory mapped to `.` (BTF keeps source file names), with no system
+# headers, and strips the DWARF while keeping .BTF and .BTF.ext for CO-RE.
+BPF_CLANG ?= clang-14
+BPF_STRIP ?= llvm-strip-14
+BPF_DIR := $(CURDIR)/linux/bpf
+BPF_OUT ?= $(BPF_DIR)/cwreap.bpf.o
+
+bpf:
+	@command -v $(BPF_CLANG) >/dev/null && command -v $(BPF_STRIP) >/dev/null || { \
+		echo "make bpf: needs $(BPF_CLANG) and $(BPF_STRIP): apt-get install --no-install-recommends clang-14 llvm-14" >&2; \
+		exit 1; }
+	@out="$(abspath $(BPF_OUT))"; tmp="$$out.tmp.$$$$"; \
+	cd $(BPF_DIR) && \
+	$(BPF_CLANG) -target bpfel -mcpu=v3 -O2 -g -nostdinc -Wall -Werror \
+		-fdebug-prefix-map=$(BPF_DIR)=. -fno-ident \
+		-c cwreap.bpf.c -o "$$tmp" && \
+	$(BPF_STRIP) -g "$$tmp" && \
+	mv "$$tmp" "$$out" && echo "bpf: $$out"
 
 clean:
 	$(CARGO) clean

@@ -16,6 +16,8 @@
 //!   hangs) and keeps an append-only line file whole after a crash.
 //! - [`sys`] has the raw calls and capabilities; [`tcp`] the TCP state numbers and names.
 
+/// BPF programs: CLOSE_WAIT events by socket cookie, a socket-fd iterator, pinned ages.
+pub mod bpf;
 pub mod inject;
 pub mod kernel;
 pub mod netlink;
