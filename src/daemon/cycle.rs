@@ -115,6 +115,7 @@ pub fn gauges<H>(
     snap: &Snapshot<H>,
     targets: &Targets,
     candidates: &[Candidate],
+    dead_held: &HashMap<(i32, usize), usize>,
     tracker: &Tracker,
     headroom: &mut Headroom,
     report: &mut CycleReport,
@@ -127,6 +128,11 @@ pub fn gauges<H>(
             if tracker.arrived(&c.key()) {
                 g.new_close_wait += 1;
             }
+        }
+    }
+    for (&(_, t), n) in dead_held {
+        if let Some(g) = gauges.get_mut(t) {
+            g.dead_held += n;
         }
     }
     for (pid, ts) in targets {

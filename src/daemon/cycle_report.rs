@@ -94,6 +94,8 @@ pub struct TargetGauges {
     pub fd_limit: u64,
     /// CLOSE_WAIT sockets that appeared since the last cycle (arrivals, by cookie).
     pub new_close_wait: usize,
+    /// Dead held sockets: connections that ended while the process still holds the fd.
+    pub dead_held: usize,
     /// The process nearest its fd limit: (open fds, soft limit); limit 0 when none is known.
     /// A sum over processes would hide the one about to fail.
     pub fullest: (usize, u64),

@@ -16,10 +16,12 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use cwreap_linux::kernel::{Boottime, Kernel, Linux, SocketKey, key_of};
+use cwreap_linux::netlink::DiagSocket;
 
 use crate::daemon::audit::{Auditor, decision_record, target_name, unix_ts};
 use crate::daemon::cycle;
 use crate::daemon::cycle_report::{CycleReport, ErrorKind, Release};
+use crate::daemon::dead_held::DeadHeld;
 use crate::daemon::escalate::{Budget, Escalations, Round};
 use crate::daemon::fd_cache::{FdIndex, Refresh};
 use crate::daemon::metrics::Health;
@@ -28,7 +30,7 @@ use crate::daemon::release::{Pending, ReleaseWatch};
 use crate::daemon::tracker::Tracker;
 use crate::shared::act::{ActResult, Outcome, Reason};
 use crate::shared::age::{self, Clues};
-use crate::shared::attribute::Snapshot;
+use crate::shared::attribute::{Snapshot, SocketFd};
 use crate::shared::config::{Action, Config};
 
 /// How often discovery takes a full snapshot instead of the changes since the last cycle:
@@ -61,6 +63,16 @@ pub struct Daemon<K: Kernel> {
     progress: Arc<AtomicU64>,
     /// SOCK_DESTROY is unsupported by this kernel (said once).
     destroy_unsupported: bool,
+    /// Dead held sockets of the targets.
+    dead: DeadHeld,
+    /// Sockets that left CLOSE_WAIT this cycle, as last seen: where a socket can have died.
+    left: Vec<DiagSocket>,
+    /// Probe every socket fd of the targets for dead ones this cycle (at start and at each
+    /// reconciliation).
+    probe_all: bool,
+    /// Inodes of sockets cwreap shut down, and when: a dead one among them is
+    /// `reaped_by: cwreap`.
+    reaped: HashMap<u64, Boottime>,
 }
 
 /// Say which targets can never act (an earlier one selects all their sockets).
@@ -109,6 +121,10 @@ impl<K: Kernel> Daemon<K> {
             audit,
             progress: Arc::default(),
             destroy_unsupported: false,
+            dead: DeadHeld::default(),
+            left: Vec::new(),
+            probe_all: true,
+            reaped: HashMap::new(),
         })
     }
 
@@ -182,6 +198,8 @@ impl<K: Kernel> Daemon<K> {
             self.check_releases(now, &mut report);
             let snap = self.attribute(&pids, &mut report);
             self.step();
+            self.find_dead(&snap, &targets, now, &mut report);
+            self.step();
             let found = cycle::candidates(&self.cfg, &snap, &targets, |diag| {
                 let key = key_of(diag);
                 let clues = Clues::of(
@@ -192,11 +210,13 @@ impl<K: Kernel> Daemon<K> {
                 age::age(&clues, now)
             });
             report.candidates = found.list.len();
+            let dead_held = self.dead.per_target(&self.cfg, &targets);
             cycle::gauges(
                 &self.cfg,
                 &snap,
                 &targets,
                 &found.list,
+                &dead_held,
                 &self.tracker,
                 &mut self.headroom,
                 &mut report,
@@ -207,6 +227,7 @@ impl<K: Kernel> Daemon<K> {
                 &snap,
                 &targets,
                 &found.selected,
+                &dead_held,
                 budget.saturating_sub(reaps),
                 stop,
                 &mut report,
@@ -245,21 +266,26 @@ impl<K: Kernel> Daemon<K> {
             .is_none_or(|t| now.saturating_since(t) >= RECONCILE_EVERY);
         let result = if snapshot {
             self.kernel.snapshot(false).map(|f| {
-                self.tracker.reset(f, now);
                 self.last_snapshot = Some(now);
+                self.probe_all = true;
+                self.tracker.reset(f, now)
             })
         } else {
             self.kernel.changes().map(|c| self.tracker.apply(c, now))
         };
-        if let Err(e) = result {
-            // The failed sockets were replaced by fresh ones; their failures are this
-            // error, and must not keep the next cycle from covering those namespaces.
-            error!(error = %e, "sock_diag dump failed; retrying next cycle");
-            report.error(ErrorKind::Netlink);
-            self.kernel.take_failures();
-            self.last_snapshot = None;
-            return false;
-        }
+        let left = match result {
+            Ok(left) => left,
+            Err(e) => {
+                // The failed sockets were replaced by fresh ones; their failures are this
+                // error, and must not keep the next cycle from covering those namespaces.
+                error!(error = %e, "sock_diag dump failed; retrying next cycle");
+                report.error(ErrorKind::Netlink);
+                self.kernel.take_failures();
+                self.last_snapshot = None;
+                return false;
+            }
+        };
+        self.left = left;
         for (ino, why) in self.kernel.take_failures() {
             warn!(netns = ino, error = %why, "sock_diag dump failed in a network namespace");
             report.error(ErrorKind::Netlink);
@@ -269,6 +295,58 @@ impl<K: Kernel> Daemon<K> {
         let tracker = &self.tracker;
         self.handled.retain(|k| tracker.tracks(k));
         true
+    }
+
+    /// Bring the dead held sockets up to date: forget those released, probe the sockets
+    /// that left CLOSE_WAIT while a target holds them, and every socket fd of the targets
+    /// when due.
+    fn find_dead(
+        &mut self,
+        snap: &Snapshot<Arc<K::Process>>,
+        targets: &Targets,
+        now: Boottime,
+        report: &mut CycleReport,
+    ) {
+        self.dead.prune(&self.kernel, targets);
+        self.reaped
+            .retain(|_, at| now.saturating_since(*at) < RECONCILE_EVERY);
+        let close_wait: HashSet<u64> = snap.sockets.iter().map(|s| s.diag.inode).collect();
+        let candidates: Vec<SocketFd> = if self.probe_all {
+            self.cache
+                .socket_fds_all()
+                .into_iter()
+                .filter(|s| !close_wait.contains(&s.inode))
+                .collect()
+        } else {
+            self.left
+                .iter()
+                .filter(|d| d.inode != 0)
+                .flat_map(|d| {
+                    self.cache.holders(d.inode).iter().map(|h| SocketFd {
+                        pid: h.pid,
+                        fd: h.fd,
+                        inode: d.inode,
+                    })
+                })
+                .collect()
+        };
+        let last_seen: HashMap<u64, DiagSocket> =
+            self.left.iter().map(|d| (d.inode, d.clone())).collect();
+        let reaped: HashSet<u64> = self.reaped.keys().copied().collect();
+        match self.dead.probe(
+            &mut self.kernel,
+            snap,
+            &candidates,
+            &last_seen,
+            &reaped,
+            now,
+        ) {
+            Ok(_) => self.probe_all = false,
+            Err(e) => {
+                warn!(error = %e, "looking for dead held sockets failed; trying again next cycle");
+                report.error(ErrorKind::Netlink);
+            }
+        }
     }
 
     /// Attribution from the cache; only changed targets' fd tables are read again.
@@ -419,6 +497,7 @@ impl<K: Kernel> Daemon<K> {
         // Destroy frees the owner's fd slot only when the owner reacts to ECONNABORTED,
         // and shutdown only when it reacts to EPOLLHUP: watch both.
         if res.outcome == Outcome::Reaped && !c.unaccepted {
+            self.reaped.insert(c.inode, now);
             let pin = snap.processes.get(&c.pid).and_then(|p| p.handle.clone());
             self.releases.watch(Pending {
                 target,
@@ -467,6 +546,7 @@ impl<K: Kernel> Daemon<K> {
         snap: &Snapshot<Arc<K::Process>>,
         targets: &Targets,
         selected: &HashMap<(i32, usize), usize>,
+        dead_held: &HashMap<(i32, usize), usize>,
         actions: usize,
         stop: &AtomicBool,
         report: &mut CycleReport,
@@ -474,7 +554,6 @@ impl<K: Kernel> Daemon<K> {
         if stop.load(Ordering::Relaxed) {
             return 0;
         }
-        let still_held = self.releases.still_held(&self.kernel, targets);
         self.step();
         let round = Round {
             kernel: &self.kernel,
@@ -484,7 +563,7 @@ impl<K: Kernel> Daemon<K> {
             snap,
             targets,
             selected,
-            still_held: &still_held,
+            dead_held,
         };
         let mut budget = Budget {
             actions,

@@ -45,8 +45,9 @@ pub struct Round<'a, K: Kernel> {
     pub targets: &'a BTreeMap<i32, Vec<usize>>,
     /// (pid, target) → CLOSE_WAIT sockets it selects this cycle.
     pub selected: &'a HashMap<(i32, usize), usize>,
-    /// (pid, target name) → sockets cwreap shut down that the process still holds.
-    pub still_held: &'a HashMap<(i32, String), usize>,
+    /// (pid, target) → dead held sockets of the process under that target (those cwreap
+    /// shut down and the owner never closed among them).
+    pub dead_held: &'a HashMap<(i32, usize), usize>,
 }
 
 fn limits_json(l: Option<Limits>) -> serde_json::Value {
@@ -80,10 +81,7 @@ impl Escalations {
                 continue;
             };
             let leaking = r.selected.get(&(pid, t)).copied().unwrap_or(0)
-                + r.still_held
-                    .get(&(pid, target.name.clone()))
-                    .copied()
-                    .unwrap_or(0);
+                + r.dead_held.get(&(pid, t)).copied().unwrap_or(0);
             if leaking < target.min_close_wait as usize {
                 continue;
             }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::shared::attribute::{
-    Direction, Holder, Observed, Process, Snapshot, WalkStats, listener_ref, read_fds,
+    Direction, Holder, Observed, Process, Snapshot, SocketFd, WalkStats, listener_ref, read_fds,
 };
 use cwreap_linux::kernel::Effects;
 use cwreap_linux::kernel::ProcRead;
@@ -101,6 +101,26 @@ impl<P> FdIndex<P> {
     /// Whether some target holds the socket with this inode, as far as the index knows.
     pub fn knows(&self, inode: u64) -> bool {
         self.by_inode.contains_key(&inode)
+    }
+
+    /// The target fds that hold the socket with this inode, as far as the index knows.
+    pub fn holders(&self, inode: u64) -> &[Holder] {
+        self.by_inode.get(&inode).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every socket fd of every target, as (pid, fd, inode).
+    pub fn socket_fds_all(&self) -> Vec<SocketFd> {
+        let mut out: Vec<SocketFd> = self
+            .entries
+            .iter()
+            .flat_map(|(&pid, e)| {
+                e.sockets
+                    .iter()
+                    .map(move |&(fd, inode)| SocketFd { pid, fd, inode })
+            })
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     fn update<O: Effects<Process = P>>(

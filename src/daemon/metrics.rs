@@ -72,6 +72,7 @@ struct Inner {
     fd_limit: Family<TargetLabels, Gauge>,
     new_close_wait: Family<TargetLabels, Counter>,
     fd_usage: Family<TargetLabels, GaugeF>,
+    dead_held: Family<TargetLabels, Gauge>,
     cycle_duration: Histogram,
     cycle_errors: Family<ErrorLabels, Counter>,
     last_cycle: GaugeF,
@@ -166,6 +167,12 @@ impl Metrics {
             "Open fds / soft RLIMIT_NOFILE of the target's process nearest its limit (0 when none is known)",
             fd_usage.clone(),
         );
+        let dead_held = Family::default();
+        registry.register(
+            "cwreap_dead_sockets_held",
+            "Dead held sockets of the target: connections that ended (state CLOSE, in no sock_diag dump) whose fd a process still holds; only close() or a restart frees them",
+            dead_held.clone(),
+        );
         let cycle_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "cwreap_cycle_duration_seconds",
@@ -236,6 +243,7 @@ impl Metrics {
                 fd_limit,
                 new_close_wait,
                 fd_usage,
+                dead_held,
                 cycle_duration,
                 cycle_errors,
                 last_cycle,
@@ -271,6 +279,7 @@ impl Metrics {
         m.open_fds.clear();
         m.fd_limit.clear();
         m.fd_usage.clear();
+        m.dead_held.clear();
         for (name, g) in &report.targets {
             let l = TargetLabels {
                 target: name.clone(),
@@ -280,6 +289,9 @@ impl Metrics {
             m.open_fds.get_or_create(&l).set(g.open_fds as i64);
             m.fd_limit.get_or_create(&l).set(g.fd_limit as i64);
             m.fd_usage.get_or_create(&l).set(g.fd_usage_ratio());
+            m.dead_held
+                .get_or_create(&l)
+                .set(i64::try_from(g.dead_held).unwrap_or(i64::MAX));
             m.new_close_wait
                 .get_or_create(&l)
                 .inc_by(g.new_close_wait as u64);
@@ -481,6 +493,7 @@ mod tests {
                 open_fds: 40,
                 fd_limit: 1024,
                 new_close_wait: 2,
+                dead_held: 4,
                 fullest: (30, 120),
             },
         );
@@ -502,6 +515,7 @@ mod tests {
             "cwreap_process_fd_limit{target=\"api\"} 1024",
             "cwreap_close_wait_new_total{target=\"api\"} 4",
             "cwreap_process_fd_usage_ratio{target=\"api\"} 0.25",
+            "cwreap_dead_sockets_held{target=\"api\"} 4",
             "cwreap_cycle_errors_total{kind=\"netlink\"} 2",
             "cwreap_escalations_total{target=\"api\",kind=\"signal\"} 2",
             "cwreap_cycle_duration_seconds_count 2",

@@ -4,6 +4,8 @@
 //!   [`cycle`]: the steps that need no state; [`policy`]: the pure decision;
 //! - [`tracker`]: the CLOSE_WAIT sockets discovery reported, with when each was first
 //!   seen; [`fd_cache`]: every socket fd of the targets, kept between cycles;
+//! - [`dead_held`]: the dead held sockets of the targets (ended connections whose fd is
+//!   still held);
 //! - [`release`]: after a shutdown, whether the owner released the fd;
 //!   [`escalate`]: raising fd limits and signalling leaking processes;
 //! - [`audit`]: the JSON Lines audit log, its writer thread and the intent records;
@@ -23,6 +25,7 @@ pub mod audit;
 pub mod audit_file;
 pub mod cycle;
 pub mod cycle_report;
+pub mod dead_held;
 pub mod engine;
 pub mod escalate;
 pub mod fd_cache;

@@ -1,9 +1,8 @@
 //! After a shutdown: did the owner release the fd? [`ReleaseWatch`] owns the sockets
 //! cwreap shut down and is waiting on: `released` as soon as the owner lets go,
-//! `still_held` after a grace period. Still-held sockets of escalating targets are kept
-//! for as long as the owner holds them: they count as leaking (see [`super::escalate`]).
+//! `still_held` after a grace period. A socket still held is a dead held socket, counted
+//! as leaking for as long as the owner holds it ([`super::dead_held`]).
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,17 +36,15 @@ pub struct Verdict {
     pub waited: Duration,
 }
 
-/// The sockets waiting for a verdict, and those still held after it.
+/// The sockets waiting for a verdict.
 pub struct ReleaseWatch<P> {
     pending: Vec<Pending<P>>,
-    held: Vec<Pending<P>>,
 }
 
 impl<P> Default for ReleaseWatch<P> {
     fn default() -> Self {
         ReleaseWatch {
             pending: Vec::new(),
-            held: Vec::new(),
         }
     }
 }
@@ -71,8 +68,8 @@ impl<P> ReleaseWatch<P> {
     }
 
     /// Verdicts due now: `released` as soon as the owner let go; `still_held` once the
-    /// grace period (one interval, at least 1 s) is over. Still-held sockets of targets
-    /// with `escalate` are kept (see [`Self::still_held`]).
+    /// grace period (one interval, at least 1 s) is over. A still-held socket is a dead
+    /// held one from then on ([`crate::daemon::dead_held`]).
     pub fn check<K: ProcRead + Effects<Process = P>>(
         &mut self,
         k: &K,
@@ -100,31 +97,6 @@ impl<P> ReleaseWatch<P> {
                 result,
                 waited,
             });
-            let escalates = cfg
-                .targets
-                .iter()
-                .any(|t| t.name == p.target && t.escalate.any());
-            if result == Release::StillHeld && escalates {
-                self.held.push(p);
-            }
-        }
-        out
-    }
-
-    /// Per (pid, target name): the sockets cwreap shut down that the owner still holds,
-    /// among processes in `targets`. Those no longer held, or of processes no longer
-    /// targeted, are forgotten.
-    pub fn still_held<K: ProcRead + Effects<Process = P>, V>(
-        &mut self,
-        k: &K,
-        targets: &BTreeMap<i32, V>,
-    ) -> HashMap<(i32, String), usize> {
-        let mut out: HashMap<(i32, String), usize> = HashMap::new();
-        for p in std::mem::take(&mut self.held) {
-            if targets.contains_key(&p.pid) && owner_holds(k, &p, false) {
-                *out.entry((p.pid, p.target.clone())).or_default() += 1;
-                self.held.push(p);
-            }
         }
         out
     }

@@ -1466,3 +1466,161 @@ fn keys_of_the_double_are_the_keys_the_daemon_tracks() {
     assert_eq!(key_of(&diag), s);
     assert_eq!(s.0, NETNS);
 }
+
+// ---------------------------------------------------------------------------------------
+// Dead held sockets and honest ages.
+
+fn reset_by_peer(w: &mut World) {
+    for s in w.sockets.values_mut() {
+        if s.diag.state == tcp::CLOSE_WAIT {
+            s.diag.state = tcp::CLOSE;
+        }
+    }
+}
+
+#[test]
+fn a_close_wait_socket_that_dies_while_held_is_a_dead_held_socket_until_closed() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    let r = cycle(&mut d);
+    assert_eq!(r.targets["api"].dead_held, 0);
+    // The peer's RST (keepalive, after its FIN_WAIT2 timed out): CLOSE, out of every dump.
+    d.kernel().with(reset_by_peer);
+    let (r, events) = {
+        d.kernel().advance(Duration::from_secs(5));
+        cycle_logged(&mut d)
+    };
+    assert_eq!(r.close_wait, 0);
+    assert_eq!(r.targets["api"].dead_held, 1);
+    let found = messages(
+        &events,
+        "dead held socket: the connection ended, the process still holds its fd (only close() or a restart frees it)",
+    );
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0]["reaped_by"], "peer");
+    assert_eq!(found[0]["fd"], 7);
+    assert_eq!(after(&mut d, 5).targets["api"].dead_held, 1, "still held");
+    d.kernel().close_fd(API, 7);
+    assert_eq!(after(&mut d, 5).targets["api"].dead_held, 0, "closed: gone");
+}
+
+#[test]
+fn sockets_dead_before_the_daemon_started_are_found_at_its_first_cycle() {
+    let k = with_process(API, "api");
+    k.dead(API, 7, LOCAL);
+    k.dead(API, 8, LOCAL);
+    k.never_connected(API, 9);
+    k.other_socket(API, 10, false);
+    k.listener(API, 3, "10.0.0.1:8080");
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    let r = cycle(&mut d);
+    assert_eq!(
+        r.targets["api"].dead_held, 2,
+        "never connected, unix and listener are not dead"
+    );
+    d.kernel().clear_calls();
+    after(&mut d, 5);
+    assert!(
+        !d.kernel()
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Duplicate { .. })),
+        "no socket left CLOSE_WAIT: nothing is probed again until the reconciliation"
+    );
+}
+
+#[test]
+fn a_socket_cwreap_shut_down_that_the_owner_keeps_is_dead_held_reaped_by_cwreap() {
+    let k = with_process(API, "api");
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+    cycle(&mut d);
+    assert_eq!(reaped(&after(&mut d, 2), "api"), 1);
+    d.kernel().advance(Duration::from_secs(5));
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(r.targets["api"].dead_held, 1);
+    let found = events
+        .iter()
+        .find(|e| e["reaped_by"].is_string())
+        .expect("logged");
+    assert_eq!(found["reaped_by"], "cwreap");
+}
+
+#[test]
+fn dead_held_sockets_count_toward_escalations() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(950).limits(1000, 1000));
+    for fd in 10..13 {
+        k.dead(API, fd, LOCAL);
+    }
+    let t = "name: api\nmatch: {pid: 100}\nolder_than: 1h\naction: shutdown\nmin_close_wait: 3\nescalate: {signal_at: 95%}";
+    let mut d = daemon(k, &policy("", &[t]));
+    let r = cycle(&mut d);
+    assert_eq!(r.close_wait, 0, "not one CLOSE_WAIT socket");
+    assert_eq!(
+        d.kernel().signals(),
+        [(API, libc::SIGTERM)],
+        "three dead held ones leak"
+    );
+}
+
+#[test]
+fn exact_ages_from_an_event_source_are_used_and_named() {
+    let dir = scratch("audit-exact");
+    let path = dir.join("audit.jsonl");
+    let k = with_process(API, "api");
+    k.with(|w| w.exact_ages = true);
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    k.advance(Duration::from_secs(40));
+    let y = policy(
+        &format!("audit_log: {}\n", path.display()),
+        &[&on_pid("api", API, "30s")],
+    );
+    let mut d = daemon(k, &y);
+    let r = cycle(&mut d);
+    assert_eq!(
+        reaped(&r, "api"),
+        1,
+        "40 s in CLOSE_WAIT, known exactly at the first look"
+    );
+    let recs = audit_records(&path, &d);
+    let action = recs
+        .iter()
+        .find(|r| r["event"] == "action")
+        .expect("action");
+    assert_eq!(action["age_source"], "event");
+    assert_eq!(action["age_ms"], 40_000);
+    assert_eq!(action["age_max_ms"], 40_000);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_events_the_first_look_only_knows_the_last_ack_and_says_so() {
+    let dir = scratch("audit-estimate");
+    let path = dir.join("audit.jsonl");
+    let k = with_process(API, "api");
+    let s = k.close_wait(API, 7, LOCAL, &remote(1));
+    k.with(|w| {
+        if let Some(x) = w.sockets.get_mut(&s) {
+            x.diag.last_ack_recv_ms = Some(35_000);
+            x.diag.last_data_recv_ms = Some(90_000);
+            x.diag.keepalive = true;
+        }
+    });
+    let y = policy(
+        &format!("audit_log: {}\n", path.display()),
+        &[&on_pid("api", API, "30s")],
+    );
+    let mut d = daemon(k, &y);
+    cycle(&mut d);
+    let recs = audit_records(&path, &d);
+    let action = recs
+        .iter()
+        .find(|r| r["event"] == "action")
+        .expect("action");
+    assert_eq!(action["age_source"], "last_ack");
+    assert_eq!(action["age_ms"], 35_000);
+    assert_eq!(action["age_max_ms"], 90_000);
+    let _ = std::fs::remove_dir_all(&dir);
+}

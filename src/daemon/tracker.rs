@@ -26,15 +26,15 @@ pub struct Tracker {
 
 impl Tracker {
     /// Take a full view: sockets not in it are gone; those still there keep their first
-    /// sight.
-    pub fn reset(&mut self, found: Found, now: Boottime) {
+    /// sight. Returns the sockets that left, as last seen.
+    pub fn reset(&mut self, found: Found, now: Boottime) -> Vec<DiagSocket> {
         self.observed += 1;
         let mut next = HashMap::with_capacity(found.close_wait.len());
         for diag in found.close_wait {
             let key = key_of(&diag);
             let (first_seen, since) = self
                 .sockets
-                .get(&key)
+                .remove(&key)
                 .map_or((now, self.observed), |t| (t.first_seen, t.since));
             next.insert(
                 key,
@@ -45,15 +45,21 @@ impl Tracker {
                 },
             );
         }
+        let left = self.sockets.drain().map(|(_, t)| t.diag).collect();
         self.sockets = next;
         self.listeners = found.listeners;
+        left
     }
 
-    /// Apply what changed since the last observation.
-    pub fn apply(&mut self, changes: Changes, now: Boottime) {
+    /// Apply what changed since the last observation. Returns the sockets that left
+    /// CLOSE_WAIT, as last seen.
+    pub fn apply(&mut self, changes: Changes, now: Boottime) -> Vec<DiagSocket> {
         self.observed += 1;
+        let mut left = Vec::new();
         for key in changes.left.iter().chain(changes.ended.iter()) {
-            self.sockets.remove(key);
+            if let Some(t) = self.sockets.remove(key) {
+                left.push(t.diag);
+            }
         }
         for diag in changes.refreshed {
             match self.sockets.get_mut(&key_of(&diag)) {
@@ -65,6 +71,7 @@ impl Tracker {
             self.insert(diag, now);
         }
         self.listeners = changes.listeners;
+        left
     }
 
     fn insert(&mut self, diag: DiagSocket, now: Boottime) {
