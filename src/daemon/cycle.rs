@@ -62,6 +62,8 @@ pub fn match_processes(k: &impl ProcRead, cfg: &Config, self_pid: i32) -> io::Re
 pub struct Candidates {
     pub list: Vec<Candidate>,
     pub selected: HashMap<(i32, usize), usize>,
+    /// Per (pid, target): its dead held sockets (filled in by the caller).
+    pub dead_held: HashMap<(i32, usize), usize>,
 }
 
 /// Each attributed socket under the first target that selects it, aged by `age_of`.
@@ -104,7 +106,11 @@ pub fn candidates<H>(
     for c in &mut list {
         c.owner_close_wait = selected.get(&(c.pid, c.target)).copied().unwrap_or(0);
     }
-    Candidates { list, selected }
+    Candidates {
+        list,
+        selected,
+        dead_held: HashMap::new(),
+    }
 }
 
 /// Per target: the CLOSE_WAIT sockets it selects and the oldest of them; the open fds and
@@ -114,14 +120,13 @@ pub fn gauges<H>(
     cfg: &Config,
     snap: &Snapshot<H>,
     targets: &Targets,
-    candidates: &[Candidate],
-    dead_held: &HashMap<(i32, usize), usize>,
+    found: &Candidates,
     tracker: &Tracker,
     headroom: &mut Headroom,
     report: &mut CycleReport,
 ) {
     let mut gauges = vec![TargetGauges::default(); cfg.targets.len()];
-    for c in candidates {
+    for c in &found.list {
         if let Some(g) = gauges.get_mut(c.target) {
             g.close_wait += 1;
             g.oldest_ms = g.oldest_ms.max(c.age.min_ms);
@@ -130,7 +135,7 @@ pub fn gauges<H>(
             }
         }
     }
-    for (&(_, t), n) in dead_held {
+    for (&(_, t), n) in &found.dead_held {
         if let Some(g) = gauges.get_mut(t) {
             g.dead_held += n;
         }

@@ -200,7 +200,7 @@ impl<K: Kernel> Daemon<K> {
             self.step();
             self.find_dead(&snap, &targets, now, &mut report);
             self.step();
-            let found = cycle::candidates(&self.cfg, &snap, &targets, |diag| {
+            let mut found = cycle::candidates(&self.cfg, &snap, &targets, |diag| {
                 let key = key_of(diag);
                 let clues = Clues::of(
                     diag,
@@ -210,13 +210,12 @@ impl<K: Kernel> Daemon<K> {
                 age::age(&clues, now)
             });
             report.candidates = found.list.len();
-            let dead_held = self.dead.per_target(&self.cfg, &targets);
+            found.dead_held = self.dead.per_target(&self.cfg, &targets);
             cycle::gauges(
                 &self.cfg,
                 &snap,
                 &targets,
-                &found.list,
-                &dead_held,
+                &found,
                 &self.tracker,
                 &mut self.headroom,
                 &mut report,
@@ -226,8 +225,7 @@ impl<K: Kernel> Daemon<K> {
             let signals = self.escalate(
                 &snap,
                 &targets,
-                &found.selected,
-                &dead_held,
+                &found,
                 budget.saturating_sub(reaps),
                 stop,
                 &mut report,
@@ -545,8 +543,7 @@ impl<K: Kernel> Daemon<K> {
         &mut self,
         snap: &Snapshot<Arc<K::Process>>,
         targets: &Targets,
-        selected: &HashMap<(i32, usize), usize>,
-        dead_held: &HashMap<(i32, usize), usize>,
+        found: &cycle::Candidates,
         actions: usize,
         stop: &AtomicBool,
         report: &mut CycleReport,
@@ -562,8 +559,8 @@ impl<K: Kernel> Daemon<K> {
             audit: &self.audit,
             snap,
             targets,
-            selected,
-            dead_held,
+            selected: &found.selected,
+            dead_held: &found.dead_held,
         };
         let mut budget = Budget {
             actions,
