@@ -14,6 +14,8 @@
 //! - **policy and audit files**: [`secure_fs`] opens them without trusting their path
 //!   (every directory checked through its own fd, symlinks resolved and shown, no FIFO
 //!   hangs) and keeps an append-only line file whole after a crash.
+//! - [`published`]: the running daemon's first sight of each socket, published for the
+//!   command line, and read only while it speaks for a live daemon;
 //! - [`sys`] has the raw calls and capabilities; [`tcp`] the TCP state numbers and names.
 
 /// BPF programs: CLOSE_WAIT events by socket cookie, a socket-fd iterator, pinned ages.
@@ -23,6 +25,7 @@ pub mod kernel;
 pub mod netlink;
 pub mod netns;
 pub mod procfs;
+pub mod published;
 pub mod secure_fs;
 pub mod sys;
 pub mod tcp;

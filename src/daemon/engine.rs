@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 
 use cwreap_linux::kernel::{Boottime, Kernel, Linux, SocketKey, key_of};
 use cwreap_linux::netlink::DiagSocket;
+use cwreap_linux::published;
 
 use crate::daemon::audit::{Auditor, decision_record, target_name, unix_ts};
 use crate::daemon::cycle;
@@ -73,6 +74,16 @@ pub struct Daemon<K: Kernel> {
     /// Inodes of sockets cwreap shut down, and when: a dead one among them is
     /// `reaped_by: cwreap`.
     reaped: HashMap<u64, Boottime>,
+    /// Where to publish first sights for the command line, once enabled.
+    publish: Option<Publisher>,
+}
+
+/// Publishing the daemon's first sights (see `cwreap_linux::published`).
+struct Publisher {
+    dir: std::path::PathBuf,
+    header: published::Header,
+    /// A failure was logged; the next is not, until one succeeds.
+    failing: bool,
 }
 
 /// Say which targets can never act (an earlier one selects all their sockets).
@@ -125,7 +136,49 @@ impl<K: Kernel> Daemon<K> {
             left: Vec::new(),
             probe_all: true,
             reaped: HashMap::new(),
+            publish: None,
         })
+    }
+
+    /// Publish, after each cycle, when each CLOSE_WAIT socket was first seen, in `dir`, so
+    /// the command line ages sockets as the daemon does.
+    pub fn publish_to(&mut self, dir: std::path::PathBuf) {
+        let pid = self.self_pid;
+        let start_time = self.kernel.start_time(pid).unwrap_or(0);
+        self.publish = Some(Publisher {
+            dir,
+            header: published::Header {
+                pid,
+                start_time,
+                heartbeat: Boottime::default(),
+                interval: self.cfg.interval,
+            },
+            failing: false,
+        });
+    }
+
+    /// Withdraw what was published (a clean stop).
+    pub fn withdraw(&self) {
+        if let Some(p) = &self.publish {
+            published::withdraw(&p.dir, p.header.pid);
+        }
+    }
+
+    fn publish(&mut self, now: Boottime) {
+        let Some(p) = self.publish.as_mut() else {
+            return;
+        };
+        p.header.heartbeat = now;
+        p.header.interval = self.cfg.interval;
+        match published::write(&p.dir, &p.header, &self.tracker.first_sights()) {
+            Ok(()) => p.failing = false,
+            Err(e) if !p.failing => {
+                p.failing = true;
+                warn!(dir = %p.dir.display(), error = %e,
+                    "cannot publish first sights for the command line; `cwreap scan` will age sockets by tcp_info only");
+            }
+            Err(_) => {}
+        }
     }
 
     pub fn cfg(&self) -> &Config {
@@ -234,6 +287,7 @@ impl<K: Kernel> Daemon<K> {
             let alive: HashSet<i32> = snap.processes.keys().copied().collect();
             self.headroom.retain(&alive);
             self.cache.restore(snap.processes);
+            self.publish(now);
         }
         report.duration = started.elapsed();
         report

@@ -44,8 +44,9 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
     let health = metrics.health();
     logging::init(cfg.log_format, health.log_lines_dropped.clone());
     self_test()?;
-    let daemon = Daemon::with_kernel(Linux::default(), cfg, force_dry_run, health.clone())
+    let mut daemon = Daemon::with_kernel(Linux::default(), cfg, force_dry_run, health.clone())
         .map_err(|e| UsageError(format!("{}: {e:#}", config_path.display())))?;
+    daemon.publish_to(cwreap_linux::published::run_dir());
     let audit = daemon.auditor().log().clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -200,8 +201,8 @@ async fn main_loop(
                     daemon = d;
                     break;
                 }
-                _ = svc.term.recv() => { svc.stopping("SIGTERM"); return Ok(()); }
-                _ = svc.int.recv() => { svc.stopping("SIGINT"); return Ok(()); }
+                _ = svc.term.recv() => { svc.stopping("SIGTERM"); daemon.withdraw(); return Ok(()); }
+                _ = svc.int.recv() => { svc.stopping("SIGINT"); daemon.withdraw(); return Ok(()); }
             }
         }
     }

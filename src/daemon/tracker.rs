@@ -94,6 +94,15 @@ impl Tracker {
         }
     }
 
+    /// When each tracked socket was first seen, for the command line to age sockets as the
+    /// daemon does.
+    pub fn first_sights(&self) -> Vec<(SocketKey, Boottime)> {
+        self.sockets
+            .iter()
+            .map(|(k, t)| (*k, t.first_seen))
+            .collect()
+    }
+
     pub fn first_seen(&self, key: &SocketKey) -> Option<Boottime> {
         self.sockets.get(key).map(|t| t.first_seen)
     }

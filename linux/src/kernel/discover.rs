@@ -63,6 +63,12 @@ pub trait Discover {
     /// When `key` entered CLOSE_WAIT, if the source saw it happen; None when it can only
     /// estimate (polling), or the socket entered before the source started.
     fn entered_at(&self, key: SocketKey) -> Option<Boottime>;
+    /// When the daemon first saw `key` in CLOSE_WAIT, where the command line can learn it
+    /// (the running daemon publishes it); None for the daemon itself, which keeps its own.
+    fn first_seen(&self, key: SocketKey) -> Option<Boottime> {
+        let _ = key;
+        None
+    }
     /// Namespaces that could not be entered or read since the last call, with why.
     fn take_failures(&mut self) -> Vec<(u64, String)>;
     /// The inodes of every socket of kind `listed` the kernel lists in the watched

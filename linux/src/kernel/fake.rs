@@ -169,6 +169,8 @@ pub struct World {
     pub faults: Faults,
     /// Answer [`Discover::entered_at`] with exact entry times, as an event source does.
     pub exact_ages: bool,
+    /// What [`Discover::first_seen`] answers: a running daemon's published first sights.
+    pub published: HashMap<SocketKey, Boottime>,
     /// Run between attribution and action: the first time the code under test duplicates
     /// an fd, this runs once on the world (a target closing an fd or exiting right then).
     pub before_first_duplicate: Option<fn(&mut World)>,
@@ -525,6 +527,10 @@ impl Discover for FakeKernel {
             }
             w.sockets.get(&key).and_then(|s| s.entered_at)
         })
+    }
+
+    fn first_seen(&self, key: SocketKey) -> Option<Boottime> {
+        self.with(|w| w.published.get(&key).copied())
     }
 
     fn take_failures(&mut self) -> Vec<(u64, String)> {

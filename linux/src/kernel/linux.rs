@@ -13,6 +13,7 @@ use crate::kernel::effects::SocketFacts;
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::{Found, Namespaces};
 use crate::procfs::{FdTable, Limits, ProcFs};
+use crate::published::Published;
 
 /// The system as it is: every call goes to the kernel.
 #[derive(Default)]
@@ -24,6 +25,12 @@ pub struct Linux {
     /// SOCK_DESTROY.
     namespaces: Namespaces,
     diff: Diff,
+    /// Read the running daemon's published first sights at each snapshot (the command
+    /// line does; the daemon keeps its own).
+    read_published: bool,
+    published: Option<Published>,
+    /// Why the published ages were not used, when a daemon seems to have published some.
+    published_note: Option<String>,
 }
 
 impl Linux {
@@ -33,6 +40,20 @@ impl Linux {
             proc,
             ..Linux::default()
         }
+    }
+
+    /// The system as the command line sees it: also reading what the running daemon
+    /// publishes.
+    pub fn for_cli() -> Self {
+        Linux {
+            read_published: true,
+            ..Linux::default()
+        }
+    }
+
+    /// Why the running daemon's published ages were not used, if some were found.
+    pub fn published_note(&self) -> Option<&str> {
+        self.published_note.as_deref()
     }
 
     /// The sock_diag sockets, for what only they can do (proving SOCK_DESTROY works).
@@ -74,6 +95,19 @@ impl Discover for Linux {
             self.namespaces.dump()
         }?;
         self.diff.reset(&found);
+        if self.read_published {
+            match crate::published::read(&crate::published::run_dir(), &self.proc, self.now()) {
+                Ok(p) => {
+                    self.published = Some(p);
+                    self.published_note = None;
+                }
+                Err(crate::published::Unusable::Missing(_)) => self.published = None,
+                Err(e) => {
+                    self.published = None;
+                    self.published_note = Some(e.to_string());
+                }
+            }
+        }
         Ok(found)
     }
 
@@ -84,6 +118,10 @@ impl Discover for Linux {
 
     fn entered_at(&self, _key: SocketKey) -> Option<Boottime> {
         None
+    }
+
+    fn first_seen(&self, key: SocketKey) -> Option<Boottime> {
+        self.published.as_ref()?.first_seen.get(&key).copied()
     }
 
     fn take_failures(&mut self) -> Vec<(u64, String)> {

@@ -6,11 +6,12 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
 
-use cwreap_linux::kernel::Kernel;
+use cwreap_linux::kernel::{Kernel, Linux};
 use cwreap_linux::sys::Capability;
 
 use crate::cli::args::Selectors;
 use crate::cli::render;
+use crate::shared::age::{self, Clues};
 use crate::shared::attribute::{self, Attributor, Snapshot};
 use crate::shared::dead;
 use crate::shared::usage::UsageError;
@@ -80,6 +81,18 @@ pub(crate) type Failures = Vec<(u64, String)>;
 /// their dead sockets are unknown, never "none".
 pub(crate) type Unprobed = Vec<i32>;
 
+/// Why the running daemon's ages (its first sight of each socket) were not used, when a
+/// daemon seems to publish some: the ages shown are then tcp_info's lower bounds only.
+pub(crate) fn published_note(k: &Linux, err: &mut impl std::io::Write) -> Result<()> {
+    if let Some(why) = k.published_note() {
+        writeln!(
+            err,
+            "note: the daemon's ages are not used ({why}); ages are tcp_info's bounds only"
+        )?;
+    }
+    Ok(())
+}
+
 /// The warning for processes whose dead held sockets could not be looked for.
 pub(crate) fn unprobed_note(pids: &[i32]) -> Option<String> {
     if pids.is_empty() {
@@ -133,6 +146,14 @@ pub(crate) fn observe<K: Kernel>(
         .context("looking for dead held sockets")?;
     drop(pins);
     dead::add_to(&mut snap, &probed.dead, &*k);
+    // One age function for all: what the kernel saw (events) and the running daemon's
+    // first sight, where known, with what sock_diag says.
+    let now = k.now();
+    for s in &mut snap.sockets {
+        let key = (s.diag.netns, s.diag.cookie);
+        let clues = Clues::of(&s.diag, k.entered_at(key), k.first_seen(key));
+        s.age = age::age(&clues, now);
+    }
     Ok((snap, failures, probed.denied))
 }
 

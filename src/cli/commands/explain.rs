@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use cwreap_linux::kernel::{Kernel, Linux, ProcRead};
 
-use super::common::{Status, denied_note, observe, unprobed_note};
+use super::common::{Status, denied_note, observe, published_note, unprobed_note};
 use crate::cli::args::ExplainArgs;
 use crate::cli::diagnosis::{self, Evidence, ProcessFacts, Sample, Socket};
 use crate::cli::plan::{self, Row};
@@ -21,7 +21,10 @@ use crate::shared::attribute::Snapshot;
 const EVERY: Duration = Duration::from_secs(1);
 
 pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
-    explain_on(&mut Linux::default(), args, out, err)
+    let mut k = Linux::for_cli();
+    let status = explain_on(&mut k, args, out, err)?;
+    published_note(&k, err)?;
+    Ok(status)
 }
 
 /// [`explain`] on `k`.

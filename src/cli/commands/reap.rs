@@ -11,7 +11,9 @@ use cwreap_linux::kernel::{Effects, Kernel, Linux};
 
 use cwreap_linux::sys::Capability;
 
-use super::common::{FD_TABLE_CAPS, Status, lacking, observe, privilege_error, unprobed_note};
+use super::common::{
+    FD_TABLE_CAPS, Status, lacking, observe, privilege_error, published_note, unprobed_note,
+};
 use crate::cli::args::ReapArgs;
 use crate::cli::plan::{self, Row};
 use crate::cli::render;
@@ -54,7 +56,10 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
     if args.close {
         return super::close::reap_close(args, older_than, out, err);
     }
-    reap_on(&mut Linux::default(), args, out, err)
+    let mut k = Linux::for_cli();
+    let status = reap_on(&mut k, args, out, err)?;
+    published_note(&k, err)?;
+    Ok(status)
 }
 
 /// [`reap`] (shutdown or destroy; not `--close`) on `k`.
@@ -74,6 +79,12 @@ pub fn reap_on<K: Kernel>(
     }
     let filter = args.selectors.filter(Some(older_than));
     let rows = plan::select(&snap, &filter);
+    // Sockets the lower bound keeps out, though the upper bound says they may be old
+    // enough: never reaped on that, but said.
+    let maybe = plan::select(&snap, &args.selectors.filter(None))
+        .iter()
+        .filter(|r| !r.dead() && r.age.might_reach(older_than))
+        .count();
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
     let (plan, unowned) = plan::plan_reap(&rows, max, args.destroy);
     let action = if args.destroy { "destroy" } else { "shutdown" };
@@ -136,6 +147,12 @@ pub fn reap_on<K: Kernel>(
     if dead > 0 {
         footer.push_str(&format!(
             "; {dead} dead held socket(s) matched: their connection already ended, so there is nothing to shut down, and only close() frees the fd: restart the process, let the daemon's escalations (signal_at) do it, or close them by hand with `cwreap reap --pid PID --close`"
+        ));
+    }
+    if maybe > 0 {
+        footer.push_str(&format!(
+            "; {maybe} more socket(s) may be older than {}: their lower bound (time since the peer's last ACK, which keepalive probes and heartbeats reset) is younger, their upper bound (time since data last arrived) older. Their exact age: run the daemon (`cwreap run` ages sockets from its first sight and publishes it for this command) or event discovery",
+            humantime::format_duration(older_than)
         ));
     }
     if unowned > 0 {

@@ -8,14 +8,17 @@ use anyhow::Result;
 
 use cwreap_linux::kernel::{Kernel, Linux};
 
-use super::common::{Status, denied_note, observe, stdout_color, unprobed_note};
+use super::common::{Status, denied_note, observe, published_note, stdout_color, unprobed_note};
 use crate::cli::args::ScanArgs;
 use crate::cli::plan::{self, Filter, Row};
 use crate::cli::render;
 use crate::shared::age::AgeSource;
 
 pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
-    scan_on(&mut Linux::default(), args, stdout_color(), out, err)
+    let mut k = Linux::for_cli();
+    let status = scan_on(&mut k, args, stdout_color(), out, err)?;
+    published_note(&k, err)?;
+    Ok(status)
 }
 
 /// [`scan`] on `k`, in colour or not.

@@ -1,6 +1,7 @@
 //! The commands on a recording kernel: what scan, reap and explain ask of the system and
 //! what they print, without root. The real kernel's side is in the integration tests.
 
+use cwreap_linux::kernel::Clock;
 use cwreap_linux::kernel::fake::{Call, FakeKernel, Process};
 use cwreap_linux::tcp;
 use serde_json::Value;
@@ -294,4 +295,66 @@ fn the_summary_counts_dead_sockets_apart() {
         text.contains("3 CLOSE_WAIT socket(s) and 1 dead held socket(s)"),
         "{text}"
     );
+}
+
+#[test]
+fn the_running_daemons_first_sight_ages_sockets_as_it_does() {
+    let mut k = server();
+    // A heartbeat server: the peer acknowledges every write, so tcp_info says 2 s, while
+    // the daemon has seen the sockets in CLOSE_WAIT for 30 s.
+    let keys: Vec<_> = k.with(|w| w.sockets.keys().copied().collect());
+    let seen = k.now().saturating_sub(std::time::Duration::from_secs(30));
+    k.with(|w| {
+        for key in &keys {
+            if let Some(s) = w.sockets.get_mut(key) {
+                s.diag.last_ack_recv_ms = Some(2_000);
+                s.diag.last_data_recv_ms = Some(300_000);
+            }
+            w.published.insert(*key, seen);
+        }
+    });
+    let Command::Scan(args) = parse(&["scan", "--json", "--older-than", "20s"]) else {
+        panic!("not scan");
+    };
+    let mut out = Vec::new();
+    scan_on(&mut k, &args, false, &mut out, &mut Vec::new()).expect("scan");
+    let rows = lines(&out);
+    assert_eq!(rows.len(), 3, "selected as the daemon selects them");
+    assert!(
+        rows.iter()
+            .all(|r| r["age_source"] == "first_seen" && r["age_ms"] == 30_000)
+    );
+    assert!(rows.iter().all(|r| r["age_max_ms"] == 300_000));
+}
+
+#[test]
+fn reap_says_how_many_may_qualify_when_only_the_upper_bound_reaches() {
+    let mut k = server();
+    let keys: Vec<_> = k.with(|w| w.sockets.keys().copied().collect());
+    k.with(|w| {
+        for key in &keys {
+            if let Some(s) = w.sockets.get_mut(key) {
+                s.diag.last_ack_recv_ms = Some(2_000);
+                s.diag.last_data_recv_ms = Some(60_000);
+                s.diag.keepalive = true;
+            }
+        }
+    });
+    let Command::Reap(args) = parse(&["reap", "--pid", "4100", "--older-than", "20s", "--dry-run"])
+    else {
+        panic!("not reap");
+    };
+    let mut out = Vec::new();
+    reap_on(&mut k, &args, &mut out, &mut Vec::new()).expect("reap");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("0 matched"),
+        "never on an upper bound: {text}"
+    );
+    assert!(
+        text.contains("3 more socket(s) may be older than 20s"),
+        "{text}"
+    );
+    assert!(text.contains("run the daemon"), "{text}");
+    assert!(k.shutdowns().is_empty());
 }
