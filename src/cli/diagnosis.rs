@@ -37,21 +37,27 @@ pub enum Pattern {
     Abandoned,
     /// Still in the listener's accept queue.
     Unaccepted,
+    /// The connection ended (state CLOSE) and the fd is still held.
+    DeadHeld,
 }
 
 impl Pattern {
-    pub const ALL: [Pattern; 5] = [
+    pub const ALL: [Pattern; 6] = [
         Pattern::EofIgnored,
         Pattern::NotRead,
         Pattern::EofUnwatched,
         Pattern::Abandoned,
         Pattern::Unaccepted,
+        Pattern::DeadHeld,
     ];
 
     /// The pattern the evidence of one socket shows.
     pub fn of(e: Evidence) -> Pattern {
         if e.unaccepted {
             return Pattern::Unaccepted;
+        }
+        if e.dead {
+            return Pattern::DeadHeld;
         }
         match (e.watched, e.recv_q) {
             (true, 0) => Pattern::EofIgnored,
@@ -68,6 +74,7 @@ impl Pattern {
             Pattern::EofUnwatched => "eof_unwatched",
             Pattern::Abandoned => "abandoned",
             Pattern::Unaccepted => "unaccepted",
+            Pattern::DeadHeld => "dead_held",
         }
     }
 
@@ -79,6 +86,7 @@ impl Pattern {
             Pattern::EofUnwatched => "not watched, recv_q 0",
             Pattern::Abandoned => "not watched, recv_q ≥ 1",
             Pattern::Unaccepted => "in the accept queue",
+            Pattern::DeadHeld => "state CLOSE, fd held",
         }
     }
 
@@ -104,6 +112,11 @@ allowHalfOpen while it waits for end(): check the half-close handling."
 close(). Look at error and timeout paths. In Java and Go the GC may close it later."
             }
             Pattern::Unaccepted => "the accept loop is stalled or too slow.",
+            Pattern::DeadHeld => {
+                "the connection is over (the peer reset it, often a keepalive probe after \
+its FIN_WAIT2 timed out) and the app still holds the fd: the same leak as CLOSE_WAIT, one \
+step later. Only close() or a restart frees it; shutdown cannot."
+            }
         }
     }
 }
@@ -116,6 +129,8 @@ pub struct Evidence {
     pub watched: bool,
     /// In the accept queue: no fd refers to it.
     pub unaccepted: bool,
+    /// A dead held socket (state CLOSE).
+    pub dead: bool,
 }
 
 /// One CLOSE_WAIT socket of the last sample, under the process it is shown for.
@@ -262,6 +277,7 @@ pub struct PatternCounts {
     pub eof_unwatched: usize,
     pub abandoned: usize,
     pub unaccepted: usize,
+    pub dead_held: usize,
 }
 
 impl PatternCounts {
@@ -272,6 +288,7 @@ impl PatternCounts {
             Pattern::EofUnwatched => &mut self.eof_unwatched,
             Pattern::Abandoned => &mut self.abandoned,
             Pattern::Unaccepted => &mut self.unaccepted,
+            Pattern::DeadHeld => &mut self.dead_held,
         }
     }
 
@@ -282,6 +299,7 @@ impl PatternCounts {
             Pattern::EofUnwatched => self.eof_unwatched,
             Pattern::Abandoned => self.abandoned,
             Pattern::Unaccepted => self.unaccepted,
+            Pattern::DeadHeld => self.dead_held,
         }
     }
 }
@@ -350,6 +368,8 @@ pub struct Report {
     pub pid: i32,
     pub comm: String,
     pub close_wait: usize,
+    /// Dead held sockets: connections that ended while the fd stays held.
+    pub dead: usize,
     pub patterns: PatternCounts,
     /// New CLOSE_WAIT sockets per minute; None with a single sample.
     pub leak_per_min: Option<f64>,
@@ -382,7 +402,11 @@ pub fn explain(sockets: &[Socket], processes: &[ProcessFacts], trends: &Trends) 
             Some(report(p, mine, trends))
         })
         .collect();
-    out.sort_by(|a, b| b.close_wait.cmp(&a.close_wait).then(a.pid.cmp(&b.pid)));
+    out.sort_by(|a, b| {
+        (b.close_wait + b.dead)
+            .cmp(&(a.close_wait + a.dead))
+            .then(a.pid.cmp(&b.pid))
+    });
     out
 }
 
@@ -405,7 +429,11 @@ fn report(p: &ProcessFacts, mine: &[&Socket], trends: &Trends) -> Report {
         })
         .collect();
     lines.sort_by_key(|l| (l.pattern, l.fd, l.inode));
-    let remotes: Vec<SocketAddr> = mine.iter().map(|s| s.remote).collect();
+    let remotes: Vec<SocketAddr> = mine
+        .iter()
+        .filter(|s| !s.evidence.dead)
+        .map(|s| s.remote)
+        .collect();
     let top_remotes = top_remotes(&remotes, TOP_N);
     let top_local_ports = top(mine.iter().map(|s| s.local.port()), TOP_N)
         .into_iter()
@@ -418,7 +446,8 @@ fn report(p: &ProcessFacts, mine: &[&Socket], trends: &Trends) -> Report {
     Report {
         pid: p.pid,
         comm: p.comm.clone(),
-        close_wait: mine.len(),
+        close_wait: mine.iter().filter(|s| !s.evidence.dead).count(),
+        dead: mine.iter().filter(|s| s.evidence.dead).count(),
         patterns,
         leak_per_min: arrivals
             .and_then(|n| leak_per_min(n, trends.window))

@@ -213,6 +213,7 @@ fn evidence<H>(
                 recv_q: r.socket.diag.recv_q,
                 watched: is_watched,
                 unaccepted: r.unaccepted,
+                dead: r.dead(),
             },
         });
         processes.entry(p.pid).or_insert_with(|| ProcessFacts {

@@ -7,6 +7,7 @@ fn ev(recv_q: u32, watched: bool, unaccepted: bool) -> Evidence {
         recv_q,
         watched,
         unaccepted,
+        dead: false,
     }
 }
 
@@ -57,7 +58,8 @@ fn pattern_from_evidence() {
             "not_read",
             "eof_unwatched",
             "abandoned",
-            "unaccepted"
+            "unaccepted",
+            "dead_held"
         ]
     );
     // Go's poller keeps dropped connections registered: said where it shows.
@@ -83,7 +85,7 @@ fn serde_names_match() {
     }
     let counts = serde_json::to_value(PatternCounts::default()).expect("json");
     let keys: Vec<&String> = counts.as_object().expect("object").keys().collect();
-    assert_eq!(keys.len(), 5);
+    assert_eq!(keys.len(), 6);
     for p in Pattern::ALL {
         assert_eq!(counts[p.name()], 0, "{p:?}");
     }
@@ -267,6 +269,7 @@ fn reports_group_per_process() {
             eof_unwatched: 0,
             abandoned: 3,
             unaccepted: 1,
+            dead_held: 0,
         }
     );
     assert_eq!(
@@ -460,5 +463,49 @@ CLOSE_WAIT and +10 fds in 5s (6 samples)\n"
     assert!(
         !first_block.contains("not_read") && !first_block.contains("eof_unwatched"),
         "patterns with no socket are left out:\n{first_block}"
+    );
+}
+
+#[test]
+fn a_dead_held_socket_has_its_own_pattern_and_count() {
+    let dead = Evidence {
+        dead: true,
+        ..ev(0, false, false)
+    };
+    assert_eq!(Pattern::of(dead), Pattern::DeadHeld);
+    assert!(
+        Pattern::DeadHeld
+            .meaning()
+            .contains("Only close() or a restart")
+    );
+    let sockets = [
+        Socket {
+            pid: 7,
+            fd: Some(4),
+            inode: 1,
+            local: addr("10.0.0.1:80"),
+            remote: addr("10.0.0.2:5000"),
+            evidence: ev(1, false, false),
+        },
+        Socket {
+            pid: 7,
+            fd: Some(5),
+            inode: 2,
+            local: addr("10.0.0.1:80"),
+            remote: addr("0.0.0.0:0"),
+            evidence: dead,
+        },
+    ];
+    let procs = [ProcessFacts {
+        pid: 7,
+        comm: "srv".into(),
+        open_fds: 10,
+        fd_limit: Some(100),
+    }];
+    let r = &explain(&sockets, &procs, &trends(&[Sample::default()]))[0];
+    assert_eq!((r.close_wait, r.dead, r.patterns.dead_held), (1, 1, 1));
+    assert!(
+        r.top_remotes.iter().all(|t| !t.addr.is_unspecified()),
+        "a dead socket has no peer to count"
     );
 }
