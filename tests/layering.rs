@@ -38,7 +38,7 @@ use std::path::Path;
 
 use layering::source::{self, normalize, rust_files};
 use layering::tree::Tree;
-use layering::{graph, rules};
+use layering::{graph, plant, rules};
 
 /// The crate roots whose module trees are checked: cwreap's library and binary, and
 /// cwreap-linux.
@@ -211,4 +211,91 @@ fn files_stay_small() {
         ),
         &problems,
     );
+}
+
+/// A name usable as a directory.
+fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+/// The checker catches every known way around it, on copies of this tree with each one
+/// planted (tests/layering/plant.rs), and finds nothing else there; and it finds nothing on
+/// an unmodified copy.
+#[test]
+fn every_bypass_is_caught() {
+    let clean = plant::scratch("unmodified");
+    plant::copy_tree(repo(), &clean);
+    let found = check(&clean);
+    assert_none("findings on an unmodified copy of the tree", &found.all());
+    assert_eq!(found.known_cycles.len(), KNOWN_CYCLES.len());
+    let _ = std::fs::remove_dir_all(&clean);
+
+    let mut failures = Vec::new();
+    for p in plant::PLANTS {
+        let dir = plant::scratch(&slug(p.name));
+        plant::copy_tree(repo(), &dir);
+        p.apply(&dir);
+        let found = check(&dir).all();
+        let expected = p.expected(&dir);
+        let text = found.join("\n");
+        let missing: Vec<&String> = expected.iter().filter(|e| !text.contains(*e)).collect();
+        let unexpected: Vec<&String> = found
+            .iter()
+            .filter(|f| !expected.iter().any(|e| f.contains(e)))
+            .collect();
+        println!("{}: {} finding(s)", p.name, found.len());
+        if missing.is_empty() && unexpected.is_empty() {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else {
+            failures.push(format!(
+                "{} (copy kept in {}):\n  missing: {missing:#?}\n  unexpected: {unexpected:#?}",
+                p.name,
+                dir.display()
+            ));
+        }
+    }
+    assert_none(
+        "bypasses the checker does not report as expected",
+        &failures,
+    );
+}
+
+/// Each planted bypass is real code: `cargo check` accepts it (slow: builds every copy;
+/// `cargo test --test layering -- --ignored`).
+#[test]
+#[ignore]
+fn planted_bypasses_compile() {
+    let target = plant::scratch("target");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut failures = Vec::new();
+    for p in plant::PLANTS.iter().filter(|p| p.compiles) {
+        let dir = plant::scratch(&format!("compile-{}", slug(p.name)));
+        plant::copy_tree(repo(), &dir);
+        p.apply(&dir);
+        let out = std::process::Command::new(&cargo)
+            .args([
+                "check",
+                "--offline",
+                "--workspace",
+                "--lib",
+                "--message-format=short",
+            ])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(&dir)
+            .output()
+            .expect("run cargo check");
+        println!("{}: cargo check {}", p.name, out.status);
+        if out.status.success() {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else {
+            failures.push(format!(
+                "{}:\n{}",
+                p.name,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert_none("planted bypasses that do not compile", &failures);
 }

@@ -56,8 +56,17 @@ impl Tree {
             }
             first => {
                 rest = &segs[1..];
+                let root = self.crate_root(from);
                 match self.lookup(from, first, from, skip, depth + 1) {
                     Some(r) => r,
+                    // `extern crate self as x` puts x in the extern prelude of the crate.
+                    None if self
+                        .self_aliases
+                        .iter()
+                        .any(|(m, a)| a == first && self.crate_root(*m) == root) =>
+                    {
+                        Res::Module(root)
+                    }
                     None => return Res::External,
                 }
             }
@@ -107,12 +116,12 @@ impl Tree {
         {
             return Some(Res::Module(c));
         }
-        if let Some(&(is_trait, public)) = module.items.get(name)
-            && seen(public)
+        if let Some(def) = module.items.get(name)
+            && seen(def.public)
         {
             return Some(Res::Item {
-                module: m,
-                is_trait,
+                module: def.home,
+                is_trait: def.is_trait,
             });
         }
         for (k, imp) in module.imports.iter().enumerate() {
@@ -156,13 +165,13 @@ impl Tree {
         }
         let module = &self.modules[g];
         let seen = |public: bool| public || self.within(from, g);
-        for (name, &(is_trait, public)) in &module.items {
-            if seen(public) {
+        for (name, def) in &module.items {
+            if seen(def.public) {
                 out.push((
                     name.clone(),
                     Res::Item {
-                        module: g,
-                        is_trait,
+                        module: def.home,
+                        is_trait: def.is_trait,
                     },
                 ));
             }
@@ -252,6 +261,16 @@ impl Tree {
                 }
             }
             for r in &module.refs {
+                if r.is_macro && r.segs.len() == 1 {
+                    // A `macro_rules!` of this crate called by its bare name (textual scope,
+                    // `#[macro_use]`): an edge to every file that defines one by that name.
+                    let root = self.crate_root(m);
+                    for (d, def) in self.modules.iter().enumerate() {
+                        if def.macros.contains(&r.segs[0]) && self.crate_root(d) == root {
+                            add(Some(def.file), r.line, format!("{}!", r.segs[0]));
+                        }
+                    }
+                }
                 match self.resolve(m, &r.segs, None, 0) {
                     Res::Unresolved if self.crate_local(m, &r.segs) => {
                         problems.push(format!(

@@ -11,6 +11,7 @@ use std::rc::Rc;
 
 use proc_macro2::{TokenStream, TokenTree};
 use quote::ToTokens;
+use syn::ext::IdentExt;
 use syn::visit::Visit;
 use syn::{Item, UseTree, Visibility};
 
@@ -26,8 +27,11 @@ pub struct Module {
     pub test: bool,
     /// Submodules: name → (module, declared `pub`).
     pub children: BTreeMap<String, (usize, bool)>,
-    /// Items defined here (not modules): name → (is a trait, declared `pub`).
-    pub items: BTreeMap<String, (bool, bool)>,
+    /// Items named here (not modules).
+    pub items: BTreeMap<String, ItemDef>,
+    /// `macro_rules!` defined here: reachable by their bare name from the code after them
+    /// (and through `#[macro_use]`), not by a path.
+    pub macros: BTreeSet<String>,
     pub imports: Vec<Import>,
     /// Paths named by the module's non-test code (not counting its `use` items).
     pub refs: Vec<PathRef>,
@@ -37,6 +41,16 @@ pub struct Module {
     child_dir: PathBuf,
     /// Declared `mod x { .. }` rather than loaded from a file.
     inline: bool,
+}
+
+/// An item a module names.
+#[derive(Clone, Copy)]
+pub struct ItemDef {
+    pub is_trait: bool,
+    pub public: bool,
+    /// The module that defines it: itself, except for a `#[macro_export]` macro, which is
+    /// named at the crate root.
+    pub home: usize,
 }
 
 /// One name a `use` brings in (`name` None for a glob).
@@ -54,6 +68,8 @@ pub struct Import {
 pub struct PathRef {
     pub segs: Vec<String>,
     pub line: usize,
+    /// The path of a macro call (`name!(..)`).
+    pub is_macro: bool,
 }
 
 /// A loaded file and what came from it.
@@ -81,6 +97,9 @@ pub struct Tree {
     pub modules: Vec<Module>,
     /// Forbidden forms, files that cannot be read, modules whose file is missing.
     pub problems: Vec<String>,
+    /// `extern crate self as x`: (the module it is in, x). Still followed, so the cycle it
+    /// hides is reported too.
+    pub self_aliases: Vec<(usize, String)>,
 }
 
 impl Tree {
@@ -91,6 +110,7 @@ impl Tree {
             files: Vec::new(),
             modules: Vec::new(),
             problems: Vec::new(),
+            self_aliases: Vec::new(),
         };
         for file in crates {
             let path = root.join(file);
@@ -173,6 +193,7 @@ impl Tree {
             test,
             children: BTreeMap::new(),
             items: BTreeMap::new(),
+            macros: BTreeSet::new(),
             imports: Vec::new(),
             refs: Vec::new(),
             mentions: BTreeSet::new(),
@@ -207,6 +228,9 @@ impl Tree {
                 }
                 Item::ExternCrate(e) => {
                     if e.ident == "self" {
+                        if let Some((_, alias)) = &e.rename {
+                            self.self_aliases.push((m, alias.to_string()));
+                        }
                         self.problem(
                             m,
                             line(e.extern_token.span),
@@ -230,10 +254,26 @@ impl Tree {
                         _ => (None, false, None),
                     };
                     if let Some(name) = name {
-                        let pub_ = vis.is_none_or(public);
-                        self.modules[m]
-                            .items
-                            .insert(name.to_string(), (is_trait, pub_));
+                        let def = ItemDef {
+                            is_trait,
+                            public: vis.is_none_or(public),
+                            home: m,
+                        };
+                        self.modules[m].items.insert(id(name), def);
+                    }
+                    if let Item::Macro(mac) = item
+                        && let Some(name) = &mac.ident
+                    {
+                        self.modules[m].macros.insert(id(name));
+                        if mac.attrs.iter().any(|a| a.path().is_ident("macro_export")) {
+                            let root = self.crate_root(m);
+                            let def = ItemDef {
+                                is_trait: false,
+                                public: true,
+                                home: m,
+                            };
+                            self.modules[root].items.insert(id(name), def);
+                        }
                     }
                     if let Item::ForeignMod(f) = item {
                         for fi in &f.items {
@@ -244,9 +284,12 @@ impl Tree {
                                 _ => None,
                             };
                             if let Some(name) = name {
-                                self.modules[m]
-                                    .items
-                                    .insert(name.to_string(), (false, true));
+                                let def = ItemDef {
+                                    is_trait: false,
+                                    public: true,
+                                    home: m,
+                                };
+                                self.modules[m].items.insert(id(name), def);
                             }
                         }
                     }
@@ -260,7 +303,7 @@ impl Tree {
 
     /// `mod x;` or `mod x { .. }` inside module `m`.
     fn module(&mut self, m: usize, im: &syn::ItemMod, test: bool) {
-        let name = im.ident.to_string();
+        let name = id(&im.ident);
         if let Some(l) = cfg_attr_path(&im.attrs) {
             self.problem(
                 m,
@@ -339,8 +382,8 @@ impl Tree {
                     path.join("::"),
                     name.as_deref().unwrap_or("_"),
                 );
+                // Still followed, so the cycle it hides is reported too.
                 self.problem(m, at, &what);
-                continue;
             }
             self.modules[m].imports.push(Import {
                 name,
@@ -378,7 +421,7 @@ fn flatten(
 ) {
     match tree {
         UseTree::Path(p) => {
-            prefix.push(p.ident.to_string());
+            prefix.push(id(&p.ident));
             flatten(&p.tree, prefix, out);
             prefix.pop();
         }
@@ -388,17 +431,17 @@ fn flatten(
                 out.push((prefix.last().cloned(), prefix.clone(), at));
             } else {
                 let mut path = prefix.clone();
-                path.push(n.ident.to_string());
-                out.push((Some(n.ident.to_string()), path, at));
+                path.push(id(&n.ident));
+                out.push((Some(id(&n.ident)), path, at));
             }
         }
         UseTree::Rename(r) => {
             let mut path = prefix.clone();
             if r.ident != "self" {
-                path.push(r.ident.to_string());
+                path.push(id(&r.ident));
             }
             let at = line(r.ident.span());
-            out.push((Some(r.rename.to_string()), path, at));
+            out.push((Some(id(&r.rename)), path, at));
         }
         UseTree::Glob(g) => out.push((None, prefix.clone(), line(g.star_token.span))),
         UseTree::Group(g) => {
@@ -421,11 +464,15 @@ struct Scan {
 }
 
 impl Scan {
-    fn path(&mut self, segs: Vec<String>, line: usize) {
+    fn path(&mut self, segs: Vec<String>, line: usize, is_macro: bool) {
         if let Some(first) = segs.first() {
             self.mentions.insert(first.clone());
         }
-        self.refs.push(PathRef { segs, line });
+        self.refs.push(PathRef {
+            segs,
+            line,
+            is_macro,
+        });
     }
 
     /// Paths in tokens a macro receives: `a::b::c` runs not preceded by `::` or `.`, and
@@ -441,7 +488,7 @@ impl Scan {
         while i < tts.len() {
             match &tts[i] {
                 TokenTree::Group(g) => self.tokens(g.stream()),
-                TokenTree::Ident(id) if id == "use" => {
+                TokenTree::Ident(word) if word == "use" => {
                     let end = (i..tts.len())
                         .find(|&k| matches!(&tts[k], TokenTree::Punct(p) if p.as_char() == ';'));
                     if let Some(end) = end {
@@ -453,26 +500,35 @@ impl Scan {
                         }
                     }
                 }
-                TokenTree::Ident(id) => {
+                TokenTree::Ident(ident) => {
                     let after_colons = i >= 2 && colons(i - 2);
                     let after_dot =
                         i >= 1 && matches!(&tts[i - 1], TokenTree::Punct(p) if p.as_char() == '.');
                     if !after_colons && !after_dot {
-                        let mut segs = vec![id.to_string()];
+                        let mut segs = vec![unraw(&ident.to_string())];
                         let mut k = i + 1;
                         while colons(k) {
                             let Some(TokenTree::Ident(next)) = tts.get(k + 2) else {
                                 break;
                             };
-                            segs.push(next.to_string());
+                            segs.push(unraw(&next.to_string()));
                             k += 3;
                         }
-                        self.path(segs, line(id.span()));
+                        let bang =
+                            matches!(tts.get(k), Some(TokenTree::Punct(p)) if p.as_char() == '!');
+                        self.path(segs, line(ident.span()), bang);
                     }
                 }
                 _ => {}
             }
             i += 1;
+        }
+    }
+
+    fn path_of(&mut self, p: &syn::Path, is_macro: bool) {
+        if p.leading_colon.is_none() {
+            let segs = p.segments.iter().map(|s| id(&s.ident)).collect();
+            self.path(segs, line(p.segments[0].ident.span()), is_macro);
         }
     }
 
@@ -487,15 +543,12 @@ impl Scan {
 
 impl<'ast> Visit<'ast> for Scan {
     fn visit_path(&mut self, p: &'ast syn::Path) {
-        if p.leading_colon.is_none() {
-            let segs = p.segments.iter().map(|s| s.ident.to_string()).collect();
-            self.path(segs, line(p.segments[0].ident.span()));
-        }
+        self.path_of(p, false);
         syn::visit::visit_path(self, p);
     }
 
     fn visit_macro(&mut self, m: &'ast syn::Macro) {
-        self.visit_path(&m.path);
+        self.path_of(&m.path, true);
         if m.path.is_ident("include") {
             self.problems.push((
                 line(m.path.segments[0].ident.span()),
@@ -517,7 +570,7 @@ impl<'ast> Visit<'ast> for Scan {
                 && p.segments.len() > 1
                 && p.leading_colon.is_none()
             {
-                self.path(p.segments.iter().map(|s| s.ident.to_string()).collect(), l);
+                self.path(p.segments.iter().map(|s| id(&s.ident)).collect(), l, false);
             }
         }
     }
@@ -611,4 +664,13 @@ fn strings_in(tokens: TokenStream, out: &mut Vec<(String, usize)>) {
             _ => {}
         }
     }
+}
+
+/// A name as rustc compares names: `r#type` is `type`.
+pub fn id(ident: &syn::Ident) -> String {
+    ident.unraw().to_string()
+}
+
+fn unraw(name: &str) -> String {
+    name.strip_prefix("r#").unwrap_or(name).to_string()
 }
