@@ -424,6 +424,36 @@ pub const PLANTS: &[Plant] = &[
         compiles: true,
     },
     Plant {
+        name: "macro_rules! called by its bare name",
+        edits: &[
+            Edit::Append(
+                "src/shared/mod.rs",
+                "macro_rules! planted_macro {\n\
+                 \x20   () => {\n\
+                 \x20       0usize\n\
+                 \x20   };\n\
+                 }\n\
+                 pub mod planted_child;\n\
+                 pub fn planted() -> Option<planted_child::PlantedChild> {\n\
+                 \x20   None\n\
+                 }\n",
+            ),
+            Edit::Create(
+                "src/shared/planted_child.rs",
+                "//! Calls a macro of its parent, in scope here without a path.\n\
+                 pub struct PlantedChild(pub usize);\n\
+                 pub fn planted() -> PlantedChild {\n\
+                 \x20   PlantedChild(planted_macro!())\n\
+                 }\n",
+            ),
+        ],
+        expect: &[
+            "import cycle: src/shared/mod.rs -> src/shared/planted_child.rs -> src/shared/mod.rs",
+            "{src/shared/planted_child.rs|planted_macro!} -> src/shared/mod.rs: `planted_macro!`",
+        ],
+        compiles: true,
+    },
+    Plant {
         name: "unsafe in benches/",
         edits: &[Edit::Append(
             "benches/inject.rs",
