@@ -154,6 +154,17 @@ impl Tree {
         declared_test_mod: bool,
     ) -> Option<usize> {
         let path = normalize(path);
+        let mut up = parent;
+        while let Some(a) = up {
+            if self.files[self.modules[a].file].path == path {
+                let name = source::rel(&self.root, &path);
+                self.problems.push(format!(
+                    "{name}: a module of this file loads the file again"
+                ));
+                return None;
+            }
+            up = self.modules[a].parent;
+        }
         let src = match source::parse(&self.root, &path) {
             Ok(src) => Rc::new(src),
             Err(e) => {
