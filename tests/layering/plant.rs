@@ -11,6 +11,8 @@ pub enum Edit {
     Append(&'static str, &'static str),
     /// Write a new file.
     Create(&'static str, &'static str),
+    /// Add `text` at the end of the file, this many times.
+    Repeat(&'static str, &'static str, usize),
 }
 
 pub struct Plant {
@@ -69,15 +71,8 @@ impl Plant {
     pub fn apply(&self, root: &Path) {
         for edit in self.edits {
             match edit {
-                Edit::Append(file, text) => {
-                    let path = root.join(file);
-                    let mut old = std::fs::read_to_string(&path)
-                        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-                    if !old.ends_with('\n') {
-                        old.push('\n');
-                    }
-                    write(&path, &format!("{old}{text}"));
-                }
+                Edit::Append(file, text) => append(root, file, text),
+                Edit::Repeat(file, text, n) => append(root, file, &text.repeat(*n)),
                 Edit::Create(file, text) => write(&root.join(file), text),
             }
         }
@@ -107,6 +102,16 @@ impl Plant {
             })
             .collect()
     }
+}
+
+fn append(root: &Path, file: &str, text: &str) {
+    let path = root.join(file);
+    let mut old =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    if !old.ends_with('\n') {
+        old.push('\n');
+    }
+    write(&path, &format!("{old}{text}"));
 }
 
 fn write(path: &Path, text: &str) {
@@ -450,6 +455,34 @@ pub const PLANTS: &[Plant] = &[
         expect: &[
             "import cycle: src/shared/mod.rs -> src/shared/planted_child.rs -> src/shared/mod.rs",
             "{src/shared/planted_child.rs|planted_macro!} -> src/shared/mod.rs: `planted_macro!`",
+        ],
+        compiles: true,
+    },
+    Plant {
+        name: "the kernel crate names tracing",
+        edits: &[Edit::Append(
+            "linux/src/tcp.rs",
+            "pub fn planted() {\n\
+             \x20   tracing::info!(\"planted\");\n\
+             }\n",
+        )],
+        expect: &["{linux/src/tcp.rs|tracing::info}: `tracing` in the kernel crate"],
+        // cwreap-linux does not depend on tracing.
+        compiles: false,
+    },
+    Plant {
+        name: "a file past 600 lines",
+        edits: &[
+            Edit::Repeat(
+                "src/shared/usage.rs",
+                "/// Planted, to make the file long.\n",
+                600,
+            ),
+            Edit::Append("src/shared/usage.rs", "pub struct PlantedLong;\n"),
+        ],
+        expect: &[
+            "src/shared/usage.rs: ",
+            " lines outside #[cfg(test)] (at most 600)",
         ],
         compiles: true,
     },
