@@ -126,7 +126,8 @@ pub fn unsafe_code(root: &Path) -> (Vec<String>, usize) {
         }
     }
     let mut sites = 0;
-    for file in rust_files(&root.join("linux/src")) {
+    // All of the kernel crate's package: its sources, and its tests or benchmarks if any.
+    for file in rust_files(&root.join("linux")) {
         match source::tokens(root, &file) {
             Ok((name, text, tokens)) => {
                 sites += safety_notes(&name, &text, tokens, &mut problems);
