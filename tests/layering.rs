@@ -185,10 +185,10 @@ fn kernel_crate_has_no_policy_or_cli() {
 #[test]
 fn unsafe_only_in_the_kernel_crate_each_with_its_own_note() {
     let (problems, sites) = rules::unsafe_code(repo());
-    println!("{sites} `unsafe` in linux/src, each with its own SAFETY note");
+    println!("{sites} `unsafe` in cwreap-linux, each with its own SAFETY note");
     assert!(
         sites > 10,
-        "only {sites} `unsafe` in linux/src; is the checker reading nothing?"
+        "only {sites} `unsafe` in cwreap-linux; is the checker reading nothing?"
     );
     assert_none("unsafe code out of place or unexplained", &problems);
 }
