@@ -505,7 +505,7 @@ impl Diag {
     /// when it no longer exists.
     pub fn lookup(&mut self, s: &DiagSocket) -> Result<Option<DiagSocket>, DumpError> {
         let expect = self.next_seq();
-        let req = exact_request(s, expect.seq, false);
+        let req = exact_request(s.local, s.remote, s.cookie, expect.seq, false);
         // Not a dump: one answer, or an error (ENOENT when the socket is gone).
         match self.exchange(&req, expect, |c| !c.sockets.is_empty() || c.done || c.acked) {
             Ok(chunk) => Ok(chunk.sockets.into_iter().next().map(|mut found| {
@@ -522,7 +522,7 @@ impl Diag {
     /// matches the exact 4-tuple and the cookie, so only this very socket can be hit.
     pub fn destroy(&mut self, s: &DiagSocket) -> Result<(), DumpError> {
         let expect = self.next_seq();
-        let req = exact_request(s, expect.seq, true);
+        let req = exact_request(s.local, s.remote, s.cookie, expect.seq, true);
         self.exchange(&req, expect, |c| c.acked || c.done)
             .map(|_| ())
     }

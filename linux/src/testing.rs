@@ -23,26 +23,36 @@ pub fn filter_syscall(cmd: &mut Command, nr: libc::c_long, verdict: u32) {
         insn(RET_K, 0, 0, verdict),
         insn(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
     ];
-    // SAFETY: runs in the child between fork and exec; it only calls prctl, with a filter
-    // that lives on this closure's stack and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            let prog = libc::sock_fprog {
-                len: filter.len() as u16,
-                filter: filter.as_ptr().cast_mut(),
-            };
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    &prog as *const libc::sock_fprog,
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Runs in the child between fork and exec: two prctl calls, no allocation, no lock.
+    let in_child = move || {
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and touches no memory of
+        // ours.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: PR_SET_SECCOMP reads the sock_fprog at `&prog` and the `filter` array it
+        // points to, both on this closure's stack for the whole call; the kernel copies
+        // the program and keeps no pointer to either.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: pre_exec runs `in_child` in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes two prctl(2) system calls with a
+    // filter that lives on its own stack, allocates nothing and takes no lock.
+    unsafe { cmd.pre_exec(in_child) };
 }
 
 /// Have the child killed (SIGKILL) when the thread that spawned it dies, so a fixture or

@@ -1,6 +1,8 @@
 //! The requests cwreap sends over NETLINK_SOCK_DIAG: a dump of one family's sockets in
 //! some states, and one socket named exactly (to look it up or destroy it).
 
+use std::net::SocketAddr;
+
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
@@ -8,8 +10,6 @@ use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROT
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_packet_sock_diag::unix::{self, UnixRequest};
 use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
-
-use super::DiagSocket;
 
 /// A dump of every `family` TCP socket in `states`, with tcp_info (INET_DIAG_INFO).
 pub(super) fn request(family: u8, states: StateFlags, seq: u32) -> Vec<u8> {
@@ -90,11 +90,18 @@ pub(super) fn inodes_request(listed: Listed, family: u8, seq: u32) -> Vec<u8> {
 }
 
 /// A request naming one socket exactly (4-tuple and cookie): SOCK_DESTROY when `destroy`,
-/// else a SOCK_DIAG_BY_FAMILY lookup of that one socket.
-pub(super) fn exact_request(s: &DiagSocket, seq: u32, destroy: bool) -> Vec<u8> {
-    let family = if s.local.is_ipv4() { AF_INET } else { AF_INET6 };
-    let lo = (s.cookie & 0xffff_ffff) as u32;
-    let hi = (s.cookie >> 32) as u32;
+/// else a SOCK_DIAG_BY_FAMILY lookup of that one socket. Takes the fields of a
+/// `DiagSocket`, not the type: the parser's module uses this one, not the other way round.
+pub(super) fn exact_request(
+    local: SocketAddr,
+    remote: SocketAddr,
+    socket_cookie: u64,
+    seq: u32,
+    destroy: bool,
+) -> Vec<u8> {
+    let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+    let lo = (socket_cookie & 0xffff_ffff) as u32;
+    let hi = (socket_cookie >> 32) as u32;
     let mut cookie = [0u8; 8];
     cookie[..4].copy_from_slice(&lo.to_ne_bytes());
     cookie[4..].copy_from_slice(&hi.to_ne_bytes());
@@ -104,10 +111,10 @@ pub(super) fn exact_request(s: &DiagSocket, seq: u32, destroy: bool) -> Vec<u8> 
         extensions: ExtensionFlags::INFO,
         states: StateFlags::all(),
         socket_id: SocketId {
-            source_port: s.local.port(),
-            destination_port: s.remote.port(),
-            source_address: s.local.ip(),
-            destination_address: s.remote.ip(),
+            source_port: local.port(),
+            destination_port: remote.port(),
+            source_address: local.ip(),
+            destination_address: remote.ip(),
             interface_id: 0,
             cookie,
         },

@@ -175,14 +175,10 @@ pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
 /// its tracees; blocked, it stays pending (a blocked signal is never discarded), so
 /// [`wait_sigchld`] can sleep until the next one instead of polling.
 pub fn block_sigchld() -> io::Result<()> {
-    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
-    // SAFETY: sigemptyset/sigaddset write only into `set`, a zeroed, writable sigset_t on
-    // our stack; pthread_sigmask reads it and writes no old mask (null).
-    let rc = unsafe {
-        libc::sigemptyset(set.as_mut_ptr());
-        libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
-        libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut())
-    };
+    let set = sigchld_set();
+    // SAFETY: pthread_sigmask reads `set`, an initialised sigset_t on our stack that
+    // outlives the call, and writes no old mask (null).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }
@@ -193,19 +189,28 @@ pub fn block_sigchld() -> io::Result<()> {
 /// Returns whether one came. Several stops may share one SIGCHLD: callers check every
 /// tracee they wait for after each return.
 pub fn wait_sigchld(timeout: std::time::Duration) -> bool {
-    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    let set = sigchld_set();
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_nsec: libc::c_long::from(i32::try_from(timeout.subsec_nanos()).unwrap_or(0)),
     };
-    // SAFETY: `set` is a zeroed sigset_t on our stack that sigemptyset/sigaddset fill;
-    // sigtimedwait reads it and `ts`, and writes no siginfo (null).
-    let rc = unsafe {
-        libc::sigemptyset(set.as_mut_ptr());
-        libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
-        libc::sigtimedwait(set.as_ptr(), std::ptr::null_mut(), &ts)
-    };
+    // SAFETY: sigtimedwait reads `set` and `ts`, both initialised and on our stack for the
+    // whole call, and writes no siginfo (null).
+    let rc = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
     rc == libc::SIGCHLD
+}
+
+/// The signal set that holds SIGCHLD alone.
+fn sigchld_set() -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: sigemptyset writes only into `set`, a zeroed, writable sigset_t on our stack.
+    unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    // SAFETY: sigaddset writes only into `set`, which sigemptyset initialised just above;
+    // SIGCHLD is a valid signal number, so nothing is left half-done.
+    unsafe { libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD) };
+    // SAFETY: a sigset_t is plain integers: zeroed at creation, then filled by
+    // sigemptyset and sigaddset, so every byte is initialised.
+    unsafe { set.assume_init() }
 }
 
 /// Read `buf.len()` bytes of the memory of `pid` at `addr` (process_vm_readv; needs ptrace

@@ -38,33 +38,41 @@ pub fn spawn_isolated(cmd: &mut Command, pass: BorrowedFd<'_>, at: i32) -> io::R
     let copy = rustix::io::fcntl_dupfd_cloexec(pass, min)?;
     let from = copy.as_raw_fd();
     let mut blocked = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
-    // SAFETY: sigemptyset and sigaddset only write into the sigset_t they are given, a
-    // zeroed, writable one on our stack; after sigemptyset it is initialised.
-    let blocked = unsafe {
-        libc::sigemptyset(blocked.as_mut_ptr());
-        for s in HELPER_BLOCKED_SIGNALS {
-            libc::sigaddset(blocked.as_mut_ptr(), s);
-        }
-        blocked.assume_init()
-    };
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: setsid, sigprocmask and dup2 are system calls;
-    // the closure allocates nothing and takes no lock. `from` stays open in the parent
-    // until spawn returns (it is dropped below), so it is open in the child too.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::sigprocmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::dup2(from, at) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    // SAFETY: sigemptyset writes only into `blocked`, a zeroed, writable sigset_t on our
+    // stack.
+    unsafe { libc::sigemptyset(blocked.as_mut_ptr()) };
+    for s in HELPER_BLOCKED_SIGNALS {
+        // SAFETY: sigaddset writes only into `blocked`, which sigemptyset initialised above;
+        // `s` is one of the valid signal numbers listed in HELPER_BLOCKED_SIGNALS.
+        unsafe { libc::sigaddset(blocked.as_mut_ptr(), s) };
     }
+    // SAFETY: a sigset_t is plain integers: zeroed at creation, then filled by sigemptyset
+    // and sigaddset, so every byte is initialised.
+    let blocked = unsafe { blocked.assume_init() };
+    // Runs in the child between fork and exec: system calls only, no allocation, no lock.
+    let in_child = move || {
+        // SAFETY: setsid takes no argument and reads or writes no memory of ours; it is
+        // async-signal-safe.
+        if unsafe { libc::setsid() } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: sigprocmask reads `blocked`, an initialised sigset_t owned by this
+        // closure, and writes no old mask (null); it is async-signal-safe.
+        if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: dup2 takes two fd numbers and no memory; `from` is open in the child (see
+        // below), and replacing whatever is at `at` is the point. It is async-signal-safe.
+        if unsafe { libc::dup2(from, at) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: pre_exec runs `in_child` in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes the system calls setsid, sigprocmask
+    // and dup2 and nothing else, allocates nothing and takes no lock. `from` stays open in
+    // the parent until spawn returns (it is dropped below), so it is open in the child too.
+    unsafe { cmd.pre_exec(in_child) };
     let child = cmd.spawn();
     drop(copy);
     child
