@@ -334,7 +334,7 @@ pub(super) fn open(path: Option<&std::path::Path>) -> Result<Option<File>, Strin
     std::thread::Builder::new()
         .name("cwreap-audit-open".into())
         .spawn(move || {
-            let _ = tx.send(super::audit_file::open(&owned));
+            let _ = tx.send(crate::shared::audit_file::open(&owned));
         })
         .map_err(|e| format!("audit_log {}: cannot start a thread: {e}", path.display()))?;
     let file = match rx.recv_timeout(OPEN_DEADLINE) {

@@ -3,7 +3,7 @@
 //! per-target gauges, the action on one socket, and its log event. The order they run in,
 //! and what is kept between cycles, is [`crate::daemon::engine`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
 
@@ -13,7 +13,6 @@ use cwreap_linux::kernel::{Kernel, ProcRead};
 use cwreap_linux::netlink::DiagSocket;
 
 use crate::daemon::cycle_report::{CycleReport, TargetGauges};
-use crate::daemon::engine::Targets;
 use crate::daemon::policy::{self, Candidate, Decision, Headroom, HeadroomWarning};
 use crate::daemon::tracker::Tracker;
 use crate::shared::act::{self, ActResult, Expected, Outcome, Reason, Via};
@@ -21,6 +20,9 @@ use crate::shared::age::Age;
 use crate::shared::attribute::{Snapshot, process_facts, read_pid_files};
 use crate::shared::config::{Action, Config};
 use crate::shared::selector::{Needs, SocketFacts};
+
+/// pid → the targets whose process criteria accept the process, ascending.
+pub type Targets = BTreeMap<i32, Vec<usize>>;
 
 /// pid → the targets whose process criteria accept the process, ascending; never
 /// `self_pid`. Which of them a socket of the process belongs to depends on the socket

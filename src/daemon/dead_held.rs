@@ -20,7 +20,7 @@ use tracing::info;
 use cwreap_linux::kernel::{Boottime, Kernel};
 use cwreap_linux::netlink::DiagSocket;
 
-use crate::daemon::engine::Targets;
+use crate::daemon::cycle::Targets;
 use crate::daemon::policy;
 use crate::shared::attribute::{Snapshot, SocketFd};
 use crate::shared::config::Config;

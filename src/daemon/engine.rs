@@ -6,7 +6,7 @@
 //! tracked sockets ([`Tracker`]), the fd-table cache ([`FdIndex`]), the release watch, the
 //! escalations done, the rate limit, the fd-headroom warnings and the audit log.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,16 +17,16 @@ use tracing::{error, info, warn};
 
 use cwreap_linux::kernel::{Boottime, Kernel, Linux, SocketKey, key_of};
 use cwreap_linux::netlink::DiagSocket;
-use cwreap_linux::published;
 
 use crate::daemon::audit::{Auditor, decision_record, target_name, unix_ts};
-use crate::daemon::cycle;
+use crate::daemon::cycle::{self, Targets};
 use crate::daemon::cycle_report::{CycleReport, ErrorKind, Release};
 use crate::daemon::dead_held::DeadHeld;
 use crate::daemon::escalate::{Budget, Escalations, Round};
 use crate::daemon::fd_cache::{FdIndex, Refresh};
 use crate::daemon::metrics::Health;
 use crate::daemon::policy::{self, Decision, Headroom, Plan, RateLimiter};
+use crate::daemon::publish::Publisher;
 use crate::daemon::release::{Pending, ReleaseWatch};
 use crate::daemon::tracker::Tracker;
 use crate::shared::act::{ActResult, Outcome, Reason};
@@ -37,9 +37,6 @@ use crate::shared::config::{Action, Config};
 /// How often discovery takes a full snapshot instead of the changes since the last cycle:
 /// a backstop against a change missed (an event lost, a namespace that came and went).
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(600);
-
-/// pid → the targets whose process criteria accept the process, ascending.
-pub type Targets = BTreeMap<i32, Vec<usize>>;
 
 pub struct Daemon<K: Kernel> {
     cfg: Config,
@@ -76,14 +73,6 @@ pub struct Daemon<K: Kernel> {
     reaped: HashMap<u64, Boottime>,
     /// Where to publish first sights for the command line, once enabled.
     publish: Option<Publisher>,
-}
-
-/// Publishing the daemon's first sights (see `cwreap_linux::published`).
-struct Publisher {
-    dir: std::path::PathBuf,
-    header: published::Header,
-    /// A failure was logged; the next is not, until one succeeds.
-    failing: bool,
 }
 
 /// Say which targets can never act (an earlier one selects all their sockets).
@@ -143,41 +132,14 @@ impl<K: Kernel> Daemon<K> {
     /// Publish, after each cycle, when each CLOSE_WAIT socket was first seen, in `dir`, so
     /// the command line ages sockets as the daemon does.
     pub fn publish_to(&mut self, dir: std::path::PathBuf) {
-        let pid = self.self_pid;
-        let start_time = self.kernel.start_time(pid).unwrap_or(0);
-        self.publish = Some(Publisher {
-            dir,
-            header: published::Header {
-                pid,
-                start_time,
-                heartbeat: Boottime::default(),
-                interval: self.cfg.interval,
-            },
-            failing: false,
-        });
+        let start_time = self.kernel.start_time(self.self_pid).unwrap_or(0);
+        self.publish = Some(Publisher::new(dir, self.self_pid, start_time));
     }
 
     /// Withdraw what was published (a clean stop).
     pub fn withdraw(&self) {
         if let Some(p) = &self.publish {
-            published::withdraw(&p.dir, p.header.pid);
-        }
-    }
-
-    fn publish(&mut self, now: Boottime) {
-        let Some(p) = self.publish.as_mut() else {
-            return;
-        };
-        p.header.heartbeat = now;
-        p.header.interval = self.cfg.interval;
-        match published::write(&p.dir, &p.header, &self.tracker.first_sights()) {
-            Ok(()) => p.failing = false,
-            Err(e) if !p.failing => {
-                p.failing = true;
-                warn!(dir = %p.dir.display(), error = %e,
-                    "cannot publish first sights for the command line; `cwreap scan` will age sockets by tcp_info only");
-            }
-            Err(_) => {}
+            p.withdraw();
         }
     }
 
@@ -287,7 +249,9 @@ impl<K: Kernel> Daemon<K> {
             let alive: HashSet<i32> = snap.processes.keys().copied().collect();
             self.headroom.retain(&alive);
             self.cache.restore(snap.processes);
-            self.publish(now);
+            if let Some(p) = self.publish.as_mut() {
+                p.publish(now, self.cfg.interval, &self.tracker.first_sights());
+            }
         }
         report.duration = started.elapsed();
         report

@@ -8,8 +8,9 @@
 //!   still held);
 //! - [`release`]: after a shutdown, whether the owner released the fd;
 //!   [`escalate`]: raising fd limits and signalling leaking processes;
-//! - [`audit`]: the JSON Lines audit log, its writer thread and the intent records;
-//!   [`audit_file`]: where it may live, opening and checking it;
+//! - [`audit`]: the JSON Lines audit log, its writer thread and the intent records (where
+//!   it may live, and opening it, is `crate::shared::audit_file`: `check` asks too);
+//! - [`publish`]: the first sight of each socket, published for the command line;
 //! - [`cycle_report`]: what one cycle did; [`metrics`]: the Prometheus registry and
 //!   endpoint;
 //! - [`service`]: the process around the cycles: signals (SIGHUP reload, SIGTERM/SIGINT
@@ -22,7 +23,6 @@
 //! own writer or a non-blocking send, and every wait has a deadline.
 
 pub mod audit;
-pub mod audit_file;
 pub mod cycle;
 pub mod cycle_report;
 pub mod dead_held;
@@ -33,6 +33,7 @@ mod logging;
 pub mod metrics;
 mod notify;
 pub mod policy;
+pub mod publish;
 pub mod release;
 pub mod selftest;
 mod service;
@@ -40,7 +41,6 @@ mod service;
 mod tests;
 pub mod tracker;
 
-pub use audit_file::problem as audit_log_problem;
 pub use engine::Daemon;
 pub use selftest::self_test;
 pub use service::run;

@@ -4,6 +4,8 @@
 //! - [`selector`]: which sockets a command or a policy target is about;
 //! - [`dead`]: dead held sockets: ended connections a process still holds by an fd;
 //! - [`config`]: the YAML policy, validated in one step;
+//! - [`audit_file`]: where the daemon's audit log may live, and opening it (`check` asks
+//!   too);
 //! - [`act`]: duplicate, verify and shut down (or destroy) one socket;
 //! - [`usage`]: the error that means "fix the command line, the policy or the privileges"
 //!   (exit code 2), and [`values`]: the value parsers shared by flags and policy keys.
@@ -11,6 +13,7 @@
 pub mod act;
 pub mod age;
 pub mod attribute;
+pub mod audit_file;
 pub mod config;
 pub mod dead;
 pub mod selector;

@@ -189,10 +189,10 @@ pub const PLANTS: &[Plant] = &[
         edits: &[
             Edit::Append(
                 "linux/src/netlink/request.rs",
-                "pub struct PlantedRequest(pub Option<super::super::os::PlantedOs>);\n",
+                "pub struct PlantedRequest(pub Option<super::super::secure_fs::PlantedOs>);\n",
             ),
             Edit::Append(
-                "linux/src/os.rs",
+                "linux/src/secure_fs.rs",
                 "pub struct PlantedOs(pub Option<Box<crate::netlink::PlantedNetlink>>);\n",
             ),
             Edit::Append(
@@ -202,9 +202,9 @@ pub const PLANTS: &[Plant] = &[
         ],
         expect: &[
             "import cycle: linux/src/netlink.rs -> linux/src/netlink/request.rs -> \
-             linux/src/os.rs -> linux/src/netlink.rs",
-            "{linux/src/netlink/request.rs|PlantedRequest} -> linux/src/os.rs: \
-             `super::super::os::PlantedOs`",
+             linux/src/secure_fs.rs -> linux/src/netlink.rs",
+            "{linux/src/netlink/request.rs|PlantedRequest} -> linux/src/secure_fs.rs: \
+             `super::super::secure_fs::PlantedOs`",
         ],
         compiles: true,
     },
@@ -357,6 +357,19 @@ pub const PLANTS: &[Plant] = &[
         compiles: true,
     },
     Plant {
+        name: "the command line uses the daemon",
+        edits: &[Edit::Append(
+            "src/cli/plan.rs",
+            "pub fn planted() -> u64 {\n    crate::daemon::policy::SELECT_FD_SETSIZE\n}\n",
+        )],
+        expect: &[
+            "{src/cli/plan.rs|crate::daemon::policy::SELECT_FD_SETSIZE} -> src/daemon/policy.rs: \
+             `crate::daemon::policy::SELECT_FD_SETSIZE`: src/cli/ may not use src/daemon/ \
+             (rooms: cli and daemon use shared; neither uses the other; shared uses neither)",
+        ],
+        compiles: true,
+    },
+    Plant {
         name: "#[path] module",
         edits: &[
             Edit::Append(
@@ -379,6 +392,9 @@ pub const PLANTS: &[Plant] = &[
              src/daemon/planted.rs",
             "{src/daemon/planted.rs|use super::values} -> src/shared/values.rs: \
              `use super::values::PlantedValues`",
+            "{src/shared/values.rs|pub struct PlantedValues} -> src/daemon/planted.rs: \
+             `crate::shared::planted::PlantedPath`: src/shared/ may not use src/daemon/ \
+             (rooms: cli and daemon use shared; neither uses the other; shared uses neither)",
         ],
         compiles: true,
     },

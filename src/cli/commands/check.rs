@@ -18,7 +18,7 @@ pub fn check(path: &std::path::Path, out: &mut impl Write, err: &mut impl Write)
     if let Some(problem) = cfg
         .audit_log
         .as_deref()
-        .and_then(crate::daemon::audit_log_problem)
+        .and_then(crate::shared::audit_file::problem)
     {
         return Err(UsageError(format!("{}: {problem}", path.display())).into());
     }

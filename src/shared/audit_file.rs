@@ -11,7 +11,7 @@
 //! link, belong to root or us, and not be writable by group or others. A missing directory
 //! is created with mode 0750, so the daemon runs outside systemd (without LogsDirectory=)
 //! too. The writer thread cuts a torn last line off whenever it takes a newly opened file
-//! (see [`super::audit`]), so the repair never races with its own writes.
+//! (see `crate::daemon::audit`), so the repair never races with its own writes.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -113,7 +113,7 @@ fn walk_error(path: &Path, e: WalkError<String>) -> String {
 
 /// Open the audit log for appending (creating it, mode 0600, and any missing directory,
 /// mode 0750), after checking its path. The error is one line.
-pub(super) fn open(path: &Path) -> Result<File, String> {
+pub fn open(path: &Path) -> Result<File, String> {
     let owners = owners();
     let mut sealed = Vec::new();
     let how = Walk {
