@@ -472,7 +472,6 @@ impl Destroy for FakeKernel {
 }
 
 /// Keys of the sockets in `v`, for assertions.
-
 pub fn keys(v: &[DiagSocket]) -> HashSet<SocketKey> {
     v.iter().map(key_of).collect()
 }
