@@ -1177,13 +1177,15 @@ fn helper_refuses_a_request_cut_short_or_without_a_pidfd() {
     let pid = fx.pid();
     let (_c, fd) = fx.close_wait(0);
     let v = victim(pid, fd);
-    let whole = format!(
-        "cwreap-inject-request 1\nrequester {}\npid {pid}\nvictim {} {} {}\nend\n",
-        std::process::id(),
-        v.fd,
-        v.inode,
-        v.cookie
-    );
+    let whole = serde_json::json!({
+        "version": 1,
+        "request": {
+            "requester": std::process::id(),
+            "pid": pid,
+            "victims": [{"fd": v.fd, "inode": v.inode, "cookie": v.cookie}],
+        },
+    })
+    .to_string();
     let run = |input: &str| {
         let mut child = Command::new(CWREAP)
             .arg("inject-helper")
@@ -1197,15 +1199,15 @@ fn helper_refuses_a_request_cut_short_or_without_a_pidfd() {
         drop(stdin);
         child.wait_with_output().expect("helper output")
     };
-    let cut = run(&whole[..whole.len() - "end\n".len()]);
+    let cut = run(&whole[..whole.len() - "}}".len()]);
     assert_eq!(cut.status.code(), Some(2), "{cut:?}");
     assert!(cut.stdout.is_empty(), "{cut:?}");
-    assert!(String::from_utf8_lossy(&cut.stderr).contains("before its `end` line"));
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("the request was cut short"));
     let no_pidfd = run(&whole);
     assert_eq!(no_pidfd.status.code(), Some(0), "{no_pidfd:?}");
     let report = String::from_utf8_lossy(&no_pidfd.stdout);
     assert!(
-        report.starts_with("cwreap-inject-report 1\nerror helper no pidfd at fd 3"),
+        report.starts_with(r#"{"version":1,"report":{"Err":{"helper":"no pidfd at fd 3"#),
         "{report}"
     );
     assert!(open_fds(pid).contains(&fd));

@@ -5,7 +5,13 @@
 //!
 //! [`ProcFs`] takes the root it reads from, so parsing is tested on plain directories. A
 //! process that vanishes or cannot be read yields an error for that process only; callers
-//! skip and count it. The `parse_*` functions take text, not files.
+//! skip and count it. Every file is read whole first and then parsed from its bytes, so an
+//! I/O error keeps its kind (a vanished process is `NotFound` or `ESRCH`) and text that is
+//! not what the kernel writes is `InvalidData`, never a panic.
+//!
+//! stat, status and limits are parsed by `procfs-core`. The fd walk, the fd counts and the
+//! fdinfo of epoll instances stay hand-written: they run per fd on the attribution path, and
+//! are measured. The state letter of a thread is read by hand too (see `stat_after_comm`).
 //!
 //! A process whose thread-group leader has exited (`pthread_exit` in main) lives on in its
 //! other threads, but the leader's entries go blank: /proc/PID/fd is empty, ns/net, exe
@@ -18,6 +24,9 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use procfs_core::FromRead;
+use procfs_core::process::{LimitValue, Stat, Status};
 
 /// What /proc/PID/fd/N links to for an epoll instance.
 const EVENTPOLL_LINK: &[u8] = b"anon_inode:[eventpoll]";
@@ -136,8 +145,10 @@ impl ProcFs {
     /// through when the leader has exited or other threads remain. One read of
     /// /proc/PID/stat settles the common case (a kernel thread, a process without fds).
     pub fn thread_for_empty_table(&self, pid: i32) -> Option<i32> {
-        let stat = fs::read_to_string(self.pid_path(pid, "stat")).ok()?;
-        let (state, threads) = parse_stat_state_threads(&stat)?;
+        let stat = fs::read(self.pid_path(pid, "stat")).ok()?;
+        let (state, mut fields) = stat_after_comm(&stat)?;
+        // The fields after the state start at field 4; num_threads is field 20.
+        let threads: usize = std::str::from_utf8(fields.nth(16)?).ok()?.parse().ok()?;
         if matches!(state, 'Z' | 'X') || threads > 1 {
             self.live_thread(pid)
         } else {
@@ -316,8 +327,22 @@ impl ProcFs {
 
     /// The state letter of a thread (`R`, `S`, `Z`...), from /proc/PID/task/TID/stat.
     pub fn task_state(&self, pid: i32, tid: i32) -> io::Result<Option<char>> {
-        let stat = fs::read_to_string(self.pid_path(pid, &format!("task/{tid}/stat")))?;
-        Ok(parse_stat_state(&stat))
+        let stat = fs::read(self.task_path(pid, tid, "stat"))?;
+        Ok(stat_after_comm(&stat).map(|(state, _)| state))
+    }
+
+    /// /proc/PID/task/TID/status, or /proc/PID/status when `tid` is None.
+    fn status_path(&self, pid: i32, tid: Option<i32>) -> PathBuf {
+        match tid {
+            Some(tid) => self.task_path(pid, tid, "status"),
+            None => self.pid_path(pid, "status"),
+        }
+    }
+
+    /// The status file of a process or thread, parsed.
+    fn status(&self, pid: i32, tid: Option<i32>) -> io::Result<Status> {
+        let path = self.status_path(pid, tid);
+        parse_status(&fs::read(&path)?).map_err(|e| in_file(&path, e))
     }
 
     /// One field (`Seccomp`, `TracerPid`...) of /proc/PID/task/TID/status, or of
@@ -328,28 +353,19 @@ impl ProcFs {
         tid: Option<i32>,
         key: &str,
     ) -> io::Result<Option<String>> {
-        let leaf = match tid {
-            Some(tid) => format!("task/{tid}/status"),
-            None => "status".to_string(),
-        };
-        let text = fs::read_to_string(self.pid_path(pid, &leaf))?;
-        Ok(parse_status_field(&text, key).map(str::to_owned))
+        let text = fs::read(self.status_path(pid, tid))?;
+        Ok(field(&String::from_utf8_lossy(&text), key).map(str::to_owned))
     }
 
     /// `Seccomp:` of the status file: 0 none, 1 strict, 2 filter; None if unknown.
     pub fn seccomp_mode(&self, pid: i32, tid: Option<i32>) -> Option<u8> {
-        self.status_field(pid, tid, "Seccomp")
-            .ok()
-            .flatten()
-            .and_then(|v| v.parse().ok())
+        let mode = self.status(pid, tid).ok()?.seccomp?;
+        u8::try_from(mode).ok()
     }
 
     /// `TracerPid:` of a thread: 0 when nobody traces it; None if unknown.
     pub fn tracer_pid(&self, pid: i32, tid: i32) -> Option<i32> {
-        self.status_field(pid, Some(tid), "TracerPid")
-            .ok()
-            .flatten()
-            .and_then(|v| v.parse().ok())
+        self.status(pid, Some(tid)).ok().map(|s| s.tracerpid)
     }
 
     /// Raw /proc/PID/maps (see [`parse_maps_line`]).
@@ -366,37 +382,33 @@ impl ProcFs {
 
     /// RLIMIT_NOFILE of the process, soft and hard.
     pub fn nofile_limits(&self, pid: i32) -> io::Result<Limits> {
-        let text = fs::read_to_string(self.pid_path(pid, "limits"))?;
-        parse_nofile(&text).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("no 'Max open files' line in /proc/{pid}/limits"),
-            )
-        })
+        let path = self.pid_path(pid, "limits");
+        let text = fs::read(&path)?;
+        parse_nofile(&String::from_utf8_lossy(&text)).map_err(|e| in_file(&path, e))
     }
 
     /// When the process started, in clock ticks since boot (field 22 of /proc/PID/stat):
     /// with the pid, it names one process for as long as the machine runs.
     pub fn start_time(&self, pid: i32) -> io::Result<u64> {
-        let stat = fs::read_to_string(self.pid_path(pid, "stat"))?;
-        parse_stat_start_time(&stat).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("no start time in /proc/{pid}/stat"),
-            )
-        })
+        let path = self.pid_path(pid, "stat");
+        let stat = parse_stat(&fs::read(&path)?).map_err(|e| in_file(&path, e))?;
+        Ok(stat.starttime)
     }
 
     /// Soft RLIMIT_NOFILE of the process; `None` when unlimited.
     pub fn nofile_soft_limit(&self, pid: i32) -> io::Result<Option<u64>> {
-        let text = fs::read_to_string(self.pid_path(pid, "limits"))?;
-        parse_nofile_soft(&text).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("no 'Max open files' line in /proc/{pid}/limits"),
-            )
-        })
+        Ok(self.nofile_limits(pid)?.soft)
     }
+}
+
+/// A parse error of `path`, with the path in its message.
+fn in_file(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Text of a /proc file that is not what the kernel writes.
+fn malformed(why: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why.to_string())
 }
 
 /// The soft and hard limits of one resource; None is unlimited.
@@ -415,35 +427,76 @@ pub fn parse_socket_link(target: &str) -> Option<u64> {
         .ok()
 }
 
-/// Both limits from the `Max open files` line of /proc/<pid>/limits; None when the line is
-/// missing or malformed.
-pub fn parse_nofile(limits: &str) -> Option<Limits> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let mut cols = line["Max open files".len()..].split_whitespace();
-    let value = |v: &str| match v {
-        "unlimited" => Some(None),
-        n => n.parse().ok().map(Some),
-    };
-    let soft = value(cols.next()?)?;
-    let hard = value(cols.next()?)?;
-    Some(Limits { soft, hard })
-}
-
-/// The soft limit from the `Max open files` line of /proc/<pid>/limits:
-/// `Some(None)` for unlimited, `None` when the line is missing or malformed.
-pub fn parse_nofile_soft(limits: &str) -> Option<Option<u64>> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line["Max open files".len()..].split_whitespace().next()?;
-    if soft == "unlimited" {
-        Some(None)
-    } else {
-        soft.parse().ok().map(Some)
+/// Both limits of `Max open files` in the text of /proc/PID/limits.
+pub fn parse_nofile(limits: &str) -> io::Result<Limits> {
+    // procfs-core finds the columns by counting back from the end of each line, and a line
+    // of fewer than three words makes that count go below zero (a panic in debug builds).
+    // The kernel writes a name and two values on every line (units on most).
+    let short = limits
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("Limit"))
+        .find(|l| l.split_whitespace().count() < 3);
+    if let Some(line) = short {
+        return Err(malformed(format!(
+            "limits line {line:?} has too few columns"
+        )));
     }
+    let all = procfs_core::process::Limits::from_read(limits.as_bytes()).map_err(malformed)?;
+    let value = |v| match v {
+        LimitValue::Unlimited => None,
+        LimitValue::Value(n) => Some(n),
+    };
+    Ok(Limits {
+        soft: value(all.max_open_files.soft_limit),
+        hard: value(all.max_open_files.hard_limit),
+    })
 }
 
-/// The value of `key:` in a /proc status file, trimmed.
-pub fn parse_status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
-    status.lines().find_map(|l| {
+/// /proc/PID/stat (or a thread's), parsed by procfs-core.
+fn parse_stat(stat: &[u8]) -> io::Result<Stat> {
+    // procfs-core takes for granted that the comm sits in parentheses with a space on either
+    // side, and slices the line around them by byte offset: anything else would panic. The
+    // check runs on the very string it parses (its lossy conversion, trimmed).
+    let text = String::from_utf8_lossy(stat);
+    let line = text.trim();
+    let bytes = line.as_bytes();
+    let framed = match (line.find('('), line.rfind(')')) {
+        (Some(open), Some(close)) => {
+            close > open
+                && open.checked_sub(1).and_then(|i| bytes.get(i)) == Some(&b' ')
+                && bytes.get(close + 1) == Some(&b' ')
+        }
+        _ => false,
+    };
+    if !framed {
+        return Err(malformed("stat line without `PID (COMM) STATE`"));
+    }
+    Stat::from_read(bytes).map_err(malformed)
+}
+
+/// A /proc status file, parsed by procfs-core.
+fn parse_status(status: &[u8]) -> io::Result<Status> {
+    Status::from_read(status).map_err(malformed)
+}
+
+/// The state letter (field 3) of a stat line, and the fields after it. The comm before it
+/// ends at the last `)`: it may itself hold spaces, parentheses and bytes that are not
+/// UTF-8. Read by hand, unlike [`parse_stat`]: it runs for every thread considered (each
+/// one seized, each one looked at for a live one) and needs only the letter, not 52
+/// fields parsed.
+fn stat_after_comm(stat: &[u8]) -> Option<(char, impl Iterator<Item = &[u8]>)> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let mut fields = stat[close + 1..]
+        .split(u8::is_ascii_whitespace)
+        .filter(|f| !f.is_empty());
+    let state = *fields.next()?.first()?;
+    Some((char::from(state), fields))
+}
+
+/// The value of `key:` in a `Key:\tvalue` file (status, fdinfo), trimmed.
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
         l.strip_prefix(key)
             .and_then(|rest| rest.strip_prefix(':'))
             .map(str::trim)
@@ -452,31 +505,7 @@ pub fn parse_status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
 
 /// The pid a pidfd refers to, from `Pid:` in its fdinfo (-1 once the process is gone).
 pub fn parse_fdinfo_pid(fdinfo: &str) -> Option<i32> {
-    parse_status_field(fdinfo, "Pid").and_then(|v| v.parse().ok())
-}
-
-/// The state letter of /proc/PID/task/TID/stat (after the parenthesised comm, which may
-/// itself contain parentheses and spaces).
-pub fn parse_stat_state(stat: &str) -> Option<char> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.trim_start().chars().next()
-}
-
-/// Field 22 (starttime) of a /proc/PID/stat line.
-pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields after the comm start at field 3 (state); starttime is field 22.
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
-}
-
-/// The state letter and `num_threads` (field 20) of /proc/PID/stat.
-pub fn parse_stat_state_threads(stat: &str) -> Option<(char, usize)> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // Fields 4..=19 come between the state (3) and num_threads (20).
-    let threads = fields.nth(16)?.parse().ok()?;
-    Some((state, threads))
+    field(fdinfo, "Pid").and_then(|v| v.parse().ok())
 }
 
 /// One line of /proc/PID/maps: start, end, whether it is readable and executable, and its
@@ -602,54 +631,188 @@ mod tests {
         assert_eq!(parse_socket_link("socket:[12"), None);
     }
 
-    #[test]
-    fn limits_file() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+    /// /proc/PID/limits as Linux 6.18 writes it (fs/proc/base.c, proc_pid_limits): a
+    /// header, then one line per resource: its name, the soft and hard limit (a number or
+    /// `unlimited`) and the units, which the two priority lines lack.
+    const LIMITS: &str = "\
+Limit                     Soft Limit           Hard Limit           Units     \n\
 Max cpu time              unlimited            unlimited            seconds   \n\
-Max open files            1024                 20000                files     \n";
-        assert_eq!(parse_nofile_soft(text), Some(Some(1024)));
-        let unlimited =
-            "Max open files            unlimited            unlimited            files\n";
-        assert_eq!(parse_nofile_soft(unlimited), Some(None));
-        assert_eq!(parse_nofile_soft("Max cpu time 1 1 seconds\n"), None);
-        assert_eq!(parse_nofile_soft("Max open files  lots  x files\n"), None);
-    }
+Max file size             unlimited            unlimited            bytes     \n\
+Max data size             unlimited            unlimited            bytes     \n\
+Max stack size            8388608              unlimited            bytes     \n\
+Max core file size        0                    unlimited            bytes     \n\
+Max resident set          unlimited            unlimited            bytes     \n\
+Max processes             96368                96368                processes \n\
+Max open files            1024                 20000                files     \n\
+Max locked memory         8388608              8388608              bytes     \n\
+Max address space         unlimited            unlimited            bytes     \n\
+Max file locks            unlimited            unlimited            locks     \n\
+Max pending signals       96368                96368                signals   \n\
+Max msgqueue size         819200               819200               bytes     \n\
+Max nice priority         0                    0                    \n\
+Max realtime priority     0                    0                    \n\
+Max realtime timeout      unlimited            unlimited            us        \n";
+    // Max open files: soft 1024 (select()'s limit), hard 20000 (this machine's cap).
+
+    /// /proc/PID/stat of a process whose comm is `a b) c` (the kernel does not escape
+    /// it), 52 fields as Linux 6.18 writes them (fs/proc/array.c, do_task_stat).
+    const STAT: &str = "4242 (a b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 3 1 0 0 20 0 3 0 \
+987654 3133440 387 18446744073709551615 94558709473280 94558709493161 140722361884400 0 0 0 0 \
+0 0 0 0 0 17 1 0 0 0 0 0 94558709509168 94558709510784 94559654825984 140722361891358 \
+140722361891378 140722361891378 140722361892843 0\n";
+    // pid 4242; comm `a b) c`: only the last `)` ends it; state S; ppid 1; pgrp and session
+    // 4242; no tty (0, tpgid -1); flags; minflt 100 ...; utime 3, stime 1; priority 20,
+    // nice 0; num_threads 3 (field 20); itrealvalue 0; starttime 987654 (field 22); then
+    // vsize, rss, rsslim and the addresses, signals, exit_signal 17, processor 1 ...
+    // exit_code 0 (field 52).
+
+    /// /proc/2/status (kthreadd) on Linux 6.18: a kernel thread has no Vm* or Rss* lines,
+    /// an empty `Groups:` and a `Kthread:` line.
+    const KTHREAD_STATUS: &str = "Name:\tkthreadd\nUmask:\t0022\nState:\tS (sleeping)\n\
+Tgid:\t2\nNgid:\t0\nPid:\t2\nPPid:\t0\nTracerPid:\t0\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n\
+FDSize:\t64\nGroups:\t \nNStgid:\t2\nNSpid:\t2\nNSpgid:\t0\nNSsid:\t0\nKthread:\t1\n\
+Threads:\t1\nSigQ:\t1/96368\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n\
+SigBlk:\t0000000000000000\nSigIgn:\tffffffffffffffff\nSigCgt:\t0000000000000000\n\
+CapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n\
+CapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\nNoNewPrivs:\t0\nSeccomp:\t0\n\
+Seccomp_filters:\t0\nSpeculation_Store_Bypass:\tvulnerable\n\
+SpeculationIndirectBranch:\talways enabled\nCpus_allowed:\t3\nCpus_allowed_list:\t0-1\n\
+Mems_allowed:\t00000000,00000001\nMems_allowed_list:\t0\nvoluntary_ctxt_switches:\t77\n\
+nonvoluntary_ctxt_switches:\t0\n";
 
     #[test]
-    fn nofile_both_limits() {
-        let text =
-            "Max open files            1100                 8192                 files     \n";
+    fn nofile_limits_numbers_and_unlimited() {
         assert_eq!(
-            parse_nofile(text),
-            Some(Limits {
-                soft: Some(1100),
-                hard: Some(8192)
-            })
+            parse_nofile(LIMITS).expect("limits"),
+            Limits {
+                soft: Some(1024),
+                hard: Some(20000)
+            }
+        );
+        let unlimited = LIMITS.replace(
+            "Max open files            1024                 20000",
+            "Max open files            unlimited            unlimited",
         );
         assert_eq!(
-            parse_nofile("Max open files  unlimited  unlimited  files\n"),
-            Some(Limits {
+            parse_nofile(&unlimited).expect("limits"),
+            Limits {
                 soft: None,
                 hard: None
-            })
+            }
         );
-        assert_eq!(parse_nofile("Max open files  1024\n"), None);
+        let no_nofile: String = LIMITS
+            .lines()
+            .filter(|l| !l.starts_with("Max open files"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(parse_nofile(&no_nofile).is_err());
+        let lots = LIMITS.replace("1024                 20000", "lots  x");
+        assert!(parse_nofile(&lots).is_err());
     }
 
     #[test]
-    fn stat_start_time() {
-        let stat =
-            "4242 (a b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 3 1 0 0 20 0 1 0 987654 1000 10";
-        assert_eq!(parse_stat_start_time(stat), Some(987654));
-        assert_eq!(parse_stat_start_time("1 (x) S 1"), None);
+    fn limits_read_under_the_root() {
+        let dir = std::env::temp_dir().join(format!("cwreap-procfs-lim-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("42")).expect("mkdir");
+        fs::write(dir.join("42/limits"), LIMITS).expect("write");
+        fs::create_dir_all(dir.join("43")).expect("mkdir");
+        fs::write(dir.join("43/limits"), "Max open files  1024\n").expect("write");
+        let proc = ProcFs::new(&dir);
+        assert_eq!(proc.nofile_soft_limit(42).expect("limits"), Some(1024));
+        let short = proc.nofile_limits(43).expect_err("too few columns");
+        assert_eq!(short.kind(), io::ErrorKind::InvalidData);
+        assert!(short.to_string().contains("43/limits"), "{short}");
+        let gone = proc.nofile_limits(44).expect_err("no such process");
+        assert_eq!(gone.kind(), io::ErrorKind::NotFound);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn status_fields() {
-        let status = "Name:\tleaky\nTracerPid:\t0\nSeccomp:\t2\nSeccomp_filters:\t1\n";
-        assert_eq!(parse_status_field(status, "Seccomp"), Some("2"));
-        assert_eq!(parse_status_field(status, "TracerPid"), Some("0"));
-        assert_eq!(parse_status_field(status, "Missing"), None);
+    fn stat_start_time_survives_odd_comm() {
+        let stat = parse_stat(STAT.as_bytes()).expect("stat");
+        assert_eq!(
+            (stat.pid, stat.comm.as_str(), stat.state),
+            (4242, "a b) c", 'S')
+        );
+        assert_eq!((stat.num_threads, stat.starttime), (3, 987654));
+        // Cut after starttime: the fields that follow are not optional.
+        assert!(parse_stat(b"1 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5").is_err());
+        // A comm that is not UTF-8 is read lossily, not refused.
+        let (_, fields) = STAT.split_once("c) ").expect("fixture");
+        let odd = [b"4242 (\xff\xfe) ".as_slice(), fields.as_bytes()].concat();
+        assert_eq!(parse_stat(&odd).expect("lossy comm").starttime, 987654);
+    }
+
+    #[test]
+    fn kernel_thread_status() {
+        let status = parse_status(KTHREAD_STATUS.as_bytes()).expect("status");
+        assert_eq!((status.seccomp, status.tracerpid), (Some(0), 0));
+        assert_eq!(status.vmrss, None);
+        let dir = std::env::temp_dir().join(format!("cwreap-procfs-kt-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("2/task/2")).expect("mkdir");
+        fs::write(dir.join("2/status"), KTHREAD_STATUS).expect("write");
+        let traced = KTHREAD_STATUS
+            .replace("TracerPid:\t0", "TracerPid:\t77")
+            .replace("Seccomp:\t0", "Seccomp:\t2");
+        fs::write(dir.join("2/task/2/status"), traced).expect("write");
+        let proc = ProcFs::new(&dir);
+        assert_eq!(proc.seccomp_mode(2, None), Some(0));
+        assert_eq!(proc.seccomp_mode(2, Some(2)), Some(2));
+        assert_eq!(proc.tracer_pid(2, 2), Some(77));
+        assert_eq!(
+            proc.status_field(2, None, "Kthread").expect("status"),
+            Some("1".to_string())
+        );
+        assert_eq!(proc.status_field(2, None, "Missing").expect("status"), None);
+        // Unknown, not guessed: a status that is cut short, or a thread that is gone.
+        fs::write(
+            dir.join("2/task/2/status"),
+            "Name:\tkthreadd\nSeccomp:\t2\n",
+        )
+        .expect("write");
+        assert_eq!(proc.seccomp_mode(2, Some(2)), None);
+        assert_eq!(proc.tracer_pid(2, 3), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn malformed_files_are_errors_not_panics() {
+        // Every cut of every fixture: procfs-core slices and counts by offset, and a cut
+        // in the wrong place must be an error.
+        for text in [LIMITS, STAT, KTHREAD_STATUS] {
+            for cut in 0..text.len() {
+                let part = &text.as_bytes()[..cut];
+                let _ = parse_stat(part);
+                let _ = parse_status(part);
+                let _ = parse_nofile(&String::from_utf8_lossy(part));
+            }
+        }
+        for stat in [
+            "",
+            "42 (x",
+            "42 (x)",
+            "42 (x)S 1",
+            "(x) S 1",
+            "42 )x( S",
+            "42é(x) S",
+            "42 (x)é S",
+            ") (",
+        ] {
+            assert!(parse_stat(stat.as_bytes()).is_err(), "{stat:?}");
+        }
+        for limits in [
+            "\n",
+            "Max\n",
+            "Max open\n",
+            "Max nice priority 0\n",
+            " \n\n",
+        ] {
+            assert!(parse_nofile(limits).is_err(), "{limits:?}");
+        }
+        assert!(parse_status(b"Name\n").is_err());
+        assert!(parse_status(b"\xff\xfe:\t1\n").is_err());
     }
 
     #[test]
@@ -663,22 +826,78 @@ Max open files            1024                 20000                files     \n
 
     #[test]
     fn stat_state_survives_odd_comm() {
-        assert_eq!(parse_stat_state("42 (a) b) Z 1 2 3"), Some('Z'));
-        assert_eq!(parse_stat_state("42 (node) S 1"), Some('S'));
-        assert_eq!(parse_stat_state("42 (x"), None);
-        assert_eq!(parse_stat_state(""), None);
+        let state = |s: &[u8]| stat_after_comm(s).map(|(c, _)| c);
+        assert_eq!(state(b"42 (a) b) Z 1 2 3"), Some('Z'));
+        assert_eq!(state(b"42 (node) S 1"), Some('S'));
+        assert_eq!(state(b"42 (\xff) \xfe) R 1"), Some('R'));
+        assert_eq!(state(b"42 (x"), None);
+        assert_eq!(state(b"42 (x)"), None);
+        assert_eq!(state(b""), None);
     }
 
     #[test]
     fn stat_state_and_threads() {
-        let stat = "42 (a b) c) Z 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 123 0 0";
-        assert_eq!(parse_stat_state_threads(stat), Some(('Z', 3)));
-        assert_eq!(parse_stat_state_threads("42 (x) S 1 2"), None);
-        assert_eq!(parse_stat_state_threads(""), None);
-        let own = std::fs::read_to_string("/proc/self/stat").expect("own stat");
-        let (state, threads) = parse_stat_state_threads(&own).expect("parses");
-        assert!(state == 'R' || state == 'S', "{state}");
-        assert!(threads >= 1);
+        let dir = std::env::temp_dir().join(format!("cwreap-procfs-st-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        for (pid, state, threads) in [(42, 'Z', 3), (43, 'S', 1), (44, 'S', 2)] {
+            let stat = STAT
+                .replacen("4242", &pid.to_string(), 1)
+                .replace(") S 1", &format!(") {state} 1"))
+                .replace(" 20 0 3 0 ", &format!(" 20 0 {threads} 0 "));
+            fs::create_dir_all(dir.join(format!("{pid}/task/{pid}"))).expect("mkdir");
+            fs::write(dir.join(format!("{pid}/stat")), &stat).expect("write");
+            fs::write(dir.join(format!("{pid}/task/{pid}/stat")), &stat).expect("write");
+        }
+        fs::create_dir_all(dir.join("44/task/45")).expect("mkdir");
+        fs::write(dir.join("44/task/45/stat"), "45 (a b) c) S 1\n").expect("write");
+        fs::create_dir_all(dir.join("46")).expect("mkdir");
+        fs::write(dir.join("46/stat"), "46 (x) S 1 2").expect("write");
+        let proc = ProcFs::new(&dir);
+        assert_eq!(proc.task_state(42, 42).expect("stat"), Some('Z'));
+        assert_eq!(proc.start_time(42).expect("start"), 987654);
+        // A zombie leader with no live thread, an ordinary process, a live second thread,
+        // a stat cut before num_threads.
+        assert_eq!(proc.thread_for_empty_table(42), None);
+        assert_eq!(proc.thread_for_empty_table(43), None);
+        assert_eq!(proc.thread_for_empty_table(44), Some(45));
+        assert_eq!(proc.thread_for_empty_table(46), None);
+        assert!(proc.start_time(46).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn own_stat_and_status_parse() {
+        let proc = ProcFs::default();
+        let me = std::process::id() as i32;
+        assert!(proc.start_time(me).expect("own stat") > 0);
+        assert!(proc.seccomp_mode(me, None).is_some());
+        assert!(proc.tracer_pid(me, me).is_some());
+        let limits = proc.nofile_limits(me).expect("own limits");
+        assert!(
+            limits
+                .soft
+                .is_some_and(|s| Some(s) <= limits.hard.or(Some(u64::MAX)))
+        );
+        // A thread named with spaces, parentheses and bytes that are not UTF-8.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let named = std::thread::spawn(move || {
+            let name = c"\xff(a) b\xfe";
+            rustix::thread::set_name(name).expect("PR_SET_NAME");
+            tx.send(rustix::thread::gettid().as_raw_nonzero().get())
+                .expect("send");
+            let _ = wait.recv();
+        });
+        let tid = rx.recv().expect("tid");
+        let state = proc.task_state(me, tid).expect("thread stat");
+        assert!(matches!(state, Some('R' | 'S')), "{state:?}");
+        let stat = fs::read(proc.task_path(me, tid, "stat")).expect("thread stat");
+        assert_eq!(
+            parse_stat(&stat).expect("thread stat").comm,
+            "\u{fffd}(a) b\u{fffd}"
+        );
+        drop(done);
+        named.join().expect("join");
     }
 
     #[test]

@@ -5,10 +5,13 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use super::reasons::{InjectError, SkipReason};
 
 /// One fd to close in the target, with the identity attribution saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Victim {
     pub fd: i32,
     /// Inode of the socket (fstat of a duplicate must match).
@@ -18,7 +21,8 @@ pub struct Victim {
 }
 
 /// What one injection did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InjectReport {
     /// Fds closed in the target (close returned 0).
     pub closed: Vec<i32>,

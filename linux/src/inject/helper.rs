@@ -14,8 +14,6 @@ use super::{engine, seam, wire};
 
 /// How long the request may take to arrive (cwreap writes it at once).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most bytes of request read (a line per fd).
-const MAX_REQUEST: usize = 64 << 20;
 
 pub(super) fn main() -> i32 {
     seam::step("start");
@@ -55,7 +53,7 @@ pub(super) fn main() -> i32 {
     0
 }
 
-/// stdin up to EOF, within `deadline`.
+/// stdin up to EOF, within `deadline`, and no more than the protocol allows.
 fn read_request(deadline: Instant) -> std::io::Result<String> {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let stdin = std::io::stdin();
@@ -86,8 +84,11 @@ fn read_request(deadline: Instant) -> std::io::Result<String> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        if bytes.len() > MAX_REQUEST {
-            return Err(std::io::Error::other("request too long"));
+        if bytes.len() > wire::MAX_MESSAGE {
+            return Err(std::io::Error::other(format!(
+                "the request is over the limit of {} bytes",
+                wire::MAX_MESSAGE
+            )));
         }
     }
     String::from_utf8(bytes).map_err(|_| std::io::Error::other("request is not UTF-8"))

@@ -5,10 +5,40 @@
 use std::fmt;
 use std::time::Duration;
 
+use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
+use super::batch::UNSUPPORTED_ARCH;
+
+/// The `&'static str`s a reason or error may hold: the system calls verification names,
+/// and the one unsupported-platform message. Text read back from the helper must be one of
+/// them, to be the same `&'static str` again.
+pub(super) const STATIC_TEXTS: [&str; 6] = [
+    "pidfd_getfd",
+    "fstat",
+    "SO_COOKIE",
+    "TCP_INFO",
+    "SO_LINGER",
+    UNSUPPORTED_ARCH,
+];
+
+/// `&'static str`, spelled so that serde's derive does not take it for text borrowed from
+/// the message (which would make every report decodable only from `'static` input): it is
+/// read back through [`static_text`] instead.
+type StaticText = &'static str;
+
+fn static_text<'de, D: Deserializer<'de>>(d: D) -> Result<StaticText, D::Error> {
+    let text = String::deserialize(d)?;
+    STATIC_TEXTS
+        .iter()
+        .find(|known| **known == text)
+        .copied()
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown fixed text {text:?}")))
+}
+
 /// Why one fd was left alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SkipReason {
     /// A negative fd number.
     InvalidFd,
@@ -29,7 +59,11 @@ pub enum SkipReason {
     /// SO_LINGER with a timeout: close() could block the stopped process.
     Linger(Duration),
     /// A system call used to inspect the fd failed (`call`, errno).
-    Syscall { call: &'static str, errno: i32 },
+    Syscall {
+        #[serde(deserialize_with = "static_text")]
+        call: StaticText,
+        errno: i32,
+    },
     /// close() inside the target returned this errno.
     CloseFailed(i32),
     /// close_range() returned 0 but the fd is still open.
@@ -91,11 +125,12 @@ impl fmt::Display for SkipReason {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum InjectError {
     /// Injection is not implemented for this platform.
     #[error("closing an fd inside another process is not supported here: {0}")]
-    Unsupported(&'static str),
+    Unsupported(#[serde(deserialize_with = "static_text")] StaticText),
     /// The process exited (before or during the stop).
     #[error("the process exited")]
     Gone,
@@ -118,7 +153,8 @@ pub enum InjectError {
 }
 
 /// Why an injection was declined before anything was closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Refusal {
     /// The target is cwreap itself (or the process that asked for the injection).
     OwnProcess,

@@ -1,50 +1,50 @@
-//! What cwreap and its injection helper say to each other, one item per line of text.
+//! What cwreap and its injection helper say to each other: one JSON object each way, with
+//! the protocol version first.
 //!
-//! Request (cwreap → helper's stdin), ended by `end` so that a request cut short by the
-//! death of cwreap is recognised and nothing is done:
+//! Request (cwreap → helper's stdin):
 //! ```text
-//! cwreap-inject-request 1
-//! requester 4242          (the pid of the process asking: never a target)
-//! pid 5151                (the target; its pidfd is the helper's fd 3)
-//! victim 7 183920 4103    (fd inode cookie, once per fd)
-//! end
+//! {"version":1,"request":{"requester":4242,"pid":5151,
+//!  "victims":[{"fd":7,"inode":183920,"cookie":4103}]}}
 //! ```
-//! Report (helper's stdout → cwreap), ended by `ok` or by one `error` line:
+//! `requester` is the pid of the process asking (never a target), `pid` the target, whose
+//! pidfd is the helper's fd 3, and each victim an fd with the inode and cookie it must still
+//! have. A request cut short by the death of cwreap is not a whole JSON object, so it is
+//! recognised and nothing is done.
+//!
+//! Report (helper's stdout → cwreap), the injection's `Ok` or its `Err`:
 //! ```text
-//! cwreap-inject-report 1
-//! closed 7
-//! skipped 9 inode_changed 1234 183922
-//! pause_us 812
-//! threads 4
-//! fds_before 40
-//! fds_after 39
-//! ok
+//! {"version":1,"report":{"Ok":{"closed":[7],
+//!  "skipped":[[9,{"inode_changed":{"found":1234,"expected":183922}}]],
+//!  "pause_us":812,"threads":4,"fds_before":40,"fds_after":39}}}
+//! {"version":1,"report":{"Err":{"refused":"own_process"}}}
 //! ```
-//! Reasons and errors are a snake_case word and their fields; free text comes last on its
-//! line, with `\`, CR and LF escaped, so every [`SkipReason`], [`InjectError`] and
-//! [`Refusal`] comes back exactly as it was.
+//! Every [`SkipReason`](super::reasons::SkipReason), [`InjectError`] and
+//! [`Refusal`](super::reasons::Refusal) comes back exactly as it was; the `&'static str`s
+//! they hold must be among `reasons::STATIC_TEXTS`. A message over [`MAX_MESSAGE`] bytes,
+//! of another version, with a field unknown or missing, or followed by anything but
+//! whitespace is refused whole.
 
-use std::time::Duration;
+use std::borrow::Cow;
 
-use super::batch::{InjectReport, UNSUPPORTED_ARCH, Victim};
-use super::reasons::{InjectError, Refusal, SkipReason};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-const REQUEST_HEADER: &str = "cwreap-inject-request 1";
-const REPORT_HEADER: &str = "cwreap-inject-report 1";
+use super::batch::{InjectReport, Victim};
+use super::reasons::InjectError;
 
-/// The `&'static str`s a reason or error may hold: the system calls verification names,
-/// and the one unsupported-platform message.
-const STATIC_TEXTS: [&str; 6] = [
-    "pidfd_getfd",
-    "fstat",
-    "SO_COOKIE",
-    "TCP_INFO",
-    "SO_LINGER",
-    UNSUPPORTED_ARCH,
-];
+/// The shape of both messages. The helper need not be this very program (see
+/// [`Helper`](super::batch::Helper)), so a change of shape bumps it, and a message of
+/// another version is refused before its body is read.
+const VERSION: u32 = 1;
+
+/// Most bytes of a message read, either way: a request or report holds an entry per fd,
+/// a few dozen bytes each, so this allows about a million.
+pub(super) const MAX_MESSAGE: usize = 64 << 20;
 
 /// What the helper is asked to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct Request {
     /// The process that asked: refused as a target, like the helper itself.
     pub requester: i32,
@@ -52,302 +52,107 @@ pub(super) struct Request {
     pub victims: Vec<Victim>,
 }
 
-pub(super) fn encode_request(r: &Request) -> String {
-    let mut s = format!(
-        "{REQUEST_HEADER}\nrequester {}\npid {}\n",
-        r.requester, r.pid
-    );
-    for v in &r.victims {
-        s.push_str(&format!("victim {} {} {}\n", v.fd, v.inode, v.cookie));
-    }
-    s.push_str("end\n");
-    s
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestMessage<'a> {
+    version: u32,
+    request: Cow<'a, Request>,
 }
 
-pub(super) fn decode_request(text: &str) -> Result<Request, String> {
-    let mut lines = text.lines();
-    if lines.next() != Some(REQUEST_HEADER) {
-        return Err("not an injection request (wrong header)".into());
-    }
-    let mut requester = None;
-    let mut pid = None;
-    let mut victims = Vec::new();
-    for line in lines {
-        let mut w = Words::new(line);
-        match w.word()? {
-            "requester" => requester = Some(w.num()?),
-            "pid" => pid = Some(w.num()?),
-            "victim" => victims.push(Victim {
-                fd: w.num()?,
-                inode: w.num()?,
-                cookie: w.num()?,
-            }),
-            "end" => {
-                return Ok(Request {
-                    requester: requester.ok_or("no requester line")?,
-                    pid: pid.ok_or("no pid line")?,
-                    victims,
-                });
-            }
-            other => return Err(format!("unknown request line {other:?}")),
-        }
-        w.end()?;
-    }
-    Err("the request ended before its `end` line".into())
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportMessage<'a> {
+    version: u32,
+    report: Cow<'a, Result<InjectReport, InjectError>>,
+}
+
+/// Why a message was refused.
+#[derive(Debug, Error)]
+pub(super) enum WireError {
+    #[error("the {what} is {len} bytes, over the limit of {MAX_MESSAGE}")]
+    TooLong { what: &'static str, len: usize },
+    #[error("the {what} was cut short ({source})")]
+    CutShort {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("the {what} is of protocol version {found}, not {VERSION}")]
+    Version { what: &'static str, found: u32 },
+    #[error("malformed {what}: {source}")]
+    Malformed {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+pub(super) fn encode_request(r: &Request) -> String {
+    encode(&RequestMessage {
+        version: VERSION,
+        request: Cow::Borrowed(r),
+    })
+}
+
+pub(super) fn decode_request(text: &str) -> Result<Request, WireError> {
+    let m: RequestMessage<'static> = decode(text, "request")?;
+    Ok(m.request.into_owned())
 }
 
 pub(super) fn encode_report(result: &Result<InjectReport, InjectError>) -> String {
-    let mut s = format!("{REPORT_HEADER}\n");
-    match result {
-        Ok(r) => {
-            for fd in &r.closed {
-                s.push_str(&format!("closed {fd}\n"));
-            }
-            for (fd, why) in &r.skipped {
-                s.push_str(&format!("skipped {fd} {}\n", encode_skip(why)));
-            }
-            s.push_str(&format!(
-                "pause_us {}\nthreads {}\nfds_before {}\nfds_after {}\nok\n",
-                r.pause_us, r.threads, r.fds_before, r.fds_after
-            ));
-        }
-        Err(e) => s.push_str(&format!("error {}\n", encode_error(e))),
-    }
-    s
-}
-
-pub(super) fn decode_report(text: &str) -> Result<Result<InjectReport, InjectError>, String> {
-    let mut lines = text.lines();
-    if lines.next() != Some(REPORT_HEADER) {
-        return Err("no report header".into());
-    }
-    let mut r = InjectReport::default();
-    for line in lines {
-        let mut w = Words::new(line);
-        match w.word()? {
-            "closed" => r.closed.push(w.num()?),
-            "skipped" => {
-                let fd = w.num()?;
-                r.skipped.push((fd, decode_skip(&mut w)?));
-            }
-            "pause_us" => r.pause_us = w.num()?,
-            "threads" => r.threads = w.num()?,
-            "fds_before" => r.fds_before = w.num()?,
-            "fds_after" => r.fds_after = w.num()?,
-            "ok" => return Ok(Ok(r)),
-            "error" => {
-                let e = decode_error(&mut w)?;
-                w.end()?;
-                return Ok(Err(e));
-            }
-            other => return Err(format!("unknown report line {other:?}")),
-        }
-        w.end()?;
-    }
-    Err("the report ended before its `ok` or `error` line".into())
-}
-
-fn encode_skip(why: &SkipReason) -> String {
-    match why {
-        SkipReason::InvalidFd => "invalid_fd".into(),
-        SkipReason::Duplicate => "duplicate".into(),
-        SkipReason::NotOpen => "not_open".into(),
-        SkipReason::InodeChanged { found, expected } => {
-            format!("inode_changed {found} {expected}")
-        }
-        SkipReason::NotSocket => "not_socket".into(),
-        SkipReason::CookieChanged { found, expected } => {
-            format!("cookie_changed {found} {expected}")
-        }
-        SkipReason::NotTcp => "not_tcp".into(),
-        SkipReason::State(s) => format!("state {s}"),
-        SkipReason::Linger(d) => format!("linger {} {}", d.as_secs(), d.subsec_nanos()),
-        SkipReason::Syscall { call, errno } => format!("syscall {errno} {}", escape(call)),
-        SkipReason::CloseFailed(errno) => format!("close_failed {errno}"),
-        SkipReason::StillOpen => "still_open".into(),
-        SkipReason::NotClosed(e) => format!("not_closed {}", encode_error(e)),
-    }
-}
-
-fn decode_skip(w: &mut Words<'_>) -> Result<SkipReason, String> {
-    Ok(match w.word()? {
-        "invalid_fd" => SkipReason::InvalidFd,
-        "duplicate" => SkipReason::Duplicate,
-        "not_open" => SkipReason::NotOpen,
-        "inode_changed" => SkipReason::InodeChanged {
-            found: w.num()?,
-            expected: w.num()?,
-        },
-        "not_socket" => SkipReason::NotSocket,
-        "cookie_changed" => SkipReason::CookieChanged {
-            found: w.num()?,
-            expected: w.num()?,
-        },
-        "not_tcp" => SkipReason::NotTcp,
-        "state" => SkipReason::State(w.num()?),
-        "linger" => SkipReason::Linger(Duration::new(w.num()?, w.num()?)),
-        "syscall" => {
-            let errno = w.num()?;
-            SkipReason::Syscall {
-                call: static_text(&w.text()?)?,
-                errno,
-            }
-        }
-        "close_failed" => SkipReason::CloseFailed(w.num()?),
-        "still_open" => SkipReason::StillOpen,
-        "not_closed" => SkipReason::NotClosed(decode_error(w)?),
-        other => return Err(format!("unknown skip reason {other:?}")),
+    encode(&ReportMessage {
+        version: VERSION,
+        report: Cow::Borrowed(result),
     })
 }
 
-fn encode_error(e: &InjectError) -> String {
-    match e {
-        InjectError::Unsupported(text) => format!("unsupported {}", escape(text)),
-        InjectError::Gone => "gone".into(),
-        InjectError::Permission(text) => format!("permission {}", escape(text)),
-        InjectError::Refused(r) => format!("refused {}", encode_refusal(r)),
-        InjectError::Timeout(text) => format!("timeout {}", escape(text)),
-        InjectError::Ptrace(text) => format!("ptrace {}", escape(text)),
-        InjectError::Helper(text) => format!("helper {}", escape(text)),
-    }
+pub(super) fn decode_report(text: &str) -> Result<Result<InjectReport, InjectError>, WireError> {
+    let m: ReportMessage<'static> = decode(text, "report")?;
+    Ok(m.report.into_owned())
 }
 
-fn decode_error(w: &mut Words<'_>) -> Result<InjectError, String> {
-    Ok(match w.word()? {
-        "unsupported" => InjectError::Unsupported(static_text(&w.text()?)?),
-        "gone" => InjectError::Gone,
-        "permission" => InjectError::Permission(w.text()?),
-        "refused" => InjectError::Refused(decode_refusal(w)?),
-        "timeout" => InjectError::Timeout(w.text()?),
-        "ptrace" => InjectError::Ptrace(w.text()?),
-        "helper" => InjectError::Helper(w.text()?),
-        other => return Err(format!("unknown error kind {other:?}")),
-    })
+/// One line of JSON. serde_json fails only on maps with keys that are not strings, which
+/// these messages have none of; should it fail anyway, the empty message is read as one
+/// cut short, never acted on.
+fn encode<T: Serialize>(message: &T) -> String {
+    let mut text = serde_json::to_string(message).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
-fn encode_refusal(r: &Refusal) -> String {
-    match r {
-        Refusal::OwnProcess => "own_process".into(),
-        Refusal::InvalidPid(pid) => format!("invalid_pid {pid}"),
-        Refusal::NotPidfd => "not_pidfd".into(),
-        Refusal::PidfdOfOther { pidfd_pid, pid } => format!("pidfd_of_other {pidfd_pid} {pid}"),
-        Refusal::JobControlStopped { tid } => format!("job_control_stopped {tid}"),
-        Refusal::SeccompStrict { tid } => format!("seccomp_strict {tid}"),
-        Refusal::SeccompFilter { tid, why } => format!("seccomp_filter {tid} {}", escape(why)),
-        Refusal::Rseq { tid, why } => format!("rseq {tid} {}", escape(why)),
-        Refusal::NoUsableThread => "no_usable_thread".into(),
-        Refusal::NoSyscallInsn => "no_syscall_insn".into(),
-    }
-}
-
-fn decode_refusal(w: &mut Words<'_>) -> Result<Refusal, String> {
-    Ok(match w.word()? {
-        "own_process" => Refusal::OwnProcess,
-        "invalid_pid" => Refusal::InvalidPid(w.num()?),
-        "not_pidfd" => Refusal::NotPidfd,
-        "pidfd_of_other" => Refusal::PidfdOfOther {
-            pidfd_pid: w.num()?,
-            pid: w.num()?,
-        },
-        "job_control_stopped" => Refusal::JobControlStopped { tid: w.num()? },
-        "seccomp_strict" => Refusal::SeccompStrict { tid: w.num()? },
-        "seccomp_filter" => Refusal::SeccompFilter {
-            tid: w.num()?,
-            why: w.text()?,
-        },
-        "rseq" => Refusal::Rseq {
-            tid: w.num()?,
-            why: w.text()?,
-        },
-        "no_usable_thread" => Refusal::NoUsableThread,
-        "no_syscall_insn" => Refusal::NoSyscallInsn,
-        other => return Err(format!("unknown refusal {other:?}")),
-    })
-}
-
-fn static_text(s: &str) -> Result<&'static str, String> {
-    STATIC_TEXTS
-        .iter()
-        .find(|known| **known == s)
-        .copied()
-        .ok_or_else(|| format!("unknown fixed text {s:?}"))
-}
-
-/// Free text on one line: `\` → `\\`, LF → `\n`, CR → `\r`.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn unescape(text: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('\\') => out.push('\\'),
-            Some('n') => out.push('\n'),
-            Some('r') => out.push('\r'),
-            other => return Err(format!("bad escape \\{other:?} in {text:?}")),
-        }
-    }
-    Ok(out)
-}
-
-/// The words of one line, read left to right; [`Words::text`] takes the rest.
-struct Words<'a> {
-    rest: &'a str,
-}
-
-impl<'a> Words<'a> {
-    fn new(line: &'a str) -> Self {
-        Words { rest: line }
-    }
-
-    fn word(&mut self) -> Result<&'a str, String> {
-        if self.rest.is_empty() {
-            return Err("a line ended too early".into());
-        }
-        let (word, rest) = self.rest.split_once(' ').unwrap_or((self.rest, ""));
-        self.rest = rest;
-        Ok(word)
-    }
-
-    fn num<T: std::str::FromStr>(&mut self) -> Result<T, String> {
-        let word = self.word()?;
-        word.parse()
-            .map_err(|_| format!("{word:?} is not a number of the expected kind"))
-    }
-
-    /// Everything left on the line (possibly empty), unescaped.
-    fn text(&mut self) -> Result<String, String> {
-        let rest = std::mem::take(&mut self.rest);
-        unescape(rest)
-    }
-
-    fn end(&self) -> Result<(), String> {
-        if self.rest.is_empty() {
-            Ok(())
+fn decode<T: DeserializeOwned>(text: &str, what: &'static str) -> Result<T, WireError> {
+    let parse_error = |source: serde_json::Error| {
+        if source.is_eof() {
+            WireError::CutShort { what, source }
         } else {
-            Err(format!("unexpected {:?} at the end of a line", self.rest))
+            WireError::Malformed { what, source }
         }
+    };
+    if text.len() > MAX_MESSAGE {
+        return Err(WireError::TooLong {
+            what,
+            len: text.len(),
+        });
     }
+    // The version alone first (this pass skips over the rest, so it also finds a message
+    // cut short): a body of another version would only fail with a puzzling field error.
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let found = serde_json::from_str::<Versioned>(text)
+        .map_err(parse_error)?
+        .version;
+    if found != VERSION {
+        return Err(WireError::Version { what, found });
+    }
+    serde_json::from_str(text).map_err(parse_error)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inject::batch::UNSUPPORTED_ARCH;
+    use crate::inject::reasons::{Refusal, STATIC_TEXTS, SkipReason};
+    use std::time::Duration;
 
     fn every_error() -> Vec<InjectError> {
         let refusals = vec![
@@ -375,7 +180,7 @@ mod tests {
             InjectError::Unsupported(UNSUPPORTED_ARCH),
             InjectError::Gone,
             InjectError::Permission("thread 9 is already traced by pid 10".into()),
-            InjectError::Timeout("a\\b\nc\rd  two  spaces ".into()),
+            InjectError::Timeout("a\\b\nc\rd  two  spaces \"quoted\" \u{0} é".into()),
             InjectError::Ptrace(String::new()),
             InjectError::Helper("exit status 2".into()),
         ];
@@ -413,9 +218,8 @@ mod tests {
         all
     }
 
-    #[test]
-    fn requests_round_trip() {
-        let r = Request {
+    fn request() -> Request {
+        Request {
             requester: 4242,
             pid: 5151,
             victims: vec![
@@ -430,33 +234,11 @@ mod tests {
                     cookie: 0,
                 },
             ],
-        };
-        assert_eq!(decode_request(&encode_request(&r)), Ok(r));
+        }
     }
 
-    #[test]
-    fn requests_cut_short_or_garbled_are_rejected() {
-        let r = Request {
-            requester: 1,
-            pid: 2,
-            victims: vec![Victim {
-                fd: 3,
-                inode: 4,
-                cookie: 5,
-            }],
-        };
-        let text = encode_request(&r);
-        let cut = &text[..text.len() - "end\n".len()];
-        assert!(decode_request(cut).is_err());
-        assert!(decode_request("").is_err());
-        assert!(decode_request(&text.replace("victim 3", "victim x")).is_err());
-        assert!(decode_request(&text.replace("pid 2", "pid 2 9")).is_err());
-        assert!(decode_request(&text.replace("requester 1\n", "")).is_err());
-    }
-
-    #[test]
-    fn reports_round_trip_every_reason_and_error() {
-        let report = InjectReport {
+    fn report() -> Result<InjectReport, InjectError> {
+        Ok(InjectReport {
             closed: vec![3, 4, 1000],
             skipped: every_skip()
                 .into_iter()
@@ -467,34 +249,155 @@ mod tests {
             threads: 11,
             fds_before: 40,
             fds_after: 37,
-        };
-        let ok = Ok(report);
-        assert_eq!(decode_report(&encode_report(&ok)), Ok(ok));
-        assert_eq!(
-            decode_report(&encode_report(&Ok(InjectReport::default()))),
-            Ok(Ok(InjectReport::default()))
-        );
-        for e in every_error() {
-            let err = Err(e);
-            let text = encode_report(&err);
-            assert_eq!(text.lines().count(), 2, "{text}");
-            assert_eq!(decode_report(&text), Ok(err));
+        })
+    }
+
+    /// Whether `e` says that `part` was cut short. A cut right after the sign of a negative
+    /// number is the one that serde_json calls an invalid number instead.
+    fn cut_short(part: &str, e: &WireError) -> bool {
+        match e {
+            WireError::CutShort { .. } => true,
+            WireError::Malformed { .. } => part.ends_with('-'),
+            _ => false,
         }
     }
 
     #[test]
+    fn requests_round_trip() {
+        let r = request();
+        let text = encode_request(&r);
+        assert_eq!(decode_request(&text).expect("decodes"), r);
+        assert!(text.starts_with("{\"version\":1,\"request\":{"), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let none = Request {
+            victims: Vec::new(),
+            ..request()
+        };
+        assert_eq!(
+            decode_request(&encode_request(&none)).expect("decodes"),
+            none
+        );
+    }
+
+    #[test]
+    fn requests_cut_short_or_garbled_are_rejected() {
+        let text = encode_request(&request());
+        let whole = text.trim_end();
+        // Cut anywhere, it is no whole object: the helper refuses it before touching
+        // anything.
+        for cut in 0..whole.len() {
+            let e = decode_request(&whole[..cut]).expect_err("cut short");
+            assert!(cut_short(&whole[..cut], &e), "at {cut}: {e}");
+        }
+        assert!(
+            decode_request("")
+                .expect_err("empty")
+                .to_string()
+                .contains("request was cut short"),
+        );
+        let garbled = |from: &str, to: &str| {
+            assert!(whole.contains(from), "{from}");
+            decode_request(&whole.replacen(from, to, 1)).expect_err(to)
+        };
+        for (from, to) in [
+            ("\"fd\":7", "\"fd\":\"x\""),
+            ("\"fd\":7", "\"fd\":7.5"),
+            ("\"pid\":5151", "\"pid\":5151,\"pid\":9"),
+            ("\"pid\":5151", "\"pid\":5151,\"more\":9"),
+            ("\"requester\":4242,", ""),
+            (
+                "\"cookie\":18446744073709551615",
+                "\"cookie\":18446744073709551616",
+            ),
+            ("\"request\"", "\"report\""),
+        ] {
+            let e = garbled(from, to);
+            assert!(matches!(e, WireError::Malformed { .. }), "{to}: {e}");
+        }
+        let e = decode_request(&format!("{whole}{whole}")).expect_err("two");
+        assert!(matches!(e, WireError::Malformed { .. }), "{e}");
+        let e = decode_request("[1]").expect_err("not an object");
+        assert!(matches!(e, WireError::Malformed { .. }), "{e}");
+        // A report is not a request.
+        let e = decode_request(&encode_report(&report())).expect_err("a report");
+        assert!(matches!(e, WireError::Malformed { .. }), "{e}");
+    }
+
+    #[test]
+    fn other_versions_are_refused_before_their_body_is_read() {
+        let text = encode_request(&request()).replace("\"version\":1", "\"version\":2");
+        let e = decode_request(&text).expect_err("version 2");
+        assert!(matches!(e, WireError::Version { found: 2, .. }), "{e}");
+        assert_eq!(e.to_string(), "the request is of protocol version 2, not 1");
+        let reshaped = "{\"version\":2,\"report\":{\"Done\":[]}}";
+        let e = decode_report(reshaped).expect_err("version 2");
+        assert!(matches!(e, WireError::Version { found: 2, .. }), "{e}");
+        let unversioned = encode_request(&request()).replace("\"version\":1,", "");
+        let e = decode_request(&unversioned).expect_err("no version");
+        assert!(e.to_string().contains("missing field `version`"), "{e}");
+    }
+
+    #[test]
+    fn messages_over_the_limit_are_refused_unread() {
+        let text = encode_request(&request());
+        let padded = format!("{text}{}", " ".repeat(MAX_MESSAGE - text.len()));
+        assert_eq!(decode_request(&padded).expect("at the limit"), request());
+        let over = format!("{padded} ");
+        let e = decode_request(&over).expect_err("over the limit");
+        assert!(
+            matches!(e, WireError::TooLong { len, .. } if len == MAX_MESSAGE + 1),
+            "{e}"
+        );
+        assert!(decode_report(&over).is_err());
+    }
+
+    #[test]
+    fn reports_round_trip_every_reason_and_error() {
+        let ok = report();
+        assert_eq!(decode_report(&encode_report(&ok)).expect("decodes"), ok);
+        let empty = Ok(InjectReport::default());
+        assert_eq!(
+            decode_report(&encode_report(&empty)).expect("decodes"),
+            empty
+        );
+        for e in every_error() {
+            let err = Err(e);
+            let text = encode_report(&err);
+            assert_eq!(text.lines().count(), 1, "{text}");
+            assert_eq!(decode_report(&text).expect("decodes"), err);
+        }
+        assert_eq!(
+            encode_report(&Err(InjectError::Refused(Refusal::OwnProcess))),
+            "{\"version\":1,\"report\":{\"Err\":{\"refused\":\"own_process\"}}}\n"
+        );
+    }
+
+    #[test]
     fn reports_cut_short_or_garbled_are_rejected() {
-        let text = encode_report(&Ok(InjectReport {
-            closed: vec![5],
-            ..InjectReport::default()
-        }));
-        assert!(decode_report(&text[..text.len() - "ok\n".len()]).is_err());
-        assert!(decode_report("").is_err());
-        assert!(decode_report(&text.replace("closed 5", "closed five")).is_err());
-        assert!(decode_report(&text.replace("closed 5", "opened 5")).is_err());
-        let bad_call = "cwreap-inject-report 1\nskipped 5 syscall 1 nosuchcall\nok\n";
-        assert!(decode_report(bad_call).is_err());
-        let bad_escape = "cwreap-inject-report 1\nerror ptrace a\\qb\n";
-        assert!(decode_report(bad_escape).is_err());
+        let text = encode_report(&report());
+        let whole = text.trim_end();
+        for cut in (0..whole.len()).filter(|&c| whole.is_char_boundary(c)) {
+            let e = decode_report(&whole[..cut]).expect_err("cut short");
+            assert!(cut_short(&whole[..cut], &e), "at {cut}: {e}");
+        }
+        let report = |body: &str| format!("{{\"version\":1,\"report\":{body}}}");
+        for bad in [
+            // Not a number, an unknown variant, an unknown reason.
+            "{\"Ok\":{\"closed\":[\"five\"]}}",
+            "{\"Done\":{}}",
+            "{\"Err\":{\"lost\":null}}",
+            // A fixed text that no reason holds.
+            "{\"Ok\":{\"closed\":[],\"skipped\":[[5,{\"syscall\":{\"call\":\"nosuchcall\",\
+\"errno\":1}}]],\"pause_us\":0,\"threads\":0,\"fds_before\":0,\"fds_after\":0}}",
+            "{\"Err\":{\"unsupported\":\"elsewhere\"}}",
+            // A linger whose nanoseconds carry past u64 seconds: an error, not a panic.
+            "{\"Ok\":{\"closed\":[],\"skipped\":[[5,{\"linger\":{\"secs\":18446744073709551615,\
+\"nanos\":1000000000}}]],\"pause_us\":0,\"threads\":0,\"fds_before\":0,\"fds_after\":0}}",
+            // A field missing.
+            "{\"Ok\":{\"closed\":[]}}",
+        ] {
+            let e = decode_report(&report(bad)).expect_err(bad);
+            assert!(matches!(e, WireError::Malformed { .. }), "{bad}: {e}");
+        }
     }
 }
