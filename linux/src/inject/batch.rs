@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::reasons::{InjectError, SkipReason};
+pub use super::reasons::{PTRACE_ATTACH_HINT, UNSUPPORTED_ARCH};
 
 /// One fd to close in the target, with the identity attribution saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,12 +39,6 @@ pub struct InjectReport {
     /// Open fds of the target while still stopped, after the closes.
     pub fds_after: usize,
 }
-
-/// The hint given with a denied ptrace.
-pub const PTRACE_ATTACH_HINT: &str = "injecting close() needs ptrace over the target: run as root or grant CAP_SYS_PTRACE, keep Yama ptrace_scope at 2 or less, and allow ptrace and process_vm_readv in any seccomp filter";
-
-/// The reason given on platforms without an implementation.
-pub const UNSUPPORTED_ARCH: &str = "injecting close() is implemented for x86_64 only";
 
 /// The fd number at which the helper finds the target's pidfd.
 pub const HELPER_PIDFD: i32 = 3;

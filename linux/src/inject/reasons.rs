@@ -5,10 +5,14 @@
 use std::fmt;
 use std::time::Duration;
 
+/// The hint given with a denied ptrace.
+pub const PTRACE_ATTACH_HINT: &str = "injecting close() needs ptrace over the target: run as root or grant CAP_SYS_PTRACE, keep Yama ptrace_scope at 2 or less, and allow ptrace and process_vm_readv in any seccomp filter";
+
+/// The reason given on platforms without an implementation.
+pub const UNSUPPORTED_ARCH: &str = "injecting close() is implemented for x86_64 only";
+
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
-
-use super::batch::UNSUPPORTED_ARCH;
 
 /// The `&'static str`s a reason or error may hold: the system calls verification names,
 /// and the one unsupported-platform message. Text read back from the helper must be one of
