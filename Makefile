@@ -52,8 +52,9 @@ deb: assets
 		$(CARGO) install --locked cargo-deb; }
 	$(CARGO) deb --no-build
 
+# Every test, also those that need root: run it as root.
 test:
-	$(CARGO) test --locked --workspace --no-fail-fast
+	$(CARGO) test --locked --workspace --no-fail-fast -- --include-ignored
 
 clean:
 	$(CARGO) clean

@@ -369,7 +369,7 @@ fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
 // Dry run.
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: a dry run still proves permission: pidfd_getfd on the fixture's sockets (CAP_SYS_PTRACE)"]
 fn dry_run_in_the_policy_reports_once_and_touches_nothing() {
     let scratch = Scratch::new("dry-policy", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -427,7 +427,7 @@ fn dry_run_in_the_policy_reports_once_and_touches_nothing() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: a dry run still proves permission: pidfd_getfd on the fixture's sockets (CAP_SYS_PTRACE)"]
 fn dry_run_flag_overrides_an_enforcing_policy() {
     let scratch = Scratch::new("dry-flag", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -476,7 +476,7 @@ fn dry_run_flag_overrides_an_enforcing_policy() {
 // Enforcing.
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn enforce_reaps_only_sockets_past_older_than() {
     // The young sockets come 8 s after the old ones: from the cycle that reaps the old ones
     // to the one that could reap the young ones there are 8 s to stop the daemon, a margin
@@ -539,7 +539,7 @@ fn enforce_reaps_only_sockets_past_older_than() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn exclusions_spare_ports_and_peers_until_lifted() {
     let scratch = Scratch::new("exclude", 0o700);
     let mut fx = Fixture::start(&[V4, V4], &[]);
@@ -595,7 +595,7 @@ fn exclusions_spare_ports_and_peers_until_lifted() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn match_local_ports_selects_sockets_by_listener() {
     let scratch = Scratch::new("match-ports", 0o700);
     let mut fx = Fixture::start(&[V4, V4], &[]);
@@ -622,7 +622,7 @@ fn match_local_ports_selects_sockets_by_listener() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn min_close_wait_waits_for_enough_sockets() {
     let scratch = Scratch::new("min-cw", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -671,7 +671,7 @@ fn min_close_wait_waits_for_enough_sockets() {
 // Rate limits.
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn max_reaps_per_cycle_spreads_reaps_over_cycles() {
     let scratch = Scratch::new("per-cycle", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -726,7 +726,7 @@ fn max_reaps_per_cycle_spreads_reaps_over_cycles() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn max_reaps_per_minute_caps_reaps_across_cycles() {
     let scratch = Scratch::new("per-minute", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -786,7 +786,7 @@ fn max_reaps_per_minute_caps_reaps_across_cycles() {
 // Reporting.
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn audit_log_has_one_line_per_action() {
     let scratch = Scratch::new("audit", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -912,7 +912,7 @@ fn audit_log_has_one_line_per_action() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn fd_release_says_released_or_still_held() {
     let scratch = Scratch::new("release", 0o700);
     let mut closer = Fixture::start(&[V4], &["--on-hup", "close"]);
@@ -1015,7 +1015,7 @@ fn fd_release_says_released_or_still_held() {
 // Signals and reloads.
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn sighup_applies_a_new_policy_to_sockets_already_reported() {
     let scratch = Scratch::new("hup-ok", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -1055,7 +1055,7 @@ fn sighup_applies_a_new_policy_to_sockets_already_reported() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE), and refuses a group-writable policy only when run as root"]
 fn sighup_with_a_bad_policy_keeps_the_old_one() {
     let scratch = Scratch::new("hup-bad", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -1129,7 +1129,6 @@ fn sighup_with_a_bad_policy_keeps_the_old_one() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn sd_notify_ready_status_watchdog_and_reloading() {
     let scratch = Scratch::new("notify", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);
@@ -1219,7 +1218,6 @@ fn sd_notify_ready_status_watchdog_and_reloading() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn sigterm_and_sigint_stop_the_daemon_with_status_0() {
     let scratch = Scratch::new("stop", 0o700);
     let fx = Fixture::start(&[V4], &[]);
@@ -1415,7 +1413,7 @@ fn check_warns_about_a_target_an_earlier_one_shadows() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap refuses a group-writable policy only when it runs as root"]
 fn group_writable_policy_is_refused() {
     let scratch = Scratch::new("group-writable", 0o700);
     let cfg = scratch.path("cwreap.yaml");
@@ -1458,7 +1456,6 @@ fn group_writable_policy_is_refused() {
 // fd headroom.
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn fd_headroom_warns_at_80_and_95_percent_once_each() {
     let scratch = Scratch::new("headroom", 0o700);
     let mut fx = Fixture::start(&[V4], &[]);

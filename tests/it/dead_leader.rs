@@ -52,7 +52,7 @@ fn fds_of(rows: &[serde_json::Value], pid: i32) -> BTreeSet<i32> {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn scan_and_reap_find_the_sockets_of_a_process_whose_main_thread_exited() {
     let test = "scan_and_reap_find_the_sockets_of_a_process_whose_main_thread_exited";
     let Some(mut server) = dead_leader_server(test) else {
@@ -112,7 +112,7 @@ fn scan_and_reap_find_the_sockets_of_a_process_whose_main_thread_exited() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn the_daemon_reaps_the_sockets_of_a_process_whose_main_thread_exited() {
     let test = "the_daemon_reaps_the_sockets_of_a_process_whose_main_thread_exited";
     let Some(mut server) = dead_leader_server(test) else {

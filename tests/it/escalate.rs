@@ -206,7 +206,6 @@ fn target(pid: i32, escalate: &str) -> String {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn raises_the_soft_fd_limit_once_to_the_hard_limit() {
     let test = "raises_the_soft_fd_limit_once_to_the_hard_limit";
     // 900 filler fds + a few: over 80 % of 1100.
@@ -246,7 +245,6 @@ fn raises_the_soft_fd_limit_once_to_the_hard_limit() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn never_raises_a_soft_limit_of_1024_or_less() {
     let test = "never_raises_a_soft_limit_of_1024_or_less";
     let Some(server) = Leaky::start(test, 1000, 8192, 870, 3, &[]) else {
@@ -268,7 +266,6 @@ fn never_raises_a_soft_limit_of_1024_or_less() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn signals_exactly_once_at_the_last_threshold_and_the_process_exits() {
     let test = "signals_exactly_once_at_the_last_threshold_and_the_process_exits";
     // soft = hard: nothing to raise; 1050 + a few of 1100 is over 95 %.
@@ -334,7 +331,7 @@ fn spawn_as(want: i32, mut cmd: impl FnMut() -> Command) -> Option<Child> {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: makes the kernel reuse a pid by writing /proc/sys/kernel/ns_last_pid"]
 fn a_reused_pid_never_gets_the_signal() {
     let test = "a_reused_pid_never_gets_the_signal";
     let Some(server) = Leaky::start(test, 1100, 1100, 1050, 3, &[]) else {

@@ -152,7 +152,6 @@ fn one_pattern(test: &str, rt: Runtime, pattern: &str, recv_q: i64, watched: boo
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn python_abandon_is_abandoned() {
     // Thread per connection; a client that leaves before sending anything is dropped into a
     // list unread: no epoll anywhere, and the FIN stays in the queue.
@@ -166,7 +165,6 @@ fn python_abandon_is_abandoned() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn python_selectors_is_eof_ignored() {
     // An epoll loop that read b'' and kept the socket registered.
     one_pattern(
@@ -179,7 +177,6 @@ fn python_selectors_is_eof_ignored() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn node_half_open_is_eof_unwatched() {
     // allowHalfOpen: Node reads the EOF (recv_q 0), emits 'end' and stops reading, waiting
     // for end(). libuv's uv_read_stop only forgets the watcher; the epoll registration goes
@@ -215,7 +212,6 @@ fn ss_unaccepted(port: u16) -> usize {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn never_accepted_is_unaccepted() {
     let test = "never_accepted_is_unaccepted";
     let fx = Fixture::start(&["127.0.0.1:0"], &["--no-accept"]);
@@ -284,7 +280,6 @@ fn close_to(got: f64, want: f64) -> bool {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn forecast_matches_ss_and_proc() {
     let test = "forecast_matches_ss_and_proc";
     let Some(mut srv) = Server::start(test, Runtime::PythonAbandon, &["127.0.0.1:0"]) else {
@@ -393,7 +388,6 @@ fn forecast_matches_ss_and_proc() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn no_new_sockets_no_forecast() {
     let test = "no_new_sockets_no_forecast";
     let Some(mut srv) = Server::start(test, Runtime::PythonAbandon, &["127.0.0.1:0"]) else {
@@ -413,7 +407,6 @@ fn no_new_sockets_no_forecast() {
 /// the end and names the pattern, host-wide and by pid, with and without `--for`.
 #[cfg(target_arch = "x86_64")]
 #[test]
-#[ignore = "needs root: TODO"]
 fn never_duplicates_stops_or_signals() {
     let test = "never_duplicates_stops_or_signals";
     let Some(mut srv) = Server::start(test, Runtime::PythonSelectors, &["127.0.0.1:0"]) else {
@@ -477,6 +470,11 @@ fn usage_errors_exit_2() {
     // A pid that does not exist (pid_max is at most 2^22).
     let out = cwreap(&["explain", "--pid", "99999999"]);
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        crate::support::stderr(&out).contains("pid 99999999: no such process"),
+        "{}",
+        output_text(&out)
+    );
 }
 
 #[test]

@@ -135,7 +135,7 @@ fn has_sample(text: &str, sample: &str) -> bool {
 // Act-time faults, in the window between attribution and action.
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon's cycle, run in the test, duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn target_exiting_before_the_action_is_gone_and_the_next_cycle_runs() {
     let a = Arc::new(Mutex::new(Fixture::start(&[V4], &[])));
     let mut b = Fixture::start(&[V4], &[]);
@@ -186,7 +186,7 @@ fn target_exiting_before_the_action_is_gone_and_the_next_cycle_runs() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon's cycle, run in the test, duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn fd_closed_before_the_action_is_gone_and_the_next_cycle_runs() {
     let fx = Arc::new(Mutex::new(Fixture::start(&[V4], &[])));
     let (pid, (_c1, fd1), (mut c2, fd2)) = {
@@ -300,7 +300,7 @@ impl Drop for Bash {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon's cycle, run in the test, duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn fd_reused_for_a_non_socket_is_changed_and_the_next_cycle_runs() {
     let listener = TcpListener::bind(V4).expect("listen");
     let bash = Arc::new(Mutex::new(Bash::start()));
@@ -373,7 +373,7 @@ fn fd_reused_for_a_non_socket_is_changed_and_the_next_cycle_runs() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon's cycle, run in the test, duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn target_vanishing_from_proc_during_the_walk_is_counted_and_logged() {
     let a = Arc::new(Mutex::new(Fixture::start(&[V4], &[])));
     let mut b = Fixture::start(&[V4], &[]);
@@ -419,7 +419,6 @@ fn target_vanishing_from_proc_during_the_walk_is_counted_and_logged() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn never_acts_on_its_own_process_even_when_the_policy_names_it() {
     // This process holds a CLOSE_WAIT socket, and the policy targets this very pid.
     let listener = TcpListener::bind(V4).expect("listen");
@@ -674,7 +673,7 @@ fn a_dump_interrupted_every_time_gives_up_after_five_attempts() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon's cycle, run in the test, duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn daemon_counts_a_dump_that_stays_interrupted_and_the_next_cycle_reaps() {
     let mut fx = Fixture::start(&[V4], &[]);
     let (mut client, _) = fx.close_wait(0);
@@ -912,7 +911,7 @@ fn run_policy(metrics: SocketAddr, targets: &[(&str, i32)]) -> String {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: runs the fixture as nobody, and cwreap with root's real uid and nobody's effective uid"]
 fn eperm_from_pidfd_getfd_is_an_error_outcome_counted_and_logged() {
     let bins = Bins::new("eperm-act");
     // The target runs as nobody. cwreap runs with real uid 0 and effective uid nobody, so
@@ -984,7 +983,7 @@ fn eperm_from_pidfd_getfd_is_an_error_outcome_counted_and_logged() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: runs a fixture as nobody and cwreap as root with every capability dropped"]
 fn eacces_on_a_target_fd_table_is_counted_each_cycle_and_others_are_still_reaped() {
     let bins = Bins::new("eacces");
     // cwreap as root with every capability dropped: another user's process is out of
@@ -1059,7 +1058,7 @@ fn eacces_on_a_target_fd_table_is_counted_each_cycle_and_others_are_still_reaped
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: runs the daemon as nobody against a fixture that root owns"]
 fn run_as_an_unprivileged_user_starts_with_a_clear_capability_warning() {
     let bins = Bins::new("unpriv-run");
     let mut fx = Fixture::start(&[V4], &[]);
@@ -1111,7 +1110,6 @@ fn filter_pidfd_getfd(cmd: &mut Command, verdict: u32) {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-#[ignore = "needs root: TODO"]
 fn start_up_self_test_fails_fast_naming_the_fix_when_pidfd_getfd_is_blocked() {
     let bins = Bins::new("selftest");
     let cfg = bins.policy(&run_policy(free_addr(), &[("t", 1)]));
@@ -1163,7 +1161,6 @@ fn start_up_self_test_fails_fast_naming_the_fix_when_pidfd_getfd_is_blocked() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-#[ignore = "needs root: TODO"]
 fn scan_never_duplicates_a_socket_only_reap_does() {
     use std::os::unix::process::ExitStatusExt;
     let mut fx = Fixture::start(&[V4], &[]);
@@ -1226,7 +1223,7 @@ fn exchange(addr: SocketAddr, bytes: &[u8]) -> Option<String> {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn metrics_endpoint_survives_garbage_huge_headers_resets_and_floods() {
     let bins = Bins::new("metrics-abuse");
     let mut fx = Fixture::start(&[V4], &[]);
@@ -1348,7 +1345,7 @@ fn fd_count(pid: i32) -> usize {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
     const FLOOD: usize = 2000;
     let bins = Bins::new("metrics-flood");

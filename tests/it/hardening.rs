@@ -312,7 +312,7 @@ fn metric(text: &str, name: &str) -> f64 {
 // SIGKILL mid-enforcement.
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn sigkill_mid_enforcement_leaves_a_record_of_every_socket_it_touched() {
     const SERVERS: usize = 3;
     const PER: usize = 1000;
@@ -551,7 +551,7 @@ fn fill(file: &Path, keep: u64) {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: mounts a tmpfs for the audit log, and the daemon duplicates the fixture's sockets with pidfd_getfd"]
 fn a_full_disk_loses_counted_records_and_never_leaves_a_torn_line() {
     let scratch = Scratch::new("full", 0o700);
     let disk = Tmpfs::mount(scratch.path("disk"), "64k");
@@ -746,7 +746,7 @@ impl Drop for Thaw<'_> {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: loop-mounts an ext4 image and freezes it (mount, fsfreeze)"]
 fn a_stuck_disk_holds_actions_back_never_cycles() {
     let scratch = Scratch::new("stuck", 0o700);
     let disk = LoopFs::mount(scratch.path("disk.img"), scratch.path("disk"));
@@ -868,7 +868,7 @@ fn a_stuck_disk_holds_actions_back_never_cycles() {
 // Rotation.
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: checks that the audit file is created owned by root; the daemon duplicates the fixture's sockets with pidfd_getfd"]
 fn rotation_then_sighup_writes_a_new_file() {
     let scratch = Scratch::new("rotate", 0o700);
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
@@ -957,7 +957,6 @@ fn mkfifo(path: &Path) {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn an_audit_log_that_is_a_symlink_is_refused_and_nothing_is_written_through_it() {
     let scratch = Scratch::new("audit-symlink", 0o700);
     let victim = scratch.path("victim");
@@ -978,7 +977,6 @@ fn an_audit_log_that_is_a_symlink_is_refused_and_nothing_is_written_through_it()
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn an_audit_log_that_is_a_fifo_is_refused_at_once() {
     let scratch = Scratch::new("audit-fifo", 0o700);
     let audit = scratch.path("audit.jsonl");
@@ -1021,7 +1019,7 @@ fn an_audit_log_that_is_a_fifo_is_refused_at_once() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap refuses a policy in a directory others may write only when it runs as root"]
 fn a_policy_in_a_world_writable_directory_is_refused() {
     let scratch = Scratch::new("open-dir", 0o755);
     let open = scratch.path("open");
@@ -1047,7 +1045,6 @@ fn a_policy_in_a_world_writable_directory_is_refused() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn a_fifo_policy_is_refused_at_once_also_on_sighup() {
     let scratch = Scratch::new("fifo-policy", 0o700);
     let fifo = scratch.path("fifo.yaml");
@@ -1168,7 +1165,7 @@ fn race(mut swapper: Command, cfg: &Path, stop: &Path, runs: usize) -> (usize, u
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: nobody swaps the policy while root's `cwreap check` reads it (setpriv)"]
 fn swapping_the_policy_under_check_never_gets_a_bad_one_accepted() {
     assert!(
         Path::new(PYTHON).exists(),
@@ -1265,7 +1262,7 @@ fn log_thread_state(pid: i32) -> String {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: a dry run still proves permission: pidfd_getfd on the fixture's sockets (CAP_SYS_PTRACE)"]
 fn a_stalled_stderr_and_an_undrained_notify_socket_never_stop_cycles_or_sigterm() {
     let scratch = Scratch::new("blocked", 0o700);
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);

@@ -8,7 +8,6 @@ use cwreap_linux::os::RealOs;
 use cwreap_linux::procfs::ProcFs;
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn steady_state_reads_no_fd_table_and_changes_are_seen() {
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
     let (_c1, fd1) = fx.close_wait(0);

@@ -217,7 +217,7 @@ fn assert_freed(
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn threaded_server_gets_fds_freed_and_keeps_serving() {
     let mut fx = Fixture::start(&[V4], &["--threaded"]);
     let pid = fx.pid();
@@ -279,7 +279,7 @@ fn threaded_server_gets_fds_freed_and_keeps_serving() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn interrupted_sleep_sleeps_its_full_time() {
     let mut fx = Fixture::start(&[V4], &["--threaded", "--main", "sleep"]);
     let pid = fx.pid();
@@ -305,7 +305,7 @@ fn interrupted_sleep_sleeps_its_full_time() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn interrupted_read_returns_data_later() {
     let mut fx = Fixture::start(&[V4], &["--threaded", "--main", "read"]);
     let pid = fx.pid();
@@ -488,13 +488,13 @@ fn seccomp_mode(pid: i32) -> Option<u8> {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn python_server_gets_fds_freed_and_keeps_serving() {
     python_server(false);
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn python_server_under_seccomp_gets_fds_freed_with_the_filter_suspended() {
     python_server(true);
 }
@@ -552,7 +552,7 @@ srv.listen(0, "127.0.0.1", () => console.log(`listen ${srv.address().port}`));
 "#;
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn node_server_gets_fds_freed_and_keeps_serving() {
     let mut node = Script::start("node", "js", NODE_SERVER);
     let pid = node.pid();
@@ -582,7 +582,7 @@ fn node_server_gets_fds_freed_and_keeps_serving() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn changed_fd_is_left_alone() {
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();
@@ -639,7 +639,7 @@ fn changed_fd_is_left_alone() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn target_exiting_during_the_stop_is_gone_without_a_hang() {
     let mut fx = Fixture::start(&[V4], &["--threaded"]);
     let pid = fx.pid();
@@ -672,7 +672,7 @@ fn target_exiting_during_the_stop_is_gone_without_a_hang() {
 /// The target is SIGKILLed while its injecting thread sits in the syscall-enter-stop of
 /// the injected close: the helper sees it exit and says so, without a hang.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn target_dying_during_the_injection_is_gone_without_a_hang() {
     let mut fx = Fixture::start(&[V4], &["--threaded"]);
     let pid = fx.pid();
@@ -721,7 +721,7 @@ fn session_of(pid: i32) -> Option<i32> {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn sigkilled_tracer_leaves_the_target_running() {
     let mut fx = Fixture::start(&[V4], &["--threaded"]);
     let pid = fx.pid();
@@ -786,7 +786,7 @@ fn sigkilled_tracer_leaves_the_target_running() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn own_process_and_mismatched_pidfd_are_refused() {
     let me = std::process::id() as i32;
     let own = sys::pidfd_open(me).unwrap();
@@ -833,7 +833,7 @@ fn own_process_and_mismatched_pidfd_are_refused() {
 
 /// A process stopped by job control is not resumed by an injection: refused, left stopped.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn job_control_stopped_process_is_refused() {
     let mut fx = Fixture::start(&[V4], &["--threaded"]);
     let pid = fx.pid();
@@ -871,7 +871,7 @@ fn job_control_stopped_process_is_refused() {
 /// released, the report says exactly what was closed (an error only when nothing was), and
 /// the target runs on: no EINTR, no short sleep, still serving.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn calls_past_their_deadline_are_undone_and_reported_exactly() {
     let mut fx = Fixture::start(&[V4], &["--threaded"]);
     let pid = fx.pid();
@@ -953,7 +953,7 @@ fn calls_past_their_deadline_are_undone_and_reported_exactly() {
 /// A process in seccomp strict mode would be killed by any injected call: refused, and it
 /// runs on (its blocked read restarts and still returns data).
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn seccomp_strict_process_is_refused() {
     let test = "seccomp_strict_process_is_refused";
     let Some(exe) = runtimes::c_program(test, "strict_holder.c") else {
@@ -1007,7 +1007,7 @@ fn seccomp_strict_process_is_refused() {
 /// A seccomp filter cannot be suspended by an injector that is itself under seccomp (as in
 /// a hardened unit): the injection is refused with that reason, and nothing is touched.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: `reap --close` stops the target with ptrace to close fds inside it (CAP_SYS_PTRACE)"]
 fn filter_that_cannot_be_suspended_is_refused() {
     let source = format!("{PYTHON_SECCOMP}{PYTHON_SERVER}");
     let mut py = Script::start("python3", "refused.py", &source);
@@ -1060,7 +1060,7 @@ signal.signal(signal.SIGUSR1, lambda s, f: print("signal", s, flush=True))
 /// way to the injected call; it is then held back (a handler must not run with injected
 /// registers) and handed over at detach. Either way the app gets it exactly once.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn signal_arriving_during_the_injection_is_delivered_once() {
     let source = format!("{PYTHON_SIGNALS}{PYTHON_SERVER}");
     let mut py = Script::start("python3", "signals.py", &source);
@@ -1132,7 +1132,7 @@ impl Drop for KillOnDrop {
 /// The helper run by hand: a request cut short (cwreap died while writing it) does nothing
 /// and exits 2; a whole one without the pidfd at fd 3 is answered with an error report.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the target with ptrace, and the test reads the victims' cookies with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn helper_refuses_a_request_cut_short_or_without_a_pidfd() {
     let mut fx = Fixture::start(&[V4], &[]);
     let pid = fx.pid();

@@ -250,7 +250,7 @@ fn trials(sp: &mut Spinner, guard_off: bool) -> (Tally, Counts) {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the rseq target with ptrace to close an fd inside it (CAP_SYS_PTRACE)"]
 fn sections_stopped_for_an_injection_are_aborted_never_committed() {
     let test = "sections_stopped_for_an_injection_are_aborted_never_committed";
     let Some(mut sp) = Spinner::start(test) else {
@@ -279,7 +279,7 @@ fn sections_stopped_for_an_injection_are_aborted_never_committed() {
 
 /// The hazard the guard exists for, shown: without it, sections commit across the stop.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the rseq target with ptrace to close an fd inside it (CAP_SYS_PTRACE)"]
 fn without_the_guard_sections_commit_across_the_stop() {
     let test = "without_the_guard_sections_commit_across_the_stop";
     let Some(mut sp) = Spinner::start(test) else {
@@ -299,7 +299,7 @@ fn without_the_guard_sections_commit_across_the_stop() {
 /// target runs on: the kernel aborts that section as after any stop, and the next one reads
 /// what we write.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the helper stops the rseq target with ptrace to close an fd inside it (CAP_SYS_PTRACE)"]
 fn thread_in_a_system_call_inside_a_section_is_refused() {
     let test = "thread_in_a_system_call_inside_a_section_is_refused";
     let Some(mut sp) = Spinner::start_with(test, &["--block"]) else {

@@ -71,7 +71,7 @@ fn scrape_until(
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn metrics_match_what_happened() {
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
     let mut clients = [fx.close_wait(0), fx.close_wait(0), fx.close_wait(0)];
@@ -151,7 +151,6 @@ fn metrics_match_what_happened() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn only_get_metrics_is_served_and_slow_clients_do_not_stall_cycles() {
     let fx = Fixture::start(&["127.0.0.1:0"], &[]);
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -198,7 +197,6 @@ fn proc_fds(pid: i32) -> f64 {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn new_close_wait_counted_and_fd_usage_of_the_fullest_process() {
     // Two servers of one target, on loopback addresses of their own so the target's
     // cmdline regex matches nobody else.
@@ -383,7 +381,7 @@ fn reaped_fds(audit: &[serde_json::Value], target: &str) -> std::collections::BT
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn two_targets_on_one_process_split_by_port_each_count_and_reap_their_own() {
     // One process, three ports: 2 sockets for `api`, 3 for `admin`, 4 for nobody.
     let mut fx = Fixture::start(&["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"], &[]);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::support::*;
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: creates a network namespace (ip netns add) and reaps the fixture in it with pidfd_getfd"]
 fn scan_and_reap_inside_another_network_namespace() {
     let ns = Netns::create("reap");
     let mut fx = Fixture::start_in(Some(&ns.name), &["127.0.0.1:0"], &[]);
@@ -77,7 +77,7 @@ fn scan_and_reap_inside_another_network_namespace() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: creates a network namespace (ip netns add) and destroys sockets in it with SOCK_DESTROY (CAP_NET_ADMIN)"]
 fn destroy_inside_another_network_namespace() {
     let ns = Netns::create("destroy");
     let mut fx = Fixture::start_in(Some(&ns.name), &["127.0.0.1:0"], &[]);
@@ -136,7 +136,7 @@ fn destroy_inside_another_network_namespace() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: destroys sockets with SOCK_DESTROY (CAP_NET_ADMIN)"]
 fn destroy_on_a_host_socket_resets_the_client() {
     let mut fx = Fixture::start(&["127.0.0.1:0", "[::1]:0"], &[]);
     let (mut c4, _) = fx.close_wait(0);
@@ -181,7 +181,7 @@ fn destroy_on_a_host_socket_resets_the_client() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: destroys sockets with SOCK_DESTROY (CAP_NET_ADMIN)"]
 fn unaccepted_connections_are_listed_and_only_destroy_reaps_them() {
     let fx = Fixture::start(&["127.0.0.1:0"], &["--no-accept"]);
     let mut clients: Vec<std::net::TcpStream> = (0..2)
@@ -286,7 +286,7 @@ fn count_close_wait_on_port(port: u16) -> usize {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: creates a network namespace (ip netns add) and destroys sockets in it with SOCK_DESTROY (CAP_NET_ADMIN)"]
 fn daemon_destroys_in_another_namespace_including_unaccepted() {
     let ns = Netns::create("daemon");
     // One server that accepts and leaks, one that never accepts.

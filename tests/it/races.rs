@@ -12,7 +12,7 @@ use cwreap_linux::os::RealOs;
 use cwreap_linux::tcp;
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the test duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn fd_reused_for_a_new_connection_is_changed_and_left_alone() {
     let os = RealOs;
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
@@ -40,7 +40,7 @@ fn fd_reused_for_a_new_connection_is_changed_and_left_alone() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the test duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn owner_exiting_mid_run_is_gone_not_a_crash() {
     let os = RealOs;
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
@@ -54,7 +54,7 @@ fn owner_exiting_mid_run_is_gone_not_a_crash() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the test duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn fd_closed_by_owner_is_gone() {
     let os = RealOs;
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
@@ -68,7 +68,7 @@ fn fd_closed_by_owner_is_gone() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the test duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn socket_that_left_close_wait_is_changed() {
     let os = RealOs;
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
@@ -90,7 +90,7 @@ fn socket_that_left_close_wait_is_changed() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the test duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn dry_run_verifies_through_the_pidfd_and_stops_there() {
     let os = RealOs;
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);

@@ -152,7 +152,7 @@ fn wait_close_wait(pid: i32, n: usize) {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: `reap --close` stops the target with ptrace to close fds inside it (CAP_SYS_PTRACE)"]
 fn close_takes_only_the_close_wait_socket_and_leaves_the_others_usable() {
     let test = "close_takes_only_the_close_wait_socket_and_leaves_the_others_usable";
     let Some(mut h) = Holder::start(test) else {
@@ -195,7 +195,7 @@ fn close_takes_only_the_close_wait_socket_and_leaves_the_others_usable() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: `reap --close` stops the target with ptrace to close fds inside it (CAP_SYS_PTRACE)"]
 fn close_obeys_older_than_port_and_max_and_needs_pid_and_consent() {
     let mut fx = Fixture::start(&["127.0.0.1:0", "127.0.0.1:0"], &["--threaded"]);
     let mut keep = Vec::new();
@@ -278,7 +278,7 @@ fn close_obeys_older_than_port_and_max_and_needs_pid_and_consent() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: `reap --close` stops the target with ptrace to close fds inside it (CAP_SYS_PTRACE)"]
 fn close_frees_sockets_of_ended_connections_still_held() {
     // The threaded server keeps no table keyed by fd number.
     let mut fx = Fixture::start(&["127.0.0.1:0"], &["--threaded"]);

@@ -322,43 +322,43 @@ fn spin_check(srv: &Server, name: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn python_abandon_reaped() {
     reap_runtime("python_abandon_reaped", Runtime::PythonAbandon);
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn python_selectors_reaped() {
     reap_runtime("python_selectors_reaped", Runtime::PythonSelectors);
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn python_thread_reaped() {
     reap_runtime("python_thread_reaped", Runtime::PythonThread);
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn node_reaped() {
     reap_runtime("node_reaped", Runtime::Node);
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn java_reaped() {
     reap_runtime("java_reaped", Runtime::Java);
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn go_reaped() {
     reap_runtime("go_reaped", Runtime::Go);
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn c_reaped() {
     reap_runtime("c_reaped", Runtime::C);
 }

@@ -23,7 +23,6 @@ fn json_set(rows: &[serde_json::Value]) -> BTreeSet<(i32, SocketAddr, SocketAddr
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn scan_matches_ss_for_ipv4_and_ipv6() {
     let mut fx = Fixture::start(&[V4, V6], &[]);
     let mut keep = Vec::new();
@@ -90,7 +89,6 @@ fn scan_matches_ss_for_ipv4_and_ipv6() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn scan_filters_by_port_and_age_and_says_when_empty() {
     let mut a = Fixture::start(&[V4], &[]);
     let _k = a.close_wait(0);
@@ -127,7 +125,7 @@ fn scan_filters_by_port_and_age_and_says_when_empty() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn reap_shuts_down_close_wait_only() {
     let mut fx = Fixture::start(&[V4, V6], &[]);
     let mut waiting = Vec::new();
@@ -186,7 +184,7 @@ fn reap_shuts_down_close_wait_only() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn reap_table_output_and_nothing_to_do() {
     let mut fx = Fixture::start(&[V4], &[]);
     let (mut client, fd) = fx.close_wait(0);
@@ -214,7 +212,7 @@ fn reap_table_output_and_nothing_to_do() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: a dry run still proves permission: pidfd_getfd on the fixture's sockets (CAP_SYS_PTRACE)"]
 fn dry_run_changes_nothing() {
     let mut fx = Fixture::start(&[V4, V6], &[]);
     let mut waiting = [fx.close_wait(0), fx.close_wait(1), fx.close_wait(0)];
@@ -250,7 +248,7 @@ fn dry_run_changes_nothing() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn older_than_spares_young_sockets() {
     let mut fx = Fixture::start(&[V4], &[]);
     let mut old = [fx.close_wait(0), fx.close_wait(0)];
@@ -301,7 +299,7 @@ fn older_than_spares_young_sockets() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn max_caps_the_number_of_reaps_oldest_first() {
     let mut fx = Fixture::start(&[V4], &[]);
     let (mut oldest, oldest_fd) = fx.close_wait(0);
@@ -329,7 +327,7 @@ fn max_caps_the_number_of_reaps_oldest_first() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn socket_shared_by_two_processes_is_shut_down_once() {
     let mut fx = Fixture::start(&[V4], &[]);
     let (mut client, fd) = fx.close_wait(0);
@@ -464,7 +462,7 @@ fn run_as(who: Who, bin: &std::path::Path, args: &[&str]) -> std::process::Outpu
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: runs cwreap as nobody and with CAP_SYS_PTRACE alone against root's fixture (setpriv)"]
 fn unprivileged_user_gets_the_capability_message() {
     use std::os::unix::fs::PermissionsExt;
     let mut fx = Fixture::start(&[V4], &[]);

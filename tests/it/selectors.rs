@@ -264,7 +264,7 @@ impl Drop for Cgroup {
 /// server end. Every selector, alone or combined, lists exactly the ends a predicate on
 /// `ss`'s view names, which is never all of them and, but for thresholds, never none.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: creates a cgroup and runs a server as nobody, and its `reap` checks duplicate sockets with pidfd_getfd"]
 fn each_selector_takes_exactly_its_sockets() {
     let test = "each_selector_takes_exactly_its_sockets";
     let Some(cgroup) = Cgroup::create(test) else {
@@ -460,7 +460,7 @@ fn reap_once_old(port: &str, remote: &str, pid: i32, n: usize) -> Vec<serde_json
 /// `reap` by the remote port takes exactly a pool's ends and leaves the process's other
 /// CLOSE_WAIT sockets alone; ss sees the pool's ends leave CLOSE_WAIT.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn reap_by_remote_port_takes_only_the_pools_ends() {
     let alpha = Mixed::start(None, "reap", "127.0.0.2", None);
     let port = alpha.backend.to_string();
@@ -510,7 +510,7 @@ fn audited(d: &LoggedDaemon, outcome: &str, pid: i32) -> BTreeSet<End> {
 /// process, cycle after cycle (a second target reaping fresh fixture sockets, one after
 /// the other, shows the cycles going on).
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn a_policy_target_with_remote_ports_reaps_only_those() {
     let tag = format!("policy-{}", std::process::id());
     let m = Mixed::start(None, &tag, "127.0.0.2", None);
@@ -596,7 +596,7 @@ fn shell_words(line: &str) -> Vec<String> {
 /// sockets with an earlier one is marked, and its line selects its own sockets plus ones
 /// the earlier target's criteria take first (whether or not its threshold lets it act).
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: runs a server as nobody (setpriv), and the daemon's dry run proves permission with pidfd_getfd"]
 fn the_scan_line_of_check_selects_what_the_dry_run_audits() {
     let tag = format!("line-{}", std::process::id());
     let a = Mixed::start(None, &format!("{tag}-a"), "127.0.0.2", None);
@@ -782,7 +782,7 @@ impl Drop for PoolPair {
 /// shows, all `out`), reaped with shutdown, and the pool's next 40 requests all succeed,
 /// each answered with its own path.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: cwreap duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn a_urllib3_pools_ends_are_found_by_remote_port_and_reaped_without_harm() {
     let test = "a_urllib3_pools_ends_are_found_by_remote_port_and_reaped_without_harm";
     const CONNS: usize = 30;

@@ -7,7 +7,8 @@
 //! * pid reuse: the owner exits and a new process gets its pid (set through
 //!   /proc/sys/kernel/ns_last_pid), holding a CLOSE_WAIT socket at the same fd number.
 //!
-//! Each test prints its outcome counts (`cargo test --test stress -- --nocapture`).
+//! Each test prints its outcome counts (`cargo test --test it stress:: -- --include-ignored
+//! --nocapture`).
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -65,7 +66,7 @@ fn median(v: &[Duration]) -> Duration {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the test duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn fd_reuse_race_never_shuts_down_the_new_connection() {
     const TRIALS: usize = 1000;
     const BATCH: usize = 200;
@@ -237,7 +238,7 @@ fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: makes the kernel reuse a pid by writing /proc/sys/kernel/ns_last_pid, and duplicates sockets with pidfd_getfd"]
 fn pid_reuse_is_gone_through_the_held_pidfd_and_the_newcomer_is_untouched() {
     const TRIALS: usize = 40;
     let started = Instant::now();

@@ -69,7 +69,6 @@ fn line_of(screen: &str, pid: i32) -> Option<&str> {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
 fn watch_draws_and_follows_changes() {
     if Command::new("tmux").arg("-V").output().is_err() {
         skip_or_fail(

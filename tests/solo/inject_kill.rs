@@ -613,7 +613,7 @@ fn subreaper() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: `reap --close` stops the target with ptrace to close fds inside it (CAP_SYS_PTRACE)"]
 fn killing_cwreap_at_random_moments_never_harms_the_threaded_server() {
     let _alone = crate::alone();
     subreaper();
@@ -661,7 +661,7 @@ fn killing_cwreap_at_random_moments_never_harms_the_threaded_server() {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: `reap --close` stops the target with ptrace to close fds inside it (CAP_SYS_PTRACE)"]
 fn killing_cwreap_at_random_moments_never_harms_a_go_server() {
     let _alone = crate::alone();
     let test = "killing_cwreap_at_random_moments_never_harms_a_go_server";
@@ -701,7 +701,7 @@ fn killing_cwreap_at_random_moments_never_harms_a_go_server() {
 /// SIGKILL of the helper itself right after a step where the target holds its own
 /// registers: the target survives and serves, and its fds are closed or untouched.
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: `reap --close` stops the target with ptrace to close fds inside it (CAP_SYS_PTRACE)"]
 fn killing_the_helper_after_a_step_leaves_the_target_running() {
     let _alone = crate::alone();
     subreaper();

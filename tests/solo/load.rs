@@ -310,7 +310,7 @@ fn sum(text: &str, name: &str, needle: &str) -> f64 {
 }
 
 #[test]
-#[ignore = "needs root: TODO"]
+#[ignore = "needs root: the daemon duplicates the fixture's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
 fn daemon_reaps_every_close_wait_under_load_and_its_memory_stays_flat() {
     let _alone = crate::alone();
     let started = Instant::now();
