@@ -26,7 +26,7 @@ pub mod runtimes;
 mod scratch;
 pub mod ss;
 
-pub use daemon::{LoggedDaemon, Notify, Running};
+pub use daemon::{LoggedDaemon, Notify, Running, status_of};
 pub use fold::{fold, fold_log};
 pub use gate::{in_ci, skip_or_fail};
 pub use leaky::{Clients, Fixture, close_waits, echoes, reads_eof, reads_reset};
@@ -34,8 +34,8 @@ pub use lines::{Killed, LineChild, lines_of};
 pub use netns::{Netns, netns_of};
 pub use procfs::{cpu_ticks, cpu_time, fd_count, fd_inode, rss_kib, status_kib};
 pub use programs::{
-    cwreap, cwreap_bin, field_i64, field_str, fixture_bin, json_lines, repo, stderr, stdout,
-    target_tmpdir,
+    cwreap, cwreap_bin, cwreap_json, field_i64, field_str, fixture_bin, json_lines, repo, stderr,
+    stdout, target_tmpdir,
 };
 pub use scratch::{Scratch, raise_nofile, write_policy};
 pub use ss::{ss_close_wait, ss_close_wait_on_port, ss_count};

@@ -71,6 +71,19 @@ pub fn cwreap(args: &[&str]) -> Output {
         .expect("run cwreap")
 }
 
+/// `cwreap ARGS`, which must exit 0; the JSON objects of its `--json` output.
+pub fn cwreap_json(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = cwreap(args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "cwreap {args:?}:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    json_lines(&out)
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -32,6 +32,15 @@ pub fn source(name: &str) -> PathBuf {
     repo().join("tests/runtimes").join(name)
 }
 
+/// Whether [`PYTHON`] is installed; if not, the test skips (or fails under `CI=true`).
+pub fn have_python(test: &str) -> bool {
+    let there = Path::new(PYTHON).is_file();
+    if !there {
+        missing(test, &format!("{PYTHON} is not installed"));
+    }
+    there
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Runtime {
     /// leaky.py --mode abandon: never reads a connection whose client left before sending

@@ -4,15 +4,10 @@
 //! and what each client observes.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fs::Permissions;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::*;
@@ -143,114 +138,7 @@ fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 // ---------------------------------------------------------------------------------------
-// sd_notify: the daemon's cycle clock.
-
-/// The receiving end of NOTIFY_SOCKET. A thread reads every datagram as it comes: the
-/// socket queue is short (net.unix.max_dgram_qlen, 10 here) and a full one blocks the
-/// daemon's send.
-struct Notify {
-    path: PathBuf,
-    got: Arc<Mutex<Vec<(Instant, String)>>>,
-    /// How many of `got` the test has looked at.
-    seen: usize,
-    done: Arc<AtomicBool>,
-    reader: Option<JoinHandle<()>>,
-}
-
-impl Notify {
-    fn bind(path: PathBuf) -> Notify {
-        let sock = UnixDatagram::bind(&path).expect("bind notify socket");
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("notify timeout");
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let done = Arc::new(AtomicBool::new(false));
-        let (sink, stop) = (got.clone(), done.clone());
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(n) = sock.recv(&mut buf) {
-                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    sink.lock()
-                        .expect("notify lock")
-                        .push((Instant::now(), msg));
-                }
-            }
-        });
-        Notify {
-            path,
-            got,
-            seen: 0,
-            done,
-            reader: Some(reader),
-        }
-    }
-
-    fn env(&self) -> (&'static str, OsString) {
-        ("NOTIFY_SOCKET", self.path.clone().into_os_string())
-    }
-
-    /// Every datagram so far, with the time it arrived.
-    fn all(&self) -> Vec<(Instant, String)> {
-        self.got.lock().expect("notify lock").clone()
-    }
-
-    /// The next datagram not looked at yet, if one comes before `deadline`.
-    fn next(&mut self, deadline: Instant) -> Option<String> {
-        loop {
-            if let Some((_, m)) = self.got.lock().expect("notify lock").get(self.seen) {
-                self.seen += 1;
-                return Some(m.clone());
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Skip what came already, so later waits only see what comes next.
-    fn skip(&mut self) {
-        self.seen = self.got.lock().expect("notify lock").len();
-    }
-
-    /// Wait for `n` STATUS= messages (one per finished cycle) sent from now on, and return
-    /// them. The last one comes from a cycle that started after the first one was sent.
-    fn cycles(&mut self, n: usize) -> Vec<String> {
-        self.skip();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut out = Vec::new();
-        while out.len() < n {
-            let msg = self
-                .next(deadline)
-                .unwrap_or_else(|| panic!("only {} of {n} STATUS messages came", out.len()));
-            if let Some(s) = status_of(&msg) {
-                out.push(s.to_owned());
-            }
-        }
-        out
-    }
-
-    /// Every STATUS= text received so far.
-    fn statuses(&self) -> Vec<String> {
-        self.all()
-            .iter()
-            .filter_map(|(_, m)| status_of(m).map(str::to_owned))
-            .collect()
-    }
-}
-
-impl Drop for Notify {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Relaxed);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-    }
-}
-
-fn status_of(msg: &str) -> Option<&str> {
-    msg.lines().find_map(|l| l.strip_prefix("STATUS="))
-}
+// sd_notify: the daemon's cycle clock (see [`Notify`]).
 
 /// The number just before `suffix` in a STATUS text.
 fn number_before(status: &str, suffix: &str) -> usize {
@@ -290,17 +178,7 @@ fn close_wait_from(fx: &mut Fixture, idx: usize, source: IpAddr) -> (TcpStream, 
     rustix::net::bind(&fd, &SocketAddr::new(source, 0)).expect("bind the source address");
     rustix::net::connect(&fd, &fx.listen[idx]).expect("connect to fixture");
     let client = TcpStream::from(fd);
-    let local = client.local_addr().expect("client addr");
-    let server_fd = loop {
-        let rest = fx.expect_line("accepted ");
-        let mut w = rest.split_whitespace();
-        let fd: i32 = w.next().and_then(|v| v.parse().ok()).expect("fd");
-        let _server_local = w.next();
-        let remote: Option<SocketAddr> = w.next().and_then(|v| v.parse().ok());
-        if remote == Some(local) {
-            break fd;
-        }
-    };
+    let server_fd = fx.accepted(client.local_addr().expect("client addr"));
     client.shutdown(Shutdown::Write).expect("half-close");
     let eof: i32 = fx.expect_line("eof ").parse().expect("eof fd");
     assert_eq!(eof, server_fd, "EOF on an unexpected fd");
@@ -356,13 +234,6 @@ fn audit_lines(path: &Path) -> Vec<Value> {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line not JSON ({e}): {l}"))
         })
         .collect()
-}
-
-/// The socket inode behind /proc/PID/fd/FD, if that fd is a socket.
-fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
-    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    let t = target.to_string_lossy();
-    t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream};
 
+use crate::support::runtimes::{Runtime, Server};
 use crate::support::*;
-use cwreap_testkit::runtimes::{Runtime, Server};
 
 /// Start the dead-leader server and wait until its leader is a zombie; None when gcc is
 /// missing outside CI.

@@ -6,19 +6,17 @@
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::runtimes::{self, PYTHON};
 use crate::support::*;
 use cwreap::daemon::{Daemon, Stage};
 use serde_json::Value;
 
-const PYTHON: &str = "/usr/bin/python3";
-const LEAKY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/runtimes/leaky.py");
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
 /// A `leaky.py --mode thread` server started under `prlimit --nofile=SOFT:HARD`, holding
@@ -39,13 +37,14 @@ impl Leaky {
         leaks: usize,
         extra: &[&str],
     ) -> Option<Leaky> {
-        if !Path::new(PYTHON).is_file() {
-            skip_or_fail(test, &format!("{PYTHON} is not installed"));
+        if !runtimes::have_python(test) {
             return None;
         }
         let mut child = Command::new("prlimit")
             .arg(format!("--nofile={soft}:{hard}"))
-            .args([PYTHON, "-u", LEAKY, "--mode", "thread", "--fill"])
+            .args([PYTHON, "-u"])
+            .arg(runtimes::source("leaky.py"))
+            .args(["--mode", "thread", "--fill"])
             .arg(fill.to_string())
             .args(extra)
             .stdin(Stdio::null())
@@ -363,7 +362,9 @@ fn a_reused_pid_never_gets_the_signal() {
         drop(old);
         let child = spawn_as(pid, || {
             let mut c = Command::new(PYTHON);
-            c.args(["-u", LEAKY, "--mode", "thread", "--on-term", "count"])
+            c.arg("-u")
+                .arg(runtimes::source("leaky.py"))
+                .args(["--mode", "thread", "--on-term", "count"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());

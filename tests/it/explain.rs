@@ -12,9 +12,9 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::support::{Fixture, cwreap, field_i64, json_lines, ss_close_wait};
-use cwreap_testkit::fold;
-use cwreap_testkit::runtimes::{HANG_GUARD, Runtime, Server};
+use crate::support::runtimes::{HANG_GUARD, Runtime, Server};
+use crate::support::ss::Ss;
+use crate::support::{Fixture, cwreap, fd_count, field_i64, fold, json_lines, ss_close_wait};
 
 /// Half-closed connections per pattern test.
 const K: usize = 12;
@@ -194,20 +194,12 @@ fn node_half_open_is_eof_unwatched() {
 
 /// CLOSE_WAIT sockets on `port` with no process (in an accept queue), according to ss.
 fn ss_unaccepted(port: u16) -> usize {
-    let out = Command::new("ss")
-        .args([
-            "-tanpH",
-            "state",
-            "close-wait",
-            "sport",
-            "=",
-            &format!(":{port}"),
-        ])
-        .output()
-        .expect("run ss");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.contains("users:"))
+    Ss::new()
+        .state("close-wait")
+        .sport(port)
+        .run()
+        .iter()
+        .filter(|s| s.holders.is_empty())
         .count()
 }
 
@@ -244,34 +236,14 @@ fn never_accepted_is_unaccepted() {
 
 /// (local, remote) of every CLOSE_WAIT socket on `listen`'s address, accepted or not.
 fn ss_close_wait_on(listen: SocketAddr) -> BTreeSet<(SocketAddr, SocketAddr)> {
-    let out = Command::new("ss")
-        .args([
-            "-tanH",
-            "state",
-            "close-wait",
-            "sport",
-            "=",
-            &format!(":{}", listen.port()),
-        ])
-        .output()
-        .expect("run ss");
-    assert!(out.status.success(), "ss: {}", output_text(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            let local: SocketAddr = cols.get(2)?.parse().ok()?;
-            let remote: SocketAddr = cols.get(3)?.parse().ok()?;
-            (local == listen).then_some((local, remote))
-        })
+    Ss::new()
+        .without_processes()
+        .state("close-wait")
+        .sport(listen.port())
+        .run()
+        .into_iter()
+        .filter_map(|s| (s.local == listen).then_some((s.local, s.peer?)))
         .collect()
-}
-
-/// Open fds of `pid` now.
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
 }
 
 /// Whether `got` is within ±25 % of `want`.
@@ -302,7 +274,7 @@ fn forecast_matches_ss_and_proc() {
     let listen = srv.listen[0];
 
     let ss_start = ss_close_wait_on(listen);
-    let fds_start = open_fds(pid);
+    let fds_start = fd_count(pid);
     let t0 = Instant::now();
     let pid_s = pid.to_string();
     let run =
@@ -328,7 +300,7 @@ fn forecast_matches_ss_and_proc() {
     }
     let out = run.join().expect("explain thread");
     let ss_end = ss_close_wait_on(listen);
-    let fds_end = open_fds(pid);
+    let fds_end = fd_count(pid);
     let window = t0.elapsed().as_secs_f64();
 
     assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));

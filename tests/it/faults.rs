@@ -27,6 +27,8 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::metrics::{free_addr, sample, scrape};
+use crate::support::ss::Ss;
 use crate::support::*;
 use cwreap::daemon::cycle_report::CycleReport;
 use cwreap::daemon::{Daemon, Stage};
@@ -847,29 +849,6 @@ fn start(mut cmd: Command) -> Running {
     Running::attach(spawn(Running::prepare(&mut cmd))).started()
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind(V4)
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
-/// GET /metrics; None when the endpoint does not answer.
-fn scrape(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    resp.starts_with("HTTP/1.1 200").then_some(resp)
-}
-
-/// The value of the sample `series` (name and labels exactly as served).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Scrape until `pred` holds; panic with `log` after 15 s.
 fn scrape_until(
     addr: SocketAddr,
@@ -1197,15 +1176,6 @@ fn scan_never_duplicates_a_socket_only_reap_does() {
 // ---------------------------------------------------------------------------------------
 // Misbehaving metrics clients.
 
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
-}
-
 /// Send `bytes` and read the answer's status line, if any comes before the connection ends.
 fn exchange(addr: SocketAddr, bytes: &[u8]) -> Option<String> {
     let mut s = TcpStream::connect(addr).expect("connect");
@@ -1320,28 +1290,20 @@ fn metrics_endpoint_survives_garbage_huge_headers_resets_and_floods() {
 fn wait_accepted(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let out = Command::new("ss")
-            .args(["-ltnH", &format!("sport = :{}", addr.port())])
-            .output()
-            .expect("run ss");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let queued: Option<u32> = text.split_whitespace().nth(1).and_then(|q| q.parse().ok());
-        if queued == Some(0) {
+        let listener = Ss::new()
+            .without_processes()
+            .state("listening")
+            .sport(addr.port())
+            .run();
+        if listener.first().is_some_and(|l| l.recv_q == 0) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "the endpoint stopped accepting: {text}"
+            "the endpoint stopped accepting: {listener:?}"
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// Open fds of process `pid`.
-fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 #[test]

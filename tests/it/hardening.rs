@@ -19,15 +19,16 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{OpenOptions, Permissions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::metrics::{self, free_addr};
+use crate::support::runtimes::PYTHON;
 use crate::support::*;
 use rustix::process::{Pid, Signal};
 use serde_json::Value;
@@ -35,8 +36,6 @@ use serde_json::Value;
 /// How long anything that must end at once may take before the test calls it a hang.
 const HANG: Duration = Duration::from_secs(5);
 const NOBODY: &str = "65534";
-/// Debian's python3 (the one CI installs), reachable by `nobody` (pyenv shims are not).
-const PYTHON: &str = "/usr/bin/python3";
 
 // ---------------------------------------------------------------------------------------
 // Scratch space, policies, the daemon.
@@ -50,22 +49,6 @@ fn policy(pids: &[i32], extra: &str) -> String {
         ));
     }
     y
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
-/// A child killed on drop, also when the test fails.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A command that must end at once: (exit code, stdout, stderr, time taken). A hang past
@@ -149,36 +132,6 @@ fn refused(what: &str, cfg: &Path, needles: &[&str]) {
 
 // ---------------------------------------------------------------------------------------
 // Sockets and records.
-
-/// `count` connections to `fx`, half-closed: the server ends go to CLOSE_WAIT. Clients
-/// have SO_LINGER 0, so dropping them resets everything at once.
-fn close_waits(fx: &mut Fixture, count: usize) -> Vec<TcpStream> {
-    const CHUNK: usize = 100;
-    let mut out = Vec::with_capacity(count);
-    while out.len() < count {
-        let n = CHUNK.min(count - out.len());
-        for _ in 0..n {
-            let c = TcpStream::connect(fx.listen[0]).expect("connect");
-            rustix::net::sockopt::set_socket_linger(&c, Some(Duration::ZERO)).expect("linger");
-            out.push(c);
-        }
-        for _ in 0..n {
-            fx.expect_line("accepted ");
-        }
-    }
-    for c in &out {
-        c.shutdown(Shutdown::Write).expect("half-close");
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ss_close_wait(fx.pid()).len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "the fixture never held {count} CLOSE_WAIT sockets"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    out
-}
 
 /// A connection by its two ends, as the server sees them: (local, remote). Clients of
 /// different servers may share a source port, so the client's address alone is not enough.
@@ -289,23 +242,14 @@ fn still_close_wait(pids: &[i32], inode_of: &HashMap<Ends, u64>) -> BTreeSet<u64
         .collect()
 }
 
+/// The metrics text, empty while the endpoint does not answer.
 fn scrape(addr: SocketAddr) -> String {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text
+    metrics::scrape(addr).unwrap_or_default()
 }
 
 /// The value of an unlabelled sample, or of the sum of a labelled family.
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
+    metrics::sum(text, name, "")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -658,43 +602,6 @@ fn sh(cmd: &mut Command) {
     );
 }
 
-/// Every datagram sent to a notify socket, read as it comes.
-struct NotifyLog {
-    got: Arc<Mutex<Vec<String>>>,
-    done: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl NotifyLog {
-    fn bind(path: PathBuf) -> NotifyLog {
-        let sock = UnixDatagram::bind(&path).expect("bind the notify socket");
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("notify timeout");
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (sink, stop) = (got.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(n) = sock.recv(&mut buf) {
-                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    sink.lock().expect("notify lock").push(msg);
-                }
-            }
-        });
-        NotifyLog { got, done }
-    }
-
-    fn messages(&self) -> Vec<String> {
-        self.got.lock().expect("notify lock").clone()
-    }
-}
-
-impl Drop for NotifyLog {
-    fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// An ext4 image of our own, loop-mounted. `fsfreeze` makes it a stuck disk: every write
 /// waits, uninterruptibly, until the thaw. Unmounted on drop.
 struct LoopFs {
@@ -766,7 +673,7 @@ fn a_stuck_disk_holds_actions_back_never_cycles() {
         .replace("interval: 200ms", "interval: 100ms"),
     );
     // A watchdog of 400 ms: pinged every 200 ms while cycles make progress.
-    let notify = NotifyLog::bind(scratch.path("notify"));
+    let notify = Notify::bind(scratch.path("notify"));
     let mut d = Running::spawn(
         &cfg,
         &[],
@@ -792,7 +699,7 @@ fn a_stuck_disk_holds_actions_back_never_cycles() {
     });
     let held = value(AUDIT_ERRORS);
     // Each held-back cycle waits 2 s for its intents; the watchdog is fed all along.
-    let msgs = notify.messages();
+    let msgs: Vec<String> = notify.all().into_iter().map(|(_, m)| m).collect();
     let statuses: Vec<usize> = (0..msgs.len())
         .filter(|i| msgs[*i].contains("STATUS="))
         .collect();

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
+use crate::support::pause::{SeamDir, env_refs, helper};
 use crate::support::*;
 use cwreap_linux::inject::{
     InjectError, InjectReport, Refusal, SkipReason, Victim, close_in_target,
@@ -18,8 +19,6 @@ use cwreap_linux::inject::{
 };
 use cwreap_linux::procfs::parse_socket_link;
 use cwreap_linux::sys;
-use cwreap_testkit::pause::{SeamDir, env_refs, helper};
-use cwreap_testkit::runtimes;
 
 const V4: &str = "127.0.0.1:0";
 const CLOSE_WAIT: u8 = 8;

@@ -24,11 +24,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use crate::support::pause::{SeamDir, env_refs, helper};
+use crate::support::runtimes;
 use cwreap_linux::inject::{InjectError, Refusal, Victim, close_in_target_with_env};
 use cwreap_linux::procfs::parse_socket_link;
 use cwreap_linux::sys;
-use cwreap_testkit::pause::{SeamDir, env_refs, helper};
-use cwreap_testkit::runtimes;
 
 const TRIALS: usize = 100;
 const GUARD: Duration = Duration::from_secs(30);

@@ -1,31 +1,17 @@
 //! The daemon's Prometheus endpoint against a real leaky server: scrape over loopback,
 //! parse with a Prometheus text parser, and compare with what happened.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::metrics::{free_addr, http};
 use crate::support::*;
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A raw HTTP exchange: returns (status code, body).
-fn http(addr: SocketAddr, request: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(request.as_bytes()).ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let code = resp.split_whitespace().nth(1)?.parse().ok()?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((code, body))
+    free_addr().port()
 }
 
 fn scrape(addr: SocketAddr) -> Option<prometheus_parse::Scrape> {
@@ -95,9 +81,7 @@ fn metrics_match_what_happened() {
     );
     let open = value(&s, "cwreap_process_open_fds", &[("target", "leaky")]).expect("open fds");
     let limit = value(&s, "cwreap_process_fd_limit", &[("target", "leaky")]).expect("fd limit");
-    let proc_open = std::fs::read_dir(format!("/proc/{}/fd", fx.pid()))
-        .expect("fd dir")
-        .count() as f64;
+    let proc_open = fd_count(fx.pid()) as f64;
     assert!(
         (open - proc_open).abs() <= 2.0,
         "open fds {open} vs /proc {proc_open}"
@@ -189,13 +173,6 @@ fn only_get_metrics_is_served_and_slow_clients_do_not_stall_cycles() {
     drop(idle);
 }
 
-/// Open fds of `pid` according to /proc.
-fn proc_fds(pid: i32) -> f64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fd dir")
-        .count() as f64
-}
-
 #[test]
 fn new_close_wait_counted_and_fd_usage_of_the_fullest_process() {
     // Two servers of one target, on loopback addresses of their own so the target's
@@ -228,7 +205,7 @@ fn new_close_wait_counted_and_fd_usage_of_the_fullest_process() {
     assert_eq!(value(&s, "cwreap_close_wait_sockets", &pair), Some(2.0));
     assert_eq!(value(&s, "cwreap_close_wait_new_total", &pair), Some(0.0));
     let ratio = value(&s, "cwreap_process_fd_usage_ratio", &pair).expect("ratio");
-    let want = proc_fds(tight.pid()) / TIGHT;
+    let want = fd_count(tight.pid()) as f64 / TIGHT;
     assert!(
         (ratio - want).abs() <= 2.0 / TIGHT,
         "fd usage ratio {ratio}, /proc says {want} for the tight server"
@@ -246,7 +223,7 @@ fn new_close_wait_counted_and_fd_usage_of_the_fullest_process() {
     assert_eq!(value(&s, "cwreap_close_wait_sockets", &pair), Some(5.0));
     assert_eq!(value(&s, "cwreap_close_wait_new_total", &pair), Some(3.0));
     let ratio = value(&s, "cwreap_process_fd_usage_ratio", &pair).expect("ratio");
-    let want = proc_fds(tight.pid()) / TIGHT;
+    let want = fd_count(tight.pid()) as f64 / TIGHT;
     assert!(
         (ratio - want).abs() <= 2.0 / TIGHT,
         "fd usage ratio {ratio}, /proc says {want} for the tight server"

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::support::ss::Ss;
 use crate::support::*;
 
 #[test]
@@ -90,7 +91,7 @@ fn destroy_inside_another_network_namespace() {
     let pid = fx.pid().to_string();
     // The dry run proves SOCK_DESTROY works there by destroying a loopback connection of
     // its own made inside that namespace; the fixture's sockets are untouched.
-    let out = cwreap(&[
+    let rows = cwreap_json(&[
         "reap",
         "--pid",
         &pid,
@@ -100,8 +101,6 @@ fn destroy_inside_another_network_namespace() {
         "--dry-run",
         "--json",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let rows = json_lines(&out);
     assert_eq!(rows.len(), 2);
     assert!(
         rows.iter().all(|r| field_str(r, "outcome") == "dry_run"),
@@ -109,7 +108,7 @@ fn destroy_inside_another_network_namespace() {
     );
     assert_eq!(ns.ss_close_wait(fx.pid()).len(), 2);
 
-    let out = cwreap(&[
+    let rows = cwreap_json(&[
         "reap",
         "--pid",
         &pid,
@@ -118,8 +117,6 @@ fn destroy_inside_another_network_namespace() {
         "--destroy",
         "--json",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let rows = json_lines(&out);
     assert_eq!(rows.len(), 2);
     for r in &rows {
         assert_eq!(field_str(r, "action"), "destroy");
@@ -202,28 +199,14 @@ fn unaccepted_connections_are_listed_and_only_destroy_reaps_them() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(rows.len(), 2, "{rows:?}");
-    let listener_fd = {
-        let out = std::process::Command::new("ss")
-            .args([
-                "-tnpH",
-                "state",
-                "listening",
-                "sport",
-                "=",
-                &format!(":{}", fx.listen[0].port()),
-            ])
-            .output()
-            .expect("ss");
-        // The peer column of a listener (`0.0.0.0:*`) is no address: read pid/fd directly.
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let key = format!("pid={},fd=", fx.pid());
-        let at = text.find(&key).expect("listener in ss") + key.len();
-        let digits: String = text[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse::<i32>().expect("listener fd")
-    };
+    let listener_fd = Ss::new()
+        .state("listening")
+        .sport(fx.listen[0].port())
+        .run()
+        .iter()
+        .find_map(|l| l.fd_of(fx.pid()))
+        .expect("the fixture's listener in ss");
+
     for r in &rows {
         assert_eq!(r["unaccepted"].as_bool(), Some(true), "{r}");
         assert!(r["fd"].is_null(), "{r}");
@@ -242,12 +225,12 @@ fn unaccepted_connections_are_listed_and_only_destroy_reaps_them() {
         assert!(field_str(&r, "error").contains("--destroy"), "{r}");
     }
     assert_eq!(
-        count_close_wait_on_port(fx.listen[0].port()),
+        ss_close_wait_on_port(fx.listen[0].port()),
         2,
         "skipping changed nothing"
     );
 
-    let out = cwreap(&[
+    let rows = cwreap_json(&[
         "reap",
         "--pid",
         &pid,
@@ -256,8 +239,6 @@ fn unaccepted_connections_are_listed_and_only_destroy_reaps_them() {
         "--destroy",
         "--json",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let rows = json_lines(&out);
     assert_eq!(rows.len(), 2);
     assert!(
         rows.iter().all(|r| field_str(r, "outcome") == "reaped"),
@@ -266,23 +247,7 @@ fn unaccepted_connections_are_listed_and_only_destroy_reaps_them() {
     for c in clients.iter_mut() {
         assert!(reads_reset(c, Duration::from_secs(5)));
     }
-    assert_eq!(count_close_wait_on_port(fx.listen[0].port()), 0);
-}
-
-/// CLOSE_WAIT sockets on a local port per ss (unaccepted ones have no process column).
-fn count_close_wait_on_port(port: u16) -> usize {
-    let out = std::process::Command::new("ss")
-        .args([
-            "-tnH",
-            "state",
-            "close-wait",
-            "sport",
-            "=",
-            &format!(":{port}"),
-        ])
-        .output()
-        .expect("ss");
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    assert_eq!(ss_close_wait_on_port(fx.listen[0].port()), 0);
 }
 
 #[test]

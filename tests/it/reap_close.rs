@@ -10,23 +10,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
+use crate::support::runtimes::{self, PYTHON};
 use crate::support::*;
 
-const PYTHON: &str = "/usr/bin/python3";
-const HOLDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/runtimes/holder.py");
 const HANG_GUARD: Duration = Duration::from_secs(30);
-
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fd dir")
-        .count()
-}
-
-/// The socket inode behind fd `fd` of `pid`, or None when the fd is not open.
-fn inode_of(pid: i32, fd: i32) -> Option<u64> {
-    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    cwreap_linux::procfs::parse_socket_link(link.to_str()?)
-}
 
 /// `reap --pid PID --older-than 1ms --close --yes --json`, which must exit 0; its output
 /// and rows.
@@ -64,13 +51,12 @@ struct Holder {
 
 impl Holder {
     fn start(test: &str) -> Option<Holder> {
-        if !std::path::Path::new(PYTHON).is_file() {
-            skip_or_fail(test, &format!("{PYTHON} is not installed"));
+        if !runtimes::have_python(test) {
             return None;
         }
         let mut child = Command::new(PYTHON)
             .arg("-u")
-            .arg(HOLDER)
+            .arg(runtimes::source("holder.py"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -162,10 +148,10 @@ fn close_takes_only_the_close_wait_socket_and_leaves_the_others_usable() {
     wait_close_wait(pid, 1);
     let kinds = ["never", "bound", "listening", "refused"];
     let before: BTreeMap<&str, Option<u64>> =
-        kinds.iter().map(|k| (*k, inode_of(pid, h.fd(k)))).collect();
+        kinds.iter().map(|k| (*k, fd_inode(pid, h.fd(k)))).collect();
     assert!(before.values().all(Option::is_some), "{before:?}");
     let cw = h.fd("closewait");
-    let fds_before = open_fds(pid);
+    let fds_before = fd_count(pid);
 
     let (out, rows) = close_all_older_than_1ms(pid);
     assert_eq!(
@@ -183,12 +169,12 @@ fn close_takes_only_the_close_wait_socket_and_leaves_the_others_usable() {
     );
 
     // Only the CLOSE_WAIT fd is gone; the peer sees the end of the connection.
-    assert_eq!(inode_of(pid, cw), None, "the CLOSE_WAIT fd was closed");
-    assert_eq!(open_fds(pid), fds_before - 1);
+    assert_eq!(fd_inode(pid, cw), None, "the CLOSE_WAIT fd was closed");
+    assert_eq!(fd_count(pid), fds_before - 1);
     assert!(ss_close_wait(pid).is_empty());
     assert!(reads_eof(&mut h.peer, Duration::from_secs(10)));
     for k in kinds {
-        assert_eq!(inode_of(pid, h.fd(k)), before[k], "{k} socket changed");
+        assert_eq!(fd_inode(pid, h.fd(k)), before[k], "{k} socket changed");
     }
     // And the holder still uses each of the other four.
     assert_eq!(h.use_them(), "used ok");
@@ -216,7 +202,7 @@ fn close_obeys_older_than_port_and_max_and_needs_pid_and_consent() {
     };
 
     // No --pid: refused before anything is looked at.
-    let fds = open_fds(pid);
+    let fds = fd_count(pid);
     let out = cwreap(&[
         "reap",
         "--port",
@@ -241,14 +227,14 @@ fn close_obeys_older_than_port_and_max_and_needs_pid_and_consent() {
         "the hazard is said: {}",
         stderr(&out)
     );
-    assert_eq!(open_fds(pid), fds);
+    assert_eq!(fd_count(pid), fds);
     assert_eq!(ss_close_wait(pid).len(), 5);
 
     // --older-than: nothing is an hour old.
     let out = close(&["--older-than", "1h", "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(json_lines(&out).is_empty());
-    assert_eq!(open_fds(pid), fds);
+    assert_eq!(fd_count(pid), fds);
 
     // --port: only the second listener's two.
     let out = close(&["--older-than", "1ms", "--port", &port_b, "--yes"]);
@@ -262,14 +248,14 @@ fn close_obeys_older_than_port_and_max_and_needs_pid_and_consent() {
             "{r}"
         );
     }
-    assert_eq!(open_fds(pid), fds - 2);
+    assert_eq!(fd_count(pid), fds - 2);
     assert_eq!(ss_close_wait(pid).len(), 3);
 
     // --max: exactly one of the remaining three.
     let out = close(&["--older-than", "1ms", "--max", "1", "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(json_lines(&out).len(), 1);
-    assert_eq!(open_fds(pid), fds - 3);
+    assert_eq!(fd_count(pid), fds - 3);
     assert_eq!(ss_close_wait(pid).len(), 2);
 
     // The server still serves.
@@ -287,10 +273,10 @@ fn close_frees_sockets_of_ended_connections_still_held() {
     let pid = fx.pid();
     let p = pid.to_string();
     wait_close_wait(pid, 3);
-    let before = open_fds(pid);
+    let before = fd_count(pid);
 
     // Dry run: verified, nothing closed, no confirmation needed.
-    let out = cwreap(&[
+    let rows = cwreap_json(&[
         "reap",
         "--pid",
         &p,
@@ -300,16 +286,14 @@ fn close_frees_sockets_of_ended_connections_still_held() {
         "--dry-run",
         "--json",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let rows = json_lines(&out);
     assert_eq!(rows.len(), 3);
     assert!(rows.iter().all(|r| field_str(r, "outcome") == "dry_run"));
-    assert_eq!(open_fds(pid), before);
+    assert_eq!(fd_count(pid), before);
 
     // Two of them the classic way: shut down, still held by the app (it ignores HUP).
     let out = cwreap(&["reap", "--pid", &p, "--older-than", "1ms", "--max", "2"]);
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(open_fds(pid), before, "shutdown alone frees no fd slot");
+    assert_eq!(fd_count(pid), before, "shutdown alone frees no fd slot");
 
     // --close: the remaining CLOSE_WAIT one and the two ended (CLOSE) ones.
     let (out, rows) = close_all_older_than_1ms(pid);
@@ -341,7 +325,7 @@ fn close_frees_sockets_of_ended_connections_still_held() {
     );
     assert!(stderr(&out).contains("paused"), "{}", stderr(&out));
     assert_eq!(
-        open_fds(pid),
+        fd_count(pid),
         before - 3,
         "exactly the three fds were freed"
     );

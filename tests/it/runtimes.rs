@@ -11,11 +11,10 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 
+use crate::support::runtimes::{HANG_GUARD, Runtime, Server, echo_token, read_token};
 use crate::support::{
-    cwreap, field_i64, field_str, json_lines, reads_eof, ss_close_wait, ss_count,
+    cwreap, cwreap_json, field_i64, field_str, fold, json_lines, reads_eof, ss_close_wait, ss_count,
 };
-use cwreap_testkit::fold;
-use cwreap_testkit::runtimes::{HANG_GUARD, Runtime, Server, echo_token, read_token};
 
 /// Half-closed connections per test (the server side goes to CLOSE_WAIT).
 const K: usize = 20;
@@ -124,14 +123,7 @@ fn reap_runtime(test: &str, rt: Runtime) {
     assert_eq!(listening, LISTEN.len(), "{name}: listeners according to ss");
 
     // scan finds exactly what ss shows.
-    let out = cwreap(&["scan", "--pid", &pid_s, "--json"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{name}: scan\n{}",
-        output_text(&out)
-    );
-    let rows = json_lines(&out);
+    let rows = cwreap_json(&["scan", "--pid", &pid_s, "--json"]);
     let scanned = json_set(&rows);
     assert!(
         rows.len() == K && scanned == ss,
@@ -162,14 +154,7 @@ fn reap_runtime(test: &str, rt: Runtime) {
 
     // reap shuts every one of them down.
     let mark = srv.mark();
-    let out = cwreap(&["reap", "--pid", &pid_s, "--older-than", "1ms", "--json"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{name}: reap\n{}",
-        output_text(&out)
-    );
-    let rows = json_lines(&out);
+    let rows = cwreap_json(&["reap", "--pid", &pid_s, "--older-than", "1ms", "--json"]);
     let not_reaped: Vec<String> = rows
         .iter()
         .filter(|r| r["outcome"] != "reaped" || r["action"] != "shutdown")

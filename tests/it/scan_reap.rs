@@ -33,9 +33,7 @@ fn scan_matches_ss_for_ipv4_and_ipv6() {
     let established = [fx.connect(0), fx.connect(1)];
 
     let pid = fx.pid().to_string();
-    let out = cwreap(&["scan", "--pid", &pid, "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let rows = json_lines(&out);
+    let rows = cwreap_json(&["scan", "--pid", &pid, "--json"]);
     let ss = ss_close_wait(fx.pid());
     assert_eq!(ss.len(), 6, "ss should see 6 CLOSE_WAIT sockets: {ss:?}");
     assert_eq!(json_set(&rows), ss, "scan and ss disagree");
@@ -218,7 +216,7 @@ fn dry_run_changes_nothing() {
     let mut waiting = [fx.close_wait(0), fx.close_wait(1), fx.close_wait(0)];
     let before = ss_close_wait(fx.pid());
     let pid = fx.pid().to_string();
-    let out = cwreap(&[
+    let rows = cwreap_json(&[
         "reap",
         "--pid",
         &pid,
@@ -227,8 +225,6 @@ fn dry_run_changes_nothing() {
         "--dry-run",
         "--json",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let rows = json_lines(&out);
     assert_eq!(rows.len(), 3);
     assert!(
         rows.iter().all(|r| field_str(r, "outcome") == "dry_run"),
@@ -343,7 +339,7 @@ fn socket_shared_by_two_processes_is_shut_down_once() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (pid, cpid) = (fx.pid().to_string(), child.to_string());
-    let out = cwreap(&[
+    let rows = cwreap_json(&[
         "reap",
         "--pid",
         &pid,
@@ -353,8 +349,6 @@ fn socket_shared_by_two_processes_is_shut_down_once() {
         "0s",
         "--json",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let rows = json_lines(&out);
     assert_eq!(rows.len(), 1, "one socket, one action: {rows:?}");
     assert_eq!(field_str(&rows[0], "outcome"), "reaped");
     assert_eq!(

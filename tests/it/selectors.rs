@@ -10,11 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::Receiver;
 
+use crate::support::runtimes::{self, PYTHON};
 use crate::support::*;
-
-/// Debian's interpreter, which has python3-urllib3 (a python3 earlier on PATH may not).
-const PYTHON: &str = "/usr/bin/python3";
-const RUNTIMES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/runtimes");
 
 /// (pid, local, remote) of one CLOSE_WAIT end.
 type End = (i32, SocketAddr, SocketAddr);
@@ -707,7 +704,7 @@ impl PoolPair {
             return None;
         }
         let mut server = Command::new(PYTHON)
-            .arg(format!("{RUNTIMES}/http_idle.py"))
+            .arg(runtimes::source("http_idle.py"))
             .args(["--idle", "1", "--gather", &conns.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -722,7 +719,7 @@ impl PoolPair {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("http_idle.py said {line:?}"));
         let mut client = Command::new(PYTHON)
-            .arg(format!("{RUNTIMES}/pool.py"))
+            .arg(runtimes::source("pool.py"))
             .arg(addr.to_string())
             .args(["--size", "40"])
             .stdin(Stdio::piped())

@@ -232,11 +232,6 @@ fn fixture_with_pid(pid: i32) -> (Fixture, usize) {
     panic!("pid {pid} never came back in 500 attempts");
 }
 
-fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
-    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    cwreap_linux::procfs::parse_socket_link(link.to_str()?)
-}
-
 #[test]
 #[ignore = "needs root: makes the kernel reuse a pid by writing /proc/sys/kernel/ns_last_pid, and duplicates sockets with pidfd_getfd"]
 fn pid_reuse_is_gone_through_the_held_pidfd_and_the_newcomer_is_untouched() {
