@@ -65,10 +65,15 @@ impl LineChild {
 
     /// Send one command line.
     pub fn send(&mut self, line: &str) -> std::io::Result<()> {
+        self.write_stdin(format!("{line}\n").as_bytes())
+    }
+
+    /// Write raw bytes to the child's stdin.
+    pub fn write_stdin(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let stdin = self.stdin.as_mut().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin was closed")
         })?;
-        writeln!(stdin, "{line}")?;
+        stdin.write_all(bytes)?;
         stdin.flush()
     }
 

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cwreap_linux::inject::Helper;
+use std::os::fd::AsFd;
+
+use cwreap_linux::inject::{Helper, Victim};
+use cwreap_linux::sys;
 
 use crate::programs::{cwreap_bin, target_tmpdir};
 
@@ -17,6 +20,18 @@ pub fn helper() -> Helper {
         exe: cwreap_bin().into(),
         args: vec!["inject-helper".into()],
     }
+}
+
+/// Fd `fd` of `pid` named as attribution names it for an injection: the socket inode from
+/// /proc, the cookie through a duplicate (pidfd_getfd).
+pub fn victim(pid: i32, fd: i32) -> Victim {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("fd link");
+    let inode =
+        cwreap_linux::procfs::parse_socket_link(&link.to_string_lossy()).expect("fd is a socket");
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    let dup = sys::pidfd_getfd(pidfd.as_fd(), fd).expect("pidfd_getfd");
+    let cookie = sys::socket_cookie(dup.as_fd()).expect("SO_COOKIE");
+    Victim { fd, inode, cookie }
 }
 
 /// A fresh, empty directory for one injection's handshake and log; removed on drop.

@@ -8,16 +8,14 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use crate::support::pause::{SeamDir, env_refs, helper};
+use crate::support::pause::{SeamDir, env_refs, helper, victim};
 use crate::support::*;
 use cwreap_linux::inject::{
     InjectError, InjectReport, Refusal, SkipReason, Victim, close_in_target,
     close_in_target_with_env,
 };
-use cwreap_linux::procfs::parse_socket_link;
 use cwreap_linux::sys;
 
 const V4: &str = "127.0.0.1:0";
@@ -25,15 +23,6 @@ const CLOSE_WAIT: u8 = 8;
 const CLOSE: u8 = 7;
 
 /// The victim for `fd` of `pid`, identified the way attribution does it.
-fn victim(pid: i32, fd: i32) -> Victim {
-    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("fd link");
-    let inode = parse_socket_link(&link.to_string_lossy()).expect("fd is a socket");
-    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
-    let dup = sys::pidfd_getfd(pidfd.as_fd(), fd).expect("pidfd_getfd");
-    let cookie = sys::socket_cookie(dup.as_fd()).expect("SO_COOKIE");
-    Victim { fd, inode, cookie }
-}
-
 fn tcp_state(pid: i32, fd: i32) -> Option<u8> {
     let pidfd = sys::pidfd_open(pid).ok()?;
     let dup = sys::pidfd_getfd(pidfd.as_fd(), fd).ok()?;
@@ -329,10 +318,10 @@ fn interrupted_read_returns_data_later() {
     fx.expect_line("pong");
 }
 
-/// A server written in another language, started from a script; killed on drop.
+/// A server written in another language, started from a script; killed on drop. Derefs
+/// to its [`LineChild`].
 struct Script {
-    child: Child,
-    lines: Receiver<String>,
+    io: LineChild,
     port: u16,
     _path: TempFile,
 }
@@ -345,6 +334,16 @@ impl Drop for TempFile {
     }
 }
 
+impl std::ops::Deref for Script {
+    type Target = LineChild;
+    fn deref(&self) -> &LineChild {
+        &self.io
+    }
+}
+
+/// How long a script's server may stay silent when a line is due: a hang guard only.
+const SCRIPT_SILENCE: Duration = Duration::from_secs(20);
+
 impl Script {
     fn start(interpreter: &str, ext: &str, source: &str) -> Script {
         let path = std::env::temp_dir().join(format!(
@@ -352,18 +351,10 @@ impl Script {
             std::process::id()
         ));
         std::fs::write(&path, source).expect("write script");
-        let mut child = Command::new(interpreter)
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
+        let io = LineChild::spawn(interpreter, Command::new(interpreter).arg(&path))
             .unwrap_or_else(|e| panic!("start {interpreter}: {e} (is it installed?)"));
-        let stdout = child.stdout.take().expect("stdout");
-        let rx = crate::support::lines_of(stdout);
         let mut s = Script {
-            child,
-            lines: rx,
+            io,
             port: 0,
             _path: TempFile(path),
         };
@@ -371,30 +362,16 @@ impl Script {
         s
     }
 
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
     fn next_line(&mut self) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(20))
+        self.io
+            .next_line(SCRIPT_SILENCE)
             .expect("the server said nothing for 20 s")
     }
 
     fn expect(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("server never said {prefix}"));
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("server never said {prefix}"));
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.trim().to_string();
-            }
-        }
+        self.io
+            .maybe_line(prefix, SCRIPT_SILENCE)
+            .unwrap_or_else(|| panic!("server never said {prefix}"))
     }
 
     /// Connect; the server says `accepted FD PEERPORT`. Returns the client and FD.
@@ -417,13 +394,6 @@ impl Script {
         c.shutdown(Shutdown::Write).expect("half-close");
         wait_state(self.pid(), fd, CLOSE_WAIT);
         (c, fd)
-    }
-}
-
-impl Drop for Script {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -529,7 +499,7 @@ fn python_server(seccomp: bool) {
     let mut c = TcpStream::connect(("127.0.0.1", port)).expect("check connection");
     assert!(echoes(&mut c), "python server no longer answers");
     assert!(
-        py.child.try_wait().expect("try_wait").is_none(),
+        py.io.child.try_wait().expect("try_wait").is_none(),
         "python exited"
     );
     // Accepted one after the other, the victims hold consecutive numbers: one
@@ -575,7 +545,7 @@ fn node_server_gets_fds_freed_and_keeps_serving() {
     let mut c = TcpStream::connect(("127.0.0.1", node.port)).expect("check connection");
     assert!(echoes(&mut c), "node server no longer answers");
     assert!(
-        node.child.try_wait().expect("try_wait").is_none(),
+        node.io.child.try_wait().expect("try_wait").is_none(),
         "node exited"
     );
 }
@@ -1043,7 +1013,7 @@ fn filter_that_cannot_be_suspended_is_refused() {
     assert!(open.contains(&fd1) && open.contains(&fd2));
     assert_eq!(tcp_state(pid, fd1), Some(CLOSE_WAIT));
     assert!(
-        py.child.try_wait().expect("try_wait").is_none(),
+        py.io.child.try_wait().expect("try_wait").is_none(),
         "python exited"
     );
     assert!(none_stopped(pid) && tracer_of(pid) == 0);
@@ -1113,7 +1083,7 @@ fn signal_arriving_during_the_injection_is_delivered_once() {
         "{rounds} signals sent during a stop, each delivered once; {kept} held back and handed over by the helper"
     );
     assert!(
-        py.child.try_wait().expect("try_wait").is_none(),
+        py.io.child.try_wait().expect("try_wait").is_none(),
         "python exited"
     );
 }

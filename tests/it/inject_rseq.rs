@@ -15,19 +15,17 @@
 //!   refused with the rseq reason: its instruction pointer cannot be moved safely.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::pause::{SeamDir, env_refs, helper};
+use crate::support::pause::{SeamDir, env_refs, helper, victim};
 use crate::support::runtimes;
+use crate::support::{LineChild, target_tmpdir};
 use cwreap_linux::inject::{InjectError, Refusal, Victim, close_in_target_with_env};
-use cwreap_linux::procfs::parse_socket_link;
 use cwreap_linux::sys;
 
 const TRIALS: usize = 100;
@@ -44,9 +42,7 @@ struct Counts {
 }
 
 struct Spinner {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
+    io: LineChild,
     addr: SocketAddr,
     state: File,
     state_path: PathBuf,
@@ -59,36 +55,17 @@ impl Spinner {
 
     fn start_with(test: &str, extra: &[&str]) -> Option<Spinner> {
         let exe = runtimes::c_program(test, "rseq_spin.c")?;
-        let state_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("rseq-state-{}-{test}", std::process::id()));
+        let state_path = target_tmpdir().join(format!("rseq-state-{}-{test}", std::process::id()));
         std::fs::write(&state_path, vec![0u8; 4096]).expect("create the state file");
         let state = File::options()
             .read(true)
             .write(true)
             .open(&state_path)
             .expect("open the state file");
-        let mut child = Command::new(&exe)
-            .arg(&state_path)
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
+        let io = LineChild::spawn("rseq_spin", Command::new(&exe).arg(&state_path).args(extra))
             .expect("start rseq_spin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         let mut s = Spinner {
-            child,
-            lines,
-            seen: Vec::new(),
+            io,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             state,
             state_path,
@@ -99,27 +76,25 @@ impl Spinner {
     }
 
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.io.pid()
     }
 
     /// The rest of the next line starting with `prefix`; fails on an `error` line.
     fn expect(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + GUARD;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
-                panic!("rseq_spin never said {prefix:?}; said {:?}", self.tail())
-            });
-            self.seen.push(line.clone());
-            assert!(!line.starts_with("error"), "rseq_spin: {line}");
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.trim().to_string();
-            }
-        }
+        self.io
+            .expect(prefix, GUARD)
+            .unwrap_or_else(|e| panic!("{e}; it said {:?}", self.tail()))
     }
 
     fn tail(&self) -> Vec<String> {
-        self.seen.iter().rev().take(20).rev().cloned().collect()
+        self.io
+            .history
+            .iter()
+            .rev()
+            .take(20)
+            .rev()
+            .cloned()
+            .collect()
     }
 
     /// A connection the target accepted and the client half-closed: its fd, in CLOSE_WAIT.
@@ -155,13 +130,7 @@ impl Spinner {
     }
 
     fn victim(&self, fd: i32) -> Victim {
-        let pid = self.pid();
-        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("fd link");
-        let inode = parse_socket_link(&link.to_string_lossy()).expect("a socket");
-        let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
-        let dup = sys::pidfd_getfd(pidfd.as_fd(), fd).expect("pidfd_getfd");
-        let cookie = sys::socket_cookie(dup.as_fd()).expect("SO_COOKIE");
-        Victim { fd, inode, cookie }
+        victim(self.pid(), fd)
     }
 
     fn slot(&self, i: u64) -> u64 {
@@ -189,14 +158,13 @@ impl Spinner {
     }
 
     fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.io.child.try_wait(), Ok(None))
     }
 }
 
 impl Drop for Spinner {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.io.kill();
         let _ = std::fs::remove_file(&self.state_path);
     }
 }
@@ -319,8 +287,7 @@ fn thread_in_a_system_call_inside_a_section_is_refused() {
     assert!(sp.alive(), "the target died: {:?}", sp.tail());
     assert!(std::path::Path::new(&format!("/proc/{pid}/fd/{fd}")).exists());
     sp.expect("aborted");
-    let mut stdin = sp.child.stdin.take().expect("stdin");
-    std::io::Write::write_all(&mut stdin, b"x").expect("write to the target");
+    sp.io.write_stdin(b"x").expect("write to the target");
     // Aborted if the read blocked first (any switch away aborts a section), committed
     // with the byte if the byte was there first.
     let after = sp.expect("");

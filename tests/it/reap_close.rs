@@ -4,10 +4,8 @@
 //! `--pid` and a confirmation; the daemon never closes fds inside a target.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::runtimes::{self, PYTHON};
@@ -41,9 +39,7 @@ fn close_all_older_than_1ms(pid: i32) -> (std::process::Output, Vec<serde_json::
 
 /// `tests/runtimes/holder.py`: one socket of each kind, and one CLOSE_WAIT.
 struct Holder {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
+    io: LineChild,
     fds: BTreeMap<String, i32>,
     /// The client end of the CLOSE_WAIT connection (half-closed, still reading).
     peer: TcpStream,
@@ -54,22 +50,13 @@ impl Holder {
         if !runtimes::have_python(test) {
             return None;
         }
-        let mut child = Command::new(PYTHON)
-            .arg("-u")
-            .arg(runtimes::source("holder.py"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start holder.py");
-        let stdin = child.stdin.take().expect("holder stdin");
-        let lines = lines_of(child.stdout.take().expect("holder stdout"));
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg("-u").arg(runtimes::source("holder.py"));
+        let mut io = LineChild::spawn("holder.py", &mut cmd).expect("start holder.py");
         let mut fds = BTreeMap::new();
         let mut peer = None;
         loop {
-            let line = lines
-                .recv_timeout(HANG_GUARD)
-                .expect("holder.py said nothing");
+            let line = io.next_line(HANG_GUARD).expect("holder.py said nothing");
             assert!(!line.starts_with("error"), "holder.py: {line}");
             if let Some(rest) = line.strip_prefix("fd ") {
                 let (kind, fd) = rest.split_once(' ').expect("fd KIND N");
@@ -84,16 +71,14 @@ impl Holder {
             }
         }
         Some(Holder {
-            child,
-            stdin,
-            lines,
+            io,
             fds,
             peer: peer.expect("holder.py announced its listener"),
         })
     }
 
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.io.pid()
     }
 
     fn fd(&self, kind: &str) -> i32 {
@@ -102,26 +87,12 @@ impl Holder {
 
     /// Use the four sockets that must survive; the holder's answer.
     fn use_them(&mut self) -> String {
-        writeln!(self.stdin, "use").expect("write to holder");
-        self.stdin.flush().expect("flush holder");
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .expect("holder.py answered `use`");
-            if line.starts_with("used ") {
-                return line;
-            }
-        }
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.io.send("use").expect("write to holder");
+        let rest = self
+            .io
+            .expect("used ", HANG_GUARD)
+            .unwrap_or_else(|e| panic!("holder.py answered `use`: {e}"));
+        format!("used {rest}")
     }
 }
 

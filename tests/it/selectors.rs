@@ -4,11 +4,9 @@
 //! prints for a target against the daemon's dry run of it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::Command;
 
 use crate::support::runtimes::{self, PYTHON};
 use crate::support::*;
@@ -22,8 +20,8 @@ type Case<'a> = (Vec<&'a str>, Box<dyn Fn(&End) -> bool + 'a>);
 /// `tests/runtimes/mixed.py`: one process holding CLOSE_WAIT ends of four kinds (server,
 /// client, mapped, v6); killed on drop.
 struct Mixed {
-    child: Child,
-    _stdin: ChildStdin,
+    /// mixed.py runs until its stdin closes.
+    io: LineChild,
     app: u16,
     backend: u16,
     /// Each end it holds in CLOSE_WAIT, and its kind.
@@ -54,29 +52,19 @@ impl Mixed {
         if let Some(f) = pid_file {
             cmd.arg("--pid-file").arg(f);
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start mixed.py");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
         // Killed on drop from here on, also when a check below fails.
         let mut m = Mixed {
-            child,
-            _stdin: stdin,
+            io: LineChild::spawn(format!("mixed.py ({tag})"), &mut cmd).expect("start mixed.py"),
             app: 0,
             backend: 0,
             kinds: BTreeMap::new(),
             fds: BTreeMap::new(),
         };
-        let lines = lines_of(stdout);
         let pid = m.pid();
         loop {
-            let line = lines
-                .recv_timeout(HANG_GUARD)
-                .unwrap_or_else(|_| panic!("mixed.py ({tag}) stopped before `ready`"));
+            let line =
+                m.io.next_line(HANG_GUARD)
+                    .unwrap_or_else(|_| panic!("mixed.py ({tag}) stopped before `ready`"));
             let w: Vec<&str> = line.split_whitespace().collect();
             match w.as_slice() {
                 ["app", p] => m.app = p.parse().expect("port"),
@@ -105,7 +93,7 @@ impl Mixed {
     }
 
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.io.pid()
     }
 
     fn of_kind(&self, kind: &str) -> BTreeSet<End> {
@@ -118,13 +106,6 @@ impl Mixed {
 
     fn all(&self) -> BTreeSet<End> {
         self.kinds.keys().copied().collect()
-    }
-}
-
-impl Drop for Mixed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -686,10 +667,9 @@ fn the_scan_line_of_check_selects_what_the_dry_run_audits() {
 
 /// http_idle.py and a urllib3 pool (pool.py), both on /usr/bin/python3.
 struct PoolPair {
-    server: Child,
-    client: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
+    // Declared first, killed first.
+    client: LineChild,
+    _server: LineChild,
     port: u16,
 }
 
@@ -703,36 +683,31 @@ impl PoolPair {
             );
             return None;
         }
-        let mut server = Command::new(PYTHON)
-            .arg(runtimes::source("http_idle.py"))
-            .args(["--idle", "1", "--gather", &conns.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start http_idle.py");
-        let mut out = BufReader::new(server.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("http_idle.py listen line");
+        let mut server = LineChild::spawn(
+            "http_idle.py",
+            Command::new(PYTHON)
+                .arg(runtimes::source("http_idle.py"))
+                .args(["--idle", "1", "--gather", &conns.to_string()]),
+        )
+        .expect("start http_idle.py");
+        let line = server
+            .next_line(HANG_GUARD)
+            .expect("http_idle.py listen line");
         let addr: SocketAddr = line
-            .trim()
             .strip_prefix("listen ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("http_idle.py said {line:?}"));
-        let mut client = Command::new(PYTHON)
-            .arg(runtimes::source("pool.py"))
-            .arg(addr.to_string())
-            .args(["--size", "40"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start pool.py");
-        let stdin = client.stdin.take().expect("stdin");
-        let lines = lines_of(client.stdout.take().expect("stdout"));
+        let client = LineChild::spawn(
+            "pool.py",
+            Command::new(PYTHON)
+                .arg(runtimes::source("pool.py"))
+                .arg(addr.to_string())
+                .args(["--size", "40"]),
+        )
+        .expect("start pool.py");
         let mut p = PoolPair {
-            server,
             client,
-            stdin,
-            lines,
+            _server: server,
             port: addr.port(),
         };
         p.expect("ready");
@@ -740,12 +715,11 @@ impl PoolPair {
     }
 
     fn pid(&self) -> i32 {
-        self.client.id() as i32
+        self.client.pid()
     }
 
     fn send(&mut self, cmd: &str) {
-        writeln!(self.stdin, "{cmd}").expect("write to pool.py");
-        self.stdin.flush().expect("flush pool.py");
+        self.client.send(cmd).expect("write to pool.py");
     }
 
     /// Lines up to and including the first that starts with `prefix`.
@@ -753,23 +727,14 @@ impl PoolPair {
         let mut seen = Vec::new();
         loop {
             let line = self
-                .lines
-                .recv_timeout(HANG_GUARD)
+                .client
+                .next_line(HANG_GUARD)
                 .unwrap_or_else(|_| panic!("pool.py: no `{prefix}`; said {seen:?}"));
             let done = line.starts_with(prefix);
             seen.push(line);
             if done {
                 return seen;
             }
-        }
-    }
-}
-
-impl Drop for PoolPair {
-    fn drop(&mut self) {
-        for c in [&mut self.client, &mut self.server] {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
