@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 
 use crate::leaky::Clients;
-use crate::programs::fixture_bin;
+use crate::programs::{fixture_bin, run_ok};
 use crate::ss::Ss;
 
 /// A network namespace of our own (`ip netns add`), deleted on drop even when a test fails.
@@ -18,25 +18,9 @@ impl Netns {
     pub fn create(tag: &str) -> Netns {
         let name = format!("cwreap-{tag}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip netns add");
-        assert!(
-            out.status.success(),
-            "ip netns add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
         let ns = Netns { name };
-        let out = Command::new("ip")
-            .args(["-n", &ns.name, "link", "set", "lo", "up"])
-            .output()
-            .expect("run ip link");
-        assert!(
-            out.status.success(),
-            "lo up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
         ns
     }
 

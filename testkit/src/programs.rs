@@ -63,6 +63,18 @@ pub fn target_tmpdir() -> PathBuf {
     dir
 }
 
+/// Run `cmd` to completion; it must succeed (a failure shows its stderr).
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Run `cwreap ARGS` to completion.
 pub fn cwreap(args: &[&str]) -> Output {
     Command::new(cwreap_bin())

@@ -229,15 +229,7 @@ fn raises_the_soft_fd_limit_once_to_the_hard_limit() {
     assert_eq!(e["after"]["hard"], 8192, "{e}");
 
     // Once per process: put the limit back down and let several cycles pass.
-    let out = Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), "--nofile=1100:8192"])
-        .output()
-        .expect("prlimit");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("prlimit").args(["--pid", &pid.to_string(), "--nofile=1100:8192"]));
     run.cycles(8);
     assert_eq!(nofile(pid), (1100, 8192), "raised a second time");
     assert_eq!(run.count("raise_fd_limit", "done"), 1);

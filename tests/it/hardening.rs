@@ -452,21 +452,16 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: PathBuf, size: &str) -> Tmpfs {
         std::fs::create_dir_all(&dir).expect("mount point");
-        let out = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(&dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0755"),
+                    "tmpfs",
+                ])
+                .arg(&dir),
         );
         Tmpfs(dir)
     }
@@ -593,15 +588,6 @@ fn a_full_disk_loses_counted_records_and_never_leaves_a_torn_line() {
 // ---------------------------------------------------------------------------------------
 // A stuck disk.
 
-fn sh(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An ext4 image of our own, loop-mounted. `fsfreeze` makes it a stuck disk: every write
 /// waits, uninterruptibly, until the thaw. Unmounted on drop.
 struct LoopFs {
@@ -613,17 +599,19 @@ impl LoopFs {
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(16 << 20))
             .expect("disk image");
-        sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
         std::fs::create_dir_all(&dir).expect("mount point");
-        sh(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(&dir));
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&dir),
+        );
         LoopFs { dir }
     }
 
     fn freeze(&self) -> Thaw<'_> {
-        sh(Command::new("fsfreeze").arg("--freeze").arg(&self.dir));
+        run_ok(Command::new("fsfreeze").arg("--freeze").arg(&self.dir));
         Thaw(self)
     }
 }

@@ -11,25 +11,17 @@ struct Tmux(String);
 impl Tmux {
     fn start(cmd: &str) -> Tmux {
         let name = format!("cwreap-watch-{}", std::process::id());
-        let out = Command::new("tmux")
-            .args([
-                "new-session",
-                "-d",
-                "-s",
-                &name,
-                "-x",
-                "160",
-                "-y",
-                "40",
-                cmd,
-            ])
-            .output()
-            .expect("run tmux (CI installs it)");
-        assert!(
-            out.status.success(),
-            "tmux: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(Command::new("tmux").args([
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+            "-x",
+            "160",
+            "-y",
+            "40",
+            cmd,
+        ]));
         Tmux(name)
     }
 
