@@ -53,8 +53,9 @@ deb: assets
 		$(CARGO) install --locked cargo-deb; }
 	$(CARGO) deb --no-build
 
+# Every test, also those that need root: run it as root.
 test:
-	$(CARGO) test --locked --workspace --no-fail-fast
+	$(CARGO) test --locked --workspace --no-fail-fast -- --include-ignored
 
 # The BPF object is checked in and embedded, so cargo never needs clang. This rebuilds it
 # with the pinned compiler (Debian 12's clang-14), reproducibly: it compiles from inside

@@ -20,73 +20,34 @@
 //!
 //! `cargo bench --bench inject -- --reps R --sizes 1,100,1000`
 
-use std::io::{BufRead, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cwreap_linux::inject::{Helper, Victim, close_in_target};
+use cwreap_linux::inject::{Victim, close_in_target};
 use cwreap_linux::procfs::parse_socket_link;
 use cwreap_linux::sys;
+use cwreap_testkit::{LineChild, fixture_bin};
 
-const FIXTURE: &str = env!("CARGO_BIN_EXE_cwreap-fixture");
-const CWREAP: &str = env!("CARGO_BIN_EXE_cwreap");
 const OPEN_CONNECTIONS: usize = 8;
 const TARGET_SIZE: usize = 100;
 const TARGET_US: u64 = 5_000;
 const CLOSE_WAIT: u8 = 8;
 
-struct Server {
-    child: Child,
-    _lines: Receiver<String>,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server() -> Result<Server, String> {
-    let mut child = Command::new(FIXTURE)
-        .args(["server", "--listen", "127.0.0.1:0", "--threaded"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("start {FIXTURE}: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    // Keep draining: the server says a line per accept and per EOF.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                // Nobody listens any more; keep the pipe empty anyway.
-                continue;
-            }
-        }
-    });
-    let mut addr = None;
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| "fixture did not start".to_string())?;
-        if let Some(a) = line.strip_prefix("listen ") {
-            addr = a.parse().ok();
-        } else if line == "ready" {
-            break;
-        }
-    }
-    Ok(Server {
-        child,
-        _lines: rx,
-        addr: addr.ok_or("fixture said no listen address")?,
-    })
+/// A fresh `cwreap-fixture server --threaded` and its address.
+fn start_server() -> Result<(LineChild, SocketAddr), String> {
+    let mut cmd = Command::new(fixture_bin());
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--threaded"]);
+    let mut server =
+        LineChild::spawn("the fixture", &mut cmd).map_err(|e| format!("start {cmd:?}: {e}"))?;
+    let wait = Duration::from_secs(10);
+    let addr = server.expect("listen ", wait)?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("the fixture's listen address {addr:?}: {e}"))?;
+    server.expect("ready", wait)?;
+    Ok((server, addr))
 }
 
 /// Every socket fd of `pid` in CLOSE_WAIT, identified as attribution would.
@@ -125,14 +86,14 @@ fn close_wait_victims(pid: i32) -> Result<Vec<Victim>, String> {
 /// µs, the number of threads stopped, and the whole call in µs.
 fn measure(n: usize, scattered: bool) -> Result<(u64, usize, u64), String> {
     let half_closed = if scattered { 2 * n } else { n };
-    let server = start_server()?;
-    let pid = server.child.id() as i32;
+    let (server, addr) = start_server()?;
+    let pid = server.pid();
     let mut clients = Vec::with_capacity(half_closed + OPEN_CONNECTIONS);
     for _ in 0..OPEN_CONNECTIONS {
-        clients.push(TcpStream::connect(server.addr).map_err(|e| e.to_string())?);
+        clients.push(TcpStream::connect(addr).map_err(|e| e.to_string())?);
     }
     for _ in 0..half_closed {
-        let c = TcpStream::connect(server.addr).map_err(|e| e.to_string())?;
+        let c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
         c.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
         clients.push(c);
     }
@@ -155,10 +116,7 @@ fn measure(n: usize, scattered: bool) -> Result<(u64, usize, u64), String> {
         std::thread::sleep(Duration::from_millis(20));
     };
     let pidfd = sys::pidfd_open(pid).map_err(|e| e.to_string())?;
-    let helper = Helper {
-        exe: CWREAP.into(),
-        args: vec!["inject-helper".into()],
-    };
+    let helper = cwreap_testkit::pause::helper();
     let t0 = Instant::now();
     let report =
         close_in_target(&helper, pid, pidfd.as_fd(), &victims).map_err(|e| e.to_string())?;

@@ -20,23 +20,17 @@
 //! Needs root (pidfd_getfd on other processes). The cwreap binary is the one cargo builds
 //! for this bench (`target/release/cwreap`).
 
-#[path = "support/fixture.rs"]
-mod fixture;
-
 use std::collections::HashSet;
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-
-use fixture::{Counts, Fleet};
+use cwreap_testkit::fleet::{BULK_SERVER_COMM, Counts, Fleet};
+use cwreap_testkit::{Killed, LoggedDaemon, Notify, cwreap_bin, status_kib};
 
 const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--reps R] [--scaling] [--smoke] [--targets T] [--hold]
   --n N        CLOSE_WAIT connections (default 20000)
@@ -124,11 +118,6 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
-    match argv.get(1).map(String::as_str) {
-        Some(fixture::SERVER_ROLE) => fixture::server_main(&argv[2..]),
-        Some(fixture::CLIENT_ROLE) => fixture::client_main(&argv[2..]),
-        _ => {}
-    }
     let args = match parse_args(argv.get(1..).unwrap_or(&[])) {
         Ok(a) => a,
         Err(e) => {
@@ -156,7 +145,7 @@ duplicates their sockets with pidfd_getfd (CAP_SYS_PTRACE)";
 }
 
 fn run(args: &Args) -> Result<()> {
-    let cwreap = cwreap_binary()?;
+    let cwreap = cwreap_bin();
     let started = Instant::now();
     let log = |msg: &str| eprintln!("[{:7.1}s] {msg}", started.elapsed().as_secs_f64());
     let mut rows = Vec::new();
@@ -164,31 +153,25 @@ fn run(args: &Args) -> Result<()> {
         return hold(args, &log);
     }
     if let Some(targets) = args.targets {
-        rows.extend(p5_policy_scale(targets, &cwreap, args.reps, (0, 0), &log)?);
+        rows.extend(p5_policy_scale(targets, args.reps, (0, 0), &log)?);
     } else if args.scaling {
         for &n in &SCALING_SIZES {
             let fleet = start_fleet(n, n, &log)?;
-            rows.push(p1_scan(&fleet, &cwreap, args.reps, &log)?);
+            rows.push(p1_scan(&fleet, cwreap, args.reps, &log)?);
             rows.push(p2_cycle(&fleet, args.reps, &log)?);
             drop(fleet);
         }
     } else {
         // Before the fixture: its N CLOSE_WAIT sockets would be dumped by every cycle, and
         // P5 is about the policy's cost.
-        rows.extend(p5_policy_scale(
-            P5_TARGETS,
-            &cwreap,
-            args.reps,
-            (0, 0),
-            &log,
-        )?);
+        rows.extend(p5_policy_scale(P5_TARGETS, args.reps, (0, 0), &log)?);
         let mut fleet = start_fleet(args.n, args.m, &log)?;
-        rows.push(p1_scan(&fleet, &cwreap, args.reps, &log)?);
-        rows.push(p5_explain(&fleet, &cwreap, args.reps, &log)?);
+        rows.push(p1_scan(&fleet, cwreap, args.reps, &log)?);
+        rows.push(p5_explain(&fleet, cwreap, args.reps, &log)?);
         rows.push(p2_cycle(&fleet, args.reps, &log)?);
         let cycles = if args.smoke { 3 } else { 20 };
-        rows.extend(p4_daemon(&fleet, &cwreap, cycles, &log)?);
-        rows.extend(p3_reap(&mut fleet, &cwreap, args.reps, &log)?);
+        rows.extend(p4_daemon(&fleet, cycles, &log)?);
+        rows.extend(p3_reap(&mut fleet, cwreap, args.reps, &log)?);
         drop(fleet);
     }
     log("done; fixture torn down");
@@ -231,19 +214,6 @@ fn start_fleet(n: usize, m: usize, log: &dyn Fn(&str)) -> Result<Fleet> {
         c.est_client
     ));
     Ok(fleet)
-}
-
-/// The cwreap binary cargo built for this bench (same profile), next to the bench's deps.
-fn cwreap_binary() -> Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_cwreap"));
-    if path.is_file() {
-        return Ok(path);
-    }
-    bail!(
-        "cwreap binary missing at {}: build it with `cargo build --release --bin cwreap` (with \
-the same CARGO_TARGET_DIR), or run through `cargo bench --bench scale`, which builds it",
-        path.display()
-    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -445,7 +415,7 @@ targets:
     older_than: 3650d
     action: log
 ",
-        fixture::SERVER_COMM.to_string_lossy(),
+        BULK_SERVER_COMM.to_string_lossy(),
         std::process::id()
     )
 }
@@ -638,141 +608,59 @@ fn p3_reap(fleet: &mut Fleet, cwreap: &Path, reps: usize, log: &dyn Fn(&str)) ->
     ])
 }
 
-/// `cwreap run` as a child, killed on drop; its scratch directory removed.
-struct DaemonChild {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for DaemonChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl DaemonChild {
-    /// `cwreap run` on `policy` in a private directory named after `tag`, with its log in
-    /// daemon.log there and sd_notify messages on the returned socket (read with
-    /// `timeout`); killed if the benchmark dies. Also when it was spawned.
-    fn start(
-        cwreap: &Path,
-        tag: &str,
-        policy: &str,
-        timeout: Duration,
-    ) -> Result<(DaemonChild, UnixDatagram, Instant)> {
-        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let config = dir.join("cwreap.yaml");
-        fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .open(&config)
-            .and_then(|mut f| f.write_all(policy.as_bytes()))
-            .with_context(|| format!("writing {}", config.display()))?;
-        let notify_path = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path)
-            .with_context(|| format!("binding {}", notify_path.display()))?;
-        notify
-            .set_read_timeout(Some(timeout))
-            .context("notify socket timeout")?;
-        let log_file = fs::File::create(dir.join("daemon.log")).context("creating daemon.log")?;
-        let mut cmd = Command::new(cwreap);
-        cmd.args(["run", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
+/// `cwreap run` on `policy` in a private directory named after `tag`, its sd_notify
+/// messages on the returned socket; killed if the benchmark dies. Also when it was spawned.
+fn start_daemon(tag: &str, policy: &str) -> (LoggedDaemon, Notify, Instant) {
+    let mut notify = None;
+    let spawned = Instant::now();
+    let daemon = LoggedDaemon::start_with(tag, policy, |dir, cmd| {
+        let n = Notify::bind(dir.join("notify.sock"));
+        cmd.env("NOTIFY_SOCKET", n.path());
         // If the benchmark dies, the daemon must not outlive it.
-        cwreap_linux::testing::die_with_parent(&mut cmd);
-        let spawned = Instant::now();
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {} run", cwreap.display()))?;
-        Ok((DaemonChild { child, dir }, notify, spawned))
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(10)..].join("\n")
-    }
+        cwreap_linux::testing::die_with_parent(cmd);
+        notify = Some(n);
+    });
+    let notify = notify.expect("the notify socket was bound");
+    (daemon, notify, spawned)
 }
 
-/// CPU time (user + system) of a whole process so far, from /proc/PID/stat.
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the parenthesised comm, starting with field 3 (state).
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("/proc/{pid}/stat: no comm"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| -> Result<u64> {
-        f.get(i)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow!("/proc/{pid}/stat: bad field {}", i + 3))
-    };
-    let ticks = tick(11)? + tick(12)?; // utime (14), stime (15)
-    let hz = rustix::param::clock_ticks_per_second();
-    let hz = if hz > 0 { hz } else { 100 };
-    Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
-}
-
-/// A `Vm...:` line of /proc/PID/status, in KiB.
-fn status_kib(pid: u32, key: &str) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("/proc/{pid}/status has no {key} line"))
-}
-
-fn p4_daemon(fleet: &Fleet, cwreap: &Path, cycles: usize, log: &dyn Fn(&str)) -> Result<Vec<Row>> {
-    // sd_notify's STATUS= arrives once per cycle: an exact cycle counter.
-    let (mut daemon, notify, _) = DaemonChild::start(
-        cwreap,
-        "cwbench",
-        &bench_policy("100ms"),
-        Duration::from_millis(200),
-    )?;
-    let pid = daemon.child.id();
-
-    let mut buf = vec![0u8; 4096];
-    // The next sd_notify datagram; fails at once if the daemon exits.
-    let mut next = |timeout: Duration| -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(n) = notify.recv(&mut buf) {
-                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                bail!(
-                    "cwreap run exited ({status}); its log ends:\n{}",
-                    daemon.log_tail()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "cwreap run: no sd_notify message within {timeout:?}; its log ends:\n{}",
-                    daemon.log_tail()
-                );
-            }
+/// The next sd_notify message within `timeout`; fails at once if the daemon exits.
+fn next_message(d: &mut LoggedDaemon, notify: &mut Notify, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(msg) = notify.next(Instant::now() + Duration::from_millis(50)) {
+            return Ok(msg);
         }
-    };
+        if let Ok(Some(status)) = d.daemon.child.try_wait() {
+            d.daemon.join_reader();
+            bail!("cwreap run exited ({status}){}", d.log());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "cwreap run: no sd_notify message within {timeout:?}{}",
+                d.log()
+            );
+        }
+    }
+}
+
+/// A `VmRSS:`/`VmHWM:` line of /proc/PID/status, in MiB.
+fn status_mib(pid: i32, key: &str) -> Result<f64> {
+    let kib =
+        status_kib(pid, key).ok_or_else(|| anyhow!("/proc/{pid}/status has no {key} line"))?;
+    Ok(kib as f64 / 1024.0)
+}
+
+/// CPU time (user + system) of a whole process so far.
+fn cpu_time(pid: i32) -> Result<Duration> {
+    cwreap_testkit::cpu_time(pid).ok_or_else(|| anyhow!("no /proc/{pid}/stat"))
+}
+
+fn p4_daemon(fleet: &Fleet, cycles: usize, log: &dyn Fn(&str)) -> Result<Vec<Row>> {
+    // sd_notify's STATUS= arrives once per cycle: an exact cycle counter.
+    let (mut daemon, mut notify, _) = start_daemon("cwbench", &bench_policy("100ms"));
+    let pid = daemon.pid();
+    let mut next = |timeout: Duration| next_message(&mut daemon, &mut notify, timeout);
     let tracked = |msg: &str| -> Option<usize> {
         msg.lines()
             .find_map(|l| l.strip_prefix("STATUS="))?
@@ -807,8 +695,8 @@ fn p4_daemon(fleet: &Fleet, cwreap: &Path, cycles: usize, log: &dyn Fn(&str)) ->
         }
     }
     let cpu_end = cpu_time(pid)?;
-    let rss = status_kib(pid, "VmRSS:")? as f64 / 1024.0;
-    let hwm = status_kib(pid, "VmHWM:")? as f64 / 1024.0;
+    let rss = status_mib(pid, "VmRSS:")?;
+    let hwm = status_mib(pid, "VmHWM:")?;
     let per_cycle = (cpu_end.saturating_sub(cpu_first)) / cycles as u32;
     let first_cpu = cpu_first.saturating_sub(cpu_ready);
     log(&format!(
@@ -883,7 +771,6 @@ fn many_targets_policy(n: usize, idle: u32, metrics: Option<SocketAddr>) -> Stri
 /// of `reps`, at least 5).
 fn p5_policy_scale(
     targets: usize,
-    cwreap: &Path,
     reps: usize,
     (n, m): (usize, usize),
     log: &dyn Fn(&str),
@@ -893,7 +780,7 @@ fn p5_policy_scale(
     let mut sleep = Command::new("unshare");
     sleep.args(["--net", "sleep", "3600"]).stdin(Stdio::null());
     cwreap_linux::testing::die_with_parent(&mut sleep);
-    let idle = KillOnDrop(sleep.spawn().context("spawning sleep, the idle target")?);
+    let idle = Killed(sleep.spawn().context("spawning sleep, the idle target")?);
     let idle_pid = idle.0.id();
     let netns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/net")).ok();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -933,43 +820,25 @@ fn p5_policy_scale(
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("a free port for the metrics endpoint")?;
-    let (mut d, notify, spawned) = DaemonChild::start(
-        cwreap,
+    let (mut d, mut notify, spawned) = start_daemon(
         "cwbench-p5",
         &many_targets_policy(targets, idle_pid, Some(metrics)),
-        Duration::from_millis(100),
-    )?;
-    let pid = d.child.id();
-    let mut buf = vec![0u8; 4096];
-    let mut ready = None;
+    );
+    let pid = d.pid();
     let mut cycles = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(120);
     while cycles < 3 {
-        if let Ok(k) = notify.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..k]);
-            if msg.contains("READY=1") && ready.is_none() {
-                ready = Some(spawned.elapsed());
-            }
-            if msg.contains("STATUS=") {
-                cycles += 1;
-            }
-        }
-        if let Ok(Some(status)) = d.child.try_wait() {
-            bail!(
-                "cwreap run exited ({status}); its log ends:\n{}",
-                d.log_tail()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "cwreap run with {targets} targets: only {cycles} cycles; its log ends:\n{}",
-                d.log_tail()
-            );
+        let msg = next_message(&mut d, &mut notify, Duration::from_secs(120))
+            .with_context(|| format!("cwreap run with {targets} targets: {cycles} cycles"))?;
+        if msg.contains("STATUS=") {
+            cycles += 1;
         }
     }
-    let start = ready.ok_or_else(|| anyhow!("cwreap run never said READY=1"))?;
-    let rss = status_kib(pid, "VmRSS:")? as f64 / 1024.0;
-    let hwm = status_kib(pid, "VmHWM:")? as f64 / 1024.0;
+    let start = notify
+        .ready_at()
+        .ok_or_else(|| anyhow!("cwreap run never said READY=1"))?
+        .saturating_duration_since(spawned);
+    let rss = status_mib(pid, "VmRSS:")?;
+    let hwm = status_mib(pid, "VmHWM:")?;
     drop(d);
     drop(idle);
     log(&format!(
@@ -1013,16 +882,6 @@ fn p5_policy_scale(
             verdict: verdict(cycle <= P5_MAX_CYCLE),
         },
     ])
-}
-
-/// A child killed (and reaped) on drop.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 // ---------------------------------------------------------------------------------------

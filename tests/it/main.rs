@@ -1,0 +1,33 @@
+//! cwreap's integration tests, one module per subject, in one test binary: real leaky
+//! servers over loopback, the real `cwreap` binary and library, checked against `ss`, the
+//! peers, the logs, the audit file and the metrics.
+//!
+//! Tests that need root are `#[ignore = "needs root: ..."]`, so a plain `cargo test` runs
+//! the rest and lists them as ignored; run everything as root with `cargo test --workspace
+//! -- --include-ignored`. A missing tool (ss, a runtime, promtool, tmux, ...) skips a test
+//! with a `SKIP` line, and fails it under `CI=true`.
+
+mod support;
+
+mod config_files;
+mod daemon;
+mod dead_leader;
+mod deploy;
+mod escalate;
+mod explain;
+mod faults;
+mod hardening;
+mod index;
+mod inject;
+mod inject_rseq;
+mod metrics;
+mod netns_destroy;
+mod races;
+mod readme;
+mod reap_close;
+mod runtimes;
+mod scan_reap;
+mod selectors;
+mod stress;
+mod systemd_unit;
+mod watch;

@@ -1,0 +1,25 @@
+//! Integration tests that need the machine, or the test process, to themselves, in a test
+//! binary of their own whose tests run one at a time ([`alone`]):
+//!
+//! * `load`: `cwreap run` against 40000 connections with two CPU burners beside it, and its
+//!   memory measured across 100 cycles;
+//! * `inject_kill`: makes the test process a child subreaper (so helpers orphaned by a
+//!   killed cwreap become its children), and kills cwreap at moments calibrated on this
+//!   machine;
+//! * `bpf`: the BPF programs and the socket iterator, which compares this process's whole
+//!   fd table with /proc.
+//!
+//! Like every test that needs root, they are `#[ignore = "needs root: ..."]`.
+
+mod bpf;
+mod inject_kill;
+mod load;
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Hold the machine for the rest of the test: tests of this binary run one at a time,
+/// whatever `--test-threads` says.
+fn alone() -> MutexGuard<'static, ()> {
+    static MACHINE: Mutex<()> = Mutex::new(());
+    MACHINE.lock().unwrap_or_else(PoisonError::into_inner)
+}
