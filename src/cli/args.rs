@@ -234,7 +234,8 @@ impl Selectors {
 pub struct ScanArgs {
     #[command(flatten)]
     pub selectors: Selectors,
-    /// Only sockets at least this long in CLOSE_WAIT (e.g. 90s, 5m)
+    /// Only sockets at least this long in CLOSE_WAIT (e.g. 90s, 5m), by the lower bound of
+    /// their age (AGE shows it, with an upper bound when far from it)
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
     /// One JSON object per socket per line
@@ -250,7 +251,8 @@ pub struct ScanArgs {
 pub struct ReapArgs {
     #[command(flatten)]
     pub selectors: Selectors,
-    /// Only sockets at least this long in CLOSE_WAIT (required: no default, so a slip cannot reap fresh sockets)
+    /// Only sockets at least this long in CLOSE_WAIT, by the lower bound of their age, never
+    /// the upper (required: no default, so a slip cannot reap fresh sockets)
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
     /// Verify every socket (proving permission) but do not shut anything down

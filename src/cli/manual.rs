@@ -199,7 +199,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "targets[].older_than",
-                "Required, greater than zero: minimum age in CLOSE_WAIT (a lower bound from tcp_info last_ack_recv). Keep it above connection-pool idle timeouts.",
+                "Required, greater than zero: minimum time in CLOSE_WAIT, decided on the lower bound of the socket's age, never the upper: the exact time of the state change when event discovery saw it; otherwise the larger of the time since the daemon first saw it in CLOSE_WAIT and tcp_info last_ack_recv (which keepalive probes and heartbeats reset). The daemon publishes its first sights, so `cwreap scan` run beside it ages sockets the same way. Keep it above connection-pool idle timeouts.",
             ),
             (
                 "targets[].min_close_wait",
@@ -235,7 +235,7 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "targets[].escalate.raise_fd_limit_at",
-                "A percentage (e.g. 80%): when a process of the target holds at least min_close_wait sockets in CLOSE_WAIT (or shut down by cwreap and still held) and its open fds reach this share of its soft RLIMIT_NOFILE, raise the soft limit to the hard limit (prlimit), once per process. Never when the soft limit is 1024 or less (select() with FD_SETSIZE breaks above it), so never on a service whose LimitNOFILE was not raised. Needs CAP_SYS_RESOURCE.",
+                "A percentage (e.g. 80%): when a process of the target holds at least min_close_wait leaking sockets (in CLOSE_WAIT, or dead held: ended connections whose fd it still holds, those cwreap shut down among them) and its open fds reach this share of its soft RLIMIT_NOFILE, raise the soft limit to the hard limit (prlimit), once per process. Never when the soft limit is 1024 or less (select() with FD_SETSIZE breaks above it), so never on a service whose LimitNOFILE was not raised. Needs CAP_SYS_RESOURCE.",
             ),
             (
                 "targets[].escalate.signal_at",
