@@ -314,6 +314,25 @@ impl ProcFs {
         Ok(target.to_str().and_then(parse_socket_link))
     }
 
+    /// The protocol of socket fd `fd` of `pid` (`TCP`, `TCPv6`, `UNIX-STREAM`, `UDP`,
+    /// `NETLINK`...), as sockfs names it in the `system.sockprotoname` attribute of the
+    /// socket's inode, reached through /proc/PID/fd/N: no duplication, so nothing of the
+    /// socket changes. Read through a live thread once the leader has exited.
+    pub fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        self.leader_or_thread(
+            pid,
+            &format!("fd/{fd}"),
+            |p| {
+                let mut buf = [0u8; 64];
+                let got = rustix::fs::getxattr(p, "system.sockprotoname", &mut buf[..])?;
+                let name = &buf[..got.min(buf.len())];
+                let name = name.split(|b| *b == 0).next().unwrap_or_default();
+                Ok(String::from_utf8_lossy(name).into_owned())
+            },
+            |_| true,
+        )
+    }
+
     /// The fd numbers open in the process now.
     pub fn open_fds(&self, pid: i32) -> io::Result<HashSet<i32>> {
         Ok(fs::read_dir(self.pid_path(pid, "fd"))?

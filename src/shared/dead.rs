@@ -4,10 +4,14 @@
 //! much as CLOSE_WAIT ones (`lsof`'s "can't identify protocol"), and only close() or a
 //! restart frees them.
 //!
-//! Finding them costs one duplication per socket fd that no dump explains: the socket fds
-//! of the processes in scope whose inode is in no CLOSE_WAIT dump are first checked against
-//! the kernel's unix, TCP (other states) and UDP dumps, asked only while some remain; what
-//! is left is duplicated through a pidfd and asked TCP_INFO. Dead means TCP, state CLOSE,
+//! Finding them costs one duplication per TCP socket fd that no dump explains: the socket
+//! fds of the processes in scope whose inode is in no CLOSE_WAIT dump are checked against
+//! the kernel's unix dump, then by the protocol sockfs names them by (read through
+//! /proc/PID/fd without duplicating: only TCP ones stay), then against a dump of TCP
+//! sockets in the other states; each dump is asked only while some fds remain. Only what
+//! is left, TCP sockets in no table, is duplicated through a pidfd and asked TCP_INFO: a
+//! socket in CLOSE carries no traffic, so the duplication's side effect on its cgroup
+//! (netprio, classid) cannot matter. Dead means TCP, state CLOSE,
 //! and `tcpi_delivered` ≥ 1: a socket that was never connected (only created, bound, or
 //! refused) shows 0 and is never dead.
 
@@ -69,11 +73,21 @@ where
 {
     let mut out = Probed::default();
     let mut left: Vec<SocketFd> = unknown.to_vec();
-    for listed in [Listed::Unix, Listed::TcpOthers, Listed::Udp] {
-        if left.is_empty() {
-            return Ok(out);
-        }
-        let live = k.live_inodes(listed)?;
+    // Unix sockets first, in bulk: a host has many, and one dump lists them all.
+    if !left.is_empty() {
+        let live = k.live_inodes(Listed::Unix)?;
+        left.retain(|s| !live.contains(&s.inode));
+    }
+    // Then only TCP sockets, by the protocol sockfs names (read without duplicating):
+    // netlink, UDP, packet and other sockets can never be dead TCP ones.
+    left.retain(|s| match k.socket_protocol(s.pid, s.fd) {
+        Ok(p) => p == "TCP" || p == "TCPv6",
+        // Gone since the walk: nothing to find. Unreadable: let the probe say.
+        Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+    });
+    // Then the TCP sockets the kernel still lists (in any state but CLOSE_WAIT).
+    if !left.is_empty() {
+        let live = k.live_inodes(Listed::TcpOthers)?;
         left.retain(|s| !live.contains(&s.inode));
     }
     if left.is_empty() {

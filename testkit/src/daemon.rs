@@ -53,6 +53,14 @@ impl Running {
         ] {
             cmd.env_remove(var);
         }
+        // Its first sights go to a directory of its own, not to the host's /run/cwreap,
+        // where the command line of other tests (and of people) would read them.
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        cmd.env(
+            "CWREAP_RUN_DIR",
+            std::env::temp_dir().join(format!("cwreap-run-{}-{n}", std::process::id())),
+        );
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

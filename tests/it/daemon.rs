@@ -709,6 +709,8 @@ fn audit_log_has_one_line_per_action() {
         "local",
         "remote",
         "age_ms",
+        "age_max_ms",
+        "age_source",
         "action",
         "outcome",
         "dry_run",

@@ -189,10 +189,19 @@ fn reap_runtime(test: &str, rt: Runtime) {
         "{name}: scan\n{}",
         output_text(&out)
     );
+    // What scan still lists are the reaped sockets the server has not closed yet: dead
+    // held (state CLOSE), never a CLOSE_WAIT one, never another socket.
+    let reaped_inodes: BTreeSet<i64> = inodes.iter().map(|(_, i)| *i).collect();
+    let after: Vec<serde_json::Value> = json_lines(&out);
+    let strays: Vec<String> = after
+        .iter()
+        .filter(|r| r["state"] != "CLOSE" || !reaped_inodes.contains(&field_i64(r, "inode")))
+        .map(|r| r.to_string())
+        .collect();
     assert!(
-        json_lines(&out).is_empty(),
-        "{name}: scan after the reap\n{}",
-        output_text(&out)
+        strays.is_empty(),
+        "{name}: scan after the reap lists other than reaped sockets still held:\n{}",
+        fold(&strays.join("\n"))
     );
 
     // Every half-closed client reads EOF.
@@ -208,6 +217,21 @@ fn reap_runtime(test: &str, rt: Runtime) {
         srv.wait_released(mark, &reaped_fds);
     }
     let spin_ticks = spin_check(&srv, name);
+    // Now scan lists exactly the reaped sockets the server keeps: dead held ones.
+    let dead: BTreeSet<i64> = cwreap_json(&["scan", "--pid", &pid_s, "--json"])
+        .iter()
+        .filter(|r| r["state"] == "CLOSE")
+        .map(|r| field_i64(r, "inode"))
+        .collect();
+    let kept: BTreeSet<i64> = if rt.releases_after_shutdown() {
+        BTreeSet::new()
+    } else {
+        reaped_inodes.clone()
+    };
+    assert_eq!(
+        dead, kept,
+        "{name}: the dead held sockets scan lists after the server settled"
+    );
     // The others still hold each shut-down socket under its old fd (cwreap never closes
     // an fd inside its target).
     if !rt.releases_after_shutdown() {

@@ -26,10 +26,13 @@ pub struct Plant {
 }
 
 /// What the checker reads, copied: the sources, the tests and benchmarks, the fuzz targets
-/// and the manifests (and Cargo.lock, for `cargo check` on a copy).
-const COPIED: [&str; 9] = [
+/// and the manifests (and Cargo.lock, the test kit and the BPF object the kernel crate
+/// embeds, for `cargo check` on a copy).
+const COPIED: [&str; 11] = [
     "src",
     "linux/src",
+    "linux/bpf",
+    "testkit",
     "tests",
     "benches",
     "fuzz/fuzz_targets",

@@ -517,10 +517,10 @@ fn unprivileged_load_names_the_missing_capabilities() {
     // A setuid to nobody clears the effective capabilities.
     let out = {
         use std::os::unix::process::CommandExt;
-        Command::new(std::env::current_exe().unwrap())
+        Command::new(std::env::current_exe().expect("this test binary"))
             .args([
                 "--exact",
-                "unprivileged_load_names_the_missing_capabilities",
+                "bpf::unprivileged_load_names_the_missing_capabilities",
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",
@@ -551,11 +551,11 @@ fn unprivileged_load_names_the_missing_capabilities() {
 
 const PIN_CHILD: &str = "CWREAP_BPF_PIN_CHILD";
 const PIN_READER: &str = "CWREAP_BPF_PIN_READER";
-const PIN_TEST: &str = "pinned_ages_are_exact_only_while_the_daemon_lives";
+const PIN_TEST: &str = "bpf::pinned_ages_are_exact_only_while_the_daemon_lives";
 
 /// This test binary, running only the pinning test, in one of its child roles.
 fn pin_role(role: &str, dir: &Path) -> Command {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    let mut cmd = Command::new(std::env::current_exe().expect("this test binary"));
     cmd.args([
         "--exact",
         PIN_TEST,

@@ -179,6 +179,9 @@ impl ProcRead for Linux {
     fn netns(&self, pid: i32) -> io::Result<u64> {
         ProcRead::netns(&self.proc, pid)
     }
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        ProcRead::socket_protocol(&self.proc, pid, fd)
+    }
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
         ProcRead::epoll_watched(&self.proc, pid, epoll_fds)
     }

@@ -39,6 +39,9 @@ pub trait ProcRead {
     fn start_time(&self, pid: i32) -> io::Result<u64>;
     /// The inode of the process's network namespace.
     fn netns(&self, pid: i32) -> io::Result<u64>;
+    /// The protocol sockfs names socket fd `fd` of `pid` by (`TCP`, `TCPv6`, `UNIX-STREAM`,
+    /// `UDP`, `NETLINK`...), read without duplicating it.
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String>;
     /// Inodes of the files the process's epoll instances `epoll_fds` watch.
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>>;
 }
@@ -91,6 +94,9 @@ impl ProcRead for ProcFs {
     }
     fn netns(&self, pid: i32) -> io::Result<u64> {
         crate::netlink::netns_inode(&self.netns_path(pid))
+    }
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        ProcFs::socket_protocol(self, pid, fd)
     }
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
         ProcFs::epoll_watched(self, pid, epoll_fds)

@@ -40,8 +40,9 @@ pub(crate) fn lacking(needed: &[Capability]) -> BTreeSet<Capability> {
 pub(crate) fn privilege_error(what: &str, missing: &BTreeSet<Capability>) -> UsageError {
     if missing.is_empty() {
         return UsageError(format!(
-            "permission denied {what}, although cwreap holds the capabilities it needs: Yama \
-(ptrace_scope 3), an LSM (AppArmor, SELinux) or another user namespace refuses it"
+            "permission denied {what}, although cwreap holds the capabilities it needs: a \
+seccomp filter (a container runtime's profile), Yama (ptrace_scope 3), an LSM (AppArmor, \
+SELinux) or another user namespace refuses it"
         ));
     }
     let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();

@@ -237,6 +237,18 @@ impl ProcRead for FakeKernel {
                 .ok_or_else(|| errno(libc::ENOENT))
         })
     }
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        self.with(|w| {
+            let p = w.alive(pid).ok_or_else(|| errno(libc::ENOENT))?;
+            match p.fds.get(&fd) {
+                Some(Fd::Socket(_)) => Ok("TCP".to_owned()),
+                Some(Fd::Unix(_)) => Ok("UNIX-STREAM".to_owned()),
+                Some(Fd::Udp(_)) => Ok("UDP".to_owned()),
+                Some(_) => Err(errno(libc::ENODATA)),
+                None => Err(errno(libc::ENOENT)),
+            }
+        })
+    }
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
         self.with(|w| {
             let p = w.alive(pid).ok_or_else(|| errno(libc::ENOENT))?;
