@@ -202,9 +202,20 @@ impl Selectors {
 
     /// Which processes attribution walks: the named pids (from --pid, or else from
     /// --pid-file), or all, narrowed by the process criteria.
+    /// Every `--pid-file` read as it will be trusted: refused, unreadable or missing, it
+    /// is a usage error (exit 2) naming why and the fix.
+    pub fn check_pid_files(&self) -> Result<(), crate::shared::usage::UsageError> {
+        let owners = crate::shared::pid_file::trusted_owners();
+        for f in &self.pid_files {
+            crate::shared::pid_file::read(f, &owners)
+                .map_err(|e| crate::shared::usage::UsageError(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     pub fn scope(&self) -> Scope {
         let selector = self.selector();
-        let pids_from_files = crate::shared::attribute::read_pid_files(&self.pid_files);
+        let pids_from_files = crate::shared::attribute::read_pid_files(&self.pid_files).0;
         let pids = if !self.pids.is_empty() {
             Some(self.pids.clone())
         } else if !self.pid_files.is_empty() {
@@ -223,7 +234,7 @@ impl Selectors {
     pub fn filter(&self, older_than: Option<Duration>) -> Filter {
         Filter {
             selector: self.selector(),
-            pids_from_files: crate::shared::attribute::read_pid_files(&self.pid_files),
+            pids_from_files: crate::shared::attribute::read_pid_files(&self.pid_files).0,
             older_than,
             min_close_wait: self.min_close_wait,
         }

@@ -19,6 +19,7 @@ use crate::shared::act::{self, ActResult, Expected, Outcome, Reason, Via};
 use crate::shared::age::Age;
 use crate::shared::attribute::{Snapshot, process_facts, read_pid_files};
 use crate::shared::config::{Action, Config};
+use crate::shared::pid_file::PidFileError;
 use crate::shared::selector::{Needs, SocketFacts};
 
 /// pid → the targets whose process criteria accept the process, ascending.
@@ -26,13 +27,24 @@ pub type Targets = BTreeMap<i32, Vec<usize>>;
 
 /// pid → the targets whose process criteria accept the process, ascending; never
 /// `self_pid`. Which of them a socket of the process belongs to depends on the socket
-/// ([`policy::assign`]). An error only when the process list cannot be read.
-pub fn match_processes(k: &impl ProcRead, cfg: &Config, self_pid: i32) -> io::Result<Targets> {
+/// ([`policy::assign`]). A target whose pid file is refused or unreadable selects nothing
+/// this cycle; why goes into `pid_file_errors`. An error only when the process list cannot
+/// be read.
+pub fn match_processes(
+    k: &impl ProcRead,
+    cfg: &Config,
+    self_pid: i32,
+    pid_file_errors: &mut Vec<PidFileError>,
+) -> io::Result<Targets> {
     // Pid files are read every cycle: the service may have restarted.
     let pid_files: Vec<Vec<i32>> = cfg
         .targets
         .iter()
-        .map(|t| read_pid_files(&t.selector.pid_files))
+        .map(|t| {
+            let (pids, errors) = read_pid_files(&t.selector.pid_files);
+            pid_file_errors.extend(errors);
+            pids
+        })
         .collect();
     let needs = cfg
         .targets

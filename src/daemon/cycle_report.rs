@@ -38,6 +38,8 @@ pub enum ErrorKind {
     Escalate,
     /// The audit log did not confirm the intent records in time.
     Audit,
+    /// A target's pid file was refused or unreadable.
+    PidFile,
 }
 
 impl ErrorKind {
@@ -49,6 +51,7 @@ impl ErrorKind {
             ErrorKind::Act => "act",
             ErrorKind::Escalate => "escalate",
             ErrorKind::Audit => "audit",
+            ErrorKind::PidFile => "pid_file",
         }
     }
 }

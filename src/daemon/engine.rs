@@ -73,6 +73,9 @@ pub struct Daemon<K: Kernel> {
     reaped: HashMap<u64, Boottime>,
     /// Where to publish first sights for the command line, once enabled.
     publish: Option<Publisher>,
+    /// The pid files refused or unreadable, with why, as last logged: each is logged once
+    /// until it changes.
+    pid_file_problems: HashMap<std::path::PathBuf, String>,
 }
 
 /// Say which targets can never act (an earlier one selects all their sockets).
@@ -126,6 +129,7 @@ impl<K: Kernel> Daemon<K> {
             probe_all: true,
             reaped: HashMap::new(),
             publish: None,
+            pid_file_problems: HashMap::new(),
         })
     }
 
@@ -258,14 +262,34 @@ impl<K: Kernel> Daemon<K> {
     }
 
     /// The processes the targets' process criteria accept (never cwreap itself).
-    fn match_processes(&self, report: &mut CycleReport) -> Targets {
-        match cycle::match_processes(&self.kernel, &self.cfg, self.self_pid) {
-            Ok(t) => t,
-            Err(_) => {
-                report.error(ErrorKind::Proc);
-                Targets::new()
+    fn match_processes(&mut self, report: &mut CycleReport) -> Targets {
+        let mut problems = Vec::new();
+        let targets =
+            match cycle::match_processes(&self.kernel, &self.cfg, self.self_pid, &mut problems) {
+                Ok(t) => t,
+                Err(_) => {
+                    report.error(ErrorKind::Proc);
+                    Targets::new()
+                }
+            };
+        let mut now: HashMap<std::path::PathBuf, String> = HashMap::new();
+        for e in problems {
+            let (crate::shared::pid_file::PidFileError::Refused { path, .. }
+            | crate::shared::pid_file::PidFileError::Unreadable { path, .. }
+            | crate::shared::pid_file::PidFileError::Missing(path)) = &e;
+            now.insert(path.clone(), e.to_string());
+        }
+        for (path, why) in &now {
+            if self.pid_file_problems.get(path) != Some(why) {
+                warn!(pid_file = %path.display(), error = %why,
+                    "pid file not trusted; its target selects nothing until it is fixed");
             }
         }
+        if !now.is_empty() {
+            report.error(ErrorKind::PidFile);
+        }
+        self.pid_file_problems = now;
+        targets
     }
 
     /// Watch the namespaces of `pids` and bring the tracked sockets up to date: a

@@ -480,13 +480,23 @@ pub fn process_facts(proc: &impl ProcRead, pid: i32, needs: Needs) -> io::Result
     })
 }
 
-/// The pids the given pid files hold now (a missing or unreadable file gives none).
-pub fn read_pid_files(files: &[std::path::PathBuf]) -> Vec<i32> {
-    files
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .filter_map(|t| crate::shared::selector::parse_pid_file(&t))
-        .collect()
+/// The pids the given pid files hold now, read as [`crate::shared::pid_file`] trusts
+/// them; and why each of the others gave none (a missing file is no pid and no error of
+/// its own: the service may be restarting).
+pub fn read_pid_files(
+    files: &[std::path::PathBuf],
+) -> (Vec<i32>, Vec<crate::shared::pid_file::PidFileError>) {
+    let owners = crate::shared::pid_file::trusted_owners();
+    let mut pids = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        match crate::shared::pid_file::read(f, &owners) {
+            Ok(pid) => pids.push(pid),
+            Err(crate::shared::pid_file::PidFileError::Missing(_)) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    (pids, errors)
 }
 
 /// Whether some socket that has a file (or waits on a listener) has no owner yet.

@@ -3,6 +3,8 @@
 //! - [`age`]: one age for every socket, with its bounds and its source;
 //! - [`selector`]: which sockets a command or a policy target is about;
 //! - [`dead`]: dead held sockets: ended connections a process still holds by an fd;
+//! - [`pid_file`]: reading a pid file as systemd trusts one (owner, no symlink, no FIFO,
+//!   64 bytes at most);
 //! - [`config`]: the YAML policy, validated in one step;
 //! - [`audit_file`]: where the daemon's audit log may live, and opening it (`check` asks
 //!   too);
@@ -16,6 +18,7 @@ pub mod attribute;
 pub mod audit_file;
 pub mod config;
 pub mod dead;
+pub mod pid_file;
 pub mod selector;
 pub mod usage;
 pub mod values;

@@ -22,6 +22,7 @@ mod inject;
 mod inject_rseq;
 mod metrics;
 mod netns_destroy;
+mod pid_files;
 mod races;
 mod readme;
 mod reap_close;
