@@ -613,18 +613,17 @@ fn scan_never_duplicates_a_live_socket_only_reap_does() {
     // of them is in a sock_diag table, so scan has nothing to duplicate. (A socket in no
     // table, a dead held one, is the only kind scan duplicates: see the next test. On a
     // busy host a host-wide scan may meet some, so only the fixture is scanned here.)
-    for args in [vec!["scan", "--pid", pid.as_str(), "--json"]] {
-        let out = run(&args);
-        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
-        assert!(
-            json_lines(&out)
-                .iter()
-                .any(|r| r["pid"].as_i64() == Some(i64::from(fx.pid()))
-                    && r["fd"].as_i64() == Some(i64::from(fd))),
-            "{args:?} lists the socket: {}",
-            stdout(&out)
-        );
-    }
+    let args = ["scan", "--pid", pid.as_str(), "--json"];
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+    assert!(
+        json_lines(&out)
+            .iter()
+            .any(|r| r["pid"].as_i64() == Some(i64::from(fx.pid()))
+                && r["fd"].as_i64() == Some(i64::from(fd))),
+        "{args:?} lists the socket: {}",
+        stdout(&out)
+    );
     // The control: reap, even a dry run, duplicates, and the filter catches it.
     let out = run(&["reap", "--pid", &pid, "--older-than", "0s", "--dry-run"]);
     assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
