@@ -202,6 +202,28 @@ impl Selectors {
 
     /// Which processes attribution walks: the named pids (from --pid, or else from
     /// --pid-file), or all, narrowed by the process criteria.
+    /// Every regex of the command line, compiled again within its share of one budget (as
+    /// a policy's are): many large ones are a usage error, not minutes of compiling.
+    pub fn check_regex_budget(&self) -> Result<(), crate::shared::usage::UsageError> {
+        let all: Vec<&Regex> = self
+            .comm
+            .iter()
+            .chain(&self.exe)
+            .chain(&self.cmdline)
+            .collect();
+        let share = values::regex_share(all.len());
+        for re in all {
+            values::parse_regex_within(re.as_str(), share).map_err(|e| {
+                crate::shared::usage::UsageError(format!(
+                    "{e} (the command line's {} regexes share {} KiB)",
+                    self.comm.len() + self.exe.len() + self.cmdline.len(),
+                    values::REGEX_BUDGET / 1024
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Every `--pid-file` read as it will be trusted: refused, unreadable or missing, it
     /// is a usage error (exit 2) naming why and the fix.
     pub fn check_pid_files(&self) -> Result<(), crate::shared::usage::UsageError> {
@@ -254,7 +276,7 @@ pub struct ScanArgs {
     pub json: bool,
     /// Live view, refreshed every INTERVAL (default 2s): CLOSE_WAIT per process, oldest
     /// age, fd headroom and its trend. Ctrl-C to quit
-    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = parse_duration)]
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = parse_watch)]
     pub watch: Option<Duration>,
 }
 
@@ -314,16 +336,40 @@ pub struct ExplainArgs {
     pub selectors: Selectors,
     /// Sample for this long (one sample a second) to measure new CLOSE_WAIT sockets per
     /// minute and forecast EMFILE from the fd growth; without it, one sample (both unknown)
-    #[arg(long = "for", value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long = "for", value_name = "DUR", value_parser = parse_window)]
     pub window: Option<Duration>,
     /// One JSON object per process per line
     #[arg(long)]
     pub json: bool,
 }
 
+/// An age for `--older-than`: zero allowed (every socket), at most a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("'{s}' is not a duration ({e}); use e.g. 90s, 5m, 1h30m"))?;
+    values::parse_duration_or_zero(s)
+}
+
+/// The shortest `--watch` interval: as the daemon's floor, so a view never keeps a core
+/// busy.
+pub const MIN_WATCH: Duration = Duration::from_millis(100);
+
+/// A `--watch` interval: at least [`MIN_WATCH`], at most a day.
+pub fn parse_watch(s: &str) -> Result<Duration, String> {
+    values::parse_period(s, MIN_WATCH)
+}
+
+/// The longest `explain --for` window: one sample a second, each a whole scan.
+pub const MAX_WINDOW: Duration = Duration::from_secs(3600);
+
+/// An `explain --for` window: at most [`MAX_WINDOW`].
+pub fn parse_window(s: &str) -> Result<Duration, String> {
+    let d = values::parse_duration_or_zero(s)?;
+    if d > MAX_WINDOW {
+        return Err(format!(
+            "`{}` is longer than {}; sample for a shorter window, or keep `cwreap scan --watch` running",
+            s.trim(),
+            humantime::format_duration(MAX_WINDOW)
+        ));
+    }
     Ok(d)
 }
 

@@ -186,7 +186,12 @@ async fn main_loop(
         cycle_done(&svc, &metrics, &report);
 
         // Sleep until the next cycle, feeding the watchdog and answering signals.
-        let wake = tokio::time::Instant::now() + daemon.cfg().interval;
+        // The interval is at most a day (config), and the clock is checked anyway: an
+        // instant past its range would panic the daemon.
+        let now = tokio::time::Instant::now();
+        let wake = now
+            .checked_add(daemon.cfg().interval)
+            .unwrap_or(now + crate::shared::values::MAX_INTERVAL);
         loop {
             let tick = svc.watchdog.map_or(daemon.cfg().interval, |w| w / 2);
             tokio::select! {

@@ -1624,3 +1624,126 @@ fn without_events_the_first_look_only_knows_the_last_ack_and_says_so() {
     assert_eq!(action["age_max_ms"], 90_000);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------
+// Every policy `check` accepts runs.
+
+/// A small deterministic generator (xorshift64*), so a failure names its seed.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        let n = u64::try_from(from.len()).unwrap_or(1);
+        from[usize::try_from(self.next() % n).unwrap_or(0)]
+    }
+    fn maybe(&mut self) -> bool {
+        self.next() % 2 == 0
+    }
+    /// Mostly a valid value, one time in eight an invalid one.
+    fn value<'a>(&mut self, valid: &[&'a str], invalid: &[&'a str]) -> &'a str {
+        if self.next() % 8 == 0 {
+            self.pick(invalid)
+        } else {
+            self.pick(valid)
+        }
+    }
+}
+
+/// A policy drawn from the values the grammar takes, extremes included.
+fn random_policy(g: &mut Gen) -> String {
+    let mut y = String::new();
+    if g.maybe() {
+        let iv = g.value(
+            &["100ms", "1s", "30s", "1h", "1d", "23h59m59s"],
+            &["2d", "300000000000y", "0s", "99ms"],
+        );
+        y.push_str(&format!("interval: {iv}\n"));
+    }
+    if g.maybe() {
+        y.push_str(&format!("dry_run: {}\n", g.pick(&["true", "false"])));
+    }
+    if g.maybe() {
+        let a = g.value(&["1", "100", "10000000"], &["4294967295", "0"]);
+        let b = g.value(&["1", "600", "10000000"], &["99999999999"]);
+        y.push_str(&format!(
+            "limits: {{max_reaps_per_cycle: {a}, max_reaps_per_minute: {b}}}\n"
+        ));
+    }
+    y.push_str("metrics: {listen: off}\ntargets:\n");
+    for i in 0..=(g.next() % 3) {
+        let older = g.value(
+            &["1ms", "1s", "10m", "365d", "1y"],
+            &["366d", "0s", "500000000y"],
+        );
+        let criterion = g.value(
+            &[
+                "comm: api",
+                "comm: '^a.*'",
+                "pid: 100",
+                "uid: 0",
+                "exe: '(a|b)+'",
+                "local_ports: [8080]",
+            ],
+            &["cmdline: '\\w{400}'", "pid: 0", "local_ports: []"],
+        );
+        y.push_str(&format!(
+            "  - name: t{i}\n    match: {{{criterion}}}\n    older_than: {older}\n"
+        ));
+        if g.maybe() {
+            y.push_str(&format!(
+                "    action: {}\n",
+                g.pick(&["log", "shutdown", "destroy"])
+            ));
+        }
+        if g.maybe() {
+            let m = g.value(&["1", "2", "10000000"], &["18446744073709551615"]);
+            y.push_str(&format!("    min_close_wait: {m}\n"));
+        }
+        if g.maybe() {
+            let r = g.value(&["50%", "80%", "100%"], &["101%", "0%"]);
+            let s = g.pick(&["90%", "95%", "100%"]);
+            y.push_str(&format!(
+                "    escalate: {{raise_fd_limit_at: {r}, signal_at: {s}}}\n"
+            ));
+        }
+    }
+    y
+}
+
+#[test]
+fn every_policy_check_accepts_runs_three_cycles() {
+    let mut accepted = 0;
+    let mut refused = 0;
+    for seed in 1..=400u64 {
+        let mut g = Gen(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let yaml = random_policy(&mut g);
+        let Ok(cfg) = config::parse(&yaml, "random.yaml") else {
+            refused += 1;
+            continue;
+        };
+        accepted += 1;
+        let k = FakeKernel::new();
+        k.spawn(Process::new(API, "api").files(900).limits(1000, 2000));
+        k.listener(API, 3, "10.0.0.1:8080");
+        k.close_wait_many(API, 10, 5, "10.0.0.1:8080");
+        k.dead(API, 40, "10.0.0.1:8080");
+        let interval = cfg.interval;
+        let mut d = Daemon::with_kernel(k, cfg, false, Health::default())
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{yaml}"));
+        for _ in 0..3 {
+            let r = d.cycle(&AtomicBool::new(false));
+            assert!(r.duration < Duration::from_secs(5), "seed {seed}\n{yaml}");
+            d.kernel().advance(interval);
+        }
+    }
+    assert!(
+        accepted > 50 && refused > 50,
+        "both kinds drawn: {accepted} accepted, {refused} refused"
+    );
+}

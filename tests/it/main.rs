@@ -9,6 +9,7 @@
 
 mod support;
 
+mod bounds;
 mod config_files;
 mod daemon;
 mod dead_leader;

@@ -118,6 +118,7 @@ pub(crate) fn observe<K: Kernel>(
     pin: bool,
     selectors: &Selectors,
 ) -> Result<(Snapshot<K::Process>, Failures, Unprobed)> {
+    selectors.check_regex_budget()?;
     selectors.check_pid_files()?;
     let scope = selectors.scope();
     match &scope.pids {

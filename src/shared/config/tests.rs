@@ -1136,3 +1136,75 @@ fn scan_lines_are_marked_only_where_an_earlier_target_may_take_sockets() {
         "{d}"
     );
 }
+
+#[test]
+fn every_duration_and_count_is_bounded() {
+    for (yaml, needle) in [
+        (format!("interval: 300000000000y\n{MIN}"), "longer than"),
+        (format!("interval: 2d\n{MIN}"), "look at least once a day"),
+        (
+            "targets:\n  - {name: a, match: {comm: x}, older_than: 366d}\n".to_owned(),
+            "longer than",
+        ),
+        (
+            format!("limits: {{max_reaps_per_cycle: 10000001}}\n{MIN}"),
+            "more than 10000000",
+        ),
+        (
+            "targets:\n  - {name: a, match: {comm: x}, older_than: 1m, min_close_wait: 99999999999}\n"
+                .to_owned(),
+            "more than 10000000",
+        ),
+    ] {
+        let e = err(&yaml);
+        assert!(e.contains(needle), "{yaml}: {e}");
+        assert!(e.starts_with("t.yaml:"), "positioned: {e}");
+    }
+    assert_eq!(
+        ok(&format!("interval: 1d\n{MIN}")).interval,
+        Duration::from_secs(86_400)
+    );
+    let long = ok("targets:\n  - {name: a, match: {comm: x}, older_than: 365d}\n");
+    assert_eq!(
+        long.targets[0].older_than,
+        Duration::from_secs(365 * 86_400)
+    );
+}
+
+#[test]
+fn regexes_share_one_budget_and_a_pattern_has_a_length_cap() {
+    // 40 targets of `\w{120}` (Unicode word characters): each alone compiles, all together
+    // took seconds and hundreds of MB. Now the policy is refused at once, positioned.
+    let mut y = String::from("targets:\n");
+    for i in 0..40 {
+        y.push_str(&format!(
+            "  - {{name: t{i}, match: {{cmdline: '\\w{{120}}'}}, older_than: 1m}}\n"
+        ));
+    }
+    let started = std::time::Instant::now();
+    let e = err(&y);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(e.contains("size limit"), "{e}");
+    assert!(
+        e.starts_with("t.yaml:2:"),
+        "the first target's pattern: {e}"
+    );
+    // A few ordinary patterns pass, as before.
+    let mut y = String::from("targets:\n");
+    for i in 0..200 {
+        y.push_str(&format!(
+            "  - {{name: t{i}, match: {{comm: '^java-{i}$'}}, older_than: 1m}}\n"
+        ));
+    }
+    assert_eq!(ok(&y).targets.len(), 200);
+    // A literal longer than the cap is refused, whatever it compiles to.
+    let lit = "x".repeat(2000);
+    let e = err(&format!(
+        "targets:\n  - {{name: a, match: {{cmdline: '{lit}'}}, older_than: 1m}}\n"
+    ));
+    assert!(e.contains("at most 1024"), "{e}");
+}

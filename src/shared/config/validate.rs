@@ -16,15 +16,7 @@ use crate::shared::values::*;
 /// A duration no shorter than [`MIN_INTERVAL`]: a cycle reads /proc and dumps sock_diag,
 /// and back to back they would keep a core busy.
 pub(super) fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < MIN_INTERVAL {
-        return Err(format!(
-            "`{}` is below the floor of {}; a shorter interval would keep a core busy",
-            s.trim(),
-            humantime::format_duration(MIN_INTERVAL)
-        ));
-    }
-    Ok(d)
+    parse_period(s, MIN_INTERVAL)
 }
 
 pub(super) fn parse_listen(s: &str) -> Result<Option<SocketAddr>, String> {
@@ -146,8 +138,20 @@ impl Config {
         };
         let mut seen: HashMap<String, Option<Position>> = HashMap::new();
         let mut out = Vec::with_capacity(targets.len());
+        // Every regex of the policy shares one budget.
+        let patterns: usize = targets
+            .iter()
+            .filter_map(|t| t.value.matcher.as_ref()?.value.as_ref())
+            .map(|m| {
+                [&m.comm, &m.exe, &m.cmdline]
+                    .iter()
+                    .filter(|k| k.is_some())
+                    .count()
+            })
+            .sum();
+        let regex_limit = regex_share(patterns);
         for (i, t) in targets.iter().enumerate() {
-            let target = Target::from_raw(&t.value, &t.referenced, i + 1)?;
+            let target = Target::from_raw(&t.value, &t.referenced, i + 1, regex_limit)?;
             let name_loc = t.value.name.as_ref().map_or(t.referenced, |n| n.referenced);
             if let Some(first) = seen.get(&target.name) {
                 let first = first
@@ -180,6 +184,7 @@ impl Target {
         raw: &RawTarget,
         at: &Location,
         index: usize,
+        regex_limit: usize,
     ) -> Result<Target, Problem> {
         let name = match given(&raw.name, &format!("`name` of target #{index}"))? {
             None => {
@@ -218,7 +223,12 @@ impl Target {
                 value, referenced, ..
             }) => {
                 let empty = RawMatch::default();
-                selector_from_raw(value.as_ref().unwrap_or(&empty), referenced, &name)?
+                selector_from_raw(
+                    value.as_ref().unwrap_or(&empty),
+                    referenced,
+                    &name,
+                    regex_limit,
+                )?
             }
         };
 
@@ -308,7 +318,9 @@ pub(super) fn selector_from_raw(
     raw: &RawMatch,
     at: &Location,
     name: &str,
+    regex_limit: usize,
 ) -> Result<Selector, Problem> {
+    let parse_regex = |s: &str| parse_regex_within(s, regex_limit);
     let what = |k: &str| format!("`match.{k}` in target `{name}`");
     /// A list key that is present must not be empty (it would select nothing).
     fn non_empty<T>(got: Option<(Vec<T>, Location)>, what: String) -> Result<Vec<T>, Problem> {
