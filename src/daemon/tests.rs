@@ -1643,11 +1643,11 @@ impl Gen {
         from[usize::try_from(self.next() % n).unwrap_or(0)]
     }
     fn maybe(&mut self) -> bool {
-        self.next() % 2 == 0
+        self.next().is_multiple_of(2)
     }
     /// Mostly a valid value, one time in eight an invalid one.
     fn value<'a>(&mut self, valid: &[&'a str], invalid: &[&'a str]) -> &'a str {
-        if self.next() % 8 == 0 {
+        if self.next().is_multiple_of(8) {
             self.pick(invalid)
         } else {
             self.pick(valid)
