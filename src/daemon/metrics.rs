@@ -3,12 +3,15 @@
 //!
 //! The endpoint runs on the daemon's runtime while cycles run on a blocking thread, and
 //! every connection has a deadline, so a slow or broken client never stalls a cycle. At
-//! most [`MAX_CLIENTS`] are served at once; connections beyond that are accepted and
-//! closed at once, so a flood of idle clients costs neither fds nor memory for long.
+//! most [`MAX_CLIENTS`] are served at once. When all are taken, a new connection pushes
+//! out the oldest one that has not sent a complete request yet, so idle clients can
+//! neither keep a scraper out nor cost fds and memory beyond the cap; a connection is
+//! closed at once only when every slot is busy answering.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -20,6 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::daemon::cycle_report::CycleReport;
@@ -77,13 +81,14 @@ struct Inner {
     cycle_errors: Family<ErrorLabels, Counter>,
     last_cycle: GaugeF,
     refused: Counter,
+    evicted: Counter,
 }
 
 /// Shared handle: the daemon updates it, the endpoint encodes it.
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Mutex<Inner>>,
-    /// The endpoint refused a connection since the last [`Metrics::flood_over`].
+    /// The endpoint closed a connection unserved since the last [`Metrics::flood_over`].
     flooded: Arc<AtomicBool>,
     health: Health,
 }
@@ -205,8 +210,14 @@ impl Metrics {
         let refused = Counter::default();
         registry.register(
             "cwreap_metrics_refused_connections",
-            "Connections to the metrics endpoint closed unserved: too many clients at once",
+            "Connections to the metrics endpoint closed unserved because all its client slots were taken: new ones while every slot was answering, and idle ones evicted to make room (also in cwreap_metrics_connections_evicted)",
             refused.clone(),
+        );
+        let evicted = Counter::default();
+        registry.register(
+            "cwreap_metrics_connections_evicted",
+            "Connections to the metrics endpoint closed before they sent a complete request, the oldest first, to make room for a new one when all its client slots were taken",
+            evicted.clone(),
         );
         let health = Health::default();
         registry.register(
@@ -248,6 +259,7 @@ impl Metrics {
                 cycle_errors,
                 last_cycle,
                 refused,
+                evicted,
             })),
         }
     }
@@ -260,7 +272,16 @@ impl Metrics {
         }
     }
 
-    /// Whether connections were refused since the last call (and forget it).
+    /// One idle connection closed to make room for a new one (a refusal too: it goes
+    /// unserved).
+    pub fn count_evicted(&self) {
+        self.count_refused();
+        if let Ok(m) = self.inner.lock() {
+            m.evicted.inc();
+        }
+    }
+
+    /// Whether connections were refused or evicted since the last call (and forget it).
     pub fn flood_over(&self) -> bool {
         self.flooded.swap(false, Ordering::Relaxed)
     }
@@ -358,14 +379,24 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// How long the accept loop waits for an evicted connection's task to close it and free
+/// its slot (that task only has to be scheduled once; this bounds the wait regardless).
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
 /// Serve until the runtime stops. Each client gets its own task and a deadline; at most
-/// [`MAX_CLIENTS`] at once, and a connection beyond that is closed as soon as it is
-/// accepted (leaving it in the listen queue would let the queue, and then the clients'
-/// retries, pile up instead). After a flood, freed heap is handed back to the system.
+/// [`MAX_CLIENTS`] at once. When all slots are taken, the oldest connection that has not
+/// sent a complete request is closed to make room for the new one, so idle connections,
+/// however many and however fast they come back, cannot keep a scraper out; and a
+/// connection that sent its request is never closed unanswered that way. When every slot
+/// is answering, a new connection is closed as soon as it is accepted (leaving it in the
+/// listen queue would let the queue, and then the clients' retries, pile up instead).
+/// After a flood, freed heap is handed back to the system.
 pub async fn serve(listener: TcpListener, metrics: Metrics) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
-    // Connections closed unserved since the endpoint was last full (for the log).
-    let mut shed = 0u64;
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let waiting = Waiting::default();
+    // Connections closed unserved, and those of them evicted, since the endpoint was
+    // last full (for the log).
+    let (mut shed, mut evicted) = (0u64, 0u64);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -375,34 +406,48 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            if shed == 0 {
-                warn!(
-                    max_clients = MAX_CLIENTS,
-                    "metrics endpoint: too many clients at once; closing new connections until some leave"
-                );
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if shed == 0 {
+                    warn!(
+                        max_clients = MAX_CLIENTS,
+                        "metrics endpoint: too many clients at once; closing the oldest connections that have sent no request yet (new ones while every slot is answering)"
+                    );
+                }
+                shed += 1;
+                let Some(slot) = make_room(&slots, &waiting, &metrics).await else {
+                    drop(stream);
+                    metrics.count_refused();
+                    continue;
+                };
+                evicted += 1;
+                slot
             }
-            shed += 1;
-            metrics.count_refused();
-            continue;
         };
-        if shed > 0 {
+        // The flood is over once a connection leaves room for another.
+        if shed > 0 && slots.available_permits() > 0 {
             info!(
                 refused = shed,
-                "metrics endpoint: serving again after a flood of connections"
+                evicted, "metrics endpoint: serving again after a flood of connections"
             );
-            shed = 0;
+            (shed, evicted) = (0, 0);
         }
+        let (id, evict) = waiting.join();
         let metrics = metrics.clone();
         let slots_left = slots.clone();
+        let waiting = waiting.clone();
         tokio::spawn(async move {
-            if tokio::time::timeout(CLIENT_DEADLINE, handle(stream, &metrics))
-                .await
-                .is_err()
+            if tokio::time::timeout(
+                CLIENT_DEADLINE,
+                handle(stream, &metrics, &waiting, id, evict),
+            )
+            .await
+            .is_err()
             {
                 debug!(%peer, "metrics client timed out");
             }
+            waiting.take(id);
             drop(slot);
             // The last client of a flood leaves: what the clients' tasks and buffers used
             // is free again, and glibc keeps freed heap unless asked.
@@ -410,6 +455,63 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
                 cwreap_linux::sys::release_free_heap();
             }
         });
+    }
+}
+
+/// Every slot is taken: evict the oldest connection still without a complete request and
+/// take its slot once its task has closed it. None when every slot is answering a request
+/// (or, against all odds, the slot did not come free within [`EVICTION_WAIT`]).
+async fn make_room(
+    slots: &Arc<Semaphore>,
+    waiting: &Waiting,
+    metrics: &Metrics,
+) -> Option<OwnedSemaphorePermit> {
+    if !waiting.evict_oldest() {
+        return None;
+    }
+    metrics.count_evicted();
+    let slot = tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await;
+    slot.ok()?.ok()
+}
+
+/// The connections that have not sent a complete request yet, oldest first (ids grow
+/// with each accept): the ones a newcomer may evict when every slot is taken. Evicting
+/// one drops its sender, which tells its task to close it; a connection whose request is
+/// complete takes itself out ([`Waiting::take`]) and is never evicted after that.
+#[derive(Clone, Default)]
+struct Waiting(Arc<Mutex<Queue>>);
+
+#[derive(Default)]
+struct Queue {
+    next: u64,
+    conns: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl Waiting {
+    /// A new connection: its id, and what resolves when it is evicted.
+    fn join(&self) -> (u64, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut q = self.lock();
+        let id = q.next;
+        q.next += 1;
+        q.conns.insert(id, tx);
+        (id, rx)
+    }
+
+    /// Evict the oldest waiting connection; false when none is waiting.
+    fn evict_oldest(&self) -> bool {
+        self.lock().conns.pop_first().is_some()
+    }
+
+    /// Take connection `id` out (its request is complete, or it is gone): it can no longer
+    /// be evicted. False if it was evicted before.
+    fn take(&self, id: u64) -> bool {
+        self.lock().conns.remove(&id).is_some()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding it; a poisoned queue is still a consistent one.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -426,21 +528,46 @@ pub fn route(head: &str) -> (&'static str, &'static str) {
     }
 }
 
-async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+/// Read the request, unless the connection is evicted first, then answer it.
+async fn handle(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    waiting: &Waiting,
+    id: u64,
+    evict: oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    let head = tokio::select! {
+        head = read_head(&mut stream) => head?,
+        _ = evict => return Ok(()),
+    };
+    // The client left before a complete request, or it was evicted as the request came.
+    let Some(head) = head else { return Ok(()) };
+    if !waiting.take(id) {
+        return Ok(());
+    }
+    answer(stream, &head, metrics).await
+}
+
+/// The request head, up to its blank line or a little past [`MAX_REQUEST`] bytes; None if
+/// the client closed before.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > MAX_REQUEST {
             break;
         }
     }
-    let head = String::from_utf8_lossy(&buf);
-    let (status, kind) = route(&head);
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+async fn answer(mut stream: TcpStream, head: &str, metrics: &Metrics) -> std::io::Result<()> {
+    let (status, kind) = route(head);
     let head_only = head.starts_with("HEAD ");
     let (ctype, body) = if kind == "metrics" {
         (
@@ -479,6 +606,33 @@ mod tests {
             "405 Method Not Allowed"
         );
         assert_eq!(route("").0, "405 Method Not Allowed");
+    }
+
+    #[test]
+    fn the_oldest_waiting_connection_is_evicted_and_a_complete_request_never_is() {
+        let w = Waiting::default();
+        let (a, mut evict_a) = w.join();
+        let (b, evict_b) = w.join();
+        let (c, mut evict_c) = w.join();
+        assert!(a < b && b < c);
+        // b's request is complete: it is answered, never evicted.
+        assert!(w.take(b));
+        assert!(w.evict_oldest());
+        assert_eq!(
+            evict_a.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(evict_c.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        assert!(w.evict_oldest());
+        assert_eq!(
+            evict_c.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        );
+        assert!(!w.evict_oldest(), "only b is left, and it is answering");
+        drop(evict_b);
+        // c completing its request after its eviction is still evicted.
+        assert!(!w.take(c));
+        assert!(!w.take(a));
     }
 
     #[test]

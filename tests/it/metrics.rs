@@ -479,3 +479,220 @@ fn two_targets_on_one_process_split_by_port_each_count_and_reap_their_own() {
         }
     }
 }
+
+/// How one scrape with a client timeout ended.
+#[derive(Debug, Default)]
+struct Scrapes {
+    /// A complete 200 answer (Content-Length bytes of metrics text) within the timeout.
+    answered: usize,
+    /// The server closed the connection before a complete answer.
+    closed: usize,
+    /// No complete answer within the timeout (connect, write or read).
+    timed_out: usize,
+}
+
+/// `GET /metrics` with `limit` for the whole exchange, connect included.
+fn scrape_within(addr: SocketAddr, limit: Duration, tally: &mut Scrapes) {
+    use std::io::Read;
+    let deadline = Instant::now() + limit;
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, limit) else {
+        tally.timed_out += 1;
+        return;
+    };
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        tally.closed += 1;
+        return;
+    }
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            tally.timed_out += 1;
+            return;
+        }
+        s.set_read_timeout(Some(left)).expect("set a read timeout");
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock) => {
+                tally.timed_out += 1;
+                return;
+            }
+            Err(_) => break, // reset: judged by what came before it
+        }
+    }
+    let text = String::from_utf8_lossy(&resp);
+    let complete = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|n| n.trim().parse::<usize>().ok());
+        head.starts_with("HTTP/1.1 200 ")
+            && length == Some(body.len())
+            && body.contains("cwreap_build_info")
+    });
+    if complete {
+        tally.answered += 1;
+    } else {
+        tally.closed += 1;
+    }
+}
+
+/// An attacker that keeps `n` idle connections to `addr` open, reopening each as soon as
+/// the server closes it, until `stop`. Returns (connections open now, reopened so far).
+struct Attacker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    reopened: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Attacker {
+    fn start(addr: SocketAddr, n: usize) -> Attacker {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(AtomicUsize::new(0));
+        let reopened = Arc::new(AtomicUsize::new(0));
+        let (s, o, r) = (stop.clone(), open.clone(), reopened.clone());
+        let thread = std::thread::spawn(move || {
+            use rustix::event::{PollFd, PollFlags, Timespec};
+            use std::io::Read;
+            let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+            let mut ever = vec![false; n];
+            let tick = Timespec {
+                tv_sec: 0,
+                tv_nsec: 20_000_000,
+            };
+            while !s.load(Ordering::Relaxed) {
+                for (i, c) in conns.iter_mut().enumerate() {
+                    if c.is_none()
+                        && let Ok(t) = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                    {
+                        t.set_nonblocking(true).expect("nonblocking");
+                        if ever[i] {
+                            r.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ever[i] = true;
+                        *c = Some(t);
+                    }
+                }
+                o.store(conns.iter().flatten().count(), Ordering::Relaxed);
+                // Sleep until the server closes one of them.
+                let mut fds: Vec<PollFd> = conns
+                    .iter()
+                    .flatten()
+                    .map(|t| PollFd::new(t, PollFlags::IN | PollFlags::RDHUP))
+                    .collect();
+                let _ = rustix::event::poll(&mut fds, Some(&tick));
+                drop(fds);
+                for c in conns.iter_mut() {
+                    let closed = c.as_mut().is_some_and(|t| {
+                        !matches!(t.read(&mut [0u8; 1]),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    });
+                    if closed {
+                        *c = None;
+                    }
+                }
+            }
+        });
+        Attacker {
+            stop,
+            open,
+            reopened,
+            thread: Some(thread),
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reopened(&self) -> usize {
+        self.reopened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stop, closing every connection.
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the attacker thread ends");
+        }
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn idle_connections_holding_every_slot_do_not_keep_scrapes_out() {
+    const ATTACKERS: usize = 100;
+    const SCRAPES: usize = 48;
+    const ENOUGH: usize = 45;
+    let addr = free_addr();
+    let mut d = LoggedDaemon::start(
+        "scrape-flood",
+        &format!(
+            "interval: 200ms\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: nobody\n    match: {{cmdline: \"^no program has this command line$\"}}\n    older_than: 1h\n    action: log\n"
+        ),
+    );
+    d.wait_for("the first scrape", |_| {
+        crate::support::metrics::scrape(addr)
+    });
+
+    // More idle connections than the endpoint serves at once, reopened as soon as closed.
+    let mut attacker = Attacker::start(addr, ATTACKERS);
+    d.wait_for(
+        "the attacker's connections, some closed by a full server",
+        |_| (attacker.open() + 2 >= ATTACKERS && attacker.reopened() > 0).then_some(()),
+    );
+    let reopened0 = attacker.reopened();
+    let mut tally = Scrapes::default();
+    for _ in 0..SCRAPES {
+        scrape_within(addr, Duration::from_secs(1), &mut tally);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let reopened = attacker.reopened() - reopened0;
+    attacker.stop();
+    eprintln!("scrapes under the attack: {tally:?}; the attacker reopened {reopened}");
+
+    // The endpoint was full throughout: the server kept closing the attacker's connections.
+    assert!(
+        reopened >= SCRAPES,
+        "the attacker reopened only {reopened} connections: the endpoint was not full\n{}",
+        d.log()
+    );
+    assert!(
+        tally.answered >= ENOUGH,
+        "only {} of {SCRAPES} scrapes got an answer while idle connections held the slots: {tally:?}\n{}",
+        tally.answered,
+        d.log()
+    );
+    // Room was made by closing idle connections, and the metrics say so.
+    let text = d.wait_for("a scrape after the attack", |_| {
+        crate::support::metrics::scrape(addr)
+    });
+    let evicted =
+        crate::support::metrics::sample(&text, "cwreap_metrics_connections_evicted_total")
+            .expect("the eviction counter");
+    assert!(evicted >= 1.0, "no eviction counted:\n{text}");
+    let refused =
+        crate::support::metrics::sample(&text, "cwreap_metrics_refused_connections_total")
+            .expect("the refusal counter");
+    assert!(
+        refused >= evicted,
+        "refused {refused} (evictions included) < evicted {evicted}"
+    );
+    assert!(
+        text.contains("# HELP cwreap_metrics_connections_evicted "),
+        "the eviction counter has no help text:\n{text}"
+    );
+    assert!(!d.lines().join("\n").contains("panicked"), "{}", d.log());
+}
