@@ -131,6 +131,10 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
                 "Absolute path of a JSON Lines file getting one line per action (event action), per release check (event fd_release), and, before a cycle changes any socket, one per socket it will act on (event intent), synced to disk first so a killed daemon leaves a record of every socket it touched. Lines are always whole: a torn last line (crash, full disk) is cut off; lost records count in cwreap_audit_write_errors_total. Every directory on the path must belong to root or the daemon's uid and not be writable by group or others unless sticky; the file is never followed as a symlink and must be a regular file (created mode 0600; a missing directory is created mode 0750). Reopened on SIGHUP, for logrotate (nocreate, then reload). Optional.",
             ),
             (
+                "on_audit_failure",
+                "skip or act: when the intent records of a cycle cannot be written (a full or failing disk), skip acts on nothing that changes a socket (each skipped action counted in cwreap_actions_skipped_unrecorded_total and the failure logged), act goes on and relies on the journal. Default skip: no action without a record.",
+            ),
+            (
                 "limits.max_reaps_per_cycle",
                 "At most this many socket-touching actions per cycle. Default 100.",
             ),

@@ -34,7 +34,7 @@ use cwreap_linux::secure_fs;
 use crate::daemon::cycle_report::{CycleReport, ErrorKind};
 use crate::daemon::metrics::Health;
 use crate::daemon::policy::Decision;
-use crate::shared::config::{Action, Config};
+use crate::shared::config::{Action, Config, OnAuditFailure};
 
 /// Records waiting for the writer before new ones are counted as lost.
 const QUEUE: usize = 16 * 1024;
@@ -361,6 +361,8 @@ fn changes_a_socket(d: &Decision) -> bool {
 pub struct Auditor {
     log: AuditLog,
     enabled: bool,
+    /// Actions are being skipped for want of a record (said once, until records land).
+    skipping: Arc<AtomicBool>,
 }
 
 impl Auditor {
@@ -369,6 +371,7 @@ impl Auditor {
         Ok(Auditor {
             log: AuditLog::start(None, health)?,
             enabled: false,
+            skipping: Arc::default(),
         })
     }
 
@@ -427,7 +430,21 @@ impl Auditor {
             .durable(lines, Instant::now() + INTENT_DEADLINE, stop, progress);
         progress.fetch_add(1, Ordering::Relaxed);
         match got {
-            Durability::Written | Durability::Failed => true,
+            Durability::Written => {
+                self.skipping.store(false, Ordering::Relaxed);
+                true
+            }
+            Durability::Failed if cfg.on_audit_failure == OnAuditFailure::Act => true,
+            Durability::Failed => {
+                report.skipped_unrecorded += n;
+                if !self.skipping.swap(true, Ordering::Relaxed) {
+                    error!(
+                        actions = n,
+                        "the audit log could not record what this cycle would do (a full or failing disk); acting on nothing that changes a socket until it can (on_audit_failure: skip)"
+                    );
+                }
+                false
+            }
             Durability::Unconfirmed => {
                 if !stop.load(Ordering::Relaxed) {
                     report.error(ErrorKind::Audit);

@@ -82,6 +82,8 @@ pub struct CycleReport {
     /// Escalations done, by target and kind.
     pub escalations: BTreeMap<(String, EscalationKind), usize>,
     pub deferred: usize,
+    /// Actions not done because their intent records could not be written.
+    pub skipped_unrecorded: usize,
     pub errors: BTreeMap<ErrorKind, usize>,
     /// Per target: CLOSE_WAIT sockets held now, oldest age, open fds, fd limit (summed),
     /// new CLOSE_WAIT sockets, and the process nearest its fd limit.

@@ -81,6 +81,7 @@ struct Inner {
     cycle_errors: Family<ErrorLabels, Counter>,
     last_cycle: GaugeF,
     refused: Counter,
+    skipped_unrecorded: Counter,
     evicted: Counter,
 }
 
@@ -207,6 +208,12 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
+        let skipped_unrecorded = Counter::default();
+        registry.register(
+            "cwreap_actions_skipped_unrecorded",
+            "Actions not done because their intent records could not be written to the audit log (a full or failing disk; on_audit_failure: skip)",
+            skipped_unrecorded.clone(),
+        );
         let refused = Counter::default();
         registry.register(
             "cwreap_metrics_refused_connections",
@@ -259,6 +266,7 @@ impl Metrics {
                 cycle_errors,
                 last_cycle,
                 refused,
+                skipped_unrecorded,
                 evicted,
             })),
         }
@@ -326,6 +334,8 @@ impl Metrics {
                 })
                 .inc_by(*n as u64);
         }
+        m.skipped_unrecorded
+            .inc_by(u64::try_from(report.skipped_unrecorded).unwrap_or(u64::MAX));
         for ((target, result), n) in &report.releases {
             m.released
                 .get_or_create(&ReleaseLabels {

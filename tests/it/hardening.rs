@@ -491,8 +491,20 @@ fn fill(file: &Path, keep: u64) {
 
 #[test]
 #[ignore = "needs root: mounts a tmpfs for the audit log, and the daemon duplicates the fixture's sockets with pidfd_getfd"]
-fn a_full_disk_loses_counted_records_and_never_leaves_a_torn_line() {
-    let scratch = Scratch::new("full", 0o700);
+fn a_full_disk_loses_counted_records_acts_on_nothing_and_never_leaves_a_torn_line() {
+    full_disk(false);
+}
+
+/// With `on_audit_failure: act`, the daemon goes on acting on a full disk (the records are
+/// lost and counted; the journal has each action).
+#[test]
+#[ignore = "needs root: mounts a tmpfs for the audit log, and the daemon duplicates the fixture's sockets with pidfd_getfd"]
+fn on_audit_failure_act_goes_on_acting_on_a_full_disk() {
+    full_disk(true);
+}
+
+fn full_disk(act: bool) {
+    let scratch = Scratch::new(if act { "full-act" } else { "full" }, 0o700);
     let disk = Tmpfs::mount(scratch.path("disk"), "64k");
     let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
     let _clients = close_waits(&mut fx, 600);
@@ -504,8 +516,9 @@ fn a_full_disk_loses_counted_records_and_never_leaves_a_torn_line() {
         &policy(
             &[fx.pid()],
             &format!(
-                "audit_log: {}\nmetrics: {{listen: \"{metrics}\"}}\nlimits: {{max_reaps_per_cycle: 10, max_reaps_per_minute: 1000000}}\n",
-                audit.display()
+                "audit_log: {}\non_audit_failure: {}\nmetrics: {{listen: \"{metrics}\"}}\nlimits: {{max_reaps_per_cycle: 10, max_reaps_per_minute: 1000000}}\n",
+                audit.display(),
+                if act { "act" } else { "skip" }
             ),
         )
         .replace("interval: 200ms", "interval: 100ms"),
@@ -525,18 +538,45 @@ fn a_full_disk_loses_counted_records_and_never_leaves_a_torn_line() {
                 && metric(&text, "cwreap_audit_torn_lines_total") >= 1.0
         },
     );
-    // Cycles go on while the disk is full.
+    // Cycles go on while the disk is full: acting on nothing without its record (the
+    // default), or acting with the records lost (`on_audit_failure: act`).
     let reaped = value("cwreap_reaped_total");
     let cycle = value("cwreap_last_cycle_timestamp_seconds");
-    d.wait_until(
-        "more cycles and reaps on a full disk",
-        Duration::from_secs(30),
-        |_| {
-            let text = scrape(metrics);
-            metric(&text, "cwreap_reaped_total") >= reaped + 20.0
-                && metric(&text, "cwreap_last_cycle_timestamp_seconds") > cycle
-        },
-    );
+    let skipped = value("cwreap_actions_skipped_unrecorded_total");
+    if act {
+        d.wait_until(
+            "more cycles and reaps on a full disk",
+            Duration::from_secs(30),
+            |_| {
+                let text = scrape(metrics);
+                metric(&text, "cwreap_reaped_total") >= reaped + 20.0
+                    && metric(&text, "cwreap_last_cycle_timestamp_seconds") > cycle
+            },
+        );
+        assert_eq!(value("cwreap_actions_skipped_unrecorded_total"), skipped);
+    } else {
+        d.wait_until(
+            "more cycles, each skipping its actions for want of a record",
+            Duration::from_secs(30),
+            |_| {
+                let text = scrape(metrics);
+                metric(&text, "cwreap_actions_skipped_unrecorded_total") >= skipped + 20.0
+                    && metric(&text, "cwreap_last_cycle_timestamp_seconds") > cycle
+            },
+        );
+        assert_eq!(
+            value("cwreap_reaped_total"),
+            reaped,
+            "no socket was touched without its intent on the disk"
+        );
+        assert!(
+            d.lines()
+                .iter()
+                .any(|l| l.contains("acting on nothing that changes a socket until it can")),
+            "the skip is said: {}",
+            d.log()
+        );
+    }
     let full_errors = value("cwreap_audit_write_errors_total");
     let full_lines = audit_records(&audit).len();
 

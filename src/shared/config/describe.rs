@@ -83,6 +83,10 @@ impl Config {
             Some(p) => l.push(format!("audit_log: {}", quote(&p.display().to_string()))),
             None => l.push("# audit_log: none".to_owned()),
         }
+        l.push(format!(
+            "on_audit_failure: {}",
+            self.on_audit_failure.as_str()
+        ));
         l.push("limits:".to_owned());
         l.push(format!(
             "  max_reaps_per_cycle: {}",

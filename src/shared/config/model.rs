@@ -25,10 +25,31 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where to append one JSON line per action (absolute path), if anywhere.
     pub audit_log: Option<PathBuf>,
+    /// With an audit log: what to do when the intent records cannot be written.
+    pub on_audit_failure: OnAuditFailure,
     pub limits: Limits,
     pub metrics: Metrics,
     /// At least one; names are unique.
     pub targets: Vec<Target>,
+}
+
+/// What a cycle does when its intent records could not be written (a full or failing disk).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnAuditFailure {
+    /// Act on nothing that changes a socket: no action without its record (the default).
+    #[default]
+    Skip,
+    /// Act anyway; the journal has each action.
+    Act,
+}
+
+impl OnAuditFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnAuditFailure::Skip => "skip",
+            OnAuditFailure::Act => "act",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

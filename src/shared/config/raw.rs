@@ -32,6 +32,8 @@ pub(super) struct RawConfig {
     #[serde(default, deserialize_with = "key")]
     pub(super) audit_log: Key<String>,
     #[serde(default, deserialize_with = "key")]
+    pub(super) on_audit_failure: Key<String>,
+    #[serde(default, deserialize_with = "key")]
     pub(super) limits: Key<RawLimits>,
     #[serde(default, deserialize_with = "key")]
     pub(super) metrics: Key<RawMetrics>,

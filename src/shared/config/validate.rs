@@ -63,6 +63,13 @@ impl Config {
         let dry_run = given(&raw.dry_run, "`dry_run`")?.map(|(v, _)| *v);
         let log_format = scalar(&raw.log_format, "`log_format`", parse_log_format)?;
         let audit_log = scalar(&raw.audit_log, "`audit_log`", parse_absolute_path)?;
+        let on_audit_failure = scalar(&raw.on_audit_failure, "`on_audit_failure`", |s| {
+            match s.trim() {
+                "skip" => Ok(OnAuditFailure::Skip),
+                "act" => Ok(OnAuditFailure::Act),
+                other => Err(format!("`{other}` is neither `skip` nor `act`")),
+            }
+        })?;
         let limits = match block(&raw.limits) {
             None => Limits {
                 max_reaps_per_cycle: DEFAULT_MAX_REAPS_PER_CYCLE,
@@ -172,6 +179,7 @@ impl Config {
             dry_run: dry_run.unwrap_or(true),
             log_format: log_format.unwrap_or(LogFormat::Text),
             audit_log,
+            on_audit_failure: on_audit_failure.unwrap_or_default(),
             limits,
             metrics: Metrics { listen },
             targets: out,
