@@ -7,9 +7,13 @@
 //! cannot slip another directory in between. Symlinks are read (`readlinkat` on their own
 //! `O_PATH` fd) and followed here, not by the kernel, so each is shown to the caller first.
 //! What is acceptable (owners, modes, symlinks) is the caller's decision: [`walk`] shows it
-//! every directory and symlink through a callback. The file itself is then opened once,
-//! relative to its checked directory and with `O_NOFOLLOW` ([`open_read`], [`open_append`]),
-//! and judged by `fstat` of that very fd, which is also the fd read or written.
+//! every directory and symlink through a callback, with the fd it was opened as (so the
+//! caller may ask more of it: [`read_only_mount`]). The file itself is then opened once,
+//! relative to its checked directory and with `O_NOFOLLOW` ([`open_read`],
+//! [`open_append_existing`], [`create_new`]), and judged by `fstat` of that very fd, which is
+//! also the fd read or written. Creating is always `O_EXCL`, so a file created is one this
+//! process made, never one someone planted a moment before; opening an existing file never
+//! creates one. [`rename_aside`] moves an entry out of the way without opening it.
 //!
 //! [`cut_torn_tail`] keeps an append-only line file whole: whatever follows its last `\n`
 //! (a line cut by a crash or a full disk) is truncated away.
@@ -18,12 +22,12 @@ use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{Access, AtFlags, CWD, FileType, Mode, OFlags};
+use rustix::fs::{Access, AtFlags, CWD, FileType, Mode, OFlags, RenameFlags, StatVfsMountFlags};
 
 /// Symlinks followed in one walk before giving up (the kernel's own limit).
 const MAX_SYMLINKS: usize = 40;
@@ -123,7 +127,7 @@ pub enum Missing {
 #[derive(Debug, Clone, Copy)]
 pub struct Walk {
     /// Follow a symlink in the last component (after showing it), or return it as the
-    /// entry (then [`open_read`] and [`open_append`] refuse it: they use `O_NOFOLLOW`).
+    /// entry (then [`open_read`] and [`open_append_existing`] refuse it: they use `O_NOFOLLOW`).
     pub follow_last: bool,
     pub missing: Missing,
 }
@@ -172,14 +176,14 @@ pub enum WalkError<E> {
     TooManySymlinks { path: PathBuf },
 }
 
+/// What a walk's check is shown of one directory or symlink.
+pub type Check<'a, E> = dyn FnMut(&Path, &Meta, BorrowedFd<'_>) -> Result<(), E> + 'a;
+
 /// Walk `path` (relative paths start at the current directory, itself walked from `/`).
 /// `check` sees every directory passed through (`/` first) and every symlink before it is
-/// followed, with its resolved path; an `Err` from it stops the walk.
-pub fn walk<E>(
-    path: &Path,
-    how: Walk,
-    check: &mut dyn FnMut(&Path, &Meta) -> Result<(), E>,
-) -> Result<Found, WalkError<E>> {
+/// followed, with its resolved path, its `fstat` and the `O_PATH` fd they came from; an
+/// `Err` from it stops the walk.
+pub fn walk<E>(path: &Path, how: Walk, check: &mut Check<'_, E>) -> Result<Found, WalkError<E>> {
     let io_err = |path: &Path, source: io::Error| WalkError::Io {
         path: path.to_path_buf(),
         source,
@@ -193,7 +197,7 @@ pub fn walk<E>(
     };
     let root = open_path(CWD, Path::new("/")).map_err(|e| io_err(Path::new("/"), e))?;
     let root_meta = meta(&root).map_err(|e| io_err(Path::new("/"), e))?;
-    check(Path::new("/"), &root_meta).map_err(WalkError::Refused)?;
+    check(Path::new("/"), &root_meta, root.as_fd()).map_err(WalkError::Refused)?;
 
     // The directories from `/` to where the walk is, and their names.
     let mut stack: Vec<(OwnedFd, OsString)> = vec![(root, OsString::new())];
@@ -254,7 +258,7 @@ pub fn walk<E>(
                             kind: m.kind,
                         });
                     }
-                    check(&at, &m).map_err(WalkError::Refused)?;
+                    check(&at, &m, fd.as_fd()).map_err(WalkError::Refused)?;
                     stack.push((fd, name));
                     continue;
                 }
@@ -264,7 +268,7 @@ pub fn walk<E>(
         let m = meta(&fd).map_err(|e| io_err(&at, e))?;
         match m.kind {
             Kind::Symlink if !last || how.follow_last => {
-                check(&at, &m).map_err(WalkError::Refused)?;
+                check(&at, &m, fd.as_fd()).map_err(WalkError::Refused)?;
                 links += 1;
                 if links > MAX_SYMLINKS {
                     return Err(WalkError::TooManySymlinks { path: at });
@@ -293,7 +297,7 @@ pub fn walk<E>(
                 });
             }
             Kind::Directory => {
-                check(&at, &m).map_err(WalkError::Refused)?;
+                check(&at, &m, fd.as_fd()).map_err(WalkError::Refused)?;
                 stack.push((fd, name));
             }
             kind => return Err(WalkError::NotADirectory { path: at, kind }),
@@ -367,23 +371,75 @@ pub fn open_read(found: &Found) -> io::Result<(File, Meta)> {
     Ok((File::from(fd), m))
 }
 
-/// Open (or create with `mode`) the file a walk found for appending:
-/// `O_RDWR|O_APPEND|O_CREAT|O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC` relative to its directory.
-/// Read access is for [`cut_torn_tail`]. Returns the file and `fstat` of it.
-pub fn open_append(found: &Found, mode: u32) -> io::Result<(File, Meta)> {
+/// Open the existing file a walk found for appending, never creating one:
+/// `O_RDWR|O_APPEND|O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC` relative to its directory (read
+/// access is for [`cut_torn_tail`]). `NotFound` when it is gone. Returns the file and
+/// `fstat` of it.
+pub fn open_append_existing(found: &Found) -> io::Result<(File, Meta)> {
     let fd = rustix::fs::openat(
         &found.dir,
         found.name.as_os_str(),
+        OFlags::RDWR | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let m = meta(&fd)?;
+    Ok((File::from(fd), m))
+}
+
+/// Create `name` in the directory a walk found, for appending, with `mode` (past the
+/// umask): `O_RDWR|O_APPEND|O_CREAT|O_EXCL|O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC`. Fails with
+/// `AlreadyExists` when anything is there, even a dangling symlink. Returns the file and
+/// `fstat` of it.
+pub fn create_new(found: &Found, name: &OsStr, mode: u32) -> io::Result<(File, Meta)> {
+    let fd = rustix::fs::openat(
+        &found.dir,
+        name,
         OFlags::RDWR
             | OFlags::APPEND
             | OFlags::CREATE
+            | OFlags::EXCL
             | OFlags::NOFOLLOW
             | OFlags::NONBLOCK
             | OFlags::CLOEXEC,
         Mode::from_raw_mode(mode),
     )?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
     let m = meta(&fd)?;
     Ok((File::from(fd), m))
+}
+
+/// The entry a walk found as `lstat` sees it now (None: there is none).
+pub fn entry_now(found: &Found) -> io::Result<Option<Meta>> {
+    match rustix::fs::statat(
+        &found.dir,
+        found.name.as_os_str(),
+        AtFlags::SYMLINK_NOFOLLOW,
+    ) {
+        Ok(st) => Ok(Some(Meta::of(&st))),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Rename the entry a walk found to `to` in the same directory, whatever it is (nothing is
+/// opened, so a FIFO cannot block), never replacing an entry named `to`
+/// (`renameat2(RENAME_NOREPLACE)`: `AlreadyExists`).
+pub fn rename_aside(found: &Found, to: &OsStr) -> io::Result<()> {
+    Ok(rustix::fs::renameat_with(
+        &found.dir,
+        found.name.as_os_str(),
+        &found.dir,
+        to,
+        RenameFlags::NOREPLACE,
+    )?)
+}
+
+/// Whether the file system `fd` is on is mounted read-only (`fstatvfs`, `ST_RDONLY`): per
+/// mount, so the same directory may be writable through another mount of it.
+pub fn read_only_mount(fd: impl AsFd) -> io::Result<bool> {
+    Ok(rustix::fs::fstatvfs(fd)?
+        .f_flag
+        .contains(StatVfsMountFlags::RDONLY))
 }
 
 /// Whether this process may write to the entry `name` of `dir` (or to `dir` itself when
@@ -454,7 +510,7 @@ mod tests {
 
     fn seen(path: &Path, how: Walk) -> Seen {
         let mut log = Vec::new();
-        let r = walk(path, how, &mut |p: &Path, m: &Meta| {
+        let r = walk(path, how, &mut |p: &Path, m: &Meta, _: BorrowedFd<'_>| {
             log.push((p.to_path_buf(), m.kind));
             Ok::<(), ()>(())
         });
@@ -540,7 +596,12 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o7777, 0o750, "{dir}");
         }
-        let (mut f, m) = open_append(&found, 0o600).expect("create");
+        assert_eq!(
+            open_append_existing(&found).map(drop).map_err(|e| e.kind()),
+            Err(io::ErrorKind::NotFound),
+            "opening never creates"
+        );
+        let (mut f, m) = create_new(&found, &found.name, 0o600).expect("create");
         assert_eq!((m.kind, m.mode), (Kind::Regular, 0o600));
         f.write_all(b"one\ntw").expect("write");
         assert_eq!(cut_torn_tail(&f).expect("cut"), 2);
@@ -549,9 +610,56 @@ mod tests {
         sync_data(&f).expect("sync");
         assert_eq!(std::fs::read(&target).expect("read"), b"one\ntwo\n");
         std::fs::write(&target, b"no newline at all").expect("write");
-        let (f, _) = open_append(&found, 0o600).expect("open");
+        assert_eq!(
+            create_new(&found, &found.name, 0o600)
+                .map(drop)
+                .map_err(|e| e.kind()),
+            Err(io::ErrorKind::AlreadyExists),
+            "creating never opens what is there"
+        );
+        let (f, _) = open_append_existing(&found).expect("open");
         assert_eq!(cut_torn_tail(&f).expect("cut"), 17);
         assert_eq!(std::fs::metadata(&target).expect("stat").len(), 0);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn entries_are_moved_aside_unopened_and_never_over_another() {
+        let d = scratch("aside");
+        let fifo = d.join("fifo");
+        rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0)
+            .expect("mkfifo");
+        let (r, _) = seen(
+            &fifo,
+            Walk {
+                follow_last: false,
+                missing: Missing::Fail,
+            },
+        );
+        let found = r.expect("walk");
+        assert_eq!(
+            entry_now(&found).expect("lstat").map(|m| m.kind),
+            Some(Kind::Fifo)
+        );
+        std::fs::write(d.join("taken"), b"x").expect("write");
+        assert_eq!(
+            rename_aside(&found, OsStr::new("taken")).map_err(|e| e.kind()),
+            Err(io::ErrorKind::AlreadyExists)
+        );
+        rename_aside(&found, OsStr::new("fifo.aside")).expect("rename");
+        assert_eq!(entry_now(&found).expect("lstat"), None);
+        assert_eq!(std::fs::read(d.join("taken")).expect("read"), b"x");
+        assert!(d.join("fifo.aside").exists());
+        // A dangling symlink is something: O_EXCL does not create its target.
+        symlink(d.join("target"), d.join("dangling")).expect("symlink");
+        assert_eq!(
+            create_new(&found, OsStr::new("dangling"), 0o600)
+                .map(drop)
+                .map_err(|e| e.kind()),
+            Err(io::ErrorKind::AlreadyExists)
+        );
+        assert!(!d.join("target").exists());
+        assert!(!read_only_mount(&found.dir).expect("statvfs"));
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -559,9 +667,11 @@ mod tests {
     fn a_refusal_stops_the_walk_and_a_file_on_the_way_is_not_a_directory() {
         let d = scratch("refuse");
         std::fs::write(d.join("file"), b"").expect("write");
-        let r = walk(&d.join("file/x"), FOLLOW, &mut |_: &Path, _: &Meta| {
-            Ok::<(), ()>(())
-        });
+        let r = walk(
+            &d.join("file/x"),
+            FOLLOW,
+            &mut |_: &Path, _: &Meta, _: BorrowedFd<'_>| Ok::<(), ()>(()),
+        );
         assert!(matches!(
             r,
             Err(WalkError::NotADirectory {
@@ -569,14 +679,20 @@ mod tests {
                 ..
             })
         ));
-        let r = walk(&d.join("file"), FOLLOW, &mut |p: &Path, _: &Meta| {
-            if p == d { Err("no") } else { Ok(()) }
-        });
+        let r = walk(
+            &d.join("file"),
+            FOLLOW,
+            &mut |p: &Path, _: &Meta, _: BorrowedFd<'_>| {
+                if p == d { Err("no") } else { Ok(()) }
+            },
+        );
         assert!(matches!(r, Err(WalkError::Refused("no"))));
         symlink("loop", d.join("loop")).expect("symlink");
-        let r = walk(&d.join("loop"), FOLLOW, &mut |_: &Path, _: &Meta| {
-            Ok::<(), ()>(())
-        });
+        let r = walk(
+            &d.join("loop"),
+            FOLLOW,
+            &mut |_: &Path, _: &Meta, _: BorrowedFd<'_>| Ok::<(), ()>(()),
+        );
         assert!(matches!(r, Err(WalkError::TooManySymlinks { .. })));
         let _ = std::fs::remove_dir_all(&d);
     }

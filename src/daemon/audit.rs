@@ -323,7 +323,9 @@ pub(super) fn unix_ts() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Open the audit log of the policy (SIGHUP reopens it; None when there is none).
+/// Open the audit log of the policy (SIGHUP reopens it; None when there is none). What
+/// had to be done about an entry another user planted at its path (moved aside, or records
+/// written beside it) is logged as a warning: it never stops a reload.
 pub(super) fn open(path: Option<&std::path::Path>) -> Result<Option<File>, String> {
     let Some(path) = path else { return Ok(None) };
     // On its own thread, with a deadline: opening (O_CREAT) writes to the file system,
@@ -337,7 +339,7 @@ pub(super) fn open(path: Option<&std::path::Path>) -> Result<Option<File>, Strin
             let _ = tx.send(crate::shared::audit_file::open(&owned));
         })
         .map_err(|e| format!("audit_log {}: cannot start a thread: {e}", path.display()))?;
-    let file = match rx.recv_timeout(OPEN_DEADLINE) {
+    let opened = match rx.recv_timeout(OPEN_DEADLINE) {
         Ok(opened) => opened?,
         Err(_) => {
             return Err(format!(
@@ -347,7 +349,10 @@ pub(super) fn open(path: Option<&std::path::Path>) -> Result<Option<File>, Strin
             ));
         }
     };
-    Ok(Some(file))
+    for warning in &opened.warnings {
+        warn!("{warning}");
+    }
+    Ok(Some(opened.file))
 }
 
 /// Whether a decision changes a socket (and so needs its intent on the disk first).

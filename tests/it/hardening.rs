@@ -34,14 +34,14 @@ use rustix::process::{Pid, Signal};
 use serde_json::Value;
 
 /// How long anything that must end at once may take before the test calls it a hang.
-const HANG: Duration = Duration::from_secs(5);
-const NOBODY: &str = "65534";
+pub(super) const HANG: Duration = Duration::from_secs(5);
+pub(super) const NOBODY: &str = "65534";
 
 // ---------------------------------------------------------------------------------------
 // Scratch space, policies, the daemon.
 
 /// An enforcing policy with one `shutdown` target per pid, due at once.
-fn policy(pids: &[i32], extra: &str) -> String {
+pub(super) fn policy(pids: &[i32], extra: &str) -> String {
     let mut y = format!("interval: 200ms\ndry_run: false\nlog_format: json\n{extra}targets:\n");
     for (i, pid) in pids.iter().enumerate() {
         y.push_str(&format!(
@@ -53,7 +53,7 @@ fn policy(pids: &[i32], extra: &str) -> String {
 
 /// A command that must end at once: (exit code, stdout, stderr, time taken). A hang past
 /// [`HANG`] kills it and fails the test.
-fn run_guarded(cmd: &mut Command) -> (Option<i32>, String, String, Duration) {
+pub(super) fn run_guarded(cmd: &mut Command) -> (Option<i32>, String, String, Duration) {
     let started = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -92,10 +92,24 @@ fn run_guarded(cmd: &mut Command) -> (Option<i32>, String, String, Duration) {
 
 /// `check` and `run` on `cfg` both exit 2 at once, with one `cwreap:` line containing
 /// every one of `needles`.
-fn refused(what: &str, cfg: &Path, needles: &[&str]) {
-    for sub in ["check", "run"] {
+pub(super) fn refused(what: &str, cfg: &Path, needles: &[&str]) {
+    refused_by(what, cfg, needles, |sub, cfg| {
         let mut cmd = Command::new(cwreap_bin());
         cmd.arg(sub).arg("--config").arg(cfg);
+        cmd
+    });
+}
+
+/// [`refused`], with `cwreap SUB --config CFG` as `command` builds it (behind another
+/// program, in another namespace).
+pub(super) fn refused_by(
+    what: &str,
+    cfg: &Path,
+    needles: &[&str],
+    command: impl Fn(&str, &Path) -> Command,
+) {
+    for sub in ["check", "run"] {
+        let mut cmd = command(sub, cfg);
         for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "RUST_LOG"] {
             cmd.env_remove(var);
         }
@@ -152,7 +166,7 @@ fn inodes_by_ends(pid: i32) -> HashMap<Ends, u64> {
 }
 
 /// Every line of the audit log as JSON; a line that is not fails the test, naming it.
-fn audit_records(path: &Path) -> Vec<Value> {
+pub(super) fn audit_records(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).expect("read the audit log");
     assert!(
         text.is_empty() || text.ends_with('\n'),
@@ -877,7 +891,7 @@ fn rotation_then_sighup_writes_a_new_file() {
 // ---------------------------------------------------------------------------------------
 // Refusals.
 
-fn simple_policy(extra: &str) -> String {
+pub(super) fn simple_policy(extra: &str) -> String {
     format!(
         "interval: 1s\ndry_run: true\nmetrics: {{listen: off}}\n{extra}targets:\n  - name: good\n    match: {{pid: 1}}\n    older_than: 1h\n    action: log\n"
     )

@@ -18,6 +18,7 @@ mod escalate;
 mod explain;
 mod faults;
 mod hardening;
+mod hardening_paths;
 mod index;
 mod inject;
 mod inject_rseq;

@@ -7,8 +7,18 @@
 //! that same fd. Every directory from `/` down must be root's and not writable by group or
 //! others unless sticky; symlinks on the way must be root's; the file root's, not writable
 //! by group or others, a regular file (a FIFO would hang the reader) of at most 1 MiB.
+//!
+//! One exception: a directory writable by others on a read-only mount (`ST_RDONLY`), as
+//! several kubelets make a ConfigMap volume (mode 0777, mounted read-only into the pod).
+//! Nobody can change it through that mount. But read-only is a property of the mount, not
+//! of the directory, and kubelet writes it through a mount of its own: what another user
+//! could do there is put their own entries in it, or rename root's. So below it, as
+//! everywhere, every symlink (the key → `..data` → the timestamped directory), every
+//! directory and the file must be root's, which the rules above already demand of the
+//! whole path; a swap can then only ever name a root-owned file kubelet wrote.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 
 use cwreap_linux::secure_fs::{self, Kind, Meta, Missing, Walk, WalkError};
@@ -51,15 +61,28 @@ pub(super) fn read_policy(path: &Path, strict: bool) -> Result<String, ConfigErr
         follow_last: true,
         missing: Missing::Fail,
     };
-    let found = secure_fs::walk(path, how, &mut |p: &Path, m: &Meta| {
+    let found = secure_fs::walk(path, how, &mut |p: &Path, m: &Meta, fd: BorrowedFd<'_>| {
         if !strict {
             return Ok(());
         }
+        let open_to_others = open_to_others(m);
+        // The symlinks, directories and file below must be root's: path_problem and
+        // permission_problem demand that of the whole path anyway (module documentation).
+        if open_to_others && secure_fs::read_only_mount(fd).unwrap_or(false) {
+            return Ok(());
+        }
         match path_problem(p, m, &[0]) {
-            Some(problem) => Err(format!(
-                "refusing the policy: {problem}, so a non-root user could swap the policy; {}",
-                path_fix(p, m, "root")
-            )),
+            Some(problem) => {
+                let read_only = if open_to_others {
+                    " (or mount it read-only, as kubelet mounts a ConfigMap volume, with every symlink and file in it root's)"
+                } else {
+                    ""
+                };
+                Err(format!(
+                    "refusing the policy: {problem}, so a non-root user could swap the policy; {}{read_only}",
+                    path_fix(p, m, "root")
+                ))
+            }
             None => Ok(()),
         }
     })
@@ -151,6 +174,12 @@ pub(crate) fn path_problem(path: &Path, m: &Meta, owners: &[u32]) -> Option<Stri
         }
         _ => None,
     }
+}
+
+/// A root-owned directory others may change entries of (writable by group or others, not
+/// sticky): acceptable on the policy's path only on a read-only mount.
+fn open_to_others(m: &Meta) -> bool {
+    m.kind == Kind::Directory && m.uid == 0 && m.mode & 0o022 != 0 && !m.sticky()
 }
 
 /// The fix for a [`path_problem`]: give it to `owner`, or take the write bits away.
