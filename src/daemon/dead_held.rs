@@ -21,6 +21,7 @@ use cwreap_linux::kernel::{Boottime, Kernel};
 use cwreap_linux::netlink::DiagSocket;
 
 use crate::daemon::cycle::Targets;
+use crate::daemon::fd_cache::FdIndex;
 use crate::daemon::policy;
 use crate::shared::attribute::{Snapshot, SocketFd};
 use crate::shared::config::Config;
@@ -143,4 +144,33 @@ impl DeadHeld {
         }
         out
     }
+}
+
+/// The socket fds of the targets to probe: every one in no CLOSE_WAIT dump when `all`
+/// (at start and each reconciliation), else those still holding a socket that left
+/// CLOSE_WAIT this cycle (`left`), where a socket can have died.
+pub fn candidates<P, H>(
+    snap: &Snapshot<H>,
+    cache: &FdIndex<P>,
+    left: &[DiagSocket],
+    all: bool,
+) -> Vec<SocketFd> {
+    if all {
+        let close_wait: HashSet<u64> = snap.sockets.iter().map(|s| s.diag.inode).collect();
+        return cache
+            .socket_fds_all()
+            .into_iter()
+            .filter(|s| !close_wait.contains(&s.inode))
+            .collect();
+    }
+    left.iter()
+        .filter(|d| d.inode != 0)
+        .flat_map(|d| {
+            cache.holders(d.inode).iter().map(|h| SocketFd {
+                pid: h.pid,
+                fd: h.fd,
+                inode: d.inode,
+            })
+        })
+        .collect()
 }

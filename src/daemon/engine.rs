@@ -31,7 +31,7 @@ use crate::daemon::release::{Pending, ReleaseWatch};
 use crate::daemon::tracker::Tracker;
 use crate::shared::act::{ActResult, Outcome, Reason};
 use crate::shared::age::{self, Clues};
-use crate::shared::attribute::{Snapshot, SocketFd};
+use crate::shared::attribute::Snapshot;
 use crate::shared::config::{Action, Config};
 
 /// How often discovery takes a full snapshot instead of the changes since the last cycle:
@@ -350,26 +350,8 @@ impl<K: Kernel> Daemon<K> {
         self.dead.prune(&self.kernel, targets);
         self.reaped
             .retain(|_, at| now.saturating_since(*at) < RECONCILE_EVERY);
-        let close_wait: HashSet<u64> = snap.sockets.iter().map(|s| s.diag.inode).collect();
-        let candidates: Vec<SocketFd> = if self.probe_all {
-            self.cache
-                .socket_fds_all()
-                .into_iter()
-                .filter(|s| !close_wait.contains(&s.inode))
-                .collect()
-        } else {
-            self.left
-                .iter()
-                .filter(|d| d.inode != 0)
-                .flat_map(|d| {
-                    self.cache.holders(d.inode).iter().map(|h| SocketFd {
-                        pid: h.pid,
-                        fd: h.fd,
-                        inode: d.inode,
-                    })
-                })
-                .collect()
-        };
+        let candidates =
+            crate::daemon::dead_held::candidates(snap, &self.cache, &self.left, self.probe_all);
         let last_seen: HashMap<u64, DiagSocket> =
             self.left.iter().map(|d| (d.inode, d.clone())).collect();
         let reaped: HashSet<u64> = self.reaped.keys().copied().collect();

@@ -11,8 +11,8 @@
 //! - [`audit`]: the JSON Lines audit log, its writer thread and the intent records (where
 //!   it may live, and opening it, is `crate::shared::audit_file`: `check` asks too);
 //! - [`publish`]: the first sight of each socket, published for the command line;
-//! - [`cycle_report`]: what one cycle did; [`metrics`]: the Prometheus registry and
-//!   endpoint;
+//! - [`cycle_report`]: what one cycle did; [`metrics`]: the Prometheus registry;
+//!   [`endpoint`]: the HTTP endpoint that serves it;
 //! - [`service`]: the process around the cycles: signals (SIGHUP reload, SIGTERM/SIGINT
 //!   stop), sd_notify (READY, STATUS, WATCHDOG), the watchdog fed on progress, the metrics
 //!   endpoint; [`notify`]: sd_notify sends that never block;
@@ -26,6 +26,7 @@ pub mod audit;
 pub mod cycle;
 pub mod cycle_report;
 pub mod dead_held;
+pub mod endpoint;
 pub mod engine;
 pub mod escalate;
 pub mod fd_cache;

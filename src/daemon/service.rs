@@ -54,13 +54,13 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
         .context("starting the runtime")?;
     let result = rt.block_on(async {
         if let Some(addr) = daemon.cfg().metrics.listen {
-            let listener = crate::daemon::metrics::bind(addr).await.map_err(|e| {
+            let listener = crate::daemon::endpoint::bind(addr).await.map_err(|e| {
                 UsageError(format!(
                     "metrics.listen {addr}: cannot listen ({e}); pick a free address or set `metrics: {{listen: off}}`"
                 ))
             })?;
             info!(listen = %addr, "metrics endpoint: GET /metrics");
-            tokio::spawn(crate::daemon::metrics::serve(listener, metrics.clone()));
+            tokio::spawn(crate::daemon::endpoint::serve(listener, metrics.clone()));
         }
         let notifier = Notifier::from_env(health.notify_dropped.clone());
         main_loop(daemon, config_path.to_path_buf(), metrics, notifier).await

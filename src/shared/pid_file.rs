@@ -52,7 +52,7 @@ pub fn read(path: &Path, owners: &[u32]) -> Result<i32, PidFileError> {
         follow_last: false,
         missing: Missing::Fail,
     };
-    let found = secure_fs::walk(path, how, &mut |p: &Path, m: &Meta| match path_problem(
+    let found = secure_fs::walk(path, how, &mut |p: &Path, m: &Meta, _| match path_problem(
         p, m, owners,
     ) {
         Some(problem) => Err(format!(

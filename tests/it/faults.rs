@@ -866,7 +866,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
     }
     let fds1 = fd_count(dpid);
     assert!(
-        fds1 <= fds0 + cwreap::daemon::metrics::MAX_CLIENTS + 8,
+        fds1 <= fds0 + cwreap::daemon::endpoint::MAX_CLIENTS + 8,
         "the daemon holds {fds1} fds during the flood, {fds0} before"
     );
     // Cycles still run and act while the flood is connected.
@@ -884,7 +884,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
         }
     }
     assert!(
-        closed >= FLOOD - cwreap::daemon::metrics::MAX_CLIENTS,
+        closed >= FLOOD - cwreap::daemon::endpoint::MAX_CLIENTS,
         "only {closed} of {FLOOD} connections were closed"
     );
     // A scrape answers (at the latest once the held clients' deadline has passed), and
@@ -895,7 +895,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
         || d.log(),
         |t| {
             sample(t, "cwreap_metrics_refused_connections_total")
-                .is_some_and(|n| n >= (FLOOD - cwreap::daemon::metrics::MAX_CLIENTS) as f64)
+                .is_some_and(|n| n >= (FLOOD - cwreap::daemon::endpoint::MAX_CLIENTS) as f64)
         },
     );
     assert!(
