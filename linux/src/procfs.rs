@@ -214,10 +214,15 @@ fn read_fd_dir(path: &Path) -> io::Result<FdTable> {
             continue; // "." and ".."
         };
         table.open += 1;
-        let Ok(dfd) = dir.fd() else { continue };
-        // The fd may be closed between getdents and readlinkat: skip it.
-        let Ok(n) = readlinkat_raw(dfd, name, &mut buf[..]) else {
-            continue;
+        let dfd = dir.fd()?;
+        // The fd may be closed between getdents and readlinkat (ENOENT): skip it. Any other
+        // error, EACCES or EPERM above all (the directory may be listed with
+        // CAP_DAC_READ_SEARCH, but its links only read with ptrace rights), fails the walk:
+        // a table read in part would pass for one without sockets.
+        let n = match readlinkat_raw(dfd, name, &mut buf[..]) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(e.into()),
         };
         if let Some(inode) = buf
             .get(..n)

@@ -537,6 +537,65 @@ fn run_as_an_unprivileged_user_starts_with_a_clear_capability_warning() {
     assert!(!d.lines().join("\n").contains("panicked"), "{}", d.log());
 }
 
+/// With CAP_DAC_READ_SEARCH but not CAP_SYS_PTRACE, /proc/PID/fd of another user can be
+/// listed but its links not read. Each command used to take that for "every fd closed" and
+/// say "No CLOSE_WAIT sockets match", exit 0; now each exits 2 naming CAP_SYS_PTRACE.
+#[test]
+#[ignore = "needs root: runs cwreap as nobody with one capability against root's fixture"]
+fn partial_privilege_is_an_error_naming_the_missing_capability_never_nothing_found() {
+    let bins = Bins::new("partial-priv");
+    let mut fx = Fixture::start(&[V4], &[]);
+    let (_client, _fd) = fx.close_wait(0);
+    let pid = fx.pid().to_string();
+    for args in [
+        vec!["scan", "--pid", pid.as_str()],
+        vec!["scan", "--pid", pid.as_str(), "--json"],
+        vec![
+            "reap",
+            "--pid",
+            pid.as_str(),
+            "--older-than",
+            "0s",
+            "--dry-run",
+        ],
+        vec![
+            "reap",
+            "--pid",
+            pid.as_str(),
+            "--older-than",
+            "0s",
+            "--close",
+            "--dry-run",
+        ],
+        vec!["explain", "--pid", pid.as_str()],
+    ] {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "--inh-caps=-all,+dac_read_search",
+                "--ambient-caps=-all,+dac_read_search",
+            ])
+            .arg(bins.path("cwreap"))
+            .args(&args)
+            .output()
+            .expect("setpriv");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: stdout {} stderr {err}",
+            stdout(&out)
+        );
+        assert!(err.contains("CAP_SYS_PTRACE"), "{args:?}: {err}");
+        assert!(
+            !stdout(&out).contains("No CLOSE_WAIT sockets"),
+            "{args:?} said nothing was there"
+        );
+    }
+}
+
 /// Run `cmd` under a seccomp filter that answers pidfd_getfd with `verdict` (e.g. EPERM,
 /// as a container runtime's or a unit's syscall filter would, or killing the process).
 #[cfg(target_arch = "x86_64")]
