@@ -26,6 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 mod parse;
+pub mod slow;
 
 pub use parse::{
     Limits, parse_epoll_fdinfo, parse_epoll_fdinfo_into, parse_fdinfo_pid, parse_maps_line,
@@ -33,6 +34,7 @@ pub use parse::{
 };
 use parse::{field, in_file, parse_stat, parse_status, stat_after_comm};
 use procfs_core::process::Status;
+pub use slow::SlowReads;
 
 /// Room for the fdinfo of an epoll fd with several hundred registered fds; the buffer
 /// doubles for larger ones and is reused across a process's epoll fds.
@@ -298,12 +300,20 @@ impl ProcFs {
 
     /// The command line, NUL-separated arguments joined with spaces.
     pub fn cmdline(&self, pid: i32) -> io::Result<String> {
-        let raw = self.leader_or_thread(pid, "cmdline", |p| fs::read(p), |r| !r.is_empty())?;
-        Ok(String::from_utf8_lossy(&raw)
-            .split('\0')
-            .filter(|a| !a.is_empty())
-            .collect::<Vec<_>>()
-            .join(" "))
+        Ok(join_args(&self.cmdline_raw(pid)?))
+    }
+
+    fn cmdline_raw(&self, pid: i32) -> io::Result<Vec<u8>> {
+        self.leader_or_thread(pid, "cmdline", |p| fs::read(p), |r| !r.is_empty())
+    }
+
+    /// [`Self::cmdline`], read on a thread of its own and waited for at most
+    /// [`slow::SLOW_READ_DEADLINE`]: the target's own memory answers it, and may never.
+    /// `TimedOut` when it did not return in time, or an earlier read of `pid` is stuck.
+    pub fn cmdline_within(&self, slow: &SlowReads, pid: i32) -> io::Result<String> {
+        let me = self.clone();
+        let raw = slow.read(pid, slow::SLOW_READ_DEADLINE, move || me.cmdline_raw(pid))?;
+        Ok(join_args(&raw))
     }
 
     /// Raw /proc/<pid>/cgroup.
@@ -407,6 +417,14 @@ impl ProcFs {
         fs::read_to_string(self.pid_path(pid, "maps"))
     }
 
+    /// [`Self::maps`] with a deadline, as [`Self::cmdline_within`]: reading maps takes the
+    /// target's mmap lock, which a stuck fault in it holds.
+    pub fn maps_within(&self, slow: &SlowReads, pid: i32) -> io::Result<String> {
+        let path = self.pid_path(pid, "maps");
+        let raw = slow.read(pid, slow::SLOW_READ_DEADLINE, move || fs::read(path))?;
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    }
+
     /// The pid a pidfd of *this* process refers to, from `Pid:` in its fdinfo (-1 once the
     /// process is gone).
     pub fn pidfd_pid(&self, pidfd: i32) -> io::Result<Option<i32>> {
@@ -480,6 +498,15 @@ impl ProcFs {
     fn exists(&self, pid: i32) -> bool {
         fs::metadata(self.pid_path(pid, "")).is_ok()
     }
+}
+
+/// A command line as shown: NUL-separated arguments joined with spaces.
+fn join_args(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

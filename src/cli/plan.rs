@@ -423,6 +423,7 @@ mod tests {
             stats: WalkStats::default(),
             unreadable: Vec::new(),
             denied: Vec::new(),
+            stalled: Vec::new(),
             unknown: Vec::new(),
         }
     }

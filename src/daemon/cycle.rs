@@ -12,12 +12,12 @@ use tracing::{error, info, warn};
 use cwreap_linux::kernel::{Kernel, ProcRead};
 use cwreap_linux::netlink::DiagSocket;
 
-use crate::daemon::cycle_report::{CycleReport, TargetGauges};
+use crate::daemon::cycle_report::{CycleReport, ErrorKind, TargetGauges};
 use crate::daemon::policy::{self, Candidate, Decision, Headroom, HeadroomWarning};
 use crate::daemon::tracker::Tracker;
 use crate::shared::act::{self, ActResult, Expected, Outcome, Reason, Via};
 use crate::shared::age::Age;
-use crate::shared::attribute::{Snapshot, process_facts, read_pid_files};
+use crate::shared::attribute::{Snapshot, process_facts, read_cmdline, read_pid_files};
 use crate::shared::config::{Action, Config};
 use crate::shared::pid_file::PidFileError;
 use crate::shared::selector::{Needs, SocketFacts};
@@ -25,16 +25,74 @@ use crate::shared::selector::{Needs, SocketFacts};
 /// pid → the targets whose process criteria accept the process, ascending.
 pub type Targets = BTreeMap<i32, Vec<usize>>;
 
+/// What kept processes from being matched this cycle.
+#[derive(Debug, Default)]
+pub struct MatchProblems {
+    /// Pid files refused or unreadable: their targets select nothing this cycle.
+    pub pid_files: Vec<PidFileError>,
+    /// Processes skipped because reading their command line did not return in time (its
+    /// pages are stalled: a FUSE file that never answers, an unserved userfaultfd).
+    pub stalled: Vec<i32>,
+}
+
+/// What was last said about [`MatchProblems`]: each is logged when it starts or changes,
+/// not every cycle.
+#[derive(Debug, Default)]
+pub struct ProblemLog {
+    pid_files: HashMap<std::path::PathBuf, String>,
+    stalled: Vec<i32>,
+}
+
+impl ProblemLog {
+    /// Log what is new in `problems`, and count them in `report`.
+    pub fn note(&mut self, problems: MatchProblems, report: &mut CycleReport) {
+        let mut now: HashMap<std::path::PathBuf, String> = HashMap::new();
+        for e in problems.pid_files {
+            let (PidFileError::Refused { path, .. }
+            | PidFileError::Unreadable { path, .. }
+            | PidFileError::Missing(path)) = &e;
+            now.insert(path.clone(), e.to_string());
+        }
+        for (path, why) in &now {
+            if self.pid_files.get(path) != Some(why) {
+                warn!(pid_file = %path.display(), error = %why,
+                    "pid file not trusted; its target selects nothing until it is fixed");
+            }
+        }
+        if !now.is_empty() {
+            report.error(ErrorKind::PidFile);
+        }
+        self.pid_files = now;
+        let mut stalled = problems.stalled;
+        stalled.sort_unstable();
+        let new: Vec<i32> = stalled
+            .iter()
+            .copied()
+            .filter(|p| self.stalled.binary_search(p).is_err())
+            .collect();
+        if !new.is_empty() {
+            warn!(pids = ?new, stalled = stalled.len(),
+                "reading the command line of these processes did not return in time (their memory is stalled); they are skipped until it does");
+        }
+        if !stalled.is_empty() {
+            report.error(ErrorKind::StalledRead);
+        }
+        self.stalled = stalled;
+    }
+}
+
 /// pid → the targets whose process criteria accept the process, ascending; never
 /// `self_pid`. Which of them a socket of the process belongs to depends on the socket
 /// ([`policy::assign`]). A target whose pid file is refused or unreadable selects nothing
-/// this cycle; why goes into `pid_file_errors`. An error only when the process list cannot
-/// be read.
+/// this cycle, and a process whose command line a target needs but cannot be read in time
+/// is skipped; both go into `problems`. The command line is read last, only for a process
+/// that passes every cheaper criterion of a target that needs it. An error only when the
+/// process list cannot be read.
 pub fn match_processes(
     k: &impl ProcRead,
     cfg: &Config,
     self_pid: i32,
-    pid_file_errors: &mut Vec<PidFileError>,
+    problems: &mut MatchProblems,
 ) -> io::Result<Targets> {
     // Pid files are read every cycle: the service may have restarted.
     let pid_files: Vec<Vec<i32>> = cfg
@@ -42,7 +100,7 @@ pub fn match_processes(
         .iter()
         .map(|t| {
             let (pids, errors) = read_pid_files(&t.selector.pid_files);
-            pid_file_errors.extend(errors);
+            problems.pid_files.extend(errors);
             pids
         })
         .collect();
@@ -55,15 +113,38 @@ pub fn match_processes(
         if pid == self_pid {
             continue;
         }
-        let Ok(facts) = process_facts(k, pid, needs) else {
+        let Ok(mut facts) = process_facts(k, pid, needs) else {
             continue;
         };
-        let matched: Vec<usize> = cfg
+        let maybe: Vec<usize> = cfg
             .targets
             .iter()
             .enumerate()
-            .filter(|(i, t)| t.selector.process_matches(&facts, &pid_files[*i]))
+            .filter(|(i, t)| {
+                t.selector
+                    .process_matches_before_cmdline(&facts, &pid_files[*i])
+            })
             .map(|(i, _)| i)
+            .collect();
+        if maybe
+            .iter()
+            .any(|&i| cfg.targets[i].selector.needs().cmdline)
+        {
+            match read_cmdline(k, pid) {
+                Ok(c) => facts.cmdline = c,
+                Err(_) => {
+                    problems.stalled.push(pid);
+                    continue;
+                }
+            }
+        }
+        let matched: Vec<usize> = maybe
+            .into_iter()
+            .filter(|&i| {
+                cfg.targets[i]
+                    .selector
+                    .process_matches(&facts, &pid_files[i])
+            })
             .collect();
         if !matched.is_empty() {
             out.insert(pid, matched);

@@ -40,6 +40,8 @@ pub enum ErrorKind {
     Audit,
     /// A target's pid file was refused or unreadable.
     PidFile,
+    /// Reading a process's command line did not return in time: it was skipped.
+    StalledRead,
 }
 
 impl ErrorKind {
@@ -52,6 +54,7 @@ impl ErrorKind {
             ErrorKind::Escalate => "escalate",
             ErrorKind::Audit => "audit",
             ErrorKind::PidFile => "pid_file",
+            ErrorKind::StalledRead => "stalled_read",
         }
     }
 }

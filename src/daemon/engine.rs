@@ -75,7 +75,7 @@ pub struct Daemon<K: Kernel> {
     publish: Option<Publisher>,
     /// The pid files refused or unreadable, with why, as last logged: each is logged once
     /// until it changes.
-    pid_file_problems: HashMap<std::path::PathBuf, String>,
+    problems: cycle::ProblemLog,
 }
 
 /// Say which targets can never act (an earlier one selects all their sockets).
@@ -129,7 +129,7 @@ impl<K: Kernel> Daemon<K> {
             probe_all: true,
             reaped: HashMap::new(),
             publish: None,
-            pid_file_problems: HashMap::new(),
+            problems: cycle::ProblemLog::default(),
         })
     }
 
@@ -263,7 +263,7 @@ impl<K: Kernel> Daemon<K> {
 
     /// The processes the targets' process criteria accept (never cwreap itself).
     fn match_processes(&mut self, report: &mut CycleReport) -> Targets {
-        let mut problems = Vec::new();
+        let mut problems = cycle::MatchProblems::default();
         let targets =
             match cycle::match_processes(&self.kernel, &self.cfg, self.self_pid, &mut problems) {
                 Ok(t) => t,
@@ -272,23 +272,7 @@ impl<K: Kernel> Daemon<K> {
                     Targets::new()
                 }
             };
-        let mut now: HashMap<std::path::PathBuf, String> = HashMap::new();
-        for e in problems {
-            let (crate::shared::pid_file::PidFileError::Refused { path, .. }
-            | crate::shared::pid_file::PidFileError::Unreadable { path, .. }
-            | crate::shared::pid_file::PidFileError::Missing(path)) = &e;
-            now.insert(path.clone(), e.to_string());
-        }
-        for (path, why) in &now {
-            if self.pid_file_problems.get(path) != Some(why) {
-                warn!(pid_file = %path.display(), error = %why,
-                    "pid file not trusted; its target selects nothing until it is fixed");
-            }
-        }
-        if !now.is_empty() {
-            report.error(ErrorKind::PidFile);
-        }
-        self.pid_file_problems = now;
+        self.problems.note(problems, report);
         targets
     }
 

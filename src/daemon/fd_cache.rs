@@ -231,6 +231,7 @@ impl<P> FdIndex<P> {
             stats: WalkStats::default(),
             unreadable: Vec::new(),
             denied: Vec::new(),
+            stalled: Vec::new(),
             unknown: Vec::new(),
         }
     }

@@ -185,6 +185,8 @@ pub struct WalkStats {
     pub vanished: usize,
     /// Processes whose fd table we may not read (EACCES/EPERM).
     pub denied: usize,
+    /// Processes skipped because reading their command line did not return in time.
+    pub stalled: usize,
 }
 
 #[derive(Debug)]
@@ -197,6 +199,9 @@ pub struct Snapshot<H> {
     /// Processes in scope whose fd table we were not allowed to read: their sockets show
     /// no owner, and a reap cannot act on them.
     pub denied: Vec<i32>,
+    /// Processes skipped because reading their memory (the command line a selector needs)
+    /// did not return in time: whether they match cannot be known.
+    pub stalled: Vec<i32>,
     /// With [`Scope::dead`]: the socket fds of the walked processes whose inode was in no
     /// CLOSE_WAIT dump, for [`crate::shared::dead`] to tell the dead ones.
     pub unknown: Vec<SocketFd>,
@@ -250,6 +255,7 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             stats: WalkStats::default(),
             unreadable: Vec::new(),
             denied: Vec::new(),
+            stalled: Vec::new(),
             unknown: Vec::new(),
         };
         // Socket inodes, and the inodes of listeners with unaccepted connections.
@@ -360,11 +366,22 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
                     return Err(e);
                 }
             };
-            if !scope
-                .selector
-                .process_matches(&facts, &scope.pids_from_files)
-            {
+            let selector = &scope.selector;
+            if !selector.process_matches_before_cmdline(&facts, &scope.pids_from_files) {
                 return Ok(0);
+            }
+            let mut facts = facts;
+            if selector.needs().cmdline {
+                facts.cmdline = match read_cmdline(self.proc, pid) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        count_failure(snap, pid, &e);
+                        return Err(e);
+                    }
+                };
+                if !selector.process_matches(&facts, &scope.pids_from_files) {
+                    return Ok(0);
+                }
             }
             comm = Some(facts.comm);
         }
@@ -457,18 +474,15 @@ pub fn read_fds<P: ProcRead, O: Effects>(
 }
 
 /// The facts about process `pid` that a selector with `needs` reads (the pid and the name
-/// always).
+/// always), but its command line: see [`read_cmdline`].
 pub fn process_facts(proc: &impl ProcRead, pid: i32, needs: Needs) -> io::Result<ProcessFacts> {
     let comm = proc.comm(pid)?;
     Ok(ProcessFacts {
         pid,
         comm,
         exe: if needs.exe { proc.exe(pid).ok() } else { None },
-        cmdline: if needs.cmdline {
-            proc.cmdline(pid).ok()
-        } else {
-            None
-        },
+        // Read apart, by [`read_cmdline`], once the cheaper criteria passed.
+        cmdline: None,
         cgroup: if needs.cgroup {
             proc.cgroup(pid)
                 .ok()
@@ -478,6 +492,18 @@ pub fn process_facts(proc: &impl ProcRead, pid: i32, needs: Needs) -> io::Result
         },
         uid: if needs.uid { proc.uid(pid).ok() } else { None },
     })
+}
+
+/// The command line of `pid`, for a process that passed every cheaper criterion: None when
+/// there is none to read (a kernel thread, a process gone). An error only when reading it
+/// did not return in time ([`io::ErrorKind::TimedOut`]): its memory is stalled, so whether
+/// it matches cannot be known, and the caller skips and counts it.
+pub fn read_cmdline(proc: &impl ProcRead, pid: i32) -> io::Result<Option<String>> {
+    match proc.cmdline(pid) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(e),
+        Err(_) => Ok(None),
+    }
 }
 
 /// The pids the given pid files hold now, read as [`crate::shared::pid_file`] trusts
@@ -515,7 +541,10 @@ enum Slot {
 }
 
 fn count_failure<H>(snap: &mut Snapshot<H>, pid: i32, e: &io::Error) {
-    if is_permission(e) {
+    if e.kind() == io::ErrorKind::TimedOut {
+        snap.stats.stalled += 1;
+        snap.stalled.push(pid);
+    } else if is_permission(e) {
         snap.stats.denied += 1;
         snap.denied.push(pid);
     } else {

@@ -82,6 +82,12 @@ impl Needs {
     }
 }
 
+/// Whether no pattern is given, or one of them matches the value (a missing value matches
+/// no pattern).
+fn any_re(res: &[Regex], value: Option<&str>) -> bool {
+    res.is_empty() || value.is_some_and(|v| res.iter().any(|re| re.is_match(v)))
+}
+
 /// Sockets never to touch, whatever else matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exclude {
@@ -169,14 +175,22 @@ impl Selector {
     /// read from `pid_files` (a missing or unreadable file contributes none, so it matches
     /// nothing).
     pub fn process_matches(&self, facts: &ProcessFacts, pids_from_files: &[i32]) -> bool {
-        let any_re = |res: &[Regex], value: Option<&str>| {
-            res.is_empty() || value.is_some_and(|v| res.iter().any(|re| re.is_match(v)))
-        };
+        self.process_matches_before_cmdline(facts, pids_from_files)
+            && any_re(&self.cmdline, facts.cmdline.as_deref())
+    }
+
+    /// Whether the process meets every process criterion but the command line: those are
+    /// checked first, and the command line (which reads the process's own memory, and can
+    /// stall) is read only for a process that passes them.
+    pub fn process_matches_before_cmdline(
+        &self,
+        facts: &ProcessFacts,
+        pids_from_files: &[i32],
+    ) -> bool {
         (self.pids.is_empty() || self.pids.contains(&facts.pid))
             && (self.pid_files.is_empty() || pids_from_files.contains(&facts.pid))
             && any_re(&self.comm, Some(&facts.comm))
             && any_re(&self.exe, facts.exe.as_deref())
-            && any_re(&self.cmdline, facts.cmdline.as_deref())
             && (self.units.is_empty()
                 || facts
                     .cgroup

@@ -36,7 +36,7 @@ impl Session {
         }
         let maps = self
             .proc
-            .maps(self.pid)
+            .maps_within(&crate::procfs::SlowReads::global(), self.pid)
             .map_err(|e| proc_error(self.pid, "maps", &e))?;
         let mut texts: Vec<(u64, u64, &str)> = maps
             .lines()

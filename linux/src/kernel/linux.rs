@@ -147,7 +147,8 @@ impl ProcRead for Linux {
         ProcRead::exe(&self.proc, pid)
     }
     fn cmdline(&self, pid: i32) -> io::Result<String> {
-        ProcRead::cmdline(&self.proc, pid)
+        self.proc
+            .cmdline_within(&crate::procfs::SlowReads::global(), pid)
     }
     fn cgroup(&self, pid: i32) -> io::Result<String> {
         ProcRead::cgroup(&self.proc, pid)

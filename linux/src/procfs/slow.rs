@@ -1,0 +1,157 @@
+//! Reads of /proc that another process's memory answers, and that can therefore block for
+//! as long as that process wants: /proc/PID/cmdline (and maps, environ) read the target's
+//! pages, and a page backed by a FUSE file that never answers, or registered with
+//! userfaultfd and never served, holds the reader in the kernel for good.
+//!
+//! Each such read runs on a thread of its own and is waited for at most a deadline. A read
+//! past its deadline stays in flight (nothing can interrupt it); until it returns, the same
+//! pid is not read again (one read in flight per pid), and past a cap of stuck reads no new
+//! slow read starts at all. The caller gets [`io::ErrorKind::TimedOut`] and skips that
+//! process: it costs one thread per stuck pid, never a cycle.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// How long a slow read is waited for: a command line takes microseconds.
+pub const SLOW_READ_DEADLINE: Duration = Duration::from_millis(500);
+/// At most this many reads stuck at once.
+pub const MAX_STUCK: usize = 16;
+
+type Pending = Receiver<io::Result<Vec<u8>>>;
+
+/// The reads in flight past their deadline, by pid.
+#[derive(Clone, Default)]
+pub struct SlowReads {
+    stuck: Arc<Mutex<HashMap<i32, Pending>>>,
+}
+
+fn stalled(pid: i32, why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("pid {pid}: {why}"))
+}
+
+impl SlowReads {
+    /// The one set of slow reads of this process: the cap on stuck reads holds across
+    /// every reader (the cycle, the CLI, the injector) that uses it.
+    pub fn global() -> Self {
+        static GLOBAL: std::sync::OnceLock<SlowReads> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(SlowReads::default).clone()
+    }
+
+    /// Run `read` for `pid` with the deadline, unless a read of it is still stuck or too
+    /// many are.
+    pub fn read(
+        &self,
+        pid: i32,
+        deadline: Duration,
+        read: impl FnOnce() -> io::Result<Vec<u8>> + Send + 'static,
+    ) -> io::Result<Vec<u8>> {
+        let mut stuck = self.stuck.lock().unwrap_or_else(PoisonError::into_inner);
+        // Reads that came back since: done, whatever they found (it is old now).
+        stuck.retain(|_, rx| matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        if stuck.contains_key(&pid) {
+            return Err(stalled(
+                pid,
+                "an earlier read of its memory has not returned",
+            ));
+        }
+        if stuck.len() >= MAX_STUCK {
+            return Err(stalled(
+                pid,
+                "too many reads of other processes' memory have not returned",
+            ));
+        }
+        let (tx, rx) = sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("cwreap-slow-read".into())
+            .spawn(move || {
+                let _ = tx.send(read());
+            });
+        if let Err(e) = spawned {
+            return Err(io::Error::other(format!(
+                "cannot start a reader thread: {e}"
+            )));
+        }
+        match rx.recv_timeout(deadline) {
+            Ok(got) => got,
+            Err(RecvTimeoutError::Timeout) => {
+                stuck.insert(pid, rx);
+                Err(stalled(pid, "reading its memory did not return in time"))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(io::Error::other("the reader thread died")),
+        }
+    }
+
+    /// How many reads are stuck now.
+    pub fn stuck(&self) -> usize {
+        let mut stuck = self.stuck.lock().unwrap_or_else(PoisonError::into_inner);
+        stuck.retain(|_, rx| matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        stuck.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    #[test]
+    fn a_stuck_read_is_skipped_until_it_returns_and_others_go_on() {
+        let reads = SlowReads::default();
+        let (release, gate) = channel::<()>();
+        let short = Duration::from_millis(50);
+        let e = reads
+            .read(7, short, move || {
+                let _ = gate.recv();
+                Ok(b"late".to_vec())
+            })
+            .expect_err("past its deadline");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(reads.stuck(), 1);
+        // The same pid is not read again while that read is stuck; others are.
+        let again = reads
+            .read(7, short, || Ok(b"x".to_vec()))
+            .expect_err("still stuck");
+        assert!(again.to_string().contains("has not returned"), "{again}");
+        assert_eq!(
+            reads.read(8, short, || Ok(b"ok".to_vec())).expect("fine"),
+            b"ok"
+        );
+        // Once it returns, the pid is read again.
+        release.send(()).expect("release");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while reads.stuck() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the read never came back"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            reads.read(7, short, || Ok(b"now".to_vec())).expect("fresh"),
+            b"now"
+        );
+    }
+
+    #[test]
+    fn past_the_cap_no_new_slow_read_starts() {
+        let reads = SlowReads::default();
+        let mut gates = Vec::new();
+        for pid in 0..i32::try_from(MAX_STUCK).unwrap_or(16) {
+            let (release, gate) = channel::<()>();
+            gates.push(release);
+            let _ = reads.read(pid, Duration::from_millis(1), move || {
+                let _ = gate.recv();
+                Ok(Vec::new())
+            });
+        }
+        assert_eq!(reads.stuck(), MAX_STUCK);
+        let e = reads
+            .read(999, Duration::from_secs(1), || Ok(Vec::new()))
+            .expect_err("capped");
+        assert!(e.to_string().contains("too many"), "{e}");
+        drop(gates);
+    }
+}
