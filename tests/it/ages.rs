@@ -166,6 +166,36 @@ impl Leak {
             ms(after.saturating_duration_since(self.closing)),
         )
     }
+
+    /// What scan row `r`, read between `before` and `after`, says of this CLOSE_WAIT
+    /// socket; it must be this socket, and its range must hold the true age.
+    fn sample(&self, r: &Value, before: Instant, after: Instant) -> Sample {
+        let fd = self.fd;
+        assert_eq!(inode_of(r), self.inode, "{r}");
+        assert_eq!(field_str(r, "remote"), self.client.to_string(), "{r}");
+        assert_eq!(r["keepalive"], Value::Bool(true), "Go's keepalive: {r}");
+        let (true_min, true_max) = self.true_age(before, after);
+        let s = Sample {
+            true_min,
+            true_max,
+            age_ms: field_i64(r, "age_ms"),
+            age_max_ms: age_max(r),
+            source: field_str(r, "age_source").to_owned(),
+        };
+        assert_eq!(s.source, "last_ack", "no daemon publishes here: {r}");
+        assert!(
+            s.age_ms <= true_max + SLACK_MS,
+            "fd {fd}: the lower bound is above the true age: {s:?}"
+        );
+        let upper = s
+            .age_max_ms
+            .unwrap_or_else(|| panic!("fd {fd}: no upper bound: {r}"));
+        assert!(
+            upper >= true_min - SLACK_MS,
+            "fd {fd}: the upper bound is below the true age: {s:?}"
+        );
+        s
+    }
 }
 
 /// `count` TCP connections to `addr` made from inside network namespace `ns`: a thread of
@@ -303,35 +333,11 @@ fn go_keepalive_resets_last_ack_then_its_rst_leaves_dead_held_fds() {
                  before the RST came unseen): {samples:?}\n{r}",
                 l.fd
             );
-            assert_eq!(inode_of(r), l.inode, "{r}");
-            assert_eq!(field_str(r, "remote"), l.client.to_string(), "{r}");
-            assert_eq!(r["keepalive"], Value::Bool(true), "Go's keepalive: {r}");
-            let (true_min, true_max) = l.true_age(before, after);
-            let s = Sample {
-                true_min,
-                true_max,
-                age_ms: field_i64(r, "age_ms"),
-                age_max_ms: age_max(r),
-                source: field_str(r, "age_source").to_owned(),
-            };
-            assert_eq!(s.source, "last_ack", "no daemon publishes here: {r}");
-            assert!(
-                s.age_ms <= true_max + SLACK_MS,
-                "fd {}: the lower bound is above the true age: {s:?}",
-                l.fd
-            );
-            let upper = s
-                .age_max_ms
-                .unwrap_or_else(|| panic!("fd {}: no upper bound: {r}", l.fd));
-            assert!(
-                upper >= true_min - SLACK_MS,
-                "fd {}: the upper bound is below the true age: {s:?}",
-                l.fd
-            );
+            let s = l.sample(r, before, after);
             // No probe before 15 s of silence: until then the peer's FIN is its last ACK.
-            if true_max < GO_KEEPALIVE_MS - 500 {
+            if s.true_max < GO_KEEPALIVE_MS - 500 {
                 assert!(
-                    s.age_ms >= true_min - SLACK_MS,
+                    s.age_ms >= s.true_min - SLACK_MS,
                     "fd {}: before any probe, last_ack is the FIN's time: {s:?}",
                     l.fd
                 );
@@ -364,24 +370,37 @@ fn go_keepalive_resets_last_ack_then_its_rst_leaves_dead_held_fds() {
 
     // After the RST: every leaked fd is a dead held socket, and no dump lists it.
     let leaked: BTreeSet<i32> = leaks.iter().map(|l| l.fd).collect();
+    // Until then, the ranges still hold the true age; the last of them is noted.
+    let mut last: BTreeMap<i32, Sample> = BTreeMap::new();
     let dead = wait_until(
         "every leaked fd in state CLOSE",
         || srv.transcript(),
         || {
+            let before = Instant::now();
             let rows = by_fd(
                 &rows_with(&empty.0, &["scan", "--pid", &pid_s, "--json"]),
                 pid,
             );
+            let after = Instant::now();
+            for l in &leaks {
+                if let Some(r) = rows.get(&l.fd).filter(|r| r["state"] == "CLOSE_WAIT") {
+                    last.insert(l.fd, l.sample(r, before, after));
+                }
+            }
             let closed: BTreeMap<i32, Value> = rows
                 .into_iter()
                 .filter(|(_, r)| r["state"] == "CLOSE")
                 .collect();
-            leaked
-                .iter()
-                .all(|fd| closed.contains_key(fd))
-                .then_some(closed)
+            if leaked.iter().all(|fd| closed.contains_key(fd)) {
+                return Some(closed);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+            None
         },
     );
+    for (fd, s) in &last {
+        note(&format!("{test}: fd {fd} last seen in CLOSE_WAIT: {s:?}"));
+    }
     let since_close: Vec<i64> = leaks.iter().map(|l| ms(l.closed.elapsed())).collect();
     note(&format!(
         "{test}: all {LEAKS} dead at {since_close:?} ms after their clients closed"
@@ -593,7 +612,9 @@ fn heartbeat_daemon_and_checks_scan_line_select_the_same_sockets() {
         // reads, at most `after - (daemon_start + daemon)`, and never older.
         let between = ms(after.saturating_duration_since(daemon_start)) - daemon;
         assert!(
-            daemon <= cli_max && daemon <= cli_min + SLACK_MS && daemon + between >= cli_min,
+            daemon <= cli_max
+                && daemon <= cli_min + SLACK_MS
+                && daemon + between + SLACK_MS >= cli_min,
             "fd {fd}: the daemon's age {daemon} ms outside the CLI's [{cli_min}, {cli_max}] \
              (reads at most {between} ms apart)"
         );
