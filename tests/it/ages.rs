@@ -198,24 +198,24 @@ impl Leak {
     }
 }
 
-/// `count` TCP connections to `addr` made from inside network namespace `ns`: a thread of
-/// ours enters it (setns) and creates them there.
-fn connect_in(ns: &Netns, addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+/// Run `f` on a thread of ours that entered network namespace `ns` (setns): the sockets it
+/// creates live there, and /proc/sys/net is that namespace's.
+fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{}", ns.name);
     std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).expect("open the namespace's file");
+        let file = std::fs::File::open(&path).expect("open the namespace's file");
         rustix::thread::move_into_link_name_space(
-            f.as_fd(),
+            file.as_fd(),
             Some(rustix::thread::LinkNameSpaceType::Network),
         )
         .expect("setns into the test's namespace");
-        (0..count)
-            .map(|_| TcpStream::connect_timeout(&addr, GUARD).expect("connect to the server"))
-            .collect()
+        f()
     })
     .join()
-    .expect("the connecting thread")
+    .expect("the thread in the namespace")
 }
+
+const FIN_TIMEOUT: &str = "/proc/sys/net/ipv4/tcp_fin_timeout";
 
 /// A sample of one leaked socket at one scan: the true age and what scan said.
 #[derive(Debug)]
@@ -239,27 +239,14 @@ fn go_keepalive_resets_last_ack_then_its_rst_leaves_dead_held_fds() {
     let ns = Netns::create("ages-go");
     // The clients' orphaned FIN_WAIT2 sockets expire after 20 s instead of 60: the probe
     // after that meets a RST. The sysctl is per network namespace.
-    let host_fin = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
-        .expect("the host's tcp_fin_timeout");
-    run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
-        &ns.name,
-        "sysctl",
-        "-q",
-        "-w",
-        "net.ipv4.tcp_fin_timeout=20",
-    ]));
-    let inside = stdout(&run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
-        &ns.name,
-        "cat",
-        "/proc/sys/net/ipv4/tcp_fin_timeout",
-    ])));
+    let host_fin = std::fs::read_to_string(FIN_TIMEOUT).expect("the host's tcp_fin_timeout");
+    let inside = in_netns(&ns, || {
+        std::fs::write(FIN_TIMEOUT, "20").expect("set tcp_fin_timeout in the namespace");
+        std::fs::read_to_string(FIN_TIMEOUT).expect("read it back")
+    });
     assert_eq!(inside.trim(), "20", "tcp_fin_timeout inside the namespace");
     assert_eq!(
-        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout").expect("host value"),
+        std::fs::read_to_string(FIN_TIMEOUT).expect("the host's tcp_fin_timeout"),
         host_fin,
         "the host's tcp_fin_timeout must not change"
     );
@@ -279,7 +266,12 @@ fn go_keepalive_resets_last_ack_then_its_rst_leaves_dead_held_fds() {
     // Each client sends a request (the handler hangs on it), then closes for good; a few
     // hundred ms apart, so that each socket has an age of its own.
     let mut leaks: Vec<Leak> = Vec::new();
-    for (i, mut c) in connect_in(&ns, addr, LEAKS).into_iter().enumerate() {
+    let conns: Vec<TcpStream> = in_netns(&ns, move || {
+        (0..LEAKS)
+            .map(|_| TcpStream::connect_timeout(&addr, GUARD).expect("connect to the server"))
+            .collect()
+    });
+    for (i, mut c) in conns.into_iter().enumerate() {
         let me = c.local_addr().expect("client address");
         c.write_all(format!("GET /hang/{i} HTTP/1.1\r\nHost: cwreap\r\n\r\n").as_bytes())
             .expect("send the request");
