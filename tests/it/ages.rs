@@ -577,6 +577,11 @@ fn heartbeat_daemon_and_checks_scan_line_select_the_same_sockets() {
     let before = Instant::now();
     let cli = by_fd(&rows_with(&run_dir.0, &scan_args), pid);
     let after = Instant::now();
+    // What tcp_info alone says right after, for a failure message.
+    let tcp_info_alone = by_fd(
+        &rows_with(&empty.0, &["scan", "--pid", &pid_s, "--json"]),
+        pid,
+    );
     notify.cycles(2);
     let s_d_after = dry(&d.events());
     assert_eq!(
@@ -598,7 +603,14 @@ fn heartbeat_daemon_and_checks_scan_line_select_the_same_sockets() {
         assert_eq!(inode_of(r), inode_of(a), "fd {fd}: {r} vs {a}");
         assert_eq!(field_str(r, "age_source"), "first_seen", "{r}");
         let (cli_min, daemon) = (field_i64(r, "age_ms"), field_i64(a, "age_ms"));
-        let cli_max = age_max(r).unwrap_or_else(|| panic!("no upper bound: {r}"));
+        let cli_max = age_max(r).unwrap_or_else(|| {
+            panic!(
+                "fd {fd}: no upper bound: {r}\nthe same socket without the daemon's ages \
+                 a moment later: {:?}\nss: {}",
+                tcp_info_alone.get(fd),
+                ss_in(None, &["-tniH", "state", "close-wait"])
+            )
+        });
         // Both ages count from the same first sight, after `daemon_start`; the daemon
         // read its own before the scan: it may be younger by the time between the two
         // reads, at most `after - (daemon_start + daemon)`, and never older.
@@ -620,8 +632,11 @@ fn heartbeat_daemon_and_checks_scan_line_select_the_same_sockets() {
         );
         note(&format!(
             "{test}: fd {fd}: daemon age_ms {daemon}; CLI [{cli_min}, {cli_max}] ms \
-             (first_seen), {} ms after the daemon's read; true age [{true_min}, {true_max}] ms",
-            cli_min - daemon
+             (first_seen), {} ms after the daemon's read; true age [{true_min}, {true_max}] ms; \
+             the daemon started {} ms after this close, and first saw it at most {} ms later",
+            cli_min - daemon,
+            ms(daemon_start.saturating_duration_since(closed)),
+            ms(after.saturating_duration_since(daemon_start)) - cli_min
         ));
     }
 
