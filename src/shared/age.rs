@@ -106,6 +106,11 @@ pub fn human_age(ms: u64) -> String {
     }
 }
 
+/// How far tcp_info's upper bound (jiffies) may fall below a lower bound read on
+/// CLOCK_BOOTTIME and still be taken for the same instant: rounding and a stale jiffies
+/// count under load, far from a wrap of the u32 milliseconds (~49.7 days).
+const CLOCKS_APART_MS: u64 = 1_000;
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -129,9 +134,16 @@ pub fn age(c: &Clues, now: Boottime) -> Age {
         (Some(s), _) => (s, AgeSource::FirstSeen),
         (None, a) => (a.unwrap_or(0), AgeSource::LastAck),
     };
-    // tcp_info times are u32 ms and wrap after ~49.7 days: an upper bound below the lower
-    // one is no bound at all.
-    let max_ms = upper.filter(|u| *u >= min_ms);
+    // tcp_info times are u32 ms and wrap after ~49.7 days: an upper bound far below the
+    // lower one is no bound at all. One a little below it is still one: the daemon's first
+    // sight is read on CLOCK_BOOTTIME and tcp_info counts jiffies, each rounded on its own
+    // side, so a socket first seen within a few ms of its FIN can show last_data_recv a
+    // little under its age; it is then as old as the lower bound says.
+    let max_ms = upper.and_then(|u| match min_ms.checked_sub(u) {
+        None | Some(0) => Some(u),
+        Some(apart) if apart <= CLOCKS_APART_MS => Some(min_ms),
+        Some(_) => None,
+    });
     Age {
         min_ms,
         max_ms,
@@ -258,6 +270,30 @@ mod tests {
             (none.min_ms, none.max_ms, none.source),
             (0, None, AgeSource::LastAck)
         );
+    }
+
+    #[test]
+    fn an_upper_bound_a_little_under_first_sight_is_the_two_clocks_not_a_wrap() {
+        // First seen 10.005 s ago on CLOCK_BOOTTIME; tcp_info (jiffies) says data last
+        // came 10.000 s ago: the daemon saw the socket right after its FIN.
+        let c = Clues {
+            first_seen: Some(Boottime::from_duration(Duration::from_millis(100_000))),
+            last_ack_recv_ms: Some(300),
+            last_data_recv_ms: Some(10_000),
+            ..Clues::default()
+        };
+        let now = Boottime::from_duration(Duration::from_millis(110_005));
+        let a = age(&c, now);
+        assert_eq!(
+            (a.min_ms, a.max_ms, a.source),
+            (10_005, Some(10_005), AgeSource::FirstSeen)
+        );
+        // Further apart than the clocks can be: a wrapped counter, no bound.
+        let wrapped = Clues {
+            last_data_recv_ms: Some(8_000),
+            ..c
+        };
+        assert_eq!(age(&wrapped, now).max_ms, None);
     }
 
     #[test]

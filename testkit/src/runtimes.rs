@@ -170,16 +170,24 @@ fn build_c() -> Built {
 }
 
 fn build_go() -> Built {
+    let out = build_dir().join("leaky-go");
+    match go_build("leaky.go", &out) {
+        Ok(()) => Built::Ready(vec![out.to_string_lossy().into_owned()]),
+        Err(b) => b,
+    }
+}
+
+/// Build `source`, a Go program of tests/runtimes/, into `out`.
+fn go_build(source: &str, out: &Path) -> Result<(), Built> {
     let Some(go) = which("go") else {
-        return Built::Missing("go is not installed".into());
+        return Err(Built::Missing("go is not installed".into()));
     };
     let dir = build_dir();
-    let out = dir.join("leaky-go");
     // The Go build cache is shared between runs (it is safe for concurrent use); the rest
     // stays in our directory. Standard library only, and no network: GOPROXY=off.
     let shared = dir.parent().unwrap_or(dir);
-    let r = compile(
-        "go build leaky.go",
+    compile(
+        &format!("go build {source}"),
         Command::new(go)
             .current_dir(dir)
             .env("GOCACHE", shared.join("gocache"))
@@ -190,13 +198,9 @@ fn build_go() -> Built {
             .env("CGO_ENABLED", "0")
             .env_remove("GOFLAGS")
             .args(["build", "-o"])
-            .arg(&out)
-            .arg(source("leaky.go")),
-    );
-    match r {
-        Ok(()) => Built::Ready(vec![out.to_string_lossy().into_owned()]),
-        Err(b) => b,
-    }
+            .arg(out)
+            .arg(self::source(source)),
+    )
 }
 
 fn build_java() -> Built {
@@ -259,6 +263,30 @@ pub fn c_program(test: &str, source: &str) -> Option<PathBuf> {
             Some(out)
         }
         Err(Built::Failed(text) | Built::Missing(text)) => panic!("{test}: {text}"),
+        Err(Built::Ready(_)) => panic!("{test}: building {source} said nothing"),
+    }
+}
+
+/// Build `source`, a Go program of tests/runtimes/ other than the leaky server (e.g.
+/// `hang_http.go`), into this process's build directory, once per test process. None when
+/// go is missing and the test may skip (see [`missing`]); a failed build fails the test.
+pub fn go_program(test: &str, source: &str) -> Option<PathBuf> {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().expect("build lock");
+    if let Some((_, path)) = built.iter().find(|(s, _)| s == source) {
+        return Some(path.clone());
+    }
+    let out = build_dir().join(source.trim_end_matches(".go"));
+    match go_build(source, &out) {
+        Ok(()) => {
+            built.push((source.to_string(), out.clone()));
+            Some(out)
+        }
+        Err(Built::Missing(why)) => {
+            missing(test, &why);
+            None
+        }
+        Err(Built::Failed(text)) => panic!("{test}: {text}"),
         Err(Built::Ready(_)) => panic!("{test}: building {source} said nothing"),
     }
 }

@@ -9,6 +9,7 @@
 
 mod support;
 
+mod ages;
 mod bounds;
 mod config_files;
 mod daemon;

@@ -131,6 +131,9 @@ pub(crate) fn observe<K: Kernel>(
     let found = k
         .snapshot(true)
         .context("dumping CLOSE_WAIT sockets over sock_diag")?;
+    // The instant of the dump's tcp_info: a first sight is aged to it too, or the time
+    // attribution and probing take would lift the lower bound over tcp_info's upper one.
+    let now = k.now();
     let failures = k.take_failures();
     let attributor = Attributor {
         proc: &*k,
@@ -151,7 +154,6 @@ pub(crate) fn observe<K: Kernel>(
     dead::add_to(&mut snap, &probed.dead, &*k);
     // One age function for all: what the kernel saw (events) and the running daemon's
     // first sight, where known, with what sock_diag says.
-    let now = k.now();
     for s in &mut snap.sockets {
         let key = (s.diag.netns, s.diag.cookie);
         let clues = Clues::of(&s.diag, k.entered_at(key), k.first_seen(key));
