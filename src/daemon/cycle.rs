@@ -72,7 +72,7 @@ impl ProblemLog {
             .collect();
         if !new.is_empty() {
             warn!(pids = ?new, stalled = stalled.len(),
-                "reading the command line of these processes did not return in time (their memory is stalled); they are skipped until it does");
+                "reading the command line of these processes did not return in time (their memory map is locked); they are skipped until it does");
         }
         if !stalled.is_empty() {
             report.error(ErrorKind::StalledRead);

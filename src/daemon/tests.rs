@@ -813,6 +813,83 @@ fn a_stop_request_ends_the_cycle_before_the_next_action() {
     assert!(d.kernel().shutdowns().is_empty());
 }
 
+const STALLED: &str = "reading the command line of these processes did not return in time (their memory map is locked); they are skipped until it does";
+
+/// A process whose command line is `cmdline`, holding one CLOSE_WAIT socket on fd 7.
+fn holding(k: &FakeKernel, pid: i32, comm: &str, cmdline: &str, stalls: bool) {
+    let mut p = Process::new(pid, comm);
+    p.cmdline = cmdline.to_owned();
+    p.cmdline_stalls = stalls;
+    k.spawn(p);
+    k.close_wait(pid, 7, LOCAL, &remote(u16::try_from(pid).unwrap_or(0)));
+}
+
+#[test]
+fn a_command_line_that_does_not_read_in_time_skips_that_process_only() {
+    let k = FakeKernel::new();
+    holding(&k, API, "api", "api --serve", false);
+    holding(&k, WEB, "web", "web --serve", true);
+    let target = "name: serve\nmatch: {cmdline: '--serve'}\nolder_than: 1s\naction: shutdown";
+    let mut d = daemon(k, &policy("", &[target]));
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(
+        r.candidates, 1,
+        "the stalled process is skipped, the other one is not"
+    );
+    assert_eq!(r.errors.get(&ErrorKind::StalledRead), Some(&1));
+    let said = messages(&events, STALLED);
+    assert_eq!(said.len(), 1, "{events:?}");
+    assert_eq!(said[0]["pids"], format!("[{WEB}]"));
+    // Counted every cycle, said once; the other process's socket is reaped when due.
+    d.kernel().advance(Duration::from_secs(1));
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(r.errors.get(&ErrorKind::StalledRead), Some(&1));
+    assert!(
+        messages(&events, STALLED).is_empty(),
+        "said again: {events:?}"
+    );
+    assert_eq!(reaped(&r, "serve"), 1);
+    assert_eq!(d.kernel().shutdowns().len(), 1);
+    assert!(d.kernel().shutdowns().iter().all(|(pid, _, _)| *pid == API));
+    // Once it reads again, it is matched again and nothing is counted.
+    d.kernel().with(|w| {
+        if let Some(p) = w.processes.get_mut(&WEB) {
+            p.cmdline_stalls = false;
+        }
+    });
+    let r = after(&mut d, 1);
+    assert_eq!(r.errors.get(&ErrorKind::StalledRead), None);
+    assert_eq!(
+        reaped(&r, "serve"),
+        1,
+        "the other process's socket, due now"
+    );
+}
+
+#[test]
+fn a_command_line_is_read_only_once_every_cheaper_criterion_accepts_the_process() {
+    let k = FakeKernel::new();
+    holding(&k, API, "api", "api --serve", false);
+    holding(&k, WEB, "web", "web --serve", true);
+    let target =
+        "name: serve\nmatch: {comm: api, cmdline: '--serve'}\nolder_than: 1s\naction: shutdown";
+    let mut d = daemon(k, &policy("", &[target]));
+    d.kernel().clear_calls();
+    let r = cycle(&mut d);
+    let reads: Vec<i32> = d
+        .kernel()
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Cmdline { pid } => Some(pid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reads, [API], "only the process the name accepts");
+    assert_eq!(r.errors.get(&ErrorKind::StalledRead), None);
+    assert_eq!(r.candidates, 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // Discovery and attribution across cycles.
 

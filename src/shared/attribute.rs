@@ -496,7 +496,7 @@ pub fn process_facts(proc: &impl ProcRead, pid: i32, needs: Needs) -> io::Result
 
 /// The command line of `pid`, for a process that passed every cheaper criterion: None when
 /// there is none to read (a kernel thread, a process gone). An error only when reading it
-/// did not return in time ([`io::ErrorKind::TimedOut`]): its memory is stalled, so whether
+/// did not return in time ([`io::ErrorKind::TimedOut`]): its memory map is locked, so whether
 /// it matches cannot be known, and the caller skips and counts it.
 pub fn read_cmdline(proc: &impl ProcRead, pid: i32) -> io::Result<Option<String>> {
     match proc.cmdline(pid) {

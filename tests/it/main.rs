@@ -32,6 +32,7 @@ mod reap_close;
 mod runtimes;
 mod scan_reap;
 mod selectors;
+mod stalled_reads;
 mod stress;
 mod systemd_unit;
 mod watch;

@@ -1,7 +1,11 @@
-//! Reads of /proc that another process's memory answers, and that can therefore block for
-//! as long as that process wants: /proc/PID/cmdline (and maps, environ) read the target's
-//! pages, and a page backed by a FUSE file that never answers, or registered with
-//! userfaultfd and never served, holds the reader in the kernel for good.
+//! Reads of /proc that another process can hold up for as long as it wants:
+//! /proc/PID/cmdline (and environ, and maps) are read under the target's mmap lock, and a
+//! thread of the target stuck in a fault that never completes (a read of a FUSE file whose
+//! server never answers, through /proc/self/mem) keeps that lock held, while a second
+//! thread queued for it keeps every new reader out. Older kernels (before 4.17) also read
+//! the argv pages themselves, so a FUSE page mapped over argv stalled the reader directly;
+//! newer ones read anonymous memory only, and a remote read of an unserved userfaultfd
+//! page fails at once instead of waiting.
 //!
 //! Each such read runs on a thread of its own and is waited for at most a deadline. A read
 //! past its deadline stays in flight (nothing can interrupt it); until it returns, the same

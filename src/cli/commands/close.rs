@@ -23,7 +23,7 @@ use anyhow::Result;
 use cwreap_linux::inject::{Helper, InjectError, Victim, close_in_target};
 use cwreap_linux::kernel::{Effects, Linux, Pinned, ProcRead, inspect_socket};
 
-use super::common::{Status, observe};
+use super::common::{Status, observe, stalled_note};
 use crate::cli::args::ReapArgs;
 use crate::cli::plan::{self, HeldSocket};
 use crate::cli::render;
@@ -47,6 +47,9 @@ pub fn reap_close(
 ) -> Result<Status> {
     let mut k = Linux::default();
     let (snap, _failures, _unprobed) = observe(&mut k, true, &args.selectors)?;
+    if let Some(note) = stalled_note(&snap.stalled) {
+        writeln!(err, "{note}")?;
+    }
     let held = inspect_held(&k, &snap);
     let filter = args.selectors.filter(Some(older_than));
     let max = args.max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));

@@ -70,6 +70,14 @@ fn check_unreadable<H>(snap: &Snapshot<H>) -> Result<()> {
         if attribute::is_permission(e) {
             return Err(missing_ptrace(&format!("reading the fds of pid {pid}")).into());
         }
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            return Err(UsageError(format!(
+                "pid {pid}: reading its command line did not return within {} ms (its memory \
+map is locked), so --cmdline cannot be checked for it",
+                cwreap_linux::procfs::slow::SLOW_READ_DEADLINE.as_millis()
+            ))
+            .into());
+        }
         return Err(UsageError(format!("pid {pid}: no such process ({e})")).into());
     }
     Ok(())
@@ -107,6 +115,24 @@ pub(crate) fn unprobed_note(pids: &[i32]) -> Option<String> {
         shown.join(", "),
         if pids.len() > 5 { ", ..." } else { "" },
         missing_ptrace("duplicating their socket fds")
+    ))
+}
+
+/// The warning for processes skipped because their command line, which a `--cmdline`
+/// selector needs, could not be read in time.
+pub(crate) fn stalled_note(pids: &[i32]) -> Option<String> {
+    if pids.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = pids.iter().take(5).map(i32::to_string).collect();
+    Some(format!(
+        "warning: {} process(es) (pid {}{}) were skipped: reading their command line did not \
+return within {} ms (their memory map is locked, e.g. by a thread stuck reading a FUSE \
+file that never answers), so whether --cmdline matches them is unknown",
+        pids.len(),
+        shown.join(", "),
+        if pids.len() > 5 { ", ..." } else { "" },
+        cwreap_linux::procfs::slow::SLOW_READ_DEADLINE.as_millis()
     ))
 }
 

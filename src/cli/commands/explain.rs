@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use cwreap_linux::kernel::{Kernel, Linux, ProcRead};
 
-use super::common::{Status, denied_note, observe, published_note, unprobed_note};
+use super::common::{Status, denied_note, observe, published_note, stalled_note, unprobed_note};
 use crate::cli::args::ExplainArgs;
 use crate::cli::diagnosis::{self, Evidence, ProcessFacts, Sample, Socket};
 use crate::cli::plan::{self, Row};
@@ -67,10 +67,13 @@ pub fn explain_on<K: Kernel>(
                 break;
             }
         };
-        if let Some(note) = unprobed_note(&unprobed)
-            && warned.insert(note.clone())
+        for note in [unprobed_note(&unprobed), stalled_note(&snap.stalled)]
+            .into_iter()
+            .flatten()
         {
-            writeln!(err, "{note}")?;
+            if warned.insert(note.clone()) {
+                writeln!(err, "{note}")?;
+            }
         }
         for (_, why) in failures {
             if warned.insert(why.clone()) {

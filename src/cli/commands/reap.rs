@@ -12,7 +12,8 @@ use cwreap_linux::kernel::{Effects, Kernel, Linux};
 use cwreap_linux::sys::Capability;
 
 use super::common::{
-    FD_TABLE_CAPS, Status, lacking, observe, privilege_error, published_note, unprobed_note,
+    FD_TABLE_CAPS, Status, lacking, observe, privilege_error, published_note, stalled_note,
+    unprobed_note,
 };
 use crate::cli::args::ReapArgs;
 use crate::cli::plan::{self, Row};
@@ -74,7 +75,10 @@ pub fn reap_on<K: Kernel>(
     }
     let older_than = args.older_than.unwrap_or_default();
     let (snap, _failures, unprobed) = observe(k, true, &args.selectors)?;
-    if let Some(note) = unprobed_note(&unprobed) {
+    for note in [unprobed_note(&unprobed), stalled_note(&snap.stalled)]
+        .into_iter()
+        .flatten()
+    {
         writeln!(err, "{note}")?;
     }
     let filter = args.selectors.filter(Some(older_than));

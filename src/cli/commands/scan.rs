@@ -8,7 +8,9 @@ use anyhow::Result;
 
 use cwreap_linux::kernel::{Kernel, Linux};
 
-use super::common::{Status, denied_note, observe, published_note, stdout_color, unprobed_note};
+use super::common::{
+    Status, denied_note, observe, published_note, stalled_note, stdout_color, unprobed_note,
+};
 use crate::cli::args::ScanArgs;
 use crate::cli::plan::{self, Filter, Row};
 use crate::cli::render;
@@ -33,7 +35,10 @@ pub fn scan_on<K: Kernel>(
         return watch(k, args, every, color, out, err);
     }
     let (snap, failures, unprobed) = observe(k, false, &args.selectors)?;
-    if let Some(note) = unprobed_note(&unprobed) {
+    for note in [unprobed_note(&unprobed), stalled_note(&snap.stalled)]
+        .into_iter()
+        .flatten()
+    {
         writeln!(err, "{note}")?;
     }
     for (_, why) in &failures {

@@ -154,10 +154,14 @@ impl ProcRead for FakeKernel {
         })
     }
     fn cmdline(&self, pid: i32) -> io::Result<String> {
-        self.with(|w| {
-            w.alive(pid)
-                .map(|p| p.cmdline.clone())
-                .ok_or_else(|| errno(libc::ENOENT))
+        self.record(Call::Cmdline { pid });
+        self.with(|w| match w.alive(pid) {
+            Some(p) if p.cmdline_stalls => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("pid {pid}: reading its memory did not return in time"),
+            )),
+            Some(p) => Ok(p.cmdline.clone()),
+            None => Err(errno(libc::ENOENT)),
         })
     }
     fn cgroup(&self, pid: i32) -> io::Result<String> {

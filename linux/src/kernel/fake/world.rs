@@ -15,21 +15,57 @@ pub const NETNS: u64 = 4026531840;
 /// One call the code under test made, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    Cover { pids: Vec<i32>, own: bool },
+    Cover {
+        pids: Vec<i32>,
+        own: bool,
+    },
     Snapshot,
     Changes,
     Pids,
-    FdTable { pid: i32 },
-    OpenProcess { pid: i32 },
-    Duplicate { pid: i32, fd: i32 },
-    Shutdown { pid: i32, fd: i32, inode: u64 },
-    Signal { pid: i32, signal: i32 },
-    SetNofile { pid: i32, soft: u64, hard: u64 },
-    Lookup { key: SocketKey },
-    Destroy { key: SocketKey },
-    ProveDestroy { netns: u64 },
-    LiveInodes { listed: Listed },
-    Inspect { pid: i32, fd: i32 },
+    FdTable {
+        pid: i32,
+    },
+    OpenProcess {
+        pid: i32,
+    },
+    Duplicate {
+        pid: i32,
+        fd: i32,
+    },
+    Shutdown {
+        pid: i32,
+        fd: i32,
+        inode: u64,
+    },
+    Signal {
+        pid: i32,
+        signal: i32,
+    },
+    SetNofile {
+        pid: i32,
+        soft: u64,
+        hard: u64,
+    },
+    Lookup {
+        key: SocketKey,
+    },
+    Destroy {
+        key: SocketKey,
+    },
+    ProveDestroy {
+        netns: u64,
+    },
+    LiveInodes {
+        listed: Listed,
+    },
+    /// A read of the process's command line.
+    Cmdline {
+        pid: i32,
+    },
+    Inspect {
+        pid: i32,
+        fd: i32,
+    },
 }
 
 /// What an fd of a scripted process refers to.
@@ -64,6 +100,8 @@ pub struct Process {
     pub closes_on_hup: bool,
     /// Exits on these signals.
     pub dies_on: BTreeSet<i32>,
+    /// Reading its command line does not return in time (its memory map is locked).
+    pub cmdline_stalls: bool,
 }
 
 impl Process {
@@ -85,6 +123,7 @@ impl Process {
             alive: true,
             closes_on_hup: false,
             dies_on: [libc::SIGTERM, libc::SIGKILL].into_iter().collect(),
+            cmdline_stalls: false,
         }
     }
 

@@ -1,0 +1,197 @@
+//! A process whose command line cannot be read, against every `cmdline` selector: the
+//! kernel reads a command line under the process's mmap lock, and `stall_mm.c` keeps that
+//! lock from any new reader for as long as it lives (a thread stuck in a FUSE read that is
+//! never answered holds it, and a second thread queues for it). An earlier cwreap read every
+//! process's command line inline, so one such process blocked `scan --cmdline` and the
+//! daemon's cycles for good.
+//!
+//! Now the command line is read last, only for a process every cheaper criterion accepts,
+//! on a thread of its own with a deadline: a stalled process is skipped, named and counted,
+//! and everything else goes on.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::hardening::run_guarded;
+use crate::support::*;
+
+const V4: &str = "127.0.0.1:0";
+
+/// `stall_mm` running, once a read of its command line blocks; killed on drop (its FUSE
+/// server dies with it, which lets every stuck reader go).
+fn stalled_process(test: &str) -> Option<LineChild> {
+    let exe = runtimes::c_program(test, "stall_mm.c")?;
+    let mut p = LineChild::spawn("stall_mm", &mut Command::new(exe)).expect("start stall_mm");
+    p.expect("stalled", HANG_GUARD)
+        .unwrap_or_else(|e| panic!("stall_mm never stalled: {e}\n{}", p.transcript()));
+    Some(p)
+}
+
+/// The kernel agrees the trap is armed: reading /proc/PID/cmdline from a thread of ours
+/// has not returned after a second (it is left behind; it returns once `pid` dies).
+fn assert_cmdline_blocks(pid: i32) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(format!("/proc/{pid}/cmdline")));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(1)).is_err(),
+        "reading the command line of pid {pid} returned: the hazard is not there"
+    );
+}
+
+/// The pids of `scan --json` rows, with how many rows each.
+fn rows_by_pid(out: &str) -> std::collections::BTreeMap<i64, usize> {
+    let mut by = std::collections::BTreeMap::new();
+    for line in out.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON row");
+        *by.entry(field_i64(&v, "pid")).or_insert(0) += 1;
+    }
+    by
+}
+
+#[test]
+#[ignore = "needs root: mounts a FUSE file system (/dev/fuse) and reads other processes' fds"]
+fn scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads() {
+    let Some(stall) =
+        stalled_process("scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads")
+    else {
+        return;
+    };
+    let stalled = stall.pid();
+    assert_cmdline_blocks(stalled);
+    let mut fx = Fixture::start(&[V4], &[]);
+    let _clients: Vec<_> = (0..3).map(|_| fx.close_wait(0)).collect();
+    assert_eq!(ss_close_wait(fx.pid()).len(), 3);
+
+    // Host-wide, by command line: every process's command line is read, the stalled one's
+    // too. The scan ends, finds the fixture's three sockets, and names the one it skipped.
+    let (code, out, err, took) = run_guarded(Command::new(cwreap_bin()).args([
+        "scan",
+        "--json",
+        "--cmdline",
+        "cwreap-fixture server",
+    ]));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        rows_by_pid(&out).get(&i64::from(fx.pid())),
+        Some(&3),
+        "the fixture's sockets:\n{out}\n{err}"
+    );
+    assert!(
+        err.contains("were skipped") && err.contains(&stalled.to_string()),
+        "the stalled process is named: {err}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    // Cheaper criteria first: a name that rules the stalled process out means its command
+    // line is never read, so nothing waits and nothing is said about it.
+    let (code, out, err, _) = run_guarded(Command::new(cwreap_bin()).args([
+        "scan",
+        "--json",
+        "--comm",
+        "cwreap-fixture",
+        "--cmdline",
+        "server",
+    ]));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        rows_by_pid(&out).get(&i64::from(fx.pid())),
+        Some(&3),
+        "{out}"
+    );
+    assert!(
+        !err.contains("were skipped"),
+        "read a command line it did not need: {err}"
+    );
+
+    // Named by pid, it is an error that says why (exit 2), never "nothing here".
+    let (code, _, err, _) = run_guarded(Command::new(cwreap_bin()).args([
+        "scan",
+        "--pid",
+        &stalled.to_string(),
+        "--cmdline",
+        "anything",
+    ]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("pid {stalled}")) && err.contains("did not return"),
+        "{err}"
+    );
+    drop(stall);
+}
+
+#[test]
+#[ignore = "needs root: mounts a FUSE file system (/dev/fuse) and runs the daemon on other processes' sockets"]
+fn daemon_cycles_go_on_past_a_process_whose_command_line_never_reads() {
+    let Some(stall) =
+        stalled_process("daemon_cycles_go_on_past_a_process_whose_command_line_never_reads")
+    else {
+        return;
+    };
+    let stalled = stall.pid();
+    assert_cmdline_blocks(stalled);
+    let mut fx = Fixture::start(&[V4], &[]);
+    let _clients: Vec<_> = (0..2).map(|_| fx.close_wait(0)).collect();
+    let addr = metrics::free_addr();
+    let yaml = format!(
+        "interval: 200ms\ndry_run: true\nlog_format: json\nmetrics: {{listen: {addr}}}\n\
+         targets:\n  - name: by-cmdline\n    match: {{cmdline: 'cwreap-fixture server'}}\n    older_than: 1ms\n    action: shutdown\n"
+    );
+    let mut d = LoggedDaemon::start("stalled-cmdline", &yaml);
+    let fx_pid = fx.pid();
+    // The fixture's sockets are found, cycle after cycle, while the stalled process is
+    // skipped: logged once, counted every cycle.
+    d.wait_for("the fixture's sockets found", |d| {
+        let seen = d
+            .daemon
+            .events()
+            .iter()
+            .filter(|e| {
+                e["message"] == "close_wait action"
+                    && e["pid"].as_i64() == Some(i64::from(fx_pid))
+                    && e["outcome"] == "dry_run"
+            })
+            .count();
+        (seen >= 2).then_some(())
+    });
+    let scrape = |series: &str| {
+        metrics::scrape(addr)
+            .and_then(|t| metrics::sample(&t, series))
+            .unwrap_or(0.0)
+    };
+    let stalled_errors = || scrape("cwreap_cycle_errors_total{kind=\"stalled_read\"}");
+    let cycles = || scrape("cwreap_cycle_duration_seconds_count");
+    // Counted every cycle while it lasts.
+    let (c0, s0) = (cycles(), stalled_errors());
+    wait_until(
+        "five cycles counting the stalled read",
+        || d.log(),
+        || {
+            let (c, s) = (cycles(), stalled_errors());
+            (c >= c0 + 5.0 && s >= s0 + 5.0).then_some(())
+        },
+    );
+    // Named once (other tests' stalled processes may come and go in other lines).
+    let ours = d
+        .lines()
+        .iter()
+        .filter(|l| l.contains("did not return in time") && l.contains(&stalled.to_string()))
+        .count();
+    assert_eq!(ours, 1, "logged once: {}", d.log());
+
+    // Once the process is gone, its stuck read returns: three cycles in a row count none.
+    drop(stall);
+    let mut last = (cycles(), stalled_errors());
+    wait_until(
+        "three cycles without a stalled read",
+        || d.log(),
+        || {
+            let (c, s) = (cycles(), stalled_errors());
+            if s != last.1 {
+                last = (c, s);
+            }
+            (c >= last.0 + 3.0).then_some(())
+        },
+    );
+}
