@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::render::human_age;
+pub use crate::shared::forecast::{FdTrend, emfile_in_s};
 
 /// How many remote hosts and local ports a report names.
 pub const TOP_N: usize = 5;
@@ -170,15 +171,6 @@ pub struct Sample {
     pub open_fds: BTreeMap<i32, usize>,
 }
 
-/// Open fds of one process in the first and last samples that saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FdTrend {
-    pub first: usize,
-    pub last: usize,
-    /// Time between those two samples.
-    pub span: Duration,
-}
-
 /// What a series of samples says, per process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Trends {
@@ -233,19 +225,6 @@ pub fn trends(samples: &[Sample]) -> Trends {
 pub fn leak_per_min(arrivals: usize, window: Option<Duration>) -> Option<f64> {
     let secs = window?.as_secs_f64();
     (secs > 0.0).then(|| arrivals as f64 * 60.0 / secs)
-}
-
-/// Seconds until the open fds reach the soft limit at the net growth measured; unknown
-/// without growth, without a limit, or from a single sample. 0 when already there.
-pub fn emfile_in_s(fds: &FdTrend, limit: Option<u64>) -> Option<f64> {
-    let limit = limit?;
-    let secs = fds.span.as_secs_f64();
-    if fds.last <= fds.first || secs <= 0.0 {
-        return None;
-    }
-    let per_s = (fds.last - fds.first) as f64 / secs;
-    let left = limit.saturating_sub(fds.last as u64);
-    Some(left as f64 / per_s)
 }
 
 /// The `n` most frequent keys with their counts, most frequent first (ties: smaller key).

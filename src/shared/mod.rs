@@ -3,6 +3,7 @@
 //! - [`age`]: one age for every socket, with its bounds and its source;
 //! - [`selector`]: which sockets a command or a policy target is about;
 //! - [`dead`]: dead held sockets: ended connections a process still holds by an fd;
+//! - [`forecast`]: when a process runs out of fds, from the growth of its open fds;
 //! - [`pid_file`]: reading a pid file as systemd trusts one (owner, no symlink, no FIFO,
 //!   64 bytes at most);
 //! - [`config`]: the YAML policy, validated in one step;
@@ -18,6 +19,7 @@ pub mod attribute;
 pub mod audit_file;
 pub mod config;
 pub mod dead;
+pub mod forecast;
 pub mod pid_file;
 pub mod selector;
 pub mod usage;
