@@ -191,20 +191,25 @@ fn inet(a: rustix::net::SocketAddrAny) -> Option<std::net::SocketAddr> {
     std::net::SocketAddr::try_from(a).ok()
 }
 
-/// Set the soft RLIMIT_NOFILE of process `pid` to `soft` (prlimit(2); the hard limit is
-/// kept). Needs matching real, effective and saved ids, or CAP_SYS_RESOURCE.
-pub fn set_nofile_soft(pid: i32, soft: u64, hard: u64) -> io::Result<()> {
+/// Set RLIMIT_NOFILE of process `pid` (prlimit(2); None is unlimited) and return the
+/// limits it had, read in the same call. Needs matching real, effective and saved ids, or
+/// CAP_SYS_RESOURCE.
+pub fn prlimit_nofile(
+    pid: i32,
+    soft: Option<u64>,
+    hard: Option<u64>,
+) -> io::Result<(Option<u64>, Option<u64>)> {
     use rustix::process::{Resource, Rlimit, prlimit};
     let pid = Pid::from_raw(pid).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    prlimit(
+    let old = prlimit(
         Some(pid),
         Resource::Nofile,
         Rlimit {
-            current: Some(soft),
-            maximum: Some(hard),
+            current: soft,
+            maximum: hard,
         },
     )?;
-    Ok(())
+    Ok((old.current, old.maximum))
 }
 
 /// Send `signal` to the process behind `pidfd` (pidfd_send_signal(2)): never to another

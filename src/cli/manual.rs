@@ -135,12 +135,20 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
                 "skip or act: when the intent records of a cycle cannot be written (a full or failing disk), skip acts on nothing that changes a socket (each skipped action counted in cwreap_actions_skipped_unrecorded_total and the failure logged), act goes on and relies on the journal. Default skip: no action without a record.",
             ),
             (
+                "still_held_after",
+                "How long the owner of a socket cwreap shut down has to close its fd before the verdict is still_held (event fd_release, cwreap_fd_released_total). The owner is looked at every cycle until then: released as soon as it lets go, gone if the process exits, still_held if the fd still names the same socket at the end of the window. Default 3 intervals or 30s, whichever is longer, so an app that closes on its next heartbeat or poll is not reported.",
+            ),
+            (
                 "limits.max_reaps_per_cycle",
                 "At most this many socket-touching actions per cycle. Default 100.",
             ),
             (
                 "limits.max_reaps_per_minute",
                 "At most this many per sliding minute. Default 600.",
+            ),
+            (
+                "limits.max_escalations_per_minute",
+                "At most this many escalations (fd-limit raises and signals) per sliding minute, a budget apart from the reaps: escalations run first in a cycle, so no reap holds one back. One that is due past it is deferred, counted in cwreap_escalations_deferred_total and logged once. Default 60.",
             ),
             (
                 "metrics.listen",
@@ -235,15 +243,23 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
             ),
             (
                 "targets[].escalate",
-                "Opt-in, for apps that keep their fds after shutdown: raise_fd_limit_at, signal_at, signal. Neither touches a socket or an fd of the process; the daemon never closes fds inside a target (the old close_after is refused).",
+                "Opt-in, for apps that keep their fds after shutdown: raise_fd_limit_at, signal_at, raise_before_emfile, signal_before_emfile, signal. Neither touches a socket or an fd of the process; the daemon never closes fds inside a target (the old close_after is refused). Each happens once per process and per mode: in a dry run it is recorded as what would have happened (outcome dry_run), and the real one stays armed for when the policy enforces (after a reload or a restart).",
             ),
             (
                 "targets[].escalate.raise_fd_limit_at",
-                "A percentage (e.g. 80%): when a process of the target holds at least min_close_wait leaking sockets (in CLOSE_WAIT, or dead held: ended connections whose fd it still holds, those cwreap shut down among them) and its open fds reach this share of its soft RLIMIT_NOFILE, raise the soft limit to the hard limit (prlimit), once per process. Never when the soft limit is 1024 or less (select() with FD_SETSIZE breaks above it), so never on a service whose LimitNOFILE was not raised. Needs CAP_SYS_RESOURCE.",
+                "A percentage (e.g. 80%): when a process of the target holds at least min_close_wait leaking sockets (in CLOSE_WAIT, or dead held: ended connections whose fd it still holds, those cwreap shut down among them) and its open fds reach this share of its soft RLIMIT_NOFILE, raise the soft limit to the hard limit (prlimit), once per process; the hard limit is never changed, and limits the process changed since they were read are left as it set them (nothing raised, audited as skipped). Never when the soft limit is 1024 or less (select() with FD_SETSIZE breaks above it), so never on a service whose LimitNOFILE was not raised. Needs CAP_SYS_RESOURCE.",
             ),
             (
                 "targets[].escalate.signal_at",
-                "A percentage above raise_fd_limit_at (e.g. 95%): on the same condition, send `signal` through the pidfd held since attribution (never to a reused pid), once per process, counted against the rate limits: a restart before EMFILE. Needs CAP_KILL.",
+                "A percentage above raise_fd_limit_at (e.g. 95%): on the same condition, send `signal` through the pidfd held since attribution (never to a reused pid), once per process, within limits.max_escalations_per_minute: a restart before EMFILE. A percentage fires too late when the leak uses up the headroom above it within one interval (the daemon warns when it sees that); use signal_before_emfile then. Needs CAP_KILL.",
+            ),
+            (
+                "targets[].escalate.raise_before_emfile",
+                "A duration (e.g. 10m): raise the fd limit, as raise_fd_limit_at does, once the forecast puts EMFILE within it. The forecast is the growth of the process's open fds over the last minute (one sample per cycle; the estimator of `cwreap explain`) carried to its soft limit; it needs two cycles to see a rate. Longer than signal_before_emfile.",
+            ),
+            (
+                "targets[].escalate.signal_before_emfile",
+                "A duration (e.g. 2m): send `signal`, as signal_at does, once the forecast puts EMFILE within it. Keep it a few intervals long: a 5 fds/s leak with interval 5s moves 25 fds between two looks.",
             ),
             (
                 "targets[].escalate.signal",

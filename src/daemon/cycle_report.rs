@@ -12,6 +12,8 @@ use crate::shared::config::Action;
 pub enum Release {
     Released,
     StillHeld,
+    /// The owner exited before it let go (its fds went with it).
+    Gone,
 }
 
 impl Release {
@@ -19,6 +21,7 @@ impl Release {
         match self {
             Release::Released => "released",
             Release::StillHeld => "still_held",
+            Release::Gone => "gone",
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct CycleReport {
     /// Escalations done, by target and kind.
     pub escalations: BTreeMap<(String, EscalationKind), usize>,
     pub deferred: usize,
+    /// Escalations due but held back by `limits.max_escalations_per_minute`.
+    pub escalations_deferred: usize,
     /// Actions not done because their intent records could not be written.
     pub skipped_unrecorded: usize,
     pub errors: BTreeMap<ErrorKind, usize>,

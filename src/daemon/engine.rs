@@ -51,6 +51,8 @@ pub struct Daemon<K: Kernel> {
     /// Inodes of last cycle's CLOSE_WAIT sockets that no target fd held.
     unowned: HashSet<u64>,
     limiter: RateLimiter,
+    /// Escalations per minute, apart from the reaps.
+    escalation_limiter: RateLimiter,
     headroom: Headroom,
     /// Sockets already acted on (or reported), so each is handled once.
     handled: HashSet<SocketKey>,
@@ -117,6 +119,7 @@ impl<K: Kernel> Daemon<K> {
             cache: FdIndex::default(),
             unowned: HashSet::new(),
             limiter: RateLimiter::default(),
+            escalation_limiter: RateLimiter::default(),
             headroom: Headroom::default(),
             handled: HashSet::new(),
             releases: ReleaseWatch::default(),
@@ -239,17 +242,11 @@ impl<K: Kernel> Daemon<K> {
                 &mut self.headroom,
                 &mut report,
             );
-            let (plan, budget) = self.plan(&found.list, now, stop, &mut report);
+            // Escalations first, on a budget of their own: no reap holds one back.
+            self.escalate(&snap, &targets, &found, now, stop, &mut report);
+            let plan = self.plan(&found.list, now, stop, &mut report);
             let reaps = self.execute(&snap, &plan, now, stop, &mut report);
-            let signals = self.escalate(
-                &snap,
-                &targets,
-                &found,
-                budget.saturating_sub(reaps),
-                stop,
-                &mut report,
-            );
-            self.limiter.record(reaps + signals, now);
+            self.limiter.record(reaps, now);
             let alive: HashSet<i32> = snap.processes.keys().copied().collect();
             self.headroom.retain(&alive);
             self.cache.restore(snap.processes);
@@ -404,14 +401,14 @@ impl<K: Kernel> Daemon<K> {
     }
 
     /// The decisions of this cycle within the rate limits, with their intents on the disk
-    /// when the policy has an audit log; and the reap budget they were planned under.
+    /// when the policy has an audit log.
     fn plan(
         &mut self,
         candidates: &[policy::Candidate],
         now: Boottime,
         stop: &AtomicBool,
         report: &mut CycleReport,
-    ) -> (Plan, usize) {
+    ) -> Plan {
         let budget = self.limiter.budget(
             self.cfg.limits.max_reaps_per_cycle as usize,
             self.cfg.limits.max_reaps_per_minute as usize,
@@ -438,7 +435,7 @@ impl<K: Kernel> Daemon<K> {
             plan.decisions
                 .retain(|d| d.action == Action::Log || d.dry_run);
         }
-        (plan, budget)
+        plan
     }
 
     /// Act on each decision, and report it. Returns the socket-touching actions done.
@@ -522,13 +519,18 @@ impl<K: Kernel> Daemon<K> {
         for v in self.releases.check(&self.kernel, &self.cfg, now) {
             let waited_ms = u64::try_from(v.waited.as_millis()).unwrap_or(u64::MAX);
             let r = v.result.as_str();
-            if v.result == Release::StillHeld {
-                warn!(target = %v.target, pid = v.pid, fd = v.fd, comm = %v.comm, inode = v.inode,
-                    result = r, waited_ms,
-                    "owner still holds the fd of a socket cwreap shut down: the app ignores EPOLLHUP/EPIPE; fix its disconnect path or restart it");
-            } else {
-                info!(target = %v.target, pid = v.pid, fd = v.fd, comm = %v.comm, inode = v.inode,
-                    result = r, waited_ms, "owner released the fd");
+            match v.result {
+                Release::StillHeld => {
+                    warn!(target = %v.target, pid = v.pid, fd = v.fd, comm = %v.comm,
+                    inode = v.inode, result = r, waited_ms,
+                    "owner still holds the fd of a socket cwreap shut down, a whole still_held_after later: the app ignores EPOLLHUP/EPIPE; fix its disconnect path or restart it")
+                }
+                Release::Released => {
+                    info!(target = %v.target, pid = v.pid, fd = v.fd, comm = %v.comm,
+                    inode = v.inode, result = r, waited_ms, "owner released the fd")
+                }
+                Release::Gone => info!(target = %v.target, pid = v.pid, fd = v.fd, comm = %v.comm,
+                    inode = v.inode, result = r, waited_ms, "owner exited before releasing the fd"),
             }
             self.audit.record(json!({
                 "ts": unix_ts(),
@@ -545,19 +547,18 @@ impl<K: Kernel> Daemon<K> {
         }
     }
 
-    /// Escalations due this cycle, within what the rate limits leave (`actions`).
-    /// Returns the signals sent, which count against the limits.
+    /// Escalations due this cycle, within `limits.max_escalations_per_minute`.
     fn escalate(
         &mut self,
         snap: &Snapshot<Arc<K::Process>>,
         targets: &Targets,
         found: &cycle::Candidates,
-        actions: usize,
+        now: Boottime,
         stop: &AtomicBool,
         report: &mut CycleReport,
-    ) -> usize {
+    ) {
         if stop.load(Ordering::Relaxed) {
-            return 0;
+            return;
         }
         self.step();
         let round = Round {
@@ -569,12 +570,14 @@ impl<K: Kernel> Daemon<K> {
             targets,
             selected: &found.selected,
             dead_held: &found.dead_held,
+            now,
         };
+        let per_minute = self.cfg.limits.max_escalations_per_minute as usize;
         let mut budget = Budget {
-            actions,
-            signals: 0,
+            left: self.escalation_limiter.budget(usize::MAX, per_minute, now),
+            used: 0,
         };
         self.escalations.run(&round, &mut budget, report);
-        budget.signals
+        self.escalation_limiter.record(budget.used, now);
     }
 }

@@ -69,6 +69,7 @@ struct Inner {
     last_cycle: GaugeF,
     refused: Counter,
     skipped_unrecorded: Counter,
+    escalations_deferred: Counter,
     evicted: Counter,
 }
 
@@ -195,6 +196,12 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
+        let escalations_deferred = Counter::default();
+        registry.register(
+            "cwreap_escalations_deferred",
+            "Escalations due but held back by limits.max_escalations_per_minute (each cycle one waits)",
+            escalations_deferred.clone(),
+        );
         let skipped_unrecorded = Counter::default();
         registry.register(
             "cwreap_actions_skipped_unrecorded",
@@ -254,6 +261,7 @@ impl Metrics {
                 last_cycle,
                 refused,
                 skipped_unrecorded,
+                escalations_deferred,
                 evicted,
             })),
         }
@@ -323,6 +331,8 @@ impl Metrics {
         }
         m.skipped_unrecorded
             .inc_by(u64::try_from(report.skipped_unrecorded).unwrap_or(u64::MAX));
+        m.escalations_deferred
+            .inc_by(u64::try_from(report.escalations_deferred).unwrap_or(u64::MAX));
         for ((target, result), n) in &report.releases {
             m.released
                 .get_or_create(&ReleaseLabels {

@@ -216,9 +216,12 @@ pub struct Load {
     /// Sockets of the process in CLOSE_WAIT, plus those cwreap shut down that it still
     /// holds.
     pub leaking: usize,
+    /// When the forecast ([`crate::shared::forecast`]) puts EMFILE; None without a rate.
+    pub emfile_in: Option<Duration>,
 }
 
-/// Which escalations a process already had (each happens at most once per process).
+/// Which escalations a process already had (each happens at most once per process, and
+/// per mode: see [`crate::daemon::escalate`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Escalated {
     /// The fd limit was raised, or found impossible to raise.
@@ -262,8 +265,9 @@ impl NoRaise {
 pub const SELECT_FD_SETSIZE: u64 = 1024;
 
 /// The one escalation a process is due for now, if any: it must hold at least
-/// `min_close_wait` leaking sockets and have reached the threshold (open fds / soft limit,
-/// in percent). Raising comes before signalling; each happens once.
+/// `min_close_wait` leaking sockets and have reached a threshold: its open fds at a share of
+/// the soft limit (`*_at`), or EMFILE forecast within a time (`*_before_emfile`). Raising
+/// comes before signalling; each happens once.
 pub fn escalation(
     e: &Escalate,
     min_close_wait: u32,
@@ -275,10 +279,13 @@ pub fn escalation(
     }
     let soft = load.soft.filter(|s| *s > 0)?;
     let pct = (load.open_fds as u64).saturating_mul(100) / soft;
-    if let Some(at) = e.raise_fd_limit_at
-        && !done.raise_settled
-        && pct >= u64::from(at)
-    {
+    let reached = |at: Option<u8>| at.is_some_and(|at| pct >= u64::from(at));
+    let soon = |within: Option<Duration>| {
+        within
+            .zip(load.emfile_in)
+            .is_some_and(|(within, left)| left <= within)
+    };
+    if !done.raise_settled && (reached(e.raise_fd_limit_at) || soon(e.raise_before_emfile)) {
         return Some(match load.hard {
             _ if soft <= SELECT_FD_SETSIZE => Escalation::NoRaise(NoRaise::SelectLimit),
             None => Escalation::NoRaise(NoRaise::UnlimitedHard),
@@ -289,10 +296,7 @@ pub fn escalation(
             },
         });
     }
-    if let Some(at) = e.signal_at
-        && !done.signaled
-        && pct >= u64::from(at)
-    {
+    if !done.signaled && (reached(e.signal_at) || soon(e.signal_before_emfile)) {
         return Some(Escalation::Signal);
     }
     None
@@ -522,6 +526,7 @@ targets:
             soft: Some(soft),
             hard,
             leaking,
+            emfile_in: None,
         }
     }
 

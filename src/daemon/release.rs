@@ -1,7 +1,10 @@
 //! After a shutdown: did the owner release the fd? [`ReleaseWatch`] owns the sockets
-//! cwreap shut down and is waiting on: `released` as soon as the owner lets go,
-//! `still_held` after a grace period. A socket still held is a dead held socket, counted
-//! as leaking for as long as the owner holds it ([`super::dead_held`]).
+//! cwreap shut down and looks at each every cycle: `released` as soon as the owner lets
+//! go, `gone` if the owner exits first, `still_held` if its fd still names the socket
+//! (a dead held socket) at the end of the window (`still_held_after`: by default 3
+//! intervals or 30 s, whichever is longer, so an app that closes on its next heartbeat or
+//! poll is not blamed). A socket still held is counted as leaking for as long as the owner
+//! holds it ([`super::dead_held`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,12 +52,21 @@ impl<P> Default for ReleaseWatch<P> {
     }
 }
 
-/// Whether the owner still holds the fd of a socket cwreap shut down: alive (through the
-/// pin kept since the shutdown; `without_pin` is the answer when there is none) and its
-/// fd still names the same socket inode.
-fn owner_holds<K: ProcRead + Effects>(k: &K, p: &Pending<K::Process>, without_pin: bool) -> bool {
-    let alive = p.pin.as_ref().map_or(without_pin, |pin| k.alive(pin));
-    alive && matches!(k.fd_socket_inode(p.pid, p.fd), Ok(Some(i)) if i == p.inode)
+/// Where the owner stands with the fd of a socket cwreap shut down: gone (through the
+/// pin kept since the shutdown; without one, a pid whose /proc entry is gone), holding it
+/// (its fd still names the same socket inode), or not.
+fn owner_state<K: ProcRead + Effects>(k: &K, p: &Pending<K::Process>) -> Option<Release> {
+    let alive = match p.pin.as_ref() {
+        Some(pin) => k.alive(pin),
+        None => k.start_time(p.pid).is_ok(),
+    };
+    if !alive {
+        return Some(Release::Gone);
+    }
+    match k.fd_socket_inode(p.pid, p.fd) {
+        Ok(Some(i)) if i == p.inode => None,
+        _ => Some(Release::Released),
+    }
 }
 
 impl<P> ReleaseWatch<P> {
@@ -67,26 +79,26 @@ impl<P> ReleaseWatch<P> {
         self.pending.len()
     }
 
-    /// Verdicts due now: `released` as soon as the owner let go; `still_held` once the
-    /// grace period (one interval, at least 1 s) is over. A still-held socket is a dead
-    /// held one from then on ([`crate::daemon::dead_held`]).
+    /// Verdicts due now: `released` as soon as the owner let go, `gone` if it exited,
+    /// `still_held` once [`Config::still_held_window`] is over. A still-held socket is a
+    /// dead held one from then on ([`crate::daemon::dead_held`]).
     pub fn check<K: ProcRead + Effects<Process = P>>(
         &mut self,
         k: &K,
         cfg: &Config,
         now: Boottime,
     ) -> Vec<Verdict> {
-        let grace = cfg.interval.max(Duration::from_secs(1));
+        let window = cfg.still_held_window();
         let mut out = Vec::new();
         for p in std::mem::take(&mut self.pending) {
             let waited = now.saturating_since(p.at);
-            let result = if !owner_holds(k, &p, true) {
-                Release::Released
-            } else if waited >= grace {
-                Release::StillHeld
-            } else {
-                self.pending.push(p);
-                continue;
+            let result = match owner_state(k, &p) {
+                Some(r) => r,
+                None if waited >= window => Release::StillHeld,
+                None => {
+                    self.pending.push(p);
+                    continue;
+                }
             };
             out.push(Verdict {
                 target: p.target.clone(),

@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::netlink::DiagSocket;
+use crate::procfs::Limits;
 use crate::sys;
 
 /// What a duplicated fd turned out to be.
@@ -55,12 +56,26 @@ pub trait Effects {
         let _ = (process, signal);
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
-    /// Set RLIMIT_NOFILE of `pid` (prlimit takes a pid, not a pidfd: check afterwards that
-    /// the pid still names the process meant). Unsupported unless implemented, as above.
-    fn set_nofile(&self, pid: i32, soft: u64, hard: u64) -> io::Result<()> {
-        let _ = (pid, soft, hard);
+    /// Raise the soft RLIMIT_NOFILE of `pid` to `soft`, keeping the hard limit, provided
+    /// the limits are still `expected` (those the decision was made on). prlimit sets both
+    /// limits and returns the old ones in the same call: if they were not `expected` (the
+    /// process changed them meanwhile), they are put back as found and nothing is raised.
+    /// prlimit takes a pid, not a pidfd: check before and after that the pid still names
+    /// the process meant. Unsupported unless implemented, as above.
+    fn raise_nofile_soft(&self, pid: i32, soft: u64, expected: Limits) -> io::Result<NofileRaise> {
+        let _ = (pid, soft, expected);
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
+}
+
+/// What [`Effects::raise_nofile_soft`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NofileRaise {
+    /// The soft limit is raised; the hard limit is what it was.
+    Raised,
+    /// The limits were not the ones expected: they were put back as found (these), and
+    /// nothing was raised.
+    Changed(Limits),
 }
 
 /// A process pinned by [`RealOs`]: its pidfd, and once its thread-group leader has
@@ -139,8 +154,19 @@ impl Effects for RealOs {
         sys::pidfd_signal(process.pidfd.as_fd(), signal)
     }
 
-    fn set_nofile(&self, pid: i32, soft: u64, hard: u64) -> io::Result<()> {
-        sys::set_nofile_soft(pid, soft, hard)
+    fn raise_nofile_soft(&self, pid: i32, soft: u64, expected: Limits) -> io::Result<NofileRaise> {
+        let (old_soft, old_hard) = sys::prlimit_nofile(pid, Some(soft), expected.hard)?;
+        let found = Limits {
+            soft: old_soft,
+            hard: old_hard,
+        };
+        if found == expected {
+            return Ok(NofileRaise::Raised);
+        }
+        // Changed between the read and the write: undo ours at once, so the process keeps
+        // the limits it set (lowering a hard limit back is always allowed).
+        sys::prlimit_nofile(pid, found.soft, found.hard)?;
+        Ok(NofileRaise::Changed(found))
     }
 }
 

@@ -216,8 +216,13 @@ impl Effects for Linux {
     fn signal(&self, process: &Pinned, signal: i32) -> io::Result<()> {
         self.os.signal(process, signal)
     }
-    fn set_nofile(&self, pid: i32, soft: u64, hard: u64) -> io::Result<()> {
-        self.os.set_nofile(pid, soft, hard)
+    fn raise_nofile_soft(
+        &self,
+        pid: i32,
+        soft: u64,
+        expected: Limits,
+    ) -> io::Result<crate::kernel::NofileRaise> {
+        self.os.raise_nofile_soft(pid, soft, expected)
     }
 }
 

@@ -21,7 +21,9 @@ pub mod system;
 
 pub use clock::{Boottime, Clock, SystemClock};
 pub use discover::{Changes, Discover, SocketKey, key_of};
-pub use effects::{Destroy, Effects, Identity, Pinned, RealOs, SocketFacts, inspect_socket};
+pub use effects::{
+    Destroy, Effects, Identity, NofileRaise, Pinned, RealOs, SocketFacts, inspect_socket,
+};
 pub use linux::Linux;
 pub use procs::ProcRead;
 pub use system::Kernel;

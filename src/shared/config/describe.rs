@@ -87,6 +87,13 @@ impl Config {
             "on_audit_failure: {}",
             self.on_audit_failure.as_str()
         ));
+        match self.still_held_after {
+            Some(d) => l.push(format!("still_held_after: {}", duration_text(d))),
+            None => l.push(format!(
+                "# still_held_after: {} (3 intervals or 30s, whichever is longer)",
+                duration_text(self.still_held_window())
+            )),
+        }
         l.push("limits:".to_owned());
         l.push(format!(
             "  max_reaps_per_cycle: {}",
@@ -95,6 +102,10 @@ impl Config {
         l.push(format!(
             "  max_reaps_per_minute: {}",
             self.limits.max_reaps_per_minute
+        ));
+        l.push(format!(
+            "  max_escalations_per_minute: {}",
+            self.limits.max_escalations_per_minute
         ));
         l.push("metrics:".to_owned());
         match self.metrics.listen {
@@ -200,11 +211,20 @@ impl Config {
                     l.push(format!("      raise_fd_limit_at: \"{p}%\""));
                     l.push(format!("      # {RAISE_FD_LIMIT_TEXT}"));
                 }
+                if let Some(d) = e.raise_before_emfile {
+                    l.push(format!("      raise_before_emfile: {}", duration_text(d)));
+                }
                 if let Some(p) = e.signal_at {
                     l.push(format!("      signal_at: \"{p}%\""));
+                }
+                if let Some(d) = e.signal_before_emfile {
+                    l.push(format!("      signal_before_emfile: {}", duration_text(d)));
+                }
+                if e.signals() {
                     l.push(format!("      signal: {}", e.signal.name()));
                     l.push(format!("      # {SIGNAL_TEXT}"));
                 }
+                l.push(format!("      # {BEFORE_EMFILE_TEXT}"));
             }
         }
         let mut out = l.join("\n");

@@ -13,6 +13,13 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_MAX_REAPS_PER_CYCLE: u32 = 100;
 pub const DEFAULT_MAX_REAPS_PER_MINUTE: u32 = 600;
+/// Escalations (fd-limit raises and signals) per minute, over all targets: a budget of
+/// their own, so socket reaps never hold one back.
+pub const DEFAULT_MAX_ESCALATIONS_PER_MINUTE: u32 = 60;
+/// The shortest default wait before a socket cwreap shut down is called `still_held`.
+pub const MIN_STILL_HELD_AFTER: Duration = Duration::from_secs(30);
+/// The longest `*_before_emfile` forecast window.
+pub const MAX_FORECAST_WINDOW: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9814";
 
 /// A validated policy.
@@ -27,10 +34,23 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// With an audit log: what to do when the intent records cannot be written.
     pub on_audit_failure: OnAuditFailure,
+    /// How long an owner has to release the fd of a socket cwreap shut down before the
+    /// verdict is `still_held`; None: [`Config::still_held_window`]'s default.
+    pub still_held_after: Option<Duration>,
     pub limits: Limits,
     pub metrics: Metrics,
     /// At least one; names are unique.
     pub targets: Vec<Target>,
+}
+
+impl Config {
+    /// How long an owner has to release the fd of a socket cwreap shut down: the
+    /// `still_held_after` given, else 3 intervals or [`MIN_STILL_HELD_AFTER`], whichever is
+    /// longer (an app that closes on its next heartbeat or poll is not `still_held`).
+    pub fn still_held_window(&self) -> Duration {
+        self.still_held_after
+            .unwrap_or_else(|| self.interval.saturating_mul(3).max(MIN_STILL_HELD_AFTER))
+    }
 }
 
 /// What a cycle does when its intent records could not be written (a full or failing disk).
@@ -72,6 +92,8 @@ impl LogFormat {
 pub struct Limits {
     pub max_reaps_per_cycle: u32,
     pub max_reaps_per_minute: u32,
+    /// Fd-limit raises and signals per minute, apart from the reaps.
+    pub max_escalations_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,13 +155,27 @@ pub struct Escalate {
     pub raise_fd_limit_at: Option<u8>,
     /// Send `signal` through the pidfd at this percentage (once per process).
     pub signal_at: Option<u8>,
+    /// Raise the fd limit once the forecast puts EMFILE at most this far away.
+    pub raise_before_emfile: Option<Duration>,
+    /// Send `signal` once the forecast puts EMFILE at most this far away.
+    pub signal_before_emfile: Option<Duration>,
     /// The signal `signal_at` sends (default SIGTERM): a restart before EMFILE.
     pub signal: Signal,
 }
 
 impl Escalate {
     pub fn any(&self) -> bool {
-        self.raise_fd_limit_at.is_some() || self.signal_at.is_some()
+        self.raises() || self.signals()
+    }
+
+    /// Whether it may raise the fd limit.
+    pub fn raises(&self) -> bool {
+        self.raise_fd_limit_at.is_some() || self.raise_before_emfile.is_some()
+    }
+
+    /// Whether it may send the signal.
+    pub fn signals(&self) -> bool {
+        self.signal_at.is_some() || self.signal_before_emfile.is_some()
     }
 }
 
@@ -196,8 +232,10 @@ impl Signal {
 pub const NO_CLOSE_IN_DAEMON: &str = "`escalate.close_after` is gone: closing an fd inside a running application is unsafe in managed runtimes (Python, Go, Java and Node later used the reused number and misdelivered or killed other connections), so the daemon never does it; use `raise_fd_limit_at: 80%` and `signal_at: 95%` (a restart before EMFILE), or `cwreap reap --pid PID --close` by hand on a process you will restart anyway";
 
 /// What each escalation does and risks, for `cwreap check`.
-pub const RAISE_FD_LIMIT_TEXT: &str = "raise_fd_limit_at: once per process, raises the soft RLIMIT_NOFILE to the hard limit (prlimit), buying time before EMFILE; never when the soft limit is 1024 or less, where select() with FD_SETSIZE would corrupt memory, so it never fires on a service whose limit was not raised (systemd's default LimitNOFILE is 1024:524288). Risk: the leak goes on; it only delays EMFILE. Needs CAP_SYS_RESOURCE (systemd/drop-ins/escalate.conf).";
-pub const SIGNAL_TEXT: &str = "signal_at: once per process, sends the signal through the pidfd held since attribution (never to a reused pid), counted against the rate limits, so the service manager restarts it before EMFILE. Risk: the process's in-flight requests end with it. Needs CAP_KILL (systemd/drop-ins/escalate.conf).";
+pub const RAISE_FD_LIMIT_TEXT: &str = "raise_fd_limit_at: once per process, raises the soft RLIMIT_NOFILE to the hard limit (prlimit), buying time before EMFILE; the hard limit is never changed (limits that changed since they were read are put back and nothing is raised); never when the soft limit is 1024 or less, where select() with FD_SETSIZE would corrupt memory, so it never fires on a service whose limit was not raised (systemd's default LimitNOFILE is 1024:524288). Risk: the leak goes on; it only delays EMFILE. Needs CAP_SYS_RESOURCE (systemd/drop-ins/escalate.conf).";
+pub const SIGNAL_TEXT: &str = "signal_at: once per process, sends the signal through the pidfd held since attribution (never to a reused pid), within `limits.max_escalations_per_minute` (a budget apart from the reaps, spent before any reap of the cycle), so the service manager restarts it before EMFILE. In a dry run it is recorded as what would have happened and the real one stays armed for when the policy enforces. Risk: the process's in-flight requests end with it. Needs CAP_KILL (systemd/drop-ins/escalate.conf).";
+/// What `check` says about the forecast triggers: it runs once and sees no rate.
+pub const BEFORE_EMFILE_TEXT: &str = "*_before_emfile: fires once the forecast puts EMFILE within that time: the growth of the process's open fds over the last minute (one sample per cycle, the estimator `cwreap explain` uses) carried forward to its soft limit. It needs two cycles to see a rate, so keep the window longer than a few intervals. A percentage trigger fires too late when the leak uses up the headroom above it within one interval (leak rate x interval > (100% - signal_at) x limit); the daemon warns when it sees that.";
 
 impl Target {
     /// The dry-run setting in force for this target given the global one. A `--dry-run` on

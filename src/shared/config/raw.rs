@@ -34,6 +34,8 @@ pub(super) struct RawConfig {
     #[serde(default, deserialize_with = "key")]
     pub(super) on_audit_failure: Key<String>,
     #[serde(default, deserialize_with = "key")]
+    pub(super) still_held_after: Key<String>,
+    #[serde(default, deserialize_with = "key")]
     pub(super) limits: Key<RawLimits>,
     #[serde(default, deserialize_with = "key")]
     pub(super) metrics: Key<RawMetrics>,
@@ -48,6 +50,8 @@ pub(super) struct RawLimits {
     pub(super) max_reaps_per_cycle: Key<String>,
     #[serde(default, deserialize_with = "key")]
     pub(super) max_reaps_per_minute: Key<String>,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) max_escalations_per_minute: Key<String>,
 }
 
 /// `metrics:` is either a word (`off`, as the README writes it) or a block.
@@ -129,6 +133,10 @@ pub(super) struct RawEscalate {
     pub(super) raise_fd_limit_at: Key<String>,
     #[serde(default, deserialize_with = "key")]
     pub(super) signal_at: Key<String>,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) raise_before_emfile: Key<String>,
+    #[serde(default, deserialize_with = "key")]
+    pub(super) signal_before_emfile: Key<String>,
     #[serde(default, deserialize_with = "key")]
     pub(super) signal: Key<String>,
 }

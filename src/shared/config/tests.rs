@@ -420,6 +420,7 @@ fn escalate_rules() {
             raise_fd_limit_at: Some(80),
             signal_at: Some(95),
             signal: Signal::Term,
+            ..Escalate::default()
         }
     );
     let described = ok.describe();
@@ -463,10 +464,72 @@ fn escalate_rules() {
             "escalate: {raise_fd_limit_at: 95%, signal_at: 80%}",
             "must be above `raise_fd_limit_at`",
         ),
+        (
+            "escalate: {raise_before_emfile: 1m, signal_before_emfile: 2m}",
+            "must be longer than `signal_before_emfile`",
+        ),
+        ("escalate: {signal_before_emfile: 0s}", "greater than zero"),
+        ("escalate: {signal_before_emfile: 2d}", "no forecast"),
+        ("escalate: {raise_before_emfile: soon}", "not a duration"),
     ] {
         let e = err(&with_target(&format!("    older_than: 1m\n    {body}\n")));
         assert!(e.contains(want), "{body}: {e}");
     }
+}
+
+#[test]
+fn forecast_escalations_and_their_budget_and_the_still_held_window() {
+    let c = ok_policy(
+        "    older_than: 1m\n    escalate: {raise_before_emfile: 5m, signal_before_emfile: 2m, signal: HUP}\n",
+    );
+    let e = c.targets[0].escalate;
+    assert_eq!(e.raise_before_emfile, Some(Duration::from_secs(300)));
+    assert_eq!(e.signal_before_emfile, Some(Duration::from_secs(120)));
+    assert_eq!(e.signal, Signal::Hup);
+    assert!(e.raises() && e.signals());
+    assert_eq!(
+        c.limits.max_escalations_per_minute,
+        DEFAULT_MAX_ESCALATIONS_PER_MINUTE
+    );
+    // The default window: 3 intervals, at least 30 s.
+    assert_eq!(
+        c.still_held_window(),
+        Duration::from_secs(90),
+        "interval 30s"
+    );
+    let described = c.describe();
+    assert!(described.contains(BEFORE_EMFILE_TEXT), "{described}");
+    assert!(
+        described.contains("# still_held_after: \"1m 30s\""),
+        "{described}"
+    );
+    let again = parse(&described, "described.yaml").expect("describe round-trips");
+    assert_eq!(again.targets[0].escalate, e);
+    assert_eq!(again.limits, c.limits);
+
+    let short = parse(
+        "interval: 2s\nstill_held_after: 45s\nlimits: {max_escalations_per_minute: 3}\ntargets: [{name: a, match: {comm: x}, older_than: 1m}]\n",
+        "t.yaml",
+    )
+    .expect("valid");
+    assert_eq!(short.still_held_window(), Duration::from_secs(45));
+    assert_eq!(short.limits.max_escalations_per_minute, 3);
+    let fast = parse(
+        "interval: 2s\ntargets: [{name: a, match: {comm: x}, older_than: 1m}]\n",
+        "t.yaml",
+    )
+    .expect("valid");
+    assert_eq!(
+        fast.still_held_window(),
+        Duration::from_secs(30),
+        "at least 30 s"
+    );
+    let e = parse(
+        "still_held_after: 0s\ntargets: [{name: a, match: {comm: x}, older_than: 1m}]\n",
+        "t.yaml",
+    )
+    .expect_err("zero");
+    assert!(e.to_string().contains("`still_held_after`"), "{e}");
 }
 
 fn ok_policy(body: &str) -> Config {

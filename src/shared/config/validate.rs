@@ -70,10 +70,12 @@ impl Config {
                 other => Err(format!("`{other}` is neither `skip` nor `act`")),
             }
         })?;
+        let still_held_after = scalar(&raw.still_held_after, "`still_held_after`", parse_duration)?;
         let limits = match block(&raw.limits) {
             None => Limits {
                 max_reaps_per_cycle: DEFAULT_MAX_REAPS_PER_CYCLE,
                 max_reaps_per_minute: DEFAULT_MAX_REAPS_PER_MINUTE,
+                max_escalations_per_minute: DEFAULT_MAX_ESCALATIONS_PER_MINUTE,
             },
             Some(l) => Limits {
                 max_reaps_per_cycle: scalar(
@@ -88,6 +90,12 @@ impl Config {
                     parse_count,
                 )?
                 .unwrap_or(DEFAULT_MAX_REAPS_PER_MINUTE),
+                max_escalations_per_minute: scalar(
+                    &l.max_escalations_per_minute,
+                    "`limits.max_escalations_per_minute`",
+                    parse_count,
+                )?
+                .unwrap_or(DEFAULT_MAX_ESCALATIONS_PER_MINUTE),
             },
         };
         // An empty `metrics:` block means the defaults, like `limits:`.
@@ -180,6 +188,7 @@ impl Config {
             log_format: log_format.unwrap_or(LogFormat::Text),
             audit_log,
             on_audit_failure: on_audit_failure.unwrap_or_default(),
+            still_held_after,
             limits,
             metrics: Metrics { listen },
             targets: out,
@@ -422,9 +431,20 @@ impl Escalate {
             return Err(problem_at(
                 at,
                 format!(
-                    "target `{name}`: `escalate` is empty; give `raise_fd_limit_at`, `signal_at` or both, or remove it"
+                    "target `{name}`: `escalate` is empty; give `raise_fd_limit_at`, `signal_at`, `raise_before_emfile` or `signal_before_emfile`, or remove it"
                 ),
             ));
+        };
+        let window = |s: &str| {
+            let d = parse_duration(s)?;
+            if d > MAX_FORECAST_WINDOW {
+                return Err(format!(
+                    "`{}` is longer than {}: a forecast that far out is no forecast",
+                    s.trim(),
+                    humantime::format_duration(MAX_FORECAST_WINDOW)
+                ));
+            }
+            Ok(d)
         };
         if let Some(k) = &raw.close_after {
             return Err(problem_at(&k.referenced, NO_CLOSE_IN_DAEMON));
@@ -436,14 +456,41 @@ impl Escalate {
             parse_percent,
         )?;
         let signal_at = scalar(&raw.signal_at, &what("signal_at"), parse_percent)?;
+        let raise_before_emfile = scalar(
+            &raw.raise_before_emfile,
+            &what("raise_before_emfile"),
+            window,
+        )?;
+        let signal_before_emfile = scalar(
+            &raw.signal_before_emfile,
+            &what("signal_before_emfile"),
+            window,
+        )?;
         let signal = scalar(&raw.signal, &what("signal"), parse_signal)?;
-        if signal.is_some() && signal_at.is_none() {
+        if signal.is_some() && signal_at.is_none() && signal_before_emfile.is_none() {
             let loc = raw.signal.as_ref().map_or(*at, |k| k.referenced);
             return Err(problem_at(
                 &loc,
                 format!(
-                    "{}: `signal` needs `signal_at` (e.g. `signal_at: 95%`)",
+                    "{}: `signal` needs `signal_at` or `signal_before_emfile` (e.g. `signal_at: 95%`)",
                     what("signal")
+                ),
+            ));
+        }
+        if let (Some(raise), Some(sig)) = (raise_before_emfile, signal_before_emfile)
+            && raise <= sig
+        {
+            let loc = raw
+                .raise_before_emfile
+                .as_ref()
+                .map_or(*at, |k| k.referenced);
+            return Err(problem_at(
+                &loc,
+                format!(
+                    "{}: {} must be longer than `signal_before_emfile` ({}): the raise comes first, the signal is the last resort",
+                    what("raise_before_emfile"),
+                    humantime::format_duration(raise),
+                    humantime::format_duration(sig)
                 ),
             ));
         }
@@ -462,13 +509,15 @@ impl Escalate {
         let e = Escalate {
             raise_fd_limit_at,
             signal_at,
+            raise_before_emfile,
+            signal_before_emfile,
             signal: signal.unwrap_or_default(),
         };
         if !e.any() {
             return Err(problem_at(
                 at,
                 format!(
-                    "target `{name}`: `escalate` is empty; give `raise_fd_limit_at`, `signal_at` or both, or remove it"
+                    "target `{name}`: `escalate` is empty; give `raise_fd_limit_at`, `signal_at`, `raise_before_emfile` or `signal_before_emfile`, or remove it"
                 ),
             ));
         }

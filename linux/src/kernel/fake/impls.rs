@@ -428,22 +428,35 @@ impl Effects for FakeKernel {
         })
     }
 
-    fn set_nofile(&self, pid: i32, soft: u64, hard: u64) -> io::Result<()> {
-        self.record(Call::SetNofile { pid, soft, hard });
+    fn raise_nofile_soft(
+        &self,
+        pid: i32,
+        soft: u64,
+        expected: Limits,
+    ) -> io::Result<crate::kernel::NofileRaise> {
+        self.record(Call::SetNofile {
+            pid,
+            soft,
+            hard: expected.hard.unwrap_or(u64::MAX),
+        });
         self.with(|w| {
             if let Some(e) = w.faults.set_nofile.get(&pid) {
                 return Err(errno(*e));
             }
+            let changed = w.faults.nofile_changes.remove(&pid);
             let p = w
                 .processes
                 .get_mut(&pid)
                 .filter(|p| p.alive)
                 .ok_or_else(|| errno(libc::ESRCH))?;
-            p.limits = Limits {
-                soft: Some(soft),
-                hard: Some(hard),
-            };
-            Ok(())
+            if let Some(l) = changed {
+                p.limits = l;
+            }
+            if p.limits != expected {
+                return Ok(crate::kernel::NofileRaise::Changed(p.limits));
+            }
+            p.limits.soft = Some(soft);
+            Ok(crate::kernel::NofileRaise::Raised)
         })
     }
 }
