@@ -33,7 +33,9 @@ use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
 use crate::tcp;
 
+mod inodes;
 mod request;
+pub use inodes::parse_inodes;
 pub use request::Listed;
 use request::{exact_request, inodes_request, request};
 
@@ -104,8 +106,9 @@ pub struct Expect {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Chunk {
     pub sockets: Vec<DiagSocket>,
-    /// Inodes of the unix sockets a unix dump listed.
-    pub unix_inodes: Vec<u64>,
+    /// Inodes of the sockets an inode dump listed ([`parse_inodes`]; 0 for a socket without
+    /// a file).
+    pub inodes: Vec<u64>,
     /// NLMSG_DONE was seen: the dump is complete.
     pub done: bool,
     /// A message carried NLM_F_DUMP_INTR: the result is inconsistent and must be redone.
@@ -212,7 +215,7 @@ pub fn parse_reply(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpErro
                 chunk.sockets.push(from_response(&resp));
             }
             NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(resp)) => {
-                chunk.unix_inodes.push(u64::from(resp.header.inode));
+                chunk.inodes.push(u64::from(resp.header.inode));
             }
             NetlinkPayload::Done(done) => {
                 // The dump's final status: negative when the kernel gave up part way
@@ -446,12 +449,13 @@ impl Diag {
         }
     }
 
-    /// Send `req` and read answers to it until `enough` says so, skipping anything that is
-    /// not an answer to it. The first error ends the exchange.
+    /// Send `req` and read answers to it with `parse` until `enough` says so, skipping
+    /// anything that is not an answer to it. The first error ends the exchange.
     fn exchange(
         &mut self,
         req: &[u8],
         expect: Expect,
+        parse: fn(&[u8], Option<Expect>) -> Result<Chunk, DumpError>,
         enough: impl Fn(&Chunk) -> bool,
     ) -> Result<Chunk, DumpError> {
         self.socket.send(req)?;
@@ -477,17 +481,18 @@ impl Diag {
                 });
             }
             let chunk = if from_kernel {
-                parse_reply(&self.buf[..n], Some(expect))?
+                parse(&self.buf[..n], Some(expect))?
             } else {
                 Chunk {
                     stale: 1,
                     ..Chunk::default()
                 }
             };
-            let useful = !chunk.sockets.is_empty() || chunk.done || chunk.acked;
+            let useful =
+                !chunk.sockets.is_empty() || !chunk.inodes.is_empty() || chunk.done || chunk.acked;
             idle = if useful { 0 } else { idle + 1 };
             all.sockets.extend(chunk.sockets);
-            all.unix_inodes.extend(chunk.unix_inodes);
+            all.inodes.extend(chunk.inodes);
             all.interrupted |= chunk.interrupted;
             all.done |= chunk.done;
             all.acked |= chunk.acked;
@@ -507,7 +512,8 @@ impl Diag {
         let expect = self.next_seq();
         let req = exact_request(s.local, s.remote, s.cookie, expect.seq, false);
         // Not a dump: one answer, or an error (ENOENT when the socket is gone).
-        match self.exchange(&req, expect, |c| !c.sockets.is_empty() || c.done || c.acked) {
+        let one = |c: &Chunk| !c.sockets.is_empty() || c.done || c.acked;
+        match self.exchange(&req, expect, parse_reply, one) {
             Ok(chunk) => Ok(chunk.sockets.into_iter().next().map(|mut found| {
                 found.netns = self.netns;
                 found
@@ -523,7 +529,7 @@ impl Diag {
     pub fn destroy(&mut self, s: &DiagSocket) -> Result<(), DumpError> {
         let expect = self.next_seq();
         let req = exact_request(s.local, s.remote, s.cookie, expect.seq, true);
-        self.exchange(&req, expect, |c| c.acked || c.done)
+        self.exchange(&req, expect, parse_reply, |c| c.acked || c.done)
             .map(|_| ())
     }
 
@@ -553,15 +559,14 @@ impl Diag {
             for _ in 0..DUMP_RETRIES {
                 let expect = self.next_seq();
                 let req = inodes_request(listed, family, expect.seq);
-                let chunk = self.exchange(&req, expect, |c| c.done)?;
+                let chunk = self.exchange(&req, expect, parse_inodes, |c| c.done)?;
                 if !chunk.interrupted {
                     got = Some(chunk);
                     break;
                 }
             }
             let chunk = got.ok_or(DumpError::Interrupted(DUMP_RETRIES))?;
-            out.extend(chunk.unix_inodes);
-            out.extend(chunk.sockets.iter().map(|s| s.inode).filter(|i| *i != 0));
+            out.extend(chunk.inodes.into_iter().filter(|&i| i != 0));
         }
         Ok(out)
     }
@@ -574,7 +579,7 @@ impl Diag {
     ) -> Result<Option<Vec<DiagSocket>>, DumpError> {
         let expect = self.next_seq();
         let req = request(family, states, expect.seq);
-        let chunk = self.exchange(&req, expect, |c| c.done)?;
+        let chunk = self.exchange(&req, expect, parse_reply, |c| c.done)?;
         Ok((!chunk.interrupted).then_some(chunk.sockets))
     }
 }
@@ -1025,5 +1030,57 @@ mod tests {
         };
         let sockets = diag.close_wait().expect("dump");
         assert!(sockets.iter().all(|s| s.state == TCP_CLOSE_WAIT));
+    }
+
+    #[test]
+    fn inode_dumps_list_live_sockets_and_never_a_dead_one() {
+        use std::net::{TcpListener, TcpStream, UdpSocket};
+        let inode = |f: &dyn AsFd| rustix::fs::fstat(f.as_fd()).expect("fstat").st_ino;
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let v6 = TcpListener::bind("[::1]:0").ok();
+        // A dead socket: its peer reset it (SO_LINGER 0, close): CLOSE, in no table.
+        let doomed = TcpStream::connect(addr).expect("connect");
+        let (dead, _) = listener.accept().expect("accept");
+        rustix::net::sockopt::set_socket_linger(&doomed, Some(Duration::ZERO)).expect("linger");
+        drop(doomed);
+        let mut diag = Diag::new().expect("sock_diag socket");
+        // The reset arrives at once on loopback; allow it a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let tcp = loop {
+            let tcp: HashSet<u64> = diag
+                .inodes(Listed::TcpOthers)
+                .expect("tcp")
+                .into_iter()
+                .collect();
+            if !tcp.contains(&inode(&dead)) || std::time::Instant::now() > deadline {
+                break tcp;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let unix: HashSet<u64> = diag
+            .inodes(Listed::Unix)
+            .expect("unix")
+            .into_iter()
+            .collect();
+        let udp_live: HashSet<u64> = diag.inodes(Listed::Udp).expect("udp").into_iter().collect();
+        assert!(unix.contains(&inode(&a)) && unix.contains(&inode(&b)));
+        assert!(udp_live.contains(&inode(&udp)));
+        for live in [&listener as &dyn AsFd, &client, &server] {
+            assert!(tcp.contains(&inode(live)), "a live TCP socket is listed");
+        }
+        if let Some(v6) = &v6 {
+            assert!(tcp.contains(&inode(v6)), "IPv6 too");
+        }
+        assert!(!tcp.contains(&inode(&dead)), "a dead socket is in no table");
+        assert!(
+            !tcp.contains(&0) && !unix.contains(&0),
+            "sockets without a file are left out"
+        );
+        assert!(!unix.contains(&inode(&client)) && !tcp.contains(&inode(&a)));
     }
 }
