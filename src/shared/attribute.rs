@@ -277,7 +277,9 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             }
             return snap;
         }
-        if by_inode.is_empty() {
+        // Nothing to attribute; but dead held sockets are looked for all the same (after a
+        // reap whose targets keep their fds, they may be all there is).
+        if by_inode.is_empty() && !scope.dead {
             return snap;
         }
 
