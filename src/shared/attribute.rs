@@ -381,11 +381,14 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         let mut holds = 0usize;
         let mut unknown = 0usize;
         for &(fd, inode) in &table.sockets {
-            if scope.dead && !by_inode.contains_key(&inode) {
-                snap.unknown.push(SocketFd { pid, fd, inode });
-                unknown += 1;
-            }
-            for slot in by_inode.get(&inode).into_iter().flatten() {
+            let Some(slots) = by_inode.get(&inode) else {
+                if scope.dead {
+                    snap.unknown.push(SocketFd { pid, fd, inode });
+                    unknown += 1;
+                }
+                continue;
+            };
+            for slot in slots {
                 match *slot {
                     Slot::Socket(i) => snap.sockets[i].holders.push(Holder { pid, fd }),
                     Slot::Listener(i) => {
