@@ -13,6 +13,7 @@ mod config_files;
 mod daemon;
 mod dead_leader;
 mod deploy;
+mod docs;
 mod escalate;
 mod explain;
 mod faults;
