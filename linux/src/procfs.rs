@@ -314,6 +314,24 @@ impl ProcFs {
         Ok(target.to_str().and_then(parse_socket_link))
     }
 
+    /// The protocol of the socket at fd `fd` of `pid` as the kernel names it ("TCP",
+    /// "TCPv6", "UNIX", "NETLINK", ...: the socket inode's `system.sockprotoname`), read
+    /// without duplicating the fd. An error for an fd that is not a socket.
+    pub fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        let raw = self.leader_or_thread(
+            pid,
+            &format!("fd/{fd}"),
+            |p| {
+                let mut buf = [0u8; 64];
+                let n = rustix::fs::getxattr(p, "system.sockprotoname", &mut buf[..])?;
+                Ok(buf.get(..n).unwrap_or(&buf[..]).to_vec())
+            },
+            |_| true,
+        )?;
+        let name = raw.split(|&b| b == 0).next().unwrap_or(&[]);
+        Ok(String::from_utf8_lossy(name).into_owned())
+    }
+
     /// The fd numbers open in the process now.
     pub fn open_fds(&self, pid: i32) -> io::Result<HashSet<i32>> {
         Ok(fs::read_dir(self.pid_path(pid, "fd"))?
@@ -461,6 +479,25 @@ impl ProcFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_protocol_of_a_socket_fd_is_read_without_duplicating_it() {
+        use std::os::fd::AsRawFd;
+        let proc = ProcFs::default();
+        let me = std::process::id() as i32;
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let (unix, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let name = |fd: i32| proc.socket_protocol(me, fd).expect("a socket has a name");
+        assert_eq!(name(tcp.as_raw_fd()), "TCP");
+        assert_eq!(name(udp.as_raw_fd()), "UDP");
+        assert_eq!(name(unix.as_raw_fd()), "UNIX-STREAM");
+        let file = std::fs::File::open("/proc/self/stat").expect("a file");
+        assert!(
+            proc.socket_protocol(me, file.as_raw_fd()).is_err(),
+            "not a socket"
+        );
+    }
 
     #[test]
     fn socket_links() {

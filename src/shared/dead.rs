@@ -4,12 +4,15 @@
 //! much as CLOSE_WAIT ones (`lsof`'s "can't identify protocol"), and only close() or a
 //! restart frees them.
 //!
-//! Finding them costs one duplication per socket fd that no dump explains: the socket fds
-//! of the processes in scope whose inode is in no CLOSE_WAIT dump are first checked against
-//! the kernel's unix, TCP (other states) and UDP dumps, asked only while some remain; what
-//! is left is duplicated through a pidfd and asked TCP_INFO. Dead means TCP, state CLOSE,
-//! and `tcpi_delivered` ≥ 1: a socket that was never connected (only created, bound, or
-//! refused) shows 0 and is never dead.
+//! Finding them costs one duplication per TCP socket fd that no dump explains: the socket
+//! fds of the processes in scope whose inode is in no CLOSE_WAIT dump are first checked
+//! against the kernel's unix, TCP (other states) and UDP dumps, asked only while some
+//! remain. Of what is left, a socket whose protocol the kernel names as one that cannot
+//! answer TCP_INFO (netlink, packet, raw, ping, a UDP socket that is not bound: see
+//! [`not_tcp`]) is let go unduplicated, which spares it the side effects of pidfd_getfd;
+//! the rest, and any whose name cannot be read, is duplicated through a pidfd and asked
+//! TCP_INFO. Dead means TCP, state CLOSE, and `tcpi_delivered` ≥ 1: a socket that was never
+//! connected (only created, bound, or refused) shows 0 and is never dead.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -76,6 +79,7 @@ where
         let live = k.live_inodes(listed)?;
         left.retain(|s| !live.contains(&s.inode));
     }
+    left.retain(|s| !k.socket_protocol(s.pid, s.fd).is_ok_and(|p| not_tcp(&p)));
     if left.is_empty() {
         return Ok(out);
     }
@@ -131,6 +135,17 @@ where
         }
     }
     Ok(out)
+}
+
+/// Whether the kernel's name for a socket's protocol (`system.sockprotoname`) is one whose
+/// getsockopt(SOL_TCP, TCP_INFO) fails, so that it can never be a dead TCP socket. Only
+/// names known for that; anything else (TCP, MPTCP, SMC with its TCP inside, a name not
+/// known here) is asked.
+pub fn not_tcp(protocol: &str) -> bool {
+    // UNIX and UNIX-STREAM; UDP, UDPv6, UDP-Lite and UDPLITEv6; RAW and RAWv6; PING and
+    // PINGv6.
+    const NOT_TCP: [&str; 6] = ["UNIX", "UDP", "RAW", "PING", "NETLINK", "PACKET"];
+    NOT_TCP.iter().any(|n| protocol.starts_with(n))
 }
 
 fn is_denied(e: &io::Error) -> bool {
@@ -253,6 +268,71 @@ mod tests {
             }],
             "one unix dump explained everything"
         );
+    }
+
+    #[test]
+    fn a_socket_in_no_dump_that_cannot_be_tcp_is_never_duplicated() {
+        let mut k = FakeKernel::new();
+        k.spawn(Process::new(P, "srv"));
+        k.netlink_socket(P, 9);
+        k.dead(P, 5, "10.0.0.1:80");
+        let snap = look(&mut k, false);
+        assert_eq!(snap.unknown.len(), 2, "both are in no dump");
+        k.clear_calls();
+        let probed = probe(&mut k, &snap.unknown, &|_| None).expect("probe");
+        assert_eq!(probed.dead.len(), 1);
+        assert!(
+            k.calls().contains(&Call::Protocol { pid: P, fd: 9 }),
+            "its protocol was read"
+        );
+        assert!(
+            !k.calls()
+                .iter()
+                .any(|c| matches!(c, Call::Duplicate { fd: 9, .. })),
+            "but the netlink socket was not duplicated: {:?}",
+            k.calls()
+        );
+        assert_eq!(probed.duplicated, 1);
+    }
+
+    #[test]
+    fn a_socket_whose_protocol_cannot_be_read_is_duplicated_all_the_same() {
+        let mut k = FakeKernel::new();
+        k.spawn(Process::new(P, "srv"));
+        k.dead(P, 5, "10.0.0.1:80");
+        k.with(|w| w.faults.protocol.insert((P, 5), libc::EACCES));
+        let snap = look(&mut k, false);
+        let probed = probe(&mut k, &snap.unknown, &|_| None).expect("probe");
+        assert_eq!(
+            probed.dead.len(),
+            1,
+            "an unreadable name is no reason to skip"
+        );
+    }
+
+    #[test]
+    fn only_protocols_that_cannot_answer_tcp_info_are_let_go() {
+        for name in [
+            "UNIX",
+            "UNIX-STREAM",
+            "UDP",
+            "UDPv6",
+            "UDP-Lite",
+            "UDPLITEv6",
+            "RAW",
+            "RAWv6",
+            "PING",
+            "PINGv6",
+            "NETLINK",
+            "PACKET",
+        ] {
+            assert!(not_tcp(name), "{name}");
+        }
+        for name in [
+            "TCP", "TCPv6", "MPTCP", "MPTCPv6", "SMC", "SCTP", "", "anything",
+        ] {
+            assert!(!not_tcp(name), "{name}");
+        }
     }
 
     #[test]

@@ -170,6 +170,9 @@ impl ProcRead for Linux {
     fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>> {
         ProcRead::fd_socket_inode(&self.proc, pid, fd)
     }
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        ProcRead::socket_protocol(&self.proc, pid, fd)
+    }
     fn nofile_limits(&self, pid: i32) -> io::Result<Limits> {
         ProcRead::nofile_limits(&self.proc, pid)
     }

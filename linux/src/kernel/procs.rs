@@ -32,6 +32,9 @@ pub trait ProcRead {
     /// What fd `fd` of `pid` is now: Some(inode) for a socket, None for anything else; an
     /// error when it is closed or the process is gone.
     fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>>;
+    /// The protocol of the socket at fd `fd` as the kernel names it ("TCP", "TCPv6",
+    /// "UNIX", "NETLINK", ...), read without duplicating it.
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String>;
     /// RLIMIT_NOFILE (None is unlimited).
     fn nofile_limits(&self, pid: i32) -> io::Result<Limits>;
     /// The start time (clock ticks after boot): tells a process from a later one that got
@@ -82,6 +85,9 @@ impl ProcRead for ProcFs {
     }
     fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>> {
         ProcFs::fd_socket_inode(self, pid, fd)
+    }
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        ProcFs::socket_protocol(self, pid, fd)
     }
     fn nofile_limits(&self, pid: i32) -> io::Result<Limits> {
         ProcFs::nofile_limits(self, pid)
