@@ -3,9 +3,11 @@
 //! sock_diag table, still held by an fd); the scan runs in-process through the commands'
 //! own path (`observe_in`, selection, JSON lines), once with `Scope.dead` as the commands
 //! set it and once without, alternating, with `ss -tanpi state close-wait` timed in the
-//! same repetitions. With probing, every process's fd table is walked, the socket fds in
-//! no CLOSE_WAIT dump are checked against the unix, TCP and UDP dumps, and the rest (the
-//! dead ones) are duplicated and asked TCP_INFO.
+//! same repetitions. With probing, every process's fd table is walked (the tables read on
+//! several threads, since all must be read), the socket fds in no CLOSE_WAIT dump are
+//! checked against the unix, TCP and UDP dumps, and the rest (the dead ones) are duplicated
+//! and asked TCP_INFO. Besides the wall time, the CPU time (user + system, all threads) of
+//! each scan: what probing costs the machine, whatever the threads save in waiting.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -36,9 +38,23 @@ fn scan_args() -> Result<ScanArgs> {
     }
 }
 
-/// One scan, as `cwreap scan --json` runs it, with dead probing on or off: its wall time
+/// One scan's wall time and CPU time.
+#[derive(Clone, Copy)]
+struct Took {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// CPU time (user + system) of this process so far, all threads.
+fn cpu_now() -> Result<Duration> {
+    cwreap_testkit::cpu_time(std::process::id() as i32)
+        .ok_or_else(|| anyhow::anyhow!("no /proc/self/stat"))
+}
+
+/// One scan, as `cwreap scan --json` runs it, with dead probing on or off: what it took,
 /// and its JSON lines.
-fn scan(args: &ScanArgs, dead: bool) -> Result<(Duration, Vec<u8>)> {
+fn scan(args: &ScanArgs, dead: bool) -> Result<(Took, Vec<u8>)> {
+    let cpu = cpu_now()?;
     let t = Instant::now();
     let mut k = Linux::for_cli();
     let mut scope = args.selectors.scope();
@@ -49,7 +65,12 @@ fn scan(args: &ScanArgs, dead: bool) -> Result<(Duration, Vec<u8>)> {
     for r in &rows {
         render::write_scan_json(&mut out, r)?;
     }
-    Ok((t.elapsed(), out))
+    let wall = t.elapsed();
+    let took = Took {
+        wall,
+        cpu: cpu_now()?.saturating_sub(cpu),
+    };
+    Ok((took, out))
 }
 
 /// The fixture's CLOSE_WAIT rows (by local address) and dead rows held by its servers.
@@ -111,6 +132,7 @@ the fixture, expected {} and {want_dead}",
         }
     }
     let (mut on, mut off, mut ss) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut on_cpu, mut off_cpu) = (Vec::new(), Vec::new());
     let ss_cmd = || {
         let mut c = Command::new("ss");
         c.args(["-tanpi", "state", "close-wait"]);
@@ -118,26 +140,38 @@ the fixture, expected {} and {want_dead}",
     };
     for i in 0..reps {
         // Alternate the order, so neither side always runs on a cache the other warmed.
-        if i % 2 == 0 {
-            on.push(scan(&args, true)?.0);
-            off.push(scan(&args, false)?.0);
+        let order = if i % 2 == 0 {
+            [true, false]
         } else {
-            off.push(scan(&args, false)?.0);
-            on.push(scan(&args, true)?.0);
+            [false, true]
+        };
+        for probe in order {
+            let took = scan(&args, probe)?.0;
+            let (wall, cpu) = if probe {
+                (&mut on, &mut on_cpu)
+            } else {
+                (&mut off, &mut off_cpu)
+            };
+            wall.push(took.wall);
+            cpu.push(took.cpu);
         }
         ss.push(time_command(&mut ss_cmd())?);
     }
     let (on, off, ss) = (median(on), median(off), median(ss));
+    let (on_cpu, off_cpu) = (median(on_cpu), median(off_cpu));
     let secs = |d: Duration| d.as_secs_f64();
     let overhead = secs(on) / secs(off);
+    let cpu_overhead = secs(on_cpu) / secs(off_cpu).max(1e-3);
     log(&format!(
         "P1d scan in-process: probing off {}, on {} (on/off {overhead:.2}); ss -tanpi {} \
-(off/ss {:.2}, on/ss {:.2})",
+(off/ss {:.2}, on/ss {:.2}); CPU off {}, on {} (on/off {cpu_overhead:.2})",
         ms(off),
         ms(on),
         ms(ss),
         secs(off) / secs(ss),
-        secs(on) / secs(ss)
+        secs(on) / secs(ss),
+        ms(off_cpu),
+        ms(on_cpu)
     ));
     let extras = format!(
         "+ {} unix, {} dead sockets",
@@ -167,7 +201,7 @@ the fixture, expected {} and {want_dead}",
             verdict: "—",
         },
         Row {
-            figure: "P1d dead probing: on / off".into(),
+            figure: "P1d dead probing: on / off, wall".into(),
             n: fleet.n,
             m: fleet.m,
             value: format!("{:+.0} %", (overhead - 1.0) * 100.0),
@@ -175,6 +209,20 @@ the fixture, expected {} and {want_dead}",
             ratio: format!("{overhead:.2}"),
             target: format!("ratio ≤ {MAX_OVERHEAD:.2}"),
             verdict: verdict(overhead <= MAX_OVERHEAD),
+        },
+        Row {
+            figure: format!(
+                "P1d dead probing: on / off, CPU per scan (user+sys, all threads: {} / {})",
+                ms(on_cpu),
+                ms(off_cpu)
+            ),
+            n: fleet.n,
+            m: fleet.m,
+            value: format!("{:+.0} %", (cpu_overhead - 1.0) * 100.0),
+            ss: "—".into(),
+            ratio: format!("{cpu_overhead:.2}"),
+            target: "—".into(),
+            verdict: "—",
         },
     ])
 }

@@ -294,6 +294,10 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
                 uids.insert(found.uid);
             }
         }
+        if scope.dead && self.os.is_none() {
+            self.walk_every(all, scope, &by_inode, &mut snap);
+            return snap;
+        }
         let mut later = Vec::new();
         // A host-wide walk stops as soon as every socket has an owner: reading the fd
         // tables of every other process (clients, idle daemons) is most of the cost, and
@@ -338,9 +342,79 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         snap: &mut Snapshot<O::Process>,
         selected: bool,
     ) -> io::Result<usize> {
-        // Pinned first: the name and the fd numbers read next are then known to be those
-        // of the process the pidfd holds (checked alive once they are read).
-        let mut handle = match self.os {
+        let Some((mut handle, comm)) = self.admit(pid, scope, snap)? else {
+            return Ok(0);
+        };
+        let (table, thread) = match read_fds(self.proc, self.os, handle.as_mut(), pid) {
+            Ok(t) => t,
+            Err(e) => {
+                count_failure(snap, pid, &e);
+                return Err(e);
+            }
+        };
+        let read = Read {
+            table,
+            thread,
+            handle,
+            comm,
+        };
+        Ok(self.record(pid, read, scope, by_inode, snap, selected))
+    }
+
+    /// Every process of `all` (a host-wide walk that looks for dead held sockets, so must
+    /// read every table anyway), none pinned: the tables are independent of each other, so
+    /// they are read at once ([`ProcRead::fd_tables`]: the real reader uses several
+    /// threads), then recorded in pid order as [`Self::walk`] records them.
+    fn walk_every(
+        &self,
+        all: Vec<i32>,
+        scope: &Scope,
+        by_inode: &HashMap<u64, Vec<Slot>>,
+        snap: &mut Snapshot<O::Process>,
+    ) {
+        let mut admitted = Vec::new();
+        for pid in all {
+            if pid == self.self_pid {
+                continue;
+            }
+            if self.proc.uid(pid).is_err() {
+                snap.stats.vanished += 1;
+                continue;
+            }
+            if let Ok(Some((_, comm))) = self.admit(pid, scope, snap) {
+                admitted.push((pid, comm));
+            }
+        }
+        let pids: Vec<i32> = admitted.iter().map(|&(pid, _)| pid).collect();
+        let tables = self.proc.fd_tables(&pids);
+        for ((pid, comm), table) in admitted.into_iter().zip(tables) {
+            match table.and_then(|t| read_fds_from::<P, O>(self.proc, None, None, pid, t)) {
+                Ok((table, thread)) => {
+                    let read = Read {
+                        table,
+                        thread,
+                        handle: None,
+                        comm,
+                    };
+                    self.record(pid, read, scope, by_inode, snap, false);
+                }
+                Err(e) => count_failure(snap, pid, &e),
+            }
+        }
+    }
+
+    /// Whether `pid` is to be read: pinned first when pinning (the name and the fd numbers
+    /// read next are then known to be those of the process the pidfd holds, checked alive
+    /// once they are read), and accepted by the selector's process criteria. Its pin and,
+    /// when the criteria read it, its name; None when the selector refuses it; an error
+    /// (counted) when it could not be pinned or read.
+    fn admit(
+        &self,
+        pid: i32,
+        scope: &Scope,
+        snap: &mut Snapshot<O::Process>,
+    ) -> io::Result<Option<Admitted<O::Process>>> {
+        let handle = match self.os {
             Some(os) => match os.open_process(pid) {
                 Ok(h) => Some(h),
                 Err(e) => {
@@ -353,30 +427,43 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         // The process facts are needed up front only to filter by them; otherwise the name
         // is read once the process turns out to matter (a few syscalls saved per
         // uninteresting process).
-        let mut comm = None;
-        if scope.selector.has_process_criteria() {
-            let facts = match process_facts(self.proc, pid, scope.selector.needs()) {
-                Ok(f) => f,
-                Err(e) => {
-                    count_failure(snap, pid, &e);
-                    return Err(e);
-                }
-            };
-            if !scope
-                .selector
-                .process_matches(&facts, &scope.pids_from_files)
-            {
-                return Ok(0);
-            }
-            comm = Some(facts.comm);
+        if !scope.selector.has_process_criteria() {
+            return Ok(Some((handle, None)));
         }
-        let (table, thread) = match read_fds(self.proc, self.os, handle.as_mut(), pid) {
-            Ok(t) => t,
+        let facts = match process_facts(self.proc, pid, scope.selector.needs()) {
+            Ok(f) => f,
             Err(e) => {
                 count_failure(snap, pid, &e);
                 return Err(e);
             }
         };
+        if !scope
+            .selector
+            .process_matches(&facts, &scope.pids_from_files)
+        {
+            return Ok(None);
+        }
+        Ok(Some((handle, Some(facts.comm))))
+    }
+
+    /// Record what one process's fd table holds: the CLOSE_WAIT sockets (and listeners) it
+    /// holds, with [`Scope::dead`] its other socket fds; the process itself when it holds
+    /// any of them or was `selected`. How many sockets it holds.
+    fn record(
+        &self,
+        pid: i32,
+        read: Read<O::Process>,
+        scope: &Scope,
+        by_inode: &HashMap<u64, Vec<Slot>>,
+        snap: &mut Snapshot<O::Process>,
+        selected: bool,
+    ) -> usize {
+        let Read {
+            table,
+            thread,
+            handle,
+            comm,
+        } = read;
         snap.stats.inspected += 1;
         let mut holds = 0usize;
         let mut unknown = 0usize;
@@ -401,7 +488,7 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             }
         }
         if holds == 0 && unknown == 0 && !selected {
-            return Ok(0);
+            return 0;
         }
         let comm = match comm {
             Some(c) => c,
@@ -422,8 +509,23 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
                 thread,
             },
         );
-        Ok(holds)
+        holds
     }
+}
+
+/// A process admitted to be read: its pin (when pinning) and its name (when the selector
+/// read it already).
+type Admitted<H> = (Option<H>, Option<String>);
+
+/// One process's fd table as read, with what came with it.
+struct Read<H> {
+    table: FdTable,
+    /// The thread it was read through, when the leader's could not show it.
+    thread: Option<i32>,
+    /// The pin, when pinning.
+    handle: Option<H>,
+    /// The name, when the selector read it already.
+    comm: Option<String>,
 }
 
 /// Read the fd table of `pid`, pinned by `handle` when there is one: through the process,
@@ -434,10 +536,21 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
 pub fn read_fds<P: ProcRead, O: Effects>(
     proc: &P,
     os: Option<&O>,
-    mut handle: Option<&mut O::Process>,
+    handle: Option<&mut O::Process>,
     pid: i32,
 ) -> io::Result<(FdTable, Option<i32>)> {
-    let mut table = proc.fd_table(pid)?;
+    let table = proc.fd_table(pid)?;
+    read_fds_from(proc, os, handle, pid, table)
+}
+
+/// [`read_fds`] once `table`, the process's own /proc/PID/fd, has been read.
+fn read_fds_from<P: ProcRead, O: Effects>(
+    proc: &P,
+    os: Option<&O>,
+    mut handle: Option<&mut O::Process>,
+    pid: i32,
+    mut table: FdTable,
+) -> io::Result<(FdTable, Option<i32>)> {
     let mut thread = None;
     if table.open == 0
         && let Some(tid) = proc.thread_for_empty_table(pid)

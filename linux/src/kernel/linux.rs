@@ -155,6 +155,9 @@ impl ProcRead for Linux {
     fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
         ProcRead::fd_table(&self.proc, pid)
     }
+    fn fd_tables(&self, pids: &[i32]) -> Vec<io::Result<FdTable>> {
+        ProcRead::fd_tables(&self.proc, pids)
+    }
     fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable> {
         ProcRead::task_fd_table(&self.proc, pid, tid)
     }

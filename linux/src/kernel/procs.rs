@@ -20,6 +20,11 @@ pub trait ProcRead {
     fn cgroup(&self, pid: i32) -> io::Result<String>;
     /// The process's fds: how many, which are sockets (fd, inode), which are epoll.
     fn fd_table(&self, pid: i32) -> io::Result<FdTable>;
+    /// [`ProcRead::fd_table`] of each of `pids`, in the same order, for a walk that reads
+    /// every process: the real reader reads them on several threads.
+    fn fd_tables(&self, pids: &[i32]) -> Vec<io::Result<FdTable>> {
+        pids.iter().map(|&pid| self.fd_table(pid)).collect()
+    }
     /// The fd table as thread `tid` of `pid` sees it (the same table, readable when the
     /// thread-group leader has exited).
     fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable>;
@@ -67,6 +72,9 @@ impl ProcRead for ProcFs {
     }
     fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
         ProcFs::fd_table(self, pid)
+    }
+    fn fd_tables(&self, pids: &[i32]) -> Vec<io::Result<FdTable>> {
+        ProcFs::fd_tables(self, pids)
     }
     fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable> {
         ProcFs::task_fd_table(self, pid, tid)
