@@ -286,6 +286,10 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         let Ok(all) = self.proc.pids() else {
             return snap;
         };
+        if scope.dead && self.os.is_none() {
+            self.walk_every(all, scope, &by_inode, &mut snap);
+            return snap;
+        }
         let mut uids: HashSet<u32> = snap.sockets.iter().map(|s| s.diag.uid).collect();
         for s in &snap.sockets {
             if let Some(l) = &s.listener
@@ -293,10 +297,6 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             {
                 uids.insert(found.uid);
             }
-        }
-        if scope.dead && self.os.is_none() {
-            self.walk_every(all, scope, &by_inode, &mut snap);
-            return snap;
         }
         let mut later = Vec::new();
         // A host-wide walk stops as soon as every socket has an owner: reading the fd
@@ -377,10 +377,8 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             if pid == self.self_pid {
                 continue;
             }
-            if self.proc.uid(pid).is_err() {
-                snap.stats.vanished += 1;
-                continue;
-            }
+            // A process that exited since the listing fails here or at its table, and is
+            // counted as vanished either way.
             if let Ok(Some((_, comm))) = self.admit(pid, scope, snap) {
                 admitted.push((pid, comm));
             }
