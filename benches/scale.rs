@@ -2,6 +2,9 @@
 //! ESTABLISHED loopback connections held by several real server processes.
 //!
 //! * P1 `cwreap scan --json` over all processes vs `ss -tanpi state close-wait`.
+//! * P1d what looking for dead held sockets adds to P1's scan, with U unix sockets and a few
+//!   dead TCP sockets held by the servers besides: the scan in-process with probing on and
+//!   off, and `ss` in the same repetitions (see `scale/dead.rs`).
 //! * P2 one steady-state daemon cycle (nothing changed, attribution cached), in-process, vs
 //!   `ss -tn state close-wait`.
 //! * P3 `cwreap reap` of all N with verification and shutdown: wall time, and `ss` counts of
@@ -13,6 +16,7 @@
 //!   of the servers (every connection registered) read on top of a scan.
 //! * `--scaling`: P1 and P2 at N = M = 1k, 10k, 50k.
 //! * `--targets T`: only P5, with T targets (no fixture).
+//! * `--dead-probe`: only P1d.
 //! * `--hold`: only start the fixture and keep it, to profile cwreap by hand.
 //!
 //! Every run checks the fixture with `ss` first and fails (exit 1) when the fixture or a
@@ -32,12 +36,18 @@ use anyhow::{Context, Result, anyhow, bail};
 use cwreap_testkit::fleet::{BULK_SERVER_COMM, Counts, Fleet};
 use cwreap_testkit::{Killed, LoggedDaemon, Notify, cwreap_bin, status_kib};
 
-const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--reps R] [--scaling] [--smoke] [--targets T] [--hold]
+// Not benches/dead.rs: cargo would take that for a benchmark of its own.
+#[path = "scale/dead.rs"]
+mod dead;
+
+const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--unix U] [--reps R] [--scaling] [--smoke] [--targets T] [--dead-probe] [--hold]
   --n N        CLOSE_WAIT connections (default 20000)
   --m M        ESTABLISHED connections (default 20000)
+  --unix U     unix sockets the servers hold for P1d (default 20000)
   --reps R     repetitions of each measurement; medians are reported (default 5)
   --scaling    only P1 and P2, at N = M = 1000, 10000, 50000
-  --smoke      N = M = 200, one repetition: a functional check that finishes in seconds
+  --smoke      N = M = U = 200, one repetition: a functional check that finishes in seconds
+  --dead-probe only P1d, the cost of looking for dead held sockets
   --targets T  only P5, the policy scale, with T targets (default run: 1000, with the fixture)
   --hold       start the fixture (N, M), print its servers, keep it until Enter (for profiling)";
 
@@ -56,15 +66,21 @@ const P5_MAX_START: Duration = Duration::from_secs(1);
 const P5_MAX_RSS_MIB: f64 = 64.0;
 const P5_MAX_CYCLE: Duration = Duration::from_millis(100);
 const SCALING_SIZES: [usize; 3] = [1_000, 10_000, 50_000];
+/// Dead TCP sockets the servers hold for P1d: enough that probing duplicates for real.
+const P1D_DEAD: usize = 10;
 
 #[derive(Debug, Clone)]
 struct Args {
     n: usize,
     m: usize,
+    /// Unix sockets for P1d.
+    unix: usize,
     reps: usize,
     scaling: bool,
     smoke: bool,
     hold: bool,
+    /// `--dead-probe`: only P1d.
+    dead_probe: bool,
     /// `--targets T`: only P5.
     targets: Option<usize>,
 }
@@ -73,10 +89,12 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut a = Args {
         n: 20_000,
         m: 20_000,
+        unix: 20_000,
         reps: 5,
         scaling: false,
         smoke: false,
         hold: false,
+        dead_probe: false,
         targets: None,
     };
     let mut it = argv.iter();
@@ -88,6 +106,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         match arg.as_str() {
             "--n" => a.n = number("--n", it.next())?,
             "--m" => a.m = number("--m", it.next())?,
+            "--unix" => a.unix = number("--unix", it.next())?,
+            "--dead-probe" => a.dead_probe = true,
             "--reps" => a.reps = number("--reps", it.next())?,
             "--scaling" => a.scaling = true,
             "--smoke" => a.smoke = true,
@@ -105,6 +125,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         }
         a.n = 200;
         a.m = 200;
+        a.unix = 200;
         a.reps = 1;
     }
     if a.n == 0 || a.reps == 0 || a.targets == Some(0) {
@@ -112,6 +133,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     }
     if a.targets.is_some() && (a.scaling || a.hold) {
         return Err("--targets excludes --scaling and --hold".into());
+    }
+    if a.dead_probe && (a.scaling || a.hold || a.targets.is_some()) {
+        return Err("--dead-probe excludes --scaling, --hold and --targets".into());
     }
     Ok(a)
 }
@@ -154,6 +178,10 @@ fn run(args: &Args) -> Result<()> {
     }
     if let Some(targets) = args.targets {
         rows.extend(p5_policy_scale(targets, args.reps, (0, 0), &log)?);
+    } else if args.dead_probe {
+        let mut fleet = start_fleet(args.n, args.m, &log)?;
+        rows.extend(dead::p1d(&mut fleet, args.unix, P1D_DEAD, args.reps, &log)?);
+        drop(fleet);
     } else if args.scaling {
         for &n in &SCALING_SIZES {
             let fleet = start_fleet(n, n, &log)?;
@@ -167,6 +195,7 @@ fn run(args: &Args) -> Result<()> {
         rows.extend(p5_policy_scale(P5_TARGETS, args.reps, (0, 0), &log)?);
         let mut fleet = start_fleet(args.n, args.m, &log)?;
         rows.push(p1_scan(&fleet, cwreap, args.reps, &log)?);
+        rows.extend(dead::p1d(&mut fleet, args.unix, P1D_DEAD, args.reps, &log)?);
         rows.push(p5_explain(&fleet, cwreap, args.reps, &log)?);
         rows.push(p2_cycle(&fleet, args.reps, &log)?);
         let cycles = if args.smoke { 3 } else { 20 };
@@ -911,6 +940,8 @@ fn print_report(args: &Args, rows: &[Row]) {
         format!("policy scale, {t} targets")
     } else if args.scaling {
         "scaling".to_owned()
+    } else if args.dead_probe {
+        format!("dead probing, N={} M={} U={}", args.n, args.m, args.unix)
     } else if args.smoke {
         "smoke".to_owned()
     } else {

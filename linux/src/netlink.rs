@@ -33,9 +33,12 @@ use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
 use crate::tcp;
 
+mod inodes;
 mod request;
+mod wire;
 pub use request::Listed;
 use request::{exact_request, inodes_request, request};
+use wire::Wire;
 
 /// A dump arrives in datagrams of up to ~32 KiB; a smaller buffer truncates silently.
 const RECV_BUF: usize = 64 * 1024;
@@ -104,8 +107,9 @@ pub struct Expect {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Chunk {
     pub sockets: Vec<DiagSocket>,
-    /// Inodes of the unix sockets a unix dump listed.
-    pub unix_inodes: Vec<u64>,
+    /// Inodes of the sockets an inode dump listed ([`parse_inodes`]; 0 for a socket without
+    /// a file).
+    pub inodes: Vec<u64>,
     /// NLMSG_DONE was seen: the dump is complete.
     pub done: bool,
     /// A message carried NLM_F_DUMP_INTR: the result is inconsistent and must be redone.
@@ -166,6 +170,16 @@ pub fn parse_dump(buf: &[u8]) -> Result<Chunk, DumpError> {
 /// sequence number or port id are skipped (counted in [`Chunk::stale`]) before their
 /// payload is looked at. `None` takes every message. Never panics on arbitrary input.
 pub fn parse_reply(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpError> {
+    parse_with(buf, expect, false)
+}
+
+/// [`parse_reply`] for an inode dump: of each socket only its inode, read where the kernel
+/// puts it ([`inodes::inode_of`]) into [`Chunk::inodes`].
+pub fn parse_inodes(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpError> {
+    parse_with(buf, expect, true)
+}
+
+fn parse_with(buf: &[u8], expect: Option<Expect>, inodes_only: bool) -> Result<Chunk, DumpError> {
     let mut chunk = Chunk::default();
     let mut offset = 0usize;
     while offset < buf.len() {
@@ -198,6 +212,14 @@ pub fn parse_reply(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpErro
             offset = next;
             continue;
         }
+        if inodes_only && u16::from_ne_bytes([rest[4], rest[5]]) == inodes::SOCK_DIAG_BY_FAMILY {
+            chunk.interrupted |= u16::from_ne_bytes([rest[6], rest[7]]) & NLM_F_DUMP_INTR != 0;
+            let inode = inodes::inode_of(&rest[16..len])
+                .map_err(|reason| DumpError::Malformed { offset, reason })?;
+            chunk.inodes.push(inode);
+            offset = next;
+            continue;
+        }
         let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rest[..len]).map_err(|e| {
             DumpError::Malformed {
                 offset,
@@ -212,7 +234,7 @@ pub fn parse_reply(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpErro
                 chunk.sockets.push(from_response(&resp));
             }
             NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(resp)) => {
-                chunk.unix_inodes.push(u64::from(resp.header.inode));
+                chunk.inodes.push(u64::from(resp.header.inode));
             }
             NetlinkPayload::Done(done) => {
                 // The dump's final status: negative when the kernel gave up part way
@@ -241,38 +263,6 @@ pub fn parse_reply(buf: &[u8], expect: Option<Expect>) -> Result<Chunk, DumpErro
         offset = next;
     }
     Ok(chunk)
-}
-
-/// Where requests go and answers come from.
-enum Wire {
-    /// NETLINK_SOCK_DIAG: the kernel.
-    Kernel(Socket),
-    /// A datagram socket whose other end plays the kernel (see `Diag::over`).
-    #[cfg(test)]
-    Fake(std::os::unix::net::UnixDatagram),
-}
-
-impl Wire {
-    fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Wire::Kernel(s) => s.send(buf, 0),
-            #[cfg(test)]
-            Wire::Fake(s) => s.send(buf),
-        }
-    }
-
-    /// One datagram, and whether it came from the kernel (port id 0). A connected netlink
-    /// socket only accepts the kernel's datagrams anyway; this says so explicitly.
-    fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-        match self {
-            Wire::Kernel(s) => {
-                let (n, from) = s.recv_from(&mut &mut buf[..], 0)?;
-                Ok((n, from.port_number() == 0))
-            }
-            #[cfg(test)]
-            Wire::Fake(s) => Ok((s.recv(buf)?, true)),
-        }
-    }
 }
 
 /// How a [`Diag`] came to be, so a fresh one can be made the same way ([`Diag::reopen`]).
@@ -446,12 +436,13 @@ impl Diag {
         }
     }
 
-    /// Send `req` and read answers to it until `enough` says so, skipping anything that is
-    /// not an answer to it. The first error ends the exchange.
+    /// Send `req` and read answers to it with `parse` until `enough` says so, skipping
+    /// anything that is not an answer to it. The first error ends the exchange.
     fn exchange(
         &mut self,
         req: &[u8],
         expect: Expect,
+        parse: fn(&[u8], Option<Expect>) -> Result<Chunk, DumpError>,
         enough: impl Fn(&Chunk) -> bool,
     ) -> Result<Chunk, DumpError> {
         self.socket.send(req)?;
@@ -477,17 +468,18 @@ impl Diag {
                 });
             }
             let chunk = if from_kernel {
-                parse_reply(&self.buf[..n], Some(expect))?
+                parse(&self.buf[..n], Some(expect))?
             } else {
                 Chunk {
                     stale: 1,
                     ..Chunk::default()
                 }
             };
-            let useful = !chunk.sockets.is_empty() || chunk.done || chunk.acked;
+            let useful =
+                !chunk.sockets.is_empty() || !chunk.inodes.is_empty() || chunk.done || chunk.acked;
             idle = if useful { 0 } else { idle + 1 };
             all.sockets.extend(chunk.sockets);
-            all.unix_inodes.extend(chunk.unix_inodes);
+            all.inodes.extend(chunk.inodes);
             all.interrupted |= chunk.interrupted;
             all.done |= chunk.done;
             all.acked |= chunk.acked;
@@ -507,7 +499,8 @@ impl Diag {
         let expect = self.next_seq();
         let req = exact_request(s.local, s.remote, s.cookie, expect.seq, false);
         // Not a dump: one answer, or an error (ENOENT when the socket is gone).
-        match self.exchange(&req, expect, |c| !c.sockets.is_empty() || c.done || c.acked) {
+        let one = |c: &Chunk| !c.sockets.is_empty() || c.done || c.acked;
+        match self.exchange(&req, expect, parse_reply, one) {
             Ok(chunk) => Ok(chunk.sockets.into_iter().next().map(|mut found| {
                 found.netns = self.netns;
                 found
@@ -523,7 +516,7 @@ impl Diag {
     pub fn destroy(&mut self, s: &DiagSocket) -> Result<(), DumpError> {
         let expect = self.next_seq();
         let req = exact_request(s.local, s.remote, s.cookie, expect.seq, true);
-        self.exchange(&req, expect, |c| c.acked || c.done)
+        self.exchange(&req, expect, parse_reply, |c| c.acked || c.done)
             .map(|_| ())
     }
 
@@ -553,15 +546,14 @@ impl Diag {
             for _ in 0..DUMP_RETRIES {
                 let expect = self.next_seq();
                 let req = inodes_request(listed, family, expect.seq);
-                let chunk = self.exchange(&req, expect, |c| c.done)?;
+                let chunk = self.exchange(&req, expect, parse_inodes, |c| c.done)?;
                 if !chunk.interrupted {
                     got = Some(chunk);
                     break;
                 }
             }
             let chunk = got.ok_or(DumpError::Interrupted(DUMP_RETRIES))?;
-            out.extend(chunk.unix_inodes);
-            out.extend(chunk.sockets.iter().map(|s| s.inode).filter(|i| *i != 0));
+            out.extend(chunk.inodes.into_iter().filter(|&i| i != 0));
         }
         Ok(out)
     }
@@ -574,7 +566,7 @@ impl Diag {
     ) -> Result<Option<Vec<DiagSocket>>, DumpError> {
         let expect = self.next_seq();
         let req = request(family, states, expect.seq);
-        let chunk = self.exchange(&req, expect, |c| c.done)?;
+        let chunk = self.exchange(&req, expect, parse_reply, |c| c.done)?;
         Ok((!chunk.interrupted).then_some(chunk.sockets))
     }
 }
@@ -1025,5 +1017,177 @@ mod tests {
         };
         let sockets = diag.close_wait().expect("dump");
         assert!(sockets.iter().all(|s| s.state == TCP_CLOSE_WAIT));
+    }
+
+    #[test]
+    fn inode_dumps_list_live_sockets_and_never_a_dead_one() {
+        use std::net::{TcpListener, TcpStream, UdpSocket};
+        let inode = |f: &dyn AsFd| rustix::fs::fstat(f.as_fd()).expect("fstat").st_ino;
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let v6 = TcpListener::bind("[::1]:0").ok();
+        // A dead socket: its peer reset it (SO_LINGER 0, close): CLOSE, in no table.
+        let doomed = TcpStream::connect(addr).expect("connect");
+        let (dead, _) = listener.accept().expect("accept");
+        rustix::net::sockopt::set_socket_linger(&doomed, Some(Duration::ZERO)).expect("linger");
+        drop(doomed);
+        let mut diag = Diag::new().expect("sock_diag socket");
+        // The reset arrives at once on loopback; allow it a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let tcp = loop {
+            let tcp: HashSet<u64> = diag
+                .inodes(Listed::TcpOthers)
+                .expect("tcp")
+                .into_iter()
+                .collect();
+            if !tcp.contains(&inode(&dead)) || std::time::Instant::now() > deadline {
+                break tcp;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let unix: HashSet<u64> = diag
+            .inodes(Listed::Unix)
+            .expect("unix")
+            .into_iter()
+            .collect();
+        let udp_live: HashSet<u64> = diag.inodes(Listed::Udp).expect("udp").into_iter().collect();
+        assert!(unix.contains(&inode(&a)) && unix.contains(&inode(&b)));
+        assert!(udp_live.contains(&inode(&udp)));
+        for live in [&listener as &dyn AsFd, &client, &server] {
+            assert!(tcp.contains(&inode(live)), "a live TCP socket is listed");
+        }
+        if let Some(v6) = &v6 {
+            assert!(tcp.contains(&inode(v6)), "IPv6 too");
+        }
+        assert!(!tcp.contains(&inode(&dead)), "a dead socket is in no table");
+        assert!(
+            !tcp.contains(&0) && !unix.contains(&0),
+            "sockets without a file are left out"
+        );
+        assert!(!unix.contains(&inode(&client)) && !tcp.contains(&inode(&a)));
+    }
+
+    // Inode dumps: the inode read in place, the rest as for any dump.
+    const US: Expect = Expect { seq: 7, port: 99 };
+
+    fn inode_header(len: usize, kind: u16, flags: u16, seq: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(len as u32).to_ne_bytes()); // nlmsg_len: header + payload
+        b.extend_from_slice(&kind.to_ne_bytes()); // nlmsg_type
+        b.extend_from_slice(&flags.to_ne_bytes()); // nlmsg_flags
+        b.extend_from_slice(&seq.to_ne_bytes()); // nlmsg_seq: the request's
+        b.extend_from_slice(&US.port.to_ne_bytes()); // nlmsg_pid: our port id
+        b
+    }
+
+    /// An answer to a unix dump: `struct unix_diag_msg` of the socket `inode`.
+    fn unix_answer(inode: u32, flags: u16, seq: u32) -> Vec<u8> {
+        let mut m = inode_header(32, SOCK_DIAG_BY_FAMILY, flags, seq);
+        m.extend_from_slice(&[
+            1, // udiag_family: AF_UNIX
+            1, // udiag_type: SOCK_STREAM
+            1, // udiag_state: TCP_ESTABLISHED (a connected pair)
+            0, // pad
+        ]);
+        m.extend_from_slice(&inode.to_ne_bytes()); // udiag_ino
+        m.extend_from_slice(&[0xab; 8]); // udiag_cookie
+        m
+    }
+
+    /// An answer to a TCP dump: `struct inet_diag_msg` of the socket `inode`, then an
+    /// INET_DIAG_SHUTDOWN attribute, as the kernel sends unasked.
+    fn inet_answer(inode: u32, seq: u32) -> Vec<u8> {
+        let mut m = inode_header(16 + 72 + 8, SOCK_DIAG_BY_FAMILY, NLM_F_MULTI, seq);
+        m.extend_from_slice(&[
+            10, // idiag_family: AF_INET6
+            1,  // idiag_state: TCP_ESTABLISHED
+            0,  // idiag_timer
+            0,  // idiag_retrans
+        ]);
+        m.extend_from_slice(&[0x5a; 48]); // id: ports, addresses, interface, cookie
+        m.extend_from_slice(&0u32.to_ne_bytes()); // idiag_expires
+        m.extend_from_slice(&0u32.to_ne_bytes()); // idiag_rqueue
+        m.extend_from_slice(&0u32.to_ne_bytes()); // idiag_wqueue
+        m.extend_from_slice(&1000u32.to_ne_bytes()); // idiag_uid
+        m.extend_from_slice(&inode.to_ne_bytes()); // idiag_inode
+        m.extend_from_slice(&5u16.to_ne_bytes()); // rta_len
+        m.extend_from_slice(&8u16.to_ne_bytes()); // rta_type: INET_DIAG_SHUTDOWN
+        m.extend_from_slice(&[0, 0, 0, 0]); // sk_shutdown, padding
+        m
+    }
+
+    fn inode_done(seq: u32) -> Vec<u8> {
+        let mut b = inode_header(20, NLMSG_DONE, NLM_F_MULTI, seq);
+        b.extend_from_slice(&0i32.to_ne_bytes()); // the dump's final status
+        b
+    }
+
+    #[test]
+    fn inodes_are_read_from_unix_and_inet_answers_and_stale_ones_skipped() {
+        let mut buf = unix_answer(41, NLM_F_MULTI, 7);
+        buf.extend(inet_answer(42, 7));
+        buf.extend(inet_answer(43, 6)); // an answer to an earlier request
+        buf.extend(unix_answer(44, NLM_F_MULTI, 7));
+        buf.extend(inode_done(6)); // the earlier request's end: not ours
+        buf.extend(inet_answer(0, 7)); // no file (TIME_WAIT, a request socket)
+        buf.extend(inode_done(7));
+        buf.extend(unix_answer(45, NLM_F_MULTI, 7)); // past the end: never read
+        let chunk = parse_inodes(&buf, Some(US)).expect("valid");
+        assert_eq!(chunk.inodes, [41, 42, 44, 0]);
+        assert_eq!(chunk.stale, 2);
+        assert!(chunk.done && !chunk.interrupted);
+        assert!(chunk.sockets.is_empty(), "nothing decoded in full");
+    }
+
+    #[test]
+    fn an_interrupted_dump_and_the_error_in_done_are_seen() {
+        let mut buf = unix_answer(41, NLM_F_MULTI | NLM_F_DUMP_INTR, 7);
+        buf.extend(inode_done(7));
+        assert!(parse_inodes(&buf, Some(US)).expect("valid").interrupted);
+        let mut failed = inode_header(20, NLMSG_DONE, NLM_F_MULTI, 7);
+        failed.extend_from_slice(&(-libc::ENOBUFS).to_ne_bytes()); // the dump's final status
+        assert!(matches!(
+            parse_inodes(&failed, Some(US)),
+            Err(DumpError::Kernel(e)) if e.raw_os_error() == Some(libc::ENOBUFS)
+        ));
+    }
+
+    #[test]
+    fn short_or_lying_answers_are_malformed_never_a_panic() {
+        let whole = inet_answer(42, 7);
+        for cut in [1, 15, 16, 60, 87, whole.len() - 1] {
+            assert!(
+                parse_inodes(&whole[..cut], Some(US)).is_err(),
+                "cut at {cut}"
+            );
+        }
+        // A length that ends the message before the inode.
+        let mut short = whole.clone();
+        short[0..4].copy_from_slice(&80u32.to_ne_bytes());
+        assert!(matches!(
+            parse_inodes(&short[..80], Some(US)),
+            Err(DumpError::Malformed { .. })
+        ));
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut buf = whole.clone();
+            buf.extend(unix_answer(44, NLM_F_MULTI, 7));
+            for _ in 0..(next() % 6) {
+                let i = (next() as usize) % buf.len();
+                buf[i] = next() as u8;
+            }
+            let _ = parse_inodes(&buf, Some(US));
+            let _ = parse_inodes(&buf, None);
+        }
     }
 }

@@ -40,6 +40,9 @@ pub use slow::SlowReads;
 /// doubles for larger ones and is reused across a process's epoll fds.
 const FDINFO_BUF: usize = 64 * 1024;
 
+/// Most threads [`ProcFs::fd_tables`] reads on.
+const TABLE_READERS: usize = 4;
+
 /// What /proc/PID/fd/N links to for an epoll instance.
 const EVENTPOLL_LINK: &[u8] = b"anon_inode:[eventpoll]";
 
@@ -120,6 +123,50 @@ impl ProcFs {
     /// [`ProcFs::fd_thread`]).
     pub fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
         read_fd_dir(&self.pid_path(pid, "fd"))
+    }
+
+    /// [`ProcFs::fd_table`] of each of `pids`, in the same order, read on as many threads
+    /// as there are CPUs (at most [`TABLE_READERS`]), this one included. Reading a table
+    /// is a readlink per fd, all of it kernel time, and tables are independent of each
+    /// other: a walk that must read every process's table waits for them far less this
+    /// way. A table no thread read (one could not be started) is read here.
+    pub fn fd_tables(&self, pids: &[i32]) -> Vec<io::Result<FdTable>> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(TABLE_READERS)
+            .min(pids.len());
+        let mut out: Vec<Option<io::Result<FdTable>>> = pids.iter().map(|_| None).collect();
+        if threads > 1 {
+            let next = AtomicUsize::new(0);
+            let read = || {
+                let mut got = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&pid) = pids.get(i) else {
+                        return got;
+                    };
+                    got.push((i, self.fd_table(pid)));
+                }
+            };
+            let parts = std::thread::scope(|s| {
+                let helpers: Vec<_> = (1..threads)
+                    .filter_map(|_| std::thread::Builder::new().spawn_scoped(s, read).ok())
+                    .collect();
+                let mut parts = vec![read()];
+                parts.extend(helpers.into_iter().filter_map(|h| h.join().ok()));
+                parts
+            });
+            for (i, table) in parts.into_iter().flatten() {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(table);
+                }
+            }
+        }
+        out.into_iter()
+            .zip(pids)
+            .map(|(table, &pid)| table.unwrap_or_else(|| self.fd_table(pid)))
+            .collect()
     }
 
     /// Walk /proc/<pid>/task/<tid>/fd: the fds of the process as thread `tid` sees them
@@ -514,6 +561,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_protocol_of_a_socket_fd_is_read_without_duplicating_it() {
+        use std::os::fd::AsRawFd;
+        let proc = ProcFs::default();
+        let me = std::process::id() as i32;
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let (unix, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let name = |fd: i32| proc.socket_protocol(me, fd).expect("a socket has a name");
+        assert_eq!(name(tcp.as_raw_fd()), "TCP");
+        assert_eq!(name(udp.as_raw_fd()), "UDP");
+        assert_eq!(name(unix.as_raw_fd()), "UNIX-STREAM");
+        let file = std::fs::File::open("/proc/self/stat").expect("a file");
+        assert!(
+            proc.socket_protocol(me, file.as_raw_fd()).is_err(),
+            "not a socket"
+        );
+    }
+
+    #[test]
     fn socket_links() {
         assert_eq!(parse_socket_link("socket:[4026532]"), Some(4026532));
         assert_eq!(parse_socket_link("socket:[]"), None);
@@ -871,6 +937,44 @@ nonvoluntary_ctxt_switches:\t0\n";
         assert_eq!(table.sockets, vec![(3, 777), (5, 778)]);
         assert_eq!(table.epoll, vec![4]);
         assert!(proc.fd_table(43).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn many_tables_read_at_once_come_back_in_order_each_its_own_process() {
+        let dir = std::env::temp_dir().join(format!("cwreap-procfs-many-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        // 40 processes, process p holding p sockets (inodes 1000p + fd), and two gaps.
+        let pids: Vec<i32> = (1..=40).collect();
+        for &p in &pids {
+            let fd_dir = dir.join(p.to_string()).join("fd");
+            fs::create_dir_all(&fd_dir).expect("mkdir");
+            for fd in 0..p {
+                let inode = 1000 * i64::from(p) + i64::from(fd);
+                std::os::unix::fs::symlink(
+                    format!("socket:[{inode}]"),
+                    fd_dir.join(fd.to_string()),
+                )
+                .expect("symlink");
+            }
+        }
+        let proc = ProcFs::new(&dir);
+        let mut asked = pids.clone();
+        asked.insert(7, 99);
+        asked.push(100);
+        let tables = proc.fd_tables(&asked);
+        assert_eq!(tables.len(), asked.len());
+        for (&pid, table) in asked.iter().zip(&tables) {
+            match (pid, table) {
+                (99 | 100, Err(_)) => {}
+                (p, Ok(t)) if p <= 40 => {
+                    let want: Vec<(i32, u64)> =
+                        (0..p).map(|fd| (fd, (1000 * p + fd) as u64)).collect();
+                    assert_eq!(t.sockets, want, "pid {p}");
+                }
+                (p, other) => panic!("pid {p}: {other:?}"),
+            }
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -22,7 +22,11 @@ use cwreap_linux::procfs::FdTable;
 use cwreap_linux::kernel::Boottime;
 
 use crate::shared::age::{self, Age, Clues};
-use crate::shared::selector::{Needs, ProcessFacts, Selector};
+use crate::shared::selector::Selector;
+
+mod read;
+use read::read_fds_from;
+pub use read::{process_facts, read_fds, read_pid_files};
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
 #[derive(Debug)]
@@ -283,13 +287,19 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             }
             return snap;
         }
-        if by_inode.is_empty() {
+        // Nothing to attribute; but dead held sockets are looked for all the same (after a
+        // reap whose targets keep their fds, they may be all there is).
+        if by_inode.is_empty() && !scope.dead {
             return snap;
         }
 
         let Ok(all) = self.proc.pids() else {
             return snap;
         };
+        if scope.dead && self.os.is_none() {
+            self.walk_every(all, scope, &by_inode, &mut snap);
+            return snap;
+        }
         let mut uids: HashSet<u32> = snap.sockets.iter().map(|s| s.diag.uid).collect();
         for s in &snap.sockets {
             if let Some(l) = &s.listener
@@ -342,9 +352,77 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         snap: &mut Snapshot<O::Process>,
         selected: bool,
     ) -> io::Result<usize> {
-        // Pinned first: the name and the fd numbers read next are then known to be those
-        // of the process the pidfd holds (checked alive once they are read).
-        let mut handle = match self.os {
+        let Some((mut handle, comm)) = self.admit(pid, scope, snap)? else {
+            return Ok(0);
+        };
+        let (table, thread) = match read_fds(self.proc, self.os, handle.as_mut(), pid) {
+            Ok(t) => t,
+            Err(e) => {
+                count_failure(snap, pid, &e);
+                return Err(e);
+            }
+        };
+        let read = Read {
+            table,
+            thread,
+            handle,
+            comm,
+        };
+        Ok(self.record(pid, read, scope, by_inode, snap, selected))
+    }
+
+    /// Every process of `all` (a host-wide walk that looks for dead held sockets, so must
+    /// read every table anyway), none pinned: the tables are independent of each other, so
+    /// they are read at once ([`ProcRead::fd_tables`]: the real reader uses several
+    /// threads), then recorded in pid order as [`Self::walk`] records them.
+    fn walk_every(
+        &self,
+        all: Vec<i32>,
+        scope: &Scope,
+        by_inode: &HashMap<u64, Vec<Slot>>,
+        snap: &mut Snapshot<O::Process>,
+    ) {
+        let mut admitted = Vec::new();
+        for pid in all {
+            if pid == self.self_pid {
+                continue;
+            }
+            // A process that exited since the listing fails here or at its table, and is
+            // counted as vanished either way.
+            if let Ok(Some((_, comm))) = self.admit(pid, scope, snap) {
+                admitted.push((pid, comm));
+            }
+        }
+        let pids: Vec<i32> = admitted.iter().map(|&(pid, _)| pid).collect();
+        let tables = self.proc.fd_tables(&pids);
+        for ((pid, comm), table) in admitted.into_iter().zip(tables) {
+            match table.and_then(|t| read_fds_from::<P, O>(self.proc, None, None, pid, t)) {
+                Ok((table, thread)) => {
+                    let read = Read {
+                        table,
+                        thread,
+                        handle: None,
+                        comm,
+                    };
+                    self.record(pid, read, scope, by_inode, snap, false);
+                }
+                Err(e) => count_failure(snap, pid, &e),
+            }
+        }
+    }
+
+    /// Whether `pid` is to be read: pinned first when pinning (the name and the fd numbers
+    /// read next are then known to be those of the process the pidfd holds, checked alive
+    /// once they are read), and accepted by the selector's process criteria. Its pin and,
+    /// when the criteria read it, its name; None when the selector refuses it; an error
+    /// (counted) when it could not be pinned or read.
+    fn admit(
+        &self,
+        pid: i32,
+        scope: &Scope,
+        snap: &mut Snapshot<O::Process>,
+    ) -> io::Result<Option<Admitted<O::Process>>> {
+        let handle = match self.os {
             Some(os) => match os.open_process(pid) {
                 Ok(h) => Some(h),
                 Err(e) => {
@@ -357,50 +435,66 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         // The process facts are needed up front only to filter by them; otherwise the name
         // is read once the process turns out to matter (a few syscalls saved per
         // uninteresting process).
-        let mut comm = None;
-        if scope.selector.has_process_criteria() {
-            let facts = match process_facts(self.proc, pid, scope.selector.needs()) {
-                Ok(f) => f,
-                Err(e) => {
-                    count_failure(snap, pid, &e);
-                    return Err(e);
-                }
-            };
-            let selector = &scope.selector;
-            if !selector.process_matches_before_cmdline(&facts, &scope.pids_from_files) {
-                return Ok(0);
-            }
-            let mut facts = facts;
-            if selector.needs().cmdline {
-                facts.cmdline = match read_cmdline(self.proc, pid) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        count_failure(snap, pid, &e);
-                        return Err(e);
-                    }
-                };
-                if !selector.process_matches(&facts, &scope.pids_from_files) {
-                    return Ok(0);
-                }
-            }
-            comm = Some(facts.comm);
+        if !scope.selector.has_process_criteria() {
+            return Ok(Some((handle, None)));
         }
-        let (table, thread) = match read_fds(self.proc, self.os, handle.as_mut(), pid) {
-            Ok(t) => t,
+        let facts = match process_facts(self.proc, pid, scope.selector.needs()) {
+            Ok(f) => f,
             Err(e) => {
                 count_failure(snap, pid, &e);
                 return Err(e);
             }
         };
+        let selector = &scope.selector;
+        if !selector.process_matches_before_cmdline(&facts, &scope.pids_from_files) {
+            return Ok(None);
+        }
+        let mut facts = facts;
+        if selector.needs().cmdline {
+            facts.cmdline = match read_cmdline(self.proc, pid) {
+                Ok(c) => c,
+                Err(e) => {
+                    count_failure(snap, pid, &e);
+                    return Err(e);
+                }
+            };
+            if !selector.process_matches(&facts, &scope.pids_from_files) {
+                return Ok(None);
+            }
+        }
+        Ok(Some((handle, Some(facts.comm))))
+    }
+
+    /// Record what one process's fd table holds: the CLOSE_WAIT sockets (and listeners) it
+    /// holds, with [`Scope::dead`] its other socket fds; the process itself when it holds
+    /// any of them or was `selected`. How many sockets it holds.
+    fn record(
+        &self,
+        pid: i32,
+        read: Read<O::Process>,
+        scope: &Scope,
+        by_inode: &HashMap<u64, Vec<Slot>>,
+        snap: &mut Snapshot<O::Process>,
+        selected: bool,
+    ) -> usize {
+        let Read {
+            table,
+            thread,
+            handle,
+            comm,
+        } = read;
         snap.stats.inspected += 1;
         let mut holds = 0usize;
         let mut unknown = 0usize;
         for &(fd, inode) in &table.sockets {
-            if scope.dead && !by_inode.contains_key(&inode) {
-                snap.unknown.push(SocketFd { pid, fd, inode });
-                unknown += 1;
-            }
-            for slot in by_inode.get(&inode).into_iter().flatten() {
+            let Some(slots) = by_inode.get(&inode) else {
+                if scope.dead {
+                    snap.unknown.push(SocketFd { pid, fd, inode });
+                    unknown += 1;
+                }
+                continue;
+            };
+            for slot in slots {
                 match *slot {
                     Slot::Socket(i) => snap.sockets[i].holders.push(Holder { pid, fd }),
                     Slot::Listener(i) => {
@@ -413,7 +507,7 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             }
         }
         if holds == 0 && unknown == 0 && !selected {
-            return Ok(0);
+            return 0;
         }
         let comm = match comm {
             Some(c) => c,
@@ -434,95 +528,23 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
                 thread,
             },
         );
-        Ok(holds)
+        holds
     }
 }
 
-/// Read the fd table of `pid`, pinned by `handle` when there is one: through the process,
-/// or, when that shows no fds and the leader has exited (or other threads remain), through
-/// a live thread, pinned first with [`Os::pin_thread`] and confirmed a thread of `pid`
-/// after. Finally the process must still be alive: the fd numbers are then its own.
-/// Returns the table and the thread it was read through.
-pub fn read_fds<P: ProcRead, O: Effects>(
-    proc: &P,
-    os: Option<&O>,
-    mut handle: Option<&mut O::Process>,
-    pid: i32,
-) -> io::Result<(FdTable, Option<i32>)> {
-    let mut table = proc.fd_table(pid)?;
-    let mut thread = None;
-    if table.open == 0
-        && let Some(tid) = proc.thread_for_empty_table(pid)
-    {
-        if let (Some(os), Some(h)) = (os, handle.as_deref_mut()) {
-            os.pin_thread(h, tid)?;
-            // Pinned before it is checked: a tid reused by another process after this
-            // check cannot be the one pinned.
-            if !proc.task_exists(pid, tid) {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-        }
-        table = proc.task_fd_table(pid, tid)?;
-        thread = Some(tid);
-    }
-    if let (Some(os), Some(h)) = (os, handle.as_deref())
-        && !os.alive(h)
-    {
-        return Err(io::Error::from_raw_os_error(libc::ESRCH));
-    }
-    Ok((table, thread))
-}
+/// A process admitted to be read: its pin (when pinning) and its name (when the selector
+/// read it already).
+type Admitted<H> = (Option<H>, Option<String>);
 
-/// The facts about process `pid` that a selector with `needs` reads (the pid and the name
-/// always), but its command line: see [`read_cmdline`].
-pub fn process_facts(proc: &impl ProcRead, pid: i32, needs: Needs) -> io::Result<ProcessFacts> {
-    let comm = proc.comm(pid)?;
-    Ok(ProcessFacts {
-        pid,
-        comm,
-        exe: if needs.exe { proc.exe(pid).ok() } else { None },
-        // Read apart, by [`read_cmdline`], once the cheaper criteria passed.
-        cmdline: None,
-        cgroup: if needs.cgroup {
-            proc.cgroup(pid)
-                .ok()
-                .and_then(|t| crate::shared::selector::parse_cgroup_file(&t))
-        } else {
-            None
-        },
-        uid: if needs.uid { proc.uid(pid).ok() } else { None },
-    })
-}
-
-/// The command line of `pid`, for a process that passed every cheaper criterion: None when
-/// there is none to read (a kernel thread, a process gone). An error only when reading it
-/// did not return in time ([`io::ErrorKind::TimedOut`]): its memory map is locked, so whether
-/// it matches cannot be known, and the caller skips and counts it.
-pub fn read_cmdline(proc: &impl ProcRead, pid: i32) -> io::Result<Option<String>> {
-    match proc.cmdline(pid) {
-        Ok(c) => Ok(Some(c)),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(e),
-        Err(_) => Ok(None),
-    }
-}
-
-/// The pids the given pid files hold now, read as [`crate::shared::pid_file`] trusts
-/// them; and why each of the others gave none (a missing file is no pid and no error of
-/// its own: the service may be restarting).
-pub fn read_pid_files(
-    files: &[std::path::PathBuf],
-) -> (Vec<i32>, Vec<crate::shared::pid_file::PidFileError>) {
-    let owners = crate::shared::pid_file::trusted_owners();
-    let mut pids = Vec::new();
-    let mut errors = Vec::new();
-    for f in files {
-        match crate::shared::pid_file::read(f, &owners) {
-            Ok(pid) => pids.push(pid),
-            Err(crate::shared::pid_file::PidFileError::Missing(_)) => {}
-            Err(e) => errors.push(e),
-        }
-    }
-    (pids, errors)
+/// One process's fd table as read, with what came with it.
+struct Read<H> {
+    table: FdTable,
+    /// The thread it was read through, when the leader's could not show it.
+    thread: Option<i32>,
+    /// The pin, when pinning.
+    handle: Option<H>,
+    /// The name, when the selector read it already.
+    comm: Option<String>,
 }
 
 /// Whether some socket that has a file (or waits on a listener) has no owner yet.

@@ -5,6 +5,9 @@
 //! `i` only, so every destination stays far below the ephemeral port range. Only
 //! connections cwreap reaped leave a TIME-WAIT entry on the client side (the server's FIN
 //! arrives first), for 60 s.
+//!
+//! On request the servers also hold unix socketpairs and dead TCP sockets (state CLOSE, in
+//! no sock_diag table, still held by an fd), spread over them: [`Fleet::set_extras`].
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -61,6 +64,10 @@ pub struct Fleet {
     shares: Vec<Share>,
     /// Connections each server has accepted so far (fresh batches add up).
     accepted: Vec<usize>,
+    /// Unix sockets (both ends of each socketpair) the servers hold in all.
+    unix: usize,
+    /// Dead TCP sockets the servers hold in all.
+    dead: usize,
 }
 
 impl Drop for Fleet {
@@ -107,6 +114,8 @@ impl Fleet {
                 .iter()
                 .map(|s| s.close_wait + s.established)
                 .collect(),
+            unix: 0,
+            dead: 0,
         };
         for i in 0..shares.len() {
             let args = [
@@ -158,6 +167,41 @@ impl Fleet {
                 .map_err(Error::msg)?;
         }
         Ok(())
+    }
+
+    /// Make the servers hold `unix` unix sockets in all (rounded up to whole socketpairs)
+    /// and `dead` dead TCP sockets in all, each spread evenly over them; 0 and 0 drops them.
+    pub fn set_extras(&mut self, unix: usize, dead: usize) -> Result<()> {
+        let k = self.servers.len();
+        let pairs = unix.div_ceil(2);
+        let share = |total: usize, i: usize| total / k + usize::from(i < total % k);
+        for (i, s) in self.servers.iter_mut().enumerate() {
+            send(s, &format!("unix {}", share(pairs, i)))?;
+            send(s, &format!("dead {}", share(dead, i)))?;
+        }
+        for (i, s) in self.servers.iter_mut().enumerate() {
+            for (what, want) in [("unix", share(pairs, i)), ("dead", share(dead, i))] {
+                let got = s
+                    .expect(&format!("{what} "), Duration::from_secs(60))
+                    .map_err(Error::msg)?;
+                if got != want.to_string() {
+                    bail!("{}: holds {got} {what}, expected {want}", s.name);
+                }
+            }
+        }
+        self.unix = pairs * 2;
+        self.dead = dead;
+        Ok(())
+    }
+
+    /// Unix sockets the servers hold in all ([`Fleet::set_extras`]).
+    pub fn unix_sockets(&self) -> usize {
+        self.unix
+    }
+
+    /// Dead TCP sockets the servers hold in all ([`Fleet::set_extras`]).
+    pub fn dead(&self) -> usize {
+        self.dead
     }
 
     pub fn server_pids(&self) -> Vec<i32> {

@@ -15,6 +15,7 @@ mod config_files;
 mod daemon;
 mod dead_leader;
 mod deploy;
+mod docs;
 mod escalate;
 mod explain;
 mod faults;

@@ -156,6 +156,9 @@ impl ProcRead for Linux {
     fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
         ProcRead::fd_table(&self.proc, pid)
     }
+    fn fd_tables(&self, pids: &[i32]) -> Vec<io::Result<FdTable>> {
+        ProcRead::fd_tables(&self.proc, pids)
+    }
     fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable> {
         ProcRead::task_fd_table(&self.proc, pid, tid)
     }
@@ -171,6 +174,9 @@ impl ProcRead for Linux {
     fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>> {
         ProcRead::fd_socket_inode(&self.proc, pid, fd)
     }
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        ProcRead::socket_protocol(&self.proc, pid, fd)
+    }
     fn nofile_limits(&self, pid: i32) -> io::Result<Limits> {
         ProcRead::nofile_limits(&self.proc, pid)
     }
@@ -179,9 +185,6 @@ impl ProcRead for Linux {
     }
     fn netns(&self, pid: i32) -> io::Result<u64> {
         ProcRead::netns(&self.proc, pid)
-    }
-    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
-        ProcRead::socket_protocol(&self.proc, pid, fd)
     }
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
         ProcRead::epoll_watched(&self.proc, pid, epoll_fds)

@@ -20,6 +20,11 @@ pub trait ProcRead {
     fn cgroup(&self, pid: i32) -> io::Result<String>;
     /// The process's fds: how many, which are sockets (fd, inode), which are epoll.
     fn fd_table(&self, pid: i32) -> io::Result<FdTable>;
+    /// [`ProcRead::fd_table`] of each of `pids`, in the same order, for a walk that reads
+    /// every process: the real reader reads them on several threads.
+    fn fd_tables(&self, pids: &[i32]) -> Vec<io::Result<FdTable>> {
+        pids.iter().map(|&pid| self.fd_table(pid)).collect()
+    }
     /// The fd table as thread `tid` of `pid` sees it (the same table, readable when the
     /// thread-group leader has exited).
     fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable>;
@@ -32,6 +37,9 @@ pub trait ProcRead {
     /// What fd `fd` of `pid` is now: Some(inode) for a socket, None for anything else; an
     /// error when it is closed or the process is gone.
     fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>>;
+    /// The protocol of the socket at fd `fd` as the kernel names it ("TCP", "TCPv6",
+    /// "UNIX", "NETLINK", ...), read without duplicating it.
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String>;
     /// RLIMIT_NOFILE (None is unlimited).
     fn nofile_limits(&self, pid: i32) -> io::Result<Limits>;
     /// The start time (clock ticks after boot): tells a process from a later one that got
@@ -39,9 +47,6 @@ pub trait ProcRead {
     fn start_time(&self, pid: i32) -> io::Result<u64>;
     /// The inode of the process's network namespace.
     fn netns(&self, pid: i32) -> io::Result<u64>;
-    /// The protocol sockfs names socket fd `fd` of `pid` by (`TCP`, `TCPv6`, `UNIX-STREAM`,
-    /// `UDP`, `NETLINK`...), read without duplicating it.
-    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String>;
     /// Inodes of the files the process's epoll instances `epoll_fds` watch.
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>>;
 }
@@ -68,6 +73,9 @@ impl ProcRead for ProcFs {
     fn fd_table(&self, pid: i32) -> io::Result<FdTable> {
         ProcFs::fd_table(self, pid)
     }
+    fn fd_tables(&self, pids: &[i32]) -> Vec<io::Result<FdTable>> {
+        ProcFs::fd_tables(self, pids)
+    }
     fn task_fd_table(&self, pid: i32, tid: i32) -> io::Result<FdTable> {
         ProcFs::task_fd_table(self, pid, tid)
     }
@@ -86,6 +94,9 @@ impl ProcRead for ProcFs {
     fn fd_socket_inode(&self, pid: i32, fd: i32) -> io::Result<Option<u64>> {
         ProcFs::fd_socket_inode(self, pid, fd)
     }
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        ProcFs::socket_protocol(self, pid, fd)
+    }
     fn nofile_limits(&self, pid: i32) -> io::Result<Limits> {
         ProcFs::nofile_limits(self, pid)
     }
@@ -94,9 +105,6 @@ impl ProcRead for ProcFs {
     }
     fn netns(&self, pid: i32) -> io::Result<u64> {
         crate::netlink::netns_inode(&self.netns_path(pid))
-    }
-    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
-        ProcFs::socket_protocol(self, pid, fd)
     }
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
         ProcFs::epoll_watched(self, pid, epoll_fds)

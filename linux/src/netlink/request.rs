@@ -42,7 +42,7 @@ pub(super) fn request(family: u8, states: StateFlags, seq: u32) -> Vec<u8> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listed {
     /// TCP sockets in every state but CLOSE_WAIT (CLOSE sockets are in no table, so in no
-    /// dump).
+    /// dump) and TIME_WAIT (a timewait socket never has a file, so no fd holds one).
     TcpOthers,
     Udp,
     Unix,
@@ -73,7 +73,7 @@ pub(super) fn inodes_request(listed: Listed, family: u8, seq: u32) -> Vec<u8> {
             states: if listed == Listed::Udp {
                 StateFlags::all()
             } else {
-                StateFlags::all().difference(StateFlags::CLOSE_WAIT)
+                StateFlags::all().difference(StateFlags::CLOSE_WAIT | StateFlags::TIME_WAIT)
             },
             socket_id: if family == AF_INET {
                 SocketId::new_v4()

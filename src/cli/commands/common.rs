@@ -12,7 +12,7 @@ use cwreap_linux::sys::Capability;
 use crate::cli::args::Selectors;
 use crate::cli::render;
 use crate::shared::age::{self, Clues};
-use crate::shared::attribute::{self, Attributor, Snapshot};
+use crate::shared::attribute::{self, Attributor, Scope, Snapshot};
 use crate::shared::dead;
 use crate::shared::usage::UsageError;
 
@@ -84,11 +84,11 @@ map is locked), so --cmdline cannot be checked for it",
 }
 
 /// Namespaces that could not be entered or dumped, with why: each is a warning.
-pub(crate) type Failures = Vec<(u64, String)>;
+pub type Failures = Vec<(u64, String)>;
 
 /// Processes whose socket fds could not be duplicated to tell dead held sockets (EPERM):
 /// their dead sockets are unknown, never "none".
-pub(crate) type Unprobed = Vec<i32>;
+pub type Unprobed = Vec<i32>;
 
 /// Why the running daemon's ages (its first sight of each socket) were not used, when a
 /// daemon seems to publish some: the ages shown are then tcp_info's lower bounds only.
@@ -146,7 +146,17 @@ pub(crate) fn observe<K: Kernel>(
 ) -> Result<(Snapshot<K::Process>, Failures, Unprobed)> {
     selectors.check_regex_budget()?;
     selectors.check_pid_files()?;
-    let scope = selectors.scope();
+    observe_in(k, pin, &selectors.scope())
+}
+
+/// [`observe`] over a scope given as such rather than by selectors: the commands always
+/// look for dead held sockets ([`Scope::dead`]); the benchmark measures the scan with and
+/// without that look through this one path.
+pub fn observe_in<K: Kernel>(
+    k: &mut K,
+    pin: bool,
+    scope: &Scope,
+) -> Result<(Snapshot<K::Process>, Failures, Unprobed)> {
     match &scope.pids {
         Some(pids) => k.cover(pids, false),
         None => {
@@ -166,7 +176,7 @@ pub(crate) fn observe<K: Kernel>(
         os: pin.then_some(&*k),
         self_pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
     };
-    let mut snap = attributor.attribute(found, &scope);
+    let mut snap = attributor.attribute(found, scope);
     check_unreadable(&snap)?;
     let unknown = std::mem::take(&mut snap.unknown);
     let pins: std::collections::HashMap<i32, &K::Process> = snap

@@ -255,6 +255,26 @@ fn dead_held_sockets_are_listed_in_state_close_and_never_reaped() {
 }
 
 #[test]
+fn dead_held_sockets_are_found_on_a_host_with_no_close_wait_socket() {
+    // What a reap leaves behind when the owner keeps its fds: only dead sockets.
+    let mut k = FakeKernel::new();
+    k.spawn(Process::new(API, "api"));
+    k.listener(API, 3, "10.0.0.1:8080");
+    k.dead(API, 20, "10.0.0.1:8080");
+    let Command::Scan(args) = parse(&["scan", "--json"]) else {
+        panic!("not scan");
+    };
+    let mut out = Vec::new();
+    scan_on(&mut k, &args, false, &mut out, &mut Vec::new()).expect("scan");
+    let rows = lines(&out);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (&rows[0]["state"], &rows[0]["fd"]),
+        (&"CLOSE".into(), &20.into())
+    );
+}
+
+#[test]
 fn a_refused_probe_warns_naming_the_capability_and_never_says_none() {
     let mut k = server();
     k.dead(API, 20, "10.0.0.1:8080");

@@ -209,6 +209,18 @@ impl FakeKernel {
         })
     }
 
+    /// A netlink socket of `pid` as `fd`: in no dump cwreap asks for, and not TCP.
+    pub fn netlink_socket(&self, pid: i32, fd: i32) -> u64 {
+        self.with(|w| {
+            w.next_inode += 1;
+            let inode = w.next_inode;
+            if let Some(p) = w.processes.get_mut(&pid) {
+                p.fds.insert(fd, Fd::Netlink(inode));
+            }
+            inode
+        })
+    }
+
     /// The TCP state of a socket now (None once it is gone).
     pub fn state(&self, key: SocketKey) -> Option<u8> {
         self.with(|w| w.sockets.get(&key).map(|s| s.diag.state))

@@ -184,7 +184,7 @@ impl ProcRead for FakeKernel {
             };
             for (fd, f) in &p.fds {
                 match f {
-                    Fd::Socket(inode) | Fd::Unix(inode) | Fd::Udp(inode) => {
+                    Fd::Socket(inode) | Fd::Unix(inode) | Fd::Udp(inode) | Fd::Netlink(inode) => {
                         t.sockets.push((*fd, *inode))
                     }
                     Fd::Epoll(_) => t.epoll.push(*fd),
@@ -214,8 +214,26 @@ impl ProcRead for FakeKernel {
         self.with(|w| {
             let p = w.alive(pid).ok_or_else(|| errno(libc::ENOENT))?;
             match p.fds.get(&fd) {
-                Some(Fd::Socket(i) | Fd::Unix(i) | Fd::Udp(i)) => Ok(Some(*i)),
+                Some(Fd::Socket(i) | Fd::Unix(i) | Fd::Udp(i) | Fd::Netlink(i)) => Ok(Some(*i)),
                 Some(_) => Ok(None),
+                None => Err(errno(libc::ENOENT)),
+            }
+        })
+    }
+    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
+        self.record(Call::Protocol { pid, fd });
+        self.with(|w| {
+            if let Some(e) = w.faults.protocol.get(&(pid, fd)) {
+                return Err(errno(*e));
+            }
+            let p = w.alive(pid).ok_or_else(|| errno(libc::ENOENT))?;
+            match p.fds.get(&fd) {
+                Some(Fd::Socket(_)) => Ok("TCP".to_owned()),
+                Some(Fd::Unix(_)) => Ok("UNIX-STREAM".to_owned()),
+                Some(Fd::Udp(_)) => Ok("UDP".to_owned()),
+                Some(Fd::Netlink(_)) => Ok("NETLINK".to_owned()),
+                // getxattr(2) on a file that is not a socket.
+                Some(_) => Err(errno(libc::ENODATA)),
                 None => Err(errno(libc::ENOENT)),
             }
         })
@@ -239,18 +257,6 @@ impl ProcRead for FakeKernel {
             w.alive(pid)
                 .map(|p| p.netns)
                 .ok_or_else(|| errno(libc::ENOENT))
-        })
-    }
-    fn socket_protocol(&self, pid: i32, fd: i32) -> io::Result<String> {
-        self.with(|w| {
-            let p = w.alive(pid).ok_or_else(|| errno(libc::ENOENT))?;
-            match p.fds.get(&fd) {
-                Some(Fd::Socket(_)) => Ok("TCP".to_owned()),
-                Some(Fd::Unix(_)) => Ok("UNIX-STREAM".to_owned()),
-                Some(Fd::Udp(_)) => Ok("UDP".to_owned()),
-                Some(_) => Err(errno(libc::ENODATA)),
-                None => Err(errno(libc::ENOENT)),
-            }
         })
     }
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
@@ -315,7 +321,7 @@ impl Effects for FakeKernel {
                     _ => None,
                 },
                 other: match f {
-                    Fd::Unix(i) | Fd::Udp(i) => Some(*i),
+                    Fd::Unix(i) | Fd::Udp(i) | Fd::Netlink(i) => Some(*i),
                     _ => None,
                 },
             })

@@ -62,6 +62,10 @@ pub enum Call {
     Cmdline {
         pid: i32,
     },
+    Protocol {
+        pid: i32,
+        fd: i32,
+    },
     Inspect {
         pid: i32,
         fd: i32,
@@ -77,6 +81,8 @@ pub enum Fd {
     Unix(u64),
     /// A UDP socket: listed by a UDP dump.
     Udp(u64),
+    /// A netlink socket: in no dump cwreap asks for, and not TCP.
+    Netlink(u64),
     /// An epoll instance watching these inodes.
     Epoll(Vec<u64>),
     File,
@@ -174,6 +180,8 @@ pub struct Faults {
     pub fd_table: HashMap<i32, i32>,
     /// pidfd_getfd of (pid, fd) fails with this errno.
     pub duplicate: HashMap<(i32, i32), i32>,
+    /// Reading the protocol name of the socket at (pid, fd) fails with this errno.
+    pub protocol: HashMap<(i32, i32), i32>,
     /// shutdown of this inode fails with this errno.
     pub shutdown: HashMap<u64, i32>,
     /// Signals to these pids fail with this errno.
