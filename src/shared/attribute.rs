@@ -26,7 +26,7 @@ use crate::shared::selector::Selector;
 
 mod read;
 use read::read_fds_from;
-pub use read::{process_facts, read_fds, read_pid_files};
+pub use read::{process_facts, read_cmdline, read_fds, read_pid_files};
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
 #[derive(Debug)]

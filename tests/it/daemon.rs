@@ -27,6 +27,8 @@ struct Policy {
     log_format: &'static str,
     audit_log: Option<PathBuf>,
     limits: Option<String>,
+    /// Short: these tests look at verdicts, not at the window (its own tests do).
+    still_held_after: &'static str,
     targets: Vec<String>,
 }
 
@@ -38,6 +40,7 @@ impl Policy {
             log_format: "json",
             audit_log: None,
             limits: None,
+            still_held_after: "1s",
             targets: Vec::new(),
         }
     }
@@ -76,8 +79,8 @@ impl Policy {
 
     fn yaml(&self) -> String {
         let mut y = format!(
-            "interval: {}\ndry_run: {}\nlog_format: {}\nmetrics: {{listen: off}}\n",
-            self.interval, self.dry_run, self.log_format
+            "interval: {}\ndry_run: {}\nlog_format: {}\nmetrics: {{listen: off}}\nstill_held_after: {}\n",
+            self.interval, self.dry_run, self.log_format, self.still_held_after
         );
         if let Some(p) = &self.audit_log {
             y.push_str(&format!("audit_log: {}\n", p.display()));
