@@ -374,9 +374,13 @@ fn no_new_sockets_no_forecast() {
     assert!(field_i64(&line, "samples") >= 2, "{line}");
 }
 
-/// Read-only for real: under seccomp filters that kill cwreap on pidfd_getfd (duplicating
-/// a socket), ptrace (stopping a process), kill or pidfd_send_signal, explain still runs to
-/// the end and names the pattern, host-wide and by pid, with and without `--for`.
+/// Read-only for real: under seccomp filters that kill cwreap on ptrace (stopping a
+/// process), kill or pidfd_send_signal, explain still runs to the end and names the
+/// pattern, host-wide and by pid, with and without `--for`. It duplicates no socket that a
+/// sock_diag table lists: by pid (the server's sockets are all in a table), pidfd_getfd
+/// kills it too. Host-wide it may meet a socket in no table (another process's dead held
+/// one), the only kind it duplicates, to tell whether it is dead: there pidfd_getfd is
+/// refused (EPERM, as a container's seccomp profile does) and it still ends.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn never_duplicates_stops_or_signals() {
@@ -387,11 +391,14 @@ fn never_duplicates_stops_or_signals() {
     let _clients: Vec<(TcpStream, i32)> = (0..3).map(|_| srv.close_wait(0)).collect();
     let pid = srv.pid();
     let pid_s = pid.to_string();
-    let run = |args: &[&str]| {
+    // The hazard for the host-wide run: a dead held socket (reset by its peer, its fd
+    // still held, in no table), held here by the test process.
+    let _dead = dead_held_socket();
+    let run = |args: &[&str], getfd: u32| {
         let mut cmd = Command::new(crate::support::cwreap_bin());
         cmd.args(args);
+        cwreap_linux::testing::filter_syscall(&mut cmd, libc::SYS_pidfd_getfd, getfd);
         for nr in [
-            libc::SYS_pidfd_getfd,
             libc::SYS_ptrace,
             libc::SYS_kill,
             libc::SYS_pidfd_send_signal,
@@ -400,11 +407,19 @@ fn never_duplicates_stops_or_signals() {
         }
         cmd.output().expect("run cwreap")
     };
-    for args in [
-        vec!["explain", "--json"],
-        vec!["explain", "--pid", pid_s.as_str(), "--for", "1s", "--json"],
+    let refused = libc::SECCOMP_RET_ERRNO | (libc::EPERM as u32);
+    for (args, getfd) in [
+        (vec!["explain", "--json"], refused),
+        (
+            vec!["explain", "--pid", pid_s.as_str(), "--json"],
+            libc::SECCOMP_RET_KILL_PROCESS,
+        ),
+        (
+            vec!["explain", "--pid", pid_s.as_str(), "--for", "1s", "--json"],
+            libc::SECCOMP_RET_KILL_PROCESS,
+        ),
     ] {
-        let out = run(&args);
+        let out = run(&args, getfd);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -416,9 +431,21 @@ fn never_duplicates_stops_or_signals() {
             .find(|l| l["pid"].as_i64() == Some(i64::from(pid)))
             .unwrap_or_else(|| panic!("{args:?}: no line for {pid}\n{}", output_text(&out)));
         assert_patterns(&line, &[("eof_ignored", 3)]);
+        if getfd == refused {
+            // It met the dead socket, tried, and says what it could not tell.
+            let err = crate::support::stderr(&out);
+            assert!(
+                err.contains("dead held sockets") && err.contains("are unknown"),
+                "{args:?}\n{}",
+                output_text(&out)
+            );
+        }
     }
     // The control: a dry-run reap duplicates, and the filters catch it.
-    let out = run(&["reap", "--pid", &pid_s, "--older-than", "0s", "--dry-run"]);
+    let out = run(
+        &["reap", "--pid", &pid_s, "--older-than", "0s", "--dry-run"],
+        libc::SECCOMP_RET_KILL_PROCESS,
+    );
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&out.status),
         Some(libc::SIGSYS),
@@ -428,6 +455,21 @@ fn never_duplicates_stops_or_signals() {
     if !srv.alive() {
         srv.fail("the server exited");
     }
+}
+
+/// A connected socket whose peer reset it: in state CLOSE, in no sock_diag table, its fd
+/// held by whoever keeps the returned stream.
+fn dead_held_socket() -> TcpStream {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    rustix::net::sockopt::set_socket_linger(&server, Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(server);
+    // The reset has landed once a read sees it.
+    let mut c = client;
+    let mut buf = [0u8; 1];
+    let _ = std::io::Read::read(&mut c, &mut buf);
+    c
 }
 
 #[test]

@@ -67,7 +67,7 @@ fn metrics_match_what_happened() {
     let _d = LoggedDaemon::start(
         "values",
         &format!(
-            "interval: 300ms\ndry_run: false\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: leaky\n    match: {{pid: {}}}\n    older_than: 1s\n    action: shutdown\n",
+            "interval: 300ms\ndry_run: false\nstill_held_after: 1s\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: leaky\n    match: {{pid: {}}}\n    older_than: 1s\n    action: shutdown\n",
             fx.pid()
         ),
     );
