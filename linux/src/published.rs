@@ -238,7 +238,7 @@ pub fn read(dir: &Path, proc: &ProcFs, now: Boottime) -> Result<Published, Unusa
 }
 
 /// How old a heartbeat may be: two intervals and a cycle's own time.
-fn staleness(interval: Duration) -> Duration {
+pub fn staleness(interval: Duration) -> Duration {
     interval
         .saturating_mul(2)
         .saturating_add(Duration::from_secs(10))

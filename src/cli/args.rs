@@ -120,6 +120,10 @@ const REAP_EXAMPLES: &str = "Examples:
 /// repeated: values of one flag OR, different flags AND.
 #[derive(Debug, Clone, Default, Args)]
 pub struct Selectors {
+    /// Never read the running daemon's exact entry times (its pinned BPF map): ages are
+    /// then its first sights and tcp_info's bounds, as without events
+    #[arg(long, help_heading = "Ages")]
+    pub no_bpf: bool,
     /// Only this process
     #[arg(long = "pid", value_name = "PID", value_parser = values::parse_pid, help_heading = "Selectors")]
     pub pids: Vec<i32>,

@@ -135,6 +135,10 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
                 "skip or act: when the intent records of a cycle cannot be written (a full or failing disk), skip acts on nothing that changes a socket (each skipped action counted in cwreap_actions_skipped_unrecorded_total and the failure logged), act goes on and relies on the journal. Default skip: no action without a record.",
             ),
             (
+                "discovery",
+                "auto, events or poll: how the daemon finds CLOSE_WAIT sockets. events: BPF tracepoints on the TCP state change (inet_sock_set_state, tcp_destroy_sock) report each socket as it enters and leaves CLOSE_WAIT, with the kernel's time of entry, so ages are exact (age_source event) and no dump runs between reconciliations (at start, every 10 minutes, and after any lost event); needs Linux 5.12 with BTF and CAP_BPF with CAP_PERFMON (the events.conf drop-in). The entry times are pinned under /sys/fs/bpf/cwreap for scan, reap and explain run as root, trusted only while this daemon lives and beats. poll: a sock_diag dump every cycle. auto (default): events when the programs load, else poll, saying why once. events refuses to start without them. The mode in use is logged at start and exported as cwreap_discovery_mode{mode}.",
+            ),
+            (
                 "still_held_after",
                 "How long the owner of a socket cwreap shut down has to close its fd before the verdict is still_held (event fd_release, cwreap_fd_released_total). The owner is looked at every cycle until then: released as soon as it lets go, gone if the process exits, still_held if the fd still names the same socket at the end of the window. Default 3 intervals or 30s, whichever is longer, so an app that closes on its next heartbeat or poll is not reported.",
             ),

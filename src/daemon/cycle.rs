@@ -333,3 +333,22 @@ pub fn log_action(target: &str, d: &Decision, res: &ActResult) {
             dry_run = d.dry_run, detail, "close_wait action");
     }
 }
+
+/// This cycle's share of the event source's counts (events lost, catch-up dumps), from its
+/// totals and `last`, the totals at the end of the previous cycle.
+pub fn event_counts(
+    k: &impl Kernel,
+    last: &mut cwreap_linux::kernel::EventCounts,
+    report: &mut CycleReport,
+) {
+    let Some(c) = k.event_counts() else { return };
+    report.events_lost = c.lost.saturating_sub(last.lost);
+    report.reconciles = c.reconciles.saturating_sub(last.reconciles);
+    if report.events_lost > 0 {
+        warn!(
+            lost = report.events_lost,
+            "the kernel dropped socket events (its ring buffer was full); a full dump caught up"
+        );
+    }
+    *last = c;
+}

@@ -90,6 +90,10 @@ pub struct CycleReport {
     pub deferred: usize,
     /// Escalations due but held back by `limits.max_escalations_per_minute`.
     pub escalations_deferred: usize,
+    /// Events the kernel dropped this cycle (its ring buffer was full).
+    pub events_lost: u64,
+    /// Full dumps the event source did this cycle to catch up.
+    pub reconciles: u64,
     /// Actions not done because their intent records could not be written.
     pub skipped_unrecorded: usize,
     pub errors: BTreeMap<ErrorKind, usize>,

@@ -53,6 +53,8 @@ pub struct Daemon<K: Kernel> {
     limiter: RateLimiter,
     /// Escalations per minute, apart from the reaps.
     escalation_limiter: RateLimiter,
+    /// The event source's counts at the end of the last cycle.
+    event_counts: cwreap_linux::kernel::EventCounts,
     headroom: Headroom,
     /// Sockets already acted on (or reported), so each is handled once.
     handled: HashSet<SocketKey>,
@@ -120,6 +122,7 @@ impl<K: Kernel> Daemon<K> {
             unowned: HashSet::new(),
             limiter: RateLimiter::default(),
             escalation_limiter: RateLimiter::default(),
+            event_counts: cwreap_linux::kernel::EventCounts::default(),
             headroom: Headroom::default(),
             handled: HashSet::new(),
             releases: ReleaseWatch::default(),
@@ -198,6 +201,9 @@ impl<K: Kernel> Daemon<K> {
         if cfg.log_format != self.cfg.log_format {
             warn!("log_format changes take effect at the next restart");
         }
+        if cfg.discovery != self.cfg.discovery {
+            warn!("discovery changes take effect at the next restart");
+        }
         warn_shadowed(&cfg);
         self.cfg = cfg;
         // Sockets only reported under the old policy (dry run, `log`) are judged again by
@@ -254,8 +260,15 @@ impl<K: Kernel> Daemon<K> {
                 p.publish(now, self.cfg.interval, &self.tracker.first_sights());
             }
         }
+        self.kernel.cycle_done();
+        cycle::event_counts(&self.kernel, &mut self.event_counts, &mut report);
         report.duration = started.elapsed();
         report
+    }
+
+    /// How the sockets are found: `events` or `poll`.
+    pub fn discovery_mode(&self) -> &'static str {
+        self.kernel.mode()
     }
 
     /// The processes the targets' process criteria accept (never cwreap itself).

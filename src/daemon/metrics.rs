@@ -48,6 +48,11 @@ struct BuildLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     kind: &'static str,
 }
@@ -70,6 +75,9 @@ struct Inner {
     refused: Counter,
     skipped_unrecorded: Counter,
     escalations_deferred: Counter,
+    events_lost: Counter,
+    reconciles: Counter,
+    discovery_mode: Family<ModeLabels, Gauge>,
     evicted: Counter,
 }
 
@@ -196,6 +204,24 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
+        let events_lost = Counter::default();
+        registry.register(
+            "cwreap_bpf_events_lost",
+            "Socket events the kernel dropped because the ring buffer was full (each followed by a full dump that catches up)",
+            events_lost.clone(),
+        );
+        let reconciles = Counter::default();
+        registry.register(
+            "cwreap_discovery_reconciles",
+            "Full sock_diag dumps the event source did to catch up (after lost events, or a socket an event could not place)",
+            reconciles.clone(),
+        );
+        let discovery_mode = Family::<ModeLabels, Gauge>::default();
+        registry.register(
+            "cwreap_discovery_mode",
+            "How the daemon finds CLOSE_WAIT sockets: 1 for the mode in use (events: the kernel's state changes through BPF; poll: a sock_diag dump every cycle)",
+            discovery_mode.clone(),
+        );
         let escalations_deferred = Counter::default();
         registry.register(
             "cwreap_escalations_deferred",
@@ -262,6 +288,9 @@ impl Metrics {
                 refused,
                 skipped_unrecorded,
                 escalations_deferred,
+                events_lost,
+                reconciles,
+                discovery_mode,
                 evicted,
             })),
         }
@@ -292,6 +321,13 @@ impl Metrics {
     /// The output counters, for the parts of the daemon that bump them.
     pub fn health(&self) -> Health {
         self.health.clone()
+    }
+
+    /// Say which discovery runs (`events` or `poll`), for the whole life of the daemon.
+    pub fn set_discovery_mode(&self, mode: &'static str) {
+        let Ok(m) = self.inner.lock() else { return };
+        m.discovery_mode.clear();
+        m.discovery_mode.get_or_create(&ModeLabels { mode }).set(1);
     }
 
     /// Fold one cycle's report in.
@@ -333,6 +369,8 @@ impl Metrics {
             .inc_by(u64::try_from(report.skipped_unrecorded).unwrap_or(u64::MAX));
         m.escalations_deferred
             .inc_by(u64::try_from(report.escalations_deferred).unwrap_or(u64::MAX));
+        m.events_lost.inc_by(report.events_lost);
+        m.reconciles.inc_by(report.reconciles);
         for ((target, result), n) in &report.releases {
             m.released
                 .get_or_create(&ReleaseLabels {

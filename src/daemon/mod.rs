@@ -2,7 +2,8 @@
 //!
 //! - [`engine`]: the [`Daemon`], what it keeps between cycles and one cycle as steps;
 //!   [`cycle`]: the steps that need no state; [`policy`]: the pure decision;
-//! - [`tracker`]: the CLOSE_WAIT sockets discovery reported, with when each was first
+//! - [`discovery`]: events (BPF) or polling, decided at start;
+//!   [`tracker`]: the CLOSE_WAIT sockets discovery reported, with when each was first
 //!   seen; [`fd_cache`]: every socket fd of the targets, kept between cycles;
 //! - [`dead_held`]: the dead held sockets of the targets (ended connections whose fd is
 //!   still held);
@@ -26,6 +27,7 @@ pub mod audit;
 pub mod cycle;
 pub mod cycle_report;
 pub mod dead_held;
+pub mod discovery;
 pub mod endpoint;
 pub mod engine;
 pub mod escalate;

@@ -44,7 +44,9 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
     let health = metrics.health();
     logging::init(cfg.log_format, health.log_lines_dropped.clone());
     self_test()?;
-    let mut daemon = Daemon::with_kernel(Linux::default(), cfg, force_dry_run, health.clone())
+    let kernel = crate::daemon::discovery::kernel(&cfg)?;
+    metrics.set_discovery_mode(cwreap_linux::kernel::Discover::mode(&kernel));
+    let mut daemon = Daemon::with_kernel(kernel, cfg, force_dry_run, health.clone())
         .map_err(|e| UsageError(format!("{}: {e:#}", config_path.display())))?;
     daemon.publish_to(cwreap_linux::published::run_dir());
     let audit = daemon.auditor().log().clone();
@@ -166,6 +168,7 @@ async fn main_loop(
         config = %config_path.display(),
         dry_run = daemon.dry_run(),
         interval_ms = daemon.cfg().interval.as_millis() as u64,
+        discovery = daemon.discovery_mode(),
         targets = daemon.cfg().targets.len(),
         target_names = %daemon.cfg().target_names(5),
         "cwreap started"

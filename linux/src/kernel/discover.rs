@@ -75,6 +75,26 @@ pub trait Discover {
     /// namespaces: a socket fd whose inode is in none of them, nor in CLOSE_WAIT, may be a
     /// dead TCP socket (state CLOSE, in no table).
     fn live_inodes(&mut self, listed: Listed) -> Result<HashSet<u64>, DumpError>;
+    /// How the sockets are found: `poll` (a dump every cycle) or `events` (the kernel's
+    /// state changes, with exact entry times).
+    fn mode(&self) -> &'static str {
+        "poll"
+    }
+    /// The event source's counts, when there is one.
+    fn event_counts(&self) -> Option<EventCounts> {
+        None
+    }
+    /// A cycle is done (the event source tells the readers of its pins it is alive).
+    fn cycle_done(&mut self) {}
+}
+
+/// What an event source counted since it started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EventCounts {
+    /// Events the kernel could not queue (the ring buffer was full).
+    pub lost: u64,
+    /// Full dumps done to catch up after a loss or an event that could not be placed.
+    pub reconciles: u64,
 }
 
 /// Changes from a series of full dumps: what each dump has that the last one did not, and

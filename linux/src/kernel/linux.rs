@@ -10,6 +10,7 @@ use crate::kernel::procs::ProcRead;
 use std::collections::HashSet;
 
 use crate::kernel::effects::SocketFacts;
+use crate::kernel::events::{EventFeed, pin_dir};
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::{Found, Namespaces};
 use crate::procfs::{FdTable, Limits, ProcFs};
@@ -31,6 +32,14 @@ pub struct Linux {
     published: Option<Published>,
     /// Why the published ages were not used, when a daemon seems to have published some.
     published_note: Option<String>,
+    /// The daemon's event source, when loaded ([`Linux::enable_events`]).
+    events: Option<EventFeed>,
+    /// The command line: the running daemon's exact entry times (its pinned map), while it
+    /// is alive and beating; none with `--no-bpf`.
+    pinned: Option<crate::bpf::PinnedAges>,
+    /// Why the pinned entry times were not used, when a daemon seems to have pinned some.
+    pinned_note: Option<String>,
+    no_bpf: bool,
 }
 
 impl Linux {
@@ -51,9 +60,43 @@ impl Linux {
         }
     }
 
+    /// [`Linux::for_cli`] that never touches BPF (`--no-bpf`): no pinned entry times.
+    pub fn for_cli_without_bpf() -> Self {
+        Linux {
+            no_bpf: true,
+            ..Linux::for_cli()
+        }
+    }
+
     /// Why the running daemon's published ages were not used, if some were found.
     pub fn published_note(&self) -> Option<&str> {
         self.published_note.as_deref()
+    }
+
+    /// Why the running daemon's exact entry times (its pins) were not used, if it seems to
+    /// have pinned some.
+    pub fn pinned_note(&self) -> Option<&str> {
+        self.pinned_note.as_deref()
+    }
+
+    /// Whether the running daemon's exact entry times are used.
+    pub fn uses_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
+    /// Find sockets from the kernel's events from now on (the daemon, `discovery: events`
+    /// or `auto`): load and attach the BPF programs. Why not, when they cannot be.
+    pub fn enable_events(
+        &mut self,
+        opts: &crate::bpf::Options,
+    ) -> Result<(), crate::bpf::Unavailable> {
+        self.events = Some(EventFeed::load(opts)?);
+        Ok(())
+    }
+
+    /// The event source, when loaded.
+    pub fn events(&self) -> Option<&EventFeed> {
+        self.events.as_ref()
     }
 
     /// The sock_diag sockets, for what only they can do (proving SOCK_DESTROY works).
@@ -66,6 +109,30 @@ impl Linux {
         &self.proc
     }
 }
+
+impl Linux {
+    /// Open the running daemon's pinned entry times, if it pinned some and vouches for
+    /// them now (alive, beating within the staleness its published ages allow).
+    fn open_pins(&mut self) {
+        let staleness = self.published.as_ref().map_or(PIN_STALENESS, |p| {
+            crate::published::staleness(p.header.interval)
+        });
+        match crate::bpf::PinnedAges::open(&pin_dir(), staleness) {
+            Ok(p) => {
+                self.pinned = Some(p);
+                self.pinned_note = None;
+            }
+            Err(crate::bpf::NotExact::NoPin { .. }) => self.pinned = None,
+            Err(e) => {
+                self.pinned = None;
+                self.pinned_note = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// How old the pinned heartbeat may be when the daemon published no interval.
+const PIN_STALENESS: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Clock for Linux {
     fn now(&self) -> Boottime {
@@ -95,6 +162,9 @@ impl Discover for Linux {
             self.namespaces.dump()
         }?;
         self.diff.reset(&found);
+        if let Some(ev) = self.events.as_mut() {
+            ev.reset(&found);
+        }
         if self.read_published {
             match crate::published::read(&crate::published::run_dir(), &self.proc, self.now()) {
                 Ok(p) => {
@@ -107,17 +177,49 @@ impl Discover for Linux {
                     self.published_note = Some(e.to_string());
                 }
             }
+            if !self.no_bpf {
+                self.open_pins();
+            }
         }
         Ok(found)
     }
 
     fn changes(&mut self) -> Result<Changes, DumpError> {
+        if let Some(ev) = self.events.as_mut() {
+            return ev.changes(&mut self.namespaces);
+        }
         let found = self.namespaces.dump()?;
         Ok(self.diff.next(found))
     }
 
-    fn entered_at(&self, _key: SocketKey) -> Option<Boottime> {
-        None
+    fn entered_at(&self, key: SocketKey) -> Option<Boottime> {
+        if let Some(ev) = &self.events {
+            return ev.entered_at(key);
+        }
+        let ns = self.pinned.as_ref()?.entered(key.1).ok()??;
+        Some(Boottime::from_nanos(ns))
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.events.is_some() {
+            "events"
+        } else {
+            "poll"
+        }
+    }
+
+    fn event_counts(&self) -> Option<crate::kernel::EventCounts> {
+        self.events.as_ref().map(|e| crate::kernel::EventCounts {
+            lost: e.lost(),
+            reconciles: e.reconciles,
+        })
+    }
+
+    fn cycle_done(&mut self) {
+        if let Some(ev) = self.events.as_mut() {
+            // A failed beat only makes readers fall back; the next cycle beats again.
+            let _ = ev.heartbeat();
+        }
     }
 
     fn first_seen(&self, key: SocketKey) -> Option<Boottime> {

@@ -7,12 +7,14 @@
 //! - [`effects`]: pinning a process with a pidfd, duplicating, identifying and shutting
 //!   down a socket, signals and fd limits; and SOCK_DESTROY;
 //! - [`system`]: the one bound that gathers them;
+//! - [`events`]: discovery from the kernel's events (BPF) instead of dumps;
 //! - [`linux`]: the real implementation; [`fake`] (feature `testing`): a recording double
 //!   that serves scripted sockets and processes.
 
 pub mod clock;
 pub mod discover;
 pub mod effects;
+pub mod events;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod linux;
@@ -20,7 +22,7 @@ pub mod procs;
 pub mod system;
 
 pub use clock::{Boottime, Clock, SystemClock};
-pub use discover::{Changes, Discover, SocketKey, key_of};
+pub use discover::{Changes, Discover, EventCounts, SocketKey, key_of};
 pub use effects::{
     Destroy, Effects, Identity, NofileRaise, Pinned, RealOs, SocketFacts, inspect_socket,
 };

@@ -99,7 +99,23 @@ pub(crate) fn published_note(k: &Linux, err: &mut impl std::io::Write) -> Result
             "note: the daemon's ages are not used ({why}); ages are tcp_info's bounds only"
         )?;
     }
+    if let Some(why) = k.pinned_note() {
+        writeln!(
+            err,
+            "note: the daemon's exact entry times are not used ({why}); ages are estimated (age_source first_seen or last_ack)"
+        )?;
+    }
     Ok(())
+}
+
+/// The system as the command line sees it: reading what the running daemon publishes and,
+/// unless `--no-bpf`, its exact entry times.
+pub(crate) fn cli_kernel(selectors: &Selectors) -> Linux {
+    if selectors.no_bpf {
+        Linux::for_cli_without_bpf()
+    } else {
+        Linux::for_cli()
+    }
 }
 
 /// The warning for processes whose dead held sockets could not be looked for.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use cwreap_linux::kernel::{Kernel, Linux, ProcRead};
+use cwreap_linux::kernel::{Kernel, ProcRead};
 
 use super::common::{Status, denied_note, observe, published_note, stalled_note, unprobed_note};
 use crate::cli::args::ExplainArgs;
@@ -21,7 +21,7 @@ use crate::shared::attribute::Snapshot;
 const EVERY: Duration = Duration::from_secs(1);
 
 pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
-    let mut k = Linux::for_cli();
+    let mut k = super::common::cli_kernel(&args.selectors);
     let status = explain_on(&mut k, args, out, err)?;
     published_note(&k, err)?;
     Ok(status)

@@ -7,7 +7,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use cwreap_linux::kernel::{Effects, Kernel, Linux};
+use cwreap_linux::kernel::{Effects, Kernel};
 
 use cwreap_linux::sys::Capability;
 
@@ -57,7 +57,7 @@ pub fn reap(args: &ReapArgs, out: &mut impl Write, err: &mut impl Write) -> Resu
     if args.close {
         return super::close::reap_close(args, older_than, out, err);
     }
-    let mut k = Linux::for_cli();
+    let mut k = super::common::cli_kernel(&args.selectors);
     let status = reap_on(&mut k, args, out, err)?;
     published_note(&k, err)?;
     Ok(status)

@@ -6,7 +6,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use cwreap_linux::kernel::{Kernel, Linux};
+use cwreap_linux::kernel::Kernel;
 
 use super::common::{
     Status, denied_note, observe, published_note, stalled_note, stdout_color, unprobed_note,
@@ -17,7 +17,7 @@ use crate::cli::render;
 use crate::shared::age::AgeSource;
 
 pub fn scan(args: &ScanArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
-    let mut k = Linux::for_cli();
+    let mut k = super::common::cli_kernel(&args.selectors);
     let status = scan_on(&mut k, args, stdout_color(), out, err)?;
     published_note(&k, err)?;
     Ok(status)

@@ -87,6 +87,7 @@ impl Config {
             "on_audit_failure: {}",
             self.on_audit_failure.as_str()
         ));
+        l.push(format!("discovery: {}", self.discovery.as_str()));
         match self.still_held_after {
             Some(d) => l.push(format!("still_held_after: {}", duration_text(d))),
             None => l.push(format!(

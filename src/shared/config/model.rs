@@ -37,6 +37,8 @@ pub struct Config {
     /// How long an owner has to release the fd of a socket cwreap shut down before the
     /// verdict is `still_held`; None: [`Config::still_held_window`]'s default.
     pub still_held_after: Option<Duration>,
+    /// How the daemon finds CLOSE_WAIT sockets.
+    pub discovery: Discovery,
     pub limits: Limits,
     pub metrics: Metrics,
     /// At least one; names are unique.
@@ -50,6 +52,28 @@ impl Config {
     pub fn still_held_window(&self) -> Duration {
         self.still_held_after
             .unwrap_or_else(|| self.interval.saturating_mul(3).max(MIN_STILL_HELD_AFTER))
+    }
+}
+
+/// How the daemon finds CLOSE_WAIT sockets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Discovery {
+    /// The kernel's events when the BPF programs load, else polling (the default).
+    #[default]
+    Auto,
+    /// The kernel's events (BPF); the daemon does not start without them.
+    Events,
+    /// A sock_diag dump every cycle.
+    Poll,
+}
+
+impl Discovery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Discovery::Auto => "auto",
+            Discovery::Events => "events",
+            Discovery::Poll => "poll",
+        }
     }
 }
 

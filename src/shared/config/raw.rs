@@ -36,6 +36,8 @@ pub(super) struct RawConfig {
     #[serde(default, deserialize_with = "key")]
     pub(super) still_held_after: Key<String>,
     #[serde(default, deserialize_with = "key")]
+    pub(super) discovery: Key<String>,
+    #[serde(default, deserialize_with = "key")]
     pub(super) limits: Key<RawLimits>,
     #[serde(default, deserialize_with = "key")]
     pub(super) metrics: Key<RawMetrics>,

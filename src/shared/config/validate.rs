@@ -70,6 +70,12 @@ impl Config {
                 other => Err(format!("`{other}` is neither `skip` nor `act`")),
             }
         })?;
+        let discovery = scalar(&raw.discovery, "`discovery`", |s| match s.trim() {
+            "auto" => Ok(Discovery::Auto),
+            "events" => Ok(Discovery::Events),
+            "poll" => Ok(Discovery::Poll),
+            other => Err(format!("`{other}` is not one of `auto`, `events`, `poll`")),
+        })?;
         let still_held_after = scalar(&raw.still_held_after, "`still_held_after`", parse_duration)?;
         let limits = match block(&raw.limits) {
             None => Limits {
@@ -189,6 +195,7 @@ impl Config {
             audit_log,
             on_audit_failure: on_audit_failure.unwrap_or_default(),
             still_held_after,
+            discovery: discovery.unwrap_or_default(),
             limits,
             metrics: Metrics { listen },
             targets: out,
