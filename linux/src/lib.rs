@@ -16,7 +16,8 @@
 //!   hangs) and keeps an append-only line file whole after a crash.
 //! - [`published`]: the running daemon's first sight of each socket, published for the
 //!   command line, and read only while it speaks for a live daemon;
-//! - [`sys`] has the raw calls and capabilities; [`tcp`] the TCP state numbers and names.
+//! - [`sys`] has the raw calls and capabilities; [`tcp`] the TCP state numbers and names;
+//!   [`terminal`] whether an output is a terminal, and its size.
 
 /// BPF programs: CLOSE_WAIT events by socket cookie, a socket-fd iterator, pinned ages.
 pub mod bpf;
@@ -29,5 +30,6 @@ pub mod published;
 pub mod secure_fs;
 pub mod sys;
 pub mod tcp;
+pub mod terminal;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -103,7 +103,9 @@ pub struct CheckArgs {
 }
 
 const SCAN_EXAMPLES: &str = "Examples:
-  cwreap scan                          # every CLOSE_WAIT socket on this host
+  cwreap scan                          # every CLOSE_WAIT socket on this host (on a terminal,
+                                       # a list longer than the screen: per process first)
+  cwreap scan --sockets | less         # every socket, whatever the screen
   cwreap scan --comm '^java$' --older-than 5m
   cwreap scan --port 8080 --json | jq .age_ms
   cwreap scan --watch 5s               # live view during an incident";
@@ -278,6 +280,10 @@ pub struct ScanArgs {
     /// One JSON object per socket per line
     #[arg(long, conflicts_with = "watch")]
     pub json: bool,
+    /// List every socket, also on a terminal where the list is longer than the screen (it
+    /// then shows the per-process summary first). A pipe always gets every socket
+    #[arg(long, conflicts_with = "watch")]
+    pub sockets: bool,
     /// Live view, refreshed every INTERVAL (default 2s): CLOSE_WAIT per process, oldest
     /// age, fd headroom and its trend. Ctrl-C to quit
     #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = parse_watch)]

@@ -3,12 +3,14 @@
 //! - [`commands`]: `scan`, `reap`, `explain`, `check`, each run once;
 //! - [`plan`]: which observed sockets a command selects and acts on (pure);
 //! - [`render`]: tables for people, JSON lines for machines;
+//! - [`first_screen`]: what `scan` prints on a terminal (one screen, then what to run next);
 //! - [`diagnosis`]: the pure part of `explain` (bug classes, leak rate, EMFILE forecast);
 //! - [`manual`]: man pages and shell completions generated from the definitions.
 
 pub mod args;
 pub mod commands;
 pub mod diagnosis;
+pub mod first_screen;
 pub mod manual;
 pub mod plan;
 pub mod render;

@@ -137,7 +137,7 @@ pub fn fd_percent(open: usize, limit: Option<u64>) -> Option<u64> {
 }
 
 /// Paint whole lines: the header bold; a row yellow at ≥ 80 % fd usage, red at ≥ 95 %.
-fn paint(table: String, color: bool, levels: &[Option<u64>]) -> String {
+pub fn paint(table: String, color: bool, levels: &[Option<u64>]) -> String {
     if !color {
         return table;
     }
