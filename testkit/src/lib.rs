@@ -2,7 +2,7 @@
 //! once: the leaky-server fixture program and its drivers ([`Fixture`], [`fleet::Fleet`]),
 //! the `cwreap run` runner ([`Running`], [`LoggedDaemon`], [`Notify`]), one `ss` wrapper
 //! ([`ss`]), network namespaces, servers written in other runtimes ([`runtimes`]), the
-//! injection seams ([`pause`]), and the gate that turns a missing tool into a skip or, under
+//! injection seams ([`pause`]), a pseudo-terminal to run a command on ([`on_terminal`]), and the gate that turns a missing tool into a skip or, under
 //! `CI=true`, a failure.
 //!
 //! It knows the programs under test only by path ([`cwreap_bin`], [`fixture_bin`]) and
@@ -25,6 +25,7 @@ mod programs;
 pub mod runtimes;
 mod scratch;
 pub mod ss;
+mod terminal;
 
 pub use daemon::{LoggedDaemon, Notify, Running, status_of};
 pub use fold::{fold, fold_log};
@@ -39,6 +40,7 @@ pub use programs::{
 };
 pub use scratch::{Scratch, raise_nofile, write_policy};
 pub use ss::{ss_close_wait, ss_close_wait_on_port, ss_count};
+pub use terminal::{Screenful, have_script, on_terminal};
 
 use std::time::{Duration, Instant};
 

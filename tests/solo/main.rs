@@ -6,12 +6,14 @@
 //! * `inject_kill`: makes the test process a child subreaper (so helpers orphaned by a
 //!   killed cwreap become its children), and kills cwreap at moments calibrated on this
 //!   machine;
+//! * `first_screen`: `cwreap scan` on a terminal with 20000 CLOSE_WAIT sockets on the host;
 //! * `bpf`: the BPF programs and the socket iterator, which compares this process's whole
 //!   fd table with /proc.
 //!
 //! Like every test that needs root, they are `#[ignore = "needs root: ..."]`.
 
 mod bpf;
+mod first_screen;
 mod inject_kill;
 mod load;
 
