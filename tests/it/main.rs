@@ -29,6 +29,7 @@ mod netns_destroy;
 mod pid_files;
 mod races;
 mod readme;
+mod readme_cli;
 mod reap_close;
 mod runtimes;
 mod scan_reap;

@@ -19,13 +19,13 @@ use cwreap::cli::args::Cli;
 
 use crate::support::{Scratch, cwreap, cwreap_bin, fixture_bin, stderr};
 
-fn readme() -> String {
+pub(super) fn readme() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
         .expect("README.md")
 }
 
 /// Lines of ```sh blocks.
-fn shell_lines(text: &str) -> Vec<String> {
+pub(super) fn shell_lines(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut inside = false;
     for line in text.lines() {
@@ -42,7 +42,7 @@ fn shell_lines(text: &str) -> Vec<String> {
 }
 
 /// Split like a shell would for these simple lines: whitespace, single and double quotes.
-fn words(s: &str) -> Vec<String> {
+pub(super) fn words(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quote: Option<char> = None;
@@ -72,8 +72,13 @@ fn words(s: &str) -> Vec<String> {
 
 /// Every cwreap invocation in the README's shell blocks, as argv (program name first).
 fn cwreap_commands() -> Vec<Vec<String>> {
+    cwreap_commands_in(&readme())
+}
+
+/// Every cwreap invocation in the shell blocks of `text`, as argv (program name first).
+pub(super) fn cwreap_commands_in(text: &str) -> Vec<Vec<String>> {
     let mut cmds = Vec::new();
-    for line in shell_lines(&readme()) {
+    for line in shell_lines(text) {
         // Drop a trailing comment (none of the commands has a '#' inside quotes).
         let code = line.split(" #").next().unwrap_or("").trim();
         // The port the Try-it block reads from the fixture's output.
