@@ -17,6 +17,7 @@ mod dead_leader;
 mod deploy;
 mod escalate;
 mod explain;
+mod explain_runtimes;
 mod faults;
 mod hardening;
 mod hardening_paths;
