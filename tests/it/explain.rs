@@ -1,7 +1,9 @@
 //! `cwreap explain` against real leaky servers: each bug class is named with exact counts
 //! (Python abandon → `abandoned`, Python selectors → `eof_ignored`, Node allowHalfOpen →
-//! `eof_unwatched`, a server that never accepts → `unaccepted`), and with `--for` the leak
-//! rate and the EMFILE forecast match what `ss` and /proc count over the same window.
+//! `eof_unwatched`, Go → `eof_ignored`, a server that never accepts → `unaccepted`), with
+//! the runtime named, and with `--for` the leak rate and the EMFILE forecast match what `ss`
+//! and /proc count over the same window. Runtime-specific advice and the GC hint are in
+//! explain_runtimes.rs.
 //!
 //! Tests decide by counts; clocks only guard against hangs. Needs root (like scan, explain
 //! reads other processes' /proc/PID/fd and fdinfo) and the runtimes (tests/runtimes/).

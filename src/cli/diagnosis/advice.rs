@@ -173,10 +173,10 @@ pub fn gc_note(rt: Runtime, may: bool, n: usize, pid: i32) -> Option<String> {
     let them = if n == 1 { "it" } else { "them" };
     match (rt, may) {
         (Runtime::Jvm, true) => Some(format!(
-            "{n} not through a full collection since CLOSE_WAIT: if the program dropped the \
-Socket, the GC may close {them}, for its Cleaner closes the fd once a collection finds it \
-unreachable. `jcmd {pid} GC.run` (a full collection, a pause) tells them apart: a dropped \
-Socket goes, a kept one stays."
+            "{n} not yet through a full collection since CLOSE_WAIT: if the program dropped \
+the Socket, the GC may close {them} (its Cleaner closes the fd once a collection finds the \
+Socket unreachable). `jcmd {pid} GC.run` (a full collection, a pause) tells them apart: a \
+dropped Socket goes, a kept one stays."
         )),
         (Runtime::Jvm, false) => Some(format!(
             "{n} survived a full collection that started after {} entered CLOSE_WAIT: the \

@@ -664,7 +664,9 @@ fn a_jvm_report_tells_what_a_full_collection_proved() {
     );
     let notes: Vec<&str> = text.split("\n  gc: ").skip(1).collect();
     assert_eq!(notes.len(), 2, "{text}");
-    assert!(notes[0].starts_with("1 not through a full collection") && notes[0].contains(GC_HINT));
+    assert!(
+        notes[0].starts_with("1 not yet through a full collection") && notes[0].contains(GC_HINT)
+    );
     assert!(
         notes[1].starts_with("1 survived a full collection"),
         "{text}"
