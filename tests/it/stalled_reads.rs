@@ -199,10 +199,10 @@ fn daemon_cycles_go_on_past_a_process_whose_command_line_never_reads() {
 
 /// `explain` on a process whose mmap lock is held for good (stall_mm, holding a CLOSE_WAIT
 /// socket of its own). The runtime is named from /proc/PID/maps, read under a deadline:
-/// where the kernel reads a map under the mmap lock (before Linux 6.16), that read never
+/// where the kernel reads a map under the mmap lock (older kernels), that read never
 /// returns, and explain still ends, names the runtime `unknown` and says why; where it reads
-/// a map under per-VMA locks, the map reads and the runtime is named (`other`). Either way
-/// explain ends at once and gives the pattern.
+/// a map under per-VMA locks (6.18 does), the map reads and the runtime is named (`other`).
+/// Either way explain ends at once and gives the pattern.
 #[test]
 #[ignore = "needs root: mounts a FUSE file system (/dev/fuse)"]
 fn explain_ends_and_names_no_runtime_for_a_process_whose_map_never_reads() {

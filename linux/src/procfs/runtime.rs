@@ -183,12 +183,45 @@ garbage
         assert_eq!(clues.mapped.first(), Some(&clues.exe), "{clues:?}");
         let sections = clues.exe_sections.expect("an ELF executable");
         assert!(sections.iter().any(|s| s == ".text"), "{sections:?}");
-        // No JVM here: no perf data file of ours.
+    }
+
+    /// A JVM in a pid namespace: its perf data file is named by its pid there (the last
+    /// NSpid), under its own root's /tmp.
+    #[test]
+    fn a_jvms_perf_file_is_found_under_its_root_by_its_namespace_pid() {
+        let dir = std::env::temp_dir().join(format!("cwreap-jvmroot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (proc_root, fs_root) = (dir.join("proc"), dir.join("fs"));
+        let user = fs_root.join("tmp/hsperfdata_app");
+        fs::create_dir_all(proc_root.join("77")).expect("mkdir");
+        fs::create_dir_all(&user).expect("mkdir");
+        std::os::unix::fs::symlink(&fs_root, proc_root.join("77/root")).expect("symlink");
+        let status = fs::read_to_string("/proc/self/status").expect("own status");
+        let status: String = status
+            .lines()
+            .map(|l| {
+                if l.starts_with("NSpid:") {
+                    "NSpid:\t77\t5".to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        fs::write(proc_root.join("77/status"), status).expect("write status");
+        let proc = ProcFs::new(&proc_root);
+        let read = || proc.jvm_gc_within(&SlowReads::default(), 77);
+        assert_eq!(read().expect("no file"), None);
+        // Named by the host pid: not it.
+        fs::write(user.join("77"), b"not perf data").expect("write");
+        assert_eq!(read().expect("no file"), None);
+        // Named by the namespace pid: found, read and parsed (this one is no perf data).
+        fs::write(user.join("5"), b"not perf data").expect("write");
         assert_eq!(
-            proc.jvm_gc_within(&SlowReads::default(), me)
-                .expect("read /tmp"),
-            None
+            read().expect_err("garbage").kind(),
+            io::ErrorKind::InvalidData
         );
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
