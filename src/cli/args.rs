@@ -339,7 +339,8 @@ The runtime (jvm, node, python, go, other; unknown when /proc/PID/maps cannot be
 time) is named from the executable and its memory map, and the advice is that runtime's.
 \"The GC may close\" is said only where a collector can: a JVM socket nothing watches that
 no full collection (from its hsperfdata counters) has shown referenced, and Go.
-Read-only: never duplicates a socket, never stops a process.";
+Read-only: never stops or signals a process, never duplicates a socket that a sock_diag
+table lists (only one in no table, to tell whether it is dead held).";
 
 /// `cwreap explain`: read-only diagnosis of the leak behind the CLOSE_WAIT sockets.
 #[derive(Debug, Args)]
