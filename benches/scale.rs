@@ -389,6 +389,7 @@ fn p5_explain(fleet: &Fleet, cwreap: &Path, reps: usize, log: &dyn Fn(&str)) -> 
             "not_read",
             "eof_unwatched",
             "abandoned",
+            "pool_idle",
             "unaccepted",
         ]
         .iter()

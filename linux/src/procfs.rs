@@ -1,7 +1,8 @@
 //! The one reader of /proc: processes, their comm, uid, exe, cmdline and cgroup, their
 //! socket fds and fd limits, and for the injector their threads (task stat and status),
 //! memory maps, seccomp mode and the fdinfo of pidfds; for `explain`, which files a
-//! process's epoll instances watch.
+//! process's epoll instances watch, and what names its runtime (runtime.rs: its
+//! executable's ELF sections, its mapped files, a JVM's perf data).
 //!
 //! [`ProcFs`] takes the root it reads from, so parsing is tested on plain directories. A
 //! process that vanishes or cannot be read yields an error for that process only; callers
@@ -25,15 +26,20 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+mod elf;
+pub mod hsperf;
 mod parse;
+mod runtime;
 pub mod slow;
 
+pub use hsperf::{Collector, JvmGc};
 pub use parse::{
     Limits, parse_epoll_fdinfo, parse_epoll_fdinfo_into, parse_fdinfo_pid, parse_maps_line,
     parse_nofile, parse_socket_link,
 };
 use parse::{field, in_file, parse_stat, parse_status, stat_after_comm};
 use procfs_core::process::Status;
+pub use runtime::{RuntimeClues, mapped_files};
 pub use slow::SlowReads;
 
 /// Room for the fdinfo of an epoll fd with several hundred registered fds; the buffer

@@ -331,13 +331,22 @@ const EXPLAIN_EXAMPLES: &str = "Examples:
   cwreap explain --pid 4242 --for 30s     # + leak rate and time to EMFILE
   cwreap explain --comm '^node$' --json | jq '.patterns'
 
-Patterns, from recv_q and whether an epoll instance of the owner watches the socket:
+Patterns, from recv_q, whether an epoll instance of the owner watches the socket, which
+end it is, and the owner's runtime:
   eof_ignored    watched, recv_q 0         the loop read the EOF and never closed
   not_read       watched, recv_q >= 1      the loop stopped reading this connection
+                 (node: not watched)       paused by backpressure (libuv drops it from epoll)
   eof_unwatched  not watched, recv_q 0     read the EOF, stopped watching, kept the fd
-  abandoned      not watched, recv_q >= 1  dropped without close()
+  abandoned      not watched, recv_q >= 1  parked or dropped without close()
+  pool_idle      client end, not watched,  an idle pooled connection the server closed:
+                 only the FIN unread       harmless, safe to reap
   unaccepted     in the accept queue       the accept loop is stalled or too slow
-Read-only: never duplicates a socket, never stops a process.";
+The runtime (jvm, node, python, go, other; unknown when /proc/PID/maps cannot be read in
+time) is named from the executable and its memory map, and the advice is that runtime's.
+\"The GC may close\" is said only where a collector can: a JVM socket nothing watches that
+no full collection (from its hsperfdata counters) has shown referenced, and Go.
+Read-only: never stops or signals a process, never duplicates a socket that a sock_diag
+table lists (only one in no table, to tell whether it is dead held).";
 
 /// `cwreap explain`: read-only diagnosis of the leak behind the CLOSE_WAIT sockets.
 #[derive(Debug, Args)]

@@ -5,8 +5,14 @@
 //!
 //! The evidence per socket is what the kernel already shows without touching the process:
 //! its receive queue (1: only the FIN, never read; 0: the EOF was read; more: unread data
-//! and the FIN), whether an epoll instance of the owner still has it registered, and
-//! whether it was ever accepted.
+//! and the FIN), whether an epoll instance of the owner still has it registered, whether
+//! it was ever accepted, and which end of its connection it is. What it means depends on
+//! the owner's runtime ([`runtime`]), and so does the advice ([`advice`]); for a JVM, its
+//! full collections tell a Socket it still references from one it dropped.
+
+mod advice;
+pub mod pattern;
+pub mod runtime;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -17,122 +23,14 @@ use serde::Serialize;
 
 use crate::cli::render::human_age;
 pub use crate::shared::forecast::{FdTrend, emfile_in_s};
+pub use pattern::{Evidence, Pattern};
+pub use runtime::{FullGc, Identified, Runtime};
 
 /// How many remote hosts and local ports a report names.
 pub const TOP_N: usize = 5;
 
 /// Lines of the text report are wrapped at this width.
 const WIDTH: usize = 92;
-
-/// The bug class a CLOSE_WAIT socket points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pattern {
-    /// Watched by an event loop, EOF read (recv_q 0).
-    EofIgnored,
-    /// Watched by an event loop, FIN (and maybe data) unread (recv_q ≥ 1).
-    NotRead,
-    /// Not watched, EOF read.
-    EofUnwatched,
-    /// Not watched, FIN unread.
-    Abandoned,
-    /// Still in the listener's accept queue.
-    Unaccepted,
-    /// The connection ended (state CLOSE) and the fd is still held.
-    DeadHeld,
-}
-
-impl Pattern {
-    pub const ALL: [Pattern; 6] = [
-        Pattern::EofIgnored,
-        Pattern::NotRead,
-        Pattern::EofUnwatched,
-        Pattern::Abandoned,
-        Pattern::Unaccepted,
-        Pattern::DeadHeld,
-    ];
-
-    /// The pattern the evidence of one socket shows.
-    pub fn of(e: Evidence) -> Pattern {
-        if e.unaccepted {
-            return Pattern::Unaccepted;
-        }
-        if e.dead {
-            return Pattern::DeadHeld;
-        }
-        match (e.watched, e.recv_q) {
-            (true, 0) => Pattern::EofIgnored,
-            (true, _) => Pattern::NotRead,
-            (false, 0) => Pattern::EofUnwatched,
-            (false, _) => Pattern::Abandoned,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Pattern::EofIgnored => "eof_ignored",
-            Pattern::NotRead => "not_read",
-            Pattern::EofUnwatched => "eof_unwatched",
-            Pattern::Abandoned => "abandoned",
-            Pattern::Unaccepted => "unaccepted",
-            Pattern::DeadHeld => "dead_held",
-        }
-    }
-
-    /// The evidence, in words.
-    pub fn evidence(self) -> &'static str {
-        match self {
-            Pattern::EofIgnored => "watched, recv_q 0",
-            Pattern::NotRead => "watched, recv_q ≥ 1",
-            Pattern::EofUnwatched => "not watched, recv_q 0",
-            Pattern::Abandoned => "not watched, recv_q ≥ 1",
-            Pattern::Unaccepted => "in the accept queue",
-            Pattern::DeadHeld => "state CLOSE, fd held",
-        }
-    }
-
-    /// What it means and where to look in the code.
-    pub fn meaning(self) -> &'static str {
-        match self {
-            Pattern::EofIgnored => {
-                "the event loop read the EOF and never closed: check the read()==0 branch. \
-(Go keeps an fd registered until Close(), so a dropped Go connection shows here too: look for \
-a net.Conn never closed.)"
-            }
-            Pattern::NotRead => {
-                "the loop stopped reading this connection (paused, backpressure, a stuck \
-handler). (Go keeps an fd registered until Close(), so a dropped Go connection shows here \
-too: look for a net.Conn never closed.)"
-            }
-            Pattern::EofUnwatched => {
-                "the app read the EOF, stopped watching and kept the fd, as Node does with \
-allowHalfOpen while it waits for end(): check the half-close handling."
-            }
-            Pattern::Abandoned => {
-                "no code reads or watches it: the connection object was dropped without \
-close(). Look at error and timeout paths. In Java and Go the GC may close it later."
-            }
-            Pattern::Unaccepted => "the accept loop is stalled or too slow.",
-            Pattern::DeadHeld => {
-                "the connection is over (the peer reset it, often a keepalive probe after \
-its FIN_WAIT2 timed out) and the app still holds the fd: the same leak as CLOSE_WAIT, one \
-step later. Only close() or a restart frees it; shutdown cannot."
-            }
-        }
-    }
-}
-
-/// What the kernel shows of one CLOSE_WAIT socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Evidence {
-    pub recv_q: u32,
-    /// Registered in an epoll instance of the owner.
-    pub watched: bool,
-    /// In the accept queue: no fd refers to it.
-    pub unaccepted: bool,
-    /// A dead held socket (state CLOSE).
-    pub dead: bool,
-}
 
 /// One CLOSE_WAIT socket of the last sample, under the process it is shown for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +42,8 @@ pub struct Socket {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub evidence: Evidence,
+    /// The lower bound of its time in CLOSE_WAIT.
+    pub age_min_ms: u64,
 }
 
 /// One process of the last sample.
@@ -154,6 +54,9 @@ pub struct ProcessFacts {
     pub open_fds: usize,
     /// Soft RLIMIT_NOFILE; None when unlimited or unknown.
     pub fd_limit: Option<u64>,
+    pub runtime: Identified,
+    /// A JVM's full collections; None for other runtimes, or a JVM that publishes none.
+    pub full_gc: Option<FullGc>,
 }
 
 /// A socket's identity across samples: (network namespace, socket cookie). Inodes and
@@ -255,6 +158,7 @@ pub struct PatternCounts {
     pub not_read: usize,
     pub eof_unwatched: usize,
     pub abandoned: usize,
+    pub pool_idle: usize,
     pub unaccepted: usize,
     pub dead_held: usize,
 }
@@ -266,6 +170,7 @@ impl PatternCounts {
             Pattern::NotRead => &mut self.not_read,
             Pattern::EofUnwatched => &mut self.eof_unwatched,
             Pattern::Abandoned => &mut self.abandoned,
+            Pattern::PoolIdle => &mut self.pool_idle,
             Pattern::Unaccepted => &mut self.unaccepted,
             Pattern::DeadHeld => &mut self.dead_held,
         }
@@ -277,6 +182,7 @@ impl PatternCounts {
             Pattern::NotRead => self.not_read,
             Pattern::EofUnwatched => self.eof_unwatched,
             Pattern::Abandoned => self.abandoned,
+            Pattern::PoolIdle => self.pool_idle,
             Pattern::Unaccepted => self.unaccepted,
             Pattern::DeadHeld => self.dead_held,
         }
@@ -336,9 +242,13 @@ pub struct SocketLine {
     pub inode: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// `in` for a server's end, `out` for a client's.
+    pub direction: &'static str,
     pub recv_q: u32,
     pub watched: bool,
     pub pattern: Pattern,
+    /// A collection may still close it (see [`runtime::gc_may_close`]).
+    pub gc_may_close: bool,
 }
 
 /// The diagnosis of one process: one `--json` line.
@@ -346,6 +256,11 @@ pub struct SocketLine {
 pub struct Report {
     pub pid: i32,
     pub comm: String,
+    /// The runtime the process runs, and what told it.
+    pub runtime: Runtime,
+    pub runtime_clue: String,
+    /// A JVM's full collections: how many, and how long ago the last ended.
+    pub gc: Option<FullGc>,
     pub close_wait: usize,
     /// Dead held sockets: connections that ended while the fd stays held.
     pub dead: usize,
@@ -391,19 +306,24 @@ pub fn explain(sockets: &[Socket], processes: &[ProcessFacts], trends: &Trends) 
 
 fn report(p: &ProcessFacts, mine: &[&Socket], trends: &Trends) -> Report {
     let mut patterns = PatternCounts::default();
+    let rt = p.runtime.runtime;
     let mut lines: Vec<SocketLine> = mine
         .iter()
         .map(|s| {
-            let pattern = Pattern::of(s.evidence);
+            let e = s.evidence;
+            let pattern = Pattern::of(e, rt);
             *patterns.slot(pattern) += 1;
             SocketLine {
                 fd: s.fd,
                 inode: s.inode,
                 local: s.local,
                 remote: s.remote,
-                recv_q: s.evidence.recv_q,
-                watched: s.evidence.watched,
+                direction: if e.outgoing { "out" } else { "in" },
+                recv_q: e.recv_q,
+                watched: e.watched,
                 pattern,
+                gc_may_close: !e.unaccepted
+                    && runtime::gc_may_close(rt, e.watched, p.full_gc.as_ref(), s.age_min_ms),
             }
         })
         .collect();
@@ -425,6 +345,9 @@ fn report(p: &ProcessFacts, mine: &[&Socket], trends: &Trends) -> Report {
     Report {
         pid: p.pid,
         comm: p.comm.clone(),
+        runtime: rt,
+        runtime_clue: p.runtime.clue.clone(),
+        gc: p.full_gc,
         close_wait: mine.iter().filter(|s| !s.evidence.dead).count(),
         dead: mine.iter().filter(|s| s.evidence.dead).count(),
         patterns,
@@ -507,8 +430,34 @@ fn wrap(out: &mut String, first: &str, indent: &str, text: &str, width: usize) {
     out.push('\n');
 }
 
-/// The readable report: per process the patterns first, then the figures; then one
-/// forecast line per process, soonest EMFILE first.
+/// The runtime line, and what a collector can still do for the sockets nothing watches.
+fn render_runtime(out: &mut String, r: &Report) {
+    let mut line = format!("{} ({})", r.runtime.name(), r.runtime_clue);
+    if let Some(gc) = r.gc {
+        let _ = write!(line, "; {} full collection(s)", gc.full_collections);
+        if let Some(ms) = gc.last_ended_ms_ago {
+            let _ = write!(line, ", the last ended {} ago", human_age(ms));
+        }
+    }
+    wrap(out, "  runtime:", "    ", &line, WIDTH);
+    for may in [true, false] {
+        let n = r
+            .sockets
+            .iter()
+            .filter(|s| s.gc_may_close == may && s.fd.is_some())
+            .filter(|s| !s.watched || r.runtime == Runtime::Go)
+            .count();
+        if let Some(note) = (n > 0)
+            .then(|| advice::gc_note(r.runtime, may, n, r.pid))
+            .flatten()
+        {
+            wrap(out, "  gc:", "    ", &note, WIDTH);
+        }
+    }
+}
+
+/// The readable report: per process the patterns first, then the runtime and the figures;
+/// then one forecast line per process, soonest EMFILE first.
 pub fn render(reports: &[Report]) -> String {
     let mut out = String::new();
     for r in reports {
@@ -522,9 +471,16 @@ pub fn render(reports: &[Report]) -> String {
             if n == 0 {
                 continue;
             }
-            let head = format!("  {n:>5}  {} ({}):", p.name(), p.evidence());
-            wrap(&mut out, &head, "         ", p.meaning(), WIDTH);
+            let head = format!("  {n:>5}  {} ({}):", p.name(), p.evidence(r.runtime));
+            wrap(
+                &mut out,
+                &head,
+                "         ",
+                advice::advice(p, r.runtime),
+                WIDTH,
+            );
         }
+        render_runtime(&mut out, r);
         let _ = writeln!(out, "  rate: {}", figures(r));
         if let Some(w) = r.window_s {
             let _ = writeln!(

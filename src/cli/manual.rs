@@ -325,6 +325,8 @@ mod tests {
             "CWREAP REAP",
             "CWREAP EXPLAIN",
             "eof_unwatched",
+            "pool_idle",
+            "hsperfdata",
             "CWREAP RUN",
             "CWREAP CHECK",
             "\\-\\-older\\-than",

@@ -1,9 +1,10 @@
 //! What cwreap's integration tests (tests/it/) and benchmarks (benches/) share, compiled
 //! once: the leaky-server fixture program and its drivers ([`Fixture`], [`fleet::Fleet`]),
 //! the `cwreap run` runner ([`Running`], [`LoggedDaemon`], [`Notify`]), one `ss` wrapper
-//! ([`ss`]), network namespaces, servers written in other runtimes ([`runtimes`]), the
-//! injection seams ([`pause`]), a pseudo-terminal to run a command on ([`on_terminal`]), and the gate that turns a missing tool into a skip or, under
-//! `CI=true`, a failure.
+//! ([`ss`]), network namespaces, servers written in other runtimes ([`runtimes`]) and a
+//! urllib3 pool ([`pool`]), the injection seams ([`pause`]), a pseudo-terminal to run a
+//! command on ([`on_terminal`]), and the gate that turns a missing tool into a skip or,
+//! under `CI=true`, a failure.
 //!
 //! It knows the programs under test only by path ([`cwreap_bin`], [`fixture_bin`]) and
 //! never links the `cwreap` crate, whose `testing` feature builds the fixture program from
@@ -20,6 +21,7 @@ mod lines;
 pub mod metrics;
 mod netns;
 pub mod pause;
+pub mod pool;
 mod procfs;
 mod programs;
 pub mod runtimes;

@@ -52,12 +52,24 @@ pub enum Runtime {
     PythonThread,
     /// leaky.js: `allowHalfOpen: true`, never ends a half-closed socket.
     Node,
-    /// Leaky.java: a thread per connection, leaks the Socket at EOF.
+    /// Leaky.java: a thread per connection, leaks the Socket at EOF (kept in a list).
     Java,
+    /// Leaky.java --mode drop: the same, but drops the Socket at EOF (no reference left):
+    /// the socket's Cleaner closes it after a collection finds it unreachable.
+    JavaDrop,
+    /// Leaky.java --mode hold: keeps each accepted Socket in a list, never reads it (the
+    /// FIN stays unread, recv_q 1), never closes it; no `eof` line.
+    JavaHold,
     /// leaky.go: a goroutine per connection, leaks the net.Conn at EOF.
     Go,
     /// leaky.c: a level-triggered epoll loop, keeps the fd registered at EOF.
     C,
+    /// leaky.c --drop: the same loop, but at read()==0 it deletes the fd from its epoll set
+    /// and forgets the connection without close().
+    CDrop,
+    /// http_paused.js: a Node http server whose handler never responds nor reads the body;
+    /// Node pauses a connection whose request body fills its buffer (`paused FD`).
+    NodeHttpPaused,
     /// leaky.c --dead-leader: the same loop on a thread of its own, after the main thread
     /// ended with pthread_exit() (a zombie thread-group leader, an empty /proc/PID/fd).
     CDeadLeader,
@@ -71,8 +83,12 @@ impl Runtime {
             Runtime::PythonThread => "python-thread",
             Runtime::Node => "node",
             Runtime::Java => "java",
+            Runtime::JavaDrop => "java-drop",
+            Runtime::JavaHold => "java-hold",
             Runtime::Go => "go",
             Runtime::C => "c",
+            Runtime::CDrop => "c-drop",
+            Runtime::NodeHttpPaused => "node-http-paused",
             Runtime::CDeadLeader => "c-dead-leader",
         }
     }
@@ -87,9 +103,13 @@ impl Runtime {
     }
 
     /// Whether the server reads the EOF of a half-closed connection (recv_q 0 afterwards).
-    /// The abandoning server only peeks, so the FIN stays unread (recv_q 1).
+    /// The abandoning server only peeks, so the FIN stays unread (recv_q 1), and the
+    /// holding and paused servers never read it.
     pub fn reads_eof(self) -> bool {
-        self != Runtime::PythonAbandon
+        !matches!(
+            self,
+            Runtime::PythonAbandon | Runtime::JavaHold | Runtime::NodeHttpPaused
+        )
     }
 }
 
@@ -291,6 +311,41 @@ pub fn go_program(test: &str, source: &str) -> Option<PathBuf> {
     }
 }
 
+/// `built` with `args` added to its command line.
+fn with_args(built: &Built, args: &[&str]) -> Built {
+    match built.clone() {
+        Built::Ready(mut argv) => {
+            argv.extend(args.iter().map(|a| a.to_string()));
+            Built::Ready(argv)
+        }
+        other => other,
+    }
+}
+
+/// Ask a JVM for a full collection (`jcmd PID GC.run`, what an operator would type), and
+/// wait for jcmd to report it done. False when jcmd is missing and the test may skip (see
+/// [`missing`]); a jcmd that fails fails the test.
+pub fn jcmd_gc(test: &str, pid: i32) -> bool {
+    let Some(jcmd) = which("jcmd") else {
+        missing(test, "jcmd is not installed (it comes with the JDK)");
+        return false;
+    };
+    let out = Command::new(jcmd)
+        .args([&pid.to_string(), "GC.run"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{test}: cannot run jcmd: {e}"));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("Command executed successfully"),
+        "{test}: jcmd {pid} GC.run failed ({}):\n{}{}",
+        out.status,
+        fold(&said),
+        fold(&String::from_utf8_lossy(&out.stderr))
+    );
+    true
+}
+
 /// The command line that starts `rt` (building it on first use, once per test process).
 fn command_for(rt: Runtime) -> Built {
     static C: OnceLock<Built> = OnceLock::new();
@@ -320,16 +375,20 @@ fn command_for(rt: Runtime) -> Built {
             ]),
             None => Built::Missing("node is not installed".into()),
         },
+        Runtime::NodeHttpPaused => match which("node") {
+            Some(node) => Built::Ready(vec![
+                node.to_string_lossy().into_owned(),
+                source("http_paused.js").to_string_lossy().into_owned(),
+            ]),
+            None => Built::Missing("node is not installed".into()),
+        },
         Runtime::Java => JAVA.get_or_init(build_java).clone(),
+        Runtime::JavaDrop => with_args(JAVA.get_or_init(build_java), &["--mode", "drop"]),
+        Runtime::JavaHold => with_args(JAVA.get_or_init(build_java), &["--mode", "hold"]),
         Runtime::Go => GO.get_or_init(build_go).clone(),
         Runtime::C => C.get_or_init(build_c).clone(),
-        Runtime::CDeadLeader => match C.get_or_init(build_c).clone() {
-            Built::Ready(mut argv) => {
-                argv.push("--dead-leader".into());
-                Built::Ready(argv)
-            }
-            other => other,
-        },
+        Runtime::CDrop => with_args(C.get_or_init(build_c), &["--drop"]),
+        Runtime::CDeadLeader => with_args(C.get_or_init(build_c), &["--dead-leader"]),
     }
 }
 

@@ -18,6 +18,7 @@ mod deploy;
 mod docs;
 mod escalate;
 mod explain;
+mod explain_runtimes;
 mod faults;
 mod hardening;
 mod hardening_paths;

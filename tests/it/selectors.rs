@@ -8,7 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::runtimes::{self, PYTHON};
+use crate::support::pool::PoolPair;
+use crate::support::runtimes::PYTHON;
 use crate::support::*;
 
 /// (pid, local, remote) of one CLOSE_WAIT end.
@@ -663,80 +664,6 @@ fn the_scan_line_of_check_selects_what_the_dry_run_audits() {
         "`cwreap scan {}` less what `pools` takes",
         lines[1].1
     );
-}
-
-/// http_idle.py and a urllib3 pool (pool.py), both on /usr/bin/python3.
-struct PoolPair {
-    // Declared first, killed first.
-    client: LineChild,
-    _server: LineChild,
-    port: u16,
-}
-
-impl PoolPair {
-    fn start(test: &str, conns: usize) -> Option<PoolPair> {
-        let probe = Command::new(PYTHON).args(["-c", "import urllib3"]).output();
-        if !probe.is_ok_and(|o| o.status.success()) {
-            skip_or_fail(
-                test,
-                "/usr/bin/python3 cannot import urllib3 (apt install python3-urllib3)",
-            );
-            return None;
-        }
-        let mut server = LineChild::spawn(
-            "http_idle.py",
-            Command::new(PYTHON)
-                .arg(runtimes::source("http_idle.py"))
-                .args(["--idle", "1", "--gather", &conns.to_string()]),
-        )
-        .expect("start http_idle.py");
-        let line = server
-            .next_line(HANG_GUARD)
-            .expect("http_idle.py listen line");
-        let addr: SocketAddr = line
-            .strip_prefix("listen ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("http_idle.py said {line:?}"));
-        let client = LineChild::spawn(
-            "pool.py",
-            Command::new(PYTHON)
-                .arg(runtimes::source("pool.py"))
-                .arg(addr.to_string())
-                .args(["--size", "40"]),
-        )
-        .expect("start pool.py");
-        let mut p = PoolPair {
-            client,
-            _server: server,
-            port: addr.port(),
-        };
-        p.expect("ready");
-        Some(p)
-    }
-
-    fn pid(&self) -> i32 {
-        self.client.pid()
-    }
-
-    fn send(&mut self, cmd: &str) {
-        self.client.send(cmd).expect("write to pool.py");
-    }
-
-    /// Lines up to and including the first that starts with `prefix`.
-    fn expect(&mut self, prefix: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            let line = self
-                .client
-                .next_line(HANG_GUARD)
-                .unwrap_or_else(|_| panic!("pool.py: no `{prefix}`; said {seen:?}"));
-            let done = line.starts_with(prefix);
-            seen.push(line);
-            if done {
-                return seen;
-            }
-        }
-    }
 }
 
 /// A urllib3 keep-alive pool of 30 connections to a server that closes idle ones: its

@@ -9,6 +9,7 @@
 //! on a thread of its own with a deadline: a stalled process is skipped, named and counted,
 //! and everything else goes on.
 
+use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
@@ -194,4 +195,84 @@ fn daemon_cycles_go_on_past_a_process_whose_command_line_never_reads() {
             (c >= last.0 + 3.0).then_some(())
         },
     );
+}
+
+/// `explain` on a process whose mmap lock is held for good (stall_mm, holding a CLOSE_WAIT
+/// socket of its own). The runtime is named from /proc/PID/maps, read under a deadline:
+/// where the kernel reads a map under the mmap lock (older kernels), that read never
+/// returns, and explain still ends, names the runtime `unknown` and says why; where it reads
+/// a map under per-VMA locks (6.18 does), the map reads and the runtime is named (`other`).
+/// Either way explain ends at once and gives the pattern.
+#[test]
+#[ignore = "needs root: mounts a FUSE file system (/dev/fuse)"]
+fn explain_ends_and_names_no_runtime_for_a_process_whose_map_never_reads() {
+    let test = "explain_ends_and_names_no_runtime_for_a_process_whose_map_never_reads";
+    let Some(exe) = runtimes::c_program(test, "stall_mm.c") else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind(V4).expect("listen");
+    let addr = listener.local_addr().expect("address").to_string();
+    let mut p = LineChild::spawn("stall_mm", Command::new(exe).args(["--connect", &addr]))
+        .expect("start stall_mm");
+    let fd: i32 = p
+        .expect("connected ", HANG_GUARD)
+        .ok()
+        .and_then(|fd| fd.parse().ok())
+        .unwrap_or_else(|| panic!("stall_mm said no fd\n{}", p.transcript()));
+    // The peer closes: stall_mm's end goes to CLOSE_WAIT, never read.
+    let (peer, _) = listener.accept().expect("accept");
+    drop(peer);
+    p.expect("stalled", HANG_GUARD)
+        .unwrap_or_else(|e| panic!("stall_mm never stalled: {e}\n{}", p.transcript()));
+    let pid = p.pid();
+    assert_cmdline_blocks(pid);
+    wait_until(
+        "stall_mm's end in CLOSE_WAIT",
+        || format!("{:?}", ss_close_wait(pid)),
+        || ss_close_wait(pid).iter().any(|t| t.0 == fd).then_some(()),
+    );
+    // Does this kernel read a map under the mmap lock? Then that read does not return.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(format!("/proc/{pid}/maps")));
+    });
+    let map_blocks = rx.recv_timeout(Duration::from_secs(1)).is_err();
+
+    for json in [true, false] {
+        let pid_s = pid.to_string();
+        let mut args = vec!["explain", "--pid", pid_s.as_str()];
+        if json {
+            args.push("--json");
+        }
+        let (code, out, err, took) = run_guarded(Command::new(cwreap_bin()).args(&args));
+        assert_eq!(code, Some(0), "{args:?}: {err}\n{out}");
+        assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
+        let (runtime, clue) = if map_blocks {
+            ("unknown", "its memory map could not be read in time")
+        } else {
+            (
+                "other",
+                "none of the runtimes explain knows shows in its executable and memory map",
+            )
+        };
+        if json {
+            let line: serde_json::Value =
+                serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+            assert_eq!(line["runtime"], runtime, "{line}");
+            assert_eq!(line["runtime_clue"], clue, "{line}");
+            // A client's end, the FIN unread, nothing watching: what any runtime shows.
+            assert_eq!(line["patterns"]["pool_idle"], 1, "{line}");
+        } else {
+            assert!(
+                out.contains(&format!("  runtime: {runtime} ({clue})")),
+                "{out}"
+            );
+        }
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: the map {} under the mmap lock here",
+        if map_blocks { "is read" } else { "is not read" }
+    );
+    drop(p);
 }

@@ -1,14 +1,20 @@
 // A deliberately leaky TCP echo server in Java 17, for cwreap's tests.
 //
 //     java --add-opens java.base/java.net=ALL-UNNAMED --add-opens java.base/java.io=ALL-UNNAMED \
-//          -cp DIR Leaky [--listen ADDR]...
+//          -cp DIR Leaky [--listen ADDR]... [--mode echo|drop|hold]
 //
 // ADDR is HOST:PORT, IPv6 as [HOST]:PORT (default 127.0.0.1:0). stdout, one event per line:
 // `listen ADDR` per listener, `ready`, `accepted FD LOCAL REMOTE`, `eof FD` (the peer
 // half-closed), `error TEXT`.
 //
-// A thread per connection echoes; at EOF it returns without close(). The Socket stays in a
-// static list, so neither the GC nor a Cleaner ever closes it: the socket stays in CLOSE_WAIT.
+// --mode echo (the default): a thread per connection echoes; at EOF it returns without
+// close(). The Socket stays in a static list, so neither the GC nor a Cleaner ever closes it:
+// the socket stays in CLOSE_WAIT.
+// --mode drop: the same, but at EOF the Socket is dropped (no reference left anywhere): it
+// stays in CLOSE_WAIT until a collection finds it unreachable and the socket's Cleaner
+// closes its fd (`jcmd PID GC.run` makes one happen).
+// --mode hold: an accepted Socket goes straight into the static list, never read (the
+// peer's FIN stays unread: recv_q 1) and never closed; no `eof` line.
 // The fd number comes from reflection on the socket's FileDescriptor (hence the add-opens);
 // when that is not possible, FD is -1.
 //
@@ -32,6 +38,8 @@ import java.util.List;
 
 public class Leaky {
     static final List<Socket> LEAKED = Collections.synchronizedList(new ArrayList<>());
+
+    static String mode = "echo";
 
     static synchronized void say(String line) {
         System.out.println(line);
@@ -99,7 +107,17 @@ public class Leaky {
         } catch (IOException e) {
             say("error fd " + fd + ": " + e);
         }
-        // Leak: never close, and keep a reference so nothing else does either.
+        // Leak: never close. In echo mode keep a reference so nothing else closes it either;
+        // in drop mode let go of it: the Socket is unreachable once this thread ends.
+        if (mode.equals("echo")) {
+            LEAKED.add(s);
+        }
+    }
+
+    /** Hold mode: keep the Socket, never read it, never close it. */
+    static void hold(Socket s) {
+        say("accepted " + fdOf(s) + " " + fmt(s.getLocalAddress(), s.getLocalPort()) + " "
+                + fmt(s.getInetAddress(), s.getPort()));
         LEAKED.add(s);
     }
 
@@ -108,8 +126,11 @@ public class Leaky {
         for (int i = 0; i < args.length; i++) {
             if (args[i].equals("--listen") && i + 1 < args.length) {
                 addrs.add(args[++i]);
+            } else if (args[i].equals("--mode") && i + 1 < args.length
+                    && List.of("echo", "drop", "hold").contains(args[i + 1])) {
+                mode = args[++i];
             } else {
-                System.err.println("usage: Leaky [--listen ADDR]...");
+                System.err.println("usage: Leaky [--listen ADDR]... [--mode echo|drop|hold]");
                 System.exit(2);
             }
         }
@@ -142,6 +163,10 @@ public class Leaky {
                     } catch (IOException e) {
                         say("error accept: " + e);
                         return;
+                    }
+                    if (mode.equals("hold")) {
+                        hold(s);
+                        continue;
                     }
                     Thread h = new Thread(() -> handle(s));
                     h.setDaemon(true);

@@ -1,6 +1,6 @@
 /* A deliberately leaky TCP echo server in C, for cwreap's tests.
  *
- *     leaky-c [--listen ADDR]... [--dead-leader]
+ *     leaky-c [--listen ADDR]... [--dead-leader] [--drop]
  *
  * ADDR is HOST:PORT, IPv6 as [HOST]:PORT (default 127.0.0.1:0). stdout, one event per line:
  * `listen ADDR` per listener, `ready`, `accepted FD LOCAL REMOTE`, `eof FD` (the peer
@@ -11,6 +11,11 @@
  * epoll always reports EPOLLHUP/EPOLLERR, whatever the mask: when the socket is shut down
  * from outside, the loop deletes and closes the fd and says `released FD`; ignoring a
  * level-triggered EPOLLHUP would spin. Writes use MSG_NOSIGNAL: no SIGPIPE.
+ *
+ * --drop: when read() returns 0, the loop forgets the connection instead: it deletes the fd
+ * from the epoll set and clears its record, but never closes the fd (the bug of a
+ * `del_conn()` that frees everything but the fd). Nothing watches the socket any more, so
+ * nothing notices a shutdown from outside either: no `released` line.
  *
  * --dead-leader: the main thread starts two threads, the event loop and one that only
  * sleeps, and ends with pthread_exit(). The process lives on with a zombie thread-group
@@ -45,6 +50,7 @@ struct conn {
 static struct conn conns[MAX_FD];
 static int is_listener[MAX_FD];
 static int ep;
+static int drop_at_eof;
 
 static void say(const char *fmt, ...)
 {
@@ -212,6 +218,14 @@ static void on_conn(int fd, uint32_t events)
             memcpy(c->out + c->out_len, buf, n);
             c->out_len += n;
         } else if (n == 0) {
+            if (drop_at_eof) {
+                /* The leak: forget the connection, but not by close(). */
+                epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+                free(c->out);
+                memset(c, 0, sizeof *c);
+                say("eof %d", fd);
+                return;
+            }
             /* The leak: keep the fd, registered, never close it. */
             c->state = EOF_LEAKED;
             say("eof %d", fd);
@@ -280,10 +294,12 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--listen") == 0 && i + 1 < argc && n_addrs < MAX_LISTEN) {
             addrs[n_addrs++] = argv[++i];
+        } else if (strcmp(argv[i], "--drop") == 0) {
+            drop_at_eof = 1;
         } else if (strcmp(argv[i], "--dead-leader") == 0) {
             dead_leader = 1;
         } else {
-            fprintf(stderr, "usage: leaky-c [--listen ADDR]... [--dead-leader]\n");
+            fprintf(stderr, "usage: leaky-c [--listen ADDR]... [--dead-leader] [--drop]\n");
             return 2;
         }
     }

@@ -15,6 +15,10 @@
  * namespace of its own. Needs root (/dev/fuse, mount).
  *
  * Prints "stalled" once a reader would block, then waits until killed.
+ *
+ * With --connect HOST:PORT (IPv4) it first opens a TCP connection there and holds it, never
+ * reading it, and prints "connected FD": when the peer closes, the process holds a CLOSE_WAIT
+ * socket, so `cwreap explain` has a reason to read its memory map.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,7 +36,10 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <unistd.h>
 
 #define FILE_NODE 2
@@ -188,10 +195,38 @@ static char thread_state(pid_t tid) {
     return p && p[1] == ' ' ? p[2] : '?';
 }
 
-int main(void) {
+/* Connect to HOST:PORT and keep the socket; returns its fd. */
+static int connect_to(const char *text) {
+    char host[64];
+    const char *colon = strrchr(text, ':');
+    if (!colon || (size_t)(colon - text) >= sizeof host) {
+        fprintf(stderr, "stall_mm: bad address %s\n", text);
+        exit(2);
+    }
+    memcpy(host, text, (size_t)(colon - text));
+    host[colon - text] = 0;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(colon + 1))};
+    if (inet_pton(AF_INET, host, &a.sin_addr) != 1) {
+        fprintf(stderr, "stall_mm: bad IPv4 address %s\n", host);
+        exit(2);
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0)
+        die("connect");
+    return fd;
+}
+
+int main(int argc, char **argv) {
     /* stdout's buffer now, not once the mmap lock is wanted by the writer. */
     static char outbuf[256];
     setvbuf(stdout, outbuf, _IOLBF, sizeof outbuf);
+    if (argc == 3 && strcmp(argv[1], "--connect") == 0) {
+        printf("connected %d\n", connect_to(argv[2]));
+        fflush(stdout);
+    } else if (argc != 1) {
+        fprintf(stderr, "usage: stall_mm [--connect HOST:PORT]\n");
+        return 2;
+    }
     if (unshare(CLONE_NEWNS) < 0)
         die("unshare(CLONE_NEWNS)");
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)

@@ -13,7 +13,7 @@ use crate::kernel::effects::SocketFacts;
 use crate::kernel::events::{EventFeed, pin_dir};
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::{Found, Namespaces};
-use crate::procfs::{FdTable, Limits, ProcFs};
+use crate::procfs::{FdTable, JvmGc, Limits, ProcFs, RuntimeClues};
 use crate::published::Published;
 
 /// The system as it is: every call goes to the kernel.
@@ -290,6 +290,14 @@ impl ProcRead for Linux {
     }
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
         ProcRead::epoll_watched(&self.proc, pid, epoll_fds)
+    }
+    fn runtime_clues(&self, pid: i32) -> io::Result<RuntimeClues> {
+        self.proc
+            .runtime_clues_within(&crate::procfs::SlowReads::global(), pid)
+    }
+    fn jvm_gc(&self, pid: i32) -> io::Result<Option<JvmGc>> {
+        self.proc
+            .jvm_gc_within(&crate::procfs::SlowReads::global(), pid)
     }
 }
 

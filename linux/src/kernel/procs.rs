@@ -3,7 +3,7 @@
 
 use std::io;
 
-use crate::procfs::{FdTable, Limits, ProcFs};
+use crate::procfs::{FdTable, JvmGc, Limits, ProcFs, RuntimeClues, SlowReads};
 
 /// Reading processes: their ids, names, owners, fd tables, fd limits and namespaces.
 /// Every call is about one process and fails for that process only.
@@ -49,6 +49,13 @@ pub trait ProcRead {
     fn netns(&self, pid: i32) -> io::Result<u64>;
     /// Inodes of the files the process's epoll instances `epoll_fds` watch.
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>>;
+    /// What names the runtime the process runs: its executable, the files it maps, the
+    /// executable's ELF sections. The map is read under the target's mmap lock, so under a
+    /// deadline: `TimedOut` when it did not come back in time.
+    fn runtime_clues(&self, pid: i32) -> io::Result<RuntimeClues>;
+    /// The collections of a JVM, from the perf data it publishes (hsperfdata), read under
+    /// a deadline; None when it publishes none.
+    fn jvm_gc(&self, pid: i32) -> io::Result<Option<JvmGc>>;
 }
 
 impl ProcRead for ProcFs {
@@ -108,5 +115,11 @@ impl ProcRead for ProcFs {
     }
     fn epoll_watched(&self, pid: i32, epoll_fds: &[i32]) -> io::Result<Vec<u64>> {
         ProcFs::epoll_watched(self, pid, epoll_fds)
+    }
+    fn runtime_clues(&self, pid: i32) -> io::Result<RuntimeClues> {
+        self.runtime_clues_within(&SlowReads::global(), pid)
+    }
+    fn jvm_gc(&self, pid: i32) -> io::Result<Option<JvmGc>> {
+        self.jvm_gc_within(&SlowReads::global(), pid)
     }
 }

@@ -15,7 +15,8 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError, sync_channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -24,7 +25,8 @@ pub const SLOW_READ_DEADLINE: Duration = Duration::from_millis(500);
 /// At most this many reads stuck at once.
 pub const MAX_STUCK: usize = 16;
 
-type Pending = Receiver<io::Result<Vec<u8>>>;
+/// Set by a reader thread once its read returned.
+type Pending = Arc<AtomicBool>;
 
 /// The reads in flight past their deadline, by pid.
 #[derive(Clone, Default)]
@@ -45,16 +47,16 @@ impl SlowReads {
     }
 
     /// Run `read` for `pid` with the deadline, unless a read of it is still stuck or too
-    /// many are.
-    pub fn read(
+    /// many are. Whatever it returns is dropped on its thread when it comes back late.
+    pub fn read<T: Send + 'static>(
         &self,
         pid: i32,
         deadline: Duration,
-        read: impl FnOnce() -> io::Result<Vec<u8>> + Send + 'static,
-    ) -> io::Result<Vec<u8>> {
+        read: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
         let mut stuck = self.stuck.lock().unwrap_or_else(PoisonError::into_inner);
         // Reads that came back since: done, whatever they found (it is old now).
-        stuck.retain(|_, rx| matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        stuck.retain(|_, returned| !returned.load(Ordering::Acquire));
         if stuck.contains_key(&pid) {
             return Err(stalled(
                 pid,
@@ -68,10 +70,14 @@ impl SlowReads {
             ));
         }
         let (tx, rx) = sync_channel(1);
+        let returned: Pending = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&returned);
         let spawned = std::thread::Builder::new()
             .name("cwreap-slow-read".into())
             .spawn(move || {
-                let _ = tx.send(read());
+                let got = read();
+                flag.store(true, Ordering::Release);
+                let _ = tx.send(got);
             });
         if let Err(e) = spawned {
             return Err(io::Error::other(format!(
@@ -81,7 +87,7 @@ impl SlowReads {
         match rx.recv_timeout(deadline) {
             Ok(got) => got,
             Err(RecvTimeoutError::Timeout) => {
-                stuck.insert(pid, rx);
+                stuck.insert(pid, returned);
                 Err(stalled(pid, "reading its memory did not return in time"))
             }
             Err(RecvTimeoutError::Disconnected) => Err(io::Error::other("the reader thread died")),
@@ -91,7 +97,7 @@ impl SlowReads {
     /// How many reads are stuck now.
     pub fn stuck(&self) -> usize {
         let mut stuck = self.stuck.lock().unwrap_or_else(PoisonError::into_inner);
-        stuck.retain(|_, rx| matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        stuck.retain(|_, returned| !returned.load(Ordering::Acquire));
         stuck.len()
     }
 }
@@ -148,12 +154,12 @@ mod tests {
             gates.push(release);
             let _ = reads.read(pid, Duration::from_millis(1), move || {
                 let _ = gate.recv();
-                Ok(Vec::new())
+                Ok(Vec::<u8>::new())
             });
         }
         assert_eq!(reads.stuck(), MAX_STUCK);
         let e = reads
-            .read(999, Duration::from_secs(1), || Ok(Vec::new()))
+            .read(999, Duration::from_secs(1), || Ok(Vec::<u8>::new()))
             .expect_err("capped");
         assert!(e.to_string().contains("too many"), "{e}");
         drop(gates);

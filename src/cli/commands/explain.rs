@@ -13,9 +13,9 @@ use cwreap_linux::kernel::{Kernel, ProcRead};
 
 use super::common::{Status, denied_note, observe, published_note, stalled_note, unprobed_note};
 use crate::cli::args::ExplainArgs;
-use crate::cli::diagnosis::{self, Evidence, ProcessFacts, Sample, Socket};
+use crate::cli::diagnosis::{self, Evidence, ProcessFacts, Sample, Socket, runtime};
 use crate::cli::plan::{self, Row};
-use crate::shared::attribute::Snapshot;
+use crate::shared::attribute::{Direction, Snapshot};
 
 /// Time between two samples of `--for`.
 const EVERY: Duration = Duration::from_secs(1);
@@ -217,16 +217,44 @@ fn evidence<H>(
                 watched: is_watched,
                 unaccepted: r.unaccepted,
                 dead: r.dead(),
+                outgoing: r.socket.direction == Direction::Out,
             },
+            age_min_ms: r.age.min_ms,
         });
-        processes.entry(p.pid).or_insert_with(|| ProcessFacts {
-            pid: p.pid,
-            comm: p.comm.clone(),
-            open_fds: p.open_fds,
-            fd_limit: p.nofile_soft,
+        processes.entry(p.pid).or_insert_with(|| {
+            // Once per process: its map and a JVM's perf data, each under a deadline.
+            let (runtime, full_gc) = runtime_of(proc, p.pid);
+            ProcessFacts {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                open_fds: p.open_fds,
+                fd_limit: p.nofile_soft,
+                runtime,
+                full_gc,
+            }
         });
     }
     Ok((sockets, processes.into_values().collect()))
+}
+
+/// The runtime `pid` runs, and for a JVM its full collections. Each read has a deadline: a
+/// process whose map does not come back in time (its mmap lock held) is `unknown`.
+fn runtime_of(
+    proc: &impl ProcRead,
+    pid: i32,
+) -> (diagnosis::Identified, Option<diagnosis::FullGc>) {
+    let id = match proc.runtime_clues(pid) {
+        Ok(clues) => runtime::identify(&clues),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            runtime::unknown("its memory map could not be read in time")
+        }
+        Err(e) => runtime::unknown(format!("its memory map could not be read: {e}")),
+    };
+    let full_gc = (id.runtime == diagnosis::Runtime::Jvm)
+        .then(|| proc.jvm_gc(pid).ok().flatten())
+        .flatten()
+        .and_then(|gc| runtime::full_gc(&gc));
+    (id, full_gc)
 }
 
 #[cfg(test)]

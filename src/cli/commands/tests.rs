@@ -205,8 +205,92 @@ fn explain_names_the_bug_class_from_the_receive_queue() {
     let reports = lines(&out);
     assert_eq!(reports.len(), 1, "one process");
     assert_eq!(reports[0]["pid"], API);
-    let text = reports[0]["patterns"].to_string();
-    assert!(text.contains("not_read"), "recv_q 1 and no epoll: {text}");
+    // recv_q 1, no epoll, server ends (a listener on :8080), a process of no known runtime.
+    assert_eq!(reports[0]["patterns"]["abandoned"], 3, "{}", reports[0]);
+    assert_eq!(reports[0]["runtime"], "other", "{}", reports[0]);
+    assert_eq!(duplicated(&k), 0, "explain is read-only");
+}
+
+/// A process whose memory map does not come back in time: explain goes on, names no
+/// runtime (`unknown`, and says why) and gives the advice that holds for any.
+#[test]
+fn explain_with_a_stalled_map_says_unknown_and_goes_on() {
+    let mut k = server();
+    k.with(|w| {
+        if let Some(p) = w.processes.get_mut(&API) {
+            p.maps_stall = true;
+        }
+    });
+    let mut out = Vec::new();
+    let Command::Explain(args) = parse(&["explain", "--json"]) else {
+        panic!("not explain");
+    };
+    explain_on(&mut k, &args, &mut out, &mut Vec::new()).expect("explain");
+    let r = &lines(&out)[0];
+    assert_eq!(r["runtime"], "unknown", "{r}");
+    assert_eq!(
+        r["runtime_clue"], "its memory map could not be read in time",
+        "{r}"
+    );
+    assert_eq!(r["patterns"]["abandoned"], 3, "{r}");
+    let Command::Explain(args) = parse(&["explain"]) else {
+        panic!("not explain");
+    };
+    let mut text = Vec::new();
+    explain_on(&mut k, &args, &mut text, &mut Vec::new()).expect("explain");
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("  runtime: unknown (its memory map could not be read in time)"),
+        "{text}"
+    );
+    assert!(!text.contains("GC may close"), "{text}");
+}
+
+/// A JVM: the runtime from libjvm.so in its map, its full collections from its perf data,
+/// and per socket whether a collection may still close it (a socket in CLOSE_WAIT for 90 s
+/// survived one that ran 10 s ago; the fresh ones have not been through one).
+#[test]
+fn explain_reads_a_jvms_collections() {
+    use cwreap_linux::procfs::{Collector, JvmGc};
+    let mut k = FakeKernel::new();
+    let mut java = Process::new(API, "java").runs(
+        "/usr/lib/jvm/java-17/bin/java",
+        &["/usr/lib/jvm/java-17/lib/server/libjvm.so"],
+        &["", ".text"],
+    );
+    java.jvm_gc = Some(JvmGc {
+        frequency: 1_000_000_000,
+        now_ticks: 100_000_000_000,
+        collectors: vec![Collector {
+            name: "Serial full collection pauses".into(),
+            invocations: 1,
+            last_entry_ticks: 90_000_000_000,
+            last_exit_ticks: 90_050_000_000,
+        }],
+    });
+    k.spawn(java);
+    k.listener(API, 3, "10.0.0.1:8080");
+    let socks = k.close_wait_many(API, 10, 3, "10.0.0.1:8080");
+    k.with(|w| {
+        if let Some(s) = w.sockets.get_mut(&socks[0]) {
+            s.diag.last_ack_recv_ms = Some(90_000);
+        }
+    });
+    let Command::Explain(args) = parse(&["explain", "--json"]) else {
+        panic!("not explain");
+    };
+    let mut out = Vec::new();
+    explain_on(&mut k, &args, &mut out, &mut Vec::new()).expect("explain");
+    let r = &lines(&out)[0];
+    assert_eq!(r["runtime"], "jvm", "{r}");
+    assert_eq!(r["gc"]["full_collections"], 1, "{r}");
+    let may: Vec<(i64, bool)> = r["sockets"]
+        .as_array()
+        .expect("sockets")
+        .iter()
+        .filter_map(|s| Some((s["fd"].as_i64()?, s["gc_may_close"].as_bool()?)))
+        .collect();
+    assert_eq!(may, [(10, false), (11, true), (12, true)], "{r}");
     assert_eq!(duplicated(&k), 0, "explain is read-only");
 }
 

@@ -8,7 +8,21 @@ fn ev(recv_q: u32, watched: bool, unaccepted: bool) -> Evidence {
         watched,
         unaccepted,
         dead: false,
+        outgoing: false,
     }
+}
+
+/// The evidence of a client's end.
+fn out(recv_q: u32, watched: bool) -> Evidence {
+    Evidence {
+        outgoing: true,
+        ..ev(recv_q, watched, false)
+    }
+}
+
+/// A process whose runtime explain could not tell.
+fn unknown_rt() -> Identified {
+    runtime::unknown("its memory map could not be read in time")
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -23,6 +37,7 @@ fn sock(pid: i32, fd: i32, remote: &str, local_port: u16, e: Evidence) -> Socket
         local: addr(&format!("10.0.0.1:{local_port}")),
         remote: addr(remote),
         evidence: e,
+        age_min_ms: 60_000,
     }
 }
 
@@ -32,6 +47,8 @@ fn proc(pid: i32, comm: &str, open_fds: usize, limit: Option<u64>) -> ProcessFac
         comm: comm.into(),
         open_fds,
         fd_limit: limit,
+        runtime: unknown_rt(),
+        full_gc: None,
     }
 }
 
@@ -41,15 +58,16 @@ fn secs(s: u64) -> Duration {
 
 #[test]
 fn pattern_from_evidence() {
-    assert_eq!(Pattern::of(ev(0, true, false)), Pattern::EofIgnored);
-    assert_eq!(Pattern::of(ev(1, true, false)), Pattern::NotRead);
-    assert_eq!(Pattern::of(ev(4097, true, false)), Pattern::NotRead);
-    assert_eq!(Pattern::of(ev(0, false, false)), Pattern::EofUnwatched);
-    assert_eq!(Pattern::of(ev(1, false, false)), Pattern::Abandoned);
-    assert_eq!(Pattern::of(ev(20, false, false)), Pattern::Abandoned);
+    let of = |e| Pattern::of(e, Runtime::Unknown);
+    assert_eq!(of(ev(0, true, false)), Pattern::EofIgnored);
+    assert_eq!(of(ev(1, true, false)), Pattern::NotRead);
+    assert_eq!(of(ev(4097, true, false)), Pattern::NotRead);
+    assert_eq!(of(ev(0, false, false)), Pattern::EofUnwatched);
+    assert_eq!(of(ev(1, false, false)), Pattern::Abandoned);
+    assert_eq!(of(ev(20, false, false)), Pattern::Abandoned);
     // In the accept queue, whatever the rest says.
-    assert_eq!(Pattern::of(ev(1, false, true)), Pattern::Unaccepted);
-    assert_eq!(Pattern::of(ev(0, true, true)), Pattern::Unaccepted);
+    assert_eq!(of(ev(1, false, true)), Pattern::Unaccepted);
+    assert_eq!(of(ev(0, true, true)), Pattern::Unaccepted);
     let names: Vec<&str> = Pattern::ALL.iter().map(|p| p.name()).collect();
     assert_eq!(
         names,
@@ -58,15 +76,16 @@ fn pattern_from_evidence() {
             "not_read",
             "eof_unwatched",
             "abandoned",
+            "pool_idle",
             "unaccepted",
             "dead_held"
         ]
     );
-    // Go's poller keeps dropped connections registered: said where it shows.
+    // Go's poller keeps dropped connections registered: said where it shows, when the
+    // runtime is not known.
     for p in Pattern::ALL {
-        let go = p
-            .meaning()
-            .contains("Go keeps an fd registered until Close()");
+        let go =
+            advice::advice(p, Runtime::Unknown).contains("Go keeps an fd registered until Close()");
         assert_eq!(
             go,
             matches!(p, Pattern::EofIgnored | Pattern::NotRead),
@@ -85,7 +104,7 @@ fn serde_names_match() {
     }
     let counts = serde_json::to_value(PatternCounts::default()).expect("json");
     let keys: Vec<&String> = counts.as_object().expect("object").keys().collect();
-    assert_eq!(keys.len(), 6);
+    assert_eq!(keys.len(), 7);
     for p in Pattern::ALL {
         assert_eq!(counts[p.name()], 0, "{p:?}");
     }
@@ -268,6 +287,7 @@ fn reports_group_per_process() {
             not_read: 0,
             eof_unwatched: 0,
             abandoned: 3,
+            pool_idle: 0,
             unaccepted: 1,
             dead_held: 0,
         }
@@ -472,11 +492,9 @@ fn a_dead_held_socket_has_its_own_pattern_and_count() {
         dead: true,
         ..ev(0, false, false)
     };
-    assert_eq!(Pattern::of(dead), Pattern::DeadHeld);
+    assert_eq!(Pattern::of(dead, Runtime::Unknown), Pattern::DeadHeld);
     assert!(
-        Pattern::DeadHeld
-            .meaning()
-            .contains("Only close() or a restart")
+        advice::advice(Pattern::DeadHeld, Runtime::Unknown).contains("Only close() or a restart")
     );
     let sockets = [
         Socket {
@@ -486,6 +504,7 @@ fn a_dead_held_socket_has_its_own_pattern_and_count() {
             local: addr("10.0.0.1:80"),
             remote: addr("10.0.0.2:5000"),
             evidence: ev(1, false, false),
+            age_min_ms: 1000,
         },
         Socket {
             pid: 7,
@@ -494,6 +513,7 @@ fn a_dead_held_socket_has_its_own_pattern_and_count() {
             local: addr("10.0.0.1:80"),
             remote: addr("0.0.0.0:0"),
             evidence: dead,
+            age_min_ms: 1000,
         },
     ];
     let procs = [ProcessFacts {
@@ -501,6 +521,8 @@ fn a_dead_held_socket_has_its_own_pattern_and_count() {
         comm: "srv".into(),
         open_fds: 10,
         fd_limit: Some(100),
+        runtime: unknown_rt(),
+        full_gc: None,
     }];
     let r = &explain(&sockets, &procs, &trends(&[Sample::default()]))[0];
     assert_eq!((r.close_wait, r.dead, r.patterns.dead_held), (1, 1, 1));
@@ -508,4 +530,192 @@ fn a_dead_held_socket_has_its_own_pattern_and_count() {
         r.top_remotes.iter().all(|t| !t.addr.is_unspecified()),
         "a dead socket has no peer to count"
     );
+}
+
+/// What explain says where a collection can close a socket the program dropped.
+const GC_HINT: &str = "GC may close";
+
+#[test]
+fn advice_fits_the_runtime() {
+    let runtimes = [
+        Runtime::Jvm,
+        Runtime::Node,
+        Runtime::Python,
+        Runtime::Go,
+        Runtime::Other,
+        Runtime::Unknown,
+    ];
+    for p in Pattern::ALL {
+        for rt in runtimes {
+            let a = advice::advice(p, rt);
+            // The GC hint belongs to the collector's notes, never to a pattern.
+            assert!(!a.contains(GC_HINT), "{p:?} {rt:?}: {a}");
+            if p == Pattern::PoolIdle {
+                assert!(
+                    a.contains("safe to reap") && a.contains("next checkout"),
+                    "{rt:?}: {a}"
+                );
+            }
+        }
+    }
+    let eof = |rt| advice::advice(Pattern::EofUnwatched, rt);
+    assert!(eof(Runtime::Node).contains("allowHalfOpen"));
+    for rt in [Runtime::Jvm, Runtime::Python, Runtime::Other] {
+        assert!(
+            !eof(rt).contains("allowHalfOpen") && !eof(rt).contains("Node"),
+            "{rt:?}: {}",
+            eof(rt)
+        );
+    }
+    assert!(eof(Runtime::Other).contains("read() returned 0"));
+    assert!(eof(Runtime::Other).contains("close(fd)"));
+    assert!(eof(Runtime::Jvm).contains("try-with-resources"));
+    assert!(eof(Runtime::Python).contains("still referenced"));
+    let paused = advice::advice(Pattern::NotRead, Runtime::Node);
+    assert!(paused.contains("paused") && paused.contains("backpressure"));
+
+    // The collector's notes: a JVM's say what a full collection tells; Go's may; the rest
+    // have no collector that closes sockets.
+    let may = advice::gc_note(Runtime::Jvm, true, 2, 7).expect("a JVM note");
+    assert!(
+        may.contains(GC_HINT) && may.contains("jcmd 7 GC.run"),
+        "{may}"
+    );
+    let kept = advice::gc_note(Runtime::Jvm, false, 1, 7).expect("a JVM note");
+    assert!(
+        !kept.contains(GC_HINT)
+            && kept.contains("survived a full collection")
+            && kept.contains("still references"),
+        "{kept}"
+    );
+    assert!(
+        advice::gc_note(Runtime::Go, true, 1, 7)
+            .expect("a Go note")
+            .contains(GC_HINT)
+    );
+    for rt in [
+        Runtime::Python,
+        Runtime::Node,
+        Runtime::Other,
+        Runtime::Unknown,
+    ] {
+        for may in [true, false] {
+            assert_eq!(advice::gc_note(rt, may, 1, 7), None, "{rt:?}");
+        }
+    }
+}
+
+fn jvm_process(full_gc: Option<FullGc>) -> ProcessFacts {
+    ProcessFacts {
+        runtime: Identified {
+            runtime: Runtime::Jvm,
+            clue: "libjvm.so in its memory map".into(),
+        },
+        full_gc,
+        ..proc(9, "java", 40, Some(4096))
+    }
+}
+
+#[test]
+fn a_jvm_report_tells_what_a_full_collection_proved() {
+    // One full collection started 10 s ago.
+    let ran = FullGc {
+        full_collections: 1,
+        last_started_ms_ago: Some(10_000),
+        last_ended_ms_ago: Some(9_900),
+    };
+    let at = |fd, e, age_min_ms| Socket {
+        age_min_ms,
+        ..sock(9, fd, "10.0.0.7:40001", 8080, e)
+    };
+    let sockets = [
+        // In CLOSE_WAIT for a minute, still open after the collection: referenced.
+        at(5, ev(1, false, false), 60_000),
+        // For 5 s: after the collection, which proves nothing about it.
+        at(6, ev(0, false, false), 5_000),
+        // Registered with a selector: reachable from it.
+        at(7, ev(0, true, false), 60_000),
+    ];
+    let reports = explain(&sockets, &[jvm_process(Some(ran))], &Trends::default());
+    let r = &reports[0];
+    let may: Vec<(Option<i32>, bool)> = r.sockets.iter().map(|s| (s.fd, s.gc_may_close)).collect();
+    assert_eq!(
+        may,
+        [(Some(7), false), (Some(6), true), (Some(5), false)],
+        "sorted by pattern: eof_ignored, eof_unwatched, abandoned"
+    );
+    let json = serde_json::to_value(r).expect("json");
+    assert_eq!(json["runtime"], "jvm");
+    assert_eq!(json["runtime_clue"], "libjvm.so in its memory map");
+    assert_eq!(
+        json["gc"],
+        serde_json::json!({"full_collections": 1, "last_ended_ms_ago": 9900})
+    );
+    assert_eq!(json["sockets"][0]["direction"], "in");
+    assert_eq!(json["sockets"][1]["gc_may_close"], true);
+
+    let text = render(&reports);
+    assert!(
+        text.contains(
+            "\n  runtime: jvm (libjvm.so in its memory map); 1 full collection(s), the last ended \
+9s ago\n"
+        ),
+        "{text}"
+    );
+    let notes: Vec<&str> = text.split("\n  gc: ").skip(1).collect();
+    assert_eq!(notes.len(), 2, "{text}");
+    assert!(
+        notes[0].starts_with("1 not yet through a full collection") && notes[0].contains(GC_HINT)
+    );
+    assert!(
+        notes[1].starts_with("1 survived a full collection"),
+        "{text}"
+    );
+    assert!(
+        !notes[1]
+            .split("\n  rate")
+            .next()
+            .unwrap_or("")
+            .contains(GC_HINT),
+        "{text}"
+    );
+    assert!(text.lines().all(|l| l.chars().count() <= WIDTH), "{text}");
+
+    // Without perf data nothing is known: every unwatched socket may go.
+    let blind = explain(&sockets, &[jvm_process(None)], &Trends::default());
+    let may: Vec<bool> = blind[0].sockets.iter().map(|s| s.gc_may_close).collect();
+    assert_eq!(may, [false, true, true]);
+    assert!(serde_json::to_value(&blind[0]).expect("json")["gc"].is_null());
+}
+
+#[test]
+fn a_pools_idle_ends_are_pool_idle_and_no_gc_note() {
+    let python = ProcessFacts {
+        runtime: Identified {
+            runtime: Runtime::Python,
+            clue: "its executable is python3.11".into(),
+        },
+        ..proc(11, "python3", 30, Some(1024))
+    };
+    let sockets: Vec<Socket> = (0..3)
+        .map(|i| sock(11, 3 + i, "10.0.0.9:6379", 40000 + i as u16, out(1, false)))
+        .chain([sock(11, 9, "10.0.0.9:6379", 40100, out(40, false))])
+        .collect();
+    let r = &explain(&sockets, &[python], &Trends::default())[0];
+    assert_eq!((r.patterns.pool_idle, r.patterns.abandoned), (3, 1));
+    assert!(
+        r.sockets
+            .iter()
+            .all(|s| s.direction == "out" && !s.gc_may_close)
+    );
+    let text = render(std::slice::from_ref(r));
+    assert!(
+        text.contains("      3  pool_idle (client end, not watched, only the FIN unread): an idle"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  runtime: python (its executable is python3.11)\n"),
+        "{text}"
+    );
+    assert!(!text.contains("  gc:") && !text.contains(GC_HINT), "{text}");
 }

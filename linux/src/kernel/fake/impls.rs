@@ -11,7 +11,7 @@ use crate::kernel::effects::{Destroy, Effects, Identity, SocketFacts};
 use crate::kernel::procs::ProcRead;
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::Found;
-use crate::procfs::{FdTable, Limits};
+use crate::procfs::{FdTable, JvmGc, Limits, RuntimeClues};
 use crate::tcp;
 
 impl Clock for FakeKernel {
@@ -269,6 +269,23 @@ impl ProcRead for FakeKernel {
                 }
             }
             Ok(out)
+        })
+    }
+    fn runtime_clues(&self, pid: i32) -> io::Result<RuntimeClues> {
+        self.with(|w| match w.alive(pid) {
+            Some(p) if p.maps_stall => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("pid {pid}: reading its memory did not return in time"),
+            )),
+            Some(p) => Ok(p.runtime.clone()),
+            None => Err(errno(libc::ENOENT)),
+        })
+    }
+    fn jvm_gc(&self, pid: i32) -> io::Result<Option<JvmGc>> {
+        self.with(|w| {
+            w.alive(pid)
+                .map(|p| p.jvm_gc.clone())
+                .ok_or_else(|| errno(libc::ENOENT))
         })
     }
 }

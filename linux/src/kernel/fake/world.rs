@@ -6,7 +6,7 @@ use crate::kernel::clock::Boottime;
 use crate::kernel::discover::{Diff, SocketKey};
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::Found;
-use crate::procfs::Limits;
+use crate::procfs::{JvmGc, Limits, RuntimeClues};
 use crate::tcp;
 
 /// The network namespace scripted sockets and processes live in unless told otherwise.
@@ -108,6 +108,12 @@ pub struct Process {
     pub dies_on: BTreeSet<i32>,
     /// Reading its command line does not return in time (its memory map is locked).
     pub cmdline_stalls: bool,
+    /// What its executable and memory map show; `exe` and the mapped executable by default.
+    pub runtime: RuntimeClues,
+    /// Reading its memory map does not return in time.
+    pub maps_stall: bool,
+    /// The perf data of a JVM.
+    pub jvm_gc: Option<JvmGc>,
 }
 
 impl Process {
@@ -130,7 +136,29 @@ impl Process {
             closes_on_hup: false,
             dies_on: [libc::SIGTERM, libc::SIGKILL].into_iter().collect(),
             cmdline_stalls: false,
+            runtime: RuntimeClues {
+                exe: format!("/usr/bin/{comm}"),
+                mapped: vec![format!("/usr/bin/{comm}")],
+                exe_sections: Some(vec![String::new(), ".text".to_owned()]),
+            },
+            maps_stall: false,
+            jvm_gc: None,
         }
+    }
+
+    /// Its executable and mapped files (the executable first, as in a real map), with
+    /// these ELF sections.
+    pub fn runs(mut self, exe: &str, libs: &[&str], sections: &[&str]) -> Self {
+        self.exe = exe.to_owned();
+        self.runtime = RuntimeClues {
+            exe: exe.to_owned(),
+            mapped: std::iter::once(exe)
+                .chain(libs.iter().copied())
+                .map(str::to_owned)
+                .collect(),
+            exe_sections: Some(sections.iter().map(|s| (*s).to_owned()).collect()),
+        };
+        self
     }
 
     pub fn uid(mut self, uid: u32) -> Self {
