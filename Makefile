@@ -1,41 +1,68 @@
 # cwreap: build, install, package.
-#   make                      build the release binary
-#   make install PREFIX=/usr/local [DESTDIR=/tmp/root]
+#   make                      build the release binary, the man pages and the completions
+#   sudo make install PREFIX=/usr/local [DESTDIR=/tmp/root]   install what `make` built
 #   make deb                  build a .deb (installs cargo-deb first when it is missing)
-#   make uninstall PREFIX=...
+#   sudo make uninstall PREFIX=...
 #   make bpf [BPF_OUT=path]   rebuild the checked-in BPF object (needs clang-14; cargo never does)
+# `make install` never runs cargo: build as yourself, then install as root (sudo needs no
+# Rust toolchain). It installs what the .deb installs, under PREFIX.
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 UNITDIR ?= /lib/systemd/system
 DESTDIR ?=
 CARGO ?= cargo
 ASSETS := target/assets
+BIN := target/release/cwreap
+GENERATED := $(ASSETS)/cwreap.8 $(ASSETS)/cwreap.yaml.5 $(ASSETS)/cwreap.bash $(ASSETS)/_cwreap $(ASSETS)/cwreap.fish
+DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/cwreap
+DROPINDIR = $(DESTDIR)$(PREFIX)/share/cwreap/drop-ins
 
-.PHONY: all assets install uninstall deb test clean bpf
+.PHONY: all build assets built install uninstall deb test clean bpf
 
-all:
+all: assets
+
+build:
 	$(CARGO) build --release --locked --bin cwreap
 
-assets: all
-	target/release/cwreap generate --out-dir $(ASSETS)
+assets: build
+	$(BIN) generate --out-dir $(ASSETS)
 
-install: assets
-	install -D -m 0755 target/release/cwreap $(DESTDIR)$(PREFIX)/bin/cwreap
+# What install needs, built beforehand by `make`.
+built:
+	@for f in $(BIN) $(GENERATED); do \
+		[ -e "$$f" ] || { echo "make install: $$f is missing: run 'make' first (as yourself; installing needs no Rust toolchain)" >&2; exit 1; }; \
+	done
+
+install: built
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/cwreap
 	install -D -m 0644 $(ASSETS)/cwreap.8 $(DESTDIR)$(PREFIX)/share/man/man8/cwreap.8
 	install -D -m 0644 $(ASSETS)/cwreap.yaml.5 $(DESTDIR)$(PREFIX)/share/man/man5/cwreap.yaml.5
 	install -D -m 0644 $(ASSETS)/cwreap.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/cwreap
 	install -D -m 0644 $(ASSETS)/_cwreap $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_cwreap
 	install -D -m 0644 $(ASSETS)/cwreap.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish
-	sed 's|/usr/bin/cwreap|$(PREFIX)/bin/cwreap|' systemd/cwreap.service > $(ASSETS)/cwreap.service
-	install -D -m 0644 $(ASSETS)/cwreap.service $(DESTDIR)$(UNITDIR)/cwreap.service
-	@# Opt-in drop-ins (containers, destroy, escalate): copied, never enabled.
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/bin/cwreap|$(PREFIX)/bin/cwreap|' systemd/cwreap.service > $(DESTDIR)$(UNITDIR)/cwreap.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/cwreap.service
+	@# Opt-in drop-ins (containers, destroy, escalate, ...): copied, never enabled.
 	for f in systemd/drop-ins/*.conf; do \
-		install -D -m 0644 $$f $(DESTDIR)$(PREFIX)/share/cwreap/drop-ins/$$(basename $$f); \
+		install -D -m 0644 $$f $(DROPINDIR)/$$(basename $$f); \
 	done
+	@# As the .deb: the example policies, the alert rules, the DaemonSet, the README.
+	for f in config/examples/* deploy/kubernetes/cwreap-daemonset.yaml; do \
+		install -D -m 0644 $$f $(DOCDIR)/examples/$$(basename $$f); \
+	done
+	install -D -m 0644 config/cwreap.rules.yml $(DOCDIR)/cwreap.rules.yml
+	install -D -m 0644 README.md $(DOCDIR)/README.md
 	install -D -m 0644 config/logrotate/cwreap $(DESTDIR)$(SYSCONFDIR)/logrotate.d/cwreap
 	@# Never overwrite a policy an operator already edited.
 	test -e $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml || \
 		install -D -m 0600 config/cwreap.yaml $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml
+	@echo
+	@echo "Installed cwreap in $(DESTDIR)$(PREFIX)/bin, the unit in $(DESTDIR)$(UNITDIR), the policy in $(DESTDIR)$(SYSCONFDIR)/cwreap/cwreap.yaml."
+	@echo "Examples and alert rules: $(DOCDIR)/"
+	@echo "Opt-in drop-ins (not enabled): $(DROPINDIR)/"
+	@echo "  to use one: install -D -m 0644 $(DROPINDIR)/destroy.conf /etc/systemd/system/cwreap.service.d/destroy.conf"
+	@echo "Then: systemctl daemon-reload; cwreap check --config $(SYSCONFDIR)/cwreap/cwreap.yaml; systemctl enable --now cwreap"
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/cwreap $(DESTDIR)$(PREFIX)/share/man/man8/cwreap.8 \
@@ -45,9 +72,10 @@ uninstall:
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cwreap.fish \
 		$(DESTDIR)$(UNITDIR)/cwreap.service \
 		$(DESTDIR)$(SYSCONFDIR)/logrotate.d/cwreap
-	rm -rf $(DESTDIR)$(PREFIX)/share/cwreap/drop-ins
+	rm -rf $(DROPINDIR) $(DOCDIR)
+	-rmdir $(DESTDIR)$(PREFIX)/share/cwreap 2>/dev/null
 
-deb: assets
+deb: all
 	@$(CARGO) deb --version >/dev/null 2>&1 || { \
 		echo "make deb: cargo-deb is missing; installing it: $(CARGO) install --locked cargo-deb"; \
 		$(CARGO) install --locked cargo-deb; }

@@ -47,7 +47,6 @@ pub enum Command {
     #[command(after_help = COMPLETIONS_EXAMPLES)]
     Completions(CompletionsArgs),
     /// Write the man pages and completion scripts into a directory (for packaging)
-    #[command(hide = true)]
     Generate(GenerateArgs),
     /// Internal: the process that runs an injected close() for `reap --close` (request on
     /// stdin, target's pidfd on fd 3, report on stdout)

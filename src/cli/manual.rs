@@ -10,14 +10,19 @@ use clap_complete::Shell;
 
 use crate::cli::args::Cli;
 
-/// A shell completion script. Hidden subcommands (packaging's `generate`, the injection
-/// helper) are left out: completions offer only what a user types.
+mod reference;
+
+/// Subcommands that `--help` and the man page show but completions leave out: packaging's.
+pub const NOT_COMPLETED: [&str; 1] = ["generate"];
+
+/// A shell completion script. Hidden subcommands (the injection helper) and packaging's
+/// `generate` are left out: completions offer only what a user types.
 pub fn completions(shell: Shell, out: &mut impl Write) {
     let mut cmd = without_hidden_subcommands(Cli::command());
     clap_complete::generate(shell, &mut cmd, "cwreap", out);
 }
 
-/// `cmd` without its hidden subcommands (`generate`, `inject-helper`): clap_complete's
+/// `cmd` without its hidden subcommands (`inject-helper`) and [`NOT_COMPLETED`]: clap_complete's
 /// generators list every subcommand, hidden or not (checked with clap_complete 4.6), and
 /// clap can add subcommands but not remove them, so the root is rebuilt with its own
 /// arguments and only the visible subcommands.
@@ -35,8 +40,11 @@ fn without_hidden_subcommands(cmd: clap::Command) -> clap::Command {
     if let Some(about) = cmd.get_long_about() {
         root = root.long_about(about.clone());
     }
-    root.args(cmd.get_arguments().cloned())
-        .subcommands(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+    root.args(cmd.get_arguments().cloned()).subcommands(
+        cmd.get_subcommands()
+            .filter(|s| !s.is_hide_set() && !NOT_COMPLETED.contains(&s.get_name()))
+            .cloned(),
+    )
 }
 
 /// cwreap(8): the whole command line, with every subcommand.
@@ -61,21 +69,39 @@ pub fn cwreap_8() -> Result<Vec<u8>> {
             writeln!(buf, ".PP\n.nf\n{}\n.fi", roff_escape(&after.to_string()))?;
         }
     }
-    buf.extend_from_slice(CWREAP_8_TAIL.as_bytes());
-    Ok(buf)
+    buf.extend_from_slice(reference::CWREAP_8_TAIL.as_bytes());
+    Ok(code_spans_in_roff(buf))
 }
 
-const CWREAP_8_TAIL: &str = r#".SH "EXIT STATUS"
-0 success, also when nothing matched; 1 some socket failed, or \fB--close\fR was refused for some fd; 2 usage, configuration or privilege error.
-.SH PRIVILEGES
-Reading another user's /proc/PID/fd and pidfd_getfd need CAP_SYS_PTRACE (and
-CAP_DAC_READ_SEARCH without root); SOCK_DESTROY needs CAP_NET_ADMIN; entering other network
-namespaces needs CAP_SYS_ADMIN.
-.SH FILES
-/etc/cwreap/cwreap.yaml, the policy (see cwreap.yaml(5)).
-.SH "SEE ALSO"
-cwreap.yaml(5), ss(8), systemd.service(5)
-"#;
+/// `text` with each Markdown code span (`x`) set in bold (\fBx\fR), so a help text written
+/// for the terminal renders as roff. A line with an odd number of backticks is left as it
+/// is (the tests then find the backtick).
+fn code_spans(line: &str) -> String {
+    if !line.contains('`') || line.matches('`').count() % 2 == 1 {
+        return line.to_owned();
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for (k, piece) in line.split('`').enumerate() {
+        if k % 2 == 1 {
+            out.push_str("\\fB");
+            out.push_str(piece);
+            out.push_str("\\fR");
+        } else {
+            out.push_str(piece);
+        }
+    }
+    out
+}
+
+/// A whole roff page with the code spans of its text lines in bold.
+fn code_spans_in_roff(page: Vec<u8>) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&page);
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        out.push_str(&code_spans(line));
+    }
+    out.into_bytes()
+}
 
 fn roff_escape(s: &str) -> String {
     s.lines()
@@ -99,11 +125,14 @@ pub fn cwreap_yaml_5() -> String {
         env!("CARGO_PKG_VERSION")
     ));
     s.push_str(".SH NAME\ncwreap.yaml \\- policy for the cwreap daemon\n");
-    s.push_str(".SH DESCRIPTION\nThe policy `cwreap run` reads (default /etc/cwreap/cwreap.yaml). Unknown keys, bad values and duplicate target names are errors reported as FILE:LINE:COL; `cwreap check --config FILE` validates a file and prints the effective policy. When cwreap runs privileged, the file must be owned by root and not writable by group or others.\n");
+    s.push_str(".SH DESCRIPTION\nThe policy \\fBcwreap run\\fR reads (default /etc/cwreap/cwreap.yaml). Unknown keys, bad values and duplicate target names are errors reported as FILE:LINE:COL; \\fBcwreap check --config FILE\\fR validates a file and prints the effective policy. When cwreap runs privileged, the file must be owned by root and not writable by group or others.\n");
     for (section, keys) in POLICY_KEYS {
         s.push_str(&format!(".SH \"{section}\"\n"));
         for (key, text) in *keys {
-            s.push_str(&format!(".TP\n.B {key}\n{}\n", roff_escape(text)));
+            s.push_str(&format!(
+                ".TP\n.B {key}\n{}\n",
+                code_spans(&roff_escape(text))
+            ));
         }
     }
     s.push_str(".SH EXAMPLE\n.nf\n");
@@ -459,7 +488,7 @@ mod tests {
         };
         let expected: Vec<String> = full
             .get_subcommands()
-            .filter(|s| !s.is_hide_set())
+            .filter(|s| !s.is_hide_set() && !NOT_COMPLETED.contains(&s.get_name()))
             .map(|s| s.get_name().to_string())
             .collect();
         assert_eq!(names(&visible), expected);
@@ -476,5 +505,71 @@ mod tests {
             .expect("render help");
         let help = String::from_utf8(help).expect("utf-8");
         assert!(!help.contains("inject-helper"), "{help}");
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with("generate ")),
+            "packaging's generate is in --help: {help}"
+        );
+    }
+
+    #[test]
+    fn man_pages_are_roff_without_markdown() {
+        let pages = [
+            (
+                "cwreap.8",
+                String::from_utf8(cwreap_8().expect("render")).expect("utf-8"),
+            ),
+            ("cwreap.yaml.5", cwreap_yaml_5()),
+        ];
+        for (name, page) in &pages {
+            for artefact in ["`", "**", "](#", "](http"] {
+                let line = page.lines().find(|l| l.contains(artefact));
+                assert!(line.is_none(), "{name} has {artefact:?}: {line:?}");
+            }
+            assert!(page.contains("\\fB"), "{name} sets code in bold");
+        }
+        let page = &pages[0].1;
+        for section in [
+            "OUTCOMES",
+            "\"EXIT STATUS\"",
+            "\"JSON OUTPUT\"",
+            "SIGNALS",
+            "\"AUDIT LOG\"",
+            "METRICS",
+            "FILES",
+            "ENVIRONMENT",
+            "PRIVILEGES",
+            "\"CWREAP GENERATE\"",
+        ] {
+            assert!(
+                page.contains(&format!("\n.SH {section}\n")),
+                "cwreap.8 has no section {section}"
+            );
+        }
+        for word in [
+            "reaped",
+            "dry_run",
+            "gone",
+            "changed",
+            "skipped",
+            "SIGHUP",
+            "SIGTERM",
+            "SIGINT",
+            "intent",
+            "fd_release",
+            "escalation",
+        ] {
+            assert!(page.contains(word), "cwreap.8 lacks {word}");
+        }
+    }
+
+    #[test]
+    fn code_spans_become_bold() {
+        assert_eq!(
+            code_spans("run `cwreap check` now"),
+            "run \\fBcwreap check\\fR now"
+        );
+        assert_eq!(code_spans("odd ` left"), "odd ` left");
+        assert_eq!(code_spans("none"), "none");
     }
 }

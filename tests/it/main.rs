@@ -25,6 +25,7 @@ mod hardening_paths;
 mod index;
 mod inject;
 mod inject_rseq;
+mod manual;
 mod metrics;
 mod netns_destroy;
 mod pid_files;

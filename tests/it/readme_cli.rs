@@ -117,6 +117,7 @@ fn sample(placeholder: &str) -> Result<Vec<&'static str>, String> {
         "N" => vec!["5"],
         "PID" => vec!["4242"],
         "SHELL" => vec!["bash"],
+        "DIR" => vec!["/tmp/cwreap-assets"],
         other => return Err(format!("no sample value for the placeholder {other}")),
     })
 }
@@ -531,13 +532,21 @@ fn the_explain_json_fields_the_readme_lists_are_printed() {
         .expect("the explain JSON paragraph");
     let para = &body[start..];
     let para = &para[..para.find("Exit codes").unwrap_or(para.len())];
+    // Field names: every code span outside parentheses; inside them only the keys of a
+    // nested object (`{addr, port, count}`), not values (`jvm`, `null`).
     let mut listed = BTreeSet::new();
+    let mut depth = 0i32;
     for (k, span) in para.split('`').enumerate().skip(2) {
-        if k % 2 == 1 {
-            for w in span.split(|c: char| !(c.is_ascii_lowercase() || c == '_')) {
-                if !w.is_empty() && w != "null" {
-                    listed.insert(w.to_owned());
-                }
+        if k % 2 == 0 {
+            depth += span.matches('(').count() as i32 - span.matches(')').count() as i32;
+            continue;
+        }
+        if depth > 0 && !span.contains('{') {
+            continue;
+        }
+        for w in span.split(|c: char| !(c.is_ascii_lowercase() || c == '_')) {
+            if !w.is_empty() && w != "null" {
+                listed.insert(w.to_owned());
             }
         }
     }
@@ -548,6 +557,14 @@ fn the_explain_json_fields_the_readme_lists_are_printed() {
     assert_eq!(objects.len(), 1, "{objects:?}");
     let mut printed = BTreeSet::new();
     all_keys(&objects[0], &mut printed);
+    // A JVM's `gc` object: `null` for this server, so its keys cannot show here.
+    assert!(objects[0]["gc"].is_null(), "{objects:?}");
+    for only_for_a_jvm in ["full_collections", "last_ended_ms_ago"] {
+        assert!(
+            listed.remove(only_for_a_jvm),
+            "{only_for_a_jvm} is no longer listed"
+        );
+    }
     let missing: Vec<&String> = listed.difference(&printed).collect();
     assert!(
         missing.is_empty(),
@@ -597,5 +614,46 @@ fn developing_installs_what_ci_installs_and_only_what_is_missing() {
     assert!(
         !text[..close_wait].contains("apt-get"),
         "test dependencies before the problem"
+    );
+}
+
+#[test]
+fn choosing_older_than_uses_the_numbers_explain_prints() {
+    let text = readme();
+    let choosing = section(&text, "## Choosing `older_than`");
+    let explain = section(&text, "## Which bug leaks? `cwreap explain`");
+    let quoted: Vec<String> = plain_block_lines(choosing)
+        .into_iter()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(!quoted.is_empty(), "the explain line it works from");
+    for l in &quoted {
+        assert!(explain.contains(l.as_str()), "not in explain's sample: {l}");
+    }
+    // The arithmetic, from the sample: open fds, the CLOSE_WAIT among them, the limit, the
+    // rate; the headroom and the minutes it lasts are those the section states.
+    let number = |after: &str, within: &str| -> u64 {
+        let at = within.find(after).unwrap_or_else(|| panic!("no {after:?}")) + after.len();
+        within[at..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {after:?}"))
+    };
+    let line = &quoted[0];
+    let rate = number("rate: +", line);
+    let open = number("CLOSE_WAIT/min,", line);
+    let limit = number(&format!("{open}/"), line);
+    let cw = number("pid 11529 (python3):", explain);
+    let headroom = limit - (open - cw);
+    assert!(
+        choosing.contains(&format!("{limit} − {} = {headroom} fds", open - cw)),
+        "headroom {headroom}:\n{choosing}"
+    );
+    let minutes = headroom as f64 / rate as f64;
+    assert!(
+        choosing.contains(&format!("{headroom} / {rate} ≈ {minutes:.1}")),
+        "{minutes:.1} minutes:\n{choosing}"
     );
 }
