@@ -81,10 +81,14 @@ fn parse_group(tokens: &[String], at: &mut usize) -> Result<Vec<Vec<Node>>, Stri
             "|" => alts.push(Vec::new()),
             "[" => {
                 let inner = parse_group(tokens, at)?;
-                alts.last_mut().map(|a| a.push(Node::Optional(inner)));
+                if let Some(a) = alts.last_mut() {
+                    a.push(Node::Optional(inner));
+                }
             }
             w => {
-                alts.last_mut().map(|a| a.push(Node::Word(w.to_owned())));
+                if let Some(a) = alts.last_mut() {
+                    a.push(Node::Word(w.to_owned()));
+                }
             }
         }
     }
