@@ -21,6 +21,7 @@ mod explain;
 mod faults;
 mod hardening;
 mod hardening_paths;
+mod incident;
 mod index;
 mod inject;
 mod inject_rseq;
