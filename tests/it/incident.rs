@@ -644,3 +644,280 @@ fn a_spent_escalation_budget_defers_said_once_and_counted_each_cycle() {
     assert_eq!(said[0]["level"], "WARN", "{}", said[0]);
     assert!(d.said(signalled, "escalation due but deferred").is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// 3. The forecast.
+
+/// `signal_before_emfile: 20s` on servers leaking 5 fds a second against a limit of 256:
+/// ten servers at once under one daemon, each fed by a client process that connects and
+/// half-closes 5 times a second, and each must get its SIGTERM (it counts it and goes on
+/// leaking) before it ever logs EMFILE.
+///
+/// Why interval 2 s and a 20 s window: from ~8 fds at start, a server reaches 256 after
+/// ~50 s. The forecast needs two samples (two cycles) to see a rate, and then fires at most
+/// one interval after EMFILE comes within the window: with 2 s that is at most 10 fds late,
+/// so the signal comes at least ~18 s (90 fds) before EMFILE, while the first forecast
+/// (~4 s in) sees EMFILE ~45 s away, outside the window. A shorter interval changes
+/// nothing but the load on the machine; a window close to the interval would leave no
+/// margin for a late cycle on a loaded machine.
+#[test]
+fn signal_before_emfile_reaches_ten_of_ten_leaking_servers_before_emfile() {
+    let test = "signal_before_emfile_reaches_ten_of_ten_leaking_servers_before_emfile";
+    let Some(exe) = leak_server(test) else { return };
+    let mut servers: Vec<Server> = (0..10)
+        .map(|_| Server::start(&exe, 256, 256, &["--on-term", "count", "--quiet"]))
+        .collect();
+    let targets: Vec<String> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            target(&format!("s{i}"), s.pid(), "log", "1h", Some("{signal_before_emfile: 20s}"))
+        })
+        .collect();
+    let mut d = Daemon::start(test, &policy("2s", false, None, "", &targets), None);
+    let _clients: Vec<LineChild> = servers.iter().map(|s| client(&exe, s.addr, 5)).collect();
+
+    // Each server ends the race one way or the other: its SIGTERM or its first EMFILE.
+    let ended = |s: &mut Server| !s.said("signal ").is_empty() || !s.said("accept error").is_empty();
+    d.until("a signal or EMFILE at every server", 60, |_| {
+        servers.iter_mut().all(ended)
+    });
+    let mut report = Vec::new();
+    for s in servers.iter_mut() {
+        let history = s.io.drain().to_vec();
+        let first = |p: &str| history.iter().position(|l| l.starts_with(p));
+        let (signal, emfile) = (first("signal 15 "), first("accept error"));
+        let Some(at) = signal else {
+            panic!("pid {} hit EMFILE without a signal first: {history:?}", s.pid());
+        };
+        assert!(
+            emfile.is_none_or(|e| e > at),
+            "pid {}: EMFILE before the signal: {history:?}",
+            s.pid()
+        );
+        let fds: u32 = history[at]
+            .rsplit_once("fds=")
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap_or_else(|| panic!("{}", history[at]));
+        assert!(fds < 256, "{}", history[at]);
+        assert_eq!(d.escalations(s.pid(), "signal", "done").len(), 1, "{:?}", d.audit());
+        report.push(fds);
+    }
+    report.sort_unstable();
+    println!(
+        "10/10 signalled before EMFILE at {report:?} open fds of 256 (at 5 fds/s: {}..{} s to spare)",
+        (256 - report[report.len() - 1]) / 5,
+        (256 - report[0]) / 5
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Release verdicts: released, still_held, gone.
+
+/// How long test 4 keeps clients coming.
+const LOAD: Duration = Duration::from_secs(300);
+
+/// Records of `event` about `pid`.
+fn records(audit: &[Value], event: &str, pid: i32) -> Vec<Value> {
+    audit
+        .iter()
+        .filter(|v| v["event"] == event && v["pid"] == pid)
+        .cloned()
+        .collect()
+}
+
+/// Inodes of the sockets of `pid` the audit says were reaped.
+fn reaped_inodes(audit: &[Value], pid: i32) -> BTreeSet<u64> {
+    records(audit, "action", pid)
+        .iter()
+        .filter(|v| v["outcome"] == "reaped")
+        .map(|v| v["inode"].as_u64().expect("inode"))
+        .collect()
+}
+
+/// result → inodes, from the fd_release records of `pid` (each inode once, or it fails).
+fn verdicts(audit: &[Value], pid: i32) -> BTreeMap<String, BTreeSet<u64>> {
+    let mut out: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    let mut all = BTreeSet::new();
+    for v in records(audit, "fd_release", pid) {
+        let inode = v["inode"].as_u64().expect("inode");
+        assert!(all.insert(inode), "two verdicts on inode {inode}: {v}");
+        out.entry(field_str(&v, "result").to_owned())
+            .or_default()
+            .insert(inode);
+    }
+    out
+}
+
+/// The longest test here (about 5.5 minutes; it runs in the normal suite, in parallel with
+/// the others): a server that closes a dead connection only when its 10 s heartbeat write
+/// fails (EPIPE once cwreap shut the socket down), under 5 minutes of clients arriving
+/// twice a second and half-closing, with `interval: 2s` and the default `still_held_after`
+/// (3 intervals or 30 s: 30 s). Every socket reaped is `released`, none `still_held`.
+#[test]
+#[ignore = "needs root: the daemon duplicates the server's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
+fn a_heartbeat_closer_is_released_never_still_held_over_five_minutes_of_load() {
+    let test = "a_heartbeat_closer_is_released_never_still_held_over_five_minutes_of_load";
+    let Some(exe) = leak_server(test) else { return };
+    let mut server = Server::start(&exe, 4096, 4096, &["--heartbeat", "10"]);
+    let pid = server.pid();
+    let addr = free_addr();
+    let yaml = policy(
+        "2s",
+        false,
+        Some(addr),
+        "",
+        &[target("beat", pid, "shutdown", "1s", None)],
+    );
+    let mut d = Daemon::start(test, &yaml, Some(addr));
+    let mut clients = client(&exe, server.addr, 2);
+    let end = Instant::now() + LOAD;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_secs(1));
+        // Fail at the first still_held rather than at the end.
+        let held = verdicts(&d.audit(), pid).remove("still_held");
+        assert!(held.is_none(), "still_held under load: {held:?}");
+        assert!(
+            d.running.child.try_wait().expect("wait").is_none(),
+            "the daemon exited:\n{}",
+            d.running.log()
+        );
+        server.io.drain();
+    }
+    clients.send("pause").expect("pause the clients");
+    let made: usize = clients
+        .expect("paused connected=", LINE_GUARD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .parse()
+        .expect("a count");
+    // Then every connection made is reaped and judged: shut down within two cycles, closed
+    // at the server's next heartbeat, judged the cycle after.
+    d.until("a verdict on every connection", 30, |d| {
+        let audit = d.audit();
+        reaped_inodes(&audit, pid).len() >= made
+            && records(&audit, "fd_release", pid).len() >= made
+    });
+    let audit = d.audit();
+    let reaped = reaped_inodes(&audit, pid);
+    let v = verdicts(&audit, pid);
+    assert_eq!(reaped.len(), made, "one reap per connection");
+    assert_eq!(v.keys().collect::<Vec<_>>(), ["released"], "{v:?}");
+    assert_eq!(v["released"], reaped, "every reaped socket released");
+    let waited: Vec<u64> = records(&audit, "fd_release", pid)
+        .iter()
+        .map(|r| r["waited_ms"].as_u64().expect("waited_ms"))
+        .collect();
+    let longest = waited.iter().copied().max().unwrap_or(0);
+    assert!(longest < 30_000, "waited {longest} ms");
+    let m = d.scrape();
+    assert_eq!(
+        value(&m, "cwreap_fd_released_total{target=\"beat\",result=\"released\"}") as usize,
+        made,
+        "{m}"
+    );
+    assert_eq!(value(&m, "cwreap_fd_released_total{target=\"beat\",result=\"still_held\"}"), 0.0);
+    // And so it is: the server closed each one on a heartbeat, the clients read each EOF.
+    assert_eq!(server.said("released ").len(), made);
+    let stats = clients
+        .send("stats")
+        .and_then(|()| Ok(clients.expect("stats ", LINE_GUARD)))
+        .expect("stats")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stats, format!("connected={made} ended={made} failed=0"));
+    println!(
+        "{made} connections in {LOAD:?}: {} reaped, {} released, 0 still_held; longest wait {longest} ms",
+        reaped.len(),
+        v["released"].len()
+    );
+}
+
+/// A server that never closes: `still_held` for each socket shut down, exactly once, once
+/// `still_held_after` (short here) has passed.
+#[test]
+#[ignore = "needs root: the daemon duplicates the server's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
+fn a_server_that_never_closes_gets_still_held_once_per_socket() {
+    let test = "a_server_that_never_closes_gets_still_held_once_per_socket";
+    let Some(exe) = leak_server(test) else { return };
+    let mut server = Server::start(&exe, 1024, 1024, &[]);
+    server.leak(5);
+    let pid = server.pid();
+    let addr = free_addr();
+    let yaml = policy(
+        "200ms",
+        false,
+        Some(addr),
+        "still_held_after: 2s\n",
+        &[target("never", pid, "shutdown", "200ms", None)],
+    );
+    let mut d = Daemon::start(test, &yaml, Some(addr));
+    d.until("five verdicts", 40, |d| records(&d.audit(), "fd_release", pid).len() >= 5);
+    d.pass(15);
+    let audit = d.audit();
+    let reaped = reaped_inodes(&audit, pid);
+    assert_eq!(reaped.len(), 5, "{audit:?}");
+    let v = verdicts(&audit, pid);
+    assert_eq!(v.keys().collect::<Vec<_>>(), ["still_held"], "{v:?}");
+    assert_eq!(v["still_held"], reaped);
+    for r in records(&audit, "fd_release", pid) {
+        assert!(r["waited_ms"].as_u64().expect("waited_ms") >= 2000, "{r}");
+    }
+    let warned = d.said(pid, "owner still holds the fd");
+    assert_eq!(warned.len(), 5, "{warned:?}");
+    let m = d.scrape();
+    assert_eq!(value(&m, "cwreap_fd_released_total{target=\"never\",result=\"still_held\"}"), 5.0, "{m}");
+    // It is so: the server holds all five fds still, and their sockets.
+    let held: BTreeSet<u64> = server
+        .said("eof ")
+        .iter()
+        .filter_map(|l| fd_inode(pid, l[4..].trim().parse().ok()?))
+        .collect();
+    assert_eq!(held, reaped);
+}
+
+/// A server whose sockets cwreap shut down, then signalled by cwreap's `signal_at` before
+/// the verdicts were due, dies of it: each socket pending a verdict is `gone`, none
+/// `released`.
+#[test]
+#[ignore = "needs root: the daemon duplicates the server's sockets with pidfd_getfd (CAP_SYS_PTRACE)"]
+fn a_server_signalled_to_death_gives_gone_for_its_pending_sockets() {
+    let test = "a_server_signalled_to_death_gives_gone_for_its_pending_sockets";
+    let Some(exe) = leak_server(test) else { return };
+    // 900 fds of 1100: under 95 %, until the test fills it up.
+    let mut server = Server::start(&exe, 1100, 1100, &["--fill-to", "900"]);
+    server.leak(5);
+    let pid = server.pid();
+    let addr = free_addr();
+    let yaml = policy(
+        "200ms",
+        false,
+        Some(addr),
+        "still_held_after: 1m\n",
+        &[target("dies", pid, "shutdown", "200ms", Some("{signal_at: 95%}"))],
+    );
+    let mut d = Daemon::start(test, &yaml, Some(addr));
+    d.until("five reaps", DUE_WITHIN, |d| reaped_inodes(&d.audit(), pid).len() >= 5);
+    d.pass(3);
+    assert!(records(&d.audit(), "fd_release", pid).is_empty(), "{:?}", d.audit());
+    // Past 95 %: the next cycle signals, and the server dies of SIGTERM.
+    assert_eq!(server.ask("fill 1050", "filled "), "1050");
+    let status = wait_until("the server's death", String::new, || {
+        server.io.child.try_wait().expect("wait")
+    });
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGTERM),
+        "{status}"
+    );
+    d.until("five verdicts", DUE_WITHIN, |d| records(&d.audit(), "fd_release", pid).len() >= 5);
+    d.pass(3);
+    let audit = d.audit();
+    assert_eq!(d.escalations(pid, "signal", "done").len(), 1, "{audit:?}");
+    let reaped = reaped_inodes(&audit, pid);
+    let v = verdicts(&audit, pid);
+    assert_eq!(v.keys().collect::<Vec<_>>(), ["gone"], "{v:?}");
+    assert_eq!(v["gone"], reaped);
+    assert_eq!(reaped.len(), 5);
+    let m = d.scrape();
+    assert_eq!(value(&m, "cwreap_fd_released_total{target=\"dies\",result=\"gone\"}"), 5.0, "{m}");
+    assert_eq!(value(&m, "cwreap_fd_released_total{target=\"dies\",result=\"released\"}"), 0.0, "{m}");
+}
