@@ -45,7 +45,9 @@ struct Server {
 impl Server {
     fn start(exe: &Path, soft: u64, hard: u64, args: &[&str]) -> Server {
         let mut cmd = Command::new("prlimit");
-        cmd.arg(format!("--nofile={soft}:{hard}")).arg(exe).args(args);
+        cmd.arg(format!("--nofile={soft}:{hard}"))
+            .arg(exe)
+            .args(args);
         let mut io = LineChild::spawn("leak_server", &mut cmd).expect("start prlimit leak_server");
         let addr = io
             .expect("listen ", LINE_GUARD)
@@ -177,7 +179,7 @@ impl Daemon {
     }
 
     /// Start `cwreap run`; with `wrapper`, as `WRAPPER... cwreap run ...` (strace), whose
-    /// child is the daemon.
+    /// child is the daemon (`{dir}` in its arguments is the daemon's directory).
     fn start_wrapped(
         test: &str,
         yaml: &str,
@@ -191,8 +193,10 @@ impl Daemon {
         let traced = wrapper.is_some();
         let mut cmd = match &wrapper {
             Some(w) => {
+                let dir_text = dir.0.to_string_lossy();
                 let mut c = Command::new(&w[0]);
-                c.args(&w[1..]).arg(cwreap_bin());
+                c.args(w[1..].iter().map(|a| a.replace("{dir}", &dir_text)))
+                    .arg(cwreap_bin());
                 c
             }
             None => Command::new(cwreap_bin()),
@@ -208,10 +212,9 @@ impl Daemon {
                 "the traced daemon",
                 || String::new(),
                 || {
-                    let kids = std::fs::read_to_string(format!(
-                        "/proc/{outer}/task/{outer}/children"
-                    ))
-                    .ok()?;
+                    let kids =
+                        std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+                            .ok()?;
                     kids.split_whitespace().next()?.parse::<i32>().ok()
                 },
             )
@@ -269,7 +272,10 @@ impl Daemon {
             }
             if let Ok(Some(st)) = self.running.child.try_wait() {
                 self.running.join_reader();
-                panic!("cwreap run exited ({st}) before {what}\n{}", self.running.log());
+                panic!(
+                    "cwreap run exited ({st}) before {what}\n{}",
+                    self.running.log()
+                );
             }
             let n = self.cycles() - from;
             assert!(
@@ -353,7 +359,10 @@ fn number_before(status: &str, suffix: &str) -> usize {
     let head = &status[..status
         .find(suffix)
         .unwrap_or_else(|| panic!("no `{suffix}` in STATUS {status:?}"))];
-    let digits = head.rsplit(|c: char| !c.is_ascii_digit()).next().unwrap_or("");
+    let digits = head
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap_or("");
     digits
         .parse()
         .unwrap_or_else(|_| panic!("no number before `{suffix}` in {status:?}"))
@@ -381,7 +390,12 @@ fn dry_run_then_enforce_sends_exactly_one_signal() {
     let test = "dry_run_then_enforce_sends_exactly_one_signal";
     let Some(exe) = leak_server(test) else { return };
     // soft = hard: nothing to raise. 1040 fds and 10 leaked sockets: over 95 % of 1100.
-    let mut server = Server::start(&exe, 1100, 1100, &["--on-term", "count", "--fill-to", "1040"]);
+    let mut server = Server::start(
+        &exe,
+        1100,
+        1100,
+        &["--on-term", "count", "--fill-to", "1040"],
+    );
     server.leak(10);
     let pid = server.pid();
     let addr = free_addr();
@@ -399,13 +413,30 @@ fn dry_run_then_enforce_sends_exactly_one_signal() {
         !d.escalations(pid, "signal", "dry_run").is_empty()
     });
     d.pass(DUE_WITHIN);
-    assert_eq!(d.escalations(pid, "signal", "dry_run").len(), 1, "{:?}", d.audit());
-    assert!(d.escalations(pid, "signal", "done").is_empty(), "{:?}", d.audit());
-    assert_eq!(server.terms(), 0, "a dry run sent a signal: {:?}", server.io.history);
+    assert_eq!(
+        d.escalations(pid, "signal", "dry_run").len(),
+        1,
+        "{:?}",
+        d.audit()
+    );
+    assert!(
+        d.escalations(pid, "signal", "done").is_empty(),
+        "{:?}",
+        d.audit()
+    );
+    assert_eq!(
+        server.terms(),
+        0,
+        "a dry run sent a signal: {:?}",
+        server.io.history
+    );
     let logged = d.said(pid, "escalation");
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert_eq!(
-        (logged[0]["outcome"].as_str(), logged[0]["dry_run"].as_bool()),
+        (
+            logged[0]["outcome"].as_str(),
+            logged[0]["dry_run"].as_bool()
+        ),
         (Some("dry_run"), Some(true)),
         "{}",
         logged[0]
@@ -424,14 +455,27 @@ fn dry_run_then_enforce_sends_exactly_one_signal() {
     d.reload(&yaml(false));
     d.pass(DUE_WITHIN);
     assert_eq!(server.terms(), 1, "{:?}", server.io.history);
-    assert_eq!(d.escalations(pid, "signal", "done").len(), 1, "{:?}", d.audit());
-    assert_eq!(d.escalations(pid, "signal", "dry_run").len(), 1, "{:?}", d.audit());
+    assert_eq!(
+        d.escalations(pid, "signal", "done").len(),
+        1,
+        "{:?}",
+        d.audit()
+    );
+    assert_eq!(
+        d.escalations(pid, "signal", "dry_run").len(),
+        1,
+        "{:?}",
+        d.audit()
+    );
     let done = &d.escalations(pid, "signal", "done")[0];
     assert_eq!(done["signal"], "SIGTERM", "{done}");
     assert_eq!(done["dry_run"], false, "{done}");
     let m = d.scrape();
     assert_eq!(
-        value(&m, "cwreap_escalations_total{target=\"leaky\",kind=\"signal\"}"),
+        value(
+            &m,
+            "cwreap_escalations_total{target=\"leaky\",kind=\"signal\"}"
+        ),
         1.0,
         "{m}"
     );
@@ -458,7 +502,13 @@ fn dry_run_then_enforce_raises_the_soft_limit_exactly_once() {
             dry_run,
             None,
             "",
-            &[target("leaky", pid, "log", "1h", Some("{raise_fd_limit_at: 80%}"))],
+            &[target(
+                "leaky",
+                pid,
+                "log",
+                "1h",
+                Some("{raise_fd_limit_at: 80%}"),
+            )],
         )
     };
     let mut d = Daemon::start(test, &yaml(true), None);
@@ -469,10 +519,15 @@ fn dry_run_then_enforce_raises_the_soft_limit_exactly_once() {
     assert_eq!(nofile(pid), (1100, 8192), "a dry run changed the limits");
     let dry = d.escalations(pid, "raise_fd_limit", "dry_run");
     assert_eq!(dry.len(), 1, "{:?}", d.audit());
-    assert_eq!((dry[0]["before"]["soft"].as_u64(), dry[0]["to"].as_u64()), (Some(1100), Some(8192)));
+    assert_eq!(
+        (dry[0]["before"]["soft"].as_u64(), dry[0]["to"].as_u64()),
+        (Some(1100), Some(8192))
+    );
 
     d.reload(&yaml(false));
-    d.until("the real raise", DUE_WITHIN, |_| nofile(pid) == (8192, 8192));
+    d.until("the real raise", DUE_WITHIN, |_| {
+        nofile(pid) == (8192, 8192)
+    });
     assert_eq!(server.ask("limits", "limits "), "soft=8192 hard=8192");
     // Exactly once: put the soft limit back down and let cycles and a reload pass.
     run_ok(Command::new("prlimit").args(["--pid", &pid.to_string(), "--nofile=1100:8192"]));
@@ -482,8 +537,18 @@ fn dry_run_then_enforce_raises_the_soft_limit_exactly_once() {
     assert_eq!(nofile(pid), (1100, 8192), "raised a second time");
     let done = d.escalations(pid, "raise_fd_limit", "done");
     assert_eq!(done.len(), 1, "{:?}", d.audit());
-    assert_eq!(done[0]["before"], serde_json::json!({"soft": 1100, "hard": 8192}), "{}", done[0]);
-    assert_eq!(done[0]["after"], serde_json::json!({"soft": 8192, "hard": 8192}), "{}", done[0]);
+    assert_eq!(
+        done[0]["before"],
+        serde_json::json!({"soft": 1100, "hard": 8192}),
+        "{}",
+        done[0]
+    );
+    assert_eq!(
+        done[0]["after"],
+        serde_json::json!({"soft": 8192, "hard": 8192}),
+        "{}",
+        done[0]
+    );
     assert_eq!(d.escalations(pid, "raise_fd_limit", "dry_run").len(), 1);
 }
 
@@ -529,7 +594,12 @@ fn an_escalation_goes_out_in_the_first_cycle_while_reaps_are_rate_limited() {
     let mut busy = Fixture::start(&["127.0.0.1:0"], &[]);
     let _busy_clients = close_waits(&mut busy, 40);
     // 1000 fds and 5 leaked sockets: under 95 % of 1100 (1045).
-    let mut server = Server::start(&exe, 1100, 1100, &["--on-term", "count", "--fill-to", "1000"]);
+    let mut server = Server::start(
+        &exe,
+        1100,
+        1100,
+        &["--on-term", "count", "--fill-to", "1000"],
+    );
     server.leak(5);
     let pid = server.pid();
     let addr = free_addr();
@@ -555,7 +625,10 @@ fn an_escalation_goes_out_in_the_first_cycle_while_reaps_are_rate_limited() {
     assert_eq!(server.ask("fill 1050", "filled "), "1050");
     let read = |text: &str| Seen {
         open_fds: value(text, "cwreap_process_open_fds{target=\"leaky\"}"),
-        signals: value(text, "cwreap_escalations_total{target=\"leaky\",kind=\"signal\"}"),
+        signals: value(
+            text,
+            "cwreap_escalations_total{target=\"leaky\",kind=\"signal\"}",
+        ),
     };
     let seen = scrape_cycles(&mut d, 60, read, |_, s| s.signals >= 1.0);
     let (&first, _) = seen
@@ -567,12 +640,19 @@ fn an_escalation_goes_out_in_the_first_cycle_while_reaps_are_rate_limited() {
         .find(|(_, s)| s.signals >= 1.0)
         .map(|(c, _)| *c)
         .unwrap_or_else(|| panic!("never signalled: {seen:?}"));
-    let before = seen
-        .get(&(first - 1))
-        .unwrap_or_else(|| panic!("no scrape of cycle {} (the one before the crossing): {seen:?}", first - 1));
-    assert!(before.open_fds < 1045.0 && before.signals == 0.0, "{seen:?}");
+    let before = seen.get(&(first - 1)).unwrap_or_else(|| {
+        panic!(
+            "no scrape of cycle {} (the one before the crossing): {seen:?}",
+            first - 1
+        )
+    });
+    assert!(
+        before.open_fds < 1045.0 && before.signals == 0.0,
+        "{seen:?}"
+    );
     assert_eq!(
-        sent, first,
+        sent,
+        first,
         "the signal waited {} cycles after the first that saw the server past 95 % (cycle {first}): {seen:?}",
         sent - first
     );
@@ -584,7 +664,12 @@ fn an_escalation_goes_out_in_the_first_cycle_while_reaps_are_rate_limited() {
     wait_until("the server's report of SIGTERM", String::new, || {
         (server.terms() > 0).then_some(())
     });
-    assert_eq!(d.escalations(pid, "signal", "done").len(), 1, "{:?}", d.audit());
+    assert_eq!(
+        d.escalations(pid, "signal", "done").len(),
+        1,
+        "{:?}",
+        d.audit()
+    );
     let m = d.scrape();
     assert_eq!(value(&m, "cwreap_escalations_deferred_total"), 0.0, "{m}");
     println!("signal in cycle {first}, the first past 95 % ({status})");
@@ -599,7 +684,12 @@ fn a_spent_escalation_budget_defers_said_once_and_counted_each_cycle() {
     let Some(exe) = leak_server(test) else { return };
     let mut servers: Vec<Server> = (0..2)
         .map(|_| {
-            let mut s = Server::start(&exe, 1100, 1100, &["--on-term", "count", "--fill-to", "1050"]);
+            let mut s = Server::start(
+                &exe,
+                1100,
+                1100,
+                &["--on-term", "count", "--fill-to", "1050"],
+            );
             s.leak(3);
             s
         })
@@ -620,8 +710,13 @@ fn a_spent_escalation_budget_defers_said_once_and_counted_each_cycle() {
     // (signals sent, deferrals counted) per cycle; 15 cycles are well within the minute.
     let read = |text: &str| {
         (
-            value(text, "cwreap_escalations_total{target=\"one\",kind=\"signal\"}")
-                + value(text, "cwreap_escalations_total{target=\"two\",kind=\"signal\"}"),
+            value(
+                text,
+                "cwreap_escalations_total{target=\"one\",kind=\"signal\"}",
+            ) + value(
+                text,
+                "cwreap_escalations_total{target=\"two\",kind=\"signal\"}",
+            ),
             value(text, "cwreap_escalations_deferred_total"),
         )
     };
@@ -629,7 +724,11 @@ fn a_spent_escalation_budget_defers_said_once_and_counted_each_cycle() {
     // Both were past the threshold from the first cycle on: one signal then, and one
     // deferral in each cycle since.
     for (&cycle, &(signals, deferred)) in seen.iter().filter(|(c, _)| **c >= 1) {
-        assert_eq!((signals, deferred), (1.0, cycle as f64), "cycle {cycle}: {seen:?}");
+        assert_eq!(
+            (signals, deferred),
+            (1.0, cycle as f64),
+            "cycle {cycle}: {seen:?}"
+        );
     }
     let terms: Vec<usize> = servers.iter_mut().map(Server::terms).collect();
     let (signalled, waiting) = match terms.as_slice() {
@@ -637,8 +736,17 @@ fn a_spent_escalation_budget_defers_said_once_and_counted_each_cycle() {
         [0, 1] => (pids[1], pids[0]),
         _ => panic!("SIGTERMs per server: {terms:?}"),
     };
-    assert_eq!(d.escalations(signalled, "signal", "done").len(), 1, "{:?}", d.audit());
-    assert!(d.escalations(waiting, "signal", "done").is_empty(), "{:?}", d.audit());
+    assert_eq!(
+        d.escalations(signalled, "signal", "done").len(),
+        1,
+        "{:?}",
+        d.audit()
+    );
+    assert!(
+        d.escalations(waiting, "signal", "done").is_empty(),
+        "{:?}",
+        d.audit()
+    );
     let said = d.said(waiting, "escalation due but deferred");
     assert_eq!(said.len(), 1, "said once: {said:?}");
     assert_eq!(said[0]["level"], "WARN", "{}", said[0]);
@@ -671,14 +779,21 @@ fn signal_before_emfile_reaches_ten_of_ten_leaking_servers_before_emfile() {
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            target(&format!("s{i}"), s.pid(), "log", "1h", Some("{signal_before_emfile: 20s}"))
+            target(
+                &format!("s{i}"),
+                s.pid(),
+                "log",
+                "1h",
+                Some("{signal_before_emfile: 20s}"),
+            )
         })
         .collect();
     let mut d = Daemon::start(test, &policy("2s", false, None, "", &targets), None);
     let _clients: Vec<LineChild> = servers.iter().map(|s| client(&exe, s.addr, 5)).collect();
 
     // Each server ends the race one way or the other: its SIGTERM or its first EMFILE.
-    let ended = |s: &mut Server| !s.said("signal ").is_empty() || !s.said("accept error").is_empty();
+    let ended =
+        |s: &mut Server| !s.said("signal ").is_empty() || !s.said("accept error").is_empty();
     d.until("a signal or EMFILE at every server", 60, |_| {
         servers.iter_mut().all(ended)
     });
@@ -688,7 +803,10 @@ fn signal_before_emfile_reaches_ten_of_ten_leaking_servers_before_emfile() {
         let first = |p: &str| history.iter().position(|l| l.starts_with(p));
         let (signal, emfile) = (first("signal 15 "), first("accept error"));
         let Some(at) = signal else {
-            panic!("pid {} hit EMFILE without a signal first: {history:?}", s.pid());
+            panic!(
+                "pid {} hit EMFILE without a signal first: {history:?}",
+                s.pid()
+            );
         };
         assert!(
             emfile.is_none_or(|e| e > at),
@@ -700,7 +818,12 @@ fn signal_before_emfile_reaches_ten_of_ten_leaking_servers_before_emfile() {
             .and_then(|(_, n)| n.parse().ok())
             .unwrap_or_else(|| panic!("{}", history[at]));
         assert!(fds < 256, "{}", history[at]);
-        assert_eq!(d.escalations(s.pid(), "signal", "done").len(), 1, "{:?}", d.audit());
+        assert_eq!(
+            d.escalations(s.pid(), "signal", "done").len(),
+            1,
+            "{:?}",
+            d.audit()
+        );
         report.push(fds);
     }
     report.sort_unstable();
@@ -794,8 +917,7 @@ fn a_heartbeat_closer_is_released_never_still_held_over_five_minutes_of_load() {
     // at the server's next heartbeat, judged the cycle after.
     d.until("a verdict on every connection", 30, |d| {
         let audit = d.audit();
-        reaped_inodes(&audit, pid).len() >= made
-            && records(&audit, "fd_release", pid).len() >= made
+        reaped_inodes(&audit, pid).len() >= made && records(&audit, "fd_release", pid).len() >= made
     });
     let audit = d.audit();
     let reaped = reaped_inodes(&audit, pid);
@@ -811,11 +933,20 @@ fn a_heartbeat_closer_is_released_never_still_held_over_five_minutes_of_load() {
     assert!(longest < 30_000, "waited {longest} ms");
     let m = d.scrape();
     assert_eq!(
-        value(&m, "cwreap_fd_released_total{target=\"beat\",result=\"released\"}") as usize,
+        value(
+            &m,
+            "cwreap_fd_released_total{target=\"beat\",result=\"released\"}"
+        ) as usize,
         made,
         "{m}"
     );
-    assert_eq!(value(&m, "cwreap_fd_released_total{target=\"beat\",result=\"still_held\"}"), 0.0);
+    assert_eq!(
+        value(
+            &m,
+            "cwreap_fd_released_total{target=\"beat\",result=\"still_held\"}"
+        ),
+        0.0
+    );
     // And so it is: the server closed each one on a heartbeat, the clients read each EOF.
     assert_eq!(server.said("released ").len(), made);
     let stats = clients
@@ -850,7 +981,9 @@ fn a_server_that_never_closes_gets_still_held_once_per_socket() {
         &[target("never", pid, "shutdown", "200ms", None)],
     );
     let mut d = Daemon::start(test, &yaml, Some(addr));
-    d.until("five verdicts", 40, |d| records(&d.audit(), "fd_release", pid).len() >= 5);
+    d.until("five verdicts", 40, |d| {
+        records(&d.audit(), "fd_release", pid).len() >= 5
+    });
     d.pass(15);
     let audit = d.audit();
     let reaped = reaped_inodes(&audit, pid);
@@ -864,7 +997,14 @@ fn a_server_that_never_closes_gets_still_held_once_per_socket() {
     let warned = d.said(pid, "owner still holds the fd");
     assert_eq!(warned.len(), 5, "{warned:?}");
     let m = d.scrape();
-    assert_eq!(value(&m, "cwreap_fd_released_total{target=\"never\",result=\"still_held\"}"), 5.0, "{m}");
+    assert_eq!(
+        value(
+            &m,
+            "cwreap_fd_released_total{target=\"never\",result=\"still_held\"}"
+        ),
+        5.0,
+        "{m}"
+    );
     // It is so: the server holds all five fds still, and their sockets.
     let held: BTreeSet<u64> = server
         .said("eof ")
@@ -892,12 +1032,24 @@ fn a_server_signalled_to_death_gives_gone_for_its_pending_sockets() {
         false,
         Some(addr),
         "still_held_after: 1m\n",
-        &[target("dies", pid, "shutdown", "200ms", Some("{signal_at: 95%}"))],
+        &[target(
+            "dies",
+            pid,
+            "shutdown",
+            "200ms",
+            Some("{signal_at: 95%}"),
+        )],
     );
     let mut d = Daemon::start(test, &yaml, Some(addr));
-    d.until("five reaps", DUE_WITHIN, |d| reaped_inodes(&d.audit(), pid).len() >= 5);
+    d.until("five reaps", DUE_WITHIN, |d| {
+        reaped_inodes(&d.audit(), pid).len() >= 5
+    });
     d.pass(3);
-    assert!(records(&d.audit(), "fd_release", pid).is_empty(), "{:?}", d.audit());
+    assert!(
+        records(&d.audit(), "fd_release", pid).is_empty(),
+        "{:?}",
+        d.audit()
+    );
     // Past 95 %: the next cycle signals, and the server dies of SIGTERM.
     assert_eq!(server.ask("fill 1050", "filled "), "1050");
     let status = wait_until("the server's death", String::new, || {
@@ -908,7 +1060,9 @@ fn a_server_signalled_to_death_gives_gone_for_its_pending_sockets() {
         Some(libc::SIGTERM),
         "{status}"
     );
-    d.until("five verdicts", DUE_WITHIN, |d| records(&d.audit(), "fd_release", pid).len() >= 5);
+    d.until("five verdicts", DUE_WITHIN, |d| {
+        records(&d.audit(), "fd_release", pid).len() >= 5
+    });
     d.pass(3);
     let audit = d.audit();
     assert_eq!(d.escalations(pid, "signal", "done").len(), 1, "{audit:?}");
@@ -918,6 +1072,193 @@ fn a_server_signalled_to_death_gives_gone_for_its_pending_sockets() {
     assert_eq!(v["gone"], reaped);
     assert_eq!(reaped.len(), 5);
     let m = d.scrape();
-    assert_eq!(value(&m, "cwreap_fd_released_total{target=\"dies\",result=\"gone\"}"), 5.0, "{m}");
-    assert_eq!(value(&m, "cwreap_fd_released_total{target=\"dies\",result=\"released\"}"), 0.0, "{m}");
+    assert_eq!(
+        value(
+            &m,
+            "cwreap_fd_released_total{target=\"dies\",result=\"gone\"}"
+        ),
+        5.0,
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "cwreap_fd_released_total{target=\"dies\",result=\"released\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. A target that lowers its own hard limit around the raise.
+
+/// How long strace holds each prlimit64 of the daemon before it runs: it stretches the
+/// moment between cwreap's read of the limits and its write from microseconds to this, so
+/// a lowering can be placed inside it on purpose.
+const WRITE_DELAY_MS: u32 = 300;
+
+/// When each server lowers its hard limit, in ms after it crossed 80 % (when cwreap's next
+/// cycle decides to raise). With `interval: 200ms` the decision comes within ~200 ms of the
+/// crossing and the write WRITE_DELAY_MS after it: 0 lands before the read, 250-350 between
+/// the read and the write, 600 and later after the write.
+const LOWER_AFTER_MS: [u32; 12] = [0, 0, 100, 200, 250, 250, 300, 300, 350, 600, 900, 1200];
+
+/// Where a lowering fell, as the daemon's own record tells: it read the lowered limits
+/// (`before`), they changed between its read and its write (`during`: `skipped`), or it
+/// raised first and the server lowered after (`after`). Anything else (an `error`) is
+/// a wrong account of what happened.
+fn placement(raise: &Value) -> Option<&'static str> {
+    match (raise["outcome"].as_str(), raise["before"]["hard"].as_u64()) {
+        (Some("skipped"), _) => Some("during"),
+        (Some("done"), Some(4096)) => Some("before"),
+        (Some("done"), Some(8192)) => Some("after"),
+        _ => None,
+    }
+}
+
+/// Servers start at 1100:8192 and, once they hold 880 fds (80 %, `raise_fd_limit_at`),
+/// lower their hard limit to 4096 (soft to min(soft, 4096)) at a moment varied over the
+/// trials: before cwreap's read of the limits, between that read and its prlimit write
+/// (held open by strace), or after the write. After each trial the server keeps its lowered
+/// hard limit, with a soft limit at most that, and the daemon's record says which it was: a
+/// lowering between its read and its write is `skipped` ("the process changed its fd
+/// limits ..."), whether the write landed and was put back (with CAP_SYS_RESOURCE, as the
+/// shipped drop-in gives) or the kernel refused it (EPERM, without). Trials go on until each
+/// placement happened at least twice (at most three rounds of twelve).
+#[test]
+#[ignore = "needs root: the daemon raises a limit with prlimit, where CAP_SYS_RESOURCE could raise a hard limit back up (the hazard)"]
+fn a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it() {
+    let test = "a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it";
+    let Some(exe) = leak_server(test) else { return };
+    if Command::new("strace").arg("-V").output().is_err() {
+        skip_or_fail(test, "strace is not installed");
+        return;
+    }
+    let mut placed: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut trials = Vec::new();
+    for round in 0..3 {
+        let mut servers: Vec<(u32, Server)> = LOWER_AFTER_MS
+            .iter()
+            .map(|&ms| {
+                let s = Server::start(
+                    &exe,
+                    1100,
+                    8192,
+                    &[
+                        "--fill-to",
+                        "877",
+                        "--lower-hard-at",
+                        "880",
+                        "--lower-to",
+                        "4096",
+                        "--lower-after-ms",
+                        &ms.to_string(),
+                    ],
+                );
+                (ms, s)
+            })
+            .collect();
+        let targets: Vec<String> = servers
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| {
+                target(
+                    &format!("t{i}"),
+                    s.pid(),
+                    "log",
+                    "1h",
+                    Some("{raise_fd_limit_at: 80%}"),
+                )
+            })
+            .collect();
+        let delay = format!("inject=prlimit64:delay_enter={WRITE_DELAY_MS}ms");
+        let strace = [
+            "strace",
+            "-f",
+            "--seccomp-bpf",
+            "-qq",
+            "-e",
+            "trace=prlimit64",
+            "-e",
+            &delay,
+            "-o",
+            "{dir}/strace.out",
+        ];
+        let mut d = Daemon::start_wrapped(
+            &format!("{test}-{round}"),
+            &policy("200ms", false, None, "", &targets),
+            None,
+            Some(strace.iter().map(|a| a.to_string()).collect()),
+        );
+        d.pass(2);
+        for (ms, s) in servers.iter_mut() {
+            let pid = s.pid();
+            // 877 + 3: the third connection crosses 80 % and arms the server's lowering.
+            s.leak(3);
+            let raise = |d: &Daemon| -> Vec<Value> {
+                d.audit()
+                    .into_iter()
+                    .filter(|v| {
+                        v["event"] == "escalation"
+                            && v["pid"] == pid
+                            && v["kind"] == "raise_fd_limit"
+                    })
+                    .collect()
+            };
+            // Both over: the server lowered, and the daemon's raise with any undoing (its
+            // record is written after).
+            d.until("the lowering and the raise", 30, |d| {
+                !s.said("lowered ").is_empty() && !raise(d).is_empty()
+            });
+            let (soft, hard) = nofile(pid);
+            let lowered = s.said("lowered ");
+            let records = raise(&d);
+            assert!(
+                hard == 4096 && soft <= hard,
+                "lowered {ms} ms after crossing 80 %, the limits are {soft}:{hard}; the server said {lowered:?}; the daemon: {records:?}"
+            );
+            assert_eq!(records.len(), 1, "once per process: {records:?}");
+            let at = placement(&records[0]).unwrap_or_else(|| {
+                panic!(
+                    "lowered {ms} ms after crossing 80 % ({lowered:?}), the daemon recorded {}\n{}",
+                    records[0],
+                    d.running.log()
+                )
+            });
+            // The server saw the raise before lowering exactly when it came after it.
+            let saw_raise = lowered[0].contains(" saw soft=8192 hard=8192 ");
+            assert_eq!(saw_raise, at == "after", "{at}: {lowered:?} {records:?}");
+            if at == "during" {
+                let said = d.said(
+                    pid,
+                    "the process changed its fd limits since they were read",
+                );
+                assert_eq!(said.len(), 1, "{}", d.running.log());
+            }
+            assert!(
+                d.said(pid, "escalation failed").is_empty(),
+                "{}",
+                d.running.log()
+            );
+            *placed.entry(at).or_default() += 1;
+            trials.push((*ms, at));
+        }
+        if ["before", "during", "after"]
+            .iter()
+            .all(|p| placed.get(p).copied().unwrap_or(0) >= 2)
+        {
+            break;
+        }
+    }
+    println!(
+        "{} trials (ms after crossing, placement): {trials:?}",
+        trials.len()
+    );
+    for p in ["before", "during", "after"] {
+        assert!(
+            placed.get(p).copied().unwrap_or(0) >= 2,
+            "the trials placed a lowering `{p}` fewer than twice: {placed:?} {trials:?}"
+        );
+    }
 }

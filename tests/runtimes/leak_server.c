@@ -26,7 +26,8 @@
  *   listen ADDR | ready | accepted FD | eof FD | released FD
  *   accept error: STRERROR (N times)       at the first failure, then at most once a second
  *   signal SIG fds=N                       with --on-term count
- *   lowered soft=S hard=H saw soft=S0 hard=H0    S0/H0: the limits it read just before
+ *   crossed fds=N at=T                     --lower-hard-at reached (T: wall clock, s)
+ *   lowered soft=S hard=H saw soft=S0 hard=H0 at=T   S0/H0: the limits it read just before
  *   filled N | fds N | limits soft=S hard=H | error TEXT
  * stdin, one command a line: `fill N` (open /dev/null until N fds are open), `fds`,
  * `limits`.
@@ -227,6 +228,14 @@ static int read_commands(int is_client, long long connected, long long ended, lo
     return 1;
 }
 
+/* Wall-clock time, to set a line beside the daemon's log timestamps. */
+static double wall_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static void lower_hard(rlim_t to)
 {
     struct rlimit old, rl;
@@ -237,9 +246,9 @@ static void lower_hard(rlim_t to)
         say("error setrlimit: %s", strerror(errno));
         return;
     }
-    say("lowered soft=%llu hard=%llu saw soft=%llu hard=%llu", (unsigned long long)rl.rlim_cur,
-        (unsigned long long)rl.rlim_max, (unsigned long long)old.rlim_cur,
-        (unsigned long long)old.rlim_max);
+    say("lowered soft=%llu hard=%llu saw soft=%llu hard=%llu at=%.6f",
+        (unsigned long long)rl.rlim_cur, (unsigned long long)rl.rlim_max,
+        (unsigned long long)old.rlim_cur, (unsigned long long)old.rlim_max, wall_s());
 }
 
 static int server(int argc, char **argv)
@@ -381,8 +390,10 @@ static int server(int argc, char **argv)
                     watch(c, EPOLLIN);
                     if (!quiet)
                         say("accepted %d", c);
-                    if (lower_at > 0 && !lower_armed && count_fds() >= lower_at) {
+                    int open_now = lower_at > 0 && !lower_armed ? count_fds() : 0;
+                    if (lower_at > 0 && !lower_armed && open_now >= lower_at) {
                         lower_armed = 1;
+                        say("crossed fds=%d at=%.6f", open_now, wall_s());
                         if (lower_after_ms > 0)
                             lower_timer = timer(lower_after_ms / 1000.0, 0);
                         else
