@@ -208,16 +208,11 @@ impl Daemon {
         let mut running = Running::attach(cmd.spawn().expect("spawn cwreap run"));
         let outer = running.child.id() as i32;
         let pid = if traced {
-            wait_until(
-                "the traced daemon",
-                || String::new(),
-                || {
-                    let kids =
-                        std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
-                            .ok()?;
-                    kids.split_whitespace().next()?.parse::<i32>().ok()
-                },
-            )
+            wait_until("the traced daemon", String::new, || {
+                let kids =
+                    std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children")).ok()?;
+                kids.split_whitespace().next()?.parse::<i32>().ok()
+            })
         } else {
             outer
         };
@@ -949,10 +944,9 @@ fn a_heartbeat_closer_is_released_never_still_held_over_five_minutes_of_load() {
     );
     // And so it is: the server closed each one on a heartbeat, the clients read each EOF.
     assert_eq!(server.said("released ").len(), made);
+    clients.send("stats").expect("ask the clients");
     let stats = clients
-        .send("stats")
-        .and_then(|()| Ok(clients.expect("stats ", LINE_GUARD)))
-        .expect("stats")
+        .expect("stats ", LINE_GUARD)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(stats, format!("connected={made} ended={made} failed=0"));
     println!(
