@@ -463,18 +463,21 @@ impl Effects for FakeKernel {
             hard: expected.hard.unwrap_or(u64::MAX),
         });
         self.with(|w| {
+            // The process's own change lands first, so a fault can be prlimit refusing
+            // what that change turned into a raise (EPERM without CAP_SYS_RESOURCE).
+            if let Some(l) = w.faults.nofile_changes.remove(&pid)
+                && let Some(p) = w.processes.get_mut(&pid).filter(|p| p.alive)
+            {
+                p.limits = l;
+            }
             if let Some(e) = w.faults.set_nofile.get(&pid) {
                 return Err(errno(*e));
             }
-            let changed = w.faults.nofile_changes.remove(&pid);
             let p = w
                 .processes
                 .get_mut(&pid)
                 .filter(|p| p.alive)
                 .ok_or_else(|| errno(libc::ESRCH))?;
-            if let Some(l) = changed {
-                p.limits = l;
-            }
             if p.limits != expected {
                 return Ok(crate::kernel::NofileRaise::Changed(p.limits));
             }
