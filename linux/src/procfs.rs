@@ -20,7 +20,7 @@
 //! /proc/PID/task/TID/fd (see [`ProcFs::fd_thread`]); [`ProcFs::exe`], [`ProcFs::cmdline`],
 //! [`ProcFs::netns_path`] and [`ProcFs::fd_socket_inode`] fall back to it by themselves.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -56,6 +56,19 @@ const EVENTPOLL_LINK: &[u8] = b"anon_inode:[eventpoll]";
 pub struct ProcFs {
     root: PathBuf,
 }
+
+/// What one fd of a process refers to, as its /proc link names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FdFile {
+    /// A socket, by inode.
+    Socket(u64),
+    /// Anything else, by the link's text (`pipe:[123]`, `/dev/null`,
+    /// `anon_inode:[eventpoll]`).
+    Other(String),
+}
+
+/// Every open fd of a process and what it refers to, read in one walk.
+pub type FdFiles = BTreeMap<i32, FdFile>;
 
 /// The fds of one process: how many are open, which are sockets (fd, inode), and which
 /// are epoll instances (for `explain`; found on the same walk, at no extra syscall).
@@ -181,6 +194,31 @@ impl ProcFs {
         read_fd_dir(&self.task_path(pid, tid, "fd"))
     }
 
+    /// Every open fd of `pid` and what it refers to, read through thread `via` when given
+    /// (the leader has exited). Slower than [`ProcFs::fd_table`] (a link text is kept per
+    /// fd that is not a socket): for checking a few fds exactly, not for attribution.
+    pub fn fd_files(&self, pid: i32, via: Option<i32>) -> io::Result<FdFiles> {
+        let path = match via {
+            Some(tid) => self.task_path(pid, tid, "fd"),
+            None => self.pid_path(pid, "fd"),
+        };
+        let mut files = FdFiles::new();
+        // PATH_MAX: a link is never longer.
+        let mut buf = vec![0u8; 4096];
+        walk_fd_dir(&path, &mut buf, |fd, link| {
+            let Some(link) = link else {
+                return; // closed meanwhile
+            };
+            let text = String::from_utf8_lossy(link);
+            let file = match parse_socket_link(&text) {
+                Some(inode) => FdFile::Socket(inode),
+                None => FdFile::Other(text.into_owned()),
+            };
+            files.insert(fd, file);
+        })?;
+        Ok(files)
+    }
+
     /// Whether the thread-group leader of `pid` has exited (zombie, `Z` or `X`) while the
     /// process lives on in other threads.
     pub fn leader_exited(&self, pid: i32) -> bool {
@@ -248,6 +286,36 @@ impl ProcFs {
 /// fd, getdents, and a readlinkat relative to it per entry into a stack buffer: no path is
 /// resolved twice and nothing is allocated per fd.
 fn read_fd_dir(path: &Path) -> io::Result<FdTable> {
+    let mut table = FdTable::default();
+    // "socket:[18446744073709551615]" is 29 bytes; anything longer is not a socket.
+    let mut buf = [0u8; 64];
+    walk_fd_dir(path, &mut buf, |fd, link| {
+        // Counted even when closed since getdents, as it was open a moment ago.
+        table.open += 1;
+        let Some(link) = link else {
+            return;
+        };
+        if let Some(inode) = std::str::from_utf8(link).ok().and_then(parse_socket_link) {
+            table.sockets.push((fd, inode));
+        } else if link == EVENTPOLL_LINK {
+            table.epoll.push(fd);
+        }
+    })?;
+    table.sockets.sort_unstable();
+    table.epoll.sort_unstable();
+    Ok(table)
+}
+
+/// Call `visit(fd, Some(link))` for each open fd of an fd directory, with its link read
+/// into `buf` (cut to its length), or `visit(fd, None)` for an fd closed between getdents
+/// and readlinkat (ENOENT). Any other error, EACCES or EPERM above all (the directory may be listed with
+/// CAP_DAC_READ_SEARCH, but its links only read with ptrace rights), fails the walk: a
+/// table read in part would pass for one without sockets.
+fn walk_fd_dir(
+    path: &Path,
+    buf: &mut [u8],
+    mut visit: impl FnMut(i32, Option<&[u8]>),
+) -> io::Result<()> {
     use rustix::fs::{Dir, Mode, OFlags, openat, readlinkat_raw};
     let dirfd = openat(
         rustix::fs::CWD,
@@ -256,9 +324,6 @@ fn read_fd_dir(path: &Path) -> io::Result<FdTable> {
         Mode::empty(),
     )?;
     let mut dir = Dir::new(dirfd)?;
-    let mut table = FdTable::default();
-    // "socket:[18446744073709551615]" is 29 bytes; anything longer is not a socket.
-    let mut buf = [0u8; 64];
     while let Some(entry) = dir.read() {
         let entry = entry?;
         let name = entry.file_name();
@@ -268,30 +333,14 @@ fn read_fd_dir(path: &Path) -> io::Result<FdTable> {
         else {
             continue; // "." and ".."
         };
-        table.open += 1;
         let dfd = dir.fd()?;
-        // The fd may be closed between getdents and readlinkat (ENOENT): skip it. Any other
-        // error, EACCES or EPERM above all (the directory may be listed with
-        // CAP_DAC_READ_SEARCH, but its links only read with ptrace rights), fails the walk:
-        // a table read in part would pass for one without sockets.
-        let n = match readlinkat_raw(dfd, name, &mut buf[..]) {
-            Ok(n) => n,
-            Err(rustix::io::Errno::NOENT) => continue,
+        match readlinkat_raw(dfd, name, &mut *buf) {
+            Ok(n) => visit(fd, Some(buf.get(..n).unwrap_or_default())),
+            Err(rustix::io::Errno::NOENT) => visit(fd, None),
             Err(e) => return Err(e.into()),
-        };
-        if let Some(inode) = buf
-            .get(..n)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(parse_socket_link)
-        {
-            table.sockets.push((fd, inode));
-        } else if buf.get(..n) == Some(EVENTPOLL_LINK) {
-            table.epoll.push(fd);
         }
     }
-    table.sockets.sort_unstable();
-    table.epoll.sort_unstable();
-    Ok(table)
+    Ok(())
 }
 
 /// Number of entries of an fd directory that are fd numbers.
@@ -426,6 +475,18 @@ impl ProcFs {
     pub fn task_state(&self, pid: i32, tid: i32) -> io::Result<Option<char>> {
         let stat = fs::read(self.task_path(pid, tid, "stat"))?;
         Ok(stat_after_comm(&stat).map(|(state, _)| state))
+    }
+
+    /// The time thread `tid` of `pid` has spent on a CPU, in ns: the first field of
+    /// /proc/PID/task/TID/schedstat. The kernel adds to it when the thread leaves a CPU and
+    /// at each tick while it runs, so it grows only once the thread has run.
+    pub fn task_cpu_ns(&self, pid: i32, tid: i32) -> io::Result<u64> {
+        let text = fs::read(self.task_path(pid, tid, "schedstat"))?;
+        std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| parse::malformed("schedstat: no run time"))
     }
 
     /// /proc/PID/task/TID/status, or /proc/PID/status when `tid` is None.
@@ -943,6 +1004,32 @@ nonvoluntary_ctxt_switches:\t0\n";
         assert_eq!(table.sockets, vec![(3, 777), (5, 778)]);
         assert_eq!(table.epoll, vec![4]);
         assert!(proc.fd_table(43).is_err());
+        // The same fds with what each refers to; through a thread when asked.
+        let files = proc.fd_files(42, None).expect("fd files");
+        let want: FdFiles = [
+            (0, FdFile::Other("/dev/null".into())),
+            (3, FdFile::Socket(777)),
+            (4, FdFile::Other("anon_inode:[eventpoll]".into())),
+            (5, FdFile::Socket(778)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(files, want);
+        let task_fd = dir.join("42/task/43/fd");
+        fs::create_dir_all(&task_fd).expect("mkdir");
+        std::os::unix::fs::symlink("socket:[779]", task_fd.join("6")).expect("symlink");
+        let long = format!("/{}", "x".repeat(300));
+        std::os::unix::fs::symlink(&long, task_fd.join("7")).expect("symlink");
+        let via = proc
+            .fd_files(42, Some(43))
+            .expect("fd files through a thread");
+        assert_eq!(via.get(&6), Some(&FdFile::Socket(779)));
+        assert_eq!(
+            via.get(&7),
+            Some(&FdFile::Other(long)),
+            "a long link is whole"
+        );
+        assert!(proc.fd_files(43, None).is_err());
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -205,27 +205,62 @@ fn spawn_reap(pid: i32, seams: &SeamDir) -> std::process::Child {
         .expect("start cwreap reap --close")
 }
 
-/// The span of the injected calls, in µs after the helper logged `stopped`: from the first
-/// `injected` to the last `restored` of an uninterrupted run.
-fn calibrate(server: &mut Server) -> (u64, u64) {
+/// Where the injected calls fall, in µs after the helper logged `stopped`: the first
+/// `injected` and the last `restored` of each run that got that far; kills are drawn
+/// between the medians.
+#[derive(Default)]
+struct Span {
+    first: Vec<u64>,
+    last: Vec<u64>,
+}
+
+impl Span {
+    fn learn(&mut self, s: &Steps) {
+        let Some(&stopped) = s.first.get("stopped") else {
+            return;
+        };
+        let us = |ns: i128| u64::try_from((ns - stopped) / 1000).unwrap_or(0);
+        if let Some(&ns) = s.first.get("injected") {
+            self.first.push(us(ns));
+        }
+        if s.first.contains_key("detached")
+            && let Some(&ns) = s.last.get("restored")
+        {
+            self.last.push(us(ns));
+        }
+    }
+
+    fn median(v: &[u64]) -> u64 {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    }
+
+    fn range(&self) -> (u64, u64) {
+        (Self::median(&self.first), Self::median(&self.last))
+    }
+}
+
+/// An uninterrupted run, to learn where the injected calls fall.
+fn calibrate(server: &mut Server) -> Span {
     let seams = SeamDir::new("counts-calibrate");
     let status = spawn_reap(server.pid(), &seams)
         .wait()
         .expect("wait for cwreap");
     assert!(status.success(), "calibration run failed: {status}");
     let s = steps(&seams);
-    let at = |step: &str, last: bool| {
-        let map = if last { &s.last } else { &s.first };
-        *map.get(step)
-            .unwrap_or_else(|| panic!("the calibration run logged no {step}: {s:?}"))
-    };
-    let stopped = at("stopped", false);
-    let us = |ns: i128| u64::try_from((ns - stopped) / 1000).unwrap_or(0);
+    for step in ["stopped", "injected", "restored", "detached"] {
+        assert!(
+            s.first.contains_key(step),
+            "the calibration run logged no {step}: {s:?}"
+        );
+    }
     assert_eq!(
         s.injected, VICTIMS,
         "the calibration run should close each victim with a call of its own"
     );
-    let span = (us(at("injected", false)), us(at("restored", true)));
+    let mut span = Span::default();
+    span.learn(&s);
     let pid = server.pid();
     let left: Vec<i32> = server
         .victims
@@ -261,7 +296,8 @@ fn killing_the_helper_mid_injection_reports_exactly_what_was_closed() {
     raise_nofile();
     let mut server = Server::start();
     let pid = server.pid();
-    let (from_us, to_us) = calibrate(&mut server);
+    let mut span = calibrate(&mut server);
+    let (from_us, to_us) = span.range();
     let seed = seed() ^ 0xc0_7575;
     println!(
         "calibration: injected calls from {from_us} µs to {to_us} µs after the target stopped; seed {seed}"
@@ -285,6 +321,7 @@ fn killing_the_helper_mid_injection_reports_exactly_what_was_closed() {
         let cw_before = ss_close_wait_on_port(server.port());
         assert_eq!(cw_before, VICTIMS, "trial {n}: ss before");
 
+        let (from_us, to_us) = span.range();
         let delay = rng.between(from_us, to_us + 1);
         let seams = SeamDir::new("counts");
         let mut cwreap = spawn_reap(pid, &seams);
@@ -306,6 +343,7 @@ fn killing_the_helper_mid_injection_reports_exactly_what_was_closed() {
         let lingering = wait_helpers(&orphans(pid));
         assert!(lingering.is_empty(), "helpers {lingering:?} still running");
         let s = steps(&seams);
+        span.learn(&s);
         let said = read_said(&seams, pid, status);
 
         // The witnesses. The fd table first, before anything could reuse a number.
