@@ -296,28 +296,40 @@ impl fmt::Display for Reason {
             Reason::Inject(s) => write!(f, "{s}"),
             Reason::InjectFailed(e) => write!(f, "{e}"),
             Reason::ClosedPerTable { failure, reused } => {
-                write!(f, "closed inside the target: ")?;
-                match reused {
-                    None => write!(f, "gone from the fd table")?,
-                    Some(now) => write!(
+                write!(f, "closed inside the target")?;
+                if let Some(now) = reused {
+                    write!(
                         f,
-                        "the number was reused by the target and now holds {now} (left alone)"
-                    )?,
+                        "; the target already reused the number, which now holds {now} (left alone)"
+                    )?;
                 }
                 write!(
                     f,
-                    ", as re-read after the injection failed ({failure}), not reported by it"
+                    ": gone from the fd table re-read after {}",
+                    failed_batch(failure)
                 )
             }
             Reason::StillHeld { failure } => write!(
                 f,
-                "{failure}; still held: the fd table re-read after the failure shows the same socket"
+                "still held: the fd table re-read after {} shows the same socket ({failure})",
+                failed_batch(failure)
             ),
             Reason::Unknowable { failure, why, .. } => write!(
                 f,
                 "{failure}; {why}: whether this fd was closed cannot be known"
             ),
         }
+    }
+}
+
+/// What failed, as the reasons of a re-read fd table say it.
+fn failed_batch(failure: &InjectError) -> String {
+    match failure {
+        InjectError::Helper(_) => "the helper failed".into(),
+        e => format!(
+            "the injection failed ({})",
+            Reason::InjectFailed(e.clone()).code()
+        ),
     }
 }
 
@@ -496,7 +508,9 @@ pub fn destroy_error(e: &io::Error) -> ActResult {
 /// socket or file is `changed`, one no longer open `gone`; one it declined (SO_LINGER) is
 /// `skipped`; a failed close() is an `error`. A batch that failed as a whole gives every fd
 /// the same outcome: `gone` if the process exited, `skipped` if the injection refused (the
-/// reason says why: rseq, seccomp, a job-control stop...), else `error`.
+/// reason says why: rseq, seccomp, a job-control stop...), else `error`; except where
+/// the helper may have closed some fds unreported, which `reap --close` counts from the fd
+/// table instead (see [`super::recount`]).
 pub fn close_results(
     victims: &[Victim],
     batch: &Result<InjectReport, InjectError>,

@@ -315,7 +315,7 @@ mod tests {
                 .unwrap_or_default()
         };
         assert!(
-            text(4).contains("re-read after the injection failed"),
+            text(4).contains("fd table re-read after the helper failed"),
             "{}",
             text(4)
         );

@@ -13,6 +13,10 @@
 //! verified again while the process is stopped (inode, cookie, state). CLOSE sockets are
 //! not in sock_diag dumps, so every socket fd of the named processes is duplicated and
 //! inspected here.
+//!
+//! A helper that fails mid-batch (killed, or a ptrace step failing) reports nothing of what
+//! it closed: the target's fd table is then read again and each fd reported by what it
+//! shows ([`crate::shared::recount`]), and the summary says so.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
