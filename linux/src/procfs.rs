@@ -10,9 +10,9 @@
 //! I/O error keeps its kind (a vanished process is `NotFound` or `ESRCH`) and text that is
 //! not what the kernel writes is `InvalidData`, never a panic.
 //!
-//! stat, status and limits are parsed by `procfs-core`. The fd walk, the fd counts and the
-//! fdinfo of epoll instances stay hand-written: they run per fd on the attribution path, and
-//! are measured. The state letter of a thread is read by hand too (see `stat_after_comm`).
+//! stat, status and limits are parsed by `procfs-core`. The fd walk (in `fd_dir`), the fd
+//! counts and the fdinfo of epoll instances stay hand-written: they run per fd on the
+//! attribution path, and are measured. The state letter of a thread is read by hand too (see `stat_after_comm`).
 //!
 //! A process whose thread-group leader has exited (`pthread_exit` in main) lives on in its
 //! other threads, but the leader's entries go blank: /proc/PID/fd is empty, ns/net, exe
@@ -20,18 +20,21 @@
 //! /proc/PID/task/TID/fd (see [`ProcFs::fd_thread`]); [`ProcFs::exe`], [`ProcFs::cmdline`],
 //! [`ProcFs::netns_path`] and [`ProcFs::fd_socket_inode`] fall back to it by themselves.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 mod elf;
+mod fd_dir;
 pub mod hsperf;
 mod parse;
 mod runtime;
 pub mod slow;
 
+pub use fd_dir::{FdFile, FdFiles, FdTable};
+use fd_dir::{read_fd_dir, read_fd_files};
 pub use hsperf::{Collector, JvmGc};
 pub use parse::{
     Limits, parse_epoll_fdinfo, parse_epoll_fdinfo_into, parse_fdinfo_pid, parse_maps_line,
@@ -49,34 +52,9 @@ const FDINFO_BUF: usize = 64 * 1024;
 /// Most threads [`ProcFs::fd_tables`] reads on.
 const TABLE_READERS: usize = 4;
 
-/// What /proc/PID/fd/N links to for an epoll instance.
-const EVENTPOLL_LINK: &[u8] = b"anon_inode:[eventpoll]";
-
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,
-}
-
-/// What one fd of a process refers to, as its /proc link names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FdFile {
-    /// A socket, by inode.
-    Socket(u64),
-    /// Anything else, by the link's text (`pipe:[123]`, `/dev/null`,
-    /// `anon_inode:[eventpoll]`).
-    Other(String),
-}
-
-/// Every open fd of a process and what it refers to, read in one walk.
-pub type FdFiles = BTreeMap<i32, FdFile>;
-
-/// The fds of one process: how many are open, which are sockets (fd, inode), and which
-/// are epoll instances (for `explain`; found on the same walk, at no extra syscall).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FdTable {
-    pub open: usize,
-    pub sockets: Vec<(i32, u64)>,
-    pub epoll: Vec<i32>,
 }
 
 impl Default for ProcFs {
@@ -195,28 +173,12 @@ impl ProcFs {
     }
 
     /// Every open fd of `pid` and what it refers to, read through thread `via` when given
-    /// (the leader has exited). Slower than [`ProcFs::fd_table`] (a link text is kept per
-    /// fd that is not a socket): for checking a few fds exactly, not for attribution.
+    /// (the leader has exited): for checking a few fds exactly, not for attribution.
     pub fn fd_files(&self, pid: i32, via: Option<i32>) -> io::Result<FdFiles> {
-        let path = match via {
+        read_fd_files(&match via {
             Some(tid) => self.task_path(pid, tid, "fd"),
             None => self.pid_path(pid, "fd"),
-        };
-        let mut files = FdFiles::new();
-        // PATH_MAX: a link is never longer.
-        let mut buf = vec![0u8; 4096];
-        walk_fd_dir(&path, &mut buf, |fd, link| {
-            let Some(link) = link else {
-                return; // closed meanwhile
-            };
-            let text = String::from_utf8_lossy(link);
-            let file = match parse_socket_link(&text) {
-                Some(inode) => FdFile::Socket(inode),
-                None => FdFile::Other(text.into_owned()),
-            };
-            files.insert(fd, file);
-        })?;
-        Ok(files)
+        })
     }
 
     /// Whether the thread-group leader of `pid` has exited (zombie, `Z` or `X`) while the
@@ -280,67 +242,6 @@ impl ProcFs {
         }
         count_fds(&dir)
     }
-}
-
-/// Walk an fd directory: count the fds and collect those that are sockets. One directory
-/// fd, getdents, and a readlinkat relative to it per entry into a stack buffer: no path is
-/// resolved twice and nothing is allocated per fd.
-fn read_fd_dir(path: &Path) -> io::Result<FdTable> {
-    let mut table = FdTable::default();
-    // "socket:[18446744073709551615]" is 29 bytes; anything longer is not a socket.
-    let mut buf = [0u8; 64];
-    walk_fd_dir(path, &mut buf, |fd, link| {
-        // Counted even when closed since getdents, as it was open a moment ago.
-        table.open += 1;
-        let Some(link) = link else {
-            return;
-        };
-        if let Some(inode) = std::str::from_utf8(link).ok().and_then(parse_socket_link) {
-            table.sockets.push((fd, inode));
-        } else if link == EVENTPOLL_LINK {
-            table.epoll.push(fd);
-        }
-    })?;
-    table.sockets.sort_unstable();
-    table.epoll.sort_unstable();
-    Ok(table)
-}
-
-/// Call `visit(fd, Some(link))` for each open fd of an fd directory, with its link read
-/// into `buf` (cut to its length), or `visit(fd, None)` for an fd closed between getdents
-/// and readlinkat (ENOENT). Any other error, EACCES or EPERM above all (the directory may be listed with
-/// CAP_DAC_READ_SEARCH, but its links only read with ptrace rights), fails the walk: a
-/// table read in part would pass for one without sockets.
-fn walk_fd_dir(
-    path: &Path,
-    buf: &mut [u8],
-    mut visit: impl FnMut(i32, Option<&[u8]>),
-) -> io::Result<()> {
-    use rustix::fs::{Dir, Mode, OFlags, openat, readlinkat_raw};
-    let dirfd = openat(
-        rustix::fs::CWD,
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut dir = Dir::new(dirfd)?;
-    while let Some(entry) = dir.read() {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(fd) = std::str::from_utf8(name.to_bytes())
-            .ok()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue; // "." and ".."
-        };
-        let dfd = dir.fd()?;
-        match readlinkat_raw(dfd, name, &mut *buf) {
-            Ok(n) => visit(fd, Some(buf.get(..n).unwrap_or_default())),
-            Err(rustix::io::Errno::NOENT) => visit(fd, None),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// Number of entries of an fd directory that are fd numbers.
