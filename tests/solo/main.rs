@@ -12,6 +12,7 @@
 //! Like every test that needs root, they are `#[ignore = "needs root: ..."]`.
 
 mod bpf;
+mod helper_kill_counts;
 mod inject_kill;
 mod load;
 

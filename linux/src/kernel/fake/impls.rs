@@ -11,7 +11,7 @@ use crate::kernel::effects::{Destroy, Effects, Identity, SocketFacts};
 use crate::kernel::procs::ProcRead;
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::Found;
-use crate::procfs::{FdTable, JvmGc, Limits, RuntimeClues};
+use crate::procfs::{FdFile, FdFiles, FdTable, JvmGc, Limits, RuntimeClues};
 use crate::tcp;
 
 impl Clock for FakeKernel {
@@ -199,6 +199,28 @@ impl ProcRead for FakeKernel {
     }
     fn thread_for_empty_table(&self, _pid: i32) -> Option<i32> {
         None
+    }
+    fn fd_files(&self, pid: i32, _via: Option<i32>) -> io::Result<FdFiles> {
+        self.with(|w| {
+            if let Some(e) = w.faults.fd_table.get(&pid) {
+                return Err(errno(*e));
+            }
+            let p = w.alive(pid).ok_or_else(|| errno(libc::ENOENT))?;
+            Ok(p.fds
+                .iter()
+                .map(|(fd, f)| {
+                    let file = match f {
+                        Fd::Socket(inode)
+                        | Fd::Unix(inode)
+                        | Fd::Udp(inode)
+                        | Fd::Netlink(inode) => FdFile::Socket(*inode),
+                        Fd::Epoll(_) => FdFile::Other("anon_inode:[eventpoll]".into()),
+                        Fd::File => FdFile::Other("/dev/null".into()),
+                    };
+                    (*fd, file)
+                })
+                .collect())
+        })
     }
     fn task_exists(&self, pid: i32, tid: i32) -> bool {
         pid == tid && self.with(|w| w.alive(pid).is_some())
