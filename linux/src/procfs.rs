@@ -10,9 +10,9 @@
 //! I/O error keeps its kind (a vanished process is `NotFound` or `ESRCH`) and text that is
 //! not what the kernel writes is `InvalidData`, never a panic.
 //!
-//! stat, status and limits are parsed by `procfs-core`. The fd walk, the fd counts and the
-//! fdinfo of epoll instances stay hand-written: they run per fd on the attribution path, and
-//! are measured. The state letter of a thread is read by hand too (see `stat_after_comm`).
+//! stat, status and limits are parsed by `procfs-core`. The fd walk (in `fd_dir`), the fd
+//! counts and the fdinfo of epoll instances stay hand-written: they run per fd on the
+//! attribution path, and are measured. The state letter of a thread is read by hand too (see `stat_after_comm`).
 //!
 //! A process whose thread-group leader has exited (`pthread_exit` in main) lives on in its
 //! other threads, but the leader's entries go blank: /proc/PID/fd is empty, ns/net, exe
@@ -27,11 +27,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 mod elf;
+mod fd_dir;
 pub mod hsperf;
 mod parse;
 mod runtime;
 pub mod slow;
 
+pub use fd_dir::{FdFile, FdFiles, FdTable};
+use fd_dir::{read_fd_dir, read_fd_files};
 pub use hsperf::{Collector, JvmGc};
 pub use parse::{
     Limits, parse_epoll_fdinfo, parse_epoll_fdinfo_into, parse_fdinfo_pid, parse_maps_line,
@@ -49,21 +52,9 @@ const FDINFO_BUF: usize = 64 * 1024;
 /// Most threads [`ProcFs::fd_tables`] reads on.
 const TABLE_READERS: usize = 4;
 
-/// What /proc/PID/fd/N links to for an epoll instance.
-const EVENTPOLL_LINK: &[u8] = b"anon_inode:[eventpoll]";
-
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,
-}
-
-/// The fds of one process: how many are open, which are sockets (fd, inode), and which
-/// are epoll instances (for `explain`; found on the same walk, at no extra syscall).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FdTable {
-    pub open: usize,
-    pub sockets: Vec<(i32, u64)>,
-    pub epoll: Vec<i32>,
 }
 
 impl Default for ProcFs {
@@ -181,6 +172,15 @@ impl ProcFs {
         read_fd_dir(&self.task_path(pid, tid, "fd"))
     }
 
+    /// Every open fd of `pid` and what it refers to, read through thread `via` when given
+    /// (the leader has exited): for checking a few fds exactly, not for attribution.
+    pub fn fd_files(&self, pid: i32, via: Option<i32>) -> io::Result<FdFiles> {
+        read_fd_files(&match via {
+            Some(tid) => self.task_path(pid, tid, "fd"),
+            None => self.pid_path(pid, "fd"),
+        })
+    }
+
     /// Whether the thread-group leader of `pid` has exited (zombie, `Z` or `X`) while the
     /// process lives on in other threads.
     pub fn leader_exited(&self, pid: i32) -> bool {
@@ -242,56 +242,6 @@ impl ProcFs {
         }
         count_fds(&dir)
     }
-}
-
-/// Walk an fd directory: count the fds and collect those that are sockets. One directory
-/// fd, getdents, and a readlinkat relative to it per entry into a stack buffer: no path is
-/// resolved twice and nothing is allocated per fd.
-fn read_fd_dir(path: &Path) -> io::Result<FdTable> {
-    use rustix::fs::{Dir, Mode, OFlags, openat, readlinkat_raw};
-    let dirfd = openat(
-        rustix::fs::CWD,
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut dir = Dir::new(dirfd)?;
-    let mut table = FdTable::default();
-    // "socket:[18446744073709551615]" is 29 bytes; anything longer is not a socket.
-    let mut buf = [0u8; 64];
-    while let Some(entry) = dir.read() {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(fd) = std::str::from_utf8(name.to_bytes())
-            .ok()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue; // "." and ".."
-        };
-        table.open += 1;
-        let dfd = dir.fd()?;
-        // The fd may be closed between getdents and readlinkat (ENOENT): skip it. Any other
-        // error, EACCES or EPERM above all (the directory may be listed with
-        // CAP_DAC_READ_SEARCH, but its links only read with ptrace rights), fails the walk:
-        // a table read in part would pass for one without sockets.
-        let n = match readlinkat_raw(dfd, name, &mut buf[..]) {
-            Ok(n) => n,
-            Err(rustix::io::Errno::NOENT) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(inode) = buf
-            .get(..n)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(parse_socket_link)
-        {
-            table.sockets.push((fd, inode));
-        } else if buf.get(..n) == Some(EVENTPOLL_LINK) {
-            table.epoll.push(fd);
-        }
-    }
-    table.sockets.sort_unstable();
-    table.epoll.sort_unstable();
-    Ok(table)
 }
 
 /// Number of entries of an fd directory that are fd numbers.
@@ -426,6 +376,18 @@ impl ProcFs {
     pub fn task_state(&self, pid: i32, tid: i32) -> io::Result<Option<char>> {
         let stat = fs::read(self.task_path(pid, tid, "stat"))?;
         Ok(stat_after_comm(&stat).map(|(state, _)| state))
+    }
+
+    /// The time thread `tid` of `pid` has spent on a CPU, in ns: the first field of
+    /// /proc/PID/task/TID/schedstat. The kernel adds to it when the thread leaves a CPU and
+    /// at each tick while it runs, so it grows only once the thread has run.
+    pub fn task_cpu_ns(&self, pid: i32, tid: i32) -> io::Result<u64> {
+        let text = fs::read(self.task_path(pid, tid, "schedstat"))?;
+        std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| parse::malformed("schedstat: no run time"))
     }
 
     /// /proc/PID/task/TID/status, or /proc/PID/status when `tid` is None.
@@ -943,6 +905,32 @@ nonvoluntary_ctxt_switches:\t0\n";
         assert_eq!(table.sockets, vec![(3, 777), (5, 778)]);
         assert_eq!(table.epoll, vec![4]);
         assert!(proc.fd_table(43).is_err());
+        // The same fds with what each refers to; through a thread when asked.
+        let files = proc.fd_files(42, None).expect("fd files");
+        let want: FdFiles = [
+            (0, FdFile::Other("/dev/null".into())),
+            (3, FdFile::Socket(777)),
+            (4, FdFile::Other("anon_inode:[eventpoll]".into())),
+            (5, FdFile::Socket(778)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(files, want);
+        let task_fd = dir.join("42/task/43/fd");
+        fs::create_dir_all(&task_fd).expect("mkdir");
+        std::os::unix::fs::symlink("socket:[779]", task_fd.join("6")).expect("symlink");
+        let long = format!("/{}", "x".repeat(300));
+        std::os::unix::fs::symlink(&long, task_fd.join("7")).expect("symlink");
+        let via = proc
+            .fd_files(42, Some(43))
+            .expect("fd files through a thread");
+        assert_eq!(via.get(&6), Some(&FdFile::Socket(779)));
+        assert_eq!(
+            via.get(&7),
+            Some(&FdFile::Other(long)),
+            "a long link is whole"
+        );
+        assert!(proc.fd_files(43, None).is_err());
         let _ = fs::remove_dir_all(&dir);
     }
 

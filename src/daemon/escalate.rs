@@ -304,6 +304,15 @@ fn raise<K: Kernel>(
         Ok(NofileRaise::Changed(now.unwrap_or(before)))
     };
     let after = r.kernel.nofile_limits(pid).ok();
+    // Without CAP_SYS_RESOURCE the kernel refuses (EPERM) a write that would raise a hard
+    // limit the process lowered since the read: nothing was written, and the limits found
+    // are the ones it set. That is a change, not a missing capability.
+    let result = match (result, after) {
+        (Err(e), Some(found)) if e.raw_os_error() == Some(libc::EPERM) && found != before => {
+            Ok(NofileRaise::Changed(found))
+        }
+        (other, _) => other,
+    };
     match result {
         Ok(NofileRaise::Raised) if same() => {
             warn!(target = %target.name, pid, comm = %process.comm, open_fds = process.open_fds,

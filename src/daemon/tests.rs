@@ -1171,6 +1171,47 @@ fn a_process_that_lowers_its_hard_limit_just_before_the_raise_keeps_it() {
     assert_eq!(setnofiles(d.kernel()).len(), 1, "once per process");
 }
 
+/// The same race where the daemon lacks CAP_SYS_RESOURCE: its write would raise the
+/// lowered hard limit back, so the kernel refuses it (EPERM). The limits changed: skipped,
+/// said as such, not an error naming a capability.
+#[test]
+fn a_hard_limit_lowered_just_before_a_refused_raise_is_a_change_not_an_error() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(1000).limits(1100, 8192));
+    k.close_wait(API, 7, LOCAL, &remote(1));
+    let lowered = cwreap_linux::procfs::Limits {
+        soft: Some(1100),
+        hard: Some(1500),
+    };
+    k.with(|w| {
+        w.faults.nofile_changes.insert(API, lowered);
+        w.faults.set_nofile.insert(API, libc::EPERM);
+    });
+    let mut d = daemon(
+        k,
+        &policy("", &[&escalating(API, "{raise_fd_limit_at: 80%}")]),
+    );
+    let (r, events) = cycle_logged(&mut d);
+    assert!(r.escalations.is_empty(), "nothing raised");
+    assert_eq!(r.errors.get(&ErrorKind::Escalate), None, "{events:?}");
+    assert!(
+        messages(&events, "escalation failed").is_empty(),
+        "{events:?}"
+    );
+    let limits = d.kernel().with(|w| w.processes.get(&API).map(|p| p.limits));
+    assert_eq!(limits, Some(lowered), "its own limits stand");
+    let said = messages(
+        &events,
+        "the process changed its fd limits since they were read; they stay as it set them and nothing is raised",
+    );
+    assert_eq!(said.len(), 1, "{events:?}");
+    assert_eq!(said[0]["hard"], "1500");
+    for _ in 0..3 {
+        after(&mut d, 5);
+    }
+    assert_eq!(setnofiles(d.kernel()).len(), 1, "once per process");
+}
+
 #[test]
 fn a_soft_limit_of_1024_or_less_is_never_raised() {
     let k = FakeKernel::new();

@@ -129,6 +129,23 @@ pub enum Reason {
     Inject(SkipReason),
     /// The injected close() batch failed as a whole.
     InjectFailed(InjectError),
+    /// The batch failed as a whole (`failure`), and the fd table re-read afterwards no
+    /// longer has this fd: it was closed. `reused` is what the number holds now when the
+    /// target already reused it (never acted on).
+    ClosedPerTable {
+        failure: InjectError,
+        reused: Option<String>,
+    },
+    /// The batch failed as a whole, and the fd table re-read afterwards still has the same
+    /// socket at this fd.
+    StillHeld { failure: InjectError },
+    /// The batch failed as a whole, and the fd table could not be re-read (`why`): whether
+    /// this fd was closed cannot be known.
+    Unknowable {
+        failure: InjectError,
+        exited: bool,
+        why: String,
+    },
 }
 
 pub const PTRACE_HINT: &str = "pidfd_getfd needs ptrace access to the target: run as root or grant CAP_SYS_PTRACE (e.g. `setcap cap_sys_ptrace,cap_dac_read_search+ep $(command -v cwreap)`, or AmbientCapabilities=CAP_SYS_PTRACE in the unit)";
@@ -174,6 +191,14 @@ impl Reason {
                 SkipReason::StillOpen => "still_open",
                 SkipReason::NotClosed(_) => "not_closed",
             },
+            Reason::ClosedPerTable { reused: None, .. } => "closed_per_fd_table",
+            Reason::ClosedPerTable {
+                reused: Some(_), ..
+            } => "closed_number_reused",
+            Reason::Unknowable { exited: true, .. } => "process_exited",
+            Reason::StillHeld { failure } | Reason::Unknowable { failure, .. } => {
+                Reason::InjectFailed(failure.clone()).code()
+            }
             Reason::InjectFailed(e) => match e {
                 InjectError::Unsupported(_) => "unsupported",
                 InjectError::Gone => "process_exited",
@@ -270,7 +295,41 @@ impl fmt::Display for Reason {
             }
             Reason::Inject(s) => write!(f, "{s}"),
             Reason::InjectFailed(e) => write!(f, "{e}"),
+            Reason::ClosedPerTable { failure, reused } => {
+                write!(f, "closed inside the target")?;
+                if let Some(now) = reused {
+                    write!(
+                        f,
+                        "; the target already reused the number, which now holds {now} (left alone)"
+                    )?;
+                }
+                write!(
+                    f,
+                    ": gone from the fd table re-read after {}",
+                    failed_batch(failure)
+                )
+            }
+            Reason::StillHeld { failure } => write!(
+                f,
+                "still held: the fd table re-read after {} shows the same socket ({failure})",
+                failed_batch(failure)
+            ),
+            Reason::Unknowable { failure, why, .. } => write!(
+                f,
+                "{failure}; {why}: whether this fd was closed cannot be known"
+            ),
         }
+    }
+}
+
+/// What failed, as the reasons of a re-read fd table say it.
+fn failed_batch(failure: &InjectError) -> String {
+    match failure {
+        InjectError::Helper(_) => "the helper failed".into(),
+        e => format!(
+            "the injection failed ({})",
+            Reason::InjectFailed(e.clone()).code()
+        ),
     }
 }
 
@@ -449,7 +508,9 @@ pub fn destroy_error(e: &io::Error) -> ActResult {
 /// socket or file is `changed`, one no longer open `gone`; one it declined (SO_LINGER) is
 /// `skipped`; a failed close() is an `error`. A batch that failed as a whole gives every fd
 /// the same outcome: `gone` if the process exited, `skipped` if the injection refused (the
-/// reason says why: rseq, seccomp, a job-control stop...), else `error`.
+/// reason says why: rseq, seccomp, a job-control stop...), else `error`; except where
+/// the helper may have closed some fds unreported, which `reap --close` counts from the fd
+/// table instead (see [`super::recount`]).
 pub fn close_results(
     victims: &[Victim],
     batch: &Result<InjectReport, InjectError>,

@@ -10,6 +10,8 @@
 //! - [`audit_file`]: where the daemon's audit log may live, and opening it (`check` asks
 //!   too);
 //! - [`act`]: duplicate, verify and shut down (or destroy) one socket;
+//! - [`recount`]: what an injected close() batch that failed as a whole did, fd by fd,
+//!   read back from the target's fd table;
 //! - [`usage`]: the error that means "fix the command line, the policy or the privileges"
 //!   (exit code 2), and [`values`]: the value parsers shared by flags and policy keys.
 
@@ -21,6 +23,7 @@ pub mod config;
 pub mod dead;
 pub mod forecast;
 pub mod pid_file;
+pub mod recount;
 pub mod selector;
 pub mod usage;
 pub mod values;

@@ -22,6 +22,7 @@ mod explain_runtimes;
 mod faults;
 mod hardening;
 mod hardening_paths;
+mod incident;
 mod index;
 mod inject;
 mod inject_rseq;

@@ -31,14 +31,14 @@ const KILL_TRIALS: usize = 60;
 /// Per signal, sent to cwreap's process group before the SIGKILL.
 const GROUP_TRIALS: usize = 5;
 const RUNTIME_TRIALS: usize = 20;
-const HANG_GUARD: Duration = Duration::from_secs(60);
+pub(crate) const HANG_GUARD: Duration = Duration::from_secs(60);
 const DEFAULT_SEED: u64 = 0x00c1_05e5_a17e_5eed;
 
 /// SplitMix64: small, seedable, good enough to spread kill moments.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -47,7 +47,7 @@ impl Rng {
     }
 
     /// Uniform in [lo, hi).
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn between(&mut self, lo: u64, hi: u64) -> u64 {
         if hi <= lo {
             return lo;
         }
@@ -55,7 +55,7 @@ impl Rng {
     }
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     std::env::var("CWREAP_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -63,10 +63,10 @@ fn seed() -> u64 {
 }
 
 /// What identifies the socket behind an fd: (inode, cookie).
-type Identity = (u64, u64);
+pub(crate) type Identity = (u64, u64);
 
 /// The socket fds of `pid` and their identity, read through a pidfd.
-fn identities(pid: i32, fds: impl IntoIterator<Item = i32>) -> BTreeMap<i32, Identity> {
+pub(crate) fn identities(pid: i32, fds: impl IntoIterator<Item = i32>) -> BTreeMap<i32, Identity> {
     let pidfd = sys::pidfd_open(pid).expect("pidfd_open the target");
     let mut out = BTreeMap::new();
     for fd in fds {
@@ -173,7 +173,7 @@ fn phase_at(steps: &BTreeMap<String, i128>, t: i128) -> Phase {
 
 /// Our children that are, or are about to become, an injection helper for `target`: an
 /// `inject-helper`, or a copy of cwreap forked for one and not yet exec'd.
-fn orphans(target: i32) -> Vec<i32> {
+pub(crate) fn orphans(target: i32) -> Vec<i32> {
     let me = std::process::id().to_string();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -220,7 +220,7 @@ fn fill(target: &mut dyn Target, leaked: &mut Vec<(TcpStream, i32)>) -> BTreeMap
 /// Wait until every helper in `pids` has exited (reaping those that became our children
 /// when cwreap died: this process is a child subreaper). Returns those still alive after
 /// the guard.
-fn wait_helpers(pids: &[i32]) -> Vec<i32> {
+pub(crate) fn wait_helpers(pids: &[i32]) -> Vec<i32> {
     let deadline = Instant::now() + HANG_GUARD;
     let mut left: Vec<i32> = pids.to_vec();
     while !left.is_empty() && Instant::now() < deadline {
@@ -606,7 +606,7 @@ fn report(name: &str, tally: &Tally) {
     );
 }
 
-fn subreaper() {
+pub(crate) fn subreaper() {
     // Helpers orphaned by a killed cwreap become our children, so we can wait for them.
     rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
         .expect("PR_SET_CHILD_SUBREAPER");

@@ -10,10 +10,12 @@
 //! * `bpf`: the BPF programs and the socket iterator, which compares this process's whole
 //!   fd table with /proc.
 //!
-//! Like every test that needs root, they are `#[ignore = "needs root: ..."]`.
+//! Like every test that needs root, those that do are `#[ignore = "needs root: ..."]`
+//! (`first_screen` needs none: the leaky servers are this user's).
 
 mod bpf;
 mod first_screen;
+mod helper_kill_counts;
 mod inject_kill;
 mod load;
 

@@ -77,12 +77,14 @@
 //! stops and lets go of the threads, `verify` checks each fd while they are stopped,
 //! `pick` chooses the injecting thread (with `rseq`), `site` finds a `syscall`
 //! instruction to borrow, `regs` runs the calls and restores the registers, `seam` holds
-//! the test seams. Only x86_64 is implemented; elsewhere [`InjectError::Unsupported`] is
+//! the test seams, `settle` waits for the target's threads to run after a helper died.
+//! Only x86_64 is implemented; elsewhere [`InjectError::Unsupported`] is
 //! returned.
 
 mod batch;
 mod entry;
 mod reasons;
+mod settle;
 mod wire;
 
 #[cfg(target_arch = "x86_64")]
@@ -111,3 +113,4 @@ pub use batch::{HELPER_PIDFD, Helper, InjectReport, PTRACE_ATTACH_HINT, UNSUPPOR
 pub use entry::close_in_target_with_env;
 pub use entry::{close_in_target, helper_main};
 pub use reasons::{InjectError, Refusal, SkipReason};
+pub use settle::await_threads_ran;

@@ -13,7 +13,7 @@ use crate::kernel::effects::SocketFacts;
 use crate::kernel::events::{EventFeed, pin_dir};
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::{Found, Namespaces};
-use crate::procfs::{FdTable, JvmGc, Limits, ProcFs, RuntimeClues};
+use crate::procfs::{FdFiles, FdTable, JvmGc, Limits, ProcFs, RuntimeClues};
 use crate::published::Published;
 
 /// The system as it is: every call goes to the kernel.
@@ -266,6 +266,9 @@ impl ProcRead for Linux {
     }
     fn thread_for_empty_table(&self, pid: i32) -> Option<i32> {
         ProcRead::thread_for_empty_table(&self.proc, pid)
+    }
+    fn fd_files(&self, pid: i32, via: Option<i32>) -> io::Result<FdFiles> {
+        ProcRead::fd_files(&self.proc, pid, via)
     }
     fn task_exists(&self, pid: i32, tid: i32) -> bool {
         ProcRead::task_exists(&self.proc, pid, tid)

@@ -3,7 +3,7 @@
 
 use std::io;
 
-use crate::procfs::{FdTable, JvmGc, Limits, ProcFs, RuntimeClues, SlowReads};
+use crate::procfs::{FdFiles, FdTable, JvmGc, Limits, ProcFs, RuntimeClues, SlowReads};
 
 /// Reading processes: their ids, names, owners, fd tables, fd limits and namespaces.
 /// Every call is about one process and fails for that process only.
@@ -31,6 +31,9 @@ pub trait ProcRead {
     /// When `pid`'s fd table reads empty because its leader exited: a live thread to read
     /// it through.
     fn thread_for_empty_table(&self, pid: i32) -> Option<i32>;
+    /// Every open fd of `pid` and what it refers to (read through thread `via` when given),
+    /// in one walk: to check exactly what became of a few fds.
+    fn fd_files(&self, pid: i32, via: Option<i32>) -> io::Result<FdFiles>;
     fn task_exists(&self, pid: i32, tid: i32) -> bool;
     /// The number of open fds, cheaply, read through thread `via` when given.
     fn fd_count(&self, pid: i32, via: Option<i32>) -> io::Result<usize>;
@@ -88,6 +91,9 @@ impl ProcRead for ProcFs {
     }
     fn thread_for_empty_table(&self, pid: i32) -> Option<i32> {
         ProcFs::thread_for_empty_table(self, pid)
+    }
+    fn fd_files(&self, pid: i32, via: Option<i32>) -> io::Result<FdFiles> {
+        ProcFs::fd_files(self, pid, via)
     }
     fn task_exists(&self, pid: i32, tid: i32) -> bool {
         ProcFs::task_exists(self, pid, tid)

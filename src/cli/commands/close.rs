@@ -13,6 +13,10 @@
 //! verified again while the process is stopped (inode, cookie, state). CLOSE sockets are
 //! not in sock_diag dumps, so every socket fd of the named processes is duplicated and
 //! inspected here.
+//!
+//! A helper that fails mid-batch (killed, or a ptrace step failing) reports nothing of what
+//! it closed: the target's fd table is then read again and each fd reported by what it
+//! shows ([`crate::shared::recount`]), and the summary says so.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -20,7 +24,7 @@ use std::os::fd::AsFd;
 
 use anyhow::Result;
 
-use cwreap_linux::inject::{Helper, InjectError, Victim, close_in_target};
+use cwreap_linux::inject::{Helper, InjectError, Victim, await_threads_ran, close_in_target};
 use cwreap_linux::kernel::{Effects, Linux, Pinned, ProcRead, inspect_socket};
 
 use super::common::{Status, observe, stalled_note};
@@ -29,10 +33,15 @@ use crate::cli::plan::{self, HeldSocket};
 use crate::cli::render;
 use crate::shared::act::{self, ActResult, Outcome};
 use crate::shared::attribute::Snapshot;
+use crate::shared::recount::{self, Reread};
 use crate::shared::usage::UsageError;
 
 /// Said with every confirmation prompt, in `--help` and in the README.
 pub const CLOSE_HAZARD: &str = "--close runs close(fd) inside the process (ptrace). The application still holds the fd number: it may later read, write or close that number after it was reused for a new connection, and misdeliver data or kill the new connection. This was seen in a Python connection pool, a Go server, Java (the GC's Cleaner) and Node (timers). Use it only on a process you will restart anyway, to keep it serving until then.";
+
+/// How long, after a helper failed, the target's threads get to run again before its fd
+/// table is re-read (a guard: they normally run within microseconds).
+const THREADS_GUARD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The one program `--close` starts to do the ptrace work: this binary again.
 pub fn helper() -> Helper {
@@ -78,6 +87,8 @@ pub fn reap_close(
     }
 
     let mut results: BTreeMap<(i32, i32), ActResult> = BTreeMap::new();
+    // Batches that failed as a whole and were counted from the fd table instead.
+    let mut recounted: Vec<(InjectError, recount::Counts)> = Vec::new();
     if args.dry_run {
         for (h, _) in &plan {
             results.insert((h.pid, h.fd), ActResult::ok(Outcome::DryRun));
@@ -93,8 +104,17 @@ pub fn reap_close(
         }
         let helper = helper();
         for (pid, victims) in by_pid {
-            let Some(pidfd) = snap.processes.get(&pid).and_then(|p| p.handle.as_ref()) else {
+            let Some(p) = snap.processes.get(&pid) else {
                 continue;
+            };
+            let Some(pidfd) = p.handle.as_ref() else {
+                continue;
+            };
+            // The victims' fds just before the helper starts: anything the target closed
+            // or replaced itself by then is not counted as closed by us if the batch fails.
+            let before = match recount::reread(&k, pidfd, pid, p.thread) {
+                Reread::Table(t) => Some(t),
+                Reread::Gone | Reread::Unreadable(_) => None,
             };
             let batch = close_in_target(&helper, pid, pidfd.as_fd(), &victims);
             if let Ok(r) = &batch {
@@ -109,7 +129,27 @@ pub fn reap_close(
                     r.fds_after
                 )?;
             }
-            for (fd, res) in act::close_results(&victims, &batch) {
+            let rows = match &batch {
+                // The helper died (or a ptrace step failed) and may have closed some fds
+                // without a report: the fd table says which.
+                Err(e) if recount::needs_recount(e) => {
+                    // A call the dying helper had already set up runs as soon as its thread
+                    // gets a CPU again: only then does the table show it.
+                    if !await_threads_ran(pid, THREADS_GUARD) {
+                        writeln!(
+                            err,
+                            "close: pid {pid}: a thread of the target had not run again {THREADS_GUARD:?} after the helper ended; an fd it was about to close may close later"
+                        )?;
+                    }
+                    let after = recount::reread(&k, pidfd, pid, p.thread);
+                    let (rows, counts) = recount::recount(&victims, before.as_ref(), &after, e);
+                    writeln!(err, "{}", counts.describe(pid, e))?;
+                    recounted.push((e.clone(), counts));
+                    rows
+                }
+                _ => act::close_results(&victims, &batch),
+            };
+            for (fd, res) in rows {
                 results.insert((pid, fd), res);
             }
         }
@@ -136,8 +176,13 @@ pub fn reap_close(
         .map(|o| format!("{} {}", counts.get(o).copied().unwrap_or(0), o.as_str()))
         .collect::<Vec<_>>()
         .join(", ");
+    let failures: Vec<(&InjectError, &recount::Counts)> =
+        recounted.iter().map(|(e, c)| (e, c)).collect();
+    let note = recount::summary_note(&failures)
+        .map(|n| format!("; {n}"))
+        .unwrap_or_default();
     let footer = format!(
-        "close{}: {} matched, {closed} closed, {summary}",
+        "close{}: {} matched, {closed} closed, {summary}{note}",
         if args.dry_run { " (dry run)" } else { "" },
         done.len()
     );
@@ -166,11 +211,15 @@ pub fn reap_close(
             Some(act::Reason::InjectFailed(InjectError::Refused(_)))
         )
     });
-    Ok(if counts.contains_key(&Outcome::Error) || refused {
-        Status::Failed
-    } else {
-        Status::Ok
-    })
+    // A batch whose helper failed is a failure even when every fd turned out closed: the
+    // helper did not finish as it should (and its target may have been left mid-call).
+    Ok(
+        if counts.contains_key(&Outcome::Error) || refused || !recounted.is_empty() {
+            Status::Failed
+        } else {
+            Status::Ok
+        },
+    )
 }
 
 /// Every socket fd of the pinned processes, duplicated through the pidfd and inspected.

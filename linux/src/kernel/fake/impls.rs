@@ -11,7 +11,7 @@ use crate::kernel::effects::{Destroy, Effects, Identity, SocketFacts};
 use crate::kernel::procs::ProcRead;
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::Found;
-use crate::procfs::{FdTable, JvmGc, Limits, RuntimeClues};
+use crate::procfs::{FdFile, FdFiles, FdTable, JvmGc, Limits, RuntimeClues};
 use crate::tcp;
 
 impl Clock for FakeKernel {
@@ -199,6 +199,28 @@ impl ProcRead for FakeKernel {
     }
     fn thread_for_empty_table(&self, _pid: i32) -> Option<i32> {
         None
+    }
+    fn fd_files(&self, pid: i32, _via: Option<i32>) -> io::Result<FdFiles> {
+        self.with(|w| {
+            if let Some(e) = w.faults.fd_table.get(&pid) {
+                return Err(errno(*e));
+            }
+            let p = w.alive(pid).ok_or_else(|| errno(libc::ENOENT))?;
+            Ok(p.fds
+                .iter()
+                .map(|(fd, f)| {
+                    let file = match f {
+                        Fd::Socket(inode)
+                        | Fd::Unix(inode)
+                        | Fd::Udp(inode)
+                        | Fd::Netlink(inode) => FdFile::Socket(*inode),
+                        Fd::Epoll(_) => FdFile::Other("anon_inode:[eventpoll]".into()),
+                        Fd::File => FdFile::Other("/dev/null".into()),
+                    };
+                    (*fd, file)
+                })
+                .collect())
+        })
     }
     fn task_exists(&self, pid: i32, tid: i32) -> bool {
         pid == tid && self.with(|w| w.alive(pid).is_some())
@@ -463,18 +485,21 @@ impl Effects for FakeKernel {
             hard: expected.hard.unwrap_or(u64::MAX),
         });
         self.with(|w| {
+            // The process's own change lands first, so a fault can be prlimit refusing
+            // what that change turned into a raise (EPERM without CAP_SYS_RESOURCE).
+            if let Some(l) = w.faults.nofile_changes.remove(&pid)
+                && let Some(p) = w.processes.get_mut(&pid).filter(|p| p.alive)
+            {
+                p.limits = l;
+            }
             if let Some(e) = w.faults.set_nofile.get(&pid) {
                 return Err(errno(*e));
             }
-            let changed = w.faults.nofile_changes.remove(&pid);
             let p = w
                 .processes
                 .get_mut(&pid)
                 .filter(|p| p.alive)
                 .ok_or_else(|| errno(libc::ESRCH))?;
-            if let Some(l) = changed {
-                p.limits = l;
-            }
             if p.limits != expected {
                 return Ok(crate::kernel::NofileRaise::Changed(p.limits));
             }

@@ -216,7 +216,8 @@ pub struct Faults {
     pub signal: HashMap<i32, i32>,
     /// prlimit on these pids fails with this errno.
     pub set_nofile: HashMap<i32, i32>,
-    /// These processes set their fd limits to these just before cwreap's prlimit lands.
+    /// These processes set their fd limits to these just before cwreap's prlimit lands
+    /// (before a `set_nofile` fault, which then models prlimit refusing the write).
     pub nofile_changes: HashMap<i32, Limits>,
     /// SOCK_DESTROY is not supported (EOPNOTSUPP).
     pub no_destroy: bool,
