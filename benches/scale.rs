@@ -442,7 +442,7 @@ targets:
     match:
       comm: \"^{}$\"
       cmdline: \"--parent {}( |$)\"
-    older_than: 3650d
+    older_than: 365d
     action: log
 ",
         BULK_SERVER_COMM.to_string_lossy(),
