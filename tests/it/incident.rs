@@ -792,6 +792,18 @@ fn signal_before_emfile_reaches_ten_of_ten_leaking_servers_before_emfile() {
     d.until("a signal or EMFILE at every server", 60, |_| {
         servers.iter_mut().all(ended)
     });
+    // A server reads its SIGTERM as soon as kill() lands; the daemon writes the escalation's
+    // outcome record right after. Wait for the records of the servers that were signalled
+    // (each is checked below to be exactly one) before reading the audit.
+    let signalled: Vec<i32> = servers
+        .iter_mut()
+        .filter_map(|s| (!s.said("signal ").is_empty()).then(|| s.pid()))
+        .collect();
+    d.until("the audit records every signal sent", 3, |d| {
+        signalled
+            .iter()
+            .all(|&p| !d.escalations(p, "signal", "done").is_empty())
+    });
     let mut report = Vec::new();
     for s in servers.iter_mut() {
         let history = s.io.drain().to_vec();
