@@ -681,10 +681,16 @@ fn discovery_poll_and_no_bpf_fall_back_and_still_find_every_socket() {
     d.daemon.stop();
 }
 
-/// `cwreap run` without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (dropped from its bounding
-/// set by setpriv), on `yaml`.
-fn run_without_bpf_caps(name: &str, yaml: &str) -> LoggedDaemon {
-    LoggedDaemon::start_with(name, yaml, |dir, cmd| {
+/// `cwreap run` on `yaml` behind `setpriv SETPRIV_ARGS`, with the environment the testkit
+/// gave it (its private bpffs among it); `adjust` may change the wrapped command.
+fn run_setpriv(
+    name: &str,
+    yaml: &str,
+    setpriv_args: &[&str],
+    adjust: impl FnOnce(&Path, &mut Command),
+) -> LoggedDaemon {
+    let setpriv_args: Vec<String> = setpriv_args.iter().map(|a| a.to_string()).collect();
+    LoggedDaemon::start_with(name, yaml, move |dir, cmd| {
         let run = cmd.get_program().to_owned();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
         let envs: Vec<_> = cmd
@@ -693,10 +699,7 @@ fn run_without_bpf_caps(name: &str, yaml: &str) -> LoggedDaemon {
             .collect();
         let mut wrapped = Command::new("setpriv");
         wrapped
-            .args([
-                "--bounding-set=-bpf,-perfmon,-sys_admin",
-                "--inh-caps=-bpf,-perfmon,-sys_admin",
-            ])
+            .args(&setpriv_args)
             .arg(run)
             .args(args)
             .env("CWREAP_RUN_DIR", dir.join("run"));
@@ -710,8 +713,53 @@ fn run_without_bpf_caps(name: &str, yaml: &str) -> LoggedDaemon {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
+        adjust(dir, &mut wrapped);
         *cmd = wrapped;
     })
+}
+
+/// `cwreap run` without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (dropped from its bounding
+/// set by setpriv), on `yaml`.
+fn run_without_bpf_caps(name: &str, yaml: &str) -> LoggedDaemon {
+    run_setpriv(
+        name,
+        yaml,
+        &[
+            "--bounding-set=-bpf,-perfmon,-sys_admin",
+            "--inh-caps=-bpf,-perfmon,-sys_admin",
+        ],
+        |_, _| {},
+    )
+}
+
+/// One line says why BPF is not used (its reason containing each of `why`), nothing
+/// repeats it, no error: over `cycles` cycles.
+fn said_once(d: &mut LoggedDaemon, addr: SocketAddr, cycles: f64, why: &[&str]) -> Value {
+    let line = discovery_line(d);
+    assert_eq!(log_field(&line, "mode"), "poll", "{line}");
+    let reason = log_field(&line, "reason")
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        why.iter().all(|w| reason.contains(w)),
+        "the fallback names its reason ({why:?}): {line}"
+    );
+    let metrics = wait_cycles(d, addr, cycles);
+    assert_eq!(
+        sample(&metrics, "cwreap_discovery_mode{mode=\"poll\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let lines = d.lines();
+    let about_bpf: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("BPF") || l.contains("bpf"))
+        .collect();
+    assert_eq!(about_bpf.len(), 1, "{about_bpf:#?}");
+    let errors: Vec<&String> = lines.iter().filter(|l| l.contains("\"ERROR\"")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    line
 }
 
 #[test]
@@ -747,33 +795,232 @@ fn without_cap_bpf_events_refuses_to_start_and_auto_polls_saying_why_once() {
         "ev-nocap-auto",
         &policy(pid as i32, addr, "dry_run: true\ndiscovery: auto\n", "1h"),
     );
-    let line = discovery_line(&mut d);
-    assert_eq!(log_field(&line, "mode"), "poll", "{line}");
-    let reason = log_field(&line, "reason")
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(
-        reason.contains("CAP_BPF") && reason.contains("CAP_PERFMON"),
-        "the fallback names its reason: {line}"
+    let line = said_once(&mut d, addr, 5.0, &["CAP_BPF", "CAP_PERFMON"]);
+    note(&format!("{test}: {line}"));
+    d.daemon.stop();
+}
+
+/// The default unit's privileges: a user of its own with CAP_SYS_PTRACE and
+/// CAP_DAC_READ_SEARCH only (ambient), bpf() denied by a seccomp filter with EPERM (the
+/// unit's `SystemCallFilter=~@privileged`, `SystemCallErrorNumber=EPERM`), started by the
+/// service manager (INVOCATION_ID).
+#[cfg(target_arch = "x86_64")]
+#[test]
+#[ignore = "needs root: runs the daemon as uid 4242 with two capabilities (setpriv) under a seccomp filter that denies bpf()"]
+fn under_the_default_units_privileges_auto_polls_saying_why_once() {
+    const UID: u32 = 4242;
+    let test = "under_the_default_units_privileges_auto_polls_saying_why_once";
+    if kernel_lacks_bpf(test) {
+        return;
+    }
+    let addr = free_addr();
+    let caps = "-all,+sys_ptrace,+dac_read_search";
+    let mut d = run_setpriv(
+        "ev-default-unit",
+        &policy(
+            std::process::id() as i32,
+            addr,
+            "dry_run: true\ndiscovery: auto\n",
+            "1h",
+        ),
+        &[
+            &format!("--reuid={UID}"),
+            &format!("--regid={UID}"),
+            "--clear-groups",
+            &format!("--inh-caps={caps}"),
+            &format!("--ambient-caps={caps}"),
+            &format!("--bounding-set={caps}"),
+        ],
+        |dir, cmd| {
+            // Its published first sights go to a directory it may write, as with any
+            // working RuntimeDirectory; only BPF is missing.
+            let run = dir.join("run");
+            std::fs::create_dir_all(&run).expect("mkdir run");
+            std::os::unix::fs::chown(&run, Some(UID), Some(UID)).expect("chown run");
+            cmd.env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
+            cwreap_linux::testing::filter_syscall(
+                cmd,
+                libc::SYS_bpf,
+                libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            );
+        },
     );
-    let metrics = wait_cycles(&mut d, addr, 5.0);
+    let line = said_once(&mut d, addr, 5.0, &["CAP_BPF", "CAP_PERFMON"]);
+    note(&format!("{test}: {line}"));
+    d.daemon.stop();
+}
+
+/// Root, every capability, but bpf() denied by a seccomp filter (a container runtime's
+/// default profile): the reason names the filter.
+#[cfg(target_arch = "x86_64")]
+#[test]
+#[ignore = "needs root: loads BPF programs under a seccomp filter that denies bpf(), and mounts a private bpffs"]
+fn a_seccomp_filter_on_bpf_is_the_reason_auto_polls() {
+    let test = "a_seccomp_filter_on_bpf_is_the_reason_auto_polls";
+    if kernel_lacks_bpf(test) {
+        return;
+    }
+    let addr = free_addr();
+    let mut d = LoggedDaemon::start_with(
+        "ev-seccomp",
+        &policy(
+            std::process::id() as i32,
+            addr,
+            "dry_run: true\ndiscovery: auto\n",
+            "1h",
+        ),
+        |dir, cmd| {
+            cmd.env("CWREAP_RUN_DIR", dir.join("run"));
+            cwreap_linux::testing::filter_syscall(
+                cmd,
+                libc::SYS_bpf,
+                libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            );
+        },
+    );
+    let line = said_once(&mut d, addr, 3.0, &["seccomp"]);
+    note(&format!("{test}: {line}"));
+    d.daemon.stop();
+}
+
+/// `cwreap run` (`discovery: events`, target `pid`) as uid [`DROP_IN_UID`] with the
+/// capabilities of the unit with events.conf, started by the service manager; its pin
+/// directory made for it first (`install -d`, as the drop-in's ExecStartPre) when
+/// `pin_dir`.
+fn as_drop_in_user(name: &str, pid: i32, addr: SocketAddr, pin_dir: bool) -> LoggedDaemon {
+    const UID: u32 = DROP_IN_UID;
+    let caps = "-all,+sys_ptrace,+dac_read_search,+bpf,+perfmon";
+    run_setpriv(
+        name,
+        &policy(pid, addr, "dry_run: true\ndiscovery: events\n", "1h"),
+        &[
+            &format!("--reuid={UID}"),
+            &format!("--regid={UID}"),
+            "--clear-groups",
+            &format!("--inh-caps={caps}"),
+            &format!("--ambient-caps={caps}"),
+            &format!("--bounding-set={caps}"),
+        ],
+        |dir, cmd| {
+            let run = dir.join("run");
+            std::fs::create_dir_all(&run).expect("mkdir run");
+            std::os::unix::fs::chown(&run, Some(UID), Some(UID)).expect("chown run");
+            let pins = cmd
+                .get_envs()
+                .find(|(k, _)| *k == "CWREAP_BPF_DIR")
+                .and_then(|(_, v)| v)
+                .map(std::path::PathBuf::from)
+                .expect("the testkit's CWREAP_BPF_DIR");
+            if pin_dir {
+                let id = UID.to_string();
+                run_ok(
+                    Command::new("install")
+                        .args(["-d", "-m", "0700", "-o", &id, "-g", &id])
+                        .arg(&pins),
+                );
+            }
+            cmd.env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
+        },
+    )
+}
+
+const DROP_IN_UID: u32 = 4242;
+
+/// Without the directory (the drop-in's ExecStartPre failed): the events still run, and the
+/// daemon says once why the command line will estimate.
+#[test]
+#[ignore = "needs root: runs the daemon as uid 4242 with four capabilities (setpriv), loads BPF programs, mounts a private bpffs"]
+fn a_pin_directory_the_service_may_not_create_leaves_events_without_pins() {
+    let test = "a_pin_directory_the_service_may_not_create_leaves_events_without_pins";
+    if kernel_lacks_bpf(test) {
+        return;
+    }
+    let addr = free_addr();
+    let mut d = as_drop_in_user("ev-drop-in-nodir", std::process::id() as i32, addr, false);
+    let line = discovery_line(&mut d);
+    assert_eq!(log_field(&line, "mode"), "events", "{line}\n{}", d.log());
+    assert_eq!(log_field(&line, "level"), "WARN", "{line}");
+    let reason = log_field(&line, "reason").as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ermission denied") || reason.contains("not permitted"),
+        "{line}"
+    );
+    let metrics = wait_cycles(&mut d, addr, 3.0);
     assert_eq!(
-        sample(&metrics, "cwreap_discovery_mode{mode=\"poll\"}"),
+        sample(&metrics, "cwreap_discovery_mode{mode=\"events\"}"),
         Some(1.0),
         "{metrics}"
     );
-    // One line says it, and nothing repeats it over the cycles.
+    assert!(!pins_of(&d).exists(), "nothing pinned");
     let lines = d.lines();
     let about_bpf: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains("BPF") || l.contains("bpf"))
         .collect();
     assert_eq!(about_bpf.len(), 1, "{about_bpf:#?}");
-    let errors: Vec<&String> = lines.iter().filter(|l| l.contains("\"ERROR\"")).collect();
-    assert!(errors.is_empty(), "{errors:#?}");
     note(&format!("{test}: {line}"));
     d.daemon.stop();
+}
+
+/// The privileges of the unit with events.conf: a user of its own with CAP_SYS_PTRACE,
+/// CAP_DAC_READ_SEARCH, CAP_BPF and CAP_PERFMON (ambient), its pin directory made for it
+/// as the drop-in's ExecStartPre does (`install -d -m 0700 -o USER`) in a root-only BPF
+/// filesystem: the programs load, the entry times are pinned, and `scan` as root reads
+/// them.
+#[test]
+#[ignore = "needs root: runs the daemon as uid 4242 with four capabilities (setpriv), loads BPF programs, mounts a private bpffs"]
+fn with_the_events_drop_ins_privileges_a_user_of_its_own_loads_and_pins() {
+    const UID: u32 = DROP_IN_UID;
+    let test = "with_the_events_drop_ins_privileges_a_user_of_its_own_loads_and_pins";
+    if kernel_lacks_bpf(test) {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("address").port();
+    let me = std::process::id() as i32;
+    let addr = free_addr();
+    let mut d = as_drop_in_user("ev-drop-in", me, addr, true);
+    let line = discovery_line(&mut d);
+    assert_eq!(log_field(&line, "mode"), "events", "{line}\n{}", d.log());
+    let pins = pins_of(&d);
+    assert_eq!(log_field(&line, "pins").as_str(), pins.to_str(), "{line}");
+    wait_cycles(&mut d, addr, 1.0);
+    for pin in ["daemon", "entered"] {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(pins.join(pin)).expect("pinned");
+        assert_eq!(meta.uid(), UID, "{pin} pinned by the service's user");
+    }
+
+    let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    let leak = Leak {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&server),
+        inode: fd_inode(me, std::os::fd::AsRawFd::as_raw_fd(&server)).expect("a socket"),
+        client: None,
+        closing: Instant::now(),
+        closed: {
+            drop(client);
+            Instant::now()
+        },
+    };
+    wait_until(
+        "the socket in CLOSE_WAIT (ss)",
+        || d.log(),
+        || (ss_close_wait_on_port(port) == 1).then_some(()),
+    );
+    let (samples, _, err) = scan_leaks(
+        &pins,
+        &d.dir.join("run"),
+        me,
+        std::slice::from_ref(&leak),
+        &["--port", &port.to_string()],
+    );
+    let s = &samples[&leak.fd];
+    s.assert_exact(leak.fd);
+    assert!(!err.contains("not used"), "{err}");
+    note(&format!("{test}: {line}\n{test}: {s:?}"));
+    d.daemon.stop();
+    drop(server);
 }
 
 // ---------------------------------------------------------------------------------------
