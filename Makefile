@@ -43,7 +43,7 @@ install: built
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's|/usr/bin/cwreap|$(PREFIX)/bin/cwreap|' systemd/cwreap.service > $(DESTDIR)$(UNITDIR)/cwreap.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/cwreap.service
-	@# Opt-in drop-ins (containers, destroy, escalate, ...): copied, never enabled.
+	@# Opt-in drop-ins (containers, destroy, escalate, events, ...): copied, never enabled.
 	for f in systemd/drop-ins/*.conf; do \
 		install -D -m 0644 $$f $(DROPINDIR)/$$(basename $$f); \
 	done

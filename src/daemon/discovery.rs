@@ -46,6 +46,22 @@ pub fn kernel(cfg: &Config) -> Result<Linux, UsageError> {
     if let Err(e @ (Unavailable::NoBpffs { .. } | Unavailable::PinBusy { .. })) = &loaded {
         no_pins = Some(e.to_string());
         loaded = k.enable_events(&Options::default());
+    } else if let Err(e) = &loaded
+        && with_pins.pin_dir.is_some()
+        && !matches!(
+            e,
+            Unavailable::KernelTooOld { .. }
+                | Unavailable::NoBtf { .. }
+                | Unavailable::MissingCapabilities { .. }
+        )
+    {
+        // Pinning may have been what failed (a directory the service user cannot write):
+        // the events without the pins are still worth having.
+        let why = e.to_string();
+        if k.enable_events(&Options::default()).is_ok() {
+            no_pins = Some(why);
+            loaded = Ok(());
+        }
     }
     match loaded {
         Ok(()) => {

@@ -16,6 +16,7 @@ use rustix::process::{Pid, Signal};
 use serde_json::Value;
 
 use crate::HANG_GUARD;
+use crate::bpffs::PrivateBpf;
 use crate::fold::fold_log;
 use crate::programs::cwreap_bin;
 use crate::scratch::write_policy;
@@ -25,6 +26,15 @@ pub struct Running {
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
+    /// Its private BPF filesystem ([`Running::prepare`]); unmounted after the daemon died.
+    bpf: Option<PrivateBpf>,
+}
+
+thread_local! {
+    /// The private BPF filesystem [`Running::prepare`] made, until [`Running::attach`]
+    /// takes it for the child started from that command.
+    static PREPARED_BPF: std::cell::RefCell<Option<PrivateBpf>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl Running {
@@ -42,13 +52,16 @@ impl Running {
 
     /// Make `cmd` (`cwreap run`, perhaps behind another program) run as every daemon test
     /// runs it: without the service manager's variables or RUST_LOG of the test's own
-    /// environment, stdin and stdout null, stderr piped for the log.
+    /// environment, its pins in a private BPF filesystem ([`PrivateBpf`], never the host's
+    /// /sys/fs/bpf), stdin and stdout null, stderr piped for the log. Call
+    /// [`Running::attach`] on the child, on the same thread.
     pub fn prepare(cmd: &mut Command) -> &mut Command {
         for var in [
             "NOTIFY_SOCKET",
             "WATCHDOG_USEC",
             "WATCHDOG_PID",
             "JOURNAL_STREAM",
+            "INVOCATION_ID",
             "RUST_LOG",
         ] {
             cmd.env_remove(var);
@@ -61,6 +74,9 @@ impl Running {
             "CWREAP_RUN_DIR",
             std::env::temp_dir().join(format!("cwreap-run-{}-{n}", std::process::id())),
         );
+        let bpf = PrivateBpf::new();
+        bpf.apply(cmd);
+        PREPARED_BPF.with(|p| *p.borrow_mut() = Some(bpf));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -81,7 +97,14 @@ impl Running {
             child,
             lines,
             reader: Some(reader),
+            bpf: PREPARED_BPF.with(|p| p.borrow_mut().take()),
         }
+    }
+
+    /// The private BPF filesystem its pins go to (`CWREAP_BPF_DIR`), unless the test
+    /// started it some other way.
+    pub fn bpf(&self) -> Option<&PrivateBpf> {
+        self.bpf.as_ref()
     }
 
     /// Spawn and wait until the signal handlers are in place ("cwreap started").

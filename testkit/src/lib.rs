@@ -11,6 +11,7 @@
 //! here ([`fixture::main`]).
 #![forbid(unsafe_code)]
 
+pub mod bpffs;
 pub mod daemon;
 pub mod fixture;
 pub mod fleet;
@@ -29,6 +30,7 @@ mod scratch;
 pub mod ss;
 mod terminal;
 
+pub use bpffs::{HostBpf, PrivateBpf};
 pub use daemon::{LoggedDaemon, Notify, Running, status_of};
 pub use fold::{fold, fold_log};
 pub use gate::{in_ci, skip_or_fail};

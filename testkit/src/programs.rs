@@ -75,10 +75,15 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-/// Run `cwreap ARGS` to completion.
+/// Run `cwreap ARGS` to completion, blind to any daemon's pinned entry times (a pin
+/// directory that does not exist): what it prints depends on the test alone.
 pub fn cwreap(args: &[&str]) -> Output {
     Command::new(cwreap_bin())
         .args(args)
+        .env(
+            crate::bpffs::BPF_DIR_VAR,
+            std::env::temp_dir().join("cwreap-no-pins"),
+        )
         .output()
         .expect("run cwreap")
 }

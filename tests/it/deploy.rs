@@ -58,7 +58,14 @@ fn daemonset_is_privileged_only_as_far_as_needed() {
     added.sort_unstable();
     assert_eq!(
         added,
-        ["DAC_READ_SEARCH", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
+        [
+            "BPF",
+            "DAC_READ_SEARCH",
+            "NET_ADMIN",
+            "PERFMON",
+            "SYS_ADMIN",
+            "SYS_PTRACE"
+        ]
     );
     let args: Vec<&str> = c["args"]
         .as_array()
@@ -77,6 +84,50 @@ fn daemonset_is_privileged_only_as_far_as_needed() {
     let mount = &c["volumeMounts"][0];
     assert_eq!(mount["mountPath"], "/etc/cwreap");
     assert_eq!(mount["readOnly"], true);
+}
+
+/// Events mode: the policy asks for it, the node's BPF filesystem is where the pins go, and
+/// the memory limit leaves room for loading the programs.
+#[test]
+fn daemonset_runs_in_events_mode() {
+    let docs = docs();
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("a ConfigMap");
+    let policy = cm["data"]["cwreap.yaml"].as_str().expect("cwreap.yaml");
+    let cfg = cwreap::shared::config::parse(policy, "configmap/cwreap.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.discovery, cwreap::shared::config::Discovery::Events);
+
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    let mounts = c["volumeMounts"].as_array().expect("volumeMounts");
+    let bpf = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/sys/fs/bpf")
+        .expect("the node's /sys/fs/bpf mounted");
+    assert_ne!(bpf["readOnly"], true, "the daemon pins there");
+    let volume = spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == bpf["name"])
+        .expect("the bpffs volume");
+    assert_eq!(volume["hostPath"]["path"], "/sys/fs/bpf");
+    // The daemon's own memory (P4: about 22 MiB at 20000 sockets) and the loader's 21 MiB.
+    let limit = c["resources"]["limits"]["memory"]
+        .as_str()
+        .and_then(|m| m.strip_suffix("Mi"))
+        .and_then(|m| m.parse::<u32>().ok())
+        .expect("a memory limit in Mi");
+    assert!(limit >= 22 + 21 + 32, "memory limit {limit}Mi");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["seccompProfile"]["type"], "Unconfined", "bpf() allowed");
 }
 
 /// Where deploy/Containerfile puts the binary in the runtime image, checked against its

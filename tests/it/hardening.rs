@@ -1230,8 +1230,10 @@ fn a_stalled_stderr_and_an_undrained_notify_socket_never_stop_cycles_or_sigterm(
     );
     let notify_path = scratch.path("notify");
     let _notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+    // Dropped after the child (declared first): its pins stay off the host's /sys/fs/bpf.
+    let bpf = PrivateBpf::new();
     let mut child = Killed(
-        Command::new(cwreap_bin())
+        bpf.apply(&mut Command::new(cwreap_bin()))
             .arg("run")
             .arg("--config")
             .arg(&cfg)

@@ -17,6 +17,7 @@ mod dead_leader;
 mod deploy;
 mod docs;
 mod escalate;
+mod events;
 mod explain;
 mod explain_runtimes;
 mod faults;

@@ -8,11 +8,15 @@
 //! is in the opt-in `destroy` drop-in, not in the default unit.
 
 use std::io::ErrorKind;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Best rating reachable with what cwreap needs (systemd 252); see the unit's header.
 const MAX_EXPOSURE: f64 = 1.9;
+
+/// The rating with the events drop-in (CAP_BPF, CAP_PERFMON, bpf()): 2.0 with systemd 252.
+const MAX_EXPOSURE_EVENTS: f64 = 2.1;
 
 /// Entries `systemd-analyze security` may flag, each needed by cwreap or imposed by systemd.
 const ALLOWED_EXPOSED: &[&str] = &[
@@ -229,11 +233,20 @@ fn drop_ins_add_only_what_their_feature_needs() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["containers.conf", "destroy.conf", "escalate.conf"]);
+    assert_eq!(
+        names,
+        [
+            "containers.conf",
+            "destroy.conf",
+            "escalate.conf",
+            "events.conf"
+        ]
+    );
     let expect: &[(&str, &[&str], Option<&str>)] = &[
         ("containers.conf", &["CAP_SYS_ADMIN"], Some("setns")),
         ("destroy.conf", &["CAP_NET_ADMIN"], None),
         ("escalate.conf", &["CAP_KILL", "CAP_SYS_RESOURCE"], None),
+        ("events.conf", &["CAP_BPF", "CAP_PERFMON"], Some("bpf")),
     ];
     for (name, caps, calls) in expect {
         let text = std::fs::read_to_string(dir.join(name)).expect("drop-in");
@@ -254,4 +267,163 @@ fn drop_ins_add_only_what_their_feature_needs() {
             "{name} does not say how to install it"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The events drop-in: BPF discovery under the unit.
+
+fn drop_in_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("systemd/drop-ins")
+        .join(name)
+}
+
+/// A directory of the test's own; removed on drop.
+struct TempTree(PathBuf);
+
+impl TempTree {
+    fn new(tag: &str) -> TempTree {
+        let dir = std::env::temp_dir().join(format!("cwreap-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        TempTree(dir)
+    }
+
+    /// Write `text` at `rel`, creating its directories.
+    fn put(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.0.join(rel);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+}
+
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn events_text() -> String {
+    std::fs::read_to_string(drop_in_path("events.conf")).expect("events.conf")
+}
+
+#[test]
+fn events_drop_in_opens_only_the_pin_directory_and_creates_it() {
+    let s = settings(&events_text());
+    // The pins' directory, writable though ProtectSystem=strict makes /sys read-only; "-":
+    // a host without the BPF filesystem starts the unit anyway (and polls).
+    assert_eq!(values(&s, "ReadWritePaths"), ["-/sys/fs/bpf/cwreap"]);
+    // Created before each start as root ("+"), owned by the unit's dynamic user, named
+    // after the unit; "-": its failure does not stop the unit.
+    let pre = one(&s, "ExecStartPre");
+    assert_eq!(
+        pre,
+        "-+/usr/bin/install -d -m 0700 -o cwreap -g cwreap /sys/fs/bpf/cwreap"
+    );
+    let unit = settings(&unit_text());
+    assert_eq!(one(&unit, "DynamicUser"), "yes");
+    // The default unit stays without BPF: no capability, bpf() denied with @privileged.
+    assert!(!unit_text().contains("CAP_BPF") && !unit_text().contains("CAP_PERFMON"));
+    assert!(
+        values(&unit, "SystemCallFilter")
+            .iter()
+            .any(|v| v.starts_with('~') && v.contains("@privileged")),
+        "the default unit denies @privileged (bpf among it)"
+    );
+    assert!(values(&unit, "ReadWritePaths").is_empty());
+}
+
+#[test]
+fn events_drop_in_rating_and_bpf_allowed() {
+    let tree = TempTree::new("events-rating");
+    let unit = tree.put("cwreap.service", &unit_text());
+    tree.put("cwreap.service.d/events.conf", &events_text());
+    let unit = unit.to_str().expect("UTF-8 path");
+    let Some(report) = systemd_analyze(&["security", "--offline=true", unit]) else {
+        return;
+    };
+    let exposure = overall_exposure(&report)
+        .unwrap_or_else(|| panic!("no overall exposure line in:\n{report}"));
+    let base = systemd_analyze(&[
+        "security",
+        "--offline=true",
+        unit_path().to_str().expect("UTF-8"),
+    ])
+    .and_then(|r| overall_exposure(&r))
+    .expect("the default unit's rating");
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("events_drop_in_rating_and_bpf_allowed: exposure {base} (unit) -> {exposure} (unit + events.conf)\n").as_bytes(),
+    );
+    assert!(
+        exposure <= MAX_EXPOSURE_EVENTS,
+        "with events.conf: overall exposure {exposure} > {MAX_EXPOSURE_EVENTS}:\n{report}"
+    );
+    let Some(json) = systemd_analyze(&["security", "--offline=true", "--json=short", unit]) else {
+        return;
+    };
+    let items: Vec<serde_json::Value> = serde_json::from_str(&json).expect("JSON report");
+    let exposed: Vec<&str> = items
+        .iter()
+        .filter(|i| !i["exposure"].is_null())
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    // Exactly two more entries than the default unit: what BPF needs.
+    let added = [
+        "SystemCallFilter=~@privileged",
+        "CapabilityBoundingSet=~CAP_BPF",
+    ];
+    for a in added {
+        assert!(
+            exposed.contains(&a),
+            "{a} not exposed: bpf() is not allowed?\n{report}"
+        );
+    }
+    let unexpected: Vec<&&str> = exposed
+        .iter()
+        .filter(|n| !ALLOWED_EXPOSED.contains(n) && !added.contains(n))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "newly exposed: {unexpected:?}\n{report}"
+    );
+}
+
+#[test]
+fn unit_with_events_drop_in_verifies() {
+    // A root of the test's own: the unit and drop-in where systemd reads them, and stand-ins
+    // for the programs and targets they name (verify checks that commands are executable).
+    let tree = TempTree::new("events-verify");
+    tree.put("etc/systemd/system/cwreap.service", &unit_text());
+    tree.put(
+        "etc/systemd/system/cwreap.service.d/events.conf",
+        &events_text(),
+    );
+    for t in ["sysinit", "basic", "network", "multi-user", "shutdown"] {
+        tree.put(
+            &format!("etc/systemd/system/{t}.target"),
+            &format!("[Unit]\nDescription={t}\n"),
+        );
+    }
+    for exe in ["usr/bin/cwreap", "bin/kill", "usr/bin/install"] {
+        let p = tree.put(exe, "#!/bin/sh\n");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let root = format!("--root={}", tree.0.display());
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let out = match Command::new("systemd-analyze")
+        .args(["verify", &root, "cwreap.service"])
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == ErrorKind::NotFound && !ci => return,
+        Err(e) => panic!("running systemd-analyze: {e}"),
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify ({}): {err}",
+        out.status
+    );
 }
