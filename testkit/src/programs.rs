@@ -78,14 +78,18 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 /// Run `cwreap ARGS` to completion, blind to any daemon's pinned entry times (a pin
 /// directory that does not exist): what it prints depends on the test alone.
 pub fn cwreap(args: &[&str]) -> Output {
-    Command::new(cwreap_bin())
-        .args(args)
-        .env(
-            crate::bpffs::BPF_DIR_VAR,
-            std::env::temp_dir().join("cwreap-no-pins"),
-        )
+    without_pins(Command::new(cwreap_bin()).args(args))
         .output()
         .expect("run cwreap")
+}
+
+/// `cmd` (a cwreap command line, or a shell running some) pointed at a pin directory
+/// that does not exist, so it never reads ages another daemon on the machine pinned.
+pub fn without_pins(cmd: &mut Command) -> &mut Command {
+    cmd.env(
+        crate::bpffs::BPF_DIR_VAR,
+        std::env::temp_dir().join("cwreap-no-pins"),
+    )
 }
 
 /// `cwreap ARGS`, which must exit 0; the JSON objects of its `--json` output.

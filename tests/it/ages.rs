@@ -38,8 +38,7 @@ const GO_KEEPALIVE_MS: i64 = 15_000;
 /// `cwreap ARGS` reading the daemon's published ages from `run_dir` (an empty directory:
 /// none).
 fn cwreap_with(run_dir: &Path, args: &[&str]) -> Output {
-    Command::new(cwreap_bin())
-        .args(args)
+    without_pins(Command::new(cwreap_bin()).args(args))
         .env("CWREAP_RUN_DIR", run_dir)
         .output()
         .expect("run cwreap")
