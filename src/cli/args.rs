@@ -78,6 +78,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/cwreap/cwreap.yaml";
 const RUN_EXAMPLES: &str = "Examples:
   cwreap run                                     # /etc/cwreap/cwreap.yaml
   cwreap run --config ./cwreap.yaml --dry-run    # report only, whatever the file says
+  cwreap run --pid-file /run/cwreap.pid          # then: kill -HUP \"$(cat /run/cwreap.pid)\"
   systemctl reload cwreap                        # SIGHUP: re-read the policy";
 
 const CHECK_EXAMPLES: &str = "Examples:
@@ -92,6 +93,11 @@ pub struct RunArgs {
     /// Report what would be done; never shut anything down (overrides the file)
     #[arg(long)]
     pub dry_run: bool,
+    /// Write the daemon's own pid to this file (for `kill -HUP "$(cat PATH)"`); removed at
+    /// exit. Its directory must be writable only by root or cwreap's user. (Unlike `scan`'s
+    /// and `reap`'s --pid-file, which reads a target's pid file.)
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pub pid_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

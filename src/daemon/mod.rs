@@ -16,7 +16,7 @@
 //!   [`endpoint`]: the HTTP endpoint that serves it;
 //! - [`service`]: the process around the cycles: signals (SIGHUP reload, SIGTERM/SIGINT
 //!   stop), sd_notify (READY, STATUS, WATCHDOG), the watchdog fed on progress, the metrics
-//!   endpoint; [`notify`]: sd_notify sends that never block;
+//!   endpoint; [`notify`]: sd_notify sends that never block; [`pid_file`]: `--pid-file`;
 //! - [`selftest`]: the start-up self-test; [`logging`]: the log sink (a writer thread owns
 //!   stderr).
 //!
@@ -35,6 +35,7 @@ pub mod fd_cache;
 mod logging;
 pub mod metrics;
 mod notify;
+pub mod pid_file;
 pub mod policy;
 pub mod publish;
 pub mod release;

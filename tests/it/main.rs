@@ -11,6 +11,7 @@ mod support;
 
 mod ages;
 mod bounds;
+mod check_listen;
 mod config_files;
 mod daemon;
 mod dead_leader;
@@ -34,6 +35,7 @@ mod races;
 mod readme;
 mod readme_cli;
 mod reap_close;
+mod run_pid_file;
 mod runtimes;
 mod scan_reap;
 mod selectors;
