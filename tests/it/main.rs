@@ -10,6 +10,7 @@
 mod support;
 
 mod ages;
+mod alerts;
 mod bounds;
 mod check_listen;
 mod config_files;
