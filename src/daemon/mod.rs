@@ -18,7 +18,7 @@
 //!   stop), sd_notify (READY, STATUS, WATCHDOG), the watchdog fed on progress, the metrics
 //!   endpoint; [`notify`]: sd_notify sends that never block; [`pid_file`]: `--pid-file`;
 //! - [`selftest`]: the start-up self-test; [`logging`]: the log sink (a writer thread owns
-//!   stderr).
+//!   stderr); [`journal`]: native journald entries when stderr is the journal.
 //!
 //! No output blocks a cycle: the audit log, stderr and the notify socket each have their
 //! own writer or a non-blocking send, and every wait has a deadline.
@@ -32,6 +32,7 @@ pub mod endpoint;
 pub mod engine;
 pub mod escalate;
 pub mod fd_cache;
+mod journal;
 mod logging;
 pub mod metrics;
 mod notify;

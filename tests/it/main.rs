@@ -28,6 +28,7 @@ mod incident;
 mod index;
 mod inject;
 mod inject_rseq;
+mod journald;
 mod manual;
 mod metrics;
 mod netns_destroy;
