@@ -93,9 +93,9 @@ pub struct RunArgs {
     /// Report what would be done; never shut anything down (overrides the file)
     #[arg(long)]
     pub dry_run: bool,
-    /// Write the daemon's own pid to this file (for `kill -HUP "$(cat PATH)"`); removed at
-    /// exit. Its directory must be writable only by root or cwreap's user. (Unlike `scan`'s
-    /// and `reap`'s --pid-file, which reads a target's pid file.)
+    /// Write the daemon's own pid to this file, for kill -HUP "$(cat PATH)"; removed at
+    /// exit. Its directory must be writable only by root or cwreap's user (scan and reap
+    /// --pid-file read a target's pid file instead)
     #[arg(long = "pid-file", value_name = "PATH")]
     pub pid_file: Option<std::path::PathBuf>,
 }

@@ -212,6 +212,83 @@ pub fn write_entries(mut journal: Writer<impl Subscriber>, rx: Receiver<Msg>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc::sync_channel;
+    use std::sync::{Arc, Mutex};
+
+    /// A layer that keeps the field names and values of every event it sees.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<Vec<(String, String)>>>>);
+
+    struct Names<'a>(&'a mut Vec<(String, String)>);
+
+    impl Visit for Names<'_> {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.push((field.name().to_owned(), format!("{value:?}")));
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.push((field.name().to_owned(), value.to_owned()));
+        }
+    }
+
+    impl<S: Subscriber> Layer<S> for Seen {
+        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+            let mut fields = Vec::new();
+            event.record(&mut Names(&mut fields));
+            if let Ok(mut v) = self.0.lock() {
+                v.push(fields);
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_entries_and_what_is_queued_is_replayed_renamed() {
+        let (tx, rx) = sync_channel(2);
+        let dropped = Counter::default();
+        let sub = tracing_subscriber::registry().with(Capture {
+            tx,
+            dropped: dropped.clone(),
+        });
+        tracing::subscriber::with_default(sub, || {
+            for i in 0..5 {
+                tracing::info!(
+                    target = "api",
+                    outcome = "reaped",
+                    pid = 7,
+                    unit = "x",
+                    i,
+                    "close_wait action"
+                );
+            }
+        });
+        assert_eq!(dropped.get(), 3, "never blocks: the rest is counted");
+        let seen = Seen::default();
+        let mut w = Writer {
+            subscriber: tracing_subscriber::registry().with(seen.clone()),
+            names: HashMap::new(),
+        };
+        for msg in rx.try_iter() {
+            if let Msg::Entry(e) = msg {
+                w.send(&e);
+            }
+        }
+        let seen = seen.0.lock().expect("seen").clone();
+        assert_eq!(seen.len(), 2);
+        let want = |i: &str| -> Vec<(String, String)> {
+            [
+                ("message", "close_wait action"),
+                ("cwreap_target", "api"),
+                ("outcome", "reaped"),
+                ("pid", "7"),
+                ("cwreap_unit", "x"),
+                ("i", i),
+            ]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+        };
+        assert_eq!(seen[0], want("0"));
+        assert_eq!(seen[1], want("1"));
+    }
 
     #[test]
     fn the_policy_target_and_the_journals_own_names_are_renamed() {
