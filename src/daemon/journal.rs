@@ -29,7 +29,13 @@ use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 
-use super::logging::Msg;
+/// What the log writer thread takes (see [`super::logging`]): a formatted line for stderr,
+/// an entry for the journal, or a flush to answer once everything before it is written.
+pub enum Msg {
+    Line(Vec<u8>),
+    Entry(Entry),
+    Flush(SyncSender<()>),
+}
 
 /// The journal field of the policy target.
 pub const TARGET_FIELD: &str = "cwreap_target";
@@ -216,8 +222,10 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     /// A layer that keeps the field names and values of every event it sees.
+    type Fields = Vec<(String, String)>;
+
     #[derive(Clone, Default)]
-    struct Seen(Arc<Mutex<Vec<Vec<(String, String)>>>>);
+    struct Seen(Arc<Mutex<Vec<Fields>>>);
 
     struct Names<'a>(&'a mut Vec<(String, String)>);
 
@@ -273,7 +281,7 @@ mod tests {
         }
         let seen = seen.0.lock().expect("seen").clone();
         assert_eq!(seen.len(), 2);
-        let want = |i: &str| -> Vec<(String, String)> {
+        let want = |i: &str| -> Fields {
             [
                 ("message", "close_wait action"),
                 ("cwreap_target", "api"),

@@ -19,18 +19,11 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 
+use super::journal::Msg;
 use crate::shared::config::LogFormat;
 
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
-
-pub(super) enum Msg {
-    Line(Vec<u8>),
-    /// An event for the journal (see [`super::journal`]).
-    Entry(super::journal::Entry),
-    /// Answered once every line before it is written.
-    Flush(SyncSender<()>),
-}
 
 /// The writer's queue, for [`flush`].
 static QUEUE_TX: OnceLock<SyncSender<Msg>> = OnceLock::new();
