@@ -134,7 +134,7 @@ pub struct Selectors {
     /// Only this process
     #[arg(long = "pid", value_name = "PID", value_parser = values::parse_pid, help_heading = "Selectors")]
     pub pids: Vec<i32>,
-    /// Only the process whose pid this file holds (read once)
+    /// Only the process whose pid this file holds (read once, never written)
     #[arg(long = "pid-file", value_name = "PATH", value_parser = values::parse_absolute_path, help_heading = "Selectors")]
     pub pid_files: Vec<PathBuf>,
     /// Only processes whose name (/proc/PID/comm) matches this regex
