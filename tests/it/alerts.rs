@@ -63,7 +63,7 @@ fn the_forecast_gauge_is_within_ten_percent_of_the_real_time_to_emfile() {
     let mut d = LoggedDaemon::start(
         "alerts-forecast",
         &format!(
-            "interval: 1s\ndry_run: true\nmetrics: {{listen: \"{listen}\"}}\ntargets:\n  - name: leak\n    match: {{pid: {}}}\n    older_than: 1h\n    action: log\n",
+            "interval: 1s\ndry_run: true\ndiscovery: poll\nmetrics: {{listen: \"{listen}\"}}\ntargets:\n  - name: leak\n    match: {{pid: {}}}\n    older_than: 1h\n    action: log\n",
             server.pid()
         ),
     );

@@ -51,7 +51,7 @@ fn check_accepts_the_address_a_running_cwreap_serves() {
     let mut d = LoggedDaemon::start(
         "check-listen-daemon",
         &format!(
-            "interval: 1s\ndry_run: true\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - {{name: t, match: {{comm: '^no-such-process$'}}, older_than: 1m}}\n"
+            "interval: 1s\ndry_run: true\ndiscovery: poll\nmetrics: {{listen: \"{addr}\"}}\ntargets:\n  - {{name: t, match: {{comm: '^no-such-process$'}}, older_than: 1m}}\n"
         ),
     );
     d.wait_for("the metrics endpoint", |_| {

@@ -10,10 +10,10 @@ use rustix::process::{Pid, Signal, kill_process};
 
 use crate::support::*;
 
-const POLICY: &str = "interval: 300ms\ndry_run: false\nmetrics: {listen: off}\n\
+const POLICY: &str = "interval: 300ms\ndry_run: false\ndiscovery: poll\nmetrics: {listen: off}\n\
 targets:\n  - {name: one, match: {comm: '^no-such-process$'}, older_than: 1m}\n";
 
-const TWO_DRY: &str = "interval: 300ms\ndry_run: true\nmetrics: {listen: off}\n\
+const TWO_DRY: &str = "interval: 300ms\ndry_run: true\ndiscovery: poll\nmetrics: {listen: off}\n\
 targets:\n  - {name: one, match: {comm: '^no-such-process$'}, older_than: 1m}\n  \
 - {name: two, match: {comm: '^no-such-either$'}, older_than: 1m}\n";
 
