@@ -68,6 +68,8 @@ fn the_forecast_gauge_is_within_ten_percent_of_the_real_time_to_emfile() {
         ),
     );
     let series = "cwreap_emfile_forecast_seconds{target=\"leak\"}";
+    // (fd usage ratio, warning gauge) of every scrape: the warning is set at 80 %.
+    let mut usage: Vec<(f64, f64)> = Vec::new();
     // (end of the cycle, its forecast), one per cycle, until the server hits EMFILE.
     let mut seen: Vec<(f64, f64)> = Vec::new();
     let mut first_cycle = None;
@@ -86,6 +88,12 @@ fn the_forecast_gauge_is_within_ten_percent_of_the_real_time_to_emfile() {
             continue;
         };
         first_cycle.get_or_insert(cycle_at);
+        if let (Some(r), Some(w)) = (
+            sample(&text, "cwreap_process_fd_usage_ratio{target=\"leak\"}"),
+            sample(&text, "cwreap_fd_usage_warning{target=\"leak\"}"),
+        ) {
+            usage.push((r, w));
+        }
         if let Some(f) = sample(&text, series)
             && seen.last().is_none_or(|(t, _)| *t != cycle_at)
         {
@@ -125,6 +133,19 @@ fn the_forecast_gauge_is_within_ten_percent_of_the_real_time_to_emfile() {
         "{} forecasts judged, worst error {:+.1} % of the time to EMFILE",
         judged.len(),
         100.0 * worst
+    );
+    // The warning gauge of the same daemon: 0 below 70 %, 1 from 80 % on (the fds only
+    // grow here), and set at all before EMFILE.
+    for &(ratio, warning) in &usage {
+        if ratio >= 0.8 {
+            assert_eq!(warning, 1.0, "at {ratio}: {usage:?}");
+        } else if ratio < 0.7 {
+            assert_eq!(warning, 0.0, "at {ratio}: {usage:?}");
+        }
+    }
+    assert!(
+        usage.iter().any(|&(_, w)| w == 1.0),
+        "the warning never set before EMFILE: {usage:?}"
     );
     assert!(
         worst.abs() <= 0.10,

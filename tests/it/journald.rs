@@ -2,8 +2,9 @@
 //! namespace of its own where /run/systemd/journal is this test's directory, whose
 //! `socket` is a Unix datagram socket the test bound and reads; its stderr is a file whose
 //! device and inode `JOURNAL_STREAM` names, as systemd sets them. The test parses the
-//! native protocol (`KEY=value` lines, the binary length-prefixed form, and an entry too
-//! large for a datagram, which comes as a memfd with SCM_RIGHTS) and filters entries as
+//! native protocol (`KEY=value` lines, the binary length-prefixed form, and takes an entry
+//! too large for a datagram, which comes as a memfd with SCM_RIGHTS, though the daemon's
+//! entries here are small) and filters entries as
 //! `journalctl CWREAP_TARGET=<target> OUTCOME=reaped` would: two targets, real CLOSE_WAIT
 //! sockets, and each filter selects exactly the sockets reaped in that target.
 
