@@ -297,3 +297,47 @@ fn journal_entries_filter_by_policy_target_and_outcome() {
     // Everything went to the journal, nothing to stderr.
     assert_eq!(log(), "", "stderr");
 }
+
+#[test]
+#[ignore = "needs root: a mount namespace hides the host's /run/systemd/journal"]
+fn without_a_journal_socket_the_daemon_logs_text_lines_to_stderr() {
+    let scratch = Scratch::new("journald-none", 0o700);
+    let cfg = scratch.path("cwreap.yaml");
+    write_policy(
+        &cfg,
+        "interval: 300ms\ndry_run: true\ndiscovery: poll\nmetrics: {listen: off}\ntargets:\n  - {name: alpha, match: {comm: '^no-such-process$'}, older_than: 1m}\n",
+    );
+    let stderr_path = scratch.path("stderr");
+    let stderr = File::create(&stderr_path).expect("stderr file");
+    let meta = stderr.metadata().expect("stat");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "set -e; if [ -d /run/systemd ]; then m=/run/systemd; else m=/run; fi; \
+             mount -t tmpfs cwreap-test \"$m\"; exec \"$1\" run --config \"$2\"",
+        )
+        .arg("sh")
+        .arg(cwreap_bin())
+        .arg(&cfg);
+    Running::prepare(&mut cmd);
+    cmd.stderr(Stdio::from(stderr))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    let mut daemon = Killed(cmd.spawn().expect("spawn unshare … cwreap run"));
+    let log = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log().contains("cwreap started") {
+        if let Ok(Some(status)) = daemon.0.try_wait() {
+            panic!("cwreap run exited ({status}); stderr:\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "no start-up line:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = log();
+    let line = text
+        .lines()
+        .find(|l| l.contains("cwreap started"))
+        .expect("the start-up line");
+    // A text line, without a timestamp (journald stamps lines itself).
+    assert!(line.trim_start().starts_with("INFO"), "{line}");
+    assert!(line.contains("targets=1"), "{line}");
+}
