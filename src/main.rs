@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         Command::Scan(args) => commands::scan(args, &mut out, &mut err),
         Command::Reap(args) => commands::reap(args, &mut out, &mut err),
         Command::Explain(args) => commands::explain(args, &mut out, &mut err),
-        Command::Run(args) => cwreap::daemon::run(&args.config, args.dry_run).map(|()| Status::Ok),
+        Command::Run(args) => {
+            cwreap::daemon::run(&args.config, args.dry_run, args.pid_file.as_deref())
+                .map(|()| Status::Ok)
+        }
         Command::Check(args) => commands::check(&args.config, &mut out, &mut err),
         Command::Completions(args) => {
             cwreap::cli::manual::completions(args.shell, &mut out);

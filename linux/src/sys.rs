@@ -279,6 +279,8 @@ pub enum Capability {
     Kill,
     /// SOCK_DESTROY.
     NetAdmin,
+    /// bind(2) to a port below net.ipv4.ip_unprivileged_port_start.
+    NetBindService,
     /// setns(2) into another network namespace.
     SysAdmin,
     /// pidfd_getfd(2) and ptrace of other users' processes.
@@ -294,6 +296,7 @@ impl Capability {
             Capability::DacReadSearch => "CAP_DAC_READ_SEARCH",
             Capability::Kill => "CAP_KILL",
             Capability::NetAdmin => "CAP_NET_ADMIN",
+            Capability::NetBindService => "CAP_NET_BIND_SERVICE",
             Capability::SysAdmin => "CAP_SYS_ADMIN",
             Capability::SysPtrace => "CAP_SYS_PTRACE",
             Capability::SysResource => "CAP_SYS_RESOURCE",
@@ -305,6 +308,7 @@ impl Capability {
             Capability::DacReadSearch => CapabilitySet::DAC_READ_SEARCH,
             Capability::Kill => CapabilitySet::KILL,
             Capability::NetAdmin => CapabilitySet::NET_ADMIN,
+            Capability::NetBindService => CapabilitySet::NET_BIND_SERVICE,
             Capability::SysAdmin => CapabilitySet::SYS_ADMIN,
             Capability::SysPtrace => CapabilitySet::SYS_PTRACE,
             Capability::SysResource => CapabilitySet::SYS_RESOURCE,
@@ -321,6 +325,16 @@ impl std::fmt::Display for Capability {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The lowest port a process without CAP_NET_BIND_SERVICE may bind
+/// (net.ipv4.ip_unprivileged_port_start of this network namespace; 1024 when unreadable,
+/// the kernel's default).
+pub fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 /// This process's effective uid.

@@ -78,6 +78,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/cwreap/cwreap.yaml";
 const RUN_EXAMPLES: &str = "Examples:
   cwreap run                                     # /etc/cwreap/cwreap.yaml
   cwreap run --config ./cwreap.yaml --dry-run    # report only, whatever the file says
+  cwreap run --pid-file /run/cwreap.pid          # then: kill -HUP \"$(cat /run/cwreap.pid)\"
   systemctl reload cwreap                        # SIGHUP: re-read the policy";
 
 const CHECK_EXAMPLES: &str = "Examples:
@@ -92,6 +93,11 @@ pub struct RunArgs {
     /// Report what would be done; never shut anything down (overrides the file)
     #[arg(long)]
     pub dry_run: bool,
+    /// Write the daemon's own pid to this file, for kill -HUP "$(cat PATH)"; removed at
+    /// exit. Its directory must be writable only by root or cwreap's user (scan and reap
+    /// --pid-file read a target's pid file instead)
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pub pid_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -128,7 +134,7 @@ pub struct Selectors {
     /// Only this process
     #[arg(long = "pid", value_name = "PID", value_parser = values::parse_pid, help_heading = "Selectors")]
     pub pids: Vec<i32>,
-    /// Only the process whose pid this file holds (read once)
+    /// Only the process whose pid this file holds (read once, never written)
     #[arg(long = "pid-file", value_name = "PATH", value_parser = values::parse_absolute_path, help_heading = "Selectors")]
     pub pid_files: Vec<PathBuf>,
     /// Only processes whose name (/proc/PID/comm) matches this regex

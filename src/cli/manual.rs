@@ -154,7 +154,10 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
                 "dry_run",
                 "true: report what would be done, touch nothing. Default true.",
             ),
-            ("log_format", "text or json. Default text."),
+            (
+                "log_format",
+                "text or json, for lines on stderr. Default text. When stderr is the journal, entries go to journald with every field a journal field (see cwreap(8), JOURNAL_STREAM) whatever this says.",
+            ),
             (
                 "audit_log",
                 "Absolute path of a JSON Lines file getting one line per action (event action), per release check (event fd_release), and, before a cycle changes any socket, one per socket it will act on (event intent), synced to disk first so a killed daemon leaves a record of every socket it touched. Lines are always whole: a torn last line (crash, full disk) is cut off; lost records count in cwreap_audit_write_errors_total. Every directory on the path must belong to root or the daemon's uid and not be writable by group or others unless sticky; the file is never followed as a symlink and must be a regular file (created mode 0600; a missing directory is created mode 0750). Reopened on SIGHUP, for logrotate (nocreate, then reload). Optional.",

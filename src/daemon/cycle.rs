@@ -250,14 +250,31 @@ pub fn gauges<H>(
             .first()
             .and_then(|&t| cfg.targets.get(t))
             .map_or("", |t| t.name.as_str());
-        if let Some(w) = headroom.check(*pid, p.open_fds, p.nofile_soft) {
-            let pct = match w {
-                HeadroomWarning::Above80 => 80,
-                HeadroomWarning::Above95 => 95,
-            };
-            warn!(target = %tname, pid = *pid, comm = %p.comm, open_fds = p.open_fds,
-                fd_limit = p.nofile_soft.unwrap_or(0), threshold_pct = pct,
-                "process is close to its fd limit (RLIMIT_NOFILE): accept() will fail with EMFILE");
+        let fd_limit = p.nofile_soft.unwrap_or(0);
+        match headroom.check(*pid, p.open_fds, p.nofile_soft) {
+            Some(HeadroomWarning::Cleared) => {
+                info!(target = %tname, pid = *pid, comm = %p.comm, open_fds = p.open_fds,
+                    fd_limit, threshold_pct = policy::CLEAR_PCT,
+                    "process is back below 70 % of its fd limit: the fd-usage warning is cleared");
+            }
+            Some(w) => {
+                let pct = if w == HeadroomWarning::Above95 {
+                    95
+                } else {
+                    policy::WARN_PCT
+                };
+                warn!(target = %tname, pid = *pid, comm = %p.comm, open_fds = p.open_fds,
+                    fd_limit, threshold_pct = pct,
+                    "process is close to its fd limit (RLIMIT_NOFILE): accept() will fail with EMFILE");
+            }
+            None => {}
+        }
+        if headroom.warning(*pid) {
+            for &t in ts {
+                if let Some(g) = gauges.get_mut(t) {
+                    g.fd_warning = true;
+                }
+            }
         }
     }
     for (t, g) in cfg.targets.iter().zip(gauges) {

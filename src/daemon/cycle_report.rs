@@ -116,6 +116,12 @@ pub struct TargetGauges {
     /// The process nearest its fd limit: (open fds, soft limit); limit 0 when none is known.
     /// A sum over processes would hide the one about to fail.
     pub fullest: (usize, u64),
+    /// The soonest EMFILE forecast over the target's processes, in ms; None when none of
+    /// them grows (or none has a limit, or only one sample is known).
+    pub emfile_in_ms: Option<u64>,
+    /// Whether one of its processes is in the fd-usage warning: above 80 % of its limit
+    /// and not back below 70 % since.
+    pub fd_warning: bool,
 }
 
 impl TargetGauges {

@@ -114,6 +114,7 @@ impl Escalations {
         self.done.retain(|pid, _| r.targets.contains_key(pid));
         self.history.retain(|pid, _| r.targets.contains_key(pid));
         self.said.retain(|(pid, _, _)| r.targets.contains_key(pid));
+        self.sample(r, report);
         for (&pid, ts) in r.targets {
             let Some((t, target)) = ts.iter().find_map(|&t| {
                 r.cfg
@@ -134,12 +135,10 @@ impl Escalations {
             else {
                 continue;
             };
-            let history = self.history.entry(pid).or_default();
-            if history.0 != start {
-                *history = (start, FdHistory::default());
-            }
-            history.1.push(r.now, process.open_fds);
-            let history = history.1.clone();
+            let history = match self.history.get(&pid) {
+                Some((s, h)) if *s == start => h.clone(),
+                _ => FdHistory::default(),
+            };
             let leaking = r.selected.get(&(pid, t)).copied().unwrap_or(0)
                 + r.dead_held.get(&(pid, t)).copied().unwrap_or(0);
             if leaking < target.min_close_wait as usize {
@@ -210,6 +209,40 @@ impl Escalations {
             let mut modes = modes;
             modes.set(dry_run, now_done);
             self.done.insert(pid, (start, modes));
+        }
+    }
+
+    /// This cycle's sample of the open fds of every process of a target (escalating or
+    /// not), and per target the soonest EMFILE forecast of its processes (the estimator
+    /// `explain` uses: growth over the last minute, carried to the soft limit read this
+    /// cycle). A pid reused by another process starts a new history.
+    fn sample<K: Kernel>(&mut self, r: &Round<'_, K>, report: &mut CycleReport) {
+        for (&pid, ts) in r.targets {
+            let Some(process) = r.snap.processes.get(&pid) else {
+                continue;
+            };
+            let Ok(start) = r.kernel.start_time(pid) else {
+                continue;
+            };
+            let history = self.history.entry(pid).or_default();
+            if history.0 != start {
+                *history = (start, FdHistory::default());
+            }
+            history.1.push(r.now, process.open_fds);
+            let Some(secs) = history.1.emfile_in_s(process.nofile_soft) else {
+                continue;
+            };
+            let ms = (secs * 1000.0).min(u64::MAX as f64) as u64;
+            for &t in ts {
+                if let Some(g) = r
+                    .cfg
+                    .targets
+                    .get(t)
+                    .and_then(|target| report.targets.get_mut(&target.name))
+                {
+                    g.emfile_in_ms = Some(g.emfile_in_ms.map_or(ms, |m| m.min(ms)));
+                }
+            }
         }
     }
 

@@ -1,4 +1,6 @@
-//! The log sink: text or JSON lines on stderr; under journald without timestamps.
+//! The log sink: text or JSON lines on stderr; when stderr is the journal, entries with
+//! every field a journal field through journald's native protocol ([`super::journal`]),
+//! or, if its socket does not answer, text lines without timestamps.
 //!
 //! One writer thread owns stderr. tracing's fmt layer formats each event into a line and
 //! only enqueues it on a bounded channel, so a stalled reader of stderr (a full pipe, a
@@ -17,16 +19,11 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 
+use super::journal::Msg;
 use crate::shared::config::LogFormat;
 
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
-
-enum Msg {
-    Line(Vec<u8>),
-    /// Answered once every line before it is written.
-    Flush(SyncSender<()>),
-}
 
 /// The writer's queue, for [`flush`].
 static QUEUE_TX: OnceLock<SyncSender<Msg>> = OnceLock::new();
@@ -35,6 +32,26 @@ pub(super) fn init(format: LogFormat, dropped: Counter) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&io::stderr());
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    if super::journal::stderr_is_journal()
+        && let Some(journal) = super::journal::connect()
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let (tx, rx) = sync_channel(QUEUE);
+        let started = std::thread::Builder::new()
+            .name("cwreap-log".into())
+            .spawn(move || super::journal::write_entries(journal, rx));
+        if started.is_ok() {
+            let _ = QUEUE_TX.set(tx.clone());
+            let capture = super::journal::Capture { tx, dropped };
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(capture)
+                .try_init();
+            return;
+        }
+    }
     let Some(sink) = Sink::start(dropped) else {
         // No fd 2 to duplicate: nowhere to log.
         return;
@@ -45,7 +62,6 @@ pub(super) fn init(format: LogFormat, dropped: Counter) {
         .with_ansi(ansi)
         .with_target(false);
     // journald stamps every line itself.
-    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let _ = match (format, under_journal) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
         (LogFormat::Text, true) => builder.without_time().try_init(),
@@ -144,6 +160,7 @@ fn write_lines(mut out: File, rx: Receiver<Msg>, dropped: Counter) {
                     lines += 1;
                 }
                 Msg::Flush(ack) => acks.push(ack),
+                Msg::Entry(_) => {}
             }
             if buf.len() < BATCH {
                 next = rx.try_recv().ok();
@@ -180,7 +197,7 @@ mod tests {
             .try_iter()
             .filter_map(|m| match m {
                 Msg::Line(l) => Some(l),
-                Msg::Flush(_) => None,
+                Msg::Flush(_) | Msg::Entry(_) => None,
             })
             .collect();
         assert_eq!(kept, [b"line 0\n".to_vec(), b"line 1\n".to_vec()]);

@@ -68,6 +68,8 @@ struct Inner {
     fd_limit: Family<TargetLabels, Gauge>,
     new_close_wait: Family<TargetLabels, Counter>,
     fd_usage: Family<TargetLabels, GaugeF>,
+    emfile_forecast: Family<TargetLabels, GaugeF>,
+    fd_warning: Family<TargetLabels, Gauge>,
     dead_held: Family<TargetLabels, Gauge>,
     cycle_duration: Histogram,
     cycle_errors: Family<ErrorLabels, Counter>,
@@ -168,6 +170,18 @@ impl Metrics {
             "cwreap_process_fd_usage_ratio",
             "Open fds / soft RLIMIT_NOFILE of the target's process nearest its limit (0 when none is known)",
             fd_usage.clone(),
+        );
+        let emfile_forecast = Family::default();
+        registry.register(
+            "cwreap_emfile_forecast_seconds",
+            "Seconds until the first of the target's processes runs out of fds (EMFILE) at the growth of its open fds over the last minute (the estimator of `cwreap explain`); no series while none of them grows",
+            emfile_forecast.clone(),
+        );
+        let fd_warning = Family::default();
+        registry.register(
+            "cwreap_fd_usage_warning",
+            "1 while one of the target's processes is above 80 % of its fd limit and has not fallen below 70 % since (hysteresis: fds swinging around 80 % do not flap), else 0",
+            fd_warning.clone(),
         );
         let dead_held = Family::default();
         registry.register(
@@ -281,6 +295,8 @@ impl Metrics {
                 fd_limit,
                 new_close_wait,
                 fd_usage,
+                emfile_forecast,
+                fd_warning,
                 dead_held,
                 cycle_duration,
                 cycle_errors,
@@ -339,6 +355,8 @@ impl Metrics {
         m.open_fds.clear();
         m.fd_limit.clear();
         m.fd_usage.clear();
+        m.emfile_forecast.clear();
+        m.fd_warning.clear();
         m.dead_held.clear();
         for (name, g) in &report.targets {
             let l = TargetLabels {
@@ -349,6 +367,10 @@ impl Metrics {
             m.open_fds.get_or_create(&l).set(g.open_fds as i64);
             m.fd_limit.get_or_create(&l).set(g.fd_limit as i64);
             m.fd_usage.get_or_create(&l).set(g.fd_usage_ratio());
+            if let Some(ms) = g.emfile_in_ms {
+                m.emfile_forecast.get_or_create(&l).set(ms as f64 / 1000.0);
+            }
+            m.fd_warning.get_or_create(&l).set(i64::from(g.fd_warning));
             m.dead_held
                 .get_or_create(&l)
                 .set(i64::try_from(g.dead_held).unwrap_or(i64::MAX));
@@ -434,6 +456,8 @@ mod tests {
                 new_close_wait: 2,
                 dead_held: 4,
                 fullest: (30, 120),
+                emfile_in_ms: Some(1_800_500),
+                fd_warning: true,
             },
         );
         r.outcomes
@@ -455,6 +479,8 @@ mod tests {
             "cwreap_close_wait_new_total{target=\"api\"} 4",
             "cwreap_process_fd_usage_ratio{target=\"api\"} 0.25",
             "cwreap_dead_sockets_held{target=\"api\"} 4",
+            "cwreap_emfile_forecast_seconds{target=\"api\"} 1800.5",
+            "cwreap_fd_usage_warning{target=\"api\"} 1",
             "cwreap_cycle_errors_total{kind=\"netlink\"} 2",
             "cwreap_escalations_total{target=\"api\",kind=\"signal\"} 2",
             "cwreap_cycle_duration_seconds_count 2",
@@ -473,5 +499,11 @@ mod tests {
             !m.render()
                 .contains("cwreap_close_wait_sockets{target=\"api\"}")
         );
+        // No leak, no forecast series.
+        r.targets.get_mut("api").expect("api").emfile_in_ms = None;
+        m.observe(&r);
+        let text = m.render();
+        assert!(!text.contains("cwreap_emfile_forecast_seconds{"), "{text}");
+        assert!(text.contains("cwreap_fd_usage_warning{target=\"api\"} 1"));
     }
 }

@@ -16,9 +16,9 @@
 //!   [`endpoint`]: the HTTP endpoint that serves it;
 //! - [`service`]: the process around the cycles: signals (SIGHUP reload, SIGTERM/SIGINT
 //!   stop), sd_notify (READY, STATUS, WATCHDOG), the watchdog fed on progress, the metrics
-//!   endpoint; [`notify`]: sd_notify sends that never block;
+//!   endpoint; [`notify`]: sd_notify sends that never block; [`pid_file`]: `--pid-file`;
 //! - [`selftest`]: the start-up self-test; [`logging`]: the log sink (a writer thread owns
-//!   stderr).
+//!   stderr); [`journal`]: native journald entries when stderr is the journal.
 //!
 //! No output blocks a cycle: the audit log, stderr and the notify socket each have their
 //! own writer or a non-blocking send, and every wait has a deadline.
@@ -32,9 +32,11 @@ pub mod endpoint;
 pub mod engine;
 pub mod escalate;
 pub mod fd_cache;
+mod journal;
 mod logging;
 pub mod metrics;
 mod notify;
+pub mod pid_file;
 pub mod policy;
 pub mod publish;
 pub mod release;

@@ -167,7 +167,9 @@ impl RateLimiter {
     }
 }
 
-/// fd headroom warnings: once at 80 %, once more at 95 %, re-armed below 80 %.
+/// fd headroom warnings, with hysteresis so that fds swinging around a threshold give one
+/// line, not one per swing: a warning above 80 %, then none again until the process fell
+/// below 70 % (said once: cleared); one more above 95 %, re-armed below 90 %.
 #[derive(Debug, Default)]
 pub struct Headroom {
     level: HashMap<i32, u8>,
@@ -177,27 +179,34 @@ pub struct Headroom {
 pub enum HeadroomWarning {
     Above80,
     Above95,
+    /// Back below 70 % after a warning.
+    Cleared,
 }
+
+/// Percent of the limit at and above which the warning is set; below [`CLEAR_PCT`] it is
+/// cleared.
+pub const WARN_PCT: u64 = 80;
+pub const CLEAR_PCT: u64 = 70;
 
 impl Headroom {
     pub fn check(&mut self, pid: i32, open: usize, limit: Option<u64>) -> Option<HeadroomWarning> {
         let limit = limit.filter(|l| *l > 0)?;
         let pct = (open as u64).saturating_mul(100) / limit;
         let level = self.level.entry(pid).or_insert(0);
-        let new = if pct >= 95 {
-            2
-        } else if pct >= 80 {
-            (*level).max(1)
-        } else {
-            0
-        };
-        let warn = match (new > *level, new) {
-            (true, 2) => Some(HeadroomWarning::Above95),
-            (true, 1) => Some(HeadroomWarning::Above80),
-            _ => None,
+        let (new, said) = match (*level, pct) {
+            (l, 95..) if l < 2 => (2, Some(HeadroomWarning::Above95)),
+            (0, WARN_PCT..) => (1, Some(HeadroomWarning::Above80)),
+            (1 | 2, ..CLEAR_PCT) => (0, Some(HeadroomWarning::Cleared)),
+            (2, ..90) => (1, None),
+            (l, _) => (l, None),
         };
         *level = new;
-        warn
+        said
+    }
+
+    /// Whether `pid` is in the warning (above 80 %, not below 70 % since).
+    pub fn warning(&self, pid: i32) -> bool {
+        self.level.get(&pid).is_some_and(|l| *l > 0)
     }
 
     /// Forget processes that are gone.
@@ -617,24 +626,36 @@ targets:
     }
 
     #[test]
-    fn headroom_warns_once_per_level() {
+    fn headroom_warns_once_per_crossing_with_hysteresis() {
         let mut h = Headroom::default();
         assert_eq!(h.check(1, 700, Some(1000)), None);
+        assert!(!h.warning(1));
         assert_eq!(h.check(1, 800, Some(1000)), Some(HeadroomWarning::Above80));
-        assert_eq!(h.check(1, 850, Some(1000)), None);
+        assert!(h.warning(1));
+        // Swinging around 80 %: no new line, still in the warning.
+        for open in [790, 810, 750, 820, 700, 799] {
+            assert_eq!(h.check(1, open, Some(1000)), None, "at {open}");
+            assert!(h.warning(1), "at {open}");
+        }
         assert_eq!(h.check(1, 960, Some(1000)), Some(HeadroomWarning::Above95));
         assert_eq!(h.check(1, 990, Some(1000)), None);
         assert_eq!(
-            h.check(1, 900, Some(1000)),
+            h.check(1, 940, Some(1000)),
             None,
             "no new warning going down"
         );
-        assert_eq!(h.check(1, 100, Some(1000)), None);
+        assert_eq!(h.check(1, 960, Some(1000)), None, "95 % re-arms below 90 %");
+        assert_eq!(h.check(1, 890, Some(1000)), None);
+        assert_eq!(h.check(1, 960, Some(1000)), Some(HeadroomWarning::Above95));
+        assert_eq!(h.check(1, 699, Some(1000)), Some(HeadroomWarning::Cleared));
+        assert!(!h.warning(1));
+        assert_eq!(h.check(1, 600, Some(1000)), None, "cleared once");
         assert_eq!(
             h.check(1, 990, Some(1000)),
             Some(HeadroomWarning::Above95),
             "re-armed"
         );
         assert_eq!(h.check(2, 10, None), None, "unlimited never warns");
+        assert!(!h.warning(2));
     }
 }

@@ -21,6 +21,7 @@ use cwreap_linux::kernel::Linux;
 use super::audit::AuditLog;
 use super::engine::Daemon;
 use super::notify::Notifier;
+use super::pid_file::PidFile;
 use super::{logging, self_test};
 use crate::daemon::cycle_report::CycleReport;
 use crate::daemon::metrics::Metrics;
@@ -33,7 +34,9 @@ const STOP_CYCLE: Duration = Duration::from_millis(400);
 const STOP_FLUSH: Duration = Duration::from_millis(200);
 
 /// `cwreap run`: load, self-test, notify READY, then cycle until SIGTERM/SIGINT.
-pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
+/// With `pid_file`, the daemon's pid is written there once SIGHUP is handled (a `kill
+/// -HUP` never finds it unprepared) and removed at a clean exit.
+pub fn run(config_path: &Path, force_dry_run: bool, pid_file: Option<&Path>) -> Result<()> {
     cwreap_linux::sys::limit_heap_growth();
     // systemd's default soft limit is 1024, and every metrics client holds an fd for up to
     // its deadline: a local flood of idle connections would otherwise leave cycles without
@@ -65,12 +68,17 @@ pub fn run(config_path: &Path, force_dry_run: bool) -> Result<()> {
             tokio::spawn(crate::daemon::endpoint::serve(listener, metrics.clone()));
         }
         let notifier = Notifier::from_env(health.notify_dropped.clone());
-        main_loop(daemon, config_path.to_path_buf(), metrics, notifier).await
+        main_loop(daemon, config_path.to_path_buf(), metrics, notifier, pid_file).await
     });
     // After SIGTERM a cycle may still be running on the blocking pool (the stop flag is
     // only checked between actions, and `shutdown` already gave it its time): dropping the
     // runtime would join that thread, however long the cycle takes.
     rt.shutdown_background();
+    let result = result.map(|written: Option<PidFile>| {
+        if let Some(f) = written {
+            f.remove();
+        }
+    });
     finish(&audit);
     result
 }
@@ -154,7 +162,8 @@ async fn main_loop(
     config_path: PathBuf,
     metrics: Metrics,
     notifier: Notifier,
-) -> Result<()> {
+    pid_file: Option<&Path>,
+) -> Result<Option<PidFile>> {
     let mut svc = Service {
         notifier,
         watchdog: sd_notify::watchdog_enabled(),
@@ -164,6 +173,10 @@ async fn main_loop(
         term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
         int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
     };
+    let written = match pid_file {
+        Some(path) => Some(PidFile::write(path).map_err(UsageError)?),
+        None => None,
+    };
     info!(
         config = %config_path.display(),
         dry_run = daemon.dry_run(),
@@ -171,6 +184,7 @@ async fn main_loop(
         discovery = daemon.discovery_mode(),
         targets = daemon.cfg().targets.len(),
         target_names = %daemon.cfg().target_names(5),
+        pid_file = %written.as_ref().map_or(String::new(), |f| f.path().display().to_string()),
         "cwreap started"
     );
     svc.notify(&[NotifyState::Ready]);
@@ -183,7 +197,7 @@ async fn main_loop(
             })
             .await?
         else {
-            return Ok(());
+            return Ok(written);
         };
         daemon = d;
         cycle_done(&svc, &metrics, &report);
@@ -204,13 +218,13 @@ async fn main_loop(
                 }
                 _ = svc.hup.recv() => {
                     let Some(d) = reload(&mut svc, daemon, &config_path).await? else {
-                        return Ok(());
+                        return Ok(written);
                     };
                     daemon = d;
                     break;
                 }
-                _ = svc.term.recv() => { svc.stopping("SIGTERM"); daemon.withdraw(); return Ok(()); }
-                _ = svc.int.recv() => { svc.stopping("SIGINT"); daemon.withdraw(); return Ok(()); }
+                _ = svc.term.recv() => { svc.stopping("SIGTERM"); daemon.withdraw(); return Ok(written); }
+                _ = svc.int.recv() => { svc.stopping("SIGINT"); daemon.withdraw(); return Ok(written); }
             }
         }
     }
@@ -241,7 +255,9 @@ async fn reload(
         .blocking(daemon, move |d: &mut Daemon<Linux>, _: &AtomicBool| {
             match load_config(&path) {
                 Ok(cfg) => match d.reload(cfg) {
-                    Ok(()) => info!(config = %path.display(), "config reloaded"),
+                    Ok(()) => info!(config = %path.display(), dry_run = d.dry_run(),
+                        targets = d.cfg().targets.len(), target_names = %d.cfg().target_names(5),
+                        "config reloaded"),
                     Err(e) => error!(error = %format!("{e:#}"), "config reload failed; keeping the previous config"),
                 },
                 Err(e) => error!(error = %e, "config reload rejected; keeping the previous config"),

@@ -2096,3 +2096,90 @@ fn every_policy_check_accepts_runs_three_cycles() {
         "both kinds drawn: {accepted} accepted, {refused} refused"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// fd usage: the warning's hysteresis and the EMFILE forecast.
+
+/// Give process `pid` exactly `n` open fds that are not sockets (fds 100 on).
+fn set_files(k: &FakeKernel, pid: i32, n: usize) {
+    k.with(|w| {
+        if let Some(p) = w.processes.get_mut(&pid) {
+            p.fds.retain(|_, f| !matches!(f, Fd::File));
+            for i in 0..n {
+                p.fds.insert(100 + i32::try_from(i).unwrap_or(0), Fd::File);
+            }
+        }
+    });
+}
+
+#[test]
+fn the_fd_usage_warning_is_set_above_80_and_cleared_only_below_70_one_line_per_crossing() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(50).limits(100, 100));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    let warned = "process is close to its fd limit (RLIMIT_NOFILE): accept() will fail with EMFILE";
+    let cleared = "process is back below 70 % of its fd limit: the fd-usage warning is cleared";
+    let metrics = super::metrics::Metrics::new();
+    let (mut warnings, mut clears, mut states) = (0, 0, Vec::new());
+    // fds swinging around 80 % of the limit, then below 70 %, then up again.
+    for n in [50, 79, 80, 78, 81, 72, 79, 80, 70, 69, 75, 79, 80] {
+        set_files(d.kernel(), API, n);
+        d.kernel().advance(Duration::from_secs(5));
+        let (r, events) = cycle_logged(&mut d);
+        warnings += messages(&events, warned).len();
+        clears += messages(&events, cleared).len();
+        let g = r.targets.get("api").copied().expect("gauges");
+        states.push(g.fd_warning);
+        metrics.observe(&r);
+        let gauge = format!(
+            "cwreap_fd_usage_warning{{target=\"api\"}} {}",
+            u8::from(g.fd_warning)
+        );
+        assert!(metrics.render().contains(&gauge), "at {n}: {gauge}");
+    }
+    assert_eq!(
+        states,
+        [
+            false, false, true, true, true, true, true, true, true, false, false, false, true
+        ]
+    );
+    assert_eq!((warnings, clears), (2, 1), "one line per crossing");
+}
+
+#[test]
+fn the_emfile_forecast_is_the_soonest_over_the_targets_processes() {
+    let k = FakeKernel::new();
+    k.spawn(Process::new(API, "api").files(100).limits(1000, 1000));
+    k.spawn(Process::new(WEB, "api").files(100).limits(4000, 4000));
+    let t = "name: api\nmatch: {comm: api}\nolder_than: 1h\naction: shutdown";
+    let mut d = daemon(k, &policy("", &[t]));
+    let forecast = |r: &CycleReport| r.targets.get("api").and_then(|g| g.emfile_in_ms);
+    assert_eq!(forecast(&cycle(&mut d)), None, "one sample: no forecast");
+    d.kernel().advance(Duration::from_secs(5));
+    assert_eq!(forecast(&cycle(&mut d)), None, "flat: no forecast");
+    // API leaks 2 fds/s, WEB 4 fds/s with four times the room: API runs out first.
+    for i in 1..=5usize {
+        set_files(d.kernel(), API, 100 + 10 * i);
+        set_files(d.kernel(), WEB, 100 + 20 * i);
+        d.kernel().advance(Duration::from_secs(5));
+        let r = cycle(&mut d);
+        // API: the fds left at its growth since the first sample (10·i fds in 5·(i+1) s).
+        let i = i as f64;
+        let expect_ms = (1000.0 - (100.0 + 10.0 * i)) / (10.0 * i / (5.0 * (i + 1.0))) * 1000.0;
+        let got = forecast(&r).expect("a forecast") as f64;
+        assert!(
+            (got - expect_ms).abs() <= 1.0,
+            "cycle {i}: {got} ms, not {expect_ms}"
+        );
+    }
+    let metrics = super::metrics::Metrics::new();
+    let r = after(&mut d, 5);
+    metrics.observe(&r);
+    assert!(
+        metrics
+            .render()
+            .contains("cwreap_emfile_forecast_seconds{target=\"api\"} "),
+        "{}",
+        metrics.render()
+    );
+}

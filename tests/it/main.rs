@@ -10,7 +10,9 @@
 mod support;
 
 mod ages;
+mod alerts;
 mod bounds;
+mod check_listen;
 mod config_files;
 mod daemon;
 mod dead_leader;
@@ -27,6 +29,7 @@ mod incident;
 mod index;
 mod inject;
 mod inject_rseq;
+mod journald;
 mod manual;
 mod metrics;
 mod netns_destroy;
@@ -35,6 +38,7 @@ mod races;
 mod readme;
 mod readme_cli;
 mod reap_close;
+mod run_pid_file;
 mod runtimes;
 mod scan_reap;
 mod selectors;

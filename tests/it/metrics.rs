@@ -262,6 +262,9 @@ fn alert_rules_are_valid_and_use_our_metrics() {
         "CwreapReapedFdsStillHeld",
         "CwreapNotCycling",
         "CwreapFdLimitIn4h",
+        "CwreapEmfileSoon",
+        "CwreapFdUsageWarning",
+        "CwreapEscalated",
     ] {
         assert!(names.contains(&want), "missing alert {want}");
     }
@@ -270,7 +273,17 @@ fn alert_rules_are_valid_and_use_our_metrics() {
     let mut report = cwreap::daemon::cycle_report::CycleReport::default();
     report.targets.insert(
         "t".into(),
-        cwreap::daemon::cycle_report::TargetGauges::default(),
+        cwreap::daemon::cycle_report::TargetGauges {
+            emfile_in_ms: Some(60_000),
+            ..Default::default()
+        },
+    );
+    report.escalations.insert(
+        (
+            "t".into(),
+            cwreap::daemon::cycle_report::EscalationKind::Signal,
+        ),
+        1,
     );
     report.outcomes.insert(
         (
@@ -302,6 +315,9 @@ fn alert_rules_are_valid_and_use_our_metrics() {
         "cwreap_cycle_errors_total",
         "cwreap_last_cycle_timestamp_seconds",
         "cwreap_build_info",
+        "cwreap_emfile_forecast_seconds",
+        "cwreap_fd_usage_warning",
+        "cwreap_escalations_total",
     ];
     for r in &rules {
         for word in r

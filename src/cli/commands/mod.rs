@@ -3,6 +3,7 @@
 //! edge: errors carry context here, and usage errors become exit code 2.
 
 mod check;
+mod check_listen;
 mod close;
 pub mod common;
 mod explain;

@@ -95,7 +95,10 @@ count), \fBleak_per_min\fR, \fBemfile_in_s\fR, \fBopen_fds\fR, \fBfd_limit\fR,
 .TP
 .B SIGHUP
 \fBcwreap run\fR reads the policy again (an invalid one is logged and the old one kept) and
-reopens the audit log, as logrotate needs (\fBsystemctl reload cwreap\fR sends it).
+reopens the audit log, as logrotate needs (\fBsystemctl reload cwreap\fR sends it; without
+systemd, \fBkill -HUP "$(cat PATH)"\fR with \fBrun --pid-file PATH\fR). The
+\fBconfig reloaded\fR line gives the effective \fBdry_run\fR and the number of
+\fBtargets\fR.
 .TP
 .B SIGTERM, SIGINT
 \fBcwreap run\fR stops within a second, whatever it is doing. \fBscan --watch\fR and
@@ -173,8 +176,22 @@ Log lines and sd_notify messages dropped because nobody was reading.
 .B cwreap_metrics_refused_connections_total, cwreap_metrics_connections_evicted_total
 Metrics connections closed unserved, and idle ones closed to make room.
 .TP
+.B cwreap_emfile_forecast_seconds{target}
+Seconds until the first of the target's processes runs out of fds (EMFILE) at the growth of
+its open fds over the last minute (the estimator of \fBexplain\fR); the smallest over its
+processes. No series while none of them grows.
+.TP
+.B cwreap_fd_usage_warning{target}
+1 while a process of the target is above 80% of its fd limit and has not fallen below 70%
+since (hysteresis computed by cwreap, one log line per crossing), else 0.
+.TP
 .B cwreap_build_info{version}
 Always 1.
+.PP
+/usr/share/doc/cwreap/cwreap.rules.yml (config/cwreap.rules.yml) alerts on them:
+\fBCwreapEmfileSoon\fR (forecast under an hour for 5 minutes), \fBCwreapFdUsageHigh\fR (the
+fullest process over 90%), \fBCwreapFdUsageWarning\fR (the warning gauge),
+\fBCwreapEscalated\fR (an escalation in the last 15 minutes), and others.
 .SH FILES
 .TP
 .B /etc/cwreap/cwreap.yaml
@@ -198,7 +215,10 @@ Read to attribute sockets to processes; sockets themselves are read over NETLINK
 never /proc/net/tcp.
 .TP
 .B PID files
-Named by \fBpid_file\fR or \fB--pid-file\fR: read, never written.
+Named by \fBpid_file\fR or \fBscan\fR/\fBreap --pid-file\fR: read, never written.
+\fBrun --pid-file PATH\fR writes the daemon's own pid there (mode 0644, through a new file
+renamed over PATH, in a directory only root or cwreap's user may write) once SIGHUP is
+handled, and removes it at a clean exit if it still holds that pid.
 .TP
 .B /lib/systemd/system/cwreap.service, /usr/share/cwreap/drop-ins/
 The unit and its opt-in drop-ins (installed, never enabled by the package).
@@ -215,6 +235,15 @@ Where the daemon pins its BPF maps (default /sys/fs/bpf/cwreap).
 .TP
 .B NO_COLOR
 Set and not empty: no colours on a terminal.
+.TP
+.B JOURNAL_STREAM
+Set by systemd to the device and inode of the journal stream. When it names stderr,
+\fBrun\fR logs through journald's native protocol: every field of an event is a journal
+field in upper case (\fBOUTCOME\fR, \fBACTION\fR, \fBPID\fR, \fBFD\fR, \fBDRY_RUN\fR, ...),
+the policy target is \fBCWREAP_TARGET\fR (\fBTARGET\fR is the module path), a field named as
+one the journal reserves gets a \fBCWREAP_\fR prefix, and each entry has \fBMESSAGE\fR,
+\fBPRIORITY\fR, \fBCODE_FILE\fR, \fBCODE_LINE\fR and \fBSYSLOG_IDENTIFIER\fR=cwreap:
+\fBjournalctl -u cwreap CWREAP_TARGET=api OUTCOME=reaped\fR.
 .TP
 .B NOTIFY_SOCKET
 systemd's notification socket (Type=notify): READY=1, STATUS=, WATCHDOG=1.
