@@ -125,6 +125,17 @@ impl EventFeed {
         self.tracked.contains_key(&key)
     }
 
+    /// The sockets tracked as in CLOSE_WAIT now.
+    pub fn tracked(&self) -> impl Iterator<Item = &DiagSocket> {
+        self.tracked.values()
+    }
+
+    /// Wait until events are queued or `timeout` passes; true when some are (an event loop
+    /// that cycles on events rather than on a clock).
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> std::io::Result<bool> {
+        self.events.wait(timeout)
+    }
+
     /// How many sockets are tracked as in CLOSE_WAIT now.
     pub fn tracked_len(&self) -> usize {
         self.tracked.len()
