@@ -14,6 +14,8 @@
 //!   and VmRSS as a child, and the idle cycle, in-process; run before the fixture starts.
 //! * P6 `cwreap explain --json` over all processes vs `cwreap scan --json`: the epoll sets
 //!   of the servers (every connection registered) read on top of a scan.
+//! * P2e, P7, P1b, the burst and the events-mode daemon's RSS: discovery from the kernel's
+//!   events (BPF) against polling and `ss` (see `scale/events.rs`).
 //! * `--scaling`: P1 and P2 at N = M = 1k, 10k, 50k.
 //! * `--targets T`: only P5, with T targets (no fixture).
 //! * `--dead-probe`: only P1d.
@@ -39,6 +41,8 @@ use cwreap_testkit::{Killed, LoggedDaemon, Notify, cwreap_bin, status_kib};
 // Not benches/dead.rs: cargo would take that for a benchmark of its own.
 #[path = "scale/dead.rs"]
 mod dead;
+#[path = "scale/events.rs"]
+mod events;
 
 const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--unix U] [--reps R] [--scaling] [--smoke] [--targets T] [--dead-probe] [--hold]
   --n N        CLOSE_WAIT connections (default 20000)
@@ -198,6 +202,21 @@ fn run(args: &Args) -> Result<()> {
         rows.extend(dead::p1d(&mut fleet, args.unix, P1D_DEAD, args.reps, &log)?);
         rows.push(p5_explain(&fleet, cwreap, args.reps, &log)?);
         rows.push(p2_cycle(&fleet, args.reps, &log)?);
+        rows.extend(events::p2e(&fleet, args.reps, &log)?);
+        let (samples, interval) = if args.smoke {
+            (3, Duration::from_millis(200))
+        } else {
+            (20, Duration::from_secs(1))
+        };
+        rows.extend(events::p7(&fleet, samples, interval, &log)?);
+        rows.extend(events::p1b(&fleet, cwreap, args.reps, &log)?);
+        let (changes, over) = if args.smoke {
+            (2_000, Duration::from_secs(1))
+        } else {
+            (100_000, Duration::from_secs(10))
+        };
+        rows.push(events::burst(&fleet, changes, over, &log)?);
+        rows.push(events::rss(&fleet, &log)?);
         let cycles = if args.smoke { 3 } else { 20 };
         rows.extend(p4_daemon(&fleet, cycles, &log)?);
         rows.extend(p3_reap(&mut fleet, cwreap, args.reps, &log)?);

@@ -35,6 +35,7 @@ static __u64 (*const bpf_ktime_get_boot_ns)(void) = (void *)125;
 static long (*const bpf_seq_write)(struct seq_file *m, const void *data, __u32 len) = (void *)127;
 static void *(*const bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
 static void (*const bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
+static long (*const bpf_probe_read_kernel)(void *dst, __u32 size, const void *src) = (void *)113;
 static struct socket *(*const bpf_sock_from_file)(struct file *file) = (void *)162;
 
 /* Record kinds of struct cw_event. */
@@ -64,7 +65,8 @@ struct cw_event {
 _Static_assert(sizeof(struct cw_event) == 64, "cw_event is 64 bytes in user space too");
 
 /*
- * One iterator record (parsed in linux/src/bpf/iter.rs), 32 bytes.
+ * One iterator record (parsed in linux/src/bpf/iter.rs), 40 bytes: a socket fd, or an
+ * epoll fd (kind CW_FD_EPOLL: only tgid, tid, fd and start_ns are set).
  */
 struct cw_task_sock {
 	__u32 tgid;     /* process */
@@ -76,9 +78,15 @@ struct cw_task_sock {
 	__u16 protocol;
 	__u16 type;     /* SOCK_STREAM, SOCK_DGRAM, ... */
 	__u8 state;     /* TCP state numbering; meaningful for TCP */
-	__u8 _pad;
+	__u8 kind;      /* CW_FD_SOCKET or CW_FD_EPOLL */
+	__u64 start_ns; /* the thread-group leader's start, CLOCK_BOOTTIME ns (field 22 of
+			 * /proc/PID/stat is this in clock ticks): tells the process from a
+			 * later one that got its pid */
 };
-_Static_assert(sizeof(struct cw_task_sock) == 32, "cw_task_sock is 32 bytes in user space too");
+_Static_assert(sizeof(struct cw_task_sock) == 40, "cw_task_sock is 40 bytes in user space too");
+
+#define CW_FD_SOCKET 0
+#define CW_FD_EPOLL 1
 
 /*
  * The daemon's identity next to its pinned map (written only by user space, never by a
@@ -252,7 +260,23 @@ int cw_destroy(__u64 *ctx)
 	return 0;
 }
 
-/* One record per socket fd of every process, in one pass over the task list. */
+/* An epoll instance's file is an anonymous inode's, named "[eventpoll]" (/proc/PID/fd shows
+ * "anon_inode:[eventpoll]"). */
+static __always_inline int cw_is_epoll(struct file *file)
+{
+	static const char want[12] = "[eventpoll]";
+	char name[12];
+	const unsigned char *n = file->f_path.dentry->d_name.name;
+
+	if (bpf_probe_read_kernel(name, sizeof(name), n) != 0)
+		return 0;
+	for (int i = 0; i < 12; i++)
+		if (name[i] != want[i])
+			return 0;
+	return 1;
+}
+
+/* One record per socket fd and epoll fd of every process, in one pass over the task list. */
 SEC("iter/task_file")
 int cw_task_file(struct bpf_iter__task_file *ctx)
 {
@@ -268,22 +292,29 @@ int cw_task_file(struct bpf_iter__task_file *ctx)
 	if (task->pid != task->tgid && task->files == task->group_leader->files)
 		return 0;
 
-	struct socket *sock = bpf_sock_from_file(file);
-
-	if (!sock)
-		return 0;
-	struct sock *sk = sock->sk;
-
-	/* A socket being released has no sock any more. */
-	if (!sk)
-		return 0;
-
 	struct cw_task_sock r;
 
 	__builtin_memset(&r, 0, sizeof(r));
 	r.tgid = task->tgid;
 	r.tid = task->pid;
 	r.fd = ctx->fd;
+	r.start_ns = task->group_leader->start_boottime;
+
+	struct socket *sock = bpf_sock_from_file(file);
+
+	if (!sock) {
+		if (!cw_is_epoll(file))
+			return 0;
+		r.kind = CW_FD_EPOLL;
+		bpf_seq_write(seq, &r, sizeof(r));
+		return 0;
+	}
+	struct sock *sk = sock->sk;
+
+	/* A socket being released has no sock any more. */
+	if (!sk)
+		return 0;
+	r.kind = CW_FD_SOCKET;
 	r.netns = cw_netns(sk);
 	r.inode = file->f_inode->i_ino;
 	r.family = sk->__sk_common.skc_family;

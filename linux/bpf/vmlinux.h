@@ -82,7 +82,27 @@ struct inode {
 	unsigned long i_ino;
 };
 
+struct qstr {
+	const unsigned char *name;
+};
+
+struct dentry {
+	struct qstr d_name;
+};
+
+struct vfsmount;
+
+struct path {
+	struct vfsmount *mnt;
+	struct dentry *dentry;
+};
+
+/* f_path is const inside an anonymous union since Linux 6.12. */
 struct file {
+	union {
+		const struct path f_path;
+		struct path __f_path;
+	};
 	struct inode *f_inode;
 };
 
@@ -91,6 +111,7 @@ struct files_struct;
 struct task_struct {
 	pid_t pid;
 	pid_t tgid;
+	__u64 start_boottime;
 	struct task_struct *group_leader;
 	struct files_struct *files;
 };

@@ -365,16 +365,20 @@ impl<K: Kernel> Daemon<K> {
         }
     }
 
-    /// Attribution from the cache; only changed targets' fd tables are read again.
+    /// Attribution from the cache: only changed tables are read (see [`FdIndex`]).
     fn attribute(&mut self, pids: &[i32], report: &mut CycleReport) -> Snapshot<Arc<K::Process>> {
         let found = self.tracker.found();
-        let mut refresh = self.cache.refresh(&self.kernel, &self.kernel, pids);
+        let (k, unowned, due) = (&mut self.kernel, &self.unowned, self.probe_all);
+        let listed = (k.mode() == "events") // a snapshot this cycle (due) lists again
+            .then(|| self.cache.refresh_listed(k, pids, &found, unowned, due))
+            .flatten();
+        let mut refresh =
+            listed.unwrap_or_else(|| self.cache.refresh(&self.kernel, &self.kernel, pids));
         // A CLOSE_WAIT socket of a target's uid that no known target fd holds, not seen
-        // last cycle: a target may have reused an fd number for it (same fd count, so the
-        // cache could not tell). Read the tables again once. Sockets of other processes
-        // are remembered as unowned, so they cost this only when they first appear; a
-        // target that changed uid since creating the socket waits for the next full
-        // refresh.
+        // last cycle: a target may have reused an fd number for it (same fd count). Read
+        // the tables again once. Other processes' sockets are remembered as unowned, so
+        // they cost this only when they first appear; a target that changed uid since
+        // creating the socket waits for the next full refresh.
         let uids = self.cache.uids();
         let fresh = found.close_wait.iter().any(|s| {
             s.inode != 0

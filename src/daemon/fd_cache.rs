@@ -5,9 +5,23 @@
 //! thread its entry was read through (see [`crate::shared::attribute::read_fds`]); when that thread
 //! goes too, the count fails and the table is read again through another.
 //!
-//! A target's fd table is read again only when the process is new, when its number of open
-//! fds changed (the size of /proc/PID/fd, one stat), and on every `FULL_EVERY`-th cycle as
-//! a backstop. Each read pins the process with a pidfd first and checks it is still alive
+//! Polling: a target's fd table is read again only when the process is new, when its
+//! number of open fds changed (the size of /proc/PID/fd, one stat), and on every
+//! `FULL_EVERY`-th cycle as a backstop.
+//!
+//! Events (discovery from the kernel's events, [`FdIndex::refresh_listed`]): the fd tables
+//! come from one pass of the BPF socket iterator over every process, and only
+//! - at start and at each reconciliation (every 10 minutes, and after an event loss),
+//! - when a socket entered CLOSE_WAIT that no known fd holds (and was not already found
+//!   unowned), or a new target process appeared.
+//!
+//! Between those, a cycle reads no fd table and runs no pass: it uses what is cached, and
+//! only counts each target's open fds (one stat each). Where the iterator cannot be used,
+//! the polling rules apply.
+//!
+//! Each read pins the process with a pidfd first; a table from the iterator is used only
+//! once the pinned process's start time is the one the pass saw (see
+//! [`crate::shared::attribute::table_from_host`]), and the process is checked still alive
 //! after. The cache only decides what to try: every action re-verifies the socket through
 //! that pidfd (inode, cookie, TCP state), so a stale entry can cost a skip, never a wrong
 //! shutdown.
@@ -17,9 +31,10 @@ use std::sync::Arc;
 
 use crate::shared::attribute::{
     Direction, Holder, Observed, Process, Snapshot, SocketFd, WalkStats, listener_ref, read_fds,
+    table_from_host,
 };
-use cwreap_linux::kernel::Effects;
 use cwreap_linux::kernel::ProcRead;
+use cwreap_linux::kernel::{Effects, HostFds, ListFds};
 use cwreap_linux::netns::Found;
 
 /// Re-read every target's fd table this often (in cycles), whatever the counts say.
@@ -44,6 +59,10 @@ pub struct FdIndex<P> {
     entries: HashMap<i32, Entry<P>>,
     by_inode: HashMap<u64, Vec<Holder>>,
     cycles: u32,
+    /// Why the socket iterator could not be used, once said.
+    unlisted: Option<String>,
+    /// Passes of the socket iterator run.
+    pub listings: u64,
 }
 
 impl<P> Default for FdIndex<P> {
@@ -52,6 +71,8 @@ impl<P> Default for FdIndex<P> {
             entries: HashMap::new(),
             by_inode: HashMap::new(),
             cycles: 0,
+            unlisted: None,
+            listings: 0,
         }
     }
 }
@@ -75,7 +96,8 @@ impl<P> FdIndex<P> {
     ) -> Refresh {
         let full = self.cycles.is_multiple_of(FULL_EVERY);
         self.cycles = self.cycles.wrapping_add(1);
-        self.update(proc, os, pids, full)
+        let how = if full { Reread::All } else { Reread::Changed };
+        self.update(proc, os, pids, how)
     }
 
     /// Read every target's fd table again now, whatever the counts say: a target that
@@ -87,7 +109,45 @@ impl<P> FdIndex<P> {
         os: &O,
         pids: &[i32],
     ) -> Refresh {
-        self.update(proc, os, pids, true)
+        self.update(proc, os, pids, Reread::All)
+    }
+
+    /// Events mode: bring the index up to date from the socket iterator when due (`due`:
+    /// at start and each reconciliation; or a socket of `found` that no known fd holds and
+    /// not in `unowned`; or a target not in the index), else keep it and count open fds
+    /// only. None when the iterator cannot be used (said once): refresh as when polling.
+    pub fn refresh_listed<K: ListFds + ProcRead + Effects<Process = P>>(
+        &mut self,
+        k: &mut K,
+        pids: &[i32],
+        found: &cwreap_linux::netns::Found,
+        unowned: &HashSet<u64>,
+        due: bool,
+    ) -> Option<Refresh> {
+        if self.unlisted.is_some() {
+            return None;
+        }
+        let due = due
+            || pids.iter().any(|p| !self.entries.contains_key(p))
+            || found
+                .close_wait
+                .iter()
+                .any(|s| s.inode != 0 && !self.knows(s.inode) && !unowned.contains(&s.inode));
+        if !due {
+            return Some(self.update(&*k, &*k, pids, Reread::None));
+        }
+        match k.host_fds() {
+            Ok(host) => {
+                self.listings += 1;
+                Some(self.update(&*k, &*k, pids, Reread::Listed(&host)))
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why,
+                    "the BPF socket iterator cannot be used; fd tables are read from /proc");
+                self.unlisted = Some(why);
+                None
+            }
+        }
     }
 
     /// The uids of the targets in the index.
@@ -128,8 +188,9 @@ impl<P> FdIndex<P> {
         proc: &impl ProcRead,
         os: &O,
         pids: &[i32],
-        full: bool,
+        how: Reread,
     ) -> Refresh {
+        let full = matches!(how, Reread::All | Reread::Listed(_));
         let mut out = Refresh {
             full,
             ..Refresh::default()
@@ -140,15 +201,23 @@ impl<P> FdIndex<P> {
         for &pid in pids {
             let thread = self.entries.get(&pid).and_then(|e| e.via);
             let count = fd_count(proc, pid, thread);
-            if let Some(e) = self.entries.get_mut(&pid)
-                && !full
-                && count.is_some_and(|c| c == e.fd_count)
-            {
-                continue;
+            if let Some(e) = self.entries.get_mut(&pid) {
+                let keep = match how {
+                    Reread::None => true,
+                    Reread::Changed => count.is_some_and(|c| c == e.fd_count),
+                    Reread::All | Reread::Listed(_) => false,
+                };
+                if keep {
+                    continue;
+                }
             }
             changed = true;
             out.walked += 1;
-            match read_pinned(proc, os, pid) {
+            let host = match how {
+                Reread::Listed(h) => Some(h),
+                _ => None,
+            };
+            match read_pinned(proc, os, pid, host) {
                 Ok((process, sockets)) => {
                     // Compare like with like next time: the stat count taken before the
                     // walk (it can differ from the number of entries read by one or two),
@@ -250,19 +319,38 @@ impl<P> FdIndex<P> {
     }
 }
 
+/// Which fd tables [`FdIndex::update`] reads again (new targets are always read).
+#[derive(Clone, Copy)]
+enum Reread<'h> {
+    /// None: events mode between listings.
+    None,
+    /// Those whose open-fd count changed.
+    Changed,
+    /// Every target's, from /proc.
+    All,
+    /// Every target's, from this listing (checked per process; /proc for one it cannot
+    /// vouch for).
+    Listed(&'h HostFds),
+}
+
 /// A process read under its pidfd, with its socket fds (fd, inode).
 type ReadProcess<P> = (Process<Arc<P>>, Vec<(i32, u64)>);
 
-/// Pin `pid` with a pidfd, then read its name and fd table, and check it is still the
-/// same process.
+/// Pin `pid` with a pidfd, then read its name and fd table (from `host` when it vouches for
+/// the process pinned), and check it is still the same process.
 fn read_pinned<O: Effects>(
     proc: &impl ProcRead,
     os: &O,
     pid: i32,
+    host: Option<&HostFds>,
 ) -> std::io::Result<ReadProcess<O::Process>> {
     let mut handle = os.open_process(pid)?;
     let comm = proc.comm(pid)?;
-    let (table, thread) = read_fds(proc, Some(os), Some(&mut handle), pid)?;
+    let listed = host.and_then(|h| table_from_host(proc, Some(os), Some(&mut handle), pid, h));
+    let (table, thread) = match listed {
+        Some(read) => read?,
+        None => read_fds(proc, Some(os), Some(&mut handle), pid)?,
+    };
     let process = Process {
         pid,
         comm,

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 
 use cwreap_linux::kernel::Effects;
+use cwreap_linux::kernel::HostFds;
 use cwreap_linux::kernel::ProcRead;
 use cwreap_linux::netlink::DiagSocket;
 use cwreap_linux::netns::Found;
@@ -24,7 +25,9 @@ use cwreap_linux::kernel::Boottime;
 use crate::shared::age::{self, Age, Clues};
 use crate::shared::selector::Selector;
 
+mod host;
 mod read;
+pub use host::table_from_host;
 use read::read_fds_from;
 pub use read::{process_facts, read_cmdline, read_fds, read_pid_files};
 
@@ -240,6 +243,10 @@ pub struct Attributor<'a, P: ProcRead, O: Effects> {
     pub os: Option<&'a O>,
     /// Never attribute to (and so never act on) this pid: cwreap itself.
     pub self_pid: i32,
+    /// Every process's socket fds listed at once (the BPF iterator), when available: the
+    /// processes are then read from it instead of their /proc/PID/fd, each checked to be
+    /// the process pinned ([`host`]).
+    pub host: Option<&'a HostFds>,
 }
 
 impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
@@ -293,6 +300,18 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
             return snap;
         }
 
+        if let Some(host) = self.host {
+            // Every process that holds a socket in question (all with sockets when looking
+            // for dead ones), whatever its uid: the listing has them all already.
+            for (&pid, p) in &host.procs {
+                let wanted =
+                    scope.dead || p.sockets.iter().any(|(_, ino)| by_inode.contains_key(ino));
+                if pid != self.self_pid && wanted {
+                    let _ = self.walk(pid, scope, &by_inode, &mut snap, false);
+                }
+            }
+            return snap;
+        }
         let Ok(all) = self.proc.pids() else {
             return snap;
         };
@@ -355,7 +374,14 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         let Some((mut handle, comm)) = self.admit(pid, scope, snap)? else {
             return Ok(0);
         };
-        let (table, thread) = match read_fds(self.proc, self.os, handle.as_mut(), pid) {
+        let listed = self
+            .host
+            .and_then(|host| table_from_host(self.proc, self.os, handle.as_mut(), pid, host));
+        let read = match listed {
+            Some(r) => r,
+            None => read_fds(self.proc, self.os, handle.as_mut(), pid),
+        };
+        let (table, thread) = match read {
             Ok(t) => t,
             Err(e) => {
                 count_failure(snap, pid, &e);

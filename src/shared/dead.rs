@@ -208,6 +208,7 @@ mod tests {
             proc: &*k,
             os: pin.then_some(&*k),
             self_pid: 1,
+            host: None,
         }
         .attribute(found, &scope)
     }

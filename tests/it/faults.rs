@@ -161,6 +161,7 @@ fn never_acts_on_its_own_process_even_when_the_policy_names_it() {
         proc: &proc,
         os: Some(&os),
         self_pid: me,
+        host: None,
     }
     .attribute(
         found,

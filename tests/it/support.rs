@@ -18,6 +18,7 @@ pub fn attribute(pid: i32, os: &RealOs) -> Snapshot<Pinned> {
         proc: &proc,
         os: Some(os),
         self_pid: std::process::id() as i32,
+        host: None,
     }
     .attribute(
         cwreap_linux::netns::Found {

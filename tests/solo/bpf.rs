@@ -883,3 +883,222 @@ fn figures_load_cost_and_iterator_against_proc() {
     );
     assert_eq!(own, proc_count);
 }
+
+/// The parent pid of `pid` (field 4 of /proc/PID/stat).
+fn ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Threads of this process (sharing its fd table) that each open sockets in several states
+/// and an epoll instance, then block until `done` closes; their sockets stay open until
+/// then. Returns what they hold, as (fd, inode), once all are ready.
+fn threads_holding_sockets(
+    listener: &TcpListener,
+    threads: usize,
+    done: &std::sync::Arc<std::sync::Barrier>,
+) -> (Vec<std::thread::JoinHandle<()>>, Vec<(i32, u64)>) {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<(i32, u64)>>();
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let addr = listener.local_addr().unwrap();
+        let tx = tx.clone();
+        let done = done.clone();
+        handles.push(std::thread::spawn(move || {
+            // A client in ESTABLISHED, a listener, a fresh socket (CLOSE), an epoll fd.
+            let client = TcpStream::connect(addr).unwrap();
+            let own = TcpListener::bind("127.0.0.1:0").unwrap();
+            let fresh = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let ep =
+                rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC).unwrap();
+            let ino = |fd: &dyn AsFd| (fd.as_fd().as_raw_fd(), sys::inode(fd.as_fd()).unwrap());
+            let held = vec![ino(&client), ino(&own), ino(&fresh)];
+            tx.send(held).unwrap();
+            done.wait();
+            drop((client, own, fresh, ep));
+        }));
+    }
+    drop(tx);
+    let mut held = Vec::new();
+    for _ in 0..threads {
+        held.extend(rx.recv_timeout(DEADLINE).unwrap());
+    }
+    (handles, held)
+}
+
+#[test]
+#[ignore = "needs root: loads BPF programs and reads other processes' fd tables"]
+fn iterator_attribution_equals_the_proc_walk() {
+    use cwreap_linux::kernel::fds::from_iterator;
+    use cwreap_linux::kernel::{FdSource, ListFds, ProcWalk};
+    use cwreap_linux::procfs::ProcFs;
+    let _g = serial();
+    // Several processes holding sockets in every state: three fleets, each a server process
+    // (CLOSE_WAIT and ESTABLISHED server ends, a listener, unix socketpairs, dead TCP
+    // sockets) and a client process (ESTABLISHED and FIN_WAIT2 client ends).
+    let mut fleets: Vec<cwreap_testkit::fleet::Fleet> = (0..3)
+        .map(|i| cwreap_testkit::fleet::Fleet::start(300 + 100 * i, 200).unwrap())
+        .collect();
+    for f in &mut fleets {
+        f.set_extras(40, 10).unwrap();
+    }
+    // This process: accepted ends and threads that share its table.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let done = std::sync::Arc::new(std::sync::Barrier::new(5));
+    let (threads, by_threads) = threads_holding_sockets(&listener, 4, &done);
+    let accepted: Vec<TcpStream> = (0..4).map(|_| listener.accept().unwrap().0).collect();
+    let epoll = rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC).unwrap();
+
+    let me = i32::try_from(std::process::id()).unwrap();
+    let mut iter = SocketIter::load().unwrap();
+    let raw = iter.pass().unwrap();
+    let from_iter = from_iterator(raw.clone());
+    let proc = ProcFs::default();
+    let from_proc = ProcWalk(&proc).host_fds().unwrap();
+    assert_eq!(
+        (from_iter.source, from_proc.source),
+        (FdSource::Iterator, FdSource::Proc)
+    );
+
+    // The threads sharing this table are not listed again under their own tids.
+    assert!(
+        raw.sockets
+            .iter()
+            .all(|s| s.pid != me as u32 || s.tid == me as u32),
+        "a thread sharing the leader's table repeated its fds"
+    );
+    // The processes compared: this one and the fleets' (children of this process).
+    let ours: Vec<i32> = from_proc
+        .procs
+        .keys()
+        .copied()
+        .filter(|&p| p == me || ppid(p) == Some(me))
+        .collect();
+    assert!(
+        ours.len() >= 7,
+        "this process and 6 fixture processes: {ours:?}"
+    );
+    let mut compared = 0;
+    for pid in &ours {
+        let (a, b) = (&from_iter.procs.get(pid), &from_proc.procs.get(pid));
+        assert_eq!(a, b, "pid {pid}: iterator against /proc/{pid}/fd");
+        compared += a.map_or(0, |p| p.sockets.len());
+    }
+    let mine = &from_iter.procs[&me];
+    for fd in by_threads.iter().chain(
+        accepted
+            .iter()
+            .map(|s| (s.as_raw_fd(), sys::inode(s.as_fd()).unwrap()))
+            .collect::<Vec<_>>()
+            .iter(),
+    ) {
+        assert!(
+            mine.sockets.contains(fd),
+            "fd {fd:?} of this process not listed"
+        );
+    }
+    assert!(mine.epoll.contains(&epoll.as_raw_fd()), "the epoll fd");
+    // Every fixture socket: both ends of every connection, listeners, unix, dead.
+    let fixture: usize = fleets
+        .iter()
+        .map(|f| 2 * (f.n + f.m) + 1 + f.unix_sockets() + f.dead())
+        .sum();
+    assert!(
+        compared >= fixture,
+        "{compared} socket fds compared, {fixture} expected at least"
+    );
+    // States come with the sockets: the fleets' CLOSE_WAIT server ends.
+    let close_wait = raw
+        .sockets
+        .iter()
+        .filter(|s| ppid(s.pid as i32) == Some(me) && s.is_tcp() && s.state == tcp::CLOSE_WAIT)
+        .count();
+    assert_eq!(close_wait, fleets.iter().map(|f| f.n).sum::<usize>());
+    done.wait();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// scan's rows without their ages, sorted, for the fixture's processes only (other tests'
+/// sockets come and go).
+fn scan_rows(args: &[&str], pids: &HashSet<i64>) -> (Vec<String>, String) {
+    let out = cwreap_testkit::cwreap(args);
+    let mut rows: Vec<String> = cwreap_testkit::json_lines(&out)
+        .into_iter()
+        .filter(|r| r["pid"].as_i64().is_some_and(|p| pids.contains(&p)))
+        .map(|mut r| {
+            let o = r.as_object_mut().unwrap();
+            o.retain(|k, _| !k.starts_with("age"));
+            serde_json::to_string(&r).unwrap()
+        })
+        .collect();
+    rows.sort();
+    (rows, cwreap_testkit::stderr(&out))
+}
+
+#[test]
+#[ignore = "needs root: the iterator needs CAP_BPF, and reading others' fd tables CAP_SYS_PTRACE"]
+fn scan_with_the_iterator_equals_scan_with_no_bpf() {
+    let _g = serial();
+    let mut fleets: Vec<cwreap_testkit::fleet::Fleet> = (0..2)
+        .map(|_| cwreap_testkit::fleet::Fleet::start(250, 100).unwrap())
+        .collect();
+    for f in &mut fleets {
+        f.set_extras(20, 8).unwrap();
+    }
+    let me = std::process::id() as i32;
+    let pids: HashSet<i64> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| ppid(p) == Some(me))
+        .map(i64::from)
+        .collect();
+    let (with, err) = scan_rows(&["scan", "--json"], &pids);
+    assert!(
+        !err.contains("iterator is not used"),
+        "the iterator was expected to load here: {err}"
+    );
+    let (without, _) = scan_rows(&["scan", "--json", "--no-bpf"], &pids);
+    // Every CLOSE_WAIT socket and every dead one, each with its owner.
+    let want: usize = fleets.iter().map(|f| f.n + f.dead()).sum();
+    assert_eq!(with.len(), want, "rows with the iterator");
+    assert_eq!(with, without, "scan with the iterator against --no-bpf");
+}
+
+#[test]
+#[ignore = "needs root: loads BPF programs"]
+fn a_socket_that_leaves_close_wait_between_a_dump_and_the_reset_is_let_go() {
+    use cwreap_linux::kernel::events::EventFeed;
+    use cwreap_linux::netns::Namespaces;
+    let _g = serial();
+    let mut feed = EventFeed::load(&Options::default()).unwrap();
+    let mut ns = Namespaces::own().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (client, server) = pair(&listener);
+    peer_closes(client, &server);
+    let key = (u64::from(own_netns()), cookie(&server));
+    let has = |found: &cwreap_linux::netns::Found| {
+        found.close_wait.iter().any(|d| (d.netns, d.cookie) == key)
+    };
+    feed.before_dump();
+    let found = ns.dump().unwrap();
+    assert!(has(&found), "the dump lists the CLOSE_WAIT socket");
+    // It leaves CLOSE_WAIT (LAST_ACK) after the dump, before the feed starts over from it:
+    // the event is queued by then (the program runs within the state change).
+    drop(server);
+    wait_until("the socket out of CLOSE_WAIT", || !has(&ns.dump().unwrap()));
+    feed.reset(&found);
+    assert!(feed.tracks(key), "the dump had it in CLOSE_WAIT");
+    let changes = feed.changes(&mut ns).unwrap();
+    assert!(
+        changes.left.contains(&key),
+        "its exit, queued before the reset, is applied after it: {changes:?}"
+    );
+    assert!(!feed.tracks(key), "no longer tracked");
+}

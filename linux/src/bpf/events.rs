@@ -62,7 +62,11 @@ impl Default for Options {
 /// to CLOSE_WAIT, so an entry is never overwritten by a later visit.
 pub struct Events {
     // Owns the programs and their links; the maps below were taken out of it.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// The `task_file` iterator of the same object, loaded with the tracepoints (the
+    /// kernel's BTF is parsed once); why not, when it could not be.
+    iter: Result<(), String>,
+    iter_buf: Vec<u8>,
     ring: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
     entered: HashMap<MapData, u64, u64>,
@@ -141,12 +145,16 @@ impl Events {
             None => None,
         };
         let entered = HashMap::try_from(entered_map).map_err(|e| convert(load::MAP_ENTERED, e))?;
+        // Attribution uses the iterator when it loads; the events do not need it.
+        let iter = super::iter::load_program(&mut ebpf, &btf).map_err(|e| e.to_string());
         drop(btf);
         // Parsing the kernel's BTF (twice: aya's loader parses its own copy) peaks at tens
         // of MiB of short-lived heap that glibc would otherwise keep.
         crate::sys::release_free_heap();
         Ok(Events {
-            _ebpf: ebpf,
+            ebpf,
+            iter,
+            iter_buf: Vec::new(),
             ring,
             lost,
             entered,
@@ -219,6 +227,15 @@ impl Events {
     /// The pin directory, when pinned.
     pub fn pinned(&self) -> Option<&Path> {
         self.pin.as_ref().map(|p| p.dir())
+    }
+
+    /// One pass of the `task_file` iterator loaded with the programs (see
+    /// [`super::SocketIter`]); why not, when it did not load or the pass failed.
+    pub fn task_fds(&mut self) -> Result<super::TaskFds, String> {
+        if let Err(why) = &self.iter {
+            return Err(why.clone());
+        }
+        super::iter::pass(&mut self.ebpf, &mut self.iter_buf).map_err(|e| e.to_string())
     }
 }
 

@@ -1,5 +1,7 @@
 //! Which fds hold which sockets, for every process at once: the `iter/task_file` program
-//! (`cw_task_file`) and the parser of its output (`struct cw_task_sock`).
+//! (`cw_task_file`) and the parser of its output (`struct cw_task_sock`). Each record also
+//! carries the process's start time, so that a pidfd opened afterwards can be checked to
+//! pin the process the record was about; epoll fds come too (for `explain`).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -10,7 +12,12 @@ use aya::programs::Iter;
 use super::load::{self, Unavailable};
 
 /// Size of one iterator record; the BPF side asserts the same at compile time.
-pub const TASK_SOCK_LEN: usize = 32;
+pub const TASK_SOCK_LEN: usize = 40;
+
+/// `kind` of a socket fd's record.
+const KIND_SOCKET: u8 = 0;
+/// `kind` of an epoll fd's record.
+const KIND_EPOLL: u8 = 1;
 
 /// One socket fd of one process, as the iterator saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,6 +42,28 @@ pub struct TaskSocket {
     pub sock_type: u16,
     /// TCP state (see [`crate::tcp`]); other families reuse the numbers loosely.
     pub state: u8,
+    /// When the process (its thread-group leader) started, CLOCK_BOOTTIME ns.
+    pub start_ns: u64,
+}
+
+/// One epoll fd of one process, as the iterator saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TaskEpoll {
+    /// Process id (thread-group id).
+    pub pid: u32,
+    /// As [`TaskSocket::tid`].
+    pub tid: u32,
+    /// The fd number.
+    pub fd: u32,
+    /// As [`TaskSocket::start_ns`].
+    pub start_ns: u64,
+}
+
+/// Everything one pass of the iterator wrote, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskFds {
+    pub sockets: Vec<TaskSocket>,
+    pub epolls: Vec<TaskEpoll>,
 }
 
 impl TaskSocket {
@@ -47,35 +76,52 @@ impl TaskSocket {
 
 /// The iterator's output does not split into whole records.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("iterator output of {0} bytes is not a whole number of {TASK_SOCK_LEN}-byte records")]
+#[error("iterator output of {0} bytes is not a whole number of known {TASK_SOCK_LEN}-byte records")]
 pub struct BadOutput(pub usize);
 
-/// Parse everything the iterator wrote, in order.
+/// The socket fds of everything the iterator wrote, in order.
 pub fn parse_task_sockets(out: &[u8]) -> Result<Vec<TaskSocket>, BadOutput> {
+    Ok(parse_task_fds(out)?.sockets)
+}
+
+/// Parse everything the iterator wrote, in order: socket fds and epoll fds. A record of a
+/// kind this parser does not know is an error (the object and the parser ship together).
+pub fn parse_task_fds(out: &[u8]) -> Result<TaskFds, BadOutput> {
     if !out.len().is_multiple_of(TASK_SOCK_LEN) {
         return Err(BadOutput(out.len()));
     }
-    Ok(out
-        .chunks_exact(TASK_SOCK_LEN)
-        .map(|r| {
-            let u16_at = |at: usize| u16::from_ne_bytes([r[at], r[at + 1]]);
-            let u32_at = |at: usize| u32::from_ne_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]);
-            let mut inode = [0u8; 8];
-            inode.copy_from_slice(&r[16..24]);
-            TaskSocket {
+    let mut fds = TaskFds::default();
+    for r in out.chunks_exact(TASK_SOCK_LEN) {
+        let u16_at = |at: usize| u16::from_ne_bytes([r[at], r[at + 1]]);
+        let u32_at = |at: usize| u32::from_ne_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]);
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&r[at..at + 8]);
+            u64::from_ne_bytes(b)
+        };
+        match r[31] {
+            KIND_SOCKET => fds.sockets.push(TaskSocket {
                 pid: u32_at(0),
                 tid: u32_at(4),
                 fd: u32_at(8),
                 netns: u32_at(12),
-                inode: u64::from_ne_bytes(inode),
+                inode: u64_at(16),
                 family: u16_at(24),
                 protocol: u16_at(26),
                 sock_type: u16_at(28),
                 state: r[30],
-                // r[31]: padding.
-            }
-        })
-        .collect())
+                start_ns: u64_at(32),
+            }),
+            KIND_EPOLL => fds.epolls.push(TaskEpoll {
+                pid: u32_at(0),
+                tid: u32_at(4),
+                fd: u32_at(8),
+                start_ns: u64_at(32),
+            }),
+            _ => return Err(BadOutput(out.len())),
+        }
+    }
+    Ok(fds)
 }
 
 /// Why a pass of the iterator failed after it loaded.
@@ -119,13 +165,7 @@ impl SocketIter {
             .map_max_entries(load::MAP_ENTERED, 1)
             .load(load::OBJECT)
             .map_err(|e| load::classify("load the BPF object", &e))?;
-        let prog: &mut Iter = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| load::missing(PROGRAM))?
-            .try_into()
-            .map_err(|e| load::classify("iterator program", &e))?;
-        prog.load("task_file", &btf)
-            .map_err(|e| load::classify("load the task_file iterator", &e))?;
+        load_program(&mut ebpf, &btf)?;
         drop(btf);
         // As in Events::load: hand the BTF parse's heap back.
         crate::sys::release_free_heap();
@@ -138,25 +178,46 @@ impl SocketIter {
     /// One pass over every process's fd table: every socket fd in the system, in every
     /// state, as seen from the kernel (not limited by this process's pid namespace view).
     pub fn run(&mut self) -> Result<Vec<TaskSocket>, IterError> {
-        let prog: &mut Iter = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| IterError::Attach(format!("program {PROGRAM} is missing")))?
-            .try_into()
-            .map_err(|e| IterError::Attach(load::chain(&e)))?;
-        let link_id = prog
-            .attach()
-            .map_err(|e| IterError::Attach(load::chain(&e)))?;
-        let link = prog
-            .take_link(link_id)
-            .map_err(|e| IterError::Attach(load::chain(&e)))?;
-        let mut file: File = link
-            .into_file()
-            .map_err(|e| IterError::Attach(load::chain(&e)))?;
-        self.buf.clear();
-        read_all(&mut file, &mut self.buf)?;
-        Ok(parse_task_sockets(&self.buf)?)
+        Ok(self.pass()?.sockets)
     }
+
+    /// [`Self::run`] with the epoll fds too.
+    pub fn pass(&mut self) -> Result<TaskFds, IterError> {
+        pass(&mut self.ebpf, &mut self.buf)
+    }
+}
+
+/// Load the iterator program of an object loaded with `btf` (also done by
+/// [`super::Events::load`], so the daemon parses the kernel's BTF once).
+pub(super) fn load_program(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), Unavailable> {
+    let prog: &mut Iter = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| load::missing(PROGRAM))?
+        .try_into()
+        .map_err(|e| load::classify("iterator program", &e))?;
+    prog.load("task_file", btf)
+        .map_err(|e| load::classify("load the task_file iterator", &e))
+}
+
+/// One pass of the loaded iterator program of `ebpf`, its output read into `buf`.
+pub(super) fn pass(ebpf: &mut Ebpf, buf: &mut Vec<u8>) -> Result<TaskFds, IterError> {
+    let prog: &mut Iter = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| IterError::Attach(format!("program {PROGRAM} is missing")))?
+        .try_into()
+        .map_err(|e| IterError::Attach(load::chain(&e)))?;
+    let link_id = prog
+        .attach()
+        .map_err(|e| IterError::Attach(load::chain(&e)))?;
+    let link = prog
+        .take_link(link_id)
+        .map_err(|e| IterError::Attach(load::chain(&e)))?;
+    let mut file: File = link
+        .into_file()
+        .map_err(|e| IterError::Attach(load::chain(&e)))?;
+    buf.clear();
+    read_all(&mut file, buf)?;
+    Ok(parse_task_fds(buf)?)
 }
 
 /// read(2) until EOF: each read returns what the kernel's seq buffer holds, so a short read
@@ -215,7 +276,8 @@ mod tests {
         r.extend_from_slice(&6u16.to_ne_bytes()); // protocol: TCP
         r.extend_from_slice(&1u16.to_ne_bytes()); // type: SOCK_STREAM
         r.push(state); // TCP state
-        r.push(0xee); // padding, ignored
+        r.push(0); // kind: socket
+        r.extend_from_slice(&77_000_000_000u64.to_ne_bytes()); // start_ns
         r
     }
 
@@ -237,6 +299,7 @@ mod tests {
                     protocol: 6,
                     sock_type: 1,
                     state: 8,
+                    start_ns: 77_000_000_000,
                 },
                 TaskSocket {
                     pid: 200,
@@ -248,6 +311,7 @@ mod tests {
                     protocol: 6,
                     sock_type: 1,
                     state: 10,
+                    start_ns: 77_000_000_000,
                 },
             ]
         );
@@ -263,7 +327,28 @@ mod tests {
     fn partial_record_is_an_error() {
         let mut out = record(1, 1, 0, 1, 1);
         out.pop();
-        assert_eq!(parse_task_sockets(&out), Err(BadOutput(31)));
+        assert_eq!(parse_task_sockets(&out), Err(BadOutput(39)));
+    }
+
+    #[test]
+    fn epoll_records_come_apart_and_unknown_kinds_are_refused() {
+        let mut out = record(5, 6, 9, 0, 0);
+        out[31] = 1; // kind: epoll
+        out.extend(record(5, 5, 3, 42, 8));
+        let fds = parse_task_fds(&out).unwrap();
+        assert_eq!(
+            fds.epolls,
+            vec![TaskEpoll {
+                pid: 5,
+                tid: 6,
+                fd: 9,
+                start_ns: 77_000_000_000
+            }]
+        );
+        assert_eq!(fds.sockets.len(), 1);
+        assert_eq!(fds.sockets[0].fd, 3);
+        out[31] = 7;
+        assert_eq!(parse_task_fds(&out), Err(BadOutput(80)));
     }
 
     #[test]

@@ -43,8 +43,8 @@ pub use clock::boottime_ns;
 pub use event::{BadRecord, EVENT_LEN, Event, parse_event};
 pub use events::{Events, Options};
 pub use iter::{
-    BadOutput, IterError, SocketIter, TASK_SOCK_LEN, TaskSocket, TaskSocketsError,
-    parse_task_sockets, task_sockets,
+    BadOutput, IterError, SocketIter, TASK_SOCK_LEN, TaskEpoll, TaskFds, TaskSocket,
+    TaskSocketsError, parse_task_fds, parse_task_sockets, task_sockets,
 };
 pub use load::{
     KERNEL_BTF, MIN_KERNEL, Unavailable, missing_capabilities, parse_release, seccomp_filtered,

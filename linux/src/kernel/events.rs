@@ -73,6 +73,8 @@ pub struct EventFeed {
     lost: u64,
     /// Full dumps done to catch up (after a loss, or a socket the events could not place).
     pub reconciles: u64,
+    /// The loss count read just before the dump [`Self::reset`] is given.
+    lost_before_dump: Option<u64>,
     buf: Vec<Event>,
 }
 
@@ -103,13 +105,46 @@ impl EventFeed {
             listeners: Vec::new(),
             lost,
             reconciles: 0,
+            lost_before_dump: None,
             buf: Vec::new(),
         })
     }
 
-    /// Events lost since the programs were loaded (the ring buffer was full).
+    /// Events lost since the programs were loaded (the ring buffer was full), as last read.
     pub fn lost(&self) -> u64 {
         self.lost
+    }
+
+    /// A full dump for [`Self::reset`] is about to be taken: note the losses so far.
+    pub fn before_dump(&mut self) {
+        self.lost_before_dump = self.events.lost().ok();
+    }
+
+    /// Whether `key` is tracked as in CLOSE_WAIT now.
+    pub fn tracks(&self, key: SocketKey) -> bool {
+        self.tracked.contains_key(&key)
+    }
+
+    /// The sockets tracked as in CLOSE_WAIT now.
+    pub fn tracked(&self) -> impl Iterator<Item = &DiagSocket> {
+        self.tracked.values()
+    }
+
+    /// Wait until events are queued or `timeout` passes; true when some are (an event loop
+    /// that cycles on events rather than on a clock).
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> std::io::Result<bool> {
+        self.events.wait(timeout)
+    }
+
+    /// How many sockets are tracked as in CLOSE_WAIT now.
+    pub fn tracked_len(&self) -> usize {
+        self.tracked.len()
+    }
+
+    /// Every socket and epoll fd of every process, from the iterator loaded with the
+    /// programs; why not, when it did not load or the pass failed.
+    pub fn task_fds(&mut self) -> Result<crate::bpf::TaskFds, String> {
+        self.events.task_fds()
     }
 
     /// The pin directory, when the entry times are pinned for the command line.
@@ -127,13 +162,18 @@ impl EventFeed {
         self.entered.get(&key.1).map(|ns| Boottime::from_nanos(*ns))
     }
 
-    /// Start over from a full dump: it is what is in CLOSE_WAIT now. Events already queued
-    /// are read first and only their entry times kept (the dump is newer than them).
+    /// Start over from a full dump: it is what is in CLOSE_WAIT now. The events still
+    /// queued stay queued, and the next [`Self::changes`] reads them against the dump: some
+    /// happened before it, some after, and which is which cannot be told, so none may be
+    /// dropped. Read against the dump, one from before changes nothing (a socket never
+    /// returns to CLOSE_WAIT, and an entered one is looked up as it is now), while one from
+    /// after (a socket that left between the dump and this call) is applied. Dropping them
+    /// here would keep such a socket tracked until the next reconciliation.
     pub fn reset(&mut self, found: &Found) {
-        self.buf.clear();
-        self.events.drain(&mut self.buf);
-        self.note_times();
-        self.lost = self.events.lost().unwrap_or(self.lost);
+        // Losses up to the dump are covered by it; later ones make the next call reconcile.
+        if let Some(lost) = self.lost_before_dump.take() {
+            self.lost = lost;
+        }
         self.tracked = found
             .close_wait
             .iter()
@@ -281,6 +321,12 @@ impl EventFeed {
         self.tracked = now;
         for key in self.tracked.keys() {
             self.netns_of.insert(key.1, key.0);
+            // An entry whose event was lost is still in the programs' map.
+            if !self.entered.contains_key(&key.1)
+                && let Ok(Some(ns)) = self.events.entered(key.1)
+            {
+                self.entered.insert(key.1, ns);
+            }
         }
         self.listeners = found.listeners;
         out.listeners = self.listeners.clone();

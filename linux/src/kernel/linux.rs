@@ -11,6 +11,7 @@ use std::collections::HashSet;
 
 use crate::kernel::effects::SocketFacts;
 use crate::kernel::events::{EventFeed, pin_dir};
+use crate::kernel::fds::{HostFds, ListFds, from_iterator};
 use crate::netlink::{DiagSocket, DumpError, Listed};
 use crate::netns::{Found, Namespaces};
 use crate::procfs::{FdFiles, FdTable, JvmGc, Limits, ProcFs, RuntimeClues};
@@ -40,6 +41,21 @@ pub struct Linux {
     /// Why the pinned entry times were not used, when a daemon seems to have pinned some.
     pinned_note: Option<String>,
     no_bpf: bool,
+    /// The command line's own socket iterator, loaded at the first host-wide listing (the
+    /// daemon uses the one loaded with its events).
+    iter: IterState,
+}
+
+/// Whether the command line's socket iterator is loaded.
+#[derive(Default)]
+enum IterState {
+    #[default]
+    Untried,
+    Ready(Box<crate::bpf::SocketIter>),
+    /// Not loadable, and worth saying why.
+    Unavailable(String),
+    /// Not loadable, as expected (an unprivileged user).
+    Quiet(String),
 }
 
 impl Linux {
@@ -77,6 +93,15 @@ impl Linux {
     /// have pinned some.
     pub fn pinned_note(&self) -> Option<&str> {
         self.pinned_note.as_deref()
+    }
+
+    /// Why the socket iterator was not used for attribution, when it was wanted (not with
+    /// `--no-bpf`) and its absence is not just a user without the privileges to load it.
+    pub fn attribution_note(&self) -> Option<&str> {
+        match &self.iter {
+            IterState::Unavailable(why) if !why.is_empty() && !self.no_bpf => Some(why.as_str()),
+            _ => None,
+        }
     }
 
     /// Whether the running daemon's exact entry times are used.
@@ -156,6 +181,9 @@ impl Discover for Linux {
     }
 
     fn snapshot(&mut self, all_listeners: bool) -> Result<Found, DumpError> {
+        if let Some(ev) = self.events.as_mut() {
+            ev.before_dump();
+        }
         let found = if all_listeners {
             self.namespaces.dump_with_listeners()
         } else {
@@ -232,6 +260,41 @@ impl Discover for Linux {
 
     fn live_inodes(&mut self, listed: Listed) -> Result<HashSet<u64>, DumpError> {
         self.namespaces.live_inodes(listed)
+    }
+}
+
+/// Every process's socket fds from the BPF iterator: the one loaded with the events (the
+/// daemon), else one loaded for the purpose at the first call (the command line). Never with
+/// `--no-bpf`, nor where the iterator's pids or start times are not those this process's
+/// /proc shows ([`crate::kernel::fds::iterator_view_differs`]).
+impl ListFds for Linux {
+    fn host_fds(&mut self) -> Result<HostFds, String> {
+        if self.no_bpf {
+            return Err("--no-bpf".to_string());
+        }
+        if let IterState::Untried = self.iter {
+            self.iter = match crate::kernel::fds::iterator_view_differs() {
+                Some(why) => IterState::Unavailable(why),
+                None if self.events.is_some() => IterState::Unavailable(String::new()),
+                None => match crate::bpf::SocketIter::load() {
+                    Ok(i) => IterState::Ready(Box::new(i)),
+                    // Unprivileged: /proc is the way, and no news.
+                    Err(crate::bpf::Unavailable::MissingCapabilities { .. }) => {
+                        IterState::Quiet("no privileges to load BPF programs".to_string())
+                    }
+                    Err(e) => IterState::Unavailable(e.to_string()),
+                },
+            };
+        }
+        let fds = match (&mut self.iter, self.events.as_mut()) {
+            (IterState::Unavailable(why) | IterState::Quiet(why), _) if !why.is_empty() => {
+                return Err(why.clone());
+            }
+            (_, Some(ev)) => ev.task_fds()?,
+            (IterState::Ready(i), None) => i.pass().map_err(|e| e.to_string())?,
+            _ => return Err("the socket iterator is not loaded".to_string()),
+        };
+        Ok(from_iterator(fds))
     }
 }
 

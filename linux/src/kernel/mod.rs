@@ -4,6 +4,7 @@
 //! - [`discover`]: CLOSE_WAIT sockets per network namespace: a snapshot, the changes since
 //!   the last call, and exact entry times where the source saw the state change;
 //! - [`procs`]: reading processes for attribution (ids, names, fd tables, limits);
+//! - [`fds`]: every process's socket fds in one go, from the BPF iterator or /proc;
 //! - [`effects`]: pinning a process with a pidfd, duplicating, identifying and shutting
 //!   down a socket, signals and fd limits; and SOCK_DESTROY;
 //! - [`system`]: the one bound that gathers them;
@@ -17,6 +18,7 @@ pub mod effects;
 pub mod events;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+pub mod fds;
 pub mod linux;
 pub mod procs;
 pub mod system;
@@ -26,6 +28,7 @@ pub use discover::{Changes, Discover, EventCounts, SocketKey, key_of};
 pub use effects::{
     Destroy, Effects, Identity, NofileRaise, Pinned, RealOs, SocketFacts, inspect_socket,
 };
+pub use fds::{FdSource, HostFds, ListFds, ProcFds, ProcWalk};
 pub use linux::Linux;
 pub use procs::ProcRead;
 pub use system::Kernel;

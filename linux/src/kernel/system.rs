@@ -5,10 +5,11 @@
 use crate::kernel::clock::Clock;
 use crate::kernel::discover::Discover;
 use crate::kernel::effects::{Destroy, Effects};
+use crate::kernel::fds::ListFds;
 use crate::kernel::procs::ProcRead;
 
-/// The clock, discovery, attribution reads, effects on sockets and processes, and
-/// SOCK_DESTROY.
-pub trait Kernel: Clock + Discover + ProcRead + Effects + Destroy {}
+/// The clock, discovery, attribution reads (process by process, and every process's
+/// socket fds at once), effects on sockets and processes, and SOCK_DESTROY.
+pub trait Kernel: Clock + Discover + ProcRead + ListFds + Effects + Destroy {}
 
-impl<T: Clock + Discover + ProcRead + Effects + Destroy> Kernel for T {}
+impl<T: Clock + Discover + ProcRead + ListFds + Effects + Destroy> Kernel for T {}

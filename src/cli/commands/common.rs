@@ -105,6 +105,12 @@ pub(crate) fn published_note(k: &Linux, err: &mut impl std::io::Write) -> Result
             "note: the daemon's exact entry times are not used ({why}); ages are estimated (age_source first_seen or last_ack)"
         )?;
     }
+    if let Some(why) = k.attribution_note() {
+        writeln!(
+            err,
+            "note: the BPF socket iterator is not used ({why}); owners were found by reading /proc/PID/fd of each process"
+        )?;
+    }
     Ok(())
 }
 
@@ -187,10 +193,14 @@ pub fn observe_in<K: Kernel>(
     // attribution and probing take would lift the lower bound over tcp_info's upper one.
     let now = k.now();
     let failures = k.take_failures();
+    // Every process's socket fds in one pass (the BPF iterator) when it loads; otherwise
+    // (or with --no-bpf) /proc/PID/fd of each process, and the kernel says why.
+    let host = k.host_fds().ok();
     let attributor = Attributor {
         proc: &*k,
         os: pin.then_some(&*k),
         self_pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        host: host.as_ref(),
     };
     let mut snap = attributor.attribute(found, scope);
     check_unreadable(&snap)?;

@@ -509,6 +509,9 @@ impl Effects for FakeKernel {
     }
 }
 
+/// No host-wide listing: attribution reads the scripted processes one by one.
+impl crate::kernel::fds::ListFds for FakeKernel {}
+
 impl Destroy for FakeKernel {
     fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>> {
         self.record(Call::Lookup { key: key_of(s) });
