@@ -18,14 +18,33 @@ use crate::support::*;
 
 const V4: &str = "127.0.0.1:0";
 
-/// `stall_mm` running, once a read of its command line blocks; killed on drop (its FUSE
-/// server dies with it, which lets every stuck reader go).
-fn stalled_process(test: &str) -> Option<LineChild> {
+/// `stall_mm` running, once a read of its command line blocks, holding a CLOSE_WAIT socket
+/// of its own (so every way of attributing sockets must look at it: a host-wide listing
+/// of socket fds as well as a walk of every process); killed on drop (its FUSE server dies
+/// with it, which lets every stuck reader go).
+fn stalled_process(test: &str) -> Option<(LineChild, i32)> {
     let exe = runtimes::c_program(test, "stall_mm.c")?;
-    let mut p = LineChild::spawn("stall_mm", &mut Command::new(exe)).expect("start stall_mm");
+    let listener = std::net::TcpListener::bind(V4).expect("listen");
+    let addr = listener.local_addr().expect("address").to_string();
+    let mut p = LineChild::spawn("stall_mm", Command::new(exe).args(["--connect", &addr]))
+        .expect("start stall_mm");
+    let fd: i32 = p
+        .expect("connected ", HANG_GUARD)
+        .ok()
+        .and_then(|fd| fd.parse().ok())
+        .unwrap_or_else(|| panic!("stall_mm said no fd\n{}", p.transcript()));
+    // The peer closes: stall_mm's end goes to CLOSE_WAIT, never read.
+    let (peer, _) = listener.accept().expect("accept");
+    drop(peer);
     p.expect("stalled", HANG_GUARD)
         .unwrap_or_else(|e| panic!("stall_mm never stalled: {e}\n{}", p.transcript()));
-    Some(p)
+    let pid = p.pid();
+    wait_until(
+        "stall_mm's end in CLOSE_WAIT",
+        || format!("{:?}", ss_close_wait(pid)),
+        || ss_close_wait(pid).iter().any(|t| t.0 == fd).then_some(()),
+    );
+    Some((p, fd))
 }
 
 /// The kernel agrees the trap is armed: reading /proc/PID/cmdline from a thread of ours
@@ -54,7 +73,7 @@ fn rows_by_pid(out: &str) -> std::collections::BTreeMap<i64, usize> {
 #[test]
 #[ignore = "needs root: mounts a FUSE file system (/dev/fuse) and reads other processes' fds"]
 fn scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads() {
-    let Some(stall) =
+    let Some((stall, _)) =
         stalled_process("scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads")
     else {
         return;
@@ -65,25 +84,29 @@ fn scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads() {
     let _clients: Vec<_> = (0..3).map(|_| fx.close_wait(0)).collect();
     assert_eq!(ss_close_wait(fx.pid()).len(), 3);
 
-    // Host-wide, by command line: every process's command line is read, the stalled one's
-    // too. The scan ends, finds the fixture's three sockets, and names the one it skipped.
-    let (code, out, err, took) = run_guarded(Command::new(cwreap_bin()).args([
-        "scan",
-        "--json",
-        "--cmdline",
-        "cwreap-fixture server",
-    ]));
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        rows_by_pid(&out).get(&i64::from(fx.pid())),
-        Some(&3),
-        "the fixture's sockets:\n{out}\n{err}"
-    );
-    assert!(
-        err.contains("were skipped") && err.contains(&stalled.to_string()),
-        "the stalled process is named: {err}"
-    );
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // Host-wide, by command line: the command line of every process holding a CLOSE_WAIT
+    // socket is read, the stalled one's too, whether the socket fds come from the BPF
+    // iterator's listing or from a walk of /proc. The scan ends, finds the fixture's three
+    // sockets, and names the one it skipped.
+    for no_bpf in [false, true] {
+        let mut args = vec!["scan", "--json", "--cmdline", "cwreap-fixture server"];
+        if no_bpf {
+            args.push("--no-bpf");
+        }
+        let (code, out, err, took) =
+            run_guarded(without_pins(&mut Command::new(cwreap_bin())).args(&args));
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert_eq!(
+            rows_by_pid(&out).get(&i64::from(fx.pid())),
+            Some(&3),
+            "{args:?}: the fixture's sockets:\n{out}\n{err}"
+        );
+        assert!(
+            err.contains("were skipped") && err.contains(&stalled.to_string()),
+            "{args:?}: the stalled process is named: {err}"
+        );
+        assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
+    }
 
     // Cheaper criteria first: a name that rules the stalled process out means its command
     // line is never read, so nothing waits and nothing is said about it.
@@ -125,7 +148,7 @@ fn scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads() {
 #[test]
 #[ignore = "needs root: mounts a FUSE file system (/dev/fuse) and runs the daemon on other processes' sockets"]
 fn daemon_cycles_go_on_past_a_process_whose_command_line_never_reads() {
-    let Some(stall) =
+    let Some((stall, _)) =
         stalled_process("daemon_cycles_go_on_past_a_process_whose_command_line_never_reads")
     else {
         return;
@@ -207,30 +230,11 @@ fn daemon_cycles_go_on_past_a_process_whose_command_line_never_reads() {
 #[ignore = "needs root: mounts a FUSE file system (/dev/fuse)"]
 fn explain_ends_and_names_no_runtime_for_a_process_whose_map_never_reads() {
     let test = "explain_ends_and_names_no_runtime_for_a_process_whose_map_never_reads";
-    let Some(exe) = runtimes::c_program(test, "stall_mm.c") else {
+    let Some((p, fd)) = stalled_process(test) else {
         return;
     };
-    let listener = std::net::TcpListener::bind(V4).expect("listen");
-    let addr = listener.local_addr().expect("address").to_string();
-    let mut p = LineChild::spawn("stall_mm", Command::new(exe).args(["--connect", &addr]))
-        .expect("start stall_mm");
-    let fd: i32 = p
-        .expect("connected ", HANG_GUARD)
-        .ok()
-        .and_then(|fd| fd.parse().ok())
-        .unwrap_or_else(|| panic!("stall_mm said no fd\n{}", p.transcript()));
-    // The peer closes: stall_mm's end goes to CLOSE_WAIT, never read.
-    let (peer, _) = listener.accept().expect("accept");
-    drop(peer);
-    p.expect("stalled", HANG_GUARD)
-        .unwrap_or_else(|e| panic!("stall_mm never stalled: {e}\n{}", p.transcript()));
     let pid = p.pid();
     assert_cmdline_blocks(pid);
-    wait_until(
-        "stall_mm's end in CLOSE_WAIT",
-        || format!("{:?}", ss_close_wait(pid)),
-        || ss_close_wait(pid).iter().any(|t| t.0 == fd).then_some(()),
-    );
     // Does this kernel read a map under the mmap lock? Then that read does not return.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
