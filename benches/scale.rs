@@ -449,10 +449,12 @@ fn p5_explain(fleet: &Fleet, cwreap: &Path, reps: usize, log: &dyn Fn(&str)) -> 
     })
 }
 
-/// A policy tracking the fixture's servers (and nothing else), acting on nothing.
+/// A policy tracking the fixture's servers (and nothing else), acting on nothing, polling
+/// (events mode is measured apart, in `scale/events.rs`).
 fn bench_policy(interval: &str) -> String {
     format!(
         "interval: {interval}
+discovery: poll
 dry_run: true
 log_format: text
 metrics: {{listen: \"off\"}}
@@ -665,6 +667,9 @@ fn start_daemon(tag: &str, policy: &str) -> (LoggedDaemon, Notify, Instant) {
     let daemon = LoggedDaemon::start_with(tag, policy, |dir, cmd| {
         let n = Notify::bind(dir.join("notify.sock"));
         cmd.env("NOTIFY_SOCKET", n.path());
+        // Pins in a private directory, which is no BPF filesystem: with `discovery: auto`
+        // the daemon pins nothing and mounts nothing on the host.
+        cmd.env("CWREAP_BPF_DIR", dir.join("bpf"));
         // If the benchmark dies, the daemon must not outlive it.
         cwreap_linux::testing::die_with_parent(cmd);
         notify = Some(n);

@@ -363,3 +363,106 @@ fn read_pinned<O: Effects>(
     };
     Ok((process, table.sockets))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cwreap_linux::kernel::Discover;
+    use cwreap_linux::kernel::SocketKey;
+    use cwreap_linux::kernel::fake::{Call, FakeKernel, FakePin, Process};
+
+    fn count(k: &FakeKernel, f: impl Fn(&Call) -> bool) -> (usize, usize) {
+        let calls = k.calls();
+        let reads = calls
+            .iter()
+            .filter(|c| matches!(c, Call::FdTable { .. }))
+            .count();
+        (calls.iter().filter(|c| f(c)).count(), reads)
+    }
+
+    fn listings_and_reads(k: &FakeKernel) -> (usize, usize) {
+        count(k, |c| *c == Call::HostFds)
+    }
+
+    fn inode(k: &FakeKernel, key: SocketKey) -> u64 {
+        k.with(|w| w.sockets[&key].diag.inode)
+    }
+
+    #[test]
+    fn with_events_the_iterator_lists_only_when_due_and_a_stale_record_is_read_from_proc() {
+        let mut k = FakeKernel::new();
+        k.spawn(Process::new(10, "api"));
+        k.spawn(Process::new(20, "worker"));
+        k.spawn(Process::new(30, "other"));
+        let a = k.close_wait(10, 5, "10.0.0.1:80", "10.0.0.2:5000");
+        // The worker holds a socket too, so the listing has it (a process it does not have
+        // is read from /proc: the listing has no start time of it to check).
+        k.other_socket(20, 4, false);
+        k.with(|w| w.listing = true);
+        k.cover(&[10, 20, 30], false);
+        let mut idx: FdIndex<FakePin> = FdIndex::default();
+        let mut unowned = HashSet::new();
+        let refresh = |idx: &mut FdIndex<FakePin>,
+                       k: &mut FakeKernel,
+                       pids: &[i32],
+                       due: bool,
+                       unowned: &HashSet<u64>| {
+            k.clear_calls();
+            let found = k.snapshot(false).expect("dump");
+            k.clear_calls();
+            idx.refresh_listed(k, pids, &found, unowned, due)
+                .expect("the listing is used");
+            (listings_and_reads(k), idx.holders(inode(k, a)).to_vec())
+        };
+        let holder = |fd| vec![Holder { pid: 10, fd }];
+
+        // At start (a snapshot): one pass, no fd table read.
+        assert_eq!(
+            refresh(&mut idx, &mut k, &[10], true, &unowned),
+            ((1, 0), holder(5))
+        );
+        // Nothing new: neither.
+        assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (0, 0));
+        // A CLOSE_WAIT socket no known fd holds: a pass.
+        let b = k.close_wait(10, 6, "10.0.0.1:80", "10.0.0.3:5000");
+        assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (1, 0));
+        assert_eq!(idx.holders(inode(&k, b)), holder(6));
+        // A socket of a process outside the targets: one pass, then it is known unowned.
+        let c = k.close_wait(30, 3, "10.0.0.1:81", "10.0.0.4:5000");
+        assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (1, 0));
+        assert!(!idx.knows(inode(&k, c)));
+        unowned.insert(inode(&k, c));
+        assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (0, 0));
+        // A new target process: a pass.
+        assert_eq!(
+            refresh(&mut idx, &mut k, &[10, 20], false, &unowned).0,
+            (1, 0)
+        );
+        assert_eq!(
+            refresh(&mut idx, &mut k, &[10, 20], false, &unowned).0,
+            (0, 0)
+        );
+        // A record whose start time is not the process's now (its pid was reused since the
+        // pass): that process's table is read from /proc instead, the others' are not.
+        k.with(|w| w.listing_stale.insert(10));
+        assert_eq!(
+            refresh(&mut idx, &mut k, &[10, 20], true, &unowned),
+            ((1, 1), holder(5))
+        );
+
+        // No listing to be had: None, so the caller refreshes as when polling; said once.
+        k.with(|w| w.listing = false);
+        let mut idx: FdIndex<FakePin> = FdIndex::default();
+        let found = k.snapshot(false).expect("dump");
+        assert!(
+            idx.refresh_listed(&mut k, &[10], &found, &unowned, true)
+                .is_none()
+        );
+        k.clear_calls();
+        assert!(
+            idx.refresh_listed(&mut k, &[10], &found, &unowned, true)
+                .is_none()
+        );
+        assert_eq!(listings_and_reads(&k), (0, 0), "not tried again");
+    }
+}

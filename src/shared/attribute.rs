@@ -29,7 +29,7 @@ mod host;
 mod read;
 pub use host::table_from_host;
 use read::read_fds_from;
-pub use read::{process_facts, read_cmdline, read_fds, read_pid_files};
+pub use read::{is_permission, process_facts, read_cmdline, read_fds, read_pid_files};
 
 /// One process that holds at least one CLOSE_WAIT socket (or was selected by pid).
 #[derive(Debug)]
@@ -243,9 +243,8 @@ pub struct Attributor<'a, P: ProcRead, O: Effects> {
     pub os: Option<&'a O>,
     /// Never attribute to (and so never act on) this pid: cwreap itself.
     pub self_pid: i32,
-    /// Every process's socket fds listed at once (the BPF iterator), when available: the
-    /// processes are then read from it instead of their /proc/PID/fd, each checked to be
-    /// the process pinned ([`host`]).
+    /// Every process's socket fds listed at once (the BPF iterator), read instead of each
+    /// /proc/PID/fd, checked to be the process pinned ([`host`]).
     pub host: Option<&'a HostFds>,
 }
 
@@ -301,8 +300,7 @@ impl<'a, P: ProcRead, O: Effects> Attributor<'a, P, O> {
         }
 
         if let Some(host) = self.host {
-            // Every process that holds a socket in question (all with sockets when looking
-            // for dead ones), whatever its uid: the listing has them all already.
+            // Whoever holds a socket in question (any socket, for dead ones), any uid.
             for (&pid, p) in &host.procs {
                 let wanted =
                     scope.dead || p.sockets.iter().any(|(_, ino)| by_inode.contains_key(ino));
@@ -598,11 +596,6 @@ fn count_failure<H>(snap: &mut Snapshot<H>, pid: i32, e: &io::Error) {
     } else {
         snap.stats.vanished += 1;
     }
-}
-
-/// Whether an attribution error means "not allowed" rather than "gone".
-pub fn is_permission(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
 }
 
 #[cfg(test)]

@@ -52,8 +52,12 @@ enum IterState {
     #[default]
     Untried,
     Ready(Box<crate::bpf::SocketIter>),
+    /// The daemon's: loaded with its events.
+    Events,
     /// Not loadable, and worth saying why.
     Unavailable(String),
+    /// Loaded, but its last pass failed, with why (the next call tries again).
+    Failed(String),
     /// Not loadable, as expected (an unprivileged user).
     Quiet(String),
 }
@@ -99,7 +103,8 @@ impl Linux {
     /// `--no-bpf`) and its absence is not just a user without the privileges to load it.
     pub fn attribution_note(&self) -> Option<&str> {
         match &self.iter {
-            IterState::Unavailable(why) if !why.is_empty() && !self.no_bpf => Some(why.as_str()),
+            _ if self.no_bpf => None,
+            IterState::Unavailable(why) | IterState::Failed(why) => Some(why.as_str()),
             _ => None,
         }
     }
@@ -275,7 +280,7 @@ impl ListFds for Linux {
         if let IterState::Untried = self.iter {
             self.iter = match crate::kernel::fds::iterator_view_differs() {
                 Some(why) => IterState::Unavailable(why),
-                None if self.events.is_some() => IterState::Unavailable(String::new()),
+                None if self.events.is_some() => IterState::Events,
                 None => match crate::bpf::SocketIter::load() {
                     Ok(i) => IterState::Ready(Box::new(i)),
                     // Unprivileged: /proc is the way, and no news.
@@ -286,13 +291,21 @@ impl ListFds for Linux {
                 },
             };
         }
-        let fds = match (&mut self.iter, self.events.as_mut()) {
-            (IterState::Unavailable(why) | IterState::Quiet(why), _) if !why.is_empty() => {
-                return Err(why.clone());
+        let pass = match (&mut self.iter, self.events.as_mut()) {
+            (IterState::Unavailable(why) | IterState::Quiet(why), _) => return Err(why.clone()),
+            (IterState::Events, Some(ev)) => ev.task_fds(),
+            (IterState::Ready(i), _) => i.pass().map_err(|e| e.to_string()),
+            _ => Err("the socket iterator is not loaded".to_string()),
+        };
+        let fds = match pass {
+            Ok(fds) => fds,
+            Err(why) => {
+                // Said once by the command line; a daemon's next listing tries again.
+                if !matches!(self.iter, IterState::Events) {
+                    self.iter = IterState::Failed(why.clone());
+                }
+                return Err(why);
             }
-            (_, Some(ev)) => ev.task_fds()?,
-            (IterState::Ready(i), None) => i.pass().map_err(|e| e.to_string())?,
-            _ => return Err("the socket iterator is not loaded".to_string()),
         };
         Ok(from_iterator(fds))
     }

@@ -193,9 +193,13 @@ pub fn observe_in<K: Kernel>(
     // attribution and probing take would lift the lower bound over tcp_info's upper one.
     let now = k.now();
     let failures = k.take_failures();
-    // Every process's socket fds in one pass (the BPF iterator) when it loads; otherwise
-    // (or with --no-bpf) /proc/PID/fd of each process, and the kernel says why.
-    let host = k.host_fds().ok();
+    // Host-wide, every process's socket fds in one pass (the BPF iterator) when it loads;
+    // otherwise (or with --no-bpf) /proc/PID/fd of each process, and the kernel says why.
+    // `--pid` reads only the named processes' tables: cheaper than loading the iterator.
+    let host = match scope.pids {
+        None => k.host_fds().ok(),
+        Some(_) => None,
+    };
     let attributor = Attributor {
         proc: &*k,
         os: pin.then_some(&*k),

@@ -106,3 +106,8 @@ pub fn read_pid_files(
     }
     (pids, errors)
 }
+
+/// Whether an attribution error means "not allowed" rather than "gone".
+pub fn is_permission(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
+}

@@ -509,8 +509,41 @@ impl Effects for FakeKernel {
     }
 }
 
-/// No host-wide listing: attribution reads the scripted processes one by one.
-impl crate::kernel::fds::ListFds for FakeKernel {}
+/// A host-wide listing of the scripted processes' socket and epoll fds when
+/// [`World::listing`] is on; otherwise none (attribution reads them one by one).
+impl crate::kernel::fds::ListFds for FakeKernel {
+    fn host_fds(&mut self) -> Result<crate::kernel::HostFds, String> {
+        self.record(Call::HostFds);
+        self.with(|w| {
+            if !w.listing {
+                return Err("no listing scripted".to_string());
+            }
+            let mut procs = std::collections::BTreeMap::new();
+            for p in w.processes.values().filter(|p| p.alive) {
+                let mut e = crate::kernel::ProcFds {
+                    start_ticks: p.start_time + u64::from(w.listing_stale.contains(&p.pid)),
+                    ..Default::default()
+                };
+                for (fd, f) in &p.fds {
+                    match f {
+                        Fd::Socket(i) | Fd::Unix(i) | Fd::Udp(i) | Fd::Netlink(i) => {
+                            e.sockets.push((*fd, *i))
+                        }
+                        Fd::Epoll(_) => e.epoll.push(*fd),
+                        Fd::File => {}
+                    }
+                }
+                if !e.sockets.is_empty() || !e.epoll.is_empty() {
+                    procs.insert(p.pid, e);
+                }
+            }
+            Ok(crate::kernel::HostFds {
+                source: crate::kernel::FdSource::Iterator,
+                procs,
+            })
+        })
+    }
+}
 
 impl Destroy for FakeKernel {
     fn lookup(&mut self, s: &DiagSocket) -> io::Result<Option<DiagSocket>> {

@@ -22,6 +22,8 @@ pub enum Call {
     Snapshot,
     Changes,
     Pids,
+    /// A host-wide listing of socket fds ([`crate::kernel::ListFds`]).
+    HostFds,
     FdTable {
         pid: i32,
     },
@@ -234,6 +236,11 @@ pub struct World {
     pub faults: Faults,
     /// Answer [`Discover::entered_at`] with exact entry times, as an event source does.
     pub exact_ages: bool,
+    /// Serve host-wide listings of socket fds, as the BPF iterator does; each listing
+    /// records [`Call::HostFds`] and reads no fd table. Processes whose start time is in
+    /// `listing_stale` are listed with another start time (their pid was reused since).
+    pub listing: bool,
+    pub listing_stale: BTreeSet<i32>,
     /// What [`Discover::first_seen`] answers: a running daemon's published first sights.
     pub published: HashMap<SocketKey, Boottime>,
     /// Run between attribution and action: the first time the code under test duplicates
