@@ -22,7 +22,7 @@ const V4: &str = "127.0.0.1:0";
 /// of its own (so every way of attributing sockets must look at it: a host-wide listing
 /// of socket fds as well as a walk of every process); killed on drop (its FUSE server dies
 /// with it, which lets every stuck reader go).
-fn stalled_process(test: &str) -> Option<(LineChild, i32)> {
+fn stalled_process(test: &str) -> Option<LineChild> {
     let exe = runtimes::c_program(test, "stall_mm.c")?;
     let listener = std::net::TcpListener::bind(V4).expect("listen");
     let addr = listener.local_addr().expect("address").to_string();
@@ -44,7 +44,7 @@ fn stalled_process(test: &str) -> Option<(LineChild, i32)> {
         || format!("{:?}", ss_close_wait(pid)),
         || ss_close_wait(pid).iter().any(|t| t.0 == fd).then_some(()),
     );
-    Some((p, fd))
+    Some(p)
 }
 
 /// The kernel agrees the trap is armed: reading /proc/PID/cmdline from a thread of ours
@@ -73,7 +73,7 @@ fn rows_by_pid(out: &str) -> std::collections::BTreeMap<i64, usize> {
 #[test]
 #[ignore = "needs root: mounts a FUSE file system (/dev/fuse) and reads other processes' fds"]
 fn scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads() {
-    let Some((stall, _)) =
+    let Some(stall) =
         stalled_process("scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads")
     else {
         return;
@@ -148,7 +148,7 @@ fn scan_by_cmdline_finishes_past_a_process_whose_command_line_never_reads() {
 #[test]
 #[ignore = "needs root: mounts a FUSE file system (/dev/fuse) and runs the daemon on other processes' sockets"]
 fn daemon_cycles_go_on_past_a_process_whose_command_line_never_reads() {
-    let Some((stall, _)) =
+    let Some(stall) =
         stalled_process("daemon_cycles_go_on_past_a_process_whose_command_line_never_reads")
     else {
         return;
@@ -230,7 +230,7 @@ fn daemon_cycles_go_on_past_a_process_whose_command_line_never_reads() {
 #[ignore = "needs root: mounts a FUSE file system (/dev/fuse)"]
 fn explain_ends_and_names_no_runtime_for_a_process_whose_map_never_reads() {
     let test = "explain_ends_and_names_no_runtime_for_a_process_whose_map_never_reads";
-    let Some((p, fd)) = stalled_process(test) else {
+    let Some(p) = stalled_process(test) else {
         return;
     };
     let pid = p.pid();
