@@ -52,6 +52,7 @@ struct pt_regs {
 } __attribute__((preserve_access_index));
 
 static void *(*const bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static long (*const bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static long (*const bpf_map_update_elem)(void *map, const void *key, const void *value,
 					  __u64 flags) = (void *)2;
 static __u64 (*const bpf_get_current_pid_tgid)(void) = (void *)14;
@@ -69,6 +70,7 @@ static struct pt_regs *(*const bpf_task_pt_regs)(struct task_struct *task) = (vo
 #define CW_WHERE_EOF 1
 #define CW_WHERE_CONNECT 2
 #define CW_WHERE_ACCEPT 3
+#define CW_WHERE_CLOSED 4 /* header only: a socket of an eof or connect record was freed */
 
 /* Record flags. */
 #define CW_WHERE_FULL 1 /* frames, registers and stack bytes follow the header */
@@ -135,6 +137,15 @@ struct {
 	__type(value, __u8);
 } cw_where_seen SEC(".maps");
 
+/* Cookies of the eof and connect records sent, until the socket is freed: its closed
+ * record tells user space to forget it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, __u64);
+	__type(value, __u8);
+} cw_where_open SEC(".maps");
+
 /* Only these processes (tgid → 1) when cw_where_filter is set. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -149,7 +160,8 @@ struct {
 #define CW_COUNT_NO_STACK 2   /* records whose stack bytes could not be read */
 #define CW_COUNT_FULL 3       /* full records sent */
 #define CW_COUNT_SHORT 4      /* header-only records sent (stack seen before) */
-#define CW_COUNTERS 5
+#define CW_COUNT_OPEN_FULL 5  /* cookies not tracked to their end: cw_where_open was full */
+#define CW_COUNTERS 6
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, CW_COUNTERS);
@@ -223,6 +235,9 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 
 	struct cw_where_key key = { .tgid = r->tgid, .kind = kind, .hash = hash };
 	__u8 one = 1;
+
+	if (cookie && bpf_map_update_elem(&cw_where_open, &cookie, &one, 0 /* BPF_ANY */))
+		cw_count(CW_COUNT_OPEN_FULL);
 	/* A stack of fewer than three frame-pointer frames is likely a binary without frame
 	 * pointers, whose frames say little: never taken as seen before, always sent. */
 	if (n >= 3 && bpf_map_lookup_elem(&cw_where_seen, &key)) {
@@ -329,4 +344,27 @@ int cw_where_accept(__u64 *ctx)
 	if (!cw_wanted(id >> 32))
 		return 0;
 	return cw_record(ctx, regs, CW_WHERE_ACCEPT, 0, (__u32)ret);
+}
+
+/* tcp_destroy_sock(struct sock *sk): a socket of a record is freed, so it was closed. */
+SEC("tp_btf/tcp_destroy_sock")
+int cw_where_closed(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	__u64 cookie = bpf_get_socket_cookie(sk);
+
+	if (bpf_map_delete_elem(&cw_where_open, &cookie) != 0)
+		return 0;
+
+	/* The header only, on the stack: the fields written are all within it. */
+	__u64 head[CW_WHERE_HEADER / 8];
+	struct cw_where *r = (struct cw_where *)head;
+
+	__builtin_memset(head, 0, sizeof(head));
+	r->kind = CW_WHERE_CLOSED;
+	r->cookie = cookie;
+	r->ts_ns = bpf_ktime_get_boot_ns();
+	if (bpf_ringbuf_output(&cw_where_events, head, sizeof(head), 0))
+		cw_count(CW_COUNT_LOST);
+	return 0;
 }

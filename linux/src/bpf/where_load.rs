@@ -15,7 +15,8 @@ use super::where_record::{WHERE_STACK_MAX, WhereRecord, parse_where};
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/where.bpf.o");
 
 /// The programs and the tracepoints they attach to.
-const TRACEPOINTS: [(&str, &str); 3] = [
+const TRACEPOINTS: [(&str, &str); 4] = [
+    ("cw_where_closed", "tcp_destroy_sock"),
     ("cw_where_eof", "sock_recv_length"),
     ("cw_where_connect", "inet_sock_set_state"),
     ("cw_where_accept", "sys_exit"),
@@ -60,6 +61,9 @@ pub struct WhereCounts {
     pub full: u64,
     /// Records sent without, their stack having been sent before.
     pub short: u64,
+    /// Sockets not followed to their end because the map of open sockets was full: if
+    /// they closed, they are still reported.
+    pub open_full: u64,
     /// Records that did not parse.
     pub malformed: u64,
 }
@@ -202,6 +206,7 @@ impl WhereProbe {
             no_stack: get(2)?,
             full: get(3)?,
             short: get(4)?,
+            open_full: get(5)?,
             malformed: self.malformed,
         })
     }
@@ -263,7 +268,24 @@ mod tests {
         assert!(!cap.frames.is_empty() && !cap.stack.is_empty(), "{cap:?}");
         let accept = got.iter().find(|r| r.kind == WhereKind::Accept).unwrap();
         assert_eq!(accept.fd, u32::try_from(server.as_raw_fd()).unwrap());
-        assert!(got.iter().any(|r| r.kind == WhereKind::Connect));
+        let connect = got.iter().find(|r| r.kind == WhereKind::Connect).unwrap();
+        assert!(connect.cookie != 0 && connect.cookie != eof.cookie);
+        // Closing the server's end frees it (the client's is gone): a closed record.
+        let cookie = eof.cookie;
+        drop(server);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && !got
+                .iter()
+                .any(|r| r.kind == WhereKind::Closed && r.cookie == cookie)
+        {
+            probe.wait(Duration::from_millis(100)).unwrap();
+            probe.drain(&mut got);
+        }
+        assert!(
+            got.iter()
+                .any(|r| r.kind == WhereKind::Closed && r.cookie == cookie)
+        );
         let counts = probe.counts().unwrap();
         assert!(counts.full >= 3, "{counts:?}");
         assert_eq!(counts.malformed, 0);

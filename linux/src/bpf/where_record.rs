@@ -12,6 +12,7 @@ const FIXED: usize = WHERE_HEADER_LEN + 8 * WHERE_FRAMES;
 const KIND_EOF: u8 = 1;
 const KIND_CONNECT: u8 = 2;
 const KIND_ACCEPT: u8 = 3;
+const KIND_CLOSED: u8 = 4;
 const FLAG_FULL: u8 = 1;
 
 /// What the thread was doing when its stack was taken.
@@ -23,6 +24,9 @@ pub enum WhereKind {
     Connect,
     /// accept(2) or accept4(2) returned this fd.
     Accept,
+    /// The socket of an earlier [`WhereKind::Eof`] or [`WhereKind::Connect`] record was
+    /// freed (every fd to it closed): it did not leak. Only the cookie and time are set.
+    Closed,
 }
 
 /// The user stack of one thread at one syscall, as the programs sent it.
@@ -112,6 +116,7 @@ pub fn parse_where(b: &[u8]) -> Result<WhereRecord, BadWhere> {
         KIND_EOF => WhereKind::Eof,
         KIND_CONNECT => WhereKind::Connect,
         KIND_ACCEPT => WhereKind::Accept,
+        KIND_CLOSED => WhereKind::Closed,
         k => return Err(BadWhere::Kind(k)),
     };
     let full = b[1] & FLAG_FULL != 0;
@@ -218,6 +223,10 @@ mod tests {
             Err(BadWhere::Short { got: 10, need: 88 })
         );
         assert_eq!(parse_where(&header(9, 0, 0, 0)), Err(BadWhere::Kind(9)));
+        assert_eq!(
+            parse_where(&header(4, 0, 0, 0)).unwrap().kind,
+            WhereKind::Closed
+        );
         // Full, declaring 16 stack bytes, carrying none.
         let b = header(2, 1, 0, 16);
         assert_eq!(
