@@ -359,6 +359,15 @@ pub struct ExplainArgs {
     /// One JSON object per process per line
     #[arg(long)]
     pub json: bool,
+    /// Name the code: for the --for window, record the user stack of every read that
+    /// returns EOF on a TCP socket and of the accept or connect that opened it, then show
+    /// the sockets still leaking at its end with those stacks (BPF: Linux 6.3+, BTF,
+    /// CAP_BPF and CAP_PERFMON)
+    #[arg(long = "where", requires = "window")]
+    pub where_: bool,
+    /// With --where: only sockets at least this long in CLOSE_WAIT at the end of the window
+    #[arg(long, value_name = "AGE", value_parser = parse_duration, requires = "where_")]
+    pub older_than: Option<Duration>,
 }
 
 /// An age for `--older-than`: zero allowed (every socket), at most a year.

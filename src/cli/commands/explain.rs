@@ -22,7 +22,11 @@ const EVERY: Duration = Duration::from_secs(1);
 
 pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
     let mut k = super::common::cli_kernel(&args.selectors);
-    let status = explain_on(&mut k, args, out, err)?;
+    let status = if args.where_ {
+        super::explain_where::explain_where(&mut k, args, out, err)?
+    } else {
+        explain_on(&mut k, args, out, err)?
+    };
     published_note(&k, err)?;
     Ok(status)
 }
@@ -160,7 +164,7 @@ fn sample<H>(at: Duration, snap: &Snapshot<H>, rows: &[Row<'_, H>]) -> Sample {
 
 /// The evidence of each socket of the last sample, and the facts of its owners. A process
 /// whose epoll instances cannot be read (it exited meanwhile) is left out, with a warning.
-fn evidence<H>(
+pub(super) fn evidence<H>(
     proc: &impl ProcRead,
     rows: &[Row<'_, H>],
     err: &mut impl Write,

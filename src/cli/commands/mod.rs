@@ -6,10 +6,12 @@ mod check;
 mod close;
 pub mod common;
 mod explain;
+mod explain_where;
 mod reap;
 mod scan;
 #[cfg(test)]
 mod tests;
+mod where_stacks_shim;
 
 pub use check::check;
 pub use common::Status;

@@ -1,0 +1,362 @@
+//! `cwreap explain --where --for DUR`: attach the BPF programs of `where.bpf.o` for the
+//! window, record the user stack of every TCP read that returned EOF and of every accept
+//! and connect, then report the sockets still leaking at the end (CLOSE_WAIT, or dead
+//! held), each with the stack that read its EOF and the one that opened it, grouped per
+//! process ([`crate::cli::where_report`]). Sockets closed meanwhile are forgotten as they
+//! close. The programs are detached when the command ends.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use cwreap_linux::bpf::{
+    StackCapture, WhereCounts, WhereKind, WhereOptions, WhereProbe, WhereRecord,
+};
+use cwreap_linux::kernel::Kernel;
+
+use super::common::{Status, observe};
+use super::where_stacks_shim as stacks;
+use crate::cli::args::ExplainArgs;
+use crate::cli::diagnosis::Pattern;
+use crate::cli::plan;
+use crate::cli::where_report::{self, EofRead, LeakSocket, ShownFrame, WhereProcessFacts};
+use crate::shared::usage::UsageError;
+
+/// How often the records are drained during the window.
+const POLL: Duration = Duration::from_millis(100);
+
+/// One record of a socket, its stack kept apart by (tgid, kind, hash).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    tgid: u32,
+    hash: u64,
+    ts_ns: u64,
+}
+
+type CaptureKey = (u32, WhereKind, u64);
+
+/// What the window recorded, sockets that closed already forgotten.
+#[derive(Debug, Default)]
+struct Recorded {
+    eof: HashMap<u64, Seen>,
+    connect: HashMap<u64, Seen>,
+    accept: HashMap<(u32, u32), Seen>,
+    captures: HashMap<CaptureKey, StackCapture>,
+}
+
+impl Recorded {
+    fn add(&mut self, r: WhereRecord) {
+        let seen = Seen {
+            tgid: r.tgid,
+            hash: r.hash,
+            ts_ns: r.ts_ns,
+        };
+        if let Some(c) = r.capture {
+            self.captures.insert((r.tgid, r.kind, r.hash), c);
+        }
+        match r.kind {
+            WhereKind::Eof => {
+                self.eof.insert(r.cookie, seen);
+            }
+            WhereKind::Connect => {
+                self.connect.insert(r.cookie, seen);
+            }
+            WhereKind::Accept => {
+                self.accept.insert((r.tgid, r.fd), seen);
+            }
+            WhereKind::Closed => {
+                self.eof.remove(&r.cookie);
+                self.connect.remove(&r.cookie);
+            }
+        }
+    }
+
+    /// Forget the stacks no socket refers to any more. A stack of three frames or more
+    /// stays: the programs send it once per (process, kind, hash), so later records
+    /// refer to it without carrying it.
+    fn prune(&mut self) {
+        let mut live: HashSet<CaptureKey> = HashSet::new();
+        live.extend(self.eof.values().map(|s| (s.tgid, WhereKind::Eof, s.hash)));
+        live.extend(
+            self.connect
+                .values()
+                .map(|s| (s.tgid, WhereKind::Connect, s.hash)),
+        );
+        live.extend(
+            self.accept
+                .values()
+                .map(|s| (s.tgid, WhereKind::Accept, s.hash)),
+        );
+        self.captures
+            .retain(|k, c| c.frames.len() >= 3 || live.contains(k));
+    }
+
+    fn capture(&self, kind: WhereKind, s: &Seen) -> Option<&StackCapture> {
+        self.captures.get(&(s.tgid, kind, s.hash))
+    }
+}
+
+pub fn explain_where<K: Kernel>(
+    k: &mut K,
+    args: &ExplainArgs,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<Status> {
+    let window = args.window.unwrap_or_default();
+    let opts = WhereOptions {
+        pids: args
+            .selectors
+            .pids
+            .iter()
+            .filter_map(|p| u32::try_from(*p).ok())
+            .collect(),
+        ..WhereOptions::default()
+    };
+    let mut probe = WhereProbe::load(&opts).map_err(|e| {
+        UsageError(format!(
+            "explain --where cannot record stacks here: {e}. It needs Linux 6.3 or later \
+with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
+        ))
+    })?;
+    if !args.json {
+        writeln!(
+            err,
+            "recording EOF reads, accepts and connects for {}...",
+            humantime::format_duration(window)
+        )?;
+    }
+    let mut rec = Recorded::default();
+    let mut buf = Vec::new();
+    let end = Instant::now() + window;
+    let mut last_prune = Instant::now();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        probe.wait(left.min(POLL))?;
+        probe.drain(&mut buf);
+        for r in buf.drain(..) {
+            rec.add(r);
+        }
+        if last_prune.elapsed() > Duration::from_secs(1) {
+            rec.prune();
+            last_prune = Instant::now();
+        }
+        if left.is_zero() {
+            break;
+        }
+    }
+    let counts = probe.counts()?;
+    // The sockets as they are now, the programs still attached so that nothing closing
+    // meanwhile goes unseen; then detached.
+    let (snap, _failures, _unprobed) = observe(k, false, &args.selectors)?;
+    probe.drain(&mut buf);
+    for r in buf.drain(..) {
+        rec.add(r);
+    }
+    drop(probe);
+    let filter = args.selectors.filter(args.older_than);
+    let rows = plan::select(&snap, &filter);
+    let cookies: HashMap<(i32, u64), u64> = rows
+        .iter()
+        .filter_map(|r| {
+            r.process
+                .map(|p| ((p.pid, r.socket.diag.inode), r.socket.diag.cookie))
+        })
+        .collect();
+    let (sockets, processes) = super::explain::evidence(&*k, &rows, err)?;
+    let mut symbols = stacks::Symbolizer::new();
+    let mut leaks = Vec::with_capacity(sockets.len());
+    let mut facts = Vec::with_capacity(processes.len());
+    let mut shown: HashMap<(u32, WhereKind, u64), Vec<ShownFrame>> = HashMap::new();
+    for p in &processes {
+        facts.push(WhereProcessFacts {
+            pid: p.pid,
+            comm: p.comm.clone(),
+            runtime: p.runtime.runtime,
+            runtime_note: u32::try_from(p.pid)
+                .ok()
+                .and_then(stacks::runtime_frames_note),
+        });
+    }
+    let runtimes: HashMap<i32, _> = processes
+        .iter()
+        .map(|p| (p.pid, p.runtime.runtime))
+        .collect();
+    for s in &sockets {
+        let Some(&cookie) = cookies.get(&(s.pid, s.inode)) else {
+            continue;
+        };
+        let runtime = runtimes
+            .get(&s.pid)
+            .copied()
+            .unwrap_or(crate::cli::diagnosis::Runtime::Unknown);
+        let pattern = Pattern::of(s.evidence, runtime);
+        let mut stack_of = |kind: WhereKind, seen: &Seen| -> Option<Vec<ShownFrame>> {
+            let key = (seen.tgid, kind, seen.hash);
+            if let Some(f) = shown.get(&key) {
+                return Some(f.clone());
+            }
+            let frames = best_stack(&mut symbols, seen.tgid, rec.capture(kind, seen)?);
+            shown.insert(key, frames.clone());
+            Some(frames)
+        };
+        let eof_seen = rec.eof.get(&cookie).copied();
+        let eof = match eof_seen {
+            Some(seen) => match stack_of(WhereKind::Eof, &seen) {
+                Some(f) => EofRead::Seen(f),
+                None => EofRead::Unkept,
+            },
+            None if s.evidence.recv_q > 0 => EofRead::Unread,
+            None => EofRead::BeforeWindow,
+        };
+        let opened = match rec.connect.get(&cookie).copied() {
+            Some(seen) => stack_of(WhereKind::Connect, &seen),
+            None => {
+                s.fd.and_then(|fd| {
+                    let key = (u32::try_from(s.pid).ok()?, u32::try_from(fd).ok()?);
+                    rec.accept.get(&key).copied()
+                })
+                // The accept of an fd number before this socket's EOF; a later one is of
+                // another socket that reused the number.
+                .filter(|a| eof_seen.is_none_or(|e| a.ts_ns <= e.ts_ns))
+                .and_then(|seen| stack_of(WhereKind::Accept, &seen))
+            }
+        };
+        leaks.push(LeakSocket {
+            pid: s.pid,
+            pattern,
+            eof,
+            opened,
+        });
+    }
+    let reports = where_report::report(&leaks, &facts);
+    if args.json {
+        for r in &reports {
+            serde_json::to_writer(&mut *out, r)?;
+            out.write_all(b"\n")?;
+        }
+    } else if reports.is_empty() {
+        writeln!(
+            out,
+            "No process holds CLOSE_WAIT or dead held sockets{} at the end of the window.",
+            if filter.narrowed() {
+                " that match the selection"
+            } else {
+                ""
+            }
+        )?;
+    } else {
+        write!(out, "{}", where_report::render(&reports))?;
+    }
+    counts_note(&counts, err)?;
+    Ok(Status::Ok)
+}
+
+/// What the programs could not keep, said, never silent.
+fn counts_note(c: &WhereCounts, err: &mut impl Write) -> Result<()> {
+    if c.lost > 0 {
+        writeln!(
+            err,
+            "warning: {} record(s) lost: the ring buffer was full (their sockets show as \
+'stack lost')",
+            c.lost
+        )?;
+    }
+    if c.seen_full > 0 {
+        writeln!(
+            err,
+            "note: {} stack(s) sent whole again: the map of stacks already sent was full",
+            c.seen_full
+        )?;
+    }
+    if c.open_full > 0 {
+        writeln!(
+            err,
+            "note: {} socket(s) not followed to their close: the map of open sockets was full",
+            c.open_full
+        )?;
+    }
+    if c.no_stack > 0 {
+        writeln!(
+            err,
+            "note: {} record(s) without stack bytes (the stack could not be read): frame \
+pointers only",
+            c.no_stack
+        )?;
+    }
+    if c.malformed > 0 {
+        writeln!(err, "warning: {} record(s) did not parse", c.malformed)?;
+    }
+    Ok(())
+}
+
+/// Symbolize `addrs` (innermost first: the first is the instruction pointer, the rest
+/// return addresses, looked up one byte back so the call's line shows). Returns the frames
+/// and how many leading addresses named a function.
+fn symbolize(
+    symbols: &mut stacks::Symbolizer,
+    pid: u32,
+    addrs: &[u64],
+) -> (Vec<ShownFrame>, usize) {
+    let lookup: Vec<u64> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+        .collect();
+    let per_addr = symbols.symbolize(pid, &lookup);
+    let mut frames = Vec::new();
+    let mut valid = 0;
+    let mut broken = false;
+    for (i, group) in per_addr.iter().enumerate() {
+        let named = group.iter().any(|f| f.function.is_some());
+        if !named {
+            broken = true;
+        }
+        if !broken {
+            valid = i + 1;
+        }
+        frames.extend(group.iter().map(|f| ShownFrame {
+            function: f.function.clone(),
+            file: f.file.clone(),
+            line: f.line,
+            module: f.module.clone(),
+            library: stacks::is_library_frame(f),
+        }));
+    }
+    (frames, valid)
+}
+
+/// The deeper valid stack of the two methods: frame pointers (with the direct caller of a
+/// libc wrapper, which they skip, read at the stack pointer) and CFI.
+fn best_stack(symbols: &mut stacks::Symbolizer, pid: u32, c: &StackCapture) -> Vec<ShownFrame> {
+    let mut fp = c.frames.clone();
+    if let (Some(bytes), Some(&first)) = (c.stack.get(..8), fp.first()) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(bytes);
+        let at_sp = u64::from_le_bytes(w);
+        if at_sp != first && !fp.contains(&at_sp) {
+            let (_, named) = symbolize(symbols, pid, &[first, at_sp]);
+            if named == 2 {
+                fp.insert(1, at_sp);
+            }
+        }
+    }
+    let (fp_frames, fp_valid) = symbolize(symbols, pid, &fp);
+    let regs = stacks::UserRegs {
+        ip: c.ip,
+        sp: c.sp,
+        bp: c.bp,
+    };
+    match stacks::unwind_cfi(pid, &regs, &c.stack) {
+        Ok(addrs) if !addrs.is_empty() => {
+            let (cfi_frames, cfi_valid) = symbolize(symbols, pid, &addrs);
+            if cfi_valid > fp_valid {
+                cfi_frames
+            } else {
+                fp_frames
+            }
+        }
+        _ => fp_frames,
+    }
+}
