@@ -1,0 +1,368 @@
+//! One ELF file, read once and shared: its load segments (to turn a mapped address into
+//! the file's own addresses), its function symbols, its unwind sections, and its DWARF.
+//! Images are cached per (device, inode), bounded in count and bytes.
+
+use std::collections::HashMap;
+use std::ops::{Deref, Range};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
+
+use super::maps::{self, Mapping};
+
+/// A PT_LOAD segment.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    offset: u64,
+    filesz: u64,
+    vaddr: u64,
+}
+
+#[derive(Debug)]
+struct Symbol {
+    addr: u64,
+    size: u64,
+    name: Box<str>,
+}
+
+/// Bytes of a section, shared with the whole file (no copy).
+#[derive(Clone, Default)]
+pub(crate) struct Bytes {
+    data: Arc<Vec<u8>>,
+    range: Range<usize>,
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.data.get(self.range.clone()).unwrap_or(&[])
+    }
+}
+
+/// A section's addresses in the file's own address space, and its bytes.
+#[derive(Clone)]
+pub(crate) struct Section {
+    pub svma: Range<u64>,
+    pub bytes: Bytes,
+}
+
+/// What a CFI unwinder needs of a file.
+#[derive(Clone, Default)]
+pub(crate) struct UnwindSections {
+    pub text: Option<Section>,
+    pub eh_frame: Option<Section>,
+    pub eh_frame_hdr: Option<Section>,
+    /// .debug_frame, decompressed (Go writes its CFI there, not in .eh_frame).
+    pub debug_frame: Option<Bytes>,
+    pub got: Option<Range<u64>>,
+}
+
+pub(crate) struct ElfImage {
+    data: Arc<Vec<u8>>,
+    loads: Vec<Load>,
+    /// Function symbols of .symtab and .dynsym, by address.
+    symbols: Vec<Symbol>,
+    pub unwind: UnwindSections,
+    pub has_dwarf: bool,
+}
+
+pub(crate) type Dwarf = addr2line::Context<gimli::EndianArcSlice<gimli::RunTimeEndian>>;
+
+impl ElfImage {
+    /// Parse `data`; an error names what is wrong with it. Never panics on bad input.
+    pub fn parse(data: Vec<u8>) -> Result<ElfImage, String> {
+        let data = Arc::new(data);
+        let file = object::File::parse(&data[..]).map_err(|e| format!("not an ELF file: {e}"))?;
+        let loads = file
+            .segments()
+            .filter_map(|s| {
+                let (offset, filesz) = s.file_range();
+                Some(Load {
+                    offset,
+                    filesz,
+                    vaddr: s.address(),
+                })
+                .filter(|_| filesz > 0)
+            })
+            .collect::<Vec<_>>();
+        let mut symbols: Vec<Symbol> = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
+            .filter_map(|s| {
+                let name = s.name().ok().filter(|n| !n.is_empty())?;
+                Some(Symbol {
+                    addr: s.address(),
+                    size: s.size(),
+                    name: name.into(),
+                })
+            })
+            .collect();
+        // Stable: at one address the .symtab name (listed first) wins over .dynsym's.
+        symbols.sort_by_key(|s| s.addr);
+        symbols.dedup_by_key(|s| s.addr);
+        let section = |name: &str| {
+            let s = file.section_by_name(name)?;
+            let (off, size) = s.file_range()?;
+            let start = usize::try_from(off).ok()?;
+            let end = start.checked_add(usize::try_from(size).ok()?)?;
+            (end <= data.len()).then(|| Section {
+                svma: s.address()..s.address().saturating_add(s.size()),
+                bytes: Bytes {
+                    data: data.clone(),
+                    range: start..end,
+                },
+            })
+        };
+        let debug_frame = file
+            .section_by_name(".debug_frame")
+            .and_then(|s| s.uncompressed_data().ok())
+            .map(|d| Bytes {
+                range: 0..d.len(),
+                data: Arc::new(d.into_owned()),
+            });
+        let unwind = UnwindSections {
+            text: section(".text"),
+            eh_frame: section(".eh_frame"),
+            eh_frame_hdr: section(".eh_frame_hdr"),
+            debug_frame,
+            got: file
+                .section_by_name(".got")
+                .map(|s| s.address()..s.address() + s.size()),
+        };
+        let has_dwarf = file.section_by_name(".debug_info").is_some()
+            && file.section_by_name(".debug_line").is_some();
+        drop(file);
+        Ok(ElfImage {
+            data,
+            loads,
+            symbols,
+            unwind,
+            has_dwarf,
+        })
+    }
+
+    /// The segment that maps file offset `off`.
+    fn load_for(&self, off: u64) -> Option<&Load> {
+        self.loads
+            .iter()
+            .find(|l| l.offset <= off && off < l.offset.saturating_add(l.filesz))
+    }
+
+    /// The file's own address (as in its symbols and DWARF) of `addr`, mapped by `m`.
+    pub fn svma(&self, m: &Mapping, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(m.start)?.checked_add(m.offset)?;
+        let load = self.load_for(off)?;
+        Some(off - load.offset).and_then(|d| d.checked_add(load.vaddr))
+    }
+
+    /// The process address at which the file's address 0 would be, for mapping `m`
+    /// (0 for a non-PIE executable, the load bias otherwise).
+    pub fn base_avma(&self, m: &Mapping) -> Option<u64> {
+        let load = self.load_for(m.offset).or_else(|| {
+            let end = m.offset.saturating_add(m.end - m.start);
+            self.loads
+                .iter()
+                .find(|l| l.offset < end && m.offset < l.offset + l.filesz)
+        })?;
+        Some(
+            m.start
+                .wrapping_sub(m.offset)
+                .wrapping_add(load.offset)
+                .wrapping_sub(load.vaddr),
+        )
+    }
+
+    /// The function symbol holding `svma`, demangled.
+    pub fn symbol(&self, svma: u64) -> Option<String> {
+        let i = self.symbols.partition_point(|s| s.addr <= svma);
+        let s = self.symbols.get(i.checked_sub(1)?)?;
+        let inside = if s.size > 0 {
+            svma < s.addr.saturating_add(s.size)
+        } else {
+            // No size: trust it up to the next symbol, within the .text section.
+            self.unwind
+                .text
+                .as_ref()
+                .is_some_and(|t| t.svma.contains(&svma))
+        };
+        inside.then(|| demangle(&s.name, None))
+    }
+
+    /// The DWARF of this file, parsed (each caller keeps its own: it is not shared).
+    pub fn dwarf(&self) -> Option<Dwarf> {
+        if !self.has_dwarf {
+            return None;
+        }
+        let file = object::File::parse(&self.data[..]).ok()?;
+        let endian = if file.is_little_endian() {
+            gimli::RunTimeEndian::Little
+        } else {
+            gimli::RunTimeEndian::Big
+        };
+        let load = |id: gimli::SectionId| -> Result<_, gimli::Error> {
+            let bytes: Arc<[u8]> = file
+                .section_by_name(id.name())
+                .filter(|s| s.kind() != SectionKind::UninitializedData)
+                .and_then(|s| s.uncompressed_data().ok())
+                .map(|d| Arc::from(&d[..]))
+                .unwrap_or_else(|| Arc::from(&[][..]));
+            Ok(gimli::EndianArcSlice::new(bytes, endian))
+        };
+        let dwarf = gimli::Dwarf::load(load).ok()?;
+        addr2line::Context::from_dwarf(dwarf).ok()
+    }
+}
+
+/// Demangle a Rust or C++ symbol; other names are returned as they are. `lang` is the DWARF
+/// language of the unit, when known.
+pub(crate) fn demangle(name: &str, lang: Option<gimli::DwLang>) -> String {
+    let rust = match lang {
+        Some(gimli::DW_LANG_Rust) => true,
+        Some(_) => false,
+        None => name.starts_with("_R") || (name.starts_with("_ZN") && name.contains("17h")),
+    };
+    if rust && let Ok(d) = rustc_demangle::try_demangle(name) {
+        return format!("{d:#}");
+    }
+    if name.starts_with("_Z")
+        && let Ok(sym) = cpp_demangle::Symbol::new(name)
+        && let Ok(d) = sym.demangle()
+    {
+        return d;
+    }
+    name.to_string()
+}
+
+/// A file's image, or why it has none.
+type Loaded = Result<Arc<ElfImage>, Arc<str>>;
+
+/// Images by (device, inode), with their last use: the failures too, so a bad file is
+/// read once.
+struct Cache {
+    images: HashMap<(u64, u64), (Loaded, u64)>,
+    tick: u64,
+}
+
+/// At most this many files, and this many bytes of them, stay cached.
+const MAX_IMAGES: usize = 64;
+const MAX_BYTES: usize = 1 << 30;
+
+static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(|| {
+    Mutex::new(Cache {
+        images: HashMap::new(),
+        tick: 0,
+    })
+});
+
+/// The image of the file behind `m` (file-backed), from the cache or read through /proc.
+pub(crate) fn image(pid: u32, m: &Mapping) -> Loaded {
+    let key = (m.dev, m.inode);
+    {
+        let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.tick += 1;
+        let tick = cache.tick;
+        if let Some((image, used)) = cache.images.get_mut(&key) {
+            *used = tick;
+            return image.clone();
+        }
+    }
+    let loaded = maps::read_file(pid, m)
+        .map_err(|e| format!("{}: {e}", m.path))
+        .and_then(|data| ElfImage::parse(data).map_err(|e| format!("{}: {e}", m.path)))
+        .map(Arc::new)
+        .map_err(Arc::<str>::from);
+    let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    let tick = cache.tick;
+    cache.images.insert(key, (loaded.clone(), tick));
+    let size = |c: &Cache| -> usize {
+        c.images
+            .values()
+            .filter_map(|(i, _)| i.as_ref().ok())
+            .map(|i| i.data.len())
+            .sum()
+    };
+    while cache.images.len() > MAX_IMAGES || (cache.images.len() > 1 && size(&cache) > MAX_BYTES) {
+        let oldest = cache
+            .images
+            .iter()
+            .min_by_key(|(_, (_, used))| *used)
+            .map(|(k, _)| *k);
+        match oldest {
+            Some(k) => cache.images.remove(&k),
+            None => break,
+        };
+    }
+    loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demangles_rust_and_cpp_and_leaves_c_alone() {
+        assert_eq!(
+            demangle("_ZN4test7handler17h0123456789abcdefE", None),
+            "test::handler"
+        );
+        assert_eq!(demangle("_ZN3foo3barEv", None), "foo::bar()");
+        assert_eq!(demangle("read", None), "read");
+        assert_eq!(demangle("_Zgarbage", None), "_Zgarbage");
+    }
+
+    /// Truncated and corrupted copies of a real ELF file: parsing and lookups never panic.
+    #[test]
+    fn truncated_and_garbage_files_do_not_panic() {
+        let exe = std::fs::read("/proc/self/exe").unwrap_or_default();
+        assert!(!exe.is_empty(), "cannot read /proc/self/exe");
+        let m = Mapping {
+            start: 0x1000,
+            end: 0x100000,
+            executable: true,
+            offset: 0,
+            dev: 1,
+            inode: 1,
+            path: "/x".into(),
+        };
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut cases: Vec<Vec<u8>> = vec![Vec::new(), b"\x7fELF".to_vec(), vec![0xff; 4096]];
+        for len in [16, 64, 100, 512, 4096, exe.len() / 3, exe.len() / 2] {
+            cases.push(exe[..len.min(exe.len())].to_vec());
+        }
+        for _ in 0..40 {
+            let mut bad = exe[..exe.len().min(1 << 20)].to_vec();
+            for _ in 0..64 {
+                let len = bad.len().max(1) as u64;
+                let i = (rand() % len) as usize;
+                if let Some(b) = bad.get_mut(i) {
+                    *b = rand() as u8;
+                }
+            }
+            cases.push(bad);
+        }
+        for data in cases {
+            if let Ok(image) = ElfImage::parse(data) {
+                for addr in (0x1000..0x100000).step_by(0x777) {
+                    if let Some(svma) = image.svma(&m, addr) {
+                        let _ = image.symbol(svma);
+                    }
+                }
+                let _ = image.base_avma(&m);
+                if let Some(dwarf) = image.dwarf() {
+                    for probe in (0..0x200000).step_by(0x1357) {
+                        if let Ok(mut frames) = dwarf.find_frames(probe).skip_all_loads() {
+                            while let Ok(Some(_)) = frames.next() {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

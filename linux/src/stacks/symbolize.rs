@@ -1,0 +1,231 @@
+//! Addresses to frames: file and DWARF (inlined frames too), else ELF symbols, else the
+//! perf map of a JIT.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::Frame;
+use super::elf::{self, Dwarf, ElfImage};
+use super::maps::{self, Mapping};
+use super::perfmap::{self, PerfMap};
+
+/// Parsed DWARF kept for this many files, and perf maps for this many processes.
+const MAX_DWARF: usize = 32;
+const MAX_PERF_MAPS: usize = 64;
+
+type Stamp = Option<(u64, SystemTime)>;
+
+/// Turns a process's code addresses into functions, files and lines. It keeps each file's
+/// parsed DWARF and symbols (by device and inode, bounded), so a stack costs lookups, not
+/// parses.
+#[derive(Default)]
+pub struct Symbolizer {
+    dwarf: HashMap<(u64, u64), (Option<Dwarf>, u64)>,
+    /// By pid, with the size and time of the file when read.
+    perf_maps: HashMap<u32, (Stamp, Arc<PerfMap>)>,
+    tick: u64,
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Frames for each address of `pid`, each list innermost first: inlined frames, then
+    /// the function that holds the code; never empty (an unknown address gives a frame
+    /// with no function, and the module). Every address is taken as a return address (the
+    /// instruction pointer of a thread in a system call is one too): it is looked up one
+    /// byte back, in the call instruction, and the frame's `addr` is the address given.
+    pub fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Vec<Vec<Frame>> {
+        let mappings = maps::read(pid).unwrap_or_default();
+        let mut perf: Option<Arc<PerfMap>> = None;
+        addrs
+            .iter()
+            .map(|&addr| {
+                let probe = addr.saturating_sub(1);
+                match maps::find(&mappings, probe) {
+                    Some(m) if m.file_backed() => self.in_file(pid, m, addr, probe),
+                    other => {
+                        let map = perf.get_or_insert_with(|| self.perf_map(pid)).clone();
+                        let module = other
+                            .map(|m| m.path.clone())
+                            .filter(|p| !p.is_empty())
+                            .unwrap_or_else(|| "[anon]".to_string());
+                        vec![jit_frame(&map, addr, probe, module)]
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn in_file(&mut self, pid: u32, m: &Mapping, addr: u64, probe: u64) -> Vec<Frame> {
+        let unknown = || Frame {
+            function: None,
+            file: None,
+            line: None,
+            module: m.path.clone(),
+            inlined: false,
+            addr,
+        };
+        let Ok(image) = elf::image(pid, m) else {
+            return vec![unknown()];
+        };
+        let Some(svma) = image.svma(m, probe) else {
+            return vec![unknown()];
+        };
+        let mut frames = self.dwarf_frames(m, &image, svma, addr);
+        match frames.last_mut() {
+            Some(outer) if outer.function.is_none() => outer.function = image.symbol(svma),
+            Some(_) => {}
+            None => frames.push(Frame {
+                function: image.symbol(svma),
+                ..unknown()
+            }),
+        }
+        frames
+    }
+
+    fn dwarf_frames(&mut self, m: &Mapping, image: &ElfImage, svma: u64, addr: u64) -> Vec<Frame> {
+        self.tick += 1;
+        let tick = self.tick;
+        let key = (m.dev, m.inode);
+        if !self.dwarf.contains_key(&key) {
+            if self.dwarf.len() >= MAX_DWARF
+                && let Some(old) = self.dwarf.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k)
+            {
+                self.dwarf.remove(&old);
+            }
+            self.dwarf.insert(key, (image.dwarf(), tick));
+        }
+        let Some((Some(ctx), used)) = self.dwarf.get_mut(&key) else {
+            return Vec::new();
+        };
+        *used = tick;
+        let mut frames = Vec::new();
+        if let Ok(mut iter) = ctx.find_frames(svma).skip_all_loads() {
+            while let Ok(Some(f)) = iter.next() {
+                let function = f.function.as_ref().and_then(|n| {
+                    let raw = n.raw_name().ok()?;
+                    Some(elf::demangle(&raw, n.language))
+                });
+                let (file, line) = f
+                    .location
+                    .map(|l| (l.file.map(str::to_string), l.line))
+                    .unwrap_or((None, None));
+                frames.push(Frame {
+                    function,
+                    file,
+                    line,
+                    module: m.path.clone(),
+                    inlined: true,
+                    addr,
+                });
+                if frames.len() >= 64 {
+                    break;
+                }
+            }
+        }
+        if let Some(outer) = frames.last_mut() {
+            outer.inlined = false;
+        }
+        frames
+    }
+
+    /// The perf map of `pid`, read again when the file changed (a JIT appends to it).
+    fn perf_map(&mut self, pid: u32) -> Arc<PerfMap> {
+        let path = perfmap::path(pid);
+        let stamp = std::fs::metadata(&path)
+            .ok()
+            .map(|md| (md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+        if let Some((seen, map)) = self.perf_maps.get(&pid)
+            && *seen == stamp
+        {
+            return map.clone();
+        }
+        let map = Arc::new(match stamp {
+            Some(_) => std::fs::read(&path)
+                .map(|b| PerfMap::parse(&String::from_utf8_lossy(&b)))
+                .unwrap_or_default(),
+            None => PerfMap::default(),
+        });
+        if self.perf_maps.len() >= MAX_PERF_MAPS {
+            self.perf_maps.clear();
+        }
+        self.perf_maps.insert(pid, (stamp, map.clone()));
+        map
+    }
+}
+
+fn jit_frame(map: &PerfMap, addr: u64, probe: u64, module: String) -> Frame {
+    match map.lookup(probe) {
+        Some(name) => {
+            let (function, file, line) = perfmap::split_name(name);
+            Frame {
+                function: Some(function),
+                file,
+                line,
+                module: "[perf-map]".to_string(),
+                inlined: false,
+                addr,
+            }
+        }
+        None => Frame {
+            function: None,
+            file: None,
+            line: None,
+            module,
+            inlined: false,
+            addr,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function_for_symbolizer() -> u64 {
+        std::hint::black_box(marker_function_for_symbolizer as *const () as u64)
+    }
+
+    /// This test process's own code: a function of this file, with a line.
+    #[test]
+    fn symbolizes_this_process() {
+        let addr = marker_function_for_symbolizer() + 1;
+        let mut s = Symbolizer::new();
+        let frames = s.symbolize(std::process::id(), &[addr, 0, 1]);
+        assert_eq!(frames.len(), 3);
+        let outer = frames[0].last().expect("never empty");
+        let name = outer.function.as_deref().unwrap_or_default();
+        assert!(
+            name.ends_with("marker_function_for_symbolizer"),
+            "{frames:?}"
+        );
+        assert!(
+            outer
+                .file
+                .as_deref()
+                .unwrap_or_default()
+                .ends_with("symbolize.rs")
+        );
+        assert!(outer.line.is_some());
+        assert!(frames[1].len() == 1 && frames[1][0].function.is_none());
+        assert_eq!(frames[2][0].module, "[anon]");
+    }
+
+    #[test]
+    fn jit_frames_come_from_the_perf_map() {
+        let map = PerfMap::parse("1000 100 JS:*onData /srv/server.js:7:3\n");
+        let f = jit_frame(&map, 0x1050, 0x104f, "[anon]".into());
+        assert_eq!(f.function.as_deref(), Some("onData"));
+        assert_eq!(
+            (f.file.as_deref(), f.line),
+            (Some("/srv/server.js"), Some(7))
+        );
+        assert_eq!(f.module, "[perf-map]");
+        let f = jit_frame(&map, 0x2000, 0x1fff, "[anon]".into());
+        assert_eq!((f.function, f.module.as_str()), (None, "[anon]"));
+    }
+}
