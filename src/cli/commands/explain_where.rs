@@ -17,12 +17,12 @@ use cwreap_linux::bpf::{
 use cwreap_linux::kernel::Kernel;
 
 use super::common::{Status, observe};
-use super::where_stacks_shim as stacks;
 use crate::cli::args::ExplainArgs;
 use crate::cli::diagnosis::Pattern;
 use crate::cli::plan;
 use crate::cli::where_report::{self, EofRead, LeakSocket, ShownFrame, WhereProcessFacts};
 use crate::shared::usage::UsageError;
+use cwreap_linux::stacks;
 
 /// How often the records are drained during the window.
 const POLL: Duration = Duration::from_millis(100);
@@ -120,13 +120,13 @@ pub fn explain_where<K: Kernel>(
 with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
         ))
     })?;
-    if !args.json {
-        writeln!(
-            err,
-            "recording EOF reads, accepts and connects for {}...",
-            humantime::format_duration(window)
-        )?;
-    }
+    // Also with --json: on stderr, it tells a caller the programs are attached.
+    writeln!(
+        err,
+        "recording EOF reads, accepts and connects for {}...",
+        humantime::format_duration(window)
+    )?;
+    err.flush()?;
     let mut rec = Recorded::default();
     let mut buf = Vec::new();
     let end = Instant::now() + window;
@@ -291,20 +291,14 @@ pointers only",
     Ok(())
 }
 
-/// Symbolize `addrs` (innermost first: the first is the instruction pointer, the rest
-/// return addresses, looked up one byte back so the call's line shows). Returns the frames
-/// and how many leading addresses named a function.
+/// Symbolize `addrs` (innermost first; each looked up one byte back, in the call
+/// instruction). Returns the frames and how many leading addresses named a function.
 fn symbolize(
     symbols: &mut stacks::Symbolizer,
     pid: u32,
     addrs: &[u64],
 ) -> (Vec<ShownFrame>, usize) {
-    let lookup: Vec<u64> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
-        .collect();
-    let per_addr = symbols.symbolize(pid, &lookup);
+    let per_addr = symbols.symbolize(pid, addrs);
     let mut frames = Vec::new();
     let mut valid = 0;
     let mut broken = false;

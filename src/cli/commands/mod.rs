@@ -11,7 +11,6 @@ mod reap;
 mod scan;
 #[cfg(test)]
 mod tests;
-mod where_stacks_shim;
 
 pub use check::check;
 pub use common::Status;
