@@ -14,9 +14,9 @@
  *   Keyed by (tgid, fd); user space joins it with the fd that holds the socket.
  *
  * Each record carries the frame-pointer stack (bpf_get_stack, BPF_F_USER_STACK), the user
- * registers, and a copy of the top of the user stack for a CFI unwinder in user space. A
- * stack already sent for the same (tgid, kind, stack hash) is not sent again: the record
- * then carries only the hash. Self-contained like cwreap.bpf.c: no libbpf or kernel headers.
+ * registers, and a copy of the top of the user stack for a CFI unwinder in user space. In
+ * a process whose frame pointers user space trusts (cw_where_trusted), a stack already sent
+ * for the same (tgid, kind, stack hash) is not sent again: the record carries the hash. Self-contained like cwreap.bpf.c: no libbpf or kernel headers.
  */
 #include "vmlinux.h"
 
@@ -146,6 +146,17 @@ struct {
 	__type(value, __u8);
 } cw_where_open SEC(".maps");
 
+/* Processes whose frame-pointer stacks user space checked against CFI (tgid → 1): only
+ * their stacks are deduplicated. In a binary without frame pointers, the frame pointer
+ * register holds data, and a stale chain left on a reused thread stack can hash two
+ * different paths alike. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} cw_where_trusted SEC(".maps");
+
 /* Only these processes (tgid → 1) when cw_where_filter is set. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -171,7 +182,7 @@ struct {
 
 /* Set by the loader (read-only afterwards). */
 volatile const __u8 cw_where_filter = 0;      /* 1: only tgids in cw_where_pids */
-volatile const __u32 cw_where_copy = 8192;    /* stack bytes to copy (power of two) */
+volatile const __u32 cw_where_copy = 16384;   /* stack bytes to copy, at most CW_WHERE_STACK_MAX */
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -238,9 +249,9 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 
 	if (cookie && bpf_map_update_elem(&cw_where_open, &cookie, &one, 0 /* BPF_ANY */))
 		cw_count(CW_COUNT_OPEN_FULL);
-	/* A stack of fewer than three frame-pointer frames is likely a binary without frame
-	 * pointers, whose frames say little: never taken as seen before, always sent. */
-	if (n >= 3 && bpf_map_lookup_elem(&cw_where_seen, &key)) {
+	int trusted = n >= 3 && bpf_map_lookup_elem(&cw_where_trusted, &key.tgid) != 0;
+
+	if (trusted && bpf_map_lookup_elem(&cw_where_seen, &key)) {
 		r->stack_len = 0;
 		if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_HEADER, 0))
 			cw_count(CW_COUNT_LOST);
@@ -249,19 +260,23 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 		return 0;
 	}
 
-	/* The stack mapping may end before sp + copy (a shallow main thread): retry smaller. */
+	/* The stack mapping may end before sp + copy (a shallow thread). It ends on a page
+	 * boundary: retry at the page boundaries below sp + copy, the largest first. */
 	__u32 len = cw_where_copy;
-	long err = -1;
 
-	for (int i = 0; i < 6; i++) {
-		if (len > CW_WHERE_STACK_MAX)
-			len = CW_WHERE_STACK_MAX;
-		if (len < 256)
-			break;
-		err = bpf_probe_read_user(r->stack, len, (void *)r->sp);
+	if (len > CW_WHERE_STACK_MAX)
+		len = CW_WHERE_STACK_MAX;
+	__u32 first = 4096 - (r->sp & 4095);
+	long err = bpf_probe_read_user(r->stack, len, (void *)r->sp);
+
+	for (int i = CW_WHERE_STACK_MAX / 4096 - 1; err != 0 && i >= 0; i--) {
+		__u32 try = first + (__u32)i * 4096;
+
+		if (try >= len)
+			continue;
+		err = bpf_probe_read_user(r->stack, try, (void *)r->sp);
 		if (err == 0)
-			break;
-		len /= 2;
+			len = try;
 	}
 	if (err != 0) {
 		len = 0;
@@ -276,7 +291,7 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 		return 0;
 	}
 	cw_count(CW_COUNT_FULL);
-	if (n >= 3 && bpf_map_update_elem(&cw_where_seen, &key, &one, BPF_NOEXIST))
+	if (trusted && bpf_map_update_elem(&cw_where_seen, &key, &one, BPF_NOEXIST))
 		cw_count(CW_COUNT_SEEN_FULL);
 	return 0;
 }

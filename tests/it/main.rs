@@ -19,6 +19,7 @@ mod docs;
 mod escalate;
 mod explain;
 mod explain_runtimes;
+mod explain_where;
 mod faults;
 mod hardening;
 mod hardening_paths;

@@ -30,8 +30,8 @@ pub const WHERE_MIN_KERNEL: (u32, u32) = (6, 3);
 pub struct WhereOptions {
     /// Only these processes; empty: every process.
     pub pids: Vec<u32>,
-    /// Stack bytes to copy per record, from the stack pointer up (rounded down to a power
-    /// of two, at most [`WHERE_STACK_MAX`]).
+    /// Stack bytes to copy per record, from the stack pointer up (at most
+    /// [`WHERE_STACK_MAX`]; less where the stack mapping ends sooner).
     pub stack_bytes: u32,
     /// Ring buffer size in bytes (a power of two of at least a page).
     pub ring_bytes: u32,
@@ -41,7 +41,7 @@ impl Default for WhereOptions {
     fn default() -> Self {
         WhereOptions {
             pids: Vec::new(),
-            stack_bytes: 8192,
+            stack_bytes: WHERE_STACK_MAX as u32,
             ring_bytes: 1 << 24,
         }
     }
@@ -73,6 +73,7 @@ pub struct WhereProbe {
     _ebpf: Ebpf,
     ring: RingBuf<MapData>,
     counts: PerCpuArray<MapData, u64>,
+    trusted: HashMap<MapData, u32, u8>,
     malformed: u64,
 }
 
@@ -111,7 +112,7 @@ impl WhereProbe {
             .max(page)
             .checked_next_power_of_two()
             .unwrap_or(1 << 24);
-        let copy = prev_power_of_two(opts.stack_bytes.min(WHERE_STACK_MAX as u32));
+        let copy = opts.stack_bytes.min(WHERE_STACK_MAX as u32);
         let filter = u8::from(!opts.pids.is_empty());
         let mut ebpf = aya::EbpfLoader::new()
             .btf(Some(&btf))
@@ -152,12 +153,18 @@ impl WhereProbe {
                 .ok_or_else(|| load::missing("cw_where_counts"))?,
         )
         .map_err(|e| map_err("cw_where_counts", e))?;
+        let trusted = HashMap::try_from(
+            ebpf.take_map("cw_where_trusted")
+                .ok_or_else(|| load::missing("cw_where_trusted"))?,
+        )
+        .map_err(|e| map_err("cw_where_trusted", e))?;
         drop(btf);
         crate::sys::release_free_heap();
         Ok(WhereProbe {
             _ebpf: ebpf,
             ring,
             counts,
+            trusted,
             malformed: 0,
         })
     }
@@ -191,6 +198,14 @@ impl WhereProbe {
         }
     }
 
+    /// Trust the frame-pointer stacks of process `tgid` (checked against CFI by the
+    /// caller): from now on a stack of it already sent is sent as its hash only.
+    pub fn trust(&mut self, tgid: u32) -> io::Result<()> {
+        self.trusted
+            .insert(tgid, 1, 0)
+            .map_err(|e| io::Error::other(load::chain(&e)))
+    }
+
     /// The programs' counters.
     pub fn counts(&self) -> io::Result<WhereCounts> {
         let get = |i: u32| -> io::Result<u64> {
@@ -212,26 +227,10 @@ impl WhereProbe {
     }
 }
 
-fn prev_power_of_two(n: u32) -> u32 {
-    if n == 0 {
-        0
-    } else {
-        1 << (31 - n.leading_zeros())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bpf::WhereKind;
-
-    #[test]
-    fn copy_sizes_round_down() {
-        assert_eq!(prev_power_of_two(8192), 8192);
-        assert_eq!(prev_power_of_two(10000), 8192);
-        assert_eq!(prev_power_of_two(1), 1);
-        assert_eq!(prev_power_of_two(0), 0);
-    }
 
     /// The programs load here and report an EOF read, the accept and the connect of a
     /// loopback connection made by this process, with stacks.

@@ -27,15 +27,15 @@ use cwreap_linux::stacks;
 /// How often the records are drained during the window.
 const POLL: Duration = Duration::from_millis(100);
 
-/// One record of a socket, its stack kept apart by (tgid, kind, hash).
+/// One record of a socket, and which stack it had.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
-    tgid: u32,
-    hash: u64,
     ts_ns: u64,
+    /// Into [`Recorded::captures`]; None when the record referred to a stack not kept.
+    capture: Option<u64>,
 }
 
-type CaptureKey = (u32, WhereKind, u64);
+type HashKey = (u32, WhereKind, u64);
 
 /// What the window recorded, sockets that closed already forgotten.
 #[derive(Debug, Default)]
@@ -43,19 +43,32 @@ struct Recorded {
     eof: HashMap<u64, Seen>,
     connect: HashMap<u64, Seen>,
     accept: HashMap<(u32, u32), Seen>,
-    captures: HashMap<CaptureKey, StackCapture>,
+    /// Every stack received, by arrival number. Not by hash: in a binary without frame
+    /// pointers, two paths may hash alike.
+    captures: HashMap<u64, StackCapture>,
+    /// The last stack received per (tgid, kind, hash): what a record without a stack
+    /// refers to (sent only for trusted processes, whose hashes tell paths apart).
+    by_hash: HashMap<HashKey, u64>,
+    next: u64,
 }
 
 impl Recorded {
     fn add(&mut self, r: WhereRecord) {
-        let seen = Seen {
-            tgid: r.tgid,
-            hash: r.hash,
-            ts_ns: r.ts_ns,
+        let key = (r.tgid, r.kind, r.hash);
+        let capture = match r.capture {
+            Some(c) => {
+                let id = self.next;
+                self.next += 1;
+                self.captures.insert(id, c);
+                self.by_hash.insert(key, id);
+                Some(id)
+            }
+            None => self.by_hash.get(&key).copied(),
         };
-        if let Some(c) = r.capture {
-            self.captures.insert((r.tgid, r.kind, r.hash), c);
-        }
+        let seen = Seen {
+            ts_ns: r.ts_ns,
+            capture,
+        };
         match r.kind {
             WhereKind::Eof => {
                 self.eof.insert(r.cookie, seen);
@@ -73,29 +86,63 @@ impl Recorded {
         }
     }
 
-    /// Forget the stacks no socket refers to any more. A stack of three frames or more
-    /// stays: the programs send it once per (process, kind, hash), so later records
-    /// refer to it without carrying it.
-    fn prune(&mut self) {
-        let mut live: HashSet<CaptureKey> = HashSet::new();
-        live.extend(self.eof.values().map(|s| (s.tgid, WhereKind::Eof, s.hash)));
-        live.extend(
-            self.connect
-                .values()
-                .map(|s| (s.tgid, WhereKind::Connect, s.hash)),
-        );
-        live.extend(
-            self.accept
-                .values()
-                .map(|s| (s.tgid, WhereKind::Accept, s.hash)),
-        );
-        self.captures
-            .retain(|k, c| c.frames.len() >= 3 || live.contains(k));
+    /// Forget the stacks no socket refers to any more. The last stack per hash of a trusted
+    /// process stays: later records refer to it without carrying it.
+    fn prune(&mut self, trust: &Trust) {
+        let mut live: HashSet<u64> = HashSet::new();
+        live.extend(self.eof.values().filter_map(|s| s.capture));
+        live.extend(self.connect.values().filter_map(|s| s.capture));
+        live.extend(self.accept.values().filter_map(|s| s.capture));
+        self.by_hash
+            .retain(|k, id| trust.trusted(k.0) || live.contains(id));
+        live.extend(self.by_hash.values().copied());
+        self.captures.retain(|id, _| live.contains(id));
+    }
+}
+
+/// Which processes' frame-pointer stacks are trusted: those whose first stacks agree with
+/// CFI. Only their stacks are deduplicated by the programs.
+#[derive(Debug, Default)]
+struct Trust {
+    /// Checks made per process, trusted or not.
+    checked: HashMap<u32, (u32, bool)>,
+}
+
+impl Trust {
+    /// Stacks checked per process before its frame pointers are given up on.
+    const TRIES: u32 = 4;
+
+    fn trusted(&self, tgid: u32) -> bool {
+        self.checked.get(&tgid).is_some_and(|c| c.1)
     }
 
-    fn capture(&self, kind: WhereKind, s: &Seen) -> Option<&StackCapture> {
-        self.captures.get(&(s.tgid, kind, s.hash))
+    fn check(&mut self, probe: &mut WhereProbe, r: &WhereRecord) {
+        let Some(c) = &r.capture else {
+            return;
+        };
+        let (tries, trusted) = self.checked.entry(r.tgid).or_default();
+        if *trusted || *tries >= Self::TRIES || c.frames.len() < 3 {
+            return;
+        }
+        *tries += 1;
+        if fp_agrees_with_cfi(r.tgid, c) && probe.trust(r.tgid).is_ok() {
+            *trusted = true;
+        }
     }
+}
+
+/// Every frame-pointer return address of `c` is one CFI unwinding finds too.
+fn fp_agrees_with_cfi(pid: u32, c: &StackCapture) -> bool {
+    let regs = stacks::UserRegs {
+        ip: c.ip,
+        sp: c.sp,
+        bp: c.bp,
+    };
+    let Ok(cfi) = stacks::unwind_cfi(pid, &regs, &c.stack) else {
+        return false;
+    };
+    let cfi: HashSet<u64> = cfi.into_iter().collect();
+    cfi.len() >= 3 && c.frames.iter().skip(1).all(|a| cfi.contains(a))
 }
 
 pub fn explain_where<K: Kernel>(
@@ -128,6 +175,7 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
     )?;
     err.flush()?;
     let mut rec = Recorded::default();
+    let mut trust = Trust::default();
     let mut buf = Vec::new();
     let end = Instant::now() + window;
     let mut last_prune = Instant::now();
@@ -136,10 +184,11 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
         probe.wait(left.min(POLL))?;
         probe.drain(&mut buf);
         for r in buf.drain(..) {
+            trust.check(&mut probe, &r);
             rec.add(r);
         }
         if last_prune.elapsed() > Duration::from_secs(1) {
-            rec.prune();
+            rec.prune(&trust);
             last_prune = Instant::now();
         }
         if left.is_zero() {
@@ -168,7 +217,7 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
     let mut symbols = stacks::Symbolizer::new();
     let mut leaks = Vec::with_capacity(sockets.len());
     let mut facts = Vec::with_capacity(processes.len());
-    let mut shown: HashMap<(u32, WhereKind, u64), Vec<ShownFrame>> = HashMap::new();
+    let mut shown: HashMap<u64, Vec<ShownFrame>> = HashMap::new();
     for p in &processes {
         facts.push(WhereProcessFacts {
             pid: p.pid,
@@ -192,18 +241,19 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
             .copied()
             .unwrap_or(crate::cli::diagnosis::Runtime::Unknown);
         let pattern = Pattern::of(s.evidence, runtime);
-        let mut stack_of = |kind: WhereKind, seen: &Seen| -> Option<Vec<ShownFrame>> {
-            let key = (seen.tgid, kind, seen.hash);
-            if let Some(f) = shown.get(&key) {
+        let pid = u32::try_from(s.pid).unwrap_or_default();
+        let mut stack_of = |seen: &Seen| -> Option<Vec<ShownFrame>> {
+            let id = seen.capture?;
+            if let Some(f) = shown.get(&id) {
                 return Some(f.clone());
             }
-            let frames = best_stack(&mut symbols, seen.tgid, rec.capture(kind, seen)?);
-            shown.insert(key, frames.clone());
+            let frames = best_stack(&mut symbols, pid, rec.captures.get(&id)?);
+            shown.insert(id, frames.clone());
             Some(frames)
         };
         let eof_seen = rec.eof.get(&cookie).copied();
         let eof = match eof_seen {
-            Some(seen) => match stack_of(WhereKind::Eof, &seen) {
+            Some(seen) => match stack_of(&seen) {
                 Some(f) => EofRead::Seen(f),
                 None => EofRead::Unkept,
             },
@@ -211,7 +261,7 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
             None => EofRead::BeforeWindow,
         };
         let opened = match rec.connect.get(&cookie).copied() {
-            Some(seen) => stack_of(WhereKind::Connect, &seen),
+            Some(seen) => stack_of(&seen),
             None => {
                 s.fd.and_then(|fd| {
                     let key = (u32::try_from(s.pid).ok()?, u32::try_from(fd).ok()?);
@@ -220,7 +270,7 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
                 // The accept of an fd number before this socket's EOF; a later one is of
                 // another socket that reused the number.
                 .filter(|a| eof_seen.is_none_or(|e| a.ts_ns <= e.ts_ns))
-                .and_then(|seen| stack_of(WhereKind::Accept, &seen))
+                .and_then(|seen| stack_of(&seen))
             }
         };
         leaks.push(LeakSocket {
