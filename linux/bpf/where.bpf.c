@@ -31,6 +31,10 @@
 #define BPF_MAP_TYPE_RINGBUF 27
 #define BPF_NOEXIST 1
 #define BPF_F_USER_STACK (1ULL << 8)
+#define BPF_RB_NO_WAKEUP 1
+#define BPF_RB_FORCE_WAKEUP 2
+#define BPF_RB_AVAIL_DATA 0
+#define BPF_RB_RING_SIZE 1
 
 #define IPPROTO_TCP 6
 #define TCP_SYN_SENT 2
@@ -63,6 +67,7 @@ static long (*const bpf_probe_read_user)(void *dst, __u32 size, const void *src)
 static __u64 (*const bpf_ktime_get_boot_ns)(void) = (void *)125;
 static long (*const bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size,
 					__u64 flags) = (void *)130;
+static __u64 (*const bpf_ringbuf_query)(void *ringbuf, __u64 flags) = (void *)134;
 static struct task_struct *(*const bpf_get_current_task_btf)(void) = (void *)158;
 static struct pt_regs *(*const bpf_task_pt_regs)(struct task_struct *task) = (void *)175;
 
@@ -194,6 +199,16 @@ static __always_inline void cw_count(__u32 which)
 		*n += 1;
 }
 
+/* Waking the reader at every record costs the traced thread a wakeup per syscall hooked:
+ * wake it only once an eighth of the ring is full (it also polls on its own). */
+static __always_inline __u64 cw_wakeup(void)
+{
+	__u64 avail = bpf_ringbuf_query(&cw_where_events, BPF_RB_AVAIL_DATA);
+	__u64 size = bpf_ringbuf_query(&cw_where_events, BPF_RB_RING_SIZE);
+
+	return avail > size / 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline int cw_wanted(__u32 tgid)
 {
 	if (!cw_where_filter)
@@ -253,7 +268,7 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 
 	if (trusted && bpf_map_lookup_elem(&cw_where_seen, &key)) {
 		r->stack_len = 0;
-		if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_HEADER, 0))
+		if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_HEADER, cw_wakeup()))
 			cw_count(CW_COUNT_LOST);
 		else
 			cw_count(CW_COUNT_SHORT);
@@ -286,7 +301,7 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 	r->flags = CW_WHERE_FULL;
 	if (len > CW_WHERE_STACK_MAX)
 		return 0;
-	if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_FIXED + len, 0)) {
+	if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_FIXED + len, cw_wakeup())) {
 		cw_count(CW_COUNT_LOST);
 		return 0;
 	}
@@ -379,7 +394,7 @@ int cw_where_closed(__u64 *ctx)
 	r->kind = CW_WHERE_CLOSED;
 	r->cookie = cookie;
 	r->ts_ns = bpf_ktime_get_boot_ns();
-	if (bpf_ringbuf_output(&cw_where_events, head, sizeof(head), 0))
+	if (bpf_ringbuf_output(&cw_where_events, head, sizeof(head), cw_wakeup()))
 		cw_count(CW_COUNT_LOST);
 	return 0;
 }

@@ -41,7 +41,7 @@ impl Default for WhereOptions {
     fn default() -> Self {
         WhereOptions {
             pids: Vec::new(),
-            stack_bytes: WHERE_STACK_MAX as u32,
+            stack_bytes: 4096,
             ring_bytes: 1 << 24,
         }
     }
