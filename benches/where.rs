@@ -173,7 +173,10 @@ fn main() -> Result<()> {
             let _attached = Attached::start()?;
             one_run(a.secs)?
         };
-        println!("  run {:>2}: without {base:>7}/s   with {hooked:>7}/s", i + 1);
+        println!(
+            "  run {:>2}: without {base:>7}/s   with {hooked:>7}/s",
+            i + 1
+        );
         without.push(base as f64);
         with.push(hooked as f64);
     }

@@ -162,6 +162,33 @@ struct {
 	__type(value, __u8);
 } cw_where_trusted SEC(".maps");
 
+/*
+ * Where the return addresses are, for a process without trusted frame pointers: user space
+ * unwinds one stack taken at the instruction pointer `ip` with CFI and stores the offsets
+ * from sp of its first return addresses. The frame sizes along a path are fixed by its
+ * code, so the words at these offsets are that path's return addresses whenever the first
+ * ones match: their hash tells paths apart, and a stack whose hash was sent before is not
+ * sent again.
+ */
+#define CW_WHERE_LAYOUT_DEPTH 7
+struct cw_where_layout_key {
+	__u32 tgid;
+	__u32 _pad;
+	__u64 ip;
+};
+
+struct cw_where_layout {
+	__u32 n;
+	__u32 off[CW_WHERE_LAYOUT_DEPTH];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct cw_where_layout_key);
+	__type(value, struct cw_where_layout);
+} cw_where_layouts SEC(".maps");
+
 /* Only these processes (tgid → 1) when cw_where_filter is set. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -265,6 +292,28 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 	if (cookie && bpf_map_update_elem(&cw_where_open, &cookie, &one, 0 /* BPF_ANY */))
 		cw_count(CW_COUNT_OPEN_FULL);
 	int trusted = n >= 3 && bpf_map_lookup_elem(&cw_where_trusted, &key.tgid) != 0;
+
+	if (!trusted) {
+		struct cw_where_layout_key lk = { .tgid = r->tgid, ._pad = 0, .ip = r->ip };
+		struct cw_where_layout *lay = bpf_map_lookup_elem(&cw_where_layouts, &lk);
+
+		if (lay) {
+			__u64 h = (0xcbf29ce484222325ULL ^ r->ip) * 0x100000001b3ULL;
+
+			for (int i = 0; i < CW_WHERE_LAYOUT_DEPTH; i++) {
+				__u64 w = 0;
+
+				if (i >= lay->n)
+					break;
+				bpf_probe_read_user(&w, sizeof(w), (void *)(r->sp + lay->off[i]));
+				h = (h ^ w) * 0x100000001b3ULL;
+			}
+			h = (h ^ kind ^ 0x4c41594f5554ULL) * 0x100000001b3ULL;
+			r->hash = h;
+			key.hash = h;
+			trusted = 1;
+		}
+	}
 
 	if (trusted && bpf_map_lookup_elem(&cw_where_seen, &key)) {
 		r->stack_len = 0;

@@ -74,8 +74,12 @@ pub struct WhereProbe {
     ring: RingBuf<MapData>,
     counts: PerCpuArray<MapData, u64>,
     trusted: HashMap<MapData, u32, u8>,
+    layouts: HashMap<MapData, [u8; 16], [u8; 32]>,
     malformed: u64,
 }
+
+/// Return addresses a layout gives the offsets of (`CW_WHERE_LAYOUT_DEPTH`).
+pub const WHERE_LAYOUT_DEPTH: usize = 7;
 
 impl std::fmt::Debug for WhereProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,6 +162,11 @@ impl WhereProbe {
                 .ok_or_else(|| load::missing("cw_where_trusted"))?,
         )
         .map_err(|e| map_err("cw_where_trusted", e))?;
+        let layouts = HashMap::try_from(
+            ebpf.take_map("cw_where_layouts")
+                .ok_or_else(|| load::missing("cw_where_layouts"))?,
+        )
+        .map_err(|e| map_err("cw_where_layouts", e))?;
         drop(btf);
         crate::sys::release_free_heap();
         Ok(WhereProbe {
@@ -165,6 +174,7 @@ impl WhereProbe {
             ring,
             counts,
             trusted,
+            layouts,
             malformed: 0,
         })
     }
@@ -206,6 +216,17 @@ impl WhereProbe {
             .map_err(|e| io::Error::other(load::chain(&e)))
     }
 
+    /// Tell the programs where the return addresses are in a stack of process `tgid`
+    /// taken at instruction pointer `ip`: `offsets` from the stack pointer, innermost
+    /// first (at most [`WHERE_LAYOUT_DEPTH`] are used). From now on, a stack of it at `ip`
+    /// whose words at these offsets match one sent before is sent as its hash only.
+    pub fn set_layout(&mut self, tgid: u32, ip: u64, offsets: &[u32]) -> io::Result<()> {
+        let (key, value) = layout_entry(tgid, ip, offsets);
+        self.layouts
+            .insert(key, value, 0)
+            .map_err(|e| io::Error::other(load::chain(&e)))
+    }
+
     /// The programs' counters.
     pub fn counts(&self) -> io::Result<WhereCounts> {
         let get = |i: u32| -> io::Result<u64> {
@@ -225,6 +246,20 @@ impl WhereProbe {
             malformed: self.malformed,
         })
     }
+}
+
+/// `struct cw_where_layout_key` and `struct cw_where_layout` in host order.
+fn layout_entry(tgid: u32, ip: u64, offsets: &[u32]) -> ([u8; 16], [u8; 32]) {
+    let mut key = [0u8; 16];
+    key[..4].copy_from_slice(&tgid.to_ne_bytes());
+    key[8..].copy_from_slice(&ip.to_ne_bytes());
+    let offsets = &offsets[..offsets.len().min(WHERE_LAYOUT_DEPTH)];
+    let mut value = [0u8; 32];
+    value[..4].copy_from_slice(&(offsets.len() as u32).to_ne_bytes());
+    for (i, o) in offsets.iter().enumerate() {
+        value[4 + 4 * i..8 + 4 * i].copy_from_slice(&o.to_ne_bytes());
+    }
+    (key, value)
 }
 
 #[cfg(test)]
@@ -288,6 +323,18 @@ mod tests {
         let counts = probe.counts().unwrap();
         assert!(counts.full >= 3, "{counts:?}");
         assert_eq!(counts.malformed, 0);
+    }
+
+    #[test]
+    fn layout_entries_are_laid_out_as_the_programs_read_them() {
+        let (k, v) = layout_entry(7, 0x1122, &[8, 40, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(&k[..4], &7u32.to_ne_bytes());
+        assert_eq!(&k[4..8], &[0; 4]);
+        assert_eq!(&k[8..], &0x1122u64.to_ne_bytes());
+        assert_eq!(&v[..4], &7u32.to_ne_bytes(), "at most 7 offsets");
+        assert_eq!(&v[4..8], &8u32.to_ne_bytes());
+        assert_eq!(&v[8..12], &40u32.to_ne_bytes());
+        assert_eq!(&v[28..32], &5u32.to_ne_bytes());
     }
 
     #[test]

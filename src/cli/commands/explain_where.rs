@@ -94,26 +94,35 @@ impl Recorded {
         live.extend(self.connect.values().filter_map(|s| s.capture));
         live.extend(self.accept.values().filter_map(|s| s.capture));
         self.by_hash
-            .retain(|k, id| trust.trusted(k.0) || live.contains(id));
+            .retain(|k, id| trust.deduplicated(k.0) || live.contains(id));
         live.extend(self.by_hash.values().copied());
         self.captures.retain(|id, _| live.contains(id));
     }
 }
 
-/// Which processes' frame-pointer stacks are trusted: those whose first stacks agree with
-/// CFI. Only their stacks are deduplicated by the programs.
+/// How the programs may tell stacks of a process apart without sending them: by its frame
+/// pointers, once they agree with CFI; else by the words at the offsets of the return
+/// addresses CFI found in a stack taken at the same instruction pointer (a layout).
 #[derive(Debug, Default)]
 struct Trust {
-    /// Checks made per process, trusted or not.
+    /// Frame-pointer checks made per process, and whether it is trusted.
     checked: HashMap<u32, (u32, bool)>,
+    /// Layout attempts per (process, instruction pointer), and whether one was set.
+    layouts: HashMap<(u32, u64), (u32, bool)>,
 }
 
 impl Trust {
-    /// Stacks checked per process before its frame pointers are given up on.
+    /// Checks per process (frame pointers) or per instruction pointer (layouts) before
+    /// giving up: those stacks are then always sent whole.
     const TRIES: u32 = 4;
 
-    fn trusted(&self, tgid: u32) -> bool {
+    /// Whether the programs may send stacks of `tgid` as hashes only.
+    fn deduplicated(&self, tgid: u32) -> bool {
         self.checked.get(&tgid).is_some_and(|c| c.1)
+            || self
+                .layouts
+                .iter()
+                .any(|((t, _), (_, set))| *t == tgid && *set)
     }
 
     fn check(&mut self, probe: &mut WhereProbe, r: &WhereRecord) {
@@ -121,28 +130,77 @@ impl Trust {
             return;
         };
         let (tries, trusted) = self.checked.entry(r.tgid).or_default();
-        if *trusted || *tries >= Self::TRIES || c.frames.len() < 3 {
+        if *trusted {
+            return;
+        }
+        let regs = stacks::UserRegs {
+            ip: c.ip,
+            sp: c.sp,
+            bp: c.bp,
+        };
+        let Ok(cfi) = stacks::unwind_cfi(r.tgid, &regs, &c.stack) else {
+            return;
+        };
+        if *tries < Self::TRIES && c.frames.len() >= 3 {
+            *tries += 1;
+            if fp_agrees_with_cfi(&c.frames, &cfi) && probe.trust(r.tgid).is_ok() {
+                *trusted = true;
+                return;
+            }
+        }
+        let (tries, set) = self.layouts.entry((r.tgid, c.ip)).or_default();
+        if *set || *tries >= Self::TRIES {
             return;
         }
         *tries += 1;
-        if fp_agrees_with_cfi(r.tgid, c) && probe.trust(r.tgid).is_ok() {
-            *trusted = true;
+        let offsets = layout(&cfi, &c.stack);
+        if offsets.len() >= 2 && probe.set_layout(r.tgid, c.ip, &offsets).is_ok() {
+            *set = true;
         }
     }
 }
 
-/// Every frame-pointer return address of `c` is one CFI unwinding finds too.
-fn fp_agrees_with_cfi(pid: u32, c: &StackCapture) -> bool {
-    let regs = stacks::UserRegs {
-        ip: c.ip,
-        sp: c.sp,
-        bp: c.bp,
-    };
-    let Ok(cfi) = stacks::unwind_cfi(pid, &regs, &c.stack) else {
-        return false;
-    };
-    let cfi: HashSet<u64> = cfi.into_iter().collect();
-    cfi.len() >= 3 && c.frames.iter().skip(1).all(|a| cfi.contains(a))
+/// Every frame-pointer return address is one CFI unwinding finds too.
+fn fp_agrees_with_cfi(fp: &[u64], cfi: &[u64]) -> bool {
+    let cfi: HashSet<u64> = cfi.iter().copied().collect();
+    cfi.len() >= 3 && fp.iter().skip(1).all(|a| cfi.contains(a))
+}
+
+/// The offsets from sp of the return addresses `cfi` found (after the instruction pointer),
+/// innermost first, while each is in the copied stack exactly once: a value seen twice
+/// could be a stale copy, whose offset would say nothing of the path.
+fn layout(cfi: &[u64], stack: &[u8]) -> Vec<u32> {
+    let words: Vec<u64> = stack
+        .chunks_exact(8)
+        .map(|w| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            u64::from_le_bytes(b)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for a in cfi
+        .iter()
+        .skip(1)
+        .take(cwreap_linux::bpf::WHERE_LAYOUT_DEPTH)
+    {
+        let mut at = words
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| *w == a)
+            .map(|(i, _)| i);
+        let (Some(i), None) = (at.next(), at.next()) else {
+            break;
+        };
+        let (Ok(off), Some(prev)) = (u32::try_from(i * 8), out.last().copied().or(Some(0))) else {
+            break;
+        };
+        if !out.is_empty() && off <= prev {
+            break;
+        }
+        out.push(off);
+    }
+    out
 }
 
 pub fn explain_where<K: Kernel>(
@@ -305,6 +363,11 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
 
 /// What the programs could not keep, said, never silent.
 fn counts_note(c: &WhereCounts, err: &mut impl Write) -> Result<()> {
+    writeln!(
+        err,
+        "recorded {} stack(s) whole and {} as the hash of one sent before",
+        c.full, c.short
+    )?;
     if c.lost > 0 {
         writeln!(
             err,
