@@ -373,7 +373,7 @@ pub struct ExplainArgs {
     #[arg(long = "where", requires = "window")]
     pub where_: bool,
     /// With --where: only sockets at least this long in CLOSE_WAIT at the end of the window
-    #[arg(long, value_name = "AGE", value_parser = parse_duration, requires = "where_")]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "where_")]
     pub older_than: Option<Duration>,
 }
 
