@@ -22,11 +22,7 @@ const EVERY: Duration = Duration::from_secs(1);
 
 pub fn explain(args: &ExplainArgs, out: &mut impl Write, err: &mut impl Write) -> Result<Status> {
     let mut k = super::common::cli_kernel(&args.selectors);
-    let status = if args.where_ {
-        super::explain_where::explain_where(&mut k, args, out, err)?
-    } else {
-        explain_on(&mut k, args, out, err)?
-    };
+    let status = explain_on(&mut k, args, out, err)?;
     published_note(&k, err)?;
     Ok(status)
 }
