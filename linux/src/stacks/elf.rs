@@ -16,6 +16,7 @@ struct Load {
     offset: u64,
     filesz: u64,
     vaddr: u64,
+    executable: bool,
 }
 
 #[derive(Debug)]
@@ -77,12 +78,17 @@ impl ElfImage {
             .segments()
             .filter_map(|s| {
                 let (offset, filesz) = s.file_range();
-                Some(Load {
+                let executable = match s.flags() {
+                    object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                    _ => false,
+                };
+                let load = Load {
                     offset,
                     filesz,
                     vaddr: s.address(),
-                })
-                .filter(|_| filesz > 0)
+                    executable,
+                };
+                Some(load).filter(|_| filesz > 0)
             })
             .collect::<Vec<_>>();
         let mut symbols: Vec<Symbol> = file
@@ -142,29 +148,31 @@ impl ElfImage {
         })
     }
 
-    /// The segment that maps file offset `off`.
-    fn load_for(&self, off: u64) -> Option<&Load> {
-        self.loads
-            .iter()
-            .find(|l| l.offset <= off && off < l.offset.saturating_add(l.filesz))
-    }
-
     /// The file's own address (as in its symbols and DWARF) of `addr`, mapped by `m`.
     pub fn svma(&self, m: &Mapping, addr: u64) -> Option<u64> {
-        let off = addr.checked_sub(m.start)?.checked_add(m.offset)?;
-        let load = self.load_for(off)?;
-        Some(off - load.offset).and_then(|d| d.checked_add(load.vaddr))
+        m.contains(addr).then_some(())?;
+        addr.checked_sub(self.base_avma(m)?)
     }
 
     /// The process address at which the file's address 0 would be, for mapping `m`
-    /// (0 for a non-PIE executable, the load bias otherwise).
+    /// (0 for a non-PIE executable, the load bias otherwise). The segment is the one the
+    /// mapping holds most of, those of the mapping's kind (executable or not) first: a
+    /// mapping starts on a page boundary, often inside the segment before (lld lays out
+    /// segments whose file offsets and addresses differ by a page).
     pub fn base_avma(&self, m: &Mapping) -> Option<u64> {
-        let load = self.load_for(m.offset).or_else(|| {
-            let end = m.offset.saturating_add(m.end - m.start);
-            self.loads
-                .iter()
-                .find(|l| l.offset < end && m.offset < l.offset + l.filesz)
-        })?;
+        let end = m.offset.saturating_add(m.end - m.start);
+        let overlap = |l: &Load| {
+            let from = l.offset.max(m.offset);
+            l.offset
+                .saturating_add(l.filesz)
+                .min(end)
+                .saturating_sub(from)
+        };
+        let load = self
+            .loads
+            .iter()
+            .filter(|l| overlap(l) > 0)
+            .max_by_key(|l| (l.executable == m.executable, overlap(l)))?;
         Some(
             m.start
                 .wrapping_sub(m.offset)

@@ -17,10 +17,12 @@
 mod elf;
 mod maps;
 mod perfmap;
+mod regs;
 mod runtime;
 mod symbolize;
 mod unwind;
 
+pub use regs::stopped_thread_regs;
 pub use runtime::{is_library_frame, runtime_frames_note};
 pub use symbolize::Symbolizer;
 pub use unwind::MAX_FRAMES;

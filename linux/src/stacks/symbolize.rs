@@ -25,11 +25,17 @@ pub struct Symbolizer {
     /// By pid, with the size and time of the file when read.
     perf_maps: HashMap<u32, (Stamp, Arc<PerfMap>)>,
     tick: u64,
+    dwarf_parses: u64,
 }
 
 impl Symbolizer {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many times a file's DWARF was parsed (once per file while it stays cached).
+    pub fn dwarf_parses(&self) -> u64 {
+        self.dwarf_parses
     }
 
     /// Frames for each address of `pid`, each list innermost first: inlined frames, then
@@ -96,6 +102,7 @@ impl Symbolizer {
             {
                 self.dwarf.remove(&old);
             }
+            self.dwarf_parses += 1;
             self.dwarf.insert(key, (image.dwarf(), tick));
         }
         let Some((Some(ctx), used)) = self.dwarf.get_mut(&key) else {

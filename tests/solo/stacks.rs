@@ -1,0 +1,641 @@
+//! User stacks of real programs blocked in read(2) on their stdin (a pipe this test holds
+//! open): registers from /proc/PID/task/TID/syscall, the stack copied from /proc/PID/mem
+//! from sp on, as the BPF capture of `explain --where` copies it. Then [`unwind_cfi`] and
+//! [`Symbolizer`] must give the program's own path, checked frame by frame against
+//! binutils' `addr2line` (and the perf map for Node).
+//!
+//! Reading another process's syscall registers and memory needs ptrace access: root.
+
+use std::fs::File;
+use std::io::Read as _;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cwreap_linux::stacks::{self, Frame, Symbolizer, UserRegs, is_library_frame};
+use cwreap_linux::sys::ptrace;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The most stack copied, as the BPF capture copies at most.
+const STACK_COPY: u64 = 30 * 1024;
+
+const C_SOURCE: &str = r#"#include <stdio.h>
+#include <unistd.h>
+
+volatile int sink;
+
+__attribute__((noinline)) int leaf_read_eof(int fd)
+{
+	char buf[64];
+	ssize_t n = read(fd, buf, sizeof buf); /* MARK:eof_read */
+	sink += (int)n;
+	return (int)n + sink;
+}
+
+__attribute__((noinline)) int descend(int depth, int fd)
+{
+	if (depth == 0)
+		return leaf_read_eof(fd) + 1; /* MARK:leaf_call */
+	int r = descend(depth - 1, fd); /* MARK:descend_call */
+	sink += r;
+	return r + depth;
+}
+
+int main(int argc, char **argv)
+{
+	(void)argv;
+	int r = descend(16, argc - 1); /* MARK:main_call */
+	printf("%d\n", r);
+	return 0;
+}
+"#;
+
+const GO_SOURCE: &str = r#"package main
+
+import (
+	"fmt"
+	"syscall"
+)
+
+//go:noinline
+func readUntilEOF(fd int) int {
+	buf := make([]byte, 64)
+	n, _ := syscall.Read(fd, buf) // MARK:eof_read
+	return n
+}
+
+func main() {
+	n := readUntilEOF(0) // MARK:main_call
+	fmt.Println(n)
+}
+"#;
+
+const RUST_SOURCE: &str = r#"use std::io::Read;
+
+#[inline(never)]
+fn handle_client(input: &mut std::io::Stdin) -> usize {
+    let mut buf = [0u8; 64];
+    input.read(&mut buf).unwrap_or(0) // MARK:eof_read
+}
+
+fn main() {
+    let n = handle_client(&mut std::io::stdin()); // MARK:main_call
+    println!("{n}");
+}
+"#;
+
+const JS_SOURCE: &str = r#"'use strict';
+const fs = require('fs');
+
+function readForever() {
+  const buf = Buffer.alloc(64);
+  return fs.readSync(0, buf, 0, 64, null); // MARK:eof_read
+}
+
+console.log(readForever());
+"#;
+
+/// The 1-based line of `MARK:name` in `source`.
+fn line_of(source: &str, name: &str) -> u32 {
+    let mark = format!("MARK:{name}");
+    let i = source.lines().position(|l| l.contains(&mark));
+    let i = i.unwrap_or_else(|| panic!("no {mark} in the source"));
+    u32::try_from(i + 1).expect("line number")
+}
+
+fn which(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed (.ci/run installs it)"))
+}
+
+fn dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("stacks")
+        .join(std::process::id().to_string());
+    std::fs::create_dir_all(&d).expect("create the build directory");
+    d
+}
+
+fn run(what: &str, cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output();
+    let out = out.unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Write `source` as `name` and compile it with gcc and `flags`.
+fn gcc(name: &str, flags: &[&str]) -> (PathBuf, PathBuf) {
+    let d = dir();
+    let src = d.join("stacks_leaf.c");
+    std::fs::write(&src, C_SOURCE).expect("write the C source");
+    let bin = d.join(name);
+    run(
+        &format!("gcc {flags:?}"),
+        Command::new(which("gcc"))
+            .args(flags)
+            .args(["-O2", "-g", "-fomit-frame-pointer", "-Wall", "-o"])
+            .arg(&bin)
+            .arg(&src),
+    );
+    (src, bin)
+}
+
+/// A program blocked in read(0) on a pipe: its thread, registers and stack copy.
+struct Blocked {
+    child: Child,
+    _stdin: ChildStdin,
+    pid: u32,
+    regs: UserRegs,
+    stack: Vec<u8>,
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_blocked(cmd: &mut Command) -> Blocked {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let stdin = child.stdin.take().expect("piped stdin");
+    let pid = child.id();
+    let end = Instant::now() + DEADLINE;
+    let (tid, sp, pc) = loop {
+        if let Some(found) = thread_in_read(pid) {
+            break found;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{cmd:?} exited ({status}) before blocking in read");
+        }
+        assert!(
+            Instant::now() < end,
+            "{cmd:?}: no thread blocked in read(0) within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let regs = stopped_regs(tid);
+    assert_eq!(
+        regs.sp, sp,
+        "ptrace and /proc/PID/task/TID/syscall agree on sp"
+    );
+    assert!(
+        regs.ip == pc || regs.ip + 2 == pc,
+        "ip {:#x}, syscall pc {pc:#x}",
+        regs.ip
+    );
+    let regs = UserRegs { ip: pc, ..regs };
+    let stack = copy_stack(pid, sp);
+    Blocked {
+        child,
+        _stdin: stdin,
+        pid,
+        regs,
+        stack,
+    }
+}
+
+/// The registers of `tid` (blocked in read): seized, interrupted, read, and let go again
+/// (the read restarts).
+fn stopped_regs(tid: i32) -> UserRegs {
+    ptrace::seize(tid).expect("PTRACE_SEIZE");
+    ptrace::interrupt(tid).expect("PTRACE_INTERRUPT");
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match ptrace::wait_nohang(tid).expect("waitpid") {
+            Some(ptrace::Wait::Stopped { .. }) => break,
+            Some(ptrace::Wait::Exited) => panic!("thread {tid} exited"),
+            None => {}
+        }
+        assert!(
+            Instant::now() < end,
+            "thread {tid} did not stop within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let regs = stacks::stopped_thread_regs(tid).expect("PTRACE_GETREGS");
+    ptrace::detach(tid, 0).expect("PTRACE_DETACH");
+    regs
+}
+
+/// (tid, sp, pc) of a thread of `pid` blocked in read(0, ...), from
+/// /proc/PID/task/TID/syscall: `NR ARG0..ARG5 SP PC`, NR 0 being read on x86_64.
+fn thread_in_read(pid: u32) -> Option<(i32, u64, u64)> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(text) = std::fs::read_to_string(task.path().join("syscall")) else {
+            continue;
+        };
+        let f: Vec<&str> = text.split_whitespace().collect();
+        if f.len() == 9 && f[0] == "0" && f[1] == "0x0" {
+            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            return Some((tid, hex(f[7])?, hex(f[8])?));
+        }
+    }
+    None
+}
+
+/// (start, end, offset, path) of each line of /proc/PID/maps.
+fn maps(pid: u32) -> Vec<(u64, u64, u64, String)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (s, e) = f.first()?.split_once('-')?;
+            let hex = |x: &str| u64::from_str_radix(x, 16).ok();
+            let path = f.get(5).map(|p| p.to_string()).unwrap_or_default();
+            Some((hex(s)?, hex(e)?, hex(f.get(2)?)?, path))
+        })
+        .collect()
+}
+
+/// The stack from `sp` to the end of its mapping, at most [`STACK_COPY`] bytes.
+fn copy_stack(pid: u32, sp: u64) -> Vec<u8> {
+    let m = maps(pid);
+    let (_, end, _, _) = m
+        .iter()
+        .find(|(s, e, _, _)| *s <= sp && sp < *e)
+        .unwrap_or_else(|| panic!("sp {sp:#x} is in no mapping"));
+    let mut buf = vec![0u8; (end - sp).min(STACK_COPY) as usize];
+    let mem = File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    let n = mem.read_at(&mut buf, sp).expect("read the stack");
+    buf.truncate(n);
+    buf
+}
+
+/// binutils' answer for `addr` (a return address) of `pid`: readelf's load segments turn
+/// it into the file's address, and `addr2line -f -i -C` names the frames there, innermost
+/// first, as (function, file name, line).
+fn addr2line(pid: u32, bin: &Path, addr: u64) -> Vec<(String, Option<(String, u32)>)> {
+    let probe = addr - 1;
+    let m = maps(pid);
+    let (start, _, offset, _) = m
+        .iter()
+        .find(|(s, e, _, _)| *s <= probe && probe < *e)
+        .expect("address mapped");
+    let file_off = probe - start + offset;
+    let segs = run(
+        "readelf -lW",
+        Command::new(which("readelf")).arg("-lW").arg(bin),
+    );
+    let hex = |x: &str| u64::from_str_radix(x.trim_start_matches("0x"), 16).expect("hex");
+    let svma = segs
+        .lines()
+        .filter(|l| l.trim_start().starts_with("LOAD "))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| hex(f[1]) <= file_off && file_off < hex(f[1]) + hex(f[4]))
+        .map(|f| file_off - hex(f[1]) + hex(f[2]))
+        .expect("a LOAD segment holds the address");
+    let out = run(
+        "addr2line",
+        Command::new(which("addr2line"))
+            .args(["-f", "-i", "-C", "-e"])
+            .arg(bin)
+            .arg(format!("{svma:#x}")),
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    lines
+        .chunks(2)
+        .map(|c| {
+            let place = c.get(1).and_then(|p| {
+                let p = p.split(" (discriminator").next()?;
+                let (file, line) = p.rsplit_once(':')?;
+                let name = file.rsplit('/').next()?.to_string();
+                Some((name, line.parse().ok()?))
+            });
+            (c[0].to_string(), place)
+        })
+        .collect()
+}
+
+fn show(stack: &[Vec<Frame>]) -> String {
+    let mut s = String::new();
+    for (i, frames) in stack.iter().enumerate() {
+        for f in frames {
+            s += &format!(
+                "#{i:<3} {:#x} {} ({}:{}) [{}]{}{}\n",
+                f.addr,
+                f.function.as_deref().unwrap_or("??"),
+                f.file.as_deref().unwrap_or("?"),
+                f.line.map(|l| l.to_string()).unwrap_or_default(),
+                f.module,
+                if f.inlined { " inlined" } else { "" },
+                if is_library_frame(f) {
+                    " (library)"
+                } else {
+                    ""
+                },
+            );
+        }
+    }
+    s
+}
+
+fn base(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Unwind and symbolize; the stack is printed for the log.
+fn unwind_and_symbolize(b: &Blocked) -> Vec<Vec<Frame>> {
+    let addrs = stacks::unwind_cfi(b.pid, &b.regs, &b.stack).expect("unwind");
+    let syms = Symbolizer::new().symbolize(b.pid, &addrs);
+    eprintln!(
+        "{} bytes of stack, {} frames:\n{}",
+        b.stack.len(),
+        addrs.len(),
+        show(&syms)
+    );
+    assert_eq!(syms.len(), addrs.len());
+    syms
+}
+
+/// The C program's stack: libc's read (folded), then leaf_read_eof at the read, 17 frames
+/// of descend, and main; with `lines`, each frame's file:line as addr2line says.
+fn check_c(bin: &Path, lines: bool) {
+    let _alone = crate::alone();
+    let b = spawn_blocked(&mut Command::new(bin));
+    let syms = unwind_and_symbolize(&b);
+    assert!(
+        syms[0].iter().all(is_library_frame),
+        "the read wrapper is a library frame"
+    );
+    let app: Vec<(usize, &Frame)> = syms
+        .iter()
+        .enumerate()
+        .flat_map(|(i, fs)| fs.iter().map(move |f| (i, f)))
+        .filter(|(_, f)| !is_library_frame(f))
+        .collect();
+    let names: Vec<&str> = app
+        .iter()
+        .map(|(_, f)| f.function.as_deref().unwrap_or("??"))
+        .collect();
+    let mut want = vec!["leaf_read_eof"];
+    want.extend(std::iter::repeat_n("descend", 17));
+    want.push("main");
+    assert_eq!(names, want, "application frames, innermost first");
+    for (i, f) in &app {
+        let tool = addr2line(b.pid, bin, f.addr);
+        let outer = tool.last().expect("addr2line answers");
+        assert_eq!(
+            Some(outer.0.as_str()),
+            f.function.as_deref(),
+            "frame #{i} vs addr2line"
+        );
+        if lines {
+            let want = outer.1.clone().expect("addr2line gives a line");
+            let got = (
+                f.file.as_deref().map(base).unwrap_or_default().to_string(),
+                f.line,
+            );
+            assert_eq!(got, (want.0, Some(want.1)), "frame #{i} vs addr2line");
+        } else {
+            assert_eq!(
+                (&f.file, f.line),
+                (&None, None),
+                "frame #{i}: no line without DWARF"
+            );
+        }
+    }
+    if lines {
+        let at = |k: usize| (app[k].1.file.as_deref().map(base), app[k].1.line);
+        assert_eq!(
+            at(0),
+            (Some("stacks_leaf.c"), Some(line_of(C_SOURCE, "eof_read")))
+        );
+        assert_eq!(
+            at(1),
+            (Some("stacks_leaf.c"), Some(line_of(C_SOURCE, "leaf_call")))
+        );
+        assert_eq!(
+            at(2),
+            (
+                Some("stacks_leaf.c"),
+                Some(line_of(C_SOURCE, "descend_call"))
+            )
+        );
+        assert_eq!(
+            at(18),
+            (Some("stacks_leaf.c"), Some(line_of(C_SOURCE, "main_call")))
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn c_pie_without_frame_pointers_unwinds_to_the_read_line() {
+    let (_, bin) = gcc("leaf-pie", &["-pie", "-fPIE"]);
+    check_c(&bin, true);
+}
+
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn c_non_pie_without_frame_pointers_unwinds_to_the_read_line() {
+    let (_, bin) = gcc("leaf-nopie", &["-no-pie", "-fno-pie"]);
+    check_c(&bin, true);
+}
+
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn c_stripped_of_debug_info_gives_names_without_lines() {
+    let (_, bin) = gcc("leaf-stripped", &["-pie", "-fPIE"]);
+    run("strip -g", Command::new(which("strip")).arg("-g").arg(&bin));
+    check_c(&bin, false);
+}
+
+/// The frames of `syms` (every level) for which `pred` holds.
+fn frames_where(syms: &[Vec<Frame>], pred: impl Fn(&Frame) -> bool) -> Vec<&Frame> {
+    syms.iter().flatten().filter(|f| pred(f)).collect()
+}
+
+/// The first application frame, and how many frames precede it.
+fn first_app(syms: &[Vec<Frame>]) -> (usize, &Frame) {
+    syms.iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, f)| !is_library_frame(f))
+        .unwrap_or_else(|| panic!("no application frame:\n{}", show(syms)))
+}
+
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn go_blocked_read_names_the_function_and_its_main_go_line() {
+    let _alone = crate::alone();
+    let d = dir().join("gosrc");
+    std::fs::create_dir_all(&d).expect("create the Go source directory");
+    std::fs::write(d.join("main.go"), GO_SOURCE).expect("write main.go");
+    let bin = dir().join("stacks-go");
+    run(
+        "go build",
+        Command::new(which("go"))
+            .current_dir(&d)
+            .env("GOCACHE", dir().join("gocache"))
+            .env("GOPATH", dir().join("gopath"))
+            .env("GO111MODULE", "off")
+            .env("GOPROXY", "off")
+            .env("GOTOOLCHAIN", "local")
+            .env("CGO_ENABLED", "0")
+            .env_remove("GOFLAGS")
+            .args(["build", "-o"])
+            .arg(&bin)
+            .arg("main.go"),
+    );
+    let b = spawn_blocked(&mut Command::new(&bin));
+    let syms = unwind_and_symbolize(&b);
+    let (_, leaf) = first_app(&syms);
+    assert_eq!(
+        leaf.function.as_deref(),
+        Some("main.readUntilEOF"),
+        "{}",
+        show(&syms)
+    );
+    assert_eq!(leaf.file.as_deref().map(base), Some("main.go"));
+    assert_eq!(leaf.line, Some(line_of(GO_SOURCE, "eof_read")));
+    let main = frames_where(&syms, |f| f.function.as_deref() == Some("main.main"));
+    assert_eq!(main.len(), 1, "main.main once:\n{}", show(&syms));
+    assert_eq!(main[0].line, Some(line_of(GO_SOURCE, "main_call")));
+    for f in [leaf, main[0]] {
+        let tool = addr2line(b.pid, &bin, f.addr);
+        let outer = tool.last().expect("addr2line answers");
+        assert_eq!(
+            Some(outer.0.as_str()),
+            f.function.as_deref(),
+            "vs addr2line"
+        );
+        assert_eq!(outer.1.as_ref().map(|p| p.1), f.line, "vs addr2line");
+    }
+}
+
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn rust_blocked_read_names_the_demangled_handler() {
+    let _alone = crate::alone();
+    let src = dir().join("stacks_rust.rs");
+    std::fs::write(&src, RUST_SOURCE).expect("write the Rust source");
+    let bin = dir().join("stacks-rust");
+    run(
+        "rustc -g",
+        Command::new("rustc")
+            .args(["-g", "--edition", "2021", "-o"])
+            .arg(&bin)
+            .arg(&src),
+    );
+    let b = spawn_blocked(&mut Command::new(&bin));
+    let syms = unwind_and_symbolize(&b);
+    let (_, leaf) = first_app(&syms);
+    assert_eq!(
+        leaf.function.as_deref(),
+        Some("stacks_rust::handle_client"),
+        "{}",
+        show(&syms)
+    );
+    assert_eq!(leaf.file.as_deref().map(base), Some("stacks_rust.rs"));
+    assert_eq!(leaf.line, Some(line_of(RUST_SOURCE, "eof_read")));
+    let main = frames_where(&syms, |f| {
+        f.function.as_deref() == Some("stacks_rust::main")
+    });
+    assert_eq!(main.len(), 1, "stacks_rust::main once:\n{}", show(&syms));
+    // addr2line -C demangles to the same name, with the hash.
+    let tool = addr2line(b.pid, &bin, leaf.addr);
+    let outer = tool.last().expect("addr2line answers");
+    assert!(
+        outer.0.starts_with("stacks_rust::handle_client"),
+        "addr2line says {outer:?}"
+    );
+}
+
+/// The JIT's perf map entry holding `addr` (a return address), as the file says.
+fn perf_map_entry(pid: u32, addr: u64) -> Option<String> {
+    let mut text = String::new();
+    File::open(format!("/tmp/perf-{pid}.map"))
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .ok()?;
+    text.lines().rev().find_map(|l| {
+        let mut f = l.splitn(3, ' ');
+        let start = u64::from_str_radix(f.next()?, 16).ok()?;
+        let size = u64::from_str_radix(f.next()?, 16).ok()?;
+        (start < addr && addr - 1 < start + size).then(|| f.next().unwrap_or("").to_string())
+    })
+}
+
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn node_with_perf_basic_prof_names_the_js_function() {
+    let _alone = crate::alone();
+    let script = dir().join("stacks_node.js");
+    std::fs::write(&script, JS_SOURCE).expect("write the script");
+    let mut cmd = Command::new(which("node"));
+    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
+        .arg(&script);
+    let b = spawn_blocked(&mut cmd);
+    let syms = unwind_and_symbolize(&b);
+    let js = frames_where(&syms, |f| f.function.as_deref() == Some("readForever"));
+    assert!(!js.is_empty(), "no readForever frame:\n{}", show(&syms));
+    let f = js[0];
+    assert_eq!(
+        first_app(&syms).1,
+        f,
+        "the first frame not folded is the JS function"
+    );
+    assert_eq!(f.module, "[perf-map]");
+    assert_eq!(f.file.as_deref().map(base), Some("stacks_node.js"));
+    assert!(!is_library_frame(f));
+    let entry = perf_map_entry(b.pid, f.addr).expect("the perf map holds the address");
+    assert!(entry.contains("readForever"), "the perf map says {entry}");
+    assert_eq!(
+        stacks::runtime_frames_note(b.pid),
+        None,
+        "a perf map is there"
+    );
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", b.pid));
+}
+
+/// The cost of a 23-frame stack (the C program's), cold (files read, DWARF parsed) and
+/// warm, over 1000 stacks: printed, not judged by time; DWARF is parsed once per file.
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn thousand_stacks_parse_each_file_once() {
+    let (_, bin) = gcc("leaf-cost", &["-pie", "-fPIE"]);
+    let _alone = crate::alone();
+    let b = spawn_blocked(&mut Command::new(&bin));
+    let mut sym = Symbolizer::new();
+    let t = Instant::now();
+    let addrs = stacks::unwind_cfi(b.pid, &b.regs, &b.stack).expect("unwind");
+    let unwound = t.elapsed();
+    let first = sym.symbolize(b.pid, &addrs);
+    let cold = t.elapsed();
+    let parses = sym.dwarf_parses();
+    assert!(addrs.len() >= 20, "a deep stack: {}", show(&first));
+    assert!(parses >= 1, "the program's DWARF was parsed");
+    let t = Instant::now();
+    for _ in 0..1000 {
+        let again = stacks::unwind_cfi(b.pid, &b.regs, &b.stack).expect("unwind");
+        assert_eq!(again, addrs);
+        assert_eq!(sym.symbolize(b.pid, &again), first);
+    }
+    let warm = t.elapsed() / 1000;
+    assert_eq!(sym.dwarf_parses(), parses, "no file's DWARF parsed again");
+    eprintln!(
+        "{} frames: cold {:?} (unwind {:?}), warm {:?} per stack (unwind + symbolize)",
+        addrs.len(),
+        cold,
+        unwound,
+        warm
+    );
+}
