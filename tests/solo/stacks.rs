@@ -639,3 +639,63 @@ fn thousand_stacks_parse_each_file_once() {
         warm
     );
 }
+
+/// The version `python3 --version` prints, as (major, minor).
+fn python_version() -> (u32, u32) {
+    let out = run(
+        "python3 --version",
+        Command::new(which("python3")).arg("--version"),
+    );
+    let v = out.trim().trim_start_matches("Python ");
+    let mut parts = v
+        .split('.')
+        .map(|p| p.parse::<u32>().expect("a version number"));
+    (parts.next().expect("major"), parts.next().expect("minor"))
+}
+
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn runtimes_without_usable_frames_are_named_with_their_flag() {
+    let _alone = crate::alone();
+    let mut py = Command::new(which("python3"));
+    py.args(["-c", "import sys; sys.stdin.buffer.read(1)"]);
+    let b = spawn_blocked(&mut py);
+    let note = stacks::runtime_frames_note(b.pid).expect("a note for Python");
+    let (major, minor) = python_version();
+    assert!(note.contains(&format!("Python {major}.{minor}")), "{note}");
+    assert!(note.contains("-X perf"), "{note}");
+    drop(b);
+
+    let mut node = Command::new(which("node"));
+    node.args([
+        "-e",
+        "require('fs').readSync(0, Buffer.alloc(1), 0, 1, null)",
+    ]);
+    let b = spawn_blocked(&mut node);
+    let note = stacks::runtime_frames_note(b.pid).expect("a note for Node without a perf map");
+    assert!(note.contains("--perf-basic-prof"), "{note}");
+    drop(b);
+
+    let src = dir().join("Blocked.java");
+    std::fs::write(
+        &src,
+        "public class Blocked { public static void main(String[] a) throws Exception { \
+         System.in.read(); } }\n",
+    )
+    .expect("write Blocked.java");
+    let mut java = Command::new(which("java"));
+    java.args(["-XX:+UseSerialGC", "-Xmx64m"]).arg(&src);
+    let b = spawn_blocked(&mut java);
+    let note = stacks::runtime_frames_note(b.pid).expect("a note for the JVM");
+    let jcmd = format!("jcmd {} Compiler.perfmap", b.pid);
+    assert!(note.contains(&jcmd), "{note}");
+    // The command named gives the perf map, and then no note.
+    run(
+        &jcmd,
+        Command::new(which("jcmd"))
+            .arg(b.pid.to_string())
+            .arg("Compiler.perfmap"),
+    );
+    assert_eq!(stacks::runtime_frames_note(b.pid), None, "after {jcmd}");
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", b.pid));
+}

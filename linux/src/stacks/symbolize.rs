@@ -222,6 +222,13 @@ mod tests {
         assert_eq!(frames[2][0].module, "[anon]");
     }
 
+    /// A symbolizer can move to another thread (a task of the daemon).
+    #[test]
+    fn symbolizer_is_send() {
+        fn send<T: Send>(_: &T) {}
+        send(&Symbolizer::new());
+    }
+
     #[test]
     fn jit_frames_come_from_the_perf_map() {
         let map = PerfMap::parse("1000 100 JS:*onData /srv/server.js:7:3\n");
