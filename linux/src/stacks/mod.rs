@@ -25,7 +25,7 @@ mod unwind;
 pub use regs::stopped_thread_regs;
 pub use runtime::{is_library_frame, runtime_frames_note};
 pub use symbolize::Symbolizer;
-pub use unwind::MAX_FRAMES;
+pub use unwind::{MAX_FRAMES, unwind_cfi};
 
 /// The user registers of a thread, as captured with its stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,13 +47,6 @@ pub enum UnwindError {
     NoInstructionPointer,
     #[error("CFI unwinding is not supported on {0}")]
     UnsupportedArch(&'static str),
-}
-
-/// Return addresses, innermost first (the instruction pointer first), unwound with the
-/// CFI of the process's files from `stack`, a copy of memory from `regs.sp` on. Stops at
-/// the end of the copy, at a null or non-code return address, or after [`MAX_FRAMES`].
-pub fn unwind_cfi(pid: u32, regs: &UserRegs, stack: &[u8]) -> Result<Vec<u64>, UnwindError> {
-    unwind::unwind_cfi(pid, regs, stack)
 }
 
 /// One frame of a symbolized stack.

@@ -57,7 +57,10 @@ fn read_copy(stack: &[u8], sp: u64, addr: u64) -> Result<u64, ()> {
     Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
 }
 
-pub(super) fn unwind_cfi(pid: u32, regs: &UserRegs, stack: &[u8]) -> Result<Vec<u64>, UnwindError> {
+/// Return addresses, innermost first (the instruction pointer first), unwound with the
+/// CFI of the process's files from `stack`, a copy of memory from `regs.sp` on. Stops at
+/// the end of the copy, at a null or non-code return address, or after [`MAX_FRAMES`].
+pub fn unwind_cfi(pid: u32, regs: &UserRegs, stack: &[u8]) -> Result<Vec<u64>, UnwindError> {
     let mappings = maps::read(pid).map_err(|e| UnwindError::Maps { pid, source: e })?;
     unwind_with(pid, &mappings, regs, stack)
 }
