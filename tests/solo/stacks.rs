@@ -211,6 +211,32 @@ fn c_stripped_of_debug_info_gives_names_without_lines() {
     check_c(&bin, false);
 }
 
+/// Debug info moved to a file of its own (`objcopy --only-keep-debug`, then
+/// `--add-gnu-debuglink`), as distributions ship it: found beside the binary, lines back.
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn c_with_a_separate_debug_file_gets_its_lines_back() {
+    let (_, bin) = gcc("leaf-debuglink", &["-pie", "-fPIE"]);
+    let debug = bin.with_extension("debug");
+    let objcopy = which("objcopy");
+    run(
+        "objcopy --only-keep-debug",
+        Command::new(&objcopy)
+            .arg("--only-keep-debug")
+            .arg(&bin)
+            .arg(&debug),
+    );
+    run("strip -g", Command::new(which("strip")).arg("-g").arg(&bin));
+    run(
+        "objcopy --add-gnu-debuglink",
+        Command::new(&objcopy)
+            .current_dir(dir())
+            .arg(format!("--add-gnu-debuglink={}", debug.display()))
+            .arg(&bin),
+    );
+    check_c(&bin, true);
+}
+
 /// The frames of `syms` (every level) for which `pred` holds.
 fn frames_where(syms: &[Vec<Frame>], pred: impl Fn(&Frame) -> bool) -> Vec<&Frame> {
     syms.iter().flatten().filter(|f| pred(f)).collect()

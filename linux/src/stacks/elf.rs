@@ -65,6 +65,9 @@ pub(crate) struct ElfImage {
     symbols: Vec<Symbol>,
     pub unwind: UnwindSections,
     pub has_dwarf: bool,
+    /// The GNU build ID, and the .gnu_debuglink file name: where separate debug info is.
+    pub build_id: Option<Vec<u8>>,
+    pub debuglink: Option<String>,
 }
 
 pub(crate) type Dwarf = addr2line::Context<gimli::EndianArcSlice<gimli::RunTimeEndian>>;
@@ -138,6 +141,14 @@ impl ElfImage {
         };
         let has_dwarf = file.section_by_name(".debug_info").is_some()
             && file.section_by_name(".debug_line").is_some();
+        let build_id = file.build_id().ok().flatten().map(<[u8]>::to_vec);
+        let debuglink = file
+            .gnu_debuglink()
+            .ok()
+            .flatten()
+            .and_then(|(name, _crc)| std::str::from_utf8(name).ok())
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .map(str::to_string);
         drop(file);
         Ok(ElfImage {
             data,
@@ -145,6 +156,8 @@ impl ElfImage {
             symbols,
             unwind,
             has_dwarf,
+            build_id,
+            debuglink,
         })
     }
 
@@ -222,6 +235,40 @@ impl ElfImage {
     }
 }
 
+/// The separate debug file of `image` (mapped by `m` in `pid`), as the process sees its
+/// files: by build ID under /usr/lib/debug/.build-id, else by .gnu_debuglink beside the
+/// file, in its .debug directory, or under /usr/lib/debug. A file with another build ID
+/// is not it.
+pub(crate) fn debug_file(pid: u32, m: &Mapping, image: &ElfImage) -> Option<ElfImage> {
+    let root = format!("/proc/{pid}/root");
+    let mut candidates = Vec::new();
+    if let Some(id) = image.build_id.as_deref().filter(|id| id.len() > 1) {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let (head, tail) = hex.split_at(2);
+        candidates.push(format!(
+            "{root}/usr/lib/debug/.build-id/{head}/{tail}.debug"
+        ));
+    }
+    if let Some(link) = &image.debuglink {
+        let dir = m.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        candidates.push(format!("{root}{dir}/{link}"));
+        candidates.push(format!("{root}{dir}/.debug/{link}"));
+        candidates.push(format!("{root}/usr/lib/debug{dir}/{link}"));
+    }
+    candidates.into_iter().find_map(|path| {
+        let md = std::fs::metadata(&path).ok()?;
+        if !md.is_file() || md.len() > MAX_BYTES as u64 {
+            return None;
+        }
+        let debug = ElfImage::parse(std::fs::read(&path).ok()?).ok()?;
+        let same = match (&debug.build_id, &image.build_id) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        (same && debug.has_dwarf).then_some(debug)
+    })
+}
+
 /// Demangle a Rust or C++ symbol; other names are returned as they are. `lang` is the DWARF
 /// language of the unit, when known.
 pub(crate) fn demangle(name: &str, lang: Option<gimli::DwLang>) -> String {
@@ -245,8 +292,8 @@ pub(crate) fn demangle(name: &str, lang: Option<gimli::DwLang>) -> String {
 /// A file's image, or why it has none.
 type Loaded = Result<Arc<ElfImage>, Arc<str>>;
 
-/// Images by (device, inode), with their last use: the failures too, so a bad file is
-/// read once.
+/// Images by (device, inode), with their last use: the files that are not ELF too, so
+/// each is read once.
 struct Cache {
     images: HashMap<(u64, u64), (Loaded, u64)>,
     tick: u64,
@@ -275,11 +322,12 @@ pub(crate) fn image(pid: u32, m: &Mapping) -> Loaded {
             return image.clone();
         }
     }
-    let loaded = maps::read_file(pid, m)
-        .map_err(|e| format!("{}: {e}", m.path))
-        .and_then(|data| ElfImage::parse(data).map_err(|e| format!("{}: {e}", m.path)))
+    // A file that cannot be read now (the process exited, a permission) may be read
+    // through another process later: only what was read and is not ELF is remembered.
+    let data = maps::read_file(pid, m).map_err(|e| Arc::<str>::from(format!("{}: {e}", m.path)))?;
+    let loaded = ElfImage::parse(data)
         .map(Arc::new)
-        .map_err(Arc::<str>::from);
+        .map_err(|e| Arc::<str>::from(format!("{}: {e}", m.path)));
     let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
     let tick = cache.tick;
     cache.images.insert(key, (loaded.clone(), tick));

@@ -16,12 +16,20 @@ const MAX_PERF_MAPS: usize = 64;
 
 type Stamp = Option<(u64, SystemTime)>;
 
+#[derive(Default)]
+struct Debug {
+    dwarf: Option<Dwarf>,
+    file: Option<ElfImage>,
+}
+
 /// Turns a process's code addresses into functions, files and lines. It keeps each file's
 /// parsed DWARF and symbols (by device and inode, bounded), so a stack costs lookups, not
 /// parses.
 #[derive(Default)]
 pub struct Symbolizer {
-    dwarf: HashMap<(u64, u64), (Option<Dwarf>, u64)>,
+    /// By (device, inode): the file's DWARF, or its separate debug file's (with that
+    /// file, whose symbols stand in for stripped ones), and the last use.
+    dwarf: HashMap<(u64, u64), (Debug, u64)>,
     /// By pid, with the size and time of the file when read.
     perf_maps: HashMap<u32, (Stamp, Arc<PerfMap>)>,
     tick: u64,
@@ -80,19 +88,34 @@ impl Symbolizer {
         let Some(svma) = image.svma(m, probe) else {
             return vec![unknown()];
         };
-        let mut frames = self.dwarf_frames(m, &image, svma, addr);
+        let mut frames = self.dwarf_frames(pid, m, &image, svma, addr);
+        let symbol = || {
+            let debug = self
+                .dwarf
+                .get(&(m.dev, m.inode))
+                .and_then(|d| d.0.file.as_ref());
+            image.symbol(svma).or_else(|| debug?.symbol(svma))
+        };
         match frames.last_mut() {
-            Some(outer) if outer.function.is_none() => outer.function = image.symbol(svma),
+            Some(outer) if outer.function.is_none() => outer.function = symbol(),
             Some(_) => {}
             None => frames.push(Frame {
-                function: image.symbol(svma),
+                function: symbol(),
                 ..unknown()
             }),
         }
         frames
     }
 
-    fn dwarf_frames(&mut self, m: &Mapping, image: &ElfImage, svma: u64, addr: u64) -> Vec<Frame> {
+    /// The DWARF frames of `svma`, innermost first, from the file or its debug file.
+    fn dwarf_frames(
+        &mut self,
+        pid: u32,
+        m: &Mapping,
+        image: &ElfImage,
+        svma: u64,
+        addr: u64,
+    ) -> Vec<Frame> {
         self.tick += 1;
         let tick = self.tick;
         let key = (m.dev, m.inode);
@@ -103,12 +126,28 @@ impl Symbolizer {
                 self.dwarf.remove(&old);
             }
             self.dwarf_parses += 1;
-            self.dwarf.insert(key, (image.dwarf(), tick));
+            let debug = match image.dwarf() {
+                Some(dwarf) => Debug {
+                    dwarf: Some(dwarf),
+                    file: None,
+                },
+                None => {
+                    let file = elf::debug_file(pid, m, image);
+                    Debug {
+                        dwarf: file.as_ref().and_then(ElfImage::dwarf),
+                        file,
+                    }
+                }
+            };
+            self.dwarf.insert(key, (debug, tick));
         }
-        let Some((Some(ctx), used)) = self.dwarf.get_mut(&key) else {
+        let Some((debug, used)) = self.dwarf.get_mut(&key) else {
             return Vec::new();
         };
         *used = tick;
+        let Some(ctx) = &debug.dwarf else {
+            return Vec::new();
+        };
         let mut frames = Vec::new();
         if let Ok(mut iter) = ctx.find_frames(svma).skip_all_loads() {
             while let Ok(Some(f)) = iter.next() {
