@@ -251,14 +251,13 @@ fn first_app(syms: &[Vec<Frame>]) -> (usize, &Frame) {
         .unwrap_or_else(|| panic!("no application frame:\n{}", show(syms)))
 }
 
-#[test]
-#[ignore = "needs root: reads another process's syscall registers and memory"]
-fn go_blocked_read_names_the_function_and_its_main_go_line() {
-    let _alone = crate::alone();
+/// Build the Go program with `ldflags`, run it until it blocks in read, unwind and
+/// symbolize: the first application frame and main.main.
+fn go_stack(name: &str, ldflags: &str) -> (PathBuf, Vec<Vec<Frame>>, u32, capture::Blocked) {
     let d = dir().join("gosrc");
     std::fs::create_dir_all(&d).expect("create the Go source directory");
     std::fs::write(d.join("main.go"), GO_SOURCE).expect("write main.go");
-    let bin = dir().join("stacks-go");
+    let bin = dir().join(name);
     run(
         "go build",
         Command::new(which("go"))
@@ -270,12 +269,45 @@ fn go_blocked_read_names_the_function_and_its_main_go_line() {
             .env("GOTOOLCHAIN", "local")
             .env("CGO_ENABLED", "0")
             .env_remove("GOFLAGS")
-            .args(["build", "-o"])
+            .arg("build")
+            .arg(format!("-ldflags={ldflags}"))
+            .arg("-o")
             .arg(&bin)
             .arg("main.go"),
     );
     let b = spawn_blocked(&mut Command::new(&bin));
     let syms = unwind_and_symbolize(&b);
+    let pid = b.pid;
+    (bin, syms, pid, b)
+}
+
+/// `go tool addr2line`'s function for `addr` (a return address) of a non-PIE Go binary.
+fn go_addr2line(bin: &Path, addr: u64) -> String {
+    let mut child = Command::new(which("go"))
+        .args(["tool", "addr2line"])
+        .arg(bin)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run go tool addr2line");
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, format!("{:#x}\n", addr - 1).as_bytes())
+        .expect("write the address");
+    drop(stdin);
+    let out = child.wait_with_output().expect("go tool addr2line output");
+    assert!(out.status.success(), "go tool addr2line failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn go_blocked_read_names_the_function_and_its_main_go_line() {
+    let _alone = crate::alone();
+    let (bin, syms, pid, _b) = go_stack("stacks-go", "");
     let (_, leaf) = first_app(&syms);
     assert_eq!(
         leaf.function.as_deref(),
@@ -289,7 +321,7 @@ fn go_blocked_read_names_the_function_and_its_main_go_line() {
     assert_eq!(main.len(), 1, "main.main once:\n{}", show(&syms));
     assert_eq!(main[0].line, Some(line_of(GO_SOURCE, "main_call")));
     for f in [leaf, main[0]] {
-        let tool = addr2line(b.pid, &bin, f.addr);
+        let tool = addr2line(pid, &bin, f.addr);
         let outer = tool.last().expect("addr2line answers");
         assert_eq!(
             Some(outer.0.as_str()),
@@ -298,6 +330,27 @@ fn go_blocked_read_names_the_function_and_its_main_go_line() {
         );
         assert_eq!(outer.1.as_ref().map(|p| p.1), f.line, "vs addr2line");
     }
+}
+
+/// Built with -w (no DWARF, so no CFI either): frame pointers and .symtab still name the
+/// function, as `go tool addr2line` (from .gopclntab) does; no line.
+#[test]
+#[ignore = "needs root: reads another process's syscall registers and memory"]
+fn go_without_dwarf_still_names_the_function() {
+    let _alone = crate::alone();
+    let (bin, syms, _, _b) = go_stack("stacks-go-w", "-w");
+    let (_, leaf) = first_app(&syms);
+    assert_eq!(
+        leaf.function.as_deref(),
+        Some("main.readUntilEOF"),
+        "{}",
+        show(&syms)
+    );
+    assert_eq!((leaf.file.as_deref(), leaf.line), (None, None));
+    assert_eq!(go_addr2line(&bin, leaf.addr), "main.readUntilEOF");
+    let main = frames_where(&syms, |f| f.function.as_deref() == Some("main.main"));
+    assert_eq!(main.len(), 1, "main.main once:\n{}", show(&syms));
+    assert_eq!(go_addr2line(&bin, main[0].addr), "main.main");
 }
 
 #[test]
