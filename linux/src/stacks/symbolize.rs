@@ -13,6 +13,8 @@ use super::perfmap::{self, PerfMap};
 /// Parsed DWARF kept for this many files, and perf maps for this many processes.
 const MAX_DWARF: usize = 32;
 const MAX_PERF_MAPS: usize = 64;
+/// Addresses whose frames are kept (then all are dropped and found again).
+const MAX_FOUND: usize = 1 << 16;
 
 type Stamp = Option<(u64, SystemTime)>;
 
@@ -32,6 +34,8 @@ pub struct Symbolizer {
     dwarf: HashMap<(u64, u64), (Debug, u64)>,
     /// By pid, with the size and time of the file when read.
     perf_maps: HashMap<u32, (Stamp, Arc<PerfMap>)>,
+    /// Frames already found, by (device, inode, file address): stacks repeat.
+    found: HashMap<(u64, u64, u64), Vec<Frame>>,
     tick: u64,
     dwarf_parses: u64,
 }
@@ -88,6 +92,15 @@ impl Symbolizer {
         let Some(svma) = image.svma(m, probe) else {
             return vec![unknown()];
         };
+        let key = (m.dev, m.inode, svma);
+        if let Some(found) = self.found.get(&key) {
+            let mut frames = found.clone();
+            for f in &mut frames {
+                f.addr = addr;
+                f.module.clone_from(&m.path);
+            }
+            return frames;
+        }
         let mut frames = self.dwarf_frames(pid, m, &image, svma, addr);
         let symbol = || {
             let debug = self
@@ -104,6 +117,10 @@ impl Symbolizer {
                 ..unknown()
             }),
         }
+        if self.found.len() >= MAX_FOUND {
+            self.found.clear();
+        }
+        self.found.insert(key, frames.clone());
         frames
     }
 
