@@ -6,10 +6,13 @@
 //! - [`Symbolizer`] turns addresses into functions, files and lines: /proc/PID/maps gives
 //!   the file and its offset (PIE and shared libraries), the file is read through
 //!   /proc/PID/map_files (so containers work), then DWARF with inlined frames, else
-//!   `.symtab`/`.dynsym` (Rust and C++ demangled), else the JIT's perf map.
+//!   `.symtab`/`.dynsym` (Rust and C++ demangled), with a separate debug file (build ID,
+//!   .gnu_debuglink) standing in for a stripped file's; else the JIT's perf map.
 //! - [`is_library_frame`] says which frames to fold (libc, Go's runtime and poller, Rust's
 //!   std, libuv, V8 and JVM internals); [`runtime_frames_note`] names the flag a runtime
 //!   needs before its frames can be named.
+//! - [`stopped_thread_regs`] reads [`UserRegs`] of a thread stopped under ptrace, for a
+//!   capture without BPF (and the tests).
 //!
 //! Files are parsed once per (device, inode), in bounded caches. Bad files, maps and stacks
 //! give frames without a function, never a panic.
@@ -57,7 +60,7 @@ pub struct Frame {
     pub file: Option<String>,
     pub line: Option<u32>,
     /// The file mapped at the address (as the process sees it), `[perf-map]` for a JIT
-    /// frame named by a perf map, or `[anon]`, `[vdso]`...
+    /// frame named by a perf map, `[anon]`, `[vdso]`..., or `[unmapped]`.
     pub module: String,
     /// An inlined call inside the next frame of the same address.
     pub inlined: bool,

@@ -66,10 +66,11 @@ impl Symbolizer {
                     Some(m) if m.file_backed() => self.in_file(pid, m, addr, probe),
                     other => {
                         let map = perf.get_or_insert_with(|| self.perf_map(pid)).clone();
-                        let module = other
-                            .map(|m| m.path.clone())
-                            .filter(|p| !p.is_empty())
-                            .unwrap_or_else(|| "[anon]".to_string());
+                        let module = match other {
+                            None => "[unmapped]".to_string(),
+                            Some(m) if m.path.is_empty() => "[anon]".to_string(),
+                            Some(m) => m.path.clone(),
+                        };
                         vec![jit_frame(&map, addr, probe, module)]
                     }
                 }
@@ -275,7 +276,7 @@ mod tests {
         );
         assert!(outer.line.is_some());
         assert!(frames[1].len() == 1 && frames[1][0].function.is_none());
-        assert_eq!(frames[2][0].module, "[anon]");
+        assert_eq!(frames[2][0].module, "[unmapped]");
     }
 
     /// A symbolizer can move to another thread (a task of the daemon).
