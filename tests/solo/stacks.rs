@@ -281,8 +281,9 @@ fn go_stack(name: &str, ldflags: &str) -> (PathBuf, Vec<Vec<Frame>>, u32, captur
     (bin, syms, pid, b)
 }
 
-/// `go tool addr2line`'s function for `addr` (a return address) of a non-PIE Go binary.
-fn go_addr2line(bin: &Path, addr: u64) -> String {
+/// `go tool addr2line`'s function and line for `addr` (a return address) of a non-PIE Go
+/// binary (it reads .gopclntab).
+fn go_addr2line(bin: &Path, addr: u64) -> (String, Option<u32>) {
     let mut child = Command::new(which("go"))
         .args(["tool", "addr2line"])
         .arg(bin)
@@ -296,11 +297,13 @@ fn go_addr2line(bin: &Path, addr: u64) -> String {
     drop(stdin);
     let out = child.wait_with_output().expect("go tool addr2line output");
     assert!(out.status.success(), "go tool addr2line failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let func = lines.next().unwrap_or("").to_string();
+    let line = lines
         .next()
-        .unwrap_or("")
-        .to_string()
+        .and_then(|p| p.rsplit_once(':')?.1.parse().ok());
+    (func, line)
 }
 
 #[test]
@@ -332,25 +335,37 @@ fn go_blocked_read_names_the_function_and_its_main_go_line() {
     }
 }
 
-/// Built with -w (no DWARF, so no CFI either): frame pointers and .symtab still name the
-/// function, as `go tool addr2line` (from .gopclntab) does; no line.
+/// Built with -w (no DWARF, so no CFI either) and with -s -w (no .symtab either, the usual
+/// container build): frame pointers unwind it and .gopclntab names the functions, as `go
+/// tool addr2line` does, with main.main's line; the leaf's call is inlined code
+/// (syscall.Read), whose line is not given.
 #[test]
 #[ignore = "needs root: reads another process's syscall registers and memory"]
-fn go_without_dwarf_still_names_the_function() {
+fn go_without_dwarf_or_symbols_still_names_the_functions() {
     let _alone = crate::alone();
-    let (bin, syms, _, _b) = go_stack("stacks-go-w", "-w");
-    let (_, leaf) = first_app(&syms);
-    assert_eq!(
-        leaf.function.as_deref(),
-        Some("main.readUntilEOF"),
-        "{}",
-        show(&syms)
-    );
-    assert_eq!((leaf.file.as_deref(), leaf.line), (None, None));
-    assert_eq!(go_addr2line(&bin, leaf.addr), "main.readUntilEOF");
-    let main = frames_where(&syms, |f| f.function.as_deref() == Some("main.main"));
-    assert_eq!(main.len(), 1, "main.main once:\n{}", show(&syms));
-    assert_eq!(go_addr2line(&bin, main[0].addr), "main.main");
+    for (name, flags) in [("stacks-go-w", "-w"), ("stacks-go-sw", "-s -w")] {
+        let (bin, syms, _, _b) = go_stack(name, flags);
+        let (_, leaf) = first_app(&syms);
+        assert_eq!(
+            leaf.function.as_deref(),
+            Some("main.readUntilEOF"),
+            "{}",
+            show(&syms)
+        );
+        assert_eq!(leaf.line, None, "{flags}: inlined code has no line");
+        assert_eq!(go_addr2line(&bin, leaf.addr).0, "main.readUntilEOF");
+        let main = frames_where(&syms, |f| f.function.as_deref() == Some("main.main"));
+        assert_eq!(main.len(), 1, "main.main once:\n{}", show(&syms));
+        let (func, line) = go_addr2line(&bin, main[0].addr);
+        assert_eq!(func, "main.main");
+        assert_eq!(
+            main[0].line,
+            Some(line_of(GO_SOURCE, "main_call")),
+            "{flags}"
+        );
+        assert_eq!(main[0].line, line, "{flags}: vs go tool addr2line");
+        assert_eq!(main[0].file.as_deref().map(base), Some("main.go"));
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
 
+use super::gopclntab::{GoFrame, GoPcln};
 use super::maps::{self, Mapping};
 
 /// A PT_LOAD segment.
@@ -68,6 +69,8 @@ pub(crate) struct ElfImage {
     /// The GNU build ID, and the .gnu_debuglink file name: where separate debug info is.
     pub build_id: Option<Vec<u8>>,
     pub debuglink: Option<String>,
+    /// Go's .gopclntab: names and lines without .symtab or DWARF.
+    gopclntab: Option<Section>,
 }
 
 pub(crate) type Dwarf = addr2line::Context<gimli::EndianArcSlice<gimli::RunTimeEndian>>;
@@ -139,6 +142,7 @@ impl ElfImage {
                 .section_by_name(".got")
                 .map(|s| s.address()..s.address() + s.size()),
         };
+        let gopclntab = section(".gopclntab");
         let has_dwarf = file.section_by_name(".debug_info").is_some()
             && file.section_by_name(".debug_line").is_some();
         let build_id = file.build_id().ok().flatten().map(<[u8]>::to_vec);
@@ -158,6 +162,7 @@ impl ElfImage {
             has_dwarf,
             build_id,
             debuglink,
+            gopclntab,
         })
     }
 
@@ -192,6 +197,13 @@ impl ElfImage {
                 .wrapping_add(load.offset)
                 .wrapping_sub(load.vaddr),
         )
+    }
+
+    /// The Go function holding `svma`, from .gopclntab, with its line outside inlined code.
+    pub fn go_frame(&self, svma: u64) -> Option<GoFrame> {
+        let table = self.gopclntab.as_ref()?;
+        let text = self.unwind.text.as_ref().map_or(0, |t| t.svma.start);
+        GoPcln::parse(&table.bytes, text)?.lookup(svma)
     }
 
     /// The function symbol holding `svma`, demangled.

@@ -7,7 +7,8 @@
 //!   the file and its offset (PIE and shared libraries), the file is read through
 //!   /proc/PID/map_files (so containers work), then DWARF with inlined frames, else
 //!   `.symtab`/`.dynsym` (Rust and C++ demangled), with a separate debug file (build ID,
-//!   .gnu_debuglink) standing in for a stripped file's; else the JIT's perf map.
+//!   .gnu_debuglink) standing in for a stripped file's, and Go's .gopclntab for Go
+//!   binaries built `-s -w`; else the JIT's perf map.
 //! - [`is_library_frame`] says which frames to fold (libc, Go's runtime and poller, Rust's
 //!   std, libuv, V8 and JVM internals); [`runtime_frames_note`] names the flag a runtime
 //!   needs before its frames can be named.
@@ -18,6 +19,7 @@
 //! give frames without a function, never a panic.
 
 mod elf;
+mod gopclntab;
 mod maps;
 mod perfmap;
 mod regs;

@@ -113,9 +113,17 @@ impl Symbolizer {
         match frames.last_mut() {
             Some(outer) if outer.function.is_none() => outer.function = symbol(),
             Some(_) => {}
-            None => frames.push(Frame {
-                function: symbol(),
-                ..unknown()
+            None => frames.push(match image.go_frame(svma) {
+                Some(go) => Frame {
+                    function: Some(go.function),
+                    file: go.file,
+                    line: go.line,
+                    ..unknown()
+                },
+                None => Frame {
+                    function: symbol(),
+                    ..unknown()
+                },
             }),
         }
         if self.found.len() >= MAX_FOUND {
