@@ -1,9 +1,11 @@
 //! One ELF file, read once and shared: its load segments (to turn a mapped address into
 //! the file's own addresses), its function symbols, its unwind sections, and its DWARF.
-//! Images are cached per (device, inode), bounded in count and bytes.
+//! Images are cached per (device, inode), read again when the file's size or time changed
+//! (rewritten in place), bounded in count and bytes.
 
 use std::collections::HashMap;
 use std::ops::{Deref, Range};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
@@ -60,6 +62,8 @@ pub(crate) struct UnwindSections {
 }
 
 pub(crate) struct ElfImage {
+    /// Unique to this parse: what caches of things derived from the image are keyed by.
+    pub id: u64,
     data: Arc<Vec<u8>>,
     loads: Vec<Load>,
     /// Function symbols of .symtab and .dynsym, by address.
@@ -154,7 +158,9 @@ impl ElfImage {
             .filter(|n| !n.is_empty() && !n.contains('/'))
             .map(str::to_string);
         drop(file);
+        static IDS: AtomicU64 = AtomicU64::new(1);
         Ok(ElfImage {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             data,
             loads,
             symbols,
@@ -307,8 +313,15 @@ type Loaded = Result<Arc<ElfImage>, Arc<str>>;
 /// Images by (device, inode), with their last use: the files that are not ELF too, so
 /// each is read once.
 struct Cache {
-    images: HashMap<(u64, u64), (Loaded, u64)>,
+    images: HashMap<(u64, u64), Entry>,
     tick: u64,
+}
+
+struct Entry {
+    loaded: Loaded,
+    /// Size and time of the file when read (see [`maps::stamp`]).
+    stamp: Option<(u64, i64, i64)>,
+    used: u64,
 }
 
 /// At most this many files, and this many bytes of them, stay cached.
@@ -325,13 +338,16 @@ static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(|| {
 /// The image of the file behind `m` (file-backed), from the cache or read through /proc.
 pub(crate) fn image(pid: u32, m: &Mapping) -> Loaded {
     let key = (m.dev, m.inode);
+    let stamp = maps::stamp(pid, m);
     {
         let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
         cache.tick += 1;
         let tick = cache.tick;
-        if let Some((image, used)) = cache.images.get_mut(&key) {
-            *used = tick;
-            return image.clone();
+        if let Some(e) = cache.images.get_mut(&key)
+            && (stamp.is_none() || e.stamp == stamp)
+        {
+            e.used = tick;
+            return e.loaded.clone();
         }
     }
     // A file that cannot be read now (the process exited, a permission) may be read
@@ -341,12 +357,19 @@ pub(crate) fn image(pid: u32, m: &Mapping) -> Loaded {
         .map(Arc::new)
         .map_err(|e| Arc::<str>::from(format!("{}: {e}", m.path)));
     let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
-    let tick = cache.tick;
-    cache.images.insert(key, (loaded.clone(), tick));
+    let used = cache.tick;
+    cache.images.insert(
+        key,
+        Entry {
+            loaded: loaded.clone(),
+            stamp,
+            used,
+        },
+    );
     let size = |c: &Cache| -> usize {
         c.images
             .values()
-            .filter_map(|(i, _)| i.as_ref().ok())
+            .filter_map(|e| e.loaded.as_ref().ok())
             .map(|i| i.data.len())
             .sum()
     };
@@ -354,7 +377,7 @@ pub(crate) fn image(pid: u32, m: &Mapping) -> Loaded {
         let oldest = cache
             .images
             .iter()
-            .min_by_key(|(_, (_, used))| *used)
+            .min_by_key(|(_, e)| e.used)
             .map(|(k, _)| *k);
         match oldest {
             Some(k) => cache.images.remove(&k),
@@ -377,6 +400,39 @@ mod tests {
         assert_eq!(demangle("_ZN3foo3barEv", None), "foo::bar()");
         assert_eq!(demangle("read", None), "read");
         assert_eq!(demangle("_Zgarbage", None), "_Zgarbage");
+    }
+
+    /// A file rewritten in place keeps its inode: the cache sees the new size and time
+    /// and reads it again.
+    #[test]
+    fn a_file_rewritten_in_place_is_read_again() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("cwreap-stacks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let path = dir.join("rewritten");
+        std::fs::write(&path, b"not an ELF file").unwrap_or_default();
+        let md = std::fs::metadata(&path).expect("the file just written");
+        let m = Mapping {
+            start: 0x10,
+            end: 0x20,
+            executable: true,
+            offset: 0,
+            dev: md.dev(),
+            inode: md.ino(),
+            path: path.to_string_lossy().into_owned(),
+        };
+        let pid = std::process::id();
+        assert!(image(pid, &m).is_err(), "not ELF");
+        let exe = std::fs::read("/proc/self/exe").unwrap_or_default();
+        std::fs::write(&path, &exe).expect("rewrite in place");
+        assert_eq!(
+            std::fs::metadata(&path).map(|m| m.ino()).ok(),
+            Some(m.inode)
+        );
+        let first = image(pid, &m).expect("an ELF file now");
+        let again = image(pid, &m).expect("cached");
+        assert_eq!(first.id, again.id, "unchanged: the same image");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Truncated and corrupted copies of a real ELF file: parsing and lookups never panic.

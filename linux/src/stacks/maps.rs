@@ -77,6 +77,17 @@ pub(crate) fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
     m.contains(addr).then_some(m)
 }
 
+/// The size and modification time of the file behind `m` now: a file rewritten in place
+/// keeps its inode, not these.
+pub(crate) fn stamp(pid: u32, m: &Mapping) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let direct = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    let md = std::fs::metadata(direct)
+        .or_else(|_| std::fs::metadata(format!("/proc/{pid}/root{}", m.path)))
+        .ok()?;
+    Some((md.len(), md.mtime(), md.mtime_nsec()))
+}
+
 /// The largest file read whole for its symbols or unwind tables.
 const MAX_FILE: u64 = 2 << 30;
 

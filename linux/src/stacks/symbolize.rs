@@ -29,13 +29,13 @@ struct Debug {
 /// parses.
 #[derive(Default)]
 pub struct Symbolizer {
-    /// By (device, inode): the file's DWARF, or its separate debug file's (with that
+    /// By image (one parse of a file): the file's DWARF, or its separate debug file's (with that
     /// file, whose symbols stand in for stripped ones), and the last use.
-    dwarf: HashMap<(u64, u64), (Debug, u64)>,
+    dwarf: HashMap<u64, (Debug, u64)>,
     /// By pid, with the size and time of the file when read.
     perf_maps: HashMap<u32, (Stamp, Arc<PerfMap>)>,
-    /// Frames already found, by (device, inode, file address): stacks repeat.
-    found: HashMap<(u64, u64, u64), Vec<Frame>>,
+    /// Frames already found, by (image, file address): stacks repeat.
+    found: HashMap<(u64, u64), Vec<Frame>>,
     tick: u64,
     dwarf_parses: u64,
 }
@@ -93,7 +93,7 @@ impl Symbolizer {
         let Some(svma) = image.svma(m, probe) else {
             return vec![unknown()];
         };
-        let key = (m.dev, m.inode, svma);
+        let key = (image.id, svma);
         if let Some(found) = self.found.get(&key) {
             let mut frames = found.clone();
             for f in &mut frames {
@@ -104,10 +104,7 @@ impl Symbolizer {
         }
         let mut frames = self.dwarf_frames(pid, m, &image, svma, addr);
         let symbol = || {
-            let debug = self
-                .dwarf
-                .get(&(m.dev, m.inode))
-                .and_then(|d| d.0.file.as_ref());
+            let debug = self.dwarf.get(&image.id).and_then(|d| d.0.file.as_ref());
             image.symbol(svma).or_else(|| debug?.symbol(svma))
         };
         match frames.last_mut() {
@@ -144,7 +141,7 @@ impl Symbolizer {
     ) -> Vec<Frame> {
         self.tick += 1;
         let tick = self.tick;
-        let key = (m.dev, m.inode);
+        let key = image.id;
         if !self.dwarf.contains_key(&key) {
             if self.dwarf.len() >= MAX_DWARF
                 && let Some(old) = self.dwarf.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k)

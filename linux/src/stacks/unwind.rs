@@ -13,9 +13,9 @@ pub const MAX_FRAMES: usize = 128;
 
 type Module = framehop::Module<Bytes>;
 
-/// Modules built for a (device, inode, load bias, start, end): building one indexes a
+/// Modules built for an (image, load bias, start, end): building one indexes a
 /// .debug_frame, which is worth doing once.
-type ModuleKey = (u64, u64, u64, u64, u64);
+type ModuleKey = (u64, u64, u64, u64);
 static MODULES: LazyLock<Mutex<HashMap<ModuleKey, Module>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -24,7 +24,7 @@ const MAX_MODULES: usize = 256;
 
 fn module(pid: u32, m: &Mapping, image: &Arc<ElfImage>) -> Option<Module> {
     let base = image.base_avma(m)?;
-    let key = (m.dev, m.inode, base, m.start, m.end);
+    let key = (image.id, base, m.start, m.end);
     let mut cache = MODULES.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(module) = cache.get(&key) {
         return Some(module.clone());
