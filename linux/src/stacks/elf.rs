@@ -308,7 +308,7 @@ pub(crate) fn demangle(name: &str, lang: Option<gimli::DwLang>) -> String {
 }
 
 /// A file's image, or why it has none.
-type Loaded = Result<Arc<ElfImage>, Arc<str>>;
+pub(crate) type Loaded = Result<Arc<ElfImage>, Arc<str>>;
 
 /// Images by (device, inode), with their last use: the files that are not ELF too, so
 /// each is read once.

@@ -58,12 +58,17 @@ impl Symbolizer {
     pub fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Vec<Vec<Frame>> {
         let mappings = maps::read(pid).unwrap_or_default();
         let mut perf: Option<Arc<PerfMap>> = None;
+        // Each mapping's image, looked up once for this stack.
+        let mut images: HashMap<u64, elf::Loaded> = HashMap::new();
         addrs
             .iter()
             .map(|&addr| {
                 let probe = addr.saturating_sub(1);
                 match maps::find(&mappings, probe) {
-                    Some(m) if m.file_backed() => self.in_file(pid, m, addr, probe),
+                    Some(m) if m.file_backed() => {
+                        let image = images.entry(m.start).or_insert_with(|| elf::image(pid, m));
+                        self.in_file(pid, image, m, addr, probe)
+                    }
                     other => {
                         let map = perf.get_or_insert_with(|| self.perf_map(pid)).clone();
                         let module = match other {
@@ -78,7 +83,14 @@ impl Symbolizer {
             .collect()
     }
 
-    fn in_file(&mut self, pid: u32, m: &Mapping, addr: u64, probe: u64) -> Vec<Frame> {
+    fn in_file(
+        &mut self,
+        pid: u32,
+        image: &elf::Loaded,
+        m: &Mapping,
+        addr: u64,
+        probe: u64,
+    ) -> Vec<Frame> {
         let unknown = || Frame {
             function: None,
             file: None,
@@ -87,7 +99,7 @@ impl Symbolizer {
             inlined: false,
             addr,
         };
-        let Ok(image) = elf::image(pid, m) else {
+        let Ok(image) = image else {
             return vec![unknown()];
         };
         let Some(svma) = image.svma(m, probe) else {
@@ -102,7 +114,7 @@ impl Symbolizer {
             }
             return frames;
         }
-        let mut frames = self.dwarf_frames(pid, m, &image, svma, addr);
+        let mut frames = self.dwarf_frames(pid, m, image, svma, addr);
         let symbol = || {
             let debug = self.dwarf.get(&image.id).and_then(|d| d.0.file.as_ref());
             image.symbol(svma).or_else(|| debug?.symbol(svma))
