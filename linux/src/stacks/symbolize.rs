@@ -25,11 +25,10 @@ struct Debug {
 }
 
 /// Turns a process's code addresses into functions, files and lines. It keeps each file's
-/// parsed DWARF and symbols (by device and inode, bounded), so a stack costs lookups, not
-/// parses.
+/// parsed DWARF and the frames found (bounded), so a stack costs lookups, not parses.
 #[derive(Default)]
 pub struct Symbolizer {
-    /// By image (one parse of a file): the file's DWARF, or its separate debug file's (with that
+    /// By image (one parse of a file): its DWARF, or its separate debug file's (with that
     /// file, whose symbols stand in for stripped ones), and the last use.
     dwarf: HashMap<u64, (Debug, u64)>,
     /// By pid, with the size and time of the file when read.
