@@ -101,9 +101,11 @@ fn line_of(source: &str, name: &str) -> u32 {
     u32::try_from(i + 1).expect("line number")
 }
 
-/// Write `source` as `name` and compile it with gcc and `flags`.
+/// Write the C source and compile it with gcc and `flags` into `name`.
 fn gcc(name: &str, flags: &[&str]) -> (PathBuf, PathBuf) {
-    let d = dir();
+    // A directory per build: tests build at once (they run alone only once built).
+    let d = dir().join(format!("{name}.d"));
+    std::fs::create_dir_all(&d).expect("create the build directory");
     let src = d.join("stacks_leaf.c");
     std::fs::write(&src, C_SOURCE).expect("write the C source");
     let bin = d.join(name);
