@@ -275,7 +275,7 @@ pub(crate) fn debug_file(pid: u32, m: &Mapping, image: &ElfImage) -> Option<ElfI
     }
     candidates.into_iter().find_map(|path| {
         let md = std::fs::metadata(&path).ok()?;
-        if !md.is_file() || md.len() > MAX_BYTES as u64 {
+        if !md.is_file() || md.len() > 1 << 30 {
             return None;
         }
         let debug = ElfImage::parse(std::fs::read(&path).ok()?).ok()?;
@@ -326,7 +326,7 @@ struct Entry {
 
 /// At most this many files, and this many bytes of them, stay cached.
 const MAX_IMAGES: usize = 64;
-const MAX_BYTES: usize = 1 << 30;
+const MAX_BYTES: usize = 256 << 20;
 
 static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(|| {
     Mutex::new(Cache {
