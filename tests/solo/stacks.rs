@@ -429,7 +429,9 @@ fn node_with_perf_basic_prof_names_the_js_function() {
     let script = dir().join("stacks_node.js");
     std::fs::write(&script, JS_SOURCE).expect("write the script");
     let mut cmd = Command::new(which("node"));
-    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
+    // Node writes its isolate-*-v8.log where it runs: in the build directory.
+    cmd.current_dir(dir())
+        .args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
         .arg(&script);
     let b = spawn_blocked(&mut cmd);
     let syms = unwind_and_symbolize(&b);
