@@ -1,13 +1,16 @@
 //! One ELF file, read once and shared: its load segments (to turn a mapped address into
 //! the file's own addresses), its function symbols, its unwind sections, and its DWARF.
-//! Images are cached per (device, inode), bounded in count and bytes.
+//! Images are cached per (device, inode), read again when the file's size or time changed
+//! (rewritten in place), bounded in count and bytes.
 
 use std::collections::HashMap;
 use std::ops::{Deref, Range};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
 
+use super::gopclntab::{GoFrame, GoPcln};
 use super::maps::{self, Mapping};
 
 /// A PT_LOAD segment.
@@ -16,6 +19,7 @@ struct Load {
     offset: u64,
     filesz: u64,
     vaddr: u64,
+    executable: bool,
 }
 
 #[derive(Debug)]
@@ -58,12 +62,19 @@ pub(crate) struct UnwindSections {
 }
 
 pub(crate) struct ElfImage {
+    /// Unique to this parse: what caches of things derived from the image are keyed by.
+    pub id: u64,
     data: Arc<Vec<u8>>,
     loads: Vec<Load>,
     /// Function symbols of .symtab and .dynsym, by address.
     symbols: Vec<Symbol>,
     pub unwind: UnwindSections,
     pub has_dwarf: bool,
+    /// The GNU build ID, and the .gnu_debuglink file name: where separate debug info is.
+    pub build_id: Option<Vec<u8>>,
+    pub debuglink: Option<String>,
+    /// Go's .gopclntab: names and lines without .symtab or DWARF.
+    gopclntab: Option<Section>,
 }
 
 pub(crate) type Dwarf = addr2line::Context<gimli::EndianArcSlice<gimli::RunTimeEndian>>;
@@ -77,12 +88,17 @@ impl ElfImage {
             .segments()
             .filter_map(|s| {
                 let (offset, filesz) = s.file_range();
-                Some(Load {
+                let executable = match s.flags() {
+                    object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                    _ => false,
+                };
+                let load = Load {
                     offset,
                     filesz,
                     vaddr: s.address(),
-                })
-                .filter(|_| filesz > 0)
+                    executable,
+                };
+                Some(load).filter(|_| filesz > 0)
             })
             .collect::<Vec<_>>();
         let mut symbols: Vec<Symbol> = file
@@ -130,47 +146,70 @@ impl ElfImage {
                 .section_by_name(".got")
                 .map(|s| s.address()..s.address() + s.size()),
         };
+        let gopclntab = section(".gopclntab");
         let has_dwarf = file.section_by_name(".debug_info").is_some()
             && file.section_by_name(".debug_line").is_some();
+        let build_id = file.build_id().ok().flatten().map(<[u8]>::to_vec);
+        let debuglink = file
+            .gnu_debuglink()
+            .ok()
+            .flatten()
+            .and_then(|(name, _crc)| std::str::from_utf8(name).ok())
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .map(str::to_string);
         drop(file);
+        static IDS: AtomicU64 = AtomicU64::new(1);
         Ok(ElfImage {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             data,
             loads,
             symbols,
             unwind,
             has_dwarf,
+            build_id,
+            debuglink,
+            gopclntab,
         })
-    }
-
-    /// The segment that maps file offset `off`.
-    fn load_for(&self, off: u64) -> Option<&Load> {
-        self.loads
-            .iter()
-            .find(|l| l.offset <= off && off < l.offset.saturating_add(l.filesz))
     }
 
     /// The file's own address (as in its symbols and DWARF) of `addr`, mapped by `m`.
     pub fn svma(&self, m: &Mapping, addr: u64) -> Option<u64> {
-        let off = addr.checked_sub(m.start)?.checked_add(m.offset)?;
-        let load = self.load_for(off)?;
-        Some(off - load.offset).and_then(|d| d.checked_add(load.vaddr))
+        m.contains(addr).then_some(())?;
+        addr.checked_sub(self.base_avma(m)?)
     }
 
     /// The process address at which the file's address 0 would be, for mapping `m`
-    /// (0 for a non-PIE executable, the load bias otherwise).
+    /// (0 for a non-PIE executable, the load bias otherwise). The segment is the one the
+    /// mapping holds most of, those of the mapping's kind (executable or not) first: a
+    /// mapping starts on a page boundary, often inside the segment before (lld lays out
+    /// segments whose file offsets and addresses differ by a page).
     pub fn base_avma(&self, m: &Mapping) -> Option<u64> {
-        let load = self.load_for(m.offset).or_else(|| {
-            let end = m.offset.saturating_add(m.end - m.start);
-            self.loads
-                .iter()
-                .find(|l| l.offset < end && m.offset < l.offset + l.filesz)
-        })?;
+        let end = m.offset.saturating_add(m.end - m.start);
+        let overlap = |l: &Load| {
+            let from = l.offset.max(m.offset);
+            l.offset
+                .saturating_add(l.filesz)
+                .min(end)
+                .saturating_sub(from)
+        };
+        let load = self
+            .loads
+            .iter()
+            .filter(|l| overlap(l) > 0)
+            .max_by_key(|l| (l.executable == m.executable, overlap(l)))?;
         Some(
             m.start
                 .wrapping_sub(m.offset)
                 .wrapping_add(load.offset)
                 .wrapping_sub(load.vaddr),
         )
+    }
+
+    /// The Go function holding `svma`, from .gopclntab, with its line outside inlined code.
+    pub fn go_frame(&self, svma: u64) -> Option<GoFrame> {
+        let table = self.gopclntab.as_ref()?;
+        let text = self.unwind.text.as_ref().map_or(0, |t| t.svma.start);
+        GoPcln::parse(&table.bytes, text)?.lookup(svma)
     }
 
     /// The function symbol holding `svma`, demangled.
@@ -214,6 +253,40 @@ impl ElfImage {
     }
 }
 
+/// The separate debug file of `image` (mapped by `m` in `pid`), as the process sees its
+/// files: by build ID under /usr/lib/debug/.build-id, else by .gnu_debuglink beside the
+/// file, in its .debug directory, or under /usr/lib/debug. A file with another build ID
+/// is not it.
+pub(crate) fn debug_file(pid: u32, m: &Mapping, image: &ElfImage) -> Option<ElfImage> {
+    let root = format!("/proc/{pid}/root");
+    let mut candidates = Vec::new();
+    if let Some(id) = image.build_id.as_deref().filter(|id| id.len() > 1) {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let (head, tail) = hex.split_at(2);
+        candidates.push(format!(
+            "{root}/usr/lib/debug/.build-id/{head}/{tail}.debug"
+        ));
+    }
+    if let Some(link) = &image.debuglink {
+        let dir = m.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        candidates.push(format!("{root}{dir}/{link}"));
+        candidates.push(format!("{root}{dir}/.debug/{link}"));
+        candidates.push(format!("{root}/usr/lib/debug{dir}/{link}"));
+    }
+    candidates.into_iter().find_map(|path| {
+        let md = std::fs::metadata(&path).ok()?;
+        if !md.is_file() || md.len() > 1 << 30 {
+            return None;
+        }
+        let debug = ElfImage::parse(std::fs::read(&path).ok()?).ok()?;
+        let same = match (&debug.build_id, &image.build_id) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        (same && debug.has_dwarf).then_some(debug)
+    })
+}
+
 /// Demangle a Rust or C++ symbol; other names are returned as they are. `lang` is the DWARF
 /// language of the unit, when known.
 pub(crate) fn demangle(name: &str, lang: Option<gimli::DwLang>) -> String {
@@ -235,18 +308,25 @@ pub(crate) fn demangle(name: &str, lang: Option<gimli::DwLang>) -> String {
 }
 
 /// A file's image, or why it has none.
-type Loaded = Result<Arc<ElfImage>, Arc<str>>;
+pub(crate) type Loaded = Result<Arc<ElfImage>, Arc<str>>;
 
-/// Images by (device, inode), with their last use: the failures too, so a bad file is
-/// read once.
+/// Images by (device, inode), with their last use: the files that are not ELF too, so
+/// each is read once.
 struct Cache {
-    images: HashMap<(u64, u64), (Loaded, u64)>,
+    images: HashMap<(u64, u64), Entry>,
     tick: u64,
+}
+
+struct Entry {
+    loaded: Loaded,
+    /// Size and time of the file when read (see [`maps::stamp`]).
+    stamp: Option<(u64, i64, i64)>,
+    used: u64,
 }
 
 /// At most this many files, and this many bytes of them, stay cached.
 const MAX_IMAGES: usize = 64;
-const MAX_BYTES: usize = 1 << 30;
+const MAX_BYTES: usize = 256 << 20;
 
 static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(|| {
     Mutex::new(Cache {
@@ -258,27 +338,38 @@ static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(|| {
 /// The image of the file behind `m` (file-backed), from the cache or read through /proc.
 pub(crate) fn image(pid: u32, m: &Mapping) -> Loaded {
     let key = (m.dev, m.inode);
+    let stamp = maps::stamp(pid, m);
     {
         let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
         cache.tick += 1;
         let tick = cache.tick;
-        if let Some((image, used)) = cache.images.get_mut(&key) {
-            *used = tick;
-            return image.clone();
+        if let Some(e) = cache.images.get_mut(&key)
+            && (stamp.is_none() || e.stamp == stamp)
+        {
+            e.used = tick;
+            return e.loaded.clone();
         }
     }
-    let loaded = maps::read_file(pid, m)
-        .map_err(|e| format!("{}: {e}", m.path))
-        .and_then(|data| ElfImage::parse(data).map_err(|e| format!("{}: {e}", m.path)))
+    // A file that cannot be read now (the process exited, a permission) may be read
+    // through another process later: only what was read and is not ELF is remembered.
+    let data = maps::read_file(pid, m).map_err(|e| Arc::<str>::from(format!("{}: {e}", m.path)))?;
+    let loaded = ElfImage::parse(data)
         .map(Arc::new)
-        .map_err(Arc::<str>::from);
+        .map_err(|e| Arc::<str>::from(format!("{}: {e}", m.path)));
     let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
-    let tick = cache.tick;
-    cache.images.insert(key, (loaded.clone(), tick));
+    let used = cache.tick;
+    cache.images.insert(
+        key,
+        Entry {
+            loaded: loaded.clone(),
+            stamp,
+            used,
+        },
+    );
     let size = |c: &Cache| -> usize {
         c.images
             .values()
-            .filter_map(|(i, _)| i.as_ref().ok())
+            .filter_map(|e| e.loaded.as_ref().ok())
             .map(|i| i.data.len())
             .sum()
     };
@@ -286,7 +377,7 @@ pub(crate) fn image(pid: u32, m: &Mapping) -> Loaded {
         let oldest = cache
             .images
             .iter()
-            .min_by_key(|(_, (_, used))| *used)
+            .min_by_key(|(_, e)| e.used)
             .map(|(k, _)| *k);
         match oldest {
             Some(k) => cache.images.remove(&k),
@@ -309,6 +400,39 @@ mod tests {
         assert_eq!(demangle("_ZN3foo3barEv", None), "foo::bar()");
         assert_eq!(demangle("read", None), "read");
         assert_eq!(demangle("_Zgarbage", None), "_Zgarbage");
+    }
+
+    /// A file rewritten in place keeps its inode: the cache sees the new size and time
+    /// and reads it again.
+    #[test]
+    fn a_file_rewritten_in_place_is_read_again() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("cwreap-stacks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let path = dir.join("rewritten");
+        std::fs::write(&path, b"not an ELF file").unwrap_or_default();
+        let md = std::fs::metadata(&path).expect("the file just written");
+        let m = Mapping {
+            start: 0x10,
+            end: 0x20,
+            executable: true,
+            offset: 0,
+            dev: md.dev(),
+            inode: md.ino(),
+            path: path.to_string_lossy().into_owned(),
+        };
+        let pid = std::process::id();
+        assert!(image(pid, &m).is_err(), "not ELF");
+        let exe = std::fs::read("/proc/self/exe").unwrap_or_default();
+        std::fs::write(&path, &exe).expect("rewrite in place");
+        assert_eq!(
+            std::fs::metadata(&path).map(|m| m.ino()).ok(),
+            Some(m.inode)
+        );
+        let first = image(pid, &m).expect("an ELF file now");
+        let again = image(pid, &m).expect("cached");
+        assert_eq!(first.id, again.id, "unchanged: the same image");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Truncated and corrupted copies of a real ELF file: parsing and lookups never panic.

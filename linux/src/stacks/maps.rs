@@ -77,6 +77,17 @@ pub(crate) fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
     m.contains(addr).then_some(m)
 }
 
+/// The size and modification time of the file behind `m` now: a file rewritten in place
+/// keeps its inode, not these.
+pub(crate) fn stamp(pid: u32, m: &Mapping) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let direct = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    let md = std::fs::metadata(direct)
+        .or_else(|_| std::fs::metadata(format!("/proc/{pid}/root{}", m.path)))
+        .ok()?;
+    Some((md.len(), md.mtime(), md.mtime_nsec()))
+}
+
 /// The largest file read whole for its symbols or unwind tables.
 const MAX_FILE: u64 = 2 << 30;
 
@@ -135,5 +146,41 @@ garbage
         assert!(!find(&maps, 0x7ffd1000).expect("vdso").file_backed());
         assert!(find(&maps, 0x10).is_none());
         assert!(find(&maps, 0x55d0c0a02000).is_none());
+    }
+
+    /// Without its map_files entry a file is read through /proc/PID/root and its path,
+    /// and only if it is still the inode the process maps.
+    #[test]
+    fn reads_through_the_root_when_map_files_fails() {
+        let pid = std::process::id();
+        let own = read(pid).unwrap_or_default();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+        let exe = exe.to_string_lossy().to_string();
+        let m = own
+            .iter()
+            .find(|m| m.path == exe)
+            .expect("this test's executable is mapped");
+        let want = std::fs::read("/proc/self/exe").unwrap_or_default();
+        assert_eq!(
+            read_file(pid, m).ok(),
+            Some(want.clone()),
+            "through map_files"
+        );
+        let unmapped = Mapping {
+            start: 0x10,
+            end: 0x20,
+            ..m.clone()
+        };
+        assert_eq!(
+            read_file(pid, &unmapped).ok(),
+            Some(want),
+            "through /proc/PID/root"
+        );
+        let replaced = Mapping {
+            inode: m.inode + 1,
+            ..unmapped
+        };
+        let err = read_file(pid, &replaced).expect_err("another inode");
+        assert!(err.to_string().contains("inode"), "{err}");
     }
 }

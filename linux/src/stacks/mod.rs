@@ -6,24 +6,31 @@
 //! - [`Symbolizer`] turns addresses into functions, files and lines: /proc/PID/maps gives
 //!   the file and its offset (PIE and shared libraries), the file is read through
 //!   /proc/PID/map_files (so containers work), then DWARF with inlined frames, else
-//!   `.symtab`/`.dynsym` (Rust and C++ demangled), else the JIT's perf map.
+//!   `.symtab`/`.dynsym` (Rust and C++ demangled), with a separate debug file (build ID,
+//!   .gnu_debuglink) standing in for a stripped file's, and Go's .gopclntab for Go
+//!   binaries built `-s -w`; else the JIT's perf map.
 //! - [`is_library_frame`] says which frames to fold (libc, Go's runtime and poller, Rust's
 //!   std, libuv, V8 and JVM internals); [`runtime_frames_note`] names the flag a runtime
 //!   needs before its frames can be named.
+//! - [`stopped_thread_regs`] reads [`UserRegs`] of a thread stopped under ptrace, for a
+//!   capture without BPF (and the tests).
 //!
 //! Files are parsed once per (device, inode), in bounded caches. Bad files, maps and stacks
 //! give frames without a function, never a panic.
 
 mod elf;
+mod gopclntab;
 mod maps;
 mod perfmap;
+mod regs;
 mod runtime;
 mod symbolize;
 mod unwind;
 
+pub use regs::stopped_thread_regs;
 pub use runtime::{is_library_frame, runtime_frames_note};
 pub use symbolize::Symbolizer;
-pub use unwind::MAX_FRAMES;
+pub use unwind::{MAX_FRAMES, unwind_cfi};
 
 /// The user registers of a thread, as captured with its stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,13 +54,6 @@ pub enum UnwindError {
     UnsupportedArch(&'static str),
 }
 
-/// Return addresses, innermost first (the instruction pointer first), unwound with the
-/// CFI of the process's files from `stack`, a copy of memory from `regs.sp` on. Stops at
-/// the end of the copy, at a null or non-code return address, or after [`MAX_FRAMES`].
-pub fn unwind_cfi(pid: u32, regs: &UserRegs, stack: &[u8]) -> Result<Vec<u64>, UnwindError> {
-    unwind::unwind_cfi(pid, regs, stack)
-}
-
 /// One frame of a symbolized stack.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Frame {
@@ -62,7 +62,7 @@ pub struct Frame {
     pub file: Option<String>,
     pub line: Option<u32>,
     /// The file mapped at the address (as the process sees it), `[perf-map]` for a JIT
-    /// frame named by a perf map, or `[anon]`, `[vdso]`...
+    /// frame named by a perf map, `[anon]`, `[vdso]`..., or `[unmapped]`.
     pub module: String,
     /// An inlined call inside the next frame of the same address.
     pub inlined: bool,

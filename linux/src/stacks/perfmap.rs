@@ -48,14 +48,15 @@ impl PerfMap {
 /// The perf map of `pid`, seen from here: the JIT names it after its pid in its own pid
 /// namespace, under its own /tmp.
 pub(crate) fn path(pid: u32) -> PathBuf {
-    let nspid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("NSpid:"))?.to_string();
-            line.split_whitespace().last()?.parse::<u32>().ok()
-        })
-        .unwrap_or(pid);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let nspid = innermost_pid(&status).unwrap_or(pid);
     PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{nspid}.map"))
+}
+
+/// The pid in the process's own pid namespace: the last of /proc/PID/status's `NSpid:`.
+fn innermost_pid(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
 }
 
 /// A JIT name as (function, file, line): V8's `JS:*handler /app/server.js:12:20` (also
@@ -113,6 +114,19 @@ mod tests {
         assert_eq!(map.lookup(0x3a0c1d08), Some("Interpreter"));
         assert_eq!(map.lookup(0x10), None);
         assert!(PerfMap::parse("\u{0}\u{ff}garbage\n\n").is_empty());
+    }
+
+    #[test]
+    fn names_the_map_after_the_pid_in_its_namespace() {
+        assert_eq!(innermost_pid("Name:\tnode\nNSpid:\t48213\t7\n"), Some(7));
+        assert_eq!(innermost_pid("NSpid:\t48213\n"), Some(48213));
+        assert_eq!(innermost_pid("NSpid:\n"), None);
+        assert_eq!(innermost_pid(""), None);
+        let me = std::process::id();
+        assert_eq!(
+            path(me),
+            PathBuf::from(format!("/proc/{me}/root/tmp/perf-{me}.map"))
+        );
     }
 
     #[test]

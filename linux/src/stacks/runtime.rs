@@ -84,9 +84,22 @@ pub fn is_library_frame(f: &Frame) -> bool {
     {
         return true;
     }
-    f.function
+    // Node's own JavaScript (`node:fs`, `node:internal/...`), named by its perf map.
+    if f.file
         .as_deref()
-        .is_some_and(|name| LIBRARY_FUNCTIONS.iter().any(|p| name.starts_with(p)))
+        .is_some_and(|file| file.starts_with("node:"))
+    {
+        return true;
+    }
+    f.function.as_deref().is_some_and(|name| {
+        // `<&mut std::io::Stdin as std::io::Read>::read` is std's, like `std::io::...`.
+        let name = name.trim_start_matches(['<', '&', '*']);
+        let name = name
+            .strip_prefix("mut ")
+            .or(name.strip_prefix("dyn "))
+            .unwrap_or(name);
+        LIBRARY_FUNCTIONS.iter().any(|p| name.starts_with(p))
+    })
 }
 
 /// Interpreters and VMs whose own native frames are never the application's.
@@ -200,6 +213,11 @@ mod tests {
         ));
         assert!(!lib(Some("leaky::handle_client"), "/srv/rs"));
         assert!(!lib(Some("onData"), "[perf-map]"));
+        let node_js = Frame {
+            file: Some("node:fs".into()),
+            ..frame(Some("readSync"), "[perf-map]")
+        };
+        assert!(is_library_frame(&node_js));
         assert!(!lib(Some("serve_client"), "/srv/cserver"));
     }
 

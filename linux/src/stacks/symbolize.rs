@@ -13,23 +13,40 @@ use super::perfmap::{self, PerfMap};
 /// Parsed DWARF kept for this many files, and perf maps for this many processes.
 const MAX_DWARF: usize = 32;
 const MAX_PERF_MAPS: usize = 64;
+/// Addresses whose frames are kept (then all are dropped and found again).
+const MAX_FOUND: usize = 1 << 16;
 
 type Stamp = Option<(u64, SystemTime)>;
 
+#[derive(Default)]
+struct Debug {
+    dwarf: Option<Dwarf>,
+    file: Option<ElfImage>,
+}
+
 /// Turns a process's code addresses into functions, files and lines. It keeps each file's
-/// parsed DWARF and symbols (by device and inode, bounded), so a stack costs lookups, not
-/// parses.
+/// parsed DWARF and the frames found (bounded), so a stack costs lookups, not parses.
 #[derive(Default)]
 pub struct Symbolizer {
-    dwarf: HashMap<(u64, u64), (Option<Dwarf>, u64)>,
+    /// By image (one parse of a file): its DWARF, or its separate debug file's (with that
+    /// file, whose symbols stand in for stripped ones), and the last use.
+    dwarf: HashMap<u64, (Debug, u64)>,
     /// By pid, with the size and time of the file when read.
     perf_maps: HashMap<u32, (Stamp, Arc<PerfMap>)>,
+    /// Frames already found, by (image, file address): stacks repeat.
+    found: HashMap<(u64, u64), Vec<Frame>>,
     tick: u64,
+    dwarf_parses: u64,
 }
 
 impl Symbolizer {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many times a file's DWARF was parsed (once per file while it stays cached).
+    pub fn dwarf_parses(&self) -> u64 {
+        self.dwarf_parses
     }
 
     /// Frames for each address of `pid`, each list innermost first: inlined frames, then
@@ -40,18 +57,24 @@ impl Symbolizer {
     pub fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Vec<Vec<Frame>> {
         let mappings = maps::read(pid).unwrap_or_default();
         let mut perf: Option<Arc<PerfMap>> = None;
+        // Each mapping's image, looked up once for this stack.
+        let mut images: HashMap<u64, elf::Loaded> = HashMap::new();
         addrs
             .iter()
             .map(|&addr| {
                 let probe = addr.saturating_sub(1);
                 match maps::find(&mappings, probe) {
-                    Some(m) if m.file_backed() => self.in_file(pid, m, addr, probe),
+                    Some(m) if m.file_backed() => {
+                        let image = images.entry(m.start).or_insert_with(|| elf::image(pid, m));
+                        self.in_file(pid, image, m, addr, probe)
+                    }
                     other => {
                         let map = perf.get_or_insert_with(|| self.perf_map(pid)).clone();
-                        let module = other
-                            .map(|m| m.path.clone())
-                            .filter(|p| !p.is_empty())
-                            .unwrap_or_else(|| "[anon]".to_string());
+                        let module = match other {
+                            None => "[unmapped]".to_string(),
+                            Some(m) if m.path.is_empty() => "[anon]".to_string(),
+                            Some(m) => m.path.clone(),
+                        };
                         vec![jit_frame(&map, addr, probe, module)]
                     }
                 }
@@ -59,7 +82,14 @@ impl Symbolizer {
             .collect()
     }
 
-    fn in_file(&mut self, pid: u32, m: &Mapping, addr: u64, probe: u64) -> Vec<Frame> {
+    fn in_file(
+        &mut self,
+        pid: u32,
+        image: &elf::Loaded,
+        m: &Mapping,
+        addr: u64,
+        probe: u64,
+    ) -> Vec<Frame> {
         let unknown = || Frame {
             function: None,
             file: None,
@@ -68,40 +98,90 @@ impl Symbolizer {
             inlined: false,
             addr,
         };
-        let Ok(image) = elf::image(pid, m) else {
+        let Ok(image) = image else {
             return vec![unknown()];
         };
         let Some(svma) = image.svma(m, probe) else {
             return vec![unknown()];
         };
-        let mut frames = self.dwarf_frames(m, &image, svma, addr);
+        let key = (image.id, svma);
+        if let Some(found) = self.found.get(&key) {
+            let mut frames = found.clone();
+            for f in &mut frames {
+                f.addr = addr;
+                f.module.clone_from(&m.path);
+            }
+            return frames;
+        }
+        let mut frames = self.dwarf_frames(pid, m, image, svma, addr);
+        let symbol = || {
+            let debug = self.dwarf.get(&image.id).and_then(|d| d.0.file.as_ref());
+            image.symbol(svma).or_else(|| debug?.symbol(svma))
+        };
         match frames.last_mut() {
-            Some(outer) if outer.function.is_none() => outer.function = image.symbol(svma),
+            Some(outer) if outer.function.is_none() => outer.function = symbol(),
             Some(_) => {}
-            None => frames.push(Frame {
-                function: image.symbol(svma),
-                ..unknown()
+            None => frames.push(match image.go_frame(svma) {
+                Some(go) => Frame {
+                    function: Some(go.function),
+                    file: go.file,
+                    line: go.line,
+                    ..unknown()
+                },
+                None => Frame {
+                    function: symbol(),
+                    ..unknown()
+                },
             }),
         }
+        if self.found.len() >= MAX_FOUND {
+            self.found.clear();
+        }
+        self.found.insert(key, frames.clone());
         frames
     }
 
-    fn dwarf_frames(&mut self, m: &Mapping, image: &ElfImage, svma: u64, addr: u64) -> Vec<Frame> {
+    /// The DWARF frames of `svma`, innermost first, from the file or its debug file.
+    fn dwarf_frames(
+        &mut self,
+        pid: u32,
+        m: &Mapping,
+        image: &ElfImage,
+        svma: u64,
+        addr: u64,
+    ) -> Vec<Frame> {
         self.tick += 1;
         let tick = self.tick;
-        let key = (m.dev, m.inode);
+        let key = image.id;
         if !self.dwarf.contains_key(&key) {
             if self.dwarf.len() >= MAX_DWARF
                 && let Some(old) = self.dwarf.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k)
             {
                 self.dwarf.remove(&old);
             }
-            self.dwarf.insert(key, (image.dwarf(), tick));
+            self.dwarf_parses += 1;
+            let debug = match image.dwarf() {
+                Some(dwarf) => Debug {
+                    dwarf: Some(dwarf),
+                    file: None,
+                },
+                None => {
+                    let file = elf::debug_file(pid, m, image);
+                    Debug {
+                        dwarf: file.as_ref().and_then(ElfImage::dwarf),
+                        file,
+                    }
+                }
+            };
+            self.dwarf.insert(key, (debug, tick));
         }
-        let Some((Some(ctx), used)) = self.dwarf.get_mut(&key) else {
+        let Some((debug, used)) = self.dwarf.get_mut(&key) else {
             return Vec::new();
         };
         *used = tick;
+        let Some(ctx) = &debug.dwarf else {
+            return Vec::new();
+        };
         let mut frames = Vec::new();
         if let Ok(mut iter) = ctx.find_frames(svma).skip_all_loads() {
             while let Ok(Some(f)) = iter.next() {
@@ -212,7 +292,14 @@ mod tests {
         );
         assert!(outer.line.is_some());
         assert!(frames[1].len() == 1 && frames[1][0].function.is_none());
-        assert_eq!(frames[2][0].module, "[anon]");
+        assert_eq!(frames[2][0].module, "[unmapped]");
+    }
+
+    /// A symbolizer can move to another thread (a task of the daemon).
+    #[test]
+    fn symbolizer_is_send() {
+        fn send<T: Send>(_: &T) {}
+        send(&Symbolizer::new());
     }
 
     #[test]

@@ -13,9 +13,9 @@ pub const MAX_FRAMES: usize = 128;
 
 type Module = framehop::Module<Bytes>;
 
-/// Modules built for a (device, inode, load bias, start, end): building one indexes a
+/// Modules built for an (image, load bias, start, end): building one indexes a
 /// .debug_frame, which is worth doing once.
-type ModuleKey = (u64, u64, u64, u64, u64);
+type ModuleKey = (u64, u64, u64, u64);
 static MODULES: LazyLock<Mutex<HashMap<ModuleKey, Module>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -24,7 +24,7 @@ const MAX_MODULES: usize = 256;
 
 fn module(pid: u32, m: &Mapping, image: &Arc<ElfImage>) -> Option<Module> {
     let base = image.base_avma(m)?;
-    let key = (m.dev, m.inode, base, m.start, m.end);
+    let key = (image.id, base, m.start, m.end);
     let mut cache = MODULES.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(module) = cache.get(&key) {
         return Some(module.clone());
@@ -57,7 +57,10 @@ fn read_copy(stack: &[u8], sp: u64, addr: u64) -> Result<u64, ()> {
     Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
 }
 
-pub(super) fn unwind_cfi(pid: u32, regs: &UserRegs, stack: &[u8]) -> Result<Vec<u64>, UnwindError> {
+/// Return addresses, innermost first (the instruction pointer first), unwound with the
+/// CFI of the process's files from `stack`, a copy of memory from `regs.sp` on. Stops at
+/// the end of the copy, at a null or non-code return address, or after [`MAX_FRAMES`].
+pub fn unwind_cfi(pid: u32, regs: &UserRegs, stack: &[u8]) -> Result<Vec<u64>, UnwindError> {
     let mappings = maps::read(pid).map_err(|e| UnwindError::Maps { pid, source: e })?;
     unwind_with(pid, &mappings, regs, stack)
 }
