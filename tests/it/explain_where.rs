@@ -337,8 +337,10 @@ fn node_says_the_loop_read_the_eof() {
     let Some(node) = tool(test, "node") else {
         return;
     };
+    // In the build directory: --perf-basic-prof leaves its isolate log in the cwd.
     let p = start(
         Command::new(node)
+            .current_dir(build_dir())
             .arg("--perf-basic-prof")
             .arg(source("where_server.js")),
     );
