@@ -265,6 +265,44 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 	r->sp = regs->sp;
 	r->bp = regs->bp;
 
+	/* A call site whose layout user space has set: its hash needs no frame walk, and a
+	 * stack sent before costs only the header. */
+	struct cw_where_layout_key lk = { .tgid = r->tgid, ._pad = 0, .ip = r->ip };
+	struct cw_where_layout *lay = bpf_map_lookup_elem(&cw_where_layouts, &lk);
+	int laid = 0;
+	__u64 laid_hash = 0;
+	__u8 one = 1;
+
+	if (lay) {
+		__u64 h = (0xcbf29ce484222325ULL ^ r->ip) * 0x100000001b3ULL;
+
+		for (int i = 0; i < CW_WHERE_LAYOUT_DEPTH; i++) {
+			__u64 w = 0;
+
+			if (i >= lay->n)
+				break;
+			bpf_probe_read_user(&w, sizeof(w), (void *)(r->sp + lay->off[i]));
+			h = (h ^ w) * 0x100000001b3ULL;
+		}
+		laid_hash = (h ^ kind ^ 0x4c41594f5554ULL) * 0x100000001b3ULL;
+		laid = 1;
+
+		struct cw_where_key lkey = { .tgid = r->tgid, .kind = kind, .hash = laid_hash };
+
+		if (bpf_map_lookup_elem(&cw_where_seen, &lkey)) {
+			if (cookie && bpf_map_update_elem(&cw_where_open, &cookie, &one, 0))
+				cw_count(CW_COUNT_OPEN_FULL);
+			r->hash = laid_hash;
+			r->nframes = 0;
+			r->stack_len = 0;
+			if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_HEADER, cw_wakeup()))
+				cw_count(CW_COUNT_LOST);
+			else
+				cw_count(CW_COUNT_SHORT);
+			return 0;
+		}
+	}
+
 	long got = bpf_get_stack(ctx, r->frames, sizeof(r->frames), BPF_F_USER_STACK);
 	__u32 n = got > 0 ? (__u32)got / 8 : 0;
 
@@ -287,34 +325,15 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 	r->hash = hash;
 
 	struct cw_where_key key = { .tgid = r->tgid, .kind = kind, .hash = hash };
-	__u8 one = 1;
 
 	if (cookie && bpf_map_update_elem(&cw_where_open, &cookie, &one, 0 /* BPF_ANY */))
 		cw_count(CW_COUNT_OPEN_FULL);
-	int trusted = n >= 3 && bpf_map_lookup_elem(&cw_where_trusted, &key.tgid) != 0;
+	int trusted = laid || (n >= 3 && bpf_map_lookup_elem(&cw_where_trusted, &key.tgid) != 0);
 
-	if (!trusted) {
-		struct cw_where_layout_key lk = { .tgid = r->tgid, ._pad = 0, .ip = r->ip };
-		struct cw_where_layout *lay = bpf_map_lookup_elem(&cw_where_layouts, &lk);
-
-		if (lay) {
-			__u64 h = (0xcbf29ce484222325ULL ^ r->ip) * 0x100000001b3ULL;
-
-			for (int i = 0; i < CW_WHERE_LAYOUT_DEPTH; i++) {
-				__u64 w = 0;
-
-				if (i >= lay->n)
-					break;
-				bpf_probe_read_user(&w, sizeof(w), (void *)(r->sp + lay->off[i]));
-				h = (h ^ w) * 0x100000001b3ULL;
-			}
-			h = (h ^ kind ^ 0x4c41594f5554ULL) * 0x100000001b3ULL;
-			r->hash = h;
-			key.hash = h;
-			trusted = 1;
-		}
+	if (laid) {
+		r->hash = laid_hash;
+		key.hash = laid_hash;
 	}
-
 	if (trusted && bpf_map_lookup_elem(&cw_where_seen, &key)) {
 		r->stack_len = 0;
 		if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_HEADER, cw_wakeup()))
