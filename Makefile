@@ -3,7 +3,7 @@
 #   sudo make install PREFIX=/usr/local [DESTDIR=/tmp/root]   install what `make` built
 #   make deb                  build a .deb (installs cargo-deb first when it is missing)
 #   sudo make uninstall PREFIX=...
-#   make bpf [BPF_OUT=path]   rebuild the checked-in BPF object (needs clang-14; cargo never does)
+#   make bpf [BPF_OUT=path] [BPF_WHERE_OUT=path]   rebuild the checked-in BPF objects (needs clang-14; cargo never does)
 # `make install` never runs cargo: build as yourself, then install as root (sudo needs no
 # Rust toolchain). It installs what the .deb installs, under PREFIX.
 PREFIX ?= /usr/local
@@ -93,6 +93,8 @@ BPF_CLANG ?= clang-14
 BPF_STRIP ?= llvm-strip-14
 BPF_DIR := $(CURDIR)/linux/bpf
 BPF_OUT ?= $(BPF_DIR)/cwreap.bpf.o
+# `explain --where`'s programs, a separate object.
+BPF_WHERE_OUT ?= $(BPF_DIR)/where.bpf.o
 
 bpf:
 	@command -v $(BPF_CLANG) >/dev/null && command -v $(BPF_STRIP) >/dev/null || { \
@@ -103,6 +105,13 @@ bpf:
 	$(BPF_CLANG) -target bpfel -mcpu=v3 -O2 -g -nostdinc -Wall -Werror \
 		-fdebug-prefix-map=$(BPF_DIR)=. -fno-ident \
 		-c cwreap.bpf.c -o "$$tmp" && \
+	$(BPF_STRIP) -g "$$tmp" && \
+	mv "$$tmp" "$$out" && echo "bpf: $$out"
+	@out="$(abspath $(BPF_WHERE_OUT))"; tmp="$$out.tmp.$$$$"; \
+	cd $(BPF_DIR) && \
+	$(BPF_CLANG) -target bpfel -mcpu=v3 -O2 -g -nostdinc -Wall -Werror \
+		-fdebug-prefix-map=$(BPF_DIR)=. -fno-ident \
+		-c where.bpf.c -o "$$tmp" && \
 	$(BPF_STRIP) -g "$$tmp" && \
 	mv "$$tmp" "$$out" && echo "bpf: $$out"
 

@@ -28,6 +28,8 @@ pub mod netns;
 pub mod procfs;
 pub mod published;
 pub mod secure_fs;
+/// User stacks: CFI unwinding of a copied stack, symbols and lines, library frames.
+pub mod stacks;
 pub mod sys;
 pub mod tcp;
 pub mod terminal;

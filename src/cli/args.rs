@@ -335,6 +335,7 @@ const EXPLAIN_EXAMPLES: &str = "Examples:
   cwreap explain                          # every process holding CLOSE_WAIT sockets
   cwreap explain --pid 4242 --for 30s     # + leak rate and time to EMFILE
   cwreap explain --comm '^node$' --json | jq '.patterns'
+  cwreap explain --where --for 60s --pid 4242   # + the code that read the EOF and kept the fd
 
 Patterns, from recv_q, whether an epoll instance of the owner watches the socket, which
 end it is, and the owner's runtime:
@@ -351,7 +352,13 @@ time) is named from the executable and its memory map, and the advice is that ru
 \"The GC may close\" is said only where a collector can: a JVM socket nothing watches that
 no full collection (from its hsperfdata counters) has shown referenced, and Go.
 Read-only: never stops or signals a process, never duplicates a socket that a sock_diag
-table lists (only one in no table, to tell whether it is dead held).";
+table lists (only one in no table, to tell whether it is dead held).
+--where attaches BPF programs for the window only (Linux 6.3+, BTF, CAP_BPF and
+CAP_PERFMON; else exit 2 naming what is missing): the stacks of EOF reads, accepts and
+connects, unwound by frame pointers or by CFI from a copy of the stack, symbolized from
+DWARF or the symbol tables (and perf maps for JIT code). Sockets that close in the window
+are dropped; those whose EOF was read before it are counted without a stack. Not seen:
+splice, kTLS, io_uring.";
 
 /// `cwreap explain`: read-only diagnosis of the leak behind the CLOSE_WAIT sockets.
 #[derive(Debug, Args)]
@@ -365,6 +372,15 @@ pub struct ExplainArgs {
     /// One JSON object per process per line
     #[arg(long)]
     pub json: bool,
+    /// Name the code: for the --for window, record the user stack of every read that
+    /// returns EOF on a TCP socket and of the accept or connect that opened it, then show
+    /// the sockets still leaking at its end with those stacks (BPF: Linux 6.3+, BTF,
+    /// CAP_BPF and CAP_PERFMON)
+    #[arg(long = "where", requires = "window")]
+    pub where_: bool,
+    /// With --where: only sockets at least this long in CLOSE_WAIT at the end of the window
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "where_")]
+    pub older_than: Option<Duration>,
 }
 
 /// An age for `--older-than`: zero allowed (every socket), at most a year.

@@ -10,7 +10,7 @@
 //! the owner's runtime ([`runtime`]), and so does the advice ([`advice`]); for a JVM, its
 //! full collections tell a Socket it still references from one it dropped.
 
-mod advice;
+pub mod advice;
 pub mod pattern;
 pub mod runtime;
 

@@ -22,6 +22,7 @@ mod escalate;
 mod events;
 mod explain;
 mod explain_runtimes;
+mod explain_where;
 mod faults;
 mod hardening;
 mod hardening_paths;

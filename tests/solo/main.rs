@@ -18,6 +18,7 @@ mod first_screen;
 mod helper_kill_counts;
 mod inject_kill;
 mod load;
+mod stacks;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

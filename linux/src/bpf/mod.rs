@@ -37,6 +37,8 @@ mod events;
 mod iter;
 mod load;
 mod pin;
+mod where_load;
+mod where_record;
 
 pub use bpffs::{BPF_FS_MAGIC, enter_private_mount_namespace, is_bpffs, mount_bpffs};
 pub use clock::boottime_ns;
@@ -50,3 +52,8 @@ pub use load::{
     KERNEL_BTF, MIN_KERNEL, Unavailable, missing_capabilities, parse_release, seccomp_filtered,
 };
 pub use pin::{DEFAULT_PIN_DIR, DaemonRecord, NotExact, PinnedAges, ProcStat, judge, parse_stat};
+pub use where_load::{WHERE_LAYOUT_DEPTH, WHERE_MIN_KERNEL, WhereCounts, WhereOptions, WhereProbe};
+pub use where_record::{
+    BadWhere, StackCapture, WHERE_FRAMES, WHERE_HEADER_LEN, WHERE_STACK_MAX, WhereKind,
+    WhereRecord, parse_where,
+};

@@ -160,7 +160,7 @@ fn sample<H>(at: Duration, snap: &Snapshot<H>, rows: &[Row<'_, H>]) -> Sample {
 
 /// The evidence of each socket of the last sample, and the facts of its owners. A process
 /// whose epoll instances cannot be read (it exited meanwhile) is left out, with a warning.
-fn evidence<H>(
+pub(super) fn evidence<H>(
     proc: &impl ProcRead,
     rows: &[Row<'_, H>],
     err: &mut impl Write,

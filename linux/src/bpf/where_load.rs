@@ -1,0 +1,345 @@
+//! `explain --where`'s programs (linux/bpf/where.bpf.o), loaded and attached for as long
+//! as a [`WhereProbe`] lives.
+
+use std::io;
+use std::time::Duration;
+
+use aya::Ebpf;
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::BtfTracePoint;
+
+use super::load::{self, Unavailable};
+use super::where_record::{WHERE_STACK_MAX, WhereRecord, parse_where};
+
+/// linux/bpf/where.bpf.o, built by `make bpf` and checked in.
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/where.bpf.o");
+
+/// The programs and the tracepoints they attach to.
+const TRACEPOINTS: [(&str, &str); 4] = [
+    ("cw_where_closed", "tcp_destroy_sock"),
+    ("cw_where_eof", "sock_recv_length"),
+    ("cw_where_connect", "inet_sock_set_state"),
+    ("cw_where_accept", "sys_exit"),
+];
+
+/// The oldest kernel with the `sock_recv_length` tracepoint.
+pub const WHERE_MIN_KERNEL: (u32, u32) = (6, 3);
+
+/// How to load the programs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WhereOptions {
+    /// Only these processes; empty: every process.
+    pub pids: Vec<u32>,
+    /// Stack bytes to copy per record, from the stack pointer up (at most
+    /// [`WHERE_STACK_MAX`]; less where the stack mapping ends sooner).
+    pub stack_bytes: u32,
+    /// Ring buffer size in bytes (a power of two of at least a page).
+    pub ring_bytes: u32,
+}
+
+impl Default for WhereOptions {
+    fn default() -> Self {
+        WhereOptions {
+            pids: Vec::new(),
+            stack_bytes: 4096,
+            ring_bytes: 1 << 24,
+        }
+    }
+}
+
+/// What the programs counted since they were loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WhereCounts {
+    /// Records the ring buffer had no room for.
+    pub lost: u64,
+    /// Stacks that could not be remembered as sent because the map of sent stacks was full
+    /// (each was sent whole instead).
+    pub seen_full: u64,
+    /// Records whose stack bytes could not be read.
+    pub no_stack: u64,
+    /// Records sent with their stack.
+    pub full: u64,
+    /// Records sent without, their stack having been sent before.
+    pub short: u64,
+    /// Sockets not followed to their end because the map of open sockets was full: if
+    /// they closed, they are still reported.
+    pub open_full: u64,
+    /// Records that did not parse.
+    pub malformed: u64,
+}
+
+/// The attached programs. Dropping it detaches them.
+pub struct WhereProbe {
+    _ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    counts: PerCpuArray<MapData, u64>,
+    trusted: HashMap<MapData, u32, u8>,
+    layouts: HashMap<MapData, [u8; 16], [u8; 32]>,
+    malformed: u64,
+}
+
+/// Return addresses a layout gives the offsets of (`CW_WHERE_LAYOUT_DEPTH`).
+pub const WHERE_LAYOUT_DEPTH: usize = 7;
+
+impl std::fmt::Debug for WhereProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhereProbe")
+            .field("malformed", &self.malformed)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(what: &str, e: aya::maps::MapError) -> Unavailable {
+    load::classify(what, &e)
+}
+
+impl WhereProbe {
+    /// Check what the programs need (kernel version, BTF, capabilities), load them and
+    /// attach all three.
+    pub fn load(opts: &WhereOptions) -> Result<WhereProbe, Unavailable> {
+        if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            && let Some(version) = load::parse_release(&release)
+            && version < WHERE_MIN_KERNEL
+        {
+            return Err(Unavailable::Other {
+                context: format!("kernel {}", release.trim()),
+                error: format!(
+                    "explain --where needs Linux {}.{} or later (the sock_recv_length tracepoint)",
+                    WHERE_MIN_KERNEL.0, WHERE_MIN_KERNEL.1
+                ),
+            });
+        }
+        let btf = load::preconditions()?;
+        let page = load::page_size();
+        let ring_bytes = opts
+            .ring_bytes
+            .max(page)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 24);
+        let copy = opts.stack_bytes.min(WHERE_STACK_MAX as u32);
+        let filter = u8::from(!opts.pids.is_empty());
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("cw_where_filter", &filter, true)
+            .override_global("cw_where_copy", &copy, true)
+            .map_max_entries("cw_where_events", ring_bytes)
+            .load(OBJECT)
+            .map_err(|e| load::classify("load the where BPF object", &e))?;
+        if !opts.pids.is_empty() {
+            let map = ebpf
+                .map_mut("cw_where_pids")
+                .ok_or_else(|| load::missing("cw_where_pids"))?;
+            let mut pids: HashMap<_, u32, u8> =
+                HashMap::try_from(map).map_err(|e| map_err("cw_where_pids", e))?;
+            for pid in &opts.pids {
+                pids.insert(pid, 1, 0)
+                    .map_err(|e| map_err("cw_where_pids", e))?;
+            }
+        }
+        for (name, tracepoint) in TRACEPOINTS {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| load::missing(name))?
+                .try_into()
+                .map_err(|e| load::classify(name, &e))?;
+            prog.load(tracepoint, &btf)
+                .map_err(|e| load::classify(&format!("load {name} for {tracepoint}"), &e))?;
+            prog.attach()
+                .map_err(|e| load::classify(&format!("attach {name} to {tracepoint}"), &e))?;
+        }
+        let ring = RingBuf::try_from(
+            ebpf.take_map("cw_where_events")
+                .ok_or_else(|| load::missing("cw_where_events"))?,
+        )
+        .map_err(|e| map_err("cw_where_events", e))?;
+        let counts = PerCpuArray::try_from(
+            ebpf.take_map("cw_where_counts")
+                .ok_or_else(|| load::missing("cw_where_counts"))?,
+        )
+        .map_err(|e| map_err("cw_where_counts", e))?;
+        let trusted = HashMap::try_from(
+            ebpf.take_map("cw_where_trusted")
+                .ok_or_else(|| load::missing("cw_where_trusted"))?,
+        )
+        .map_err(|e| map_err("cw_where_trusted", e))?;
+        let layouts = HashMap::try_from(
+            ebpf.take_map("cw_where_layouts")
+                .ok_or_else(|| load::missing("cw_where_layouts"))?,
+        )
+        .map_err(|e| map_err("cw_where_layouts", e))?;
+        drop(btf);
+        crate::sys::release_free_heap();
+        Ok(WhereProbe {
+            _ebpf: ebpf,
+            ring,
+            counts,
+            trusted,
+            layouts,
+            malformed: 0,
+        })
+    }
+
+    /// Move every waiting record into `out`, oldest first, without blocking.
+    pub fn drain(&mut self, out: &mut Vec<WhereRecord>) -> usize {
+        let before = out.len();
+        while let Some(item) = self.ring.next() {
+            match parse_where(&item) {
+                Ok(r) => out.push(r),
+                Err(_) => self.malformed += 1,
+            }
+        }
+        out.len() - before
+    }
+
+    /// Wait until records are waiting or `timeout` passes. True when some are.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let ts = Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(&self.ring, PollFlags::IN)];
+        loop {
+            match poll(&mut fds, Some(&ts)) {
+                Ok(n) => return Ok(n > 0),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Trust the frame-pointer stacks of process `tgid` (checked against CFI by the
+    /// caller): from now on a stack of it already sent is sent as its hash only.
+    pub fn trust(&mut self, tgid: u32) -> io::Result<()> {
+        self.trusted
+            .insert(tgid, 1, 0)
+            .map_err(|e| io::Error::other(load::chain(&e)))
+    }
+
+    /// Tell the programs where the return addresses are in a stack of process `tgid`
+    /// taken at instruction pointer `ip`: `offsets` from the stack pointer, innermost
+    /// first (at most [`WHERE_LAYOUT_DEPTH`] are used). From now on, a stack of it at `ip`
+    /// whose words at these offsets match one sent before is sent as its hash only.
+    pub fn set_layout(&mut self, tgid: u32, ip: u64, offsets: &[u32]) -> io::Result<()> {
+        let (key, value) = layout_entry(tgid, ip, offsets);
+        self.layouts
+            .insert(key, value, 0)
+            .map_err(|e| io::Error::other(load::chain(&e)))
+    }
+
+    /// The programs' counters.
+    pub fn counts(&self) -> io::Result<WhereCounts> {
+        let get = |i: u32| -> io::Result<u64> {
+            let v = self
+                .counts
+                .get(&i, 0)
+                .map_err(|e| io::Error::other(load::chain(&e)))?;
+            Ok(v.iter().sum())
+        };
+        Ok(WhereCounts {
+            lost: get(0)?,
+            seen_full: get(1)?,
+            no_stack: get(2)?,
+            full: get(3)?,
+            short: get(4)?,
+            open_full: get(5)?,
+            malformed: self.malformed,
+        })
+    }
+}
+
+/// `struct cw_where_layout_key` and `struct cw_where_layout` in host order.
+fn layout_entry(tgid: u32, ip: u64, offsets: &[u32]) -> ([u8; 16], [u8; 32]) {
+    let mut key = [0u8; 16];
+    key[..4].copy_from_slice(&tgid.to_ne_bytes());
+    key[8..].copy_from_slice(&ip.to_ne_bytes());
+    let offsets = &offsets[..offsets.len().min(WHERE_LAYOUT_DEPTH)];
+    let mut value = [0u8; 32];
+    value[..4].copy_from_slice(&(offsets.len() as u32).to_ne_bytes());
+    for (i, o) in offsets.iter().enumerate() {
+        value[4 + 4 * i..8 + 4 * i].copy_from_slice(&o.to_ne_bytes());
+    }
+    (key, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::WhereKind;
+
+    /// The programs load here and report an EOF read, the accept and the connect of a
+    /// loopback connection made by this process, with stacks.
+    #[test]
+    #[ignore = "needs root: loads BPF programs"]
+    fn records_the_eof_read_the_accept_and_the_connect() {
+        use std::io::Read;
+        let me = std::process::id();
+        let mut probe = WhereProbe::load(&WhereOptions {
+            pids: vec![me],
+            ..WhereOptions::default()
+        })
+        .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        drop(client);
+        let mut buf = [0u8; 16];
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && [WhereKind::Eof, WhereKind::Connect, WhereKind::Accept]
+                .iter()
+                .any(|k| !got.iter().any(|r: &WhereRecord| r.kind == *k))
+        {
+            probe.wait(Duration::from_millis(100)).unwrap();
+            probe.drain(&mut got);
+        }
+        use std::os::fd::AsRawFd;
+        let eof = got.iter().find(|r| r.kind == WhereKind::Eof).unwrap();
+        assert_eq!(eof.tgid, me);
+        let cap = eof.capture.as_ref().unwrap();
+        assert!(!cap.frames.is_empty() && !cap.stack.is_empty(), "{cap:?}");
+        let accept = got.iter().find(|r| r.kind == WhereKind::Accept).unwrap();
+        assert_eq!(accept.fd, u32::try_from(server.as_raw_fd()).unwrap());
+        let connect = got.iter().find(|r| r.kind == WhereKind::Connect).unwrap();
+        assert!(connect.cookie != 0 && connect.cookie != eof.cookie);
+        // Closing the server's end frees it (the client's is gone): a closed record.
+        let cookie = eof.cookie;
+        drop(server);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && !got
+                .iter()
+                .any(|r| r.kind == WhereKind::Closed && r.cookie == cookie)
+        {
+            probe.wait(Duration::from_millis(100)).unwrap();
+            probe.drain(&mut got);
+        }
+        assert!(
+            got.iter()
+                .any(|r| r.kind == WhereKind::Closed && r.cookie == cookie)
+        );
+        let counts = probe.counts().unwrap();
+        assert!(counts.full >= 3, "{counts:?}");
+        assert_eq!(counts.malformed, 0);
+    }
+
+    #[test]
+    fn layout_entries_are_laid_out_as_the_programs_read_them() {
+        let (k, v) = layout_entry(7, 0x1122, &[8, 40, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(&k[..4], &7u32.to_ne_bytes());
+        assert_eq!(&k[4..8], &[0; 4]);
+        assert_eq!(&k[8..], &0x1122u64.to_ne_bytes());
+        assert_eq!(&v[..4], &7u32.to_ne_bytes(), "at most 7 offsets");
+        assert_eq!(&v[4..8], &8u32.to_ne_bytes());
+        assert_eq!(&v[8..12], &40u32.to_ne_bytes());
+        assert_eq!(&v[28..32], &5u32.to_ne_bytes());
+    }
+
+    #[test]
+    fn the_embedded_object_is_an_elf_for_bpf() {
+        assert_eq!(&OBJECT[..4], b"\x7fELF");
+        assert_eq!(u16::from_le_bytes([OBJECT[18], OBJECT[19]]), 247);
+    }
+}

@@ -1,0 +1,469 @@
+//! `cwreap explain --where --for DUR`: attach the BPF programs of `where.bpf.o` for the
+//! window, record the user stack of every TCP read that returned EOF and of every accept
+//! and connect, then report the sockets still leaking at the end (CLOSE_WAIT, or dead
+//! held), each with the stack that read its EOF and the one that opened it, grouped per
+//! process ([`crate::cli::where_report`]). Sockets closed meanwhile are forgotten as they
+//! close. The programs are detached when the command ends.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use cwreap_linux::bpf::{
+    StackCapture, WhereCounts, WhereKind, WhereOptions, WhereProbe, WhereRecord,
+};
+use cwreap_linux::kernel::Kernel;
+
+use super::common::{Status, observe};
+use crate::cli::args::ExplainArgs;
+use crate::cli::diagnosis::Pattern;
+use crate::cli::plan;
+use crate::cli::where_report::{self, EofRead, LeakSocket, ShownFrame, WhereProcessFacts};
+use crate::shared::usage::UsageError;
+use cwreap_linux::stacks;
+
+/// How often the records are drained during the window.
+const POLL: Duration = Duration::from_millis(100);
+
+/// One record of a socket, and which stack it had.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    ts_ns: u64,
+    /// Into [`Recorded::captures`]; None when the record referred to a stack not kept.
+    capture: Option<u64>,
+}
+
+type HashKey = (u32, WhereKind, u64);
+
+/// What the window recorded, sockets that closed already forgotten.
+#[derive(Debug, Default)]
+struct Recorded {
+    eof: HashMap<u64, Seen>,
+    connect: HashMap<u64, Seen>,
+    accept: HashMap<(u32, u32), Seen>,
+    /// Every stack received, by arrival number. Not by hash: in a binary without frame
+    /// pointers, two paths may hash alike.
+    captures: HashMap<u64, StackCapture>,
+    /// The last stack received per (tgid, kind, hash): what a record without a stack
+    /// refers to (sent only for trusted processes, whose hashes tell paths apart).
+    by_hash: HashMap<HashKey, u64>,
+    next: u64,
+}
+
+impl Recorded {
+    fn add(&mut self, r: WhereRecord) {
+        let key = (r.tgid, r.kind, r.hash);
+        let capture = match r.capture {
+            Some(c) => {
+                let id = self.next;
+                self.next += 1;
+                self.captures.insert(id, c);
+                self.by_hash.insert(key, id);
+                Some(id)
+            }
+            None => self.by_hash.get(&key).copied(),
+        };
+        let seen = Seen {
+            ts_ns: r.ts_ns,
+            capture,
+        };
+        match r.kind {
+            WhereKind::Eof => {
+                self.eof.insert(r.cookie, seen);
+            }
+            WhereKind::Connect => {
+                self.connect.insert(r.cookie, seen);
+            }
+            WhereKind::Accept => {
+                self.accept.insert((r.tgid, r.fd), seen);
+            }
+            WhereKind::Closed => {
+                self.eof.remove(&r.cookie);
+                self.connect.remove(&r.cookie);
+            }
+        }
+    }
+
+    /// Forget the stacks no socket refers to any more. The last stack per hash of a trusted
+    /// process stays: later records refer to it without carrying it.
+    fn prune(&mut self, trust: &Trust) {
+        let mut live: HashSet<u64> = HashSet::new();
+        live.extend(self.eof.values().filter_map(|s| s.capture));
+        live.extend(self.connect.values().filter_map(|s| s.capture));
+        live.extend(self.accept.values().filter_map(|s| s.capture));
+        self.by_hash
+            .retain(|k, id| trust.deduplicated(k.0) || live.contains(id));
+        live.extend(self.by_hash.values().copied());
+        self.captures.retain(|id, _| live.contains(id));
+    }
+}
+
+/// How the programs may tell stacks of a process apart without sending them: by its frame
+/// pointers, once they agree with CFI; else by the words at the offsets of the return
+/// addresses CFI found in a stack taken at the same instruction pointer (a layout).
+#[derive(Debug, Default)]
+struct Trust {
+    /// Frame-pointer checks made per process, and whether it is trusted.
+    checked: HashMap<u32, (u32, bool)>,
+    /// Layout attempts per (process, instruction pointer), and whether one was set.
+    layouts: HashMap<(u32, u64), (u32, bool)>,
+}
+
+impl Trust {
+    /// Checks per process (frame pointers) or per instruction pointer (layouts) before
+    /// giving up: those stacks are then always sent whole.
+    const TRIES: u32 = 4;
+
+    /// Whether the programs may send stacks of `tgid` as hashes only.
+    fn deduplicated(&self, tgid: u32) -> bool {
+        self.checked.get(&tgid).is_some_and(|c| c.1)
+            || self
+                .layouts
+                .iter()
+                .any(|((t, _), (_, set))| *t == tgid && *set)
+    }
+
+    fn check(&mut self, probe: &mut WhereProbe, r: &WhereRecord) {
+        let Some(c) = &r.capture else {
+            return;
+        };
+        let (tries, trusted) = self.checked.entry(r.tgid).or_default();
+        if *trusted {
+            return;
+        }
+        let regs = stacks::UserRegs {
+            ip: c.ip,
+            sp: c.sp,
+            bp: c.bp,
+        };
+        let Ok(cfi) = stacks::unwind_cfi(r.tgid, &regs, &c.stack) else {
+            return;
+        };
+        if *tries < Self::TRIES && c.frames.len() >= 3 {
+            *tries += 1;
+            if fp_agrees_with_cfi(&c.frames, &cfi) && probe.trust(r.tgid).is_ok() {
+                *trusted = true;
+                return;
+            }
+        }
+        let (tries, set) = self.layouts.entry((r.tgid, c.ip)).or_default();
+        if *set || *tries >= Self::TRIES {
+            return;
+        }
+        *tries += 1;
+        let offsets = layout(&cfi, &c.stack);
+        if offsets.len() >= 2 && probe.set_layout(r.tgid, c.ip, &offsets).is_ok() {
+            *set = true;
+        }
+    }
+}
+
+/// Every frame-pointer return address is one CFI unwinding finds too.
+fn fp_agrees_with_cfi(fp: &[u64], cfi: &[u64]) -> bool {
+    let cfi: HashSet<u64> = cfi.iter().copied().collect();
+    cfi.len() >= 3 && fp.iter().skip(1).all(|a| cfi.contains(a))
+}
+
+/// The offsets from sp of the return addresses `cfi` found (after the instruction pointer),
+/// innermost first, while each is in the copied stack exactly once: a value seen twice
+/// could be a stale copy, whose offset would say nothing of the path.
+fn layout(cfi: &[u64], stack: &[u8]) -> Vec<u32> {
+    let words: Vec<u64> = stack
+        .chunks_exact(8)
+        .map(|w| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            u64::from_le_bytes(b)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for a in cfi
+        .iter()
+        .skip(1)
+        .take(cwreap_linux::bpf::WHERE_LAYOUT_DEPTH)
+    {
+        let mut at = words
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| *w == a)
+            .map(|(i, _)| i);
+        let (Some(i), None) = (at.next(), at.next()) else {
+            break;
+        };
+        let (Ok(off), Some(prev)) = (u32::try_from(i * 8), out.last().copied().or(Some(0))) else {
+            break;
+        };
+        if !out.is_empty() && off <= prev {
+            break;
+        }
+        out.push(off);
+    }
+    out
+}
+
+pub fn explain_where<K: Kernel>(
+    k: &mut K,
+    args: &ExplainArgs,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<Status> {
+    let window = args.window.unwrap_or_default();
+    let opts = WhereOptions {
+        pids: args
+            .selectors
+            .pids
+            .iter()
+            .filter_map(|p| u32::try_from(*p).ok())
+            .collect(),
+        ..WhereOptions::default()
+    };
+    let mut probe = WhereProbe::load(&opts).map_err(|e| {
+        UsageError(format!(
+            "explain --where cannot record stacks here: {e}. It needs Linux 6.3 or later \
+with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
+        ))
+    })?;
+    // Also with --json: on stderr, it tells a caller the programs are attached.
+    writeln!(
+        err,
+        "recording EOF reads, accepts and connects for {}...",
+        humantime::format_duration(window)
+    )?;
+    err.flush()?;
+    let mut rec = Recorded::default();
+    let mut trust = Trust::default();
+    let mut buf = Vec::new();
+    let end = Instant::now() + window;
+    let mut last_prune = Instant::now();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        probe.wait(left.min(POLL))?;
+        probe.drain(&mut buf);
+        for r in buf.drain(..) {
+            trust.check(&mut probe, &r);
+            rec.add(r);
+        }
+        if last_prune.elapsed() > Duration::from_secs(1) {
+            rec.prune(&trust);
+            last_prune = Instant::now();
+        }
+        if left.is_zero() {
+            break;
+        }
+    }
+    let counts = probe.counts()?;
+    // The sockets as they are now, the programs still attached so that nothing closing
+    // meanwhile goes unseen; then detached.
+    let (snap, _failures, _unprobed) = observe(k, false, &args.selectors)?;
+    probe.drain(&mut buf);
+    for r in buf.drain(..) {
+        rec.add(r);
+    }
+    drop(probe);
+    let filter = args.selectors.filter(args.older_than);
+    let rows = plan::select(&snap, &filter);
+    let cookies: HashMap<(i32, u64), u64> = rows
+        .iter()
+        .filter_map(|r| {
+            r.process
+                .map(|p| ((p.pid, r.socket.diag.inode), r.socket.diag.cookie))
+        })
+        .collect();
+    let (sockets, processes) = super::explain::evidence(&*k, &rows, err)?;
+    let mut symbols = stacks::Symbolizer::new();
+    let mut leaks = Vec::with_capacity(sockets.len());
+    let mut facts = Vec::with_capacity(processes.len());
+    let mut shown: HashMap<u64, Vec<ShownFrame>> = HashMap::new();
+    for p in &processes {
+        facts.push(WhereProcessFacts {
+            pid: p.pid,
+            comm: p.comm.clone(),
+            runtime: p.runtime.runtime,
+            runtime_note: u32::try_from(p.pid)
+                .ok()
+                .and_then(stacks::runtime_frames_note),
+        });
+    }
+    let runtimes: HashMap<i32, _> = processes
+        .iter()
+        .map(|p| (p.pid, p.runtime.runtime))
+        .collect();
+    for s in &sockets {
+        let Some(&cookie) = cookies.get(&(s.pid, s.inode)) else {
+            continue;
+        };
+        let runtime = runtimes
+            .get(&s.pid)
+            .copied()
+            .unwrap_or(crate::cli::diagnosis::Runtime::Unknown);
+        let pattern = Pattern::of(s.evidence, runtime);
+        let pid = u32::try_from(s.pid).unwrap_or_default();
+        let mut stack_of = |seen: &Seen| -> Option<Vec<ShownFrame>> {
+            let id = seen.capture?;
+            if let Some(f) = shown.get(&id) {
+                return Some(f.clone());
+            }
+            let frames = best_stack(&mut symbols, pid, rec.captures.get(&id)?);
+            shown.insert(id, frames.clone());
+            Some(frames)
+        };
+        let eof_seen = rec.eof.get(&cookie).copied();
+        let eof = match eof_seen {
+            Some(seen) => match stack_of(&seen) {
+                Some(f) => EofRead::Seen(f),
+                None => EofRead::Unkept,
+            },
+            None if s.evidence.recv_q > 0 => EofRead::Unread,
+            None => EofRead::BeforeWindow,
+        };
+        let opened = match rec.connect.get(&cookie).copied() {
+            Some(seen) => stack_of(&seen),
+            None => {
+                s.fd.and_then(|fd| {
+                    let key = (u32::try_from(s.pid).ok()?, u32::try_from(fd).ok()?);
+                    rec.accept.get(&key).copied()
+                })
+                // The accept of an fd number before this socket's EOF; a later one is of
+                // another socket that reused the number.
+                .filter(|a| eof_seen.is_none_or(|e| a.ts_ns <= e.ts_ns))
+                .and_then(|seen| stack_of(&seen))
+            }
+        };
+        leaks.push(LeakSocket {
+            pid: s.pid,
+            pattern,
+            eof,
+            opened,
+        });
+    }
+    let reports = where_report::report(&leaks, &facts);
+    if args.json {
+        for r in &reports {
+            serde_json::to_writer(&mut *out, r)?;
+            out.write_all(b"\n")?;
+        }
+    } else if reports.is_empty() {
+        writeln!(
+            out,
+            "No process holds CLOSE_WAIT or dead held sockets{} at the end of the window.",
+            if filter.narrowed() {
+                " that match the selection"
+            } else {
+                ""
+            }
+        )?;
+    } else {
+        write!(out, "{}", where_report::render(&reports))?;
+    }
+    counts_note(&counts, err)?;
+    Ok(Status::Ok)
+}
+
+/// What the programs could not keep, said, never silent.
+fn counts_note(c: &WhereCounts, err: &mut impl Write) -> Result<()> {
+    writeln!(
+        err,
+        "recorded {} stack(s) whole and {} as the hash of one sent before",
+        c.full, c.short
+    )?;
+    if c.lost > 0 {
+        writeln!(
+            err,
+            "warning: {} record(s) lost: the ring buffer was full (their sockets show as \
+'stack lost')",
+            c.lost
+        )?;
+    }
+    if c.seen_full > 0 {
+        writeln!(
+            err,
+            "note: {} stack(s) sent whole again: the map of stacks already sent was full",
+            c.seen_full
+        )?;
+    }
+    if c.open_full > 0 {
+        writeln!(
+            err,
+            "note: {} socket(s) not followed to their close: the map of open sockets was full",
+            c.open_full
+        )?;
+    }
+    if c.no_stack > 0 {
+        writeln!(
+            err,
+            "note: {} record(s) without stack bytes (the stack could not be read): frame \
+pointers only",
+            c.no_stack
+        )?;
+    }
+    if c.malformed > 0 {
+        writeln!(err, "warning: {} record(s) did not parse", c.malformed)?;
+    }
+    Ok(())
+}
+
+/// Symbolize `addrs` (innermost first; each looked up one byte back, in the call
+/// instruction). Returns the frames and how many leading addresses named a function.
+fn symbolize(
+    symbols: &mut stacks::Symbolizer,
+    pid: u32,
+    addrs: &[u64],
+) -> (Vec<ShownFrame>, usize) {
+    let per_addr = symbols.symbolize(pid, addrs);
+    let mut frames = Vec::new();
+    let mut valid = 0;
+    let mut broken = false;
+    for (i, group) in per_addr.iter().enumerate() {
+        let named = group.iter().any(|f| f.function.is_some());
+        if !named {
+            broken = true;
+        }
+        if !broken {
+            valid = i + 1;
+        }
+        frames.extend(group.iter().map(|f| ShownFrame {
+            function: f.function.clone(),
+            file: f.file.clone(),
+            line: f.line,
+            module: f.module.clone(),
+            library: stacks::is_library_frame(f),
+        }));
+    }
+    (frames, valid)
+}
+
+/// The deeper valid stack of the two methods: frame pointers (with the direct caller of a
+/// libc wrapper, which they skip, read at the stack pointer) and CFI.
+fn best_stack(symbols: &mut stacks::Symbolizer, pid: u32, c: &StackCapture) -> Vec<ShownFrame> {
+    let mut fp = c.frames.clone();
+    if let (Some(bytes), Some(&first)) = (c.stack.get(..8), fp.first()) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(bytes);
+        let at_sp = u64::from_le_bytes(w);
+        if at_sp != first && !fp.contains(&at_sp) {
+            let (_, named) = symbolize(symbols, pid, &[first, at_sp]);
+            if named == 2 {
+                fp.insert(1, at_sp);
+            }
+        }
+    }
+    let (fp_frames, fp_valid) = symbolize(symbols, pid, &fp);
+    let regs = stacks::UserRegs {
+        ip: c.ip,
+        sp: c.sp,
+        bp: c.bp,
+    };
+    match stacks::unwind_cfi(pid, &regs, &c.stack) {
+        Ok(addrs) if !addrs.is_empty() => {
+            let (cfi_frames, cfi_valid) = symbolize(symbols, pid, &addrs);
+            if cfi_valid > fp_valid {
+                cfi_frames
+            } else {
+                fp_frames
+            }
+        }
+        _ => fp_frames,
+    }
+}
