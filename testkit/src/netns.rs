@@ -15,6 +15,23 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// Run `f` on a thread that entered this namespace (setns): the sockets it creates live
+    /// there, and /proc/sys/net is the namespace's.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open the namespace's file");
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&file),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .expect("setns into the test's namespace");
+            f()
+        })
+        .join()
+        .expect("the thread in the namespace")
+    }
+
     pub fn create(tag: &str) -> Netns {
         let name = format!("cwreap-{tag}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();

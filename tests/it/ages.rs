@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -197,23 +196,6 @@ impl Leak {
     }
 }
 
-/// Run `f` on a thread of ours that entered network namespace `ns` (setns): the sockets it
-/// creates live there, and /proc/sys/net is that namespace's.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open the namespace's file");
-        rustix::thread::move_into_link_name_space(
-            file.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .expect("setns into the test's namespace");
-        f()
-    })
-    .join()
-    .expect("the thread in the namespace")
-}
-
 const FIN_TIMEOUT: &str = "/proc/sys/net/ipv4/tcp_fin_timeout";
 
 /// A sample of one leaked socket at one scan: the true age and what scan said.
@@ -239,7 +221,7 @@ fn go_keepalive_resets_last_ack_then_its_rst_leaves_dead_held_fds() {
     // The clients' orphaned FIN_WAIT2 sockets expire after 20 s instead of 60: the probe
     // after that meets a RST. The sysctl is per network namespace.
     let host_fin = std::fs::read_to_string(FIN_TIMEOUT).expect("the host's tcp_fin_timeout");
-    let inside = in_netns(&ns, || {
+    let inside = ns.run(|| {
         std::fs::write(FIN_TIMEOUT, "20").expect("set tcp_fin_timeout in the namespace");
         std::fs::read_to_string(FIN_TIMEOUT).expect("read it back")
     });
@@ -265,7 +247,7 @@ fn go_keepalive_resets_last_ack_then_its_rst_leaves_dead_held_fds() {
     // Each client sends a request (the handler hangs on it), then closes for good; a few
     // hundred ms apart, so that each socket has an age of its own.
     let mut leaks: Vec<Leak> = Vec::new();
-    let conns: Vec<TcpStream> = in_netns(&ns, move || {
+    let conns: Vec<TcpStream> = ns.run(move || {
         (0..LEAKS)
             .map(|_| TcpStream::connect_timeout(&addr, GUARD).expect("connect to the server"))
             .collect()

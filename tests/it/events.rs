@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -37,23 +36,6 @@ fn ms(d: Duration) -> i64 {
 
 fn note(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// Run `f` on a thread that entered network namespace `ns`: the sockets it creates live
-/// there.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open the namespace's file");
-        rustix::thread::move_into_link_name_space(
-            file.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .expect("setns into the test's namespace");
-        f()
-    })
-    .join()
-    .expect("the thread in the namespace")
 }
 
 /// Whether this kernel cannot run the BPF programs at all (too old for socket cookies in
@@ -140,9 +122,9 @@ impl GoServer {
     /// half-closes (`keep`): the server's socket enters CLOSE_WAIT.
     fn leak(&mut self, i: usize, keep: bool) -> Leak {
         let addr = self.addr;
-        let mut c = in_netns(&self.ns, move || {
-            TcpStream::connect_timeout(&addr, GUARD).expect("connect to the server")
-        });
+        let mut c = self
+            .ns
+            .run(move || TcpStream::connect_timeout(&addr, GUARD).expect("connect to the server"));
         let me = c.local_addr().expect("client address");
         c.write_all(format!("GET /hang/{i} HTTP/1.1\r\nHost: cwreap\r\n\r\n").as_bytes())
             .expect("send the request");

@@ -166,14 +166,7 @@ impl Events {
     /// Move every event waiting in the ring buffer into `out`, oldest first, without
     /// blocking. Returns how many were added.
     pub fn drain(&mut self, out: &mut Vec<Event>) -> usize {
-        let before = out.len();
-        while let Some(item) = self.ring.next() {
-            match parse_event(&item) {
-                Ok(e) => out.push(e),
-                Err(_) => self.malformed += 1,
-            }
-        }
-        out.len() - before
+        load::drain_ring(&mut self.ring, parse_event, out, &mut self.malformed)
     }
 
     /// Wait until events are waiting or `timeout` passes (`None`: no limit). True when

@@ -207,6 +207,24 @@ pub(crate) fn page_size() -> u32 {
     u32::try_from(rustix::param::page_size()).unwrap_or(4096)
 }
 
+/// Move every record waiting in `ring` into `out`, oldest first, without blocking, parsed by
+/// `parse`; a record that does not parse is counted in `malformed`. How many were added.
+pub(crate) fn drain_ring<T, E>(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    parse: impl Fn(&[u8]) -> Result<T, E>,
+    out: &mut Vec<T>,
+    malformed: &mut u64,
+) -> usize {
+    let before = out.len();
+    while let Some(item) = ring.next() {
+        match parse(&item) {
+            Ok(r) => out.push(r),
+            Err(_) => *malformed += 1,
+        }
+    }
+    out.len() - before
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,14 +181,7 @@ impl WhereProbe {
 
     /// Move every waiting record into `out`, oldest first, without blocking.
     pub fn drain(&mut self, out: &mut Vec<WhereRecord>) -> usize {
-        let before = out.len();
-        while let Some(item) = self.ring.next() {
-            match parse_where(&item) {
-                Ok(r) => out.push(r),
-                Err(_) => self.malformed += 1,
-            }
-        }
-        out.len() - before
+        load::drain_ring(&mut self.ring, parse_where, out, &mut self.malformed)
     }
 
     /// Wait until records are waiting or `timeout` passes. True when some are.

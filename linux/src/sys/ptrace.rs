@@ -280,6 +280,16 @@ impl Regs {
         self.0.rip
     }
 
+    /// The stack pointer.
+    pub fn sp(&self) -> u64 {
+        self.0.rsp
+    }
+
+    /// The frame pointer (rbp).
+    pub fn bp(&self) -> u64 {
+        self.0.rbp
+    }
+
     /// These registers with the instruction pointer at `ip` (an rseq abort handler).
     pub fn with_ip(&self, ip: u64) -> Regs {
         let mut r = self.0;
