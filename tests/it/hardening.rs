@@ -113,6 +113,12 @@ pub(super) fn refused_by(
         for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "RUST_LOG"] {
             cmd.env_remove(var);
         }
+        // A `run` that gets as far as discovery before it is refused pins nothing on the
+        // host and publishes no ages under the host's /run/cwreap.
+        without_pins(&mut cmd).env(
+            "CWREAP_RUN_DIR",
+            std::env::temp_dir().join(format!("cwreap-refused-{}", std::process::id())),
+        );
         let (code, out, err, took) = run_guarded(&mut cmd);
         let lines: Vec<String> = err.lines().map(str::to_owned).collect();
         assert_eq!(
@@ -1237,6 +1243,7 @@ fn a_stalled_stderr_and_an_undrained_notify_socket_never_stop_cycles_or_sigterm(
             .arg("run")
             .arg("--config")
             .arg(&cfg)
+            .env("CWREAP_RUN_DIR", scratch.path("run"))
             .env("NOTIFY_SOCKET", &notify_path)
             .env("WATCHDOG_USEC", "200000")
             .env_remove("WATCHDOG_PID")
