@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use cwreap_linux::secure_fs::{self, Kind, Meta, Missing, Walk, WalkError};
 
-use crate::shared::config::file::{path_fix, path_problem, shell_quote};
+use crate::shared::config::file::{owner_names, path_fix, path_problem, shell_quote};
 use crate::shared::selector::parse_pid_file;
 
 /// The most of a pid file read: a pid and a newline fit many times over.
@@ -114,20 +114,6 @@ pub fn read(path: &Path, owners: &[u32]) -> Result<i32, PidFileError> {
         })?;
     let text = String::from_utf8_lossy(&bytes);
     parse_pid_file(&text).ok_or_else(|| unreadable(format!("no pid in {:?}", text.trim())))
-}
-
-fn owner_names(owners: &[u32]) -> String {
-    owners
-        .iter()
-        .map(|u| {
-            if *u == 0 {
-                "root".to_owned()
-            } else {
-                format!("uid {u}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" or ")
 }
 
 #[cfg(test)]

@@ -39,8 +39,8 @@ pub use lines::{Killed, LineChild, lines_of};
 pub use netns::{Netns, netns_of};
 pub use procfs::{cpu_ticks, cpu_time, fd_count, fd_inode, rss_kib, status_kib};
 pub use programs::{
-    cwreap, cwreap_bin, cwreap_json, field_i64, field_str, fixture_bin, json_lines, repo, run_ok,
-    stderr, stdout, target_tmpdir, without_pins,
+    cwreap, cwreap_bin, cwreap_json, field_i64, field_str, fixture_bin, json_lines,
+    json_of_success, repo, run_ok, stderr, stdout, target_tmpdir, without_pins,
 };
 pub use scratch::{Scratch, raise_nofile, write_policy};
 pub use ss::{ss_close_wait, ss_close_wait_on_port, ss_count};

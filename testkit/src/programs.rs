@@ -94,15 +94,19 @@ pub fn without_pins(cmd: &mut Command) -> &mut Command {
 
 /// `cwreap ARGS`, which must exit 0; the JSON objects of its `--json` output.
 pub fn cwreap_json(args: &[&str]) -> Vec<serde_json::Value> {
-    let out = cwreap(args);
+    json_of_success(&cwreap(args), args)
+}
+
+/// The JSON objects `out` (of `cwreap ARGS`) printed, which must have exited 0.
+pub fn json_of_success(out: &Output, args: &[&str]) -> Vec<serde_json::Value> {
     assert_eq!(
         out.status.code(),
         Some(0),
         "cwreap {args:?}:\n{}{}",
-        stdout(&out),
-        stderr(&out)
+        stdout(out),
+        stderr(out)
     );
-    json_lines(&out)
+    json_lines(out)
 }
 
 pub fn stdout(o: &Output) -> String {

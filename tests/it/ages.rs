@@ -45,15 +45,7 @@ fn cwreap_with(run_dir: &Path, args: &[&str]) -> Output {
 
 /// The `--json` rows of `cwreap ARGS`, which must exit 0.
 fn rows_with(run_dir: &Path, args: &[&str]) -> Vec<Value> {
-    let out = cwreap_with(run_dir, args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "cwreap {args:?}:\n{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    json_lines(&out)
+    json_of_success(&cwreap_with(run_dir, args), args)
 }
 
 fn fd_of(row: &Value) -> i32 {

@@ -254,14 +254,7 @@ fn cli(pins: &Path, run: &Path, args: &[&str]) -> Output {
 /// The `--json` rows of `pid` by fd; the command must exit 0.
 fn rows(pins: &Path, run: &Path, args: &[&str], pid: i32) -> (BTreeMap<i32, Value>, String) {
     let out = cli(pins, run, args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "cwreap {args:?}:\n{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    let by_fd = json_lines(&out)
+    let by_fd = json_of_success(&out, args)
         .into_iter()
         .filter(|r| r["pid"].as_i64() == Some(i64::from(pid)))
         .map(|r| (i32::try_from(field_i64(&r, "fd")).expect("fd"), r))

@@ -128,6 +128,21 @@ pub(super) fn read_policy(path: &Path, strict: bool) -> Result<String, ConfigErr
         .map_err(|_| read_err(io::Error::new(io::ErrorKind::InvalidData, "not UTF-8")))
 }
 
+/// `owners` (uids) in words: "root or uid 1000".
+pub(crate) fn owner_names(owners: &[u32]) -> String {
+    owners
+        .iter()
+        .map(|u| {
+            if *u == 0 {
+                "root".to_owned()
+            } else {
+                format!("uid {u}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
 /// What makes a directory or symlink on the way to a file cwreap trusts unsafe: someone
 /// not in `owners` (uids) could change what the path names. A directory must belong to
 /// one of `owners` and not be writable by group or others, unless sticky (then only an
@@ -137,19 +152,7 @@ pub(super) fn read_policy(path: &Path, strict: bool) -> Result<String, ConfigErr
 pub(crate) fn path_problem(path: &Path, m: &Meta, owners: &[u32]) -> Option<String> {
     let p = path.display();
     let owner_ok = owners.is_empty() || owners.contains(&m.uid);
-    let names = || {
-        owners
-            .iter()
-            .map(|u| {
-                if *u == 0 {
-                    "root".to_owned()
-                } else {
-                    format!("uid {u}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" or ")
-    };
+    let names = || owner_names(owners);
     match m.kind {
         Kind::Symlink if !owner_ok => Some(format!(
             "symlink {p} is owned by uid {}, not {}",
