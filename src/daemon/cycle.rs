@@ -88,6 +88,14 @@ impl ProblemLog {
 /// is skipped; both go into `problems`. The command line is read last, only for a process
 /// that passes every cheaper criterion of a target that needs it. An error only when the
 /// process list cannot be read.
+/// Say which targets can never act (an earlier one selects all their sockets).
+pub(super) fn warn_shadowed(cfg: &Config) {
+    for s in cfg.shadowed() {
+        let target = cfg.targets.get(s.target).map_or("", |t| t.name.as_str());
+        tracing::warn!(target, "{}", cfg.shadow_message(s));
+    }
+}
+
 pub fn match_processes(
     k: &impl ProcRead,
     cfg: &Config,

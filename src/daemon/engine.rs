@@ -25,6 +25,7 @@ use crate::daemon::dead_held::DeadHeld;
 use crate::daemon::escalate::{Budget, Escalations, Round};
 use crate::daemon::fd_cache::{FdIndex, Refresh};
 use crate::daemon::metrics::Health;
+use crate::daemon::named_pids::NamedPids;
 use crate::daemon::policy::{self, Decision, Headroom, Plan, RateLimiter};
 use crate::daemon::publish::Publisher;
 use crate::daemon::release::{Pending, ReleaseWatch};
@@ -80,14 +81,8 @@ pub struct Daemon<K: Kernel> {
     /// The pid files refused or unreadable, with why, as last logged: each is logged once
     /// until it changes.
     problems: cycle::ProblemLog,
-}
-
-/// Say which targets can never act (an earlier one selects all their sockets).
-fn warn_shadowed(cfg: &Config) {
-    for s in cfg.shadowed() {
-        let target = cfg.targets.get(s.target).map_or("", |t| t.name.as_str());
-        warn!(target, "{}", cfg.shadow_message(s));
-    }
+    /// Which process each pid the policy names by number is.
+    named: NamedPids,
 }
 
 impl Daemon<Linux> {
@@ -106,7 +101,7 @@ impl<K: Kernel> Daemon<K> {
         force_dry_run: bool,
         health: Health,
     ) -> Result<Self> {
-        warn_shadowed(&cfg);
+        cycle::warn_shadowed(&cfg);
         let mut audit = Auditor::start(health).context("starting the audit writer")?;
         audit
             .open(cfg.audit_log.as_deref())
@@ -136,6 +131,7 @@ impl<K: Kernel> Daemon<K> {
             reaped: HashMap::new(),
             publish: None,
             problems: cycle::ProblemLog::default(),
+            named: NamedPids::default(),
         })
     }
 
@@ -204,8 +200,9 @@ impl<K: Kernel> Daemon<K> {
         if cfg.discovery != self.cfg.discovery {
             warn!("discovery changes take effect at the next restart");
         }
-        warn_shadowed(&cfg);
+        cycle::warn_shadowed(&cfg);
         self.cfg = cfg;
+        self.named.clear();
         // Sockets only reported under the old policy (dry run, `log`) are judged again by
         // the new one: switching a dry run to enforcing must reap what the dry run showed.
         // Reaped sockets have left CLOSE_WAIT, so they are not acted on twice.
@@ -271,17 +268,16 @@ impl<K: Kernel> Daemon<K> {
         self.kernel.mode()
     }
 
-    /// The processes the targets' process criteria accept (never cwreap itself).
+    /// The processes the targets' process criteria accept (never cwreap itself, nor a
+    /// later process with a pid the policy names).
     fn match_processes(&mut self, report: &mut CycleReport) -> Targets {
         let mut problems = cycle::MatchProblems::default();
-        let targets =
-            match cycle::match_processes(&self.kernel, &self.cfg, self.self_pid, &mut problems) {
-                Ok(t) => t,
-                Err(_) => {
-                    report.error(ErrorKind::Proc);
-                    Targets::new()
-                }
-            };
+        let found = cycle::match_processes(&self.kernel, &self.cfg, self.self_pid, &mut problems);
+        let mut targets = found.unwrap_or_else(|_| {
+            report.error(ErrorKind::Proc);
+            Targets::new()
+        });
+        self.named.keep(&self.cfg, &self.kernel, &mut targets);
         self.problems.note(problems, report);
         targets
     }

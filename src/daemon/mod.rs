@@ -35,6 +35,7 @@ pub mod fd_cache;
 mod journal;
 mod logging;
 pub mod metrics;
+mod named_pids;
 mod notify;
 pub mod pid_file;
 pub mod policy;

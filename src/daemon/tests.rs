@@ -1274,7 +1274,10 @@ fn a_reused_pid_starts_afresh_and_is_signalled_only_through_its_own_pin() {
     p.dies_on.clear();
     k.spawn(p);
     k.close_wait_many(API, 10, 3, LOCAL);
-    let mut d = daemon(k, &policy("", &[&escalating(API, "{signal_at: 95%}")]));
+    // Selected by name: a newcomer with the pid is a target too (one named by pid is not).
+    let by_name =
+        escalating(API, "{signal_at: 95%}").replace(&format!("pid: {API}"), "comm: ^api$");
+    let mut d = daemon(k, &policy("", &[&by_name]));
     cycle(&mut d);
     assert_eq!(d.kernel().signals().len(), 1);
     // The process exits; a newcomer takes its pid, with the same load.
@@ -2182,4 +2185,34 @@ fn the_emfile_forecast_is_the_soonest_over_the_targets_processes() {
         "{}",
         metrics.render()
     );
+}
+
+#[test]
+fn a_pid_the_policy_names_is_the_process_it_named_until_a_reload() {
+    let k = with_process(API, "api");
+    let yaml = policy("", &[&on_pid("api", API, "30s")]);
+    let mut d = daemon(k, &yaml);
+    cycle(&mut d);
+    // The process exits and a later one gets its pid, holding a CLOSE_WAIT socket.
+    d.kernel().exit(API);
+    let mut later = Process::new(API, "api");
+    later.start_time += 1;
+    d.kernel().spawn(later);
+    d.kernel().close_wait(API, 9, LOCAL, &remote(1));
+    let (r, events) = cycle_logged(&mut d);
+    assert_eq!(r.candidates, 0, "{r:?}");
+    let said = "the process the policy names by this pid exited, and the pid now names another process: it is not a target by that pid (reload the policy to name it)";
+    assert_eq!(messages(&events, said).len(), 1, "{events:?}");
+    let (r, events) = {
+        d.kernel().advance(Duration::from_secs(31));
+        cycle_logged(&mut d)
+    };
+    assert_eq!(total(&r), 0, "{:?}", r.outcomes);
+    assert!(messages(&events, said).is_empty(), "said once: {events:?}");
+    assert!(d.kernel().shutdowns().is_empty());
+    // A reload names the pid again: the process that has it now.
+    d.reload(cfg(&yaml)).expect("reload");
+    assert_eq!(cycle(&mut d).candidates, 1);
+    let r = after(&mut d, 31);
+    assert_eq!(reaped(&r, "api"), 1, "{r:?}");
 }

@@ -215,15 +215,23 @@ impl Clients {
 
 /// Read until the connection ends or `wait` passes without data: Ok on EOF, else the
 /// error that ended the read (WouldBlock/TimedOut on the timeout, ConnectionReset on RST).
+/// A read interrupted by a signal (EINTR: a read with a timeout is never restarted) is no
+/// end of the connection: it reads again for the time left.
 fn read_to_end_within(client: &mut TcpStream, wait: Duration) -> std::io::Result<()> {
-    client
-        .set_read_timeout(Some(wait))
-        .expect("set read timeout");
+    let deadline = Instant::now() + wait;
     let mut buf = [0u8; 64];
     loop {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+        client
+            .set_read_timeout(Some(left))
+            .expect("set read timeout");
         match client.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }

@@ -331,6 +331,16 @@ fn scrape_until(
     }
 }
 
+/// What `ss` says of the connection whose one end is `at`, both ends, with owners.
+fn ss_connection(at: SocketAddr) -> String {
+    let port = at.port().to_string();
+    let out = Command::new("ss")
+        .args(["-tanpi", "sport", "=", &port, "or", "dport", "=", &port])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn cycles(text: &str) -> f64 {
     sample(text, "cwreap_cycle_duration_seconds_count").unwrap_or(0.0)
 }
@@ -408,8 +418,15 @@ fn eperm_from_pidfd_getfd_is_an_error_outcome_counted_and_logged() {
     );
     assert_eq!(sample(&text, errors), Some(2.0), "{text}");
     assert_eq!(ss_close_wait(fx.pid()).len(), 2, "a socket was touched");
-    assert!(!reads_eof(&mut c1, Duration::from_millis(100)));
-    assert!(!reads_eof(&mut c2, Duration::from_millis(100)));
+    for (name, c) in [("c1", &mut c1), ("c2", &mut c2)] {
+        let at = c.local_addr().expect("client address");
+        assert!(
+            !reads_eof(c, Duration::from_millis(100)),
+            "{name} ({at}) saw its connection end; ss now:\n{}\nlog:\n{}",
+            ss_connection(at),
+            d.log()
+        );
+    }
     assert_eq!(
         d.terminate(Duration::from_secs(5)).0.code(),
         Some(0),

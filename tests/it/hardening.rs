@@ -33,8 +33,10 @@ use crate::support::*;
 use rustix::process::{Pid, Signal};
 use serde_json::Value;
 
-/// How long anything that must end at once may take before the test calls it a hang.
-pub(super) const HANG: Duration = Duration::from_secs(5);
+/// How long anything that must end may take before the test calls it a hang: far past
+/// every wait of the program's own (a stalled read's deadline, a stuck disk's), so that on a
+/// loaded host only a real hang reaches it. Tests decide by what happened, not by this.
+pub(super) const HANG: Duration = Duration::from_secs(30);
 pub(super) const NOBODY: &str = "65534";
 
 // ---------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ pub(super) fn policy(pids: &[i32], extra: &str) -> String {
     y
 }
 
-/// A command that must end at once: (exit code, stdout, stderr, time taken). A hang past
+/// A command that must end: (exit code, stdout, stderr, time taken). A hang past
 /// [`HANG`] kills it and fails the test.
 pub(super) fn run_guarded(cmd: &mut Command) -> (Option<i32>, String, String, Duration) {
     let started = Instant::now();

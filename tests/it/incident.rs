@@ -1100,17 +1100,37 @@ fn a_server_signalled_to_death_gives_gone_for_its_pending_sockets() {
 // 5. A target that lowers its own hard limit around the raise.
 
 /// How long strace holds each prlimit64 of the daemon before it runs: it stretches the
-/// moment between cwreap's read of the limits and its write from microseconds to this, so
-/// a lowering can be placed inside it on purpose.
-const WRITE_DELAY_MS: u32 = 500;
+/// moment between cwreap's read of the limits (/proc/PID/limits) and its write from
+/// microseconds to this, so a lowering can be placed inside it on purpose. The test reacts
+/// within milliseconds; this is the margin for a loaded host.
+const WRITE_DELAY_MS: u32 = 2000;
 
-/// When each server lowers its hard limit, in ms after it crossed 80 % (from then on
-/// cwreap's next cycle decides to raise: within one interval of 200 ms and a cycle, which
-/// took from ~30 ms to ~500 ms here, depending on the load of the host), and the write
-/// comes WRITE_DELAY_MS after that decision. So 0-100 lands before the read, the middle
-/// values between the read and the write or after it, 1600 and later after the write. Only
-/// the daemon's record says where each one fell.
-const LOWER_AFTER_MS: [u32; 12] = [0, 0, 100, 300, 400, 500, 600, 700, 800, 900, 1600, 2000];
+/// When a server lowers its hard limit, each a condition the test watches: at the moment it
+/// crosses 80 % (the server itself, before the daemon can have read its limits); once the
+/// daemon's prlimit64 for it has entered the kernel, held there by strace (after the read,
+/// before the write); once the write is done (the kernel's /proc/PID/limits shows the raise).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Lower {
+    AtCrossing,
+    WriteEntered,
+    WriteDone,
+}
+
+/// Four servers of each per round.
+const PLAN: [Lower; 12] = [
+    Lower::AtCrossing,
+    Lower::WriteEntered,
+    Lower::WriteDone,
+    Lower::AtCrossing,
+    Lower::WriteEntered,
+    Lower::WriteDone,
+    Lower::AtCrossing,
+    Lower::WriteEntered,
+    Lower::WriteDone,
+    Lower::AtCrossing,
+    Lower::WriteEntered,
+    Lower::WriteDone,
+];
 
 /// Where a lowering fell, as the daemon's own record tells: it read the lowered limits
 /// (`before`), they changed between its read and its write (`during`: `skipped`), or it
@@ -1125,14 +1145,23 @@ fn placement(raise: &Value) -> Option<&'static str> {
     }
 }
 
+/// Whether strace's output shows the daemon's prlimit64 setting `pid`'s RLIMIT_NOFILE
+/// entered (strace prints a call's arguments as it enters, and holds it there).
+fn write_entered(strace_out: &Path, pid: i32) -> bool {
+    std::fs::read_to_string(strace_out)
+        .unwrap_or_default()
+        .contains(&format!("prlimit64({pid}, RLIMIT_NOFILE, {{rlim_cur="))
+}
+
 /// Servers start at 1100:8192 and, once they hold 880 fds (80 %, `raise_fd_limit_at`),
-/// lower their hard limit to 4096 (soft to min(soft, 4096)) at a moment varied over the
-/// trials: before cwreap's read of the limits, between that read and its prlimit write
-/// (held open by strace), or after the write. After each trial the server keeps its lowered
-/// hard limit, with a soft limit at most that, and the daemon's record says which it was: a
-/// lowering between its read and its write is `skipped` ("the process changed its fd
-/// limits ..."), whether the write landed and was put back (with CAP_SYS_RESOURCE, as the
-/// shipped drop-in gives) or the kernel refused it (EPERM, without). Trials go on until each
+/// lower their hard limit to 4096 (soft to min(soft, 4096)): at the crossing, before
+/// cwreap's read of the limits; once its prlimit write has entered the kernel (held open by
+/// strace), between that read and the write; or once the write is done. After each trial
+/// the server keeps its lowered hard limit, with a soft limit at most that, and the daemon's
+/// record says which it was: a lowering between its read and its write is `skipped` ("the
+/// process changed its fd limits ..."), whether the write landed and was put back (with
+/// CAP_SYS_RESOURCE, as the shipped drop-in gives) or the kernel refused it (EPERM,
+/// without). A lowering after the write is always `after`; trials go on until each
 /// placement happened at least twice (at most three rounds of twelve).
 #[test]
 #[ignore = "needs root: the daemon raises a limit with prlimit, where CAP_SYS_RESOURCE could raise a hard limit back up (the hazard)"]
@@ -1146,25 +1175,14 @@ fn a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it() {
     let mut placed: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut trials = Vec::new();
     for round in 0..3 {
-        let mut servers: Vec<(u32, Server)> = LOWER_AFTER_MS
+        let mut servers: Vec<(Lower, Server)> = PLAN
             .iter()
-            .map(|&ms| {
-                let s = Server::start(
-                    &exe,
-                    1100,
-                    8192,
-                    &[
-                        "--fill-to",
-                        "877",
-                        "--lower-hard-at",
-                        "880",
-                        "--lower-to",
-                        "4096",
-                        "--lower-after-ms",
-                        &ms.to_string(),
-                    ],
-                );
-                (ms, s)
+            .map(|&when| {
+                let mut args = vec!["--fill-to", "877", "--lower-to", "4096"];
+                if when == Lower::AtCrossing {
+                    args.extend(["--lower-hard-at", "880", "--lower-after-ms", "0"]);
+                }
+                (when, Server::start(&exe, 1100, 8192, &args))
             })
             .collect();
         let targets: Vec<String> = servers
@@ -1199,10 +1217,11 @@ fn a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it() {
             None,
             Some(strace.iter().map(|a| a.to_string()).collect()),
         );
+        let strace_out = d.dir.path("strace.out");
         d.pass(2);
-        for (ms, s) in servers.iter_mut() {
+        for (when, s) in servers.iter_mut() {
             let pid = s.pid();
-            // 877 + 3: the third connection crosses 80 % and arms the server's lowering.
+            // 877 + 3: the third connection crosses 80 %.
             s.leak(3);
             let raise = |d: &Daemon| -> Vec<Value> {
                 d.audit()
@@ -1214,6 +1233,19 @@ fn a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it() {
                     })
                     .collect()
             };
+            match when {
+                Lower::AtCrossing => {}
+                Lower::WriteEntered => {
+                    d.until("the daemon's write entered", 30, |_| {
+                        write_entered(&strace_out, pid)
+                    });
+                    s.io.send("lower").expect("write to leak_server");
+                }
+                Lower::WriteDone => {
+                    d.until("the daemon's write done", 30, |_| nofile(pid).0 == 8192);
+                    s.io.send("lower").expect("write to leak_server");
+                }
+            }
             // Both over: the server lowered, and the daemon's raise with any undoing (its
             // record is written after).
             d.until("the lowering and the raise", 30, |d| {
@@ -1224,12 +1256,12 @@ fn a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it() {
             let records = raise(&d);
             assert!(
                 hard == 4096 && soft <= hard,
-                "lowered {ms} ms after crossing 80 %, the limits are {soft}:{hard}; the server said {lowered:?}; the daemon: {records:?}"
+                "lowered {when:?}, the limits are {soft}:{hard}; the server said {lowered:?}; the daemon: {records:?}"
             );
             assert_eq!(records.len(), 1, "once per process: {records:?}");
             let at = placement(&records[0]).unwrap_or_else(|| {
                 panic!(
-                    "lowered {ms} ms after crossing 80 % ({lowered:?}), the daemon recorded {}\n{}",
+                    "lowered {when:?} ({lowered:?}), the daemon recorded {}\n{}",
                     records[0],
                     d.running.log()
                 )
@@ -1237,12 +1269,14 @@ fn a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it() {
             // The server saw the raise before lowering exactly when it came after it.
             let saw_raise = lowered[0].contains(" saw soft=8192 hard=8192 ");
             assert_eq!(saw_raise, at == "after", "{at}: {lowered:?} {records:?}");
+            if *when == Lower::WriteDone {
+                assert_eq!(at, "after", "lowered once the write was done: {records:?}");
+            }
             if at == "during" {
-                let said = d.said(
-                    pid,
-                    "the process changed its fd limits since they were read",
-                );
-                assert_eq!(said.len(), 1, "{}", d.running.log());
+                // Logged before the record is written, but read from the log's pipe apart.
+                let change = "the process changed its fd limits since they were read";
+                d.until("the change logged", 30, |d| !d.said(pid, change).is_empty());
+                assert_eq!(d.said(pid, change).len(), 1, "{}", d.running.log());
             }
             assert!(
                 d.said(pid, "escalation failed").is_empty(),
@@ -1250,7 +1284,7 @@ fn a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it() {
                 d.running.log()
             );
             *placed.entry(at).or_default() += 1;
-            trials.push((*ms, at));
+            trials.push((*when, at));
         }
         if ["before", "during", "after"]
             .iter()
@@ -1260,7 +1294,7 @@ fn a_target_that_lowers_its_hard_limit_around_the_raise_keeps_it() {
         }
     }
     println!(
-        "{} trials (ms after crossing, placement): {trials:?}",
+        "{} trials (when lowered, placement): {trials:?}",
         trials.len()
     );
     for p in ["before", "during", "after"] {

@@ -21,6 +21,7 @@
  *   --lower-hard-at N  once N fds are open (checked at each accept), lower its own hard
  *   --lower-to H       RLIMIT_NOFILE to H (the soft limit to min(soft, H)), MS ms later
  *   --lower-after-ms MS
+ *                      (with --lower-to alone, only the `lower` command lowers it)
  *
  * stdout, one line per event, flushed:
  *   listen ADDR | ready | accepted FD | eof FD | released FD
@@ -30,7 +31,7 @@
  *   lowered soft=S hard=H saw soft=S0 hard=H0 at=T   S0/H0: the limits it read just before
  *   filled N | fds N | limits soft=S hard=H | error TEXT
  * stdin, one command a line: `fill N` (open /dev/null until N fds are open), `fds`,
- * `limits`.
+ * `limits`, `lower` (lower the hard limit to --lower-to now).
  *
  * Client. Every 1/RATE s it connects to HOST:PORT and half-closes the connection at once
  * (shutdown SHUT_WR), keeping its end open; it reads and discards what the server sends and
@@ -182,6 +183,9 @@ static size_t cmd_len;
 
 /* The client stops connecting (`pause`). */
 static int paused;
+/* --lower-to, for the `lower` command (-1: none given). */
+static long long lower_to_cmd = -1;
+static void lower_hard(rlim_t to);
 
 static void command(const char *line, int is_client, long long connected, long long ended,
                     long long failed)
@@ -204,6 +208,8 @@ static void command(const char *line, int is_client, long long connected, long l
         getrlimit(RLIMIT_NOFILE, &rl);
         say("limits soft=%llu hard=%llu", (unsigned long long)rl.rlim_cur,
             (unsigned long long)rl.rlim_max);
+    } else if (strcmp(line, "lower") == 0 && lower_to_cmd >= 0) {
+        lower_hard((rlim_t)lower_to_cmd);
     } else if (line[0]) {
         say("error unknown command %s", line);
     }
@@ -292,6 +298,7 @@ static int server(int argc, char **argv)
         say("error --lower-hard-at needs --lower-to");
         return 2;
     }
+    lower_to_cmd = lower_to;
     ep = epoll_create1(EPOLL_CLOEXEC);
     spare = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (pipe2(sig_pipe, O_NONBLOCK | O_CLOEXEC) < 0) {

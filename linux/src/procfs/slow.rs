@@ -7,21 +7,27 @@
 //! newer ones read anonymous memory only, and a remote read of an unserved userfaultfd
 //! page fails at once instead of waiting.
 //!
-//! Each such read runs on a thread of its own and is waited for at most a deadline. A read
-//! past its deadline stays in flight (nothing can interrupt it); until it returns, the same
+//! Each such read runs on a thread of its own and is waited for at most a deadline. Late is
+//! not stuck: a reader thread the kernel still shows runnable at the deadline (a host so
+//! loaded it has not run yet) is waited for on, up to [`RUNNABLE_GRACE`]; only one asleep
+//! in the kernel (the mmap lock) is given up on. A read given up on stays in flight
+//! (nothing can interrupt it); until it returns, the same
 //! pid is not read again (one read in flight per pid), and past a cap of stuck reads no new
 //! slow read starts at all. The caller gets [`io::ErrorKind::TimedOut`] and skips that
 //! process: it costs one thread per stuck pid, never a cycle.
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// How long a slow read is waited for: a command line takes microseconds.
 pub const SLOW_READ_DEADLINE: Duration = Duration::from_millis(500);
+/// How long past its deadline a read whose thread is still runnable (waiting for a CPU, not
+/// for a lock) is waited for.
+pub const RUNNABLE_GRACE: Duration = Duration::from_secs(10);
 /// At most this many reads stuck at once.
 pub const MAX_STUCK: usize = 16;
 
@@ -72,9 +78,15 @@ impl SlowReads {
         let (tx, rx) = sync_channel(1);
         let returned: Pending = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&returned);
+        let reader = Arc::new(AtomicI32::new(0));
+        let tid = Arc::clone(&reader);
         let spawned = std::thread::Builder::new()
             .name("cwreap-slow-read".into())
             .spawn(move || {
+                tid.store(
+                    rustix::thread::gettid().as_raw_nonzero().get(),
+                    Ordering::Release,
+                );
                 let got = read();
                 flag.store(true, Ordering::Release);
                 let _ = tx.send(got);
@@ -84,13 +96,22 @@ impl SlowReads {
                 "cannot start a reader thread: {e}"
             )));
         }
-        match rx.recv_timeout(deadline) {
-            Ok(got) => got,
-            Err(RecvTimeoutError::Timeout) => {
-                stuck.insert(pid, returned);
-                Err(stalled(pid, "reading its memory did not return in time"))
+        let grace_ends = std::time::Instant::now() + deadline + RUNNABLE_GRACE;
+        let mut wait = deadline;
+        loop {
+            match rx.recv_timeout(wait) {
+                Ok(got) => return got,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(io::Error::other("the reader thread died"));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
             }
-            Err(RecvTimeoutError::Disconnected) => Err(io::Error::other("the reader thread died")),
+            if !(runnable(reader.load(Ordering::Acquire)) && std::time::Instant::now() < grace_ends)
+            {
+                stuck.insert(pid, returned);
+                return Err(stalled(pid, "reading its memory did not return in time"));
+            }
+            wait = Duration::from_millis(20);
         }
     }
 
@@ -100,6 +121,19 @@ impl SlowReads {
         stuck.retain(|_, returned| !returned.load(Ordering::Acquire));
         stuck.len()
     }
+}
+
+/// Whether this process's thread `tid` is runnable (state `R`: running or waiting for a
+/// CPU), or has not told its tid yet (0: it has not run at all). A thread asleep in the
+/// kernel, or whose state cannot be read, is not.
+fn runnable(tid: i32) -> bool {
+    if tid == 0 {
+        return true;
+    }
+    std::fs::read(format!("/proc/self/task/{tid}/stat"))
+        .ok()
+        .and_then(|stat| super::parse::stat_after_comm(&stat).map(|(state, _)| state == 'R'))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -143,6 +177,25 @@ mod tests {
             reads.read(7, short, || Ok(b"now".to_vec())).expect("fresh"),
             b"now"
         );
+    }
+
+    #[test]
+    fn a_read_still_running_at_its_deadline_is_late_not_stuck() {
+        let reads = SlowReads::default();
+        // The reader computes (state R) well past its deadline, as on a host too loaded to
+        // run it in time; a reader asleep in the kernel is given up on at once (above).
+        let got = reads
+            .read(9, Duration::from_millis(10), || {
+                let until = std::time::Instant::now() + Duration::from_millis(300);
+                let mut spins = 0u64;
+                while std::time::Instant::now() < until {
+                    spins = std::hint::black_box(spins + 1);
+                }
+                Ok(spins)
+            })
+            .expect("a late read returns");
+        assert!(got > 0);
+        assert_eq!(reads.stuck(), 0);
     }
 
     #[test]
