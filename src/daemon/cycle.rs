@@ -88,6 +88,25 @@ impl ProblemLog {
 /// is skipped; both go into `problems`. The command line is read last, only for a process
 /// that passes every cheaper criterion of a target that needs it. An error only when the
 /// process list cannot be read.
+/// Say what reading the targets' fd tables ran into, and count it.
+pub(super) fn note_refresh(refresh: &crate::daemon::fd_cache::Refresh, report: &mut CycleReport) {
+    if refresh.stats.denied > 0 {
+        tracing::warn!(
+            processes = refresh.stats.denied,
+            "cannot read the fd table of some target processes (permission denied; CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are needed)"
+        );
+        report.error(ErrorKind::Proc);
+    }
+    if refresh.stats.vanished > 0 {
+        // Listed a moment ago, gone before (or while) its fd table was read.
+        info!(
+            processes = refresh.stats.vanished,
+            "target processes exited while their fd tables were read; skipped this cycle"
+        );
+        report.error(ErrorKind::Proc);
+    }
+}
+
 /// Say which targets can never act (an earlier one selects all their sockets).
 pub(super) fn warn_shadowed(cfg: &Config) {
     for s in cfg.shadowed() {
@@ -162,6 +181,7 @@ pub fn match_processes(
 }
 
 /// This cycle's candidates, and per (pid, target) how many sockets that target selects.
+#[derive(Default)]
 pub struct Candidates {
     pub list: Vec<Candidate>,
     pub selected: HashMap<(i32, usize), usize>,

@@ -83,6 +83,8 @@ impl EscalationKind {
 pub struct CycleReport {
     pub close_wait: usize,
     pub candidates: usize,
+    /// Nothing changed since the last full cycle: its candidates were aged again.
+    pub quiet: bool,
     pub outcomes: BTreeMap<(String, Action, Outcome), usize>,
     pub releases: BTreeMap<(String, Release), usize>,
     /// Escalations done, by target and kind.

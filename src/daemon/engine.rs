@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 use cwreap_linux::kernel::{Boottime, Kernel, Linux, SocketKey, key_of};
 use cwreap_linux::netlink::DiagSocket;
 
-use crate::daemon::audit::{Auditor, decision_record, target_name, unix_ts};
+use crate::daemon::audit::{Auditor, unix_ts};
 use crate::daemon::cycle::{self, Targets};
 use crate::daemon::cycle_report::{CycleReport, ErrorKind, Release};
 use crate::daemon::dead_held::DeadHeld;
@@ -26,14 +26,16 @@ use crate::daemon::escalate::{Budget, Escalations, Round};
 use crate::daemon::fd_cache::{FdIndex, Refresh};
 use crate::daemon::metrics::Health;
 use crate::daemon::named_pids::NamedPids;
-use crate::daemon::policy::{self, Decision, Headroom, Plan, RateLimiter};
+use crate::daemon::policy::{Headroom, RateLimiter};
 use crate::daemon::publish::Publisher;
-use crate::daemon::release::{Pending, ReleaseWatch};
+use crate::daemon::release::ReleaseWatch;
+use crate::daemon::steady::{ClueLog, Steady};
 use crate::daemon::tracker::Tracker;
-use crate::shared::act::{ActResult, Outcome, Reason};
-use crate::shared::age::{self, Clues};
+use crate::shared::age::Clues;
 use crate::shared::attribute::Snapshot;
-use crate::shared::config::{Action, Config};
+use crate::shared::config::Config;
+
+mod act;
 
 /// How often discovery takes a full snapshot instead of the changes since the last cycle:
 /// a backstop against a change missed (an event lost, a namespace that came and went).
@@ -83,6 +85,8 @@ pub struct Daemon<K: Kernel> {
     problems: cycle::ProblemLog,
     /// Which process each pid the policy names by number is.
     named: NamedPids,
+    /// The last full cycle's candidates, while nothing changes (events).
+    steady: Option<Steady>,
 }
 
 impl Daemon<Linux> {
@@ -132,6 +136,7 @@ impl<K: Kernel> Daemon<K> {
             publish: None,
             problems: cycle::ProblemLog::default(),
             named: NamedPids::default(),
+            steady: None,
         })
     }
 
@@ -203,6 +208,7 @@ impl<K: Kernel> Daemon<K> {
         cycle::warn_shadowed(&cfg);
         self.cfg = cfg;
         self.named.clear();
+        self.steady = None;
         // Sockets only reported under the old policy (dry run, `log`) are judged again by
         // the new one: switching a dry run to enforcing must reap what the dry run showed.
         // Reaped sockets have left CLOSE_WAIT, so they are not acted on twice.
@@ -221,20 +227,35 @@ impl<K: Kernel> Daemon<K> {
         self.step();
         if self.discover(&pids, now, &mut report) {
             self.check_releases(now, &mut report);
-            let snap = self.attribute(&pids, &mut report);
+            // Nothing changed since a full cycle: age what it found again (see [`Steady`]).
+            let quiet =
+                self.kernel.mode() == "events" && !self.tracker.changed() && !self.probe_all;
+            let mut steady = self
+                .steady
+                .take()
+                .filter(|_| quiet)
+                .and_then(|s| s.at(&pids, now));
+            let snap = match steady {
+                Some(_) => self.attribute_quiet(&pids, &mut report),
+                None => self.attribute(&pids, &mut report),
+            };
             self.step();
             self.find_dead(&snap, &targets, now, &mut report);
             self.step();
-            let mut found = cycle::candidates(&self.cfg, &snap, &targets, |diag| {
-                let key = key_of(diag);
-                let clues = Clues::of(
-                    diag,
-                    self.kernel.entered_at(key),
-                    self.tracker.first_seen(&key),
-                );
-                age::age(&clues, now)
-            });
+            let log = ClueLog::default();
+            let mut found = match steady.as_mut() {
+                Some(s) => std::mem::take(&mut s.found),
+                None => cycle::candidates(&self.cfg, &snap, &targets, |diag| {
+                    let key = key_of(diag);
+                    let first_seen = self.tracker.first_seen(&key);
+                    log.age(
+                        Clues::of(diag, self.kernel.entered_at(key), first_seen),
+                        now,
+                    )
+                }),
+            };
             report.candidates = found.list.len();
+            report.quiet = steady.is_some();
             found.dead_held = self.dead.per_target(&self.cfg, &targets);
             cycle::gauges(
                 &self.cfg,
@@ -247,8 +268,17 @@ impl<K: Kernel> Daemon<K> {
             );
             // Escalations first, on a budget of their own: no reap holds one back.
             self.escalate(&snap, &targets, &found, now, stop, &mut report);
-            let plan = self.plan(&found.list, now, stop, &mut report);
-            let reaps = self.execute(&snap, &plan, now, stop, &mut report);
+            // A quiet cycle is before any candidate's due moment: nothing to decide.
+            let (reaps, deferred) = match steady {
+                Some(_) => (0, 0),
+                None => {
+                    let plan = self.plan(&found.list, now, stop, &mut report);
+                    (
+                        self.execute(&snap, &plan, now, stop, &mut report),
+                        plan.deferred,
+                    )
+                }
+            };
             self.limiter.record(reaps, now);
             let alive: HashSet<i32> = snap.processes.keys().copied().collect();
             self.headroom.retain(&alive);
@@ -256,6 +286,16 @@ impl<K: Kernel> Daemon<K> {
             if let Some(p) = self.publish.as_mut() {
                 p.publish(now, self.cfg.interval, &self.tracker.first_sights());
             }
+            self.steady = match steady {
+                Some(mut s) => {
+                    s.found = found;
+                    Some(s)
+                }
+                None if self.kernel.mode() == "events" => {
+                    Steady::keep(&self.cfg, found, log, pids, &self.handled, deferred, now)
+                }
+                None => None,
+            };
         }
         self.kernel.cycle_done();
         cycle::event_counts(&self.kernel, &mut self.event_counts, &mut report);
@@ -395,136 +435,28 @@ impl<K: Kernel> Daemon<K> {
             .filter(|s| s.inode != 0 && !self.cache.knows(s.inode))
             .map(|s| s.inode)
             .collect();
-        if refresh.stats.denied > 0 {
-            warn!(
-                processes = refresh.stats.denied,
-                "cannot read the fd table of some target processes (permission denied; CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are needed)"
-            );
-            report.error(ErrorKind::Proc);
-        }
-        if refresh.stats.vanished > 0 {
-            // Listed a moment ago, gone before (or while) its fd table was read.
-            info!(
-                processes = refresh.stats.vanished,
-                "target processes exited while their fd tables were read; skipped this cycle"
-            );
-            report.error(ErrorKind::Proc);
-        }
+        cycle::note_refresh(&refresh, report);
         self.cache.snapshot(found)
     }
 
-    /// The decisions of this cycle within the rate limits, with their intents on the disk
-    /// when the policy has an audit log.
-    fn plan(
+    /// A quiet cycle's attribution: the target processes with their open fds counted, and
+    /// no socket (the candidates are kept from the last full cycle).
+    fn attribute_quiet(
         &mut self,
-        candidates: &[policy::Candidate],
-        now: Boottime,
-        stop: &AtomicBool,
+        pids: &[i32],
         report: &mut CycleReport,
-    ) -> Plan {
-        let budget = self.limiter.budget(
-            self.cfg.limits.max_reaps_per_cycle as usize,
-            self.cfg.limits.max_reaps_per_minute as usize,
-            now,
-        );
-        let mut plan = policy::decide(candidates, &self.cfg, &self.handled, budget);
-        report.deferred = plan.deferred;
-        if plan.deferred > 0 {
-            warn!(
-                deferred = plan.deferred,
-                "rate limit reached (max_reaps_per_cycle / max_reaps_per_minute); the rest waits for the next cycle"
-            );
-        }
-        if self.force_dry_run {
-            for d in &mut plan.decisions {
-                d.dry_run = true;
-            }
-        }
-        if !self
-            .audit
-            .announce(&self.cfg, &plan.decisions, stop, &self.progress, report)
+    ) -> Snapshot<Arc<K::Process>> {
+        let none = cwreap_linux::netns::Found::default();
+        let k = &mut self.kernel;
+        let refresh = match self
+            .cache
+            .refresh_listed(k, pids, &none, &self.unowned, false)
         {
-            // The intents are not on the disk: act on nothing that changes a socket.
-            plan.decisions
-                .retain(|d| d.action == Action::Log || d.dry_run);
-        }
-        plan
-    }
-
-    /// Act on each decision, and report it. Returns the socket-touching actions done.
-    fn execute(
-        &mut self,
-        snap: &Snapshot<Arc<K::Process>>,
-        plan: &Plan,
-        now: Boottime,
-        stop: &AtomicBool,
-        report: &mut CycleReport,
-    ) -> usize {
-        let mut reaps = 0usize;
-        // Within one cycle a pid names the process the snapshot pinned.
-        for d in &plan.decisions {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            self.step();
-            let res = cycle::act(&mut self.kernel, snap, d, &mut self.destroy_unsupported);
-            if d.action != Action::Log {
-                reaps += 1;
-            }
-            self.record(d, &res, now, snap, report);
-        }
-        reaps
-    }
-
-    /// Report one action: log event, audit line, counters, release watch.
-    fn record(
-        &mut self,
-        d: &Decision,
-        res: &ActResult,
-        now: Boottime,
-        snap: &Snapshot<Arc<K::Process>>,
-        report: &mut CycleReport,
-    ) {
-        let c = &d.candidate;
-        let target = target_name(&self.cfg, c.target);
-        cycle::log_action(&target, d, res);
-        if res.outcome == Outcome::Error {
-            report.error(ErrorKind::Act);
-        }
-        let mut line = decision_record(&self.cfg, "action", d);
-        line.insert("outcome".into(), json!(res.outcome.as_str()));
-        line.insert("dry_run".into(), json!(d.dry_run));
-        line.insert(
-            "reason".into(),
-            json!(res.reason.as_ref().map(Reason::code)),
-        );
-        line.insert("error".into(), json!(res.detail()));
-        self.audit.record(serde_json::Value::Object(line));
-        *report
-            .outcomes
-            .entry((target.clone(), d.action, res.outcome))
-            .or_default() += 1;
-        if matches!(
-            res.outcome,
-            Outcome::Reaped | Outcome::DryRun | Outcome::Logged | Outcome::Error | Outcome::Skipped
-        ) {
-            self.handled.insert(c.key());
-        }
-        // Destroy frees the owner's fd slot only when the owner reacts to ECONNABORTED,
-        // and shutdown only when it reacts to EPOLLHUP: watch both.
-        if res.outcome == Outcome::Reaped && !c.unaccepted {
-            self.reaped.insert(c.inode, now);
-            let pin = snap.processes.get(&c.pid).and_then(|p| p.handle.clone());
-            self.releases.watch(Pending {
-                target,
-                pid: c.pid,
-                fd: c.fd,
-                inode: c.inode,
-                comm: c.comm.clone(),
-                pin,
-                at: now,
-            });
-        }
+            Some(r) => r,
+            None => self.cache.refresh(&self.kernel, &self.kernel, pids),
+        };
+        cycle::note_refresh(&refresh, report);
+        self.cache.snapshot(none)
     }
 
     /// Verdicts on the sockets shut down earlier: did their owners release the fds?

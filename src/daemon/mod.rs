@@ -43,6 +43,7 @@ pub mod publish;
 pub mod release;
 pub mod selftest;
 mod service;
+mod steady;
 #[cfg(test)]
 mod tests;
 pub mod tracker;

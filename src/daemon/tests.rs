@@ -2216,3 +2216,93 @@ fn a_pid_the_policy_names_is_the_process_it_named_until_a_reload() {
     let r = after(&mut d, 31);
     assert_eq!(reaped(&r, "api"), 1, "{r:?}");
 }
+
+/// A kernel reporting events with exact ages and a host-wide listing, with process API.
+fn with_events(pid: i32) -> FakeKernel {
+    let k = with_process(pid, "api");
+    k.with(|w| {
+        w.events = true;
+        w.exact_ages = true;
+        w.listing = true;
+    });
+    k
+}
+
+#[test]
+fn with_events_a_quiet_cycle_ages_the_kept_candidates_until_one_is_due() {
+    let k = with_events(API);
+    k.close_wait_many(API, 10, 3, LOCAL);
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "30s")]));
+    let r = cycle(&mut d);
+    assert!(!r.quiet, "the first cycle is a full one");
+    assert_eq!(r.candidates, 3);
+    // Nothing changes: the kept candidates are aged again, exactly.
+    let r = after(&mut d, 10);
+    assert!(r.quiet, "{r:?}");
+    assert_eq!(r.candidates, 3);
+    assert_eq!(r.targets["api"].oldest_ms, 10_000);
+    assert_eq!(r.targets["api"].close_wait, 3);
+    let r = after_ms(&mut d, 19_999);
+    assert!(r.quiet);
+    assert_eq!(total(&r), 0, "29.999 s old");
+    // Due: a full cycle decides, at the threshold and not a cycle later.
+    let r = after_ms(&mut d, 1);
+    assert!(!r.quiet);
+    assert_eq!(reaped(&r, "api"), 3, "{:?}", r.outcomes);
+    // The reaps are events: the next cycle is a full one, then quiet again.
+    assert!(!cycle(&mut d).quiet);
+    assert!(cycle(&mut d).quiet);
+}
+
+#[test]
+fn with_events_any_change_makes_the_next_cycle_a_full_one() {
+    let k = with_events(API);
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let yaml = policy("", &[&on_pid("api", API, "1h")]);
+    let mut d = daemon(k, &yaml);
+    cycle(&mut d);
+    assert!(cycle(&mut d).quiet);
+    // A new CLOSE_WAIT socket.
+    d.kernel().close_wait(API, 20, LOCAL, &remote(9));
+    let r = cycle(&mut d);
+    assert!(!r.quiet);
+    assert_eq!(r.candidates, 3);
+    assert!(cycle(&mut d).quiet);
+    // A reload.
+    d.reload(cfg(&yaml)).expect("reload");
+    assert!(!cycle(&mut d).quiet);
+    assert!(cycle(&mut d).quiet);
+    // Another target process.
+    d.kernel().spawn(Process::new(WEB, "web"));
+    let two = policy("", &[&on_pid("api", API, "1h"), &on_pid("web", WEB, "1h")]);
+    d.reload(cfg(&two)).expect("reload");
+    assert!(!cycle(&mut d).quiet);
+    assert!(cycle(&mut d).quiet);
+    d.kernel().exit(WEB);
+    assert!(!cycle(&mut d).quiet, "a target gone");
+    // Polling never keeps candidates.
+    let k = with_process(API, "api");
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let mut d = daemon(k, &yaml);
+    cycle(&mut d);
+    assert!(!cycle(&mut d).quiet);
+}
+
+#[test]
+fn with_events_sockets_reported_in_a_dry_run_keep_cycles_quiet() {
+    let k = with_events(API);
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let target = format!("{}\ndry_run: true", on_pid("api", API, "5s"));
+    let mut d = daemon(k, &policy("", &[&target]));
+    cycle(&mut d);
+    let r = after(&mut d, 5);
+    assert!(!r.quiet);
+    assert_eq!(outcomes(&r, "api", Action::Shutdown, Outcome::DryRun), 2);
+    // Reported once, still in CLOSE_WAIT: nothing left to be due.
+    for _ in 0..3 {
+        let r = after(&mut d, 60);
+        assert!(r.quiet, "{r:?}");
+        assert_eq!(total(&r), 0);
+        assert_eq!(r.candidates, 2);
+    }
+}

@@ -22,6 +22,8 @@ pub struct Tracker {
     listeners: Vec<DiagSocket>,
     /// Observations so far (snapshots and changes applied).
     observed: u64,
+    /// The last observation changed something (a snapshot always counts as one).
+    changed: bool,
 }
 
 impl Tracker {
@@ -29,6 +31,7 @@ impl Tracker {
     /// sight. Returns the sockets that left, as last seen.
     pub fn reset(&mut self, found: Found, now: Boottime) -> Vec<DiagSocket> {
         self.observed += 1;
+        self.changed = true;
         let mut next = HashMap::with_capacity(found.close_wait.len());
         for diag in found.close_wait {
             let key = key_of(&diag);
@@ -55,32 +58,45 @@ impl Tracker {
     /// CLOSE_WAIT, as last seen.
     pub fn apply(&mut self, changes: Changes, now: Boottime) -> Vec<DiagSocket> {
         self.observed += 1;
+        let mut changed = changes.listeners != self.listeners;
         let mut left = Vec::new();
         for key in changes.left.iter().chain(changes.ended.iter()) {
             if let Some(t) = self.sockets.remove(key) {
                 left.push(t.diag);
             }
         }
+        changed |= !left.is_empty();
         for diag in changes.refreshed {
             match self.sockets.get_mut(&key_of(&diag)) {
-                Some(t) => t.diag = diag,
-                None => self.insert(diag, now),
+                Some(t) if t.diag == diag => {}
+                Some(t) => {
+                    t.diag = diag;
+                    changed = true;
+                }
+                None => changed |= self.insert(diag, now),
             }
         }
         for diag in changes.entered {
-            self.insert(diag, now);
+            changed |= self.insert(diag, now);
         }
         self.listeners = changes.listeners;
+        self.changed = changed;
         left
     }
 
-    fn insert(&mut self, diag: DiagSocket, now: Boottime) {
+    /// Track `diag` from now on; false when it was tracked already.
+    fn insert(&mut self, diag: DiagSocket, now: Boottime) -> bool {
         let since = self.observed;
-        self.sockets.entry(key_of(&diag)).or_insert(Tracked {
-            diag,
-            first_seen: now,
-            since,
+        let mut new = false;
+        self.sockets.entry(key_of(&diag)).or_insert_with(|| {
+            new = true;
+            Tracked {
+                diag,
+                first_seen: now,
+                since,
+            }
         });
+        new
     }
 
     /// The sockets and listeners as one discovery pass, for attribution.
@@ -92,6 +108,11 @@ impl Tracker {
             close_wait,
             listeners: self.listeners.clone(),
         }
+    }
+
+    /// Whether the last observation changed any socket or listener.
+    pub fn changed(&self) -> bool {
+        self.changed
     }
 
     /// When each tracked socket was first seen, for the command line to age sockets as the

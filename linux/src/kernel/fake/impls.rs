@@ -81,6 +81,14 @@ impl Discover for FakeKernel {
         self.with(|w| std::mem::take(&mut w.failures))
     }
 
+    fn mode(&self) -> &'static str {
+        if self.with(|w| w.events) {
+            "events"
+        } else {
+            "poll"
+        }
+    }
+
     fn live_inodes(&mut self, listed: Listed) -> Result<HashSet<u64>, DumpError> {
         self.record(Call::LiveInodes { listed });
         self.with(|w| {

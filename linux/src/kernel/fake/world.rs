@@ -241,6 +241,9 @@ pub struct World {
     /// `listing_stale` are listed with another start time (their pid was reused since).
     pub listing: bool,
     pub listing_stale: BTreeSet<i32>,
+    /// Say the mode is `events` ([`Discover::mode`]): the changes come as from an event
+    /// source, and the daemon may keep a quiet cycle's candidates.
+    pub events: bool,
     /// What [`Discover::first_seen`] answers: a running daemon's published first sights.
     pub published: HashMap<SocketKey, Boottime>,
     /// Run between attribution and action: the first time the code under test duplicates
