@@ -44,7 +44,7 @@ mod dead;
 #[path = "scale/events.rs"]
 mod events;
 
-const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--unix U] [--reps R] [--scaling] [--smoke] [--targets T] [--dead-probe] [--hold]
+const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--unix U] [--reps R] [--scaling] [--smoke] [--targets T] [--dead-probe] [--events] [--hold]
   --n N        CLOSE_WAIT connections (default 20000)
   --m M        ESTABLISHED connections (default 20000)
   --unix U     unix sockets the servers hold for P1d (default 20000)
@@ -52,6 +52,7 @@ const USAGE: &str = "usage: cargo bench --bench scale -- [--n N] [--m M] [--unix
   --scaling    only P1 and P2, at N = M = 1000, 10000, 50000
   --smoke      N = M = U = 200, one repetition: a functional check that finishes in seconds
   --dead-probe only P1d, the cost of looking for dead held sockets
+  --events     only the events figures: P2e, P7, P1b, the burst and RSS
   --targets T  only P5, the policy scale, with T targets (default run: 1000, with the fixture)
   --hold       start the fixture (N, M), print its servers, keep it until Enter (for profiling)";
 
@@ -85,6 +86,8 @@ struct Args {
     hold: bool,
     /// `--dead-probe`: only P1d.
     dead_probe: bool,
+    /// `--events`: only the events figures (P2e, P7, P1b, the burst, RSS).
+    events: bool,
     /// `--targets T`: only P5.
     targets: Option<usize>,
 }
@@ -99,6 +102,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         smoke: false,
         hold: false,
         dead_probe: false,
+        events: false,
         targets: None,
     };
     let mut it = argv.iter();
@@ -112,6 +116,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--m" => a.m = number("--m", it.next())?,
             "--unix" => a.unix = number("--unix", it.next())?,
             "--dead-probe" => a.dead_probe = true,
+            "--events" => a.events = true,
             "--reps" => a.reps = number("--reps", it.next())?,
             "--scaling" => a.scaling = true,
             "--smoke" => a.smoke = true,
@@ -140,6 +145,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     }
     if a.dead_probe && (a.scaling || a.hold || a.targets.is_some()) {
         return Err("--dead-probe excludes --scaling, --hold and --targets".into());
+    }
+    if a.events && (a.dead_probe || a.scaling || a.hold || a.targets.is_some()) {
+        return Err("--events excludes --dead-probe, --scaling, --hold and --targets".into());
     }
     Ok(a)
 }
@@ -186,6 +194,10 @@ fn run(args: &Args) -> Result<()> {
         let mut fleet = start_fleet(args.n, args.m, &log)?;
         rows.extend(dead::p1d(&mut fleet, args.unix, P1D_DEAD, args.reps, &log)?);
         drop(fleet);
+    } else if args.events {
+        let fleet = start_fleet(args.n, args.m, &log)?;
+        rows.extend(events_figures(&fleet, cwreap, args, &log)?);
+        drop(fleet);
     } else if args.scaling {
         for &n in &SCALING_SIZES {
             let fleet = start_fleet(n, n, &log)?;
@@ -202,21 +214,7 @@ fn run(args: &Args) -> Result<()> {
         rows.extend(dead::p1d(&mut fleet, args.unix, P1D_DEAD, args.reps, &log)?);
         rows.push(p5_explain(&fleet, cwreap, args.reps, &log)?);
         rows.push(p2_cycle(&fleet, args.reps, &log)?);
-        rows.extend(events::p2e(&fleet, args.reps, &log)?);
-        let (samples, interval) = if args.smoke {
-            (3, Duration::from_millis(200))
-        } else {
-            (20, Duration::from_secs(1))
-        };
-        rows.extend(events::p7(&fleet, samples, interval, &log)?);
-        rows.extend(events::p1b(&fleet, cwreap, args.reps, &log)?);
-        let (changes, over) = if args.smoke {
-            (2_000, Duration::from_secs(1))
-        } else {
-            (100_000, Duration::from_secs(10))
-        };
-        rows.push(events::burst(&fleet, changes, over, &log)?);
-        rows.push(events::rss(&fleet, &log)?);
+        rows.extend(events_figures(&fleet, cwreap, args, &log)?);
         let cycles = if args.smoke { 3 } else { 20 };
         rows.extend(p4_daemon(&fleet, cycles, &log)?);
         rows.extend(p3_reap(&mut fleet, cwreap, args.reps, &log)?);
@@ -225,6 +223,31 @@ fn run(args: &Args) -> Result<()> {
     log("done; fixture torn down");
     print_report(args, &rows);
     Ok(())
+}
+
+/// P2e, P7, P1b, the burst and the RSS in events mode, on `fleet`.
+fn events_figures(
+    fleet: &Fleet,
+    cwreap: &std::path::Path,
+    args: &Args,
+    log: &dyn Fn(&str),
+) -> Result<Vec<Row>> {
+    let mut rows = events::p2e(fleet, args.reps, log)?;
+    let (samples, interval) = if args.smoke {
+        (3, Duration::from_millis(200))
+    } else {
+        (20, Duration::from_secs(1))
+    };
+    rows.extend(events::p7(fleet, samples, interval, log)?);
+    rows.extend(events::p1b(fleet, cwreap, args.reps, log)?);
+    let (changes, over) = if args.smoke {
+        (2_000, Duration::from_secs(1))
+    } else {
+        (100_000, Duration::from_secs(10))
+    };
+    rows.push(events::burst(fleet, changes, over, log)?);
+    rows.push(events::rss(fleet, log)?);
+    Ok(rows)
 }
 
 /// Keep a fixture up for profiling cwreap by hand.
@@ -967,6 +990,8 @@ fn print_report(args: &Args, rows: &[Row]) {
         "scaling".to_owned()
     } else if args.dead_probe {
         format!("dead probing, N={} M={} U={}", args.n, args.m, args.unix)
+    } else if args.events && !args.smoke {
+        format!("events, N={} M={}", args.n, args.m)
     } else if args.smoke {
         "smoke".to_owned()
     } else {

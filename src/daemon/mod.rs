@@ -47,6 +47,7 @@ mod steady;
 #[cfg(test)]
 mod tests;
 pub mod tracker;
+mod wake;
 
 pub use engine::Daemon;
 pub use selftest::self_test;

@@ -131,7 +131,9 @@ impl Tracker {
     /// Whether the socket appeared at the last observation, and not at the first one,
     /// which finds what was there already.
     pub fn arrived(&self, key: &SocketKey) -> bool {
+        // An observation that changed nothing brought nothing new.
         self.observed > 1
+            && self.changed
             && self
                 .sockets
                 .get(key)

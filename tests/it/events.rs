@@ -1141,3 +1141,51 @@ fn test_daemons_pin_in_a_private_bpffs_and_leave_the_host_alone() {
     );
     assert!(!mount.exists(), "its mount point is removed");
 }
+
+// ---------------------------------------------------------------------------------------
+// 7. Events bring the cycle.
+
+/// With events, a socket entering CLOSE_WAIT brings a cycle at once: under an interval of
+/// an hour (one cycle at start, the next an hour later), the daemon still finds each new
+/// socket with its owner and acts on it, in a cycle the event brought.
+#[test]
+#[ignore = "needs root: loads BPF programs (CAP_BPF, CAP_PERFMON), mounts a private bpffs, and reads the fixture's fds"]
+fn events_bring_a_cycle_long_before_the_interval() {
+    let test = "events_bring_a_cycle_long_before_the_interval";
+    if kernel_lacks_bpf(test) {
+        return;
+    }
+    let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
+    let pid = fx.pid();
+    let addr = free_addr();
+    let yaml = format!(
+        "interval: 1h\ndry_run: true\ndiscovery: events\nlog_format: json\n\
+         metrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: fx\n    match: {{pid: {pid}}}\n    \
+         older_than: 1ms\n    action: shutdown\n"
+    );
+    let mut d = daemon("ev-wake", &yaml);
+    wait_cycles(&mut d, addr, 1.0);
+    let mut clients = Vec::new();
+    for round in 1..=3 {
+        let (client, fd) = fx.close_wait(0);
+        clients.push(client);
+        let action = d.wait_for("the new socket acted on", |d| {
+            d.lines()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| {
+                    log_field(v, "message") == "close_wait action"
+                        && log_field(v, "fd").as_i64() == Some(i64::from(fd))
+                })
+        });
+        assert_eq!(log_field(&action, "outcome"), "dry_run", "{action}");
+        assert_eq!(log_field(&action, "age_source"), "event", "{action}");
+        let text = scrape(addr).expect("metrics");
+        let cycles = sample(&text, "cwreap_cycle_duration_seconds_count").unwrap_or(0.0);
+        assert!(
+            cycles > f64::from(round),
+            "round {round}: {cycles} cycles\n{text}"
+        );
+    }
+    d.daemon.stop();
+}
