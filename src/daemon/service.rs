@@ -211,7 +211,7 @@ async fn main_loop(
             .checked_add(daemon.cfg().interval)
             .unwrap_or(now + crate::shared::values::MAX_INTERVAL);
         // With events, what the kernel queues brings the next cycle sooner.
-        let events = Wake::after(daemon.kernel(), now, report.duration);
+        let events = Wake::after(daemon.kernel(), daemon.cfg().interval, now, report.duration);
         loop {
             let tick = svc.watchdog.map_or(daemon.cfg().interval, |w| w / 2);
             tokio::select! {
