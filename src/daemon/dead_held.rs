@@ -95,7 +95,7 @@ impl DeadHeld {
             .iter()
             .filter_map(|(pid, p)| p.handle.as_deref().map(|h| (*pid, h)))
             .collect();
-        let probed = dead::probe(k, &fresh, &|pid| pins.get(&pid).copied())?;
+        let probed = dead::probe(k, &fresh, &HashMap::new(), &|pid| pins.get(&pid).copied())?;
         let mut added = 0;
         for Dead {
             fd, cookie, local, ..

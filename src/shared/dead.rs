@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use cwreap_linux::kernel::{Kernel, ProcRead};
+use cwreap_linux::kernel::{Kernel, ProcRead, SocketKind};
 use cwreap_linux::netlink::{DiagSocket, DumpError, Listed};
 use cwreap_linux::sys::TcpInfo;
 use cwreap_linux::tcp;
@@ -62,17 +62,24 @@ pub enum ProbeError {
 
 /// The socket fds of `unknown` that are dead held sockets. Processes are pinned through
 /// `pins` where the caller holds one, otherwise for the probe; every duplicate is checked
-/// to still be the inode attribution read (a reused fd is skipped).
+/// to still be the inode attribution read (a reused fd is skipped). Where `kinds` (the
+/// socket iterator's listing) tells what a socket is, that decides instead of the dumps and
+/// the protocol names: only a TCP socket the listing saw in CLOSE (in no table) is asked.
 pub fn probe<'p, K: Kernel>(
     k: &mut K,
     unknown: &[SocketFd],
+    kinds: &HashMap<u64, SocketKind>,
     pins: &dyn Fn(i32) -> Option<&'p K::Process>,
 ) -> Result<Probed, ProbeError>
 where
     K::Process: 'p,
 {
     let mut out = Probed::default();
-    let mut left: Vec<SocketFd> = unknown.to_vec();
+    let (known, mut left): (Vec<SocketFd>, Vec<SocketFd>) =
+        unknown.iter().partition(|s| kinds.contains_key(&s.inode));
+    let listed_closed = known
+        .into_iter()
+        .filter(|s| kinds.get(&s.inode) == Some(&SocketKind::Tcp(tcp::CLOSE)));
     // Unix sockets first, in bulk: a host has many, and one dump lists them all.
     if !left.is_empty() {
         let live = k.live_inodes(Listed::Unix)?;
@@ -90,6 +97,7 @@ where
         let live = k.live_inodes(Listed::TcpOthers)?;
         left.retain(|s| !live.contains(&s.inode));
     }
+    left.extend(listed_closed);
     if left.is_empty() {
         return Ok(out);
     }
@@ -230,13 +238,73 @@ mod tests {
             [3, 5, 6, 7, 8],
             "every socket fd no CLOSE_WAIT dump explains"
         );
-        let probed = probe(&mut k, &snap.unknown, &|_| None).expect("probe");
+        let probed = probe(&mut k, &snap.unknown, &HashMap::new(), &|_| None).expect("probe");
         assert_eq!(probed.dead.len(), 1);
         assert_eq!(probed.dead[0].fd.fd, 5);
         assert_eq!(probed.dead[0].cookie, dead.1);
         assert_eq!(
             probed.duplicated, 2,
             "the listener, unix and UDP sockets were explained by dumps: only 5 and 6 were asked"
+        );
+    }
+
+    #[test]
+    fn what_the_iterator_saw_decides_without_dumps_or_protocol_names() {
+        let mut k = FakeKernel::new();
+        k.spawn(Process::new(P, "srv"));
+        k.listener(P, 3, "10.0.0.1:80");
+        let dead = k.dead(P, 5, "10.0.0.1:80");
+        k.never_connected(P, 6);
+        k.other_socket(P, 7, false);
+        k.other_socket(P, 8, true);
+        let snap = look(&mut k, false);
+        let inode = |fd: i32| {
+            snap.unknown
+                .iter()
+                .find(|s| s.fd == fd)
+                .map(|s| s.inode)
+                .expect("listed")
+        };
+        // As the iterator lists them: a listener, two sockets in CLOSE, two others. Fd 8
+        // is not in the listing (opened after it): the dumps decide for it alone.
+        let kinds: HashMap<u64, SocketKind> = [
+            (inode(3), SocketKind::Tcp(tcp::LISTEN)),
+            (inode(5), SocketKind::Tcp(tcp::CLOSE)),
+            (inode(6), SocketKind::Tcp(tcp::CLOSE)),
+            (inode(7), SocketKind::Other),
+        ]
+        .into_iter()
+        .collect();
+        k.clear_calls();
+        let probed = probe(&mut k, &snap.unknown, &kinds, &|_| None).expect("probe");
+        assert_eq!(probed.dead.len(), 1);
+        assert_eq!(probed.dead[0].fd.fd, 5);
+        assert_eq!(probed.dead[0].cookie, dead.1);
+        assert_eq!(
+            probed.duplicated, 2,
+            "only the two listed in CLOSE were asked"
+        );
+        assert_eq!(
+            k.calls()
+                .iter()
+                .filter(|c| matches!(c, Call::LiveInodes { .. }))
+                .count(),
+            1,
+            "one unix dump, for fd 8 alone: {:?}",
+            k.calls()
+        );
+        // Everything listed: no dump at all.
+        let mut all = kinds.clone();
+        all.insert(inode(8), SocketKind::Other);
+        k.clear_calls();
+        let probed = probe(&mut k, &snap.unknown, &all, &|_| None).expect("probe");
+        assert_eq!(probed.dead.len(), 1);
+        assert!(
+            !k.calls()
+                .iter()
+                .any(|c| matches!(c, Call::LiveInodes { .. })),
+            "{:?}",
+            k.calls()
         );
     }
 
@@ -248,7 +316,7 @@ mod tests {
         let snap = look(&mut k, false);
         assert!(snap.unknown.is_empty());
         k.clear_calls();
-        let probed = probe(&mut k, &snap.unknown, &|_| None).expect("probe");
+        let probed = probe(&mut k, &snap.unknown, &HashMap::new(), &|_| None).expect("probe");
         assert!(probed.dead.is_empty());
         assert!(k.calls().is_empty(), "{:?}", k.calls());
     }
@@ -260,7 +328,7 @@ mod tests {
         k.other_socket(P, 7, false);
         let snap = look(&mut k, false);
         k.clear_calls();
-        probe(&mut k, &snap.unknown, &|_| None).expect("probe");
+        probe(&mut k, &snap.unknown, &HashMap::new(), &|_| None).expect("probe");
         assert_eq!(
             k.calls(),
             [Call::LiveInodes {
@@ -277,7 +345,7 @@ mod tests {
         k.dead(P, 5, "10.0.0.1:80");
         k.with(|w| w.faults.duplicate.insert((P, 5), libc::EPERM));
         let snap = look(&mut k, false);
-        let probed = probe(&mut k, &snap.unknown, &|_| None).expect("probe");
+        let probed = probe(&mut k, &snap.unknown, &HashMap::new(), &|_| None).expect("probe");
         assert!(probed.dead.is_empty());
         assert_eq!(probed.denied, [P]);
     }
@@ -289,7 +357,7 @@ mod tests {
         k.dead(P, 5, "10.0.0.1:80");
         let mut snap = look(&mut k, false);
         snap.unknown[0].inode += 1;
-        let probed = probe(&mut k, &snap.unknown, &|_| None).expect("probe");
+        let probed = probe(&mut k, &snap.unknown, &HashMap::new(), &|_| None).expect("probe");
         assert!(probed.dead.is_empty(), "the fd now names another inode");
     }
 
@@ -304,7 +372,10 @@ mod tests {
             .iter()
             .filter_map(|(pid, p)| p.handle.clone().map(|h| (*pid, h)))
             .collect();
-        let probed = probe(&mut k, &snap.unknown, &|pid| pins.get(&pid)).expect("probe");
+        let probed = probe(&mut k, &snap.unknown, &HashMap::new(), &|pid| {
+            pins.get(&pid)
+        })
+        .expect("probe");
         assert!(
             !k.calls()
                 .iter()

@@ -11,7 +11,7 @@
 //! listing saw ([`ProcFds::start_ticks`]), and checks it is still alive: only then are the
 //! listed fd numbers the pinned process's. Every action checks the duplicated fd again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::bpf::TaskFds;
 use crate::kernel::procs::ProcRead;
@@ -48,11 +48,23 @@ impl FdSource {
     }
 }
 
+/// What the listing knows a socket to be (the iterator reads it from the socket itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// TCP over IPv4 or IPv6, in this state (see [`crate::tcp`]) when listed.
+    Tcp(u8),
+    /// Any other socket (unix, UDP, netlink, packet, ...).
+    Other,
+}
+
 /// Every process that held a socket or epoll fd at one moment, by pid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostFds {
     pub source: FdSource,
     pub procs: BTreeMap<i32, ProcFds>,
+    /// By inode, what each listed socket is, where the listing tells (the iterator does;
+    /// /proc does not: then empty).
+    pub kinds: HashMap<u64, SocketKind>,
 }
 
 impl HostFds {
@@ -116,6 +128,7 @@ impl<P: ProcRead> ListFds for ProcWalk<'_, P> {
         Ok(HostFds {
             source: FdSource::Proc,
             procs,
+            kinds: HashMap::new(),
         })
     }
 }
@@ -208,9 +221,22 @@ pub fn from_iterator(fds: TaskFds) -> HostFds {
         p.epoll.sort_unstable();
         p.epoll.dedup();
     }
+    let kinds = fds
+        .sockets
+        .iter()
+        .map(|s| {
+            let kind = if s.is_tcp() {
+                SocketKind::Tcp(s.state)
+            } else {
+                SocketKind::Other
+            };
+            (s.inode, kind)
+        })
+        .collect();
     HostFds {
         source: FdSource::Iterator,
         procs,
+        kinds,
     }
 }
 

@@ -28,7 +28,7 @@ pub use discover::{Changes, Discover, EventCounts, SocketKey, key_of};
 pub use effects::{
     Destroy, Effects, Identity, NofileRaise, Pinned, RealOs, SocketFacts, inspect_socket,
 };
-pub use fds::{FdSource, HostFds, ListFds, ProcFds, ProcWalk};
+pub use fds::{FdSource, HostFds, ListFds, ProcFds, ProcWalk, SocketKind};
 pub use linux::Linux;
 pub use procs::ProcRead;
 pub use system::Kernel;

@@ -214,7 +214,10 @@ pub fn observe_in<K: Kernel>(
         .iter()
         .filter_map(|(pid, p)| p.handle.as_ref().map(|h| (*pid, h)))
         .collect();
-    let probed = dead::probe(k, &unknown, &|pid| pins.get(&pid).copied())
+    // What the iterator saw each socket to be spares the dumps and the protocol names.
+    let none = std::collections::HashMap::new();
+    let kinds = host.as_ref().map_or(&none, |h| &h.kinds);
+    let probed = dead::probe(k, &unknown, kinds, &|pid| pins.get(&pid).copied())
         .context("looking for dead held sockets")?;
     drop(pins);
     dead::add_to(&mut snap, &probed.dead, &*k);

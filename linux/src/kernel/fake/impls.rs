@@ -548,6 +548,7 @@ impl crate::kernel::fds::ListFds for FakeKernel {
             Ok(crate::kernel::HostFds {
                 source: crate::kernel::FdSource::Iterator,
                 procs,
+                kinds: std::collections::HashMap::new(),
             })
         })
     }
