@@ -230,11 +230,8 @@ impl<K: Kernel> Daemon<K> {
             // Nothing changed since a full cycle: age what it found again (see [`Steady`]).
             let quiet =
                 self.kernel.mode() == "events" && !self.tracker.changed() && !self.probe_all;
-            let mut steady = self
-                .steady
-                .take()
-                .filter(|_| quiet)
-                .and_then(|s| s.at(&pids, now));
+            let kept = self.steady.take().filter(|_| quiet);
+            let mut steady = kept.and_then(|s| s.at(&self.fd_counts(&pids), now));
             let snap = match steady {
                 Some(_) => self.attribute_quiet(&pids, &mut report),
                 None => self.attribute(&pids, &mut report),
@@ -292,7 +289,8 @@ impl<K: Kernel> Daemon<K> {
                     Some(s)
                 }
                 None if self.kernel.mode() == "events" => {
-                    Steady::keep(&self.cfg, found, log, pids, &self.handled, deferred, now)
+                    let counts = self.fd_counts(&pids);
+                    Steady::keep(&self.cfg, found, log, counts, &self.handled, deferred, now)
                 }
                 None => None,
             };
@@ -301,6 +299,13 @@ impl<K: Kernel> Daemon<K> {
         cycle::event_counts(&self.kernel, &mut self.event_counts, &mut report);
         report.duration = started.elapsed();
         report
+    }
+
+    /// Each target's open fds now (one stat each).
+    fn fd_counts(&self, pids: &[i32]) -> Vec<(i32, Option<usize>)> {
+        pids.iter()
+            .map(|&p| (p, self.kernel.fd_count(p, None).ok()))
+            .collect()
     }
 
     /// How the sockets are found: `events` or `poll`.

@@ -113,9 +113,10 @@ impl<P> FdIndex<P> {
     }
 
     /// Events mode: bring the index up to date from the socket iterator when due (`due`:
-    /// at start and each reconciliation; or a socket of `found` that no known fd holds and
-    /// not in `unowned`; or a target not in the index), else keep it and count open fds
-    /// only. None when the iterator cannot be used (said once): refresh as when polling.
+    /// at start and each reconciliation; or a target not in the index; or a socket of
+    /// `found` that no known fd holds and not in `unowned`, once the tables whose count
+    /// changed were read and did not hold it), else keep it and count open fds only. None
+    /// when the iterator cannot be used (said once): refresh as when polling.
     pub fn refresh_listed<K: ListFds + ProcRead + Effects<Process = P>>(
         &mut self,
         k: &mut K,
@@ -127,14 +128,24 @@ impl<P> FdIndex<P> {
         if self.unlisted.is_some() {
             return None;
         }
-        let due = due
-            || pids.iter().any(|p| !self.entries.contains_key(p))
-            || found
-                .close_wait
-                .iter()
-                .any(|s| s.inode != 0 && !self.knows(s.inode) && !unowned.contains(&s.inode));
-        if !due {
+        let due = due || pids.iter().any(|p| !self.entries.contains_key(p));
+        let strangers = |me: &Self, also_unowned: bool| {
+            found.close_wait.iter().any(|s| {
+                s.inode != 0 && !me.knows(s.inode) && (also_unowned || !unowned.contains(&s.inode))
+            })
+        };
+        if !due && !strangers(self, true) {
             return Some(self.update(&*k, &*k, pids, Reread::None));
+        }
+        if !due {
+            // A socket no known fd holds: most often a target's new fd (or one it accepted
+            // since it was seen unowned in the accept queue), found by reading only the
+            // tables whose count changed; the whole host's listing only for a new one that
+            // does not find.
+            let changed = self.update(&*k, &*k, pids, Reread::Changed);
+            if !strangers(self, false) {
+                return Some(changed);
+            }
         }
         match k.host_fds() {
             Ok(host) => {
@@ -423,10 +434,17 @@ mod tests {
         );
         // Nothing new: neither.
         assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (0, 0));
-        // A CLOSE_WAIT socket no known fd holds: a pass.
+        // A CLOSE_WAIT socket no known fd holds, on a new fd: the one table whose count
+        // changed is read, and holds it; no pass.
         let b = k.close_wait(10, 6, "10.0.0.1:80", "10.0.0.3:5000");
-        assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (1, 0));
+        assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (0, 1));
         assert_eq!(idx.holders(inode(&k, b)), holder(6));
+        // The same fd number closed and taken again by a new socket: the count did not
+        // change, no table is read, and the pass finds it.
+        k.close_fd(10, 6);
+        let b2 = k.close_wait(10, 6, "10.0.0.1:80", "10.0.0.5:5000");
+        assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (1, 0));
+        assert_eq!(idx.holders(inode(&k, b2)), holder(6));
         // A socket of a process outside the targets: one pass, then it is known unowned.
         let c = k.close_wait(30, 3, "10.0.0.1:81", "10.0.0.4:5000");
         assert_eq!(refresh(&mut idx, &mut k, &[10], false, &unowned).0, (1, 0));

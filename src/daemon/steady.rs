@@ -22,8 +22,9 @@ pub struct Steady {
     pub found: Candidates,
     /// The clues each candidate was aged by, in the order of `found.list`.
     clues: Vec<Clues>,
-    /// The target processes it was found for.
-    pids: Vec<i32>,
+    /// The target processes it was found for, with their open fds then (a count that
+    /// moved may be a socket accepted since: it needs a full cycle).
+    pids: Vec<(i32, Option<usize>)>,
     /// Before this moment no candidate can be due; None: none ever can (all handled or
     /// not selected).
     due: Option<Boottime>,
@@ -48,7 +49,7 @@ impl Steady {
         cfg: &Config,
         found: Candidates,
         log: ClueLog,
-        pids: Vec<i32>,
+        pids: Vec<(i32, Option<usize>)>,
         handled: &HashSet<SocketKey>,
         deferred: usize,
         now: Boottime,
@@ -81,8 +82,8 @@ impl Steady {
     }
 
     /// The kept candidates aged at `now`, if this cycle may use them: the same target
-    /// processes, and before the due moment.
-    pub fn at(mut self, pids: &[i32], now: Boottime) -> Option<Steady> {
+    /// processes with the same open fd counts, and before the due moment.
+    pub fn at(mut self, pids: &[(i32, Option<usize>)], now: Boottime) -> Option<Steady> {
         if self.pids != pids || self.due.is_some_and(|d| now >= d) {
             return None;
         }

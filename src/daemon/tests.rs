@@ -2268,6 +2268,11 @@ fn with_events_any_change_makes_the_next_cycle_a_full_one() {
     assert!(!r.quiet);
     assert_eq!(r.candidates, 3);
     assert!(cycle(&mut d).quiet);
+    // A target's open fd count moved (a socket accepted from the queue may be its new
+    // owner's fd, with no event).
+    d.kernel().other_socket(API, 30, false);
+    assert!(!cycle(&mut d).quiet);
+    assert!(cycle(&mut d).quiet);
     // A reload.
     d.reload(cfg(&yaml)).expect("reload");
     assert!(!cycle(&mut d).quiet);
