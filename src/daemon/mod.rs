@@ -47,7 +47,6 @@ mod steady;
 #[cfg(test)]
 mod tests;
 pub mod tracker;
-mod wake;
 
 pub use engine::Daemon;
 pub use selftest::self_test;

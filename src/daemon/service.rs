@@ -22,7 +22,6 @@ use super::audit::AuditLog;
 use super::engine::Daemon;
 use super::notify::Notifier;
 use super::pid_file::PidFile;
-use super::wake::Wake;
 use super::{logging, self_test};
 use crate::daemon::cycle_report::CycleReport;
 use crate::daemon::metrics::Metrics;
@@ -210,13 +209,10 @@ async fn main_loop(
         let wake = now
             .checked_add(daemon.cfg().interval)
             .unwrap_or(now + crate::shared::values::MAX_INTERVAL);
-        // With events, what the kernel queues brings the next cycle sooner.
-        let events = Wake::after(daemon.kernel(), daemon.cfg().interval, now, report.duration);
         loop {
             let tick = svc.watchdog.map_or(daemon.cfg().interval, |w| w / 2);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => break,
-                _ = events.events() => break,
                 _ = tokio::time::sleep(tick), if svc.watchdog.is_some() => {
                     svc.notify(&[NotifyState::Watchdog]);
                 }
