@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
-use aya::programs::BtfTracePoint;
 
 use super::event::{EVENT_LEN, Event, parse_event};
 use super::load::{self, Unavailable};
@@ -116,17 +115,7 @@ impl Events {
             .map_max_entries(load::MAP_ENTERED, opts.max_tracked.max(1))
             .load(load::OBJECT)
             .map_err(|e| load::classify("load the BPF object", &e))?;
-        for (name, tracepoint) in TRACEPOINTS {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| load::missing(name))?
-                .try_into()
-                .map_err(|e| load::classify(name, &e))?;
-            prog.load(tracepoint, &btf)
-                .map_err(|e| load::classify(&format!("load {name} for {tracepoint}"), &e))?;
-            prog.attach()
-                .map_err(|e| load::classify(&format!("attach {name} to {tracepoint}"), &e))?;
-        }
+        load::attach_tracepoints(&mut ebpf, &btf, &TRACEPOINTS)?;
         let convert = |what: &str, e: aya::maps::MapError| load::classify(what, &e);
         let ring = RingBuf::try_from(take(&mut ebpf, load::MAP_EVENTS)?)
             .map_err(|e| convert(load::MAP_EVENTS, e))?;

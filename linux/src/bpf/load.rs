@@ -202,6 +202,26 @@ pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Load each `(program, tracepoint)` of `ebpf` as a BTF tracepoint program and attach it.
+pub(crate) fn attach_tracepoints(
+    ebpf: &mut aya::Ebpf,
+    btf: &Btf,
+    programs: &[(&str, &str)],
+) -> Result<(), Unavailable> {
+    for &(name, tracepoint) in programs {
+        let prog: &mut aya::programs::BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(name))?
+            .try_into()
+            .map_err(|e| classify(name, &e))?;
+        prog.load(tracepoint, btf)
+            .map_err(|e| classify(&format!("load {name} for {tracepoint}"), &e))?;
+        prog.attach()
+            .map_err(|e| classify(&format!("attach {name} to {tracepoint}"), &e))?;
+    }
+    Ok(())
+}
+
 /// The page size, the unit of a ring buffer's size.
 pub(crate) fn page_size() -> u32 {
     u32::try_from(rustix::param::page_size()).unwrap_or(4096)

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::BtfTracePoint;
 
 use super::load::{self, Unavailable};
 use super::where_record::{WHERE_STACK_MAX, WhereRecord, parse_where};
@@ -136,17 +135,7 @@ impl WhereProbe {
                     .map_err(|e| map_err("cw_where_pids", e))?;
             }
         }
-        for (name, tracepoint) in TRACEPOINTS {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| load::missing(name))?
-                .try_into()
-                .map_err(|e| load::classify(name, &e))?;
-            prog.load(tracepoint, &btf)
-                .map_err(|e| load::classify(&format!("load {name} for {tracepoint}"), &e))?;
-            prog.attach()
-                .map_err(|e| load::classify(&format!("attach {name} to {tracepoint}"), &e))?;
-        }
+        load::attach_tracepoints(&mut ebpf, &btf, &TRACEPOINTS)?;
         let ring = RingBuf::try_from(
             ebpf.take_map("cw_where_events")
                 .ok_or_else(|| load::missing("cw_where_events"))?,
