@@ -409,12 +409,7 @@ impl<K: Kernel> Daemon<K> {
     /// Attribution from the cache: only changed tables are read (see [`FdIndex`]).
     fn attribute(&mut self, pids: &[i32], report: &mut CycleReport) -> Snapshot<Arc<K::Process>> {
         let found = self.tracker.found();
-        let (k, unowned, due) = (&mut self.kernel, &self.unowned, self.probe_all);
-        let listed = (k.mode() == "events") // a snapshot this cycle (due) lists again
-            .then(|| self.cache.refresh_listed(k, pids, &found, unowned, due))
-            .flatten();
-        let mut refresh =
-            listed.unwrap_or_else(|| self.cache.refresh(&self.kernel, &self.kernel, pids));
+        let mut refresh = self.refresh_tables(pids, &found);
         // A CLOSE_WAIT socket of a target's uid that no known target fd holds, not seen
         // last cycle: a target may have reused an fd number for it (same fd count). Read
         // the tables again once. Other processes' sockets are remembered as unowned, so
@@ -452,16 +447,20 @@ impl<K: Kernel> Daemon<K> {
         report: &mut CycleReport,
     ) -> Snapshot<Arc<K::Process>> {
         let none = cwreap_linux::netns::Found::default();
-        let k = &mut self.kernel;
-        let refresh = match self
-            .cache
-            .refresh_listed(k, pids, &none, &self.unowned, false)
-        {
-            Some(r) => r,
-            None => self.cache.refresh(&self.kernel, &self.kernel, pids),
-        };
+        let refresh = self.refresh_tables(pids, &none);
         cycle::note_refresh(&refresh, report);
         self.cache.snapshot(none)
+    }
+
+    /// The targets' fd tables brought up to date for `found`: with events from the socket
+    /// iterator where it can be used (a snapshot this cycle, `probe_all`, lists again),
+    /// otherwise as when polling.
+    fn refresh_tables(&mut self, pids: &[i32], found: &cwreap_linux::netns::Found) -> Refresh {
+        let (k, unowned, due) = (&mut self.kernel, &self.unowned, self.probe_all);
+        let listed = (k.mode() == "events")
+            .then(|| self.cache.refresh_listed(k, pids, found, unowned, due))
+            .flatten();
+        listed.unwrap_or_else(|| self.cache.refresh(&self.kernel, &self.kernel, pids))
     }
 
     /// Verdicts on the sockets shut down earlier: did their owners release the fds?
