@@ -210,17 +210,16 @@ impl<P> FdIndex<P> {
         self.entries.retain(|pid, _| pids.contains(pid));
         let mut changed = self.entries.len() != before;
         for &pid in pids {
-            let thread = self.entries.get(&pid).and_then(|e| e.via);
+            let known = self.entries.get(&pid);
+            // Kept as they are between listings: no count is needed.
+            if known.is_some() && matches!(how, Reread::None) {
+                continue;
+            }
+            let thread = known.and_then(|e| e.via);
             let count = fd_count(proc, pid, thread);
-            if let Some(e) = self.entries.get_mut(&pid) {
-                let keep = match how {
-                    Reread::None => true,
-                    Reread::Changed => count.is_some_and(|c| c == e.fd_count),
-                    Reread::All | Reread::Listed(_) => false,
-                };
-                if keep {
-                    continue;
-                }
+            let same = known.is_some_and(|e| count.is_some_and(|c| c == e.fd_count));
+            if same && matches!(how, Reread::Changed) {
+                continue;
             }
             changed = true;
             out.walked += 1;
