@@ -37,7 +37,9 @@ pub use gate::{in_ci, skip_or_fail};
 pub use leaky::{Clients, Fixture, close_waits, echoes, reads_eof, reads_reset};
 pub use lines::{Killed, LineChild, lines_of};
 pub use netns::{Netns, netns_of};
-pub use procfs::{cpu_ticks, cpu_time, fd_count, fd_inode, rss_kib, status_kib};
+pub use procfs::{
+    cpu_ticks, cpu_time, fd_count, fd_inode, rss_kib, status_kib, thread_state, thread_states,
+};
 pub use programs::{
     cwreap, cwreap_bin, cwreap_json, field_i64, field_str, fixture_bin, json_lines,
     json_of_success, repo, run_ok, stderr, stdout, target_tmpdir, without_pins,

@@ -13,6 +13,25 @@ pub fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
     cwreap_linux::procfs::parse_socket_link(link.to_str()?)
 }
 
+/// The state letter of thread `tid` of process `pid` (field 3 of its stat: `R`, `S`, `D`,
+/// `t`, `Z`, ...), after the comm, which may hold spaces and parentheses; None once gone.
+pub fn thread_state(pid: i32, tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// (tid, state letter) of every thread of `pid`.
+pub fn thread_states(pid: i32) -> Vec<(i32, char)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let tid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        Some((tid, thread_state(pid, tid)?))
+    })
+    .collect()
+}
+
 /// A `Vm...:` line of /proc/PID/status (e.g. `VmRSS:`), in KiB.
 pub fn status_kib(pid: i32, key: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -19,16 +19,7 @@ fn dead_leader_server(test: &str) -> Option<Server> {
     wait_until(
         "the main thread to exit",
         || server.transcript(),
-        || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).ok()?;
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_owned();
-            (state == "Z").then_some(())
-        },
+        || (thread_state(pid, pid)? == 'Z').then_some(()),
     );
     // The hazard: the leader's fd table shows nothing, while a live thread's shows all.
     let leader_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -52,20 +52,6 @@ fn open_fds(pid: i32) -> BTreeSet<i32> {
         .collect()
 }
 
-/// (tid, state letter) of every thread of `pid`.
-fn thread_states(pid: i32) -> Vec<(i32, char)> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let tid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-        let state = stat[stat.rfind(')')? + 1..].trim_start().chars().next()?;
-        Some((tid, state))
-    })
-    .collect()
-}
-
 /// Every thread is in a ptrace stop ('t') or already dead.
 fn all_stopped(pid: i32) -> bool {
     let states = thread_states(pid);

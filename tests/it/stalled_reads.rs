@@ -64,12 +64,12 @@ fn read_blocks(path: String) -> bool {
         if rx.recv_timeout(Duration::from_millis(20)).is_ok() {
             return false;
         }
-        let stat =
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next());
-        asleep = if state == Some('D') { asleep + 1 } else { 0 };
+        let me = i32::try_from(std::process::id()).expect("pid");
+        asleep = if thread_state(me, tid) == Some('D') {
+            asleep + 1
+        } else {
+            0
+        };
         if asleep >= 5 {
             return true;
         }

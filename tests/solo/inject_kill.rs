@@ -89,23 +89,7 @@ pub(crate) fn identities(pid: i32, fds: impl IntoIterator<Item = i32>) -> BTreeM
 
 /// (tid, state letter) of every thread of `pid`, and its TracerPid.
 fn threads_and_tracer(pid: i32) -> (Vec<(i32, char)>, i32) {
-    let mut states = Vec::new();
-    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for e in dir.flatten() {
-            let Some(tid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
-                continue;
-            };
-            if let Some(state) = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].trim_start().chars().next())
-            {
-                states.push((tid, state));
-            }
-        }
-    }
+    let states = thread_states(pid);
     let tracer = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
