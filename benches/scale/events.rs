@@ -5,9 +5,10 @@
 //!   summed over the repetitions by bash's `times`); the polling cycle the same way against
 //!   `ss -tn`; and with a trickle of 10 new CLOSE_WAIT sockets per cycle (10/s at a 1 s
 //!   interval) held by a second target, the CPU each new socket adds.
-//! * P7: detection latency, from the peer's close to the daemon holding the socket as a
-//!   candidate (its cookie, and its owner's pid and fd): in events mode a cycle run as soon
-//!   as the ring buffer is readable; in polling the next cycle at its interval.
+//! * P7: detection latency, from the peer's close to the daemon knowing the socket (its
+//!   cookie, and its owner's pid and fd): in events mode the daemon's look at the events
+//!   once the ring buffer is readable, as `cwreap run` does between cycles; in polling the
+//!   next cycle at its interval.
 //! * P1b: `cwreap scan --json` as a child (the BPF loader's start included, attribution by
 //!   the socket iterator) against `ss -tn`, and the same scan with `--no-bpf` (/proc walk).
 //! * Burst: 100k CLOSE_WAIT state changes (50k connections entering and leaving) in 10 s
@@ -27,6 +28,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use cwreap::daemon::Daemon;
 use cwreap::daemon::cycle_report::CycleReport;
 use cwreap::daemon::metrics::Health;
+use cwreap::shared::attribute::Holder;
 use cwreap_linux::kernel::{Discover, Linux};
 use cwreap_testkit::Fixture;
 use cwreap_testkit::fleet::{BULK_SERVER_COMM, Fleet};
@@ -225,7 +227,7 @@ pub fn p2e(fleet: &Fleet, reps: usize, log: &dyn Fn(&str)) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// P7: from the peer's close to the daemon holding the socket as a candidate.
+/// P7: from the peer's close to the daemon knowing the socket and its owner.
 pub fn p7(
     fleet: &Fleet,
     samples: usize,
@@ -241,7 +243,8 @@ pub fn p7(
         cycle(&mut d, have)?;
         let mut lat = Vec::new();
         for i in 0..samples {
-            let (client, _fd) = fx.connect(0);
+            let (client, fd) = fx.connect(0);
+            let owner = Holder { pid: fx.pid(), fd };
             let mut tick = Instant::now();
             if !events {
                 // The close lands at an even spread of moments within the interval.
@@ -253,6 +256,8 @@ pub fn p7(
             have += 1;
             loop {
                 if events {
+                    // As `cwreap run` does between cycles: read the events once the ring
+                    // buffer is readable.
                     let feed = d
                         .kernel()
                         .events()
@@ -260,19 +265,20 @@ pub fn p7(
                     if !feed.wait(Some(Duration::from_secs(10)))? {
                         bail!("no event within 10 s of a peer's close");
                     }
+                    let seen = d.detect();
+                    if seen.entered.iter().any(|(_, h)| h.contains(&owner)) {
+                        break;
+                    }
                 } else {
                     std::thread::sleep((tick + interval).saturating_duration_since(Instant::now()));
                     tick = Instant::now();
-                }
-                let r = d.cycle(&AtomicBool::new(false));
-                if r.candidates == have {
-                    break;
+                    let r = d.cycle(&AtomicBool::new(false));
+                    if r.candidates == have {
+                        break;
+                    }
                 }
                 if t0.elapsed() > Duration::from_secs(30) {
-                    bail!(
-                        "the daemon never held the new socket ({} candidates, {have} expected)",
-                        r.candidates
-                    );
+                    bail!("the daemon never knew the new socket held by {owner:?}");
                 }
             }
             lat.push(t0.elapsed());
@@ -404,8 +410,35 @@ pub fn burst(fleet: &Fleet, changes: usize, over: Duration, log: &dyn Fn(&str)) 
     let keep = (conns / 100).max(10);
     let steps = (over.as_millis() / 100).max(1) as usize;
     let per_step = conns.div_ceil(steps);
+    // The daemon on a thread of its own, as `cwreap run` runs it: a cycle every second,
+    // and between cycles a look at the events each time the ring buffer is readable,
+    // spaced by twice the last look's time.
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let runner = {
+        let done = done.clone();
+        std::thread::spawn(move || -> Result<(Daemon<Linux>, usize)> {
+            let mut looks = 0;
+            let mut next_cycle = Instant::now() + Duration::from_secs(1);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = Instant::now();
+                if now >= next_cycle {
+                    d.cycle(&AtomicBool::new(false));
+                    next_cycle = Instant::now() + Duration::from_secs(1);
+                    continue;
+                }
+                let wait = (next_cycle - now).min(Duration::from_millis(50));
+                let feed = d.kernel().events().ok_or_else(|| anyhow!("no feed"))?;
+                if feed.wait(Some(wait))? {
+                    let t = Instant::now();
+                    d.detect();
+                    looks += 1;
+                    std::thread::sleep(t.elapsed() * 2);
+                }
+            }
+            Ok((d, looks))
+        })
+    };
     let started = Instant::now();
-    let mut last_cycle = Instant::now();
     let mut kept = Vec::new();
     let mut made = 0;
     for step in 0..steps {
@@ -429,12 +462,12 @@ pub fn burst(fleet: &Fleet, changes: usize, over: Duration, log: &dyn Fn(&str)) 
                 drop(client);
             }
         }
-        if last_cycle.elapsed() >= Duration::from_secs(1) {
-            d.cycle(&AtomicBool::new(false));
-            last_cycle = Instant::now();
-        }
         std::thread::sleep(until.saturating_duration_since(Instant::now()));
     }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut d, looks) = runner
+        .join()
+        .map_err(|_| anyhow!("the daemon's thread panicked"))??;
     let took = started.elapsed();
     // Wait for the kept ones to be in CLOSE_WAIT, then catch up.
     let port = addr.port();
@@ -483,7 +516,7 @@ pub fn burst(fleet: &Fleet, changes: usize, over: Duration, log: &dyn Fn(&str)) 
     };
     let rate = changes as f64 / took.as_secs_f64();
     log(&format!(
-        "burst: {changes} CLOSE_WAIT changes in {:.1} s ({rate:.0}/s): {} events lost and counted, {} reconciliations; tracked set = ss ({} sockets) after {} extra cycles",
+        "burst: {changes} CLOSE_WAIT changes in {:.1} s ({rate:.0}/s): {} events lost and counted, {} reconciliations, {looks} looks between cycles; tracked set = ss ({} sockets) after {} extra cycles",
         took.as_secs_f64(),
         counts.lost,
         counts.reconciles,
@@ -493,7 +526,7 @@ pub fn burst(fleet: &Fleet, changes: usize, over: Duration, log: &dyn Fn(&str)) 
     drop(tracked);
     Ok(Row {
         figure: format!(
-            "Burst: {changes} CLOSE_WAIT changes in {:.1} s, ring 1 MiB, cycles every 1 s: events lost (counted) / reconciliations",
+            "Burst: {changes} CLOSE_WAIT changes in {:.1} s, ring 1 MiB, cycles every 1 s and the events read between them as `cwreap run` does: events lost (counted) / reconciliations",
             took.as_secs_f64()
         ),
         n: fleet.n,

@@ -36,6 +36,9 @@ use crate::shared::attribute::Snapshot;
 use crate::shared::config::Config;
 
 mod act;
+mod detect;
+
+pub use detect::Detected;
 
 /// How often discovery takes a full snapshot instead of the changes since the last cycle:
 /// a backstop against a change missed (an event lost, a namespace that came and went).
@@ -72,6 +75,10 @@ pub struct Daemon<K: Kernel> {
     dead: DeadHeld,
     /// Sockets that left CLOSE_WAIT this cycle, as last seen: where a socket can have died.
     left: Vec<DiagSocket>,
+    /// Sockets that left CLOSE_WAIT since the last cycle, read between cycles.
+    left_between: Vec<DiagSocket>,
+    /// The last cycle's target processes.
+    pids: Vec<i32>,
     /// Probe every socket fd of the targets for dead ones this cycle (at start and at each
     /// reconciliation).
     probe_all: bool,
@@ -131,6 +138,8 @@ impl<K: Kernel> Daemon<K> {
             destroy_unsupported: false,
             dead: DeadHeld::default(),
             left: Vec::new(),
+            left_between: Vec::new(),
+            pids: Vec::new(),
             probe_all: true,
             reaped: HashMap::new(),
             publish: None,
@@ -224,6 +233,7 @@ impl<K: Kernel> Daemon<K> {
 
         let targets = self.match_processes(&mut report);
         let pids: Vec<i32> = targets.keys().copied().collect();
+        self.pids.clone_from(&pids);
         self.step();
         if self.discover(&pids, now, &mut report) {
             self.check_releases(now, &mut report);
@@ -348,8 +358,9 @@ impl<K: Kernel> Daemon<K> {
         } else {
             self.kernel.changes().map(|c| self.tracker.apply(c, now))
         };
-        let left = match result {
-            Ok(left) => left,
+        let mut left = std::mem::take(&mut self.left_between);
+        match result {
+            Ok(now_left) => left.extend(now_left),
             Err(e) => {
                 // The failed sockets were replaced by fresh ones; their failures are this
                 // error, and must not keep the next cycle from covering those namespaces.
@@ -359,7 +370,7 @@ impl<K: Kernel> Daemon<K> {
                 self.last_snapshot = None;
                 return false;
             }
-        };
+        }
         self.left = left;
         for (ino, why) in self.kernel.take_failures() {
             warn!(netns = ino, error = %why, "sock_diag dump failed in a network namespace");

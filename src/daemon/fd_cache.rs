@@ -169,6 +169,11 @@ impl<P> FdIndex<P> {
             .collect()
     }
 
+    /// Whether the fd table of `pid` is in the index.
+    pub fn indexed(&self, pid: i32) -> bool {
+        self.entries.contains_key(&pid)
+    }
+
     /// Whether some target holds the socket with this inode, as far as the index knows.
     pub fn knows(&self, inode: u64) -> bool {
         self.by_inode.contains_key(&inode)

@@ -72,6 +72,7 @@ struct Inner {
     fd_warning: Family<TargetLabels, Gauge>,
     dead_held: Family<TargetLabels, Gauge>,
     cycle_duration: Histogram,
+    detection: Histogram,
     cycle_errors: Family<ErrorLabels, Counter>,
     last_cycle: GaugeF,
     refused: Counter,
@@ -195,6 +196,12 @@ impl Metrics {
             "Wall time of one daemon cycle",
             cycle_duration.clone(),
         );
+        let detection = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "cwreap_detection_latency_seconds",
+            "With events: from a socket's entry into CLOSE_WAIT (the kernel's time of it) to the daemon knowing its owner (pid, fd), for each socket a target holds",
+            detection.clone(),
+        );
         let cycle_errors = Family::default();
         registry.register(
             "cwreap_cycle_errors",
@@ -299,6 +306,7 @@ impl Metrics {
                 fd_warning,
                 dead_held,
                 cycle_duration,
+                detection,
                 cycle_errors,
                 last_cycle,
                 refused,
@@ -344,6 +352,15 @@ impl Metrics {
         let Ok(m) = self.inner.lock() else { return };
         m.discovery_mode.clear();
         m.discovery_mode.get_or_create(&ModeLabels { mode }).set(1);
+    }
+
+    /// Sockets found between cycles (events): how long after entering CLOSE_WAIT each
+    /// was known with its owner.
+    pub fn observe_detection(&self, latencies: &[std::time::Duration]) {
+        let Ok(m) = self.inner.lock() else { return };
+        for l in latencies {
+            m.detection.observe(l.as_secs_f64());
+        }
     }
 
     /// Fold one cycle's report in.

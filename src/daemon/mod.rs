@@ -4,7 +4,7 @@
 //!   [`cycle`]: the steps that need no state; [`policy`]: the pure decision;
 //! - [`discovery`]: events (BPF) or polling, decided at start;
 //!   [`tracker`]: the CLOSE_WAIT sockets discovery reported, with when each was first
-//!   seen; [`fd_cache`]: every socket fd of the targets, kept between cycles;
+//!   seen; [`wake`]: with events, the ring buffer read as it fills between cycles; [`fd_cache`]: every socket fd of the targets, kept between cycles;
 //! - [`dead_held`]: the dead held sockets of the targets (ended connections whose fd is
 //!   still held);
 //! - [`release`]: after a shutdown, whether the owner released the fd;
@@ -47,6 +47,7 @@ mod steady;
 #[cfg(test)]
 mod tests;
 pub mod tracker;
+mod wake;
 
 pub use engine::Daemon;
 pub use selftest::self_test;

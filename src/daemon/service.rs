@@ -22,6 +22,7 @@ use super::audit::AuditLog;
 use super::engine::Daemon;
 use super::notify::Notifier;
 use super::pid_file::PidFile;
+use super::wake::Ring;
 use super::{logging, self_test};
 use crate::daemon::cycle_report::CycleReport;
 use crate::daemon::metrics::Metrics;
@@ -190,6 +191,7 @@ async fn main_loop(
     svc.notify(&[NotifyState::Ready]);
 
     let mut daemon = daemon;
+    let mut ring = Ring::of(daemon.kernel());
     loop {
         let Some((d, report)) = svc
             .blocking(daemon, |d: &mut Daemon<Linux>, stop: &AtomicBool| {
@@ -213,6 +215,18 @@ async fn main_loop(
             let tick = svc.watchdog.map_or(daemon.cfg().interval, |w| w / 2);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => break,
+                _ = ring.queued() => {
+                    let started = std::time::Instant::now();
+                    let Some((d, seen)) = svc
+                        .blocking(daemon, |d: &mut Daemon<Linux>, _: &AtomicBool| d.detect())
+                        .await?
+                    else {
+                        return Ok(written);
+                    };
+                    daemon = d;
+                    ring.looked(started.elapsed());
+                    metrics.observe_detection(&seen.latencies);
+                }
                 _ = tokio::time::sleep(tick), if svc.watchdog.is_some() => {
                     svc.notify(&[NotifyState::Watchdog]);
                 }

@@ -18,6 +18,7 @@ use super::cycle_report::{CycleReport, ErrorKind, EscalationKind, Release};
 use super::engine::{Daemon, RECONCILE_EVERY};
 use super::metrics::Health;
 use crate::shared::act::{Outcome, Reason};
+use crate::shared::attribute::Holder;
 use crate::shared::config::{self, Action, Config};
 
 const API: i32 = 100;
@@ -2310,4 +2311,96 @@ fn with_events_sockets_reported_in_a_dry_run_keep_cycles_quiet() {
         assert_eq!(total(&r), 0);
         assert_eq!(r.candidates, 2);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Between cycles, with events.
+
+fn fd_reads(d: &Daemon<FakeKernel>, pid: i32) -> usize {
+    d.kernel()
+        .calls()
+        .iter()
+        .filter(|c| **c == Call::FdTable { pid })
+        .count()
+}
+
+#[test]
+fn between_cycles_a_new_socket_is_known_with_its_owner_and_exact_entry() {
+    let k = with_events(API);
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    assert!(
+        d.detect().entered.is_empty(),
+        "nothing before the first cycle"
+    );
+    cycle(&mut d);
+    assert!(cycle(&mut d).quiet);
+    let reads = fd_reads(&d, API);
+    d.kernel().advance(Duration::from_millis(300));
+    let key = d.kernel().close_wait(API, 20, LOCAL, &remote(9));
+    d.kernel().advance(Duration::from_millis(4));
+    let seen = d.detect();
+    assert_eq!(seen.entered.len(), 1, "{seen:?}");
+    assert_eq!(seen.entered[0].0, key);
+    assert_eq!(seen.entered[0].1, vec![Holder { pid: API, fd: 20 }]);
+    assert_eq!(seen.latencies, vec![Duration::from_millis(4)], "{seen:?}");
+    assert_eq!(
+        fd_reads(&d, API),
+        reads + 1,
+        "its table read once: its count moved"
+    );
+    // Nothing more queued: nothing more read.
+    let again = d.detect();
+    assert!(again.entered.is_empty() && again.left == 0, "{again:?}");
+    assert_eq!(fd_reads(&d, API), reads + 1);
+    // The next cycle is a full one, finds it arrived, aged from the event, and reads no
+    // table again.
+    d.kernel().advance(Duration::from_secs(1));
+    let r = cycle(&mut d);
+    assert!(!r.quiet);
+    assert_eq!(r.candidates, 3);
+    let g = r.targets.get("api").copied().expect("gauges");
+    assert_eq!((g.close_wait, g.new_close_wait), (3, 1));
+    assert_eq!(fd_reads(&d, API), reads + 1);
+    assert!(cycle(&mut d).quiet);
+}
+
+#[test]
+fn between_cycles_a_socket_that_leaves_is_gone_by_the_next_cycle_and_others_stay_unowned() {
+    let k = with_events(API);
+    k.close_wait_many(API, 10, 3, LOCAL);
+    k.spawn(Process::new(WEB, "web"));
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "30s")]));
+    cycle(&mut d);
+    d.kernel().close_fd(API, 10);
+    // A socket of a process no target names, in the same namespace.
+    let stranger = d.kernel().close_wait(WEB, 5, LOCAL, &remote(8));
+    let seen = d.detect();
+    assert_eq!(seen.left, 1, "{seen:?}");
+    assert_eq!(seen.entered.len(), 1, "{seen:?}");
+    assert_eq!(seen.entered[0].0, stranger);
+    assert!(seen.entered[0].1.is_empty(), "no target holds it");
+    assert!(seen.latencies.is_empty(), "no owner: no latency");
+    let r = after(&mut d, 30);
+    assert!(!r.quiet);
+    assert_eq!(reaped(&r, "api"), 2, "{:?}", r.outcomes);
+    let shut = d.kernel().shutdowns();
+    assert_eq!(shut.len(), 2, "{shut:?}");
+    assert!(
+        shut.iter().all(|s| s.0 == API && s.1 != 10),
+        "neither the closed fd nor the stranger: {shut:?}"
+    );
+}
+
+#[test]
+fn polling_reads_nothing_between_cycles() {
+    let k = with_process(API, "api");
+    k.close_wait_many(API, 10, 2, LOCAL);
+    let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1h")]));
+    cycle(&mut d);
+    d.kernel().close_wait(API, 20, LOCAL, &remote(9));
+    let before = d.kernel().calls().len();
+    let seen = d.detect();
+    assert!(seen.entered.is_empty() && !seen.failed, "{seen:?}");
+    assert_eq!(d.kernel().calls().len(), before, "not one call");
 }

@@ -24,6 +24,8 @@ pub struct Tracker {
     observed: u64,
     /// The last observation changed something (a snapshot always counts as one).
     changed: bool,
+    /// Changes applied between observations changed something: the next one has.
+    between: bool,
 }
 
 impl Tracker {
@@ -32,6 +34,7 @@ impl Tracker {
     pub fn reset(&mut self, found: Found, now: Boottime) -> Vec<DiagSocket> {
         self.observed += 1;
         self.changed = true;
+        self.between = false;
         let mut next = HashMap::with_capacity(found.close_wait.len());
         for diag in found.close_wait {
             let key = key_of(&diag);
@@ -58,45 +61,71 @@ impl Tracker {
     /// CLOSE_WAIT, as last seen.
     pub fn apply(&mut self, changes: Changes, now: Boottime) -> Vec<DiagSocket> {
         self.observed += 1;
+        let (changed, left, _) = self.merge(changes, now);
+        self.changed = changed || std::mem::take(&mut self.between);
+        left
+    }
+
+    /// Apply changes read between two observations (the events, as they come): they count
+    /// as part of the next observation, which finds them arrived and changed. Returns the
+    /// sockets that entered and those that left CLOSE_WAIT.
+    pub fn apply_between(
+        &mut self,
+        changes: Changes,
+        now: Boottime,
+    ) -> (Vec<DiagSocket>, Vec<DiagSocket>) {
+        self.observed += 1;
+        let (changed, left, entered) = self.merge(changes, now);
+        self.observed -= 1;
+        self.between |= changed;
+        (entered, left)
+    }
+
+    /// Apply `changes` as observation `self.observed`: whether anything changed, what
+    /// left, and what is newly tracked.
+    fn merge(
+        &mut self,
+        changes: Changes,
+        now: Boottime,
+    ) -> (bool, Vec<DiagSocket>, Vec<DiagSocket>) {
         let mut changed = changes.listeners != self.listeners;
         let mut left = Vec::new();
+        let mut entered = Vec::new();
         for key in changes.left.iter().chain(changes.ended.iter()) {
             if let Some(t) = self.sockets.remove(key) {
                 left.push(t.diag);
             }
         }
         changed |= !left.is_empty();
-        for diag in changes.refreshed {
+        for diag in changes.refreshed.into_iter().chain(changes.entered) {
             match self.sockets.get_mut(&key_of(&diag)) {
                 Some(t) if t.diag == diag => {}
                 Some(t) => {
                     t.diag = diag;
                     changed = true;
                 }
-                None => changed |= self.insert(diag, now),
+                None => {
+                    changed = true;
+                    entered.push(diag.clone());
+                    self.insert(diag, now);
+                }
             }
         }
-        for diag in changes.entered {
-            changed |= self.insert(diag, now);
-        }
         self.listeners = changes.listeners;
-        self.changed = changed;
-        left
+        (changed, left, entered)
     }
 
-    /// Track `diag` from now on; false when it was tracked already.
-    fn insert(&mut self, diag: DiagSocket, now: Boottime) -> bool {
+    /// Track `diag` (not tracked yet) from now on.
+    fn insert(&mut self, diag: DiagSocket, now: Boottime) {
         let since = self.observed;
-        let mut new = false;
-        self.sockets.entry(key_of(&diag)).or_insert_with(|| {
-            new = true;
+        self.sockets.insert(
+            key_of(&diag),
             Tracked {
                 diag,
                 first_seen: now,
                 since,
-            }
-        });
-        new
+            },
+        );
     }
 
     /// The sockets and listeners as one discovery pass, for attribution.
@@ -242,5 +271,58 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert!(t.tracks(&(1, 2)));
         assert_eq!(t.found().close_wait.len(), 1);
+    }
+
+    #[test]
+    fn changes_between_observations_count_as_the_next_ones() {
+        let mut t = Tracker::default();
+        t.reset(
+            Found {
+                close_wait: vec![sock(1), sock(2)],
+                listeners: Vec::new(),
+            },
+            at(10),
+        );
+        t.apply(Changes::default(), at(11));
+        assert!(!t.changed(), "nothing happened");
+        let (entered, left) = t.apply_between(
+            Changes {
+                entered: vec![sock(3)],
+                left: vec![(1, 1)],
+                ..Changes::default()
+            },
+            at(12),
+        );
+        assert_eq!(entered, vec![sock(3)]);
+        assert_eq!(left, vec![sock(1)]);
+        assert!(t.tracks(&(1, 3)) && !t.tracks(&(1, 1)));
+        assert_eq!(t.first_seen(&(1, 3)), Some(at(12)), "seen when it came");
+        assert!(
+            !t.changed() || !t.arrived(&(1, 3)),
+            "not an observation yet"
+        );
+        // The next observation brings nothing more, and still finds it arrived.
+        t.apply(Changes::default(), at(20));
+        assert!(t.changed());
+        assert!(t.arrived(&(1, 3)) && !t.arrived(&(1, 2)));
+        t.apply(Changes::default(), at(30));
+        assert!(!t.changed() && !t.arrived(&(1, 3)), "once only");
+        // A snapshot after changes between observations finds them arrived too.
+        t.apply_between(
+            Changes {
+                entered: vec![sock(4)],
+                ..Changes::default()
+            },
+            at(31),
+        );
+        t.reset(
+            Found {
+                close_wait: vec![sock(2), sock(3), sock(4)],
+                listeners: Vec::new(),
+            },
+            at(40),
+        );
+        assert!(t.arrived(&(1, 4)) && !t.arrived(&(1, 3)));
+        assert_eq!(t.first_seen(&(1, 4)), Some(at(31)));
     }
 }

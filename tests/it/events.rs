@@ -1141,3 +1141,80 @@ fn test_daemons_pin_in_a_private_bpffs_and_leave_the_host_alone() {
     );
     assert!(!mount.exists(), "its mount point is removed");
 }
+
+// ---------------------------------------------------------------------------------------
+// 7. Between cycles, the events are read as they come.
+
+/// With events, a socket entering CLOSE_WAIT is known with its owner between cycles: under
+/// an interval of an hour (one cycle at start, the next an hour later), the daemon logs
+/// each new socket with the pid and fd that hold it, the inode is the one that fd links to,
+/// the detection-latency histogram counts it, and no cycle ran for it.
+#[test]
+#[ignore = "needs root: loads BPF programs (CAP_BPF, CAP_PERFMON), mounts a private bpffs, and reads the fixture's fds"]
+fn between_cycles_each_new_socket_is_known_with_its_owner_without_a_cycle() {
+    let test = "between_cycles_each_new_socket_is_known_with_its_owner_without_a_cycle";
+    if kernel_lacks_bpf(test) {
+        return;
+    }
+    let mut fx = Fixture::start(&["127.0.0.1:0"], &[]);
+    let pid = fx.pid();
+    let addr = free_addr();
+    let yaml = format!(
+        "interval: 1h\ndry_run: true\ndiscovery: events\nlog_format: json\n\
+         metrics: {{listen: \"{addr}\"}}\ntargets:\n  - name: fx\n    match: {{pid: {pid}}}\n    \
+         older_than: 1ms\n    action: shutdown\n"
+    );
+    let mut d = LoggedDaemon::start_with("ev-between", &yaml, |dir, cmd| {
+        cmd.env("CWREAP_RUN_DIR", dir.join("run"));
+        cmd.env("RUST_LOG", "info,cwreap::daemon::engine::detect=debug");
+    });
+    wait_cycles(&mut d, addr, 1.0);
+    let mut clients = Vec::new();
+    for round in 1..=3u32 {
+        let (client, fd) = fx.close_wait(0);
+        clients.push(client);
+        let seen = d.wait_for("the new socket known with its owner", |d| {
+            d.lines()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| {
+                    log_field(v, "message") == "socket entered CLOSE_WAIT"
+                        && log_field(v, "fd").as_i64() == Some(i64::from(fd))
+                })
+        });
+        assert_eq!(
+            log_field(&seen, "pid").as_i64(),
+            Some(i64::from(pid)),
+            "{seen}"
+        );
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("readlink");
+        assert_eq!(
+            link.to_string_lossy(),
+            format!(
+                "socket:[{}]",
+                log_field(&seen, "inode").as_u64().expect("an inode")
+            ),
+            "{seen}"
+        );
+        let text = d.wait_for("the detection counted", |_| {
+            let text = scrape(addr)?;
+            (sample(&text, "cwreap_detection_latency_seconds_count")? >= f64::from(round))
+                .then_some(text)
+        });
+        assert_eq!(
+            sample(&text, "cwreap_detection_latency_seconds_count"),
+            Some(f64::from(round)),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "cwreap_cycle_duration_seconds_count"),
+            Some(1.0),
+            "found between cycles, not by one: {text}"
+        );
+        assert!(
+            !d.lines().iter().any(|l| l.contains("close_wait action")),
+            "nothing decided between cycles"
+        );
+    }
+    d.daemon.stop();
+}

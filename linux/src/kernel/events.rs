@@ -56,6 +56,18 @@ pub fn prepare_pins(dir: &std::path::Path) -> Result<bool, String> {
     Ok(true)
 }
 
+/// The ring buffer's readiness, for an event loop ([`EventFeed::ready`]).
+pub struct Ready(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl Ready {
+    /// Resolves once events are queued (at once if some are already).
+    pub async fn queued(&self) {
+        if let Ok(mut ready) = self.0.readable().await {
+            ready.clear_ready();
+        }
+    }
+}
+
 /// The event source, and what it knows of the sockets it reported.
 pub struct EventFeed {
     events: Events,
@@ -134,6 +146,20 @@ impl EventFeed {
     /// that cycles on events rather than on a clock).
     pub fn wait(&self, timeout: Option<std::time::Duration>) -> std::io::Result<bool> {
         self.events.wait(timeout)
+    }
+
+    /// A copy of the ring buffer's descriptor registered with the running tokio reactor,
+    /// for an event loop to wait on ([`Self::wait`] blocks a thread instead). Call within
+    /// a runtime with I/O enabled.
+    pub fn ready(&self) -> std::io::Result<Ready> {
+        use tokio::io::{Interest, unix::AsyncFd};
+        let fd = std::os::fd::AsFd::as_fd(&self.events).try_clone_to_owned()?;
+        // SAFETY: `fd` is a descriptor of its own (a dup), owned by the AsyncFd from here
+        // on: nothing else closes or replaces it while it is registered, and dropping the
+        // AsyncFd deregisters it before closing it.
+        let ready = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Ready(ready))
     }
 
     /// How many sockets are tracked as in CLOSE_WAIT now.
