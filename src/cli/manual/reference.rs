@@ -167,6 +167,9 @@ Wall time per cycle, when the last one finished, failed cycle steps.
 .B cwreap_discovery_mode{mode}, cwreap_bpf_events_lost_total, cwreap_discovery_reconciles_total
 How sockets are found (events or poll), events lost, full dumps to reconcile.
 .TP
+.B cwreap_detection_latency_seconds
+Events mode: from a socket's entry into CLOSE_WAIT (the kernel's time) to the daemon knowing its owner, per new socket a target holds.
+.TP
 .B cwreap_audit_write_errors_total, cwreap_audit_torn_lines_total
 Audit records that did not reach the file; partial lines cut off.
 .TP
