@@ -64,6 +64,8 @@ pub struct Daemon<K: Kernel> {
     headroom: Headroom,
     /// Sockets already acted on (or reported), so each is handled once.
     handled: HashSet<SocketKey>,
+    /// Handled sockets skipped in an accept queue: handled no more once accepted.
+    awaiting_accept: HashSet<SocketKey>,
     releases: ReleaseWatch<K::Process>,
     escalations: Escalations,
     audit: Auditor,
@@ -131,6 +133,7 @@ impl<K: Kernel> Daemon<K> {
             event_counts: cwreap_linux::kernel::EventCounts::default(),
             headroom: Headroom::default(),
             handled: HashSet::new(),
+            awaiting_accept: HashSet::new(),
             releases: ReleaseWatch::default(),
             escalations: Escalations::default(),
             audit,
@@ -377,9 +380,15 @@ impl<K: Kernel> Daemon<K> {
             report.error(ErrorKind::Netlink);
         }
         report.close_wait = self.tracker.len();
-        // Only sockets still in CLOSE_WAIT can be handled again.
-        let tracker = &self.tracker;
-        self.handled.retain(|k| tracker.tracks(k));
+        // Only sockets still in CLOSE_WAIT can be handled again; one skipped in an accept
+        // queue, once its server accepted it (it has an inode now).
+        let (tracker, handled) = (&self.tracker, &mut self.handled);
+        self.awaiting_accept.retain(|k| match tracker.inode(k) {
+            Some(0) => true,
+            Some(_) => !handled.remove(k),
+            None => false,
+        });
+        handled.retain(|k| tracker.tracks(k));
         true
     }
 

@@ -2404,3 +2404,33 @@ fn polling_reads_nothing_between_cycles() {
     assert!(seen.entered.is_empty() && !seen.failed, "{seen:?}");
     assert_eq!(d.kernel().calls().len(), before, "not one call");
 }
+
+#[test]
+fn a_connection_skipped_in_the_accept_queue_is_reaped_once_accepted() {
+    for events in [false, true] {
+        let k = if events {
+            with_events(API)
+        } else {
+            with_process(API, "api")
+        };
+        k.listener(API, 3, "10.0.0.1:8080");
+        let queued = k.unaccepted(API, LOCAL, &remote(1));
+        let mut d = daemon(k, &policy("", &[&on_pid("api", API, "1s")]));
+        cycle(&mut d);
+        let r = after(&mut d, 2);
+        assert_eq!(
+            outcomes(&r, "api", Action::Shutdown, Outcome::Skipped),
+            1,
+            "{r:?}"
+        );
+        let r = after(&mut d, 2);
+        assert_eq!(total(&r), 0, "skipped once, not every cycle: {r:?}");
+        d.kernel().accept(queued, API, 12);
+        let r = after(&mut d, 2);
+        assert_eq!(reaped(&r, "api"), 1, "events {events}: {r:?}");
+        assert_eq!(d.kernel().shutdowns().len(), 1);
+        assert_eq!(d.kernel().shutdowns()[0].1, 12);
+        let r = after(&mut d, 2);
+        assert_eq!(total(&r), 0, "once: {r:?}");
+    }
+}

@@ -169,6 +169,11 @@ impl Tracker {
                 .is_some_and(|t| t.since == self.observed)
     }
 
+    /// The inode of a tracked socket (0 while it waits in an accept queue).
+    pub fn inode(&self, key: &SocketKey) -> Option<u64> {
+        self.sockets.get(key).map(|t| t.diag.inode)
+    }
+
     /// Whether the socket is in CLOSE_WAIT as of the last observation.
     pub fn tracks(&self, key: &SocketKey) -> bool {
         self.sockets.contains_key(key)

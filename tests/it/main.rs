@@ -9,6 +9,7 @@
 
 mod support;
 
+mod accept_queue;
 mod ages;
 mod alerts;
 mod bounds;

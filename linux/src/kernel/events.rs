@@ -312,11 +312,33 @@ impl EventFeed {
             }
         }
         self.buf = events;
+        self.accepted_since(ns, &mut out);
         if catch_up {
             return self.reconcile(ns, out);
         }
         out.listeners = self.listeners.clone();
         Ok(out)
+    }
+
+    /// Sockets tracked while they waited in an accept queue (no inode) that their server
+    /// accepted since: no state changes then, so each is looked up again, and one with an
+    /// inode now is refreshed.
+    fn accepted_since(&mut self, ns: &mut Namespaces, out: &mut Changes) {
+        let queued: Vec<DiagSocket> = self
+            .tracked
+            .values()
+            .filter(|d| d.inode == 0)
+            .cloned()
+            .collect();
+        for d in queued {
+            if let Ok(Some(now)) = crate::kernel::Destroy::lookup(ns, &d)
+                && now.state == tcp::CLOSE_WAIT
+                && now.inode != 0
+            {
+                self.tracked.insert(key_of(&now), now.clone());
+                out.refreshed.push(now);
+            }
+        }
     }
 
     /// A full dump, to catch up: every socket in CLOSE_WAIT now that is not tracked has

@@ -117,6 +117,10 @@ impl<K: Kernel> Daemon<K> {
         ) {
             self.handled.insert(c.key());
         }
+        // Skipped while in an accept queue: judged again once its server accepts it.
+        if res.outcome == Outcome::Skipped && c.unaccepted {
+            self.awaiting_accept.insert(c.key());
+        }
         // Destroy frees the owner's fd slot only when the owner reacts to ECONNABORTED,
         // and shutdown only when it reacts to EPOLLHUP: watch both.
         if res.outcome == Outcome::Reaped && !c.unaccepted {

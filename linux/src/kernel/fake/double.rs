@@ -106,6 +106,21 @@ impl FakeKernel {
         self.socket(pid_of_listener, None, local, remote, tcp::CLOSE_WAIT)
     }
 
+    /// `pid` accepts the connection `key` from its listener's queue as `fd`: it gets an
+    /// inode (no state change).
+    pub fn accept(&self, key: SocketKey, pid: i32, fd: i32) {
+        self.with(|w| {
+            w.next_inode += 1;
+            let inode = w.next_inode;
+            if let Some(s) = w.sockets.get_mut(&key) {
+                s.diag.inode = inode;
+                if let Some(p) = w.processes.get_mut(&pid) {
+                    p.fds.insert(fd, Fd::Socket(inode));
+                }
+            }
+        });
+    }
+
     /// `n` CLOSE_WAIT connections held by `pid` from fd `first_fd` on, to local `local`
     /// from distinct remote ports.
     pub fn close_wait_many(
