@@ -27,6 +27,8 @@ use crate::procfs::ProcFs;
 pub const DEFAULT_RUN_DIR: &str = "/run/cwreap";
 const FILE: &str = "ages";
 const MAGIC: &[u8; 8] = b"CWAGES01";
+const WHERE_FILE: &str = "where";
+const WHERE_MAGIC: &[u8; 8] = b"CWWHERE1";
 const HEADER: usize = 8 + 4 + 8 * 4;
 const RECORD: usize = 24;
 /// A file larger than this is refused unread (some 2.8 million sockets).
@@ -59,7 +61,7 @@ pub struct Published {
 /// Why the published ages are not used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unusable {
-    #[error("no daemon publishes its ages in {0}")]
+    #[error("no daemon publishes in {0}")]
     Missing(PathBuf),
     #[error("{0}")]
     NotTrusted(String),
@@ -71,15 +73,51 @@ pub enum Unusable {
     Malformed { path: PathBuf, why: String },
 }
 
-/// The bytes of a file with `header` and `first_seen`.
-pub fn encode(header: &Header, first_seen: &[(SocketKey, Boottime)]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(HEADER + RECORD * first_seen.len());
-    b.extend_from_slice(MAGIC);
+/// The header of a file whose magic is `magic`: 36 bytes.
+fn encode_header(magic: &[u8; 8], header: &Header) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HEADER);
+    b.extend_from_slice(magic);
     b.extend_from_slice(&header.pid.to_le_bytes());
     b.extend_from_slice(&header.start_time.to_le_bytes());
     b.extend_from_slice(&header.heartbeat.as_nanos().to_le_bytes());
     let interval = u64::try_from(header.interval.as_millis()).unwrap_or(u64::MAX);
     b.extend_from_slice(&interval.to_le_bytes());
+    b
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// The header of `b` and what follows it, if its magic is `magic`.
+fn decode_header<'a>(magic: &[u8; 8], b: &'a [u8]) -> Result<(Header, &'a [u8]), String> {
+    let head = HEADER - 8;
+    if b.len() < head {
+        return Err(format!("{} bytes, shorter than the header", b.len()));
+    }
+    if &b[..8] != magic {
+        return Err(format!(
+            "bad magic (not {})",
+            String::from_utf8_lossy(magic)
+        ));
+    }
+    let mut pid = [0u8; 4];
+    pid.copy_from_slice(&b[8..12]);
+    let header = Header {
+        pid: i32::from_le_bytes(pid),
+        start_time: u64_at(b, 12),
+        heartbeat: Boottime::from_nanos(u64_at(b, 20)),
+        interval: Duration::from_millis(u64_at(b, 28)),
+    };
+    Ok((header, &b[head..]))
+}
+
+/// The bytes of a file with `header` and `first_seen`.
+pub fn encode(header: &Header, first_seen: &[(SocketKey, Boottime)]) -> Vec<u8> {
+    let mut b = encode_header(MAGIC, header);
+    b.reserve(8 + RECORD * first_seen.len());
     b.extend_from_slice(&(first_seen.len() as u64).to_le_bytes());
     for ((netns, cookie), at) in first_seen {
         b.extend_from_slice(&netns.to_le_bytes());
@@ -91,40 +129,24 @@ pub fn encode(header: &Header, first_seen: &[(SocketKey, Boottime)]) -> Vec<u8> 
 
 /// Parse the bytes of a file; the error says what is wrong.
 pub fn decode(b: &[u8]) -> Result<Published, String> {
-    if b.len() < HEADER {
+    let (header, rest) = decode_header(MAGIC, b)?;
+    if rest.len() < 8 {
         return Err(format!("{} bytes, shorter than the header", b.len()));
     }
-    if &b[..8] != MAGIC {
-        return Err("not a cwreap ages file (bad magic)".into());
-    }
-    let u64_at = |at: usize| -> u64 {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&b[at..at + 8]);
-        u64::from_le_bytes(w)
-    };
-    let mut pid = [0u8; 4];
-    pid.copy_from_slice(&b[8..12]);
-    let header = Header {
-        pid: i32::from_le_bytes(pid),
-        start_time: u64_at(12),
-        heartbeat: Boottime::from_nanos(u64_at(20)),
-        interval: Duration::from_millis(u64_at(28)),
-    };
-    let count = u64_at(36);
-    let body = b.len() - HEADER;
-    if u64::try_from(body).ok() != count.checked_mul(RECORD as u64) {
+    let count = u64_at(rest, 0);
+    let body = &rest[8..];
+    if u64::try_from(body.len()).ok() != count.checked_mul(RECORD as u64) {
         return Err(format!(
-            "{count} records announced, {body} bytes of them present"
+            "{count} records announced, {} bytes of them present",
+            body.len()
         ));
     }
-    let mut first_seen = HashMap::with_capacity(body / RECORD);
-    for r in b[HEADER..].chunks_exact(RECORD) {
-        let word = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&r[at..at + 8]);
-            u64::from_le_bytes(w)
-        };
-        first_seen.insert((word(0), word(8)), Boottime::from_nanos(word(16)));
+    let mut first_seen = HashMap::with_capacity(body.len() / RECORD);
+    for r in body.chunks_exact(RECORD) {
+        first_seen.insert(
+            (u64_at(r, 0), u64_at(r, 8)),
+            Boottime::from_nanos(u64_at(r, 16)),
+        );
     }
     Ok(Published { header, first_seen })
 }
@@ -132,11 +154,15 @@ pub fn decode(b: &[u8]) -> Result<Published, String> {
 /// Write the file in `dir` (created mode 0755 when missing): to a temporary file, synced,
 /// then renamed over the old one, so a reader sees one whole file or the other.
 pub fn write(dir: &Path, header: &Header, first_seen: &[(SocketKey, Boottime)]) -> io::Result<()> {
+    write_file(dir, FILE, header.pid, &encode(header, first_seen))
+}
+
+fn write_file(dir: &Path, name: &str, pid: i32, bytes: &[u8]) -> io::Result<()> {
     if !dir.exists() {
         fs::create_dir_all(dir)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
     }
-    let tmp = dir.join(format!(".{FILE}.{}", header.pid));
+    let tmp = dir.join(format!(".{name}.{pid}"));
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -144,24 +170,60 @@ pub fn write(dir: &Path, header: &Header, first_seen: &[(SocketKey, Boottime)]) 
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)?;
-    f.write_all(&encode(header, first_seen))?;
+    f.write_all(bytes)?;
     f.sync_data()?;
-    fs::rename(&tmp, dir.join(FILE))
+    fs::rename(&tmp, dir.join(name))
 }
 
 /// Remove the file (a clean stop), if it is ours.
 pub fn withdraw(dir: &Path, pid: i32) {
-    let path = dir.join(FILE);
+    withdraw_file(dir, FILE, MAGIC, pid);
+}
+
+fn withdraw_file(dir: &Path, name: &str, magic: &[u8; 8], pid: i32) {
+    let path = dir.join(name);
     if let Ok(b) = fs::read(&path)
-        && decode(&b).is_ok_and(|p| p.header.pid == pid)
+        && decode_header(magic, &b).is_ok_and(|(h, _)| h.pid == pid)
     {
         let _ = fs::remove_file(path);
     }
 }
 
+/// Publish the stacks the daemon keeps for `explain --where` (`where: on`): `body` after
+/// the header, in the file `where` of `dir`, as [`write`] does.
+pub fn write_where(dir: &Path, header: &Header, body: &[u8]) -> io::Result<()> {
+    let mut b = encode_header(WHERE_MAGIC, header);
+    b.extend_from_slice(body);
+    write_file(dir, WHERE_FILE, header.pid, &b)
+}
+
+/// Remove the stacks published (a clean stop), if they are ours.
+pub fn withdraw_where(dir: &Path, pid: i32) {
+    withdraw_file(dir, WHERE_FILE, WHERE_MAGIC, pid);
+}
+
+/// The stacks published in `dir` (their header, and the body after it), if they still
+/// speak for a live daemon at `now`; trusted as [`read`] trusts the ages.
+pub fn read_where(dir: &Path, proc: &ProcFs, now: Boottime) -> Result<(Header, Vec<u8>), Unusable> {
+    read_file(dir, WHERE_FILE, proc, now, |b| {
+        decode_header(WHERE_MAGIC, b).map(|(h, body)| (h, (h, body.to_vec())))
+    })
+}
+
 /// The published ages in `dir`, if they still speak for a live daemon at `now`.
 pub fn read(dir: &Path, proc: &ProcFs, now: Boottime) -> Result<Published, Unusable> {
-    let path = dir.join(FILE);
+    read_file(dir, FILE, proc, now, |b| decode(b).map(|p| (p.header, p)))
+}
+
+/// The file `name` in `dir`, parsed by `parse`, if it still speaks for a live daemon.
+fn read_file<T>(
+    dir: &Path,
+    name: &str,
+    proc: &ProcFs,
+    now: Boottime,
+    parse: impl FnOnce(&[u8]) -> Result<(Header, T), String>,
+) -> Result<T, Unusable> {
+    let path = dir.join(name);
     let not_trusted = |why: String| Unusable::NotTrusted(format!("{}: {why}", path.display()));
     let dmeta = match fs::metadata(dir) {
         Ok(m) => m,
@@ -184,7 +246,7 @@ pub fn read(dir: &Path, proc: &ProcFs, now: Boottime) -> Result<Published, Unusa
     }
     if meta.mode() & 0o022 != 0 || dmeta.mode() & 0o002 != 0 && dmeta.mode() & 0o1000 == 0 {
         return Err(not_trusted(
-            "writable by others: its ages could be anyone's".into(),
+            "writable by others: what it says could be anyone's".into(),
         ));
     }
     if meta.len() > MAX_BYTES {
@@ -198,11 +260,10 @@ pub fn read(dir: &Path, proc: &ProcFs, now: Boottime) -> Result<Published, Unusa
         .take(MAX_BYTES)
         .read_to_end(&mut b)
         .map_err(|e| not_trusted(e.to_string()))?;
-    let published = decode(&b).map_err(|why| Unusable::Malformed {
+    let (h, published) = parse(&b).map_err(|why| Unusable::Malformed {
         path: path.clone(),
         why,
     })?;
-    let h = published.header;
     let gone = Unusable::DaemonGone {
         path: path.clone(),
         pid: h.pid,

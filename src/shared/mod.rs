@@ -13,7 +13,9 @@
 //! - [`recount`]: what an injected close() batch that failed as a whole did, fd by fd,
 //!   read back from the target's fd table;
 //! - [`usage`]: the error that means "fix the command line, the policy or the privileges"
-//!   (exit code 2), and [`values`]: the value parsers shared by flags and policy keys.
+//!   (exit code 2), and [`values`]: the value parsers shared by flags and policy keys;
+//! - [`where_capture`]: the stacks `explain --where` and the daemon's `where: on` record
+//!   per socket, and their published form.
 
 pub mod act;
 pub mod age;
@@ -27,3 +29,4 @@ pub mod recount;
 pub mod selector;
 pub mod usage;
 pub mod values;
+pub mod where_capture;

@@ -5,15 +5,13 @@
 //! process ([`crate::cli::where_report`]). Sockets closed meanwhile are forgotten as they
 //! close. The programs are detached when the command ends.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use cwreap_linux::bpf::{
-    StackCapture, WhereCounts, WhereKind, WhereOptions, WhereProbe, WhereRecord,
-};
+use cwreap_linux::bpf::{StackCapture, WhereCounts, WhereOptions, WhereProbe};
 use cwreap_linux::kernel::Kernel;
 
 use super::common::{Status, observe};
@@ -22,186 +20,11 @@ use crate::cli::diagnosis::Pattern;
 use crate::cli::plan;
 use crate::cli::where_report::{self, EofRead, LeakSocket, ShownFrame, WhereProcessFacts};
 use crate::shared::usage::UsageError;
+use crate::shared::where_capture::{Recorded, Seen, Trust};
 use cwreap_linux::stacks;
 
 /// How often the records are drained during the window.
 const POLL: Duration = Duration::from_millis(100);
-
-/// One record of a socket, and which stack it had.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    ts_ns: u64,
-    /// Into [`Recorded::captures`]; None when the record referred to a stack not kept.
-    capture: Option<u64>,
-}
-
-type HashKey = (u32, WhereKind, u64);
-
-/// What the window recorded, sockets that closed already forgotten.
-#[derive(Debug, Default)]
-struct Recorded {
-    eof: HashMap<u64, Seen>,
-    connect: HashMap<u64, Seen>,
-    accept: HashMap<(u32, u32), Seen>,
-    /// Every stack received, by arrival number. Not by hash: in a binary without frame
-    /// pointers, two paths may hash alike.
-    captures: HashMap<u64, StackCapture>,
-    /// The last stack received per (tgid, kind, hash): what a record without a stack
-    /// refers to (sent only for trusted processes, whose hashes tell paths apart).
-    by_hash: HashMap<HashKey, u64>,
-    next: u64,
-}
-
-impl Recorded {
-    fn add(&mut self, r: WhereRecord) {
-        let key = (r.tgid, r.kind, r.hash);
-        let capture = match r.capture {
-            Some(c) => {
-                let id = self.next;
-                self.next += 1;
-                self.captures.insert(id, c);
-                self.by_hash.insert(key, id);
-                Some(id)
-            }
-            None => self.by_hash.get(&key).copied(),
-        };
-        let seen = Seen {
-            ts_ns: r.ts_ns,
-            capture,
-        };
-        match r.kind {
-            WhereKind::Eof => {
-                self.eof.insert(r.cookie, seen);
-            }
-            WhereKind::Connect => {
-                self.connect.insert(r.cookie, seen);
-            }
-            WhereKind::Accept => {
-                self.accept.insert((r.tgid, r.fd), seen);
-            }
-            WhereKind::Closed => {
-                self.eof.remove(&r.cookie);
-                self.connect.remove(&r.cookie);
-            }
-        }
-    }
-
-    /// Forget the stacks no socket refers to any more. The last stack per hash of a trusted
-    /// process stays: later records refer to it without carrying it.
-    fn prune(&mut self, trust: &Trust) {
-        let mut live: HashSet<u64> = HashSet::new();
-        live.extend(self.eof.values().filter_map(|s| s.capture));
-        live.extend(self.connect.values().filter_map(|s| s.capture));
-        live.extend(self.accept.values().filter_map(|s| s.capture));
-        self.by_hash
-            .retain(|k, id| trust.deduplicated(k.0) || live.contains(id));
-        live.extend(self.by_hash.values().copied());
-        self.captures.retain(|id, _| live.contains(id));
-    }
-}
-
-/// How the programs may tell stacks of a process apart without sending them: by its frame
-/// pointers, once they agree with CFI; else by the words at the offsets of the return
-/// addresses CFI found in a stack taken at the same instruction pointer (a layout).
-#[derive(Debug, Default)]
-struct Trust {
-    /// Frame-pointer checks made per process, and whether it is trusted.
-    checked: HashMap<u32, (u32, bool)>,
-    /// Layout attempts per (process, instruction pointer), and whether one was set.
-    layouts: HashMap<(u32, u64), (u32, bool)>,
-}
-
-impl Trust {
-    /// Checks per process (frame pointers) or per instruction pointer (layouts) before
-    /// giving up: those stacks are then always sent whole.
-    const TRIES: u32 = 4;
-
-    /// Whether the programs may send stacks of `tgid` as hashes only.
-    fn deduplicated(&self, tgid: u32) -> bool {
-        self.checked.get(&tgid).is_some_and(|c| c.1)
-            || self
-                .layouts
-                .iter()
-                .any(|((t, _), (_, set))| *t == tgid && *set)
-    }
-
-    fn check(&mut self, probe: &mut WhereProbe, r: &WhereRecord) {
-        let Some(c) = &r.capture else {
-            return;
-        };
-        let (tries, trusted) = self.checked.entry(r.tgid).or_default();
-        if *trusted {
-            return;
-        }
-        let regs = stacks::UserRegs {
-            ip: c.ip,
-            sp: c.sp,
-            bp: c.bp,
-        };
-        let Ok(cfi) = stacks::unwind_cfi(r.tgid, &regs, &c.stack) else {
-            return;
-        };
-        if *tries < Self::TRIES && c.frames.len() >= 3 {
-            *tries += 1;
-            if fp_agrees_with_cfi(&c.frames, &cfi) && probe.trust(r.tgid).is_ok() {
-                *trusted = true;
-                return;
-            }
-        }
-        let (tries, set) = self.layouts.entry((r.tgid, c.ip)).or_default();
-        if *set || *tries >= Self::TRIES {
-            return;
-        }
-        *tries += 1;
-        let offsets = layout(&cfi, &c.stack);
-        if offsets.len() >= 2 && probe.set_layout(r.tgid, c.ip, &offsets).is_ok() {
-            *set = true;
-        }
-    }
-}
-
-/// Every frame-pointer return address is one CFI unwinding finds too.
-fn fp_agrees_with_cfi(fp: &[u64], cfi: &[u64]) -> bool {
-    let cfi: HashSet<u64> = cfi.iter().copied().collect();
-    cfi.len() >= 3 && fp.iter().skip(1).all(|a| cfi.contains(a))
-}
-
-/// The offsets from sp of the return addresses `cfi` found (after the instruction pointer),
-/// innermost first, while each is in the copied stack exactly once: a value seen twice
-/// could be a stale copy, whose offset would say nothing of the path.
-fn layout(cfi: &[u64], stack: &[u8]) -> Vec<u32> {
-    let words: Vec<u64> = stack
-        .chunks_exact(8)
-        .map(|w| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(w);
-            u64::from_le_bytes(b)
-        })
-        .collect();
-    let mut out = Vec::new();
-    for a in cfi
-        .iter()
-        .skip(1)
-        .take(cwreap_linux::bpf::WHERE_LAYOUT_DEPTH)
-    {
-        let mut at = words
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| *w == a)
-            .map(|(i, _)| i);
-        let (Some(i), None) = (at.next(), at.next()) else {
-            break;
-        };
-        let (Ok(off), Some(prev)) = (u32::try_from(i * 8), out.last().copied().or(Some(0))) else {
-            break;
-        };
-        if !out.is_empty() && off <= prev {
-            break;
-        }
-        out.push(off);
-    }
-    out
-}
 
 pub fn explain_where<K: Kernel>(
     k: &mut K,
