@@ -357,8 +357,10 @@ table lists (only one in no table, to tell whether it is dead held).
 CAP_PERFMON; else exit 2 naming what is missing): the stacks of EOF reads, accepts and
 connects, unwound by frame pointers or by CFI from a copy of the stack, symbolized from
 DWARF or the symbol tables (and perf maps for JIT code). Sockets that close in the window
-are dropped; those whose EOF was read before it are counted without a stack. Not seen:
-splice, kTLS, io_uring.";
+are dropped; those whose EOF was read before it are counted without a stack, unless a
+daemon with `where: on` runs beside it: then the stacks it recorded (published in its run
+directory, trusted only while it lives) fill them in, and --for may be left out (the
+daemon's records alone). Not seen: splice, kTLS, io_uring.";
 
 /// `cwreap explain`: read-only diagnosis of the leak behind the CLOSE_WAIT sockets.
 #[derive(Debug, Args)]
@@ -375,8 +377,9 @@ pub struct ExplainArgs {
     /// Name the code: for the --for window, record the user stack of every read that
     /// returns EOF on a TCP socket and of the accept or connect that opened it, then show
     /// the sockets still leaking at its end with those stacks (BPF: Linux 6.3+, BTF,
-    /// CAP_BPF and CAP_PERFMON)
-    #[arg(long = "where", requires = "window")]
+    /// CAP_BPF and CAP_PERFMON); with a daemon running `where: on`, also (or, without
+    /// --for, only) the stacks it recorded
+    #[arg(long = "where")]
     pub where_: bool,
     /// With --where: only sockets at least this long in CLOSE_WAIT at the end of the window
     #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "where_")]

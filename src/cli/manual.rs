@@ -171,6 +171,10 @@ pub const POLICY_KEYS: &[(&str, &[(&str, &str)])] = &[
                 "auto, events or poll: how the daemon finds CLOSE_WAIT sockets. events: BPF tracepoints on the TCP state change (inet_sock_set_state, tcp_destroy_sock) report each socket as it enters and leaves CLOSE_WAIT, with the kernel's time of entry, so ages are exact (age_source event) and no dump runs between reconciliations (at start, every 10 minutes, and after any lost event); needs Linux 5.12 with BTF and CAP_BPF with CAP_PERFMON (the events.conf drop-in). The entry times are pinned under /sys/fs/bpf/cwreap for scan, reap and explain run as root, trusted only while this daemon lives and beats. poll: a sock_diag dump every cycle. auto (default): events when the programs load, else poll, saying why once. events refuses to start without them. The mode in use is logged at start and exported as cwreap_discovery_mode{mode}.",
             ),
             (
+                "where",
+                "on or off: keep the BPF programs of explain --where attached to the targets' processes while the daemon runs (Linux 6.3 with BTF, CAP_BPF and CAP_PERFMON), and publish, per socket, the user stack of the read that returned its EOF and of its accept or connect, in the run directory (/run/cwreap/where), for `cwreap explain --where` run as root, trusted only while this daemon lives. explain --where then names the code of leaks whose EOF came before it ran, and needs no --for. Where the programs cannot be loaded the daemon says why once and runs on. Default off; a change takes effect at the next restart.",
+            ),
+            (
                 "still_held_after",
                 "How long the owner of a socket cwreap shut down has to close its fd before the verdict is still_held (event fd_release, cwreap_fd_released_total). The owner is looked at every cycle until then: released as soon as it lets go, gone if the process exits, still_held if the fd still names the same socket at the end of the window. Default 3 intervals or 30s, whichever is longer, so an app that closes on its next heartbeat or poll is not reported.",
             ),

@@ -217,6 +217,9 @@ impl<K: Kernel> Daemon<K> {
         if cfg.discovery != self.cfg.discovery {
             warn!("discovery changes take effect at the next restart");
         }
+        if cfg.where_stacks != self.cfg.where_stacks {
+            warn!("where changes take effect at the next restart");
+        }
         cycle::warn_shadowed(&cfg);
         self.cfg = cfg;
         self.named.clear();
@@ -319,6 +322,11 @@ impl<K: Kernel> Daemon<K> {
         pids.iter()
             .map(|&p| (p, self.kernel.fd_count(p, None).ok()))
             .collect()
+    }
+
+    /// The target processes of the last cycle.
+    pub fn target_pids(&self) -> &[i32] {
+        &self.pids
     }
 
     /// How the sockets are found: `events` or `poll`.

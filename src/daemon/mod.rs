@@ -4,7 +4,8 @@
 //!   [`cycle`]: the steps that need no state; [`policy`]: the pure decision;
 //! - [`discovery`]: events (BPF) or polling, decided at start;
 //!   [`tracker`]: the CLOSE_WAIT sockets discovery reported, with when each was first
-//!   seen; [`wake`]: with events, the ring buffer read as it fills between cycles; [`fd_cache`]: every socket fd of the targets, kept between cycles;
+//!   seen; [`wake`]: with events, the ring buffer read as it fills between cycles;
+//!   [`where_keep`]: `where: on`, the stacks of `explain --where` kept and published; [`fd_cache`]: every socket fd of the targets, kept between cycles;
 //! - [`dead_held`]: the dead held sockets of the targets (ended connections whose fd is
 //!   still held);
 //! - [`release`]: after a shutdown, whether the owner released the fd;
@@ -48,6 +49,7 @@ mod steady;
 mod tests;
 pub mod tracker;
 mod wake;
+pub mod where_keep;
 
 pub use engine::Daemon;
 pub use selftest::self_test;

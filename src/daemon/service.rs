@@ -23,6 +23,7 @@ use super::engine::Daemon;
 use super::notify::Notifier;
 use super::pid_file::PidFile;
 use super::wake::Ring;
+use super::where_keep::WhereKeep;
 use super::{logging, self_test};
 use crate::daemon::cycle_report::CycleReport;
 use crate::daemon::metrics::Metrics;
@@ -53,6 +54,7 @@ pub fn run(config_path: &Path, force_dry_run: bool, pid_file: Option<&Path>) -> 
     let mut daemon = Daemon::with_kernel(kernel, cfg, force_dry_run, health.clone())
         .map_err(|e| UsageError(format!("{}: {e:#}", config_path.display())))?;
     daemon.publish_to(cwreap_linux::published::run_dir());
+    let mut stacks = keep_stacks(&daemon);
     let audit = daemon.auditor().log().clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -69,8 +71,12 @@ pub fn run(config_path: &Path, force_dry_run: bool, pid_file: Option<&Path>) -> 
             tokio::spawn(crate::daemon::endpoint::serve(listener, metrics.clone()));
         }
         let notifier = Notifier::from_env(health.notify_dropped.clone());
-        main_loop(daemon, config_path.to_path_buf(), metrics, notifier, pid_file).await
+        let svc = (notifier, pid_file, stacks.as_ref());
+        main_loop(daemon, config_path.to_path_buf(), metrics, svc).await
     });
+    if let Some(k) = stacks.as_mut() {
+        k.stop();
+    }
     // After SIGTERM a cycle may still be running on the blocking pool (the stop flag is
     // only checked between actions, and `shutdown` already gave it its time): dropping the
     // runtime would join that thread, however long the cycle takes.
@@ -158,12 +164,32 @@ impl Service {
     }
 }
 
+/// `where: on`: the stacks of `explain --where` kept while the daemon runs, or why not
+/// (said once; the daemon runs on without them).
+fn keep_stacks(daemon: &Daemon<Linux>) -> Option<WhereKeep> {
+    if !daemon.cfg().where_stacks {
+        return None;
+    }
+    let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    let start = cwreap_linux::kernel::ProcRead::start_time(daemon.kernel(), pid).unwrap_or(0);
+    let dir = cwreap_linux::published::run_dir();
+    match WhereKeep::start(dir.clone(), pid, start) {
+        Ok(k) => {
+            info!(dir = %dir.display(), "where: the stacks of EOF reads, accepts and connects of the targets are recorded for explain --where");
+            Some(k)
+        }
+        Err(e) => {
+            warn!(reason = %e, "where: on, but the programs of explain --where cannot be loaded; it records only while it runs");
+            None
+        }
+    }
+}
+
 async fn main_loop(
     daemon: Daemon<Linux>,
     config_path: PathBuf,
     metrics: Metrics,
-    notifier: Notifier,
-    pid_file: Option<&Path>,
+    (notifier, pid_file, stacks): (Notifier, Option<&Path>, Option<&WhereKeep>),
 ) -> Result<Option<PidFile>> {
     let mut svc = Service {
         notifier,
@@ -203,6 +229,9 @@ async fn main_loop(
         };
         daemon = d;
         cycle_done(&svc, &metrics, &report);
+        if let Some(k) = stacks {
+            k.follow(daemon.target_pids());
+        }
 
         // Sleep until the next cycle, feeding the watchdog and answering signals.
         // The interval is at most a day (config), and the clock is checked anyway: an

@@ -389,3 +389,97 @@ fn without_bpf_it_exits_2_naming_what_is_missing() {
     );
     assert!(err.contains("Linux 6.3") && err.contains("BTF"), "{err}");
 }
+
+/// `explain --where` in the run directory `run` (no `--for`): exit code, JSON lines, stderr.
+fn explain_kept(run: &std::path::Path, pid: i32) -> (Option<i32>, Vec<serde_json::Value>, String) {
+    let out = Command::new(crate::support::cwreap_bin())
+        .args(["explain", "--where", "--json", "--pid"])
+        .arg(pid.to_string())
+        .env("CWREAP_RUN_DIR", run)
+        .output()
+        .expect("run cwreap");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines = if out.status.success() {
+        json_lines(&out)
+    } else {
+        Vec::new()
+    };
+    (out.status.code(), lines, err)
+}
+
+/// `where: on`: the daemon records the targets' stacks while it runs, so `explain --where`
+/// run after the leak, without `--for`, names the leaking function and line of every
+/// socket whose EOF it read long before; the closing path never appears. Without the
+/// daemon's file (a clean stop withdraws it), or with the file of a SIGKILLed daemon, the
+/// command refuses to report from it and says what it needs.
+#[test]
+#[ignore = "needs root: loads BPF programs and reads the server's fds"]
+fn a_daemon_with_where_on_names_the_code_of_leaks_older_than_the_command() {
+    let test = "a_daemon_with_where_on_names_the_code_of_leaks_older_than_the_command";
+    let Some(bin) = c_server(test, false) else {
+        return;
+    };
+    let p = start(&mut Command::new(bin));
+    let pid = p.pid();
+    let yaml = format!(
+        "interval: 500ms\ndry_run: true\nwhere: on\nlog_format: json\nmetrics: {{listen: off}}\n\
+         targets:\n  - name: c\n    match: {{pid: {pid}}}\n    older_than: 1h\n    action: log\n"
+    );
+    let mut d = crate::support::LoggedDaemon::start_with("where-on", &yaml, |dir, cmd| {
+        cmd.env("CWREAP_RUN_DIR", dir.join("run"));
+    });
+    let run = d.dir.join("run");
+    d.wait_for("the daemon recording the server", |d| {
+        d.lines()
+            .iter()
+            .any(|l| l.contains("where: recording the stacks") && l.contains(&pid.to_string()))
+            .then_some(())
+    });
+    drive_bytes(p.port, b"L", b"C");
+    wait_until(
+        "the leaking sockets in CLOSE_WAIT",
+        || format!("{} in CLOSE_WAIT", ss_count(pid, "close-wait")),
+        || (ss_count(pid, "close-wait") >= K).then_some(()),
+    );
+    // The daemon publishes within a second or so; until then fewer sockets have stacks.
+    let line = wait_until(
+        "every leaking socket with its stack in the daemon's records",
+        || format!("{:?}", explain_kept(&run, pid)),
+        || {
+            let (code, mut lines, _) = explain_kept(&run, pid);
+            let stacked: u64 = lines
+                .first()?
+                .get("where")?
+                .as_array()?
+                .iter()
+                .filter_map(|g| g["count"].as_u64())
+                .sum();
+            (code == Some(0) && lines.len() == 1 && stacked == K as u64).then(|| lines.remove(0))
+        },
+    );
+    let want = line_of("where_server.c", "where: leak");
+    assert_accuracy(
+        "C, daemon where: on",
+        &line,
+        "leak_conn",
+        "tidy_conn",
+        Some(want),
+    );
+    let (_, _, err) = explain_kept(&run, pid);
+    assert!(err.contains("recorded by the daemon"), "{err}");
+    // A SIGKILLed daemon's file stays, and is not trusted.
+    rustix::process::kill_process(d.daemon.pid(), rustix::process::Signal::KILL).expect("SIGKILL");
+    wait_until("the daemon gone", String::new, || {
+        d.daemon.child.try_wait().ok().flatten().map(|_| ())
+    });
+    assert!(
+        run.join("where").exists(),
+        "a killed daemon cannot withdraw"
+    );
+    let (code, lines, err) = explain_kept(&run, pid);
+    assert_eq!(code, Some(2), "{lines:?} {err}");
+    assert!(
+        err.contains("--for") && err.contains("where: on") && err.contains("not running"),
+        "{err}"
+    );
+}

@@ -27,8 +27,11 @@ pub const WHERE_MIN_KERNEL: (u32, u32) = (6, 3);
 /// How to load the programs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WhereOptions {
-    /// Only these processes; empty: every process.
+    /// Only these processes; empty: every process (unless `follow`).
     pub pids: Vec<u32>,
+    /// Only the processes of `pids`, even when it is empty, as [`WhereProbe::follow`]
+    /// changes them (the daemon's targets).
+    pub follow: bool,
     /// Stack bytes to copy per record, from the stack pointer up (at most
     /// [`WHERE_STACK_MAX`]; less where the stack mapping ends sooner).
     pub stack_bytes: u32,
@@ -40,6 +43,7 @@ impl Default for WhereOptions {
     fn default() -> Self {
         WhereOptions {
             pids: Vec::new(),
+            follow: false,
             stack_bytes: 4096,
             ring_bytes: 1 << 24,
         }
@@ -74,6 +78,8 @@ pub struct WhereProbe {
     counts: PerCpuArray<MapData, u64>,
     trusted: HashMap<MapData, u32, u8>,
     layouts: HashMap<MapData, [u8; 16], [u8; 32]>,
+    /// The processes recorded, when filtered.
+    pids: Option<HashMap<MapData, u32, u8>>,
     malformed: u64,
 }
 
@@ -116,7 +122,7 @@ impl WhereProbe {
             .checked_next_power_of_two()
             .unwrap_or(1 << 24);
         let copy = opts.stack_bytes.min(WHERE_STACK_MAX as u32);
-        let filter = u8::from(!opts.pids.is_empty());
+        let filter = u8::from(opts.follow || !opts.pids.is_empty());
         let mut ebpf = aya::EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("cw_where_filter", &filter, true)
@@ -124,17 +130,20 @@ impl WhereProbe {
             .map_max_entries("cw_where_events", ring_bytes)
             .load(OBJECT)
             .map_err(|e| load::classify("load the where BPF object", &e))?;
-        if !opts.pids.is_empty() {
-            let map = ebpf
-                .map_mut("cw_where_pids")
-                .ok_or_else(|| load::missing("cw_where_pids"))?;
-            let mut pids: HashMap<_, u32, u8> =
-                HashMap::try_from(map).map_err(|e| map_err("cw_where_pids", e))?;
+        let pids = if filter == 1 {
+            let mut pids: HashMap<_, u32, u8> = HashMap::try_from(
+                ebpf.take_map("cw_where_pids")
+                    .ok_or_else(|| load::missing("cw_where_pids"))?,
+            )
+            .map_err(|e| map_err("cw_where_pids", e))?;
             for pid in &opts.pids {
                 pids.insert(pid, 1, 0)
                     .map_err(|e| map_err("cw_where_pids", e))?;
             }
-        }
+            Some(pids)
+        } else {
+            None
+        };
         load::attach_tracepoints(&mut ebpf, &btf, &TRACEPOINTS)?;
         let ring = RingBuf::try_from(
             ebpf.take_map("cw_where_events")
@@ -164,6 +173,7 @@ impl WhereProbe {
             counts,
             trusted,
             layouts,
+            pids,
             malformed: 0,
         })
     }
@@ -207,6 +217,26 @@ impl WhereProbe {
         self.layouts
             .insert(key, value, 0)
             .map_err(|e| io::Error::other(load::chain(&e)))
+    }
+
+    /// Record exactly the processes `pids` from now on (loaded with `follow`; otherwise
+    /// an error: the filter is off).
+    pub fn follow(&mut self, pids: &[u32]) -> io::Result<()> {
+        let map = self
+            .pids
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the programs were loaded without a pid filter"))?;
+        let want: std::collections::HashSet<u32> = pids.iter().copied().collect();
+        let have: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        for pid in have.iter().filter(|p| !want.contains(p)) {
+            map.remove(pid)
+                .map_err(|e| io::Error::other(load::chain(&e)))?;
+        }
+        for pid in want.iter().filter(|p| !have.contains(p)) {
+            map.insert(pid, 1, 0)
+                .map_err(|e| io::Error::other(load::chain(&e)))?;
+        }
+        Ok(())
     }
 
     /// The programs' counters.

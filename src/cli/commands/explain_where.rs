@@ -32,7 +32,25 @@ pub fn explain_where<K: Kernel>(
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> Result<Status> {
-    let window = args.window.unwrap_or_default();
+    let kept = daemon_records();
+    let Some(window) = args.window else {
+        // The daemon's records alone.
+        let (header, rec, counts) = kept.map_err(|why| {
+            UsageError(format!(
+                "explain --where needs --for DUR (a window to record in), or a daemon running \
+with `where: on` beside it: {why}"
+            ))
+        })?;
+        writeln!(
+            err,
+            "the stacks recorded by the daemon (pid {}, `where: on`)",
+            header.pid
+        )?;
+        let (snap, _failures, _unprobed) = observe(k, false, &args.selectors)?;
+        report(k, args, &snap, &rec, out, err)?;
+        counts_note("the daemon", &counts, err)?;
+        return Ok(Status::Ok);
+    };
     let opts = WhereOptions {
         pids: args
             .selectors
@@ -55,7 +73,12 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
         humantime::format_duration(window)
     )?;
     err.flush()?;
-    let mut rec = Recorded::default();
+    // What a daemon with `where: on` recorded before the window, under what the window
+    // records.
+    let (mut rec, daemon_counts) = match kept {
+        Ok((_, rec, counts)) => (rec, Some(counts)),
+        Err(_) => (Recorded::default(), None),
+    };
     let mut trust = Trust::default();
     let mut buf = Vec::new();
     let end = Instant::now() + window;
@@ -85,8 +108,38 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
         rec.add(r);
     }
     drop(probe);
+    report(k, args, &snap, &rec, out, err)?;
+    counts_note("this window", &counts, err)?;
+    if let Some(c) = daemon_counts {
+        counts_note("the daemon (`where: on`)", &c, err)?;
+    }
+    Ok(Status::Ok)
+}
+
+/// What a daemon with `where: on` recorded, if one lives beside this command; why not.
+fn daemon_records()
+-> std::result::Result<(cwreap_linux::published::Header, Recorded, WhereCounts), String> {
+    let proc = cwreap_linux::procfs::ProcFs::default();
+    let now = cwreap_linux::kernel::Clock::now(&cwreap_linux::kernel::SystemClock);
+    let dir = cwreap_linux::published::run_dir();
+    let (header, body) =
+        cwreap_linux::published::read_where(&dir, &proc, now).map_err(|e| e.to_string())?;
+    let (rec, counts) = Recorded::from_bytes(&body)
+        .map_err(|why| format!("{}/where is malformed: {why}", dir.display()))?;
+    Ok((header, rec, counts))
+}
+
+/// The report of the sockets of `snap` still leaking, with the stacks `rec` has of them.
+fn report<K: Kernel>(
+    k: &mut K,
+    args: &ExplainArgs,
+    snap: &crate::shared::attribute::Snapshot<K::Process>,
+    rec: &Recorded,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<()> {
     let filter = args.selectors.filter(args.older_than);
-    let rows = plan::select(&snap, &filter);
+    let rows = plan::select(snap, &filter);
     let cookies: HashMap<(i32, u64), u64> = rows
         .iter()
         .filter_map(|r| {
@@ -180,15 +233,14 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
     } else {
         write!(out, "{}", where_report::render(&reports))?;
     }
-    counts_note(&counts, err)?;
-    Ok(Status::Ok)
+    Ok(())
 }
 
 /// What the programs could not keep, said, never silent.
-fn counts_note(c: &WhereCounts, err: &mut impl Write) -> Result<()> {
+fn counts_note(whose: &str, c: &WhereCounts, err: &mut impl Write) -> Result<()> {
     writeln!(
         err,
-        "recorded {} stack(s) whole and {} as the hash of one sent before",
+        "{whose}: recorded {} stack(s) whole and {} as the hash of one sent before",
         c.full, c.short
     )?;
     if c.lost > 0 {

@@ -88,6 +88,10 @@ impl Config {
             self.on_audit_failure.as_str()
         ));
         l.push(format!("discovery: {}", self.discovery.as_str()));
+        l.push(format!(
+            "where: {}",
+            if self.where_stacks { "on" } else { "off" }
+        ));
         match self.still_held_after {
             Some(d) => l.push(format!("still_held_after: {}", duration_text(d))),
             None => l.push(format!(

@@ -39,6 +39,9 @@ pub struct Config {
     pub still_held_after: Option<Duration>,
     /// How the daemon finds CLOSE_WAIT sockets.
     pub discovery: Discovery,
+    /// `where: on`: the daemon keeps the programs of `explain --where` attached to its
+    /// targets and publishes the stacks for the command line.
+    pub where_stacks: bool,
     pub limits: Limits,
     pub metrics: Metrics,
     /// At least one; names are unique.

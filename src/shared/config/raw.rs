@@ -37,6 +37,8 @@ pub(super) struct RawConfig {
     pub(super) still_held_after: Key<String>,
     #[serde(default, deserialize_with = "key")]
     pub(super) discovery: Key<String>,
+    #[serde(default, rename = "where", deserialize_with = "key")]
+    pub(super) where_: Key<String>,
     #[serde(default, deserialize_with = "key")]
     pub(super) limits: Key<RawLimits>,
     #[serde(default, deserialize_with = "key")]

@@ -188,6 +188,22 @@ fn interval_has_a_floor() {
 }
 
 #[test]
+fn where_is_on_or_off_and_off_by_default() {
+    assert!(!ok(MIN).where_stacks);
+    assert!(ok(&format!("where: on\n{MIN}")).where_stacks);
+    assert!(!ok(&format!("where: off\n{MIN}")).where_stacks);
+    assert!(
+        ok(&format!("where: on\n{MIN}"))
+            .describe()
+            .contains("where: on")
+    );
+    let e = err(&format!("interval: 5s\nwhere: always\n{MIN}"));
+    assert_eq!(e, "t.yaml:2:8: `where`: `always` is neither `on` nor `off`");
+    let e = err(&format!("where: true\n{MIN}"));
+    assert!(e.starts_with("t.yaml:1:"), "{e}");
+}
+
+#[test]
 fn global_values_are_checked() {
     let e = err(&format!("interval: 0s\n{MIN}"));
     assert_eq!(e, "t.yaml:1:11: `interval`: `0s` must be greater than zero");

@@ -76,6 +76,11 @@ impl Config {
             "poll" => Ok(Discovery::Poll),
             other => Err(format!("`{other}` is not one of `auto`, `events`, `poll`")),
         })?;
+        let where_stacks = scalar(&raw.where_, "`where`", |s| match s.trim() {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => Err(format!("`{other}` is neither `on` nor `off`")),
+        })?;
         let still_held_after = scalar(&raw.still_held_after, "`still_held_after`", parse_duration)?;
         let limits = match block(&raw.limits) {
             None => Limits {
@@ -196,6 +201,7 @@ impl Config {
             on_audit_failure: on_audit_failure.unwrap_or_default(),
             still_held_after,
             discovery: discovery.unwrap_or_default(),
+            where_stacks: where_stacks.unwrap_or(false),
             limits,
             metrics: Metrics { listen },
             targets: out,

@@ -1,0 +1,172 @@
+//! `where: on`: the programs of `explain --where` stay attached while the daemon runs,
+//! recording the targets' processes only, and what they record is kept per socket and
+//! published for the command line (the file `where` in the run directory, beside `ages`),
+//! so `explain --where` names the code of a leak whose EOF came long before it ran.
+//!
+//! A thread of its own reads the ring buffer as it fills (a busy server's records would
+//! not wait for a cycle), tells the programs which stacks they may send as hashes only,
+//! forgets sockets as they close, follows the targets each cycle gives it, and rewrites
+//! the file at most once a second while something changed, and every few seconds anyway
+//! (a heartbeat: readers trust only a fresh file of a live daemon). A clean stop withdraws
+//! the file.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use cwreap_linux::bpf::{Unavailable, WhereOptions, WhereProbe};
+use cwreap_linux::kernel::{Clock, SystemClock};
+use cwreap_linux::published::{self, Header};
+
+use crate::shared::where_capture::{Recorded, Trust};
+
+/// At most this often while records change.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// At least this often: the heartbeat readers check against (with the staleness margin).
+const BEAT_EVERY: Duration = Duration::from_secs(5);
+/// EOF reads (and connects) kept at most: a socket whose close the programs could not
+/// follow is otherwise kept for ever.
+const MAX_KEPT: usize = 200_000;
+
+/// The recording thread, and the targets it follows.
+pub struct WhereKeep {
+    follow: Arc<Mutex<Vec<u32>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    dir: PathBuf,
+    pid: i32,
+}
+
+impl WhereKeep {
+    /// Load the programs (recording nobody until [`Self::follow`]) and start the thread
+    /// that keeps and publishes what they record in `dir`.
+    pub fn start(dir: PathBuf, pid: i32, start_time: u64) -> Result<WhereKeep, Unavailable> {
+        let probe = WhereProbe::load(&WhereOptions {
+            follow: true,
+            ..WhereOptions::default()
+        })?;
+        let mut keep = WhereKeep {
+            follow: Arc::default(),
+            stop: Arc::default(),
+            thread: None,
+            dir: dir.clone(),
+            pid,
+        };
+        let header = Header {
+            pid,
+            start_time,
+            heartbeat: Default::default(),
+            interval: BEAT_EVERY,
+        };
+        let (follow, stop) = (keep.follow.clone(), keep.stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("cwreap-where".into())
+            .spawn(move || run(probe, dir, header, &follow, &stop));
+        match spawned {
+            Ok(t) => keep.thread = Some(t),
+            Err(e) => {
+                return Err(Unavailable::Other {
+                    context: "start the recording thread".into(),
+                    error: e.to_string(),
+                });
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Record exactly these processes (the targets of the last cycle) from now on.
+    pub fn follow(&self, pids: &[i32]) {
+        let pids: Vec<u32> = pids.iter().filter_map(|p| u32::try_from(*p).ok()).collect();
+        if let Ok(mut f) = self.follow.lock() {
+            *f = pids;
+        }
+    }
+
+    /// Stop recording and withdraw the file (a clean stop). The thread gets half a second
+    /// to finish a write in progress; the process does not wait for it longer.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(t) = self.thread.take().filter(|t| t.is_finished()) {
+            let _ = t.join();
+        }
+        published::withdraw_where(&self.dir, self.pid);
+    }
+}
+
+/// The thread: read, keep, follow, publish, until `stop`.
+fn run(
+    mut probe: WhereProbe,
+    dir: PathBuf,
+    mut header: Header,
+    follow: &Mutex<Vec<u32>>,
+    stop: &AtomicBool,
+) {
+    let clock = SystemClock;
+    let mut rec = Recorded::default();
+    let mut trust = Trust::default();
+    let mut buf = Vec::new();
+    let mut following: Vec<u32> = Vec::new();
+    let mut changed = true;
+    let mut published_at: Option<Instant> = None;
+    let mut failing = false;
+    while !stop.load(Ordering::Relaxed) {
+        if let Err(e) = probe.wait(Duration::from_millis(200)) {
+            warn!(error = %e, "where: waiting on the ring buffer failed; recording stops");
+            break;
+        }
+        probe.drain(&mut buf);
+        for r in buf.drain(..) {
+            trust.check(&mut probe, &r);
+            rec.add(r);
+            changed = true;
+        }
+        let now = Instant::now();
+        let due = published_at.is_none_or(|t| {
+            let since = now.duration_since(t);
+            since >= BEAT_EVERY || (changed && since >= PUBLISH_EVERY)
+        });
+        if !due {
+            continue;
+        }
+        let mut want = follow.lock().map(|f| f.clone()).unwrap_or_default();
+        want.sort_unstable();
+        if want != following {
+            match probe.follow(&want) {
+                Ok(()) => {
+                    info!(pids = ?want, "where: recording the stacks of these processes");
+                    following = want;
+                }
+                Err(e) => warn!(error = %e, "where: cannot change the processes recorded"),
+            }
+        }
+        rec.prune(&trust);
+        let dropped = rec.cap(MAX_KEPT);
+        if dropped > 0 {
+            warn!(
+                dropped,
+                kept = MAX_KEPT,
+                "where: too many sockets recorded; the oldest are forgotten"
+            );
+        }
+        let counts = probe.counts().unwrap_or_default();
+        header.heartbeat = clock.now();
+        match published::write_where(&dir, &header, &rec.to_bytes(&counts)) {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                warn!(dir = %dir.display(), error = %e,
+                    "where: cannot publish the stacks for explain --where");
+            }
+            Err(_) => {}
+        }
+        published_at = Some(now);
+        changed = false;
+    }
+}
