@@ -401,4 +401,43 @@ mod tests {
         assert!(!dir.join(FILE).exists());
         let _ = fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn the_where_file_is_trusted_as_the_ages_are_and_never_taken_for_them() {
+        let dir = scratch("where");
+        let proc = ProcFs::default();
+        let now = SystemClock.now();
+        assert!(matches!(
+            read_where(&dir, &proc, now),
+            Err(Unusable::Missing(_))
+        ));
+        let (pid, start) = me();
+        let h = header(pid, start, now);
+        write_where(&dir, &h, b"{\"body\": 1}").expect("write");
+        let (got, body) = read_where(&dir, &proc, now).expect("trusted");
+        assert_eq!(got, h);
+        assert_eq!(body, b"{\"body\": 1}");
+        // The ages file is another one: each reader takes only its own.
+        assert!(matches!(read(&dir, &proc, now), Err(Unusable::Missing(_))));
+        fs::copy(dir.join(WHERE_FILE), dir.join(FILE)).expect("copy");
+        assert!(matches!(
+            read(&dir, &proc, now),
+            Err(Unusable::Malformed { .. })
+        ));
+        let later = now.checked_add(Duration::from_secs(60)).expect("time");
+        assert!(matches!(
+            read_where(&dir, &proc, later),
+            Err(Unusable::Stale { .. })
+        ));
+        write_where(&dir, &header(pid, start + 1, now), b"{}").expect("write");
+        assert!(matches!(
+            read_where(&dir, &proc, now),
+            Err(Unusable::DaemonGone { .. })
+        ));
+        withdraw_where(&dir, pid + 1);
+        assert!(dir.join(WHERE_FILE).exists(), "not ours: left alone");
+        withdraw_where(&dir, pid);
+        assert!(!dir.join(WHERE_FILE).exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

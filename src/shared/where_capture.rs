@@ -329,3 +329,70 @@ impl Recorded {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: WhereKind, cookie: u64, fd: u32, ts_ns: u64, ip: u64) -> WhereRecord {
+        WhereRecord {
+            kind,
+            tgid: 42,
+            tid: 43,
+            fd,
+            cookie,
+            ts_ns,
+            hash: ip,
+            comm: "srv".into(),
+            capture: (kind != WhereKind::Closed).then(|| StackCapture {
+                frames: vec![ip, ip + 0x10, ip + 0x20],
+                ip,
+                sp: 0x7ffd_0000,
+                bp: 0x7ffd_0100,
+                stack: vec![0xab, 0, 0xff, 7],
+            }),
+        }
+    }
+
+    #[test]
+    fn what_the_daemon_publishes_reads_back_the_same() {
+        let mut rec = Recorded::default();
+        rec.add(record(WhereKind::Accept, 0, 9, 1, 0x1000));
+        rec.add(record(WhereKind::Eof, 77, 0, 2, 0x2000));
+        rec.add(record(WhereKind::Connect, 78, 0, 3, 0x3000));
+        rec.add(record(WhereKind::Eof, 79, 0, 4, 0x4000));
+        rec.add(record(WhereKind::Closed, 79, 0, 5, 0));
+        let counts = WhereCounts {
+            lost: 1,
+            full: 4,
+            short: 2,
+            ..WhereCounts::default()
+        };
+        let (back, c) = Recorded::from_bytes(&rec.to_bytes(&counts)).expect("parses");
+        assert_eq!(c, counts);
+        assert_eq!(back.eof, rec.eof);
+        assert_eq!(back.connect, rec.connect);
+        assert_eq!(back.accept, rec.accept);
+        assert_eq!(back.captures, rec.captures);
+        assert!(!back.eof.contains_key(&79), "a closed socket is forgotten");
+        // Stacks recorded after it are numbered past the ones read.
+        let mut more = back;
+        more.add(record(WhereKind::Eof, 80, 0, 6, 0x5000));
+        let id = more.eof[&80].capture.expect("kept");
+        assert!(!rec.captures.contains_key(&id), "a fresh number: {id}");
+        assert!(Recorded::from_bytes(b"{\"eof\": 3}").is_err());
+    }
+
+    #[test]
+    fn the_oldest_are_forgotten_past_the_cap() {
+        let mut rec = Recorded::default();
+        for i in 0..10 {
+            rec.add(record(WhereKind::Eof, 100 + i, 0, i, 0x1000));
+        }
+        assert_eq!(rec.cap(4), 6);
+        let mut left: Vec<u64> = rec.eof.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, vec![106, 107, 108, 109]);
+        assert_eq!(rec.cap(4), 0);
+    }
+}
