@@ -142,6 +142,18 @@ impl Attached {
     }
 }
 
+impl Attached {
+    /// The CPU time (user + system) the command used so far, from /proc/PID/stat.
+    fn cpu(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let hz = rustix::param::clock_ticks_per_second();
+        Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+    }
+}
+
 impl Drop for Attached {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -169,13 +181,19 @@ fn main() -> Result<()> {
     let mut with = Vec::new();
     for i in 0..a.runs {
         let base = one_run(a.secs)?;
-        let hooked = {
-            let _attached = Attached::start()?;
-            one_run(a.secs)?
+        let (hooked, cpu) = {
+            let attached = Attached::start()?;
+            let t = Instant::now();
+            let n = one_run(a.secs)?;
+            let share = attached
+                .cpu()
+                .map(|c| c.as_secs_f64() / t.elapsed().as_secs_f64() * 100.0);
+            (n, share)
         };
         println!(
-            "  run {:>2}: without {base:>7}/s   with {hooked:>7}/s",
-            i + 1
+            "  run {:>2}: without {base:>7}/s   with {hooked:>7}/s   (explain --where itself: {} of a CPU)",
+            i + 1,
+            cpu.map_or("?".into(), |c| format!("{c:.1} %"))
         );
         without.push(base as f64);
         with.push(hooked as f64);

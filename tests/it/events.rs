@@ -1211,6 +1211,11 @@ fn between_cycles_each_new_socket_is_known_with_its_owner_without_a_cycle() {
             Some(1.0),
             "found between cycles, not by one: {text}"
         );
+        let sum = sample(&text, "cwreap_detection_latency_seconds_sum").expect("a sum");
+        note(&format!(
+            "round {round}: detection latency so far, mean {:.2} ms over {round}",
+            sum * 1000.0 / f64::from(round)
+        ));
         assert!(
             !d.lines().iter().any(|l| l.contains("close_wait action")),
             "nothing decided between cycles"
