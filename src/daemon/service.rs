@@ -232,6 +232,7 @@ async fn main_loop(
         if let Some(k) = stacks {
             k.follow(daemon.target_pids());
         }
+        ring.rearm();
 
         // Sleep until the next cycle, feeding the watchdog and answering signals.
         // The interval is at most a day (config), and the clock is checked anyway: an
@@ -240,8 +241,11 @@ async fn main_loop(
         let wake = now
             .checked_add(daemon.cfg().interval)
             .unwrap_or(now + crate::shared::values::MAX_INTERVAL);
+        // The pings keep their own clock: events read between cycles end this wait's
+        // rounds as often as they come, and must not push the next ping back.
+        let tick = svc.watchdog.map_or(daemon.cfg().interval, |w| w / 2);
+        let mut ping = now + tick;
         loop {
-            let tick = svc.watchdog.map_or(daemon.cfg().interval, |w| w / 2);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => break,
                 _ = ring.queued() => {
@@ -256,8 +260,9 @@ async fn main_loop(
                     ring.looked(started.elapsed());
                     metrics.observe_detection(&seen.latencies);
                 }
-                _ = tokio::time::sleep(tick), if svc.watchdog.is_some() => {
+                _ = tokio::time::sleep_until(ping), if svc.watchdog.is_some() => {
                     svc.notify(&[NotifyState::Watchdog]);
+                    ping = tokio::time::Instant::now() + tick;
                 }
                 _ = svc.hup.recv() => {
                     let Some(d) = reload(&mut svc, daemon, &config_path).await? else {

@@ -3,27 +3,38 @@
 //! CLOSE_WAIT is known with its owner a wake-up after the peer's FIN. Decisions stay with
 //! the cycles, at the policy's interval. Looks are spaced by twice the time the last one
 //! took, so a storm of state changes keeps them to a third of a CPU at most.
+//!
+//! The ring buffer is watched by a thread of the event source ([`ReadyWatch`]), which
+//! wakes the daemon's loop through a [`Notify`] and looks again once the loop has read the
+//! events.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use cwreap_linux::kernel::Linux;
-use cwreap_linux::kernel::events::Ready;
+use cwreap_linux::kernel::events::ReadyWatch;
 
-/// The ring buffer's readiness, registered with the running reactor.
+/// The ring buffer's readiness, as the daemon's loop waits on it.
 pub struct Ring {
-    fd: Option<Ready>,
+    watch: Option<(ReadyWatch, Arc<Notify>)>,
     earliest: Instant,
 }
 
 impl Ring {
     /// The ring buffer of `k`'s events; one that never wakes when `k` polls, or its ring
-    /// cannot be watched (the interval then rules alone). Call within the runtime.
+    /// cannot be watched (the interval then rules alone).
     pub fn of(k: &Linux) -> Ring {
-        let fd = k.events().and_then(|e| e.ready().ok());
+        let notify = Arc::new(Notify::new());
+        let theirs = notify.clone();
+        let watch = k
+            .events()
+            .and_then(|e| e.watch_ready(move || theirs.notify_one()).ok())
+            .map(|w| (w, notify));
         Ring {
-            fd,
+            watch,
             earliest: Instant::now(),
         }
     }
@@ -31,17 +42,26 @@ impl Ring {
     /// Resolves once events are queued and the spacing since the last look has passed;
     /// never without a ring.
     pub async fn queued(&self) {
-        match &self.fd {
-            Some(fd) => {
-                fd.queued().await;
+        match &self.watch {
+            Some((_, notify)) => {
+                notify.notified().await;
                 tokio::time::sleep_until(self.earliest).await;
             }
             None => std::future::pending().await,
         }
     }
 
-    /// A look that took `took` just ended.
+    /// A look that took `took` just read the events: watch for the next ones.
     pub fn looked(&mut self, took: Duration) {
         self.earliest = Instant::now() + took.saturating_mul(2);
+        self.rearm();
+    }
+
+    /// A cycle read the events (a wake-up its wait consumed may not have been followed by
+    /// a look): watch for the next ones.
+    pub fn rearm(&self) {
+        if let Some((w, _)) = &self.watch {
+            w.rearm();
+        }
     }
 }

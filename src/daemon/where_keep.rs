@@ -27,7 +27,7 @@ use crate::shared::where_capture::{Recorded, Trust};
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// At least this often: the heartbeat readers check against (with the staleness margin).
 const BEAT_EVERY: Duration = Duration::from_secs(5);
-/// EOF reads (and connects) kept at most: a socket whose close the programs could not
+/// EOF reads (and connects, and accepts) kept at most: a socket whose close the programs could not
 /// follow is otherwise kept for ever.
 const MAX_KEPT: usize = 200_000;
 

@@ -234,11 +234,11 @@ impl Recorded {
         self.len() == 0
     }
 
-    /// Keep at most `max` EOF reads and as many connects, the newest: a socket whose close
-    /// the programs could not follow (their map of open sockets was full) is otherwise
-    /// kept for ever. Returns how many were dropped.
+    /// Keep at most `max` EOF reads, as many connects and as many accepts, the newest: a
+    /// socket whose close the programs could not follow is otherwise kept for ever, and
+    /// so is the last accept of every fd number. Returns how many were dropped.
     pub fn cap(&mut self, max: usize) -> usize {
-        fn newest(m: &mut HashMap<u64, Seen>, max: usize) -> usize {
+        fn newest<K: std::hash::Hash + Eq>(m: &mut HashMap<K, Seen>, max: usize) -> usize {
             if m.len() <= max {
                 return 0;
             }
@@ -250,7 +250,7 @@ impl Recorded {
             m.retain(|_, s| s.ts_ns >= limit);
             before - m.len()
         }
-        newest(&mut self.eof, max) + newest(&mut self.connect, max)
+        newest(&mut self.eof, max) + newest(&mut self.connect, max) + newest(&mut self.accept, max)
     }
 
     /// The bytes the daemon publishes: what is kept, with the programs' counts.
@@ -389,10 +389,16 @@ mod tests {
         for i in 0..10 {
             rec.add(record(WhereKind::Eof, 100 + i, 0, i, 0x1000));
         }
-        assert_eq!(rec.cap(4), 6);
+        for fd in 0..6 {
+            rec.add(record(WhereKind::Accept, 0, fd, 20 + u64::from(fd), 0x2000));
+        }
+        assert_eq!(rec.cap(4), 6 + 2);
         let mut left: Vec<u64> = rec.eof.keys().copied().collect();
         left.sort_unstable();
         assert_eq!(left, vec![106, 107, 108, 109]);
+        let mut fds: Vec<u32> = rec.accept.keys().map(|k| k.1).collect();
+        fds.sort_unstable();
+        assert_eq!(fds, vec![2, 3, 4, 5]);
         assert_eq!(rec.cap(4), 0);
     }
 }

@@ -1029,8 +1029,32 @@ fn sd_notify_ready_status_watchdog_and_reloading() {
     let first = notify.next(deadline).expect("no message from the daemon");
     assert_eq!(first.trim(), "READY=1", "READY=1 comes first");
 
-    // 2.5 s: at least two cycles (one a second), the watchdog fed in between.
+    // 2.5 s: at least two cycles (one a second), the watchdog fed in between, while
+    // connections enter and leave CLOSE_WAIT every 20 ms, as on a busy host: with events,
+    // each wakes the daemon between cycles to read them, and none may put a ping off.
+    let churning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let churn = {
+        let churning = churning.clone();
+        std::thread::spawn(move || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("address");
+            let mut made = 0;
+            while churning.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = TcpStream::connect(addr).expect("connect");
+                let (s, _) = l.accept().expect("accept");
+                c.shutdown(Shutdown::Write).expect("half-close");
+                std::thread::sleep(Duration::from_millis(20));
+                drop(s);
+                drop(c);
+                made += 1;
+            }
+            made
+        })
+    };
     std::thread::sleep(Duration::from_millis(2500));
+    churning.store(false, std::sync::atomic::Ordering::Relaxed);
+    let made = churn.join().expect("the churn thread");
+    assert!(made >= 50, "only {made} connections churned");
     let all = notify.all();
     let after_ready = &all[1..];
     let statuses = notify.statuses();

@@ -56,15 +56,53 @@ pub fn prepare_pins(dir: &std::path::Path) -> Result<bool, String> {
     Ok(true)
 }
 
-/// The ring buffer's readiness, for an event loop ([`EventFeed::ready`]).
-pub struct Ready(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+/// A thread that says when events are queued ([`EventFeed::watch_ready`]): it calls its
+/// callback once the ring buffer is readable, then waits to be [`ReadyWatch::rearm`]ed (the
+/// events read) before it looks again, so one batch of events is said once. Dropping it
+/// stops the thread within half a second.
+pub struct ReadyWatch {
+    shared: std::sync::Arc<(std::sync::Mutex<WatchState>, std::sync::Condvar)>,
+}
 
-impl Ready {
-    /// Resolves once events are queued (at once if some are already).
-    pub async fn queued(&self) {
-        if let Ok(mut ready) = self.0.readable().await {
-            ready.clear_ready();
+#[derive(Default)]
+struct WatchState {
+    armed: bool,
+    stop: bool,
+}
+
+impl ReadyWatch {
+    /// The events said were read: look again.
+    pub fn rearm(&self) {
+        let (lock, cv) = &*self.shared;
+        if let Ok(mut st) = lock.lock() {
+            st.armed = true;
+            cv.notify_one();
         }
+    }
+}
+
+impl Drop for ReadyWatch {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.shared;
+        if let Ok(mut st) = lock.lock() {
+            st.stop = true;
+            cv.notify_one();
+        }
+    }
+}
+
+/// Whether `fd` polls readable within `timeout`.
+fn readable(fd: &std::os::fd::OwnedFd, timeout: std::time::Duration) -> std::io::Result<bool> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let ts = Timespec {
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    match poll(&mut fds, Some(&ts)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -148,18 +186,48 @@ impl EventFeed {
         self.events.wait(timeout)
     }
 
-    /// A copy of the ring buffer's descriptor registered with the running tokio reactor,
-    /// for an event loop to wait on ([`Self::wait`] blocks a thread instead). Call within
-    /// a runtime with I/O enabled.
-    pub fn ready(&self) -> std::io::Result<Ready> {
-        use tokio::io::{Interest, unix::AsyncFd};
+    /// Call `on_ready` from a thread of its own each time events are queued, once per
+    /// [`ReadyWatch::rearm`] (the first look needs none): an event loop waits on that
+    /// instead of blocking ([`Self::wait`] blocks the calling thread).
+    pub fn watch_ready(&self, on_ready: impl Fn() + Send + 'static) -> std::io::Result<ReadyWatch> {
+        use std::sync::{Arc, Condvar, Mutex};
         let fd = std::os::fd::AsFd::as_fd(&self.events).try_clone_to_owned()?;
-        // SAFETY: `fd` is a descriptor of its own (a dup), owned by the AsyncFd from here
-        // on: nothing else closes or replaces it while it is registered, and dropping the
-        // AsyncFd deregisters it before closing it.
-        let ready = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(Ready(ready))
+        let shared = Arc::new((
+            Mutex::new(WatchState {
+                armed: true,
+                stop: false,
+            }),
+            Condvar::new(),
+        ));
+        let theirs = shared.clone();
+        std::thread::Builder::new()
+            .name("cwreap-ring".into())
+            .spawn(move || {
+                let (lock, cv) = &*theirs;
+                loop {
+                    {
+                        let Ok(mut st) = lock.lock() else { return };
+                        while !st.armed && !st.stop {
+                            let Ok(next) = cv.wait(st) else { return };
+                            st = next;
+                        }
+                        if st.stop {
+                            return;
+                        }
+                    }
+                    match readable(&fd, std::time::Duration::from_millis(500)) {
+                        Ok(true) => {
+                            if let Ok(mut st) = lock.lock() {
+                                st.armed = false;
+                            }
+                            on_ready();
+                        }
+                        Ok(false) => {}
+                        Err(_) => return,
+                    }
+                }
+            })?;
+        Ok(ReadyWatch { shared })
     }
 
     /// How many sockets are tracked as in CLOSE_WAIT now.
