@@ -42,7 +42,7 @@ pub use procfs::{
 };
 pub use programs::{
     cwreap, cwreap_bin, cwreap_json, field_i64, field_str, fixture_bin, json_lines,
-    json_of_success, repo, run_ok, stderr, stdout, target_tmpdir, without_pins,
+    json_of_success, listening_port, repo, run_ok, stderr, stdout, target_tmpdir, without_pins,
 };
 pub use scratch::{Scratch, raise_nofile, write_policy};
 pub use ss::{ss_close_wait, ss_close_wait_on_port, ss_count};

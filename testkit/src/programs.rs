@@ -136,3 +136,16 @@ pub fn field_str<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
         .as_str()
         .unwrap_or_else(|| panic!("no string {key} in {v}"))
 }
+
+/// The port a test server announces as its first line, `listening PORT`; `who` names it
+/// in the failure.
+pub fn listening_port(stdout: &mut impl std::io::BufRead, who: &str) -> u16 {
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{who}: read the port line: {e}"));
+    line.trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{who} said {line:?}, not `listening PORT`"))
+}

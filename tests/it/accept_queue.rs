@@ -38,13 +38,7 @@ impl LateAccept {
             .expect("start python3 late_accept.py");
         let stdin = child.stdin.take().expect("stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read the port line");
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("late_accept.py said {line:?}"));
+        let port = listening_port(&mut stdout, "late_accept.py");
         LateAccept {
             child,
             stdin,

@@ -18,7 +18,9 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 
 use crate::support::runtimes::{go_program, source};
-use crate::support::{json_lines, skip_or_fail, ss_count, target_tmpdir, wait_until};
+use crate::support::{
+    json_lines, listening_port, skip_or_fail, ss_count, target_tmpdir, wait_until,
+};
 
 /// Leaking (and, as many, closing) connections per program.
 const K: usize = 40;
@@ -51,13 +53,7 @@ fn start(cmd: &mut Command) -> Prog {
         .spawn()
         .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("read the port line");
-    let port = line
-        .trim()
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{cmd:?} said {line:?}, not `listening PORT`"));
+    let port = listening_port(&mut stdout, &format!("{cmd:?}"));
     Prog {
         child,
         port,
@@ -467,6 +463,29 @@ fn a_daemon_with_where_on_names_the_code_of_leaks_older_than_the_command() {
     );
     let (_, _, err) = explain_kept(&run, pid);
     assert!(err.contains("recorded by the daemon"), "{err}");
+    // With a window of its own after the leak, the command sees none of those EOF reads
+    // itself; the daemon's records still name every socket.
+    let out = Command::new(crate::support::cwreap_bin())
+        .args(["explain", "--where", "--for", "1s", "--json", "--pid"])
+        .arg(pid.to_string())
+        .env("CWREAP_RUN_DIR", &run)
+        .output()
+        .expect("run cwreap");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let windowed = json_lines(&out);
+    assert_eq!(windowed.len(), 1, "{windowed:?}");
+    assert_accuracy(
+        "C, daemon where: on, and a window after the leak",
+        &windowed[0],
+        "leak_conn",
+        "tidy_conn",
+        Some(want),
+    );
     // A SIGKILLed daemon's file stays, and is not trusted.
     rustix::process::kill_process(d.daemon.pid(), rustix::process::Signal::KILL).expect("SIGKILL");
     wait_until("the daemon gone", String::new, || {

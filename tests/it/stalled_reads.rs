@@ -24,27 +24,40 @@ const V4: &str = "127.0.0.1:0";
 /// with it, which lets every stuck reader go).
 fn stalled_process(test: &str) -> Option<LineChild> {
     let exe = runtimes::c_program(test, "stall_mm.c")?;
-    let listener = std::net::TcpListener::bind(V4).expect("listen");
-    let addr = listener.local_addr().expect("address").to_string();
-    let mut p = LineChild::spawn("stall_mm", Command::new(exe).args(["--connect", &addr]))
-        .expect("start stall_mm");
-    let fd: i32 = p
-        .expect("connected ", HANG_GUARD)
-        .ok()
-        .and_then(|fd| fd.parse().ok())
-        .unwrap_or_else(|| panic!("stall_mm said no fd\n{}", p.transcript()));
-    // The peer closes: stall_mm's end goes to CLOSE_WAIT, never read.
-    let (peer, _) = listener.accept().expect("accept");
-    drop(peer);
-    p.expect("stalled", HANG_GUARD)
-        .unwrap_or_else(|e| panic!("stall_mm never stalled: {e}\n{}", p.transcript()));
-    let pid = p.pid();
-    wait_until(
-        "stall_mm's end in CLOSE_WAIT",
-        || format!("{:?}", ss_close_wait(pid)),
-        || ss_close_wait(pid).iter().any(|t| t.0 == fd).then_some(()),
-    );
-    Some(p)
+    let mut tries = Vec::new();
+    for _ in 0..5 {
+        let listener = std::net::TcpListener::bind(V4).expect("listen");
+        let addr = listener.local_addr().expect("address").to_string();
+        let mut p = LineChild::spawn("stall_mm", Command::new(&exe).args(["--connect", &addr]))
+            .expect("start stall_mm");
+        let fd: i32 = p
+            .expect("connected ", HANG_GUARD)
+            .ok()
+            .and_then(|fd| fd.parse().ok())
+            .unwrap_or_else(|| panic!("stall_mm said no fd\n{}", p.transcript()));
+        // The peer closes: stall_mm's end goes to CLOSE_WAIT, never read.
+        let (peer, _) = listener.accept().expect("accept");
+        drop(peer);
+        if let Err(e) = p.expect("stalled", HANG_GUARD) {
+            // Its trap did not arm this time (it says so and exits): another one.
+            let said = p.transcript();
+            assert!(
+                said.contains("unarmed"),
+                "stall_mm never stalled: {e}\n{said}"
+            );
+            let _ = writeln!(std::io::stderr(), "stall_mm's trap did not arm; another try");
+            tries.push(said);
+            continue;
+        }
+        let pid = p.pid();
+        wait_until(
+            "stall_mm's end in CLOSE_WAIT",
+            || format!("{:?}", ss_close_wait(pid)),
+            || ss_close_wait(pid).iter().any(|t| t.0 == fd).then_some(()),
+        );
+        return Some(p);
+    }
+    panic!("stall_mm's trap never armed in 5 tries: {tries:?}");
 }
 
 /// Whether a read of `path` from a thread of ours blocks in the kernel: it sleeps there

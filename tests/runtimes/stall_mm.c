@@ -14,7 +14,10 @@
  * aborts the connection, the READ fails, and the lock is released. The mount lives in a mount
  * namespace of its own. Needs root (/dev/fuse, mount).
  *
- * Prints "stalled" once a reader would block, then waits until killed.
+ * Prints "stalled" once a reader would block, then waits until killed. When the trap does not
+ * arm (the writer got the lock: the reading thread was not holding it while it waited, as a
+ * fault may drop the lock to wait for I/O and then never retake it), it prints "unarmed" and
+ * exits with status 3: the caller starts another.
  *
  * With --connect HOST:PORT (IPv4) it first opens a TCP connection there and holds it, never
  * reading it, and prints "connected FD": when the peer closes, the process holds a CLOSE_WAIT
@@ -165,6 +168,7 @@ static void *hold_read(void *unused) {
 }
 
 static pid_t writer_tid;
+static int writer_done;
 static int go[2];
 
 /* Asks for the mmap lock for writing once told to: it queues behind the reader. Started
@@ -176,6 +180,7 @@ static void *want_write(void *unused) {
     if (read(go[0], &c, 1) != 1)
         return NULL;
     (void)mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    __atomic_store_n(&writer_done, 1, __ATOMIC_SEQ_CST);
     return NULL;
 }
 
@@ -288,6 +293,11 @@ int main(int argc, char **argv) {
         pid_t tid = __atomic_load_n(&writer_tid, __ATOMIC_SEQ_CST);
         if (tid && thread_state(tid) == 'D')
             break;
+        if (__atomic_load_n(&writer_done, __ATOMIC_SEQ_CST)) {
+            printf("unarmed\n");
+            fflush(stdout);
+            _exit(3);
+        }
         usleep(1000);
     }
     printf("stalled\n");
