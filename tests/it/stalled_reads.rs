@@ -45,7 +45,10 @@ fn stalled_process(test: &str) -> Option<LineChild> {
                 said.contains("unarmed"),
                 "stall_mm never stalled: {e}\n{said}"
             );
-            let _ = writeln!(std::io::stderr(), "stall_mm's trap did not arm; another try");
+            let _ = writeln!(
+                std::io::stderr(),
+                "stall_mm's trap did not arm; another try"
+            );
             tries.push(said);
             continue;
         }
