@@ -23,6 +23,10 @@ use cwreap_linux::published::{self, Header};
 
 use crate::shared::where_capture::{Recorded, Trust};
 
+/// The ring buffer: read every 200 ms at the latest, and records of paths seen before
+/// carry no stack, so a quarter of what a command's window uses is plenty (it is resident
+/// memory of the daemon).
+const RING_BYTES: u32 = 1 << 22;
 /// At most this often while records change.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// At least this often: the heartbeat readers check against (with the staleness margin).
@@ -46,6 +50,7 @@ impl WhereKeep {
     pub fn start(dir: PathBuf, pid: i32, start_time: u64) -> Result<WhereKeep, Unavailable> {
         let probe = WhereProbe::load(&WhereOptions {
             follow: true,
+            ring_bytes: RING_BYTES,
             ..WhereOptions::default()
         })?;
         let mut keep = WhereKeep {
