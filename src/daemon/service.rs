@@ -249,7 +249,7 @@ async fn main_loop(
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => break,
                 _ = ring.queued() => {
-                    let started = std::time::Instant::now();
+                    let started = tokio::time::Instant::now();
                     let Some((d, seen)) = svc
                         .blocking(daemon, |d: &mut Daemon<Linux>, _: &AtomicBool| d.detect())
                         .await?
@@ -257,7 +257,7 @@ async fn main_loop(
                         return Ok(written);
                     };
                     daemon = d;
-                    ring.looked(started.elapsed());
+                    ring.looked(started, started.elapsed());
                     metrics.observe_detection(&seen.latencies);
                 }
                 _ = tokio::time::sleep_until(ping), if svc.watchdog.is_some() => {

@@ -1,8 +1,11 @@
 //! With events, the wait between cycles also watches the ring buffer: as soon as the kernel
 //! queues an event, [`crate::daemon::engine::Daemon::detect`] reads it, so a socket entering
 //! CLOSE_WAIT is known with its owner a wake-up after the peer's FIN. Decisions stay with
-//! the cycles, at the policy's interval. Looks are spaced by twice the time the last one
-//! took, so a storm of state changes keeps them to a third of a CPU at most.
+//! the cycles, at the policy's interval. Looks are spaced by at least [`MIN_GAP`] and by
+//! twice the time the last one took: on a busy host, whose connections pass through
+//! CLOSE_WAIT by the thousand every second, events are read in batches (at most 200 looks
+//! a second, each a few hundred microseconds), and a storm keeps them to a third of a CPU
+//! at most. The first event after a quiet spell is read at once.
 //!
 //! The ring buffer is watched by a thread of the event source ([`ReadyWatch`]), which
 //! wakes the daemon's loop through a [`Notify`] and looks again once the loop has read the
@@ -16,6 +19,9 @@ use tokio::time::Instant;
 
 use cwreap_linux::kernel::Linux;
 use cwreap_linux::kernel::events::ReadyWatch;
+
+/// The least time from the start of one look to the next.
+pub const MIN_GAP: Duration = Duration::from_millis(5);
 
 /// The ring buffer's readiness, as the daemon's loop waits on it.
 pub struct Ring {
@@ -51,9 +57,10 @@ impl Ring {
         }
     }
 
-    /// A look that took `took` just read the events: watch for the next ones.
-    pub fn looked(&mut self, took: Duration) {
-        self.earliest = Instant::now() + took.saturating_mul(2);
+    /// A look that started at `started` and took `took` just read the events: watch for
+    /// the next ones.
+    pub fn looked(&mut self, started: Instant, took: Duration) {
+        self.earliest = (started + MIN_GAP).max(Instant::now() + took.saturating_mul(2));
         self.rearm();
     }
 

@@ -321,6 +321,16 @@ impl EventFeed {
         self.lost = lost;
         let mut out = Changes::default();
         let events = std::mem::take(&mut self.buf);
+        // A socket that entered and left CLOSE_WAIT within these events (the common case
+        // on a busy server whose clients close first) is never looked up: it would be
+        // tracked only to be dropped a moment later.
+        let passed: HashSet<u64> = events
+            .iter()
+            .filter_map(|e| match *e {
+                Event::Left { cookie, .. } | Event::Destroyed { cookie, .. } => Some(cookie),
+                Event::Entered { .. } => None,
+            })
+            .collect();
         for e in &events {
             match *e {
                 Event::Entered {
@@ -331,8 +341,8 @@ impl EventFeed {
                     ..
                 } => {
                     let netns = u64::from(netns);
-                    if ns.get_mut(netns).is_none() {
-                        continue; // a namespace no target lives in
+                    if ns.get_mut(netns).is_none() || passed.contains(&cookie) {
+                        continue; // a namespace no target lives in, or gone again
                     }
                     let probe = DiagSocket {
                         netns,
