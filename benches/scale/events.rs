@@ -412,7 +412,7 @@ pub fn burst(fleet: &Fleet, changes: usize, over: Duration, log: &dyn Fn(&str)) 
     let per_step = conns.div_ceil(steps);
     // The daemon on a thread of its own, as `cwreap run` runs it: a cycle every second,
     // and between cycles a look at the events each time the ring buffer is readable,
-    // spaced by twice the last look's time.
+    // spaced as `cwreap run` spaces them (at least 5 ms, and twice the last look's time).
     let done = std::sync::Arc::new(AtomicBool::new(false));
     let runner = {
         let done = done.clone();
@@ -432,7 +432,9 @@ pub fn burst(fleet: &Fleet, changes: usize, over: Duration, log: &dyn Fn(&str)) 
                     let t = Instant::now();
                     d.detect();
                     looks += 1;
-                    std::thread::sleep(t.elapsed() * 2);
+                    let took = t.elapsed();
+                    let next = (t + cwreap::daemon::wake::MIN_GAP).max(Instant::now() + took * 2);
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
                 }
             }
             Ok((d, looks))

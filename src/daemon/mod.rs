@@ -48,7 +48,7 @@ mod steady;
 #[cfg(test)]
 mod tests;
 pub mod tracker;
-mod wake;
+pub mod wake;
 pub mod where_keep;
 
 pub use engine::Daemon;
