@@ -161,19 +161,7 @@ impl Events {
     /// Wait until events are waiting or `timeout` passes (`None`: no limit). True when
     /// some are. For an event loop, poll or epoll [`AsFd::as_fd`] for readability instead.
     pub fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
-        use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        let ts = timeout.map(|t| Timespec {
-            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(t.subsec_nanos()),
-        });
-        let mut fds = [PollFd::new(&self.ring, PollFlags::IN)];
-        loop {
-            match poll(&mut fds, ts.as_ref()) {
-                Ok(n) => return Ok(n > 0),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        load::wait_readable(self.ring.as_fd(), timeout)
     }
 
     /// Events the programs could not queue because the ring buffer was full, since load.

@@ -222,6 +222,27 @@ pub(crate) fn attach_tracepoints(
     Ok(())
 }
 
+/// Wait until `fd` (a ring buffer) polls readable or `timeout` passes (`None`: no limit),
+/// through signals. True when it is readable.
+pub(crate) fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: Option<std::time::Duration>,
+) -> io::Result<bool> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let ts = timeout.map(|t| Timespec {
+        tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(t.subsec_nanos()),
+    });
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    loop {
+        match poll(&mut fds, ts.as_ref()) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The page size, the unit of a ring buffer's size.
 pub(crate) fn page_size() -> u32 {
     u32::try_from(rustix::param::page_size()).unwrap_or(4096)

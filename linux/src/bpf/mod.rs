@@ -36,6 +36,7 @@ mod event;
 mod events;
 mod iter;
 mod load;
+pub(crate) use load::wait_readable;
 mod pin;
 mod where_load;
 mod where_record;

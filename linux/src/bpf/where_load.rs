@@ -185,19 +185,7 @@ impl WhereProbe {
 
     /// Wait until records are waiting or `timeout` passes. True when some are.
     pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
-        use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        let ts = Timespec {
-            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(timeout.subsec_nanos()),
-        };
-        let mut fds = [PollFd::new(&self.ring, PollFlags::IN)];
-        loop {
-            match poll(&mut fds, Some(&ts)) {
-                Ok(n) => return Ok(n > 0),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        load::wait_readable(std::os::fd::AsFd::as_fd(&self.ring), Some(timeout))
     }
 
     /// Trust the frame-pointer stacks of process `tgid` (checked against CFI by the

@@ -91,21 +91,6 @@ impl Drop for ReadyWatch {
     }
 }
 
-/// Whether `fd` polls readable within `timeout`.
-fn readable(fd: &std::os::fd::OwnedFd, timeout: std::time::Duration) -> std::io::Result<bool> {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    let ts = Timespec {
-        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
-        tv_nsec: i64::from(timeout.subsec_nanos()),
-    };
-    let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    match poll(&mut fds, Some(&ts)) {
-        Ok(n) => Ok(n > 0),
-        Err(rustix::io::Errno::INTR) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// The event source, and what it knows of the sockets it reported.
 pub struct EventFeed {
     events: Events,
@@ -190,8 +175,9 @@ impl EventFeed {
     /// [`ReadyWatch::rearm`] (the first look needs none): an event loop waits on that
     /// instead of blocking ([`Self::wait`] blocks the calling thread).
     pub fn watch_ready(&self, on_ready: impl Fn() + Send + 'static) -> std::io::Result<ReadyWatch> {
+        use std::os::fd::AsFd;
         use std::sync::{Arc, Condvar, Mutex};
-        let fd = std::os::fd::AsFd::as_fd(&self.events).try_clone_to_owned()?;
+        let fd = self.events.as_fd().try_clone_to_owned()?;
         let shared = Arc::new((
             Mutex::new(WatchState {
                 armed: true,
@@ -215,7 +201,8 @@ impl EventFeed {
                             return;
                         }
                     }
-                    match readable(&fd, std::time::Duration::from_millis(500)) {
+                    let half_a_second = Some(std::time::Duration::from_millis(500));
+                    match crate::bpf::wait_readable(fd.as_fd(), half_a_second) {
                         Ok(true) => {
                             if let Ok(mut st) = lock.lock() {
                                 st.armed = false;
