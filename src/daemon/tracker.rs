@@ -61,7 +61,7 @@ impl Tracker {
     /// CLOSE_WAIT, as last seen.
     pub fn apply(&mut self, changes: Changes, now: Boottime) -> Vec<DiagSocket> {
         self.observed += 1;
-        let (changed, left, _) = self.merge(changes, now);
+        let (changed, left, _) = self.merge(changes, now, self.observed);
         self.changed = changed || std::mem::take(&mut self.between);
         left
     }
@@ -74,19 +74,18 @@ impl Tracker {
         changes: Changes,
         now: Boottime,
     ) -> (Vec<DiagSocket>, Vec<DiagSocket>) {
-        self.observed += 1;
-        let (changed, left, entered) = self.merge(changes, now);
-        self.observed -= 1;
+        let (changed, left, entered) = self.merge(changes, now, self.observed + 1);
         self.between |= changed;
         (entered, left)
     }
 
-    /// Apply `changes` as observation `self.observed`: whether anything changed, what
-    /// left, and what is newly tracked.
+    /// Apply `changes` as observation `since`: whether anything changed, what left, and
+    /// what is newly tracked.
     fn merge(
         &mut self,
         changes: Changes,
         now: Boottime,
+        since: u64,
     ) -> (bool, Vec<DiagSocket>, Vec<DiagSocket>) {
         let mut changed = changes.listeners != self.listeners;
         let mut left = Vec::new();
@@ -107,25 +106,19 @@ impl Tracker {
                 None => {
                     changed = true;
                     entered.push(diag.clone());
-                    self.insert(diag, now);
+                    self.sockets.insert(
+                        key_of(&diag),
+                        Tracked {
+                            diag,
+                            first_seen: now,
+                            since,
+                        },
+                    );
                 }
             }
         }
         self.listeners = changes.listeners;
         (changed, left, entered)
-    }
-
-    /// Track `diag` (not tracked yet) from now on.
-    fn insert(&mut self, diag: DiagSocket, now: Boottime) {
-        let since = self.observed;
-        self.sockets.insert(
-            key_of(&diag),
-            Tracked {
-                diag,
-                first_seen: now,
-                since,
-            },
-        );
     }
 
     /// The sockets and listeners as one discovery pass, for attribution.
