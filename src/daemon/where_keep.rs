@@ -126,12 +126,7 @@ fn run(
             warn!(error = %e, "where: waiting on the ring buffer failed; recording stops");
             break;
         }
-        probe.drain(&mut buf);
-        for r in buf.drain(..) {
-            trust.check(&mut probe, &r);
-            rec.add(r);
-            changed = true;
-        }
+        changed |= rec.take(&mut probe, &mut trust, &mut buf) > 0;
         let now = Instant::now();
         let due = published_at.is_none_or(|t| {
             let since = now.duration_since(t);

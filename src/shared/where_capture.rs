@@ -75,6 +75,23 @@ impl Recorded {
         }
     }
 
+    /// Take in every record `probe` has queued, learning from each through `trust` how
+    /// the programs may send its process's stacks (`buf` is scratch). How many there were.
+    pub fn take(
+        &mut self,
+        probe: &mut WhereProbe,
+        trust: &mut Trust,
+        buf: &mut Vec<WhereRecord>,
+    ) -> usize {
+        probe.drain(buf);
+        let n = buf.len();
+        for r in buf.drain(..) {
+            trust.check(probe, &r);
+            self.add(r);
+        }
+        n
+    }
+
     /// Forget the stacks no socket refers to any more. The last stack per hash of a trusted
     /// process stays: later records refer to it without carrying it.
     pub fn prune(&mut self, trust: &Trust) {

@@ -86,11 +86,7 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
     loop {
         let left = end.saturating_duration_since(Instant::now());
         probe.wait(left.min(POLL))?;
-        probe.drain(&mut buf);
-        for r in buf.drain(..) {
-            trust.check(&mut probe, &r);
-            rec.add(r);
-        }
+        rec.take(&mut probe, &mut trust, &mut buf);
         if last_prune.elapsed() > Duration::from_secs(1) {
             rec.prune(&trust);
             last_prune = Instant::now();
@@ -103,10 +99,7 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
     // The sockets as they are now, the programs still attached so that nothing closing
     // meanwhile goes unseen; then detached.
     let (snap, _failures, _unprobed) = observe(k, false, &args.selectors)?;
-    probe.drain(&mut buf);
-    for r in buf.drain(..) {
-        rec.add(r);
-    }
+    rec.take(&mut probe, &mut trust, &mut buf);
     drop(probe);
     report(k, args, &snap, &rec, out, err)?;
     counts_note("this window", &counts, err)?;
