@@ -11,6 +11,10 @@
 //! The format is little-endian binary: the magic `CWAGES01`, then pid (i32), start time
 //! (u64, clock ticks after boot), heartbeat (u64, CLOCK_BOOTTIME ns), interval (u64, ms),
 //! count (u64), then per socket netns inode, cookie and first sight (three u64).
+//!
+//! With `where: on`, the daemon also publishes the file `where` there: the magic
+//! `CWWHERE1`, the same header without the count, then the stacks it keeps for `explain
+//! --where` (a body this module does not read), trusted the same way.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
