@@ -71,8 +71,8 @@ pub fn run(config_path: &Path, force_dry_run: bool, pid_file: Option<&Path>) -> 
             tokio::spawn(crate::daemon::endpoint::serve(listener, metrics.clone()));
         }
         let notifier = Notifier::from_env(health.notify_dropped.clone());
-        let svc = (notifier, pid_file, stacks.as_ref());
-        main_loop(daemon, config_path.to_path_buf(), metrics, svc).await
+        let path = config_path.to_path_buf();
+        main_loop(daemon, path, metrics, notifier, pid_file, stacks.as_ref()).await
     });
     if let Some(k) = stacks.as_mut() {
         k.stop();
@@ -189,7 +189,9 @@ async fn main_loop(
     daemon: Daemon<Linux>,
     config_path: PathBuf,
     metrics: Metrics,
-    (notifier, pid_file, stacks): (Notifier, Option<&Path>, Option<&WhereKeep>),
+    notifier: Notifier,
+    pid_file: Option<&Path>,
+    stacks: Option<&WhereKeep>,
 ) -> Result<Option<PidFile>> {
     let mut svc = Service {
         notifier,
