@@ -46,6 +46,10 @@ typedef struct {
 	struct net *net;
 } possible_net_t;
 
+typedef struct {
+	long long counter;
+} atomic64_t;
+
 struct sock_common {
 	union {
 		struct {
@@ -64,6 +68,7 @@ struct sock_common {
 	possible_net_t skc_net;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
+	atomic64_t skc_cookie; /* 0 until the cookie is first asked for */
 };
 
 /* sk_protocol and sk_type are plain u16 since Linux 5.6 (bitfields before); cwreap needs

@@ -5,18 +5,24 @@
  * (checked in, embedded by the Rust crate); the user-space half, and the record layout it
  * parses, are in linux/src/bpf/where_*.rs.
  *
- * Three programs, attached only while the command runs:
+ * Four programs, attached only while the command runs:
  * - tp_btf/sock_recv_length (Linux 6.3+): a TCP read that returned 0 without MSG_PEEK, for
- *   a non-zero length where the syscall shows it: the EOF read. Keyed by socket cookie.
+ *   a non-zero length where the syscall shows it: the EOF read. Kept by socket cookie.
  * - tp_btf/inet_sock_set_state to SYN_SENT: tcp_v4_connect/tcp_v6_connect run in the
- *   connecting task, so its user stack is the connect's. Keyed by socket cookie.
+ *   connecting task, so its user stack is the connect's. Kept by socket cookie.
  * - tp_btf/sys_exit for accept(2) and accept4(2) that returned an fd: the accepting task.
- *   Keyed by (tgid, fd); user space joins it with the fd that holds the socket.
+ *   Kept by (tgid, fd); user space joins it with the fd that holds the socket.
+ * - tp_btf/tcp_destroy_sock: a socket kept by cookie is freed (it did not leak): forgotten.
  *
- * Each record carries the frame-pointer stack (bpf_get_stack, BPF_F_USER_STACK), the user
- * registers, and a copy of the top of the user stack for a CFI unwinder in user space. In
- * a process whose frame pointers user space trusts (cw_where_trusted), a stack already sent
- * for the same (tgid, kind, stack hash) is not sent again: the record carries the hash. Self-contained like cwreap.bpf.c: no libbpf or kernel headers.
+ * What is kept per socket (when, which thread, which stack) stays in kernel maps, and user
+ * space looks up only the sockets it reports: a busy server's sockets that close normally
+ * cost no record to user space. The ring buffer carries stacks, each with the frame-pointer
+ * stack (bpf_get_stack, BPF_F_USER_STACK), the user registers, and a copy of the top of the
+ * user stack for a CFI unwinder in user space. In a process whose stacks user space can
+ * tell apart by hash (frame pointers it trusts, cw_where_trusted; or a layout of return
+ * addresses for the call site, cw_where_layouts), a stack already sent for the same
+ * (tgid, kind, hash) is not sent again: the kept record names it by its hash.
+ * Self-contained like cwreap.bpf.c: no libbpf or kernel headers.
  */
 #include "vmlinux.h"
 
@@ -75,19 +81,20 @@ static struct pt_regs *(*const bpf_task_pt_regs)(struct task_struct *task) = (vo
 #define CW_WHERE_EOF 1
 #define CW_WHERE_CONNECT 2
 #define CW_WHERE_ACCEPT 3
-#define CW_WHERE_CLOSED 4 /* header only: a socket of an eof or connect record was freed */
 
 /* Record flags. */
-#define CW_WHERE_FULL 1 /* frames, registers and stack bytes follow the header */
+#define CW_WHERE_FULL 1       /* frames, registers and stack bytes follow the header (always) */
+#define CW_WHERE_REMEMBERED 2 /* its hash names it from now on: records kept later may refer
+			       * to it without sending it again */
 
 #define CW_WHERE_FRAMES 64
 /* The whole record stays within the per-CPU map value limit (32768 bytes). */
 #define CW_WHERE_STACK_MAX 16384
 
 /*
- * One ring-buffer record (parsed in linux/src/bpf/where_record.rs; keep both in step).
- * The header alone (88 bytes) when the stack was sent before; with CW_WHERE_FULL, the
- * frames and `stack_len` bytes of stack follow, so a record is 88 + 512 + stack_len bytes.
+ * One ring-buffer record: a stack (parsed in linux/src/bpf/where_record.rs; keep both in
+ * step). The 88-byte header, then the frames and `stack_len` bytes of stack, so a record
+ * is 88 + 512 + stack_len bytes.
  */
 struct cw_where {
 	__u8 kind;      /* CW_WHERE_* */
@@ -98,14 +105,13 @@ struct cw_where {
 	__u32 fd;       /* accept: the returned fd; else 0 */
 	__u64 cookie;   /* eof, connect: socket cookie; accept: 0 */
 	__u64 ts_ns;    /* CLOCK_BOOTTIME */
-	__u64 hash;     /* of the frame-pointer stack and the word at sp */
+	__u64 hash;     /* names the stack within (tgid, kind): what kept records refer to */
 	char comm[16];
 	__u64 ip;       /* user registers at the syscall */
 	__u64 sp;
 	__u64 bp;
 	__u32 stack_len; /* bytes of stack copied from sp (full records) */
 	__u32 _pad;
-	/* full records only: */
 	__u64 frames[CW_WHERE_FRAMES];
 	__u8 stack[CW_WHERE_STACK_MAX];
 };
@@ -142,14 +148,44 @@ struct {
 	__type(value, __u8);
 } cw_where_seen SEC(".maps");
 
-/* Cookies of the eof and connect records sent, until the socket is freed: its closed
- * record tells user space to forget it. */
+/* One record kept in the kernel: when, which thread, and which stack (the ring record of
+ * (tgid, kind, hash)). Read by user space (linux/src/bpf/where_load.rs; keep in step). */
+struct cw_where_at {
+	__u64 ts_ns; /* CLOCK_BOOTTIME; 0: none */
+	__u64 hash;
+	__u32 tgid;
+	__u32 tid;
+};
+
+/* The EOF read and the connect of a socket, until it is freed (a socket that did not leak
+ * is forgotten then). A plain hash, not LRU: when full, a socket not kept is counted
+ * (CW_COUNT_SOCKS_FULL), never one kept forgotten silently. */
+struct cw_where_sock {
+	struct cw_where_at eof;
+	struct cw_where_at connect;
+};
+
+#define CW_WHERE_SOCKS 131072
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, CW_WHERE_SOCKS);
 	__type(key, __u64);
-	__type(value, __u8);
-} cw_where_open SEC(".maps");
+	__type(value, struct cw_where_sock);
+} cw_where_socks SEC(".maps");
+
+/* The last accept that returned each (tgid, fd): a later accept into the same fd number
+ * replaces it; user space forgets the entries of processes gone. */
+struct cw_where_fd {
+	__u32 tgid;
+	__u32 fd;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct cw_where_fd);
+	__type(value, struct cw_where_at);
+} cw_where_accepts SEC(".maps");
 
 /* Processes whose frame-pointer stacks user space checked against CFI (tgid → 1): only
  * their stacks are deduplicated. In a binary without frame pointers, the frame pointer
@@ -171,6 +207,8 @@ struct {
  * sent again.
  */
 #define CW_WHERE_LAYOUT_DEPTH 7
+/* The outermost offset a layout may have: the words are read in one span this long. */
+#define CW_WHERE_LAYOUT_SPAN 4096
 struct cw_where_layout_key {
 	__u32 tgid;
 	__u32 _pad;
@@ -198,13 +236,14 @@ struct {
 } cw_where_pids SEC(".maps");
 
 /* Counters, per CPU. */
-#define CW_COUNT_LOST 0       /* records the ring buffer had no room for */
-#define CW_COUNT_SEEN_FULL 1  /* stacks not remembered: cw_where_seen was full */
-#define CW_COUNT_NO_STACK 2   /* records whose stack bytes could not be read */
-#define CW_COUNT_FULL 3       /* full records sent */
-#define CW_COUNT_SHORT 4      /* header-only records sent (stack seen before) */
-#define CW_COUNT_OPEN_FULL 5  /* cookies not tracked to their end: cw_where_open was full */
-#define CW_COUNTERS 6
+#define CW_COUNT_LOST 0         /* stacks the ring buffer had no room for */
+#define CW_COUNT_SEEN_FULL 1    /* stacks not remembered: cw_where_seen was full */
+#define CW_COUNT_NO_STACK 2     /* stacks whose bytes could not be read */
+#define CW_COUNT_FULL 3         /* stacks sent */
+#define CW_COUNT_SHORT 4        /* records kept whose stack was sent before */
+#define CW_COUNT_SOCKS_FULL 5   /* EOF reads and connects not kept: cw_where_socks was full */
+#define CW_COUNT_ACCEPTS_FULL 6 /* accepts not kept: cw_where_accepts was full */
+#define CW_COUNTERS 7
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, CW_COUNTERS);
@@ -243,6 +282,51 @@ static __always_inline int cw_wanted(__u32 tgid)
 	return bpf_map_lookup_elem(&cw_where_pids, &tgid) != 0;
 }
 
+/* Keep what thread `r` did to the socket `cookie` (eof, connect) or to the fd `fd` it
+ * accepted into, naming its stack by r->hash. */
+static __always_inline void cw_keep(struct cw_where *r, __u8 kind, __u64 cookie, __u32 fd)
+{
+	struct cw_where_at at = { .ts_ns = r->ts_ns, .hash = r->hash, .tgid = r->tgid, .tid = r->tid };
+
+	if (kind == CW_WHERE_ACCEPT) {
+		struct cw_where_fd key = { .tgid = r->tgid, .fd = fd };
+
+		if (bpf_map_update_elem(&cw_where_accepts, &key, &at, 0 /* BPF_ANY */))
+			cw_count(CW_COUNT_ACCEPTS_FULL);
+		return;
+	}
+	struct cw_where_sock *s = bpf_map_lookup_elem(&cw_where_socks, &cookie);
+
+	if (!s) {
+		struct cw_where_sock none = {};
+
+		/* Another CPU may insert it first (EEXIST): look it up again either way. */
+		bpf_map_update_elem(&cw_where_socks, &cookie, &none, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&cw_where_socks, &cookie);
+		if (!s) {
+			cw_count(CW_COUNT_SOCKS_FULL);
+			return;
+		}
+	}
+	if (kind == CW_WHERE_EOF)
+		s->eof = at;
+	else
+		s->connect = at;
+}
+
+/* Send the stack in `r` (its header filled in): false when the ring buffer had no room. */
+static __always_inline int cw_send(struct cw_where *r, __u32 len)
+{
+	if (len > CW_WHERE_STACK_MAX)
+		return 0;
+	if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_FIXED + len, cw_wakeup())) {
+		cw_count(CW_COUNT_LOST);
+		return 0;
+	}
+	cw_count(CW_COUNT_FULL);
+	return 1;
+}
+
 static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind, __u64 cookie,
 				     __u32 fd)
 {
@@ -253,56 +337,60 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 	if (!r)
 		return 0;
 	r->kind = kind;
-	r->flags = 0;
+	r->flags = CW_WHERE_FULL;
 	r->tgid = id >> 32;
 	r->tid = (__u32)id;
 	r->fd = fd;
 	r->cookie = cookie;
 	r->ts_ns = bpf_ktime_get_boot_ns();
 	r->_pad = 0;
-	bpf_get_current_comm(r->comm, sizeof(r->comm));
 	r->ip = regs->ip;
 	r->sp = regs->sp;
 	r->bp = regs->bp;
 
 	/* A call site whose layout user space has set: its hash needs no frame walk, and a
-	 * stack sent before costs only the header. */
+	 * stack sent before is kept as its hash alone. */
 	struct cw_where_layout_key lk = { .tgid = r->tgid, ._pad = 0, .ip = r->ip };
 	struct cw_where_layout *lay = bpf_map_lookup_elem(&cw_where_layouts, &lk);
 	int laid = 0;
-	__u64 laid_hash = 0;
 	__u8 one = 1;
+	struct cw_where_key key = { .tgid = r->tgid, .kind = kind, .hash = 0 };
 
 	if (lay) {
 		__u64 h = (0xcbf29ce484222325ULL ^ r->ip) * 0x100000001b3ULL;
+		__u32 last = 0;
 
+		/* One read of the words up to the outermost offset (a read costs more than the
+		 * bytes it copies); the stack was readable that far when the layout was made. */
 		for (int i = 0; i < CW_WHERE_LAYOUT_DEPTH; i++) {
-			__u64 w = 0;
-
 			if (i >= lay->n)
 				break;
-			bpf_probe_read_user(&w, sizeof(w), (void *)(r->sp + lay->off[i]));
-			h = (h ^ w) * 0x100000001b3ULL;
+			if (lay->off[i] > last)
+				last = lay->off[i];
 		}
-		laid_hash = (h ^ kind ^ 0x4c41594f5554ULL) * 0x100000001b3ULL;
+		__u32 span = (last & (CW_WHERE_LAYOUT_SPAN - 1) & ~7U) + 8;
+
+		if (last >= CW_WHERE_LAYOUT_SPAN ||
+		    bpf_probe_read_user(r->stack, span, (void *)r->sp) != 0)
+			goto walk;
+		for (int i = 0; i < CW_WHERE_LAYOUT_DEPTH; i++) {
+			if (i >= lay->n)
+				break;
+			__u32 off = lay->off[i] & (CW_WHERE_LAYOUT_SPAN - 1) & ~7U;
+
+			h = (h ^ *(__u64 *)&r->stack[off]) * 0x100000001b3ULL;
+		}
+		key.hash = (h ^ kind ^ 0x4c41594f5554ULL) * 0x100000001b3ULL;
 		laid = 1;
-
-		struct cw_where_key lkey = { .tgid = r->tgid, .kind = kind, .hash = laid_hash };
-
-		if (bpf_map_lookup_elem(&cw_where_seen, &lkey)) {
-			if (cookie && bpf_map_update_elem(&cw_where_open, &cookie, &one, 0))
-				cw_count(CW_COUNT_OPEN_FULL);
-			r->hash = laid_hash;
-			r->nframes = 0;
-			r->stack_len = 0;
-			if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_HEADER, cw_wakeup()))
-				cw_count(CW_COUNT_LOST);
-			else
-				cw_count(CW_COUNT_SHORT);
+		if (bpf_map_lookup_elem(&cw_where_seen, &key)) {
+			r->hash = key.hash;
+			cw_keep(r, kind, cookie, fd);
+			cw_count(CW_COUNT_SHORT);
 			return 0;
 		}
 	}
 
+walk:;
 	long got = bpf_get_stack(ctx, r->frames, sizeof(r->frames), BPF_F_USER_STACK);
 	__u32 n = got > 0 ? (__u32)got / 8 : 0;
 
@@ -310,38 +398,34 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 		n = CW_WHERE_FRAMES;
 	r->nframes = n;
 
-	/* FNV-1a over the frames and the word at sp (the return address into the caller of a
-	 * libc wrapper, which frame pointers skip). */
-	__u64 hash = 0xcbf29ce484222325ULL, at_sp = 0;
-
-	bpf_probe_read_user(&at_sp, sizeof(at_sp), (void *)r->sp);
-	hash = (hash ^ at_sp) * 0x100000001b3ULL;
-	for (__u32 i = 0; i < CW_WHERE_FRAMES; i++) {
-		if (i >= n)
-			break;
-		hash = (hash ^ r->frames[i]) * 0x100000001b3ULL;
-	}
-	hash = (hash ^ kind) * 0x100000001b3ULL;
-	r->hash = hash;
-
-	struct cw_where_key key = { .tgid = r->tgid, .kind = kind, .hash = hash };
-
-	if (cookie && bpf_map_update_elem(&cw_where_open, &cookie, &one, 0 /* BPF_ANY */))
-		cw_count(CW_COUNT_OPEN_FULL);
 	int trusted = laid || (n >= 3 && bpf_map_lookup_elem(&cw_where_trusted, &key.tgid) != 0);
 
-	if (laid) {
-		r->hash = laid_hash;
-		key.hash = laid_hash;
+	if (!laid) {
+		/* FNV-1a over the frames and the word at sp (the return address into the caller
+		 * of a libc wrapper, which frame pointers skip). */
+		__u64 hash = 0xcbf29ce484222325ULL, at_sp = 0;
+
+		bpf_probe_read_user(&at_sp, sizeof(at_sp), (void *)r->sp);
+		hash = (hash ^ at_sp) * 0x100000001b3ULL;
+		for (__u32 i = 0; i < CW_WHERE_FRAMES; i++) {
+			if (i >= n)
+				break;
+			hash = (hash ^ r->frames[i]) * 0x100000001b3ULL;
+		}
+		hash = (hash ^ kind) * 0x100000001b3ULL;
+		/* Untrusted frame pointers may hash two paths alike: such a stack gets a name
+		 * of its own (thread and time), sent with it. */
+		if (!trusted)
+			hash = ((hash ^ r->ts_ns) * 0x100000001b3ULL ^ id) * 0x100000001b3ULL;
+		key.hash = hash;
 	}
+	r->hash = key.hash;
+	cw_keep(r, kind, cookie, fd);
 	if (trusted && bpf_map_lookup_elem(&cw_where_seen, &key)) {
-		r->stack_len = 0;
-		if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_HEADER, cw_wakeup()))
-			cw_count(CW_COUNT_LOST);
-		else
-			cw_count(CW_COUNT_SHORT);
+		cw_count(CW_COUNT_SHORT);
 		return 0;
 	}
+	bpf_get_current_comm(r->comm, sizeof(r->comm));
 
 	/* The stack mapping may end before sp + copy (a shallow thread). It ends on a page
 	 * boundary: retry at the page boundaries below sp + copy, the largest first. */
@@ -366,15 +450,9 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 		cw_count(CW_COUNT_NO_STACK);
 	}
 	r->stack_len = len;
-	r->flags = CW_WHERE_FULL;
-	if (len > CW_WHERE_STACK_MAX)
-		return 0;
-	if (bpf_ringbuf_output(&cw_where_events, r, CW_WHERE_FIXED + len, cw_wakeup())) {
-		cw_count(CW_COUNT_LOST);
-		return 0;
-	}
-	cw_count(CW_COUNT_FULL);
-	if (trusted && bpf_map_update_elem(&cw_where_seen, &key, &one, BPF_NOEXIST))
+	r->flags = trusted ? CW_WHERE_FULL | CW_WHERE_REMEMBERED : CW_WHERE_FULL;
+	if (cw_send(r, len) && trusted &&
+	    bpf_map_update_elem(&cw_where_seen, &key, &one, BPF_NOEXIST))
 		cw_count(CW_COUNT_SEEN_FULL);
 	return 0;
 }
@@ -444,25 +522,17 @@ int cw_where_accept(__u64 *ctx)
 	return cw_record(ctx, regs, CW_WHERE_ACCEPT, 0, (__u32)ret);
 }
 
-/* tcp_destroy_sock(struct sock *sk): a socket of a record is freed, so it was closed. */
+/* tcp_destroy_sock(struct sock *sk): a socket is freed, so it was closed: forget it. */
 SEC("tp_btf/tcp_destroy_sock")
 int cw_where_closed(__u64 *ctx)
 {
 	struct sock *sk = (struct sock *)ctx[0];
+
+	/* A socket whose cookie was never asked for was never kept. */
+	if (sk->__sk_common.skc_cookie.counter == 0)
+		return 0;
 	__u64 cookie = bpf_get_socket_cookie(sk);
 
-	if (bpf_map_delete_elem(&cw_where_open, &cookie) != 0)
-		return 0;
-
-	/* The header only, on the stack: the fields written are all within it. */
-	__u64 head[CW_WHERE_HEADER / 8];
-	struct cw_where *r = (struct cw_where *)head;
-
-	__builtin_memset(head, 0, sizeof(head));
-	r->kind = CW_WHERE_CLOSED;
-	r->cookie = cookie;
-	r->ts_ns = bpf_ktime_get_boot_ns();
-	if (bpf_ringbuf_output(&cw_where_events, head, sizeof(head), cw_wakeup()))
-		cw_count(CW_COUNT_LOST);
+	bpf_map_delete_elem(&cw_where_socks, &cookie);
 	return 0;
 }

@@ -3,12 +3,13 @@
 //! published for the command line (the file `where` in the run directory, beside `ages`),
 //! so `explain --where` names the code of a leak whose EOF came long before it ran.
 //!
-//! A thread of its own reads the ring buffer as it fills (a busy server's records would
-//! not wait for a cycle), tells the programs which stacks they may send as hashes only,
-//! forgets sockets as they close, follows the targets each cycle gives it, and rewrites
-//! the file at most once a second while something changed, and every few seconds anyway
-//! (a heartbeat: readers trust only a fresh file of a live daemon). A clean stop withdraws
-//! the file.
+//! The programs keep what they record per socket in the kernel (forgotten there as the
+//! socket is freed) and send each stack once. A thread of its own reads the stacks as they
+//! come, tells the programs which stacks they may name by hash alone, follows the targets
+//! each cycle gives it, and rewrites the file from what the programs keep at most once a
+//! second while they record, and every few seconds anyway (a heartbeat: readers trust only
+//! a fresh file of a live daemon); never more often than twenty times the time reading
+//! the kernel's records takes. A clean stop withdraws the file.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,17 +24,16 @@ use cwreap_linux::published::{self, Header};
 
 use crate::shared::where_capture::{Recorded, Trust};
 
-/// The ring buffer: read every 200 ms at the latest, and records of paths seen before
-/// carry no stack, so a quarter of what a command's window uses is plenty (it is resident
-/// memory of the daemon).
+/// The ring buffer: read every 200 ms at the latest, and it carries only stacks not sent
+/// before, so a quarter of what a command's window uses is plenty (it is resident memory
+/// of the daemon).
 const RING_BYTES: u32 = 1 << 22;
-/// At most this often while records change.
+/// At most this often while the programs record.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// At least this often: the heartbeat readers check against (with the staleness margin).
 const BEAT_EVERY: Duration = Duration::from_secs(5);
-/// EOF reads (and connects, and accepts) kept at most: a socket whose close the programs could not
-/// follow is otherwise kept for ever.
-const MAX_KEPT: usize = 200_000;
+/// Publishing waits at least this many times what reading the kernel's records took.
+const READ_SHARE: u32 = 20;
 
 /// The recording thread, and the targets it follows.
 pub struct WhereKeep {
@@ -118,22 +118,14 @@ fn run(
     let mut trust = Trust::default();
     let mut buf = Vec::new();
     let mut following: Vec<u32> = Vec::new();
-    let mut changed = true;
+    let mut recorded = None;
     let mut published_at: Option<Instant> = None;
+    let mut gap = PUBLISH_EVERY;
     let mut failing = false;
     while !stop.load(Ordering::Relaxed) {
         if let Err(e) = probe.wait(Duration::from_millis(200)) {
             warn!(error = %e, "where: waiting on the ring buffer failed; recording stops");
             break;
-        }
-        changed |= rec.take(&mut probe, &mut trust, &mut buf) > 0;
-        let now = Instant::now();
-        let due = published_at.is_none_or(|t| {
-            let since = now.duration_since(t);
-            since >= BEAT_EVERY || (changed && since >= PUBLISH_EVERY)
-        });
-        if !due {
-            continue;
         }
         let mut want = follow.lock().map(|f| f.clone()).unwrap_or_default();
         want.sort_unstable();
@@ -146,16 +138,23 @@ fn run(
                 Err(e) => warn!(error = %e, "where: cannot change the processes recorded"),
             }
         }
-        rec.prune(&trust);
-        let dropped = rec.cap(MAX_KEPT);
-        if dropped > 0 {
-            warn!(
-                dropped,
-                kept = MAX_KEPT,
-                "where: too many sockets recorded; the oldest are forgotten"
-            );
-        }
+        rec.take(&mut probe, &mut trust, &mut buf);
         let counts = probe.counts().unwrap_or_default();
+        // Each EOF read, connect and accept kept counts as one or the other.
+        let changed = recorded != Some((counts.full, counts.short));
+        let now = Instant::now();
+        let since = published_at.map(|t| now.duration_since(t));
+        let read_now = since.is_none_or(|s| changed && s >= gap);
+        // The heartbeat is never late: a beat alone republishes what was read last.
+        if !read_now && since.is_some_and(|s| s < BEAT_EVERY) {
+            continue;
+        }
+        if read_now {
+            let read = Instant::now();
+            rec.refresh(&mut probe, |tgid| following.binary_search(&tgid).is_ok());
+            gap = PUBLISH_EVERY.max(read.elapsed() * READ_SHARE);
+            recorded = Some((counts.full, counts.short));
+        }
         header.heartbeat = clock.now();
         match published::write_where(&dir, &header, &rec.to_bytes(&counts)) {
             Ok(()) => failing = false,
@@ -167,6 +166,5 @@ fn run(
             Err(_) => {}
         }
         published_at = Some(now);
-        changed = false;
     }
 }

@@ -1,28 +1,31 @@
 //! What `explain --where` and the daemon's `where: on` record from the programs of
 //! `where.bpf.o`: per socket, the stack of the read that returned its EOF and of the
-//! connect or accept that opened it, forgotten as the socket closes; and how the programs
-//! may send a stack already sent as its hash only ([`Trust`]). The daemon publishes what
-//! it keeps ([`Recorded::to_bytes`]) in its run directory, and the command line reads it
-//! back ([`Recorded::from_bytes`]) for sockets whose EOF came before its own window.
+//! connect or accept that opened it; and how the programs may name a stack by its hash
+//! alone ([`Trust`]). The programs keep the per-socket records in the kernel (a socket is
+//! forgotten there as it is freed) and send each stack once: [`Recorded`] keeps the stacks
+//! as they come and looks up the sockets it reports. The daemon publishes what it keeps
+//! ([`Recorded::to_bytes`]) in its run directory, and the command line reads it back
+//! ([`Recorded::from_bytes`]) for sockets whose EOF came before its own window.
 
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use cwreap_linux::bpf::{StackCapture, WhereCounts, WhereKind, WhereProbe, WhereRecord};
+use cwreap_linux::bpf::{StackCapture, WhereAt, WhereCounts, WhereKind, WhereProbe, WhereRecord};
 use cwreap_linux::stacks;
 
 /// One record of a socket, and which stack it had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
     pub ts_ns: u64,
-    /// Into [`Recorded::captures`]; None when the record referred to a stack not kept.
+    /// Into [`Recorded::captures`]; None when the stack it names was not received (the ring
+    /// buffer was full).
     pub capture: Option<u64>,
 }
 
 type HashKey = (u32, WhereKind, u64);
 
-/// What was recorded, sockets that closed already forgotten.
+/// The stacks received, and the records of the sockets looked up.
 #[derive(Debug, Default)]
 pub struct Recorded {
     /// The EOF read of each socket (by cookie).
@@ -31,52 +34,33 @@ pub struct Recorded {
     pub connect: HashMap<u64, Seen>,
     /// The last accept that returned each (process, fd).
     pub accept: HashMap<(u32, u32), Seen>,
-    /// Every stack received, by arrival number. Not by hash: in a binary without frame
-    /// pointers, two paths may hash alike.
+    /// Every stack received, by arrival number.
     pub captures: HashMap<u64, StackCapture>,
-    /// The last stack received per (tgid, kind, hash): what a record without a stack
-    /// refers to (sent only for trusted processes, whose hashes tell paths apart).
+    /// The stack received per (tgid, kind, hash): what a kept record names.
     by_hash: HashMap<HashKey, u64>,
+    /// The stacks the programs name by hash from now on (the others name one record).
+    remembered: HashSet<u64>,
     next: u64,
 }
 
 impl Recorded {
-    /// Take one record in: a stack, or the end of a socket (which forgets it).
+    /// Take one stack in.
     pub fn add(&mut self, r: WhereRecord) {
-        let key = (r.tgid, r.kind, r.hash);
-        let capture = match r.capture {
-            Some(c) => {
-                let id = self.next;
-                self.next += 1;
-                self.captures.insert(id, c);
-                self.by_hash.insert(key, id);
-                Some(id)
-            }
-            None => self.by_hash.get(&key).copied(),
-        };
-        let seen = Seen {
-            ts_ns: r.ts_ns,
-            capture,
-        };
-        match r.kind {
-            WhereKind::Eof => {
-                self.eof.insert(r.cookie, seen);
-            }
-            WhereKind::Connect => {
-                self.connect.insert(r.cookie, seen);
-            }
-            WhereKind::Accept => {
-                self.accept.insert((r.tgid, r.fd), seen);
-            }
-            WhereKind::Closed => {
-                self.eof.remove(&r.cookie);
-                self.connect.remove(&r.cookie);
-            }
+        let id = self.next;
+        self.next += 1;
+        self.captures.insert(id, r.capture);
+        if r.remembered {
+            self.remembered.insert(id);
+        }
+        // Sent again (the programs' map of stacks sent was full): the older copy stays
+        // while a record names it.
+        if let Some(old) = self.by_hash.insert((r.tgid, r.kind, r.hash), id) {
+            self.remembered.remove(&old);
         }
     }
 
-    /// Take in every record `probe` has queued, learning from each through `trust` how
-    /// the programs may send its process's stacks (`buf` is scratch). How many there were.
+    /// Take in every stack `probe` has queued, learning from each through `trust` how the
+    /// programs may name its process's stacks (`buf` is scratch). How many there were.
     pub fn take(
         &mut self,
         probe: &mut WhereProbe,
@@ -92,17 +76,85 @@ impl Recorded {
         n
     }
 
-    /// Forget the stacks no socket refers to any more. The last stack per hash of a trusted
-    /// process stays: later records refer to it without carrying it.
-    pub fn prune(&mut self, trust: &Trust) {
-        let mut live: HashSet<u64> = HashSet::new();
-        live.extend(self.eof.values().filter_map(|s| s.capture));
-        live.extend(self.connect.values().filter_map(|s| s.capture));
-        live.extend(self.accept.values().filter_map(|s| s.capture));
-        self.by_hash
-            .retain(|k, id| trust.deduplicated(k.0) || live.contains(id));
-        live.extend(self.by_hash.values().copied());
-        self.captures.retain(|id, _| live.contains(id));
+    fn seen(&self, kind: WhereKind, at: WhereAt) -> Seen {
+        Seen {
+            ts_ns: at.ts_ns,
+            capture: self.by_hash.get(&(at.tgid, kind, at.hash)).copied(),
+        }
+    }
+
+    /// Look up what the programs keep of socket `cookie` (its EOF read, its connect) and,
+    /// when `fd` is given, of the last accept into that fd of process `tgid`; what they
+    /// keep replaces what was here. A failed lookup leaves what was here.
+    pub fn look_up(&mut self, probe: &WhereProbe, cookie: u64, fd: Option<(u32, u32)>) {
+        if let Ok((eof, connect)) = probe.socket(cookie) {
+            if let Some(at) = eof {
+                self.eof.insert(cookie, self.seen(WhereKind::Eof, at));
+            }
+            if let Some(at) = connect {
+                self.connect
+                    .insert(cookie, self.seen(WhereKind::Connect, at));
+            }
+        }
+        if let Some(key) = fd
+            && let Ok(Some(at)) = probe.accept(key.0, key.1)
+        {
+            self.accept.insert(key, self.seen(WhereKind::Accept, at));
+        }
+    }
+
+    /// Everything the programs keep now, instead of what was here: the sockets not freed
+    /// yet, and the accepts of the processes `keep` lets stay (the others are forgotten in
+    /// the kernel too). Then the stacks nothing names any more are forgotten.
+    pub fn refresh(&mut self, probe: &mut WhereProbe, keep: impl Fn(u32) -> bool) {
+        let sockets = probe.sockets();
+        let accepts = probe.accepts(keep);
+        let mut eof = HashMap::with_capacity(sockets.len());
+        let mut connect = HashMap::new();
+        for (cookie, e, c) in sockets {
+            if let Some(at) = e {
+                eof.insert(cookie, self.seen(WhereKind::Eof, at));
+            }
+            if let Some(at) = c {
+                connect.insert(cookie, self.seen(WhereKind::Connect, at));
+            }
+        }
+        let accept = accepts
+            .into_iter()
+            .map(|(k, at)| (k, self.seen(WhereKind::Accept, at)))
+            .collect();
+        (self.eof, self.connect, self.accept) = (eof, connect, accept);
+        self.prune(&[]);
+    }
+
+    /// Forget the stacks that name one record each when neither what is here nor `live`
+    /// (the hashes the programs keep now) names them; the stacks the programs name by
+    /// hash stay, as later records may refer to them.
+    pub fn prune(&mut self, live: &[(u32, WhereKind, u64)]) {
+        let mut named: HashSet<u64> = self.remembered.clone();
+        named.extend(self.eof.values().filter_map(|s| s.capture));
+        named.extend(self.connect.values().filter_map(|s| s.capture));
+        named.extend(self.accept.values().filter_map(|s| s.capture));
+        named.extend(live.iter().filter_map(|k| self.by_hash.get(k).copied()));
+        self.by_hash.retain(|_, id| named.contains(id));
+        self.captures.retain(|id, _| named.contains(id));
+    }
+
+    /// [`Self::prune`] against what `probe` keeps now (during a window, when no socket
+    /// has been looked up yet).
+    pub fn prune_against(&mut self, probe: &mut WhereProbe) {
+        let mut live = Vec::new();
+        for (_, eof, connect) in probe.sockets() {
+            live.extend(eof.map(|a| (a.tgid, WhereKind::Eof, a.hash)));
+            live.extend(connect.map(|a| (a.tgid, WhereKind::Connect, a.hash)));
+        }
+        live.extend(
+            probe
+                .accepts(|_| true)
+                .into_iter()
+                .map(|(_, a)| (a.tgid, WhereKind::Accept, a.hash)),
+        );
+        self.prune(&live);
     }
 }
 
@@ -122,21 +174,10 @@ impl Trust {
     /// giving up: those stacks are then always sent whole.
     const TRIES: u32 = 4;
 
-    /// Whether the programs may send stacks of `tgid` as hashes only.
-    pub fn deduplicated(&self, tgid: u32) -> bool {
-        self.checked.get(&tgid).is_some_and(|c| c.1)
-            || self
-                .layouts
-                .iter()
-                .any(|((t, _), (_, set))| *t == tgid && *set)
-    }
-
-    /// Learn from a record with a stack how the programs may tell this process's stacks
-    /// apart, and tell them.
+    /// Learn from a stack how the programs may tell this process's stacks apart, and tell
+    /// them.
     pub fn check(&mut self, probe: &mut WhereProbe, r: &WhereRecord) {
-        let Some(c) = &r.capture else {
-            return;
-        };
+        let c = &r.capture;
         let (tries, trusted) = self.checked.entry(r.tgid).or_default();
         if *trusted {
             return;
@@ -175,8 +216,9 @@ fn fp_agrees_with_cfi(fp: &[u64], cfi: &[u64]) -> bool {
 }
 
 /// The offsets from sp of the return addresses `cfi` found (after the instruction pointer),
-/// innermost first, while each is in the copied stack exactly once: a value seen twice
-/// could be a stale copy, whose offset would say nothing of the path.
+/// innermost first, while each is in the copied stack exactly once (a value seen twice
+/// could be a stale copy, whose offset would say nothing of the path) and within the span
+/// the programs read.
 fn layout(cfi: &[u64], stack: &[u8]) -> Vec<u32> {
     let words: Vec<u64> = stack
         .chunks_exact(8)
@@ -203,7 +245,7 @@ fn layout(cfi: &[u64], stack: &[u8]) -> Vec<u32> {
         let (Ok(off), Some(prev)) = (u32::try_from(i * 8), out.last().copied().or(Some(0))) else {
             break;
         };
-        if !out.is_empty() && off <= prev {
+        if (!out.is_empty() && off <= prev) || off >= cwreap_linux::bpf::WHERE_LAYOUT_SPAN {
             break;
         }
         out.push(off);
@@ -237,7 +279,8 @@ struct CountsFile {
     no_stack: u64,
     full: u64,
     short: u64,
-    open_full: u64,
+    socks_full: u64,
+    accepts_full: u64,
     malformed: u64,
 }
 
@@ -249,25 +292,6 @@ impl Recorded {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Keep at most `max` EOF reads, as many connects and as many accepts, the newest: a
-    /// socket whose close the programs could not follow is otherwise kept for ever, and
-    /// so is the last accept of every fd number. Returns how many were dropped.
-    pub fn cap(&mut self, max: usize) -> usize {
-        fn newest<K: std::hash::Hash + Eq>(m: &mut HashMap<K, Seen>, max: usize) -> usize {
-            if m.len() <= max {
-                return 0;
-            }
-            let mut ts: Vec<u64> = m.values().map(|s| s.ts_ns).collect();
-            let cut = ts.len() - max;
-            ts.select_nth_unstable(cut);
-            let limit = ts[cut];
-            let before = m.len();
-            m.retain(|_, s| s.ts_ns >= limit);
-            before - m.len()
-        }
-        newest(&mut self.eof, max) + newest(&mut self.connect, max) + newest(&mut self.accept, max)
     }
 
     /// The bytes the daemon publishes: what is kept, with the programs' counts.
@@ -298,7 +322,8 @@ impl Recorded {
                 no_stack: counts.no_stack,
                 full: counts.full,
                 short: counts.short,
-                open_full: counts.open_full,
+                socks_full: counts.socks_full,
+                accepts_full: counts.accepts_full,
                 malformed: counts.malformed,
             },
         };
@@ -332,6 +357,7 @@ impl Recorded {
                 accept: file.accept.into_iter().collect(),
                 captures,
                 by_hash: HashMap::new(),
+                remembered: HashSet::new(),
                 next,
             },
             WhereCounts {
@@ -340,7 +366,8 @@ impl Recorded {
                 no_stack: c.no_stack,
                 full: c.full,
                 short: c.short,
-                open_full: c.open_full,
+                socks_full: c.socks_full,
+                accepts_full: c.accepts_full,
                 malformed: c.malformed,
             },
         ))
@@ -351,38 +378,97 @@ impl Recorded {
 mod tests {
     use super::*;
 
-    fn record(kind: WhereKind, cookie: u64, fd: u32, ts_ns: u64, ip: u64) -> WhereRecord {
+    fn record(kind: WhereKind, hash: u64, remembered: bool) -> WhereRecord {
         WhereRecord {
             kind,
             tgid: 42,
             tid: 43,
-            fd,
-            cookie,
-            ts_ns,
-            hash: ip,
+            fd: 0,
+            cookie: 0,
+            ts_ns: 1,
+            hash,
             comm: "srv".into(),
-            capture: (kind != WhereKind::Closed).then(|| StackCapture {
-                frames: vec![ip, ip + 0x10, ip + 0x20],
-                ip,
+            capture: StackCapture {
+                frames: vec![hash, hash + 0x10, hash + 0x20],
+                ip: hash,
                 sp: 0x7ffd_0000,
                 bp: 0x7ffd_0100,
                 stack: vec![0xab, 0, 0xff, 7],
-            }),
+            },
+            remembered,
         }
+    }
+
+    fn at(ts_ns: u64, hash: u64) -> WhereAt {
+        WhereAt {
+            ts_ns,
+            hash,
+            tgid: 42,
+            tid: 43,
+        }
+    }
+
+    #[test]
+    fn a_kept_record_names_the_stack_of_its_process_kind_and_hash() {
+        let mut rec = Recorded::default();
+        rec.add(record(WhereKind::Eof, 0x1000, true));
+        rec.add(record(WhereKind::Accept, 0x1000, true));
+        let eof = rec.seen(WhereKind::Eof, at(5, 0x1000));
+        let accept = rec.seen(WhereKind::Accept, at(4, 0x1000));
+        assert_eq!(eof.ts_ns, 5);
+        let (e, a) = (eof.capture.expect("named"), accept.capture.expect("named"));
+        assert_ne!(e, a, "same hash, another kind: another stack");
+        // A stack not received (the ring buffer was full) names nothing.
+        assert_eq!(rec.seen(WhereKind::Eof, at(6, 0x2000)).capture, None);
+        let other = WhereAt {
+            tgid: 7,
+            ..at(6, 0x1000)
+        };
+        assert_eq!(
+            rec.seen(WhereKind::Eof, other).capture,
+            None,
+            "another process"
+        );
+    }
+
+    #[test]
+    fn stacks_that_name_one_record_are_forgotten_once_nothing_names_them() {
+        let mut rec = Recorded::default();
+        rec.add(record(WhereKind::Eof, 0x1000, true)); // named by hash for good
+        rec.add(record(WhereKind::Eof, 0x2000, false)); // one record's, still kept
+        rec.add(record(WhereKind::Eof, 0x3000, false)); // one record's, freed
+        rec.add(record(WhereKind::Connect, 0x4000, false)); // looked up already
+        let looked = rec.seen(WhereKind::Connect, at(9, 0x4000));
+        rec.connect.insert(99, looked);
+        rec.prune(&[(42, WhereKind::Eof, 0x2000)]);
+        let left: HashSet<u64> = rec.captures.values().map(|c| c.ip).collect();
+        assert_eq!(left, HashSet::from([0x1000, 0x2000, 0x4000]));
+        assert_eq!(rec.seen(WhereKind::Eof, at(1, 0x3000)).capture, None);
+        assert!(rec.seen(WhereKind::Eof, at(1, 0x2000)).capture.is_some());
+        // Nothing live any more: the remembered one and the looked-up one stay.
+        rec.prune(&[]);
+        let left: HashSet<u64> = rec.captures.values().map(|c| c.ip).collect();
+        assert_eq!(left, HashSet::from([0x1000, 0x4000]));
     }
 
     #[test]
     fn what_the_daemon_publishes_reads_back_the_same() {
         let mut rec = Recorded::default();
-        rec.add(record(WhereKind::Accept, 0, 9, 1, 0x1000));
-        rec.add(record(WhereKind::Eof, 77, 0, 2, 0x2000));
-        rec.add(record(WhereKind::Connect, 78, 0, 3, 0x3000));
-        rec.add(record(WhereKind::Eof, 79, 0, 4, 0x4000));
-        rec.add(record(WhereKind::Closed, 79, 0, 5, 0));
+        rec.add(record(WhereKind::Accept, 0x1000, true));
+        rec.add(record(WhereKind::Eof, 0x2000, true));
+        rec.add(record(WhereKind::Connect, 0x3000, false));
+        rec.accept
+            .insert((42, 9), rec.seen(WhereKind::Accept, at(1, 0x1000)));
+        rec.eof.insert(77, rec.seen(WhereKind::Eof, at(2, 0x2000)));
+        rec.connect
+            .insert(78, rec.seen(WhereKind::Connect, at(3, 0x3000)));
+        rec.eof.insert(79, rec.seen(WhereKind::Eof, at(4, 0x5000)));
         let counts = WhereCounts {
             lost: 1,
             full: 4,
             short: 2,
+            socks_full: 3,
+            accepts_full: 5,
             ..WhereCounts::default()
         };
         let (back, c) = Recorded::from_bytes(&rec.to_bytes(&counts)).expect("parses");
@@ -391,31 +477,15 @@ mod tests {
         assert_eq!(back.connect, rec.connect);
         assert_eq!(back.accept, rec.accept);
         assert_eq!(back.captures, rec.captures);
-        assert!(!back.eof.contains_key(&79), "a closed socket is forgotten");
-        // Stacks recorded after it are numbered past the ones read.
+        assert_eq!(back.eof[&79].capture, None, "a stack lost stays lost");
+        // Stacks received after it are numbered past the ones read.
         let mut more = back;
-        more.add(record(WhereKind::Eof, 80, 0, 6, 0x5000));
-        let id = more.eof[&80].capture.expect("kept");
+        more.add(record(WhereKind::Eof, 0x6000, true));
+        let id = more
+            .seen(WhereKind::Eof, at(6, 0x6000))
+            .capture
+            .expect("kept");
         assert!(!rec.captures.contains_key(&id), "a fresh number: {id}");
         assert!(Recorded::from_bytes(b"{\"eof\": 3}").is_err());
-    }
-
-    #[test]
-    fn the_oldest_are_forgotten_past_the_cap() {
-        let mut rec = Recorded::default();
-        for i in 0..10 {
-            rec.add(record(WhereKind::Eof, 100 + i, 0, i, 0x1000));
-        }
-        for fd in 0..6 {
-            rec.add(record(WhereKind::Accept, 0, fd, 20 + u64::from(fd), 0x2000));
-        }
-        assert_eq!(rec.cap(4), 6 + 2);
-        let mut left: Vec<u64> = rec.eof.keys().copied().collect();
-        left.sort_unstable();
-        assert_eq!(left, vec![106, 107, 108, 109]);
-        let mut fds: Vec<u32> = rec.accept.keys().map(|k| k.1).collect();
-        fds.sort_unstable();
-        assert_eq!(fds, vec![2, 3, 4, 5]);
-        assert_eq!(rec.cap(4), 0);
     }
 }

@@ -53,8 +53,10 @@ pub use load::{
     KERNEL_BTF, MIN_KERNEL, Unavailable, missing_capabilities, parse_release, seccomp_filtered,
 };
 pub use pin::{DEFAULT_PIN_DIR, DaemonRecord, NotExact, PinnedAges, ProcStat, judge, parse_stat};
-pub use where_load::{WHERE_LAYOUT_DEPTH, WHERE_MIN_KERNEL, WhereCounts, WhereOptions, WhereProbe};
+pub use where_load::{
+    WHERE_LAYOUT_DEPTH, WHERE_LAYOUT_SPAN, WHERE_MIN_KERNEL, WhereCounts, WhereOptions, WhereProbe,
+};
 pub use where_record::{
-    BadWhere, StackCapture, WHERE_FRAMES, WHERE_HEADER_LEN, WHERE_STACK_MAX, WhereKind,
+    BadWhere, StackCapture, WHERE_FRAMES, WHERE_HEADER_LEN, WHERE_STACK_MAX, WhereAt, WhereKind,
     WhereRecord, parse_where,
 };

@@ -8,7 +8,7 @@ use aya::Ebpf;
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 
 use super::load::{self, Unavailable};
-use super::where_record::{WHERE_STACK_MAX, WhereRecord, parse_where};
+use super::where_record::{WHERE_AT_LEN, WHERE_STACK_MAX, WhereAt, WhereRecord, parse_where};
 
 /// linux/bpf/where.bpf.o, built by `make bpf` and checked in.
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/where.bpf.o");
@@ -53,20 +53,21 @@ impl Default for WhereOptions {
 /// What the programs counted since they were loaded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WhereCounts {
-    /// Records the ring buffer had no room for.
+    /// Stacks the ring buffer had no room for.
     pub lost: u64,
     /// Stacks that could not be remembered as sent because the map of sent stacks was full
-    /// (each was sent whole instead).
+    /// (each was sent whole again the next time).
     pub seen_full: u64,
-    /// Records whose stack bytes could not be read.
+    /// Stacks whose bytes could not be read.
     pub no_stack: u64,
-    /// Records sent with their stack.
+    /// Stacks sent.
     pub full: u64,
-    /// Records sent without, their stack having been sent before.
+    /// EOF reads, connects and accepts kept whose stack was sent before.
     pub short: u64,
-    /// Sockets not followed to their end because the map of open sockets was full: if
-    /// they closed, they are still reported.
-    pub open_full: u64,
+    /// EOF reads and connects not kept: the map of open sockets was full.
+    pub socks_full: u64,
+    /// Accepts not kept: the map of accepted fds was full.
+    pub accepts_full: u64,
     /// Records that did not parse.
     pub malformed: u64,
 }
@@ -78,6 +79,8 @@ pub struct WhereProbe {
     counts: PerCpuArray<MapData, u64>,
     trusted: HashMap<MapData, u32, u8>,
     layouts: HashMap<MapData, [u8; 16], [u8; 32]>,
+    socks: HashMap<MapData, u64, [u8; 2 * WHERE_AT_LEN]>,
+    accepts: HashMap<MapData, [u8; 8], [u8; WHERE_AT_LEN]>,
     /// The processes recorded, when filtered.
     pids: Option<HashMap<MapData, u32, u8>>,
     malformed: u64,
@@ -85,6 +88,9 @@ pub struct WhereProbe {
 
 /// Return addresses a layout gives the offsets of (`CW_WHERE_LAYOUT_DEPTH`).
 pub const WHERE_LAYOUT_DEPTH: usize = 7;
+/// The offsets of a layout are below this (`CW_WHERE_LAYOUT_SPAN`): the programs read the
+/// words in one span.
+pub const WHERE_LAYOUT_SPAN: u32 = 4096;
 
 impl std::fmt::Debug for WhereProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,7 +106,7 @@ fn map_err(what: &str, e: aya::maps::MapError) -> Unavailable {
 
 impl WhereProbe {
     /// Check what the programs need (kernel version, BTF, capabilities), load them and
-    /// attach all three.
+    /// attach them.
     pub fn load(opts: &WhereOptions) -> Result<WhereProbe, Unavailable> {
         if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             && let Some(version) = load::parse_release(&release)
@@ -165,6 +171,16 @@ impl WhereProbe {
                 .ok_or_else(|| load::missing("cw_where_layouts"))?,
         )
         .map_err(|e| map_err("cw_where_layouts", e))?;
+        let socks = HashMap::try_from(
+            ebpf.take_map("cw_where_socks")
+                .ok_or_else(|| load::missing("cw_where_socks"))?,
+        )
+        .map_err(|e| map_err("cw_where_socks", e))?;
+        let accepts = HashMap::try_from(
+            ebpf.take_map("cw_where_accepts")
+                .ok_or_else(|| load::missing("cw_where_accepts"))?,
+        )
+        .map_err(|e| map_err("cw_where_accepts", e))?;
         drop(btf);
         crate::sys::release_free_heap();
         Ok(WhereProbe {
@@ -173,9 +189,61 @@ impl WhereProbe {
             counts,
             trusted,
             layouts,
+            socks,
+            accepts,
             pids,
             malformed: 0,
         })
+    }
+
+    /// What was kept of socket `cookie`: its EOF read and its connect.
+    pub fn socket(&self, cookie: u64) -> io::Result<(Option<WhereAt>, Option<WhereAt>)> {
+        match self.socks.get(&cookie, 0) {
+            Ok(v) => Ok(split_sock(&v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok((None, None)),
+            Err(e) => Err(io::Error::other(load::chain(&e))),
+        }
+    }
+
+    /// What was kept of the last accept into fd `fd` of process `tgid`.
+    pub fn accept(&self, tgid: u32, fd: u32) -> io::Result<Option<WhereAt>> {
+        match self.accepts.get(&fd_key(tgid, fd), 0) {
+            Ok(v) => Ok(WhereAt::parse(&v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(io::Error::other(load::chain(&e))),
+        }
+    }
+
+    /// Every socket kept (not freed yet), with its EOF read and its connect. A socket
+    /// freed during the walk may be missing or given as both None.
+    pub fn sockets(&self) -> Vec<(u64, Option<WhereAt>, Option<WhereAt>)> {
+        self.socks
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cookie, v)| {
+                let (eof, connect) = split_sock(&v);
+                (cookie, eof, connect)
+            })
+            .collect()
+    }
+
+    /// Every accept kept, by (process, fd); first forgetting those of processes `keep`
+    /// refuses (gone, or no longer recorded), whose fd numbers name nothing any more.
+    pub fn accepts(&mut self, keep: impl Fn(u32) -> bool) -> Vec<((u32, u32), WhereAt)> {
+        let all: Vec<([u8; 8], [u8; WHERE_AT_LEN])> =
+            self.accepts.iter().filter_map(Result::ok).collect();
+        let mut out = Vec::with_capacity(all.len());
+        for (k, v) in all {
+            let (tgid, fd) = split_fd_key(&k);
+            if !keep(tgid) {
+                let _ = self.accepts.remove(&k);
+                continue;
+            }
+            if let Some(at) = WhereAt::parse(&v) {
+                out.push(((tgid, fd), at));
+            }
+        }
+        out
     }
 
     /// Move every waiting record into `out`, oldest first, without blocking.
@@ -189,7 +257,7 @@ impl WhereProbe {
     }
 
     /// Trust the frame-pointer stacks of process `tgid` (checked against CFI by the
-    /// caller): from now on a stack of it already sent is sent as its hash only.
+    /// caller): from now on a stack of it already sent is kept as its hash only.
     pub fn trust(&mut self, tgid: u32) -> io::Result<()> {
         self.trusted
             .insert(tgid, 1, 0)
@@ -199,7 +267,7 @@ impl WhereProbe {
     /// Tell the programs where the return addresses are in a stack of process `tgid`
     /// taken at instruction pointer `ip`: `offsets` from the stack pointer, innermost
     /// first (at most [`WHERE_LAYOUT_DEPTH`] are used). From now on, a stack of it at `ip`
-    /// whose words at these offsets match one sent before is sent as its hash only.
+    /// whose words at these offsets match one sent before is kept as its hash only.
     pub fn set_layout(&mut self, tgid: u32, ip: u64, offsets: &[u32]) -> io::Result<()> {
         let (key, value) = layout_entry(tgid, ip, offsets);
         self.layouts
@@ -242,10 +310,35 @@ impl WhereProbe {
             no_stack: get(2)?,
             full: get(3)?,
             short: get(4)?,
-            open_full: get(5)?,
+            socks_full: get(5)?,
+            accepts_full: get(6)?,
             malformed: self.malformed,
         })
     }
+}
+
+/// A `struct cw_where_sock`: the EOF read and the connect.
+fn split_sock(v: &[u8; 2 * WHERE_AT_LEN]) -> (Option<WhereAt>, Option<WhereAt>) {
+    (
+        WhereAt::parse(&v[..WHERE_AT_LEN]),
+        WhereAt::parse(&v[WHERE_AT_LEN..]),
+    )
+}
+
+/// A `struct cw_where_fd` in host order.
+fn fd_key(tgid: u32, fd: u32) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&tgid.to_ne_bytes());
+    k[4..].copy_from_slice(&fd.to_ne_bytes());
+    k
+}
+
+fn split_fd_key(k: &[u8; 8]) -> (u32, u32) {
+    let mut t = [0u8; 4];
+    let mut f = [0u8; 4];
+    t.copy_from_slice(&k[..4]);
+    f.copy_from_slice(&k[4..]);
+    (u32::from_ne_bytes(t), u32::from_ne_bytes(f))
 }
 
 /// `struct cw_where_layout_key` and `struct cw_where_layout` in host order.
@@ -267,12 +360,14 @@ mod tests {
     use super::*;
     use crate::bpf::WhereKind;
 
-    /// The programs load here and report an EOF read, the accept and the connect of a
-    /// loopback connection made by this process, with stacks.
+    /// The programs load here, send the stacks of an EOF read, the accept and the connect
+    /// of a loopback connection made by this process, and keep each under its socket (or
+    /// accepted fd) until the socket is freed.
     #[test]
     #[ignore = "needs root: loads BPF programs"]
-    fn records_the_eof_read_the_accept_and_the_connect() {
+    fn keeps_the_eof_read_the_accept_and_the_connect_until_the_socket_is_freed() {
         use std::io::Read;
+        use std::os::fd::AsRawFd;
         let me = std::process::id();
         let mut probe = WhereProbe::load(&WhereOptions {
             pids: vec![me],
@@ -281,7 +376,10 @@ mod tests {
         .unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let client_cookie = rustix::net::sockopt::socket_cookie(&client).unwrap();
         let (mut server, _) = listener.accept().unwrap();
+        let server_cookie = rustix::net::sockopt::socket_cookie(&server).unwrap();
+        let server_fd = u32::try_from(server.as_raw_fd()).unwrap();
         drop(client);
         let mut buf = [0u8; 16];
         assert_eq!(server.read(&mut buf).unwrap(), 0);
@@ -295,34 +393,44 @@ mod tests {
             probe.wait(Duration::from_millis(100)).unwrap();
             probe.drain(&mut got);
         }
-        use std::os::fd::AsRawFd;
-        let eof = got.iter().find(|r| r.kind == WhereKind::Eof).unwrap();
-        assert_eq!(eof.tgid, me);
-        let cap = eof.capture.as_ref().unwrap();
-        assert!(!cap.frames.is_empty() && !cap.stack.is_empty(), "{cap:?}");
-        let accept = got.iter().find(|r| r.kind == WhereKind::Accept).unwrap();
-        assert_eq!(accept.fd, u32::try_from(server.as_raw_fd()).unwrap());
-        let connect = got.iter().find(|r| r.kind == WhereKind::Connect).unwrap();
-        assert!(connect.cookie != 0 && connect.cookie != eof.cookie);
-        // Closing the server's end frees it (the client's is gone): a closed record.
-        let cookie = eof.cookie;
+        let sent = |kind| got.iter().find(|r| r.kind == kind).unwrap();
+        let eof = sent(WhereKind::Eof);
+        assert_eq!((eof.tgid, eof.cookie), (me, server_cookie));
+        assert!(!eof.capture.frames.is_empty() && !eof.capture.stack.is_empty());
+        // Kept under the socket, naming the stack sent.
+        let (kept_eof, kept_connect) = probe.socket(server_cookie).unwrap();
+        let kept_eof = kept_eof.expect("the server's EOF read is kept");
+        assert_eq!((kept_eof.hash, kept_eof.tgid), (eof.hash, me));
+        assert_eq!(kept_connect, None, "the server's end was accepted");
+        let connect = sent(WhereKind::Connect);
+        assert_eq!(connect.cookie, client_cookie);
+        let accept = sent(WhereKind::Accept);
+        assert_eq!(accept.fd, server_fd);
+        let kept_accept = probe.accept(me, server_fd).unwrap().expect("kept");
+        assert_eq!(kept_accept.hash, accept.hash);
+        assert!(kept_accept.ts_ns <= kept_eof.ts_ns);
+        let all = probe.sockets();
+        assert!(
+            all.iter()
+                .any(|(c, e, _)| *c == server_cookie && e.is_some())
+        );
+        // Closing the server's end frees both ends (the client's waited in FIN_WAIT2 for
+        // it): both are forgotten.
         drop(server);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline
-            && !got
-                .iter()
-                .any(|r| r.kind == WhereKind::Closed && r.cookie == cookie)
+        let gone = |c| probe.socket(c).unwrap() == (None, None);
+        while std::time::Instant::now() < deadline && !(gone(server_cookie) && gone(client_cookie))
         {
-            probe.wait(Duration::from_millis(100)).unwrap();
-            probe.drain(&mut got);
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            got.iter()
-                .any(|r| r.kind == WhereKind::Closed && r.cookie == cookie)
-        );
+        assert!(gone(server_cookie) && gone(client_cookie));
+        // Accepts are forgotten with their process only.
+        assert_eq!(probe.accepts(|_| true).len(), 1);
+        assert!(probe.accepts(|t| t != me).is_empty());
+        assert_eq!(probe.accept(me, server_fd).unwrap(), None);
         let counts = probe.counts().unwrap();
         assert!(counts.full >= 3, "{counts:?}");
-        assert_eq!(counts.malformed, 0);
+        assert_eq!((counts.malformed, counts.socks_full), (0, 0));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The record of `explain --where`'s programs (`struct cw_where` in linux/bpf/where.bpf.c)
-//! and its parser.
+//! and its parser: a stack, sent the first time the programs see it. What they keep per
+//! socket and per accepted fd stays in kernel maps ([`WhereAt`]) and names the stack by
+//! its hash.
 
 /// Bytes of the header every record has.
 pub const WHERE_HEADER_LEN: usize = 88;
@@ -12,8 +14,8 @@ const FIXED: usize = WHERE_HEADER_LEN + 8 * WHERE_FRAMES;
 const KIND_EOF: u8 = 1;
 const KIND_CONNECT: u8 = 2;
 const KIND_ACCEPT: u8 = 3;
-const KIND_CLOSED: u8 = 4;
 const FLAG_FULL: u8 = 1;
+const FLAG_REMEMBERED: u8 = 2;
 
 /// What the thread was doing when its stack was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,9 +26,6 @@ pub enum WhereKind {
     Connect,
     /// accept(2) or accept4(2) returned this fd.
     Accept,
-    /// The socket of an earlier [`WhereKind::Eof`] or [`WhereKind::Connect`] record was
-    /// freed (every fd to it closed): it did not leak. Only the cookie and time are set.
-    Closed,
 }
 
 /// The user stack of one thread at one syscall, as the programs sent it.
@@ -44,7 +43,7 @@ pub struct StackCapture {
     pub stack: Vec<u8>,
 }
 
-/// One record.
+/// One record: a stack, and the first thread seen at it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WhereRecord {
     /// What the thread did.
@@ -59,13 +58,53 @@ pub struct WhereRecord {
     pub cookie: u64,
     /// CLOCK_BOOTTIME ns.
     pub ts_ns: u64,
-    /// Identifies the stack within (tgid, kind): a record without a capture has the stack
-    /// of an earlier record of the same process, kind and hash.
+    /// Names the stack within (tgid, kind): what a [`WhereAt`] of the same process and
+    /// kind refers to.
     pub hash: u64,
     /// The thread's name.
     pub comm: String,
-    /// The stack, when this is the first record with it.
-    pub capture: Option<StackCapture>,
+    /// The stack.
+    pub capture: StackCapture,
+    /// The programs name this stack by its hash from now on: records kept later may refer
+    /// to it without sending it. Else the hash is this record's alone (a stack of a process
+    /// whose stacks cannot be told apart by hash yet), referred to only by the one record
+    /// kept with it.
+    pub remembered: bool,
+}
+
+/// What the programs keep in the kernel of one EOF read, connect or accept: when, which
+/// thread, and which stack (the [`WhereRecord`] of the same process and kind with this
+/// hash). `struct cw_where_at` in linux/bpf/where.bpf.c.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WhereAt {
+    /// CLOCK_BOOTTIME ns.
+    pub ts_ns: u64,
+    /// The stack's [`WhereRecord::hash`].
+    pub hash: u64,
+    /// Process.
+    pub tgid: u32,
+    /// Thread.
+    pub tid: u32,
+}
+
+/// Bytes of a `struct cw_where_at`.
+pub(crate) const WHERE_AT_LEN: usize = 24;
+
+impl WhereAt {
+    /// Parse one (host order, as the BPF target writes it on x86_64); None when its time
+    /// is 0: nothing kept.
+    pub(crate) fn parse(b: &[u8]) -> Option<WhereAt> {
+        if b.len() < WHERE_AT_LEN {
+            return None;
+        }
+        let at = WhereAt {
+            ts_ns: u64_at(b, 0),
+            hash: u64_at(b, 8),
+            tgid: u32_at(b, 16),
+            tid: u32_at(b, 20),
+        };
+        (at.ts_ns != 0).then_some(at)
+    }
 }
 
 /// Why a record could not be read (only a mismatch between object and parser).
@@ -82,6 +121,9 @@ pub enum BadWhere {
     /// An unknown kind.
     #[error("where record of unknown kind {0}")]
     Kind(u8),
+    /// A header without the stack every record carries.
+    #[error("where record without its stack")]
+    NoStack,
     /// More frames or stack bytes than a record holds.
     #[error("where record claims {frames} frames and {stack} stack bytes")]
     Oversized {
@@ -116,36 +158,33 @@ pub fn parse_where(b: &[u8]) -> Result<WhereRecord, BadWhere> {
         KIND_EOF => WhereKind::Eof,
         KIND_CONNECT => WhereKind::Connect,
         KIND_ACCEPT => WhereKind::Accept,
-        KIND_CLOSED => WhereKind::Closed,
         k => return Err(BadWhere::Kind(k)),
     };
-    let full = b[1] & FLAG_FULL != 0;
+    if b[1] & FLAG_FULL == 0 {
+        return Err(BadWhere::NoStack);
+    }
     let nframes = usize::from(u16::from_le_bytes([b[2], b[3]]));
     let comm_bytes = &b[40..56];
     let comm_end = comm_bytes.iter().position(|&c| c == 0).unwrap_or(16);
     let stack_len = u32_at(b, 80) as usize;
-    let capture = if full {
-        if nframes > WHERE_FRAMES || stack_len > WHERE_STACK_MAX {
-            return Err(BadWhere::Oversized {
-                frames: nframes,
-                stack: stack_len,
-            });
-        }
-        let need = FIXED + stack_len;
-        if b.len() < need {
-            return Err(BadWhere::Short { got: b.len(), need });
-        }
-        Some(StackCapture {
-            frames: (0..nframes)
-                .map(|i| u64_at(b, WHERE_HEADER_LEN + 8 * i))
-                .collect(),
-            ip: u64_at(b, 56),
-            sp: u64_at(b, 64),
-            bp: u64_at(b, 72),
-            stack: b[FIXED..need].to_vec(),
-        })
-    } else {
-        None
+    if nframes > WHERE_FRAMES || stack_len > WHERE_STACK_MAX {
+        return Err(BadWhere::Oversized {
+            frames: nframes,
+            stack: stack_len,
+        });
+    }
+    let need = FIXED + stack_len;
+    if b.len() < need {
+        return Err(BadWhere::Short { got: b.len(), need });
+    }
+    let capture = StackCapture {
+        frames: (0..nframes)
+            .map(|i| u64_at(b, WHERE_HEADER_LEN + 8 * i))
+            .collect(),
+        ip: u64_at(b, 56),
+        sp: u64_at(b, 64),
+        bp: u64_at(b, 72),
+        stack: b[FIXED..need].to_vec(),
     };
     Ok(WhereRecord {
         kind,
@@ -157,6 +196,7 @@ pub fn parse_where(b: &[u8]) -> Result<WhereRecord, BadWhere> {
         hash: u64_at(b, 32),
         comm: String::from_utf8_lossy(&comm_bytes[..comm_end]).into_owned(),
         capture,
+        remembered: b[1] & FLAG_REMEMBERED != 0,
     })
 }
 
@@ -185,20 +225,49 @@ mod tests {
         b
     }
 
+    fn full(kind: u8, nframes: u16, stack: &[u8]) -> Vec<u8> {
+        let mut b = header(kind, 1, nframes, stack.len() as u32);
+        b.extend(vec![0u8; 8 * WHERE_FRAMES]);
+        b.extend(stack);
+        b
+    }
+
     #[test]
-    fn a_header_only_record() {
-        let r = parse_where(&header(1, 0, 5, 0)).unwrap();
+    fn a_record_without_stack_bytes() {
+        let r = parse_where(&full(1, 0, &[])).unwrap();
+        assert!(!r.remembered);
         assert_eq!(r.kind, WhereKind::Eof);
         assert_eq!((r.tgid, r.tid, r.fd), (4242, 4243, 7));
         assert_eq!(r.cookie, 0x1122_3344_5566_7788);
         assert_eq!((r.ts_ns, r.hash), (99, 0xfeed));
         assert_eq!(r.comm, "leaky-server");
-        assert_eq!(r.capture, None);
+        assert!(r.capture.stack.is_empty() && r.capture.frames.is_empty());
+    }
+
+    #[test]
+    fn a_kept_record_reads_as_laid_out_and_time_zero_is_none() {
+        let mut b = Vec::new();
+        b.extend(77u64.to_ne_bytes());
+        b.extend(0xabcdu64.to_ne_bytes());
+        b.extend(4242u32.to_ne_bytes());
+        b.extend(4243u32.to_ne_bytes());
+        assert_eq!(
+            WhereAt::parse(&b),
+            Some(WhereAt {
+                ts_ns: 77,
+                hash: 0xabcd,
+                tgid: 4242,
+                tid: 4243
+            })
+        );
+        b[..8].copy_from_slice(&0u64.to_ne_bytes());
+        assert_eq!(WhereAt::parse(&b), None);
+        assert_eq!(WhereAt::parse(&b[..20]), None);
     }
 
     #[test]
     fn a_full_record() {
-        let mut b = header(3, 1, 2, 16);
+        let mut b = header(3, 3, 2, 16);
         let mut frames = vec![0u8; 8 * WHERE_FRAMES];
         frames[..8].copy_from_slice(&0xaaaa_u64.to_le_bytes());
         frames[8..16].copy_from_slice(&0xbbbb_u64.to_le_bytes());
@@ -207,7 +276,8 @@ mod tests {
         b.extend(1u8..=16);
         let r = parse_where(&b).unwrap();
         assert_eq!(r.kind, WhereKind::Accept);
-        let c = r.capture.unwrap();
+        assert!(r.remembered);
+        let c = r.capture;
         assert_eq!(c.frames, vec![0xaaaa, 0xbbbb]);
         assert_eq!(
             (c.ip, c.sp, c.bp),
@@ -222,11 +292,9 @@ mod tests {
             parse_where(&[1; 10]),
             Err(BadWhere::Short { got: 10, need: 88 })
         );
-        assert_eq!(parse_where(&header(9, 0, 0, 0)), Err(BadWhere::Kind(9)));
-        assert_eq!(
-            parse_where(&header(4, 0, 0, 0)).unwrap().kind,
-            WhereKind::Closed
-        );
+        assert_eq!(parse_where(&full(9, 0, &[])), Err(BadWhere::Kind(9)));
+        assert_eq!(parse_where(&full(4, 0, &[])), Err(BadWhere::Kind(4)));
+        assert_eq!(parse_where(&header(1, 0, 0, 0)), Err(BadWhere::NoStack));
         // Full, declaring 16 stack bytes, carrying none.
         let b = header(2, 1, 0, 16);
         assert_eq!(
@@ -244,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_comm_of_sixteen_bytes_has_no_terminator() {
-        let mut b = header(1, 0, 0, 0);
+        let mut b = full(1, 0, &[]);
         b[40..56].copy_from_slice(b"abcdefghijklmnop");
         assert_eq!(parse_where(&b).unwrap().comm, "abcdefghijklmnop");
     }

@@ -2,8 +2,9 @@
 //! window, record the user stack of every TCP read that returned EOF and of every accept
 //! and connect, then report the sockets still leaking at the end (CLOSE_WAIT, or dead
 //! held), each with the stack that read its EOF and the one that opened it, grouped per
-//! process ([`crate::cli::where_report`]). Sockets closed meanwhile are forgotten as they
-//! close. The programs are detached when the command ends.
+//! process ([`crate::cli::where_report`]). The programs keep what they record per socket
+//! in the kernel, forgotten as the socket is freed, and send each stack once; the report
+//! looks up the sockets it shows. The programs are detached when the command ends.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -23,8 +24,10 @@ use crate::shared::usage::UsageError;
 use crate::shared::where_capture::{Recorded, Seen, Trust};
 use cwreap_linux::stacks;
 
-/// How often the records are drained during the window.
+/// How often the stacks are drained during the window.
 const POLL: Duration = Duration::from_millis(100);
+/// How often the stacks no kept record names any more are forgotten during the window.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 pub fn explain_where<K: Kernel>(
     k: &mut K,
@@ -47,7 +50,8 @@ with `where: on` beside it: {why}"
             header.pid
         )?;
         let (snap, _failures, _unprobed) = observe(k, false, &args.selectors)?;
-        report(k, args, &snap, &rec, out, err)?;
+        let mut rec = rec;
+        report(k, args, &snap, &mut rec, None, out, err)?;
         counts_note("the daemon", &counts, err)?;
         return Ok(Status::Ok);
     };
@@ -87,8 +91,8 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
         let left = end.saturating_duration_since(Instant::now());
         probe.wait(left.min(POLL))?;
         rec.take(&mut probe, &mut trust, &mut buf);
-        if last_prune.elapsed() > Duration::from_secs(1) {
-            rec.prune(&trust);
+        if last_prune.elapsed() > PRUNE_EVERY {
+            rec.prune_against(&mut probe);
             last_prune = Instant::now();
         }
         if left.is_zero() {
@@ -97,11 +101,11 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
     }
     let counts = probe.counts()?;
     // The sockets as they are now, the programs still attached so that nothing closing
-    // meanwhile goes unseen; then detached.
+    // meanwhile goes unseen; the report looks them up; then the programs are detached.
     let (snap, _failures, _unprobed) = observe(k, false, &args.selectors)?;
     rec.take(&mut probe, &mut trust, &mut buf);
+    report(k, args, &snap, &mut rec, Some(&probe), out, err)?;
     drop(probe);
-    report(k, args, &snap, &rec, out, err)?;
     counts_note("this window", &counts, err)?;
     if let Some(c) = daemon_counts {
         counts_note("the daemon (`where: on`)", &c, err)?;
@@ -122,12 +126,15 @@ fn daemon_records()
     Ok((header, rec, counts))
 }
 
-/// The report of the sockets of `snap` still leaking, with the stacks `rec` has of them.
+/// The report of the sockets of `snap` still leaking, with the stacks `rec` has of them,
+/// each looked up first in what `probe`'s programs keep (the window's records, over the
+/// daemon's).
 fn report<K: Kernel>(
     k: &mut K,
     args: &ExplainArgs,
     snap: &crate::shared::attribute::Snapshot<K::Process>,
-    rec: &Recorded,
+    rec: &mut Recorded,
+    probe: Option<&WhereProbe>,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> Result<()> {
@@ -169,6 +176,11 @@ fn report<K: Kernel>(
             .unwrap_or(crate::cli::diagnosis::Runtime::Unknown);
         let pattern = Pattern::of(s.evidence, runtime);
         let pid = u32::try_from(s.pid).unwrap_or_default();
+        let fd_key =
+            s.fd.and_then(|fd| Some((u32::try_from(s.pid).ok()?, u32::try_from(fd).ok()?)));
+        if let Some(probe) = probe {
+            rec.look_up(probe, cookie, fd_key);
+        }
         let mut stack_of = |seen: &Seen| -> Option<Vec<ShownFrame>> {
             let id = seen.capture?;
             if let Some(f) = shown.get(&id) {
@@ -190,14 +202,12 @@ fn report<K: Kernel>(
         let opened = match rec.connect.get(&cookie).copied() {
             Some(seen) => stack_of(&seen),
             None => {
-                s.fd.and_then(|fd| {
-                    let key = (u32::try_from(s.pid).ok()?, u32::try_from(fd).ok()?);
-                    rec.accept.get(&key).copied()
-                })
-                // The accept of an fd number before this socket's EOF; a later one is of
-                // another socket that reused the number.
-                .filter(|a| eof_seen.is_none_or(|e| a.ts_ns <= e.ts_ns))
-                .and_then(|seen| stack_of(&seen))
+                fd_key
+                    .and_then(|key| rec.accept.get(&key).copied())
+                    // The accept of an fd number before this socket's EOF; a later one is of
+                    // another socket that reused the number.
+                    .filter(|a| eof_seen.is_none_or(|e| a.ts_ns <= e.ts_ns))
+                    .and_then(|seen| stack_of(&seen))
             }
         };
         leaks.push(LeakSocket {
@@ -233,13 +243,14 @@ fn report<K: Kernel>(
 fn counts_note(whose: &str, c: &WhereCounts, err: &mut impl Write) -> Result<()> {
     writeln!(
         err,
-        "{whose}: recorded {} stack(s) whole and {} as the hash of one sent before",
+        "{whose}: {} stack(s) recorded, and {} EOF read(s), accept(s) and connect(s) at a \
+stack recorded before",
         c.full, c.short
     )?;
     if c.lost > 0 {
         writeln!(
             err,
-            "warning: {} record(s) lost: the ring buffer was full (their sockets show as \
+            "warning: {} stack(s) lost: the ring buffer was full (their sockets show as \
 'stack lost')",
             c.lost
         )?;
@@ -247,21 +258,30 @@ fn counts_note(whose: &str, c: &WhereCounts, err: &mut impl Write) -> Result<()>
     if c.seen_full > 0 {
         writeln!(
             err,
-            "note: {} stack(s) sent whole again: the map of stacks already sent was full",
+            "note: {} stack(s) sent again: the map of stacks already sent was full",
             c.seen_full
         )?;
     }
-    if c.open_full > 0 {
+    if c.socks_full > 0 {
         writeln!(
             err,
-            "note: {} socket(s) not followed to their close: the map of open sockets was full",
-            c.open_full
+            "warning: {} EOF read(s) and connect(s) not kept: the map of open sockets was \
+full (their sockets show as 'EOF before the window')",
+            c.socks_full
+        )?;
+    }
+    if c.accepts_full > 0 {
+        writeln!(
+            err,
+            "warning: {} accept(s) not kept: the map of accepted fds was full (their \
+sockets show no open stack)",
+            c.accepts_full
         )?;
     }
     if c.no_stack > 0 {
         writeln!(
             err,
-            "note: {} record(s) without stack bytes (the stack could not be read): frame \
+            "note: {} stack(s) without stack bytes (the stack could not be read): frame \
 pointers only",
             c.no_stack
         )?;
