@@ -295,18 +295,21 @@ static __always_inline void cw_keep(struct cw_where *r, __u8 kind, __u64 cookie,
 			cw_count(CW_COUNT_ACCEPTS_FULL);
 		return;
 	}
+	/* Most sockets have no entry yet (a server's EOF read, a client's connect): one
+	 * insert. Else the other half is kept already: write this one in place. */
+	struct cw_where_sock fresh = {};
+
+	if (kind == CW_WHERE_EOF)
+		fresh.eof = at;
+	else
+		fresh.connect = at;
+	if (bpf_map_update_elem(&cw_where_socks, &cookie, &fresh, BPF_NOEXIST) == 0)
+		return;
 	struct cw_where_sock *s = bpf_map_lookup_elem(&cw_where_socks, &cookie);
 
 	if (!s) {
-		struct cw_where_sock none = {};
-
-		/* Another CPU may insert it first (EEXIST): look it up again either way. */
-		bpf_map_update_elem(&cw_where_socks, &cookie, &none, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&cw_where_socks, &cookie);
-		if (!s) {
-			cw_count(CW_COUNT_SOCKS_FULL);
-			return;
-		}
+		cw_count(CW_COUNT_SOCKS_FULL);
+		return;
 	}
 	if (kind == CW_WHERE_EOF)
 		s->eof = at;
