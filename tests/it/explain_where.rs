@@ -209,7 +209,12 @@ fn assert_accuracy(
 
 fn c_server(test: &str, strip: bool) -> Option<PathBuf> {
     let gcc = tool(test, "gcc")?;
-    let out = build_dir().join(if strip { "where_c_stripped" } else { "where_c" });
+    // A binary per test: tests run at once, and one must not run a binary another is
+    // writing.
+    let out = build_dir().join(format!(
+        "where_c{}_{test}",
+        if strip { "_stripped" } else { "" }
+    ));
     build(
         Command::new(gcc)
             .args([
