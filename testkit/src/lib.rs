@@ -38,7 +38,8 @@ pub use leaky::{Clients, Fixture, close_waits, echoes, reads_eof, reads_reset};
 pub use lines::{Killed, LineChild, lines_of};
 pub use netns::{Netns, netns_of};
 pub use procfs::{
-    cpu_ticks, cpu_time, fd_count, fd_inode, rss_kib, status_kib, thread_state, thread_states,
+    anon_kib, cpu_ticks, cpu_time, fd_count, fd_inode, rss_kib, status_kib, thread_state,
+    thread_states,
 };
 pub use programs::{
     cwreap, cwreap_bin, cwreap_json, field_i64, field_str, fixture_bin, json_lines,

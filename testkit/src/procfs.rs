@@ -49,6 +49,12 @@ pub fn rss_kib(pid: i32) -> u64 {
     status_kib(pid, "VmRSS:").unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
 }
 
+/// Resident anonymous memory of `pid` in KiB (RssAnon: the heap and stacks it allocated,
+/// not the pages of its binary that code run since has faulted in).
+pub fn anon_kib(pid: i32) -> u64 {
+    status_kib(pid, "RssAnon:").unwrap_or_else(|| panic!("no RssAnon for pid {pid}"))
+}
+
 /// User plus system CPU time of the whole process `pid` so far, in clock ticks
 /// (/proc/PID/stat); None once it is gone.
 pub fn cpu_ticks(pid: i32) -> Option<u64> {

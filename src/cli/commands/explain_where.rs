@@ -26,7 +26,8 @@ use cwreap_linux::stacks;
 
 /// How often the stacks are drained during the window.
 const POLL: Duration = Duration::from_millis(100);
-/// How often the stacks no kept record names any more are forgotten during the window.
+/// How often (at most) the stacks no kept record names any more are forgotten during the
+/// window.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 pub fn explain_where<K: Kernel>(
@@ -87,12 +88,16 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
     let mut buf = Vec::new();
     let end = Instant::now() + window;
     let mut last_prune = Instant::now();
+    let mut prune_gap = PRUNE_EVERY;
     loop {
         let left = end.saturating_duration_since(Instant::now());
         probe.wait(left.min(POLL))?;
         rec.take(&mut probe, &mut trust, &mut buf);
-        if last_prune.elapsed() > PRUNE_EVERY {
+        if last_prune.elapsed() > prune_gap {
+            let t = Instant::now();
             rec.prune_against(&mut probe);
+            // Reading the kernel's records takes a twentieth of the time at most.
+            prune_gap = PRUNE_EVERY.max(t.elapsed() * 20);
             last_prune = Instant::now();
         }
         if left.is_zero() {
