@@ -158,9 +158,10 @@ impl Recorded {
     }
 }
 
-/// How the programs may tell stacks of a process apart without sending them: by its frame
-/// pointers, once they agree with CFI; else by the words at the offsets of the return
-/// addresses CFI found in a stack taken at the same instruction pointer (a layout).
+/// How the programs may tell stacks of a process apart without sending them: by the words
+/// at the offsets of the return addresses CFI found in a stack taken at the same
+/// instruction pointer (a layout); until a call site has one, by the process's frame
+/// pointers, once they agree with CFI.
 #[derive(Debug, Default)]
 pub struct Trust {
     /// Frame-pointer checks made per process, and whether it is trusted.
@@ -178,8 +179,8 @@ impl Trust {
     /// them.
     pub fn check(&mut self, probe: &mut WhereProbe, r: &WhereRecord) {
         let c = &r.capture;
-        let (tries, trusted) = self.checked.entry(r.tgid).or_default();
-        if *trusted {
+        let (_, set) = self.layouts.entry((r.tgid, c.ip)).or_default();
+        if *set {
             return;
         }
         let regs = stacks::UserRegs {
@@ -190,13 +191,16 @@ impl Trust {
         let Ok(cfi) = stacks::unwind_cfi(r.tgid, &regs, &c.stack) else {
             return;
         };
-        if *tries < Self::TRIES && c.frames.len() >= 3 {
+        let (tries, trusted) = self.checked.entry(r.tgid).or_default();
+        if !*trusted && *tries < Self::TRIES && c.frames.len() >= 3 {
             *tries += 1;
             if fp_agrees_with_cfi(&c.frames, &cfi) && probe.trust(r.tgid).is_ok() {
                 *trusted = true;
-                return;
             }
         }
+        // A layout even where frame pointers are trusted: reading the words at its offsets
+        // costs the traced thread far less than a walk of the frame pointers (a
+        // bpf_get_stack per record: most of what the programs cost a busy server).
         let (tries, set) = self.layouts.entry((r.tgid, c.ip)).or_default();
         if *set || *tries >= Self::TRIES {
             return;
