@@ -206,7 +206,7 @@ struct {
  * ones match: their hash tells paths apart, and a stack whose hash was sent before is not
  * sent again.
  */
-#define CW_WHERE_LAYOUT_DEPTH 7
+#define CW_WHERE_LAYOUT_DEPTH 16
 /* The outermost offset a layout may have: the words are read in one span this long. */
 #define CW_WHERE_LAYOUT_SPAN 4096
 struct cw_where_layout_key {

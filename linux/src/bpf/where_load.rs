@@ -78,7 +78,7 @@ pub struct WhereProbe {
     ring: RingBuf<MapData>,
     counts: PerCpuArray<MapData, u64>,
     trusted: HashMap<MapData, u32, u8>,
-    layouts: HashMap<MapData, [u8; 16], [u8; 32]>,
+    layouts: HashMap<MapData, [u8; 16], [u8; LAYOUT_LEN]>,
     socks: HashMap<MapData, u64, [u8; 2 * WHERE_AT_LEN]>,
     accepts: HashMap<MapData, [u8; 8], [u8; WHERE_AT_LEN]>,
     /// The processes recorded, when filtered.
@@ -86,8 +86,12 @@ pub struct WhereProbe {
     malformed: u64,
 }
 
-/// Return addresses a layout gives the offsets of (`CW_WHERE_LAYOUT_DEPTH`).
-pub const WHERE_LAYOUT_DEPTH: usize = 7;
+/// Return addresses a layout gives the offsets of (`CW_WHERE_LAYOUT_DEPTH`): deep enough
+/// that two paths alike in their innermost frames (a runtime's read wrappers) differ at
+/// the application's.
+pub const WHERE_LAYOUT_DEPTH: usize = 16;
+/// Bytes of a `struct cw_where_layout`: the count, then the offsets.
+const LAYOUT_LEN: usize = 4 + 4 * WHERE_LAYOUT_DEPTH;
 /// The offsets of a layout are below this (`CW_WHERE_LAYOUT_SPAN`): the programs read the
 /// words in one span.
 pub const WHERE_LAYOUT_SPAN: u32 = 4096;
@@ -342,12 +346,12 @@ fn split_fd_key(k: &[u8; 8]) -> (u32, u32) {
 }
 
 /// `struct cw_where_layout_key` and `struct cw_where_layout` in host order.
-fn layout_entry(tgid: u32, ip: u64, offsets: &[u32]) -> ([u8; 16], [u8; 32]) {
+fn layout_entry(tgid: u32, ip: u64, offsets: &[u32]) -> ([u8; 16], [u8; LAYOUT_LEN]) {
     let mut key = [0u8; 16];
     key[..4].copy_from_slice(&tgid.to_ne_bytes());
     key[8..].copy_from_slice(&ip.to_ne_bytes());
     let offsets = &offsets[..offsets.len().min(WHERE_LAYOUT_DEPTH)];
-    let mut value = [0u8; 32];
+    let mut value = [0u8; LAYOUT_LEN];
     value[..4].copy_from_slice(&(offsets.len() as u32).to_ne_bytes());
     for (i, o) in offsets.iter().enumerate() {
         value[4 + 4 * i..8 + 4 * i].copy_from_slice(&o.to_ne_bytes());
@@ -435,14 +439,19 @@ mod tests {
 
     #[test]
     fn layout_entries_are_laid_out_as_the_programs_read_them() {
-        let (k, v) = layout_entry(7, 0x1122, &[8, 40, 1, 2, 3, 4, 5, 6, 7]);
+        let offsets: Vec<u32> = (1..=20).map(|i| 8 * i).collect();
+        let (k, v) = layout_entry(7, 0x1122, &offsets);
         assert_eq!(&k[..4], &7u32.to_ne_bytes());
         assert_eq!(&k[4..8], &[0; 4]);
         assert_eq!(&k[8..], &0x1122u64.to_ne_bytes());
-        assert_eq!(&v[..4], &7u32.to_ne_bytes(), "at most 7 offsets");
+        assert_eq!(v.len(), 68);
+        assert_eq!(&v[..4], &16u32.to_ne_bytes(), "at most 16 offsets");
         assert_eq!(&v[4..8], &8u32.to_ne_bytes());
-        assert_eq!(&v[8..12], &40u32.to_ne_bytes());
-        assert_eq!(&v[28..32], &5u32.to_ne_bytes());
+        assert_eq!(&v[8..12], &16u32.to_ne_bytes());
+        assert_eq!(&v[64..68], &128u32.to_ne_bytes());
+        let (_, v) = layout_entry(7, 0x1122, &[8, 40]);
+        assert_eq!(&v[..4], &2u32.to_ne_bytes());
+        assert_eq!(&v[12..], &[0; 56]);
     }
 
     #[test]
