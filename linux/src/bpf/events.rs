@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
 
 use super::event::{EVENT_LEN, Event, parse_event};
 use super::load::{self, Unavailable};
@@ -83,10 +83,6 @@ impl std::fmt::Debug for Events {
     }
 }
 
-fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map, Unavailable> {
-    ebpf.take_map(name).ok_or_else(|| load::missing(name))
-}
-
 impl Events {
     /// Load the embedded object and attach both tracepoint programs. The cheap
     /// preconditions are checked first (kernel version, BTF, capabilities, the pin
@@ -116,24 +112,23 @@ impl Events {
             .load(load::OBJECT)
             .map_err(|e| load::classify("load the BPF object", &e))?;
         load::attach_tracepoints(&mut ebpf, &btf, &TRACEPOINTS)?;
-        let convert = |what: &str, e: aya::maps::MapError| load::classify(what, &e);
-        let ring = RingBuf::try_from(take(&mut ebpf, load::MAP_EVENTS)?)
-            .map_err(|e| convert(load::MAP_EVENTS, e))?;
-        let lost = PerCpuArray::try_from(take(&mut ebpf, load::MAP_LOST)?)
-            .map_err(|e| convert(load::MAP_LOST, e))?;
-        let entered_map = take(&mut ebpf, load::MAP_ENTERED)?;
+        let ring = load::take_map(&mut ebpf, load::MAP_EVENTS)?;
+        let lost = load::take_map(&mut ebpf, load::MAP_LOST)?;
+        let entered_map = ebpf
+            .take_map(load::MAP_ENTERED)
+            .ok_or_else(|| load::missing(load::MAP_ENTERED))?;
         let pin = match &opts.pin_dir {
             Some(dir) => {
                 let Map::LruHashMap(data) = &entered_map else {
                     return Err(load::missing(load::MAP_ENTERED));
                 };
-                let daemon = Array::try_from(take(&mut ebpf, load::MAP_DAEMON)?)
-                    .map_err(|e| convert(load::MAP_DAEMON, e))?;
+                let daemon = load::take_map(&mut ebpf, load::MAP_DAEMON)?;
                 Some(PinOwner::pin(dir, data, daemon)?)
             }
             None => None,
         };
-        let entered = HashMap::try_from(entered_map).map_err(|e| convert(load::MAP_ENTERED, e))?;
+        let entered =
+            HashMap::try_from(entered_map).map_err(|e| load::classify(load::MAP_ENTERED, &e))?;
         // Attribution uses the iterator when it loads; the events do not need it.
         let iter = super::iter::load_program(&mut ebpf, &btf).map_err(|e| e.to_string());
         drop(btf);

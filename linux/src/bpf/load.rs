@@ -186,6 +186,16 @@ pub(crate) fn missing(name: &str) -> Unavailable {
     }
 }
 
+/// Take map `name` out of `ebpf` as a `T` (a ring buffer, a hash, an array); an error
+/// names the map.
+pub(crate) fn take_map<T>(ebpf: &mut aya::Ebpf, name: &str) -> Result<T, Unavailable>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| missing(name))?;
+    T::try_from(map).map_err(|e| classify(name, &e))
+}
+
 /// An error and its causes on one line, each cause once (aya's messages often repeat
 /// their source).
 pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -141,11 +141,7 @@ impl WhereProbe {
             .load(OBJECT)
             .map_err(|e| load::classify("load the where BPF object", &e))?;
         let pids = if filter == 1 {
-            let mut pids: HashMap<_, u32, u8> = HashMap::try_from(
-                ebpf.take_map("cw_where_pids")
-                    .ok_or_else(|| load::missing("cw_where_pids"))?,
-            )
-            .map_err(|e| map_err("cw_where_pids", e))?;
+            let mut pids: HashMap<_, u32, u8> = load::take_map(&mut ebpf, "cw_where_pids")?;
             for pid in &opts.pids {
                 pids.insert(pid, 1, 0)
                     .map_err(|e| map_err("cw_where_pids", e))?;
@@ -155,36 +151,12 @@ impl WhereProbe {
             None
         };
         load::attach_tracepoints(&mut ebpf, &btf, &TRACEPOINTS)?;
-        let ring = RingBuf::try_from(
-            ebpf.take_map("cw_where_events")
-                .ok_or_else(|| load::missing("cw_where_events"))?,
-        )
-        .map_err(|e| map_err("cw_where_events", e))?;
-        let counts = PerCpuArray::try_from(
-            ebpf.take_map("cw_where_counts")
-                .ok_or_else(|| load::missing("cw_where_counts"))?,
-        )
-        .map_err(|e| map_err("cw_where_counts", e))?;
-        let trusted = HashMap::try_from(
-            ebpf.take_map("cw_where_trusted")
-                .ok_or_else(|| load::missing("cw_where_trusted"))?,
-        )
-        .map_err(|e| map_err("cw_where_trusted", e))?;
-        let layouts = HashMap::try_from(
-            ebpf.take_map("cw_where_layouts")
-                .ok_or_else(|| load::missing("cw_where_layouts"))?,
-        )
-        .map_err(|e| map_err("cw_where_layouts", e))?;
-        let socks = HashMap::try_from(
-            ebpf.take_map("cw_where_socks")
-                .ok_or_else(|| load::missing("cw_where_socks"))?,
-        )
-        .map_err(|e| map_err("cw_where_socks", e))?;
-        let accepts = HashMap::try_from(
-            ebpf.take_map("cw_where_accepts")
-                .ok_or_else(|| load::missing("cw_where_accepts"))?,
-        )
-        .map_err(|e| map_err("cw_where_accepts", e))?;
+        let ring = load::take_map(&mut ebpf, "cw_where_events")?;
+        let counts = load::take_map(&mut ebpf, "cw_where_counts")?;
+        let trusted = load::take_map(&mut ebpf, "cw_where_trusted")?;
+        let layouts = load::take_map(&mut ebpf, "cw_where_layouts")?;
+        let socks = load::take_map(&mut ebpf, "cw_where_socks")?;
+        let accepts = load::take_map(&mut ebpf, "cw_where_accepts")?;
         drop(btf);
         crate::sys::release_free_heap();
         Ok(WhereProbe {
