@@ -432,8 +432,7 @@ pub fn burst(fleet: &Fleet, changes: usize, over: Duration, log: &dyn Fn(&str)) 
                     let t = Instant::now();
                     d.detect();
                     looks += 1;
-                    let took = t.elapsed();
-                    let next = (t + cwreap::daemon::wake::MIN_GAP).max(Instant::now() + took * 2);
+                    let next = cwreap::daemon::wake::next_look(t, t.elapsed());
                     std::thread::sleep(next.saturating_duration_since(Instant::now()));
                 }
             }

@@ -23,6 +23,12 @@ use cwreap_linux::kernel::events::ReadyWatch;
 /// The least time from the start of one look to the next.
 pub const MIN_GAP: Duration = Duration::from_millis(5);
 
+/// When the next look may start, after one that started at `started`, took `took` and
+/// ended now: [`MIN_GAP`] after its start, and twice its time after its end.
+pub fn next_look(started: std::time::Instant, took: Duration) -> std::time::Instant {
+    (started + MIN_GAP).max(std::time::Instant::now() + took.saturating_mul(2))
+}
+
 /// The ring buffer's readiness, as the daemon's loop waits on it.
 pub struct Ring {
     watch: Option<(ReadyWatch, Arc<Notify>)>,
@@ -60,7 +66,7 @@ impl Ring {
     /// A look that started at `started` and took `took` just read the events: watch for
     /// the next ones.
     pub fn looked(&mut self, started: Instant, took: Duration) {
-        self.earliest = (started + MIN_GAP).max(Instant::now() + took.saturating_mul(2));
+        self.earliest = Instant::from_std(next_look(started.into_std(), took));
         self.rearm();
     }
 

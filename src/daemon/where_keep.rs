@@ -22,7 +22,7 @@ use cwreap_linux::bpf::{Unavailable, WhereOptions, WhereProbe};
 use cwreap_linux::kernel::{Clock, SystemClock};
 use cwreap_linux::published::{self, Header};
 
-use crate::shared::where_capture::{Recorded, Trust};
+use crate::shared::where_capture::{self, Recorded, Trust};
 
 /// The ring buffer: read every 200 ms at the latest, and it carries only stacks not sent
 /// before, so a quarter of what a command's window uses is plenty (it is resident memory
@@ -32,8 +32,6 @@ const RING_BYTES: u32 = 1 << 22;
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// At least this often: the heartbeat readers check against (with the staleness margin).
 const BEAT_EVERY: Duration = Duration::from_secs(5);
-/// Publishing waits at least this many times what reading the kernel's records took.
-const READ_SHARE: u32 = 20;
 
 /// The recording thread, and the targets it follows.
 pub struct WhereKeep {
@@ -152,7 +150,7 @@ fn run(
         if read_now {
             let read = Instant::now();
             rec.refresh(&mut probe, |tgid| following.binary_search(&tgid).is_ok());
-            gap = PUBLISH_EVERY.max(read.elapsed() * READ_SHARE);
+            gap = where_capture::read_gap(PUBLISH_EVERY, read.elapsed());
             recorded = Some((counts.full, counts.short));
         }
         header.heartbeat = clock.now();

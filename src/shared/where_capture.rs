@@ -8,6 +8,7 @@
 //! ([`Recorded::from_bytes`]) for sockets whose EOF came before its own window.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +25,16 @@ pub struct Seen {
 }
 
 type HashKey = (u32, WhereKind, u64);
+
+/// Reading what the programs keep costs a system call or two per entry: the next read
+/// waits at least this many times what the last one took (a twentieth of a CPU at most).
+const READ_SHARE: u32 = 20;
+
+/// How long to wait before reading the programs' maps again: `floor`, or longer when the
+/// last read `took` more than a [`READ_SHARE`]th of it.
+pub fn read_gap(floor: Duration, took: Duration) -> Duration {
+    floor.max(took * READ_SHARE)
+}
 
 /// The stacks received, and the records of the sockets looked up.
 #[derive(Debug, Default)]

@@ -21,7 +21,7 @@ use crate::cli::diagnosis::Pattern;
 use crate::cli::plan;
 use crate::cli::where_report::{self, EofRead, LeakSocket, ShownFrame, WhereProcessFacts};
 use crate::shared::usage::UsageError;
-use crate::shared::where_capture::{Recorded, Seen, Trust};
+use crate::shared::where_capture::{self, Recorded, Seen, Trust};
 use cwreap_linux::stacks;
 
 /// How often the stacks are drained during the window.
@@ -96,8 +96,7 @@ with BTF (/sys/kernel/btf/vmlinux), and CAP_BPF with CAP_PERFMON (or root)"
         if last_prune.elapsed() > prune_gap {
             let t = Instant::now();
             rec.prune_against(&mut probe);
-            // Reading the kernel's records takes a twentieth of the time at most.
-            prune_gap = PRUNE_EVERY.max(t.elapsed() * 20);
+            prune_gap = where_capture::read_gap(PRUNE_EVERY, t.elapsed());
             last_prune = Instant::now();
         }
         if left.is_zero() {
