@@ -340,7 +340,6 @@ static __always_inline int cw_record(void *ctx, struct pt_regs *regs, __u8 kind,
 	if (!r)
 		return 0;
 	r->kind = kind;
-	r->flags = CW_WHERE_FULL;
 	r->tgid = id >> 32;
 	r->tid = (__u32)id;
 	r->fd = fd;

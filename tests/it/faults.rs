@@ -872,6 +872,34 @@ fn metrics_endpoint_survives_garbage_huge_headers_resets_and_floods() {
     assert!(!d.lines().join("\n").contains("panicked"), "{}", d.log());
 }
 
+/// `n` connections to `addr` that say nothing, paced: the listen backlog is finite, and a
+/// dropped SYN costs a 1 s retry.
+fn idle_flood(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut idle = Vec::with_capacity(n);
+    while idle.len() < n {
+        for _ in 0..64 {
+            idle.push(TcpStream::connect(addr).expect("connect"));
+        }
+        wait_accepted(addr);
+    }
+    idle
+}
+
+/// Scrape the endpoint on `addr` until daemon `dpid` holds at most 2 fds and `kib` KiB of
+/// anonymous memory more than `before` (fds, KiB), or a minute has passed: its fds and
+/// RssAnon then.
+fn given_back(addr: SocketAddr, dpid: i32, before: (usize, u64), kib: u64) -> (usize, u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = scrape(addr);
+        let (f, r) = (fd_count(dpid), anon_kib(dpid));
+        if (f <= before.0 + 2 && r <= before.1 + kib) || Instant::now() > deadline {
+            return (f, r);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Wait until the listener on `addr` has no connection waiting to be accepted.
 fn wait_accepted(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -935,26 +963,14 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
         scrape_until(addr, "a scrape", || d.log(), |t| cycles(t) >= 2.0);
     }
     let (fds_start, rss_start) = (fd_count(dpid), anon_kib(dpid));
-    let mut first: Vec<TcpStream> = Vec::new();
-    while first.len() < FLOOD {
-        for _ in 0..64 {
-            first.push(TcpStream::connect(addr).expect("connect"));
-        }
-        wait_accepted(addr);
-    }
-    drop(first);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fd_count(dpid) > fds_start + 2 && Instant::now() < deadline {
-        let _ = scrape(addr);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    drop(idle_flood(addr, FLOOD));
     scrape_until(
         addr,
         "a scrape after the first flood",
         || d.log(),
         |t| cycles(t) >= 2.0,
     );
-    let (fds0, rss0) = (fd_count(dpid), anon_kib(dpid));
+    let (fds0, rss0) = given_back(addr, dpid, (fds_start, rss_start), 3072);
     eprintln!("first flood: fds {fds_start} -> {fds0}, anonymous rss {rss_start} -> {rss0} KiB");
     assert!(
         fds0 <= fds_start + 2,
@@ -966,14 +982,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
     );
 
     // Connections that say nothing, more than the daemon's soft fd limit.
-    let mut idle: Vec<TcpStream> = Vec::new();
-    while idle.len() < FLOOD {
-        // Paced: the listen backlog is finite, and a dropped SYN costs a 1 s retry.
-        for _ in 0..64 {
-            idle.push(TcpStream::connect(addr).expect("connect"));
-        }
-        wait_accepted(addr);
-    }
+    let mut idle = idle_flood(addr, FLOOD);
     let fds1 = fd_count(dpid);
     assert!(
         fds1 <= fds0 + cwreap::daemon::endpoint::MAX_CLIENTS + 8,
@@ -1020,15 +1029,7 @@ fn a_flood_of_metrics_connections_is_capped_and_leaves_nothing_behind() {
     drop(idle);
 
     // Everything the flood cost is given back: fds, and resident memory.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (fds2, rss2) = loop {
-        let _ = scrape(addr);
-        let (f, r) = (fd_count(dpid), anon_kib(dpid));
-        if (f <= fds0 + 2 && r <= rss0 + 1024) || Instant::now() > deadline {
-            break (f, r);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (fds2, rss2) = given_back(addr, dpid, (fds0, rss0), 1024);
     eprintln!("flood: fds {fds0} -> {fds1} -> {fds2}, anonymous rss {rss0} -> {rss2} KiB");
     assert!(
         fds2 <= fds0 + 2,
